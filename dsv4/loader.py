@@ -1,0 +1,77 @@
+"""Build a model and load an official-format checkpoint into it, strictly.
+
+The model is built on the meta device, every checkpoint tensor is streamed from the memory-mapped
+safetensors files to its parameter (converted only where the reference converts: bf16 -> fp32 for norms,
+gate and head, FP8 `wo_a` -> dequantised), and the state dict is assigned with `strict=True`. The checkpoint's
+inventory is checked against the config first, so a wrong file fails before anything is loaded, with one
+error that names every offender.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from dsv4.checkpoint import CheckpointError, CheckpointReader, check_inventory
+from dsv4.config import ModelConfig
+from dsv4.model.transformer import Transformer
+from dsv4.quant import dequant_fp8
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="meta",
+                quant_emulation: bool = True) -> Transformer:
+    """An un-initialised model (parameters on `device`, meta by default)."""
+    with torch.device(device):
+        model = Transformer(cfg, dtype)
+    return model.set_quant_emulation(quant_emulation)
+
+
+def _convert(name: str, tensor: torch.Tensor, param: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if scale is not None:                       # a quantised tensor the module holds dequantised (wo_a)
+        return dequant_fp8(tensor, scale, torch.float32).to(param.dtype)
+    if tensor.dtype == param.dtype:
+        return tensor
+    if tensor.is_floating_point() and param.is_floating_point() and tensor.element_size() >= 2:
+        return tensor.to(param.dtype)
+    if not tensor.is_floating_point() and not param.is_floating_point():
+        return tensor.to(param.dtype)           # tid2eid: I64 on disk
+    raise CheckpointError(f"{name}: cannot load a {tensor.dtype} tensor into a {param.dtype} parameter")
+
+
+def _plan(reader: CheckpointReader, params: dict[str, torch.Tensor]) -> dict[str, tuple[str, str | None]]:
+    """parameter name -> (checkpoint tensor name, name of its scale if the module holds it dequantised)."""
+    plan, problems = {}, []
+    for name in params:
+        if name in reader:
+            scale = name[: -len("weight")] + "scale"
+            folded = name.endswith(".weight") and scale in reader and scale not in params
+            plan[name] = (name, scale if folded else None)
+        else:
+            problems.append(name)
+    if problems:
+        raise CheckpointError(f"{len(problems)} model parameters have no checkpoint tensor: {problems[:50]}")
+    used = {n for pair in plan.values() for n in pair if n}
+    unused = sorted(set(reader.keys()) - used)
+    if unused:
+        raise CheckpointError(f"{len(unused)} checkpoint tensors are not used by the model: {unused[:50]}")
+    return plan
+
+
+def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
+               quant_emulation: bool = True, progress: bool = True) -> Transformer:
+    """Load an official-format checkpoint directory. `forward(input_ids [b, s])` gives fp32 logits [b, s, V]."""
+    cfg = ModelConfig.from_file(path)
+    reader = CheckpointReader(path)
+    check_inventory(reader, cfg)
+    model = build_model(cfg, dtype, "meta", quant_emulation)
+    params = dict(model.named_parameters())
+    state = {}
+    plan = _plan(reader, params)
+    for name, (src, scale) in tqdm(plan.items(), desc="loading", unit="tensor", disable=not progress):
+        scale_t = reader.get(scale) if scale else None
+        state[name] = _convert(src, reader.get(src), params[name], scale_t).to(device)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.requires_grad_(False)                   # an inference model; training turns on what it trains
+    return model.eval()

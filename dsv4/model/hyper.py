@@ -1,0 +1,42 @@
+"""Manifold-constrained hyper-connections (mHC, spec §3.3).
+
+The residual stream is `hc` parallel copies h [b, s, hc, D] (bf16 between blocks). Before a sub-layer,
+`hc_pre` mixes them into one input with weights `pre`; after it, `hc_post` writes the output back into every
+stream with weights `post` plus a doubly-stochastic (Sinkhorn) mix `comb` of the old streams.
+NOTE: the RMS normalisation of `hc_pre` runs over the whole concatenated hc*D vector and has no weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv4 import ops
+
+
+def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 flattened streams [b, s, hc*D], mixes [b, s, n] = (X @ fn^T) * rsqrt(mean(X^2) + eps))."""
+    x = h.flatten(2).float()
+    rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+    return x, F.linear(x, fn) * rsqrt
+
+
+def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg):
+    """h [b, s, hc, D] -> (mixed input [b, s, D] in h's dtype, post [b, s, hc], comb [b, s, hc, hc])."""
+    x, mixes = _mixes(h, fn, cfg.norm_eps)
+    pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+    y = torch.sum(pre.unsqueeze(-1) * x.view(h.shape), dim=2)
+    return y.to(h.dtype), post, comb
+
+
+def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """New stream k = post_k * x + sum_j comb[j, k] * residual_j, in fp32, cast to x's dtype."""
+    mixed = torch.sum(comb.unsqueeze(-1) * residual.unsqueeze(-2), dim=2)   # [b, s, hc(dst), D]
+    return (post.unsqueeze(-1) * x.unsqueeze(-2) + mixed).to(x.dtype)
+
+
+def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg) -> torch.Tensor:
+    """Final reduction of the streams: weights sigmoid(m * scale + base) + eps, no post/comb."""
+    x, mixes = _mixes(h, fn, cfg.norm_eps)
+    pre = torch.sigmoid(mixes * scale + base) + cfg.hc_eps
+    return torch.sum(pre.unsqueeze(-1) * x.view(h.shape), dim=2).to(h.dtype)

@@ -1,0 +1,75 @@
+"""RMSNorm and the format-aware Linear (spec §2.1, §2.2).
+
+Parameter names equal checkpoint names: a quantised Linear owns `weight` and `scale`, exactly as stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dsv4 import ops
+
+FP8 = torch.float8_e4m3fn
+E8M0 = torch.float8_e8m0fnu
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    """y = w * x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype; w is held in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T, no bias. `fmt`: "fp8" (e4m3 + 128x128 e8m0 scales), "fp4" (packed e2m1 + per-32
+    e8m0 scales) or "plain" (`dtype`). Quantised formats quantise their input to FP8 per 128 when
+    `quant_emulation` is on (spec §4.3 item 1); with it off they compute with the dequantised weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.quant_emulation = True
+        if fmt == "fp8":
+            self.weight = _frozen(torch.empty(out_features, in_features, dtype=FP8))
+            blocks = (math.ceil(out_features / 128), math.ceil(in_features / 128))
+            self.scale = _frozen(torch.empty(blocks, dtype=E8M0))
+        elif fmt == "fp4":
+            self.weight = _frozen(torch.empty(out_features, in_features // 2, dtype=torch.int8))
+            self.scale = _frozen(torch.empty(out_features, in_features // 32, dtype=E8M0))
+        elif fmt == "plain":
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+            self.scale = None
+        else:
+            raise ValueError(f"unknown weight format {fmt!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act_quant_on = self.quant_emulation and self.fmt != "plain"
+        return ops.linear(x, self.weight, self.scale, self.fmt, act_quant_on)
+
+    def dequantized(self) -> torch.Tensor:
+        return ops.dequant_weight(self.weight, self.scale, self.fmt)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features}, {self.fmt}"
+
+
+def weight_formats(cfg) -> tuple[str, str]:
+    """(format of the FP8-class linears, format of the routed experts) for a config."""
+    dense = "fp8" if cfg.dtype == "fp8" else "plain"
+    expert = {"fp4": "fp4", "fp8": "fp8", None: dense}[cfg.expert_dtype]
+    return dense, expert

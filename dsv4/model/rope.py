@@ -1,0 +1,67 @@
+"""Rotary embedding of DeepSeek-V4 (spec §2.4).
+
+NOTE: pairs are *interleaved* (elements 2j, 2j+1 form one complex number), the rotation covers the LAST
+`rope_head_dim` dims of a vector, and there are two tables: base `rope_theta` without YaRN for
+sliding-only layers (and MTP), base `compress_rope_theta` with YaRN for every compressed layer.
+No YaRN mscale anywhere: the rotation has unit magnitude and the softmax scale is untouched.
+Angles are computed for the requested positions directly; each equals the reference table entry bit for bit
+(one fp32 product `pos * f_i`), so no table has to be sized from max_seq_len.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def yarn_correction_range(dim: int, base: float, original_seq_len: int, beta_fast: float,
+                          beta_slow: float) -> tuple[int, int]:
+    """Indices (low, high) of the frequency ramp: below low unscaled, above high divided by the factor."""
+    def corr_dim(rotations):
+        return dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    low = math.floor(corr_dim(beta_fast))
+    high = math.ceil(corr_dim(beta_slow))
+    return max(low, 0), min(high, dim - 1)
+
+
+def inv_freqs(dim: int, base: float, yarn: bool, factor: float, original_seq_len: int, beta_fast: float,
+              beta_slow: float) -> torch.Tensor:
+    """f_i = base^(-2i/dim), i < dim/2, blended towards f_i/factor by the YaRN ramp (fp32, as the reference)."""
+    # device="cpu" explicitly: models are built under `torch.device("meta")`, and this table is not a parameter.
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+    if yarn and original_seq_len > 0:
+        low, high = yarn_correction_range(dim, base, original_seq_len, beta_fast, beta_slow)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+class Rotary:
+    """One layer's rotation: `rotate(x, positions)` and its inverse on the last `dim` dims."""
+
+    def __init__(self, cfg, compressed: bool):
+        base = cfg.compress_rope_theta if compressed else cfg.rope_theta
+        self.dim = cfg.rope_head_dim
+        self.freqs = inv_freqs(self.dim, base, compressed, cfg.rope_factor, cfg.original_seq_len,
+                               cfg.beta_fast, cfg.beta_slow)
+
+    def cis(self, positions: torch.Tensor) -> torch.Tensor:
+        """Complex rotations [*positions.shape, dim/2] for integer positions."""
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.freqs.to(positions.device)
+        return torch.polar(torch.ones_like(angles), angles)
+
+    def __call__(self, x: torch.Tensor, cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Rotate x[..., -dim:] by `cis` (broadcast over x's head dims); returns a new tensor of x's dtype.
+
+        `cis` has the shape of x's leading token dims: [b, s, dim/2] for x [b, s, d] or [b, s, h, d].
+        """
+        rope = torch.view_as_complex(x[..., -self.dim:].float().unflatten(-1, (-1, 2)).contiguous())
+        cis = cis.conj() if inverse else cis
+        while cis.dim() < rope.dim():
+            cis = cis.unsqueeze(-2)
+        rotated = torch.view_as_real(rope * cis).flatten(-2).to(x.dtype)
+        return torch.cat([x[..., :-self.dim], rotated], dim=-1)

@@ -1,0 +1,90 @@
+"""The whole DeepSeek-V4 model (spec §3.1, §3.8): embedding, hc streams, blocks, hc_head, norm, head; MTP.
+
+`Transformer.forward(input_ids)` runs fresh sequences from position 0 and returns fp32 logits for every
+position (the reference computes only the last one; `last_only=True` does the same).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model.block import Block, _hc_params
+from dsv4.model.hyper import hc_head
+from dsv4.model.primitives import Linear, RMSNorm, weight_formats
+
+
+class MTPBlock(Block):
+    """Multi-token prediction block `mtp.i` (a sliding-window, non-hash block with its own input mix)."""
+
+    def __init__(self, cfg, layer_id: int, dense_fmt: str, expert_fmt: str, dtype: torch.dtype):
+        super().__init__(cfg, layer_id, dense_fmt, expert_fmt, dtype)
+        self.e_proj = Linear(cfg.dim, cfg.dim, dense_fmt, dtype)
+        self.h_proj = Linear(cfg.dim, cfg.dim, dense_fmt, dtype)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        _hc_params(self, "hc_head", cfg.hc_mult, cfg.hc_mult * cfg.dim)
+
+    def mix_input(self, embedded: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """e_proj(enorm(e)) broadcast to every stream + h_proj(hnorm(h)): [b, s, hc, D]."""
+        return self.e_proj(self.enorm(embedded)).unsqueeze(2) + self.h_proj(self.hnorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        dense_fmt, expert_fmt = weight_formats(cfg)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, dtype=dtype)
+        self.layers = nn.ModuleList(Block(cfg, i, dense_fmt, expert_fmt, dtype) for i in range(cfg.n_layers))
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + i, dense_fmt, expert_fmt, dtype)
+                                 for i in range(cfg.n_mtp_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # The head is stored bf16 but held in fp32: logits are an fp32 product (spec §3.1).
+        self.head = Linear(cfg.dim, cfg.vocab_size, "plain", torch.float32)
+        _hc_params(self, "hc_head", cfg.hc_mult, cfg.hc_mult * cfg.dim)
+
+    @property
+    def quant_emulation(self) -> bool:
+        return all(m.quant_emulation for m in self.modules() if hasattr(m, "quant_emulation") and m is not self)
+
+    def set_quant_emulation(self, on: bool) -> Transformer:
+        """Switch the QAT emulation (act quant, KV FP8 fake-quant, Hadamard + FP4 indexer) on or off."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "quant_emulation"):
+                m.quant_emulation = on
+        return self
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hc streams [b, s, hc, D] (before hc_head)."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)
+        for layer in self.layers:
+            h = layer(h, positions, input_ids)
+        return h
+
+    def logits(self, h: torch.Tensor, norm: RMSNorm, fn, scale, base) -> torch.Tensor:
+        y = norm(hc_head(h, fn, scale, base, self.cfg))
+        return torch.nn.functional.linear(y.float(), self.head.weight.float())
+
+    def forward(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """input_ids [b, s] (a fresh sequence from position 0) -> fp32 logits [b, s, vocab] ([b, 1, vocab])."""
+        h = self.hidden(input_ids)
+        if last_only:
+            h = h[:, -1:]
+        out = self.logits(h, self.norm, self.hc_head_fn, self.hc_head_scale, self.hc_head_base)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("non-finite logits (NaN/inf): the weights or inputs are broken")
+        return out
+
+    def mtp_forward(self, h: torch.Tensor, input_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """MTP logits. DeepSeek-V3 convention: position i combines the main stream h_i with token i+1 and
+        predicts token i+2, so pass h[:, :-1] and input_ids[:, 1:] (positions restart at 0)."""
+        block = self.mtp[depth]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = block.mix_input(self.embed(input_ids), h)
+        x = block(x, positions, input_ids)
+        return self.logits(x, block.norm, block.hc_head_fn, block.hc_head_scale, block.hc_head_base)

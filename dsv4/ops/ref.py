@@ -1,0 +1,89 @@
+"""Plain-PyTorch definitions of the hot ops (the twins every fast kernel is tested against).
+
+Each function reproduces the numerics of DeepSeek's reference kernels as spec §2-§3 describes them: which
+values are rounded to bf16 and where fp32 accumulation happens. They run on any device and in any float
+dtype; in fp32 every intermediate rounding to the compute dtype is a no-op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.quant import act_quant, dequant_fp4, dequant_fp8, fake_quant_fp8
+
+
+def dequant_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    """The fp32 value of a stored weight (`fmt` is "fp8", "fp4" or "plain")."""
+    if fmt == "fp8":
+        return dequant_fp8(weight, scale, torch.float32)
+    if fmt == "fp4":
+        return dequant_fp4(weight, scale, torch.float32)
+    return weight.float()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+           act_quant_on: bool) -> torch.Tensor:
+    """`x @ W^T` for a plain, FP8-block or FP4 weight; output in x's dtype.
+
+    With `act_quant_on`, x is first quantised to FP8 e4m3 per 128 with power-of-two scales, as every FP8/FP4
+    GEMM of the reference does. The product of FP8 values and power-of-two scales is exact in fp32, so
+    dequantise-then-matmul in fp32 equals the kernel's blockwise fp32 accumulation up to summation order.
+    """
+    if fmt == "plain":
+        return F.linear(x, weight.to(x.dtype))
+    w = dequant_weight(weight, scale, fmt)
+    if act_quant_on:
+        q, s = act_quant(x, 128)
+        xf = (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
+        return F.linear(xf, w).to(x.dtype)
+    return F.linear(x, w.to(x.dtype))
+
+
+def fake_quant_kv(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """FP8 fake-quant (block 64) of the nope dims of window/compressed KV; the RoPE dims stay as they are."""
+    nope = fake_quant_fp8(kv[..., :-rope_dim], 64)
+    return torch.cat([nope, kv[..., -rope_dim:]], dim=-1)
+
+
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of each query over its own list of KV rows, plus a per-head sink logit.
+
+    q [b, s, h, d]; kv [b, n, d] (one shared head, used as key and value); sink [h] fp32;
+    idx [b, s, k] int rows of kv, -1 = masked. Returns [b, s, h, d] in q's dtype.
+    Scores and softmax statistics are fp32 (float64 for float64 inputs, the golden reference); the max excludes
+    the sink (it only enters the denominator); the un-normalised probabilities are rounded to kv's dtype before
+    the PV product, like the kernel.
+    """
+    b, s, h, d = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    valid = idx >= 0                                                    # [b, s, k]
+    rows = idx.clamp_min(0).long()
+    kv_sel = torch.gather(kv.unsqueeze(1).expand(b, s, -1, d), 2,
+                          rows.unsqueeze(-1).expand(-1, -1, -1, d))     # [b, s, k, d]
+    scores = torch.einsum("bshd,bskd->bshk", q.to(acc), kv_sel.to(acc)) * scale
+    scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    m = scores.amax(dim=-1, keepdim=True)                               # [b, s, h, 1]
+    p = torch.exp(scores - m)
+    denom = p.sum(dim=-1, keepdim=True) + torch.exp(sink.to(acc).view(1, 1, h, 1) - m)
+    o = torch.einsum("bshk,bskd->bshd", p.to(kv.dtype).to(acc), kv_sel.to(acc)) / denom
+    return o.to(q.dtype)
+
+
+def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split mHC mixes [..., (2+hc)*hc] into pre [.., hc], post [.., hc] and comb [.., hc(src), hc(dst)].
+
+    pre = sigmoid + eps; post = 2*sigmoid; comb = row softmax + eps, then Sinkhorn starting and ending
+    with a column normalisation (1 softmax, iters-1 row steps, iters column steps). All fp32.
+    """
+    pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * torch.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = mixes[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)
+    comb = comb.softmax(dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return pre, post, comb

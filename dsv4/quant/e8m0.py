@@ -1,0 +1,66 @@
+"""E8M0 scales: one exponent byte, value 2**(e - 127); byte 255 is NaN and there is no zero or sign.
+
+Every scale in the checkpoint and every activation scale of the reference is a power of two, so all scale
+arithmetic here is done on exponents with integer/bit operations rather than float log2/exp2, which can be
+off by one ulp (and so by a whole power of two after ceil) near exact powers of two.
+
+NOTE: torch's own `x.to(torch.float8_e8m0fnu)` rounds non-powers of two *up* and maps 0 to byte 0 (2**-127)
+without complaint; `float_to_e8m0` refuses anything that is not exactly representable instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_NAN_BITS = 0x7FC00000
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact fp32 2**e for an integer tensor e (subnormals below 2**-126, 0 below 2**-149, inf above 2**127)."""
+    e = e.to(torch.int32)
+    normal = (e.clamp(-126, 128) + 127) << 23  # e = 128 gives the bit pattern of +inf
+    subnormal = torch.ones_like(e) << (e.clamp(-149, -127) + 149)
+    bits = torch.where(e >= -126, normal, torch.where(e >= -149, subnormal, torch.zeros_like(e)))
+    return bits.view(torch.float32)
+
+
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """Decode e8m0 bytes (float8_e8m0fnu or uint8) to fp32, exactly 2**(e - 127); byte 255 -> NaN."""
+    assert scale.dtype in (torch.float8_e8m0fnu, torch.uint8), f"e8m0 scale must be e8m0fnu or uint8, got {scale.dtype}"
+    e = scale.view(torch.uint8).to(torch.int32)
+    value = pow2(e - 127)
+    return torch.where(e == 255, torch.full_like(e, _NAN_BITS).view(torch.float32), value)
+
+
+def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:
+    """Encode exact positive powers of two in [2**-127, 2**127] as float8_e8m0fnu; anything else is a ValueError."""
+    assert x.is_floating_point(), f"float_to_e8m0 needs a float tensor, got {x.dtype}"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = x.float()  # float8 inputs: widening is exact
+    mantissa, exponent = torch.frexp(x)  # x = m * 2**exp with m in [0.5, 1) for finite non-zero x
+    e = exponent.to(torch.int32) - 1 + 127
+    ok = (mantissa == 0.5) & (e >= 0) & (e <= 254)
+    if not bool(ok.all()):
+        bad = x[~ok].flatten()[:4].tolist()
+        raise ValueError(f"float_to_e8m0: values must be powers of two in [2**-127, 2**127], got e.g. {bad}")
+    return e.to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def pow2_ceil_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """fp32 2**ceil(log2(amax / qmax)), the smallest power of two s with amax <= qmax * s, computed exactly.
+
+    amax must be positive and finite (callers clamp it from below). The exponent is estimated from a float64
+    quotient and then corrected with exact comparisons: amax and qmax * 2**e are both exact in float64.
+    """
+    assert qmax > 0, f"qmax must be positive, got {qmax}"
+    a = amax.to(torch.float64)
+    _, exponent = torch.frexp(a / qmax)  # a / qmax lies in [2**(exp-1), 2**exp), up to rounding of the quotient
+    e = exponent.to(torch.int64)
+    e = torch.where(a > qmax * _pow2_f64(e), e + 1, e)
+    e = torch.where(a <= qmax * _pow2_f64(e - 1), e - 1, e)
+    return pow2(e)
+
+
+def _pow2_f64(e: torch.Tensor) -> torch.Tensor:
+    # NOTE: not torch.ldexp, which builds 2**e in the default (fp32) dtype and so overflows/underflows early.
+    return ((e.clamp(-1022, 1023) + 1023) << 52).view(torch.float64)

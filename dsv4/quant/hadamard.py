@@ -1,0 +1,33 @@
+"""Normalised Walsh-Hadamard rotation (spec §2.3): y = H_n x / sqrt(n) over the last dim, Sylvester order.
+
+The reference calls `fast_hadamard_transform` (a butterfly in fp32); here it is one fp32 matmul with a cached
+±1 matrix, scaled afterwards so the matrix stays exact. Sums may be ordered differently from the butterfly, so
+results agree to fp32 rounding, not bit for bit.
+
+NOTE: if TF32 matmuls are enabled globally on CUDA, this matmul silently runs in TF32 (10-bit mantissa).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def _sylvester(n: int, device: torch.device) -> torch.Tensor:
+    # Built outside inference mode so a cached matrix can still be used later by code that needs autograd.
+    with torch.inference_mode(False):
+        h = torch.ones(1, 1)
+        while h.shape[0] < n:
+            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+        return h.to(device)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """H_n x * n**-0.5 over the last dim (a power of two), computed in fp32 and cast back to x's dtype."""
+    n = x.shape[-1]
+    assert n > 0 and n & (n - 1) == 0, f"hadamard needs a power-of-two last dim, got {n}"
+    assert x.is_floating_point(), f"hadamard needs a float tensor, got {x.dtype}"
+    h = _sylvester(n, x.device)  # symmetric, so x @ H == (H x^T)^T
+    return ((x.float() @ h) * n**-0.5).to(x.dtype)
