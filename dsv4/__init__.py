@@ -1,9 +1,10 @@
 """dsv4: a reference-exact PyTorch stack for DeepSeek-V4 (Flash, Pro)."""
 
+from dsv4.chat import encode_messages, parse_completion
 from dsv4.config import ConfigError, ModelConfig, tiny_config
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "ModelConfig", "load_model", "tiny_config"]
+__all__ = ["ConfigError", "ModelConfig", "encode_messages", "load_model", "parse_completion", "tiny_config"]
 
 
 def load_model(path, device="cpu", dtype=None, quant_emulation=True, progress=True):

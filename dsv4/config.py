@@ -2,21 +2,33 @@
 
 Field names follow the reference's `ModelArgs` (`inference/config.json`); `from_hf` maps the Hugging Face
 `config.json` keys onto them (spec §1.2). Every consistency rule the model relies on is checked in
-`__post_init__`, so a bad config fails at construction with a message naming the field.
+`__post_init__`, so a bad config fails at construction with one message naming every offending field.
+
+Reading a file is strict about what shapes the model and lenient about bookkeeping:
+* a `REQUIRED` key missing from the file is an error. NOTE: the dataclass defaults are Flash's values, so
+  without this a half-written config would silently build Flash-sized pieces;
+* keys the model does not read (`architectures`, `torch_dtype`, the reference's `max_batch_size`, ...) are
+  ignored, and HF keys with a single valid V4 value (`num_key_value_heads` 1, `attention_bias` false, ...) are
+  checked;
+* any other key is ignored with a `UserWarning` naming it: HF tooling adds metadata freely, but an unknown key
+  may also be an architecture change this package does not implement (e.g. the V4.1 configs of spec §9).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Literal
 
 LayerKind = Literal["sliding", "csa", "hca"]
 
-# HF config.json key -> ModelArgs field (spec §1.2). Keys absent here have the same name in both files.
+# HF config.json key -> ModelArgs field (spec §1.2). Fields absent here have the same name in both files,
+# except the rope_scaling ones and the storage formats (from `quantization_config`).
 HF_TO_ARGS = {
     "hidden_size": "dim",
     "num_hidden_layers": "n_layers",
@@ -37,6 +49,23 @@ ROPE_SCALING_TO_ARGS = {
     "beta_fast": "beta_fast",
     "beta_slow": "beta_slow",
 }
+# Set by both official files; the rest (eps values, MTP depth, token ids, formats, max_seq_len) default to the
+# reference's values when absent.
+REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "rope_head_dim", "q_lora_rank", "o_lora_rank",
+            "o_groups", "window_size", "compress_ratios", "rope_theta", "compress_rope_theta", "rope_factor",
+            "original_seq_len", "beta_fast", "beta_slow", "index_n_heads", "index_head_dim", "index_topk",
+            "n_routed_experts", "n_shared_experts", "n_activated_experts", "moe_inter_dim", "score_func",
+            "route_scale", "n_hash_layers", "swiglu_limit", "hc_mult", "hc_sinkhorn_iters")
+# HF keys whose only valid V4 value is fixed: checked, not stored.
+HF_FIXED = {"model_type": "deepseek_v4", "num_key_value_heads": 1, "attention_bias": False, "hidden_act": "silu",
+            "tie_word_embeddings": False, "topk_method": "noaux_tc", "norm_topk_prob": True}
+# Keys the model does not read. HF `dtype`/`torch_dtype` name the torch dtype of unquantised tensors, not the
+# reference's `dtype` storage switch (that one comes from `quantization_config`).
+HF_IGNORED = {"architectures", "attention_dropout", "initializer_range", "max_position_embeddings", "torch_dtype",
+              "dtype", "transformers_version", "use_cache", "_name_or_path", "auto_map", "pad_token_id"}
+ARGS_IGNORED = {"max_batch_size"}
+# Integer fields that may be 0; every other integer field must be >= 1.
+NON_NEGATIVE = {"n_hash_layers", "n_mtp_layers", "original_seq_len", "bos_token_id", "eos_token_id"}
 
 
 class ConfigError(ValueError):
@@ -90,9 +119,33 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ checks
     def __post_init__(self):
-        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
-        for problem in self._problems():
-            raise ConfigError(f"inconsistent DeepSeek-V4 config: {problem}")
+        # Later checks do arithmetic on the values, so each stage runs only if the previous one passed.
+        problems = list(_type_problems(self))
+        if not problems:
+            object.__setattr__(self, "compress_ratios", tuple(self.compress_ratios))
+            for f in dataclasses.fields(self):
+                if f.type == "float":
+                    object.__setattr__(self, f.name, float(getattr(self, f.name)))
+            problems = list(self._range_problems())
+        if not problems:
+            problems = list(self._problems())
+        if problems:
+            raise ConfigError("invalid DeepSeek-V4 config: " + "; ".join(problems))
+
+    def _range_problems(self):
+        for f in dataclasses.fields(self):
+            value, low = getattr(self, f.name), 0 if f.name in NON_NEGATIVE else 1
+            if f.type == "int" and value < low:
+                yield f"{f.name}={value} must be >= {low}"
+        # RoPE bases enter log(base) in YaRN's correction range, so they must exceed 1.
+        floats = {"rope_theta": 1.0, "compress_rope_theta": 1.0, "rope_factor": 0.0, "route_scale": 0.0,
+                  "hc_eps": 0.0, "norm_eps": 0.0}
+        for name, low in floats.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > low):
+                yield f"{name}={value} must be a finite number > {low:g}"
+        if not (math.isfinite(self.swiglu_limit) and self.swiglu_limit >= 0):
+            yield f"swiglu_limit={self.swiglu_limit} must be >= 0 (0 turns the clamp off)"
 
     def _problems(self):
         want = self.n_layers + self.n_mtp_layers
@@ -103,23 +156,31 @@ class ModelConfig:
         if bad:
             yield f"compress_ratios may only contain 0, 4 and 128, got {bad}"
         if self.n_mtp_layers and self.compress_ratios[self.n_layers:] != (0,) * self.n_mtp_layers:
-            yield "MTP blocks must be sliding-window only (compress ratio 0)"
+            yield "compress_ratios: the MTP entries (after the first n_layers) must be 0 (sliding window only)"
         if self.n_heads % self.o_groups:
             yield f"n_heads={self.n_heads} is not divisible by o_groups={self.o_groups}"
-        if not 0 < self.rope_head_dim < self.head_dim or self.rope_head_dim % 2:
+        if not self.rope_head_dim < self.head_dim or self.rope_head_dim % 2:
             yield f"rope_head_dim={self.rope_head_dim} must be even and smaller than head_dim={self.head_dim}"
         if (self.head_dim - self.rope_head_dim) % 64:
             yield "head_dim - rope_head_dim must be a multiple of 64 (FP8 KV fake-quant block)"
         if self.index_head_dim & (self.index_head_dim - 1) or self.index_head_dim % 32:
             yield f"index_head_dim={self.index_head_dim} must be a power of two >= 32 (Hadamard, FP4 block 32)"
         if self.index_head_dim <= self.rope_head_dim:
-            yield "index_head_dim must exceed rope_head_dim"
-        if not 0 < self.n_activated_experts <= self.n_routed_experts:
-            yield f"n_activated_experts={self.n_activated_experts} must be in 1..n_routed_experts"
+            yield f"index_head_dim={self.index_head_dim} must exceed rope_head_dim={self.rope_head_dim}"
+        if self.n_activated_experts > self.n_routed_experts:
+            yield (f"n_activated_experts={self.n_activated_experts} exceeds "
+                   f"n_routed_experts={self.n_routed_experts}")
         if self.n_shared_experts != 1:
             yield f"n_shared_experts must be 1 (got {self.n_shared_experts})"
-        if not 0 <= self.n_hash_layers <= self.n_layers:
-            yield f"n_hash_layers={self.n_hash_layers} must be in 0..n_layers"
+        if self.n_hash_layers > self.n_layers:
+            yield f"n_hash_layers={self.n_hash_layers} exceeds n_layers={self.n_layers}"
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                yield f"{name}={getattr(self, name)} is outside the vocabulary (vocab_size={self.vocab_size})"
+        yield from self._format_problems()
+        yield from self._block_problems()
+
+    def _format_problems(self):
         if self.score_func not in ("sqrtsoftplus", "sigmoid", "softmax"):
             yield f"unknown score_func {self.score_func!r}"
         if self.dtype not in ("fp8", "bf16"):
@@ -128,9 +189,6 @@ class ModelConfig:
             yield f"expert_dtype must be 'fp4', 'fp8' or None, got {self.expert_dtype!r}"
         if self.scale_fmt != "ue8m0":
             yield f"only ue8m0 scales are supported, got scale_fmt={self.scale_fmt!r}"
-        yield from self._block_problems()
-        if self.window_size < 1 or self.max_seq_len < 1 or self.hc_mult < 1:
-            yield "window_size, max_seq_len and hc_mult must be positive"
 
     def _block_problems(self):
         # Every input dim of an FP8/FP4 GEMM is quantised per 128 activations (spec §2.2).
@@ -143,6 +201,8 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived
     def layer_kind(self, layer_id: int) -> LayerKind:
         """Attention type of block `layer_id` (ids >= n_layers are MTP blocks)."""
+        if not 0 <= layer_id < len(self.compress_ratios):
+            raise IndexError(f"layer_id {layer_id} is not in 0..{len(self.compress_ratios) - 1}")
         ratio = self.compress_ratios[layer_id]
         return "sliding" if ratio == 0 else ("csa" if ratio == 4 else "hca")
 
@@ -152,7 +212,7 @@ class ModelConfig:
 
     def is_hash_layer(self, layer_id: int) -> bool:
         # MTP blocks (layer_id >= n_layers) are never hash-routed.
-        return layer_id < min(self.n_hash_layers, self.n_layers)
+        return 0 <= layer_id < min(self.n_hash_layers, self.n_layers)
 
     @property
     def q_heads_per_group(self) -> int:
@@ -173,37 +233,38 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         """Accepts either an HF `config.json` dict or a reference `inference/config.json` dict."""
-        if "hidden_size" in d or d.get("model_type") == "deepseek_v4":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
+        if "hidden_size" in d or "num_hidden_layers" in d or "model_type" in d:
             return cls.from_hf(d)
         return cls._from_args(d)
 
     @classmethod
     def _from_args(cls, d: dict) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in d.items() if k in names}
-        if "scale_dtype" in d and d["scale_dtype"] not in ("fp8",):
+        if d.get("scale_dtype", "fp8") != "fp8":
             raise ConfigError(f"scale_dtype {d['scale_dtype']!r} is not supported (only e8m0 scales)")
-        return cls(**known)
+        _warn_unknown([k for k in d if k not in names | ARGS_IGNORED | {"scale_dtype"}], "inference/config.json")
+        _require(d, {name: name for name in REQUIRED})
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_hf(cls, d: dict) -> ModelConfig:
-        if d.get("model_type", "deepseek_v4") != "deepseek_v4":
-            raise ConfigError(f"model_type is {d.get('model_type')!r}, expected 'deepseek_v4'")
-        args = {HF_TO_ARGS.get(k, k): v for k, v in d.items()}
-        rope = d.get("rope_scaling") or {}
-        if rope and rope.get("type", rope.get("rope_type")) != "yarn":
-            raise ConfigError(f"rope_scaling type must be 'yarn', got {rope!r}")
-        args.update({ROPE_SCALING_TO_ARGS[k]: v for k, v in rope.items() if k in ROPE_SCALING_TO_ARGS})
-        if "quantization_config" in d:
-            q = d["quantization_config"]
-            if q.get("fmt") != "e4m3" or list(q.get("weight_block_size", [])) != [128, 128]:
-                raise ConfigError(f"unsupported quantization_config {q!r}")
-            args.setdefault("scale_fmt", q.get("scale_fmt", "ue8m0"))
-        else:
-            args["dtype"] = "bf16"
-        if d.get("num_key_value_heads", 1) != 1:
-            raise ConfigError("DeepSeek-V4 has a single shared KV head (num_key_value_heads must be 1)")
-        return cls._from_args(args)
+        for key, want in HF_FIXED.items():
+            if key in d and d[key] != want:
+                raise ConfigError(f"{key}={d[key]!r} is not supported (DeepSeek-V4 has {key}={want!r})")
+        same = {f.name for f in dataclasses.fields(cls)} - set(HF_TO_ARGS.values()) - set(
+            ROPE_SCALING_TO_ARGS.values()) - {"dtype", "scale_fmt", "max_seq_len"}
+        handled = HF_FIXED.keys() | HF_IGNORED | {"rope_scaling", "quantization_config"}
+        args = {HF_TO_ARGS.get(k, k): v for k, v in d.items() if k in HF_TO_ARGS or k in same}
+        unknown = [k for k in d if k not in HF_TO_ARGS and k not in same and k not in handled]
+        args.update(_rope_args(d.get("rope_scaling"), unknown))
+        args.update(_quant_args(d.get("quantization_config")))
+        _warn_unknown(unknown, "config.json")
+        hf_name = {v: k for k, v in HF_TO_ARGS.items()} | {v: f"rope_scaling.{k}" for k, v in
+                                                            ROPE_SCALING_TO_ARGS.items()}
+        _require(args, {name: hf_name.get(name, name) for name in REQUIRED})
+        return cls(**args)
 
     def to_hf(self) -> dict:
         """The HF `config.json` of this config (what `dsv4 synth` writes)."""
@@ -244,8 +305,17 @@ class ModelConfig:
                     break
             else:
                 raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config file at {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is not a JSON config file: {e}") from e
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
 
     @classmethod
     def preset(cls, name: str, **changes) -> ModelConfig:
@@ -258,16 +328,71 @@ class ModelConfig:
     @classmethod
     def resolve(cls, spec: str) -> ModelConfig:
         """A preset name, a config file, or a checkpoint directory."""
-        return cls.preset(spec) if spec in PRESETS else cls.from_file(spec)
+        if spec in PRESETS:
+            return cls.preset(spec)
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"no config file at {spec} (and it is not a preset: {', '.join(PRESETS)})")
+        return cls.from_file(spec)
 
     def truncated(self, n_layers: int) -> ModelConfig:
         """The first `n_layers` blocks of this architecture (MTP kept), e.g. for benchmarks and tests."""
+        if not 1 <= n_layers <= self.n_layers:
+            raise ConfigError(f"n_layers={n_layers}: truncated() keeps 1..{self.n_layers} blocks")
         ratios = self.compress_ratios[:n_layers] + self.compress_ratios[self.n_layers:]
         return self.replace(n_layers=n_layers, compress_ratios=ratios,
                             n_hash_layers=min(self.n_hash_layers, n_layers))
 
 
 PRESETS = ("flash", "pro")
+
+
+# ---------------------------------------------------------------------------------------------- file helpers
+def _type_problems(cfg: ModelConfig):
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), f.type
+        if kind == "float":
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        elif kind == "str | None":
+            ok = value is None or isinstance(value, str)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:  # compress_ratios
+            ok = isinstance(value, list | tuple) and all(type(r) is int for r in value)
+        if not ok:
+            yield f"{f.name}={value!r} has the wrong type (expected {kind})"
+
+
+def _rope_args(rope, unknown: list[str]) -> dict:
+    if rope is None:
+        return {}
+    if not isinstance(rope, dict) or rope.get("type", rope.get("rope_type")) != "yarn":
+        raise ConfigError(f"rope_scaling must be a YaRN object ({{'type': 'yarn', ...}}), got {rope!r}")
+    unknown += [f"rope_scaling.{k}" for k in rope if k not in ROPE_SCALING_TO_ARGS and k not in ("type", "rope_type")]
+    return {ROPE_SCALING_TO_ARGS[k]: v for k, v in rope.items() if k in ROPE_SCALING_TO_ARGS}
+
+
+def _quant_args(q) -> dict:
+    if q is None:
+        return {"dtype": "bf16"}
+    if (not isinstance(q, dict) or q.get("quant_method", "fp8") != "fp8" or q.get("fmt") != "e4m3"
+            or list(q.get("weight_block_size", [])) != [128, 128]):
+        raise ConfigError(f"unsupported quantization_config {q!r} (need fp8 e4m3 with 128x128 blocks)")
+    return {"dtype": "fp8", "scale_fmt": q.get("scale_fmt") or "ue8m0"}
+
+
+def _require(args: dict, file_names: dict[str, str]) -> None:
+    """Raise naming (as the file spells them) the required fields absent from `args`."""
+    missing = [file_names[name] for name in REQUIRED if name not in args]
+    if missing:
+        raise ConfigError(f"config is missing required keys: {', '.join(missing)}")
+
+
+def _warn_unknown(keys: list[str], form: str) -> None:
+    if keys:
+        warnings.warn(f"ignoring config keys unknown to DeepSeek-V4's {form}: {', '.join(sorted(keys))}",
+                      UserWarning, stacklevel=4)
 
 
 def tiny_config(**changes) -> ModelConfig:

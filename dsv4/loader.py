@@ -3,8 +3,8 @@
 The model is built on the meta device, every checkpoint tensor is streamed from the memory-mapped
 safetensors files to its parameter (converted only where the reference converts: bf16 -> fp32 for norms,
 gate and head, FP8 `wo_a` -> dequantised), and the state dict is assigned with `strict=True`. The checkpoint's
-inventory is checked against the config first, so a wrong file fails before anything is loaded, with one
-error that names every offender.
+inventory is checked against its config first, so a wrong file fails before anything is loaded, with one
+error that names every offender (missing, unexpected, mis-shaped and mis-typed tensors together).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from dsv4.checkpoint import CheckpointError, CheckpointReader, check_inventory
+from dsv4.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
 from dsv4.config import ModelConfig
 from dsv4.model.transformer import Transformer
 from dsv4.quant import dequant_fp8
@@ -61,10 +61,11 @@ def _plan(reader: CheckpointReader, params: dict[str, torch.Tensor]) -> dict[str
 
 def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
                quant_emulation: bool = True, progress: bool = True) -> Transformer:
-    """Load an official-format checkpoint directory. `forward(input_ids [b, s])` gives fp32 logits [b, s, V]."""
-    cfg = ModelConfig.from_file(path)
-    reader = CheckpointReader(path)
-    check_inventory(reader, cfg)
+    """Load an official-format checkpoint: a directory (sharded with an index, or one `.safetensors` file) or a
+    `.safetensors` file with `config.json` beside it. `forward(input_ids [b, s])` gives fp32 logits [b, s, V]."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    cfg, reader = open_checkpoint(path)
     model = build_model(cfg, dtype, "meta", quant_emulation)
     params = dict(model.named_parameters())
     state = {}
@@ -73,5 +74,10 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch
         scale_t = reader.get(scale) if scale else None
         state[name] = _convert(src, reader.get(src), params[name], scale_t).to(device)
     model.load_state_dict(state, strict=True, assign=True)
+    # NOTE: strict loading covers parameters and persistent buffers only; anything else built on the meta
+    # device would fail much later, far from its cause.
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{len(left)} model tensors are still on the meta device after loading: {left[:50]}")
     model.requires_grad_(False)                   # an inference model; training turns on what it trains
     return model.eval()

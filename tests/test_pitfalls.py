@@ -45,11 +45,19 @@ def test_rope_is_interleaved_on_the_last_dims_not_rotate_half():
 
 
 def test_attention_output_is_derotated_by_the_query_position(tiny_model_fp32):
-    """One token attends only to itself: with the inverse rotation, its output cannot depend on its position."""
+    """A token attending only to itself: with the inverse rotation, its output cannot depend on its position."""
     attn = tiny_model_fp32.layers[0].attn
     x = torch.randn(1, 1, tiny_model_fp32.cfg.dim)
+
+    def alone_at(p):
+        cis = attn.rotary.cis(torch.tensor([[p]]))
+        q, kv = attn.queries(x, cis)[0], attn.window_kv(x, cis)
+        o = ops.sparse_attention(q, kv, attn.attn_sink, torch.zeros(1, 1, 1, dtype=torch.long), attn.softmax_scale)
+        return attn.output(o, cis)
+
     with torch.no_grad():
-        outs = [attn(x, torch.tensor([p])) for p in (0, 13, 1000)]
+        outs = [alone_at(p) for p in (0, 13, 1000)]
+        assert not torch.allclose(attn.rotary(outs[0], attn.rotary.cis(torch.tensor([[13]]))), outs[0])
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[2], outs[0], rtol=1e-5, atol=1e-5)
 
@@ -121,10 +129,14 @@ def test_rope_base_and_yarn_per_layer_type_and_no_mscale():
 
 # §8.6 -------------------------------------------------------------------------------------------------------
 def test_index_lists_respect_causality_and_block_completion():
-    w = window_indices(6, 4, "cpu")
-    assert w.tolist() == [[0, -1, -1, -1], [0, 1, -1, -1], [0, 1, 2, -1], [0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]]
-    blk = block_indices(9, 4, 100, "cpu")
+    # fresh sequence, window 4: rows 4.. are the new tokens (rows 0..3 are the ring, empty here)
+    w = window_indices(0, 6, 4, "cpu")
+    assert w.tolist() == [[-1, -1, -1, 4], [-1, -1, 4, 5], [-1, 4, 5, 6], [4, 5, 6, 7], [5, 6, 7, 8], [6, 7, 8, 9]]
+    # chunk at positions 6, 7 after 6 tokens: positions 3..5 come from ring rows 3, 0, 1
+    assert window_indices(6, 2, 4, "cpu").tolist() == [[3, 0, 1, 4], [0, 1, 4, 5]]
+    blk = block_indices(0, 9, 4, 100, "cpu")
     assert blk[:3].eq(-1).all() and blk[3].tolist() == [100, -1] and blk[7].tolist() == [100, 101]
+    assert block_indices(7, 2, 4, 100, "cpu").tolist() == [[100, 101], [100, 101]]
 
 
 def test_a_compressed_entry_is_invisible_until_its_block_completes(tiny_model_fp32):

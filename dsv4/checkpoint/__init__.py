@@ -2,7 +2,8 @@
 
 from dsv4.checkpoint.errors import CheckpointError
 from dsv4.checkpoint.inventory import TensorSpec, inventory
-from dsv4.checkpoint.reader import CheckpointReader, check_inventory
+from dsv4.checkpoint.reader import CheckpointReader, check_inventory, open_checkpoint
 from dsv4.checkpoint.synth import synthesize
 
-__all__ = ["CheckpointError", "CheckpointReader", "TensorSpec", "check_inventory", "inventory", "synthesize"]
+__all__ = ["CheckpointError", "CheckpointReader", "TensorSpec", "check_inventory", "inventory", "open_checkpoint",
+           "synthesize"]

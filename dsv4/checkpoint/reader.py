@@ -14,6 +14,7 @@ import os
 import struct
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -76,20 +77,41 @@ class CheckpointReader:
         return f"CheckpointReader({str(self.path)!r}, {len(self)} tensors in {len(self.files)} files)"
 
 
-def check_inventory(reader: CheckpointReader, cfg: ModelConfig) -> None:
-    """Raise one `CheckpointError` naming every missing, unexpected, mis-shaped and mis-typed tensor."""
+class _Found(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def check_inventory(reader: CheckpointReader, cfg: ModelConfig, against: str = "the config") -> None:
+    """Raise one `CheckpointError` naming every missing, unexpected, mis-shaped and mis-typed tensor.
+
+    `against` names where `cfg` came from in the message (e.g. the checkpoint's own config.json).
+    """
     expected = inventory(cfg)
-    found = {name: reader.spec(name) for name in reader}
+    # Raw header entries, not TensorSpecs: a dtype this package has no name for (e.g. "F4" from a converted
+    # checkpoint) must be reported as a wrong dtype, not crash the check.
+    found = {name: _Found(tuple(sl.get_shape()), sl.get_dtype()) for name in reader
+             for sl in (reader.get_slice(name),)}
     groups = {
         "missing": [f"{n}: expected {s}" for n, s in expected.items() if n not in found],
-        "unexpected": [f"{n}: found {s}" for n, s in found.items() if n not in expected],
+        "unexpected": [f"{n}: found {s.dtype}{list(s.shape)}" for n, s in found.items() if n not in expected],
         "wrong shape": [f"{n}: expected {list(expected[n].shape)}, found {list(s.shape)}"
                         for n, s in found.items() if n in expected and s.shape != expected[n].shape],
         "wrong dtype": [f"{n}: expected {expected[n].dtype}, found {s.dtype}"
                         for n, s in found.items() if n in expected and s.dtype != expected[n].dtype],
     }
     if any(groups.values()):
-        raise CheckpointError(problem_report(f"checkpoint {reader.path} does not match the config", groups))
+        raise CheckpointError(problem_report(f"checkpoint {reader.path} does not match {against}", groups))
+
+
+def open_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, CheckpointReader]:
+    """The config and reader of a checkpoint (a directory, or a `.safetensors` file with `config.json` beside
+    it), with the tensors already checked against the config."""
+    reader = CheckpointReader(path)
+    config_dir = reader.path if reader.path.is_dir() else reader.path.parent
+    cfg = ModelConfig.from_file(config_dir)
+    check_inventory(reader, cfg, against=f"its config ({config_dir})")
+    return cfg, reader
 
 
 # ---------------------------------------------------------------------------------------------- locating

@@ -17,20 +17,40 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.primitives import Linear, RMSNorm
 from dsv4.model.rope import Rotary
+from dsv4.model.state import LayerState, SeqChunk, StepBatch
 
 
-def window_indices(s: int, window: int, device) -> torch.Tensor:
-    """[s, min(s, window)]: query i sees raw positions max(0, i-W+1)..i; later slots -1."""
-    i = torch.arange(s, device=device).unsqueeze(1)
-    rows = (i - window + 1).clamp_min(0) + torch.arange(min(s, window), device=device)
-    return torch.where(rows > i, -1, rows)
+def window_indices(start: int, n: int, window: int, device) -> torch.Tensor:
+    """[n, min(start + n, window)] rows for queries at positions start..start+n-1 into [ring (window rows) ;
+    the n new rows]: position u < start sits in ring row u % window, u >= start in row window + u - start;
+    -1 before position 0. Each query sees positions p-window+1 .. p."""
+    cols = min(start + n, window)
+    p = torch.arange(start, start + n, device=device).unsqueeze(1)
+    u = p - cols + 1 + torch.arange(cols, device=device)
+    rows = torch.where(u < start, u % window, window + u - start)
+    return torch.where(u < 0, -1, rows)
 
 
-def block_indices(s: int, ratio: int, offset: int, device) -> torch.Tensor:
-    """[s, s // ratio]: every compressed entry whose block is complete at query i, + offset; else -1."""
-    j = torch.arange(s // ratio, device=device)
-    visible = torch.arange(1, s + 1, device=device).unsqueeze(1) // ratio
+def block_indices(start: int, n: int, ratio: int, offset: int, device) -> torch.Tensor:
+    """[n, (start+n) // ratio]: every compressed entry whose block is complete at query p, + offset; else -1."""
+    j = torch.arange((start + n) // ratio, device=device)
+    visible = torch.arange(start + 1, start + n + 1, device=device).unsqueeze(1) // ratio
     return torch.where(j >= visible, -1, j + offset)
+
+
+def gather_pages(pool: torch.Tensor, pages: list[int], n: int) -> torch.Tensor:
+    """The first n rows of a sequence's paged store: pool [pages, per_page, d] -> [n, d]."""
+    per_page = pool.shape[1]
+    used = pages[: -(-n // per_page)] if n else []
+    return pool[torch.tensor(used, dtype=torch.long, device=pool.device)].flatten(0, 1)[:n]
+
+
+def scatter_pages(pool: torch.Tensor, pages: list[int], first: int, rows: torch.Tensor) -> None:
+    """Write rows [m, d] as entries first..first+m-1 of a sequence's paged store."""
+    per_page = pool.shape[1]
+    j = torch.arange(first, first + rows.shape[0], device=pool.device)
+    page = torch.tensor(pages, dtype=torch.long, device=pool.device)[j // per_page]
+    pool[page, j % per_page] = rows.to(pool.dtype)
 
 
 class Attention(nn.Module):
@@ -68,29 +88,60 @@ class Attention(nn.Module):
         kv = self.rotary(self.kv_norm(self.wkv(x)), cis)
         return ops.fake_quant_kv(kv, self.rope_dim) if self.quant_emulation else kv
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """A whole sequence from position 0 (positions = arange(s)): x [b, s, D] -> [b, s, D]."""
-        b, s, _ = x.shape
-        cis = self.rotary.cis(positions).expand(b, s, -1)
+    def forward(self, x: torch.Tensor, cis: torch.Tensor, batch: StepBatch, state: LayerState) -> torch.Tensor:
+        """A flattened step x [1, T, D] (rotations cis [1, T, rd/2]) -> [1, T, D], reading and updating `state`."""
         q, qr = self.queries(x, cis)
         kv = self.window_kv(x, cis)
-        idx = window_indices(s, self.window, x.device).expand(b, s, -1)
+        comp = self.compressor.project(x) if self.ratio else None
+        index = None
+        if self.ratio == 4:
+            index = (self.indexer.weights(x), self.indexer.queries(qr, cis), self.indexer.compressor.project(x))
+        outs = []
+        for seq in batch.seqs:
+            sl = slice(seq.offset, seq.offset + seq.length)
+            outs.append(self._attend(seq, state, q[:, sl], kv[:, sl], x.dtype,
+                                     None if comp is None else [t[0, sl] for t in comp],
+                                     None if index is None else [t[:, sl] for t in index[:2]] +
+                                     [[t[0, sl] for t in index[2]]]))
+        return self.output(torch.cat(outs, dim=1), cis)
+
+    def _attend(self, seq: SeqChunk, state: LayerState, q, kv, dtype, comp, index) -> torch.Tensor:
+        """One sequence: q [1, n, H, d], kv [1, n, d] -> attention output [1, n, H, d]; updates its state."""
+        n, window = seq.length, self.window
+        rows = [state.ring[seq.slot], kv[0]]
+        idx = window_indices(seq.start, n, window, q.device)
         if self.ratio:
-            # Compressed entries are appended after the s raw rows, so their indices start at s.
-            entries = self.compressor(x)
+            entries = self._compressed_entries(self.compressor, state.entries, state.compressor, seq, comp, dtype)
+            base = window + n
             if self.ratio == 4:
-                picked = self.indexer(x, qr, cis, offset=s)
+                w, iq, icomp = index
+                keys = self._compressed_entries(self.indexer.compressor, state.index_keys, state.index_compressor,
+                                                seq, icomp, dtype)
+                picked = self.indexer.select(w, iq, keys.unsqueeze(0), seq.start, base)[0]
             else:
-                picked = block_indices(s, self.ratio, s, x.device).expand(b, s, -1)
-            kv = torch.cat([kv, entries], dim=1)
+                picked = block_indices(seq.start, n, self.ratio, base, q.device)
+            rows.append(entries)
             idx = torch.cat([idx, picked], dim=-1)
-        o = ops.sparse_attention(q, kv, self.attn_sink, idx, self.softmax_scale)
-        return self.output(o, cis)
+        o = ops.sparse_attention(q, torch.cat(rows).unsqueeze(0), self.attn_sink, idx.unsqueeze(0),
+                                 self.softmax_scale)
+        keep = min(n, window)                                     # the ring keeps the last `window` tokens
+        pos = torch.arange(seq.start + n - keep, seq.start + n, device=q.device)
+        state.ring[seq.slot, pos % window] = kv[0, n - keep:].to(state.ring.dtype)
+        return o
+
+    @staticmethod
+    def _compressed_entries(compressor, pool, cstate, seq: SeqChunk, proj, dtype) -> torch.Tensor:
+        """Pool this chunk's completed blocks into the paged store; return all of the sequence's entries."""
+        pooled, first = compressor.step(proj[0], proj[1], seq.start, cstate, seq.slot)
+        if pooled.shape[0]:
+            scatter_pages(pool, seq.pages, seq.start // compressor.ratio, compressor.finish(pooled, first, dtype))
+        return gather_pages(pool, seq.pages, (seq.start + seq.length) // compressor.ratio).to(dtype)
 
     def output(self, o: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
         """De-rotate, grouped low-rank wo_a (per group of heads), then wo_b."""
         b, s = o.shape[:2]
         o = self.rotary(o, cis, inverse=True).view(b, s, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1]).to(o.dtype)
-        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)
+        acc = ops.acc_dtype(o.dtype) if o.dtype == torch.float32 else o.dtype     # bf16 like the reference
+        o = torch.einsum("bsgd,grd->bsgr", o.to(acc), wo_a.to(acc)).to(o.dtype)
         return self.wo_b(o.flatten(2))

@@ -9,6 +9,7 @@ from dsv4.model.attention import Attention
 from dsv4.model.hyper import hc_post, hc_pre
 from dsv4.model.moe import MoE
 from dsv4.model.primitives import RMSNorm
+from dsv4.model.state import LayerState, StepBatch
 
 
 def _hc_params(module: nn.Module, prefix: str, mix: int, width: int) -> None:
@@ -30,9 +31,10 @@ class Block(nn.Module):
         for prefix in ("hc_attn", "hc_ffn"):
             _hc_params(self, prefix, cfg.hc_mix, cfg.hc_mult * cfg.dim)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """h [b, s, hc, D] -> [b, s, hc, D]."""
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor, batch: StepBatch, state: LayerState) -> torch.Tensor:
+        """h [1, T, hc, D] (a flattened step) -> [1, T, hc, D]; input_ids [1, T] drive hash routing."""
         x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.cfg)
-        h = hc_post(self.attn(self.attn_norm(x), positions), h, post, comb)
+        cis = self.attn.rotary.cis(batch.positions).unsqueeze(0)
+        h = hc_post(self.attn(self.attn_norm(x), cis, batch, state), h, post, comb)
         x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.cfg)
         return hc_post(self.ffn(self.ffn_norm(x), input_ids), h, post, comb)

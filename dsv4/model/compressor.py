@@ -15,6 +15,7 @@ from torch import nn
 from dsv4 import ops
 from dsv4.model.primitives import Linear, RMSNorm
 from dsv4.model.rope import Rotary
+from dsv4.model.state import CompressorState
 from dsv4.quant import fake_quant_fp4, hadamard
 
 
@@ -34,34 +35,58 @@ class Compressor(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token fp32 (kv, gate score without ape), each [b, s, coff*head_dim]."""
-        xf = x.float()
-        return self.wkv(xf), self.wgate(xf)
+        xf = x.float()                                   # fp32 projections even in a bf16 model
+        return ops.dense(xf, self.wkv.weight, x.dtype), ops.dense(xf, self.wgate.weight, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Entries of every complete block of a sequence starting at position 0: [b, s // ratio, head_dim]."""
-        b, s, _ = x.shape
-        n = s // self.ratio
-        kv, score = self.project(x[:, :n * self.ratio])
-        kv = kv.unflatten(1, (n, self.ratio))                              # [b, n, r, coff*c]
-        score = score.unflatten(1, (n, self.ratio)) + self.ape
-        if self.overlap:
-            kv, score = self._overlap_slots(kv, 0.0), self._overlap_slots(score, float("-inf"))
-        pooled = (kv * score.softmax(dim=2)).sum(dim=2)                    # [b, n, c]
-        first = torch.arange(n, device=x.device) * self.ratio
-        return self.finish(pooled, first.expand(b, n), x.dtype)
+        """Entries of every complete block of fresh sequences (position 0): [b, s // ratio, head_dim]."""
+        b = x.shape[0]
+        state = CompressorState(*(t.expand(b, -1, -1).clone() for t in self.empty_state(x.device)))
+        kv, score = self.project(x)
+        out = [self.step(kv[i], score[i], 0, state, i) for i in range(b)]
+        return torch.stack([self.finish(pooled, first, x.dtype) for pooled, first in out])
 
-    def _overlap_slots(self, t: torch.Tensor, fill: float) -> torch.Tensor:
-        """[b, n, r, 2c] -> [b, n, 2r, c]: slots 0..r-1 = previous block's first-half channels, r..2r-1 =
-        own block's second-half channels; block 0 has no predecessor (kv 0, score -inf)."""
-        b, n, r, _ = t.shape
+    def empty_state(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        coff = 2 if self.overlap else 1
+        shape = (1, coff * self.ratio, coff * self.head_dim)
+        return torch.zeros(shape, device=device), torch.full(shape, float("-inf"), device=device)
+
+    def step(self, kv: torch.Tensor, score: torch.Tensor, start: int, state: CompressorState,
+             slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one sequence's new tokens (fp32 projections [n, coff*c] at positions start..start+n-1) through
+        its partial-block state; returns the pooled fp32 entries [m, c] of the blocks this completes and their
+        first positions [m]. The state keeps the current block's tokens (and, overlapping, the previous block).
+        """
+        r, n = self.ratio, kv.shape[0]
+        pend = start % r                                      # tokens of the current block already seen
+        cur = r if self.overlap else 0                        # state row of the current block's first token
+        st_kv, st_score = state.kv[slot], state.score[slot]
+        score = score + self.ape[torch.arange(start, start + n, device=kv.device) % r]
+        kv_all = torch.cat([st_kv[cur:cur + pend], kv])       # positions start-pend .. start+n-1
+        score_all = torch.cat([st_score[cur:cur + pend], score])
+        m = (pend + n) // r
+        pooled = kv.new_zeros(0, self.head_dim)
+        if m:
+            kb, sb = kv_all[:m * r].unflatten(0, (m, r)), score_all[:m * r].unflatten(0, (m, r))
+            if self.overlap:
+                kb, sb = self._overlap_slots(kb, st_kv[:r]), self._overlap_slots(sb, st_score[:r])
+            pooled = (kb * sb.softmax(dim=1)).sum(dim=1)                      # [m, c]
+            if self.overlap:                                                  # becomes the next "previous"
+                st_kv[:r], st_score[:r] = kv_all[(m - 1) * r:m * r], score_all[(m - 1) * r:m * r]
+        rest = pend + n - m * r
+        st_kv[cur:cur + rest], st_score[cur:cur + rest] = kv_all[m * r:], score_all[m * r:]
+        first = start - pend + r * torch.arange(m, device=kv.device)
+        return pooled, first
+
+    def _overlap_slots(self, t: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """[m, r, 2c] blocks + the block before them [r, 2c] -> [m, 2r, c]: slots 0..r-1 = previous block's
+        first-half channels, r..2r-1 = own block's second-half channels."""
         c = self.head_dim
-        out = t.new_full((b, n, 2 * r, c), fill)
-        out[:, :, r:] = t[:, :, :, c:]
-        out[:, 1:, :r] = t[:, :-1, :, :c]
-        return out
+        before = torch.cat([prev[:, :c].unsqueeze(0), t[:-1, :, :c]])
+        return torch.cat([before, t[:, :, c:]], dim=1)
 
     def finish(self, pooled: torch.Tensor, first_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Pooled fp32 [b, n, c] -> cache entries: norm (in `dtype`), RoPE at the block's first position,
+        """Pooled fp32 [..., n, c] -> cache entries: norm (in `dtype`), RoPE at the block's first position,
         then the QAT emulation: Hadamard + FP4 for the indexer's keys, FP8 on the nope dims otherwise."""
         kv = self.norm(pooled.to(dtype))
         kv = self.rotary(kv, self.rotary.cis(first_pos))

@@ -9,7 +9,6 @@ NOTE: the RMS normalisation of `hc_pre` runs over the whole concatenated hc*D ve
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dsv4 import ops
 
@@ -18,7 +17,7 @@ def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Te
     """(fp32 flattened streams [b, s, hc*D], mixes [b, s, n] = (X @ fn^T) * rsqrt(mean(X^2) + eps))."""
     x = h.flatten(2).float()
     rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
-    return x, F.linear(x, fn) * rsqrt
+    return x, ops.dense(x, fn, h.dtype) * rsqrt
 
 
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg):

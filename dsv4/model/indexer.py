@@ -4,6 +4,7 @@ score[t] = sum_h relu(q_h . k_t) * w_h with w = weights_proj(x) / sqrt(index_hea
 no softmax, only the ranking matters. Queries and keys are Hadamard-rotated and FP4 fake-quantised when
 the QAT emulation is on (the rotation alone would not change the scores: it is orthogonal).
 NOTE: scores are computed in the compute dtype, like the reference; in bf16 near-ties can flip the top-k.
+The indexer's own compressor keeps its keys in the decode state; `Attention` drives it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv4 import ops
 from dsv4.model.compressor import Compressor
 from dsv4.model.primitives import Linear
 from dsv4.model.rope import Rotary
@@ -35,20 +37,29 @@ class Indexer(nn.Module):
             q = fake_quant_fp4(hadamard(q), 32)
         return q
 
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, s, h] per-head score weights, in the compute dtype like the reference."""
+        return self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+
     def scores(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """[b, s, t] relevance of each key t (indexer cache entry) to each query."""
-        w = self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)      # [b, s, h]
-        dots = torch.einsum("bshd,btd->bsht", q, keys.to(q.dtype))
+        return self.weighted_scores(self.weights(x), q, keys)
+
+    @staticmethod
+    def weighted_scores(w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        acc = ops.acc_dtype(q.dtype) if q.dtype == torch.float32 else q.dtype     # bf16 like the reference
+        dots = torch.einsum("bshd,btd->bsht", q.to(acc), keys.to(acc)).to(q.dtype)
         return (dots.relu() * w.unsqueeze(-1)).sum(dim=2)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, cis: torch.Tensor, offset: int) -> torch.Tensor:
-        """Top-k entry lists of a sequence starting at position 0: [b, s, min(topk, s // 4)], each
-        index + `offset` (where entry 0 sits in the attention's KV rows), -1 where not yet visible."""
-        s = x.shape[1]
-        keys = self.compressor(x)                                     # [b, s // 4, head_dim]
-        score = self.scores(x, self.queries(qr, cis), keys)
-        visible = torch.arange(1, s + 1, device=x.device).unsqueeze(1) // 4      # entries complete at i
-        hidden = torch.arange(keys.shape[1], device=x.device) >= visible         # [s, n]
-        score = score.masked_fill(hidden, float("-inf"))
-        idx = score.topk(min(self.topk, keys.shape[1]), dim=-1).indices
+    def select(self, w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, start: int, offset: int) -> torch.Tensor:
+        """Top-k entries for one sequence's queries at positions start.. (w [1, n, h], q [1, n, h, d]) over its
+        keys [1, t, d]: [1, n, min(topk, t)] entry index + `offset`, -1 where the entry is not yet visible."""
+        n, t = q.shape[1], keys.shape[1]
+        visible = (torch.arange(start + 1, start + n + 1, device=q.device) // 4).unsqueeze(1)   # [n, 1]
+        score = self.weighted_scores(w, q, keys)
+        score = score.masked_fill(torch.arange(t, device=q.device) >= visible, float("-inf"))
+        # NOTE: with FP4 queries and keys exact score ties are common; a stable sort breaks them towards the
+        # earlier entry whatever the number of candidates, so chunked prefill and decode pick what the one-shot
+        # prefill picks (torch.topk's tie order depends on the row length).
+        idx = score.sort(dim=-1, descending=True, stable=True).indices[..., :min(self.topk, t)]
         return torch.where(idx >= visible, -1, idx + offset)

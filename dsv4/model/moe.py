@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4 import ops
 from dsv4.model.primitives import Linear
 
 
@@ -28,7 +29,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], input_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
-        scores = F.linear(x.float(), self.weight.float())
+        scores = ops.dense(x.float(), self.weight, x.dtype)
         if self.score_func == "softmax":
             scores = scores.softmax(dim=-1)
         elif self.score_func == "sigmoid":

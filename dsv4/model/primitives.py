@@ -59,10 +59,21 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act_quant_on = self.quant_emulation and self.fmt != "plain"
-        return ops.linear(x, self.weight, self.scale, self.fmt, act_quant_on)
+        return ops.linear(x, self.weight, self.scale, self.fmt, act_quant_on, self._cached_dequantized())
 
     def dequantized(self) -> torch.Tensor:
         return ops.dequant_weight(self.weight, self.scale, self.fmt)
+
+    def _cached_dequantized(self) -> torch.Tensor | None:
+        """The fp32 weight, decoded once, for the plain path on CPU (decoding FP8/FP4 every call made a tiny
+        model's decode step 10x slower). Never on accelerators: there the cache would cost 2-4x the weight
+        memory and the fast kernels read the stored format. Keyed on the tensors' versions, so writes show."""
+        if self.fmt == "plain" or self.weight.device.type != "cpu":
+            return None
+        key = (self.weight._version, self.scale._version, self.weight.data_ptr())
+        if getattr(self, "_deq_key", None) != key:
+            self._deq, self._deq_key = self.dequantized(), key
+        return self._deq
 
     def extra_repr(self) -> str:
         return f"{self.in_features}->{self.out_features}, {self.fmt}"

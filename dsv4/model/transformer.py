@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv4 import ops
 from dsv4.config import ModelConfig
 from dsv4.model.block import Block, _hc_params
 from dsv4.model.hyper import hc_head
 from dsv4.model.primitives import Linear, RMSNorm, weight_formats
+from dsv4.model.state import ModelState, StepBatch, fresh_state
 
 
 class MTPBlock(Block):
@@ -48,7 +50,7 @@ class Transformer(nn.Module):
 
     @property
     def quant_emulation(self) -> bool:
-        return all(m.quant_emulation for m in self.modules() if hasattr(m, "quant_emulation") and m is not self)
+        return all(m.quant_emulation for m in self.modules() if m is not self and hasattr(m, "quant_emulation"))
 
     def set_quant_emulation(self, on: bool) -> Transformer:
         """Switch the QAT emulation (act quant, KV FP8 fake-quant, Hadamard + FP4 indexer) on or off."""
@@ -57,34 +59,42 @@ class Transformer(nn.Module):
                 m.quant_emulation = on
         return self
 
-    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hc streams [b, s, hc, D] (before hc_head)."""
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hc streams [b, s, hc, D] (before hc_head) of fresh sequences starting at position 0."""
+        b, s = input_ids.shape
+        state, batch = fresh_state(self.cfg, b, s, self.dtype, input_ids.device)
+        return self.step(input_ids.reshape(1, -1), batch, state).view(b, s, self.cfg.hc_mult, self.cfg.dim)
+
+    def step(self, input_ids: torch.Tensor, batch: StepBatch, state: ModelState) -> torch.Tensor:
+        """One engine step: input_ids [1, T] of a flattened batch (prefill chunks and decode tokens of many
+        sequences) -> final hc streams [1, T, hc, D]; reads and advances every sequence's decode state."""
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)
-        for layer in self.layers:
-            h = layer(h, positions, input_ids)
+        for layer, layer_state in zip(self.layers, state.layers, strict=True):
+            h = layer(h, input_ids, batch, layer_state)
         return h
 
-    def logits(self, h: torch.Tensor, norm: RMSNorm, fn, scale, base) -> torch.Tensor:
-        y = norm(hc_head(h, fn, scale, base, self.cfg))
-        return torch.nn.functional.linear(y.float(), self.head.weight.float())
-
-    def forward(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """input_ids [b, s] (a fresh sequence from position 0) -> fp32 logits [b, s, vocab] ([b, 1, vocab])."""
-        h = self.hidden(input_ids)
-        if last_only:
-            h = h[:, -1:]
+    def main_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the main head for hc streams h [..., hc, D]; non-finite values are an error."""
         out = self.logits(h, self.norm, self.hc_head_fn, self.hc_head_scale, self.hc_head_base)
         if not torch.isfinite(out).all():
             raise FloatingPointError("non-finite logits (NaN/inf): the weights or inputs are broken")
         return out
 
+    def logits(self, h: torch.Tensor, norm: RMSNorm, fn, scale, base) -> torch.Tensor:
+        y = norm(hc_head(h, fn, scale, base, self.cfg))
+        return ops.dense(y.float(), self.head.weight, y.dtype)
+
+    def forward(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """input_ids [b, s] (a fresh sequence from position 0) -> fp32 logits [b, s, vocab] ([b, 1, vocab])."""
+        h = self.hidden(input_ids)
+        return self.main_logits(h[:, -1:] if last_only else h)
+
     def mtp_forward(self, h: torch.Tensor, input_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP logits. DeepSeek-V3 convention: position i combines the main stream h_i with token i+1 and
         predicts token i+2, so pass h[:, :-1] and input_ids[:, 1:] (positions restart at 0)."""
         block = self.mtp[depth]
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = block.mix_input(self.embed(input_ids), h)
-        x = block(x, positions, input_ids)
+        b, s = input_ids.shape
+        state, batch = fresh_state(self.cfg, b, s, self.dtype, input_ids.device, layer_ids=[block.layer_id])
+        x = block.mix_input(self.embed(input_ids), h).reshape(1, b * s, self.cfg.hc_mult, self.cfg.dim)
+        x = block(x, input_ids.reshape(1, -1), batch, state.layers[0]).view(b, s, self.cfg.hc_mult, self.cfg.dim)
         return self.logits(x, block.norm, block.hc_head_fn, block.hc_head_scale, block.hc_head_base)

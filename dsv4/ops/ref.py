@@ -22,8 +22,31 @@ def dequant_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -
     return weight.float()
 
 
+def acc_dtype(compute: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the plain ops for a model computing in `compute`: fp32 for 16-bit models (what the
+    kernels do), float64 for fp32 (and float64) models.
+
+    NOTE: fp32 GEMMs change their summation order with the number of rows (measured on CPU: every row of a
+    640-row product differs from the same row computed alone), so in fp32 a token's result would depend on its
+    batch companions and chunking, and the QAT rounding steps amplify such 1e-7 differences into different
+    indexer / router choices. Accumulating in float64 and rounding once makes the fp32 model batch-invariant.
+    """
+    return torch.float64 if compute in (torch.float32, torch.float64) else torch.float32
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, model_dtype: torch.dtype,
+          out: torch.dtype | None = None) -> torch.Tensor:
+    """x @ weight^T inside a model computing in `model_dtype`. In a 16-bit model the product runs in x's dtype
+    (bf16 operands, or fp32 where the reference upcasts: mHC, gate, head, compressor, act-quant GEMMs); in an
+    fp32 model it accumulates in float64 (batch-invariant, see `acc_dtype`). Result in `out` (default x's)."""
+    out = out or x.dtype
+    if acc_dtype(model_dtype) == torch.float64:
+        return F.linear(x.double(), weight.double()).to(out)
+    return F.linear(x, weight.to(x.dtype)).to(out)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
-           act_quant_on: bool) -> torch.Tensor:
+           act_quant_on: bool, dequantized: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W^T` for a plain, FP8-block or FP4 weight; output in x's dtype.
 
     With `act_quant_on`, x is first quantised to FP8 e4m3 per 128 with power-of-two scales, as every FP8/FP4
@@ -31,13 +54,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fm
     dequantise-then-matmul in fp32 equals the kernel's blockwise fp32 accumulation up to summation order.
     """
     if fmt == "plain":
-        return F.linear(x, weight.to(x.dtype))
-    w = dequant_weight(weight, scale, fmt)
+        return dense(x, weight, x.dtype)
+    w = dequantized if dequantized is not None else dequant_weight(weight, scale, fmt)
     if act_quant_on:
         q, s = act_quant(x, 128)
         xf = (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
-        return F.linear(xf, w).to(x.dtype)
-    return F.linear(x, w.to(x.dtype))
+        return dense(xf, w, x.dtype, x.dtype)
+    return dense(x, w, x.dtype)
 
 
 def fake_quant_kv(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
@@ -57,7 +80,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     the PV product, like the kernel.
     """
     b, s, h, d = q.shape
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc = acc_dtype(q.dtype)
     valid = idx >= 0                                                    # [b, s, k]
     rows = idx.clamp_min(0).long()
     kv_sel = torch.gather(kv.unsqueeze(1).expand(b, s, -1, d), 2,

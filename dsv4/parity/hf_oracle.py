@@ -8,8 +8,9 @@ The bridge has three parts:
 * :func:`load_hf_model` maps official checkpoint names (``layers.0.attn.wq_a.weight`` ...) onto transformers'
   parameter names and loads them strictly: every transformers weight must be assigned and every input tensor must be
   either used or explicitly ignored (``mtp.*``, transformers has no MTP block).
-* :func:`hf_forward` runs a full-sequence forward (no cache) and captures the logits and every decoder layer's output
-  hyper-connection streams as ``[b, s, hc, D]`` float32.
+* :func:`hf_forward` runs a full-sequence forward (no cache) and captures the logits, every decoder layer's output
+  hyper-connection streams as ``[b, s, hc, D]`` float32, the compressed KV entries, the indexer's top-k picks and
+  the MoE routing (expert ids and weights).
 
 :func:`dequantize_checkpoint` reads an official checkpoint directory into float32 tensors (FP8 / FP4 weights
 dequantised with ``dsv4.quant``).  See ``docs/hf_oracle.md`` for the mapping table and the known differences between
@@ -461,42 +462,68 @@ def load_hf_model(hf_config: dict, tensors: dict[str, torch.Tensor], dtype=torch
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def hf_forward(model, input_ids: torch.LongTensor) -> dict:
-    """Full-sequence forward from position 0 without cache.
+def _capture_hooks(model, captured: dict) -> list:
+    """Forward hooks filling ``captured`` (see :func:`hf_forward`); returns the handles."""
+    hc, D = model.config.hc_mult, model.config.hidden_size
 
-    Returns ``{'logits': [b, s, V] fp32, 'blocks': [ [b, s, hc, D] fp32 per decoder layer ]}``. transformers keeps
-    the hyper-connection streams as ``[B, S, hc_mult, D]`` throughout (``DeepseekV4Model.forward`` expands the
-    embedding with ``unsqueeze(2)``), which is already our layout; a forward hook on each decoder layer captures its
-    output. A 1-D ``input_ids`` is treated as batch 1.
-    """
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    layers = model.model.layers
-    hc = model.config.hc_mult
-    D = model.config.hidden_size
-    captured: list[torch.Tensor | None] = [None] * len(layers)
-    handles = []
-
-    def make_hook(i):
+    def block(i):
         def hook(_module, _inputs, output):
             out = output[0] if isinstance(output, (tuple, list)) else output
             if out.dim() != 4 or out.shape[2] != hc or out.shape[3] != D:
                 raise RuntimeError(f"layer {i} output has shape {tuple(out.shape)}, expected [b, s, {hc}, {D}]")
-            captured[i] = out.detach().float().clone()
+            captured["blocks"][i] = out.detach().float().clone()
 
         return hook
 
+    def store(key, i, pick):
+        return lambda _m, _a, output: captured[key].__setitem__(i, pick(output))
+
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.register_forward_hook(block(i)))
+        # routers return (logits, weights incl. routed_scaling_factor, expert ids), flattened over b*s
+        handles.append(layer.mlp.gate.register_forward_hook(store("routing", i, lambda o: (o[2], o[1].float()))))
+        compressor = layer.self_attn.compressor
+        if compressor is None:  # sliding-only layer
+            continue
+        # compressors return (compressed KV [b, 1, n, head_dim], block bias)
+        handles.append(compressor.register_forward_hook(store("compressed", i, lambda o: o[0][:, 0].float())))
+        if hasattr(compressor, "indexer"):  # CSA: [b, s, k] compressed-entry indices, -1 = not yet visible
+            handles.append(compressor.indexer.register_forward_hook(store("topk", i, lambda o: o.clone())))
+    return handles
+
+
+@torch.no_grad()
+def hf_forward(model, input_ids: torch.LongTensor) -> dict:
+    """Full-sequence forward from position 0 without cache.
+
+    Returns a dict of float32 / int64 captures:
+
+    * ``logits`` ``[b, s, V]`` and ``blocks``: per decoder layer its output streams ``[b, s, hc, D]``. transformers
+      keeps the hyper-connection streams as ``[B, S, hc_mult, D]`` throughout (``DeepseekV4Model.forward`` expands
+      the embedding with ``unsqueeze(2)``), which is already our layout.
+    * ``compressed``: ``{layer: [b, n, head_dim]}`` compressed KV entries of CSA / HCA layers (entry ``j`` pools
+      tokens ``j*r .. j*r+r-1``).
+    * ``topk``: ``{layer: [b, s, index_topk]}`` lightning-indexer picks of CSA layers as compressed-entry indices,
+      ``-1`` where fewer entries are visible. NOTE: dsv4's indexer returns rows of its attention KV (entry + offset).
+    * ``routing``: ``{layer: (expert ids [b*s, k], weights [b*s, k])}``; the weights include
+      ``routed_scaling_factor``. transformers picks with ``topk(sorted=False)``: compare as sets.
+
+    A 1-D ``input_ids`` is treated as batch 1.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    n = len(model.model.layers)
+    captured: dict = {"blocks": [None] * n, "compressed": {}, "topk": {}, "routing": {}}
+    handles = _capture_hooks(model, captured)
     try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_hook(make_hook(i)))
         out = model(input_ids=input_ids.to(model.lm_head.weight.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    if any(c is None for c in captured):
+    if any(c is None for c in captured["blocks"]):
         raise RuntimeError("some decoder layers did not run")
-    return {"logits": out.logits.float(), "blocks": captured}
+    return {"logits": out.logits.float(), **captured}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Activation (fake-)quantisation of the reference (spec §2.2, §4.3), always with power-of-two (ue8m0) scales.
 
-All arithmetic is fp32: amax is floored (1e-4 for FP8, 6 * 2**-126 for FP4) so zero blocks get a finite scale,
-and dividing by a power of two is exact, so the one rounding is onto the e4m3 / e2m1 grid.
+All arithmetic is fp32 (float64 for float64 inputs, which are never rounded to fp32 on the way): amax is floored
+(1e-4 for FP8, 6 * 2**-126 for FP4) so zero blocks get a finite scale, and dividing by a power of two is exact,
+so the one rounding is onto the e4m3 / e2m1 grid.
 
 NOTE: `fake_quant_fp8` follows the *fixed* reference kernel (2026-06-08), which truly rounds to e4m3; the
 earlier in-place version only rounded to bf16.
@@ -15,20 +16,20 @@ from dsv4.quant.e8m0 import pow2_ceil_scale
 from dsv4.quant.fp4 import AMAX_FLOOR as FP4_AMAX_FLOOR
 from dsv4.quant.fp4 import E2M1_MAX, e2m1_codes, fp4_decode
 from dsv4.quant.fp8 import AMAX_FLOOR as FP8_AMAX_FLOOR
-from dsv4.quant.fp8 import E4M3_MAX
+from dsv4.quant.fp8 import E4M3_MAX, to_e4m3, work_dtype
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     assert x.is_floating_point(), f"activation must be a float tensor, got {x.dtype}"
     assert block > 0 and x.shape[-1] % block == 0, f"last dim {x.shape[-1]} is not divisible by block {block}"
-    return x.float().unflatten(-1, (-1, block))  # [..., n/block, block]
+    return x.to(work_dtype(x)).unflatten(-1, (-1, block))  # [..., n/block, block]
 
 
 def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., n] -> (float8_e4m3fn [..., n], fp32 power-of-two scales [..., n/block]); x ~= q * s per block."""
     xb = _blocks(x, block)
     s = pow2_ceil_scale(xb.abs().amax(-1).clamp(min=FP8_AMAX_FLOOR), E4M3_MAX)
-    q = (xb / s.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    q = to_e4m3((xb / s.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX))
     return q.flatten(-2), s
 
 

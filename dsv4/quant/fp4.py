@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.quant.e8m0 import e8m0_to_float, float_to_e8m0, pow2, pow2_ceil_scale
-from dsv4.quant.fp8 import BLOCK, expand_blocks
+from dsv4.quant.fp8 import BLOCK, expand_blocks, work_dtype
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 E2M1_MAX = 6.0
@@ -96,7 +96,7 @@ def quant_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     assert w.is_floating_point(), f"quant_fp4 needs a float tensor, got {w.dtype}"
     assert w.shape[-1] % FP4_BLOCK == 0, f"quant_fp4: last dim {w.shape[-1]} is not a multiple of {FP4_BLOCK}"
-    blocks = w.float().unflatten(-1, (-1, FP4_BLOCK))  # [..., in/32, 32]
+    blocks = w.to(work_dtype(w)).unflatten(-1, (-1, FP4_BLOCK))  # [..., in/32, 32]; float64 is not pre-rounded
     s = pow2_ceil_scale(blocks.abs().amax(-1).clamp(min=AMAX_FLOOR), E2M1_MAX)
     codes = fp4_encode((blocks / s.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX)).flatten(-2)
     return pack_fp4(codes), float_to_e8m0(s)

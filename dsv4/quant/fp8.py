@@ -3,8 +3,10 @@
 The scale grid is [ceil(out/128), ceil(in/128)]; edge blocks are partial. Scales are powers of two, so
 value * scale is exact in fp32 and the only rounding anywhere is the cast to e4m3 in `quant_fp8`.
 
-NOTE: always cast fp32 (not fp64) to e4m3: torch 2.13 converts float64 -> float8 through fp32, which double-rounds.
-Out-of-range fp32 values (even inf) saturate to +-448 on CPU, but we clamp first and never rely on that.
+NOTE: never cast float64 straight to e4m3: torch 2.13 converts float64 -> float8 through fp32, which double-rounds
+(1.0625 + 2**-40 -> 1.0625 -> 1.0 instead of 1.125). `to_e4m3` rounds float64 to fp32 *to odd* first, which keeps
+the sticky bit, so the one visible rounding is correct. Out-of-range fp32 values (even inf) saturate to +-448 on
+CPU, but we clamp first and never rely on that.
 """
 
 from __future__ import annotations
@@ -16,6 +18,23 @@ from dsv4.quant.e8m0 import e8m0_to_float, float_to_e8m0, pow2_ceil_scale
 BLOCK = 128
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4  # the reference's floor, so all-zero blocks get a finite scale
+
+
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for every input dtype except float64, which keeps its precision (so it is rounded only once)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """fp32 / float64 -> float8_e4m3fn, nearest-even; x must already be clamped to [-448, 448] (or NaN)."""
+    if x.dtype == torch.float64:
+        # Round to odd: truncate toward zero to fp32, then set the last bit if anything was dropped. fp32 keeps
+        # more than e4m3's 4 + 2 bits, so rounding that to e4m3 gives the correctly rounded float64 result.
+        y = x.float()
+        inexact = (y.double() != x) & ~torch.isnan(x)
+        bits = y.view(torch.int32) - (inexact & (y.double().abs() > x.abs())).to(torch.int32)
+        x = torch.where(inexact, bits | 1, bits).view(torch.float32)
+    return x.float().to(torch.float8_e4m3fn)
 
 
 def grid_shape(out_features: int, in_features: int, block: int = BLOCK) -> tuple[int, int]:
@@ -63,7 +82,7 @@ def quant_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Per block: s = 2**ceil(log2(max(amax, 1e-4) / 448)), q = e4m3(clamp(w / s, -448, 448)), nearest-even.
     """
     assert w.is_floating_point() and w.dim() >= 2, f"quant_fp8 needs a float [..., out, in], got {w.dtype} {w.shape}"
-    wf = w.float()
+    wf = w.to(work_dtype(w))
     s = pow2_ceil_scale(tile_amax(wf, BLOCK, BLOCK).clamp(min=AMAX_FLOOR), E4M3_MAX)
-    q = (wf / expand_blocks(s, wf.shape, BLOCK, BLOCK)).clamp(-E4M3_MAX, E4M3_MAX)
-    return q.to(torch.float8_e4m3fn), float_to_e8m0(s)
+    q = (wf / expand_blocks(s, wf.shape, BLOCK, BLOCK)).clamp(-E4M3_MAX, E4M3_MAX)  # exact: s is a power of two
+    return to_e4m3(q), float_to_e8m0(s)

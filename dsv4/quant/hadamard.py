@@ -25,9 +25,11 @@ def _sylvester(n: int, device: torch.device) -> torch.Tensor:
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """H_n x * n**-0.5 over the last dim (a power of two), computed in fp32 and cast back to x's dtype."""
+    """H_n x * n**-0.5 over the last dim (a power of two), cast back to x's dtype. 16-bit inputs are computed in
+    fp32; fp32/fp64 inputs in float64, so an fp32 row's result does not depend on how many rows come with it."""
     n = x.shape[-1]
     assert n > 0 and n & (n - 1) == 0, f"hadamard needs a power-of-two last dim, got {n}"
     assert x.is_floating_point(), f"hadamard needs a float tensor, got {x.dtype}"
     h = _sylvester(n, x.device)  # symmetric, so x @ H == (H x^T)^T
-    return ((x.float() @ h) * n**-0.5).to(x.dtype)
+    acc = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
+    return ((x.to(acc) @ h.to(acc)) * n**-0.5).to(x.dtype)

@@ -1,0 +1,1 @@
+"""The serving engine: requests, scheduling, model runner and sampler."""

@@ -1,0 +1,151 @@
+"""Decode state of DeepSeek-V4 (spec §4) and the per-step batch description the model runs on.
+
+Two kinds of state per layer:
+* fixed-size, one per sequence *slot*: the window ring (token p in row p mod W) and the compressors'
+  partial-block buffers (reference layout: rows [0, r) = previous complete block, used by the overlapping
+  ratio-4 pooling; rows [r, 2r) = the current block; kv 0 / score -inf when empty);
+* growing, in *pages* of `page_size` tokens shared by all layers: a page of a ratio-r layer holds
+  page_size / r compressed entries (and, on CSA layers, as many indexer keys). A sequence's page list maps
+  entry j to (page j // per_page, row j % per_page).
+Nothing here does model math; `Attention` reads and writes these tensors.
+NOTE: `reset_slot` must run whenever a slot starts a new sequence: stale compressor state would leak into the
+first entries (the reference has exactly this bug).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CompressorState:
+    kv: torch.Tensor        # [slots, coff*r, coff*c] fp32
+    score: torch.Tensor     # same, gate scores with `ape` already added; -inf = empty
+
+    def reset(self, slot: int) -> None:
+        self.kv[slot].zero_()
+        self.score[slot].fill_(float("-inf"))
+
+
+@dataclass
+class LayerState:
+    ring: torch.Tensor                           # [slots, W, head_dim]
+    ratio: int = 0
+    entries: torch.Tensor | None = None          # [pages, page_size // r, head_dim]
+    compressor: CompressorState | None = None
+    index_keys: torch.Tensor | None = None       # [pages, page_size // 4, index_head_dim] (CSA only)
+    index_compressor: CompressorState | None = None
+
+    def reset(self, slot: int) -> None:
+        for state in (self.compressor, self.index_compressor):
+            if state is not None:
+                state.reset(slot)
+
+
+def _compressor_state(slots: int, ratio: int, head_dim: int, device) -> CompressorState:
+    coff = 2 if ratio == 4 else 1
+    shape = (slots, coff * ratio, coff * head_dim)
+    return CompressorState(torch.zeros(shape, device=device),
+                           torch.full(shape, float("-inf"), device=device))
+
+
+def layer_bytes_per_page(cfg, ratio: int, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page (page_size tokens) costs in one layer of ratio `ratio`."""
+    if not ratio:
+        return 0
+    size = torch.empty((), dtype=dtype).element_size()
+    n = page_size // ratio * cfg.head_dim
+    if ratio == 4:
+        n += page_size // 4 * cfg.index_head_dim
+    return n * size
+
+
+class ModelState:
+    """All decode state of a model: `slots` sequence slots and `pages` pages of `page_size` tokens."""
+
+    def __init__(self, cfg, slots: int, pages: int, page_size: int, dtype: torch.dtype, device="cpu",
+                 layer_ids: list[int] | None = None):
+        if page_size <= 0 or page_size % 128:
+            raise ValueError(f"page_size must be a positive multiple of 128, got {page_size}")
+        self.cfg, self.slots, self.pages, self.page_size = cfg, slots, pages, page_size
+        self.dtype, self.device = dtype, torch.device(device)
+        layer_ids = range(cfg.n_layers) if layer_ids is None else layer_ids
+        self.layers = [self._layer(cfg.compress_ratios[i], slots, pages) for i in layer_ids]
+
+    def _layer(self, ratio: int, slots: int, pages: int) -> LayerState:
+        cfg, dev, dt = self.cfg, self.device, self.dtype
+        st = LayerState(ring=torch.zeros(slots, cfg.window_size, cfg.head_dim, dtype=dt, device=dev), ratio=ratio)
+        if ratio:
+            st.entries = torch.zeros(pages, self.page_size // ratio, cfg.head_dim, dtype=dt, device=dev)
+            st.compressor = _compressor_state(slots, ratio, cfg.head_dim, dev)
+        if ratio == 4:
+            st.index_keys = torch.zeros(pages, self.page_size // 4, cfg.index_head_dim, dtype=dt, device=dev)
+            st.index_compressor = _compressor_state(slots, 4, cfg.index_head_dim, dev)
+        return st
+
+    def reset_slot(self, slot: int) -> None:
+        for layer in self.layers:
+            layer.reset(slot)
+
+    def pages_for(self, n_tokens: int) -> int:
+        return math.ceil(n_tokens / self.page_size)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in _tensors(layer))
+
+
+def _tensors(layer: LayerState):
+    yield layer.ring
+    for t in (layer.entries, layer.index_keys):
+        if t is not None:
+            yield t
+    for st in (layer.compressor, layer.index_compressor):
+        if st is not None:
+            yield st.kv
+            yield st.score
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a step: `length` new tokens at positions start .. start+length-1, rows
+    offset .. offset+length-1 of the flattened batch; its state lives in `slot` and `pages`."""
+
+    slot: int
+    start: int
+    length: int
+    offset: int
+    pages: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StepBatch:
+    """A flattened batch: every sequence's new tokens concatenated (prefill chunks and decode steps mixed)."""
+
+    seqs: list[SeqChunk]
+    positions: torch.Tensor      # [T] absolute positions, on the model's device
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s.length for s in self.seqs)
+
+    @staticmethod
+    def build(chunks: list[tuple[int, int, int, list[int]]], device) -> StepBatch:
+        """From (slot, start, length, pages) tuples, in flattened order."""
+        seqs, offset, pos = [], 0, []
+        for slot, start, length, pages in chunks:
+            seqs.append(SeqChunk(slot, start, length, offset, list(pages)))
+            pos.append(torch.arange(start, start + length))
+            offset += length
+        return StepBatch(seqs, torch.cat(pos).to(device) if pos else torch.zeros(0, dtype=torch.long))
+
+
+def fresh_state(cfg, batch: int, seqlen: int, dtype: torch.dtype, device, page_size: int = 128,
+                layer_ids: list[int] | None = None) -> tuple[ModelState, StepBatch]:
+    """State and batch for `batch` fresh sequences of `seqlen` tokens from position 0 (the full forward)."""
+    per_seq = math.ceil(max(seqlen, 1) / page_size)
+    state = ModelState(cfg, batch, batch * per_seq, page_size, dtype, device, layer_ids)
+    chunks = [(b, 0, seqlen, list(range(b * per_seq, (b + 1) * per_seq))) for b in range(batch)]
+    return state, StepBatch.build(chunks, device)

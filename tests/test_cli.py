@@ -1,0 +1,195 @@
+"""The `dsv4` command, run as a user runs it: `python -m dsv4 ...` subprocesses (and the installed entry point once).
+
+Bad input must exit 2 with a `dsv4 <command>: error: ...` line and no traceback. Cases that need no process
+of their own go through `main(argv)` in-process, which is the same code minus the interpreter start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.checkpoint import CheckpointReader, synthesize
+from dsv4.cli import main
+from dsv4.config import tiny_config
+
+
+def dsv4_cli(*args: str, cwd: Path, cache: Path | None = None, entry_point: bool = False):
+    # One thread: the models here are tiny, and two OpenMP threads on a busy 2-core runner spin-wait each other
+    # at every op (measured 4-5x slower).
+    env = dict(os.environ, DSV4_CACHE=str(cache or cwd / "cache"), OMP_NUM_THREADS="1")
+    cmd = [shutil.which("dsv4")] if entry_point else [sys.executable, "-m", "dsv4"]
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(stderr: str, command: str) -> str:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dsv4 {command}: error: "), stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- help
+HELP = {
+    (): ["generate", "synth", "check"],
+    ("generate",): ["prompt", "--model", "--max-tokens", "--max-new-tokens", "--temperature", "--seed", "--device",
+                    "--dtype", "--no-quant-emulation", "UNTRAINED"],
+    ("synth",): ["--config", "--out", "--seed", "--layers", "--shard-gb", "'flash', 'pro'"],
+    ("check",): ["model", "without loading any weights"],
+}
+
+
+@pytest.mark.parametrize("command", list(HELP), ids=lambda c: " ".join(c) or "dsv4")
+def test_help(tmp_path, command):
+    done = dsv4_cli(*command, "--help", cwd=tmp_path)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith(f"usage: {' '.join(('dsv4', *command))} ")
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert all(word in text for word in HELP[command]), text
+
+
+@pytest.mark.skipif(shutil.which("dsv4") is None, reason="the dsv4 entry point is not installed")
+def test_entry_point(tmp_path):
+    done = dsv4_cli("--help", cwd=tmp_path, entry_point=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: dsv4 ")
+    done = dsv4_cli("synth", "--config", "flash", "--out", "out", "--layers", "0", cwd=tmp_path, entry_point=True)
+    assert done.returncode == 2 and "dsv4 synth: error: argument --layers: must be > 0" in done.stderr
+
+
+def test_no_command_is_a_usage_error(tmp_path):
+    done = dsv4_cli(cwd=tmp_path)
+    assert done.returncode == 2 and "required: command" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- synth + check
+def test_synth_writes_a_loadable_checkpoint(tmp_path):
+    cfg = tiny_config()
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg.to_hf()))
+    out = tmp_path / "ckpt"
+    done = dsv4_cli("synth", "--config", "tiny.json", "--out", str(out), "--layers", "2", "--seed", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"wrote {out}"
+    checked = dsv4_cli("check", str(out), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.startswith("ok: ") and "(2 layers, 1 MTP)" in checked.stdout
+    model = dsv4.load_model(out, progress=False)
+    assert model.cfg == cfg.replace(max_seq_len=4096).truncated(2) and len(model.layers) == 2
+    # --seed and --layers are honoured: same bits as the library call.
+    want = CheckpointReader(synthesize(model.cfg, tmp_path / "lib", seed=3, progress=False))
+    got = CheckpointReader(out)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got.get(k).view(torch.uint8), want.get(k).view(torch.uint8)) for k in got)
+
+
+@pytest.mark.parametrize("layers, message", [("0", "argument --layers: must be > 0, got 0"),
+                                             ("-2", "argument --layers: must be > 0, got -2"),
+                                             ("two", "argument --layers: invalid int value: 'two'")])
+def test_synth_flash_layers_rejected_by_argparse(tmp_path, layers, message):
+    # Flash is far too big to synthesise in CI: only the validation runs, before anything is written.
+    done = dsv4_cli("synth", "--config", "flash", "--out", "out", "--layers", layers, cwd=tmp_path)
+    assert done.returncode == 2 and f"dsv4 synth: error: {message}" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_synth_flash_too_many_layers(tmp_path, capsys):
+    assert main(["synth", "--config", "flash", "--out", str(tmp_path / "out"), "--layers", "44"]) == 2
+    _one_error_line(capsys.readouterr().err, "synth")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def test_generate_with_the_builtin_model(tmp_path):
+    cache = tmp_path / "cache"
+    done = dsv4_cli("generate", "hello", "--max-tokens", "4", cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() != ""  # some text (noise, but text)
+    assert "UNTRAINED" in done.stderr and "built-in" in done.stderr and "Traceback" not in done.stderr
+    assert (cache / "builtin-untrained-v1" / "model.safetensors.index.json").exists()  # DSV4_CACHE is honoured
+
+
+# ---------------------------------------------------------------------------------------------- bad arguments
+def test_missing_model_dir(tmp_path):
+    done = dsv4_cli("generate", "hello", "--model", "no-such-dir", cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "no checkpoint at no-such-dir" in _one_error_line(done.stderr, "generate")
+
+
+def test_nonexistent_config(tmp_path):
+    done = dsv4_cli("synth", "--config", "no-such.json", "--out", "out", cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "no config file at no-such.json" in _one_error_line(done.stderr, "synth")
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_json(tmp_path: Path) -> Path:
+    (tmp_path / "bad.json").write_text("{")
+    return tmp_path / "bad.json"
+
+
+def _inconsistent(tmp_path: Path) -> Path:
+    (tmp_path / "heads.json").write_text(json.dumps(tiny_config().to_hf() | {"num_attention_heads": 3}))
+    return tmp_path / "heads.json"
+
+
+def _no_config(tmp_path: Path) -> Path:
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")
+    return tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synth", "--config", "{bad}", "--out", "{tmp}/o"], "bad.json is not a JSON config file"),
+    (["synth", "--config", "{inconsistent}", "--out", "{tmp}/o"], "invalid DeepSeek-V4 config: n_heads=3"),
+    (["synth", "--config", "flsh", "--out", "{tmp}/o"], "not a preset: flash, pro"),
+    (["check", "{tmp}/absent"], "no checkpoint at"),
+    (["check", "{no_config}"], "not a readable safetensors file"),
+    (["generate", "hi", "--model", "{tmp}/absent"], "no checkpoint at"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
+    paths = {"tmp": tmp_path, "bad": _bad_json(tmp_path), "inconsistent": _inconsistent(tmp_path),
+             "no_config": _no_config(tmp_path)}
+    assert main([a.format(**paths) for a in argv]) == 2
+    assert message in _one_error_line(capsys.readouterr().err, argv[0])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "hi", "--max-tokens", "0"], "argument --max-new-tokens/--max-tokens: must be > 0"),
+    (["generate", "hi", "--temperature", "-1"], "argument --temperature: must be >= 0"),
+    (["generate", "hi", "--dtype", "fp16"], "argument --dtype: invalid choice"),
+    (["synth", "--config", "flash", "--out", "o", "--shard-gb", "0"], "argument --shard-gb: must be > 0"),
+    (["synth", "--out", "o"], "the following arguments are required: --config"),
+    (["check"], "the following arguments are required: model"),
+])
+def test_argparse_errors_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and f"dsv4 {argv[0]}: error: {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(capsys):
+    assert main(["generate", "hi", "--device", "cuda"]) == 2
+    assert "no CUDA device is available" in _one_error_line(capsys.readouterr().err, "generate")
+
+
+def test_check_reports_every_offender(tmp_path, tiny_ckpt, capsys):
+    assert main(["check", str(tiny_ckpt)]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config | {"num_hash_layers": 1}))
+    assert main(["check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsv4 check: error: checkpoint ") and "Traceback" not in err
+    assert "layers.1.ffn.gate.bias" in err and "layers.1.ffn.gate.tid2eid" in err
