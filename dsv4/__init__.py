@@ -4,7 +4,21 @@ from dsv4.chat import encode_messages, parse_completion
 from dsv4.config import ConfigError, ModelConfig, tiny_config
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "ModelConfig", "encode_messages", "load_model", "parse_completion", "tiny_config"]
+__all__ = ["LLM", "ConfigError", "ModelConfig", "SamplingParams", "encode_messages", "load_model", "parse_completion",
+           "tiny_config"]
+
+
+def __getattr__(name):
+    # LLM and SamplingParams import the engine (and torch) on first use, so `import dsv4` stays light.
+    if name == "LLM":
+        from dsv4.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from dsv4.engine.sampling import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'dsv4' has no attribute {name!r}")
 
 
 def load_model(path, device="cpu", dtype=None, quant_emulation=True, progress=True):

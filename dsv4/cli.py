@@ -40,22 +40,53 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt",
-                       description="Generate a continuation of PROMPT. Without --model, the built-in tiny model "
-                                   "is used (UNTRAINED: its output is noise, it only shows the pipeline works).")
-    p.add_argument("prompt", help="the prompt text (the BOS token is added)")
-    p.add_argument("--model", help="checkpoint directory in the official format (default: built-in tiny model)")
-    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=_positive(int), default=32,
-                   help="tokens to generate at most (default 32)")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0,
-                   help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+def _add_model_args(p) -> None:
+    p.add_argument("--model", help="checkpoint directory in the official format, or a Hugging Face Hub id "
+                                   "(default: the built-in tiny model, UNTRAINED)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-quant-emulation", action="store_true",
                    help="turn off the FP8/FP4 QAT emulation (plain dequantised weights)")
+    p.add_argument("--max-model-len", type=_positive(int), help="context length (default: the model's)")
+
+
+def _add_sampling_args(p, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=_positive(int), default=256,
+                   help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=_non_negative_float, default=temperature,
+                   help=f"sampling temperature; 0 = greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (default -1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p threshold relative to the top token (default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="(default 1.0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="(default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="(default 0)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not printed)")
+    p.add_argument("--thinking", action="store_true", help="thinking mode: the model reasons before answering")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt (streams tokens)",
+                       description="Generate a continuation of PROMPT, streaming it as it is produced. With --chat "
+                                   "the prompt is sent as a user message in DeepSeek-V4's chat format. Without "
+                                   "--model, the built-in tiny model is used (UNTRAINED: its output is noise, it "
+                                   "only shows the pipeline works).")
+    p.add_argument("prompt", help="the prompt text (exactly one BOS token is added)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a chat user turn")
+    _add_model_args(p)
+    _add_sampling_args(p, temperature=0.0)
     p.set_defaults(func=cmd_generate)
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive multi-turn chat",
+                       description="Chat with the model in the terminal (DeepSeek-V4 chat format). Reasoning, when "
+                                   "--thinking is on, is shown under [thinking]. /clear resets, /exit quits.")
+    p.add_argument("--system", help="system prompt")
+    _add_model_args(p)
+    _add_sampling_args(p, temperature=1.0)
+    p.set_defaults(func=cmd_chat)
 
 
 def _add_synth(sub) -> None:
@@ -88,32 +119,55 @@ def _device(args) -> str:
     return args.device
 
 
-def cmd_generate(args) -> int:
-    if args.model is not None and not os.path.exists(args.model):  # before the slow imports
+def _llm(args):
+    """The LLM for --model (a path that does not exist and is not a Hub id is an error before slow imports)."""
+    if args.model is not None and not os.path.exists(args.model) and args.model.count("/") != 1:
         raise FileNotFoundError(f"no checkpoint at {args.model}")
-    import torch
-
-    from dsv4.loader import load_model
-    from dsv4.simple_generate import generate_ids, stream_text
-    from dsv4.tokenizer import encode_prompt, load_tokenizer
-
     device = _device(args)
-    path = args.model
-    if path is None:
-        from dsv4.builtin import builtin_model_path
+    if args.model is None:
         print("note: no --model given; using the built-in tiny model, which is UNTRAINED (random weights): "
               "expect meaningless text.", file=sys.stderr)
-        path = builtin_model_path()
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (
-        torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = load_model(path, device=device, dtype=dtype, quant_emulation=not args.no_quant_emulation,
-                       progress=sys.stderr.isatty())
-    tokenizer = load_tokenizer(path)
-    ids = encode_prompt(tokenizer, args.prompt, model.cfg.bos_token_id)
-    tokens = generate_ids(model, ids, args.max_new_tokens, args.temperature, args.seed, (model.cfg.eos_token_id,))
-    for piece in stream_text(tokenizer, tokens):
-        print(piece, end="", flush=True)
-    print()
+    from dsv4.llm import LLM
+
+    return LLM(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
+               quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len, max_num_seqs=1,
+               progress=sys.stderr.isatty())
+
+
+def _sampling(args):
+    from dsv4.engine.sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty, seed=args.seed,
+                              max_tokens=args.max_new_tokens, stop=args.stop or None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_generate(args) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    from dsv4 import interactive
+
+    mode = "thinking" if args.thinking else "chat"
+    if args.chat or args.thinking:
+        from dsv4.chat import encode_messages
+
+        prompt = encode_messages([{"role": "user", "content": args.prompt}], thinking_mode=mode)
+        interactive.print_reply(llm.stream(prompt, params), mode, sys.stdout)
+    else:
+        interactive.print_stream(llm.stream(args.prompt, params), sys.stdout)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    params = _sampling(args)
+    llm = _llm(args)
+    from dsv4 import interactive
+
+    interactive.chat_loop(llm, params, "thinking" if args.thinking else "chat", args.system)
     return 0
 
 
@@ -143,9 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 (Flash / Pro): run, check, synthesise.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_chat(sub)
     _add_synth(sub)
     _add_check(sub)
     return parser
+
+
+def _known_errors() -> tuple[type, ...]:
+    """Errors of modules already imported that mean bad input (a broken checkpoint, a request that cannot run)."""
+    known = [(sys.modules.get("dsv4.checkpoint"), "CheckpointError"), (sys.modules.get("dsv4.engine.engine"),
+                                                                       "RequestError")]
+    return tuple(getattr(m, name) for m, name in known if m is not None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # NOTE: dsv4.checkpoint pulls in torch, so it is not imported just to name its error: a CheckpointError
         # can only come from code that already imported it.
-        checkpoint = sys.modules.get("dsv4.checkpoint")
-        if checkpoint is None or not isinstance(e, checkpoint.CheckpointError):
+        if not isinstance(e, _known_errors()):
             raise
         error = e
     print(f"dsv4 {args.command}: error: {error}", file=sys.stderr)

@@ -35,3 +35,12 @@ def tiny_model_fp32(tiny_ckpt):
     import dsv4
 
     return dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=False, progress=False)
+
+
+@pytest.fixture(scope="session")
+def builtin_ckpt(tmp_path_factory):
+    """The tiny architecture with the real V4 vocabulary (what `dsv4 generate` uses without --model)."""
+    from dsv4.builtin import BUILTIN_SEED, builtin_config
+    from dsv4.checkpoint import synthesize
+
+    return synthesize(builtin_config(), tmp_path_factory.mktemp("builtin"), seed=BUILTIN_SEED, progress=False)

@@ -1,0 +1,60 @@
+"""Engine options (one frozen dataclass; the CLI and `dsv4.LLM` read their defaults from it) and cache sizing."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.model.state import layer_bytes_per_page
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"
+    dtype: str | None = None            # "bfloat16" | "float32"; None = bf16 on CUDA, fp32 on CPU
+    quant_emulation: bool = True
+    max_model_len: int | None = None    # None = the model's max_seq_len
+    max_num_seqs: int = 16              # sequence slots (window rings and compressor state)
+    max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decode tokens)
+    page_size: int = 256                # tokens per cache page (a multiple of 128)
+    num_pages: int | None = None        # None = sized from memory (see `cache_pages`)
+    memory_fraction: float = 0.9        # CUDA: fraction of the free memory the cache may take
+    cpu_cache_gib: float = 4.0          # CPU: cache budget
+
+    def __post_init__(self):
+        checks = [(self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+                  (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+                  (self.page_size >= 128 and self.page_size % 128 == 0, "page_size must be a multiple of 128"),
+                  (self.num_pages is None or self.num_pages >= 1, "num_pages must be >= 1"),
+                  (0 < self.memory_fraction <= 1, "memory_fraction must be in (0, 1]"),
+                  (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
+                  (self.dtype in (None, "bfloat16", "float32"), "dtype must be bfloat16 or float32")]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is None:
+            return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+
+def bytes_per_page(cfg, page_size: int, dtype: torch.dtype) -> int:
+    return sum(layer_bytes_per_page(cfg, r, page_size, dtype) for r in cfg.compress_ratios[:cfg.n_layers])
+
+
+def cache_pages(cfg, econf: EngineConfig, max_model_len: int) -> int:
+    """Pages for the growing cache: what the memory budget allows, at most enough for every slot at full length
+    (more could never be used), at least one full-length sequence (else nothing long could ever run)."""
+    if econf.num_pages is not None:
+        return econf.num_pages
+    per_page = max(bytes_per_page(cfg, econf.page_size, econf.torch_dtype()), 1)
+    if torch.device(econf.device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(econf.device))
+        budget = free * econf.memory_fraction
+    else:
+        budget = econf.cpu_cache_gib * 2**30
+    per_seq = math.ceil(max_model_len / econf.page_size)
+    return max(per_seq, min(int(budget // per_page), per_seq * econf.max_num_seqs))

@@ -1,0 +1,146 @@
+"""The engine loop: schedule -> run -> postprocess, one step at a time.
+
+`Engine.step()` asks the scheduler which sequences run and how many tokens each feeds, lets the runner execute
+them in one model call, then appends the sampled tokens, streams their text and applies the stop rules.
+Finished and aborted sequences give their slot and pages back in the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsv4.engine.config import EngineConfig, cache_pages
+from dsv4.engine.detokenizer import TextStream
+from dsv4.engine.outputs import CompletionOutput, RequestOutput
+from dsv4.engine.pages import CacheManager
+from dsv4.engine.runner import ModelRunner, Sampled
+from dsv4.engine.sampling import SamplingParams, request_seeds
+from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.sequence import Sequence
+from dsv4.model.state import ModelState
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (the server maps it to a 4xx)."""
+
+
+@dataclass
+class _Request:
+    output: RequestOutput
+    seqs: list[Sequence]
+    streams: list[TextStream]
+
+
+class Engine:
+    def __init__(self, model, tokenizer, econf: EngineConfig | None = None):
+        econf = econf or EngineConfig()
+        self.model, self.tokenizer, self.econf = model, tokenizer, econf
+        cfg = model.cfg
+        self.max_model_len = min(econf.max_model_len or cfg.max_seq_len, cfg.max_seq_len)
+        pages = cache_pages(cfg, econf, self.max_model_len)
+        self.state = ModelState(cfg, econf.max_num_seqs, pages, econf.page_size, model.dtype,
+                                next(model.parameters()).device)
+        self.cache = CacheManager(econf.max_num_seqs, pages, econf.page_size)
+        self.scheduler = Scheduler(self.cache, econf.max_num_seqs, econf.max_num_batched_tokens, self.max_model_len)
+        self.runner = ModelRunner(model, self.state)
+        self.requests: dict[str, _Request] = {}
+        self.num_preemptions = 0
+        self._by_seq: dict[int, tuple[_Request, int]] = {}
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> RequestOutput:
+        self._check(request_id, prompt_ids, params)
+        seqs = [Sequence(list(prompt_ids), params, seed=s) for s in request_seeds(params)]
+        for seq in seqs:
+            try:
+                self.scheduler.add(seq)
+            except ValueError as e:
+                for added in seqs[:seqs.index(seq)]:
+                    self.scheduler.abort(added.seq_id)
+                raise RequestError(str(e)) from e
+        outs = [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None) for i in range(len(seqs))]
+        req = _Request(RequestOutput(request_id, prompt, list(prompt_ids), outs), seqs,
+                       [TextStream(self.tokenizer, stop=params.stop, prompt_ids=prompt_ids) for _ in seqs])
+        self.requests[request_id] = req
+        for i, seq in enumerate(seqs):
+            self._by_seq[seq.seq_id] = (req, i)
+        return req.output
+
+    def _check(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                               f"context length {self.max_model_len}")
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its slots and pages are free when this returns."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for i, seq in enumerate(req.seqs):
+            if not seq.is_finished:
+                self.scheduler.abort(seq.seq_id)
+                req.output.outputs[i].finish_reason = "abort"
+            self._by_seq.pop(seq.seq_id, None)
+        req.output.finished = True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the requests that progressed (finished ones for the last time)."""
+        scheduled = self.scheduler.schedule()
+        self.num_preemptions += len(scheduled.preempted)
+        sampled = self.runner.run(scheduled.entries)
+        self.scheduler.update_after_step(scheduled)
+        touched = {}
+        for seq_id, s in sampled.items():
+            req, i = self._by_seq[seq_id]
+            self._append(req, i, s)
+            touched[req.output.request_id] = req
+        for req in touched.values():
+            if all(seq.is_finished for seq in req.seqs):
+                req.output.finished = True
+                del self.requests[req.output.request_id]
+                for seq in req.seqs:
+                    self._by_seq.pop(seq.seq_id, None)
+        return [req.output for req in touched.values()]
+
+    def _append(self, req: _Request, i: int, s: Sampled) -> None:
+        seq, out, stream = req.seqs[i], req.output.outputs[i], req.streams[i]
+        p = seq.params
+        seq.output_ids.append(s.token_id)
+        out.token_ids.append(s.token_id)
+        out.cumulative_logprob += s.logprob
+        if out.logprobs is not None:
+            out.logprobs.append({s.token_id: s.logprob, **dict(s.top)})
+        stop_id = s.token_id in p.stop_token_ids or (s.token_id == self.model.cfg.eos_token_id and not p.ignore_eos)
+        delta, stopped = stream.add(s.token_id) if not stop_id else ("", False)
+        stop_str = stream.stop_str if stopped else None
+        out.text += delta
+        if stop_id or stop_str is not None:
+            out.stop_reason = s.token_id if stop_id else stop_str
+            self._finish(seq, out, stream, "stop")
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, out, stream, "length")
+
+    def _finish(self, seq: Sequence, out: CompletionOutput, stream: TextStream, reason: str) -> None:
+        if reason != "stop" or out.stop_reason is None or isinstance(out.stop_reason, int):
+            out.text += stream.finish()
+        out.finish_reason = reason
+        self.scheduler.finish(seq, reason)
+
+    def generate_all(self, progress=None) -> None:
+        """Step until every added request has finished."""
+        while self.has_unfinished():
+            for out in self.step():
+                if progress is not None and out.finished:
+                    progress(out)

@@ -1,0 +1,80 @@
+"""The model runner: turns a scheduled step into one `model.step` call and samples the sequences that reached
+their last token. The only place where the engine touches tensors.
+
+Each scheduled entry (sequence, n) feeds tokens `all_ids[num_computed : num_computed + n]` at those positions;
+its slot is reset first when the sequence (re)starts from position 0. Logits are computed only at sampling rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.engine.sampling import Sampler, SamplingTensors, TokenCounts
+from dsv4.engine.sequence import Sequence
+from dsv4.model.state import ModelState, StepBatch
+
+
+@dataclass
+class Sampled:
+    """What one sequence got from a step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]          # (token id, logprob), best first; empty unless logprobs requested
+
+
+class ModelRunner:
+    def __init__(self, model, state: ModelState, sampler: Sampler | None = None):
+        self.model, self.state = model, state
+        self.device = next(model.parameters()).device
+        self.sampler = sampler or Sampler()
+        self.counts: TokenCounts | None = None           # allocated on the first request with a penalty
+
+    def run(self, entries: list[tuple[Sequence, int]]) -> dict[int, Sampled]:
+        """Run one step; returns {seq_id: Sampled} for the sequences whose chunk ends at their last token."""
+        if not entries:
+            return {}
+        chunks, ids = [], []
+        for seq, n in entries:
+            if seq.num_computed == 0:
+                self._start(seq)
+            chunks.append((seq.slot, seq.num_computed, n, seq.pages))
+            ids += seq.all_ids[seq.num_computed:seq.num_computed + n]
+        batch = StepBatch.build(chunks, self.device)
+        with torch.inference_mode():
+            h = self.model.step(torch.tensor([ids], device=self.device), batch, self.state)
+            rows = [c.offset + c.length - 1 for c, (s, n) in zip(batch.seqs, entries, strict=True)
+                    if s.num_computed + n == s.num_tokens]
+            sampling = [s for s, n in entries if s.num_computed + n == s.num_tokens]
+            if not sampling:
+                return {}
+            logits = self.model.main_logits(h[:, torch.tensor(rows, device=self.device)])[0]
+            return self._sample(sampling, logits)
+
+    def _start(self, seq: Sequence) -> None:
+        self.state.reset_slot(seq.slot)
+        p = seq.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            if self.counts is None:
+                self.counts = TokenCounts(self.state.slots, self.model.cfg.vocab_size, self.device)
+            self.counts.start(seq.slot, seq.prompt_ids)
+            if seq.output_ids:                           # recomputed after preemption: restore its history
+                out = torch.tensor(seq.output_ids, device=self.device)
+                self.counts.add(torch.full_like(out, seq.slot), out)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[int, Sampled]:
+        st = SamplingTensors.from_params([s.params for s in seqs], [s.seed for s in seqs],
+                                         [len(s.output_ids) for s in seqs], self.device, [s.slot for s in seqs])
+        out = self.sampler(logits, st, self.counts if st.do_penalties else None)
+        if self.counts is not None and st.do_penalties:
+            self.counts.add(st.slots, out.token_ids)
+        # One transfer for the whole batch.
+        tokens, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+        top_ids, top_lp = out.top_ids.tolist(), out.top_logprobs.tolist()
+        result = {}
+        for i, s in enumerate(seqs):
+            k = s.params.logprobs or 0
+            result[s.seq_id] = Sampled(tokens[i], logprobs[i], list(zip(top_ids[i][:k], top_lp[i][:k], strict=True)))
+        return result

@@ -1,0 +1,87 @@
+"""Terminal front ends of `dsv4 generate` and `dsv4 chat`: stream a completion, render reasoning apart from the
+answer, keep a multi-turn conversation. Library code; the CLI only parses arguments."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from typing import TextIO
+
+from dsv4.chat import encode_messages
+from dsv4.chat.stream import StreamParser
+from dsv4.engine.sampling import SamplingParams
+from dsv4.llm import LLM, parse_chat_reply
+
+HELP = "commands: /clear starts a new conversation, /exit (or Ctrl-D) quits"
+
+
+def print_stream(pieces: Iterator[str], out: TextIO) -> str:
+    """Print text deltas as they come; returns the whole text."""
+    text = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        text.append(piece)
+    out.write("\n")
+    return "".join(text)
+
+
+def print_reply(pieces: Iterator[str], thinking_mode: str, out: TextIO) -> str:
+    """Print a chat reply: reasoning under a "[thinking]" header, then the answer, tool calls as JSON lines.
+    Falls back to the raw text when the reply does not follow the format (an untrained model's)."""
+    parser, raw, shown = StreamParser(thinking_mode), [], None
+    try:
+        for piece in pieces:
+            raw.append(piece)
+            for ev in parser.feed(piece):
+                shown = _show(ev, shown, out)
+        for ev in parser.finish(strict=False):
+            shown = _show(ev, shown, out)
+    except ValueError:
+        out.write(("\n" if shown else "") + "[unparsed] " + "".join(raw) + "".join(pieces))
+    out.write("\n")
+    out.flush()
+    return "".join(raw)
+
+
+def _show(ev, shown: str | None, out: TextIO) -> str | None:
+    if ev.kind in ("reasoning", "content") and ev.kind != shown:
+        out.write(("\n" if shown else "") + ("[thinking] " if ev.kind == "reasoning" else ""))
+    if ev.kind in ("reasoning", "content"):
+        out.write(ev.text)
+        shown = ev.kind
+    elif ev.kind == "tool_call":
+        out.write(f"\n[tool call] {ev.text}(")
+        shown = "tool"
+    elif ev.kind == "arguments":
+        out.write(ev.text)
+    elif ev.kind == "tool_call_end":
+        out.write(")")
+    out.flush()
+    return shown
+
+
+def chat_loop(llm: LLM, params: SamplingParams, thinking_mode: str = "chat", system: str | None = None,
+              read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+    """Multi-turn chat: every turn re-encodes the whole conversation (as DeepSeek's generate.py does)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    out.write(HELP + "\n")
+    while True:
+        try:
+            line = read("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/clear":
+            messages = messages[:1] if system else []
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = encode_messages(messages, thinking_mode=thinking_mode)
+        text = print_reply(llm.stream(prompt, params), thinking_mode, out)
+        reply = parse_chat_reply(text, thinking_mode)
+        messages.append({"role": "assistant", "content": reply["content"] or "",
+                         "reasoning_content": reply.get("reasoning_content")})

@@ -1,0 +1,110 @@
+"""`dsv4.LLM`: offline batched generation and chat (names follow vLLM's `LLM`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+import os
+from collections.abc import Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from dsv4.chat import encode_messages, parse_completion
+from dsv4.engine.config import EngineConfig
+from dsv4.engine.engine import Engine
+from dsv4.engine.outputs import RequestOutput
+from dsv4.engine.sampling import SamplingParams
+
+_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+
+
+class LLM:
+    """`LLM(model=None | directory | "owner/name", **engine_options)`; None = the built-in (untrained) model.
+
+    Engine options are the fields of `EngineConfig`: device, dtype, quant_emulation, max_model_len,
+    max_num_seqs, max_num_batched_tokens, page_size, num_pages, memory_fraction, cpu_cache_gib.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, revision: str | None = None,
+                 download_dir: str | None = None, progress: bool = False, **engine_options):
+        unknown = sorted(set(engine_options) - _ENGINE_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown engine options {unknown}; valid: {sorted(_ENGINE_FIELDS)}")
+        from dsv4.checkpoint.hub import resolve_model
+        from dsv4.loader import load_model
+        from dsv4.tokenizer import load_tokenizer
+
+        self.econf = EngineConfig(**engine_options)
+        self.path = resolve_model(model, revision, download_dir)
+        self.is_builtin = model is None
+        self.model = load_model(self.path, device=self.econf.device, dtype=self.econf.torch_dtype(),
+                                quant_emulation=self.econf.quant_emulation, progress=progress)
+        self.tokenizer = load_tokenizer(self.path)
+        if self.tokenizer.get_vocab_size() > self.model.cfg.vocab_size:
+            warnings.warn(f"the tokenizer has {self.tokenizer.get_vocab_size()} ids but the model only "
+                          f"{self.model.cfg.vocab_size}: text prompts may be rejected", stacklevel=2)
+        self.engine = Engine(self.model, self.tokenizer, self.econf)
+        self._ids = itertools.count()
+
+    def encode(self, text: str) -> list[int]:
+        from dsv4.tokenizer import encode_prompt
+
+        return encode_prompt(self.tokenizer, text, self.model.cfg.bos_token_id)
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """One `RequestOutput` per prompt (text prompts get exactly one BOS; id lists are used as given)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        outputs = [self._add(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        with tqdm(total=len(outputs), desc="generating", disable=not use_tqdm) as bar:
+            self.engine.generate_all(progress=lambda _: bar.update())
+        return outputs
+
+    def stream(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one completion as they are generated (valid UTF-8 pieces, stop strings withheld).
+        The finished `RequestOutput` is the generator's return value. Closing the generator aborts the request."""
+        out = self._add(prompt, sampling_params or SamplingParams())
+        sent = 0
+        try:
+            while not out.finished:
+                self.engine.step()
+                if len(out.text) > sent:
+                    yield out.text[sent:]
+                    sent = len(out.text)
+        finally:
+            if not out.finished:
+                self.engine.abort(out.request_id)
+        return out
+
+    def _add(self, prompt, params: SamplingParams) -> RequestOutput:
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.encode(prompt) if text is not None else [int(t) for t in prompt]
+        return self.engine.add_request(f"req-{next(self._ids)}", ids, params, prompt=text)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             thinking_mode: str = "chat", drop_thinking: bool = True, reasoning_effort: str | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Chat completions in DeepSeek-V4's format; each output's `.message` holds the parsed reply."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [encode_messages(m, thinking_mode=thinking_mode, drop_thinking=drop_thinking,
+                                   reasoning_effort=reasoning_effort) for m in conversations]
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for out in outputs:
+            out.message = parse_chat_reply(out.text, thinking_mode)
+        return outputs
+
+
+def parse_chat_reply(text: str, thinking_mode: str) -> dict:
+    """The parsed reply; text the format cannot parse (e.g. an untrained model's) comes back as plain content."""
+    try:
+        return parse_completion(text, thinking_mode)
+    except ValueError as e:
+        return {"role": "assistant", "reasoning_content": None, "content": text, "tool_calls": [],
+                "parse_error": str(e)}
