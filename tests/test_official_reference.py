@@ -145,14 +145,27 @@ def _forced(indexer, ref_topk, forced, calls):
 
 
 def test_bf16_quant_emulation_is_bit_exact_layer_by_layer(bf16_case):
-    """Measured (CPU, torch 2.13): 99.82 / 99.97 / 99.99 / 99.72 % of block-output elements bit-identical to the
-    reference's bf16 values, every position's cosine >= 0.99992. Without the emulation only 6-8 % are."""
+    """Teacher-forced, most of every block's output is bit-identical to the reference's bf16 values.
+
+    Why not every element: the reference's fp32 GEMMs summed in its machine's order. On another CPU a different
+    order flips a few bf16 roundings, and when such a flip lands on an FP8 decision (a block amax crossing a
+    power of two, an e4m3 tie) a whole 128-wide block moves by up to one e4m3 step: that position's cosine drops
+    to ~0.999, and a flipped compressed entry moves every later position that reads it.
+    Measured, torch 2.13 CPU — bit-identical elements / positions with cosine >= 0.9999 / worst position cosine:
+      * the machine that wrote this test: 99.82 / 99.97 / 99.99 / 99.72 % elements, worst cosine >= 0.99992;
+      * Xeon (Sapphire Rapids, AVX-512): 99.55 / 97.43 / 89.33 / 99.31 % elements; 99.7 / 97.5 / 96.2 / 100 %
+        positions >= 0.9999; worst 0.99915 / 0.99977 / 0.99941 / 0.99992; median position cosine 1.0.
+    With the emulation off only 6-8 % of elements are identical (next test), so the floors below still separate
+    a faithful emulation from a wrong one by a wide margin."""
     ref, model = bf16_case
     for i, (ours, want) in teacher_forced_blocks(model, ref).items():
         exact = (ours == want).float().mean().item()
         rows = torch.nn.functional.cosine_similarity(ours.flatten(1).double(), want.flatten(1).double(), dim=-1)
-        assert exact >= 0.99, f"block {i}: only {exact:.4%} bit-identical"
-        assert rows.min().item() >= 0.9999, f"block {i}: worst position cosine {rows.min().item():.6f}"
+        assert exact >= 0.85, f"block {i}: only {exact:.4%} bit-identical"
+        assert rows.median().item() >= 0.9999999, f"block {i}: median position cosine {rows.median().item():.8f}"
+        close = (rows >= 0.9999).float().mean().item()
+        assert close >= 0.93, f"block {i}: only {close:.2%} of positions have cosine >= 0.9999"
+        assert rows.min().item() >= 0.998, f"block {i}: worst position cosine {rows.min().item():.6f}"
 
 
 def test_bf16_indexer_choices_differ_from_the_reference_only_at_exact_ties(bf16_case):
@@ -196,7 +209,12 @@ def test_bf16_head_reproduces_reference_logits(bf16_case):
     with torch.no_grad():
         logits = model.logits(h, model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)[0]
     want = ref["logits"][: h.shape[1]]
-    assert (logits - want).abs().max().item() < 1e-5
+    err = (logits - want).abs().amax(-1)                                       # [rows]
+    # Rows are fp32 products of a bf16-rounded normalised vector: exact up to summation order (1e-5), except
+    # where the fp32 sums of hc_head/norm round one element to the neighbouring bf16 value on this CPU (one
+    # row of 320 on a Sapphire Rapids Xeon, max error 2.2e-4; none where this test was written).
+    assert (err <= 1e-5).float().mean().item() >= 0.99, err
+    assert err.max().item() < 1e-3
     assert torch.equal(logits.argmax(-1), want.argmax(-1))
 
 
@@ -211,7 +229,7 @@ def test_bf16_end_to_end_statistics(bf16_case):
     rows = torch.nn.functional.cosine_similarity(logits.double(), ref["logits"].double(), dim=-1)
     assert agree >= 0.8, f"argmax agreement {agree:.3f}"
     assert rows.median().item() >= 0.998, rows.median()
-    assert cosine(blocks[0][: 320], ref["hidden_prefill.0"]) >= 0.9999999
+    assert cosine(blocks[0][: 320], ref["hidden_prefill.0"]) >= 0.99999       # 0.9999978 on a Xeon (see above)
     assert topk_set_agreement(topk[1], ref["indexer_topk.1"]) >= 0.95
 
 
