@@ -109,6 +109,44 @@ def _add_check(sub) -> None:
     p.set_defaults(func=cmd_check)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time dsv4 against transformers on a Flash-width model (GPU)",
+                       description="Synthesise DeepSeek-V4-Flash at full width truncated to --layers blocks (official "
+                                   "formats, straight on the GPU), then time dsv4 and transformers eager on the same "
+                                   "weights: decode ms/step after a --context-token prompt, prefill; the HBM floor of "
+                                   "each decode step; greedy agreement of dsv4's fast path with its reference path. "
+                                   "Prints a table and writes JSON with --out. Needs a CUDA GPU with ~100 GB free.")
+    p.add_argument("--layers", type=_positive(int), default=4, help="blocks kept (default 4: ratios 0, 0, 4, 128)")
+    p.add_argument("--context", type=_positive(int), default=512, help="prompt tokens before decoding (default 512)")
+    p.add_argument("--decode-batches", type=_int_list, default=(1, 8, 64), help="decode batch sizes (default 1,8,64)")
+    p.add_argument("--decode-steps", type=_positive(int), default=16, help="timed decode steps (default 16)")
+    p.add_argument("--prefill", type=_int_list, default=(1024, 8192, 32768),
+                   help="dsv4 prefill lengths (default 1024,8192,32768)")
+    p.add_argument("--hf-prefill", type=_int_list, default=(1024,), help="transformers prefill lengths (default 1024)")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers side")
+    p.add_argument("--out", help="write the full results as JSON here (e.g. bench/results/h200.json)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from dsv4.bench.run import BenchOptions, run
+
+    run(BenchOptions(layers=args.layers, context=args.context, decode_batches=args.decode_batches,
+                     decode_steps=args.decode_steps, prefill=args.prefill, hf_prefill=args.hf_prefill,
+                     transformers=not args.no_transformers, out=args.out))
+    return 0
+
+
 def _device(args) -> str:
     import torch
 
@@ -200,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_synth(sub)
     _add_check(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import warnings
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 from tqdm.auto import tqdm

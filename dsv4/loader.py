@@ -14,7 +14,8 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from dsv4.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
+from dsv4.checkpoint import CheckpointError, CheckpointReader, inventory, open_checkpoint
+from dsv4.checkpoint.errors import problem_report
 from dsv4.config import ModelConfig
 from dsv4.model.transformer import Transformer
 from dsv4.quant import dequant_fp8
@@ -63,9 +64,39 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch
                quant_emulation: bool = True, progress: bool = True) -> Transformer:
     """Load an official-format checkpoint: a directory (sharded with an index, or one `.safetensors` file) or a
     `.safetensors` file with `config.json` beside it. `forward(input_ids [b, s])` gives fp32 logits [b, s, V]."""
+    cfg, reader = open_checkpoint(path)
+    return _load(cfg, reader, device, dtype, quant_emulation, progress)
+
+
+def load_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device=None, dtype: torch.dtype = torch.bfloat16,
+                 quant_emulation: bool = True, progress: bool = False) -> Transformer:
+    """A model from official-format tensors already in memory (e.g. `synthesize_tensors` on a GPU), checked as
+    strictly as a checkpoint on disk. The tensors are used in place where no conversion is needed."""
+    expected = inventory(cfg)
+    groups = {
+        "missing": [f"{n}: expected {s}" for n, s in expected.items() if n not in tensors],
+        "unexpected": sorted(n for n in tensors if n not in expected),
+        "wrong shape": [f"{n}: expected {list(expected[n].shape)}, found {list(t.shape)}"
+                        for n, t in tensors.items() if n in expected and tuple(t.shape) != expected[n].shape],
+        "wrong dtype": [f"{n}: expected {expected[n].torch_dtype}, found {t.dtype}"
+                        for n, t in tensors.items() if n in expected and t.dtype != expected[n].torch_dtype],
+    }
+    if any(groups.values()):
+        raise CheckpointError(problem_report("the tensors do not match the config", groups))
+    device = device or next(iter(tensors.values())).device
+    return _load(cfg, _Tensors(tensors), device, dtype, quant_emulation, progress)
+
+
+class _Tensors(dict):
+    """A name -> tensor dict with the reader's `get`."""
+
+    def get(self, name):
+        return self[name]
+
+
+def _load(cfg: ModelConfig, reader, device, dtype: torch.dtype, quant_emulation: bool, progress: bool) -> Transformer:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    cfg, reader = open_checkpoint(path)
     model = build_model(cfg, dtype, "meta", quant_emulation)
     params = dict(model.named_parameters())
     state = {}

@@ -137,15 +137,30 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- values
-def _generator(seed: int, name: str) -> torch.Generator:
+def synthesize_tensors(cfg: ModelConfig, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
+    """The same random checkpoint, in memory on `device` (official names, dtypes and shapes): benchmarks build
+    full-width models straight on the GPU this way. Values are deterministic per (seed, name, device type); the
+    CPU values equal those `synthesize` writes."""
+    specs = inventory(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for group in tensor_groups(specs):
+        for name in group:
+            out[name] = torch.empty(specs[name].shape, dtype=specs[name].torch_dtype, device=device)
+        for name, row, t in _generate(cfg, seed, group, specs, device):
+            out[name][row:row + t.shape[0]] = t
+    return out
+
+
+def _generator(seed: int, name: str, device="cpu") -> torch.Generator:
     # A stable hash: Python's hash() of a str is salted per process.
     digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def _generate(cfg: ModelConfig, seed: int, group: list[str], specs: dict[str, TensorSpec]) -> Iterator[Chunk]:
+def _generate(cfg: ModelConfig, seed: int, group: list[str], specs: dict[str, TensorSpec],
+              device="cpu") -> Iterator[Chunk]:
     name, spec = group[0], specs[group[0]]
-    gen = _generator(seed, name)
+    gen = _generator(seed, name, device)
     if name.endswith("tid2eid"):
         yield from _tid2eid(name, spec, cfg.n_routed_experts, gen)
         return
@@ -153,7 +168,7 @@ def _generate(cfg: ModelConfig, seed: int, group: list[str], specs: dict[str, Te
     in_features = spec.shape[1] * 2 if spec.dtype == "I8" else math.prod(spec.shape[1:])  # I8 = packed FP4
     mean, std = _normal(name, in_features)
     for row, rows in _row_chunks(out_features, in_features):
-        values = torch.randn(rows, *_logical_tail(spec), generator=gen) * std + mean
+        values = torch.randn(rows, *_logical_tail(spec), generator=gen, device=gen.device) * std + mean
         yield from _encode(group, row, values, spec.dtype)
 
 
@@ -212,5 +227,5 @@ def _tid2eid(name: str, spec: TensorSpec, n_experts: int, gen: torch.Generator) 
     step = max(1, CHUNK_ELEMS // n_experts)
     for row in range(0, vocab, step):
         rows = min(step, vocab - row)
-        perm = torch.rand(rows, n_experts, generator=gen).argsort(dim=1)
+        perm = torch.rand(rows, n_experts, generator=gen, device=gen.device).argsort(dim=1)
         yield name, row, perm[:, :k].to(torch.int64).contiguous()

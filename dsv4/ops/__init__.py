@@ -1,18 +1,18 @@
 """One dispatch point per hot op.
 
-Model code calls `dsv4.ops.<op>`; today every op resolves to its plain-PyTorch definition in `ops/ref.py`.
-Fast kernels register here later, each behind an off switch, and are tested against the `ref` twin.
+Model code calls `dsv4.ops.<op>`. Each op's definition is its plain-PyTorch twin in `ops/ref.py`; a fast
+implementation may be registered for it (`ops/registry.py`), used only where it declares it applies, and switched
+off globally with `DSV4_FAST_OPS=0` or locally with `with ops.reference_only(): ...` (what tests use to run both).
 """
 
-from dsv4.ops.ref import (
-    acc_dtype,
-    dense,
-    dequant_weight,
-    fake_quant_kv,
-    hc_split_sinkhorn,
-    linear,
-    sparse_attention,
-)
+from dsv4.ops import ref
+from dsv4.ops.ref import acc_dtype, dense, dequant_weight, fake_quant_kv, hc_split_sinkhorn
+from dsv4.ops.registry import dispatch, fast_ops_status, reference_only, register
 
-__all__ = ["acc_dtype", "dense", "dequant_weight", "fake_quant_kv", "hc_split_sinkhorn", "linear",
-           "sparse_attention"]
+linear = dispatch("linear", ref.linear)
+sparse_attention = dispatch("sparse_attention", ref.sparse_attention)
+
+from dsv4.ops import cached_linear  # noqa: E402, F401  (registers its fast path)
+
+__all__ = ["acc_dtype", "dense", "dequant_weight", "fake_quant_kv", "fast_ops_status", "hc_split_sinkhorn", "linear",
+           "reference_only", "register", "sparse_attention"]

@@ -1,0 +1,205 @@
+"""The benchmark run: build, check and time dsv4 and transformers on one GPU; print a table; write JSON.
+
+Keys required by issue 5 are filled where measured: `gpu`, `decode_bs1_ms`, `decode_bs1_floor_ms`,
+`decode_bs1_floor_ratio`, `decode_bs1_speedup_vs_transformers`, `decode_bs64_over_bs1_throughput`,
+`prefill_1k_speedup_vs_transformers`, `greedy_agreement`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsv4 import ops
+from dsv4.bench import floor
+from dsv4.bench.timing import Dsv4Decoder, HFDecoder, cuda_time, dsv4_prefill, hf_prefill, summary
+from dsv4.config import ModelConfig
+
+
+@dataclass
+class BenchOptions:
+    layers: int = 4
+    context: int = 512
+    decode_batches: tuple[int, ...] = (1, 8, 64)
+    decode_steps: int = 16
+    prefill: tuple[int, ...] = (1024, 8192, 32768)
+    prefill_chunk: int = 8192
+    hf_prefill: tuple[int, ...] = (1024,)
+    transformers: bool = True
+    agreement_steps: int = 64
+    seed: int = 0
+    out: str | None = None
+    log: list[str] = field(default_factory=list)
+
+
+def _say(opts: BenchOptions, text: str) -> None:
+    print(text, flush=True)
+    opts.log.append(text)
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run(opts: BenchOptions) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("dsv4 bench: needs a CUDA GPU")
+    dev = torch.device("cuda")
+    cfg = ModelConfig.preset("flash").truncated(opts.layers)
+    res: dict = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "layers": opts.layers,
+                 "compress_ratios": list(cfg.compress_ratios[: cfg.n_layers]), "context": opts.context,
+                 "fast_ops": ops.fast_ops_status()}
+    bw = floor.copy_bandwidth(dev)
+    res["copy_bandwidth_TBps"] = bw / 1e12
+    _say(opts, f"{res['gpu']}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    t0 = time.time()
+    from dsv4.checkpoint.synth import synthesize_tensors
+    from dsv4.loader import load_tensors
+
+    tensors = synthesize_tensors(cfg, opts.seed, dev)
+    model = load_tensors(cfg, tensors, dev, torch.bfloat16, quant_emulation=True)
+    res["params"] = sum(t.numel() * (2 if t.dtype == torch.int8 else 1) for t in tensors.values())
+    _say(opts, f"synthesised + loaded {res['params'] / 1e9:.1f} B params in {time.time() - t0:.0f} s")
+    res["dsv4"] = _dsv4_runs(model, cfg, opts, bw)
+    res["greedy_agreement"] = _agreement(model, opts)
+    del model
+    _free()
+    if opts.transformers:
+        res["transformers"] = _hf_runs(cfg, tensors, opts, dev)
+    _ratios(res, opts)
+    res["log"] = opts.log
+    if opts.out:
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(table(res))
+    return res
+
+
+def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
+    out = {"decode": {}, "prefill": {}}
+    for b in opts.decode_batches:
+        dec = Dsv4Decoder(model, b, opts.context, opts.decode_steps + 2, seed=opts.seed)
+        t = summary(cuda_time(dec.step, opts.decode_steps))
+        fl = floor.decode_floor(cfg, b, opts.context, bw)
+        t.update(floor_s=fl["floor_s"], floor_bytes=fl["bytes"], tok_per_s=b / t["median_s"])
+        out["decode"][b] = t
+        _say(opts, f"dsv4 decode bs{b}: {t['median_s'] * 1e3:.2f} ms/step (floor {fl['floor_s'] * 1e3:.3f} ms)")
+        del dec
+        _free()
+    for n in opts.prefill:
+        try:
+            t = summary(cuda_time(dsv4_prefill(model, n, opts.prefill_chunk, opts.seed), 1 if n > 8192 else 3))
+        except torch.OutOfMemoryError as e:
+            t = {"error": f"out of memory: {str(e)[:200]}"}
+        if "median_s" in t:
+            t["tok_per_s"] = n / t["median_s"]
+            _say(opts, f"dsv4 prefill {n}: {t['median_s'] * 1e3:.1f} ms ({t['tok_per_s']:.0f} tok/s)")
+        out["prefill"][n] = t
+        _free()
+    return out
+
+
+def _agreement(model, opts: BenchOptions) -> dict:
+    """Greedy tokens of the fast path vs the reference path (ops forced to their plain twins), teacher-forced."""
+    fast = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1)
+    fast_logits = []
+    for _ in range(opts.agreement_steps):
+        fast_logits.append(_step_logits(fast, None))
+    del fast
+    with ops.reference_only():
+        ref = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1)
+        same, ties = 0, 0
+        for i in range(opts.agreement_steps):
+            want = _step_logits(ref, fast_logits[i].argmax(-1))
+            top2 = want.topk(2, dim=-1).values
+            ties += int((top2[..., 0] - top2[..., 1]).abs().item() < 1e-3)
+            same += int(torch.equal(want.argmax(-1), fast_logits[i].argmax(-1)))
+    _free()
+    return {"steps": opts.agreement_steps, "same": same, "near_ties": ties,
+            "fraction": same / opts.agreement_steps}
+
+
+def _step_logits(dec: Dsv4Decoder, forced):
+    from dsv4.model.state import StepBatch
+
+    batch = StepBatch.build([(0, dec.pos, 1, dec.pages[0])], dec.dev)
+    with torch.inference_mode():
+        logits = dec.model.main_logits(dec.model.step(dec.tokens, batch, dec.state))[0]
+    dec.tokens = (logits.argmax(-1) if forced is None else forced).view(1, 1)
+    dec.pos += 1
+    return logits
+
+
+def _hf_runs(cfg, tensors, opts: BenchOptions, dev) -> dict:
+    from dsv4.bench.hf_model import build_hf_model
+
+    out = {"decode": {}, "prefill": {}}
+    try:
+        hf = build_hf_model(cfg, tensors, dev)
+    except Exception as e:                                  # report, keep the dsv4 figures
+        _say(opts, f"transformers: could not build the model: {e!r}"[:500])
+        return {"error": repr(e)[:500]}
+    import transformers
+
+    out["version"] = transformers.__version__
+    for b in opts.decode_batches:
+        dec = HFDecoder(hf, b, opts.context, opts.seed)
+        t = summary(cuda_time(dec.step, min(opts.decode_steps, 8)))
+        t["tok_per_s"] = b / t["median_s"]
+        out["decode"][b] = t
+        _say(opts, f"transformers decode bs{b}: {t['median_s'] * 1e3:.2f} ms/step")
+        del dec
+        _free()
+    for n in opts.hf_prefill:
+        t = summary(cuda_time(hf_prefill(hf, n, opts.seed), 3))
+        t["tok_per_s"] = n / t["median_s"]
+        out["prefill"][n] = t
+        _say(opts, f"transformers prefill {n}: {t['median_s'] * 1e3:.1f} ms")
+    del hf
+    _free()
+    return out
+
+
+def _ratios(res: dict, opts: BenchOptions) -> None:
+    d, h = res["dsv4"], res.get("transformers", {})
+    if 1 in d["decode"]:
+        one = d["decode"][1]
+        res["decode_bs1_ms"] = one["median_s"] * 1e3
+        res["decode_bs1_floor_ms"] = one["floor_s"] * 1e3
+        res["decode_bs1_floor_ratio"] = one["median_s"] / one["floor_s"]
+        if 1 in h.get("decode", {}):
+            res["decode_bs1_speedup_vs_transformers"] = h["decode"][1]["median_s"] / one["median_s"]
+        if 64 in d["decode"]:
+            res["decode_bs64_over_bs1_throughput"] = d["decode"][64]["tok_per_s"] / one["tok_per_s"]
+    if 1024 in d["prefill"] and 1024 in h.get("prefill", {}) and "median_s" in d["prefill"][1024]:
+        res["prefill_1k_speedup_vs_transformers"] = h["prefill"][1024]["median_s"] / d["prefill"][1024]["median_s"]
+    res["greedy_agreement"] = res["greedy_agreement"]["fraction"] if isinstance(res["greedy_agreement"], dict) \
+        else res["greedy_agreement"]
+
+
+def table(res: dict) -> str:
+    rows = [("metric", "dsv4", "transformers", "ratio / target")]
+    d, h = res["dsv4"], res.get("transformers", {})
+    for b, t in d["decode"].items():
+        ht = h.get("decode", {}).get(b)
+        theirs = f"{ht['median_s'] * 1e3:.2f}" if ht else "-"
+        rows.append((f"decode bs{b} ms/step", f"{t['median_s'] * 1e3:.2f}", theirs,
+                     f"{ht['median_s'] / t['median_s']:.1f}x" if ht else "-"))
+    for n, t in d["prefill"].items():
+        ht = h.get("prefill", {}).get(n)
+        mine = f"{t['median_s'] * 1e3:.1f}" if "median_s" in t else "OOM"
+        rows.append((f"prefill {n} ms", mine, f"{ht['median_s'] * 1e3:.1f}" if ht else "-",
+                     f"{ht['median_s'] / t['median_s']:.1f}x" if ht and "median_s" in t else "-"))
+    for key, target in [("decode_bs1_floor_ratio", "<= 1.5"), ("decode_bs1_speedup_vs_transformers", ">= 50"),
+                        ("decode_bs64_over_bs1_throughput", ">= 20"), ("prefill_1k_speedup_vs_transformers", ">= 10"),
+                        ("greedy_agreement", ">= 0.99")]:
+        if key in res:
+            rows.append((key, f"{res[key]:.3f}", "", target))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -1,0 +1,108 @@
+"""Timed runs of dsv4 and transformers: prefill, and decode steps after a prefill, with CUDA events (medians)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from dsv4.model.state import ModelState, StepBatch
+
+PAGE = 256
+
+
+def cuda_time(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls (after one warm-up call), timed with CUDA events."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+
+
+class Dsv4Decoder:
+    """`batch` sequences prefilled to `context` tokens (in chunks), then greedy decode steps through `model.step`."""
+
+    def __init__(self, model, batch: int, context: int, max_steps: int, chunk: int = 4096, seed: int = 0):
+        cfg, dev = model.cfg, next(model.parameters()).device
+        self.model, self.batch, self.pos, self.dev = model, batch, context, dev
+        per_seq = -(-(context + max_steps + 1) // PAGE)
+        self.pages = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(batch)]
+        self.state = ModelState(cfg, batch, batch * per_seq, PAGE, model.dtype, dev)
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(2, cfg.vocab_size, (batch, context), generator=gen)
+        with torch.inference_mode():
+            for b in range(batch):
+                for s in range(0, context, chunk):
+                    n = min(chunk, context - s)
+                    h = model.step(prompt[b:b + 1, s:s + n].to(dev), StepBatch.build([(b, s, n, self.pages[b])], dev),
+                                   self.state)
+        self.tokens = torch.randint(2, cfg.vocab_size, (1, batch), generator=gen).to(dev)
+        self.history: list[torch.Tensor] = []
+        del h
+
+    def step(self) -> torch.Tensor:
+        batch = StepBatch.build([(b, self.pos, 1, self.pages[b]) for b in range(self.batch)], self.dev)
+        with torch.inference_mode():
+            h = self.model.step(self.tokens, batch, self.state)
+            self.tokens = self.model.main_logits(h).argmax(-1)
+        self.pos += 1
+        self.history.append(self.tokens)
+        return self.tokens
+
+
+def dsv4_prefill(model, n_tokens: int, chunk: int, seed: int = 0) -> Callable[[], torch.Tensor]:
+    """A callable running one fresh sequence's prefill of `n_tokens` (in `chunk`-token steps) -> last logits."""
+    cfg, dev = model.cfg, next(model.parameters()).device
+    pages = list(range(-(-n_tokens // PAGE)))
+    state = ModelState(cfg, 1, len(pages), PAGE, model.dtype, dev)
+    ids = torch.randint(2, cfg.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(seed)).to(dev)
+
+    def run():
+        state.reset_slot(0)
+        with torch.inference_mode():
+            for s in range(0, n_tokens, chunk):
+                n = min(chunk, n_tokens - s)
+                h = model.step(ids[:, s:s + n], StepBatch.build([(0, s, n, pages)], dev), state)
+            return model.main_logits(h[:, -1:])
+    return run
+
+
+class HFDecoder:
+    """transformers: prefill `context` tokens with its cache, then greedy decode steps."""
+
+    def __init__(self, model, batch: int, context: int, seed: int = 0):
+        vocab = model.config.vocab_size
+        dev = next(model.parameters()).device
+        ids = torch.randint(2, vocab, (batch, context), generator=torch.Generator().manual_seed(seed)).to(dev)
+        self.model = model
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self.past, self.tokens = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def step(self) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(input_ids=self.tokens, past_key_values=self.past, use_cache=True, logits_to_keep=1)
+        self.past, self.tokens = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return self.tokens
+
+
+def hf_prefill(model, n_tokens: int, seed: int = 0) -> Callable[[], torch.Tensor]:
+    dev = next(model.parameters()).device
+    ids = torch.randint(2, model.config.vocab_size, (1, n_tokens),
+                        generator=torch.Generator().manual_seed(seed)).to(dev)
+
+    def run():
+        with torch.inference_mode():
+            return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+    return run

@@ -1,0 +1,51 @@
+"""The registry behind `dsv4.ops`: per op, a plain twin and optional fast implementations.
+
+A fast implementation is registered with a predicate saying which calls it handles (device, dtype, format); the
+first one that accepts a call runs it, else the twin does. `DSV4_FAST_OPS=0` (read at each call, so tests and
+benchmarks can flip it) or the `reference_only()` context turns every fast path off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from contextvars import ContextVar
+
+_FAST: dict[str, list[tuple[str, Callable[..., bool], Callable]]] = {}
+_reference_only: ContextVar[bool] = ContextVar("dsv4_reference_only", default=False)
+
+
+def fast_enabled() -> bool:
+    return not _reference_only.get() and os.environ.get("DSV4_FAST_OPS", "1") != "0"
+
+
+def register(op: str, name: str, applies: Callable[..., bool], impl: Callable) -> None:
+    """Add a fast implementation `name` of `op`, used for calls where `applies(*args, **kwargs)` is true."""
+    _FAST.setdefault(op, []).append((name, applies, impl))
+
+
+def dispatch(op: str, twin: Callable) -> Callable:
+    def call(*args, **kwargs):
+        if fast_enabled():
+            for _, applies, impl in _FAST.get(op, ()):
+                if applies(*args, **kwargs):
+                    return impl(*args, **kwargs)
+        return twin(*args, **kwargs)
+    call.__name__, call.__doc__, call.twin = op, twin.__doc__, twin
+    return call
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run every op through its plain-PyTorch twin inside the block."""
+    token = _reference_only.set(True)
+    try:
+        yield
+    finally:
+        _reference_only.reset(token)
+
+
+def fast_ops_status() -> dict[str, list[str]]:
+    """{op: [registered fast implementations]} and whether they are on."""
+    return {"enabled": [str(fast_enabled())], **{op: [n for n, _, _ in impls] for op, impls in _FAST.items()}}

@@ -1,0 +1,49 @@
+"""The benchmark's CPU-checkable parts: the HBM-floor byte counts and the layer-by-layer transformers build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.bench import floor
+from dsv4.config import ModelConfig
+
+
+def test_floor_bytes_of_the_flash_benchmark_model():
+    """TARGETS.md estimates ~1.04 GB of layer weights + 1.06 GB of head for 4 Flash layers at batch 1."""
+    cfg = ModelConfig.preset("flash").truncated(4)
+    parts = floor.decode_weight_bytes(cfg, 1)
+    assert parts["head"] == 129280 * 4096 * 2
+    layers = parts["dense"] + parts["routed_experts"]
+    assert 0.9e9 < layers < 1.2e9, layers
+    # one FP4 expert: 3 matrices of 2048 x 4096 values at 4 bits + one e8m0 byte per 32 values
+    assert parts["routed_experts"] == pytest.approx(4 * 6 * 3 * (2048 * 4096 // 2 + 2048 * 4096 // 32))
+
+
+def test_distinct_experts_and_cache_bytes():
+    assert floor.expected_distinct_experts(256, 6, 1) == pytest.approx(6)
+    assert floor.expected_distinct_experts(256, 6, 64) == pytest.approx(256 * (1 - (250 / 256) ** 64))
+    cfg = ModelConfig.preset("flash").truncated(4)               # ratios 0, 0, 4, 128
+    ring = 128 * 512 * 2
+    want = 4 * ring + (min(1024 // 4, 512) * 512 + 1024 // 4 * 128) * 2 + 1024 // 128 * 512 * 2
+    assert floor.decode_cache_bytes(cfg, 1, 1024) == want
+
+
+def test_hf_model_built_layer_by_layer_runs_the_same_weights(tiny_ckpt):
+    from dsv4.parity.hf_oracle import dequantize_checkpoint, hf_forward, load_hf_model, transformers_status
+
+    ok, why = transformers_status()
+    if not ok:
+        pytest.skip(why)
+    from dsv4.bench.hf_model import build_hf_model
+    from dsv4.checkpoint import open_checkpoint
+
+    cfg, reader = open_checkpoint(tiny_ckpt)
+    tensors = {n: reader.get(n) for n in reader}
+    ours = build_hf_model(cfg, tensors, "cpu")
+    oracle = load_hf_model(cfg.to_hf(), dequantize_checkpoint(tiny_ckpt), dtype=torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ours(input_ids=ids).logits.float()
+    want = hf_forward(oracle, ids)["logits"]
+    assert torch.equal(got, want.to(got.dtype))
