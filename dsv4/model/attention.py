@@ -17,7 +17,7 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.primitives import Linear, RMSNorm
 from dsv4.model.rope import Rotary
-from dsv4.model.state import LayerState, SeqChunk, StepBatch
+from dsv4.model.state import DecodeBatch, LayerState, SeqChunk, StepBatch, gather_rows, write_rows
 
 
 def window_indices(start: int, n: int, window: int, device) -> torch.Tensor:
@@ -90,6 +90,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cis: torch.Tensor, batch: StepBatch, state: LayerState) -> torch.Tensor:
         """A flattened step x [1, T, D] (rotations cis [1, T, rd/2]) -> [1, T, D], reading and updating `state`."""
+        if isinstance(batch, DecodeBatch):
+            return self.decode(x, cis, batch, state)
         q, qr = self.queries(x, cis)
         kv = self.window_kv(x, cis)
         comp = self.compressor.project(x) if self.ratio else None
@@ -128,6 +130,48 @@ class Attention(nn.Module):
         pos = torch.arange(seq.start + n - keep, seq.start + n, device=q.device)
         state.ring[seq.slot, pos % window] = kv[0, n - keep:].to(state.ring.dtype)
         return o
+
+    def decode(self, x: torch.Tensor, cis: torch.Tensor, batch: DecodeBatch, state: LayerState) -> torch.Tensor:
+        """One token per sequence with fixed shapes and no host synchronisation (CUDA-graph capturable); the same
+        function as `forward` on the equivalent `StepBatch`. Every query reads its ring (masked before position 0)
+        and, on compressed layers, entries masked by block completion; KV rows are [ring | entries] per sequence."""
+        pos, slots, table = batch.positions, batch.slots, batch.page_table
+        q, qr = self.queries(x, cis)
+        kv = self.window_kv(x, cis)[0]                                         # [B, d]
+        state.ring[slots, pos % self.window] = kv.to(state.ring.dtype)         # overwrites position p - window
+        ring_slot = torch.arange(self.window, device=x.device)
+        rows, valid = [state.ring[slots].to(x.dtype)], [(ring_slot <= pos[:, None]) | (pos[:, None] >= self.window)]
+        if self.ratio:
+            self._decode_entries(self.compressor, state.entries, state.compressor, x, batch)
+            seen = (pos + 1) // self.ratio                                     # [B] visible entries
+            if self.ratio == 4:
+                self._decode_entries(self.indexer.compressor, state.index_keys, state.index_compressor, x, batch)
+                keys = gather_rows(state.index_keys, table).to(x.dtype)        # [B, n, d_index]
+                score = Indexer.weighted_scores(self.indexer.weights(x).transpose(0, 1),
+                                                self.indexer.queries(qr, cis).transpose(0, 1), keys)[:, 0]
+                score = score.masked_fill(torch.arange(keys.shape[1], device=x.device) >= seen[:, None],
+                                          float("-inf"))
+                pick = score.sort(dim=-1, descending=True, stable=True).indices[:, :min(self.indexer.topk,
+                                                                                        keys.shape[1])]
+                rows.append(gather_rows(state.entries, table, pick).to(x.dtype))
+                valid.append(pick < seen[:, None])
+            else:
+                entries = gather_rows(state.entries, table).to(x.dtype)
+                rows.append(entries)
+                valid.append(torch.arange(entries.shape[1], device=x.device) < seen[:, None])
+        kv_rows, ok = torch.cat(rows, dim=1), torch.cat(valid, dim=1)
+        idx = torch.where(ok, torch.arange(ok.shape[1], device=x.device), -1).unsqueeze(1)   # [B, 1, n]
+        o = ops.sparse_attention(q.transpose(0, 1), kv_rows, self.attn_sink, idx, self.softmax_scale)
+        return self.output(o.transpose(0, 1), cis)
+
+    @staticmethod
+    def _decode_entries(compressor, pool, cstate, x, batch: DecodeBatch) -> None:
+        """Feed each sequence's token to a compressor; store the entries of the blocks it completes."""
+        kv, score = compressor.project(x)
+        entries, complete = compressor.decode(kv[0], score[0], batch.positions, batch.slots, cstate, x.dtype)
+        j = batch.positions // compressor.ratio
+        old = gather_rows(pool, batch.page_table, j.unsqueeze(1))[:, 0]
+        write_rows(pool, batch.page_table, j, torch.where(complete[:, None], entries.to(pool.dtype), old))
 
     @staticmethod
     def _compressed_entries(compressor, pool, cstate, seq: SeqChunk, proj, dtype) -> torch.Tensor:

@@ -78,6 +78,30 @@ class Compressor(nn.Module):
         first = start - pend + r * torch.arange(m, device=kv.device)
         return pooled, first
 
+    def decode(self, kv: torch.Tensor, score: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               state: CompressorState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per sequence, without host synchronisation (`step` for a `DecodeBatch`): kv, score
+        [B, coff*c] at `positions` [B] of `slots` [B]. Returns (entries [B, c] finished as by `finish`, complete [B]):
+        entry `positions // ratio` is real only where `complete`; the caller writes it there and nowhere else.
+        NOTE: the pooled value of an incomplete block may be NaN (all-empty softmax); it must never be stored.
+        """
+        r, c = self.ratio, self.head_dim
+        cur = r if self.overlap else 0
+        row = cur + positions % r
+        state.kv[slots, row] = kv
+        state.score[slots, row] = score + self.ape[positions % r]
+        kb, sb = state.kv[slots], state.score[slots]                         # [B, coff*r, coff*c]
+        if self.overlap:                                                      # [B, 2r, c]: previous | own block
+            kb = torch.cat([kb[:, :r, :c], kb[:, r:, c:]], dim=1)
+            sb = torch.cat([sb[:, :r, :c], sb[:, r:, c:]], dim=1)
+        pooled = (kb * sb.softmax(dim=1)).sum(dim=1)                          # [B, c]
+        complete = (positions + 1) % r == 0
+        if self.overlap:                                                      # the block becomes the "previous"
+            done = complete.view(-1, 1, 1)
+            state.kv[slots, :r] = torch.where(done, state.kv[slots, r:], state.kv[slots, :r])
+            state.score[slots, :r] = torch.where(done, state.score[slots, r:], state.score[slots, :r])
+        return self.finish(pooled, positions + 1 - r, dtype), complete
+
     def _overlap_slots(self, t: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """[m, r, 2c] blocks + the block before them [r, 2c] -> [m, 2r, c]: slots 0..r-1 = previous block's
         first-half channels, r..2r-1 = own block's second-half channels."""

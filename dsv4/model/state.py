@@ -149,3 +149,53 @@ def fresh_state(cfg, batch: int, seqlen: int, dtype: torch.dtype, device, page_s
     state = ModelState(cfg, batch, batch * per_seq, page_size, dtype, device, layer_ids)
     chunks = [(b, 0, seqlen, list(range(b * per_seq, (b + 1) * per_seq))) for b in range(batch)]
     return state, StepBatch.build(chunks, device)
+
+
+@dataclass
+class DecodeBatch:
+    """A step of one new token per sequence, described by device tensors of fixed shape, so the step has no
+    host synchronisation and can be captured in a CUDA graph and replayed with new contents.
+
+    slots [B], positions [B] (the new tokens' positions), page_table [B, max_pages] (unused tail: any page id;
+    entries past a sequence's end are masked by position, never read as data).
+    """
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    page_table: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return self.slots.shape[0]
+
+    @staticmethod
+    def build(rows: list[tuple[int, int, list[int]]], max_pages: int, device) -> DecodeBatch:
+        """From (slot, position, pages) per sequence; page lists are padded to `max_pages` with their first page."""
+        table = [pages[:max_pages] + [pages[0]] * (max_pages - len(pages)) for _, _, pages in rows]
+        if any(len(pages) > max_pages for _, _, pages in rows):
+            raise ValueError(f"a sequence holds more than max_pages={max_pages} pages")
+        return DecodeBatch(torch.tensor([r[0] for r in rows], device=device),
+                           torch.tensor([r[1] for r in rows], device=device),
+                           torch.tensor(table, dtype=torch.long, device=device))
+
+    def copy_(self, other: DecodeBatch) -> DecodeBatch:
+        """Fill these (static) tensors with another batch's contents, e.g. before a CUDA graph replay."""
+        for name in ("slots", "positions", "page_table"):
+            getattr(self, name).copy_(getattr(other, name), non_blocking=True)
+        return self
+
+
+def gather_rows(pool: torch.Tensor, page_table: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Entries of each sequence's paged store: pool [pages, per_page, d], page_table [B, P] ->
+    all P*per_page entries [B, P*per_page, d], or only entries `rows` [B, k] -> [B, k, d]."""
+    per_page = pool.shape[1]
+    if rows is None:
+        return pool[page_table].flatten(1, 2)
+    return pool[page_table.gather(1, rows // per_page), rows % per_page]
+
+
+def write_rows(pool: torch.Tensor, page_table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """pool[entry rows[b] of sequence b] = values[b] (rows [B], values [B, d])."""
+    per_page = pool.shape[1]
+    page = page_table.gather(1, (rows // per_page).unsqueeze(1)).squeeze(1)
+    pool[page, rows % per_page] = values.to(pool.dtype)
