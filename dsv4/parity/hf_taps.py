@@ -29,9 +29,16 @@ def _layer_hooks(i: int, layer, cap: dict, rope) -> list:
     def put(name, value):
         cap[p + name] = value.detach().float() if value.is_floating_point() else value.detach()
 
+    # NOTE: a forward hook that returns something replaces the module's output: every hook here returns None.
     def hc(prefix):
-        return lambda _m, _a, out: [put(f"{prefix}.post", out[0]), put(f"{prefix}.comb", out[1]),
-                                    put(f"{prefix}.x", out[2])]
+        def hook(_m, _a, out):
+            for part, value in zip(("post", "comb", "x"), out, strict=True):
+                put(f"{prefix}.{part}", value)
+        return hook
+
+    def routing(_m, _a, out):
+        put("ffn.routing.ids", out[2])
+        put("ffn.routing.weights", out[1])
 
     def grab_rope(_m, _args, kwargs):
         cos_sin["v"] = kwargs["position_embeddings"][attn.rope_layer_type]
@@ -46,8 +53,7 @@ def _layer_hooks(i: int, layer, cap: dict, rope) -> list:
                  lambda _m, a: put("attn.out", a[0].unflatten(-1, (-1, attn.head_dim)).flatten(2, 3))),
              attn.o_b_proj.register_forward_hook(lambda _m, _a, out: put("attn.wo", out)),
              layer.ffn_hc.register_forward_hook(hc("hc_ffn_pre")),
-             layer.mlp.gate.register_forward_hook(
-                 lambda _m, _a, out: [put("ffn.routing.ids", out[2]), put("ffn.routing.weights", out[1])]),
+             layer.mlp.gate.register_forward_hook(routing),
              layer.mlp.register_forward_hook(lambda _m, _a, out: put("ffn.experts_out", out.flatten(0, 1))),
              layer.register_forward_hook(lambda _m, _a, out: put("block.out", out))]
     comp = attn.compressor
