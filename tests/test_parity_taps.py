@@ -140,3 +140,25 @@ def test_prefill_then_decode_taps_reproduce_the_full_forward(tiny_model_fp32, tm
         want = full[step.start:step.start + len(step.tokens)]
         assert torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=-1).min() >= 0.99999
         assert manifest["steps"][i]["next_token"] == int(got[-1].argmax())
+
+
+def test_dump_cli_and_its_bad_input(tiny_ckpt, tmp_path, capsys):
+    from dsv4.cli import main
+
+    tokens = tmp_path / "t.json"
+    tokens.write_text(json.dumps(IDS[:9]))
+    assert main(["parity", "dump", "--model", str(tiny_ckpt), "--tokens", str(tokens), "--decode-steps", "1",
+                 "--out", str(tmp_path / "d"), "--taps", "logits"]) == 0
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["prompt_tokens"] == IDS[:9] and manifest["quant_emulation"] and manifest["dtype"] == "float32"
+    assert [s["n_taps"] for s in manifest["steps"]] == [1, 1]
+    capsys.readouterr()
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(IDS[:5]))
+    tokens.write_text(json.dumps([1, 2, 512]))
+    for bad in (["--tokens", str(tokens)], ["--tokens", str(tmp_path / "d" / "manifest.json")],
+                ["--tokens", str(good), "--inject-bug", "nonsense"]):
+        assert main(["parity", "dump", "--model", str(tiny_ckpt), *bad, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "outside the model's vocabulary" in err[0] and "expected a JSON list" in err[1]
+    assert "unknown bug 'nonsense'" in err[2]
