@@ -148,6 +148,62 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_parity(sub) -> None:
+    p = sub.add_parser("parity", help="dump, compare and bisect intermediate tensors (taps); see docs/parity.md",
+                       description="Parity toolkit: record every stage of the forward (taps), compare two "
+                                   "recordings tap by tap, compare against transformers, measure precision noise.")
+    cmds = p.add_subparsers(dest="parity_command", required=True)
+    d = cmds.add_parser("dump", help="record prefill + N greedy decode steps, one safetensors file per step")
+    _add_parity_model_args(d)
+    d.add_argument("--decode-steps", type=int, default=0, help="greedy decode steps after the prefill (default 0)")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--dtype", dest="dtype_name", choices=["float32", "bfloat16"], default="float32")
+    d.add_argument("--no-quant-emulation", action="store_true", help="turn off the FP8/FP4 QAT emulation")
+    d.add_argument("--taps", action="append", help="record only taps matching this glob (repeatable)")
+    d.add_argument("--inject-bug", help="compute with a known bug on purpose (docs/parity.md): rope-rotate-half, "
+                                        "compressed-early")
+    c = cmds.add_parser("compare", help="compare two dumps tap by tap; exit 1 on divergence")
+    c.add_argument("a", help="reference dump directory (or step file)")
+    c.add_argument("b", help="dump directory (or step file) to check")
+    c.add_argument("--step", action="append", help="compare only steps whose file name contains this")
+    _add_threshold_args(c)
+    h = cmds.add_parser("hf", help="compare dsv4 with transformers' DeepseekV4ForCausalLM (fp32, no emulation)")
+    _add_parity_model_args(h)
+    h.add_argument("--decode-steps", type=int, default=0, help="greedy decode steps after the prefill (default 0)")
+    _add_threshold_args(h)
+    r = cmds.add_parser("precision", help="distance of the golden precision variants to a float64 reference")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--tokens", dest="tokens_n", type=_positive(int), default=64, help="queries per case (default 64)")
+    p.set_defaults(func=cmd_parity)
+
+
+def _add_parity_model_args(p) -> None:
+    p.add_argument("--model", help="checkpoint directory (default: the built-in tiny model)")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (one BOS added)")
+    src.add_argument("--tokens", help="JSON file with a list of token ids")
+
+
+def _add_threshold_args(p) -> None:
+    p.add_argument("--threshold", type=float, default=0.999, help="worst-row cosine below this diverges (0.999)")
+    p.add_argument("--min-overlap", type=float, default=0.99, help="index-set overlap below this diverges (0.99)")
+    p.add_argument("--around", type=int, help="show only N rows either side of the first divergence")
+    p.add_argument("--plot", help="write a layer x tap heatmap to this PNG file")
+
+
+def cmd_parity(args) -> int:
+    from dsv4.parity import commands
+    from dsv4.parity.errors import ParityError
+
+    if getattr(args, "decode_steps", 0) < 0:
+        raise UsageError(f"--decode-steps must be >= 0, got {args.decode_steps}")
+    try:
+        return getattr(commands, f"cmd_{args.parity_command}")(args)
+    except ParityError as e:
+        raise UsageError(str(e)) from None
+
+
 def _device(args) -> str:
     import torch
 
@@ -240,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_check(sub)
     _add_bench(sub)
+    _add_parity(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ from dsv4.model.indexer import Indexer
 from dsv4.model.primitives import Linear, RMSNorm
 from dsv4.model.rope import Rotary
 from dsv4.model.state import DecodeBatch, LayerState, SeqChunk, StepBatch, gather_rows, write_rows
+from dsv4.parity.taps import tap
 
 
 def window_indices(start: int, n: int, window: int, device) -> torch.Tensor:
@@ -93,7 +94,9 @@ class Attention(nn.Module):
         if isinstance(batch, DecodeBatch):
             return self.decode(x, cis, batch, state)
         q, qr = self.queries(x, cis)
+        tap("attn.q", q)
         kv = self.window_kv(x, cis)
+        tap("attn.window_kv", kv)
         comp = self.compressor.project(x) if self.ratio else None
         index = None
         if self.ratio == 4:
@@ -114,12 +117,15 @@ class Attention(nn.Module):
         idx = window_indices(seq.start, n, window, q.device)
         if self.ratio:
             entries = self._compressed_entries(self.compressor, state.entries, state.compressor, seq, comp, dtype)
+            tap("attn.compressed", entries)
             base = window + n
             if self.ratio == 4:
                 w, iq, icomp = index
                 keys = self._compressed_entries(self.indexer.compressor, state.index_keys, state.index_compressor,
                                                 seq, icomp, dtype)
+                tap("attn.indexer.keys", keys)
                 picked = self.indexer.select(w, iq, keys.unsqueeze(0), seq.start, base)[0]
+                tap("attn.indexer.topk", picked, index_offset=base)
             else:
                 picked = block_indices(seq.start, n, self.ratio, base, q.device)
             rows.append(entries)
@@ -184,8 +190,13 @@ class Attention(nn.Module):
     def output(self, o: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
         """De-rotate, grouped low-rank wo_a (per group of heads), then wo_b."""
         b, s = o.shape[:2]
-        o = self.rotary(o, cis, inverse=True).view(b, s, self.groups, -1)
+        tap("attn.out_pre_inverse_rope", o)
+        o = self.rotary(o, cis, inverse=True)
+        tap("attn.out", o)
+        o = o.view(b, s, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1]).to(o.dtype)
         acc = ops.acc_dtype(o.dtype) if o.dtype == torch.float32 else o.dtype     # bf16 like the reference
         o = torch.einsum("bsgd,grd->bsgr", o.to(acc), wo_a.to(acc)).to(o.dtype)
-        return self.wo_b(o.flatten(2))
+        out = self.wo_b(o.flatten(2))
+        tap("attn.wo", out)
+        return out

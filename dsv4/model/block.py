@@ -10,6 +10,7 @@ from dsv4.model.hyper import hc_post, hc_pre
 from dsv4.model.moe import MoE
 from dsv4.model.primitives import RMSNorm
 from dsv4.model.state import LayerState, StepBatch
+from dsv4.parity.taps import tap_scope
 
 
 def _hc_params(module: nn.Module, prefix: str, mix: int, width: int) -> None:
@@ -24,6 +25,7 @@ class Block(nn.Module):
     def __init__(self, cfg, layer_id: int, dense_fmt: str, expert_fmt: str, dtype: torch.dtype):
         super().__init__()
         self.cfg, self.layer_id = cfg, layer_id
+        self.tap_name = f"layers.{layer_id}"               # checkpoint name, the prefix of its taps
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, layer_id, dense_fmt, dtype)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -33,8 +35,9 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, input_ids: torch.Tensor, batch: StepBatch, state: LayerState) -> torch.Tensor:
         """h [1, T, hc, D] (a flattened step) -> [1, T, hc, D]; input_ids [1, T] drive hash routing."""
-        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.cfg)
+        tap_scope(self.tap_name)
+        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.cfg, "hc_attn_pre")
         cis = self.attn.rotary.cis(batch.positions).unsqueeze(0)
         h = hc_post(self.attn(self.attn_norm(x), cis, batch, state), h, post, comb)
-        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.cfg)
+        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.cfg, "hc_ffn_pre")
         return hc_post(self.ffn(self.ffn_norm(x), input_ids), h, post, comb)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dsv4 import ops
+from dsv4.parity.taps import tap
 
 
 def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,12 +21,16 @@ def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Te
     return x, ops.dense(x, fn, h.dtype) * rsqrt
 
 
-def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg):
+def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg, tap_as: str = "hc_pre"):
     """h [b, s, hc, D] -> (mixed input [b, s, D] in h's dtype, post [b, s, hc], comb [b, s, hc, hc])."""
     x, mixes = _mixes(h, fn, cfg.norm_eps)
     pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps)
-    y = torch.sum(pre.unsqueeze(-1) * x.view(h.shape), dim=2)
-    return y.to(h.dtype), post, comb
+    y = torch.sum(pre.unsqueeze(-1) * x.view(h.shape), dim=2).to(h.dtype)
+    tap(f"{tap_as}.weights", pre)
+    tap(f"{tap_as}.post", post)
+    tap(f"{tap_as}.comb", comb)
+    tap(f"{tap_as}.x", y)
+    return y, post, comb
 
 
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

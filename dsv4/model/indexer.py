@@ -16,6 +16,7 @@ from dsv4 import ops
 from dsv4.model.compressor import Compressor
 from dsv4.model.primitives import Linear
 from dsv4.model.rope import Rotary
+from dsv4.parity.taps import tap
 from dsv4.quant import fake_quant_fp4, hadamard
 
 
@@ -58,6 +59,7 @@ class Indexer(nn.Module):
         visible = (torch.arange(start + 1, start + n + 1, device=q.device) // 4).unsqueeze(1)   # [n, 1]
         score = self.weighted_scores(w, q, keys)
         score = score.masked_fill(torch.arange(t, device=q.device) >= visible, float("-inf"))
+        tap("attn.indexer.scores", score)
         # NOTE: with FP4 queries and keys exact score ties are common; a stable sort breaks them towards the
         # earlier entry whatever the number of candidates, so chunked prefill and decode pick what the one-shot
         # prefill picks (torch.topk's tie order depends on the row length).

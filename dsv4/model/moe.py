@@ -14,6 +14,7 @@ from torch import nn
 
 from dsv4 import ops
 from dsv4.model.primitives import Linear
+from dsv4.parity.taps import tap
 
 
 class Gate(nn.Module):
@@ -80,6 +81,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.dim)
         weights, ids = self.gate(x, input_ids.reshape(-1))
+        tap("ffn.routing.ids", ids)
+        tap("ffn.routing.weights", weights)
         y = torch.zeros_like(x, dtype=torch.float32)
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         for e, count in enumerate(counts):
@@ -87,4 +90,5 @@ class MoE(nn.Module):
                 rows, slot = torch.where(ids == e)
                 y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).float())
         y = y + self.shared_experts(x).float()
+        tap("ffn.experts_out", y)
         return y.to(x.dtype).view(shape)

@@ -15,6 +15,7 @@ from dsv4.model.block import Block, _hc_params
 from dsv4.model.hyper import hc_head
 from dsv4.model.primitives import Linear, RMSNorm, weight_formats
 from dsv4.model.state import ModelState, StepBatch, fresh_state
+from dsv4.parity.taps import tap, tap_scope
 
 
 class MTPBlock(Block):
@@ -22,6 +23,7 @@ class MTPBlock(Block):
 
     def __init__(self, cfg, layer_id: int, dense_fmt: str, expert_fmt: str, dtype: torch.dtype):
         super().__init__(cfg, layer_id, dense_fmt, expert_fmt, dtype)
+        self.tap_name = f"mtp.{layer_id - cfg.n_layers}"
         self.e_proj = Linear(cfg.dim, cfg.dim, dense_fmt, dtype)
         self.h_proj = Linear(cfg.dim, cfg.dim, dense_fmt, dtype)
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -68,9 +70,14 @@ class Transformer(nn.Module):
     def step(self, input_ids: torch.Tensor, batch: StepBatch, state: ModelState) -> torch.Tensor:
         """One engine step: input_ids [1, T] of a flattened batch (prefill chunks and decode tokens of many
         sequences) -> final hc streams [1, T, hc, D]; reads and advances every sequence's decode state."""
-        h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)
+        tap_scope("")
+        embedded = self.embed(input_ids)
+        tap("embed", embedded)
+        h = embedded.unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)
         for layer, layer_state in zip(self.layers, state.layers, strict=True):
             h = layer(h, input_ids, batch, layer_state)
+            tap("block.out", h)
+        tap_scope("")
         return h
 
     def main_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -81,8 +88,13 @@ class Transformer(nn.Module):
         return out
 
     def logits(self, h: torch.Tensor, norm: RMSNorm, fn, scale, base) -> torch.Tensor:
-        y = norm(hc_head(h, fn, scale, base, self.cfg))
-        return ops.dense(y.float(), self.head.weight, y.dtype)
+        x = hc_head(h, fn, scale, base, self.cfg)
+        tap("hc_head", x)
+        y = norm(x)
+        tap("norm", y)
+        out = ops.dense(y.float(), self.head.weight, y.dtype)
+        tap("logits", out)
+        return out
 
     def forward(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """input_ids [b, s] (a fresh sequence from position 0) -> fp32 logits [b, s, vocab] ([b, 1, vocab])."""
