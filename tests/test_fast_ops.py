@@ -75,3 +75,82 @@ def test_cached_linear_on_cuda_at_flash_dims(fmt):
     want = ops.linear.twin(x, weight, scale, fmt, True)
     rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
     assert rel <= 1e-2, rel                                         # bf16 output class
+
+
+# ------------------------------------------------------------------------------------------------ routed pairs
+def _expert_stack(fmt, e, out_f, in_f, gen):
+    pairs = [_weights(fmt, out_f, in_f, gen) for _ in range(e)]
+    return torch.stack([w for w, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+def test_pair_linear_twin_is_each_rows_expert_product():
+    gen = torch.Generator().manual_seed(8)
+    w, s = _expert_stack("fp4", 5, 64, 256, gen)
+    x = torch.randn(7, 256, generator=gen)
+    ids = torch.tensor([4, 0, 0, 3, 1, 4, 2])
+    got = ops.pair_linear.twin(x, ids, w, s, "fp4")
+    for p, e in enumerate(ids.tolist()):
+        want = (x[p].double() @ ops.dequant_weight(w[e], s[e], "fp4").double().T).float()
+        assert torch.equal(got[p], want)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 5])
+def test_routed_pairs_equal_the_expert_loop(tiny_ckpt, n_tokens):
+    """Same experts, same roundings (expert outputs in the compute dtype, summed in fp32): only the order of the
+    fp32 sum over a token's k experts differs (pairs: selection order; loop: expert order)."""
+    import dsv4
+
+    model = dsv4.load_model(tiny_ckpt, dtype=torch.bfloat16, quant_emulation=True, progress=False)
+    moe = model.layers[2].ffn
+    x = torch.randn(n_tokens, model.cfg.dim, generator=torch.Generator().manual_seed(9)).bfloat16()
+    weights, ids = moe.gate(x, torch.zeros(n_tokens, dtype=torch.long))
+    loop = moe.routed_loop(x, weights, ids)
+    pairs = moe.routed_pairs(x, weights, ids)
+    assert moe.experts[3].w1.weight.data_ptr() == moe.stacked_experts()["w1"][0][3].data_ptr()   # views, no copy
+    assert torch.allclose(pairs, loop, rtol=2**-20, atol=1e-6), (pairs - loop).abs().max()
+    assert torch.equal(moe.routed_loop(x, weights, ids), loop)                # the loop still sees the same weights
+
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (its CPU interpreter runs the kernel here)")
+def test_fp4_pair_gemv_kernel_in_the_interpreter(tmp_path):
+    """The kernel's logic on CPU through TRITON_INTERPRET=1 (set before triton is imported, hence a subprocess),
+    with fp32 activations (the interpreter's bf16 is not trustworthy in triton 3.6). fp32 products of exact FP4
+    values accumulated in fp32, in another order than the float64 twin: relative error <= 1e-5."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import torch\n"
+        "from dsv4 import ops\n"
+        "from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv\n"
+        "from dsv4.quant import quant_fp4\n"
+        "gen = torch.Generator().manual_seed(10)\n"
+        "ws = [quant_fp4(torch.randn(48, 256, generator=gen) / 16) for _ in range(3)]\n"
+        "w, s = torch.stack([a for a, _ in ws]), torch.stack([b for _, b in ws])\n"
+        "x, ids = torch.randn(4, 256, generator=gen), torch.tensor([2, 0, 2, 1])\n"
+        "got = fp4_pair_gemv(x, ids, w, s, block_n=16, block_b=64)\n"
+        "want = ops.pair_linear.twin(x, ids, w, s, 'fp4')\n"
+        "print(((got - want).norm() / want.norm()).item())\n")
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) <= 1e-5, out.stdout
+
+
+@pytest.mark.gpu
+def test_fp4_pair_gemv_on_cuda_at_flash_dims():
+    gen = torch.Generator().manual_seed(11)
+    w, s = _expert_stack("fp4", 8, 2048, 4096, gen)
+    x = fake_quant_fp8(torch.randn(12, 4096, generator=gen), 128).bfloat16()
+    ids = torch.randint(0, 8, (12,), generator=gen)
+    got = ops.pair_linear(x.cuda(), ids.cuda(), w.cuda(), s.cuda(), "fp4").cpu()
+    want = ops.pair_linear.twin(x, ids, w, s, "fp4")
+    assert ((got.double() - want.double()).norm() / want.double().norm()).item() <= 1e-5

@@ -86,8 +86,13 @@ def run(opts: BenchOptions) -> dict:
 
 def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
     out = {"decode": {}, "prefill": {}}
+    eager = Dsv4Decoder(model, 1, opts.context, 10, seed=opts.seed)
+    out["decode_eager_bs1"] = summary(cuda_time(eager.step, 6))
+    _say(opts, f"dsv4 decode bs1, eager general path: {out['decode_eager_bs1']['median_s'] * 1e3:.2f} ms/step")
+    del eager
+    _free()
     for b in opts.decode_batches:
-        dec = Dsv4Decoder(model, b, opts.context, opts.decode_steps + 2, seed=opts.seed)
+        dec = Dsv4Decoder(model, b, opts.context, opts.decode_steps + 2, seed=opts.seed, graphs=True)
         t = summary(cuda_time(dec.step, opts.decode_steps))
         fl = floor.decode_floor(cfg, b, opts.context, bw)
         t.update(floor_s=fl["floor_s"], floor_bytes=fl["bytes"], tok_per_s=b / t["median_s"])
@@ -130,11 +135,14 @@ def _profile(model, opts: BenchOptions) -> dict:
 
 
 def _agreement(model, opts: BenchOptions) -> dict:
-    """Greedy tokens of the fast path vs the reference path (ops forced to their plain twins), teacher-forced."""
-    fast = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1)
+    """Greedy tokens of the fast path (CUDA-graph decode, fast ops) vs the reference path (general step path, ops
+    forced to their plain twins), the reference teacher-forced with the fast path's tokens."""
+    fast = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1, graphs=True)
     fast_logits = []
-    for _ in range(opts.agreement_steps):
-        fast_logits.append(_step_logits(fast, None))
+    with torch.inference_mode():
+        for _ in range(opts.agreement_steps):
+            fast_logits.append(fast.graphs.run(fast.tokens, [(0, fast.pos, fast.pages[0])]).clone())
+            fast.tokens, fast.pos = fast_logits[-1].argmax(-1).view(1, 1), fast.pos + 1
     del fast
     with ops.reference_only():
         ref = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1)

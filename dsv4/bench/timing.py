@@ -33,12 +33,14 @@ def summary(times: list[float]) -> dict:
 class Dsv4Decoder:
     """`batch` sequences prefilled to `context` tokens (in chunks), then greedy decode steps through `model.step`."""
 
-    def __init__(self, model, batch: int, context: int, max_steps: int, chunk: int = 4096, seed: int = 0):
+    def __init__(self, model, batch: int, context: int, max_steps: int, chunk: int = 4096, seed: int = 0,
+                 graphs: bool = False):
         cfg, dev = model.cfg, next(model.parameters()).device
         self.model, self.batch, self.pos, self.dev = model, batch, context, dev
         per_seq = -(-(context + max_steps + 1) // PAGE)
         self.pages = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(batch)]
-        self.state = ModelState(cfg, batch, batch * per_seq, PAGE, model.dtype, dev)
+        # one more slot and page: the scratch space of CUDA-graph padding rows
+        self.state = ModelState(cfg, batch + 1, batch * per_seq + 1, PAGE, model.dtype, dev)
         gen = torch.Generator().manual_seed(seed)
         prompt = torch.randint(2, cfg.vocab_size, (batch, context), generator=gen)
         with torch.inference_mode():
@@ -49,13 +51,23 @@ class Dsv4Decoder:
                                    self.state)
         self.tokens = torch.randint(2, cfg.vocab_size, (1, batch), generator=gen).to(dev)
         self.history: list[torch.Tensor] = []
+        self.graphs = None
+        if graphs:
+            from dsv4.engine.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.state, batch, per_seq, sizes=[batch])
         del h
 
     def step(self) -> torch.Tensor:
-        batch = StepBatch.build([(b, self.pos, 1, self.pages[b]) for b in range(self.batch)], self.dev)
-        with torch.inference_mode():
-            h = self.model.step(self.tokens, batch, self.state)
-            self.tokens = self.model.main_logits(h).argmax(-1)
+        if self.graphs is not None:
+            rows = [(b, self.pos, self.pages[b]) for b in range(self.batch)]
+            with torch.inference_mode():
+                self.tokens = self.graphs.run(self.tokens, rows).argmax(-1).view(1, -1)
+        else:
+            batch = StepBatch.build([(b, self.pos, 1, self.pages[b]) for b in range(self.batch)], self.dev)
+            with torch.inference_mode():
+                h = self.model.step(self.tokens, batch, self.state)
+                self.tokens = self.model.main_logits(h).argmax(-1)
         self.pos += 1
         self.history.append(self.tokens)
         return self.tokens

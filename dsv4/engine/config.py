@@ -22,6 +22,8 @@ class EngineConfig:
     num_pages: int | None = None        # None = sized from memory (see `cache_pages`)
     memory_fraction: float = 0.9        # CUDA: fraction of the free memory the cache may take
     cpu_cache_gib: float = 4.0          # CPU: cache budget
+    cuda_graphs: bool = True            # CUDA: decode steps replay captured graphs (one per batch-size bucket)
+    decode_batch: bool = False          # CPU: run decode steps through the fixed-shape path too (tests)
 
     def __post_init__(self):
         checks = [(self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),

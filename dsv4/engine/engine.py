@@ -38,11 +38,20 @@ class Engine:
         cfg = model.cfg
         self.max_model_len = min(econf.max_model_len or cfg.max_seq_len, cfg.max_seq_len)
         pages = cache_pages(cfg, econf, self.max_model_len)
-        self.state = ModelState(cfg, econf.max_num_seqs, pages, econf.page_size, model.dtype,
-                                next(model.parameters()).device)
+        device = next(model.parameters()).device
+        capture = econf.cuda_graphs and device.type == "cuda"
+        fixed = capture or econf.decode_batch
+        # The fixed-shape decode path pads batches with rows that write to one scratch slot and page (the last).
+        self.state = ModelState(cfg, econf.max_num_seqs + fixed, pages + fixed, econf.page_size, model.dtype, device)
         self.cache = CacheManager(econf.max_num_seqs, pages, econf.page_size)
         self.scheduler = Scheduler(self.cache, econf.max_num_seqs, econf.max_num_batched_tokens, self.max_model_len)
-        self.runner = ModelRunner(model, self.state)
+        graphs = None
+        if fixed:
+            from dsv4.engine.graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(model, self.state, econf.max_num_seqs,
+                                  -(-self.max_model_len // econf.page_size), capture=capture)
+        self.runner = ModelRunner(model, self.state, graphs=graphs)
         self.requests: dict[str, _Request] = {}
         self.num_preemptions = 0
         self._by_seq: dict[int, tuple[_Request, int]] = {}

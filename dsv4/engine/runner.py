@@ -26,8 +26,8 @@ class Sampled:
 
 
 class ModelRunner:
-    def __init__(self, model, state: ModelState, sampler: Sampler | None = None):
-        self.model, self.state = model, state
+    def __init__(self, model, state: ModelState, sampler: Sampler | None = None, graphs=None):
+        self.model, self.state, self.graphs = model, state, graphs      # graphs: DecodeGraphs for decode-only steps
         self.device = next(model.parameters()).device
         self.sampler = sampler or Sampler()
         self.counts: TokenCounts | None = None           # allocated on the first request with a penalty
@@ -36,6 +36,8 @@ class ModelRunner:
         """Run one step; returns {seq_id: Sampled} for the sequences whose chunk ends at their last token."""
         if not entries:
             return {}
+        if self.graphs is not None and all(n == 1 and s.num_computed > 0 for s, n in entries):
+            return self._decode([s for s, _ in entries])
         chunks, ids = [], []
         for seq, n in entries:
             if seq.num_computed == 0:
@@ -52,6 +54,13 @@ class ModelRunner:
                 return {}
             logits = self.model.main_logits(h[:, torch.tensor(rows, device=self.device)])[0]
             return self._sample(sampling, logits)
+
+    def _decode(self, seqs: list[Sequence]) -> dict[int, Sampled]:
+        """A step of one token per sequence through the fixed-shape decode path (a CUDA graph replay on GPUs)."""
+        logits = self.graphs.run([s.all_ids[s.num_computed] for s in seqs],
+                                 [(s.slot, s.num_computed, s.pages) for s in seqs])
+        with torch.inference_mode():
+            return self._sample(seqs, logits)
 
     def _start(self, seq: Sequence) -> None:
         self.state.reset_slot(seq.slot)

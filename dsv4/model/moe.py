@@ -15,6 +15,7 @@ from torch import nn
 from dsv4 import ops
 from dsv4.model.primitives import Linear
 from dsv4.parity.taps import tap
+from dsv4.quant import fake_quant_fp8
 
 
 class Gate(nn.Module):
@@ -58,17 +59,22 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        gate, up = self.w1(x).float(), self.w3(x).float()
+        return self.w2(self.hidden(self.w1(x).float(), self.w3(x).float(), weights).to(x.dtype))
+
+    def hidden(self, gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Clamped SwiGLU in fp32, times the routing weight (before w2)."""
         if self.swiglu_limit > 0:
             up = up.clamp(-self.swiglu_limit, self.swiglu_limit)
             gate = gate.clamp(max=self.swiglu_limit)
         h = F.silu(gate) * up
-        if weights is not None:
-            h = weights * h
-        return self.w2(h.to(x.dtype))
+        return h if weights is None else weights * h
 
 
 class MoE(nn.Module):
+    # Steps with at most this many (token, expert) pairs take the pair path on CUDA: fixed shapes and no host
+    # synchronisation, so decode steps can be captured in CUDA graphs. Larger steps loop over the used experts.
+    PAIR_PATH_MAX_PAIRS = 1024
+
     def __init__(self, cfg, layer_id: int, dense_fmt: str, expert_fmt: str, dtype: torch.dtype):
         super().__init__()
         self.dim, self.n_experts = cfg.dim, cfg.n_routed_experts
@@ -83,12 +89,56 @@ class MoE(nn.Module):
         weights, ids = self.gate(x, input_ids.reshape(-1))
         tap("ffn.routing.ids", ids)
         tap("ffn.routing.weights", weights)
+        pairs = x.is_cuda and ids.numel() <= self.PAIR_PATH_MAX_PAIRS
+        y = self.routed_pairs(x, weights, ids) if pairs else self.routed_loop(x, weights, ids)
+        y = y + self.shared_experts(x).float()
+        tap("ffn.experts_out", y)
+        return y.to(x.dtype).view(shape)
+
+    def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Sum of the routed experts' outputs [N, D] fp32: each used expert runs on its tokens (host sync)."""
         y = torch.zeros_like(x, dtype=torch.float32)
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         for e, count in enumerate(counts):
             if count:
                 rows, slot = torch.where(ids == e)
                 y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).float())
-        y = y + self.shared_experts(x).float()
-        tap("ffn.experts_out", y)
-        return y.to(x.dtype).view(shape)
+        return y
+
+    def routed_pairs(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum computed over (token, expert) pairs with the stacked weights: fixed shapes, no host sync.
+        Each expert output is rounded to the compute dtype before the fp32 sum, like `routed_loop`."""
+        n, k = ids.shape
+        stacks = self.stacked_experts()
+        ex = self.experts[0]
+        e = ids.flatten()
+        xp = x.repeat_interleave(k, dim=0)                                     # [n*k, D], pair p = token p // k
+        gate = self._pair_linear(ex.w1, xp, e, stacks["w1"]).to(x.dtype).float()
+        up = self._pair_linear(ex.w3, xp, e, stacks["w3"]).to(x.dtype).float()
+        h = ex.hidden(gate, up, weights.reshape(-1, 1)).to(x.dtype)
+        out = self._pair_linear(ex.w2, h, e, stacks["w2"]).to(x.dtype).float()
+        return out.view(n, k, -1).sum(dim=1)
+
+    @staticmethod
+    def _pair_linear(linear: Linear, x: torch.Tensor, e: torch.Tensor, stack) -> torch.Tensor:
+        if linear.quant_emulation and linear.fmt != "plain":
+            x = fake_quant_fp8(x, 128)                        # the act-quant emulation of every FP8/FP4 linear
+        return ops.pair_linear(x, e, stack[0], stack[1], linear.fmt)
+
+    def stacked_experts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """{"w1" | "w2" | "w3": (weight [E, ...], scale [E, ...] or None)} as stored. Built once; every expert's
+        parameters then become views of the stacks (same names, no extra memory)."""
+        if getattr(self, "_stacks", None) is None:
+            stacks = {}
+            with torch.inference_mode(False), torch.no_grad():
+                for name in ("w1", "w2", "w3"):
+                    linears = [getattr(ex, name) for ex in self.experts]
+                    w = torch.stack([lin.weight for lin in linears])
+                    s = None if linears[0].scale is None else torch.stack([lin.scale for lin in linears])
+                    for i, lin in enumerate(linears):
+                        lin.weight = nn.Parameter(w[i], requires_grad=lin.weight.requires_grad)
+                        if s is not None:
+                            lin.scale = nn.Parameter(s[i], requires_grad=False)
+                    stacks[name] = (w, s)
+            self._stacks = stacks
+        return self._stacks

@@ -48,10 +48,14 @@ class Rotary:
         self.dim = cfg.rope_head_dim
         self.freqs = inv_freqs(self.dim, base, compressed, cfg.rope_factor, cfg.original_seq_len,
                                cfg.beta_fast, cfg.beta_slow)
+        self._on_device: dict[torch.device, torch.Tensor] = {}   # no host-to-device copy per step (CUDA graphs)
 
     def cis(self, positions: torch.Tensor) -> torch.Tensor:
         """Complex rotations [*positions.shape, dim/2] for integer positions."""
-        angles = positions.to(torch.float32).unsqueeze(-1) * self.freqs.to(positions.device)
+        freqs = self._on_device.get(positions.device)
+        if freqs is None:
+            freqs = self._on_device[positions.device] = self.freqs.to(positions.device)
+        angles = positions.to(torch.float32).unsqueeze(-1) * freqs
         return torch.polar(torch.ones_like(angles), angles)
 
     def __call__(self, x: torch.Tensor, cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:

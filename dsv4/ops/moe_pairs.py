@@ -1,0 +1,47 @@
+"""Routed experts as (row, expert) pairs: fixed shapes and no host synchronisation (CUDA-graph capturable).
+
+`pair_linear(x, ids, weight, scale, fmt)` = x[p] @ W[ids[p]]^T for stacked expert weights [E, N, ...] as stored
+(FP4 packed + e8m0, or FP8 + 128x128 e8m0). The plain twin gathers and dequantises the named experts; the Triton
+kernel (`ops/triton/fp4_gemv.py`) decodes FP4 in-kernel and reads only those experts. Both accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.ops.ref import dequant_weight
+from dsv4.ops.registry import dispatch, register
+
+
+def _pair_linear_twin(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      fmt: str) -> torch.Tensor:
+    """x [P, K], ids [P] -> fp32 [P, N] (float64 accumulation for fp32 inputs, like `ops.dense`)."""
+    acc = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
+    w = _dequant_gathered(weight[ids], None if scale is None else scale[ids], fmt)
+    return torch.einsum("pk,pnk->pn", x.to(acc), w.to(acc)).float()
+
+
+def _dequant_gathered(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    # A Python loop over a static count (the pairs): no host synchronisation, so still capturable.
+    return torch.stack([dequant_weight(w[i], None if s is None else s[i], fmt) for i in range(w.shape[0])])
+
+
+pair_linear = dispatch("pair_linear", _pair_linear_twin)
+
+
+def _fp4_applies(x, ids, weight, scale, fmt) -> bool:
+    return fmt == "fp4" and x.is_cuda and x.shape[1] % 128 == 0
+
+
+def _fp4_kernel(x, ids, weight, scale, fmt):
+    from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
+
+    return fp4_pair_gemv(x.contiguous(), ids, weight, scale)
+
+
+try:
+    import triton  # noqa: F401
+
+    register("pair_linear", "triton_fp4_pair_gemv", _fp4_applies, _fp4_kernel)
+except ImportError:            # no Triton (CPU-only installs): the twin runs
+    pass
