@@ -71,6 +71,9 @@ def run(opts: BenchOptions) -> dict:
         res["profile"] = _profile(model, opts)
     res["dsv4"] = _dsv4_runs(model, cfg, opts, bw)
     res["greedy_agreement"] = _agreement(model, opts)
+    res["op_errors_vs_float64"] = _op_errors(dev)
+    for name, err in res["op_errors_vs_float64"].items():
+        _say(opts, f"op error vs float64: {name}: {err:.2e}")
     del model
     _free()
     if opts.transformers:
@@ -146,15 +149,38 @@ def _agreement(model, opts: BenchOptions) -> dict:
     del fast
     with ops.reference_only():
         ref = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1)
-        same, ties = 0, 0
+        same, ties, cos = 0, 0, []
         for i in range(opts.agreement_steps):
             want = _step_logits(ref, fast_logits[i].argmax(-1))
             top2 = want.topk(2, dim=-1).values
             ties += int((top2[..., 0] - top2[..., 1]).abs().item() < 1e-3)
             same += int(torch.equal(want.argmax(-1), fast_logits[i].argmax(-1)))
+            cos.append(torch.nn.functional.cosine_similarity(want.double(), fast_logits[i].double(), dim=-1).item())
     _free()
-    return {"steps": opts.agreement_steps, "same": same, "near_ties": ties,
-            "fraction": same / opts.agreement_steps}
+    cos.sort()
+    return {"steps": opts.agreement_steps, "same": same, "near_ties": ties, "fraction": same / opts.agreement_steps,
+            "logit_cosine_min": cos[0], "logit_cosine_median": cos[len(cos) // 2]}
+
+
+def _op_errors(dev) -> dict:
+    """Each fast op against float64 on fresh random inputs at Flash dimensions: relative error (Frobenius)."""
+    from dsv4.quant import fake_quant_fp8, quant_fp4, quant_fp8
+
+    gen = torch.Generator(dev).manual_seed(0)
+    out = {}
+    x = fake_quant_fp8(torch.randn(64, 4096, generator=gen, device=dev), 128).bfloat16()
+    w8, s8 = quant_fp8(torch.randn(2048, 4096, generator=gen, device=dev) / 64)
+    exact = x.double() @ ops.dequant_weight(w8, s8, "fp8").double().T
+    got = ops.linear(x, w8, s8, "fp8", False)
+    out["linear fp8 (cached bf16, cuBLAS)"] = ((got.double() - exact).norm() / exact.norm()).item()
+    ws = [quant_fp4(torch.randn(2048, 4096, generator=gen, device=dev) / 64) for _ in range(4)]
+    w4, s4 = torch.stack([w for w, _ in ws]), torch.stack([s for _, s in ws])
+    ids = torch.randint(0, 4, (64,), generator=gen, device=dev)
+    exact = torch.einsum("pk,pnk->pn", x.double(), torch.stack([ops.dequant_weight(w4[i], s4[i], "fp4").double()
+                                                                for i in ids.tolist()]))
+    got = ops.pair_linear(x, ids, w4, s4, "fp4")
+    out["pair_linear fp4 (Triton GEMV)"] = ((got.double() - exact).norm() / exact.norm()).item()
+    return out
 
 
 def _step_logits(dec: Dsv4Decoder, forced):

@@ -89,8 +89,12 @@ class MoE(nn.Module):
         weights, ids = self.gate(x, input_ids.reshape(-1))
         tap("ffn.routing.ids", ids)
         tap("ffn.routing.weights", weights)
-        pairs = x.is_cuda and ids.numel() <= self.PAIR_PATH_MAX_PAIRS
-        y = self.routed_pairs(x, weights, ids) if pairs else self.routed_loop(x, weights, ids)
+        if x.is_cuda and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
+            y = self.routed_pairs(x, weights, ids)
+        elif x.is_cuda and x.dtype == torch.bfloat16 and ops.registry.fast_enabled():
+            y = self.routed_grouped(x, weights, ids)
+        else:
+            y = self.routed_loop(x, weights, ids)
         y = y + self.shared_experts(x).float()
         tap("ffn.experts_out", y)
         return y.to(x.dtype).view(shape)
@@ -119,11 +123,42 @@ class MoE(nn.Module):
         out = self._pair_linear(ex.w2, h, e, stacks["w2"]).to(x.dtype).float()
         return out.view(n, k, -1).sum(dim=1)
 
+    def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum for large steps (prefill): pairs sorted by expert, activations quantised once, one grouped
+        GEMM per matrix over bf16 copies of the experts (exact: FP4/FP8 values times powers of two are bf16
+        numbers). NOTE: the bf16 copies cost 4x the FP4 weights' memory: a benchmark-model path, not full Flash."""
+        n, k = ids.shape
+        order = ids.flatten().argsort(stable=True)
+        tok = order // k
+        offs = torch.bincount(ids.flatten(), minlength=self.n_experts).cumsum(0).to(torch.int32)
+        w1, w3, w2 = (self._bf16_stack(name) for name in ("w1", "w3", "w2"))
+        ex = self.experts[0]
+        xs = self._quantised_input(ex.w1, x[tok])
+        gate = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs).float()
+        up = torch._grouped_mm(xs, w3.transpose(1, 2), offs=offs).float()
+        h = self._quantised_input(ex.w2, ex.hidden(gate, up, weights.flatten()[order, None]).to(x.dtype))
+        out = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs).float()
+        return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, out)
+
+    def _bf16_stack(self, name: str) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_bf16_stacks", {})
+        if name not in cache:
+            w, s = self.stacked_experts()[name]
+            lin = getattr(self.experts[0], name)
+            with torch.inference_mode(False), torch.no_grad():
+                cache[name] = torch.stack([ops.dequant_weight(w[i], None if s is None else s[i], lin.fmt)
+                                           .to(torch.bfloat16) for i in range(w.shape[0])])
+        return cache[name]
+
+    @staticmethod
+    def _quantised_input(linear: Linear, x: torch.Tensor) -> torch.Tensor:
+        """What a linear multiplies: x, or its FP8 act-quant emulation (per row and 128 block, so quantising
+        all pairs at once equals quantising each expert's rows)."""
+        return fake_quant_fp8(x, 128) if linear.quant_emulation and linear.fmt != "plain" else x
+
     @staticmethod
     def _pair_linear(linear: Linear, x: torch.Tensor, e: torch.Tensor, stack) -> torch.Tensor:
-        if linear.quant_emulation and linear.fmt != "plain":
-            x = fake_quant_fp8(x, 128)                        # the act-quant emulation of every FP8/FP4 linear
-        return ops.pair_linear(x, e, stack[0], stack[1], linear.fmt)
+        return ops.pair_linear(MoE._quantised_input(linear, x), e, stack[0], stack[1], linear.fmt)
 
     def stacked_experts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """{"w1" | "w2" | "w3": (weight [E, ...], scale [E, ...] or None)} as stored. Built once; every expert's
