@@ -106,8 +106,9 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
     for n in opts.prefill:
         try:
             t = summary(cuda_time(dsv4_prefill(model, n, opts.prefill_chunk, opts.seed), 1 if n > 8192 else 3))
-        except torch.OutOfMemoryError as e:
-            t = {"error": f"out of memory: {str(e)[:200]}"}
+        except (torch.OutOfMemoryError, RuntimeError) as e:         # recorded; the other figures still come
+            t = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            _say(opts, f"dsv4 prefill {n}: {t['error']}")
         if "median_s" in t:
             t["tok_per_s"] = n / t["median_s"]
             _say(opts, f"dsv4 prefill {n}: {t['median_s'] * 1e3:.1f} ms ({t['tok_per_s']:.0f} tok/s)")
