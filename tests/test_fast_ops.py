@@ -170,3 +170,58 @@ def test_fp4_pair_gemv_on_cuda_at_flash_dims():
     got = ops.pair_linear(x.cuda(), ids.cuda(), w.cuda(), s.cuda(), "fp4").cpu()
     want = ops.pair_linear.twin(x, ids, w, s, "fp4")
     assert ((got.double() - want.double()).norm() / want.double().norm()).item() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ fused kernels
+_FUSED_CHECK = """
+import torch
+from dsv4 import ops, quant
+from dsv4.ops.triton.quant import fake_quant_fp8
+from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn
+gen = torch.Generator().manual_seed(13)
+x = torch.randn(48, 512, generator=gen) * torch.logspace(-6, 3, 48).unsqueeze(1)
+x[0, :128] = 0
+x[2, :128] = torch.linspace(-1, 1, 128) * 448 * 2**-3          # amax exactly 448 * 2^k
+x[3, :4] = torch.tensor([-1e-7, 2.0**-9 * 1.5, -2.0**-9 * 2.5, 447.9])
+bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+exact = all(torch.equal(fake_quant_fp8(x.to(dt), b).view(bits[dt]), quant.fake_quant_fp8(x.to(dt), b).view(bits[dt]))
+            for dt in bits for b in (64, 128))
+m = torch.randn(70, 24, generator=gen) * 3
+scale, base = torch.tensor([0.1, 0.2, 0.3]), torch.randn(24, generator=gen) * 0.5
+rel = max(((a - b).abs() / a.abs().clamp_min(1e-6)).max().item() for a, b in
+          zip(ops.ref.hc_split_sinkhorn(m, scale, base, 4, 20, 1e-6), hc_split_sinkhorn(m, scale, base, 4, 20, 1e-6)))
+print(exact, rel)
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (its CPU interpreter runs the kernels here)")
+def test_fused_kernels_in_the_interpreter(tmp_path):
+    """fake-quant FP8: bit-identical to the definition (exact integer/fp32 arithmetic, +-0 included), bf16 and
+    fp32, blocks 64 and 128. Sinkhorn: fp32 class, relative error <= 1e-5 (exp/division ulps differ)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "fused.py"
+    script.write_text(_FUSED_CHECK)
+    out = subprocess.run([sys.executable, str(script)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    exact, rel = out.stdout.split()[-2:]
+    assert exact == "True" and float(rel) <= 1e-5, out.stdout
+
+
+@pytest.mark.gpu
+def test_fused_kernels_on_cuda_at_flash_dims():
+    from dsv4 import quant
+
+    gen = torch.Generator().manual_seed(14)
+    x = (torch.randn(256, 4096, generator=gen) * 5).bfloat16()
+    got = ops.fake_quant_fp8(x.cuda(), 128).cpu()
+    assert torch.equal(got.view(torch.int16), quant.fake_quant_fp8(x, 128).view(torch.int16))
+    m = torch.randn(512, 24, generator=gen) * 3
+    scale, base = torch.tensor([0.1, 0.2, 0.3]), torch.randn(24, generator=gen) * 0.5
+    want = ops.ref.hc_split_sinkhorn(m, scale, base, 4, 20, 1e-6)
+    got = ops.hc_split_sinkhorn(m.cuda(), scale.cuda(), base.cuda(), 4, 20, 1e-6)
+    for a, b in zip(want, got, strict=True):
+        assert ((a - b.cpu()).abs() / a.abs().clamp_min(1e-6)).max().item() <= 1e-5

@@ -15,7 +15,6 @@ from torch import nn
 from dsv4 import ops
 from dsv4.model.primitives import Linear
 from dsv4.parity.taps import tap
-from dsv4.quant import fake_quant_fp8
 
 
 class Gate(nn.Module):
@@ -154,7 +153,7 @@ class MoE(nn.Module):
     def _quantised_input(linear: Linear, x: torch.Tensor) -> torch.Tensor:
         """What a linear multiplies: x, or its FP8 act-quant emulation (per row and 128 block, so quantising
         all pairs at once equals quantising each expert's rows)."""
-        return fake_quant_fp8(x, 128) if linear.quant_emulation and linear.fmt != "plain" else x
+        return ops.fake_quant_fp8(x, 128) if linear.quant_emulation and linear.fmt != "plain" else x
 
     @staticmethod
     def _pair_linear(linear: Linear, x: torch.Tensor, e: torch.Tensor, stack) -> torch.Tensor:

@@ -6,7 +6,9 @@ off globally with `DSV4_FAST_OPS=0` or locally with `with ops.reference_only(): 
 """
 
 from dsv4.ops import ref
-from dsv4.ops.ref import acc_dtype, dense, dequant_weight, fake_quant_kv, hc_split_sinkhorn
+from dsv4.ops.fake_quant import fake_quant_fp8, fake_quant_kv
+from dsv4.ops.hc import hc_split_sinkhorn
+from dsv4.ops.ref import acc_dtype, dense, dequant_weight
 from dsv4.ops.registry import dispatch, fast_ops_status, reference_only, register
 
 linear = dispatch("linear", ref.linear)
@@ -15,5 +17,5 @@ sparse_attention = dispatch("sparse_attention", ref.sparse_attention)
 from dsv4.ops import cached_linear  # noqa: E402, F401  (registers its fast path)
 from dsv4.ops.moe_pairs import pair_linear  # noqa: E402
 
-__all__ = ["acc_dtype", "dense", "dequant_weight", "fake_quant_kv", "fast_ops_status", "hc_split_sinkhorn", "linear",
-           "pair_linear", "reference_only", "register", "sparse_attention"]
+__all__ = ["acc_dtype", "dense", "dequant_weight", "fake_quant_fp8", "fake_quant_kv", "fast_ops_status",
+           "hc_split_sinkhorn", "linear", "pair_linear", "reference_only", "register", "sparse_attention"]

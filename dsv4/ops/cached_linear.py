@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv4.ops.fake_quant import fake_quant_fp8
 from dsv4.ops.ref import dequant_weight
 from dsv4.ops.registry import register
-from dsv4.quant import fake_quant_fp8
 
 
 def bf16_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv4.quant import act_quant, dequant_fp4, dequant_fp8, fake_quant_fp8
+from dsv4.quant import act_quant, dequant_fp4, dequant_fp8
 
 
 def dequant_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
@@ -61,12 +61,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fm
         xf = (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
         return dense(xf, w, x.dtype, x.dtype)
     return dense(x, w, x.dtype)
-
-
-def fake_quant_kv(kv: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """FP8 fake-quant (block 64) of the nope dims of window/compressed KV; the RoPE dims stay as they are."""
-    nope = fake_quant_fp8(kv[..., :-rope_dim], 64)
-    return torch.cat([nope, kv[..., -rope_dim:]], dim=-1)
 
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,

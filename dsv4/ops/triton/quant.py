@@ -1,0 +1,52 @@
+"""FP8 e4m3 fake quantisation (the QAT emulation of every FP8/FP4 linear's input and of the KV cache) in one
+kernel: per block, the power-of-two scale 2^ceil(log2(amax/448)) and round-to-nearest-even onto the e4m3 grid,
+both in exact integer/fp32 arithmetic, so the result is bit-identical to `dsv4.quant.fake_quant_fp8` on any
+device (no hardware FP8 conversion is involved, which also lets the CPU interpreter check it bit for bit).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fake_quant_fp8(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * n_cols + offs).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)
+    # e = ceil(log2(amax / 448)) from the bits of an estimate, then corrected with exact comparisons.
+    t = amax / 448.0
+    tb = t.to(tl.int32, bitcast=True)
+    e = ((tb >> 23) & 0xFF) - 127 + ((tb & 0x7FFFFF) != 0).to(tl.int32)
+    s = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    up = amax > 448.0 * s
+    e = tl.where(up, e + 1, e)
+    down = amax <= 448.0 * (((e - 1 + 127) << 23).to(tl.float32, bitcast=True))
+    e = tl.where(down, e - 1, e)
+    s = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    v = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+    a = tl.abs(v)
+    # e4m3 keeps 3 mantissa bits: round the fp32 bits to nearest even at bit 20; below 2^-6 (subnormal) the
+    # quantum is 2^-9, rounded by fp32 addition of 2^14 (also nearest even).
+    ab = a.to(tl.int32, bitcast=True)
+    normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    sub = (a + 16384.0) - 16384.0
+    q = tl.where(a < 0.015625, sub, normal)
+    # The sign goes back as a bit: -0.0 where a small negative rounds to zero (Triton's `-q` is `0 - q`, +0.0).
+    sign = v.to(tl.int32, bitcast=True) & -2147483648
+    q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    tl.store(y_ptr + row * n_cols + offs, (q * s).to(y_ptr.dtype.element_ty))
+
+
+def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Same contract as `dsv4.quant.fake_quant_fp8` for bf16 / fp16 / fp32 x (last dim a multiple of block)."""
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
+    assert x.shape[-1] % block == 0 and block & (block - 1) == 0, (x.shape, block)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(flat)
+    if flat.numel():
+        _fake_quant_fp8[(flat.shape[0], flat.shape[1] // block)](flat, out, flat.shape[1], BLOCK=block)
+    return out.view(x.shape)
