@@ -1,6 +1,9 @@
 """CUDA graphs of decode steps (GPU only): a replay computes exactly what the same fixed-shape step computes
-eagerly (same kernels, same order: bit-identical), and that step matches the general step path (bf16: cosine
->= 0.999 per row; the two paths sum attention rows in different orders and round in bf16)."""
+eagerly (same kernels, same order: bit-identical), and that step matches the general step path. The two paths
+sum attention rows in different orders and round in bf16: without the QAT emulation that is all (cosine >= 0.9999
+per row); with it, a bf16 ulp that moves an FP8 rounding moves a whole 64/128 block by an e4m3 step and the
+state carries it on, so rows are compared statistically (median >= 0.999, worst >= 0.99), as against the
+official reference (tests/test_official_reference.py)."""
 
 from __future__ import annotations
 
@@ -37,16 +40,19 @@ def _copy(state):
     return new
 
 
-def test_graph_replay_equals_eager_fixed_step_and_general_step(tiny_ckpt):
+@pytest.mark.parametrize("emulation", [False, True], ids=["emulation-off", "emulation-on"])
+def test_graph_replay_equals_eager_fixed_step_and_general_step(tiny_ckpt, emulation):
     import dsv4
 
-    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, progress=False)
+    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=emulation,
+                            progress=False)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 130, 200)]
     graph_state, pages = _prefilled(model, prompts)
     eager_state, general_state = _copy(graph_state), _copy(graph_state)
     graphs = DecodeGraphs(model, graph_state, 4, PAGES)
     tokens = torch.randint(2, 512, (3,), generator=gen).tolist()
+    cosines = []
     for step in range(20):
         rows = [(i, len(p) + step, pages[i]) for i, p in enumerate(prompts)]
         got = graphs.run(tokens, rows).clone()
@@ -56,6 +62,11 @@ def test_graph_replay_equals_eager_fixed_step_and_general_step(tiny_ckpt):
             general = model.main_logits(model.step(torch.tensor([tokens], device="cuda"), StepBatch.build(
                 [(s, p, 1, pg) for s, p, pg in rows], "cuda"), general_state))[0]
         assert torch.equal(got, fixed), step
-        cos = torch.nn.functional.cosine_similarity(got.double(), general.double(), dim=-1)
-        assert cos.min().item() >= 0.999, (step, cos)
+        cosines.append(torch.nn.functional.cosine_similarity(got.double(), general.double(), dim=-1))
         tokens = general.argmax(-1).tolist()
+    cos = torch.cat(cosines)
+    print(f"emulation={emulation}: row cosine min {cos.min().item():.6f} median {cos.median().item():.6f}")
+    if emulation:
+        assert cos.median().item() >= 0.999 and cos.min().item() >= 0.99, cos
+    else:
+        assert cos.min().item() >= 0.9999, cos
