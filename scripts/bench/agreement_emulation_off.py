@@ -1,8 +1,10 @@
-import sys, torch
+import torch
+
 from dsv4.bench.run import BenchOptions, _agreement
 from dsv4.checkpoint.synth import synthesize_tensors
 from dsv4.config import ModelConfig
 from dsv4.loader import load_tensors
+
 cfg = ModelConfig.preset("flash").truncated(4)
 t = synthesize_tensors(cfg, 0, "cuda")
 for emu in (False,):
