@@ -1,0 +1,10 @@
+"""The OpenAI-compatible server (`dsv4 serve`): FastAPI routes over one background engine thread.
+
+`protocol` (request models) -> `prepare` (engine inputs) -> `async_engine` (the step loop) -> `chat` /
+`completions` (responses, streamed or not). Importing this package needs the `serve` dependencies (fastapi,
+uvicorn, prometheus_client); the rest of dsv4 does not.
+"""
+
+from dsv4.serve.launch import build_app, serve
+
+__all__ = ["build_app", "serve"]
