@@ -45,7 +45,7 @@ def create_app(engine: AsyncEngine, tokenizer, info: ModelInfo, metrics: Metrics
     @app.get("/health")
     async def health():
         if not engine.alive:
-            return JSONResponse({"status": "error", "error": engine._dead_reason(), **engine.stats}, 503)
+            return JSONResponse({"status": "error", "error": engine.dead_reason(), **engine.stats}, 503)
         return {"status": "ok", **engine.stats}
 
     @app.get("/metrics")

@@ -186,13 +186,13 @@ class AsyncEngine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if not self.alive or self._closed:
-                fut.set_exception(EngineDeadError(self._dead_reason()))
+                fut.set_exception(EngineDeadError(self.dead_reason()))
                 return fut
             self._commands.append((kind, args, fut))
         self._wake.set()
         return fut
 
-    def _dead_reason(self) -> str:
+    def dead_reason(self) -> str:
         if self.error is not None:
             return f"the engine stopped after an error: {type(self.error).__name__}: {self.error}"
         return "the engine is not running"
@@ -284,7 +284,7 @@ class AsyncEngine:
 
     def _close(self) -> None:
         """The thread is ending: refuse queued commands, abort what runs, wake every waiting handler."""
-        dead = EngineDeadError(self._dead_reason())
+        dead = EngineDeadError(self.dead_reason())
         with self._lock:
             self._closed = True
             while self._commands:

@@ -7,11 +7,12 @@ parameters, values out of range, a prompt that does not fit the context — Open
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("dsv4.serve")
@@ -34,19 +35,26 @@ def error_body(message: str, type: str = INVALID_REQUEST, param: str | None = No
 
 
 def _loc_param(loc: tuple) -> str | None:
-    """`("body", "messages", 0, "content")` -> `messages[0].content` (the body itself -> None)."""
-    out = ""
+    """`("body", "messages", 0, "user", "content", "str")` -> `messages[0].content` (the body itself -> None)."""
+    out, prev = "", None
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and not _is_union_branch(part):
+        elif not _is_union_branch(part, prev):
             out += ("." if out else "") + part
+        prev = part
     return out or None
 
 
-def _is_union_branch(part: str) -> bool:
-    # pydantic names the tried branch of a union in the location (`str`, `list[int]`, `function-after[...]`)
-    return part in ("str", "int", "float", "bool") or "[" in part
+_ROLES = {"system", "developer", "user", "assistant", "tool"}   # the tags of the messages' discriminated union
+
+
+def _is_union_branch(part: str, prev) -> bool:
+    """pydantic names the union branch it tried inside the location: a type (`str`, `list[int]`,
+    `constrained-str`, `literal['a']`, a model class) or, after a list index, a message role."""
+    if isinstance(prev, int) and part in _ROLES:
+        return True
+    return part in ("str", "int", "float", "bool") or any(c in part for c in "[-'") or part[:1].isupper()
 
 
 _CODES = {"extra_forbidden": "unsupported_parameter", "missing": "missing_required_parameter",
@@ -76,25 +84,30 @@ def validation_error(exc: RequestValidationError, content_type: str = "applicati
     return APIError(msg, 400, param, code)
 
 
+def error_response(body: dict, status: int, headers=None) -> Response:
+    # ASCII JSON: a message quoting a client's string with a lone surrogate must still render (UTF-8 cannot).
+    return Response(json.dumps(body), status, headers=headers, media_type="application/json")
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error_response(exc.body(), exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         err = validation_error(exc, request.headers.get("content-type", ""))
-        return JSONResponse(err.body(), status_code=err.status)
+        return error_response(err.body(), err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         kind = INVALID_REQUEST if exc.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(exc.detail), kind, None, code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return error_response(error_body(str(exc.detail), kind, None, code), exc.status_code,
+                              getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception):
         log.exception("internal error")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None,
-                                       "internal_error"), status_code=500)
+        return error_response(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None,
+                                         "internal_error"), 500)

@@ -44,6 +44,15 @@ def check_model(req: SamplingFields, info: ModelInfo) -> None:
                        "model_not_found")
 
 
+def _check_text(text: str, param: str) -> None:
+    """JSON may carry lone surrogates (`"\\ud800"`); they are not text and cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(f"{param} is not valid Unicode text: {e.reason} at position {e.start}", 400, param,
+                       "invalid_value") from None
+
+
 def _fit(prompt_len: int, max_tokens: int | None, info: ModelInfo, param: str, prompt_param: str) -> int:
     """max_tokens for this prompt (None = the rest of the context); 400 when prompt + max_tokens do not fit."""
     room = info.max_model_len - prompt_len
@@ -89,6 +98,9 @@ def completion_inputs(req: CompletionRequest, tokenizer,
     if len(prompts) * (req.n or 1) > MAX_SEQUENCES:
         raise APIError(f"{len(prompts)} prompts x n = {req.n} is more than {MAX_SEQUENCES} sequences", 400, "n",
                        "invalid_value")
+    for p in prompts:
+        if isinstance(p, str):
+            _check_text(p, "prompt")
     ids = [encode_prompt(tokenizer, p, info.bos_id) if isinstance(p, str) else list(p) for p in prompts]
     for p in ids:
         bad = [t for t in p if t >= info.vocab_size]
@@ -122,6 +134,7 @@ def chat_inputs(req: ChatCompletionRequest, tokenizer, info: ModelInfo) -> ChatI
                                reasoning_effort=effort if thinking else None)
     except ValueError as e:
         raise APIError(str(e), 400, "messages", "invalid_value") from e
+    _check_text(text, "messages")
     ids = encode_prompt(tokenizer, text, info.bos_id)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _fit(len(ids), req.max_completion_tokens or req.max_tokens, info, param, "messages")
