@@ -77,9 +77,13 @@ def validation_error(exc: RequestValidationError, content_type: str = "applicati
     elif kind == "extra_forbidden":
         msg = f"unsupported parameter: {param!r}"
     else:
-        msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    if len(errors) > 1:
-        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        # A value that fits no branch of a union gives one error per branch, all at the same param.
+        same = list(dict.fromkeys(e["msg"] for e in errors if _loc_param(tuple(e.get("loc", ()))) == param))
+        msg = same[0] if len(same) == 1 else "it matches none of the allowed forms: " + "; ".join(same[:4])
+        msg = f"{param}: {msg}" if param else msg
+        errors = [e for e in errors if _loc_param(tuple(e.get("loc", ()))) != param]
+        if errors:
+            msg += f" (and {len(errors)} more problem{'s' if len(errors) > 1 else ''})"
     code = _CODES.get(kind, "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")
     return APIError(msg, 400, param, code)
 
