@@ -48,10 +48,13 @@ class ScriptedRunner:
         self.script: list[int] = []
         self.eos_id = eos_id
         self.step_seconds = 0.0         # pretend each step computes for this long
+        self.fail: Exception | None = None   # raised by the next step (a broken model)
 
     def run(self, entries):
         from dsv4.engine.runner import Sampled
 
+        if entries and self.fail is not None:
+            raise self.fail
         if entries and self.step_seconds:
             time.sleep(self.step_seconds)
         out = {}

@@ -8,6 +8,7 @@ argument deltas concatenate to valid JSON equal to the non-streamed parse.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import random
@@ -184,6 +185,65 @@ def test_disconnected_stream_is_aborted_and_its_pages_freed(server, tokenizer):
         assert async_engine.call(lambda e: e.has_unfinished()).result(10) is False
     finally:
         runner.step_seconds = 0.0
+
+
+def test_disconnected_non_streamed_request_is_aborted(server, tokenizer):
+    url, runner, async_engine = server
+    runner.script = token_ids(tokenizer, ["a"] * 600)
+    runner.step_seconds = 0.01
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=chat_body("chat", max_tokens=600), timeout=0.5)
+        gone = time.monotonic()
+        while async_engine.stats["running"] or async_engine.stats["pages_in_use"]:
+            assert time.monotonic() - gone < 3, "the request kept running after the client left"
+            time.sleep(0.005)
+    finally:
+        runner.step_seconds = 0.0
+
+
+def test_abort_frees_pages_before_the_next_step(server, tokenizer):
+    """Commands are served in order between steps: a `call` queued right after an abort already sees the pages
+    free (it runs in the same drain, before any further step)."""
+    _, runner, async_engine = server
+    runner.script = token_ids(tokenizer, ["a"] * 300)
+    runner.step_seconds = 0.005
+
+    async def scenario():
+        from dsv4.engine.sampling import SamplingParams
+
+        sub = await async_engine.submit([([0, 5, 6], SamplingParams(max_tokens=300))])
+        async for _ in sub.updates():
+            break
+        sub.abort()
+        probe = async_engine.call(lambda e: (e.cache.pages.num_used, e.scheduler.has_work))
+        return await asyncio.wrap_future(probe)
+
+    try:
+        assert asyncio.run(scenario()) == (0, False)
+    finally:
+        runner.step_seconds = 0.0
+
+
+def test_engine_failure_is_reported_not_hung(builtin_model_fp32, tokenizer):
+    engine = scripted_engine(builtin_model_fp32, tokenizer)
+    app, _ = make_app(engine, tokenizer)
+    engine.runner.script = token_ids(tokenizer, ["b"] * 300)
+    engine.runner.step_seconds = 0.005
+    with live_server(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=chat_body("chat", stream=True), timeout=30) as r:
+            lines = r.iter_lines()
+            while '"content": "b' not in next(lines):
+                pass
+            engine.runner.fail = RuntimeError("logits are NaN")
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        err = json.loads(rest[-2][6:])["error"]
+        assert err["code"] == "engine_dead" and "logits are NaN" in err["message"]
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and "logits are NaN" in health.json()["error"]
+        r = httpx.post(url + "/v1/chat/completions", json=chat_body("chat"), timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
 
 
 # ------------------------------------------------------------------------------------------------ no HTTP
