@@ -239,12 +239,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    try:
-        from dsv4.serve import build_app, serve
-    except ImportError as e:
-        raise UsageError(f"serving needs the server dependencies ({e.name} is missing): pip install fastapi "
-                         "uvicorn prometheus-client jsonschema") from None
     from dsv4.builtin import BUILTIN_NAME
+    from dsv4.serve import build_app, serve
 
     try:
         llm = _llm(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

@@ -148,9 +148,15 @@ def test_raw_sse_over_httpx(server):
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) != ""
 
 
-def test_health_and_pages_after_the_module(server):
-    _, async_engine = server
+def test_metrics_and_pages_after_the_module(server):
+    url, async_engine = server
     assert async_engine.call(lambda e: (e.scheduler.check_invariants(), e.cache.pages.num_used)).result(10)[1] == 0
+    values = {line.split()[0]: float(line.split()[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["dsv4_generation_tokens_total"] >= 20 and values["dsv4_prompt_tokens_total"] > 0
+    finished = sum(v for k, v in values.items() if k.startswith("dsv4_requests_total{"))
+    assert values["dsv4_time_to_first_token_seconds_count"] == finished > 10
+    assert values["dsv4_time_per_output_token_seconds_count"] > 0 and values["dsv4_pages_in_use"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ the command

@@ -77,11 +77,17 @@ def chat_body(mode: str, **more) -> dict:
     return body | more
 
 
-def collect(stream) -> dict:
-    """Reassemble a streamed reply, checking every delta on the way."""
+def collect(stream, n: int = 1) -> dict | list[dict]:
+    """Reassemble a streamed reply (each of `n` choices), checking every delta on the way."""
+    chunks = list(stream)
+    got = [_collect(chunks, i) for i in range(n)]
+    return got[0] if n == 1 else got
+
+
+def _collect(chunks, index: int) -> dict:
     reasoning, content, calls, finish = [], [], {}, []
-    for chunk in stream:
-        for ch in chunk.choices:
+    for chunk in chunks:
+        for ch in (c for c in chunk.choices if c.index == index):
             d = ch.delta
             r = getattr(d, "reasoning_content", None)
             for piece in (r, d.content):
@@ -103,8 +109,18 @@ def collect(stream) -> dict:
 def test_streamed_reply_is_split_exactly_whatever_the_tokenisation(server, client, tokenizer, mode, split):
     reply = REPLIES[mode]
     server[1].script = token_ids(tokenizer, splits(reply)[split])
+    check_streamed(collect(client.chat.completions.create(**chat_body(mode), stream=True)), mode)
+
+
+def test_each_of_n_streamed_choices_is_reassembled(server, client, tokenizer):
+    server[1].script = token_ids(tokenizer, splits(REPLIES["thinking"])["random"])
+    for got in collect(client.chat.completions.create(**chat_body("thinking", n=3), stream=True), n=3):
+        check_streamed(got, "thinking")
+
+
+def check_streamed(got: dict, mode: str) -> None:
+    reply = REPLIES[mode]
     want = parse_completion(reply + EOS, mode)
-    got = collect(client.chat.completions.create(**chat_body(mode), stream=True))
     assert got["reasoning"] == (want["reasoning_content"] if mode == "thinking" else "")
     assert got["content"] == want["content"]
     assert got["finish"] == ["tool_calls"]

@@ -1,8 +1,7 @@
 """The OpenAI-compatible server (`dsv4 serve`): FastAPI routes over one background engine thread.
 
 `protocol` (request models) -> `prepare` (engine inputs) -> `async_engine` (the step loop) -> `chat` /
-`completions` (responses, streamed or not). Importing this package needs the `serve` dependencies (fastapi,
-uvicorn, prometheus_client); the rest of dsv4 does not.
+`completions` (responses, streamed or not); `errors`, `metrics` and `responses` serve them all.
 """
 
 from dsv4.serve.launch import build_app, serve

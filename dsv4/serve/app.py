@@ -68,7 +68,8 @@ def create_app(engine: AsyncEngine, tokenizer, info: ModelInfo, metrics: Metrics
 
     @app.post("/v1/completions")
     async def create_completion(req: CompletionRequest, request: Request):
-        prompts, params = prepare.completion_inputs(req, tokenizer, info)
+        # Tokenising a long prompt takes a while: off the event loop.
+        prompts, params = await asyncio.to_thread(prepare.completion_inputs, req, tokenizer, info)
         sub = await _submit(engine, list(zip(prompts, params, strict=True)), "cmpl")
         lens, n = [len(p) for p in prompts], params[0].n
         if req.stream:
@@ -79,7 +80,7 @@ def create_app(engine: AsyncEngine, tokenizer, info: ModelInfo, metrics: Metrics
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(req: ChatCompletionRequest, request: Request):
-        inputs = prepare.chat_inputs(req, tokenizer, info)
+        inputs = await asyncio.to_thread(prepare.chat_inputs, req, tokenizer, info)
         sub = await _submit(engine, [(inputs.prompt_ids, inputs.params)], "chatcmpl")
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.stream:
