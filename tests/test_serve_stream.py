@@ -212,7 +212,7 @@ def test_disconnected_non_streamed_request_is_aborted(server, tokenizer):
             httpx.post(url + "/v1/chat/completions", json=chat_body("chat", max_tokens=600), timeout=0.5)
         gone = time.monotonic()
         while async_engine.stats["running"] or async_engine.stats["pages_in_use"]:
-            assert time.monotonic() - gone < 3, "the request kept running after the client left"
+            assert time.monotonic() - gone < 5, "the request kept running after the client left"
             time.sleep(0.005)
     finally:
         runner.step_seconds = 0.0

@@ -210,8 +210,8 @@ class AsyncEngine:
                     continue
                 outputs = self.engine.step()
                 self.num_steps += 1
+                self._publish_stats()   # first: a client that sees this step's tokens sees its stats too
                 self._publish(outputs)
-                self._publish_stats()
         except BaseException as e:      # whatever it was, the handlers must hear about it
             self.error = e
             log.exception("the engine loop stopped")
