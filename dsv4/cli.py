@@ -89,6 +89,72 @@ def _add_chat(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
 
+# Engine options of `serve`, with EngineConfig's defaults written out: the parser is built without importing torch
+# (which EngineConfig's module does), and tests/test_serve_cli.py checks these against the dataclass.
+SERVE_ENGINE_DEFAULTS = {"max_num_seqs": 16, "max_num_batched_tokens": 2048, "page_size": 256,
+                         "memory_fraction": 0.9, "cpu_cache_gib": 4.0}
+
+
+def _add_serve(sub) -> None:
+    d = SERVE_ENGINE_DEFAULTS
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, tools)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=SERVE_DESCRIPTION)
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes the server to the "
+                        "network, which has no authentication)")
+    p.add_argument("--port", type=_positive(int), default=8000, help="TCP port (default 8000)")
+    p.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: the "
+                                               "--model argument, or 'builtin-untrained-v1')")
+    p.add_argument("--max-num-seqs", type=_positive(int), default=d["max_num_seqs"],
+                   help=f"sequences decoded together, i.e. cache slots (default {d['max_num_seqs']}); more "
+                        "requests wait in a queue")
+    p.add_argument("--max-num-batched-tokens", type=_positive(int), default=d["max_num_batched_tokens"],
+                   help=f"tokens per engine step, prefill chunks included (default {d['max_num_batched_tokens']})")
+    p.add_argument("--page-size", type=_positive(int), default=d["page_size"],
+                   help=f"tokens per cache page, a multiple of 128 (default {d['page_size']})")
+    p.add_argument("--num-pages", type=_positive(int), help="cache pages (default: sized from --memory-fraction "
+                                                            "on CUDA, --cpu-cache-gib on CPU)")
+    p.add_argument("--memory-fraction", type=_positive(float), default=d["memory_fraction"],
+                   help=f"CUDA: fraction of the free memory the cache may take (default {d['memory_fraction']})")
+    p.add_argument("--cpu-cache-gib", type=_positive(float), default=d["cpu_cache_gib"],
+                   help=f"CPU: cache budget in GiB (default {d['cpu_cache_gib']:g})")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (default info)")
+    p.set_defaults(func=cmd_serve)
+
+
+SERVE_DESCRIPTION = """\
+Serve the model over HTTP with the OpenAI API (FastAPI + uvicorn). One engine thread batches all requests
+continuously; a client that disconnects has its request cancelled.
+
+endpoints:
+  GET  /v1/models             the served model (its id is --served-model-name)
+  POST /v1/chat/completions   messages -> reply in DeepSeek-V4's chat format; stream, n, max_tokens /
+                              max_completion_tokens, temperature, top_p, top_k, min_p, presence_penalty,
+                              frequency_penalty, repetition_penalty, seed, stop, logprobs / top_logprobs,
+                              tools + tool_choice ("auto" | "none") -> tool_calls parsed from DSML,
+                              stream_options.include_usage, ignore_eos
+  POST /v1/completions        raw text or token-id prompts (one or a list); same sampling parameters,
+                              logprobs = number of top tokens
+  GET  /health                {"status": "ok", running, waiting, pages_in_use, ...}; 503 if the engine died
+  GET  /metrics               Prometheus: queue, running, tokens/s, TTFT / TPOT / latency histograms, cache use
+
+thinking mode (reasoning returned in `reasoning_content`, streamed as `delta.reasoning_content`):
+  "chat_template_kwargs": {"thinking": true}        or   "reasoning_effort": "high" | "max"
+  chat_template_kwargs also takes "reasoning_effort" and "drop_thinking" (keep past turns' reasoning: false)
+
+errors: OpenAI-style {"error": {"message", "type", "param", "code"}}; 400 for a bad body (unknown or
+unsupported parameters included), 404 for an unknown model, 503 when the engine has stopped.
+
+example:
+  dsv4 serve --model /path/to/DeepSeek-V4-Flash --port 8000
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "/path/to/DeepSeek-V4-Flash", "messages": [{"role": "user", "content": "Hi!"}]}'
+"""
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a random checkpoint in the official format",
                        description="Write a random DeepSeek-V4 checkpoint (official names, dtypes, shapes, shards, "
@@ -214,7 +280,7 @@ def _device(args) -> str:
     return args.device
 
 
-def _llm(args):
+def _llm(args, **engine_options):
     """The LLM for --model (a path that does not exist and is not a Hub id is an error before slow imports)."""
     if args.model is not None and not os.path.exists(args.model) and args.model.count("/") != 1:
         raise FileNotFoundError(f"no checkpoint at {args.model}")
@@ -224,9 +290,10 @@ def _llm(args):
               "expect meaningless text.", file=sys.stderr)
     from dsv4.llm import LLM
 
+    engine_options = {"max_num_seqs": 1} | engine_options
     return LLM(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
-               quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len, max_num_seqs=1,
-               progress=sys.stderr.isatty())
+               quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len,
+               progress=sys.stderr.isatty(), **engine_options)
 
 
 def _sampling(args):
@@ -266,6 +333,21 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from dsv4.builtin import BUILTIN_NAME
+    from dsv4.serve import build_app, serve
+
+    try:
+        llm = _llm(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   page_size=args.page_size, num_pages=args.num_pages, memory_fraction=args.memory_fraction,
+                   cpu_cache_gib=args.cpu_cache_gib)
+    except ValueError as e:              # EngineConfig's checks (page size ...)
+        raise UsageError(str(e)) from None
+    app = build_app(llm, args.served_model_name or args.model or BUILTIN_NAME)
+    serve(app, args.host, args.port, args.log_level)
+    return 0
+
+
 def cmd_synth(args) -> int:
     from dsv4.config import ModelConfig
 
@@ -293,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_chat(sub)
+    _add_serve(sub)
     _add_synth(sub)
     _add_check(sub)
     _add_bench(sub)

@@ -44,3 +44,11 @@ def builtin_ckpt(tmp_path_factory):
     from dsv4.checkpoint import synthesize
 
     return synthesize(builtin_config(), tmp_path_factory.mktemp("builtin"), seed=BUILTIN_SEED, progress=False)
+
+
+@pytest.fixture(scope="session")
+def builtin_model_fp32(builtin_ckpt):
+    """The built-in model (real V4 vocabulary) loaded once, for tests that need text prompts (the server's)."""
+    import dsv4
+
+    return dsv4.load_model(builtin_ckpt, dtype=torch.float32, progress=False)

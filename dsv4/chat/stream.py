@@ -166,6 +166,10 @@ class StreamParser:
         text, hit = self._scan(_PARAM_STOPS)
         self._acc += text
         if hit is None:
+            # Fail as soon as the head cannot become ' name="...': else junk would be read until max_tokens.
+            head = self._acc.lstrip()
+            if not (head.startswith('name="') or 'name="'.startswith(head)):
+                raise ValueError(f"malformed DSML invoke: {self._acc!r}")
             return
         match = INVOKE_HEAD.fullmatch(self._acc)
         if match is None:
