@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
-from dsv4.model.primitives import Linear
+from dsv4.model.primitives import Linear, widen
 
 
 class Gate(nn.Module):
@@ -29,7 +29,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], input_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
-        scores = ops.dense(x.float(), self.weight, x.dtype)
+        scores = ops.dense(widen(x), self.weight, x.dtype)
         if self.score_func == "softmax":
             scores = scores.softmax(dim=-1)
         elif self.score_func == "sigmoid":
@@ -57,7 +57,7 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        gate, up = self.w1(x).float(), self.w3(x).float()
+        gate, up = widen(self.w1(x)), widen(self.w3(x))
         if self.swiglu_limit > 0:
             up = up.clamp(-self.swiglu_limit, self.swiglu_limit)
             gate = gate.clamp(max=self.swiglu_limit)
@@ -80,11 +80,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.dim)
         weights, ids = self.gate(x, input_ids.reshape(-1))
-        y = torch.zeros_like(x, dtype=torch.float32)
+        y = widen(torch.zeros_like(x))
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         for e, count in enumerate(counts):
             if count:
                 rows, slot = torch.where(ids == e)
-                y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).float())
-        y = y + self.shared_experts(x).float()
+                y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(y.dtype))
+        y = y + self.shared_experts(x).to(y.dtype)
         return y.to(x.dtype).view(shape)

@@ -13,7 +13,7 @@ from dsv4 import ops
 from dsv4.config import ModelConfig
 from dsv4.model.block import Block, _hc_params
 from dsv4.model.hyper import hc_head
-from dsv4.model.primitives import Linear, RMSNorm, weight_formats
+from dsv4.model.primitives import Linear, RMSNorm, weight_formats, widen
 from dsv4.model.state import ModelState, StepBatch, fresh_state
 
 
@@ -82,7 +82,7 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor, norm: RMSNorm, fn, scale, base) -> torch.Tensor:
         y = norm(hc_head(h, fn, scale, base, self.cfg))
-        return ops.dense(y.float(), self.head.weight, y.dtype)
+        return ops.dense(widen(y), self.head.weight, y.dtype)
 
     def forward(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """input_ids [b, s] (a fresh sequence from position 0) -> fp32 logits [b, s, vocab] ([b, 1, vocab])."""
