@@ -99,3 +99,22 @@ def test_swiglu_clamp_gradcheck(model64):
     assert (up.abs() > expert.swiglu_limit).any() and (gate > expert.swiglu_limit).any()
     weights = torch.rand(1, 8, 1, dtype=torch.float64)
     _check(expert, lambda call, x: call(x, weights), x, ["w1.weight", "w3.weight"])
+
+
+def test_fake_quant_gradients_are_straight_through():
+    """The QAT emulation's roundings pass gradients unchanged, however small (autograd through the float8 cast
+    would round them to e4m3 and flush everything below 2**-9 to zero)."""
+    from dsv4 import ops
+    from dsv4.quant import fake_quant_fp4, fake_quant_fp8
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 256, generator=gen, requires_grad=True)
+    g = torch.randn(3, 256, generator=gen) * 1e-6
+    for fq in (lambda t: fake_quant_fp8(t, 64), lambda t: fake_quant_fp4(t, 32)):
+        y = fq(x)
+        assert torch.equal(y, fq(x.detach()))                              # forward value untouched
+        assert torch.equal(torch.autograd.grad(y, x, g)[0], g)
+    w = torch.randn(16, 256, generator=gen, dtype=torch.float64)
+    y = ops.linear(x, w, None, "fp8", True, dequantized=w)
+    g = torch.randn(3, 16, generator=gen) * 1e-6
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], (g.double() @ w).float())

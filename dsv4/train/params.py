@@ -19,6 +19,7 @@ from torch import nn
 
 from dsv4.model.primitives import Linear
 from dsv4.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
+from dsv4.quant.act import straight_through
 
 LORA_TARGETS = {
     "attn": ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b"),
@@ -49,7 +50,7 @@ class TrainLinear(Linear):
     def dequantized(self) -> torch.Tensor:
         if not self.qat:
             return self.weight
-        return self.weight + (storage_roundtrip(self.weight, self.fmt) - self.weight).detach()
+        return straight_through(self.weight, storage_roundtrip(self.weight, self.fmt))
 
     def _cached_dequantized(self) -> torch.Tensor:
         return self.dequantized()

@@ -22,7 +22,7 @@ from dsv4.checkpoint.inventory import inventory
 from dsv4.checkpoint.reader import INDEX_NAME
 from dsv4.checkpoint.synth import plan_shards, write_safetensors
 from dsv4.config import ModelConfig
-from dsv4.quant import quant_fp4, quant_fp8
+from dsv4.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
 from dsv4.train.params import LoRALinear
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -68,7 +68,7 @@ def export_state(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             values.pop(scale, None)
             out[name], out[scale] = w, s
         else:
-            out[name] = v.to(spec.torch_dtype) if v.is_floating_point() else v
+            out[name] = _dequantized(v, values.pop(name[: -len("weight")] + "scale", None)).to(spec.torch_dtype)
     leftover = sorted(n for n in values if not n.endswith(".scale"))
     if leftover:
         raise ValueError(f"{len(leftover)} model values have no checkpoint tensor: {leftover[:20]}")
@@ -76,6 +76,13 @@ def export_state(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if tuple(out[name].shape) != spec.shape or out[name].dtype != spec.torch_dtype:
             raise ValueError(f"{name}: produced {out[name].dtype} {list(out[name].shape)}, expected {spec}")
     return out
+
+
+def _dequantized(v: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A frozen linear's stored FP8 / FP4 bytes as fp32 values (bf16 export); anything else unchanged."""
+    if scale is None or v.dtype not in (torch.float8_e4m3fn, torch.int8):
+        return v
+    return dequant_fp8(v, scale) if v.dtype == torch.float8_e4m3fn else dequant_fp4(v, scale)
 
 
 def bf16_config(cfg: ModelConfig) -> ModelConfig:
