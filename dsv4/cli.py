@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(sub)
     _add_synth(sub)
     _add_check(sub)
+    from dsv4.train.command import add_parsers as add_train_parsers
+
+    add_train_parsers(sub, _positive, DTYPES)
     return parser
 
 

@@ -23,21 +23,13 @@ from dsv4.quant.fp8 import AMAX_FLOOR as FP8_AMAX_FLOOR
 from dsv4.quant.fp8 import E4M3_MAX, to_e4m3, work_dtype
 
 
-class _StraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, rounded):
-        return rounded
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
-    """`rounded` in the forward, identity gradient to x in the backward (x and rounded have one shape)."""
+    """`rounded` in the forward, identity gradient to x in the backward (x and rounded have one shape).
+    `x - x.detach()` is exactly 0 for finite x, so the value is `rounded` bit for bit (an autograd.Function
+    would do the same but costs seconds of lazy imports on first use)."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return rounded
-    return _StraightThrough.apply(x, rounded.detach().to(x.dtype) if rounded.dtype != x.dtype else rounded.detach())
+    return rounded.detach().to(x.dtype) + (x - x.detach())
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:

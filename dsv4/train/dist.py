@@ -63,4 +63,5 @@ def shard(step_module: nn.Module, ctx: DistContext) -> nn.Module:
     for m in step_module.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)     # gloo has no PREMUL_SUM
     return step_module

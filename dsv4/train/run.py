@@ -18,7 +18,7 @@ from dsv4.checkpoint.hub import resolve_model
 from dsv4.loader import load_model
 from dsv4.train.data import PackStream, pack, read_documents
 from dsv4.train.dist import DistContext, init_from_env
-from dsv4.train.loop import Trainer, TrainConfig
+from dsv4.train.loop import TrainConfig, Trainer
 from dsv4.train.params import LORA_TARGETS, prepare_full, prepare_lora
 from dsv4.train.save import (
     bf16_config,
