@@ -99,7 +99,7 @@ def test_reexport_of_a_saved_checkpoint_is_exact(full_run, tmp_path):
 
 
 def test_bf16_save_loads_and_generates(full_run):
-    m, out = full_run
+    out = full_run[1]
     loaded = dsv4.load_model(out / "model-bf16", dtype=torch.float32, quant_emulation=False, progress=False)
     assert loaded.layers[0].attn.wq_a.fmt == "plain"
     llm = dsv4.LLM(str(out / "model-bf16"), device="cpu", max_num_seqs=1, progress=False)

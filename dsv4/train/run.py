@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dsv4.checkpoint.hub import resolve_model
+from dsv4.config import ModelConfig
 from dsv4.loader import load_model
 from dsv4.train.data import PackStream, pack, read_documents
 from dsv4.train.dist import DistContext, init_from_env
@@ -42,10 +43,11 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str | None 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     model_dir = resolve_model(model)
-    net = load_model(model_dir, device=device, dtype=dtype, quant_emulation=quant_emulation, progress=False)
     from dsv4.tokenizer import load_tokenizer
 
-    docs = read_documents(data, load_tokenizer(model_dir), net.cfg.vocab_size, net.cfg.bos_token_id, thinking_mode)
+    cfg = ModelConfig.from_file(model_dir)          # bad data fails before the weights are read
+    docs = read_documents(data, load_tokenizer(model_dir), cfg.vocab_size, cfg.bos_token_id, thinking_mode)
+    net = load_model(model_dir, device=device, dtype=dtype, quant_emulation=quant_emulation, progress=False)
     torch.manual_seed(train.seed)                    # LoRA init identical on every rank
     net = prepare_full(net, qat) if lora_rank is None else prepare_lora(net, lora_rank, lora_alpha, lora_targets)
     out = Path(out)
