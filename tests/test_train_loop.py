@@ -96,3 +96,15 @@ def test_cli_finetunes_the_builtin_model_on_chat_data(tmp_path, monkeypatch, bui
     assert main(["finetune", "--model", str(builtin_ckpt), "--data", str(bad), "--full", "--out",
                  str(tmp_path / "x")]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_bf16_compute_keeps_fp32_master_weights(tiny_ckpt, tmp_path):
+    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.bfloat16, progress=False))
+    cfg = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=1, seq_len=64, packs_per_step=2, grad_ckpt=False)
+    t = Trainer(m, _stream(), cfg, tmp_path, progress=False)
+    t.run()
+    pairs = [(p, mw) for p, mw in zip(t.master.params, t.master.masters, strict=True) if p.dtype == torch.bfloat16]
+    assert len(pairs) > 50 and m.layers[0].attn.wq_a.weight.dtype == torch.bfloat16
+    for p, mw in pairs:
+        assert mw.dtype == torch.float32 and torch.equal(p, mw.detach().bfloat16())
+    assert any(not torch.equal(mw.detach(), mw.detach().bfloat16().float()) for _, mw in pairs)   # fp32 detail kept

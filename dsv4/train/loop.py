@@ -62,7 +62,8 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         packs = self.stream.step(self.step)
-        n_targets = sum(d.n_targets for p in packs for d in p)
+        # max(1, .): a step whose targets were all cut off by truncation contributes a zero loss, not NaN.
+        n_targets = max(1, sum(d.n_targets for p in packs for d in p))
         n_mtp = sum(sum(d.mask[2:]) for p in packs for d in p if len(d) >= 3)
         lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
         for g in self.opt.param_groups:
