@@ -1,8 +1,9 @@
 """Evidence for `dsv4 finetune`: a tiny model learns to retrieve a key placed > 300 tokens back.
 
-Each document is BOS, KEY, k, ~300-330 random filler tokens, QUERY, k, EOS; the loss covers only the answer k and
-the EOS. The sliding window is 16 tokens, so the only route from the answer back to k is the compressed attention
-(the HCA layer's 128-token blocks, the CSA layer's indexer picks). Guessing gives ln(16) / 2 = 1.39 nats per
+Each document is BOS, KEY, the key k repeated to fill the first 128-token block, 300-330 random filler tokens,
+QUERY, k, EOS; the loss covers only the answer k and the EOS. The last copy of k is > 300 tokens before the answer
+and the sliding window is 16 tokens, so the only route from the answer back to k is the compressed attention (the
+HCA layer's 128-token block entries, the CSA layer's indexer picks). Guessing gives ln(16) / 2 = 1.39 nats per
 target token (the EOS is free); retrieval gives ~0.
 Usage: python scripts/finetune_retrieval.py OUT_DIR [--steps N]   (CPU: ~2-4 s per step)
 """
@@ -31,7 +32,7 @@ def config():
 def document(rng: random.Random) -> dict:
     k = FIRST_KEY + rng.randrange(N_KEYS)
     filler = [rng.randrange(FIRST_FILLER, 256) for _ in range(rng.randrange(300, 331))]
-    ids = [0, KEY, k, *filler, QUERY, k, 1]
+    ids = [0, KEY] + [k] * 126 + [*filler, QUERY, k, 1]
     return {"input_ids": ids, "loss_mask": [0] * (len(ids) - 2) + [1, 1]}
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     rng = random.Random(0)
     data = out / "retrieval.jsonl"
     data.write_text("".join(json.dumps(document(rng)) + "\n" for _ in range(2000)))
-    train = TrainConfig(max_steps=args.steps, lr=3e-3, warmup_steps=20, seq_len=340, packs_per_step=4,
+    train = TrainConfig(max_steps=args.steps, lr=3e-3, warmup_steps=20, seq_len=470, packs_per_step=4,
                         grad_ckpt=False, clip_grad=1.0)
     finetune(data, out / "run", str(base), train=train, quant_emulation=False)
     print(f"held-out retrieval accuracy: base {accuracy(base):.3f}, fine-tuned {accuracy(out / 'run' / 'model'):.3f}")
