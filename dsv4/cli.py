@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_bench(sub)
     _add_parity(sub)
+    from dsv4.train.command import add_parsers as add_train_parsers
+
+    add_train_parsers(sub, _positive, DTYPES)
     return parser
 
 

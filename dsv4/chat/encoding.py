@@ -58,6 +58,15 @@ def encode_messages(messages: list[dict], thinking_mode: str = "chat", drop_thin
     it is switched off whenever a message carries `tools`. Tools and `response_format` belong on the system (or a
     developer) message, as in the official format.
     """
+    return BOS + "".join(text for text, _ in encode_segments(messages, thinking_mode, drop_thinking,
+                                                            reasoning_effort))
+
+
+def encode_segments(messages: list[dict], thinking_mode: str = "chat", drop_thinking: bool = True,
+                    reasoning_effort: str | None = None) -> list[tuple[str, bool]]:
+    """The prompt text after the BOS as (text, is_assistant_output) pieces: what `encode_messages` joins.
+    Assistant output = an assistant turn's reasoning + `</think>`, content, tool calls and EOS (the SFT targets);
+    the `<｜Assistant｜><think>` opener and everything else is prompt."""
     check_thinking_mode(thinking_mode)
     if reasoning_effort not in REASONING_EFFORTS:
         raise ValueError(f"reasoning_effort must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
@@ -68,12 +77,13 @@ def encode_messages(messages: list[dict], thinking_mode: str = "chat", drop_thin
     if thinking and drop_thinking:
         msgs = drop_old_reasoning(msgs)
     conv = _Conversation(msgs, thinking, drop_thinking, reasoning_effort, last_user_index(msgs))
-    return BOS + "".join(_render(i, conv) for i in range(len(msgs)))
+    return [piece for i in range(len(msgs)) for piece in _render(i, conv) if piece[0]]
 
 
-def _render(i: int, conv: _Conversation) -> str:
+def _render(i: int, conv: _Conversation) -> list[tuple[str, bool]]:
     prefix = REASONING_EFFORT_MAX if i == 0 and conv.thinking and conv.reasoning_effort == "max" else ""
-    return prefix + _RENDERERS[conv.messages[i]["role"]](i, conv) + _transition(i, conv)
+    role = conv.messages[i]["role"]
+    return [(prefix, False), (_RENDERERS[role](i, conv), role == "assistant"), (_transition(i, conv), False)]
 
 
 def _system(i: int, conv: _Conversation) -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dsv4 import ops
-from dsv4.model.primitives import Linear, RMSNorm
+from dsv4.model.primitives import Linear, RMSNorm, widen
 from dsv4.model.rope import Rotary
 from dsv4.model.state import CompressorState
 from dsv4.quant import fake_quant_fp4, hadamard
@@ -35,7 +35,7 @@ class Compressor(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token fp32 (kv, gate score without ape), each [b, s, coff*head_dim]."""
-        xf = x.float()                                   # fp32 projections even in a bf16 model
+        xf = widen(x)                                    # fp32 projections even in a bf16 model
         return ops.dense(xf, self.wkv.weight, x.dtype), ops.dense(xf, self.wgate.weight, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

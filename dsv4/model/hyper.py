@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from dsv4 import ops
+from dsv4.model.primitives import widen
 from dsv4.parity.taps import tap
 
 
 def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 flattened streams [b, s, hc*D], mixes [b, s, n] = (X @ fn^T) * rsqrt(mean(X^2) + eps))."""
-    x = h.flatten(2).float()
+    x = widen(h.flatten(2))
     rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
     return x, ops.dense(x, fn, h.dtype) * rsqrt
 

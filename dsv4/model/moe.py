@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
-from dsv4.model.primitives import Linear
+from dsv4.model.primitives import Linear, widen
 from dsv4.parity.taps import tap
 
 
@@ -30,7 +30,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], input_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
-        scores = ops.dense(x.float(), self.weight, x.dtype)
+        scores = ops.dense(widen(x), self.weight, x.dtype)
         if self.score_func == "softmax":
             scores = scores.softmax(dim=-1)
         elif self.score_func == "sigmoid":
@@ -58,7 +58,7 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        return self.w2(self.hidden(self.w1(x).float(), self.w3(x).float(), weights).to(x.dtype))
+        return self.w2(self.hidden(widen(self.w1(x)), widen(self.w3(x)), weights).to(x.dtype))
 
     def hidden(self, gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Clamped SwiGLU in fp32, times the routing weight (before w2)."""
@@ -88,24 +88,26 @@ class MoE(nn.Module):
         weights, ids = self.gate(x, input_ids.reshape(-1))
         tap("ffn.routing.ids", ids)
         tap("ffn.routing.weights", weights)
-        if x.is_cuda and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
+        # The pair and grouped paths are inference paths (Triton kernels, stacked weights): training loops.
+        inference = x.is_cuda and not torch.is_grad_enabled()
+        if inference and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
             y = self.routed_pairs(x, weights, ids)
-        elif x.is_cuda and x.dtype == torch.bfloat16 and ops.registry.fast_enabled():
+        elif inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled():
             y = self.routed_grouped(x, weights, ids)
         else:
             y = self.routed_loop(x, weights, ids)
-        y = y + self.shared_experts(x).float()
+        y = y + self.shared_experts(x).to(y.dtype)
         tap("ffn.experts_out", y)
         return y.to(x.dtype).view(shape)
 
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum of the routed experts' outputs [N, D] fp32: each used expert runs on its tokens (host sync)."""
-        y = torch.zeros_like(x, dtype=torch.float32)
+        y = widen(torch.zeros_like(x))
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         for e, count in enumerate(counts):
             if count:
                 rows, slot = torch.where(ids == e)
-                y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).float())
+                y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(y.dtype))
         return y
 
     def routed_pairs(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,11 @@ FP8 = torch.float8_e4m3fn
 E8M0 = torch.float8_e8m0fnu
 
 
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 (where the reference upcasts), but float64 stays float64 so gradient checks keep precision."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
@@ -29,7 +34,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = widen(x)
         xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
 

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from dsv4.model.primitives import widen
+
 
 def yarn_correction_range(dim: int, base: float, original_seq_len: int, beta_fast: float,
                           beta_slow: float) -> tuple[int, int]:
@@ -63,7 +65,7 @@ class Rotary:
 
         `cis` has the shape of x's leading token dims: [b, s, dim/2] for x [b, s, d] or [b, s, h, d].
         """
-        rope = torch.view_as_complex(x[..., -self.dim:].float().unflatten(-1, (-1, 2)).contiguous())
+        rope = torch.view_as_complex(widen(x[..., -self.dim:]).unflatten(-1, (-1, 2)).contiguous())
         cis = cis.conj() if inverse else cis
         while cis.dim() < rope.dim():
             cis = cis.unsqueeze(-2)

@@ -13,7 +13,7 @@ from dsv4 import ops
 from dsv4.config import ModelConfig
 from dsv4.model.block import Block, _hc_params
 from dsv4.model.hyper import hc_head
-from dsv4.model.primitives import Linear, RMSNorm, weight_formats
+from dsv4.model.primitives import Linear, RMSNorm, weight_formats, widen
 from dsv4.model.state import ModelState, StepBatch, fresh_state
 from dsv4.parity.taps import tap, tap_scope
 
@@ -92,7 +92,7 @@ class Transformer(nn.Module):
         tap("hc_head", x)
         y = norm(x)
         tap("norm", y)
-        out = ops.dense(y.float(), self.head.weight, y.dtype)
+        out = ops.dense(widen(y), self.head.weight, y.dtype)
         tap("logits", out)
         return out
 

@@ -35,7 +35,8 @@ def cached_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
 
 
 def _applies(x, weight, scale, fmt, act_quant_on, dequantized=None) -> bool:
-    return fmt in ("fp8", "fp4") and x.is_cuda and x.dtype == torch.bfloat16 and dequantized is None
+    return (fmt in ("fp8", "fp4") and x.is_cuda and x.dtype == torch.bfloat16 and dequantized is None
+            and not torch.is_grad_enabled())
 
 
 register("linear", "cached_bf16_linear", _applies, cached_linear)

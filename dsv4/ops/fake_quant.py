@@ -20,7 +20,8 @@ fake_quant_kv = dispatch("fake_quant_kv", _fake_quant_kv_twin)
 
 
 def _triton_applies(x, block) -> bool:
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    # no autograd through the kernel: training keeps the straight-through definition
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and not torch.is_grad_enabled()
 
 
 def _triton_fake_quant(x, block):

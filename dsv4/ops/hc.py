@@ -12,7 +12,7 @@ hc_split_sinkhorn = dispatch("hc_split_sinkhorn", _twin)
 
 
 def _applies(mixes, scale, base, hc, iters, eps) -> bool:
-    return mixes.is_cuda and mixes.dtype == torch.float32 and hc & (hc - 1) == 0
+    return mixes.is_cuda and mixes.dtype == torch.float32 and hc & (hc - 1) == 0 and not torch.is_grad_enabled()
 
 
 def _kernel(mixes, scale, base, hc, iters, eps):

@@ -30,7 +30,7 @@ pair_linear = dispatch("pair_linear", _pair_linear_twin)
 
 
 def _fp4_applies(x, ids, weight, scale, fmt) -> bool:
-    return fmt == "fp4" and x.is_cuda and x.shape[1] % 128 == 0
+    return fmt == "fp4" and x.is_cuda and x.shape[1] % 128 == 0 and not torch.is_grad_enabled()
 
 
 def _fp4_kernel(x, ids, weight, scale, fmt):

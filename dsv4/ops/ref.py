@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.quant import act_quant, dequant_fp4, dequant_fp8
+from dsv4.quant.act import straight_through
 
 
 def dequant_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
@@ -58,7 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fm
     w = dequantized if dequantized is not None else dequant_weight(weight, scale, fmt)
     if act_quant_on:
         q, s = act_quant(x, 128)
-        xf = (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
+        xf = straight_through(x, (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2))
         return dense(xf, w, x.dtype, x.dtype)
     return dense(x, w, x.dtype)
 

@@ -4,6 +4,10 @@ All arithmetic is fp32 (float64 for float64 inputs, which are never rounded to f
 (1e-4 for FP8, 6 * 2**-126 for FP4) so zero blocks get a finite scale, and dividing by a power of two is exact,
 so the one rounding is onto the e4m3 / e2m1 grid.
 
+For training, every fake-quant is straight-through (`straight_through`): the forward value is the rounded one,
+bit for bit, and the gradient passes unchanged. NOTE: without it autograd would push the gradient through the
+float8 cast itself, rounding the *gradient* to e4m3 (anything below 2**-9 becomes 0).
+
 NOTE: `fake_quant_fp8` follows the *fixed* reference kernel (2026-06-08), which truly rounds to e4m3; the
 earlier in-place version only rounded to bf16.
 """
@@ -17,6 +21,15 @@ from dsv4.quant.fp4 import AMAX_FLOOR as FP4_AMAX_FLOOR
 from dsv4.quant.fp4 import E2M1_MAX, e2m1_codes, fp4_decode
 from dsv4.quant.fp8 import AMAX_FLOOR as FP8_AMAX_FLOOR
 from dsv4.quant.fp8 import E4M3_MAX, to_e4m3, work_dtype
+
+
+def straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """`rounded` in the forward, identity gradient to x in the backward (x and rounded have one shape).
+    `x - x.detach()` is exactly 0 for finite x, so the value is `rounded` bit for bit (an autograd.Function
+    would do the same but costs seconds of lazy imports on first use)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return rounded
+    return rounded.detach().to(x.dtype) + (x - x.detach())
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -36,7 +49,7 @@ def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Te
 def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
     """Quantise to e4m3 per block and back, in x's dtype (a new tensor; e4m3 values times 2**k are exact in bf16)."""
     q, s = act_quant(x, block)
-    return (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2).to(x.dtype)
+    return straight_through(x, (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2).to(x.dtype))
 
 
 def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -45,4 +58,4 @@ def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     s = pow2_ceil_scale(xb.abs().amax(-1).clamp(min=FP4_AMAX_FLOOR), E2M1_MAX).unsqueeze(-1)
     y = fp4_decode(e2m1_codes((xb / s).clamp(-E2M1_MAX, E2M1_MAX))) * s
     y = torch.where(torch.isnan(xb), xb, y)  # e2m1 has no NaN; let it through rather than invent a value
-    return y.flatten(-2).to(x.dtype)
+    return straight_through(x, y.flatten(-2).to(x.dtype))

@@ -1,0 +1,138 @@
+"""SFT data: JSONL records -> token ids + loss mask -> packs of whole documents.
+
+A record is either a chat `{"messages": [...], "tools"?: [...]}` (OpenAI form, encoded with the official V4
+format; the loss covers only what the assistant writes: reasoning, content, tool calls and the closing EOS) or
+pre-tokenised `{"input_ids": [...], "loss_mask"?: [...]}` (synthetic tasks; mask defaults to every token).
+Packing never lets documents see each other: a pack is a list of documents that the model runs as separate
+sequences of one flattened batch (`StepBatch`), so nothing is padded and nothing attends across documents.
+NOTE: the mask marks tokens to be *predicted*; position t is trained to predict token t+1 where mask[t+1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass
+
+from dsv4.chat.encoding import encode_segments
+from dsv4.chat.tokens import BOS
+
+
+@dataclass
+class Document:
+    ids: list[int]
+    mask: list[bool]             # mask[t]: token t is a training target
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(self.mask[1:])
+
+
+def chat_document(record: dict, tokenizer, bos_id: int = 0, thinking_mode: str = "chat") -> Document:
+    """Encode one chat record; a token is a target when its first character lies in assistant output."""
+    messages = record["messages"]
+    if record.get("tools"):                      # tools belong on the system message in the V4 format
+        if messages and messages[0].get("role") == "system":
+            messages = [{**messages[0], "tools": record["tools"]}, *messages[1:]]
+        else:
+            messages = [{"role": "system", "content": "", "tools": record["tools"]}, *messages]
+    pieces = encode_segments(messages, thinking_mode=thinking_mode)
+    text, spans, pos = BOS, [], len(BOS)
+    for piece, target in pieces:
+        if target:
+            spans.append((pos, pos + len(piece)))
+        text, pos = text + piece, pos + len(piece)
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    if not enc.ids or enc.ids[0] != bos_id:
+        raise ValueError(f"the tokenizer did not encode the BOS text as id {bos_id}")
+    mask = [any(a <= start < b for a, b in spans) for start, _ in enc.offsets]
+    return Document(list(enc.ids), mask)
+
+
+def token_document(record: dict) -> Document:
+    ids = record["input_ids"]
+    mask = record.get("loss_mask", [1] * len(ids))
+    if len(mask) != len(ids):
+        raise ValueError(f"loss_mask has {len(mask)} entries for {len(ids)} input_ids")
+    return Document([int(t) for t in ids], [bool(m) for m in mask])
+
+
+def read_documents(path: str | os.PathLike, tokenizer=None, vocab_size: int | None = None, bos_id: int = 0,
+                   thinking_mode: str = "chat") -> list[Document]:
+    """Every record of a JSONL file; errors name the line. Documents without any target are an error."""
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(_document(json.loads(line), tokenizer, bos_id, thinking_mode, vocab_size))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from e
+    if not docs:
+        raise ValueError(f"{path}: no training records")
+    return docs
+
+
+def _document(record, tokenizer, bos_id, thinking_mode, vocab_size) -> Document:
+    if not isinstance(record, dict) or ("messages" not in record and "input_ids" not in record):
+        raise ValueError('each line must be a JSON object with "messages" (chat) or "input_ids" (tokens)')
+    if "messages" in record:
+        if tokenizer is None:
+            raise ValueError("chat records need a tokenizer")
+        doc = chat_document(record, tokenizer, bos_id, thinking_mode)
+    else:
+        doc = token_document(record)
+    if len(doc) < 2 or not doc.n_targets:
+        raise ValueError("the record has no assistant tokens to train on")
+    bad = [t for t in doc.ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (vocab_size={vocab_size})")
+    return doc
+
+
+def pack(docs: list[Document], seq_len: int) -> list[list[Document]]:
+    """Greedy packing in order: each pack holds whole documents totalling <= seq_len tokens. Longer documents
+    are cut to seq_len (with one warning saying how many)."""
+    cut = sum(len(d) > seq_len for d in docs)
+    if cut:
+        warnings.warn(f"{cut} of {len(docs)} documents are longer than seq_len={seq_len} and were truncated",
+                      UserWarning, stacklevel=2)
+    packs, size = [], 0
+    for d in docs:
+        d = Document(d.ids[:seq_len], d.mask[:seq_len]) if len(d) > seq_len else d
+        if not packs or size + len(d) > seq_len:
+            packs.append([])
+            size = 0
+        packs[-1].append(d)
+        size += len(d)
+    return packs
+
+
+class PackStream:
+    """Packs for step after step: `packs_per_step` per step, reshuffled every epoch from `seed`; deterministic
+    given (seed, step), so a resumed run sees exactly the data it would have seen."""
+
+    def __init__(self, packs: list[list[Document]], packs_per_step: int, seed: int = 0):
+        if packs_per_step < 1:
+            raise ValueError(f"packs_per_step must be >= 1, got {packs_per_step}")
+        self.packs, self.per_step, self.seed = packs, packs_per_step, seed
+
+    def step(self, step: int) -> list[list[Document]]:
+        n = len(self.packs)
+        out = []
+        for k in range(step * self.per_step, (step + 1) * self.per_step):
+            epoch, i = divmod(k, n)
+            order = list(range(n))
+            random.Random(self.seed * 100003 + epoch).shuffle(order)
+            out.append(self.packs[order[i]])
+        return out
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.packs) // self.per_step)

@@ -1,0 +1,123 @@
+"""The training forward: the inference model's own blocks over a packed batch, with loss and MoE load counts.
+
+Every document of a pack is its own sequence of one flattened `StepBatch` (positions from 0, its own state
+slot), so attention never crosses documents. The blocks are called exactly as `Transformer.step` calls them;
+the one difference is that each block gets a FRESH `LayerState` of its own, built inside the (optionally
+checkpointed) call: the inference state is written in place during the forward, and a recomputation for
+gradient checkpointing must see the state as the first pass saw it (empty, for sequences from position 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dsv4.model.moe import Gate
+from dsv4.model.state import ModelState, StepBatch
+from dsv4.train.data import Document
+
+IGNORE = -100
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor      # [1, T] every document's tokens, concatenated
+    targets: torch.Tensor        # [T] next token where it is a training target, else IGNORE
+    batch: StepBatch
+    docs: list[Document]
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def packed_batch(docs: list[Document], device) -> PackedBatch:
+    ids, targets, chunks = [], [], []
+    for slot, d in enumerate(docs):
+        chunks.append((slot, 0, len(d), list(range(slot * _pages(len(d)), (slot + 1) * _pages(len(d))))))
+        ids += d.ids
+        targets += [t if m else IGNORE for t, m in zip(d.ids[1:], d.mask[1:], strict=True)] + [IGNORE]
+    return PackedBatch(torch.tensor([ids], device=device), torch.tensor(targets, device=device),
+                       StepBatch.build(chunks, device), docs)
+
+
+def _pages(n: int, page_size: int = 128) -> int:
+    return -(-n // page_size)
+
+
+def layer_state(model, layer_id: int, batch: StepBatch):
+    """An empty state for one block, sized for this batch (pages for every sequence, one slot each)."""
+    pages = sum(_pages(s.length) for s in batch.seqs)
+    return ModelState(model.cfg, len(batch.seqs), max(pages, 1), 128, model.dtype, batch.positions.device,
+                      layer_ids=[layer_id]).layers[0]
+
+
+def hidden(model, pb: PackedBatch, grad_ckpt: bool) -> torch.Tensor:
+    """Final hc streams [1, T, hc, D]: embedding, then every block (as `Transformer.step` runs them)."""
+    h = model.embed(pb.input_ids).unsqueeze(2).repeat(1, 1, model.cfg.hc_mult, 1)
+    for layer in model.layers:
+        def run(h, layer=layer):
+            return layer(h, pb.input_ids, pb.batch, layer_state(model, layer.layer_id, pb.batch))
+        h = checkpoint(run, h, use_reentrant=False) if grad_ckpt and torch.is_grad_enabled() else run(h)
+    return h
+
+
+def mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int = 0) -> tuple[torch.Tensor, int]:
+    """Summed CE of the MTP block (DeepSeek-V3 shift: position i sees h_i and token i+1, predicts token i+2),
+    one document at a time (each from position 0)."""
+    total, count = h.new_zeros((), dtype=torch.float32), 0
+    for seq, d in zip(pb.batch.seqs, pb.docs, strict=True):
+        n = seq.length
+        if n < 3:
+            continue
+        hd = h[:, seq.offset:seq.offset + n]
+        ids = pb.input_ids[:, seq.offset:seq.offset + n]
+        logits = model.mtp_forward(hd[:, :-1], ids[:, 1:], depth)[0, :n - 2]
+        tgt = torch.where(torch.tensor(d.mask[2:], device=ids.device), ids[0, 2:], IGNORE)
+        total = total + F.cross_entropy(logits.float(), tgt, ignore_index=IGNORE, reduction="sum")
+        count += int((tgt != IGNORE).sum())
+    return total, count
+
+
+class LoadCounter:
+    """Counts how many tokens each routed expert receives, per MoE layer, through forward hooks on the gates."""
+
+    def __init__(self, model: nn.Module):
+        self.gates = [(n, m) for n, m in model.named_modules() if isinstance(m, Gate)]
+        self.counts = {n: torch.zeros(m.weight.shape[0], dtype=torch.long) for n, m in self.gates}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.gates]
+        self.enabled = True
+
+    def _hook(self, name: str):
+        def hook(module, args, out):
+            if self.enabled:                  # switched off around backward (checkpoint recomputation)
+                self.counts[name] += torch.bincount(out[1].flatten().cpu(), minlength=len(self.counts[name]))
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out = {n: c.clone() for n, c in self.counts.items()}
+        for c in self.counts.values():
+            c.zero_()
+        return out
+
+
+class TrainStep(nn.Module):
+    """Wraps the model so the whole training forward runs inside one `__call__` (what FSDP2 hooks into).
+    forward(pack) -> (summed main CE, summed MTP CE or None, number of MTP targets)."""
+
+    def __init__(self, model: nn.Module, grad_ckpt: bool = True, mtp_weight: float = 0.0):
+        super().__init__()
+        self.model, self.grad_ckpt, self.mtp_weight = model, grad_ckpt, mtp_weight
+
+    def forward(self, pb: PackedBatch):
+        h = hidden(self.model, pb, self.grad_ckpt)
+        logits = self.model.main_logits(h)[0]                           # [T, V] fp32
+        ce = F.cross_entropy(logits, pb.targets, ignore_index=IGNORE, reduction="sum")
+        if not self.mtp_weight:
+            return ce, None, 0
+        mtp, n = mtp_loss_sum(self.model, h, pb)
+        return ce, mtp, n

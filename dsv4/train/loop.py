@@ -1,0 +1,158 @@
+"""The SFT loop: packs -> forward/backward per pack (gradient accumulation) -> clip -> AdamW -> records.
+
+One optimiser step consumes `packs_per_step` packs; under FSDP rank r takes packs r, r+world, ... of them, and
+every rank divides its summed cross-entropy by the step's GLOBAL number of target tokens (known to every rank,
+the data order being deterministic), so the loss curve does not depend on the number of processes.
+Resumable: `train_state/` holds the trainable tensors, gate biases, optimiser state and step (per rank; resume
+with the same number of processes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dsv4.train.data import PackStream
+from dsv4.train.dist import DistContext, shard
+from dsv4.train.forward import LoadCounter, TrainStep, packed_batch
+from dsv4.train.metrics import MetricsLog, expert_load, plot_loss
+from dsv4.train.optim import MasterWeights, lr_at, make_optimizer, update_gate_bias
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    seq_len: int = 2048
+    packs_per_step: int = 1
+    grad_ckpt: bool = True
+    mtp_weight: float = 0.0
+    bias_update_rate: float = 0.0
+    save_every: int = 0            # 0: only at the end
+    seed: int = 0
+
+
+class Trainer:
+    def __init__(self, model, stream: PackStream, cfg: TrainConfig, out_dir, ctx: DistContext | None = None,
+                 progress: bool = True):
+        ctx = ctx or DistContext()
+        if cfg.packs_per_step % ctx.world:
+            raise ValueError(f"packs_per_step={cfg.packs_per_step} must be a multiple of the {ctx.world} processes")
+        self.model, self.stream, self.cfg, self.ctx = model, stream, cfg, ctx
+        self.out, self.progress = Path(out_dir), progress and ctx.main
+        self.device = next(model.parameters()).device
+        self.step_module = shard(TrainStep(model, cfg.grad_ckpt, cfg.mtp_weight), ctx)
+        self.params = [(n, p) for n, p in self.step_module.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("nothing to train: no parameter requires a gradient")
+        self.master = MasterWeights([p for _, p in self.params])
+        self.opt = make_optimizer(self.master.masters, cfg.lr, cfg.weight_decay)
+        self.counter = LoadCounter(model)
+        self.step = 0
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        packs = self.stream.step(self.step)
+        # max(1, .): a step whose targets were all cut off by truncation contributes a zero loss, not NaN.
+        n_targets = max(1, sum(d.n_targets for p in packs for d in p))
+        n_mtp = sum(sum(d.mask[2:]) for p in packs for d in p if len(d) >= 3)
+        lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        sums = torch.zeros(2, dtype=torch.float64)
+        for pack in packs[self.ctx.rank::self.ctx.world]:
+            ce, mtp, _ = self.step_module(packed_batch(pack, self.device))
+            loss = ce / n_targets
+            if mtp is not None and n_mtp:
+                loss = loss + self.cfg.mtp_weight * mtp / n_mtp
+                sums[1] += mtp.item()
+            sums[0] += ce.item()
+            self.counter.enabled = False                        # checkpoint recomputation must not count
+            loss.backward()
+            self.counter.enabled = True
+        self.master.grads_to_masters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.master.masters, self.cfg.clip_grad or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not torch.isfinite(torch.tensor(grad_norm)):
+            raise FloatingPointError(f"step {self.step}: the gradient norm is {grad_norm}")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.master.masters_to_params()
+        counts = {n: self.ctx.all_sum(c) for n, c in self.counter.take().items()}
+        update_gate_bias(self.model, counts, self.cfg.bias_update_rate)
+        sums = self.ctx.all_sum(sums)
+        tokens = sum(len(d) for p in packs for d in p)
+        record = {"step": self.step, "loss": sums[0].item() / n_targets, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": tokens, "target_tokens": n_targets,
+                  "tok_per_s": tokens / (time.perf_counter() - t0)}
+        if self.cfg.mtp_weight and n_mtp:
+            record["mtp_loss"] = sums[1].item() / n_mtp
+        record["expert_load"] = expert_load(counts)
+        self.step += 1
+        return record
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> list[dict]:
+        self.load_state()
+        log = MetricsLog(self.out, self.step) if self.ctx.main else None
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="finetune", unit="step",
+                   disable=not self.progress)
+        records = []
+        while self.step < self.cfg.max_steps:
+            rec = self.train_step()
+            records.append(rec)
+            if log:
+                log.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_per_s']:.0f}")
+            bar.update(1)
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
+                self.save_state()
+        bar.close()
+        self.save_state()
+        if self.ctx.main and (self.out / "metrics.jsonl").exists():
+            plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+        return records
+
+    # ------------------------------------------------------------------ resumable state
+    def _state_path(self) -> Path:
+        return self.out / "train_state" / f"rank{self.ctx.rank}-of-{self.ctx.world}.pt"
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters and gate biases (the only tensors training changes), as local shards."""
+        out = {n: p for n, p in self.step_module.named_parameters() if p.requires_grad or n.endswith("gate.bias")}
+        return {n: p.to_local() if hasattr(p, "to_local") else p for n, p in out.items()}
+
+    def save_state(self) -> None:
+        path = self._state_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "tensors": {n: t.detach().clone() for n, t in self._tensors().items()},
+                 "masters": [m.detach().clone() for m in self.master.masters], "optimizer": self.opt.state_dict(),
+                 "config": asdict(self.cfg)}
+        torch.save(state, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+    def load_state(self) -> None:
+        path = self._state_path()
+        if not path.exists():
+            return
+        state = torch.load(path, weights_only=False)
+        with torch.no_grad():
+            mine = self._tensors()
+            if set(mine) != set(state["tensors"]):
+                raise ValueError(f"{path} does not match this model's trainable tensors (other --lora/--full?)")
+            for n, t in mine.items():
+                t.copy_(state["tensors"][n])
+            for m, saved in zip(self.master.masters, state["masters"], strict=True):
+                (m.to_local() if hasattr(m, "to_local") else m).copy_(
+                    saved.to_local() if hasattr(saved, "to_local") else saved)
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = state["step"]

@@ -1,0 +1,95 @@
+"""`finetune()`: checkpoint + JSONL in, trained checkpoint (or LoRA adapters) + records out.
+
+Output directory: `metrics.jsonl`, `loss.png`, `run.json` (the settings), `train_state/` (resume: run the same
+command again), and `model/` (official format, re-quantised FP8/FP4) + `model-bf16/` for full fine-tuning, or
+`adapter/` (+ `model/`, the merged checkpoint, with `merge=True`) for LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dsv4.checkpoint.hub import resolve_model
+from dsv4.config import ModelConfig
+from dsv4.loader import load_model
+from dsv4.train.data import PackStream, pack, read_documents
+from dsv4.train.dist import DistContext, init_from_env
+from dsv4.train.loop import TrainConfig, Trainer
+from dsv4.train.params import LORA_TARGETS, prepare_full, prepare_lora
+from dsv4.train.save import (
+    bf16_config,
+    export_state,
+    load_adapters,
+    read_adapter_config,
+    save_adapters,
+    write_checkpoint,
+)
+
+
+def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str | None = None, lora_rank: int | None = None,
+             lora_alpha: float | None = None, lora_targets: tuple[str, ...] = ("attn", "shared"), qat: bool = False,
+             train: TrainConfig | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+             quant_emulation: bool = True, thinking_mode: str = "chat", merge: bool = False,
+             progress: bool = True) -> Path:
+    """Full fine-tuning (`lora_rank=None`) or LoRA. Under torchrun (WORLD_SIZE > 1) it runs with FSDP2."""
+    train = train or TrainConfig()
+    ctx = init_from_env(torch.device(device))
+    if ctx.enabled and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    model_dir = resolve_model(model)
+    from dsv4.tokenizer import load_tokenizer
+
+    cfg = ModelConfig.from_file(model_dir)          # bad data fails before the weights are read
+    docs = read_documents(data, load_tokenizer(model_dir), cfg.vocab_size, cfg.bos_token_id, thinking_mode)
+    net = load_model(model_dir, device=device, dtype=dtype, quant_emulation=quant_emulation, progress=False)
+    torch.manual_seed(train.seed)                    # LoRA init identical on every rank
+    net = prepare_full(net, qat) if lora_rank is None else prepare_lora(net, lora_rank, lora_alpha, lora_targets)
+    out = Path(out)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        settings = {"model": str(model_dir), "data": str(data), "lora_rank": lora_rank, "lora_alpha": lora_alpha,
+                    "lora_targets": list(lora_targets), "qat": qat, "dtype": str(dtype), "device": device,
+                    "world_size": ctx.world, "documents": len(docs), "train": asdict(train)}
+        (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
+    ctx.barrier()
+    Trainer(net, PackStream(pack(docs, train.seq_len), train.packs_per_step, train.seed), train, out, ctx,
+            progress).run()
+    _save(net, model_dir, out, ctx, lora_rank, lora_alpha, lora_targets, merge)
+    return out
+
+
+def _save(net, model_dir, out: Path, ctx: DistContext, lora_rank, lora_alpha, lora_targets, merge) -> None:
+    cfg = net.cfg
+    if lora_rank is not None:
+        if ctx.main:
+            save_adapters(net, out / "adapter", {"rank": lora_rank, "alpha": lora_alpha or 2.0 * lora_rank,
+                                                 "targets": list(lora_targets), "base_model": str(model_dir)})
+        if not merge:
+            return
+    formats = [(cfg, out / "model")] + ([] if lora_rank is not None else [(bf16_config(cfg), out / "model-bf16")])
+    for fmt_cfg, path in formats:
+        state = export_state(net, fmt_cfg)               # every rank gathers its shards
+        if ctx.main:
+            write_checkpoint(state, fmt_cfg, path, tokenizer_from=model_dir)
+    ctx.barrier()
+
+
+def merge_lora(adapter_dir: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
+               bf16: bool = False) -> Path:
+    """Base checkpoint + saved adapters -> one checkpoint (official format, or bf16), loadable by the engine."""
+    meta = read_adapter_config(adapter_dir)
+    model_dir = resolve_model(model or meta["base_model"])
+    net = load_model(model_dir, dtype=torch.float32, progress=False)
+    net = prepare_lora(net, meta["rank"], meta["alpha"], tuple(meta["targets"]))
+    load_adapters(net, adapter_dir)
+    cfg = bf16_config(net.cfg) if bf16 else net.cfg
+    return write_checkpoint(export_state(net, cfg), cfg, out, tokenizer_from=model_dir)
+
+
+__all__ = ["LORA_TARGETS", "TrainConfig", "finetune", "merge_lora"]
