@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
+from dsv4.dist import SINGLE
 from dsv4.model.primitives import Linear
 
 
@@ -75,6 +76,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(
             Expert(cfg.dim, cfg.moe_inter_dim, expert_fmt, dtype, cfg.swiglu_limit) for _ in range(self.n_experts))
         self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim, dense_fmt, dtype, cfg.swiglu_limit)
+        self.tp = SINGLE                # expert parallel: experts[e] is None when another rank holds it
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -83,8 +85,9 @@ class MoE(nn.Module):
         y = torch.zeros_like(x, dtype=torch.float32)
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         for e, count in enumerate(counts):
-            if count:
+            if count and self.experts[e] is not None:
                 rows, slot = torch.where(ids == e)
                 y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).float())
+        y = self.tp.all_reduce(y)       # fp32 sum of every rank's experts; the shared expert is replicated
         y = y + self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
