@@ -1,9 +1,10 @@
 """Tensor + expert parallelism (spec §5.4) on 2 CPU processes with gloo, tiny config, fp32.
 
-Tolerance: fp32 models reduce float64 partials (`RowParallelLinear`) and sum exactly-representable pieces elsewhere
-(embedding rows, the MoE sum of at most one expert per rank and token here, the head's gathered slices), so TP=2
-may differ from TP=1 only by the summation order of the float64 `wo_b` sums and of the fp32 indexer score over
-heads: a few fp32 ulps, held to rtol=atol=1e-5 (measured: bit-identical on x86 CPUs).
+Tolerance: fp32 models reduce float64 partials (`RowParallelLinear`), the embedding and head are exact (zeros added,
+slices gathered), and the MoE sum has 2 routed experts per token here (every order of a 2-term fp32 sum is the
+same), so TP=2 may differ from TP=1 only by the summation order of the float64 `wo_b` sums and of the fp32 indexer
+score over heads: a few fp32 ulps, held to rtol=atol=1e-5 (measured: bit-identical on x86 CPUs, emulation on and
+off).
 The test config doubles `o_lora_rank` to 128: with the default 64, a rank's `wo_b` input slice would be 64 wide,
 cutting the 128-wide FP8 activation-quantisation blocks, which the model (like the reference) cannot do.
 """

@@ -85,9 +85,9 @@ class ShardedReader:
             return self.reader.get(name)
         lo, hi = self.local_range(name, r.dim)
         index = (slice(None),) * r.dim + (slice(lo, hi),)
-        part = self.reader.get_slice(name)[index]
+        source = self.reader.get_slice(name)
         # An in-memory source gives a view: copy it so the full tensor can be freed after loading.
-        return part.clone() if isinstance(self.reader.get_slice(name), torch.Tensor) else part
+        return source[index].clone() if isinstance(source, torch.Tensor) else source[index]
 
     def local_range(self, name: str, dim: int) -> tuple[int, int]:
         """[lo, hi) of this rank along `dim` of tensor `name` (for a `.scale`, in blocks of its weight)."""

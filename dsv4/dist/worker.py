@@ -47,6 +47,8 @@ class Driver:
         self.closed = False
 
     def __getattr__(self, name):                       # anything else (quant_emulation, layers, ...) = the model's
+        if name == "model":                            # not set yet (unpickling, copying): no recursion
+            raise AttributeError(name)
         return getattr(self.model, name)
 
     def parameters(self, *args, **kwargs):
