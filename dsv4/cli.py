@@ -48,6 +48,9 @@ def _add_model_args(p) -> None:
     p.add_argument("--no-quant-emulation", action="store_true",
                    help="turn off the FP8/FP4 QAT emulation (plain dequantised weights)")
     p.add_argument("--max-model-len", type=_positive(int), help="context length (default: the model's)")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=_positive(int),
+                   help="shard the model over N processes (one per GPU; gloo on CPU), started here, or by torchrun "
+                        "(default: torchrun's WORLD_SIZE, else 1); see docs/parallel.md")
 
 
 def _add_sampling_args(p, temperature: float) -> None:
@@ -285,7 +288,10 @@ def _llm(args, **engine_options):
     if args.model is not None and not os.path.exists(args.model) and args.model.count("/") != 1:
         raise FileNotFoundError(f"no checkpoint at {args.model}")
     device = _device(args)
-    if args.model is None:
+    from dsv4.dist.context import torchrun_world
+
+    tp = args.tp or torchrun_world()
+    if args.model is None and os.environ.get("RANK", "0") == "0":
         print("note: no --model given; using the built-in tiny model, which is UNTRAINED (random weights): "
               "expect meaningless text.", file=sys.stderr)
     from dsv4.llm import LLM
@@ -293,7 +299,7 @@ def _llm(args, **engine_options):
     engine_options = {"max_num_seqs": 1} | engine_options
     return LLM(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
                quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len,
-               progress=sys.stderr.isatty(), **engine_options)
+               tensor_parallel_size=tp, progress=sys.stderr.isatty(), **engine_options)
 
 
 def _sampling(args):
@@ -389,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _known_errors() -> tuple[type, ...]:
     """Errors of modules already imported that mean bad input (a broken checkpoint, a request that cannot run)."""
     known = [(sys.modules.get("dsv4.checkpoint"), "CheckpointError"), (sys.modules.get("dsv4.engine.engine"),
-                                                                       "RequestError")]
+                                                                       "RequestError"),
+             (sys.modules.get("dsv4.dist.context"), "TPError")]
     return tuple(getattr(m, name) for m, name in known if m is not None)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import os
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 
 from tqdm.auto import tqdm
@@ -23,7 +24,9 @@ class LLM:
     """`LLM(model=None | directory | "owner/name", **engine_options)`; None = the built-in (untrained) model.
 
     Engine options are the fields of `EngineConfig`: device, dtype, quant_emulation, max_model_len,
-    max_num_seqs, max_num_batched_tokens, page_size, num_pages, memory_fraction, cpu_cache_gib.
+    max_num_seqs, max_num_batched_tokens, page_size, num_pages, memory_fraction, cpu_cache_gib,
+    tensor_parallel_size (> 1: the model is sharded over that many processes, spawned here or started by torchrun;
+    see docs/parallel.md; `close()` releases them).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, revision: str | None = None,
@@ -32,20 +35,38 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine options {unknown}; valid: {sorted(_ENGINE_FIELDS)}")
         from dsv4.checkpoint.hub import resolve_model
-        from dsv4.loader import load_model
         from dsv4.tokenizer import load_tokenizer
 
         self.econf = EngineConfig(**engine_options)
         self.path = resolve_model(model, revision, download_dir)
         self.is_builtin = model is None
-        self.model = load_model(self.path, device=self.econf.device, dtype=self.econf.torch_dtype(),
-                                quant_emulation=self.econf.quant_emulation, progress=progress)
+        self.model = self._load(progress)
         self.tokenizer = load_tokenizer(self.path)
         if self.tokenizer.get_vocab_size() > self.model.cfg.vocab_size:
             warnings.warn(f"the tokenizer has {self.tokenizer.get_vocab_size()} ids but the model only "
                           f"{self.model.cfg.vocab_size}: text prompts may be rejected", stacklevel=2)
         self.engine = Engine(self.model, self.tokenizer, self.econf)
         self._ids = itertools.count()
+
+    def _load(self, progress: bool):
+        from dsv4.dist.context import torchrun_world
+        from dsv4.loader import load_model
+
+        econf = self.econf
+        args = dict(device=econf.device, dtype=econf.torch_dtype(), quant_emulation=econf.quant_emulation)
+        if econf.tensor_parallel_size == 1 and torchrun_world() == 1:
+            return load_model(self.path, progress=progress, **args)
+        from dsv4.dist.launch import start_model
+
+        driver = start_model(self.path, tp_size=econf.tensor_parallel_size, progress=progress, **args)
+        self._release = weakref.finalize(self, driver.close)      # also at interpreter exit
+        return driver
+
+    def close(self) -> None:
+        """Release the tensor-parallel follower processes (no-op for a single-process model)."""
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()
 
     def encode(self, text: str) -> list[int]:
         from dsv4.tokenizer import encode_prompt

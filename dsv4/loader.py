@@ -17,6 +17,9 @@ from tqdm.auto import tqdm
 from dsv4.checkpoint import CheckpointError, CheckpointReader, inventory, open_checkpoint
 from dsv4.checkpoint.errors import problem_report
 from dsv4.config import ModelConfig
+from dsv4.dist import SINGLE, ParallelContext
+from dsv4.dist.sharding import ShardedReader, check_tp, owns
+from dsv4.model.parallel import shard_model
 from dsv4.model.transformer import Transformer
 from dsv4.quant import dequant_fp8
 
@@ -61,18 +64,21 @@ def _plan(reader: CheckpointReader, params: dict[str, torch.Tensor]) -> dict[str
 
 
 def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
-               quant_emulation: bool = True, progress: bool = True) -> Transformer:
+               quant_emulation: bool = True, progress: bool = True, parallel: ParallelContext = SINGLE) -> Transformer:
     """Load an official-format checkpoint: a directory (sharded with an index, or one `.safetensors` file) or a
-    `.safetensors` file with `config.json` beside it. `forward(input_ids [b, s])` gives fp32 logits [b, s, V]."""
+    `.safetensors` file with `config.json` beside it. `forward(input_ids [b, s])` gives fp32 logits [b, s, V].
+    With a `parallel` context of world size > 1, loads (reading only) rank `parallel.rank`'s share (spec §5.4)."""
     cfg, reader = open_checkpoint(path)
-    return _load(cfg, reader, device, dtype, quant_emulation, progress)
+    return _load(cfg, reader, device, dtype, quant_emulation, progress, parallel)
 
 
 def load_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device=None, dtype: torch.dtype = torch.bfloat16,
-                 quant_emulation: bool = True, progress: bool = False) -> Transformer:
+                 quant_emulation: bool = True, progress: bool = False,
+                 parallel: ParallelContext = SINGLE) -> Transformer:
     """A model from official-format tensors already in memory (e.g. `synthesize_tensors` on a GPU), checked as
-    strictly as a checkpoint on disk. The tensors are used in place where no conversion is needed."""
-    expected = inventory(cfg)
+    strictly as a checkpoint on disk. The tensors are used in place where no conversion is needed. With a
+    `parallel` context, only this rank's routed experts are expected (split tensors come whole and are sliced)."""
+    expected = {n: s for n, s in inventory(cfg).items() if owns(n, cfg.n_routed_experts, parallel)}
     groups = {
         "missing": [f"{n}: expected {s}" for n, s in expected.items() if n not in tensors],
         "unexpected": sorted(n for n in tensors if n not in expected),
@@ -84,7 +90,7 @@ def load_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device=None
     if any(groups.values()):
         raise CheckpointError(problem_report("the tensors do not match the config", groups))
     device = device or next(iter(tensors.values())).device
-    return _load(cfg, _Tensors(tensors), device, dtype, quant_emulation, progress)
+    return _load(cfg, _Tensors(tensors), device, dtype, quant_emulation, progress, parallel)
 
 
 class _Tensors(dict):
@@ -93,11 +99,18 @@ class _Tensors(dict):
     def get(self, name):
         return self[name]
 
+    get_slice = get
 
-def _load(cfg: ModelConfig, reader, device, dtype: torch.dtype, quant_emulation: bool, progress: bool) -> Transformer:
+
+def _load(cfg: ModelConfig, reader, device, dtype: torch.dtype, quant_emulation: bool, progress: bool,
+          parallel: ParallelContext = SINGLE) -> Transformer:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     model = build_model(cfg, dtype, "meta", quant_emulation)
+    if parallel.world > 1:
+        check_tp(cfg, parallel.world)
+        shard_model(model, parallel)
+        reader = ShardedReader(reader, cfg.n_routed_experts, parallel)
     params = dict(model.named_parameters())
     state = {}
     plan = _plan(reader, params)

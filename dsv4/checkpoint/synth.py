@@ -137,13 +137,15 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- values
-def synthesize_tensors(cfg: ModelConfig, seed: int = 0, device="cpu") -> dict[str, torch.Tensor]:
+def synthesize_tensors(cfg: ModelConfig, seed: int = 0, device="cpu", keep=None) -> dict[str, torch.Tensor]:
     """The same random checkpoint, in memory on `device` (official names, dtypes and shapes): benchmarks build
     full-width models straight on the GPU this way. Values are deterministic per (seed, name, device type); the
-    CPU values equal those `synthesize` writes."""
+    CPU values equal those `synthesize` writes. `keep(name)` False skips a tensor (e.g. another rank's experts)."""
     specs = inventory(cfg)
     out: dict[str, torch.Tensor] = {}
     for group in tensor_groups(specs):
+        if keep is not None and not keep(group[0]):
+            continue
         for name in group:
             out[name] = torch.empty(specs[name].shape, dtype=specs[name].torch_dtype, device=device)
         for name, row, t in _generate(cfg, seed, group, specs, device):

@@ -24,6 +24,7 @@ class EngineConfig:
     cpu_cache_gib: float = 4.0          # CPU: cache budget
     cuda_graphs: bool = True            # CUDA: decode steps replay captured graphs (one per batch-size bucket)
     decode_batch: bool = False          # CPU: run decode steps through the fixed-shape path too (tests)
+    tensor_parallel_size: int = 1       # ranks the model is sharded over (docs/parallel.md); the engine runs on rank 0
 
     def __post_init__(self):
         checks = [(self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
@@ -32,7 +33,8 @@ class EngineConfig:
                   (self.num_pages is None or self.num_pages >= 1, "num_pages must be >= 1"),
                   (0 < self.memory_fraction <= 1, "memory_fraction must be in (0, 1]"),
                   (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
-                  (self.dtype in (None, "bfloat16", "float32"), "dtype must be bfloat16 or float32")]
+                  (self.dtype in (None, "bfloat16", "float32"), "dtype must be bfloat16 or float32"),
+                  (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("; ".join(bad))

@@ -39,8 +39,10 @@ class Engine:
         self.max_model_len = min(econf.max_model_len or cfg.max_seq_len, cfg.max_seq_len)
         pages = cache_pages(cfg, econf, self.max_model_len)
         device = next(model.parameters()).device
-        capture = econf.cuda_graphs and device.type == "cuda"
-        fixed = capture or econf.decode_batch
+        # The fixed-shape decode path is single-rank for now: under TP the Driver replays `StepBatch` steps.
+        single = econf.tensor_parallel_size == 1
+        capture = econf.cuda_graphs and device.type == "cuda" and single
+        fixed = capture or (econf.decode_batch and single)
         # The fixed-shape decode path pads batches with rows that write to one scratch slot and page (the last).
         self.state = ModelState(cfg, econf.max_num_seqs + fixed, pages + fixed, econf.page_size, model.dtype, device)
         self.cache = CacheManager(econf.max_num_seqs, pages, econf.page_size)

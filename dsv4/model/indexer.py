@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dsv4 import ops
+from dsv4.dist import SINGLE
 from dsv4.model.compressor import Compressor
 from dsv4.model.primitives import Linear
 from dsv4.model.rope import Rotary
@@ -26,6 +27,8 @@ class Indexer(nn.Module):
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
         self.rotary = rotary
         self.quant_emulation = True
+        self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5     # of ALL heads, also when sharded
+        self.tp = SINGLE                                  # tensor parallel: this rank's heads, scores summed
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, dense_fmt, dtype)
         self.weights_proj = Linear(cfg.dim, self.n_heads, "plain", dtype)
         self.compressor = Compressor(cfg, 4, self.head_dim, rotate=True, rotary=rotary)
@@ -40,11 +43,11 @@ class Indexer(nn.Module):
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """[b, s, h] per-head score weights, in the compute dtype like the reference."""
-        return self.weights_proj(x) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return self.weights_proj(x) * self.weight_scale
 
     def scores(self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """[b, s, t] relevance of each key t (indexer cache entry) to each query."""
-        return self.weighted_scores(self.weights(x), q, keys)
+        return self.tp.all_reduce(self.weighted_scores(self.weights(x), q, keys))
 
     @staticmethod
     def weighted_scores(w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -57,7 +60,7 @@ class Indexer(nn.Module):
         keys [1, t, d]: [1, n, min(topk, t)] entry index + `offset`, -1 where the entry is not yet visible."""
         n, t = q.shape[1], keys.shape[1]
         visible = (torch.arange(start + 1, start + n + 1, device=q.device) // 4).unsqueeze(1)   # [n, 1]
-        score = self.weighted_scores(w, q, keys)
+        score = self.tp.all_reduce(self.weighted_scores(w, q, keys))
         score = score.masked_fill(torch.arange(t, device=q.device) >= visible, float("-inf"))
         tap("attn.indexer.scores", score)
         # NOTE: with FP4 queries and keys exact score ties are common; a stable sort breaks them towards the

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
+from dsv4.dist import SINGLE
 from dsv4.model.primitives import Linear, widen
 from dsv4.parity.taps import tap
 
@@ -81,6 +82,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(
             Expert(cfg.dim, cfg.moe_inter_dim, expert_fmt, dtype, cfg.swiglu_limit) for _ in range(self.n_experts))
         self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim, dense_fmt, dtype, cfg.swiglu_limit)
+        self.tp = SINGLE                # expert parallel: experts[e] is None when another rank holds it
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -89,13 +91,14 @@ class MoE(nn.Module):
         tap("ffn.routing.ids", ids)
         tap("ffn.routing.weights", weights)
         # The pair and grouped paths are inference paths (Triton kernels, stacked weights): training loops.
-        inference = x.is_cuda and not torch.is_grad_enabled()
+        inference = x.is_cuda and not torch.is_grad_enabled() and self.tp is SINGLE     # EP: the loop (for now)
         if inference and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
             y = self.routed_pairs(x, weights, ids)
         elif inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled():
             y = self.routed_grouped(x, weights, ids)
         else:
             y = self.routed_loop(x, weights, ids)
+        y = self.tp.all_reduce(y)       # fp32 sum of every rank's experts; the shared expert is replicated
         y = y + self.shared_experts(x).to(y.dtype)
         tap("ffn.experts_out", y)
         return y.to(x.dtype).view(shape)
@@ -105,7 +108,7 @@ class MoE(nn.Module):
         y = widen(torch.zeros_like(x))
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts).tolist()
         for e, count in enumerate(counts):
-            if count:
+            if count and self.experts[e] is not None:
                 rows, slot = torch.where(ids == e)
                 y.index_add_(0, rows, self.experts[e](x[rows], weights[rows, slot, None]).to(y.dtype))
         return y

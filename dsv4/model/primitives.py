@@ -84,6 +84,17 @@ class Linear(nn.Module):
         return f"{self.in_features}->{self.out_features}, {self.fmt}"
 
 
+class Head(Linear):
+    """The LM head: stored bf16 but held in fp32, since logits are an fp32 product (spec §3.1)."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__(dim, vocab_size, "plain", torch.float32)
+
+    def logits(self, y: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the final hidden state y [..., D] (computed in y's model dtype)."""
+        return ops.dense(widen(y), self.weight, y.dtype)
+
+
 def weight_formats(cfg) -> tuple[str, str]:
     """(format of the FP8-class linears, format of the routed experts) for a config."""
     dense = "fp8" if cfg.dtype == "fp8" else "plain"

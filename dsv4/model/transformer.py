@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4 import ops
 from dsv4.config import ModelConfig
 from dsv4.model.block import Block, _hc_params
 from dsv4.model.hyper import hc_head
-from dsv4.model.primitives import Linear, RMSNorm, weight_formats, widen
+from dsv4.model.primitives import Head, Linear, RMSNorm, weight_formats
 from dsv4.model.state import ModelState, StepBatch, fresh_state
 from dsv4.parity.taps import tap, tap_scope
 
@@ -46,8 +45,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + i, dense_fmt, expert_fmt, dtype)
                                  for i in range(cfg.n_mtp_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        # The head is stored bf16 but held in fp32: logits are an fp32 product (spec §3.1).
-        self.head = Linear(cfg.dim, cfg.vocab_size, "plain", torch.float32)
+        self.head = Head(cfg.dim, cfg.vocab_size)
         _hc_params(self, "hc_head", cfg.hc_mult, cfg.hc_mult * cfg.dim)
 
     @property
@@ -92,7 +90,7 @@ class Transformer(nn.Module):
         tap("hc_head", x)
         y = norm(x)
         tap("norm", y)
-        out = ops.dense(widen(y), self.head.weight, y.dtype)
+        out = self.head.logits(y)
         tap("logits", out)
         return out
 
