@@ -377,8 +377,9 @@ def cmd_check(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 (Flash / Pro): generate, chat, serve, fine-tune, check, "
-                                                 "synthesise, benchmark, compare against other implementations.")
+    parser = argparse.ArgumentParser(
+        prog="dsv4", description="DeepSeek-V4 (Flash / Pro): generate, chat, serve, fine-tune, check, synthesise, "
+                                 "benchmark, compare against other implementations.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_chat(sub)
