@@ -11,7 +11,7 @@ held-out perplexity of `run/model`). `--install` then copies `run/model` into `d
 The corpus is this interpreter's stdlib (`sysconfig.get_paths()['stdlib']`) without tests, idlelib and
 site-packages; HELDOUT files never enter the tokenizer or the training data. The exact command of the shipped
 model is in docs/builtin_model.md.
-Usage: OMP_NUM_THREADS=2 python scripts/train_builtin.py OUT [--steps N] [--install]
+Usage (defaults as shipped): PYTHONPATH=. OMP_NUM_THREADS=1 python3 scripts/train_builtin.py OUT [--install]
 """
 
 from __future__ import annotations
@@ -148,9 +148,9 @@ def install(out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--packs-per-step", type=int, default=4)
+    ap.add_argument("--packs-per-step", type=int, default=2)
     ap.add_argument("--install", action="store_true", help="copy OUT's trained model into the package")
     args = ap.parse_args()
     out = Path(args.out)
