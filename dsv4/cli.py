@@ -42,7 +42,7 @@ def _non_negative_float(text: str) -> float:
 
 def _add_model_args(p) -> None:
     p.add_argument("--model", help="checkpoint directory in the official format, or a Hugging Face Hub id "
-                                   "(default: the built-in tiny model, UNTRAINED)")
+                                   "(default: the built-in tiny model, trained on Python source)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-quant-emulation", action="store_true",
@@ -73,8 +73,8 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt (streams tokens)",
                        description="Generate a continuation of PROMPT, streaming it as it is produced. With --chat "
                                    "the prompt is sent as a user message in DeepSeek-V4's chat format. Without "
-                                   "--model, the built-in tiny model is used (UNTRAINED: its output is noise, it "
-                                   "only shows the pipeline works).")
+                                   "--model, the built-in tiny model is used (trained on the Python standard "
+                                   "library: it continues Python code, see docs/builtin_model.md).")
     p.add_argument("prompt", help="the prompt text (exactly one BOS token is added)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a chat user turn")
     _add_model_args(p)
@@ -109,7 +109,7 @@ def _add_serve(sub) -> None:
                         "network, which has no authentication)")
     p.add_argument("--port", type=_positive(int), default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: the "
-                                               "--model argument, or 'builtin-untrained-v1')")
+                                               "--model argument, or 'builtin-python-v1')")
     p.add_argument("--max-num-seqs", type=_positive(int), default=d["max_num_seqs"],
                    help=f"sequences decoded together, i.e. cache slots (default {d['max_num_seqs']}); more "
                         "requests wait in a queue")
@@ -292,8 +292,8 @@ def _llm(args, **engine_options):
 
     tp = args.tp or torchrun_world()
     if args.model is None and os.environ.get("RANK", "0") == "0":
-        print("note: no --model given; using the built-in tiny model, which is UNTRAINED (random weights): "
-              "expect meaningless text.", file=sys.stderr)
+        print("note: no --model given; using the built-in tiny model (a few MB, trained on Python source only: "
+              "it writes Python-like text; docs/builtin_model.md).", file=sys.stderr)
     from dsv4.llm import LLM
 
     engine_options = {"max_num_seqs": 1} | engine_options

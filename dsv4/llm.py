@@ -21,7 +21,7 @@ _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
 
 class LLM:
-    """`LLM(model=None | directory | "owner/name", **engine_options)`; None = the built-in (untrained) model.
+    """`LLM(model=None | directory | "owner/name", **engine_options)`; None = the built-in tiny model.
 
     Engine options are the fields of `EngineConfig`: device, dtype, quant_emulation, max_model_len,
     max_num_seqs, max_num_batched_tokens, page_size, num_pages, memory_fraction, cpu_cache_gib,

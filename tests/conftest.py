@@ -39,16 +39,19 @@ def tiny_model_fp32(tiny_ckpt):
 
 @pytest.fixture(scope="session")
 def builtin_ckpt(tmp_path_factory):
-    """The tiny architecture with the real V4 vocabulary (what `dsv4 generate` uses without --model)."""
-    from dsv4.builtin import BUILTIN_SEED, builtin_config
+    """The built-in architecture with the real V4 vocabulary and random weights (no tokenizer.json, so the V4
+    tokenizer is used): for tests of the chat format and the server. The trained built-in model has a
+    vocabulary of its own (`dsv4.builtin.builtin_model_path()`; tests/test_builtin_model.py)."""
+    from dsv4.builtin import untrained_v4_vocab_config
     from dsv4.checkpoint import synthesize
 
-    return synthesize(builtin_config(), tmp_path_factory.mktemp("builtin"), seed=BUILTIN_SEED, progress=False)
+    return synthesize(untrained_v4_vocab_config(), tmp_path_factory.mktemp("builtin"), seed=20260422,
+                      progress=False)
 
 
 @pytest.fixture(scope="session")
 def builtin_model_fp32(builtin_ckpt):
-    """The built-in model (real V4 vocabulary) loaded once, for tests that need text prompts (the server's)."""
+    """`builtin_ckpt` (real V4 vocabulary) loaded once, for tests that need text prompts (the server's)."""
     import dsv4
 
     return dsv4.load_model(builtin_ckpt, dtype=torch.float32, progress=False)

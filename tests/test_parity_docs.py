@@ -3,8 +3,7 @@ match the lines that follow it.
 
 Words must match exactly; numbers to 2% (relative) or one unit of their last printed decimal, so a CPU with
 another summation order cannot fail the test while a wrong verdict, tap name, layout or an exactly-zero error that
-became non-zero does. The built-in model is the session's `builtin_ckpt` (same config and seed), put where the
-built-in model is looked up.
+became non-zero does. The commands without --model run the shipped built-in model (`dsv4/builtin_model/`).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from dsv4.builtin import BUILTIN_NAME
 from dsv4.cli import main
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "parity.md"
@@ -68,16 +66,12 @@ def test_the_parser_accepts_noise_and_rejects_changes():
 
 
 @pytest.fixture
-def builtin_cache(builtin_ckpt, tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / BUILTIN_NAME).symlink_to(builtin_ckpt, target_is_directory=True)
-    monkeypatch.setenv("DSV4_CACHE", str(cache))
+def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
-def test_docs_transcripts_are_real_output(builtin_cache, capsys):
+def test_docs_transcripts_are_real_output(workdir, capsys):
     runs = transcripts(DOC.read_text())
     assert [c.split()[2] for c, _ in runs] == ["precision", "dump", "dump", "compare"]
     for command, want in runs:
@@ -87,4 +81,4 @@ def test_docs_transcripts_are_real_output(builtin_cache, capsys):
         assert len(got) == len(want), f"{command}: {len(got)} lines, the docs show {len(want)}"
         for g, w in zip(got, want, strict=True):
             assert same_line(g, w), f"{command}\n got: {g}\ndocs: {w}"
-    assert (builtin_cache / "compressed-early.png").exists()
+    assert (workdir / "compressed-early.png").exists()

@@ -38,6 +38,19 @@ def test_packed_training_forward_matches_inference(model):
             torch.testing.assert_close(logits[seq.offset:seq.offset + seq.length], alone)
 
 
+def test_documents_of_different_page_counts_get_disjoint_pages(model):
+    """A short document before a long one (1 then 3 cache pages): every document owns its pages, and the long
+    one's compressed entries (HCA blocks past the first page) match running it alone."""
+    docs = _docs([40, 300], seed=1)
+    pb = packed_batch(docs, "cpu")
+    pages = [p for seq in pb.batch.seqs for p in seq.pages]
+    assert sorted(pages) == list(range(1 + 3))
+    with torch.no_grad():
+        logits = model.main_logits(hidden(model, pb, grad_ckpt=False))[0]
+        seq = pb.batch.seqs[1]
+        torch.testing.assert_close(logits[seq.offset:seq.offset + seq.length], model(torch.tensor([docs[1].ids]))[0])
+
+
 def test_targets_follow_the_mask():
     docs = _docs([5, 4])
     pb = packed_batch(docs, "cpu")

@@ -18,7 +18,7 @@ Multi-GPU: torchrun --nproc-per-node N -m dsv4 finetune ... (FSDP2)."""
 def add_parsers(sub, positive, dtypes: dict) -> None:
     p = sub.add_parser("finetune", help="fine-tune on chat JSONL (LoRA or full weights)", description=FINETUNE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint directory or Hub id (default: the built-in tiny model, UNTRAINED)")
+    p.add_argument("--model", help="checkpoint directory or Hub id (default: the built-in tiny model)")
     p.add_argument("--data", required=True, help="training JSONL file")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--lora", type=positive(int), metavar="RANK", help="train LoRA adapters of this rank")
@@ -72,7 +72,7 @@ def cmd_finetune(args) -> int:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.model is None:
-        print("note: no --model given; fine-tuning the built-in tiny UNTRAINED model", file=sys.stderr)
+        print("note: no --model given; fine-tuning the built-in tiny model (trained on Python source)", file=sys.stderr)
     train = TrainConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
                         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                         seq_len=args.seq_len, packs_per_step=args.packs_per_step, grad_ckpt=not args.no_grad_ckpt,

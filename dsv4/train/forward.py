@@ -36,9 +36,11 @@ class PackedBatch:
 
 
 def packed_batch(docs: list[Document], device) -> PackedBatch:
-    ids, targets, chunks = [], [], []
+    ids, targets, chunks, first_page = [], [], [], 0
     for slot, d in enumerate(docs):
-        chunks.append((slot, 0, len(d), list(range(slot * _pages(len(d)), (slot + 1) * _pages(len(d))))))
+        # Each document owns its own pages: a shared page would mix two documents' caches.
+        chunks.append((slot, 0, len(d), list(range(first_page, first_page + _pages(len(d))))))
+        first_page += _pages(len(d))
         ids += d.ids
         targets += [t if m else IGNORE for t, m in zip(d.ids[1:], d.mask[1:], strict=True)] + [IGNORE]
     return PackedBatch(torch.tensor([ids], device=device), torch.tensor(targets, device=device),
