@@ -20,8 +20,10 @@ def live_server(app, startup_timeout: float = 30.0):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # NOTE: keep-alive outlasts any pause of a test between requests (hypothesis can take seconds to draw a body):
+    # a server closing an idle pooled connection just as the client reuses it is a connection reset, not a bug.
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on",
-                            timeout_keep_alive=2)
+                            timeout_keep_alive=120)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
