@@ -7,10 +7,15 @@ process can take it in between.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
 import uvicorn
 
 
@@ -39,6 +44,31 @@ def live_server(app, startup_timeout: float = 30.0):
         thread.join(15)
         sock.close()
         assert not thread.is_alive(), "the test server did not stop"
+
+
+@contextlib.contextmanager
+def serve_command(*args: str, env: dict | None = None, startup_timeout: float = 180.0):
+    """`dsv4 serve ARGS --port P` as a subprocess (its own session) on a free loopback port: yields (process,
+    base url) once /health answers; the whole process group is killed if it still runs at the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4", "serve", *args, "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + startup_timeout
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 class ScriptedRunner:

@@ -252,28 +252,12 @@ def test_full_flash_bench_runs_on_cpu(tmp_path):
 def test_server_answers_with_tp2(tp_ckpt, want_ids_for_server):
     """`dsv4 serve --tp 2`: the ranks start, /health answers, a greedy completion equals the TP=1 engine's, and
     SIGINT stops the server and its follower rank."""
-    import socket
-    import time
-
     import httpx
+    from serve_helpers import serve_command
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "dsv4", "serve", "--model", str(tp_ckpt), "--tp", "2", "--port", str(port),
-           "--served-model-name", "tiny", "--max-model-len", "256", "--num-pages", "4", "--page-size", "128",
-           "--max-num-seqs", "2", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    args = ["--model", str(tp_ckpt), "--tp", "2", "--served-model-name", "tiny", "--max-model-len", "256",
+            "--num-pages", "4", "--page-size", "128", "--max-num-seqs", "2", "--log-level", "warning"]
+    with serve_command(*args, env=dict(os.environ, OMP_NUM_THREADS="1")) as (proc, url):
         body = {"model": "tiny", "prompt": PROMPT_IDS, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
         reply = httpx.post(url + "/v1/completions", json=body, timeout=120)
         assert reply.status_code == 200, reply.text
@@ -281,10 +265,6 @@ def test_server_answers_with_tp2(tp_ckpt, want_ids_for_server):
         assert reply.json()["choices"][0]["text"] == want_ids_for_server
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 PROMPT_IDS = [5, 17, 300, 42, 7, 99, 128, 3]

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
-from serve_helpers import live_server, make_app
+from serve_helpers import live_server, make_app, serve_command
 
 from dsv4.engine.config import EngineConfig
 from dsv4.engine.engine import Engine
@@ -176,30 +175,12 @@ def test_serve_help_explains_the_api_and_binds_loopback():
 
 def test_dsv4_serve_command_serves_and_stops(builtin_ckpt, tmp_path):
     import signal
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "dsv4", "serve", "--model", str(builtin_ckpt), "--port", str(port),
-           "--served-model-name", "tiny", "--max-model-len", "256", "--num-pages", "4", "--page-size", "128",
-           "--max-num-seqs", "2", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    args = ["--model", str(builtin_ckpt), "--served-model-name", "tiny", "--max-model-len", "256", "--num-pages", "4",
+            "--page-size", "128", "--max-num-seqs", "2", "--log-level", "warning"]
+    with serve_command(*args) as (proc, url):
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         out = c.chat.completions.create(model="tiny", messages=USER, max_tokens=2)
         assert out.usage.completion_tokens >= 1
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
-        proc.wait()
