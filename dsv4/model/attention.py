@@ -41,9 +41,8 @@ def block_indices(start: int, n: int, ratio: int, offset: int, device) -> torch.
 
 def gather_pages(pool: torch.Tensor, pages: list[int], n: int) -> torch.Tensor:
     """The first n rows of a sequence's paged store: pool [pages, per_page, d] -> [n, d]."""
-    per_page = pool.shape[1]
-    used = pages[: -(-n // per_page)] if n else []
-    return pool[torch.tensor(used, dtype=torch.long, device=pool.device)].flatten(0, 1)[:n]
+    used = pages[: -(-n // pool.shape[1])] if n else []
+    return gather_rows(pool, torch.tensor([used], dtype=torch.long, device=pool.device))[0, :n]
 
 
 def scatter_pages(pool: torch.Tensor, pages: list[int], first: int, rows: torch.Tensor) -> None:
