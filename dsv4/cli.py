@@ -203,6 +203,8 @@ def _add_bench(sub) -> None:
                    help="dsv4 prefill lengths (default 1024,8192,32768)")
     p.add_argument("--hf-prefill", type=_int_list, default=(1024,), help="transformers prefill lengths (default 1024)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers side")
+    p.add_argument("--no-compile", action="store_true",
+                   help="capture the decode step without torch.compile (faster start, ~2x slower steps)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler tables of decode and prefill")
     p.add_argument("--out", help="write the full results as JSON here (e.g. bench/results/h200.json)")
     p.set_defaults(func=cmd_bench)
@@ -213,7 +215,8 @@ def cmd_bench(args) -> int:
 
     run(BenchOptions(layers=args.layers, context=args.context, decode_batches=args.decode_batches,
                      decode_steps=args.decode_steps, prefill=args.prefill, hf_prefill=args.hf_prefill,
-                     transformers=not args.no_transformers, profile=args.profile, out=args.out))
+                     transformers=not args.no_transformers, compile=not args.no_compile, profile=args.profile,
+                     out=args.out))
     return 0
 
 

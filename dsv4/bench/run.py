@@ -31,6 +31,7 @@ class BenchOptions:
     prefill_chunk: int = 8192
     hf_prefill: tuple[int, ...] = (1024,)
     transformers: bool = True
+    compile: bool = True             # torch.compile the captured decode step (inductor fusion)
     agreement_steps: int = 64
     seed: int = 0
     profile: bool = False
@@ -55,7 +56,7 @@ def run(opts: BenchOptions) -> dict:
     cfg = ModelConfig.preset("flash").truncated(opts.layers)
     res: dict = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "layers": opts.layers,
                  "compress_ratios": list(cfg.compress_ratios[: cfg.n_layers]), "context": opts.context,
-                 "fast_ops": ops.fast_ops_status()}
+                 "fast_ops": ops.fast_ops_status(), "compile": opts.compile}
     bw = floor.copy_bandwidth(dev)
     res["copy_bandwidth_TBps"] = bw / 1e12
     _say(opts, f"{res['gpu']}: copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -95,7 +96,11 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
     del eager
     _free()
     for b in opts.decode_batches:
-        dec = Dsv4Decoder(model, b, opts.context, opts.decode_steps + 2, seed=opts.seed, graphs=True)
+        t0 = time.time()
+        dec = Dsv4Decoder(model, b, opts.context, opts.decode_steps + 2, seed=opts.seed, graphs=True,
+                          compile=opts.compile)
+        _say(opts, f"dsv4 decode bs{b}: prefill + capture{' + compile' if opts.compile else ''} "
+                   f"{time.time() - t0:.0f} s")
         t = summary(cuda_time(dec.step, opts.decode_steps))
         fl = floor.decode_floor(cfg, b, opts.context, bw)
         t.update(floor_s=fl["floor_s"], floor_bytes=fl["bytes"], tok_per_s=b / t["median_s"])
@@ -140,27 +145,51 @@ def _profile(model, opts: BenchOptions) -> dict:
 
 def _agreement(model, opts: BenchOptions) -> dict:
     """Greedy tokens of the fast path (CUDA-graph decode, fast ops) vs the reference path (general step path, ops
-    forced to their plain twins), the reference teacher-forced with the fast path's tokens."""
-    fast = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1, graphs=True)
-    fast_logits = []
-    with torch.inference_mode():
-        for _ in range(opts.agreement_steps):
-            fast_logits.append(fast.graphs.run(fast.tokens, [(0, fast.pos, fast.pages[0])]).clone())
-            fast.tokens, fast.pos = fast_logits[-1].argmax(-1).view(1, 1), fast.pos + 1
+    forced to their plain twins), the reference teacher-forced with the fast path's tokens.
+    Control: the same measure for a second plain-twin path (the fixed-shape decode step run eagerly with the twins),
+    which differs from the reference only in summation order: how often two equally exact paths disagree on this
+    model is the floor of the measure (random weights have tiny top-1 margins)."""
+    fast = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1, graphs=True,
+                       compile=opts.compile)
+    fast_logits = _greedy(fast, opts.agreement_steps)
     del fast
     with ops.reference_only():
+        control = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1, graphs=True,
+                              capture=False)
+        control_logits = _greedy(control, opts.agreement_steps, [x.argmax(-1) for x in fast_logits])
+        del control
         ref = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1)
-        same, ties, cos = 0, 0, []
-        for i in range(opts.agreement_steps):
-            want = _step_logits(ref, fast_logits[i].argmax(-1))
-            top2 = want.topk(2, dim=-1).values
-            ties += int((top2[..., 0] - top2[..., 1]).abs().item() < 1e-3)
-            same += int(torch.equal(want.argmax(-1), fast_logits[i].argmax(-1)))
-            cos.append(torch.nn.functional.cosine_similarity(want.double(), fast_logits[i].double(), dim=-1).item())
+        want = [_step_logits(ref, x.argmax(-1)) for x in fast_logits]
     _free()
-    cos.sort()
-    return {"steps": opts.agreement_steps, "same": same, "near_ties": ties, "fraction": same / opts.agreement_steps,
-            "logit_cosine_min": cos[0], "logit_cosine_median": cos[len(cos) // 2]}
+    out = _compare(want, fast_logits)
+    out["control_twin_decode_path"] = _compare(want, control_logits)
+    return out
+
+
+def _greedy(dec: Dsv4Decoder, steps: int, forced: list | None = None) -> list[torch.Tensor]:
+    """Logits [1, V] of `steps` decode steps through the decoder's graphs; tokens greedy unless `forced`."""
+    logits = []
+    with torch.inference_mode():
+        for i in range(steps):
+            logits.append(dec.graphs.run(dec.tokens, [(0, dec.pos, dec.pages[0])]).clone())
+            dec.tokens = (logits[-1].argmax(-1) if forced is None else forced[i]).view(1, 1)
+            dec.pos += 1
+    return logits
+
+
+def _compare(want: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
+    """Per step: same argmax?, the reference's top-1 margin, logit cosine."""
+    same, margins, cos = [], [], []
+    for w, g in zip(want, got, strict=True):
+        top2 = w.topk(2, dim=-1).values[0]
+        margins.append((top2[0] - top2[1]).item())
+        same.append(bool(torch.equal(w.argmax(-1), g.argmax(-1))))
+        cos.append(torch.nn.functional.cosine_similarity(w.double(), g.double(), dim=-1).item())
+    n = len(same)
+    srt = sorted(cos)
+    return {"steps": n, "same": sum(same), "fraction": sum(same) / n, "near_ties": sum(m < 1e-3 for m in margins),
+            "logit_cosine_min": srt[0], "logit_cosine_median": srt[n // 2],
+            "per_step_same": same, "per_step_ref_margin": margins, "per_step_cosine": cos}
 
 
 def _op_errors(dev) -> dict:

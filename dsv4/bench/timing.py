@@ -34,7 +34,7 @@ class Dsv4Decoder:
     """`batch` sequences prefilled to `context` tokens (in chunks), then greedy decode steps through `model.step`."""
 
     def __init__(self, model, batch: int, context: int, max_steps: int, chunk: int = 4096, seed: int = 0,
-                 graphs: bool = False):
+                 graphs: bool = False, compile: bool = False, capture: bool = True):
         cfg, dev = model.cfg, next(model.parameters()).device
         self.model, self.batch, self.pos, self.dev = model, batch, context, dev
         per_seq = -(-(context + max_steps + 1) // PAGE)
@@ -55,7 +55,8 @@ class Dsv4Decoder:
         if graphs:
             from dsv4.engine.graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(model, self.state, batch, per_seq, sizes=[batch])
+            self.graphs = DecodeGraphs(model, self.state, batch, per_seq, sizes=[batch], compile=compile,
+                                       capture=capture)
         del h
 
     def step(self) -> torch.Tensor:

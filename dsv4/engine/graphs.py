@@ -4,6 +4,9 @@ A decode step through a `DecodeBatch` has fixed shapes and no host synchronisati
 per bucket (1, 2, 4, 8, ... up to `max_batch`) and replayed: the launch overhead of thousands of small kernels
 becomes one graph launch. Batches are padded up to their bucket with rows that write only to a scratch slot and
 a scratch page, which the caller reserves in the `ModelState` (the last slot and the last page).
+With `compile=True` the step is first compiled by `torch.compile` (inductor; one graph, no breaks), which fuses
+the thousands of small element-wise kernels between the GEMMs and the fast ops (custom ops, opaque to it); the
+compiled step is what gets captured. Compilation happens per bucket at construction (warm-up), never in a replay.
 NOTE: the finite-logits check runs after the replay (it synchronises, which a capture cannot).
 """
 
@@ -22,13 +25,31 @@ def buckets_up_to(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
+def decode_logits(model, tokens: torch.Tensor, batch: DecodeBatch, state: ModelState) -> torch.Tensor:
+    """The function a bucket runs: one decode step -> main-head fp32 logits [B, V]."""
+    h = model.step(tokens, batch, state)
+    return model.logits(h, model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)[0]
+
+
+def compiled(fn, backend: str = "inductor"):
+    """`fn` through torch.compile: static shapes (one compilation per bucket), the whole step one graph, and bf16
+    roundings kept where eager rounds (inductor would otherwise keep some fused intermediates in fp32).
+    `backend="aot_eager"` traces and functionalises the same graph but runs it eagerly: the CPU tests' check of
+    the tracing (inductor's CPU code generator fails on this graph in torch 2.13; GPUs generate Triton)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.emulate_precision_casts = True
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+
+
 class _Graph:
     """One bucket: static inputs, and the captured step (or, with capture off, the same step run eagerly)."""
 
-    def __init__(self, model, state: ModelState, size: int, max_pages: int, scratch: tuple[int, int], pool):
+    def __init__(self, model, state: ModelState, size: int, max_pages: int, scratch: tuple[int, int], pool,
+                 forward=decode_logits):
         dev = state.device
         slot, page = scratch
-        self.model, self.state = model, state
+        self.model, self.state, self.forward = model, state, forward
         self.tokens = torch.zeros(1, size, dtype=torch.long, device=dev)
         self.batch = DecodeBatch.build([(slot, 0, [page])] * size, max_pages, dev)
         self.graph = None
@@ -50,8 +71,7 @@ class _Graph:
         return self.logits
 
     def _forward(self, model, state) -> torch.Tensor:
-        h = model.step(self.tokens, self.batch, state)
-        return model.logits(h, model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)[0]
+        return self.forward(model, self.tokens, self.batch, state)
 
 
 class DecodeGraphs:
@@ -59,12 +79,16 @@ class DecodeGraphs:
     scratch space for padding rows (never given to a sequence)."""
 
     def __init__(self, model, state: ModelState, max_batch: int, max_pages: int, capture: bool = True,
-                 sizes: list[int] | None = None):
+                 sizes: list[int] | None = None, compile: bool | str = False):
         self.model, self.state, self.max_pages = model, state, max_pages
         self.scratch = (state.slots - 1, state.pages - 1)
         pool = torch.cuda.graph_pool_handle() if capture else None       # capture off: same path, run eagerly
+        forward = decode_logits
+        if compile:
+            model.prepare_fixed_shape_decode(state.device)
+            forward = compiled(decode_logits, compile if isinstance(compile, str) else "inductor")
         # Largest first, so later (smaller) captures fit in the memory pool the first one reserved.
-        self.graphs = {b: _Graph(model, state, b, max_pages, self.scratch, pool)
+        self.graphs = {b: _Graph(model, state, b, max_pages, self.scratch, pool, forward)
                        for b in sorted(sizes or buckets_up_to(max_batch), reverse=True)}
 
     def run(self, tokens: list[int] | torch.Tensor, rows: list[tuple[int, int, list[int]]]) -> torch.Tensor:

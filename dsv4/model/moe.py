@@ -92,7 +92,8 @@ class MoE(nn.Module):
         tap("ffn.routing.weights", weights)
         # The pair and grouped paths are inference paths (Triton kernels, stacked weights): training loops.
         inference = x.is_cuda and not torch.is_grad_enabled() and self.tp is SINGLE     # EP: the loop (for now)
-        if inference and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
+        fixed_shapes = inference or (torch.compiler.is_compiling() and self.tp is SINGLE)   # compiled on any device
+        if fixed_shapes and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
             y = self.routed_pairs(x, weights, ids)
         elif inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled():
             y = self.routed_grouped(x, weights, ids)

@@ -72,8 +72,9 @@ class Linear(nn.Module):
     def _cached_dequantized(self) -> torch.Tensor | None:
         """The fp32 weight, decoded once, for the plain path on CPU (decoding FP8/FP4 every call made a tiny
         model's decode step 10x slower). Never on accelerators: there the cache would cost 2-4x the weight
-        memory and the fast kernels read the stored format. Keyed on the tensors' versions, so writes show."""
-        if self.fmt == "plain" or self.weight.device.type != "cpu":
+        memory and the fast kernels read the stored format. Keyed on the tensors' versions, so writes show.
+        Not under torch.compile (the compiled graph decodes in place)."""
+        if self.fmt == "plain" or self.weight.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         key = (self.weight._version, self.scale._version, self.weight.data_ptr())
         if getattr(self, "_deq_key", None) != key:

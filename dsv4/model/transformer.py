@@ -12,6 +12,7 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.model.block import Block, _hc_params
 from dsv4.model.hyper import hc_head
+from dsv4.model.moe import MoE
 from dsv4.model.primitives import Head, Linear, RMSNorm, weight_formats
 from dsv4.model.state import ModelState, StepBatch, fresh_state
 from dsv4.parity.taps import tap, tap_scope
@@ -57,6 +58,17 @@ class Transformer(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(m, "quant_emulation"):
                 m.quant_emulation = on
+        return self
+
+    def prepare_fixed_shape_decode(self, device) -> Transformer:
+        """Build what the fixed-shape decode path reads lazily now, outside any torch.compile trace or CUDA-graph
+        capture (which cannot create parameters or copy from the host): the routed experts' stacked weights and
+        the RoPE frequency tables on `device`."""
+        for m in self.modules():
+            if isinstance(m, MoE) and all(e is not None for e in m.experts):
+                m.stacked_experts()
+            if hasattr(m, "rotary"):
+                m.rotary.cis(torch.zeros(1, dtype=torch.long, device=device))
         return self
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dsv4.ops.fake_quant import fake_quant_fp8
 from dsv4.ops.ref import dequant_weight
-from dsv4.ops.registry import register
+from dsv4.ops.registry import custom_op, register
 
 
 def bf16_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -29,6 +29,12 @@ def bf16_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Te
 def cached_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str, act_quant_on: bool,
                   dequantized: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `ops.ref.linear`; x bf16."""
+    return _cached_linear(x, weight, scale, fmt, act_quant_on)
+
+
+@custom_op("cached_linear", lambda x, weight, scale, fmt, act_quant_on: x.new_empty(*x.shape[:-1], weight.shape[0]))
+def _cached_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fmt: str,
+                   act_quant_on: bool) -> torch.Tensor:
     if act_quant_on:
         x = fake_quant_fp8(x, 128)
     return F.linear(x, bf16_weight(weight, scale, fmt))

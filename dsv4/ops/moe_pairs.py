@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops.ref import dequant_weight
-from dsv4.ops.registry import dispatch, register
+from dsv4.ops.registry import custom_op, dispatch, register
 
 
 def _pair_linear_twin(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -34,9 +34,15 @@ def _fp4_applies(x, ids, weight, scale, fmt) -> bool:
 
 
 def _fp4_kernel(x, ids, weight, scale, fmt):
+    return _fp4_pair_gemv(x.contiguous(), ids, weight, scale)
+
+
+@custom_op("fp4_pair_gemv", lambda x, ids, weight, scale: x.new_empty(x.shape[0], weight.shape[1],
+                                                                         dtype=torch.float32))
+def _fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
 
-    return fp4_pair_gemv(x.contiguous(), ids, weight, scale)
+    return fp4_pair_gemv(x, ids, weight, scale)
 
 
 try:

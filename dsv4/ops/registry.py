@@ -3,6 +3,9 @@
 A fast implementation is registered with a predicate saying which calls it handles (device, dtype, format); the
 first one that accepts a call runs it, else the twin does. `DSV4_FAST_OPS=0` (read at each call, so tests and
 benchmarks can flip it) or the `reference_only()` context turns every fast path off.
+Under `torch.compile` the switch is read once, when a graph is traced (a compiled graph, like a captured CUDA
+graph, keeps the kernels it was built with), and fast implementations must be torch custom ops (opaque nodes:
+`custom_op` below), so the compiler fuses the plain PyTorch around them without tracing into kernel launchers.
 """
 
 from __future__ import annotations
@@ -12,12 +15,35 @@ import os
 from collections.abc import Callable
 from contextvars import ContextVar
 
+import torch
+
 _FAST: dict[str, list[tuple[str, Callable[..., bool], Callable]]] = {}
 _reference_only: ContextVar[bool] = ContextVar("dsv4_reference_only", default=False)
 
 
 def fast_enabled() -> bool:
+    if torch.compiler.is_compiling():
+        return _fast_enabled_at_trace()
+    return _fast_enabled_now()
+
+
+def _fast_enabled_now() -> bool:
     return not _reference_only.get() and os.environ.get("DSV4_FAST_OPS", "1") != "0"
+
+
+@torch._dynamo.assume_constant_result
+def _fast_enabled_at_trace() -> bool:
+    return _fast_enabled_now()
+
+
+def custom_op(name: str, fake: Callable):
+    """Decorator: make a fast implementation the torch custom op `dsv4::{name}` (type-annotated signature) with
+    `fake` computing its output's shape and dtype (for tracing)."""
+    def wrap(fn: Callable):
+        op = torch.library.custom_op(f"dsv4::{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return wrap
 
 
 def register(op: str, name: str, applies: Callable[..., bool], impl: Callable) -> None:

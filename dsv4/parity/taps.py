@@ -93,7 +93,10 @@ class Recorder:
 
 def tap(name: str, tensor: torch.Tensor, index_offset: int = 0) -> None:
     """Record `tensor` as `name` (in the current scope) if a recorder is active; free otherwise.
-    `index_offset`: the tensor holds indices + offset (-1 = none); the recording subtracts it."""
+    `index_offset`: the tensor holds indices + offset (-1 = none); the recording subtracts it.
+    NOTE: inside `torch.compile`d code (the compiled decode graphs) taps are compiled out: record eagerly."""
+    if torch.compiler.is_compiling():
+        return
     rec = _ACTIVE.get()
     if rec is not None:
         rec.record(name, tensor, index_offset)
@@ -101,6 +104,8 @@ def tap(name: str, tensor: torch.Tensor, index_offset: int = 0) -> None:
 
 def tap_scope(prefix: str) -> None:
     """Name the following taps `{prefix}.{name}` ("" = global names) in the active recorder, if any."""
+    if torch.compiler.is_compiling():
+        return
     rec = _ACTIVE.get()
     if rec is not None:
         rec.scope = f"{prefix}." if prefix else ""

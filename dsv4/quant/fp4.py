@@ -9,8 +9,6 @@ and at an exact midpoint round to the even code (the code's low bit is the manti
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from dsv4.quant.e8m0 import e8m0_to_float, float_to_e8m0, pow2, pow2_ceil_scale
@@ -26,20 +24,18 @@ _TIES_UP = (0.75, 1.75, 3.5)
 _EXACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@functools.cache
-def _grid(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(midpoints, tie points) on the device, made once: no host-to-device copy per call (CUDA graphs)."""
-    return (torch.tensor(_MIDPOINTS, dtype=dtype, device=device), torch.tensor(_TIES_UP, dtype=dtype, device=device))
-
-
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest e2m1 code (ties to even, saturating, sign kept) without checking for NaN."""
     if x.dtype not in _EXACT_DTYPES:
         x = x.float()  # float8 inputs; the midpoints are exact in every dtype listed above
     a = x.abs()
-    mids, ties = _grid(a.dtype, a.device)
-    magnitude = torch.bucketize(a, mids)  # number of midpoints strictly below |x|; > 6 saturates at code 7
-    magnitude = magnitude + torch.isin(a, ties).to(magnitude.dtype)
+    # Comparisons with Python constants, not a lookup tensor: nothing to build on the host (torch.compile would
+    # copy such a table to the device inside the captured graph).
+    magnitude = torch.zeros_like(a, dtype=torch.int32)
+    for mid in _MIDPOINTS:                 # number of midpoints strictly below |x|; > 6 saturates at code 7
+        magnitude += a > mid
+    for tie in _TIES_UP:
+        magnitude += a == tie
     return (magnitude | (torch.signbit(x).to(magnitude.dtype) << 3)).to(torch.uint8)
 
 

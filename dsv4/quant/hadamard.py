@@ -14,14 +14,28 @@ import functools
 import torch
 
 
-@functools.cache
 def _sylvester(n: int, device: torch.device) -> torch.Tensor:
+    """The ±1 Sylvester matrix: H[i, j] = (-1)^popcount(i & j), built on the device (no host tensor: under
+    torch.compile a host-built table would be copied inside the captured graph); cached outside compilation."""
+    if torch.compiler.is_compiling():
+        return _build(n, device)
+    return _cached(n, device)
+
+
+@functools.cache
+def _cached(n: int, device: torch.device) -> torch.Tensor:
     # Built outside inference mode so a cached matrix can still be used later by code that needs autograd.
     with torch.inference_mode(False):
-        h = torch.ones(1, 1)
-        while h.shape[0] < n:
-            h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-        return h.to(device)
+        return _build(n, device)
+
+
+def _build(n: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(n, device=device)
+    both = i[:, None] & i[None, :]
+    parity = torch.zeros_like(both)
+    for bit in range(max(n - 1, 1).bit_length()):
+        parity ^= (both >> bit) & 1
+    return (1 - 2 * parity).float()
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
