@@ -50,9 +50,11 @@ def model_values(model: nn.Module) -> dict[str, torch.Tensor]:
     return values
 
 
-def export_state(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of `cfg` (its formats decide FP8 / FP4 / bf16) from the model's values."""
-    values = model_values(model)
+def export_state(model: nn.Module, cfg: ModelConfig, values: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of `cfg` (its formats decide FP8 / FP4 / bf16) from the model's values (or the
+    given `model_values`, e.g. completed with other ranks' experts)."""
+    values = dict(model_values(model) if values is None else values)
     specs = inventory(cfg)
     out = {}
     for name, spec in specs.items():
@@ -111,12 +113,18 @@ def write_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: 
     return out
 
 
-def save_adapters(model: nn.Module, out_dir: str | os.PathLike, meta: dict) -> Path:
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`{linear}.lora_A` / `.lora_B`, gathered, fp32 (every FSDP rank must call this)."""
+    return {n: _full(p).float().contiguous() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def save_adapters(model: nn.Module, out_dir: str | os.PathLike, meta: dict,
+                  tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """LoRA adapters alone: `adapter.safetensors` (`{linear}.lora_A` [r, in], `.lora_B` [out, r], fp32) and
-    `adapter_config.json` (rank, alpha, targets, base model)."""
+    `adapter_config.json` (rank, alpha, targets, base model). `tensors`: `adapter_tensors`, when gathered."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {n: _full(p).float().contiguous() for n, p in model.named_parameters() if ".lora_" in n}
+    tensors = adapter_tensors(model) if tensors is None else tensors
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save")
     save_file(tensors, str(out / ADAPTER_FILE))
