@@ -15,6 +15,7 @@
    moved them by >= 0.2 of it; the gate biases are one process's exactly.
 3. Resume with 2 processes: 1 step, then the same command to 4 steps, equals the uninterrupted run bit for bit
    (losses, and the saved checkpoint's bytes).
+4. LoRA on the experts under EP: every expert's adapters are saved; the merged output equals `merge_lora`.
 """
 
 from __future__ import annotations
@@ -151,10 +152,10 @@ def _data(path):
     return path
 
 
-def _finetune(tiny_ckpt, data, out, steps=4, procs=1):
-    args = ["-m", "dsv4", "finetune", "--model", str(tiny_ckpt), "--data", str(data), "--full", "--max-steps",
+def _finetune(tiny_ckpt, data, out, steps=4, procs=1, mode=("--full", "--bias-update-rate", "1e-5")):
+    args = ["-m", "dsv4", "finetune", "--model", str(tiny_ckpt), "--data", str(data), *mode, "--max-steps",
             str(steps), "--packs-per-step", "2", "--seq-len", "128", "--lr", "2e-4", "--warmup-steps", "1",
-            "--bias-update-rate", "1e-5", "--out", str(out)]
+            "--out", str(out)]
     launch = ["torchrun", "--standalone", "--nproc-per-node", str(procs), *args[1:], "--expert-parallel"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     res = subprocess.run([sys.executable, *args] if procs == 1 else launch, env=env, capture_output=True,
@@ -236,3 +237,25 @@ def test_two_process_resume_is_bit_exact(runs):
     for f in sorted((ep / "model").iterdir()):
         if f.is_file():
             assert f.read_bytes() == (resumed / "model" / f.name).read_bytes(), f.name
+
+
+@needs_torchrun
+def test_expert_parallel_lora_saves_every_experts_adapter(tiny_ckpt, tmp_path):
+    """LoRA on the experts under EP (+ FSDP for the rest): the adapter file holds every expert's adapters, and
+    the merged checkpoint written by the 2 processes is byte for byte `merge_lora` of that adapter."""
+    from safetensors.torch import load_file
+
+    from dsv4.train.run import merge_lora
+
+    out = _finetune(tiny_ckpt, _data(tmp_path / "d.jsonl"), tmp_path / "lora", steps=2, procs=2,
+                    mode=("--lora", "4", "--lora-targets", "attn,experts", "--merge"))
+    adapters = load_file(out / "adapter" / "adapter.safetensors")
+    cfg = dsv4.tiny_config()
+    names = {f"layers.{i}.ffn.experts.{e}.{w}.lora_{ab}" for i in range(cfg.n_layers)
+             for e in range(cfg.n_routed_experts) for w in ("w1", "w2", "w3") for ab in "AB"}
+    assert names <= set(adapters)
+    for own in (range(0, 4), range(4, 8)):          # both ranks' experts were trained and sent
+        assert any(adapters[f"layers.2.ffn.experts.{e}.w2.lora_B"].abs().max() > 0 for e in own)
+    merge_lora(out / "adapter", tmp_path / "merged")
+    for f in sorted((out / "model").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "merged" / f.name).read_bytes(), f.name

@@ -18,17 +18,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dsv4 import ops
 from dsv4.checkpoint.inventory import inventory
 from dsv4.checkpoint.reader import INDEX_NAME
 from dsv4.checkpoint.synth import plan_shards, write_safetensors
 from dsv4.config import ModelConfig
 from dsv4.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
-from dsv4.train.params import LoRALinear
+from dsv4.train.params import LoRALinear, TrainLinear
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded parameter (on the CPU); FP8 / e8m0 bytes travel as uint8 (gloo has
+    no 8-bit float types)."""
+    if hasattr(t, "full_tensor") and t.dtype.itemsize == 1:
+        from torch.distributed.tensor import DTensor
+
+        raw = DTensor.from_local(t.to_local().view(torch.uint8), t.device_mesh, t.placements, shape=t.shape,
+                                 stride=t.stride())
+        return raw.full_tensor().view(t.dtype).detach().cpu()
     t = t.full_tensor() if hasattr(t, "full_tensor") else t
     return t.detach().cpu()
 
@@ -39,8 +48,8 @@ def model_values(model: nn.Module) -> dict[str, torch.Tensor]:
     values, merged = {}, set()
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            w = m.base.dequantized() if m.base.fmt != "plain" else m.base.weight.float()
-            values[f"{name}.weight"] = _full(w) + _full(m.delta_weight().float())
+            delta = (_full(m.lora_B).float() @ _full(m.lora_A).float()) * m.scaling     # = m.delta_weight()
+            values[f"{name}.weight"] = _base_value(m.base) + delta
             merged.add(name)
     for name, p in model.named_parameters():
         owner = name.rsplit(".", 2)[0] if ".base." in name else None
@@ -48,6 +57,13 @@ def model_values(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         values[name] = _full(p)
     return values
+
+
+def _base_value(lin: nn.Module) -> torch.Tensor:
+    """A LoRA base linear's fp32 value, decoded from gathered tensors (FSDP shards do not split on FP8 blocks)."""
+    if isinstance(lin, TrainLinear):
+        return _full(lin.dequantized()).float()
+    return ops.dequant_weight(_full(lin.weight), None if lin.scale is None else _full(lin.scale), lin.fmt)
 
 
 def export_state(model: nn.Module, cfg: ModelConfig, values: dict[str, torch.Tensor] | None = None
