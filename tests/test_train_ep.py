@@ -102,6 +102,15 @@ def ep_ranks(tiny_ckpt, tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
+def test_expert_count_must_divide_over_the_processes(tiny_model_fp32):
+    from dsv4.train import ep
+    from dsv4.train.dist import DistContext
+
+    with pytest.raises(ValueError, match="n_routed_experts=8 is not divisible by the 3 processes"):
+        ep.install(tiny_model_fp32, DistContext(0, 3))            # checked before any collective or change
+    assert all(ex is not None for ex in tiny_model_fp32.layers[0].ffn.experts)
+
+
 def _close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
 
