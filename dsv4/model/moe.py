@@ -83,6 +83,9 @@ class MoE(nn.Module):
             Expert(cfg.dim, cfg.moe_inter_dim, expert_fmt, dtype, cfg.swiglu_limit) for _ in range(self.n_experts))
         self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim, dense_fmt, dtype, cfg.swiglu_limit)
         self.tp = SINGLE                # expert parallel: experts[e] is None when another rank holds it
+        # Training expert parallel (train/ep.py): ranks hold different tokens, so `exchange(routed_loop, x,
+        # weights, ids)` runs this rank's experts over every rank's rows and returns this rank's rows' sum.
+        self.exchange = None
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -91,12 +94,15 @@ class MoE(nn.Module):
         tap("ffn.routing.ids", ids)
         tap("ffn.routing.weights", weights)
         # The pair and grouped paths are inference paths (Triton kernels, stacked weights): training loops.
-        inference = x.is_cuda and not torch.is_grad_enabled() and self.tp is SINGLE     # EP: the loop (for now)
-        fixed_shapes = inference or (torch.compiler.is_compiling() and self.tp is SINGLE)   # compiled on any device
+        local = self.tp is SINGLE and self.exchange is None                # EP: the loop (for now)
+        inference = x.is_cuda and not torch.is_grad_enabled() and local
+        fixed_shapes = inference or (torch.compiler.is_compiling() and local)     # compiled on any device
         if fixed_shapes and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
             y = self.routed_pairs(x, weights, ids)
         elif inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled():
             y = self.routed_grouped(x, weights, ids)
+        elif self.exchange is not None:
+            y = self.exchange(self.routed_loop, x, weights, ids)
         else:
             y = self.routed_loop(x, weights, ids)
         y = self.tp.all_reduce(y)       # fp32 sum of every rank's experts; the shared expert is replicated

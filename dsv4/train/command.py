@@ -12,7 +12,8 @@ the closing EOS) or pre-tokenised {"input_ids": [...], "loss_mask"?: [...]}. Doc
 sequences of --seq-len tokens without attending across documents. --out receives metrics.jsonl (one record per
 step), loss.png, run.json, train_state/ (run the same command again to resume) and the result: model/ (official
 format, FP8/FP4 re-quantised) and model-bf16/ for --full, adapter/ (+ model/ with --merge) for --lora.
-Multi-GPU: torchrun --nproc-per-node N -m dsv4 finetune ... (FSDP2)."""
+Multi-GPU: torchrun --nproc-per-node N -m dsv4 finetune ... (FSDP2; add --expert-parallel to split the routed
+experts over the N processes)."""
 
 
 def add_parsers(sub, positive, dtypes: dict) -> None:
@@ -46,6 +47,9 @@ def add_parsers(sub, positive, dtypes: dict) -> None:
     p.add_argument("--thinking", action="store_true", help="encode chats in thinking mode")
     p.add_argument("--save-every", type=int, default=0, help="resumable state every N steps (default: at the end)")
     p.add_argument("--seed", type=int, default=0, help="data order and LoRA init seed (default 0)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun with N processes: routed expert e of each layer lives only on rank "
+                        "e // (experts / N), outside FSDP (the expert count must be divisible by N)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(dtypes), help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-quant-emulation", action="store_true", help="train without the FP8/FP4 QAT emulation")
@@ -77,7 +81,7 @@ def cmd_finetune(args) -> int:
                         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                         seq_len=args.seq_len, packs_per_step=args.packs_per_step, grad_ckpt=not args.no_grad_ckpt,
                         mtp_weight=args.mtp_weight, bias_update_rate=args.bias_update_rate,
-                        save_every=args.save_every, seed=args.seed)
+                        save_every=args.save_every, seed=args.seed, expert_parallel=args.expert_parallel)
     try:
         out = finetune(args.data, args.out, args.model, args.lora, args.lora_alpha,
                        tuple(t for t in args.lora_targets.split(",") if t), args.qat, train, device, dtype,

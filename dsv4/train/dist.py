@@ -50,13 +50,14 @@ def init_from_env(device: torch.device) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size())
 
 
-def shard(step_module: nn.Module, ctx: DistContext) -> nn.Module:
-    """Apply FSDP2 to the model's blocks and the root; integer / frozen-by-design tensors stay replicated."""
+def shard(step_module: nn.Module, ctx: DistContext, local_experts: set[nn.Parameter] = frozenset()) -> nn.Module:
+    """Apply FSDP2 to the model's blocks and the root; integer / frozen-by-design tensors stay replicated, and
+    `local_experts` (expert parallel, `train/ep.py`) stay this rank's own: never sharded, never reduced."""
     from torch.distributed.fsdp import fully_shard
 
     if not ctx.enabled:
         return step_module
-    ignored = {p for p in step_module.parameters() if not p.is_floating_point()}
+    ignored = {p for p in step_module.parameters() if not p.is_floating_point()} | set(local_experts)
     for layer in step_module.model.layers:
         fully_shard(layer, ignored_params={p for p in layer.parameters() if p in ignored})
     fully_shard(step_module, ignored_params=ignored)

@@ -64,7 +64,10 @@ def hidden(model, pb: PackedBatch, grad_ckpt: bool) -> torch.Tensor:
     for layer in model.layers:
         def run(h, layer=layer):
             return layer(h, pb.input_ids, pb.batch, layer_state(model, layer.layer_id, pb.batch))
-        h = checkpoint(run, h, use_reentrant=False) if grad_ckpt and torch.is_grad_enabled() else run(h)
+        # early_stop=False: the recomputation runs the whole block, so every rank re-issues the same collectives
+        # (expert parallel exchange, train/ep.py) even where ranks need different saved tensors.
+        h = (checkpoint(run, h, use_reentrant=False, early_stop=False) if grad_ckpt and torch.is_grad_enabled()
+             else run(h))
     return h
 
 

@@ -3,8 +3,8 @@
 One optimiser step consumes `packs_per_step` packs; under FSDP rank r takes packs r, r+world, ... of them, and
 every rank divides its summed cross-entropy by the step's GLOBAL number of target tokens (known to every rank,
 the data order being deterministic), so the loss curve does not depend on the number of processes.
-Resumable: `train_state/` holds the trainable tensors, gate biases, optimiser state and step (per rank; resume
-with the same number of processes).
+Resumable: `train_state/` holds the trainable tensors, gate biases, optimiser state and step (per rank: FSDP
+shards and, with expert parallel, the rank's own experts; resume with the same number of processes).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dsv4.train import ep
 from dsv4.train.data import PackStream
 from dsv4.train.dist import DistContext, shard
 from dsv4.train.forward import LoadCounter, TrainStep, packed_batch
 from dsv4.train.metrics import MetricsLog, expert_load, plot_loss
-from dsv4.train.optim import MasterWeights, lr_at, make_optimizer, update_gate_bias
+from dsv4.train.optim import MasterWeights, clip_grad_norm, lr_at, make_optimizer, update_gate_bias
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainConfig:
     bias_update_rate: float = 0.0
     save_every: int = 0            # 0: only at the end
     seed: int = 0
+    expert_parallel: bool = False  # under torchrun: routed experts split over the ranks (train/ep.py)
 
 
 class Trainer:
@@ -49,7 +51,9 @@ class Trainer:
         self.model, self.stream, self.cfg, self.ctx = model, stream, cfg, ctx
         self.out, self.progress = Path(out_dir), progress and ctx.main
         self.device = next(model.parameters()).device
-        self.step_module = shard(TrainStep(model, cfg.grad_ckpt, cfg.mtp_weight), ctx)
+        if cfg.expert_parallel:
+            ep.install(model, ctx)
+        self.step_module = shard(TrainStep(model, cfg.grad_ckpt, cfg.mtp_weight), ctx, ep.local_expert_params(model))
         self.params = [(n, p) for n, p in self.step_module.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: no parameter requires a gradient")
@@ -80,8 +84,7 @@ class Trainer:
             loss.backward()
             self.counter.enabled = True
         self.master.grads_to_masters()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.master.masters, self.cfg.clip_grad or float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = clip_grad_norm(self.master.masters, self.cfg.clip_grad or float("inf"), self.ctx)
         if not torch.isfinite(torch.tensor(grad_norm)):
             raise FloatingPointError(f"step {self.step}: the gradient norm is {grad_norm}")
         self.opt.step()

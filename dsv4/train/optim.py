@@ -41,11 +41,45 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float =
 
 def make_optimizer(masters: list[nn.Parameter], lr: float, weight_decay: float,
                    betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW; no weight decay on vectors (norms, biases, sinks, hc scales/bases)."""
-    decay = [m for m in masters if m.dim() >= 2]
-    rest = [m for m in masters if m.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    """AdamW; no weight decay on vectors (norms, biases, sinks, hc scales/bases). FSDP-sharded (DTensor) and
+    rank-local (expert parallel) parameters go to separate groups: foreach kernels do not mix the two."""
+    groups = []
+    for sharded in (True, False):
+        mine = [m for m in masters if _is_dtensor(m) == sharded]
+        groups += [{"params": [m for m in mine if m.dim() >= 2], "weight_decay": weight_decay},
+                   {"params": [m for m in mine if m.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=1e-8)
+
+
+def clip_grad_norm(masters: list[nn.Parameter], max_norm: float, ctx) -> float:
+    """Global gradient-norm clipping; returns the norm before clipping. With expert parallel the rank-local
+    expert gradients differ per rank: their squared norms are summed over ranks and joined with the FSDP part."""
+    sharded = [m for m in masters if _is_dtensor(m)]
+    local = [m for m in masters if not _is_dtensor(m)]
+    if not (sharded and local):                               # one process, or FSDP alone
+        norm = torch.nn.utils.clip_grad_norm_(masters, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    device = masters[0].device                                  # NCCL reduces device tensors only
+    total = (_squared_norm(sharded, device) + ctx.all_sum(_squared_norm(local, device))).sqrt()
+    coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))    # as clip_grads_with_norm_ computes it
+    for m in masters:
+        if m.grad is not None:
+            m.grad.mul_(coef)
+    return float(total)
+
+
+def _squared_norm(params: list[nn.Parameter], device) -> torch.Tensor:
+    """Sum of squares of the gradients (a DTensor's over all its shards), a float32 scalar on `device`."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norm = torch.nn.utils.get_total_norm(grads)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.float().to(device) ** 2
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "to_local")
 
 
 @torch.no_grad()

@@ -17,14 +17,17 @@ import torch
 from dsv4.checkpoint.hub import resolve_model
 from dsv4.config import ModelConfig
 from dsv4.loader import load_model
+from dsv4.train import ep
 from dsv4.train.data import PackStream, pack, read_documents
 from dsv4.train.dist import DistContext, init_from_env
 from dsv4.train.loop import TrainConfig, Trainer
 from dsv4.train.params import LORA_TARGETS, prepare_full, prepare_lora
 from dsv4.train.save import (
+    adapter_tensors,
     bf16_config,
     export_state,
     load_adapters,
+    model_values,
     read_adapter_config,
     save_adapters,
     write_checkpoint,
@@ -65,18 +68,22 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str | None 
 
 
 def _save(net, model_dir, out: Path, ctx: DistContext, lora_rank, lora_alpha, lora_targets, merge) -> None:
+    """Every rank gathers its FSDP shards and sends its expert-parallel experts to rank 0, which writes."""
     cfg = net.cfg
     if lora_rank is not None:
+        adapters = ep.gather_experts(adapter_tensors(net), net, ctx)
         if ctx.main:
             save_adapters(net, out / "adapter", {"rank": lora_rank, "alpha": lora_alpha or 2.0 * lora_rank,
-                                                 "targets": list(lora_targets), "base_model": str(model_dir)})
+                                                 "targets": list(lora_targets), "base_model": str(model_dir)},
+                          adapters)
         if not merge:
+            ctx.barrier()
             return
+    values = ep.gather_experts(model_values(net), net, ctx)
     formats = [(cfg, out / "model")] + ([] if lora_rank is not None else [(bf16_config(cfg), out / "model-bf16")])
     for fmt_cfg, path in formats:
-        state = export_state(net, fmt_cfg)               # every rank gathers its shards
         if ctx.main:
-            write_checkpoint(state, fmt_cfg, path, tokenizer_from=model_dir)
+            write_checkpoint(export_state(net, fmt_cfg, values), fmt_cfg, path, tokenizer_from=model_dir)
     ctx.barrier()
 
 

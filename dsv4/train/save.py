@@ -18,17 +18,26 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dsv4 import ops
 from dsv4.checkpoint.inventory import inventory
 from dsv4.checkpoint.reader import INDEX_NAME
 from dsv4.checkpoint.synth import plan_shards, write_safetensors
 from dsv4.config import ModelConfig
 from dsv4.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
-from dsv4.train.params import LoRALinear
+from dsv4.train.params import LoRALinear, TrainLinear
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded parameter (on the CPU); FP8 / e8m0 bytes travel as uint8 (gloo has
+    no 8-bit float types)."""
+    if hasattr(t, "full_tensor") and t.dtype.itemsize == 1:
+        from torch.distributed.tensor import DTensor
+
+        raw = DTensor.from_local(t.to_local().view(torch.uint8), t.device_mesh, t.placements, shape=t.shape,
+                                 stride=t.stride())
+        return raw.full_tensor().view(t.dtype).detach().cpu()
     t = t.full_tensor() if hasattr(t, "full_tensor") else t
     return t.detach().cpu()
 
@@ -39,8 +48,8 @@ def model_values(model: nn.Module) -> dict[str, torch.Tensor]:
     values, merged = {}, set()
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            w = m.base.dequantized() if m.base.fmt != "plain" else m.base.weight.float()
-            values[f"{name}.weight"] = _full(w) + _full(m.delta_weight().float())
+            delta = (_full(m.lora_B).float() @ _full(m.lora_A).float()) * m.scaling     # = m.delta_weight()
+            values[f"{name}.weight"] = _base_value(m.base) + delta
             merged.add(name)
     for name, p in model.named_parameters():
         owner = name.rsplit(".", 2)[0] if ".base." in name else None
@@ -50,9 +59,18 @@ def model_values(model: nn.Module) -> dict[str, torch.Tensor]:
     return values
 
 
-def export_state(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The checkpoint tensors of `cfg` (its formats decide FP8 / FP4 / bf16) from the model's values."""
-    values = model_values(model)
+def _base_value(lin: nn.Module) -> torch.Tensor:
+    """A LoRA base linear's fp32 value, decoded from gathered tensors (FSDP shards do not split on FP8 blocks)."""
+    if isinstance(lin, TrainLinear):
+        return _full(lin.dequantized()).float()
+    return ops.dequant_weight(_full(lin.weight), None if lin.scale is None else _full(lin.scale), lin.fmt)
+
+
+def export_state(model: nn.Module, cfg: ModelConfig, values: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of `cfg` (its formats decide FP8 / FP4 / bf16) from the model's values (or the
+    given `model_values`, e.g. completed with other ranks' experts)."""
+    values = dict(model_values(model) if values is None else values)
     specs = inventory(cfg)
     out = {}
     for name, spec in specs.items():
@@ -111,12 +129,18 @@ def write_checkpoint(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: 
     return out
 
 
-def save_adapters(model: nn.Module, out_dir: str | os.PathLike, meta: dict) -> Path:
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`{linear}.lora_A` / `.lora_B`, gathered, fp32 (every FSDP rank must call this)."""
+    return {n: _full(p).float().contiguous() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def save_adapters(model: nn.Module, out_dir: str | os.PathLike, meta: dict,
+                  tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """LoRA adapters alone: `adapter.safetensors` (`{linear}.lora_A` [r, in], `.lora_B` [out, r], fp32) and
-    `adapter_config.json` (rank, alpha, targets, base model)."""
+    `adapter_config.json` (rank, alpha, targets, base model). `tensors`: `adapter_tensors`, when gathered."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {n: _full(p).float().contiguous() for n, p in model.named_parameters() if ".lora_" in n}
+    tensors = adapter_tensors(model) if tensors is None else tensors
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save")
     save_file(tensors, str(out / ADAPTER_FILE))
