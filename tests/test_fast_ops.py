@@ -58,9 +58,17 @@ def test_dispatch_uses_the_twin_on_cpu_and_inside_reference_only(monkeypatch):
         assert ops.linear(x, weight, scale, "fp8", True) == "fast"
         with ops.reference_only():
             assert isinstance(ops.linear(x, weight, scale, "fp8", True), torch.Tensor)
+        with ops.reference_only("linear"):                                   # per op: to bisect a difference
+            assert isinstance(ops.linear(x, weight, scale, "fp8", True), torch.Tensor)
+            assert not ops.registry.fast_enabled("linear") and ops.registry.fast_enabled("pair_linear")
+            with ops.reference_only("pair_linear"):                          # nesting adds
+                assert not ops.registry.fast_enabled("linear") and not ops.registry.fast_enabled("pair_linear")
+            assert ops.registry.fast_enabled("pair_linear")
+        with ops.reference_only("pair_linear"):
+            assert ops.linear(x, weight, scale, "fp8", True) == "fast"
         monkeypatch.setenv("DSV4_FAST_OPS", "0")
         assert isinstance(ops.linear(x, weight, scale, "fp8", True), torch.Tensor)
-        assert len(calls) == 1
+        assert len(calls) == 2
     finally:
         ops.registry._FAST["linear"] = [f for f in ops.registry._FAST["linear"] if f[0] != "spy"]
 

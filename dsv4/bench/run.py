@@ -72,6 +72,7 @@ def run(opts: BenchOptions) -> dict:
         res["profile"] = _profile(model, opts)
     res["dsv4"] = _dsv4_runs(model, cfg, opts, bw)
     res["greedy_agreement"] = _agreement(model, opts)
+    res["op_effects_on_logits"] = _op_effects(model, opts)
     res["op_errors_vs_float64"] = _op_errors(dev)
     for name, err in res["op_errors_vs_float64"].items():
         _say(opts, f"op error vs float64: {name}: {err:.2e}")
@@ -190,6 +191,56 @@ def _compare(want: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
     return {"steps": n, "same": sum(same), "fraction": sum(same) / n, "near_ties": sum(m < 1e-3 for m in margins),
             "logit_cosine_min": srt[0], "logit_cosine_median": srt[n // 2],
             "per_step_same": same, "per_step_ref_margin": margins, "per_step_cosine": cos}
+
+
+def _op_effects(model, opts: BenchOptions) -> dict:
+    """Each fast op's effect on one decode step's logits: from one prefilled state, the fixed-shape step (eager)
+    with all ops on their twins, with only one op fast, with all fast, and compiled; relative L2 distance,
+    cosine and same argmax against the all-twin logits. With the QAT emulation on and off."""
+    import contextlib
+
+    from dsv4.engine.graphs import DecodeGraphs, decode_logits
+    from dsv4.model.state import DecodeBatch
+
+    names = [n for n in ops.registry.fast_op_names() if n != "moe_grouped"]
+    variants = {"all twins": names, **{f"only {n} fast": [m for m in names if m != n] for n in names},
+                "all fast": []}
+    out = {}
+    for emulation in (True, False):
+        model.set_quant_emulation(emulation)
+        with ops.reference_only():
+            dec = Dsv4Decoder(model, 1, opts.context, 4, seed=opts.seed + 2)
+        batch = DecodeBatch.build([(0, dec.pos, dec.pages[0])], len(dec.pages[0]), dec.dev)
+        got = {}
+        for label, off in variants.items():
+            with ops.reference_only(*off) if off else contextlib.nullcontext(), torch.inference_mode():
+                got[label] = decode_logits(model, dec.tokens, batch, dec.state.clone())
+        if dec.dev.type == "cuda":          # is cuBLAS's split-K bf16 reduction (allowed by default) the difference?
+            flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+            with ops.reference_only(*[m for m in names if m != "linear"]), torch.inference_mode():
+                got["only linear fast, fp32 split-K reduction"] = decode_logits(model, dec.tokens, batch,
+                                                                               dec.state.clone())
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
+        if emulation and opts.compile:
+            graphs = DecodeGraphs(model, dec.state.clone(), 1, len(dec.pages[0]), capture=False, sizes=[1],
+                                  compile=True)
+            got["all fast, compiled"] = graphs.run(dec.tokens, [(0, dec.pos, dec.pages[0])])
+        want = got["all twins"].double()
+        rows = {}
+        for label, logits in got.items():
+            d = logits.double()
+            rows[label] = {"rel_l2": ((d - want).norm() / want.norm()).item(),
+                           "cosine": torch.nn.functional.cosine_similarity(d, want, dim=-1).item(),
+                           "same_argmax": bool(torch.equal(d.argmax(-1), want.argmax(-1)))}
+            _say(opts, f"op effect (emulation {'on' if emulation else 'off'}) {label}: rel L2 "
+                       f"{rows[label]['rel_l2']:.2e}, cosine {rows[label]['cosine']:.6f}, same argmax "
+                       f"{rows[label]['same_argmax']}")
+        out[f"emulation_{'on' if emulation else 'off'}"] = rows
+        del dec
+        _free()
+    model.set_quant_emulation(True)
+    return out
 
 
 def _op_errors(dev) -> dict:

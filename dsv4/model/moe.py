@@ -99,7 +99,7 @@ class MoE(nn.Module):
         fixed_shapes = inference or (torch.compiler.is_compiling() and local)     # compiled on any device
         if fixed_shapes and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
             y = self.routed_pairs(x, weights, ids)
-        elif inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled():
+        elif inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled("moe_grouped"):
             y = self.routed_grouped(x, weights, ids)
         elif self.exchange is not None:
             y = self.exchange(self.routed_loop, x, weights, ids)

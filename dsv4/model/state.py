@@ -96,6 +96,21 @@ class ModelState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in _tensors(layer))
 
+    def clone(self) -> ModelState:
+        """An independent copy (same slots, pages, contents): to run one step several ways from one state."""
+        new = ModelState.__new__(ModelState)
+        new.__dict__.update(self.__dict__)
+        new.layers = [_clone_layer(layer) for layer in self.layers]
+        return new
+
+
+def _clone_layer(layer: LayerState) -> LayerState:
+    def copy(st):
+        return None if st is None else CompressorState(st.kv.clone(), st.score.clone())
+    return LayerState(layer.ring.clone(), layer.ratio, None if layer.entries is None else layer.entries.clone(),
+                      copy(layer.compressor), None if layer.index_keys is None else layer.index_keys.clone(),
+                      copy(layer.index_compressor))
+
 
 def _tensors(layer: LayerState):
     yield layer.ring

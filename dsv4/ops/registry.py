@@ -18,22 +18,27 @@ from contextvars import ContextVar
 import torch
 
 _FAST: dict[str, list[tuple[str, Callable[..., bool], Callable]]] = {}
-_reference_only: ContextVar[bool] = ContextVar("dsv4_reference_only", default=False)
+# True: every op runs its twin; a frozenset: those ops do (`reference_only("linear")`, to bisect a difference).
+_reference_only: ContextVar[bool | frozenset] = ContextVar("dsv4_reference_only", default=False)
 
 
-def fast_enabled() -> bool:
+def fast_enabled(op: str | None = None) -> bool:
+    """May `op` (None: any op) take a fast path here?"""
     if torch.compiler.is_compiling():
-        return _fast_enabled_at_trace()
-    return _fast_enabled_now()
+        return _fast_enabled_at_trace(op)
+    return _fast_enabled_now(op)
 
 
-def _fast_enabled_now() -> bool:
-    return not _reference_only.get() and os.environ.get("DSV4_FAST_OPS", "1") != "0"
+def _fast_enabled_now(op: str | None) -> bool:
+    off = _reference_only.get()
+    if off is True or os.environ.get("DSV4_FAST_OPS", "1") == "0":
+        return False
+    return not (off and op in off)
 
 
 @torch._dynamo.assume_constant_result
-def _fast_enabled_at_trace() -> bool:
-    return _fast_enabled_now()
+def _fast_enabled_at_trace(op: str | None) -> bool:
+    return _fast_enabled_now(op)
 
 
 def custom_op(name: str, fake: Callable):
@@ -53,7 +58,7 @@ def register(op: str, name: str, applies: Callable[..., bool], impl: Callable) -
 
 def dispatch(op: str, twin: Callable) -> Callable:
     def call(*args, **kwargs):
-        if fast_enabled():
+        if fast_enabled(op):
             for _, applies, impl in _FAST.get(op, ()):
                 if applies(*args, **kwargs):
                     return impl(*args, **kwargs)
@@ -63,13 +68,19 @@ def dispatch(op: str, twin: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def reference_only():
-    """Run every op through its plain-PyTorch twin inside the block."""
-    token = _reference_only.set(True)
+def reference_only(*ops: str):
+    """Run every op (or only `ops`, e.g. "linear", "moe_grouped") through its plain-PyTorch twin inside the block."""
+    outer = _reference_only.get()
+    token = _reference_only.set(True if outer is True or not ops else frozenset(ops) | (outer or frozenset()))
     try:
         yield
     finally:
         _reference_only.reset(token)
+
+
+def fast_op_names() -> list[str]:
+    """Every op with a registered fast implementation (plus "moe_grouped", the MoE's grouped-GEMM prefill path)."""
+    return [*_FAST, "moe_grouped"]
 
 
 def fast_ops_status() -> dict[str, list[str]]:
