@@ -4,9 +4,11 @@ CPU (CI): the `aot_eager` backend traces the whole step as ONE graph (fullgraph:
 functionalises its in-place state writes and runs it eagerly: logits must be bit-identical to the uncompiled step
 over several steps of two sequences, i.e. tracing lost no state write and the fast-op switch, taps and the MoE
 path choice resolved as in eager mode.
-GPU: inductor fuses the element-wise work, so reductions may sum in another order: the same tolerance classes as
-graph-vs-general-path in tests/test_graphs_gpu.py (emulation off: cosine >= 0.9999 per row; on: median >= 0.999,
-worst >= 0.99 — an FP8 rounding moved by one bf16 ulp moves a whole block).
+GPU: inductor fuses the element-wise work and may sum reductions in another order. Checked in fp32 (float64
+accumulation where the model asks for it), where that reordering is ~1e-7 and cannot hide a semantic error (a lost
+state write or a wrong mask moves logits by O(1)): cosine >= 0.99999 per row and identical argmax. In bf16 on
+random weights, reordering alone already moves one step's logits by several % (the bench's per-op effect table:
+bench/NOTES.md), so bf16 is measured there, not asserted here.
 """
 
 from __future__ import annotations
@@ -51,13 +53,11 @@ def test_traced_step_is_one_graph_and_bit_identical(tiny_ckpt):
 @pytest.mark.parametrize("emulation", [False, True], ids=["emulation-off", "emulation-on"])
 def test_inductor_step_matches_the_uncompiled_graph(tiny_ckpt, emulation):
     torch._dynamo.reset()
-    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=emulation,
+    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.float32, quant_emulation=emulation,
                             progress=False)
     want = _decode(model, "cuda", False, steps=12)
     got = _decode(model, "cuda", True, steps=12, forced=want)
     cos = torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=-1).flatten()
-    print(f"emulation={emulation}: row cosine min {cos.min().item():.6f} median {cos.median().item():.6f}")
-    if emulation:
-        assert cos.median().item() >= 0.999 and cos.min().item() >= 0.99, cos
-    else:
-        assert cos.min().item() >= 0.9999, cos
+    print(f"emulation={emulation}: row cosine min {cos.min().item():.8f}")
+    assert cos.min().item() >= 0.99999, cos
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

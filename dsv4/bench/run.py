@@ -73,6 +73,7 @@ def run(opts: BenchOptions) -> dict:
     res["dsv4"] = _dsv4_runs(model, cfg, opts, bw)
     res["greedy_agreement"] = _agreement(model, opts)
     res["op_effects_on_logits"] = _op_effects(model, opts)
+    res["greedy_agreement_builtin_model"] = _agreement_builtin(opts)
     res["op_errors_vs_float64"] = _op_errors(dev)
     for name, err in res["op_errors_vs_float64"].items():
         _say(opts, f"op error vs float64: {name}: {err:.2e}")
@@ -144,22 +145,51 @@ def _profile(model, opts: BenchOptions) -> dict:
     return out
 
 
-def _agreement(model, opts: BenchOptions) -> dict:
+# Prompts for the trained built-in model (it continues Python code): real text gives real top-1 margins.
+BUILTIN_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef walk(path):\n", "class Stack:\n    def __init__(self):\n",
+                   "def read_config(filename):\n    with open(filename) as f:\n")
+
+
+def _agreement_builtin(opts: BenchOptions) -> dict:
+    """The same agreement measure on the trained built-in model (bf16 on the GPU, every fast op applies), one run
+    per prompt: with trained weights the top-1 margins are real, unlike the random benchmark weights."""
+    import dsv4
+    from dsv4.builtin import builtin_model_path
+    from dsv4.tokenizer import encode_prompt, load_tokenizer
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"          # CPU: the tests' smoke run
+    model = dsv4.load_model(builtin_model_path(), device=dev, dtype=torch.bfloat16, progress=False)
+    tok = load_tokenizer(builtin_model_path())
+    runs = []
+    for text in BUILTIN_PROMPTS:
+        ids = torch.tensor([encode_prompt(tok, text, model.cfg.bos_token_id)])
+        runs.append(_agreement(model, opts, prompt=ids))
+    same, steps = sum(r["same"] for r in runs), sum(r["steps"] for r in runs)
+    control = sum(r["control_twin_decode_path"]["same"] for r in runs)
+    _say(opts, f"greedy agreement, built-in trained model: fast {same}/{steps}, control {control}/{steps}")
+    del model
+    _free()
+    return {"fraction": same / steps, "same": same, "steps": steps, "control_fraction": control / steps,
+            "prompts": list(BUILTIN_PROMPTS), "runs": runs}
+
+
+def _agreement(model, opts: BenchOptions, prompt: torch.Tensor | None = None) -> dict:
     """Greedy tokens of the fast path (CUDA-graph decode, fast ops) vs the reference path (general step path, ops
     forced to their plain twins), the reference teacher-forced with the fast path's tokens.
     Control: the same measure for a second plain-twin path (the fixed-shape decode step run eagerly with the twins),
     which differs from the reference only in summation order: how often two equally exact paths disagree on this
     model is the floor of the measure (random weights have tiny top-1 margins)."""
-    fast = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1, graphs=True,
-                       compile=opts.compile)
+    context = opts.context if prompt is None else prompt.shape[1]
+    fast = Dsv4Decoder(model, 1, context, opts.agreement_steps + 1, seed=opts.seed + 1, graphs=True,
+                       compile=opts.compile, prompt=prompt)
     fast_logits = _greedy(fast, opts.agreement_steps)
     del fast
     with ops.reference_only():
-        control = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1, graphs=True,
-                              capture=False)
+        control = Dsv4Decoder(model, 1, context, opts.agreement_steps + 1, seed=opts.seed + 1, graphs=True,
+                              capture=False, prompt=prompt)
         control_logits = _greedy(control, opts.agreement_steps, [x.argmax(-1) for x in fast_logits])
         del control
-        ref = Dsv4Decoder(model, 1, opts.context, opts.agreement_steps + 1, seed=opts.seed + 1)
+        ref = Dsv4Decoder(model, 1, context, opts.agreement_steps + 1, seed=opts.seed + 1, prompt=prompt)
         want = [_step_logits(ref, x.argmax(-1)) for x in fast_logits]
     _free()
     out = _compare(want, fast_logits)

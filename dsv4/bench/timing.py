@@ -34,7 +34,8 @@ class Dsv4Decoder:
     """`batch` sequences prefilled to `context` tokens (in chunks), then greedy decode steps through `model.step`."""
 
     def __init__(self, model, batch: int, context: int, max_steps: int, chunk: int = 4096, seed: int = 0,
-                 graphs: bool = False, compile: bool = False, capture: bool = True):
+                 graphs: bool = False, compile: bool = False, capture: bool = True,
+                 prompt: torch.Tensor | None = None):
         cfg, dev = model.cfg, next(model.parameters()).device
         self.model, self.batch, self.pos, self.dev = model, batch, context, dev
         per_seq = -(-(context + max_steps + 1) // PAGE)
@@ -42,7 +43,9 @@ class Dsv4Decoder:
         # one more slot and page: the scratch space of CUDA-graph padding rows
         self.state = ModelState(cfg, batch + 1, batch * per_seq + 1, PAGE, model.dtype, dev)
         gen = torch.Generator().manual_seed(seed)
-        prompt = torch.randint(2, cfg.vocab_size, (batch, context), generator=gen)
+        given = prompt is not None
+        if prompt is None:                          # random tokens; else `prompt` [batch, context] token ids
+            prompt = torch.randint(2, cfg.vocab_size, (batch, context), generator=gen)
         with torch.inference_mode():
             for b in range(batch):
                 for s in range(0, context, chunk):
@@ -50,6 +53,9 @@ class Dsv4Decoder:
                     h = model.step(prompt[b:b + 1, s:s + n].to(dev), StepBatch.build([(b, s, n, self.pages[b])], dev),
                                    self.state)
         self.tokens = torch.randint(2, cfg.vocab_size, (1, batch), generator=gen).to(dev)
+        if given:                                   # a real prompt: continue it greedily
+            with torch.inference_mode():
+                self.tokens = model.main_logits(h[:, -1:]).argmax(-1).view(1, batch)
         self.history: list[torch.Tensor] = []
         self.graphs = None
         if graphs:

@@ -82,7 +82,8 @@ class DecodeGraphs:
                  sizes: list[int] | None = None, compile: bool | str = False):
         self.model, self.state, self.max_pages = model, state, max_pages
         self.scratch = (state.slots - 1, state.pages - 1)
-        pool = torch.cuda.graph_pool_handle() if capture else None       # capture off: same path, run eagerly
+        capture = capture and state.device.type == "cuda"          # capture off (or CPU): same path, run eagerly
+        pool = torch.cuda.graph_pool_handle() if capture else None
         forward = decode_logits
         if compile:
             model.prepare_fixed_shape_decode(state.device)
