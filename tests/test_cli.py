@@ -44,6 +44,8 @@ HELP = {
                     "--dtype", "--no-quant-emulation", "trained on the Python standard library"],
     ("synth",): ["--config", "--out", "--seed", "--layers", "--shard-gb", "'flash', 'pro'"],
     ("check",): ["model", "without loading any weights"],
+    ("serve",): ["--max-num-seqs", "--compile-decode", "--port"],
+    ("bench",): ["--decode-batches", "--no-compile", "--no-transformers"],
 }
 
 

@@ -23,6 +23,8 @@ class EngineConfig:
     memory_fraction: float = 0.9        # CUDA: fraction of the free memory the cache may take
     cpu_cache_gib: float = 4.0          # CPU: cache budget
     cuda_graphs: bool = True            # CUDA: decode steps replay captured graphs (one per batch-size bucket)
+    compile_decode: bool = False        # CUDA: torch.compile each captured decode step first (bench/NOTES.md: bs1
+                                        # 3.9 -> 2.7 ms on the Flash-width bench; ~35 s of compiling per bucket)
     decode_batch: bool = False          # CPU: run decode steps through the fixed-shape path too (tests)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (docs/parallel.md); the engine runs on rank 0
 

@@ -52,7 +52,8 @@ class Engine:
             from dsv4.engine.graphs import DecodeGraphs
 
             graphs = DecodeGraphs(model, self.state, econf.max_num_seqs,
-                                  -(-self.max_model_len // econf.page_size), capture=capture)
+                                  -(-self.max_model_len // econf.page_size), capture=capture,
+                                  compile=econf.compile_decode and capture)
         self.runner = ModelRunner(model, self.state, graphs=graphs)
         self.requests: dict[str, _Request] = {}
         self.num_preemptions = 0
