@@ -125,10 +125,11 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
 
 
 def _profile(model, opts: BenchOptions) -> dict:
-    """torch.profiler tables (top ops by CUDA and by CPU time) of 4 decode steps at batch 1 and one 1k prefill."""
+    """torch.profiler tables (top ops by CUDA and by CPU time) of 4 decode steps at batch 1 (the fixed-shape step,
+    compiled when the bench compiles, run without graph capture so its kernels show) and one 1k prefill."""
     from torch.profiler import ProfilerActivity, profile
 
-    dec = Dsv4Decoder(model, 1, opts.context, 8, seed=opts.seed)
+    dec = Dsv4Decoder(model, 1, opts.context, 8, seed=opts.seed, graphs=True, capture=False, compile=opts.compile)
     prefill = dsv4_prefill(model, 1024, opts.prefill_chunk, opts.seed)
     dec.step()
     prefill()
@@ -138,8 +139,10 @@ def _profile(model, opts: BenchOptions) -> dict:
             fn()
             torch.cuda.synchronize()
         ka = prof.key_averages()
-        out[name] = {"by_cuda": ka.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60),
-                     "by_cpu": ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)}
+        launches = sum(e.count for e in ka if "CUDA" in str(getattr(e, "device_type", "")))
+        out[name] = {"by_cuda": ka.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60),
+                     "by_cpu": ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
+                     "cuda_kernels_per_call": launches // (4 if name.startswith("decode") else 1)}
         _say(opts, f"--- profile {name} (by CUDA time)\n{out[name]['by_cuda']}")
         _say(opts, f"--- profile {name} (by self CPU time)\n{out[name]['by_cpu']}")
     return out
