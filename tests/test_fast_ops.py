@@ -233,3 +233,32 @@ def test_fused_kernels_on_cuda_at_flash_dims():
     got = ops.hc_split_sinkhorn(m.cuda(), scale.cuda(), base.cuda(), 4, 20, 1e-6)
     for a, b in zip(want, got, strict=True):
         assert ((a - b.cpu()).abs() / a.abs().clamp_min(1e-6)).max().item() <= 1e-5
+
+
+def test_head_logits_bf16_copy_only_when_exact():
+    """The head's fast path multiplies a bf16 copy of the fp32-held weight: only valid while that copy is exact
+    (a checkpoint's bf16 head is; a head trained in fp32 in this process is not), re-checked after writes."""
+    from dsv4.ops.head import exact_bf16_copy
+
+    w = torch.randn(64, 32).bfloat16().float()
+    assert torch.equal(exact_bf16_copy(w).float(), w)
+    w.add_(1e-4)                                          # in-place write: version moves, no longer bf16-exact
+    assert exact_bf16_copy(w) is None
+    y = torch.randn(3, 32).bfloat16()
+    assert torch.equal(ops.logits(y, w), ops.logits.twin(y, w))          # CPU: the twin
+
+
+@pytest.mark.gpu
+def test_head_logits_on_cuda_at_flash_dims():
+    """bf16-operand GEMM with fp32 accumulation and output vs the fp32 twin and float64: the same exact products
+    summed in another order, fp32 class: relative error <= 1e-6 (Frobenius) against both."""
+    gen = torch.Generator().manual_seed(11)
+    w = (torch.randn(129280, 4096, generator=gen) / 64).bfloat16().float().cuda()
+    y = torch.randn(4, 4096, generator=gen).bfloat16().cuda()
+    with torch.inference_mode():
+        got = ops.logits(y, w)
+        twin = ops.logits.twin(y, w)
+    exact = y.double() @ w.double().T
+    assert got.dtype == torch.float32 and got.shape == (4, 129280)
+    assert ((got.double() - exact).norm() / exact.norm()).item() <= 1e-6
+    assert ((got - twin).double().norm() / twin.double().norm()).item() <= 1e-6

@@ -93,7 +93,7 @@ class Head(Linear):
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the final hidden state y [..., D] (computed in y's model dtype)."""
-        return ops.dense(widen(y), self.weight, y.dtype)
+        return ops.logits(y, self.weight)
 
 
 def weight_formats(cfg) -> tuple[str, str]:
