@@ -62,7 +62,18 @@ want = ops.grouped_linear.twin(x, eid, w, s, 'fp4')
 errs = [fp4_grouped_gemm(x, eid, w, s, block_n=32), fp4_grouped_gemm(x, eid.int(), w, s, block_n=64, block_k=256)]
 perm = torch.randperm(41, generator=gen)                  # unsorted rows: slower, still right
 errs.append(fp4_grouped_gemm(x[perm], eid[perm], w, s, block_n=32) - want[perm] + want)
-print(*[((got - want).norm() / want.norm()).item() for got in errs])
+# decoding, exactly: one-hot rows read back every code (both nibbles) under scale bytes 0 (2^-127), 1, ..., 160
+codes = torch.arange(16 * 128 * 8, dtype=torch.int32).view(16, 128, 8) % 16
+wq = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).view(torch.int8).view(1, 16, 4 * 128)
+sq = torch.tensor([0, 1, 100, 127, 140, 160], dtype=torch.uint8)[torch.arange(16 * 32).view(1, 16, 32) % 6]
+sq = sq.view(torch.float8_e8m0fnu)
+eye = torch.eye(1024)[:128]
+got = torch.cat([fp4_grouped_gemm(eye.roll(128 * i, 1), torch.zeros(128, dtype=torch.long), wq, sq) for i in range(8)])
+exact = torch.equal(got, ops.dequant_weight(wq[0], sq[0], 'fp4').T)
+w[3, 5, 40:56], s[3, 7, 2] = 0, torch.tensor(255, dtype=torch.uint8).view(s.dtype)    # NaN scale, zero block
+nan = fp4_grouped_gemm(x, eid, w, s, block_n=32).isnan()
+exact &= torch.equal(nan, ops.grouped_linear.twin(x, eid, w, s, 'fp4').isnan()) and nan.sum().item() == 1
+print(exact, *[((got - want).norm() / want.norm()).item() for got in errs])
 """
 
 
@@ -70,7 +81,8 @@ print(*[((got - want).norm() / want.norm()).item() for got in errs])
 def test_fp4_grouped_gemm_kernel_in_the_interpreter(tmp_path):
     """The kernel's logic on CPU through TRITON_INTERPRET=1 (set before triton is imported, hence a subprocess;
     PYTHONPATH so it imports this checkout's dsv4), with fp32 activations (the interpreter's bf16 tl.dot is wrong
-    in triton 3.6). fp32 products of exact values, fp32 accumulation in another order: rel. error <= 1e-5."""
+    in triton 3.6). fp32 products of exact values, fp32 accumulation in another order: rel. error <= 1e-5. The
+    FP4/e8m0 decoding itself (every code, both nibbles, scale bytes 0 to 160) read back exactly via one-hot rows."""
     script = tmp_path / "check.py"
     script.write_text(_KERNEL_CHECK)
     root = str(Path(__file__).resolve().parents[1])
@@ -78,8 +90,8 @@ def test_fp4_grouped_gemm_kernel_in_the_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    errs = [float(v) for v in out.stdout.split()[-3:]]
-    assert len(errs) == 3 and max(errs) <= 1e-5, out.stdout
+    exact, *errs = out.stdout.split()[-4:]
+    assert exact == "True" and max(float(v) for v in errs) <= 1e-5, out.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
