@@ -166,3 +166,44 @@ def test_fp4_grouped_gemm_on_cuda_at_flash_dims():
     graph.replay()
     want = ops.grouped_linear.twin(x, eid_in, w, s, "fp4")
     assert ((out.double() - want.double()).norm() / want.double().norm()).item() <= 1e-5
+
+
+@pytest.mark.gpu
+def test_routed_sorted_with_the_kernel_equals_the_expert_loop_on_cuda(tiny_ckpt):
+    """The whole sorted path with the Triton kernel (bf16) against the loop (cuBLAS over bf16 copies): same
+    roundings, the GEMM summation order aside, which can flip a bf16 rounding of an expert output: rel. error
+    <= 2**-7 (the `routed_grouped` class)."""
+    import dsv4
+
+    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True, progress=False)
+    moe = model.layers[2].ffn
+    x = torch.randn(40, model.cfg.dim, generator=torch.Generator().manual_seed(25)).bfloat16().cuda()
+    with torch.inference_mode():
+        weights, ids = moe.gate(x, torch.zeros(40, dtype=torch.long, device="cuda"))
+        loop = moe.routed_loop(x, weights, ids)
+        got = moe.routed_sorted(x, weights, ids)
+    rel = ((got - loop).abs() / loop.abs().clamp_min(1e-2)).max().item()
+    assert rel <= 2**-7, rel
+
+
+@pytest.mark.gpu
+def test_cuda_steps_pick_the_sorted_path(tiny_ckpt, monkeypatch):
+    """CUDA inference: fixed-shape steps from SORTED_PATH_MIN_PAIRS pairs and prefill-sized steps (more than
+    PAIR_PATH_MAX_PAIRS pairs) take `routed_sorted`; prefill with `grouped_linear` off takes the bf16 grouped GEMM."""
+    import dsv4
+
+    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True, progress=False)
+    moe = model.layers[2].ffn
+    calls = []
+    for name in ("routed_sorted", "routed_pairs", "routed_grouped", "routed_loop"):
+        real = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    k, gen = model.cfg.n_activated_experts, torch.Generator().manual_seed(26)
+    sizes = (moe.SORTED_PATH_MIN_PAIRS // k - 1, moe.SORTED_PATH_MIN_PAIRS // k, moe.PAIR_PATH_MAX_PAIRS // k + 1)
+    with torch.inference_mode():
+        for n in sizes:
+            x = torch.randn(1, n, model.cfg.dim, generator=gen).bfloat16().cuda()
+            moe(x, torch.zeros(1, n, dtype=torch.long, device="cuda"))
+        with ops.reference_only("grouped_linear"):
+            moe(x, torch.zeros(1, n, dtype=torch.long, device="cuda"))
+    assert calls == ["routed_pairs", "routed_sorted", "routed_sorted", "routed_grouped"]

@@ -72,7 +72,8 @@ class Expert(nn.Module):
 
 class MoE(nn.Module):
     # Steps with at most this many (token, expert) pairs take the pair path on CUDA: fixed shapes and no host
-    # synchronisation, so decode steps can be captured in CUDA graphs. Larger steps loop over the used experts.
+    # synchronisation, so decode steps can be captured in CUDA graphs. Larger steps (prefill) take the sorted path
+    # (FP4 experts), else the grouped GEMM over bf16 copies, else loop over the used experts.
     PAIR_PATH_MAX_PAIRS = 1024
     # From this many pairs, FP4 experts take the sorted path (grouped GEMM: each touched expert read about once per
     # 16-row block) instead of one GEMV per pair (each expert read once per pair); below it the GEMV wins.
