@@ -294,6 +294,9 @@ def _op_errors(dev) -> dict:
                                                                 for i in ids.tolist()]))
     got = ops.pair_linear(x, ids, w4, s4, "fp4")
     out["pair_linear fp4 (Triton GEMV)"] = ((got.double() - exact).norm() / exact.norm()).item()
+    eid, order = ids.sort(stable=True)
+    got = ops.grouped_linear(x[order], eid, w4, s4, "fp4")
+    out["grouped_linear fp4 (Triton grouped GEMM)"] = ((got.double() - exact[order]).norm() / exact.norm()).item()
     return out
 
 

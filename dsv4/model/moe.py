@@ -72,12 +72,16 @@ class Expert(nn.Module):
 
 class MoE(nn.Module):
     # Steps with at most this many (token, expert) pairs take the pair path on CUDA: fixed shapes and no host
-    # synchronisation, so decode steps can be captured in CUDA graphs. Larger steps loop over the used experts.
+    # synchronisation, so decode steps can be captured in CUDA graphs. Larger steps (prefill) take the sorted path
+    # (FP4 experts), else the grouped GEMM over bf16 copies, else loop over the used experts.
     PAIR_PATH_MAX_PAIRS = 1024
+    # From this many pairs, FP4 experts take the sorted path (grouped GEMM: each touched expert read about once per
+    # 16-row block) instead of one GEMV per pair (each expert read once per pair); below it the GEMV wins.
+    SORTED_PATH_MIN_PAIRS = 64
 
     def __init__(self, cfg, layer_id: int, dense_fmt: str, expert_fmt: str, dtype: torch.dtype):
         super().__init__()
-        self.dim, self.n_experts = cfg.dim, cfg.n_routed_experts
+        self.dim, self.n_experts, self.expert_fmt = cfg.dim, cfg.n_routed_experts, expert_fmt
         self.gate = Gate(cfg, layer_id)
         self.experts = nn.ModuleList(
             Expert(cfg.dim, cfg.moe_inter_dim, expert_fmt, dtype, cfg.swiglu_limit) for _ in range(self.n_experts))
@@ -97,8 +101,12 @@ class MoE(nn.Module):
         local = self.tp is SINGLE and self.exchange is None                # EP: the loop (for now)
         inference = x.is_cuda and not torch.is_grad_enabled() and local
         fixed_shapes = inference or (torch.compiler.is_compiling() and local)     # compiled on any device
+        sorted_fp4 = self.expert_fmt == "fp4" and ids.numel() >= self.SORTED_PATH_MIN_PAIRS
         if fixed_shapes and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
-            y = self.routed_pairs(x, weights, ids)
+            y = (self.routed_sorted if sorted_fp4 else self.routed_pairs)(x, weights, ids)
+        elif (inference and sorted_fp4 and x.dtype in (torch.bfloat16, torch.float32)
+              and ops.registry.fast_enabled("grouped_linear")):
+            y = self.routed_sorted(x, weights, ids)
         elif inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled("moe_grouped"):
             y = self.routed_grouped(x, weights, ids)
         elif self.exchange is not None:
@@ -133,6 +141,23 @@ class MoE(nn.Module):
         h = ex.hidden(gate, up, weights.reshape(-1, 1)).to(x.dtype)
         out = self._pair_linear(ex.w2, h, e, stacks["w2"]).to(x.dtype).float()
         return out.view(n, k, -1).sum(dim=1)
+
+    def routed_sorted(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum over pairs sorted by expert (stable), one `grouped_linear` per matrix over the stored
+        weights: fixed shapes, no host sync. Activations are quantised once for all pairs (per row and 128 block,
+        so the same as per expert); each expert output is rounded to the compute dtype before the fp32 sum, which
+        runs over a token's k pairs in selection order (deterministic, as in `routed_pairs`; no atomics)."""
+        n, k = ids.shape
+        order = ids.flatten().argsort(stable=True)
+        eid, tok = ids.flatten()[order], order // k
+        stacks = self.stacked_experts()
+        ex = self.experts[0]
+        xs = self._quantised_input(ex.w1, x[tok])
+        gate = ops.grouped_linear(xs, eid, *stacks["w1"], ex.w1.fmt).to(x.dtype).float()
+        up = ops.grouped_linear(xs, eid, *stacks["w3"], ex.w3.fmt).to(x.dtype).float()
+        h = self._quantised_input(ex.w2, ex.hidden(gate, up, weights.flatten()[order, None]).to(x.dtype))
+        out = ops.grouped_linear(h, eid, *stacks["w2"], ex.w2.fmt).to(x.dtype).float()
+        return torch.empty_like(out).index_copy_(0, order, out).view(n, k, -1).sum(dim=1)
 
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same sum for large steps (prefill): pairs sorted by expert, activations quantised once, one grouped

@@ -15,8 +15,10 @@ linear = dispatch("linear", ref.linear)
 sparse_attention = dispatch("sparse_attention", ref.sparse_attention)
 
 from dsv4.ops import cached_linear  # noqa: E402, F401  (registers its fast path)
+from dsv4.ops.grouped_linear import grouped_linear  # noqa: E402
 from dsv4.ops.head import logits  # noqa: E402
 from dsv4.ops.moe_pairs import pair_linear  # noqa: E402
 
 __all__ = ["acc_dtype", "dense", "dequant_weight", "fake_quant_fp8", "fake_quant_kv", "fast_ops_status",
-           "hc_split_sinkhorn", "linear", "logits", "pair_linear", "reference_only", "register", "sparse_attention"]
+           "grouped_linear", "hc_split_sinkhorn", "linear", "logits", "pair_linear", "reference_only", "register",
+           "sparse_attention"]

@@ -1,0 +1,54 @@
+"""Routed experts over rows sorted by expert: fixed shapes, no host synchronisation (CUDA-graph capturable).
+
+`grouped_linear(x, eid, weight, scale, fmt)` = x[m] @ W[eid[m]]^T, the same product as `pair_linear`, for rows
+sorted by expert (decode at larger batch, prefill). The twin is `pair_linear`'s (gather + dequantise per row),
+run over fixed-size row chunks so its gathered weights stay bounded; the Triton kernel
+(`ops/triton/fp4_grouped.py`) reads each expert's FP4 weights about once per row block it appears in instead of
+once per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.ops.moe_pairs import _pair_linear_twin
+from dsv4.ops.registry import custom_op, dispatch, register
+
+_TWIN_CHUNK = 32                 # rows per gather: 32 dequantised [N, K] matrices at a time
+
+
+def _grouped_linear_twin(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                         fmt: str) -> torch.Tensor:
+    """x [M, K], eid [M] -> fp32 [M, N] (float64 accumulation for fp32 inputs, like `pair_linear`)."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0, weight.shape[1], dtype=torch.float32)
+    return torch.cat([_pair_linear_twin(x[i:i + _TWIN_CHUNK], eid[i:i + _TWIN_CHUNK], weight, scale, fmt)
+                      for i in range(0, x.shape[0], _TWIN_CHUNK)])
+
+
+grouped_linear = dispatch("grouped_linear", _grouped_linear_twin)
+
+
+def _fp4_applies(x, eid, weight, scale, fmt) -> bool:
+    return (fmt == "fp4" and x.is_cuda and x.shape[1] % 128 == 0 and not torch.is_grad_enabled()
+            and x.dtype in (torch.bfloat16, torch.float32))
+
+
+def _fp4_kernel(x, eid, weight, scale, fmt):
+    return _fp4_grouped_gemm(x.contiguous(), eid, weight, scale)
+
+
+@custom_op("fp4_grouped_gemm", lambda x, eid, weight, scale: x.new_empty(x.shape[0], weight.shape[1],
+                                                                         dtype=torch.float32))
+def _fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
+
+    return fp4_grouped_gemm(x, eid, weight, scale)
+
+
+try:
+    import triton  # noqa: F401
+
+    register("grouped_linear", "triton_fp4_grouped_gemm", _fp4_applies, _fp4_kernel)
+except ImportError:            # no Triton (CPU-only installs): the twin runs
+    pass
