@@ -121,6 +121,11 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
             _say(opts, f"dsv4 prefill {n}: {t['median_s'] * 1e3:.1f} ms ({t['tok_per_s']:.0f} tok/s)")
         out["prefill"][n] = t
         _free()
+    if 1024 in opts.prefill:         # the previous prefill MoE (bf16 expert copies, torch._grouped_mm), to compare
+        with ops.reference_only("grouped_linear"):
+            t = summary(cuda_time(dsv4_prefill(model, 1024, opts.prefill_chunk, opts.seed), 3))
+        out["prefill_1k_bf16_copies_grouped_mm"] = t
+        _say(opts, f"dsv4 prefill 1024 with bf16 expert copies + torch._grouped_mm: {t['median_s'] * 1e3:.1f} ms")
     return out
 
 
