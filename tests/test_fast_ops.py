@@ -251,7 +251,9 @@ def test_head_logits_bf16_copy_only_when_exact():
 @pytest.mark.gpu
 def test_head_logits_on_cuda_at_flash_dims():
     """bf16-operand GEMM with fp32 accumulation and output vs the fp32 twin and float64: the same exact products
-    summed in another order, fp32 class: relative error <= 1e-6 (Frobenius) against both."""
+    summed in another order, fp32-accumulation class over K = 4096: a random-walk estimate sqrt(K) * 2^-24 = 3.8e-6
+    relative (measured on the H200: 4.5e-6 against float64), so <= 1e-5 (Frobenius) against both, the bound the
+    FP4 GEMV kernels of this file use."""
     gen = torch.Generator().manual_seed(11)
     w = (torch.randn(129280, 4096, generator=gen) / 64).bfloat16().float().cuda()
     y = torch.randn(4, 4096, generator=gen).bfloat16().cuda()
@@ -260,5 +262,5 @@ def test_head_logits_on_cuda_at_flash_dims():
         twin = ops.logits.twin(y, w)
     exact = y.double() @ w.double().T
     assert got.dtype == torch.float32 and got.shape == (4, 129280)
-    assert ((got.double() - exact).norm() / exact.norm()).item() <= 1e-6
-    assert ((got - twin).double().norm() / twin.double().norm()).item() <= 1e-6
+    assert ((got.double() - exact).norm() / exact.norm()).item() <= 1e-5
+    assert ((got - twin).double().norm() / twin.double().norm()).item() <= 1e-5
