@@ -6,6 +6,9 @@ and the sliding window is 16 tokens, so the only route from the answer back to k
 HCA layer's 128-token block entries, the CSA layer's indexer picks). Guessing gives ln(16) / 2 = 1.39 nats per
 target token (the EOS is free); retrieval gives ~0.
 Usage: python scripts/finetune_retrieval.py OUT_DIR [--steps N]   (CPU: ~2-4 s per step)
+       python scripts/finetune_retrieval.py OUT_DIR --prepare-only        (base model + data: for other runners,
+                                                                          e.g. scripts/finetune_multigpu.sh)
+       python scripts/finetune_retrieval.py OUT_DIR --accuracy MODEL_DIR  (held-out accuracy of a trained model)
 """
 
 from __future__ import annotations
@@ -54,16 +57,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--prepare-only", action="store_true", help="write OUT/base and OUT/retrieval.jsonl, stop")
+    ap.add_argument("--accuracy", metavar="MODEL_DIR", help="print the held-out accuracy of MODEL_DIR and OUT/base")
     args = ap.parse_args()
     from dsv4.checkpoint import synthesize
     from dsv4.train.loop import TrainConfig
     from dsv4.train.run import finetune
 
     out = Path(args.out)
+    if args.accuracy:
+        print(f"held-out retrieval accuracy: base {accuracy(out / 'base'):.3f}, {args.accuracy} "
+              f"{accuracy(Path(args.accuracy)):.3f}")
+        return
     base = synthesize(config(), out / "base", seed=7, progress=False)
     rng = random.Random(0)
     data = out / "retrieval.jsonl"
     data.write_text("".join(json.dumps(document(rng)) + "\n" for _ in range(2000)))
+    if args.prepare_only:
+        return
     train = TrainConfig(max_steps=args.steps, lr=3e-3, warmup_steps=20, seq_len=470, packs_per_step=4,
                         grad_ckpt=False, clip_grad=1.0)
     finetune(data, out / "run", str(base), train=train, quant_emulation=False)
