@@ -11,27 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from train_helpers import token_data
 
 import dsv4
 from dsv4.train.metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 
-
-def _data(path):
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(8):
-            ids = [0] + [rng.randrange(2, 512) for _ in range(rng.randrange(20, 60))]
-            f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * 5 + [1] * (len(ids) - 5)}) + "\n")
-    return path
 
 
 def _args(tiny_ckpt, data, out):
@@ -40,7 +32,7 @@ def _args(tiny_ckpt, data, out):
 
 
 def test_two_gloo_processes_follow_the_single_process_curve(tiny_ckpt, tmp_path):
-    data = _data(tmp_path / "d.jsonl")
+    data = token_data(tmp_path / "d.jsonl")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     one = subprocess.run([sys.executable, *_args(tiny_ckpt, data, tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=300)

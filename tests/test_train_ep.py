@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from train_helpers import token_data
 
 import dsv4
 from dsv4.train.metrics import read_metrics
@@ -152,14 +152,6 @@ def test_every_expert_is_gathered_for_saving(tiny_ckpt, ep_ranks):
 needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 
 
-def _data(path):
-    rng = random.Random(0)
-    with open(path, "w") as f:
-        for _ in range(8):
-            ids = [0] + [rng.randrange(2, 512) for _ in range(rng.randrange(20, 60))]
-            f.write(json.dumps({"input_ids": ids, "loss_mask": [0] * 5 + [1] * (len(ids) - 5)}) + "\n")
-    return path
-
 
 def _finetune(tiny_ckpt, data, out, steps=4, procs=1, mode=("--full", "--bias-update-rate", "1e-5")):
     args = ["-m", "dsv4", "finetune", "--model", str(tiny_ckpt), "--data", str(data), *mode, "--max-steps",
@@ -176,7 +168,7 @@ def _finetune(tiny_ckpt, data, out, steps=4, procs=1, mode=("--full", "--bias-up
 @pytest.fixture(scope="module")
 def runs(tiny_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ep_runs")
-    data = _data(tmp / "d.jsonl")
+    data = token_data(tmp / "d.jsonl")
     one = _finetune(tiny_ckpt, data, tmp / "one")
     ep = _finetune(tiny_ckpt, data, tmp / "ep", procs=2)
     _finetune(tiny_ckpt, data, tmp / "resumed", steps=1, procs=2)
@@ -256,7 +248,7 @@ def test_expert_parallel_lora_saves_every_experts_adapter(tiny_ckpt, tmp_path):
 
     from dsv4.train.run import merge_lora
 
-    out = _finetune(tiny_ckpt, _data(tmp_path / "d.jsonl"), tmp_path / "lora", steps=2, procs=2,
+    out = _finetune(tiny_ckpt, token_data(tmp_path / "d.jsonl"), tmp_path / "lora", steps=2, procs=2,
                     mode=("--lora", "4", "--lora-targets", "attn,experts", "--merge"))
     adapters = load_file(out / "adapter" / "adapter.safetensors")
     cfg = dsv4.tiny_config()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dsv4 import quant
-from dsv4.ops.registry import custom_op, dispatch, register
+from dsv4.ops.registry import custom_op, dispatch, register_triton
 
 fake_quant_fp8 = dispatch("fake_quant_fp8", quant.fake_quant_fp8)
 
@@ -31,9 +31,4 @@ def _triton_fake_quant(x: torch.Tensor, block: int) -> torch.Tensor:
     return kernel(x, block)
 
 
-try:
-    import triton  # noqa: F401
-
-    register("fake_quant_fp8", "triton_fake_quant_fp8", _triton_applies, _triton_fake_quant)
-except ImportError:            # no Triton: the plain definition runs
-    pass
+register_triton("fake_quant_fp8", "triton_fake_quant_fp8", _triton_applies, _triton_fake_quant)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops.moe_pairs import _pair_linear_twin
-from dsv4.ops.registry import custom_op, dispatch, register
+from dsv4.ops.registry import custom_op, dispatch, register_triton
 
 _TWIN_CHUNK = 32                 # rows per gather: 32 dequantised [N, K] matrices at a time
 
@@ -46,9 +46,4 @@ def _fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     return fp4_grouped_gemm(x, eid, weight, scale)
 
 
-try:
-    import triton  # noqa: F401
-
-    register("grouped_linear", "triton_fp4_grouped_gemm", _fp4_applies, _fp4_kernel)
-except ImportError:            # no Triton (CPU-only installs): the twin runs
-    pass
+register_triton("grouped_linear", "triton_fp4_grouped_gemm", _fp4_applies, _fp4_kernel)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops.ref import hc_split_sinkhorn as _twin
-from dsv4.ops.registry import custom_op, dispatch, register
+from dsv4.ops.registry import custom_op, dispatch, register_triton
 
 hc_split_sinkhorn = dispatch("hc_split_sinkhorn", _twin)
 
@@ -28,9 +28,4 @@ def _kernel(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: in
     return kernel(mixes, scale, base, hc, iters, eps)
 
 
-try:
-    import triton  # noqa: F401
-
-    register("hc_split_sinkhorn", "triton_sinkhorn", _applies, _kernel)
-except ImportError:            # no Triton: the plain definition runs
-    pass
+register_triton("hc_split_sinkhorn", "triton_sinkhorn", _applies, _kernel)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops.ref import dequant_weight
-from dsv4.ops.registry import custom_op, dispatch, register
+from dsv4.ops.registry import custom_op, dispatch, register_triton
 
 
 def _pair_linear_twin(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -45,9 +45,4 @@ def _fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, sca
     return fp4_pair_gemv(x, ids, weight, scale)
 
 
-try:
-    import triton  # noqa: F401
-
-    register("pair_linear", "triton_fp4_pair_gemv", _fp4_applies, _fp4_kernel)
-except ImportError:            # no Triton (CPU-only installs): the twin runs
-    pass
+register_triton("pair_linear", "triton_fp4_pair_gemv", _fp4_applies, _fp4_kernel)

@@ -56,6 +56,16 @@ def register(op: str, name: str, applies: Callable[..., bool], impl: Callable) -
     _FAST.setdefault(op, []).append((name, applies, impl))
 
 
+def register_triton(op: str, name: str, applies: Callable[..., bool], impl: Callable) -> None:
+    """`register` a Triton kernel's implementation, only where Triton is installed (CPU-only installs without it
+    run the twin)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    register(op, name, applies, impl)
+
+
 def dispatch(op: str, twin: Callable) -> Callable:
     def call(*args, **kwargs):
         if fast_enabled(op):
