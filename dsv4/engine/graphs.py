@@ -36,10 +36,8 @@ def compiled(fn, backend: str = "inductor"):
     roundings kept where eager rounds (inductor would otherwise keep some fused intermediates in fp32).
     `backend="aot_eager"` traces and functionalises the same graph but runs it eagerly: the CPU tests' check of
     the tracing (inductor's CPU code generator fails on this graph in torch 2.13; GPUs generate Triton)."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.emulate_precision_casts = True
-    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+    options = {"emulate_precision_casts": True} if backend == "inductor" else None     # inductor-only options
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend, options=options)
 
 
 class _Graph:
