@@ -87,8 +87,12 @@ class DecodeGraphs:
             model.prepare_fixed_shape_decode(state.device)
             forward = compiled(decode_logits, compile if isinstance(compile, str) else "inductor")
         # Largest first, so later (smaller) captures fit in the memory pool the first one reserved.
-        self.graphs = {b: _Graph(model, state, b, max_pages, self.scratch, pool, forward)
-                       for b in sorted(sizes or buckets_up_to(max_batch), reverse=True)}
+        order = sorted(sizes or buckets_up_to(max_batch), reverse=True)
+        if compile:                      # ~35 s per bucket at Flash width: show it
+            from tqdm import tqdm
+
+            order = tqdm(order, desc="compiling + capturing decode steps (batch buckets)", unit="bucket")
+        self.graphs = {b: _Graph(model, state, b, max_pages, self.scratch, pool, forward) for b in order}
 
     def run(self, tokens: list[int] | torch.Tensor, rows: list[tuple[int, int, list[int]]]) -> torch.Tensor:
         """Logits [B, V] fp32 for one new token per sequence (ids as a list or a device tensor [B]): rows are
