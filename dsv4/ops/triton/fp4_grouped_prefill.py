@@ -1,0 +1,102 @@
+"""Expert-major grouped GEMM for prefill: FP4 e2m1 expert weights decoded in-kernel, one program per (N block,
+expert), so each weight tile is decoded once per BLOCK_M rows of its expert instead of once per 16-row block.
+
+Same product and contract as `fp4_grouped.fp4_grouped_gemm` (x [M, K] sorted by expert, eid [M] non-decreasing,
+weight int8 [E, N, K/2] low nibble first, scale e8m0 [E, N, K/32] -> fp32 [M, N]); the wrapper adds the expert
+row offsets `offs` [E + 1] (expert e owns rows offs[e] .. offs[e+1]), found on the device with `searchsorted`.
+NOTE: not `bincount` + `cumsum`: CUDA's bincount reads the max id back to the host (a sync, and no graph capture).
+Sortedness and the id range are checked on the device too (`_assert_async`), since unsorted ids would leave rows
+unwritten, not fail.
+
+Design: the accumulator belongs to a row tile, so the row tiles are the outer loop and K the inner one; a tile of
+expert e's weights is decoded again for each of its row tiles. With BLOCK_M 64-128 that is once per expert at the
+1k-prefill shape (24 pairs per expert on average) and two or three times at 8k (192), against ~2.5 and ~13 decodes
+in the 16-row-block kernel. The alternative (K outer, every row tile's accumulator live) needs an unbounded number
+of accumulators. The grid is (N blocks, E), N blocks fastest, so programs launched together share the expert's x
+rows in L2. Experts with no rows skip their loop: a static grid, no host sync (CUDA-graph capturable).
+
+Not yet measured (no GPU in the session that wrote it). To adopt: register it for prefill-sized M in
+ops/grouped_linear.py after scripts/bench/grouped_prefill.py shows it beats fp4_grouped_gemm and, for the
+bf16-copies path, torch._grouped_mm at M = 6144 and 49152 pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0
+
+
+@triton.jit
+def _fp4_grouped_prefill(x_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HALF: tl.constexpr, N_SCALES: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
+    e = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = e.to(tl.int64) * N + offs_n                                # [BLOCK_N] rows of the stacked weight
+    start, end = tl.load(offs_ptr + e), tl.load(offs_ptr + e + 1)
+    m0 = start
+    # NOTE: a while, not range(start, end, BLOCK_M): the interpreter (numpy 2) cannot turn a loaded scalar into a
+    # Python int. No rows: no iteration.
+    while m0 < end:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < end                                           # rows past `end` are the next expert's
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for b0 in range(0, HALF, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)                       # packed byte b = elements 2b, 2b + 1
+            w_at = rows[None, :] * HALF + offs_b[:, None]             # [BLOCK_B, BLOCK_N]: W^T tile
+            byte = tl.load(w_ptr + w_at, mask=n_ok[None, :], other=0).to(tl.int32) & 0xFF
+            sc = tl.load(s_ptr + rows[None, :] * N_SCALES + offs_b[:, None] // 16, mask=n_ok[None, :], other=127)
+            scale = _e8m0(sc)
+            x_at = x_ptr + offs_m[:, None].to(tl.int64) * K + 2 * offs_b[None, :]
+            x_even = tl.load(x_at, mask=m_ok[:, None], other=0.0)
+            x_odd = tl.load(x_at + 1, mask=m_ok[:, None], other=0.0)
+            w_lo = (_e2m1(byte & 0xF) * scale).to(x_even.dtype)
+            w_hi = (_e2m1(byte >> 4) * scale).to(x_even.dtype)
+            if IEEE:                                                  # fp32 x: no TF32 rounding of operands
+                acc = tl.dot(x_even, w_lo, acc, input_precision="ieee")
+                acc = tl.dot(x_odd, w_hi, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x_even, w_lo, acc)
+                acc = tl.dot(x_odd, w_hi, acc)
+        # Masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored.
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        m0 += BLOCK_M
+
+
+def expert_offsets(eid: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """int32 [E + 1]: expert e owns rows offs[e] .. offs[e+1] of the sorted `eid`. Device-side only: raises
+    (asynchronously on CUDA) if `eid` is not non-decreasing or holds an id outside [0, E)."""
+    if eid.numel():
+        ok = (eid[1:] >= eid[:-1]).all() & (eid[0] >= 0) & (eid[-1] < n_experts)
+        torch._assert_async(ok, f"fp4_grouped_gemm_prefill: eid must be sorted and within [0, {n_experts})")
+    bounds = torch.arange(n_experts + 1, device=eid.device, dtype=eid.dtype)
+    return torch.searchsorted(eid, bounds, out_int32=True)
+
+
+def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                             block_m: int = 64, block_n: int = 64, block_k: int = 128, num_warps: int = 4,
+                             num_stages: int = 3) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2],
+    scale e8m0 [E, N, K/32] -> fp32 [M, N]. The tile sizes and launch options are for benchmarking."""
+    M, K = x.shape
+    E, N, half = weight.shape
+    if half * 2 != K or scale.shape != (E, N, K // 32) or eid.shape != (M,):
+        raise ValueError(f"fp4_grouped_gemm_prefill: x {tuple(x.shape)}, eid {tuple(eid.shape)}, weight "
+                         f"{tuple(weight.shape)}, scale {tuple(scale.shape)} do not match")
+    if K % block_k or block_k % 32 or block_m < 16 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"fp4_grouped_gemm_prefill: K={K} must be a multiple of block_k={block_k} (a multiple of "
+                         f"32), block_m={block_m} >= 16, x bf16/fp16/fp32 (got {x.dtype})")
+    if eid.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fp4_grouped_gemm_prefill: eid must be int32/int64, got {eid.dtype}")
+    out = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out
+    offs = expert_offsets(eid.contiguous(), E)
+    grid = (triton.cdiv(N, block_n), E)
+    _fp4_grouped_prefill[grid](x.contiguous(), offs, weight.contiguous(), scale.contiguous().view(torch.uint8), out,
+                               N, K, half, K // 32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_k // 2,
+                               IEEE=x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+    return out
