@@ -14,6 +14,9 @@ expert e's weights is decoded again for each of its row tiles. With BLOCK_M 64-1
 in the 16-row-block kernel. The alternative (K outer, every row tile's accumulator live) needs an unbounded number
 of accumulators. The grid is (N blocks, E), N blocks fastest, so programs launched together share the expert's x
 rows in L2. Experts with no rows skip their loop: a static grid, no host sync (CUDA-graph capturable).
+Two switches for the GPU session to measure: `group_scales` (decode an e8m0 byte once per 32 elements, not per
+element) and `join` (interleave the decoded halves back into K order: one dot over a contiguous x tile instead of
+two over stride-2 columns).
 
 Not yet measured (no GPU in the session that wrote it). To adopt: register it for prefill-sized M in
 ops/grouped_linear.py after scripts/bench/grouped_prefill.py shows it beats fp4_grouped_gemm and, for the
@@ -30,8 +33,34 @@ from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:                                                          # fp32 x: no TF32 rounding of operands
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _decoded_halves(w_ptr, s_ptr, rows, n_ok, b0, dtype: tl.constexpr, HALF: tl.constexpr, N_SCALES: tl.constexpr,
+                    BLOCK_B: tl.constexpr, GROUP_SCALES: tl.constexpr):
+    """W^T tiles [BLOCK_B, BLOCK_N] of the even (low nibble) and odd (high nibble) K elements of packed bytes
+    b0 .. b0 + BLOCK_B, decoded exactly into `dtype`. GROUP_SCALES decodes each e8m0 byte once per 32 elements and
+    broadcasts it (fewer integer ops per element, perhaps a layout shuffle); else once per element."""
+    offs_b = b0 + tl.arange(0, BLOCK_B)                               # packed byte b = elements 2b, 2b + 1
+    byte = tl.load(w_ptr + rows[None, :] * HALF + offs_b[:, None], mask=n_ok[None, :], other=0).to(tl.int32) & 0xFF
+    if GROUP_SCALES:
+        offs_g = b0 // 16 + tl.arange(0, BLOCK_B // 16)
+        sc = _e8m0(tl.load(s_ptr + rows[None, :] * N_SCALES + offs_g[:, None], mask=n_ok[None, :], other=127))
+        scale = tl.reshape(tl.broadcast_to(sc[:, None, :], [BLOCK_B // 16, 16, sc.shape[1]]), [BLOCK_B, sc.shape[1]])
+    else:
+        scale = _e8m0(tl.load(s_ptr + rows[None, :] * N_SCALES + offs_b[:, None] // 16, mask=n_ok[None, :],
+                              other=127))
+    return (_e2m1(byte & 0xF) * scale).to(dtype), (_e2m1(byte >> 4) * scale).to(dtype)
+
+
+@triton.jit
 def _fp4_grouped_prefill(x_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HALF: tl.constexpr, N_SCALES: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
+                         GROUP_SCALES: tl.constexpr, JOIN: tl.constexpr):
     e = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -43,24 +72,20 @@ def _fp4_grouped_prefill(x_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HALF: tl.
     while m0 < end:
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end                                           # rows past `end` are the next expert's
+        x_row = x_ptr + offs_m[:, None].to(tl.int64) * K
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for b0 in range(0, HALF, BLOCK_B):
-            offs_b = b0 + tl.arange(0, BLOCK_B)                       # packed byte b = elements 2b, 2b + 1
-            w_at = rows[None, :] * HALF + offs_b[:, None]             # [BLOCK_B, BLOCK_N]: W^T tile
-            byte = tl.load(w_ptr + w_at, mask=n_ok[None, :], other=0).to(tl.int32) & 0xFF
-            sc = tl.load(s_ptr + rows[None, :] * N_SCALES + offs_b[:, None] // 16, mask=n_ok[None, :], other=127)
-            scale = _e8m0(sc)
-            x_at = x_ptr + offs_m[:, None].to(tl.int64) * K + 2 * offs_b[None, :]
-            x_even = tl.load(x_at, mask=m_ok[:, None], other=0.0)
-            x_odd = tl.load(x_at + 1, mask=m_ok[:, None], other=0.0)
-            w_lo = (_e2m1(byte & 0xF) * scale).to(x_even.dtype)
-            w_hi = (_e2m1(byte >> 4) * scale).to(x_even.dtype)
-            if IEEE:                                                  # fp32 x: no TF32 rounding of operands
-                acc = tl.dot(x_even, w_lo, acc, input_precision="ieee")
-                acc = tl.dot(x_odd, w_hi, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x_even, w_lo, acc)
-                acc = tl.dot(x_odd, w_hi, acc)
+            w_lo, w_hi = _decoded_halves(w_ptr, s_ptr, rows, n_ok, b0, x_ptr.dtype.element_ty, HALF, N_SCALES,
+                                         BLOCK_B, GROUP_SCALES)
+            if JOIN:      # interleave the halves back into K order: one dot over a contiguous x tile
+                w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), [2 * BLOCK_B, BLOCK_N])
+                xk = tl.load(x_row + 2 * b0 + tl.arange(0, 2 * BLOCK_B)[None, :], mask=m_ok[:, None], other=0.0)
+                acc = _dot(xk, w, acc, IEEE)
+            else:         # even and odd columns of x (stride-2 loads) meet the low and high codes
+                x_even = tl.load(x_row + 2 * b0 + 2 * tl.arange(0, BLOCK_B)[None, :], mask=m_ok[:, None], other=0.0)
+                x_odd = tl.load(x_row + 2 * b0 + 1 + 2 * tl.arange(0, BLOCK_B)[None, :], mask=m_ok[:, None],
+                                other=0.0)
+                acc = _dot(x_odd, w_hi, _dot(x_even, w_lo, acc, IEEE), IEEE)
         # Masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored.
         tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         m0 += BLOCK_M
@@ -77,10 +102,10 @@ def expert_offsets(eid: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                             block_m: int = 64, block_n: int = 64, block_k: int = 128, num_warps: int = 4,
-                             num_stages: int = 3) -> torch.Tensor:
+                             block_m: int = 64, block_n: int = 64, block_k: int = 128, group_scales: bool = False,
+                             join: bool = False, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2],
-    scale e8m0 [E, N, K/32] -> fp32 [M, N]. The tile sizes and launch options are for benchmarking."""
+    scale e8m0 [E, N, K/32] -> fp32 [M, N]. Tiles, `group_scales`, `join` and launch options: for benchmarking."""
     M, K = x.shape
     E, N, half = weight.shape
     if half * 2 != K or scale.shape != (E, N, K // 32) or eid.shape != (M,):
@@ -98,5 +123,6 @@ def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
     grid = (triton.cdiv(N, block_n), E)
     _fp4_grouped_prefill[grid](x.contiguous(), offs, weight.contiguous(), scale.contiguous().view(torch.uint8), out,
                                N, K, half, K // 32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_k // 2,
-                               IEEE=x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+                               IEEE=x.dtype == torch.float32, GROUP_SCALES=group_scales, JOIN=join,
+                               num_warps=num_warps, num_stages=num_stages)
     return out
