@@ -10,10 +10,11 @@ unwritten, not fail.
 
 Design: the accumulator belongs to a row tile, so the row tiles are the outer loop and K the inner one; a tile of
 expert e's weights is decoded again for each of its row tiles. With BLOCK_M 64-128 that is once per expert at the
-1k-prefill shape (24 pairs per expert on average) and two or three times at 8k (192), against ~2.5 and ~13 decodes
-in the 16-row-block kernel. The alternative (K outer, every row tile's accumulator live) needs an unbounded number
-of accumulators. The grid is (N blocks, E), N blocks fastest, so programs launched together share the expert's x
-rows in L2. Experts with no rows skip their loop: a static grid, no host sync (CUDA-graph capturable).
+1k-prefill shape (24 pairs per expert on average) and ~2-4 times at 8k (192), against ~2.5 and ~13 per expert in
+the 16-row-block kernel (row blocks plus expert boundaries, over E). The alternative (K outer, every row tile's
+accumulator live) needs an unbounded number of accumulators. The grid is (N blocks, E), N blocks fastest, so
+programs launched together share the expert's x rows in L2. Experts with no rows skip their loop: a static grid,
+no host sync (CUDA-graph capturable).
 Two switches for the GPU session to measure: `group_scales` (decode an e8m0 byte once per 32 elements, not per
 element) and `join` (interleave the decoded halves back into K order: one dot over a contiguous x tile instead of
 two over stride-2 columns).

@@ -1,0 +1,117 @@
+"""Micro-benchmark of the expert-major FP4 grouped GEMM (`ops/triton/fp4_grouped_prefill.py`) against the 16-row-
+block kernel (`ops/triton/fp4_grouped.py`, the one dispatched today) and torch._grouped_mm over bf16 copies of the
+same experts, at the bench model's prefill shapes: 1k and 8k tokens x top-6 of 256 experts = 6144 and 49152 sorted
+(token, expert) pairs, K 4096 -> N 2048 (w1/w3), FP8-quantised bf16 activations as the model feeds them.
+
+Prints median ms and TFLOP/s (2 M N K / t) per kernel and config, each output's relative error (Frobenius) against
+the 16-row-block kernel (the FP4 kernels must agree to 1e-5: same exact products, fp32 sums in another order;
+_grouped_mm's bf16 output is shown for information), and a CUDA-graph capture + replay check of the new kernel.
+The new kernel is called directly: it is not in the default dispatch until this shows it wins.
+Usage: python3 scripts/bench/grouped_prefill.py [--tokens 1024 8192] [--repeats 10] [--json PATH]
+"""
+
+import argparse
+import json
+from functools import partial
+
+import torch
+
+from dsv4 import ops
+from dsv4.bench.timing import cuda_time, summary
+from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
+from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets, fp4_grouped_gemm_prefill
+from dsv4.quant import fake_quant_fp8
+
+E, N, K, TOP_K = 256, 2048, 4096, 6
+DEVICE = "cuda"
+CONFIGS = [            # block_m, block_n, num_warps, group_scales, join (num_stages 3, block_k 128 throughout)
+    (64, 64, 4, False, False), (32, 64, 4, False, False), (128, 64, 8, False, False), (64, 128, 8, False, False),
+    (128, 128, 8, False, False), (64, 64, 4, True, False), (64, 64, 4, False, True), (64, 64, 4, True, True),
+    (128, 128, 8, True, True), (128, 64, 8, True, True),
+]
+FP4_TOL = 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def experts(gen):
+    """Random FP4 bytes (every code) and e8m0 scales 2^-9 .. 2^-3; the bf16 copies hold the same values exactly."""
+    w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)
+    s = torch.randint(118, 125, (E, N, K // 32), dtype=torch.uint8, device=DEVICE, generator=gen)
+    s = s.view(torch.float8_e8m0fnu)
+    wb = torch.stack([ops.dequant_weight(w[e], s[e], "fp4").bfloat16() for e in range(E)])
+    return w, s, wb
+
+
+def routed_rows(tokens: int, gen):
+    """Sorted expert ids of `tokens` x top-6 pairs over uniform random scores, and their FP8-quantised rows."""
+    eid = torch.rand(tokens, E, device=DEVICE, generator=gen).topk(TOP_K, dim=-1).indices.flatten().sort().values
+    x = fake_quant_fp8(torch.randn(tokens * TOP_K, K, device=DEVICE, generator=gen), 128).bfloat16()
+    return eid, x
+
+
+def timed(name: str, fn, ref, m: int, repeats: int) -> dict:
+    try:
+        out = fn()
+        t = summary(cuda_time(fn, repeats))["median_s"]
+    except Exception as e:                       # a config that does not compile / fit: report and go on
+        print(f"  {name:<50} {type(e).__name__}: {str(e)[:160]}", flush=True)
+        return {"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    err = rel(out, ref) if ref is not None else 0.0
+    tflops = 2 * m * N * K / t / 1e12
+    print(f"  {name:<50} {t * 1e3:8.3f} ms {tflops:7.1f} TFLOP/s   rel err vs fp4_grouped_gemm {err:.2e}", flush=True)
+    return {"name": name, "ms": t * 1e3, "tflops": tflops, "rel_err_vs_fp4_grouped_gemm": err}
+
+
+def graph_check(x, eid, w, s) -> float:
+    """Capture the new kernel once, replay it with other (sorted) expert ids: the offsets follow on the device."""
+    eid_in, graph = eid.clone(), torch.cuda.CUDAGraph()
+    fp4_grouped_gemm_prefill(x, eid_in, w, s)
+    with torch.cuda.graph(graph):
+        out = fp4_grouped_gemm_prefill(x, eid_in, w, s)
+    eid_in.copy_(((eid + 7) % E).sort().values)
+    graph.replay()
+    return rel(out, fp4_grouped_gemm(x, eid_in, w, s))
+
+
+def shape_results(tokens: int, w, s, wb, gen, repeats: int) -> dict:
+    eid, x = routed_rows(tokens, gen)
+    m = eid.numel()
+    print(f"{tokens} tokens: M = {m} pairs, K {K} -> N {N}, {E} experts", flush=True)
+    ref = fp4_grouped_gemm(x, eid, w, s)
+    rows = [timed("fp4_grouped_gemm (16-row blocks, dispatched)", lambda: fp4_grouped_gemm(x, eid, w, s), None, m,
+                  repeats)]
+    ends = expert_offsets(eid, E)[1:]
+    rows.append(timed("torch._grouped_mm bf16 copies (bf16 out)",
+                      lambda: torch._grouped_mm(x, wb.transpose(1, 2), offs=ends), ref, m, repeats))
+    for bm, bn, nw, gs, join in CONFIGS:
+        name = f"prefill bm={bm} bn={bn} warps={nw}{' group_scales' if gs else ''}{' join' if join else ''}"
+        fn = partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, group_scales=gs, join=join,
+                     num_warps=nw)
+        rows.append(timed(name, fn, ref, m, repeats))
+    bad = [r["name"] for r in rows[2:] if r.get("rel_err_vs_fp4_grouped_gemm", 0.0) > FP4_TOL]
+    graph_err = graph_check(x, eid, w, s)
+    print(f"  CUDA graph replay with other ids: rel err {graph_err:.2e}; "
+          f"{'MISMATCH (> 1e-5): ' + ', '.join(bad) if bad else 'all FP4 kernels agree within 1e-5'}", flush=True)
+    return {"tokens": tokens, "pairs": m, "kernels": rows, "graph_replay_rel_err": graph_err, "mismatch": bad}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", help="write the results here (e.g. bench/results/grouped_prefill_h200.json)")
+    args = p.parse_args()
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    w, s, wb = experts(gen)
+    results = {"gpu": torch.cuda.get_device_name(), "E": E, "N": N, "K": K,
+               "shapes": [shape_results(t, w, s, wb, gen, args.repeats) for t in args.tokens]}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
