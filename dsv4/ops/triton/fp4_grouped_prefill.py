@@ -17,7 +17,9 @@ programs launched together share the expert's x rows in L2. Experts with no rows
 no host sync (CUDA-graph capturable).
 Two switches for the GPU session to measure: `group_scales` (decode an e8m0 byte once per 32 elements, not per
 element) and `join` (interleave the decoded halves back into K order: one dot over a contiguous x tile instead of
-two over stride-2 columns).
+two over stride-2 columns). 8 warps by default: compiled offline for sm_90 (scripts/bench/grouped_prefill_regs.py)
+4 warps take 255 registers at 64x64 tiles and spill at 64x128 with `join` and at 128x128; 8 warps take 128-251
+registers and spill in none of those.
 
 Not yet measured (no GPU in the session that wrote it). To adopt: register it for prefill-sized M in
 ops/grouped_linear.py after scripts/bench/grouped_prefill.py shows it beats fp4_grouped_gemm and, for the
@@ -104,7 +106,7 @@ def expert_offsets(eid: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                              block_m: int = 64, block_n: int = 64, block_k: int = 128, group_scales: bool = False,
-                             join: bool = False, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                             join: bool = False, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2],
     scale e8m0 [E, N, K/32] -> fp32 [M, N]. Tiles, `group_scales`, `join` and launch options: for benchmarking."""
     M, K = x.shape

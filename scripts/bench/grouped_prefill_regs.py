@@ -1,0 +1,60 @@
+"""Registers, spills and shared memory of the FP4 grouped GEMM kernels per config, compiled offline for sm_90
+(H100/H200) with Triton's bundled ptxas: no GPU needed, so configs can be screened before a GPU session.
+The pointer and size arguments get the divisibility-by-16 hint a real launch gives them (K, N, the pointers);
+without it there is no cp.async pipelining and the register counts mean nothing.
+Usage: python3 scripts/bench/grouped_prefill_regs.py
+"""
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from grouped_prefill import CONFIGS, K  # this directory is on sys.path when run as a script
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dsv4.ops.triton.fp4_grouped import _fp4_grouped_gemm
+from dsv4.ops.triton.fp4_grouped_prefill import _fp4_grouped_prefill
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*fp32"}
+
+
+def usage(kernel) -> str:
+    """ptxas -v on the kernel's PTX: registers per thread and spill bytes; Triton's shared memory per program."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        log = subprocess.run([str(PTXAS), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log).group(1)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return f"{regs:>3} regs, spills {spill.group(1)}/{spill.group(2)} B, smem {kernel.metadata.shared // 1024} KiB"
+
+
+def compiled(fn, signature: dict, constants: dict, hinted: int, num_warps: int):
+    sig = {**signature, **{k: "constexpr" for k in constants}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(hinted)}
+    return triton.compile(ASTSource(fn, sig, constants, attrs), target=TARGET,
+                          options={"num_warps": num_warps, "num_stages": 3})
+
+
+def main() -> None:
+    old = {"x_ptr": "*bf16", "eid_ptr": "*i64", "w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32",
+           "N": "i32", "K": "i32"}
+    consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_B": 64, "IEEE": False}
+    print(f"{'fp4_grouped_gemm bm=16 bn=64 warps=4':<50} {usage(compiled(_fp4_grouped_gemm, old, consts, 8, 4))}")
+    new = {"x_ptr": "*bf16", "offs_ptr": "*i32", "w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32",
+           "K": "i32"}
+    for bm, bn, nw, gs, join in CONFIGS:
+        consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": 64, "IEEE": False,
+                  "GROUP_SCALES": gs, "JOIN": join}
+        name = f"prefill bm={bm} bn={bn} warps={nw}{' group_scales' if gs else ''}{' join' if join else ''}"
+        print(f"{name:<50} {usage(compiled(_fp4_grouped_prefill, new, consts, 7, nw))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
