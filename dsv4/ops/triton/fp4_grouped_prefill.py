@@ -15,11 +15,12 @@ the 16-row-block kernel (row blocks plus expert boundaries, over E). The alterna
 accumulator live) needs an unbounded number of accumulators. The grid is (N blocks, E), N blocks fastest, so
 programs launched together share the expert's x rows in L2. Experts with no rows skip their loop: a static grid,
 no host sync (CUDA-graph capturable).
-Two switches for the GPU session to measure: `group_scales` (decode an e8m0 byte once per 32 elements, not per
-element) and `join` (interleave the decoded halves back into K order: one dot over a contiguous x tile instead of
-two over stride-2 columns). 8 warps by default: compiled offline for sm_90 (scripts/bench/grouped_prefill_regs.py)
-4 warps take 255 registers at 64x64 tiles and spill at 64x128 with `join` and at 128x128; 8 warps take 128-251
-registers and spill in none of those.
+Two switches, on by default, off for A/B runs: `join` interleaves the decoded halves back into K order for one dot
+over a contiguous x tile (without it: two dots over stride-2 columns of x, and compiled for sm_90 Triton gives the
+two wgmmas different layouts and shuffles the accumulator between them every K step); `group_scales` decodes an
+e8m0 byte once per 32 elements instead of per element. 8 warps: compiled offline for sm_90
+(scripts/bench/grouped_prefill_regs.py), 4 warps take 168-255 registers at 64x64 tiles and spill at 64x128 with
+`join`; 8 warps take 128 (64x64, both switches) to 251 registers and spill in no config tried.
 
 Not yet measured (no GPU in the session that wrote it). To adopt: register it for prefill-sized M in
 ops/grouped_linear.py after scripts/bench/grouped_prefill.py shows it beats fp4_grouped_gemm and, for the
@@ -105,8 +106,8 @@ def expert_offsets(eid: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 
 def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                             block_m: int = 64, block_n: int = 64, block_k: int = 128, group_scales: bool = False,
-                             join: bool = False, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+                             block_m: int = 64, block_n: int = 64, block_k: int = 128, group_scales: bool = True,
+                             join: bool = True, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2],
     scale e8m0 [E, N, K/32] -> fp32 [M, N]. Tiles, `group_scales`, `join` and launch options: for benchmarking."""
     M, K = x.shape
