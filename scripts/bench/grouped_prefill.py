@@ -83,7 +83,7 @@ def shape_results(tokens: int, w, s, wb, gen, repeats: int) -> dict:
     ref = fp4_grouped_gemm(x, eid, w, s)
     rows = [timed("fp4_grouped_gemm (16-row blocks, dispatched)", lambda: fp4_grouped_gemm(x, eid, w, s), None, m,
                   repeats)]
-    ends = expert_offsets(eid, E)[1:]
+    ends = expert_offsets(eid, E)[1:].clone()        # the end row of each expert, as _grouped_mm takes them
     rows.append(timed("torch._grouped_mm bf16 copies (bf16 out)",
                       lambda: torch._grouped_mm(x, wb.transpose(1, 2), offs=ends), ref, m, repeats))
     for bm, bn, nw, gs, join in CONFIGS:
