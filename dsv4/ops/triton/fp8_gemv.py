@@ -1,0 +1,140 @@
+"""FP8 block-scaled GEMV for decode (small M) reading the stored e4m3 bytes: y [M, N] = act(x) [M, K] @ W^T.
+
+W is float8_e4m3fn [N, K] with one e8m0 scale per 128x128 block; the kernel loads the bytes as uint8 and decodes
+e4m3 by bit placement (no hardware FP8 conversion, so the CPU interpreter checks it exactly), which reads half the
+bytes of today's cached bf16 copy (`ops/cached_linear.py`). With `act_quant_on`, x is fake-quantised per 128 in the
+kernel by the same exact arithmetic as `ops/triton/quant.py` (`fp8_block_round`, bit-identical to
+`dsv4.quant.fake_quant_fp8`). Per 128-wide K block, the exact products x * e4m3 (bf16/FP8 x times an e4m3
+value: at most 8 + 4 significant bits) are summed in fp32 and the block sum is multiplied by the weight block's
+power-of-two scale, as the reference's blockwise kernel does; the output is rounded once to x's dtype.
+Precision class: fp32 accumulation of exact products, relative error <= 1e-5 against a float64 product of the
+same operands before the output rounding; after it, within one ulp of x's dtype of the twin (`ops.ref.linear`).
+
+Two inner products: DOT=False multiplies the decoded tile with each row of x in turn (broadcast + tl.sum, the
+GEMV shape for M of 1 to a few); DOT=True runs tl.dot over 16-row blocks (bf16 operands, exact for e4m3 and bf16
+/ FP8 x; fp32 x in IEEE mode). Split-K spreads few output columns over enough programs to fill the GPU; the
+partial sums are added in a fixed order (deterministic, no atomics).
+
+NOTE: not yet measured; to adopt: register for M <= 16 in ops/cached_linear.py (or a new ops module) after
+scripts/bench/fp8_gemv.py shows it beats the bf16 copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.ops.triton.fp4_grouped import _e8m0
+from dsv4.ops.triton.quant import fp8_block_round
+
+BLOCK_K = 128                                   # = the weight's scale block and the act-quant block
+
+
+@triton.jit
+def _e4m3(code):
+    """int32 byte (bit 7 sign, bits 6-3 exponent with bias 7, bits 2-0 mantissa) -> fp32 by bit placement.
+    Normal: exponent 120 + e in fp32 gives 2^(e-7) (1 + m/8). Exponent 0 (subnormal, m * 2^-9): the same placement
+    gives 2^-7 (1 + m/8), and 2v - 2^-6 = m * 2^-9 (exact). The sign is set as a bit (0x80 is -0.0); 0x7F and 0xFF
+    are NaN."""
+    mag = (((code & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True)
+    mag = tl.where((code & 0x78) == 0, 2.0 * mag - 0.015625, mag)
+    bits = mag.to(tl.int32, bitcast=True) | tl.where(code >= 128, -2147483648, 0)
+    bits = tl.where((code & 0x7F) == 0x7F, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_row(x_ptr, row, M, K, offs_k, ACT_QUANT: tl.constexpr):
+    """One row's 128-wide K block of x in fp32 (zeros past M), fake-quantised to FP8 when ACT_QUANT."""
+    x = tl.load(x_ptr + row.to(tl.int64) * K + offs_k, mask=(offs_k < K) & (row < M), other=0.0).to(tl.float32)
+    if ACT_QUANT:
+        x = fp8_block_round(x, tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4))
+    return x
+
+
+@triton.jit
+def _x_tile(x_ptr, rows, M, K, offs_k, ACT_QUANT: tl.constexpr):
+    """[BLOCK_M, 128] block of x in fp32 (zero rows past M), each row fake-quantised to FP8 when ACT_QUANT."""
+    at = x_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    x = tl.load(at, mask=rows[:, None] < M, other=0.0).to(tl.float32)
+    if ACT_QUANT:
+        x = fp8_block_round(x, tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)[:, None])
+    return x
+
+
+@triton.jit
+def _fp8_gemv(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT: tl.constexpr, ACT_QUANT: tl.constexpr,
+              DOT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
+    split = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_kb = K // 128
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i in range(0, KB_PER_SPLIT):                                  # splits divide K // 128
+        kb = split * KB_PER_SPLIT + i
+        offs_k = kb * 128 + tl.arange(0, 128)
+        code = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]).to(tl.int32) & 0xFF
+        w = _e4m3(code)                                                # [BLOCK_N, 128], unscaled
+        scale = _e8m0(tl.load(s_ptr + (offs_n // 128) * n_kb + kb))   # [BLOCK_N]: one block row per column
+        if DOT:
+            x = _x_tile(x_ptr, rows, M, K, offs_k, ACT_QUANT)
+            if IEEE:                                                  # fp32 x: no TF32 rounding of operands
+                part = tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:                                                     # bf16 operands: exact (see docstring)
+                part = tl.dot(x.to(tl.bfloat16), tl.trans(w).to(tl.bfloat16))
+            acc += part * scale[None, :]
+        else:
+            for m in tl.static_range(BLOCK_M):
+                x = _x_row(x_ptr, tl.program_id(2) * BLOCK_M + m, M, K, offs_k, ACT_QUANT)
+                part = tl.sum(w * x[None, :], axis=1) * scale           # [BLOCK_N]
+                acc = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, acc + part[None, :], acc)
+    out = out_ptr + split.to(tl.int64) * M * N + rows[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out, acc, mask=rows[:, None] < M)
+
+
+def auto_split(n_programs: int, n_kb: int, device: torch.device) -> int:
+    """K splits so that about two programs per SM run (1 off CUDA: the interpreter gains nothing)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return -(-2 * sms // n_programs)
+
+
+def divisor_at_most(n: int, want: int) -> int:
+    """The largest divisor of n that is <= want (equal splits: every program runs the same K loop)."""
+    return max(d for d in range(1, min(n, max(want, 1)) + 1) if n % d == 0)
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
+             out_dtype: torch.dtype | None = None, dot: bool | None = None, block_n: int = 32,
+             split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] bf16 / fp32; weight float8_e4m3fn
+    [N, K], scale e8m0 [N/128, K/128], N and K multiples of 128. Output in `out_dtype` (default x's); fp32 gives
+    the accumulator before the output rounding. dot=None picks tl.dot for M > 4 (a guess until measured)."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    if weight.dtype != torch.float8_e4m3fn or weight.shape != (N, K):
+        raise ValueError(f"fp8_gemv: weight must be float8_e4m3fn [N, {K}], got {weight.dtype} {tuple(weight.shape)}")
+    if N % 128 or K % 128 or tuple(scale.shape) != (N // 128, K // 128) or scale.element_size() != 1:
+        raise ValueError(f"fp8_gemv: N, K must be multiples of 128 with an e8m0 scale [N/128, K/128]; got weight "
+                         f"{tuple(weight.shape)}, scale {scale.dtype} {tuple(scale.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"fp8_gemv: x must be bf16 or fp32, got {x.dtype}")
+    assert 128 % block_n == 0 and block_n >= 16, f"block_n must divide 128 (>= 16), got {block_n}"
+    flat = x.reshape(-1, K).contiguous()
+    M = flat.shape[0]
+    dot = M > 4 if dot is None else dot
+    block_m = 16 if dot else min(16, triton.next_power_of_2(max(M, 1)))
+    n_kb = K // BLOCK_K
+    tiles = (N // block_n) * triton.cdiv(M, block_m)
+    split = divisor_at_most(n_kb, split_k or auto_split(tiles, n_kb, x.device))
+    per = n_kb // split
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    if M:
+        grid = (N // block_n, split, triton.cdiv(M, block_m))
+        _fp8_gemv[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, M, N, K, per,
+                        ACT_QUANT=act_quant_on, DOT=dot, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+                        BLOCK_N=block_n, num_warps=num_warps)
+    y = part[0] if split == 1 else part.sum(0)
+    return y.to(out_dtype or x.dtype).view(*x.shape[:-1], N)
