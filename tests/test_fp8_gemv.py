@@ -178,3 +178,16 @@ def test_fp8_gemv_on_cuda_at_flash_dims(m, dot):
     y = fp8_gemv(x.cuda(), w.cuda(), s.cuda(), True, dot=dot).cpu()
     twin = ops.linear.twin(x, w, s, "fp8", True)
     assert y.dtype == torch.bfloat16 and ((y.float() - twin.float()).abs() <= twin.float().abs() * 2**-7 + 1e-6).all()
+
+
+def test_bad_input_names_the_offender():
+    from dsv4 import quant
+    from dsv4.ops.triton.fp8_gemv import fp8_gemv
+
+    w, s = quant.quant_fp8(torch.randn(256, 128))
+    x = torch.randn(2, 128).bfloat16()
+    cases = [((x, w.float(), s), "float8_e4m3fn"), ((x, w[:200], s), "multiples of 128"),
+             ((x, w, s[:1]), "scale"), ((x.half(), w, s), "bf16 or fp32"), ((x[:, :64], w, s), "float8_e4m3fn")]
+    for args, words in cases:
+        with pytest.raises(ValueError, match=words):
+            fp8_gemv(*args, act_quant_on=True)

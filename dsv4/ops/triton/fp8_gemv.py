@@ -90,7 +90,18 @@ def _fp8_gemv(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT: tl.constexpr,
                 part = tl.sum(w * x[None, :], axis=1) * scale           # [BLOCK_N]
                 acc = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, acc + part[None, :], acc)
     out = out_ptr + split.to(tl.int64) * M * N + rows[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(out, acc, mask=rows[:, None] < M)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] < M)
+
+
+@triton.jit
+def _sum_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sum over the K splits of the fp32 partials, in split order (deterministic), rounded once."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    for k in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + k * MN + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def auto_split(n_programs: int, n_kb: int, device: torch.device) -> int:
@@ -106,14 +117,8 @@ def divisor_at_most(n: int, want: int) -> int:
     return max(d for d in range(1, min(n, max(want, 1)) + 1) if n % d == 0)
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
-             out_dtype: torch.dtype | None = None, dot: bool | None = None, block_n: int = 32,
-             split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] bf16 / fp32; weight float8_e4m3fn
-    [N, K], scale e8m0 [N/128, K/128], N and K multiples of 128. Output in `out_dtype` (default x's); fp32 gives
-    the accumulator before the output rounding. dot=None picks tl.dot for M > 4 (a guess until measured)."""
-    K = x.shape[-1]
-    N = weight.shape[0]
+def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int) -> None:
+    K, N = x.shape[-1], weight.shape[0]
     if weight.dtype != torch.float8_e4m3fn or weight.shape != (N, K):
         raise ValueError(f"fp8_gemv: weight must be float8_e4m3fn [N, {K}], got {weight.dtype} {tuple(weight.shape)}")
     if N % 128 or K % 128 or tuple(scale.shape) != (N // 128, K // 128) or scale.element_size() != 1:
@@ -121,20 +126,32 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_qua
                          f"{tuple(weight.shape)}, scale {scale.dtype} {tuple(scale.shape)}")
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"fp8_gemv: x must be bf16 or fp32, got {x.dtype}")
-    assert 128 % block_n == 0 and block_n >= 16, f"block_n must divide 128 (>= 16), got {block_n}"
+    if 128 % block_n or block_n < 16:
+        raise ValueError(f"fp8_gemv: block_n must divide 128 and be >= 16, got {block_n}")
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
+             out_dtype: torch.dtype | None = None, dot: bool | None = None, block_n: int = 32,
+             split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] bf16 / fp32; weight float8_e4m3fn
+    [N, K], scale e8m0 [N/128, K/128], N and K multiples of 128. Output in `out_dtype` (default x's); fp32 gives
+    the accumulator before the output rounding. dot=None picks tl.dot for M > 4 (a guess until measured);
+    split_k=None fills the GPU (then a second small kernel adds the fp32 partials)."""
+    _check(x, weight, scale, block_n)
+    K, N = x.shape[-1], weight.shape[0]
     flat = x.reshape(-1, K).contiguous()
     M = flat.shape[0]
     dot = M > 4 if dot is None else dot
     block_m = 16 if dot else min(16, triton.next_power_of_2(max(M, 1)))
     n_kb = K // BLOCK_K
-    tiles = (N // block_n) * triton.cdiv(M, block_m)
-    split = divisor_at_most(n_kb, split_k or auto_split(tiles, n_kb, x.device))
-    per = n_kb // split
-    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    split = divisor_at_most(n_kb, split_k or auto_split((N // block_n) * triton.cdiv(M, block_m), n_kb, x.device))
+    out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M:
         grid = (N // block_n, split, triton.cdiv(M, block_m))
-        _fp8_gemv[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, M, N, K, per,
+        _fp8_gemv[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, M, N, K, n_kb // split,
                         ACT_QUANT=act_quant_on, DOT=dot, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
                         BLOCK_N=block_n, num_warps=num_warps)
-    y = part[0] if split == 1 else part.sum(0)
-    return y.to(out_dtype or x.dtype).view(*x.shape[:-1], N)
+        if split > 1:
+            _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024)
+    return out.view(*x.shape[:-1], N)
