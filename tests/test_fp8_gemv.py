@@ -191,3 +191,18 @@ def test_bad_input_names_the_offender():
     for args, words in cases:
         with pytest.raises(ValueError, match=words):
             fp8_gemv(*args, act_quant_on=True)
+
+
+def test_bench_script_covers_the_dense_fp8_linears_of_a_flash_block():
+    """scripts/bench/fp8_gemv.py takes its shapes from the inventory: every FP8 dense linear the model runs as
+    FP8 (wo_a is run in bf16 by the reference), including the indexer's wq_b."""
+    import importlib.util
+
+    path = Path(dsv4.__file__).parents[1] / "scripts" / "bench" / "fp8_gemv.py"
+    spec = importlib.util.spec_from_file_location("fp8_gemv_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert sorted(bench.flash_shapes()) == [
+        ("attn.indexer.wq_b", 8192, 1024), ("attn.wkv", 512, 4096), ("attn.wo_b", 4096, 8192),
+        ("attn.wq_a", 1024, 4096), ("attn.wq_b", 32768, 1024), ("ffn.shared_experts.w1", 2048, 4096),
+        ("ffn.shared_experts.w2", 4096, 2048), ("ffn.shared_experts.w3", 2048, 4096)]
