@@ -7,8 +7,9 @@ Each call is captured in a CUDA graph (decode runs as graphs, so no launch overh
 flushed before every replay (a decode step reads ~2 GB, so cold-cache numbers are the relevant ones); times are
 medians. GB/s counts the bytes each path must move (kernel: FP8 weight + scales + x + y; cached: the bf16 copy +
 x + y) and "of copy" divides by the measured device copy bandwidth (`dsv4.bench.floor.copy_bandwidth`, read +
-write). The kernel's configurations (tl.dot or broadcast, block_n, split-K auto or none) are swept; the best is
-compared and checked against the twin (`ops.linear.twin`: max difference in bf16 ulps) and float64.
+write). The kernel's configurations (tl.dot or broadcast, block_n, no split-K or splits for 2 / 8 programs per
+SM) are swept (estimated ~3 min, mostly compiling); the best is compared and checked against the twin
+(`ops.linear.twin`: max difference in bf16 ulps) and float64.
 Usage: python3 scripts/bench/fp8_gemv.py [--quick] [--out bench/results/fp8_gemv.json]
 """
 
@@ -62,7 +63,8 @@ def configs(m: int, quick: bool) -> list[dict]:
     if quick:
         return [{}]
     dots = (False,) if m == 1 else (False, True)
-    return [{"dot": d, "block_n": bn, "split_k": sk} for d in dots for bn in (16, 32, 64) for sk in (None, 1)]
+    splits = ({"split_k": 1}, {"programs_per_sm": 2}, {"programs_per_sm": 8})
+    return [{"dot": d, "block_n": bn, **sk} for d in dots for bn in (16, 32, 64) for sk in splits]
 
 
 def ulps(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -29,19 +29,18 @@ from dsv4.ops.triton.fp4_grouped import _e8m0
 from dsv4.ops.triton.quant import fp8_block_round
 
 BLOCK_K = 128                                   # = the weight's scale block and the act-quant block
+_NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
 def _e4m3(code):
-    """int32 byte (bit 7 sign, bits 6-3 exponent with bias 7, bits 2-0 mantissa) -> fp32 by bit placement.
-    Normal: exponent 120 + e in fp32 gives 2^(e-7) (1 + m/8). Exponent 0 (subnormal, m * 2^-9): the same placement
-    gives 2^-7 (1 + m/8), and 2v - 2^-6 = m * 2^-9 (exact). The sign is set as a bit (0x80 is -0.0); 0x7F and 0xFF
-    are NaN."""
-    mag = (((code & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True)
-    mag = tl.where((code & 0x78) == 0, 2.0 * mag - 0.015625, mag)
-    bits = mag.to(tl.int32, bitcast=True) | tl.where(code >= 128, -2147483648, 0)
-    bits = tl.where((code & 0x7F) == 0x7F, 0x7FC00000, bits)
-    return bits.to(tl.float32, bitcast=True)
+    """int32 byte (bit 7 sign, bits 6-3 exponent with bias 7, bits 2-0 mantissa) -> fp32 by bit placement: the
+    sign, exponent and mantissa bits moved into an fp16 (bias 15) give the value / 2^8, subnormals included (an e4m3
+    subnormal lands on an fp16 subnormal, which no GPU flushes), so one exact multiply by 2^8 finishes the decode
+    without a subnormal branch. -0.0 (0x80) stays -0.0; 0x7F and 0xFF are NaN."""
+    h = ((code & 0x7F) << 7) | ((code & 0x80) << 8)
+    v = h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+    return tl.where((code & 0x7F) == 0x7F, _NAN, v)
 
 
 @triton.jit
@@ -104,12 +103,13 @@ def _sum_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def auto_split(n_programs: int, n_kb: int, device: torch.device) -> int:
-    """K splits so that about two programs per SM run (1 off CUDA: the interpreter gains nothing)."""
+def auto_split(n_tiles: int, device: torch.device, programs_per_sm: int) -> int:
+    """K splits so that about `programs_per_sm` programs per SM run: a GEMV keeps the bytes in flight that the
+    memory needs only with many programs (1 off CUDA: the interpreter gains nothing)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return -(-2 * sms // n_programs)
+    return -(-programs_per_sm * sms // n_tiles)
 
 
 def divisor_at_most(n: int, want: int) -> int:
@@ -132,11 +132,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
              out_dtype: torch.dtype | None = None, dot: bool | None = None, block_n: int = 32,
-             split_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
+             split_k: int | None = None, programs_per_sm: int = 4, num_warps: int = 4) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] bf16 / fp32; weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128], N and K multiples of 128. Output in `out_dtype` (default x's); fp32 gives
     the accumulator before the output rounding. dot=None picks tl.dot for M > 4 (a guess until measured);
-    split_k=None fills the GPU (then a second small kernel adds the fp32 partials)."""
+    split_k=None splits K to run `programs_per_sm` programs per SM (a guess until measured); with more than one
+    split a second small kernel adds the fp32 partials."""
     _check(x, weight, scale, block_n)
     K, N = x.shape[-1], weight.shape[0]
     flat = x.reshape(-1, K).contiguous()
@@ -144,7 +145,8 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_qua
     dot = M > 4 if dot is None else dot
     block_m = 16 if dot else min(16, triton.next_power_of_2(max(M, 1)))
     n_kb = K // BLOCK_K
-    split = divisor_at_most(n_kb, split_k or auto_split((N // block_n) * triton.cdiv(M, block_m), n_kb, x.device))
+    tiles = (N // block_n) * triton.cdiv(M, block_m)
+    split = divisor_at_most(n_kb, split_k or auto_split(tiles, x.device, programs_per_sm))
     out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M:
