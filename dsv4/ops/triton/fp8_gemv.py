@@ -7,8 +7,9 @@ kernel by the same exact arithmetic as `ops/triton/quant.py` (`fp8_block_round`,
 `dsv4.quant.fake_quant_fp8`). Per 128-wide K block, the exact products x * e4m3 (bf16/FP8 x times an e4m3
 value: at most 8 + 4 significant bits) are summed in fp32 and the block sum is multiplied by the weight block's
 power-of-two scale, as the reference's blockwise kernel does; the output is rounded once to x's dtype.
-Precision class: fp32 accumulation of exact products, relative error <= 1e-5 against a float64 product of the
-same operands before the output rounding; after it, within one ulp of x's dtype of the twin (`ops.ref.linear`).
+Precision class: fp32 accumulation of exact products; before the output rounding the error against a float64
+product of the same operands is <= (128 + K/128 + splits + 1) * 2^-24 * sum_k |x_k w_k| (<= 1e-5 of it up to
+K = 1024, <= 2e-5 up to K = 8192); after it, within one ulp (of x's dtype) of the twin `ops.ref.linear` plus that.
 
 Two inner products: DOT=False multiplies the decoded tile with each row of x in turn (broadcast + tl.sum, the
 GEMV shape for M of 1 to a few); DOT=True runs tl.dot over 16-row blocks (bf16 operands, exact for e4m3 and bf16
