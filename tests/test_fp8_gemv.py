@@ -211,3 +211,25 @@ def test_bench_script_covers_the_dense_fp8_linears_of_a_flash_block():
         ("attn.indexer.wq_b", 8192, 1024), ("attn.wkv", 512, 4096), ("attn.wo_b", 4096, 8192),
         ("attn.wq_a", 1024, 4096), ("attn.wq_b", 32768, 1024), ("ffn.shared_experts.w1", 2048, 4096),
         ("ffn.shared_experts.w2", 4096, 2048), ("ffn.shared_experts.w3", 2048, 4096)]
+
+
+def test_kernel_compiles_for_hopper_without_a_gpu():
+    """Triton compiles ahead of time to sm_90 code with its bundled ptxas, so CI catches what the interpreter does
+    not check (the bf16 tl.dot path, layouts, BLOCK_M = 1) without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsv4.ops.triton.fp8_gemv import _fp8_gemv, _sum_splits
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
+    for dot, block_m, block_n, act in ((False, 1, 32, True), (False, 16, 16, False), (True, 16, 64, True)):
+        cs = {"KB_PER_SPLIT": 4, "ACT_QUANT": act, "DOT": dot, "IEEE": False, "BLOCK_M": block_m, "BLOCK_N": block_n}
+        kernel = triton.compile(ASTSource(_fp8_gemv, {**sig, **dict.fromkeys(cs, "constexpr")}, constexprs=cs),
+                                target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], cs
+    cs = {"SPLIT": 4, "BLOCK": 1024}
+    sig = {"part_ptr": "*fp32", "out_ptr": "*bf16", "MN": "i32", **dict.fromkeys(cs, "constexpr")}
+    assert triton.compile(ASTSource(_sum_splits, sig, constexprs=cs), target=GPUTarget("cuda", 90, 32)).asm["cubin"]
