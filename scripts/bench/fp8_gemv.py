@@ -64,7 +64,7 @@ def configs(m: int, quick: bool) -> list[dict]:
         return [{}]
     dots = (False,) if m == 1 else (False, True)
     splits = ({"split_k": 1}, {"programs_per_sm": 2}, {"programs_per_sm": 8})
-    return [{"dot": d, "block_n": bn, **sk} for d in dots for bn in (16, 32, 64) for sk in splits]
+    return [{"dot": d, "block_n": bn, **sk} for d in dots for bn in (32, 64, 128) for sk in splits]
 
 
 def ulps(y: torch.Tensor, ref: torch.Tensor) -> float:
