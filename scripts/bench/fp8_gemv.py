@@ -7,10 +7,11 @@ Each call is captured in a CUDA graph (decode runs as graphs, so no launch overh
 flushed before every replay (a decode step reads ~2 GB, so cold-cache numbers are the relevant ones); times are
 medians. GB/s counts the bytes each path must move (kernel: FP8 weight + scales + x + y; cached: the bf16 copy +
 x + y) and "of copy" divides by the measured device copy bandwidth (`dsv4.bench.floor.copy_bandwidth`, read +
-write). The kernel's configurations (tl.dot or broadcast, block_n, no split-K or splits for 2 / 8 programs per
-SM) are swept (estimated ~3 min, mostly compiling); the best is compared and checked against the twin
+write). The kernel's configurations (broadcast at M = 1, tl.dot above; block_n; no split-K or splits for 2 / 8
+programs per SM; act quant fused or in its own kernel first) are swept, 15-16 per shape and M (estimated
+3-5 min, mostly compiling; --shapes picks a few); the best is compared and checked against the twin
 (`ops.linear.twin`: max difference in bf16 ulps) and float64.
-Usage: python3 scripts/bench/fp8_gemv.py [--quick] [--out bench/results/fp8_gemv.json]
+Usage: PYTHONPATH=. python3 scripts/bench/fp8_gemv.py [--quick] [--shapes a,b] [--out bench/results/h200_fp8_gemv.json]
 """
 
 import argparse
@@ -60,11 +61,22 @@ def cold_graph_time(fn, flush: torch.Tensor, reps: int = 40) -> float:
 
 
 def configs(m: int, quick: bool) -> list[dict]:
+    """Kernel options; "prequant" quantises x first in its own kernel (`ops.fake_quant_fp8`) instead of in every
+    program of the GEMV (one more launch, no repeated act-quant work)."""
     if quick:
         return [{}]
-    dots = (False,) if m == 1 else (False, True)
     splits = ({"split_k": 1}, {"programs_per_sm": 2}, {"programs_per_sm": 8})
-    return [{"dot": d, "block_n": bn, **sk} for d in dots for bn in (32, 64, 128) for sk in splits]
+    fused = [{"dot": m > 1, "block_n": bn, **sk} for bn in (32, 64, 128) for sk in splits]
+    # The broadcast path at M > 1 costs ~40 instructions per weight element at M = 8 (SASS): one control only.
+    control = [{"dot": False, "block_n": 32, "programs_per_sm": 8}] if m > 1 else []
+    return fused + [{**c, "prequant": True} for c in fused if c.get("programs_per_sm") != 2] + control
+
+
+def kernel_call(x, w, s, cfg: dict):
+    cfg = dict(cfg)
+    if cfg.pop("prequant", False):
+        return lambda: fp8_gemv(ops.fake_quant_fp8(x, 128), w, s, False, **cfg)
+    return lambda: fp8_gemv(x, w, s, True, **cfg)
 
 
 def ulps(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -84,13 +96,13 @@ def measure(name: str, N: int, K: int, m: int, bw: float, flush: torch.Tensor, q
     sweep = []
     for cfg in configs(m, quick):
         try:
-            sweep.append({**cfg, "s": cold_graph_time(lambda cfg=cfg: fp8_gemv(x, w, s, True, **cfg), flush)})
+            sweep.append({**cfg, "s": cold_graph_time(kernel_call(x, w, s, cfg), flush)})
         except Exception as e:       # a configuration that does not compile or capture: report and go on
             print(f"  {name} M={m} {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
     best = min(sweep, key=lambda r: r["s"])
     cfg = {k: v for k, v in best.items() if k != "s"}
-    y = fp8_gemv(x, w, s, True, **cfg)
-    y32 = fp8_gemv(x, w, s, True, out_dtype=torch.float32, **cfg)
+    y = kernel_call(x, w, s, cfg)()
+    y32 = kernel_call(x, w, s, {**cfg, "out_dtype": torch.float32})()
     xq, wd = quant.fake_quant_fp8(x, 128).double(), ops.dequant_weight(w, s, "fp8").double()
     rel = ((y32.double() - xq @ wd.T).abs() / (xq.abs() @ wd.abs().T)).max().item()
     return {"name": name, "N": N, "K": K, "M": m, "best": cfg, "kernel_us": best["s"] * 1e6,
@@ -111,6 +123,7 @@ def line(r: dict, bw: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="only the default configuration (no sweep)")
+    p.add_argument("--shapes", help="comma-separated names to run (default: all), e.g. attn.wq_a,attn.wq_b")
     p.add_argument("--out", help="write every measurement (and the sweep) as JSON here")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False                 # the twin's fp32 GEMM stays fp32
@@ -119,6 +132,8 @@ def main() -> None:
     flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     rows = []
     for name, N, K in flash_shapes():
+        if args.shapes and name not in args.shapes.split(","):
+            continue
         for m in SIZES:
             rows.append(measure(name, N, K, m, bw, flush, args.quick))
             print(line(rows[-1], bw), flush=True)

@@ -3,9 +3,10 @@
 W is float8_e4m3fn [N, K] with one e8m0 scale per 128x128 block; the kernel loads the bytes as int32 words (four
 codes each; byte J meets x's columns 4i + J) and decodes e4m3 by bit placement (no hardware FP8 conversion, so
 the CPU interpreter checks it exactly), which reads half the bytes of today's cached bf16 copy
-(`ops/cached_linear.py`). The decode costs a few integer ops per element (SASS for sm_90, M = 1, block_n 32:
-~13 instructions per weight element all told, from ~17 with one byte per lane): at 4.2 TB/s an H200 issues ~8
-per byte, so the M = 1 kernel may still be issue-bound below the copy bandwidth; the bench will tell.
+(`ops/cached_linear.py`). The decode costs a few integer ops per element. SASS for sm_90 at M = 1, all told per
+weight element: 12.7 instructions (block_n 32, no act quant; 17 when each lane held one byte), with the fused act
+quant 22 (block_n 32) / 15 (64) / 12 (128), its cost shared by the block's columns. At 4.2 TB/s an H200 issues
+~8 per byte, so the M = 1 kernel may still be issue-bound below the copy bandwidth; the bench will tell.
 With `act_quant_on`, x is fake-quantised per 128 in the kernel by the same exact arithmetic as
 `ops/triton/quant.py` (`fp8_block_round`, bit-identical to `dsv4.quant.fake_quant_fp8`). Per 128-wide K block,
 the exact products x * e4m3 (bf16/FP8 x times an e4m3 value: at most 8 + 4 significant bits) are summed in fp32
