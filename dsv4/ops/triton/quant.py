@@ -12,11 +12,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _fake_quant_fp8(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * n_cols + offs).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)
+def fp8_block_round(x, amax):
+    """fp32 x -> its FP8 fake-quant value (fp32, exact) given amax = max(block amax, 1e-4), broadcastable to x (a
+    scalar for a 1-D block, [rows, 1] for per-row blocks of a 2-D tile). Shared with the FP8 GEMV's fused act quant."""
     # e = ceil(log2(amax / 448)) from the bits of an estimate, then corrected with exact comparisons.
     t = amax / 448.0
     tb = t.to(tl.int32, bitcast=True)
@@ -38,7 +36,16 @@ def _fake_quant_fp8(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr):
     # The sign goes back as a bit: -0.0 where a small negative rounds to zero (Triton's `-q` is `0 - q`, +0.0).
     sign = v.to(tl.int32, bitcast=True) & -2147483648
     q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    tl.store(y_ptr + row * n_cols + offs, (q * s).to(y_ptr.dtype.element_ty))
+    return q * s
+
+
+@triton.jit
+def _fake_quant_fp8(x_ptr, y_ptr, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * n_cols + offs).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)
+    tl.store(y_ptr + row * n_cols + offs, fp8_block_round(x, amax).to(y_ptr.dtype.element_ty))
 
 
 def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
