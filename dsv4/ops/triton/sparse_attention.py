@@ -1,0 +1,110 @@
+"""Sparse attention over per-query lists of KV rows with a per-head sink, fused: the twin `ops.ref.sparse_attention`
+gathers every query's rows into a [b, s, k, d] tensor (10.7 GB per layer in fp32 at an 8k prefill chunk); this
+kernel gathers each tile of rows by index in the program and keeps an online softmax, so nothing is materialised.
+
+One program per (batch, query, block of BLOCK_H heads). KV is ONE head shared by all heads (K = V), so a tile is a
+[BLOCK_H, d] x [d, BLOCK_K] score dot and a [BLOCK_H, BLOCK_K] x [BLOCK_K, d] PV dot over the same gathered rows.
+Numerics are those of `ops.golden.attention_tiled(tile=BLOCK_K)`: scores fp32 (q.k, then * scale), running max and
+sum in fp32 with the max EXCLUDING the sink, each tile's probabilities rounded to kv's dtype before the PV dot
+(fp32 accumulation), the sink's exp(sink - m) added to the denominator only, at the end. Masked entries (-1) and
+the list's tail past k load nothing and score -inf; a tile with nothing visible yet uses m = finfo.min as its
+reference so that exp() gives 0 rather than NaN (what golden's tiled variant does).
+A query whose whole list is masked has no keys: the twin computes -inf - (-inf) = NaN there, and so does this
+kernel, deliberately (golden's variants give 0 instead). The model never produces such a query: its window holds
+the query itself.
+
+not yet measured; to adopt: register it for CUDA in ops/__init__.py after scripts/bench/sparse_attention.py shows it
+beats the twin
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FP32_MIN = tl.constexpr(-3.4028234663852886e38)
+
+
+@triton.jit
+def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, S, N, K, scale, H: tl.constexpr, D: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    bs = tl.program_id(0).to(tl.int64)                     # flat (batch, query)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok, d_ok = heads < H, offs_d < D
+    q_at = q_ptr + (bs * H + heads[:, None]) * D + offs_d[None, :]
+    q = tl.load(q_at, mask=h_ok[:, None] & d_ok[None, :], other=0.0)             # [BLOCK_H, BLOCK_D]
+    kv_base = kv_ptr + (bs // S) * N * D
+    precision: tl.constexpr = "ieee" if IEEE else "tf32"
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)                                            # noqa: E741
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    k0 = 0
+    while k0 < K:                     # not `for .. range(K)`: triton 3.6's interpreter cannot (NumPy 2 scalars)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        rows = tl.load(idx_ptr + bs * K + offs_k, mask=offs_k < K, other=-1).to(tl.int64)
+        valid = rows >= 0
+        kv = tl.load(kv_base + rows[:, None] * D + offs_d[None, :], mask=valid[:, None] & d_ok[None, :],
+                     other=0.0)                                                   # [BLOCK_K, BLOCK_D] gathered
+        sc = tl.dot(q, tl.trans(kv), input_precision=precision) * scale           # [BLOCK_H, BLOCK_K] fp32
+        sc = tl.where(valid[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=1))
+        m_ref = tl.maximum(m_new, _FP32_MIN)                                      # nothing visible yet: exp -> 0
+        p = tl.exp(sc - m_ref[:, None])
+        alpha = tl.exp(m - m_ref)
+        l = l * alpha + tl.sum(p, axis=1)                                          # noqa: E741
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=precision)
+        m = m_new
+        k0 += BLOCK_K
+    sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
+    none = m == float("-inf")
+    l = l + tl.exp(sink - tl.where(none, sink, m))                                  # noqa: E741
+    o = acc / l[:, None]
+    o = tl.where(none[:, None], float("nan"), o)                 # no key at all: NaN, as the twin
+    tl.store(out_ptr + (bs * H + heads[:, None]) * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=h_ok[:, None] & d_ok[None, :])
+
+
+def _check(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor) -> None:
+    """Clear errors naming the offending argument (the twin's contract)."""
+    if q.dim() != 4 or kv.dim() != 3 or idx.dim() != 3:
+        raise ValueError(f"sparse_attention: want q [b, s, h, d], kv [b, n, d], idx [b, s, k]; got q "
+                         f"{tuple(q.shape)}, kv {tuple(kv.shape)}, idx {tuple(idx.shape)}")
+    b, s, h, d = q.shape
+    if kv.shape[0] != b or kv.shape[2] != d:
+        raise ValueError(f"sparse_attention: kv {tuple(kv.shape)} does not match q {tuple(q.shape)} "
+                         f"(want [{b}, n, {d}])")
+    if tuple(idx.shape[:2]) != (b, s):
+        raise ValueError(f"sparse_attention: idx {tuple(idx.shape)} does not match q's [b, s] = [{b}, {s}]")
+    if tuple(sink.shape) != (h,) or sink.dtype != torch.float32:
+        raise ValueError(f"sparse_attention: sink must be fp32 [{h}], got {sink.dtype} {tuple(sink.shape)}")
+    if q.dtype not in (torch.bfloat16, torch.float32) or kv.dtype != q.dtype:
+        raise ValueError(f"sparse_attention: q and kv must both be bf16 or fp32, got q {q.dtype}, kv {kv.dtype}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"sparse_attention: idx must be int32 or int64, got {idx.dtype}")
+    if len({q.device, kv.device, sink.device, idx.device}) != 1:
+        raise ValueError(f"sparse_attention: tensors on different devices: q {q.device}, kv {kv.device}, "
+                         f"sink {sink.device}, idx {idx.device}")
+    if idx.numel() and int(idx.max()) >= kv.shape[1]:
+        raise ValueError(f"sparse_attention: idx holds row {int(idx.max())}, kv has only {kv.shape[1]} rows")
+
+
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                     block_h: int = 16, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
+                     check: bool = True) -> torch.Tensor:
+    """q [b, s, h, d] (bf16; fp32 for the interpreter), kv [b, n, d], sink [h] fp32, idx [b, s, k] int (-1 =
+    masked, any order, repeats count twice) -> [b, s, h, d] in q's dtype. `check=False` skips the index range
+    check (a host sync: leave it off inside CUDA graphs)."""
+    if check:
+        _check(q, kv, sink, idx)
+    b, s, h, d = q.shape
+    q, kv, idx = q.contiguous(), kv.contiguous(), idx.contiguous()
+    out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    grid = (b * s, triton.cdiv(h, block_h))
+    _sparse_attention[grid](q, kv, sink.contiguous(), idx, out, s, kv.shape[1], idx.shape[2], float(scale), H=h,
+                            D=d, BLOCK_H=block_h, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_K=block_k,
+                            IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+    return out
