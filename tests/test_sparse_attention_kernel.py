@@ -167,3 +167,17 @@ def test_sparse_attention_on_cuda_at_flash_dims(block_k):
     assert o.dtype == torch.bfloat16
     assert golden.distance(o, want)["rel_err"] <= 3e-3
     assert golden.distance(o, tiled)["rel_err"] <= 5e-3
+
+
+def test_bench_script_counts_the_bytes_a_fused_kernel_must_move():
+    """scripts/bench/sparse_attention.py's GB/s: q and out once, the index list, each visible row once per query."""
+    import importlib.util
+
+    path = Path(dsv4.__file__).parents[1] / "scripts" / "bench" / "sparse_attention.py"
+    spec = importlib.util.spec_from_file_location("sparse_attention_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    q = torch.zeros(2, 3, bench.H, bench.D, dtype=torch.bfloat16)
+    idx = torch.tensor([[[0, -1, 4], [1, 1, -1], [-1, -1, -1]]] * 2, dtype=torch.int32)
+    assert bench.min_bytes(q, idx) == 2 * q.numel() * 2 + idx.numel() * 4 + 8 * bench.D * 2
+    assert (bench.H, bench.D, bench.WINDOW + bench.PICKED) == (64, 512, 640)
