@@ -12,6 +12,10 @@ reference so that exp() gives 0 rather than NaN (what golden's tiled variant doe
 A query whose whole list is masked has no keys: the twin computes -inf - (-inf) = NaN there, and so does this
 kernel, deliberately (golden's variants give 0 instead). The model never produces such a query: its window holds
 the query itself.
+The tile loop is a `while` over the runtime list length (triton 3.6's interpreter cannot run `for .. range(K)`
+with a runtime K under NumPy 2), so Triton does not software-pipeline the gathers: num_stages has no effect. A
+`for` loop variant (or K as a constexpr: one compile per list length) is the first thing to try if the bench shows
+the loads exposed.
 
 not yet measured; to adopt: register it for CUDA in ops/__init__.py after scripts/bench/sparse_attention.py shows it
 beats the twin
