@@ -54,17 +54,17 @@ def inputs(gen, b, s, h, d, n, k, sink_at, masked=0.3, repeats=True):
     return q, kv, sink, idx, d ** -0.5
 
 
-CASES = {  # b, s, h, d, n, k, sink offset, block_h, block_k
-    "d64-h20-k150-bk64-sink_small": (2, 3, 20, 64, 90, 150, -30.0, 16, 64),
-    "d128-h32-k150-bk32-sink_big": (1, 2, 32, 128, 60, 150, 12.0, 16, 32),
-    "d64-h16-k40-bk64-one_tile": (3, 2, 16, 64, 40, 40, 0.0, 16, 64),
-    "d48-h8-k100-bk16-padded": (1, 2, 8, 48, 50, 100, 0.0, 16, 16),
+CASES = {  # b, s, h, d, n, k, sink offset, block_h, block_k, splits (split k: a merge of partial softmaxes)
+    "d64-h20-k150-bk64-sink_small": (2, 3, 20, 64, 90, 150, -30.0, 16, 64, 1),
+    "d128-h32-k150-bk32-sink_big-split3": (1, 2, 32, 128, 60, 150, 12.0, 16, 32, 3),
+    "d64-h16-k40-bk64-one_tile-split2_one_empty": (3, 2, 16, 64, 40, 40, 0.0, 16, 64, 2),
+    "d48-h8-k100-bk16-padded-split4": (1, 2, 8, 48, 50, 100, 0.0, 16, 16, 4),
 }
 gen = torch.Generator().manual_seed(55)
 res = {}
-for name, (b, s, h, d, n, k, sink_at, bh, bk) in CASES.items():
+for name, (b, s, h, d, n, k, sink_at, bh, bk, splits) in CASES.items():
     q, kv, sink, idx, scale = inputs(gen, b, s, h, d, n, k, sink_at, repeats="one_tile" not in name)
-    o = sparse_attention(q, kv, sink, idx, scale, block_h=bh, block_k=bk)
+    o = sparse_attention(q, kv, sink, idx, scale, block_h=bh, block_k=bk, splits=splits)
     tiled = golden.attention_tiled(q, kv, sink, idx, scale, bk)
     f64 = ref.sparse_attention(q.double(), kv.double(), sink.double(), idx, scale)
     no_sink = ref.sparse_attention(q, kv, torch.full_like(sink, -1e4), idx, scale)
@@ -76,10 +76,14 @@ for name, (b, s, h, d, n, k, sink_at, bh, bk) in CASES.items():
 
 q, kv, sink, idx, scale = inputs(gen, 2, 3, 16, 64, 30, 80, 0.0)
 idx[1, 2] = -1                                   # a query with no key at all
-o, twin = sparse_attention(q, kv, sink, idx, scale), ref.sparse_attention(q, kv, sink, idx, scale)
-nan_rows = o.isnan().all(-1).all(-1)
-res["all_masked"] = {"kernel_nan": nan_rows.tolist(), "twin_nan": twin.isnan().all(-1).all(-1).tolist(),
-                     "rest_finite": bool(o[~nan_rows].isfinite().all()), "rest": rel(o[~nan_rows], twin[~nan_rows])}
+twin = ref.sparse_attention(q, kv, sink, idx, scale)
+for splits in (1, 3):
+    o = sparse_attention(q, kv, sink, idx, scale, block_k=16, splits=splits)
+    nan_rows = o.isnan().all(-1).all(-1)
+    res[f"all_masked-split{splits}"] = {"kernel_nan": nan_rows.tolist(),
+                                        "twin_nan": twin.isnan().all(-1).all(-1).tolist(),
+                                        "rest_finite": bool(o[~nan_rows].isfinite().all()),
+                                        "rest": rel(o[~nan_rows], twin[~nan_rows])}
 print(json.dumps(res))
 '''
 
@@ -96,7 +100,7 @@ def interpreted(tmp_path_factory):
 
 
 def test_kernel_matches_golden_tiled_and_float64(interpreted):
-    cases = {k: v for k, v in interpreted.items() if k != "all_masked"}
+    cases = {k: v for k, v in interpreted.items() if not k.startswith("all_masked")}
     assert len(cases) == 4
     for case, r in cases.items():
         assert r["tiled"] <= FP32_CLASS, (case, r)
@@ -109,12 +113,13 @@ def test_kernel_matches_golden_tiled_and_float64(interpreted):
 def test_sink_dominating_and_negligible(interpreted):
     """Controls: dropping the sink moves the result far where it dominates (sink ~ +12), not where it is
     negligible (~ -30): both regimes are in the comparison above."""
-    assert interpreted["d128-h32-k150-bk32-sink_big"]["sink_effect"] > 0.5
+    assert interpreted["d128-h32-k150-bk32-sink_big-split3"]["sink_effect"] > 0.5
     assert interpreted["d64-h20-k150-bk64-sink_small"]["sink_effect"] <= FP32_CLASS
 
 
-def test_query_with_no_key_is_nan_like_the_twin(interpreted):
-    r = interpreted["all_masked"]
+@pytest.mark.parametrize("splits", [1, 3])
+def test_query_with_no_key_is_nan_like_the_twin(interpreted, splits):
+    r = interpreted[f"all_masked-split{splits}"]
     want = [[False, False, False], [False, False, True]]
     assert r["kernel_nan"] == want and r["twin_nan"] == want, r
     assert r["rest_finite"] and r["rest"] <= FP32_CLASS, r
@@ -141,21 +146,30 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dsv4.ops.triton.sparse_attention import _sparse_attention
+    from dsv4.ops.triton.sparse_attention import _combine, _sparse_attention
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton has no NVIDIA backend")
     sig = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "sink_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*bf16",
-           "S": "i32", "N": "i32", "K": "i32", "scale": "fp32"}
-    cs = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512, "BLOCK_K": 64, "IEEE": False}
-    kernel = triton.compile(ASTSource(_sparse_attention, {**sig, **dict.fromkeys(cs, "constexpr")}, constexprs=cs),
+           "m_ptr": "*fp32", "l_ptr": "*fp32", "S": "i32", "N": "i32", "K": "i32", "TILES": "i32", "scale": "fp32"}
+    for partial in (False, True):
+        cs = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512, "BLOCK_K": 64, "IEEE": False, "PARTIAL": partial}
+        kernel = triton.compile(ASTSource(_sparse_attention, {**sig, **dict.fromkeys(cs, "constexpr"),
+                                                              **({"out_ptr": "*fp32"} if partial else {})},
+                                          constexprs=cs), target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], partial
+    sig = {"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "sink_ptr": "*fp32", "out_ptr": "*bf16",
+           "SPLITS": "i32"}
+    cs = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512}
+    kernel = triton.compile(ASTSource(_combine, {**sig, **dict.fromkeys(cs, "constexpr")}, constexprs=cs),
                             target=GPUTarget("cuda", 90, 32))
     assert kernel.asm["cubin"]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("block_k", [32, 64])
-def test_sparse_attention_on_cuda_at_flash_dims(block_k):
+def test_sparse_attention_on_cuda_at_flash_dims(block_k, splits):
     """64 heads x 512, 640 rows per query, a quarter masked, bf16 (golden.realistic_attention_inputs)."""
     from dsv4.ops import golden
     from dsv4.ops.triton.sparse_attention import sparse_attention
@@ -163,7 +177,8 @@ def test_sparse_attention_on_cuda_at_flash_dims(block_k):
     q, kv, sink, idx, scale = golden.realistic_attention_inputs(0, 64)
     want = golden.attention_fp32(q.double(), kv.double(), sink.double(), idx, scale, acc=torch.float64)
     tiled = golden.attention_tiled(q, kv, sink, idx, scale, block_k)
-    o = sparse_attention(q.cuda(), kv.cuda(), sink.cuda(), idx.int().cuda(), scale, block_k=block_k).cpu()
+    o = sparse_attention(q.cuda(), kv.cuda(), sink.cuda(), idx.int().cuda(), scale, block_k=block_k,
+                         splits=splits).cpu()
     assert o.dtype == torch.bfloat16
     assert golden.distance(o, want)["rel_err"] <= 3e-3
     assert golden.distance(o, tiled)["rel_err"] <= 5e-3

@@ -9,6 +9,10 @@ sum in fp32 with the max EXCLUDING the sink, each tile's probabilities rounded t
 (fp32 accumulation), the sink's exp(sink - m) added to the denominator only, at the end. Masked entries (-1) and
 the list's tail past k load nothing and score -inf; a tile with nothing visible yet uses m = finfo.min as its
 reference so that exp() gives 0 rather than NaN (what golden's tiled variant does).
+Split k (flash-decoding): at decode there are only b * h / BLOCK_H programs, so each list may be cut into
+`splits` runs of tiles, each program storing its un-normalised (m, l, acc) in fp32, and `_combine` rescales them
+to the largest m and adds the sink: the same class as the tiled variant (probabilities rounded relative to each
+split's own max), not bit-identical to it.
 A query whose whole list is masked has no keys: the twin computes -inf - (-inf) = NaN there, and so does this
 kernel, deliberately (golden's variants give 0 instead). The model never produces such a query: its window holds
 the query itself.
@@ -31,8 +35,11 @@ _FP32_MIN = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
-def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, S, N, K, scale, H: tl.constexpr, D: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, m_ptr, l_ptr, S, N, K, TILES, scale,
+                      H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PARTIAL: tl.constexpr):
+    """Split program_id(2) covers tiles [split * TILES, (split + 1) * TILES) of the list. PARTIAL: store the
+    un-normalised (m, l_i, acc) of this split in fp32 for `_combine` (out_ptr is then [b*s, splits, h, d] fp32)."""
     bs = tl.program_id(0).to(tl.int64)                     # flat (batch, query)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -42,12 +49,13 @@ def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, S, N, K, scale,
     kv_base = kv_ptr + (bs // S) * N * D
     precision: tl.constexpr = "ieee" if IEEE else "tf32"
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_H], tl.float32)                                            # noqa: E741
+    l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    k0 = 0
-    while k0 < K:                     # not `for .. range(K)`: triton 3.6's interpreter cannot (NumPy 2 scalars)
+    k0 = tl.program_id(2) * TILES * BLOCK_K
+    k_end = tl.minimum(k0 + TILES * BLOCK_K, K)
+    while k0 < k_end:                 # not `for .. range(K)`: triton 3.6's interpreter cannot (NumPy 2 scalars)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        rows = tl.load(idx_ptr + bs * K + offs_k, mask=offs_k < K, other=-1).to(tl.int64)
+        rows = tl.load(idx_ptr + bs * K + offs_k, mask=offs_k < k_end, other=-1).to(tl.int64)
         valid = rows >= 0
         kv = tl.load(kv_base + rows[:, None] * D + offs_d[None, :], mask=valid[:, None] & d_ok[None, :],
                      other=0.0)                                                   # [BLOCK_K, BLOCK_D] gathered
@@ -57,17 +65,56 @@ def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, S, N, K, scale,
         m_ref = tl.maximum(m_new, _FP32_MIN)                                      # nothing visible yet: exp -> 0
         p = tl.exp(sc - m_ref[:, None])
         alpha = tl.exp(m - m_ref)
-        l = l * alpha + tl.sum(p, axis=1)                                          # noqa: E741
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=precision)
         m = m_new
         k0 += BLOCK_K
+    if PARTIAL:
+        row = (bs * tl.num_programs(2) + tl.program_id(2)) * H + heads            # [b*s, splits, h]
+        tl.store(m_ptr + row, m, mask=h_ok)
+        tl.store(l_ptr + row, l_i, mask=h_ok)
+        tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
+    else:
+        _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H, D)
+
+
+@triton.jit
+def _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H: tl.constexpr, D: tl.constexpr):
+    """o = acc / (l_i + exp(sink - m)), stored in out's dtype; NaN where no key was visible (as the twin)."""
+    h_ok = heads < H
     sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
     none = m == float("-inf")
-    l = l + tl.exp(sink - tl.where(none, sink, m))                                  # noqa: E741
-    o = acc / l[:, None]
-    o = tl.where(none[:, None], float("nan"), o)                 # no key at all: NaN, as the twin
+    l_i = l_i + tl.exp(sink - tl.where(none, sink, m))
+    o = tl.where(none[:, None], float("nan"), acc / l_i[:, None])
     tl.store(out_ptr + (bs * H + heads[:, None]) * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=h_ok[:, None] & d_ok[None, :])
+             mask=h_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _combine(part_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, SPLITS, H: tl.constexpr, D: tl.constexpr,
+             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the splits' (m_j, l_j, acc_j) of one (query, head block): rescale each to the largest m_j (fp32)."""
+    bs = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok, d_ok = heads < H, offs_d < D
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    j = 0
+    while j < SPLITS:
+        m = tl.maximum(m, tl.load(m_ptr + (bs * SPLITS + j) * H + heads, mask=h_ok, other=float("-inf")))
+        j += 1
+    m_ref = tl.maximum(m, _FP32_MIN)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    j = 0
+    while j < SPLITS:
+        row = (bs * SPLITS + j) * H + heads
+        w = tl.exp(tl.load(m_ptr + row, mask=h_ok, other=float("-inf")) - m_ref)   # 0 for a split that saw nothing
+        l_i += w * tl.load(l_ptr + row, mask=h_ok, other=0.0)
+        part = tl.load(part_ptr + row[:, None] * D + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += w[:, None] * part
+        j += 1
+    _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H, D)
 
 
 def _check(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor) -> None:
@@ -94,21 +141,46 @@ def _check(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Ten
         raise ValueError(f"sparse_attention: idx holds row {int(idx.max())}, kv has only {kv.shape[1]} rows")
 
 
+def default_splits(programs: int, tiles: int, device: torch.device) -> int:
+    """Splits of the list so that about two programs run per SM (decode: b * 4 head blocks programs only)."""
+    if device.type != "cuda" or programs >= 2 * _sms(device):
+        return 1
+    return max(1, min(tiles, -(-2 * _sms(device) // programs)))
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-                     block_h: int = 16, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     check: bool = True) -> torch.Tensor:
+                     block_h: int = 16, block_k: int = 64, splits: int | None = None, num_warps: int = 4,
+                     num_stages: int = 2, check: bool = True) -> torch.Tensor:
     """q [b, s, h, d] (bf16; fp32 for the interpreter), kv [b, n, d], sink [h] fp32, idx [b, s, k] int (-1 =
-    masked, any order, repeats count twice) -> [b, s, h, d] in q's dtype. `check=False` skips the index range
-    check (a host sync: leave it off inside CUDA graphs)."""
+    masked, any order, repeats count twice) -> [b, s, h, d] in q's dtype. `splits` spreads each list over that
+    many programs plus a merge (None: `default_splits`). `check=False` skips the index range check (a host sync:
+    leave it off inside CUDA graphs)."""
     if check:
         _check(q, kv, sink, idx)
     b, s, h, d = q.shape
-    q, kv, idx = q.contiguous(), kv.contiguous(), idx.contiguous()
+    q, kv, idx, sink = q.contiguous(), kv.contiguous(), idx.contiguous(), sink.contiguous()
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
-    grid = (b * s, triton.cdiv(h, block_h))
-    _sparse_attention[grid](q, kv, sink.contiguous(), idx, out, s, kv.shape[1], idx.shape[2], float(scale), H=h,
-                            D=d, BLOCK_H=block_h, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_K=block_k,
-                            IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+    k = idx.shape[2]
+    tiles, heads = triton.cdiv(k, block_k), triton.cdiv(h, block_h)
+    splits = splits or default_splits(b * s * heads, tiles, q.device)
+    per_split = triton.cdiv(tiles, splits)
+    shape = {"H": h, "D": d, "BLOCK_H": block_h, "BLOCK_D": max(16, triton.next_power_of_2(d))}
+    run = {"num_warps": num_warps, "num_stages": num_stages}
+    if splits == 1:
+        _sparse_attention[(b * s, heads, 1)](q, kv, sink, idx, out, sink, sink, s, kv.shape[1], k, per_split,
+                                             float(scale), **shape, BLOCK_K=block_k,
+                                             IEEE=q.dtype == torch.float32, PARTIAL=False, **run)
+        return out
+    part = torch.empty(b * s, splits, h, d, dtype=torch.float32, device=q.device)
+    m, l_i = (torch.empty(b * s, splits, h, dtype=torch.float32, device=q.device) for _ in range(2))
+    _sparse_attention[(b * s, heads, splits)](q, kv, sink, idx, part, m, l_i, s, kv.shape[1], k, per_split,
+                                              float(scale), **shape, BLOCK_K=block_k,
+                                              IEEE=q.dtype == torch.float32, PARTIAL=True, **run)
+    _combine[(b * s, heads)](part, m, l_i, sink, out, splits, **shape, num_warps=num_warps)
     return out
