@@ -141,7 +141,7 @@ def test_bad_input_names_the_offender():
 
 def test_kernel_compiles_for_hopper_without_a_gpu():
     """The bf16 tl.dot path at Flash's head_dim 512 compiles ahead of time to sm_90 (what the interpreter does not
-    check: layouts, the dtypes of both dots)."""
+    check: layouts, the dtypes of both dots, the pipelined `for` loop), direct and split with the merge."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -152,12 +152,13 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
         pytest.skip("this triton has no NVIDIA backend")
     sig = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "sink_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*bf16",
            "m_ptr": "*fp32", "l_ptr": "*fp32", "S": "i32", "N": "i32", "K": "i32", "TILES": "i32", "scale": "fp32"}
-    for partial in (False, True):
-        cs = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512, "BLOCK_K": 64, "IEEE": False, "PARTIAL": partial}
+    for partial, pipelined in ((False, True), (True, True), (False, False)):
+        cs = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512, "BLOCK_K": 64, "IEEE": False, "PARTIAL": partial,
+              "PIPELINED": pipelined}
         kernel = triton.compile(ASTSource(_sparse_attention, {**sig, **dict.fromkeys(cs, "constexpr"),
                                                               **({"out_ptr": "*fp32"} if partial else {})},
                                           constexprs=cs), target=GPUTarget("cuda", 90, 32))
-        assert kernel.asm["cubin"], partial
+        assert kernel.asm["cubin"], cs
     sig = {"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "sink_ptr": "*fp32", "out_ptr": "*bf16",
            "SPLITS": "i32"}
     cs = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512}

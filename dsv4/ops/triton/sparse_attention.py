@@ -16,10 +16,10 @@ split's own max), not bit-identical to it.
 A query whose whole list is masked has no keys: the twin computes -inf - (-inf) = NaN there, and so does this
 kernel, deliberately (golden's variants give 0 instead). The model never produces such a query: its window holds
 the query itself.
-The tile loop is a `while` over the runtime list length (triton 3.6's interpreter cannot run `for .. range(K)`
-with a runtime K under NumPy 2), so Triton does not software-pipeline the gathers: num_stages has no effect. A
-`for` loop variant (or K as a constexpr: one compile per list length) is the first thing to try if the bench shows
-the loads exposed.
+The tile body (`_tile`) is shared by two loops: on CUDA a `for` loop, which Triton software-pipelines; in the CPU
+interpreter a `while` loop (triton 3.6's interpreter cannot run `for` over a runtime bound under NumPy 2), so the
+interpreter tests check everything but the `for` loop's control, which the Hopper compile test and the GPU test
+cover.
 
 not yet measured; to adopt: register it for CUDA in ops/__init__.py after scripts/bench/sparse_attention.py shows it
 beats the twin
@@ -35,9 +35,30 @@ _FP32_MIN = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
+def _tile(q, kv_base, idx_row, k0, k_end, offs_d, d_ok, m, l_i, acc, scale, D: tl.constexpr, BLOCK_K: tl.constexpr,
+          precision: tl.constexpr):
+    """One tile of BLOCK_K list entries: gather the rows, score, and update the running (m, l_i, acc)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    rows = tl.load(idx_row + offs_k, mask=offs_k < k_end, other=-1).to(tl.int64)
+    valid = rows >= 0
+    kv = tl.load(kv_base + rows[:, None] * D + offs_d[None, :], mask=valid[:, None] & d_ok[None, :],
+                 other=0.0)                                                       # [BLOCK_K, BLOCK_D] gathered
+    sc = tl.dot(q, tl.trans(kv), input_precision=precision) * scale               # [BLOCK_H, BLOCK_K] fp32
+    sc = tl.where(valid[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, axis=1))
+    m_ref = tl.maximum(m_new, _FP32_MIN)                                          # nothing visible yet: exp -> 0
+    p = tl.exp(sc - m_ref[:, None])
+    alpha = tl.exp(m - m_ref)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=precision)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, m_ptr, l_ptr, S, N, K, TILES, scale,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PARTIAL: tl.constexpr):
+                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PARTIAL: tl.constexpr,
+                      PIPELINED: tl.constexpr):
     """Split program_id(2) covers tiles [split * TILES, (split + 1) * TILES) of the list. PARTIAL: store the
     un-normalised (m, l_i, acc) of this split in fp32 for `_combine` (out_ptr is then [b*s, splits, h, d] fp32)."""
     bs = tl.program_id(0).to(tl.int64)                     # flat (batch, query)
@@ -51,24 +72,19 @@ def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, m_ptr, l_ptr, S
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    k0 = tl.program_id(2) * TILES * BLOCK_K
-    k_end = tl.minimum(k0 + TILES * BLOCK_K, K)
-    while k0 < k_end:                 # not `for .. range(K)`: triton 3.6's interpreter cannot (NumPy 2 scalars)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        rows = tl.load(idx_ptr + bs * K + offs_k, mask=offs_k < k_end, other=-1).to(tl.int64)
-        valid = rows >= 0
-        kv = tl.load(kv_base + rows[:, None] * D + offs_d[None, :], mask=valid[:, None] & d_ok[None, :],
-                     other=0.0)                                                   # [BLOCK_K, BLOCK_D] gathered
-        sc = tl.dot(q, tl.trans(kv), input_precision=precision) * scale           # [BLOCK_H, BLOCK_K] fp32
-        sc = tl.where(valid[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=1))
-        m_ref = tl.maximum(m_new, _FP32_MIN)                                      # nothing visible yet: exp -> 0
-        p = tl.exp(sc - m_ref[:, None])
-        alpha = tl.exp(m - m_ref)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=precision)
-        m = m_new
-        k0 += BLOCK_K
+    k_begin = tl.program_id(2) * TILES * BLOCK_K
+    k_end = tl.minimum(k_begin + TILES * BLOCK_K, K)
+    idx_row = idx_ptr + bs * K
+    if PIPELINED:                     # GPU: a `for` loop, which Triton software-pipelines (num_stages)
+        for k0 in tl.range(k_begin, k_end, BLOCK_K):
+            m, l_i, acc = _tile(q, kv_base, idx_row, k0, k_end, offs_d, d_ok, m, l_i, acc, scale, D, BLOCK_K,
+                                precision)
+    else:                             # triton 3.6's interpreter cannot run `for` over a runtime bound (NumPy 2)
+        k0 = k_begin
+        while k0 < k_end:
+            m, l_i, acc = _tile(q, kv_base, idx_row, k0, k_end, offs_d, d_ok, m, l_i, acc, scale, D, BLOCK_K,
+                                precision)
+            k0 += BLOCK_K
     if PARTIAL:
         row = (bs * tl.num_programs(2) + tl.program_id(2)) * H + heads            # [b*s, splits, h]
         tl.store(m_ptr + row, m, mask=h_ok)
@@ -154,10 +170,11 @@ def _sms(device: torch.device) -> int:
 
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                      block_h: int = 16, block_k: int = 64, splits: int | None = None, num_warps: int = 4,
-                     num_stages: int = 2, check: bool = True) -> torch.Tensor:
+                     num_stages: int = 2, pipelined: bool | None = None, check: bool = True) -> torch.Tensor:
     """q [b, s, h, d] (bf16; fp32 for the interpreter), kv [b, n, d], sink [h] fp32, idx [b, s, k] int (-1 =
     masked, any order, repeats count twice) -> [b, s, h, d] in q's dtype. `splits` spreads each list over that
-    many programs plus a merge (None: `default_splits`). `check=False` skips the index range check (a host sync:
+    many programs plus a merge (None: `default_splits`). `pipelined` (None: on CUDA) loops with `for` rather than
+    `while` (the interpreter needs `while`). `check=False` skips the index range check (a host sync:
     leave it off inside CUDA graphs)."""
     if check:
         _check(q, kv, sink, idx)
@@ -172,15 +189,16 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     per_split = triton.cdiv(tiles, splits)
     shape = {"H": h, "D": d, "BLOCK_H": block_h, "BLOCK_D": max(16, triton.next_power_of_2(d))}
     run = {"num_warps": num_warps, "num_stages": num_stages}
+    pipelined = q.is_cuda if pipelined is None else pipelined
     if splits == 1:
         _sparse_attention[(b * s, heads, 1)](q, kv, sink, idx, out, sink, sink, s, kv.shape[1], k, per_split,
                                              float(scale), **shape, BLOCK_K=block_k,
-                                             IEEE=q.dtype == torch.float32, PARTIAL=False, **run)
+                                             IEEE=q.dtype == torch.float32, PARTIAL=False, PIPELINED=pipelined, **run)
         return out
     part = torch.empty(b * s, splits, h, d, dtype=torch.float32, device=q.device)
     m, l_i = (torch.empty(b * s, splits, h, dtype=torch.float32, device=q.device) for _ in range(2))
     _sparse_attention[(b * s, heads, splits)](q, kv, sink, idx, part, m, l_i, s, kv.shape[1], k, per_split,
                                               float(scale), **shape, BLOCK_K=block_k,
-                                              IEEE=q.dtype == torch.float32, PARTIAL=True, **run)
+                                              IEEE=q.dtype == torch.float32, PARTIAL=True, PIPELINED=pipelined, **run)
     _combine[(b * s, heads)](part, m, l_i, sink, out, splits, **shape, num_warps=num_warps)
     return out
