@@ -4,11 +4,12 @@ shared KV head, 640 rows per query (128 window + 512 compressed), a quarter of t
 
 Shapes: decode (s = 1, batch 1 / 8 / 64, each sequence with its own cache of 128 ring slots + 2048 compressed
 entries) and prefill (b = 1, an 8192-token chunk over its raw rows + 8192 / 4 compressed entries).
-Prints median ms and effective GB/s (the bytes a fused kernel must move at least: q, the output, the index list and
-every visible row gathered once per query; repeated reads across head blocks hit L2 and are not counted) per
-config, and each output's distance to float64 (`golden.distance`; float64 on the first 256 queries of a prefill
-chunk) next to golden's tiled variant's, which docs/parity.md puts at rel. err ~2e-3. The kernel is called
-directly: it is not in the default dispatch until this shows it wins.
+Sweeps block sizes, warps, stages, split-k (auto: ~2 programs per SM) and the loop form (`while`, as in the
+interpreter, vs the pipelined `for`). Prints median ms and effective GB/s (the bytes a fused kernel must move at
+least: q, the output, the index list and every visible row gathered once per query; repeated reads across head
+blocks hit L2 and are not counted) per config, and each output's distance to float64 (`golden.distance`; on the
+first 256 queries of a prefill chunk) next to golden's tiled variant's, which docs/parity.md puts at rel. err
+~2e-3. The kernel is called directly: it is not in the default dispatch until this shows it wins.
 Usage: python3 scripts/bench/sparse_attention.py [--batches 1 8 64] [--prefill 8192] [--repeats 20] [--json PATH]
 """
 
@@ -23,7 +24,10 @@ from dsv4.ops import golden, ref
 from dsv4.ops.triton.sparse_attention import sparse_attention
 
 H, D, WINDOW, PICKED, MASKED = 64, 512, 128, 512, 0.25
-CONFIGS = [(16, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 8), (64, 32, 8)]     # block_h, block_k, num_warps
+CONFIGS = [  # block_h, block_k, num_warps, num_stages, splits (None: default_splits), pipelined; first: the default
+    (16, 64, 4, 2, None, True), (16, 64, 4, 2, 1, True), (16, 64, 4, 2, None, False), (16, 32, 4, 3, None, True),
+    (16, 64, 8, 2, None, True), (32, 32, 8, 2, None, True), (64, 32, 8, 2, None, True), (64, 32, 8, 1, None, True),
+]
 CHECK_QUERIES = 256
 
 
@@ -58,12 +62,12 @@ def timed(name: str, fn, args, want: torch.Tensor, repeats: int) -> dict:
         out = fn(*args)
         t = summary(cuda_time(lambda: fn(*args), repeats))["median_s"]
     except Exception as e:                       # a config that does not compile / fit (the twin may OOM): go on
-        print(f"  {name:<40} {type(e).__name__}: {str(e)[:160]}", flush=True)
+        print(f"  {name:<48} {type(e).__name__}: {str(e)[:160]}", flush=True)
         torch.cuda.empty_cache()
         return {"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
     gbs = min_bytes(args[0], args[3]) / t / 1e9
     err = golden.distance(out[:, :CHECK_QUERIES], want)["rel_err"]
-    print(f"  {name:<40} {t * 1e3:9.3f} ms {gbs:8.1f} GB/s   rel err vs f64 {err:.2e}", flush=True)
+    print(f"  {name:<48} {t * 1e3:9.3f} ms {gbs:8.1f} GB/s   rel err vs f64 {err:.2e}", flush=True)
     return {"name": name, "ms": t * 1e3, "gb_s": gbs, "rel_err_vs_f64": err}
 
 
@@ -73,9 +77,11 @@ def shape_results(label: str, b: int, s: int, n: int, gen, repeats: int) -> dict
     print(f"{label}: b={b} s={s} n={n} h={H} d={D} k={WINDOW + PICKED}; golden tiled/64 rel err vs f64 "
           f"{tiled_err:.2e} (the kernel's class)", flush=True)
     rows = [timed("twin (ops.ref.sparse_attention)", ref.sparse_attention, args, want, repeats)]
-    for bh, bk, nw in CONFIGS:
-        fn = partial(sparse_attention, block_h=bh, block_k=bk, num_warps=nw, check=False)
-        rows.append(timed(f"kernel bh={bh} bk={bk} warps={nw}", fn, args, want, repeats))
+    for bh, bk, nw, ns, sp, pipe in CONFIGS:
+        fn = partial(sparse_attention, block_h=bh, block_k=bk, num_warps=nw, num_stages=ns, splits=sp,
+                     pipelined=pipe, check=False)
+        rows.append(timed(f"kernel bh={bh} bk={bk} w={nw} st={ns} split={sp or 'auto'}{'' if pipe else ' while'}",
+                          fn, args, want, repeats))
     return {"label": label, "b": b, "s": s, "n": n, "tiled64_rel_err_vs_f64": tiled_err, "kernels": rows}
 
 
