@@ -9,13 +9,9 @@ sum over a token's k experts may differ: the `routed_pairs` tolerance (rtol 2**-
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from kernel_helpers import run_in_interpreter
 
 from dsv4 import ops
 from dsv4.quant import fake_quant_fp8, quant_fp4
@@ -83,15 +79,9 @@ def test_fp4_grouped_gemm_kernel_in_the_interpreter(tmp_path):
     PYTHONPATH so it imports this checkout's dsv4), with fp32 activations (the interpreter's bf16 tl.dot is wrong
     in triton 3.6). fp32 products of exact values, fp32 accumulation in another order: rel. error <= 1e-5. The
     FP4/e8m0 decoding itself (every code, both nibbles, scale bytes 0 to 160) read back exactly via one-hot rows."""
-    script = tmp_path / "check.py"
-    script.write_text(_KERNEL_CHECK)
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    exact, *errs = out.stdout.split()[-4:]
-    assert exact == "True" and max(float(v) for v in errs) <= 1e-5, out.stdout
+    out = run_in_interpreter(_KERNEL_CHECK, tmp_path, timeout=300)
+    exact, *errs = out.split()[-4:]
+    assert exact == "True" and max(float(v) for v in errs) <= 1e-5, out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,13 +8,9 @@ FP8-quantised bf16 activations), fp32 accumulation in another order than the flo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from kernel_helpers import run_in_interpreter
 
 from dsv4 import ops
 from dsv4.quant import fake_quant_fp8, quant_fp4
@@ -88,15 +84,9 @@ def test_fp4_grouped_prefill_kernel_in_the_interpreter(tmp_path):
     in triton 3.6): against the `grouped_linear` twin, rel. error <= 1e-5, over empty experts, an expert over
     several row tiles, partial row and column tiles, each switch on and off; every FP4 code and several scale bytes
     decoded exactly."""
-    script = tmp_path / "check.py"
-    script.write_text(_KERNEL_CHECK)
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    exact, *errs = out.stdout.split()[-7:]
-    assert exact == "True" and max(float(v) for v in errs) <= 1e-5, out.stdout
+    out = run_in_interpreter(_KERNEL_CHECK, tmp_path, timeout=300)
+    exact, *errs = out.split()[-7:]
+    assert exact == "True" and max(float(v) for v in errs) <= 1e-5, out
 
 
 @pytest.mark.gpu

@@ -16,13 +16,11 @@ Tolerances by precision class:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kernel_helpers import run_in_interpreter
 
 import dsv4
 
@@ -90,13 +88,8 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    script = tmp_path_factory.mktemp("sparse_attention") / "check.py"
-    script.write_text(_CHECK)
-    root = str(Path(dsv4.__file__).parents[1])          # the subprocess imports the dsv4 this test imports
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root}
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_in_interpreter(_CHECK, tmp_path_factory.mktemp("sparse_attention"))
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_kernel_matches_golden_tiled_and_float64(interpreted):

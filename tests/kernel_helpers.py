@@ -1,0 +1,22 @@
+"""Running Triton kernels' CPU checks through the interpreter (the kernel tests' shared plumbing)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def run_in_interpreter(script: str, where: Path, timeout: int = 600) -> str:
+    """Run `script` in a fresh Python with TRITON_INTERPRET=1 (read when triton is imported, hence a subprocess),
+    importing this checkout's dsv4 first; asserts a zero exit and returns its stdout."""
+    path = where / "check.py"
+    path.write_text(script)
+    imports = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": imports}
+    out = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
