@@ -97,28 +97,31 @@ class MoE(nn.Module):
         weights, ids = self.gate(x, input_ids.reshape(-1))
         tap("ffn.routing.ids", ids)
         tap("ffn.routing.weights", weights)
-        # The pair and grouped paths are inference paths (Triton kernels, stacked weights): training loops.
+        y = self._routed_path(x, ids)(x, weights, ids)
+        y = self.tp.all_reduce(y)       # fp32 sum of every rank's experts; the shared expert is replicated
+        y = y + self.shared_experts(x).to(y.dtype)
+        tap("ffn.experts_out", y)
+        return y.to(x.dtype).view(shape)
+
+    def _routed_path(self, x: torch.Tensor, ids: torch.Tensor):
+        """Which routed-expert sum computes this step. The pair, sorted and grouped paths are inference paths
+        (Triton kernels, stacked weights); training and expert-parallel steps loop."""
         local = self.tp is SINGLE and self.exchange is None                # EP: the loop (for now)
         inference = x.is_cuda and not torch.is_grad_enabled() and local
         fixed_shapes = inference or (torch.compiler.is_compiling() and local)     # compiled on any device
         sorted_fp4 = self.expert_fmt == "fp4" and ids.numel() >= self.SORTED_PATH_MIN_PAIRS
         if fixed_shapes and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
-            y = (self.routed_sorted if sorted_fp4 else self.routed_pairs)(x, weights, ids)
-        elif (inference and sorted_fp4 and x.dtype in (torch.bfloat16, torch.float32)
-              and ops.registry.fast_enabled("grouped_linear")
-              and not (x.dtype == torch.bfloat16 and ops.registry.fast_enabled("moe_grouped")
-                       and self.bf16_copies_affordable())):
-            y = self.routed_sorted(x, weights, ids)
-        elif inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled("moe_grouped"):
-            y = self.routed_grouped(x, weights, ids)
-        elif self.exchange is not None:
-            y = self.exchange(self.routed_loop, x, weights, ids)
-        else:
-            y = self.routed_loop(x, weights, ids)
-        y = self.tp.all_reduce(y)       # fp32 sum of every rank's experts; the shared expert is replicated
-        y = y + self.shared_experts(x).to(y.dtype)
-        tap("ffn.experts_out", y)
-        return y.to(x.dtype).view(shape)
+            return self.routed_sorted if sorted_fp4 else self.routed_pairs
+        grouped_ok = inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled("moe_grouped")
+        sorted_ok = (inference and sorted_fp4 and x.dtype in (torch.bfloat16, torch.float32)
+                     and ops.registry.fast_enabled("grouped_linear"))
+        if sorted_ok and not (grouped_ok and self.bf16_copies_affordable()):
+            return self.routed_sorted
+        if grouped_ok:
+            return self.routed_grouped
+        if self.exchange is not None:
+            return lambda x, weights, ids: self.exchange(self.routed_loop, x, weights, ids)
+        return self.routed_loop
 
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum of the routed experts' outputs [N, D] fp32: each used expert runs on its tokens (host sync)."""

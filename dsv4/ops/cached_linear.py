@@ -17,13 +17,18 @@ from dsv4.ops.ref import dequant_weight
 from dsv4.ops.registry import custom_op, register
 
 
-def bf16_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
-    key = (weight._version, scale._version)
-    cached = getattr(weight, "_dsv4_bf16", None)
+def cached_on(weight: torch.Tensor, attr: str, key: tuple, make):
+    """`make()`, kept on the weight as `attr` and rebuilt when `key` (the tensors' versions) changes."""
+    cached = getattr(weight, attr, None)
     if cached is None or cached[0] != key:
-        cached = (key, dequant_weight(weight, scale, fmt).to(torch.bfloat16))
-        weight._dsv4_bf16 = cached
+        cached = (key, make())
+        setattr(weight, attr, cached)
     return cached[1]
+
+
+def bf16_weight(weight: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    return cached_on(weight, "_dsv4_bf16", (weight._version, scale._version),
+                     lambda: dequant_weight(weight, scale, fmt).to(torch.bfloat16))
 
 
 def cached_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str, act_quant_on: bool,

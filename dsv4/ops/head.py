@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.cached_linear import cached_on
 from dsv4.ops.ref import dense
 from dsv4.ops.registry import custom_op, dispatch, register
 
@@ -26,12 +27,10 @@ logits = dispatch("logits", _twin)
 
 def exact_bf16_copy(weight: torch.Tensor) -> torch.Tensor | None:
     """The weight as bf16 if that is exact (cached, keyed on the weight's version), else None."""
-    cached = getattr(weight, "_dsv4_head_bf16", None)
-    if cached is None or cached[0] != weight._version:
+    def make():
         copy = weight.detach().to(torch.bfloat16)
-        cached = (weight._version, copy if torch.equal(copy.float(), weight.detach().float()) else None)
-        weight._dsv4_head_bf16 = cached
-    return cached[1]
+        return copy if torch.equal(copy.float(), weight.detach().float()) else None
+    return cached_on(weight, "_dsv4_head_bf16", (weight._version,), make)
 
 
 def _applies(y, weight) -> bool:

@@ -75,18 +75,25 @@ def _fp4_grouped_gemm(x_ptr, eid_ptr, w_ptr, s_ptr, out_ptr, M, N, K, HALF: tl.c
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
+def check_grouped(name: str, x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                  block_m: int, block_k: int) -> tuple[int, int, int, int, int]:
+    """(M, K, N, E, K/2) of a grouped FP4 GEMM's operands; a ValueError naming `name` when they do not fit."""
+    M, K = x.shape
+    E, N, half = weight.shape
+    if half * 2 != K or scale.shape != (E, N, K // 32) or eid.shape != (M,):
+        raise ValueError(f"{name}: x {tuple(x.shape)}, eid {tuple(eid.shape)}, weight "
+                         f"{tuple(weight.shape)}, scale {tuple(scale.shape)} do not match")
+    if K % block_k or block_k % 32 or block_m < 16 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{name}: K={K} must be a multiple of block_k={block_k} (a multiple of 32), "
+                         f"block_m={block_m} >= 16, x bf16/fp16/fp32 (got {x.dtype})")
+    return M, K, N, E, half
+
+
 def fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                      block_m: int = 16, block_n: int = 64, block_k: int = 128) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32; fp16 is exact only while the scaled weights fit fp16), eid [M] expert per row
     (int32/int64, best sorted), weight int8 [E, N, K/2], scale e8m0 [E, N, K/32] -> fp32 [M, N]."""
-    M, K = x.shape
-    E, N, half = weight.shape
-    if half * 2 != K or scale.shape != (E, N, K // 32) or eid.shape != (M,):
-        raise ValueError(f"fp4_grouped_gemm: x {tuple(x.shape)}, eid {tuple(eid.shape)}, weight "
-                         f"{tuple(weight.shape)}, scale {tuple(scale.shape)} do not match")
-    if K % block_k or block_k % 32 or block_m < 16 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"fp4_grouped_gemm: K={K} must be a multiple of block_k={block_k} (a multiple of 32), "
-                         f"block_m={block_m} >= 16, x bf16/fp16/fp32 (got {x.dtype})")
+    M, K, N, _, half = check_grouped("fp4_grouped_gemm", x, eid, weight, scale, block_m, block_k)
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0:
         return out

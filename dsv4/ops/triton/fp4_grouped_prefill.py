@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0
+from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, check_grouped
 
 
 @triton.jit
@@ -110,14 +110,7 @@ def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
                              join: bool = True, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2],
     scale e8m0 [E, N, K/32] -> fp32 [M, N]. Tiles, `group_scales`, `join` and launch options: for benchmarking."""
-    M, K = x.shape
-    E, N, half = weight.shape
-    if half * 2 != K or scale.shape != (E, N, K // 32) or eid.shape != (M,):
-        raise ValueError(f"fp4_grouped_gemm_prefill: x {tuple(x.shape)}, eid {tuple(eid.shape)}, weight "
-                         f"{tuple(weight.shape)}, scale {tuple(scale.shape)} do not match")
-    if K % block_k or block_k % 32 or block_m < 16 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"fp4_grouped_gemm_prefill: K={K} must be a multiple of block_k={block_k} (a multiple of "
-                         f"32), block_m={block_m} >= 16, x bf16/fp16/fp32 (got {x.dtype})")
+    M, K, N, E, half = check_grouped("fp4_grouped_gemm_prefill", x, eid, weight, scale, block_m, block_k)
     if eid.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fp4_grouped_gemm_prefill: eid must be int32/int64, got {eid.dtype}")
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
