@@ -1,0 +1,86 @@
+"""Where the time of a decode step and a prefill goes: per-kernel CUDA time of the bench model (`dsv4 bench`'s model:
+Flash width, 4 blocks, synthesised official-format weights).
+
+Decode: the fixed-shape step, compiled as the bench compiles it, run without graph capture so each kernel shows in
+torch.profiler; the captured step's time is measured beside it. Comparing the sum of kernel times per step with the
+captured step's time separates kernel time from launch gaps. Prefill: one 1k-token prefill (the dispatched path).
+Prints, per run, the kernels grouped by name (count per step, microseconds per step, share), the number of kernels
+and their total time per step.
+Usage: PYTHONPATH=. python3 scripts/bench/profile_step.py [--batches 1 64] [--prefill 1024] [--out PATH]
+"""
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from dsv4.bench.timing import Dsv4Decoder, cuda_time, dsv4_prefill, summary
+from dsv4.checkpoint.synth import synthesize_tensors
+from dsv4.config import ModelConfig
+from dsv4.loader import load_tensors
+
+
+def kernels(fn, calls: int) -> dict:
+    """Profile `calls` calls of fn; per kernel name: count and CUDA microseconds per call."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    count, us = defaultdict(int), defaultdict(float)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:          # a kernel / memcpy / memset on the GPU
+            count[e.name] += 1
+            us[e.name] += e.time_range.elapsed_us()
+    if not us:                                        # this torch reports kernels only in the averages table
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=100))
+    rows = sorted(({"name": n, "count": count[n] / calls, "us": us[n] / calls} for n in us), key=lambda r: -r["us"])
+    return {"kernels_per_call": sum(count.values()) / calls, "kernel_us_per_call": sum(us.values()) / calls,
+            "rows": rows}
+
+
+def show(title: str, res: dict, wall_ms: float | None) -> None:
+    total = max(res["kernel_us_per_call"], 1e-9)
+    wall = f", captured step {wall_ms:.3f} ms" if wall_ms else ""
+    print(f"=== {title}: {res['kernels_per_call']:.0f} kernels, {total / 1e3:.3f} ms of kernel time per call{wall}")
+    for r in res["rows"][:60]:
+        print(f"{r['us']:9.1f} us {100 * r['us'] / total:5.1f}%  x{r['count']:<6.1f} {r['name'][:120]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batches", type=int, nargs="*", default=[1])
+    p.add_argument("--prefill", type=int, nargs="*", default=[1024])
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out")
+    args = p.parse_args()
+    cfg = ModelConfig.preset("flash").truncated(4)
+    model = load_tensors(cfg, synthesize_tensors(cfg, 0, torch.device("cuda")), torch.device("cuda"),
+                         torch.bfloat16, quant_emulation=True)
+    out = {"gpu": torch.cuda.get_device_name(), "compile": not args.no_compile}
+    for b in args.batches:
+        captured = Dsv4Decoder(model, b, 512, 24, seed=0, graphs=True, compile=not args.no_compile)
+        wall = summary(cuda_time(captured.step, 12))["median_s"] * 1e3
+        del captured
+        eager = Dsv4Decoder(model, b, 512, 24, seed=0, graphs=True, capture=False, compile=not args.no_compile)
+        res = kernels(eager.step, 4)
+        res["captured_step_ms"] = wall
+        show(f"decode bs{b}", res, wall)
+        out[f"decode_bs{b}"] = res
+        del eager
+        torch.cuda.empty_cache()
+    for n in args.prefill:
+        res = kernels(dsv4_prefill(model, n, 8192, 0), 1)
+        show(f"prefill {n}", res, None)
+        out[f"prefill_{n}"] = res
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
