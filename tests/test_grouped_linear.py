@@ -218,3 +218,27 @@ def test_bf16_copies_only_when_they_fit(tiny_ckpt, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 1 << 40))
     assert not large.bf16_copies_affordable()
     assert small.bf16_copies_affordable()             # decided once
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows_per_expert", [8, 100])
+def test_prefill_sized_calls_take_the_expert_major_kernel(rows_per_expert, monkeypatch):
+    """From 8 rows per expert on average the dispatch runs the expert-major kernel (64- and 128-row tiles), within
+    the same budget of the twin (1e-5, see above); below it, the 16-row-block kernel."""
+    from dsv4.ops import grouped_linear as module
+
+    dev = "cuda"
+    gen = torch.Generator(dev).manual_seed(25)
+    w, s = _fp4_stack(16, 256, 512, gen, dev)
+    m = 16 * rows_per_expert
+    eid = torch.randint(0, 16, (m,), generator=gen, device=dev).sort().values
+    x = fake_quant_fp8(torch.randn(m, 512, generator=gen, device=dev), 128).bfloat16()
+    taken = []
+    for name in ("_fp4_grouped_gemm", "_fp4_grouped_gemm_prefill"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
+    got = ops.grouped_linear(x, eid, w, s, "fp4")
+    ops.grouped_linear(x[: m // 16], eid[: m // 16], w, s, "fp4")
+    assert taken == ["_fp4_grouped_gemm_prefill", "_fp4_grouped_gemm"]
+    want = ops.grouped_linear.twin(x, eid, w, s, "fp4").double()
+    assert ((got.double() - want).norm() / want.norm()).item() <= 1e-5

@@ -183,6 +183,26 @@ def test_sparse_attention_on_cuda_at_flash_dims(block_k, splits):
     assert golden.distance(o.view_as(want), want)["rel_err"] <= 3e-3
 
 
+@pytest.mark.gpu
+def test_dispatched_op_takes_the_kernel_for_prefill_on_cuda():
+    """`ops.sparse_attention` runs the kernel (its prefill configuration: 64 heads per program, 32-row tiles) for a
+    bf16 chunk of several queries on CUDA, within the tiled class of float64; one query per sequence (decode) and
+    the reference switch run the twin, bit-identical to calling it directly."""
+    from dsv4 import ops
+    from dsv4.ops import golden
+
+    q, kv, sink, idx, scale = (t.cuda() if torch.is_tensor(t) else t for t in golden.realistic_attention_inputs(0, 64))
+    want = golden.attention_fp32(q.double(), kv.double(), sink.double(), idx, scale, acc=torch.float64)
+    fast = ops.sparse_attention(q, kv, sink, idx, scale)
+    twin = ops.sparse_attention.twin(q, kv, sink, idx, scale)
+    assert golden.distance(fast.cpu(), want.cpu())["rel_err"] <= 3e-3
+    assert not torch.equal(fast, twin)                                # the kernel ran, not the twin
+    with ops.reference_only("sparse_attention"):
+        assert torch.equal(ops.sparse_attention(q, kv, sink, idx, scale), twin)
+    one = (q[:, :1], kv, sink, idx[:, :1], scale)
+    assert torch.equal(ops.sparse_attention(*one), ops.sparse_attention.twin(*one))
+
+
 def test_bench_script_counts_the_bytes_a_fused_kernel_must_move():
     """scripts/bench/sparse_attention.py's GB/s: q and out once, the index list, each visible row once per query."""
     import importlib.util

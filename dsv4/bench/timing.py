@@ -26,6 +26,29 @@ def cuda_time(fn: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
+def cold_graph_time(fn, flush: torch.Tensor, reps: int = 40) -> float:
+    """Median seconds of one CUDA-graph replay of fn with the L2 flushed (`flush`: a large buffer zeroed) before
+    each replay: the cold-cache time of a kernel as a captured decode step runs it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def summary(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
 

@@ -12,9 +12,9 @@ from dsv4.ops.ref import acc_dtype, dense, dequant_weight
 from dsv4.ops.registry import dispatch, fast_ops_status, reference_only, register
 
 linear = dispatch("linear", ref.linear)
-sparse_attention = dispatch("sparse_attention", ref.sparse_attention)
 
 from dsv4.ops import cached_linear  # noqa: E402, F401  (registers its fast path)
+from dsv4.ops.attention import sparse_attention  # noqa: E402
 from dsv4.ops.grouped_linear import grouped_linear  # noqa: E402
 from dsv4.ops.head import logits  # noqa: E402
 from dsv4.ops.moe_pairs import pair_linear  # noqa: E402

@@ -4,7 +4,10 @@
 sorted by expert (decode at larger batch, prefill). The twin is `pair_linear`'s (gather + dequantise per row),
 run over fixed-size row chunks so its gathered weights stay bounded; the Triton kernel
 (`ops/triton/fp4_grouped.py`) reads each expert's FP4 weights about once per row block it appears in instead of
-once per row.
+once per row; from 8 rows per expert on average (prefill), the expert-major kernel (`ops/triton/fp4_grouped_prefill.py`)
+decodes each weight tile once per 64-128 rows of its expert instead. Measured on an H200 at the bench model's
+shapes (`scripts/bench/grouped_prefill.py`, bench/results/h200_grouped_prefill.log; K 4096 -> N 2048, 256 experts):
+6144 rows (1k-token prefill) 4.66 -> 2.09 ms, 49152 rows (8k) 27.6 -> 5.40 ms.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ def _fp4_applies(x, eid, weight, scale, fmt) -> bool:
             and x.dtype in (torch.bfloat16, torch.float32))
 
 
+_EXPERT_MAJOR_FROM = 8           # mean rows per expert from which the expert-major kernel runs
+
+
 def _fp4_kernel(x, eid, weight, scale, fmt):
+    if x.shape[0] >= _EXPERT_MAJOR_FROM * weight.shape[0]:
+        return _fp4_grouped_gemm_prefill(x.contiguous(), eid, weight, scale)
     return _fp4_grouped_gemm(x.contiguous(), eid, weight, scale)
 
 
@@ -44,6 +52,17 @@ def _fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
 
     return fp4_grouped_gemm(x, eid, weight, scale)
+
+
+@custom_op("fp4_grouped_gemm_prefill", lambda x, eid, weight, scale: x.new_empty(x.shape[0], weight.shape[1],
+                                                                                 dtype=torch.float32))
+def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor,
+                              scale: torch.Tensor) -> torch.Tensor:
+    from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
+
+    # The fastest measured tiles: 64 x 64 at 24 rows per expert, 128 x 128 at 192 (both with joined halves).
+    tile = 128 if x.shape[0] >= 96 * weight.shape[0] else 64
+    return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=tile, block_n=tile)
 
 
 register_triton("grouped_linear", "triton_fp4_grouped_gemm", _fp4_applies, _fp4_kernel)

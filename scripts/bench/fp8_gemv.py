@@ -17,12 +17,12 @@ Usage: PYTHONPATH=. python3 scripts/bench/fp8_gemv.py [--quick] [--shapes a,b] [
 import argparse
 import json
 import math
-import statistics
 
 import torch
 
 from dsv4 import ops, quant
 from dsv4.bench.floor import copy_bandwidth
+from dsv4.bench.timing import cold_graph_time
 from dsv4.checkpoint.inventory import inventory
 from dsv4.config import ModelConfig
 from dsv4.ops.cached_linear import cached_linear
@@ -36,28 +36,6 @@ def flash_shapes() -> list[tuple[str, int, int]]:
     specs = inventory(ModelConfig.preset("flash").truncated(4))
     return [(n.removeprefix("layers.2.").removesuffix(".weight"), *spec.shape) for n, spec in specs.items()
             if n.startswith("layers.2.") and spec.dtype == "F8_E4M3" and ".experts." not in n and "wo_a" not in n]
-
-
-def cold_graph_time(fn, flush: torch.Tensor, reps: int = 40) -> float:
-    """Median seconds of one graph replay of fn with the L2 flushed before each replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def configs(m: int, quick: bool) -> list[dict]:

@@ -23,11 +23,13 @@ from dsv4.config import ModelConfig
 from dsv4.loader import load_tensors
 
 
-def kernels(fn, calls: int) -> dict:
-    """Profile `calls` calls of fn; per kernel name: count and CUDA microseconds per call."""
+def kernels(fn, calls: int, stacks: bool = False) -> dict:
+    """Profile `calls` calls of fn; per kernel name: count and CUDA microseconds per call. `stacks`: also the
+    CPU ops with their Python call sites (5 frames), by CUDA time: which model code launched the time."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA, *([ProfilerActivity.CPU] if stacks else [])]
+    with profile(activities=activities, with_stack=stacks) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
@@ -39,8 +41,12 @@ def kernels(fn, calls: int) -> dict:
     if not us:                                        # this torch reports kernels only in the averages table
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=100))
     rows = sorted(({"name": n, "count": count[n] / calls, "us": us[n] / calls} for n in us), key=lambda r: -r["us"])
-    return {"kernels_per_call": sum(count.values()) / calls, "kernel_us_per_call": sum(us.values()) / calls,
-            "rows": rows}
+    out = {"kernels_per_call": sum(count.values()) / calls, "kernel_us_per_call": sum(us.values()) / calls,
+           "rows": rows}
+    if stacks:
+        out["by_call_site"] = prof.key_averages(group_by_stack_n=5).table(sort_by="cuda_time_total", row_limit=40,
+                                                                          max_name_column_width=50)
+    return out
 
 
 def show(title: str, res: dict, wall_ms: float | None) -> None:
@@ -56,6 +62,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="*", default=[1])
     p.add_argument("--prefill", type=int, nargs="*", default=[1024])
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--stacks", action="store_true", help="prefill: also CUDA time by Python call site")
     p.add_argument("--out")
     args = p.parse_args()
     cfg = ModelConfig.preset("flash").truncated(4)
@@ -74,8 +81,10 @@ def main() -> None:
         del eager
         torch.cuda.empty_cache()
     for n in args.prefill:
-        res = kernels(dsv4_prefill(model, n, 8192, 0), 1)
+        res = kernels(dsv4_prefill(model, n, 8192, 0), 1, stacks=args.stacks)
         show(f"prefill {n}", res, None)
+        if args.stacks:
+            print(res["by_call_site"])
         out[f"prefill_{n}"] = res
     if args.out:
         with open(args.out, "w") as f:

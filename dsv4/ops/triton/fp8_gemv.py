@@ -35,7 +35,9 @@ from dsv4.ops.triton.fp4_grouped import _e8m0
 from dsv4.ops.triton.quant import fp8_block_round
 
 BLOCK_K = 128                                   # = the weight's scale block and the act-quant block
-_NAN = tl.constexpr(float("nan"))
+# A quiet NaN as fp32 bits: a float("nan") global fails Triton's "global changed since compiled" check on every
+# launch after the first (NaN != NaN).
+_NAN_BITS = tl.constexpr(0x7FC00000)
 _TWO_POW_120 = tl.constexpr(2.0**120)
 
 
@@ -127,7 +129,8 @@ def _fp8_gemv(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT: tl.constexpr,
                 part = tl.sum(prod, axis=1) * scale                   # [BLOCK_N]
                 acc = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, acc + part[None, :], acc)
     # A NaN weight makes its whole output column NaN (x * NaN is NaN even for x = 0), as in the twin.
-    acc = tl.where(tl.max((nan != 0).to(tl.int32), axis=1)[None, :] != 0, _NAN, acc)
+    nan_value = tl.full([BLOCK_M, BLOCK_N], _NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+    acc = tl.where(tl.max((nan != 0).to(tl.int32), axis=1)[None, :] != 0, nan_value, acc)
     out = out_ptr + split.to(tl.int64) * M * N + rows[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rows[:, None] < M)
 
