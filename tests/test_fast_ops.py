@@ -13,6 +13,7 @@ import torch
 
 from dsv4 import ops
 from dsv4.ops.cached_linear import cached_linear
+from dsv4.ops.registry import which
 from dsv4.quant import fake_quant_fp8, quant_fp4, quant_fp8
 
 
@@ -56,7 +57,9 @@ def test_dispatch_uses_the_twin_on_cpu_and_inside_reference_only(monkeypatch):
         weight, scale = _weights("fp8", 128, 128, gen)
         x = torch.randn(1, 128, generator=gen).bfloat16()
         assert ops.linear(x, weight, scale, "fp8", True) == "fast"
+        assert which("linear", x, weight, scale, "fp8", True) == "spy"
         with ops.reference_only():
+            assert which("linear", x, weight, scale, "fp8", True) == "twin"
             assert isinstance(ops.linear(x, weight, scale, "fp8", True), torch.Tensor)
         with ops.reference_only("linear"):                                   # per op: to bisect a difference
             assert isinstance(ops.linear(x, weight, scale, "fp8", True), torch.Tensor)
@@ -79,7 +82,10 @@ def test_cached_linear_on_cuda_at_flash_dims(fmt):
     gen = torch.Generator().manual_seed(7)
     weight, scale = _weights(fmt, 2048, 4096, gen)
     x = torch.randn(64, 4096, generator=gen).bfloat16()
-    got = ops.linear(x.cuda(), weight.cuda(), scale.cuda(), fmt, True).cpu()
+    args = (x.cuda(), weight.cuda(), scale.cuda(), fmt, True)
+    with torch.inference_mode():                              # fast paths apply without autograd only
+        assert which("linear", *args) == "cached_bf16_linear"
+        got = ops.linear(*args).cpu()
     want = ops.linear.twin(x, weight, scale, fmt, True)
     rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
     assert rel <= 1e-2, rel                                         # bf16 output class
@@ -164,9 +170,10 @@ def test_fp4_pair_gemv_kernel_in_the_interpreter(tmp_path):
         "errs = []\n"
         "for w, s in [(w, s), (torch.randint(-128, 128, w.shape, dtype=torch.int8, generator=gen),\n"
         "                      torch.randint(100, 140, s.shape, dtype=torch.uint8, generator=gen).view(s.dtype))]:\n"
-        "    got = fp4_pair_gemv(x, ids, w, s, block_n=16, block_g=4)\n"
         "    want = ops.pair_linear.twin(x, ids, w, s, 'fp4')\n"
-        "    errs.append(((got - want).norm() / want.norm()).item())\n"
+        "    for pf in (True, False):\n"
+        "        got = fp4_pair_gemv(x, ids, w, s, block_n=16, block_g=4, prefetch=pf)\n"
+        "        errs.append(((got - want).norm() / want.norm()).item())\n"
         "print(max(errs))\n")
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
@@ -180,7 +187,10 @@ def test_fp4_pair_gemv_on_cuda_at_flash_dims():
     w, s = _expert_stack("fp4", 8, 2048, 4096, gen)
     x = fake_quant_fp8(torch.randn(12, 4096, generator=gen), 128).bfloat16()
     ids = torch.randint(0, 8, (12,), generator=gen)
-    got = ops.pair_linear(x.cuda(), ids.cuda(), w.cuda(), s.cuda(), "fp4").cpu()
+    args = (x.cuda(), ids.cuda(), w.cuda(), s.cuda(), "fp4")
+    with torch.inference_mode():
+        assert which("pair_linear", *args) == "triton_fp4_pair_gemv"
+        got = ops.pair_linear(*args).cpu()
     want = ops.pair_linear.twin(x, ids, w, s, "fp4")
     assert ((got.double() - want.double()).norm() / want.double().norm()).item() <= 1e-5
 
@@ -230,12 +240,16 @@ def test_fused_kernels_on_cuda_at_flash_dims():
 
     gen = torch.Generator().manual_seed(14)
     x = (torch.randn(256, 4096, generator=gen) * 5).bfloat16()
-    got = ops.fake_quant_fp8(x.cuda(), 128).cpu()
-    assert torch.equal(got.view(torch.int16), quant.fake_quant_fp8(x, 128).view(torch.int16))
     m = torch.randn(512, 24, generator=gen) * 3
     scale, base = torch.tensor([0.1, 0.2, 0.3]), torch.randn(24, generator=gen) * 0.5
+    sinkhorn_args = (m.cuda(), scale.cuda(), base.cuda(), 4, 20, 1e-6)
+    with torch.inference_mode():
+        assert which("fake_quant_fp8", x.cuda(), 128) == "triton_fake_quant_fp8"
+        assert which("hc_split_sinkhorn", *sinkhorn_args) == "triton_sinkhorn"
+        got = ops.fake_quant_fp8(x.cuda(), 128).cpu()
+        assert torch.equal(got.view(torch.int16), quant.fake_quant_fp8(x, 128).view(torch.int16))
+        got = ops.hc_split_sinkhorn(*sinkhorn_args)
     want = ops.ref.hc_split_sinkhorn(m, scale, base, 4, 20, 1e-6)
-    got = ops.hc_split_sinkhorn(m.cuda(), scale.cuda(), base.cuda(), 4, 20, 1e-6)
     for a, b in zip(want, got, strict=True):
         assert ((a - b.cpu()).abs() / a.abs().clamp_min(1e-6)).max().item() <= 1e-5
 
@@ -263,6 +277,7 @@ def test_head_logits_on_cuda_at_flash_dims():
     w = (torch.randn(129280, 4096, generator=gen) / 64).bfloat16().float().cuda()
     y = torch.randn(4, 4096, generator=gen).bfloat16().cuda()
     with torch.inference_mode():
+        assert which("logits", y, w) == "bf16_operand_logits"
         got = ops.logits(y, w)
         twin = ops.logits.twin(y, w)
     exact = y.double() @ w.double().T

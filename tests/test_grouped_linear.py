@@ -14,6 +14,7 @@ import torch
 from kernel_helpers import run_in_interpreter
 
 from dsv4 import ops
+from dsv4.ops.registry import which
 from dsv4.quant import fake_quant_fp8, quant_fp4
 
 try:
@@ -128,6 +129,7 @@ def test_fixed_shape_steps_pick_sorted_from_the_threshold(tiny_ckpt, monkeypatch
 
 
 @pytest.mark.gpu
+@torch.inference_mode()                             # the fast paths apply without autograd only
 def test_fp4_grouped_gemm_on_cuda_at_flash_dims():
     """Flash w1/w3 shape (K=4096, N=2048, E=256), decode batch 64 x top-6 = 384 sorted pairs, bf16 activations
     that are FP8-quantised (as the model feeds them). Error budget: operands are exact in bf16 and their products
@@ -140,6 +142,7 @@ def test_fp4_grouped_gemm_on_cuda_at_flash_dims():
     ids = torch.rand(64, 256, generator=gen, device=dev).topk(6, dim=-1).indices.flatten()
     eid = ids.sort(stable=True).values
     x = fake_quant_fp8(torch.randn(384, 4096, generator=gen, device=dev), 128).bfloat16()
+    assert which("grouped_linear", x, eid, w, s, "fp4") == "triton_fp4_grouped_gemm"
     got = ops.grouped_linear(x, eid, w, s, "fp4")
     twin = ops.grouped_linear.twin(x, eid, w, s, "fp4")
     exact = torch.empty(384, 2048, dtype=torch.float64, device=dev)
@@ -225,8 +228,9 @@ def test_bf16_copies_only_when_they_fit(tiny_ckpt, monkeypatch):
 def test_prefill_sized_calls_take_the_expert_major_kernel(rows_per_expert, monkeypatch):
     """From 8 rows per expert on average the dispatch runs the expert-major kernel (64- and 128-row tiles), within
     the same budget of the twin (1e-5, see above); below it, the 16-row-block kernel."""
-    from dsv4.ops import grouped_linear as module
+    import importlib
 
+    module = importlib.import_module("dsv4.ops.grouped_linear")       # (dsv4.ops.grouped_linear is the op)
     dev = "cuda"
     gen = torch.Generator(dev).manual_seed(25)
     w, s = _fp4_stack(16, 256, 512, gen, dev)
@@ -237,8 +241,9 @@ def test_prefill_sized_calls_take_the_expert_major_kernel(rows_per_expert, monke
     for name in ("_fp4_grouped_gemm", "_fp4_grouped_gemm_prefill"):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
-    got = ops.grouped_linear(x, eid, w, s, "fp4")
-    ops.grouped_linear(x[: m // 16], eid[: m // 16], w, s, "fp4")
+    with torch.inference_mode():
+        got = ops.grouped_linear(x, eid, w, s, "fp4")
+        ops.grouped_linear(x[: m // 16], eid[: m // 16], w, s, "fp4")
     assert taken == ["_fp4_grouped_gemm_prefill", "_fp4_grouped_gemm"]
     want = ops.grouped_linear.twin(x, eid, w, s, "fp4").double()
     assert ((got.double() - want).norm() / want.norm()).item() <= 1e-5

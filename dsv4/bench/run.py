@@ -281,8 +281,11 @@ def _op_effects(model, opts: BenchOptions) -> dict:
     return out
 
 
+@torch.inference_mode()            # as the model runs: the fast paths apply without autograd only
 def _op_errors(dev) -> dict:
-    """Each fast op against float64 on fresh random inputs at Flash dimensions: relative error (Frobenius)."""
+    """Each fast op against float64 on fresh random inputs at Flash dimensions: relative error (Frobenius), keyed
+    by the implementation that ran (`ops.registry.which`; before this was checked, these figures were the twins')."""
+    from dsv4.ops.registry import which
     from dsv4.quant import fake_quant_fp8, quant_fp4, quant_fp8
 
     gen = torch.Generator(dev).manual_seed(0)
@@ -291,18 +294,29 @@ def _op_errors(dev) -> dict:
     w8, s8 = quant_fp8(torch.randn(2048, 4096, generator=gen, device=dev) / 64)
     exact = x.double() @ ops.dequant_weight(w8, s8, "fp8").double().T
     got = ops.linear(x, w8, s8, "fp8", False)
-    out["linear fp8 (cached bf16, cuBLAS)"] = ((got.double() - exact).norm() / exact.norm()).item()
+    out[f"linear fp8: {which('linear', x, w8, s8, 'fp8', False)}"] = _rel(got, exact)
     ws = [quant_fp4(torch.randn(2048, 4096, generator=gen, device=dev) / 64) for _ in range(4)]
     w4, s4 = torch.stack([w for w, _ in ws]), torch.stack([s for _, s in ws])
     ids = torch.randint(0, 4, (64,), generator=gen, device=dev)
     exact = torch.einsum("pk,pnk->pn", x.double(), torch.stack([ops.dequant_weight(w4[i], s4[i], "fp4").double()
                                                                 for i in ids.tolist()]))
     got = ops.pair_linear(x, ids, w4, s4, "fp4")
-    out["pair_linear fp4 (Triton GEMV)"] = ((got.double() - exact).norm() / exact.norm()).item()
+    out[f"pair_linear fp4: {which('pair_linear', x, ids, w4, s4, 'fp4')}"] = _rel(got, exact)
     eid, order = ids.sort(stable=True)
     got = ops.grouped_linear(x[order], eid, w4, s4, "fp4")
-    out["grouped_linear fp4 (Triton grouped GEMM)"] = ((got.double() - exact[order]).norm() / exact.norm()).item()
+    out[f"grouped_linear fp4: {which('grouped_linear', x[order], eid, w4, s4, 'fp4')}"] = _rel(got, exact[order])
+    from dsv4.ops import golden
+
+    args = [t.to(dev) if torch.is_tensor(t) else t for t in golden.realistic_attention_inputs(0, 64)]
+    exact = golden.attention_fp32(*[t.double() if torch.is_tensor(t) and t.is_floating_point() else t
+                                    for t in args], acc=torch.float64)
+    out[f"sparse_attention (64-query chunk): {which('sparse_attention', *args)}"] = _rel(ops.sparse_attention(*args),
+                                                                                        exact)
     return out
+
+
+def _rel(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.double() - exact).norm() / exact.norm()).item()
 
 
 def _step_logits(dec: Dsv4Decoder, forced):

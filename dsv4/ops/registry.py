@@ -77,6 +77,16 @@ def dispatch(op: str, twin: Callable) -> Callable:
     return call
 
 
+def which(op: str, *args, **kwargs) -> str:
+    """The name of the implementation that `dsv4.ops.<op>(*args, **kwargs)` would run here ("twin" if no fast one
+    applies): tests and benchmarks assert it, so a fast path that quietly stopped applying cannot pass as tested."""
+    if fast_enabled(op):
+        for name, applies, _ in _FAST.get(op, ()):
+            if applies(*args, **kwargs):
+                return name
+    return "twin"
+
+
 @contextlib.contextmanager
 def reference_only(*ops: str):
     """Run every op (or only `ops`, e.g. "linear", "moe_grouped") through its plain-PyTorch twin inside the block."""

@@ -3,7 +3,8 @@ model's decode shapes: batch 1 / 8 x top-6 = 6 / 48 (row, expert) pairs over 256
 and w2 (K 2048 -> N 4096). Each call is captured in a CUDA graph and replayed with the L2 flushed before every
 replay (`cold_graph_time`); GB/s counts the distinct experts' FP4 bytes and scales once (the floor a decode step
 must read) and "of copy" divides by the measured copy bandwidth. Sweeps block_n x block_g x warps and checks every
-configuration against the twin (relative error <= 1e-5: exact products, fp32 sums in another order).
+configuration against the twin (relative error <= 1e-5: exact products, fp32 sums in another order), and times the
+same pairs sorted through the 16-row grouped GEMM (`ops/triton/fp4_grouped.py`, which the MoE takes from 64 pairs).
 Usage: PYTHONPATH=. python3 scripts/bench/fp4_gemv.py [--out bench/results/h200_fp4_gemv.json]
 """
 
@@ -16,11 +17,12 @@ from dsv4 import ops
 from dsv4.bench.floor import copy_bandwidth
 from dsv4.bench.timing import cold_graph_time
 from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
+from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
 from dsv4.quant import fake_quant_fp8
 
 E, TOP_K = 256, 6
 SHAPES = {"w1/w3": (2048, 4096), "w2": (4096, 2048)}
-CONFIGS = [(bn, bg, nw) for bn in (8, 16, 32) for bg in (8, 16, 32) for nw in (4, 8)]
+CONFIGS = [(bn, bg, nw, pf) for bn in (8, 16, 32) for bg in (16, 32) for nw in (4, 8) for pf in (True, False)]
 
 
 def measure(name: str, N: int, K: int, batch: int, bw: float, flush: torch.Tensor, gen) -> dict:
@@ -32,28 +34,34 @@ def measure(name: str, N: int, K: int, batch: int, bw: float, flush: torch.Tenso
     want = ops.pair_linear.twin(x, ids, w, s, "fp4")
     floor_bytes = ids.unique().numel() * N * (K // 2 + K // 32)
     rows = []
-    for bn, bg, nw in CONFIGS:
+    for bn, bg, nw, pf in CONFIGS:
         if (K // 32) % bg:
             continue
-        fn = lambda bn=bn, bg=bg, nw=nw: fp4_pair_gemv(x, ids, w, s, block_n=bn, block_g=bg, num_warps=nw)  # noqa: E731
+        fn = lambda bn=bn, bg=bg, nw=nw, pf=pf: fp4_pair_gemv(x, ids, w, s, block_n=bn, block_g=bg,  # noqa: E731
+                                                              num_warps=nw, prefetch=pf)
         try:
             err = ((fn().double() - want.double()).norm() / want.double().norm()).item()
             t = cold_graph_time(fn, flush)
         except Exception as e:                 # a configuration that does not compile: report and go on
-            print(f"  {name} bs{batch} bn={bn} bg={bg} warps={nw}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            print(f"  {name} bs{batch} bn={bn} bg={bg} warps={nw} prefetch={pf}: {type(e).__name__}: "
+                  f"{str(e)[:160]}", flush=True)
             continue
-        rows.append({"block_n": bn, "block_g": bg, "num_warps": nw, "us": t * 1e6, "rel_err_vs_twin": err,
+        rows.append({"block_n": bn, "block_g": bg, "num_warps": nw, "prefetch": pf, "us": t * 1e6,
+                     "rel_err_vs_twin": err,
                      "of_copy": floor_bytes / t / bw})
+    eid, order = ids.sort(stable=True)                # the same pairs through the sorted 16-row grouped GEMM
+    xs = x[order].contiguous()
+    grouped_us = cold_graph_time(lambda: fp4_grouped_gemm(xs, eid, w, s), flush) * 1e6
     best = min(rows, key=lambda r: r["us"])
-    default = next(r for r in rows if (r["block_n"], r["block_g"], r["num_warps"]) == (16, 16, 4))
+    default = next(r for r in rows if (r["block_n"], r["block_g"], r["num_warps"], r["prefetch"]) == (16, 32, 4, True))
     bad = [r for r in rows if r["rel_err_vs_twin"] > 1e-5]
     print(f"{name:>6} bs{batch:<2} pairs {ids.numel():>3}: default {default['us']:7.1f} us "
           f"({default['of_copy']:.2f} of copy) | best {best['us']:7.1f} us ({best['of_copy']:.2f}) "
-          f"bn={best['block_n']} bg={best['block_g']} warps={best['num_warps']} | floor "
-          f"{floor_bytes / bw * 1e6:.1f} us | {'MISMATCH in ' + str(len(bad)) if bad else 'all within 1e-5 of twin'}",
+          f"bn={best['block_n']} bg={best['block_g']} warps={best['num_warps']} prefetch={best['prefetch']} | floor "
+          f"{floor_bytes / bw * 1e6:.1f} us | sorted 16-row grouped GEMM {grouped_us:.1f} us | {'MISMATCH in ' + str(len(bad)) if bad else 'all within 1e-5 of twin'}",
           flush=True)
     return {"name": name, "N": N, "K": K, "batch": batch, "pairs": ids.numel(), "floor_bytes": floor_bytes,
-            "default": default, "best": best, "mismatch": bad, "sweep": rows}
+            "default": default, "best": best, "grouped_16_row_us": grouped_us, "mismatch": bad, "sweep": rows}
 
 
 def main() -> None:

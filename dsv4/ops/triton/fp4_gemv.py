@@ -39,7 +39,7 @@ def _e2m1_lane(word, J: tl.constexpr):
 
 @triton.jit
 def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.constexpr, N_SCALES: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr):
     p = tl.program_id(0)
     e = tl.load(ids_ptr + p).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,21 +51,31 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
     at_s = s_ptr + rows[:, None] * N_SCALES + g[None, :]                                     # [N, G] scales
     at_x = x_ptr + p.to(tl.int64) * K + (g[:, None] * 32 + j[None, :] * 8)                   # [G, 4] -> lane 0
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    word = tl.load(at_w, mask=n_ok[:, None, None], other=0)
+    sbyte = tl.load(at_s, mask=n_ok[:, None], other=127)
     for g0 in range(0, N_SCALES, BLOCK_G):                            # N_SCALES is a multiple of BLOCK_G
-        word = tl.load(at_w + g0 * 4, mask=n_ok[:, None, None], other=0)
+        if PREFETCH:        # issue the next step's loads before this step's arithmetic: more bytes in flight
+            more = g0 + BLOCK_G < N_SCALES
+            word_next = tl.load(at_w + (g0 + BLOCK_G) * 4, mask=n_ok[:, None, None] & more, other=0)
+            sbyte_next = tl.load(at_s + g0 + BLOCK_G, mask=n_ok[:, None] & more, other=127)
+        else:
+            word = tl.load(at_w + g0 * 4, mask=n_ok[:, None, None], other=0)
+            sbyte = tl.load(at_s + g0, mask=n_ok[:, None], other=127)
         part = tl.zeros([BLOCK_N, BLOCK_G, 4], dtype=tl.float32)
         for J in tl.static_range(8):
             xj = tl.load(at_x + g0 * 32 + J).to(tl.float32)
             part += _e2m1_lane(word, J) * xj[None, :, :]
-        scale = _e8m0(tl.load(at_s + g0, mask=n_ok[:, None], other=127))
-        acc += tl.sum(part, axis=2) * scale
+        acc += tl.sum(part, axis=2) * _e8m0(sbyte)
+        if PREFETCH:
+            word, sbyte = word_next, sbyte_next
     tl.store(out_ptr + p.to(tl.int64) * N + offs_n, tl.sum(acc, axis=1), mask=n_ok)
 
 
 def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                  block_n: int = 16, block_g: int = 16, num_warps: int = 4) -> torch.Tensor:
+                  block_n: int = 16, block_g: int = 32, num_warps: int = 4, prefetch: bool = True) -> torch.Tensor:
     """x [P, K] (bf16/fp16/fp32), ids [P] expert per row, weight int8 [E, N, K/2], scale e8m0 [E, N, K/32]
-    -> fp32 [P, N]. block_g scale groups (32 elements each) per step: K/32 must be a multiple of it."""
+    -> fp32 [P, N]. block_g scale groups (32 elements each) per step: K/32 must be a multiple of it (K/32 = 64 and
+    128 at Flash's shapes). Defaults: the fastest of scripts/bench/fp4_gemv.py's sweep on the H200."""
     P, K = x.shape
     E, N, half = weight.shape
     if half * 2 != K or K % 32 or tuple(scale.shape) != (E, N, K // 32) or ids.shape != (P,):
@@ -79,5 +89,6 @@ def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scal
     if P:
         grid = (P, triton.cdiv(N, block_n))
         _fp4_pair_gemv[grid](x, ids.contiguous(), weight.view(torch.int32), scale.view(torch.uint8), out, N, K,
-                             half // 4, K // 32, BLOCK_N=block_n, BLOCK_G=block_g, num_warps=num_warps)
+                             half // 4, K // 32, BLOCK_N=block_n, BLOCK_G=block_g, PREFETCH=prefetch,
+                             num_warps=num_warps)
     return out
