@@ -58,7 +58,8 @@ def measure(name: str, N: int, K: int, batch: int, bw: float, flush: torch.Tenso
     print(f"{name:>6} bs{batch:<2} pairs {ids.numel():>3}: default {default['us']:7.1f} us "
           f"({default['of_copy']:.2f} of copy) | best {best['us']:7.1f} us ({best['of_copy']:.2f}) "
           f"bn={best['block_n']} bg={best['block_g']} warps={best['num_warps']} prefetch={best['prefetch']} | floor "
-          f"{floor_bytes / bw * 1e6:.1f} us | sorted 16-row grouped GEMM {grouped_us:.1f} us | {'MISMATCH in ' + str(len(bad)) if bad else 'all within 1e-5 of twin'}",
+          f"{floor_bytes / bw * 1e6:.1f} us | sorted 16-row grouped GEMM {grouped_us:.1f} us | "
+          f"{'MISMATCH in ' + str(len(bad)) if bad else 'all within 1e-5 of twin'}",
           flush=True)
     return {"name": name, "N": N, "K": K, "batch": batch, "pairs": ids.numel(), "floor_bytes": floor_bytes,
             "default": default, "best": best, "grouped_16_row_us": grouped_us, "mismatch": bad, "sweep": rows}
