@@ -4,10 +4,12 @@
 sorted by expert (decode at larger batch, prefill). The twin is `pair_linear`'s (gather + dequantise per row),
 run over fixed-size row chunks so its gathered weights stay bounded; the Triton kernel
 (`ops/triton/fp4_grouped.py`) reads each expert's FP4 weights about once per row block it appears in instead of
-once per row; from 8 rows per expert on average (prefill), the expert-major kernel (`ops/triton/fp4_grouped_prefill.py`)
-decodes each weight tile once per 64-128 rows of its expert instead. Measured on an H200 at the bench model's
-shapes (`scripts/bench/grouped_prefill.py`, bench/results/h200_grouped_prefill.log; K 4096 -> N 2048, 256 experts):
-6144 rows (1k-token prefill) 4.66 -> 2.09 ms, 49152 rows (8k) 27.6 -> 5.40 ms.
+once per row; from one row per expert on average (decode at batch >= 43 with top-6 of 256, prefill), the
+expert-major kernel (`ops/triton/fp4_grouped_prefill.py`) decodes each weight tile once per 64-128 rows of its
+expert instead. Both kernels are bound by the FP4 decode arithmetic, not by bytes, so the one that decodes fewer
+tiles wins. Measured on an H200 at the bench model's shapes (`scripts/bench/grouped_prefill.py`,
+bench/results/h200_grouped_prefill.log; K 4096 -> N 2048, 256 experts): 6144 rows (1k-token prefill) 4.66 -> 2.09
+ms, 49152 rows (8k) 27.6 -> 5.40 ms; at 384 rows (decode batch 64) see h200_grouped_decode.log.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _fp4_applies(x, eid, weight, scale, fmt) -> bool:
             and x.dtype in (torch.bfloat16, torch.float32))
 
 
-_EXPERT_MAJOR_FROM = 8           # mean rows per expert from which the expert-major kernel runs
+_EXPERT_MAJOR_FROM = 1           # mean rows per expert from which the expert-major kernel runs
 
 
 def _fp4_kernel(x, eid, weight, scale, fmt):
