@@ -281,11 +281,11 @@ def _op_effects(model, opts: BenchOptions) -> dict:
     return out
 
 
-@torch.inference_mode()            # as the model runs: the fast paths apply without autograd only
 def _op_errors(dev) -> dict:
     """Each fast op against float64 on fresh random inputs at Flash dimensions: relative error (Frobenius), keyed
-    by the implementation that ran (`ops.registry.which`; before this was checked, these figures were the twins')."""
-    from dsv4.ops.registry import which
+    by the implementation that ran (`ops.registry.which`; before this was checked, these figures were the twins':
+    the fast paths apply without autograd only, so the ops run under inference mode, as in the model)."""
+    from dsv4.ops import golden
     from dsv4.quant import fake_quant_fp8, quant_fp4, quant_fp8
 
     gen = torch.Generator(dev).manual_seed(0)
@@ -293,26 +293,30 @@ def _op_errors(dev) -> dict:
     x = fake_quant_fp8(torch.randn(64, 4096, generator=gen, device=dev), 128).bfloat16()
     w8, s8 = quant_fp8(torch.randn(2048, 4096, generator=gen, device=dev) / 64)
     exact = x.double() @ ops.dequant_weight(w8, s8, "fp8").double().T
-    got = ops.linear(x, w8, s8, "fp8", False)
-    out[f"linear fp8: {which('linear', x, w8, s8, 'fp8', False)}"] = _rel(got, exact)
+    _fast_error(out, "linear fp8", exact, x, w8, s8, "fp8", False)
     ws = [quant_fp4(torch.randn(2048, 4096, generator=gen, device=dev) / 64) for _ in range(4)]
     w4, s4 = torch.stack([w for w, _ in ws]), torch.stack([s for _, s in ws])
     ids = torch.randint(0, 4, (64,), generator=gen, device=dev)
     exact = torch.einsum("pk,pnk->pn", x.double(), torch.stack([ops.dequant_weight(w4[i], s4[i], "fp4").double()
                                                                 for i in ids.tolist()]))
-    got = ops.pair_linear(x, ids, w4, s4, "fp4")
-    out[f"pair_linear fp4: {which('pair_linear', x, ids, w4, s4, 'fp4')}"] = _rel(got, exact)
+    _fast_error(out, "pair_linear fp4", exact, x, ids, w4, s4, "fp4")
     eid, order = ids.sort(stable=True)
-    got = ops.grouped_linear(x[order], eid, w4, s4, "fp4")
-    out[f"grouped_linear fp4: {which('grouped_linear', x[order], eid, w4, s4, 'fp4')}"] = _rel(got, exact[order])
-    from dsv4.ops import golden
-
+    _fast_error(out, "grouped_linear fp4", exact[order], x[order], eid, w4, s4, "fp4")
     args = [t.to(dev) if torch.is_tensor(t) else t for t in golden.realistic_attention_inputs(0, 64)]
     exact = golden.attention_fp32(*[t.double() if torch.is_tensor(t) and t.is_floating_point() else t
                                     for t in args], acc=torch.float64)
-    out[f"sparse_attention (64-query chunk): {which('sparse_attention', *args)}"] = _rel(ops.sparse_attention(*args),
-                                                                                        exact)
+    _fast_error(out, "sparse_attention (64-query chunk)", exact, *args)
     return out
+
+
+def _fast_error(out: dict, label: str, exact: torch.Tensor, *args) -> None:
+    """out["<label>: <implementation>"] = relative error of ops.<op>(*args) (op: label's first word)."""
+    from dsv4.ops.registry import which
+
+    op = label.split()[0]
+    with torch.inference_mode():
+        got = getattr(ops, op)(*args)
+        out[f"{label}: {which(op, *args)}"] = _rel(got, exact)
 
 
 def _rel(got: torch.Tensor, exact: torch.Tensor) -> float:
