@@ -5,7 +5,7 @@ Decode: the fixed-shape step, compiled as the bench compiles it, run without gra
 torch.profiler; the captured step's time is measured beside it. Comparing the sum of kernel times per step with the
 captured step's time separates kernel time from launch gaps. Prefill: one 1k-token prefill (the dispatched path).
 Prints, per run, the kernels grouped by name (count per step, microseconds per step, share), the number of kernels
-and their total time per step.
+and their total time per step; for prefill also the GPU time per module class (forward hooks with CUDA events).
 Usage: PYTHONPATH=. python3 scripts/bench/profile_step.py [--batches 1 64] [--prefill 1024] [--out PATH]
 """
 
@@ -49,6 +49,36 @@ def kernels(fn, calls: int, stacks: bool = False) -> dict:
     return out
 
 
+def module_times(model, fn) -> dict:
+    """GPU milliseconds of one call of fn per module class (inclusive of children), from CUDA events recorded by
+    forward hooks around every module call; the same stream runs everything, so an event pair spans exactly the
+    work launched inside the module. Block-level work outside attention and MoE (mHC, norms) is `Block` minus the
+    two. Eager code only (a captured or compiled step has no module calls)."""
+    spans, handles = [], []
+    for module in model.modules():
+        def pre(mod, args, kwargs):
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            mod._dsv4_starts = [*getattr(mod, "_dsv4_starts", []), start]
+
+        def post(mod, args, kwargs, out):
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            spans.append((type(mod).__name__, mod._dsv4_starts.pop(), end))
+        handles += [module.register_forward_pre_hook(pre, with_kwargs=True),
+                    module.register_forward_hook(post, with_kwargs=True)]
+    try:
+        fn()
+        torch.cuda.synchronize()
+    finally:
+        for h in handles:
+            h.remove()
+    total = defaultdict(float)
+    for name, start, end in spans:
+        total[name] += start.elapsed_time(end)
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
 def show(title: str, res: dict, wall_ms: float | None) -> None:
     total = max(res["kernel_us_per_call"], 1e-9)
     wall = f", captured step {wall_ms:.3f} ms" if wall_ms else ""
@@ -85,6 +115,11 @@ def main() -> None:
         show(f"prefill {n}", res, None)
         if args.stacks:
             print(res["by_call_site"])
+        res["ms_by_module_class"] = module_times(model, dsv4_prefill(model, n, 8192, 0))
+        print(f"=== prefill {n}: GPU ms per module class (inclusive of children; Block - Attention - MoE = mHC "
+              f"and norms)")
+        for name, ms in res["ms_by_module_class"].items():
+            print(f"{ms:9.2f} ms  {name}")
         out[f"prefill_{n}"] = res
     if args.out:
         with open(args.out, "w") as f:
