@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import triton
-from grouped_prefill import CONFIGS, K  # this directory is on sys.path when run as a script
+from grouped_prefill import CONFIGS, PACKED_CONFIGS, K  # this directory is on sys.path when run as a script
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -47,13 +47,18 @@ def main() -> None:
            "N": "i32", "K": "i32"}
     consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_B": 64, "IEEE": False}
     print(f"{'fp4_grouped_gemm bm=16 bn=64 warps=4':<50} {usage(compiled(_fp4_grouped_gemm, old, consts, 8, 4))}")
-    new = {"x_ptr": "*bf16", "offs_ptr": "*i32", "w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32",
-           "K": "i32"}
+    new = {"x_ptr": "*bf16", "xh_ptr": "*fp16", "xs_ptr": "*fp32", "offs_ptr": "*i32", "w_ptr": "*i8",
+           "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32", "K": "i32"}
     for bm, bn, nw, gs, join in CONFIGS:
         consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": 64, "IEEE": False,
-                  "GROUP_SCALES": gs, "JOIN": join}
+                  "GROUP_SCALES": gs, "JOIN": join, "PACKED": False, "ASM": False}
         name = f"prefill bm={bm} bn={bn} warps={nw}{' group_scales' if gs else ''}{' join' if join else ''}"
-        print(f"{name:<50} {usage(compiled(_fp4_grouped_prefill, new, consts, 7, nw))}", flush=True)
+        print(f"{name:<50} {usage(compiled(_fp4_grouped_prefill, new, consts, 9, nw))}", flush=True)
+    for bm, bn, nw in PACKED_CONFIGS:
+        consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": 64, "IEEE": False,
+                  "GROUP_SCALES": True, "JOIN": True, "PACKED": True, "ASM": True}
+        name = f"prefill PACKED bm={bm} bn={bn} warps={nw}"
+        print(f"{name:<50} {usage(compiled(_fp4_grouped_prefill, new, consts, 9, nw))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,11 @@ _WORD_TO_F32 = tl.constexpr(
 _BYTES_TO_F16_LO, _BYTES_TO_F16_HI = (
     tl.constexpr("{ .reg .b32 m, s, a, b; " + _half2_ptx("a", "$2", j) + " " + _half2_ptx("b", "$2", j + 2)
                  + " prmt.b32 $0, a, b, 0x5410; prmt.b32 $1, a, b, 0x7632; }") for j in (0, 1))
+# The same, each fp16x2 output then multiplied by fp16x2 factors (pack=4: $2 = the bytes, $3 / $4 = factors 0-1 / 2-3).
+_BYTES_TO_F16_MUL_LO, _BYTES_TO_F16_MUL_HI = (
+    tl.constexpr("{ .reg .b32 m, s, a, b; " + _half2_ptx("a", "$2", j) + " " + _half2_ptx("b", "$2", j + 2)
+                 + " prmt.b32 m, a, b, 0x5410; prmt.b32 s, a, b, 0x7632; mul.rn.f16x2 $0, m, $3;"
+                 " mul.rn.f16x2 $1, s, $4; }") for j in (0, 1))
 # Four bytes -> e4m3 (value * 2^-6) of their low / high nibbles, one register in, one out.
 _BYTES_TO_E4M3_LO = tl.constexpr("{ .reg .b32 m, s; shl.b32 m, $1, 2; shl.b32 s, $1, 4; "
                                  "and.b32 m, m, 0x1C1C1C1C; and.b32 s, s, 0x80808080; or.b32 $0, m, s; }")
@@ -93,6 +98,17 @@ def e2m1_byte_f16(byte, HIGH: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
+def e2m1_byte_f16_mul(byte, factor, HIGH: tl.constexpr, PACKED: tl.constexpr):
+    """`e2m1_byte_f16(byte, HIGH) * factor` (fp16 factor of the same shape), the multiply on fp16x2 pairs in the
+    asm; exact when the products are fp16 numbers (powers of two within range: the caller's bound)."""
+    if PACKED:
+        asm: tl.constexpr = _BYTES_TO_F16_MUL_HI if HIGH else _BYTES_TO_F16_MUL_LO
+        return tl.inline_asm_elementwise(asm, "=r,=r,r,r,r", [byte, factor], dtype=tl.float16, is_pure=True,
+                                         pack=4)
+    return e2m1_byte_f16(byte, HIGH, False) * factor
+
+
+@triton.jit
 def e2m1_byte_e4m3(byte, HIGH: tl.constexpr, PACKED: tl.constexpr):
     """int8/uint8 packed bytes -> float8e4nv of the low or high nibble, value * 2^-6, same shape (4 per op)."""
     if PACKED:
@@ -103,9 +119,10 @@ def e2m1_byte_e4m3(byte, HIGH: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _decode_probe(w_ptr, f32_ptr, f16_ptr, e4m3_ptr, N_WORDS: tl.constexpr, PACKED: tl.constexpr):
-    """Every helper over N_WORDS int32 words: f32 [N_WORDS, 8] (element order), f16 and e4m3 [N_WORDS, 8] (the
-    word's bytes' low nibbles in columns 0-3 and high nibbles in 4-7: elements 0, 2, 4, 6, 1, 3, 5, 7)."""
+def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, e4m3_ptr, N_WORDS: tl.constexpr, PACKED: tl.constexpr):
+    """Every helper over N_WORDS int32 words: f32 [N_WORDS, 8] (element order), f16, f16mul and e4m3 [N_WORDS, 8]
+    (the word's bytes' low nibbles in columns 0-3 and high nibbles in 4-7: elements 0, 2, 4, 6, 1, 3, 5, 7);
+    f16mul is f16 times 2^((i + c % 4) % 16 - 8) for word i, column c."""
     i = tl.arange(0, N_WORDS)
     word = tl.load(w_ptr + i)
     e0, e1, e2, e3, e4, e5, e6, e7 = e2m1_word_f32(word, PACKED)
@@ -120,18 +137,21 @@ def _decode_probe(w_ptr, f32_ptr, f16_ptr, e4m3_ptr, N_WORDS: tl.constexpr, PACK
     tl.store(at + 7, e7)
     b = tl.arange(0, 4)
     byte = tl.load(w_ptr.to(tl.pointer_type(tl.uint8)) + i[:, None] * 4 + b[None, :])     # [N_WORDS, 4]
+    factor = (((i[:, None] + b[None, :]) % 16 + 7) << 10).to(tl.int16).to(tl.float16, bitcast=True)
     for HIGH in tl.static_range(2):
         tl.store(f16_ptr + i[:, None] * 8 + 4 * HIGH + b[None, :], e2m1_byte_f16(byte, HIGH, PACKED))
+        tl.store(f16mul_ptr + i[:, None] * 8 + 4 * HIGH + b[None, :], e2m1_byte_f16_mul(byte, factor, HIGH, PACKED))
         tl.store(e4m3_ptr + i[:, None] * 8 + 4 * HIGH + b[None, :], e2m1_byte_e4m3(byte, HIGH, PACKED))
 
 
-def decode_probe(words: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int32 words [n] (n a power of two) -> `_decode_probe`'s (f32, f16, e4m3) [n, 8] (see its docstring)."""
+def decode_probe(words: torch.Tensor, packed: bool) -> tuple[torch.Tensor, ...]:
+    """int32 words [n] (n a power of two) -> `_decode_probe`'s (f32, f16, f16mul, e4m3) [n, 8] (its docstring)."""
     n = words.numel()
     if words.dtype != torch.int32 or n & (n - 1):
         raise ValueError(f"decode_probe: want a power-of-two count of int32 words, got {words.dtype} [{n}]")
     f32 = torch.empty(n, 8, dtype=torch.float32, device=words.device)
     f16 = torch.empty(n, 8, dtype=torch.float16, device=words.device)
+    f16mul = torch.empty_like(f16)
     e4m3 = torch.empty(n, 8, dtype=torch.float8_e4m3fn, device=words.device)
-    _decode_probe[(1,)](words.contiguous(), f32, f16, e4m3, N_WORDS=n, PACKED=packed)
-    return f32, f16, e4m3
+    _decode_probe[(1,)](words.contiguous(), f32, f16, f16mul, e4m3, N_WORDS=n, PACKED=packed)
+    return f32, f16, f16mul, e4m3
