@@ -220,3 +220,29 @@ def test_fp16_blocks_are_exact_on_the_fp8_grid():
     y = torch.randn(4, 128, generator=gen)
     yh, t = prefill.fp16_blocks(y)
     assert not torch.equal(yh.float() * t[:, :, None].view(4, 1), y)
+
+
+def test_packed_decode_is_opt_in_through_the_environment(monkeypatch):
+    """The dispatched FP4 kernels get packed=False unless DSV4_FP4_PACKED=1 (the default is the measured kernel);
+    other values raise. Spies stand in for the kernels (CPU)."""
+    import importlib
+
+    grouped_linear = importlib.import_module("dsv4.ops.grouped_linear")     # (dsv4.ops.grouped_linear: the op)
+    moe_pairs = importlib.import_module("dsv4.ops.moe_pairs")
+    seen = []
+    spy = lambda *args, **kw: seen.append(kw["packed"]) or torch.zeros(args[0].shape[0], args[2].shape[1])  # noqa: E731
+    monkeypatch.setattr(gemv, "fp4_pair_gemv", spy)
+    monkeypatch.setattr(prefill, "fp4_grouped_gemm_prefill", spy)
+    x, ids = torch.zeros(2, 128), torch.zeros(2, dtype=torch.long)
+    w, s = torch.zeros(1, 8, 64, dtype=torch.int8), torch.zeros(1, 8, 4, dtype=torch.uint8)
+    for env, want in ((None, False), ("0", False), ("1", True)):
+        if env is None:
+            monkeypatch.delenv("DSV4_FP4_PACKED", raising=False)
+        else:
+            monkeypatch.setenv("DSV4_FP4_PACKED", env)
+        moe_pairs._fp4_pair_gemv(x, ids, w, s)
+        grouped_linear._fp4_grouped_gemm_prefill(x, ids, w, s)
+        assert seen[-2:] == [want, want], env
+    monkeypatch.setenv("DSV4_FP4_PACKED", "yes")
+    with pytest.raises(ValueError, match="DSV4_FP4_PACKED"):
+        moe_pairs._fp4_pair_gemv(x, ids, w, s)

@@ -21,6 +21,8 @@ which does not matter for an elementwise map.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -155,3 +157,12 @@ def decode_probe(words: torch.Tensor, packed: bool) -> tuple[torch.Tensor, ...]:
     e4m3 = torch.empty(n, 8, dtype=torch.float8_e4m3fn, device=words.device)
     _decode_probe[(1,)](words.contiguous(), f32, f16, f16mul, e4m3, N_WORDS=n, PACKED=packed)
     return f32, f16, f16mul, e4m3
+
+
+def packed_from_env() -> bool:
+    """DSV4_FP4_PACKED=1 turns the packed decode on in the dispatched FP4 kernels (the pair GEMV and the
+    expert-major grouped GEMM): an opt-in for measuring it end to end (`dsv4 bench`); unset or 0: off."""
+    value = os.environ.get("DSV4_FP4_PACKED", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"DSV4_FP4_PACKED must be 0 or 1, got {value!r}")
+    return value == "1"
