@@ -53,6 +53,11 @@ _BYTES_TO_F16_MUL_LO, _BYTES_TO_F16_MUL_HI = (
     tl.constexpr("{ .reg .b32 m, s, a, b; " + _half2_ptx("a", "$2", j) + " " + _half2_ptx("b", "$2", j + 2)
                  + " prmt.b32 m, a, b, 0x5410; prmt.b32 s, a, b, 0x7632; mul.rn.f16x2 $0, m, $3;"
                  " mul.rn.f16x2 $1, s, $4; }") for j in (0, 1))
+# Pairs: four bytes (b0, b0, b1, b1) (pack=4 over `tl.join(byte, byte)`) -> fp16x2 (lo, hi) of b0 and of b1, each
+# times an fp16x2 factor ($3, $4): the word formula for j = 0 gives (lo b0, lo b1), for j = 3 (hi b0, hi b1).
+_PAIRS_TO_F16_MUL = tl.constexpr(
+    "{ .reg .b32 m, s, a, b; " + _half2_ptx("a", "$2", 0) + " " + _half2_ptx("b", "$2", 3)
+    + " prmt.b32 m, a, b, 0x5410; prmt.b32 s, a, b, 0x7632; mul.rn.f16x2 $0, m, $3; mul.rn.f16x2 $1, s, $4; }")
 # Four bytes -> e4m3 (value * 2^-6) of their low / high nibbles, one register in, one out.
 _BYTES_TO_E4M3_LO = tl.constexpr("{ .reg .b32 m, s; shl.b32 m, $1, 2; shl.b32 s, $1, 4; "
                                  "and.b32 m, m, 0x1C1C1C1C; and.b32 s, s, 0x80808080; or.b32 $0, m, s; }")
@@ -111,6 +116,16 @@ def e2m1_byte_f16_mul(byte, factor, HIGH: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
+def e2m1_pair_f16_mul(byte, factor, PACKED: tl.constexpr):
+    """int8/uint8 packed bytes [...] and fp16 factors [...] -> fp16 [..., 2]: (low, high) nibble of each byte, value
+    * 2^-14 * factor, K-interleaved as a dot operand wants it (elements 2i, 2i + 1 adjacent in a register)."""
+    if PACKED:
+        return tl.inline_asm_elementwise(_PAIRS_TO_F16_MUL, "=r,=r,r,r,r", [tl.join(byte, byte),
+                                         tl.join(factor, factor)], dtype=tl.float16, is_pure=True, pack=4)
+    return tl.join(e2m1_byte_f16(byte, False, False) * factor, e2m1_byte_f16(byte, True, False) * factor)
+
+
+@triton.jit
 def e2m1_byte_e4m3(byte, HIGH: tl.constexpr, PACKED: tl.constexpr):
     """int8/uint8 packed bytes -> float8e4nv of the low or high nibble, value * 2^-6, same shape (4 per op)."""
     if PACKED:
@@ -121,10 +136,11 @@ def e2m1_byte_e4m3(byte, HIGH: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, e4m3_ptr, N_WORDS: tl.constexpr, PACKED: tl.constexpr):
-    """Every helper over N_WORDS int32 words: f32 [N_WORDS, 8] (element order), f16, f16mul and e4m3 [N_WORDS, 8]
-    (the word's bytes' low nibbles in columns 0-3 and high nibbles in 4-7: elements 0, 2, 4, 6, 1, 3, 5, 7);
-    f16mul is f16 times 2^((i + c % 4) % 16 - 8) for word i, column c."""
+def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, pair_ptr, e4m3_ptr, N_WORDS: tl.constexpr,
+                  PACKED: tl.constexpr):
+    """Every helper over N_WORDS int32 words: f32 and pair [N_WORDS, 8] (element order), f16, f16mul and e4m3
+    [N_WORDS, 8] (the word's bytes' low nibbles in columns 0-3 and high nibbles in 4-7: elements 0, 2, 4, 6, 1, 3,
+    5, 7); f16mul is f16 times 2^((i + c % 4) % 16 - 8) for word i, column c, pair the same factors per byte."""
     i = tl.arange(0, N_WORDS)
     word = tl.load(w_ptr + i)
     e0, e1, e2, e3, e4, e5, e6, e7 = e2m1_word_f32(word, PACKED)
@@ -140,6 +156,8 @@ def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, e4m3_ptr, N_WORDS: tl.con
     b = tl.arange(0, 4)
     byte = tl.load(w_ptr.to(tl.pointer_type(tl.uint8)) + i[:, None] * 4 + b[None, :])     # [N_WORDS, 4]
     factor = (((i[:, None] + b[None, :]) % 16 + 7) << 10).to(tl.int16).to(tl.float16, bitcast=True)
+    at_pair = pair_ptr + i[:, None, None] * 8 + b[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    tl.store(at_pair, e2m1_pair_f16_mul(byte, factor, PACKED))
     for HIGH in tl.static_range(2):
         tl.store(f16_ptr + i[:, None] * 8 + 4 * HIGH + b[None, :], e2m1_byte_f16(byte, HIGH, PACKED))
         tl.store(f16mul_ptr + i[:, None] * 8 + 4 * HIGH + b[None, :], e2m1_byte_f16_mul(byte, factor, HIGH, PACKED))
@@ -147,16 +165,16 @@ def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, e4m3_ptr, N_WORDS: tl.con
 
 
 def decode_probe(words: torch.Tensor, packed: bool) -> tuple[torch.Tensor, ...]:
-    """int32 words [n] (n a power of two) -> `_decode_probe`'s (f32, f16, f16mul, e4m3) [n, 8] (its docstring)."""
+    """int32 words [n] (n a power of two) -> `_decode_probe`'s (f32, f16, f16mul, pair, e4m3) [n, 8]."""
     n = words.numel()
     if words.dtype != torch.int32 or n & (n - 1):
         raise ValueError(f"decode_probe: want a power-of-two count of int32 words, got {words.dtype} [{n}]")
     f32 = torch.empty(n, 8, dtype=torch.float32, device=words.device)
     f16 = torch.empty(n, 8, dtype=torch.float16, device=words.device)
-    f16mul = torch.empty_like(f16)
+    f16mul, pair = torch.empty_like(f16), torch.empty_like(f16)
     e4m3 = torch.empty(n, 8, dtype=torch.float8_e4m3fn, device=words.device)
-    _decode_probe[(1,)](words.contiguous(), f32, f16, f16mul, e4m3, N_WORDS=n, PACKED=packed)
-    return f32, f16, f16mul, e4m3
+    _decode_probe[(1,)](words.contiguous(), f32, f16, f16mul, pair, e4m3, N_WORDS=n, PACKED=packed)
+    return f32, f16, f16mul, pair, e4m3
 
 
 def packed_from_env() -> bool:

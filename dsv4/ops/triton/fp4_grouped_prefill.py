@@ -30,13 +30,14 @@ Dispatched from one row per expert (`ops/grouped_linear.py`). Still slower than 
 so the decode arithmetic (and the layout shuffles into the dot operands), not memory, bounds them.
 
 `packed` (off by default until measured): fp16 tensor-core dots over the packed decode (`ops/triton/fp4_decode.py`:
-four codes per shift + mask pair, the e8m0 scales folded in by one fp16x2 multiply per two codes). x is split by
-`fp16_blocks` into fp16 x / s and a power of two s per row and 128-K block (exact for the FP8-grid rows the MoE
-feeds); each 128-K block's dot is scaled by s and by the weight row's largest scale of the block, exact while a
-block's four scales span <= 24 binades, and a program whose weights span more runs the default decode instead
-(`_scales_too_wide`). SASS for sm_90 in the K loop, per weight element (offline, K 4096 -> N 2048, num_stages 3):
-16-row tiles x 64 (4 warps) 15.4 -> 6.1 instructions, 64 x 64 (8 warps) 16.6 -> 9.6 (of which ~1 rescales the
-accumulator per block and ~0.5 packs the decoded pairs into the dot operand). Not measured on a GPU yet.
+each byte's two codes placed as one fp16x2 dot-operand pair, four codes per shift + mask pair, the e8m0 scales
+folded in by one fp16x2 multiply per two codes). x is split by `fp16_blocks` into fp16 x / s and a power of two s
+per row and 128-K block (exact for the FP8-grid rows the MoE feeds); each 128-K block's dot is scaled by s and by
+the weight row's largest scale of the block, exact while a block's four scales span <= 24 binades; a program
+whose weights span more runs the default decode instead (`_scales_too_wide`). SASS for sm_90 in the K loop, per
+weight element (scripts/bench/grouped_prefill_regs.py, offline, K 4096 -> N 2048): 64 x 64 tiles (8 warps, the
+dispatched config) 16.6 -> 9.3 instructions, 128 x 128 15.2 -> 8.3, 16 x 64 (4 warps, for decode batch 64)
+14.9 -> 5.8 (~1 of them rescales the accumulator per block at 64 rows). Not measured on a GPU yet.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.triton.fp4_decode import e2m1_byte_f16_mul
+from dsv4.ops.triton.fp4_decode import e2m1_pair_f16_mul
 from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, check_grouped
 
 _MAX_SPREAD = tl.constexpr(24)                         # scale exponents a 128-K block may span on the fast path
@@ -129,9 +130,7 @@ def _packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HALF: tl.c
     top = tl.max(sb, axis=0)
     factor = ((30 + sb - top[None, :]) << 10).to(tl.int16).to(tl.float16, bitcast=True)    # 2^(15 + t_g - T)
     factor = tl.reshape(tl.broadcast_to(factor[:, None, :], [4, 16, BLOCK_N]), [64, BLOCK_N])
-    w_lo = e2m1_byte_f16_mul(byte, factor, False, ASM)
-    w_hi = e2m1_byte_f16_mul(byte, factor, True, ASM)
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), [128, BLOCK_N])     # K order: row k = 2b + nibble
+    w = tl.reshape(tl.permute(e2m1_pair_f16_mul(byte, factor, ASM), (0, 2, 1)), [128, BLOCK_N])   # row k = 2b + h
     xh = tl.load(xh_row + 2 * b0 + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)
     xs = tl.load(xs_row + b0 // 64, mask=m_ok, other=0.0)                                      # [BLOCK_M]
     return tl.dot(xh, w) * (xs[:, None] * (_e8m0(top) * 0.5)[None, :])
