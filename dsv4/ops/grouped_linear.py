@@ -60,11 +60,12 @@ def _fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
                                                                                  dtype=torch.float32))
 def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor,
                               scale: torch.Tensor) -> torch.Tensor:
+    from dsv4.ops.triton.fp4_decode import packed_from_env
     from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
 
     # The fastest measured tiles: 64 x 64 at 24 rows per expert, 128 x 128 at 192 (both with joined halves).
     tile = 128 if x.shape[0] >= 96 * weight.shape[0] else 64
-    return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=tile, block_n=tile)
+    return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=tile, block_n=tile, packed=packed_from_env())
 
 
 register_triton("grouped_linear", "triton_fp4_grouped_gemm", _fp4_applies, _fp4_kernel)

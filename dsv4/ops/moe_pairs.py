@@ -40,9 +40,10 @@ def _fp4_kernel(x, ids, weight, scale, fmt):
 @custom_op("fp4_pair_gemv", lambda x, ids, weight, scale: x.new_empty(x.shape[0], weight.shape[1],
                                                                          dtype=torch.float32))
 def _fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    from dsv4.ops.triton.fp4_decode import packed_from_env
     from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
 
-    return fp4_pair_gemv(x, ids, weight, scale)
+    return fp4_pair_gemv(x, ids, weight, scale, packed=packed_from_env())
 
 
 register_triton("pair_linear", "triton_fp4_pair_gemv", _fp4_applies, _fp4_kernel)

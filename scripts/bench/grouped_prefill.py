@@ -6,7 +6,9 @@ same experts, at the bench model's prefill shapes: 1k and 8k tokens x top-6 of 2
 Prints median ms and TFLOP/s (2 M N K / t) per kernel and config, each output's relative error (Frobenius) against
 the 16-row-block kernel (the FP4 kernels must agree to 1e-5: same exact products, fp32 sums in another order;
 _grouped_mm's bf16 output is shown for information), and a CUDA-graph capture + replay check of the new kernel.
-The new kernel is called directly: it is not in the default dispatch until this shows it wins.
+The new kernel is called directly: it is not in the default dispatch until this shows it wins. The "PACKED" rows
+are its `packed=True` option (inline-PTX decode of four codes per op, fp16 dots: `ops/triton/fp4_decode.py`);
+`--tokens 64` is the decode batch-64 shape (384 rows).
 Usage: python3 scripts/bench/grouped_prefill.py [--tokens 1024 8192] [--repeats 10] [--json PATH]
 """
 
@@ -29,6 +31,10 @@ CONFIGS = [            # block_m, block_n, num_warps, group_scales, join (num_st
     (128, 64, 8, True, True), (128, 64, 8, False, False), (64, 128, 8, True, True), (128, 128, 8, True, True),
     (128, 128, 8, True, False), (32, 64, 4, True, True), (32, 64, 4, False, False), (64, 64, 4, True, True),
 ]
+# The packed decode with fp16 dots (`packed=True`, block_k 128; group_scales / join do not apply): block_m,
+# block_n, num_warps. 16-row tiles for the decode shape (--tokens 64: 384 rows, ~1.5 per expert).
+PACKED_CONFIGS = [(64, 64, 8), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 64, 4), (16, 64, 4), (16, 128, 4),
+                  (16, 128, 8)]
 FP4_TOL = 1e-5
 
 
@@ -91,6 +97,9 @@ def shape_results(tokens: int, w, s, wb, gen, repeats: int) -> dict:
         fn = partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, group_scales=gs, join=join,
                      num_warps=nw)
         rows.append(timed(name, fn, ref, m, repeats))
+    for bm, bn, nw in PACKED_CONFIGS:
+        fn = partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, packed=True)
+        rows.append(timed(f"prefill PACKED fp16 dots bm={bm} bn={bn} warps={nw}", fn, ref, m, repeats))
     bad = [r["name"] for r in rows[2:] if r.get("rel_err_vs_fp4_grouped_gemm", 0.0) > FP4_TOL]
     graph_err = graph_check(x, eid, w, s)
     print(f"  CUDA graph replay with other ids: rel err {graph_err:.2e}; "

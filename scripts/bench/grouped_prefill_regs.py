@@ -1,5 +1,8 @@
 """Registers, spills and shared memory of the FP4 grouped GEMM kernels per config, compiled offline for sm_90
-(H100/H200) with Triton's bundled ptxas: no GPU needed, so configs can be screened before a GPU session.
+(H100/H200) with Triton's bundled ptxas: no GPU needed, so configs can be screened before a GPU session. Also the
+SASS instructions per weight element of the expert-major kernel's K loop(s) (nvdisasm; the innermost loops that
+hold an MMA, each iteration 128 x block_n weights over num_warps x 32 threads; a packed config also shows its
+default-decode fallback loop).
 The pointer and size arguments get the divisibility-by-16 hint a real launch gives them (K, N, the pointers);
 without it there is no cp.async pipelining and the register counts mean nothing.
 Usage: python3 scripts/bench/grouped_prefill_regs.py
@@ -11,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import triton
-from grouped_prefill import CONFIGS, K  # this directory is on sys.path when run as a script
+from grouped_prefill import CONFIGS, PACKED_CONFIGS, K  # this directory is on sys.path when run as a script
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -35,6 +38,26 @@ def usage(kernel) -> str:
     return f"{regs:>3} regs, spills {spill.group(1)}/{spill.group(2)} B, smem {kernel.metadata.shared // 1024} KiB"
 
 
+def k_loops(kernel, block_n: int, num_warps: int) -> str:
+    """Instructions per weight element of each innermost loop of the kernel's SASS that runs an MMA."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        lines = subprocess.run([str(PTXAS.parent / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\.(L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    per_thread = 128 * block_n / (num_warps * 32)
+    counts = []
+    for start, end in loops:
+        body = lines[start:end + 1]
+        innermost = not any(start < s0 < end for s0, _ in loops)
+        if innermost and any("MMA" in line for line in body):
+            counts.append(sum(bool(re.match(r"\s+/\*[0-9a-f]+\*/\s", line)) for line in body) / per_thread)
+    return "K loop " + " / ".join(f"{c:.2f}" for c in counts) + " instr/weight"
+
+
 def compiled(fn, signature: dict, constants: dict, hinted: int, num_warps: int):
     sig = {**signature, **{k: "constexpr" for k in constants}}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(hinted)}
@@ -47,13 +70,20 @@ def main() -> None:
            "N": "i32", "K": "i32"}
     consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_B": 64, "IEEE": False}
     print(f"{'fp4_grouped_gemm bm=16 bn=64 warps=4':<50} {usage(compiled(_fp4_grouped_gemm, old, consts, 8, 4))}")
-    new = {"x_ptr": "*bf16", "offs_ptr": "*i32", "w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32",
-           "K": "i32"}
+    new = {"x_ptr": "*bf16", "xh_ptr": "*fp16", "xs_ptr": "*fp32", "offs_ptr": "*i32", "w_ptr": "*i8",
+           "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32", "K": "i32"}
     for bm, bn, nw, gs, join in CONFIGS:
         consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": 64, "IEEE": False,
-                  "GROUP_SCALES": gs, "JOIN": join}
+                  "GROUP_SCALES": gs, "JOIN": join, "PACKED": False, "ASM": False}
         name = f"prefill bm={bm} bn={bn} warps={nw}{' group_scales' if gs else ''}{' join' if join else ''}"
-        print(f"{name:<50} {usage(compiled(_fp4_grouped_prefill, new, consts, 7, nw))}", flush=True)
+        kernel = compiled(_fp4_grouped_prefill, new, consts, 9, nw)
+        print(f"{name:<50} {usage(kernel)}, {k_loops(kernel, bn, nw)}", flush=True)
+    for bm, bn, nw in PACKED_CONFIGS:
+        consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": 64, "IEEE": False,
+                  "GROUP_SCALES": True, "JOIN": True, "PACKED": True, "ASM": True}
+        name = f"prefill PACKED bm={bm} bn={bn} warps={nw}"
+        kernel = compiled(_fp4_grouped_prefill, new, consts, 9, nw)
+        print(f"{name:<50} {usage(kernel)}, {k_loops(kernel, bn, nw)}", flush=True)
 
 
 if __name__ == "__main__":
