@@ -209,6 +209,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-compile", action="store_true",
                    help="capture the decode step without torch.compile (faster start, ~2x slower steps)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler tables of decode and prefill")
+    p.add_argument("--timing-only", action="store_true",
+                   help="only the timings (no greedy agreement, per-op effects or op errors): for quick A/B runs, "
+                        "e.g. with and without DSV4_FP4_PACKED=1; the JSON then lacks greedy_agreement")
     p.add_argument("--out", help="write the full results as JSON here (e.g. bench/results/h200.json)")
     p.set_defaults(func=cmd_bench)
 
@@ -219,7 +222,7 @@ def cmd_bench(args) -> int:
     run(BenchOptions(layers=args.layers, context=args.context, decode_batches=args.decode_batches,
                      decode_steps=args.decode_steps, prefill=args.prefill, hf_prefill=args.hf_prefill,
                      transformers=not args.no_transformers, compile=not args.no_compile, profile=args.profile,
-                     out=args.out))
+                     timing_only=args.timing_only, out=args.out))
     return 0
 
 

@@ -47,3 +47,18 @@ def test_hf_model_built_layer_by_layer_runs_the_same_weights(tiny_ckpt):
         got = ours(input_ids=ids).logits.float()
     want = hf_forward(oracle, ids)["logits"]
     assert torch.equal(got, want.to(got.dtype))
+
+
+def test_ratios_and_table_of_a_timing_only_run():
+    """`--timing-only` leaves out the agreement measures: the ratios and the table are still made, without a
+    greedy_agreement key (nothing invented for what was not measured)."""
+    from dsv4.bench.run import BenchOptions, _ratios, table
+
+    t = {"median_s": 2e-3, "floor_s": 5e-4, "tok_per_s": 500.0}
+    res = {"dsv4": {"decode": {1: t, 64: {**t, "median_s": 2e-2, "tok_per_s": 3200.0}},
+                    "prefill": {1024: {"median_s": 0.04}}},
+           "transformers": {"decode": {1: {"median_s": 0.025}}, "prefill": {1024: {"median_s": 0.043}}}}
+    _ratios(res, BenchOptions(timing_only=True))
+    assert res["decode_bs1_floor_ratio"] == 4.0 and res["decode_bs64_over_bs1_throughput"] == 6.4
+    assert abs(res["prefill_1k_speedup_vs_transformers"] - 1.075) < 1e-12 and "greedy_agreement" not in res
+    assert "decode_bs1_speedup_vs_transformers" in table(res) and "greedy_agreement" not in table(res)

@@ -45,7 +45,7 @@ HELP = {
     ("synth",): ["--config", "--out", "--seed", "--layers", "--shard-gb", "'flash', 'pro'"],
     ("check",): ["model", "without loading any weights"],
     ("serve",): ["--max-num-seqs", "--compile-decode", "--port"],
-    ("bench",): ["--decode-batches", "--no-compile", "--no-transformers"],
+    ("bench",): ["--decode-batches", "--no-compile", "--no-transformers", "--timing-only"],
 }
 
 
