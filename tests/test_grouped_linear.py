@@ -247,3 +247,14 @@ def test_prefill_sized_calls_take_the_expert_major_kernel(rows_per_expert, monke
     assert taken == ["_fp4_grouped_gemm_prefill", "_fp4_grouped_gemm"]
     want = ops.grouped_linear.twin(x, eid, w, s, "fp4").double()
     assert ((got.double() - want).norm() / want.norm()).item() <= 1e-5
+
+
+def test_expert_major_tiles_follow_rows_per_expert():
+    """The tile table of the expert-major kernel (see `expert_major_tiles`): 128 x 128 from 96 rows per expert,
+    64 x 64 below; with the packed decode, 16 x 64 (4 warps) below 16 rows per expert."""
+    import importlib
+
+    tiles = importlib.import_module("dsv4.ops.grouped_linear").expert_major_tiles
+    assert tiles(384, 256, False) == tiles(6144, 256, False) == tiles(6144, 256, True) == (64, 64, 8)
+    assert tiles(49152, 256, False) == tiles(49152, 256, True) == (128, 128, 8)
+    assert tiles(384, 256, True) == tiles(4095, 256, True) == (16, 64, 4)
