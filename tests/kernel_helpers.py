@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,3 +21,8 @@ def run_in_interpreter(script: str, where: Path, timeout: int = 600) -> str:
     out = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
+
+
+def interpreted_json(script: str, where: Path) -> dict:
+    """`run_in_interpreter`, for a script whose last line of output is one JSON document of its results."""
+    return json.loads(run_in_interpreter(script, where).strip().splitlines()[-1])

@@ -30,7 +30,7 @@ equal, errs = True, []
 for w, s in [(w, s), (torch.randint(-128, 128, w.shape, dtype=torch.int8, generator=gen),
                       torch.randint(100, 140, s.shape, dtype=torch.uint8, generator=gen).view(s.dtype))]:
     want = ops.pair_linear.twin(x, ids, w, s, 'fp4')
-    for kw in ({'block_g': 4}, {'block_n': 8}, {'block_g': 4, 'prefetch': True}):
+    for kw in ({'block_g': 4}, {'block_n': 8}):
         base = fp4_pair_gemv(x, ids, w, s, **kw)
         for x_lanes in (False, True):
             got = fp4_pair_gemv(x, ids, w, s, packed='twin', x_lanes=x_lanes, **kw)
@@ -42,8 +42,8 @@ print(equal, max(errs))
 
 def test_packed_pair_gemv_twin_in_the_interpreter(tmp_path):
     """packed='twin' (the packed arithmetic in plain Triton), with and without x_lanes, over quantised weights and
-    random bytes (every code, -0 included), N = 40 not a multiple of block_n, block_g cut to K/32, prefetch on and
-    off: equal to the default decode bit for bit, and within 1e-5 of the twin."""
+    random bytes (every code, -0 included), N = 40 not a multiple of block_n, block_g cut to K/32:
+    equal to the default decode bit for bit, and within 1e-5 of the twin."""
     out = run_in_interpreter(_GEMV_CHECK, tmp_path, timeout=300).split()
     assert out[-2] == "True" and float(out[-1]) <= 1e-5, out
 
@@ -75,7 +75,7 @@ def test_packed_pair_gemv_compiles_for_hopper_without_a_gpu():
     for x_lanes in (False, True):
         sig = {"x_ptr": "*fp32" if x_lanes else "*bf16", "ids_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*u8",
                "out_ptr": "*fp32", "N": "i32", "K": "i32"}
-        consts = {"WORDS": 512, "N_SCALES": 128, "BLOCK_N": 16, "BLOCK_G": 32, "PREFETCH": False, "HALF2": True,
+        consts = {"WORDS": 512, "N_SCALES": 128, "BLOCK_N": 16, "BLOCK_G": 32, "HALF2": True,
                   "ASM": True, "X_LANES": x_lanes}
         kernel = _compile_for_hopper(gemv._fp4_pair_gemv, sig, consts, 4)
         assert kernel.asm["cubin"] and "0x0E000E00" in kernel.asm["ptx"], x_lanes

@@ -16,12 +16,11 @@ Tolerances by precision class:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from kernel_helpers import run_in_interpreter
+from kernel_helpers import interpreted_json
 
 import dsv4
 
@@ -141,8 +140,7 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    out = run_in_interpreter(_CHECK, tmp_path_factory.mktemp("fp8_gemv"))
-    return json.loads(out.strip().splitlines()[-1])
+    return interpreted_json(_CHECK, tmp_path_factory.mktemp("fp8_gemv"))
 
 
 def test_e4m3_decode_is_bit_exact_for_every_code(interpreted):

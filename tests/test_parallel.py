@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from dist_helpers import spawned_ranks
 
 from dsv4.config import tiny_config
 from dsv4.dist.sharding import Rule, check_tp, rule
@@ -111,12 +112,7 @@ def _rank(rank: int, world: int, init: str, path: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tp_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ranks")
-    from dsv4.dist.launch import _free_port
-
-    mp.start_processes(_rank, args=(2, f"tcp://127.0.0.1:{_free_port()}", str(tp_ckpt), str(out)), nprocs=2,
-                       start_method="spawn")
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return spawned_ranks(_rank, tp_ckpt, tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.mark.parametrize("quant_emulation", [False, True])

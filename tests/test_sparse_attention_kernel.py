@@ -15,12 +15,11 @@ Tolerances by precision class:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from kernel_helpers import run_in_interpreter
+from kernel_helpers import interpreted_json
 
 import dsv4
 
@@ -88,8 +87,7 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    out = run_in_interpreter(_CHECK, tmp_path_factory.mktemp("sparse_attention"))
-    return json.loads(out.strip().splitlines()[-1])
+    return interpreted_json(_CHECK, tmp_path_factory.mktemp("sparse_attention"))
 
 
 def test_kernel_matches_golden_tiled_and_float64(interpreted):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from dist_helpers import spawned_ranks
 from train_helpers import token_data
 
 import dsv4
@@ -94,12 +94,7 @@ def _ep_rank(rank: int, world: int, init: str, ckpt: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ep_ranks(tiny_ckpt, tmp_path_factory):
-    from dsv4.dist.launch import _free_port
-
-    out = tmp_path_factory.mktemp("ep_ranks")
-    mp.start_processes(_ep_rank, args=(2, f"tcp://127.0.0.1:{_free_port()}", str(tiny_ckpt), str(out)), nprocs=2,
-                       start_method="spawn")
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return spawned_ranks(_ep_rank, tiny_ckpt, tmp_path_factory.mktemp("ep_ranks"))
 
 
 def test_expert_count_must_divide_over_the_processes(tiny_model_fp32):

@@ -66,13 +66,19 @@ def register_triton(op: str, name: str, applies: Callable[..., bool], impl: Call
     register(op, name, applies, impl)
 
 
+def _selected(op: str, args, kwargs) -> tuple[str, Callable] | None:
+    """(name, implementation) of the first fast implementation of `op` that takes this call, or None."""
+    if fast_enabled(op):
+        for name, applies, impl in _FAST.get(op, ()):
+            if applies(*args, **kwargs):
+                return name, impl
+    return None
+
+
 def dispatch(op: str, twin: Callable) -> Callable:
     def call(*args, **kwargs):
-        if fast_enabled(op):
-            for _, applies, impl in _FAST.get(op, ()):
-                if applies(*args, **kwargs):
-                    return impl(*args, **kwargs)
-        return twin(*args, **kwargs)
+        fast = _selected(op, args, kwargs)
+        return (twin if fast is None else fast[1])(*args, **kwargs)
     call.__name__, call.__doc__, call.twin = op, twin.__doc__, twin
     return call
 
@@ -80,11 +86,8 @@ def dispatch(op: str, twin: Callable) -> Callable:
 def which(op: str, *args, **kwargs) -> str:
     """The name of the implementation that `dsv4.ops.<op>(*args, **kwargs)` would run here ("twin" if no fast one
     applies): tests and benchmarks assert it, so a fast path that quietly stopped applying cannot pass as tested."""
-    if fast_enabled(op):
-        for name, applies, _ in _FAST.get(op, ()):
-            if applies(*args, **kwargs):
-                return name
-    return "twin"
+    fast = _selected(op, args, kwargs)
+    return "twin" if fast is None else fast[0]
 
 
 @contextlib.contextmanager

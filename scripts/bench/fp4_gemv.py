@@ -5,7 +5,7 @@ replay (`cold_graph_time`); GB/s counts the distinct experts' FP4 bytes and scal
 must read) and "of copy" divides by the measured copy bandwidth. Sweeps block_n x block_g x warps and checks every
 configuration against the twin (relative error <= 1e-5: exact products, fp32 sums in another order), and times the
 same pairs sorted through the 16-row grouped GEMM (`ops/triton/fp4_grouped.py`, which the MoE takes from 64 pairs).
-Decode modes (`--decode`): "default" (per-lane bit placement, with and without prefetch; always run), "packed"
+Decode modes (`--decode`): "default" (per-lane bit placement; always run), "packed"
 (inline-PTX fp16x2 placement, `ops/triton/fp4_decode.py`) and "packed_x_lanes" (also x as fp32 [P, 8, K/8]; the
 timed call includes that copy). Each mode's best config is printed; the packed modes must equal the default bit
 for bit.
@@ -28,7 +28,7 @@ from dsv4.quant import fake_quant_fp8
 E, TOP_K = 256, 6
 SHAPES = {"w1/w3": (2048, 4096), "w2": (4096, 2048)}
 TILES = [(bn, bg, nw) for bn in (8, 16, 32) for bg in (16, 32) for nw in (4, 8)]
-DECODES = {"default": [dict(prefetch=True), dict(prefetch=False)], "packed": [dict(packed=True)],
+DECODES = {"default": [{}], "packed": [dict(packed=True)],
            "packed_x_lanes": [dict(packed=True, x_lanes=True)]}
 
 
@@ -61,8 +61,8 @@ def measure(name: str, N: int, K: int, batch: int, bw: float, flush: torch.Tenso
     eid, order = ids.sort(stable=True)                # the same pairs through the sorted 16-row grouped GEMM
     xs = x[order].contiguous()
     grouped_us = cold_graph_time(lambda: fp4_grouped_gemm(xs, eid, w, s), flush) * 1e6
-    default = next(r for r in rows if (r["decode"], r["block_n"], r["block_g"], r["num_warps"], r.get("prefetch"))
-                   == ("default", 16, 32, 4, False))
+    default = next(r for r in rows if (r["decode"], r["block_n"], r["block_g"], r["num_warps"])
+                   == ("default", 16, 32, 4))
     bad = [r for r in rows if r["rel_err_vs_twin"] > 1e-5 or not r["equal_to_default"]]
     best = {m: min((r for r in rows if r["decode"] == m), key=lambda r: r["us"]) for m in decodes}
     print(f"{name:>6} bs{batch:<2} pairs {ids.numel():>3}: floor {floor_bytes / bw * 1e6:.1f} us | default config "
@@ -71,7 +71,7 @@ def measure(name: str, N: int, K: int, batch: int, bw: float, flush: torch.Tenso
           flush=True)
     for m, r in best.items():
         print(f"{'':>8} best {m:<15} {r['us']:7.1f} us ({r['of_copy']:.2f} of copy) bn={r['block_n']} "
-              f"bg={r['block_g']} warps={r['num_warps']}{' prefetch' if r.get('prefetch') else ''}", flush=True)
+              f"bg={r['block_g']} warps={r['num_warps']}", flush=True)
     return {"name": name, "N": N, "K": K, "batch": batch, "pairs": ids.numel(), "floor_bytes": floor_bytes,
             "default": default, "best": best, "grouped_16_row_us": grouped_us, "mismatch": bad, "sweep": rows}
 

@@ -27,7 +27,7 @@ K = 4096                                     # w1/w3 at Flash's shape (w2: K 204
 
 def sass(block_n: int, block_g: int, num_warps: int, packed: bool, x_lanes: bool = False) -> tuple[str, str]:
     """(SASS text, ptxas -v summary) of the kernel for this config."""
-    cs = {"WORDS": K // 8, "N_SCALES": K // 32, "BLOCK_N": block_n, "BLOCK_G": block_g, "PREFETCH": False,
+    cs = {"WORDS": K // 8, "N_SCALES": K // 32, "BLOCK_N": block_n, "BLOCK_G": block_g,
           "HALF2": packed, "ASM": packed, "X_LANES": x_lanes}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}         # what a real launch tells the compiler
     sig = {**SIG, "x_ptr": "*fp32"} if x_lanes else SIG

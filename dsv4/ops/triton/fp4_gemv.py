@@ -81,7 +81,7 @@ def _half2_part(word, at_x, XJ: tl.constexpr, ASM: tl.constexpr, X_LANES: tl.con
 
 @triton.jit
 def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.constexpr, N_SCALES: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, HALF2: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HALF2: tl.constexpr,
                    ASM: tl.constexpr, X_LANES: tl.constexpr):
     p = tl.program_id(0)
     e = tl.load(ids_ptr + p).to(tl.int64)
@@ -95,16 +95,9 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
     XW: tl.constexpr = 1 if X_LANES else 8            # x's stride between words (X_LANES: [P, 8, K/8], see below)
     at_x = x_ptr + p.to(tl.int64) * K + (g[:, None] * 4 + j[None, :]) * XW                   # [G, 4] -> lane 0
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
-    word = tl.load(at_w, mask=n_ok[:, None, None], other=0)
-    sbyte = tl.load(at_s, mask=n_ok[:, None], other=127)
     for g0 in range(0, N_SCALES, BLOCK_G):                            # N_SCALES is a multiple of BLOCK_G
-        if PREFETCH:        # issue the next step's loads before this step's arithmetic: more bytes in flight
-            more = g0 + BLOCK_G < N_SCALES
-            word_next = tl.load(at_w + (g0 + BLOCK_G) * 4, mask=n_ok[:, None, None] & more, other=0)
-            sbyte_next = tl.load(at_s + g0 + BLOCK_G, mask=n_ok[:, None] & more, other=127)
-        else:
-            word = tl.load(at_w + g0 * 4, mask=n_ok[:, None, None], other=0)
-            sbyte = tl.load(at_s + g0, mask=n_ok[:, None], other=127)
+        word = tl.load(at_w + g0 * 4, mask=n_ok[:, None, None], other=0)
+        sbyte = tl.load(at_s + g0, mask=n_ok[:, None], other=127)
         if HALF2:           # packed decode: the values times 2^-14, restored once per 32 elements with the scale
             part = _half2_part(word, at_x + g0 * 4 * XW, WORDS if X_LANES else 1, ASM, X_LANES)
             acc += (tl.sum(part, axis=2) * _TWO_POW_14) * _e8m0(sbyte)
@@ -114,24 +107,22 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
                 xj = tl.load(at_x + g0 * 32 + J).to(tl.float32)
                 part += _e2m1_lane(word, J) * xj[None, :, :]
             acc += tl.sum(part, axis=2) * _e8m0(sbyte)
-        if PREFETCH:
-            word, sbyte = word_next, sbyte_next
     tl.store(out_ptr + p.to(tl.int64) * N + offs_n, tl.sum(acc, axis=1), mask=n_ok)
 
 
 def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                  block_n: int = 16, block_g: int = 32, num_warps: int = 4, prefetch: bool = False,
+                  block_n: int = 16, block_g: int = 32, num_warps: int = 4,
                   packed: bool | str = False, x_lanes: bool = False) -> torch.Tensor:
     """x [P, K] (bf16/fp16/fp32), ids [P] expert per row, weight int8 [E, N, K/2], scale e8m0 [E, N, K/32]
     -> fp32 [P, N]. block_g scale groups (32 elements each) per step, at most the largest power of two dividing
     K/32 (64 and 128 at Flash's shapes). Defaults: the fastest of scripts/bench/fp4_gemv.py's sweep on the H200
-    (bench/results/h200_fp4_gemv.log: 25-26 us per call at batch 1, 0.25 of the copy bandwidth; issuing the next
-    step's loads early, `prefetch`, measured no faster). `packed` (off until measured): True decodes eight codes
-    per word through fp16x2 bit placement in inline PTX (`ops/triton/fp4_decode.py`; CUDA only), "twin" runs the
-    same arithmetic in plain Triton (the interpreter's check of it); both equal the default decode bit for bit
-    unless a product |x * value| falls below 2^-112. `x_lanes` (with `packed` only) first copies x to fp32
-    [P, 8, K/8] (x[p, 8i + J] at [p, J, i]: one small extra kernel) so the kernel loads each thread's x columns
-    in the weights' layout, with no conversions and no shuffle through shared memory."""
+    (bench/results/h200_fp4_gemv.log: 25-26 us per call at batch 1, 0.25 of the copy bandwidth; issuing
+    the next step's loads early measured no faster, so that option is gone). `packed` (off until measured): True
+    decodes eight codes per word through fp16x2 bit placement in inline PTX (`ops/triton/fp4_decode.py`; CUDA
+    only), "twin" runs the same arithmetic in plain Triton (the interpreter's check of it); both equal the default
+    decode bit for bit unless a product |x * value| falls below 2^-112. `x_lanes` (with `packed` only) first copies
+    x to fp32 [P, 8, K/8] (x[p, 8i + J] at [p, J, i]: one small extra kernel) so the kernel loads each thread's x
+    columns in the weights' layout, with no conversions and no shuffle through shared memory."""
     P, K = x.shape
     E, N, half = weight.shape
     if half * 2 != K or K % 32 or tuple(scale.shape) != (E, N, K // 32) or ids.shape != (P,):
@@ -152,7 +143,7 @@ def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scal
         grid = (P, triton.cdiv(N, block_n))
         xk = x.float().view(P, K // 8, 8).transpose(1, 2).contiguous() if x_lanes else x
         _fp4_pair_gemv[grid](xk, ids.contiguous(), weight.view(torch.int32), scale.view(torch.uint8), out, N, K,
-                             half // 4, K // 32, BLOCK_N=block_n, BLOCK_G=block_g, PREFETCH=prefetch,
+                             half // 4, K // 32, BLOCK_N=block_n, BLOCK_G=block_g,
                              HALF2=packed is not False, ASM=packed is True, X_LANES=x_lanes,
                              num_warps=num_warps)
     return out
