@@ -118,3 +118,23 @@ def test_a_reused_slot_starts_clean(model):
         state.reset_slot(0)
         h = model.step(torch.tensor([second]), StepBatch.build([(0, 0, len(second), pages)], "cpu"), state)
     assert_same(model.main_logits(h)[0], full(model, second))
+
+
+def test_saved_slot_restores_exactly_into_another_slot(model):
+    """save_slot / load_slot (speculative rollback, prefix caching): a sequence prefilled in slot 0, its slot saved,
+    clobbered by another sequence and restored into slot 1, continues exactly as without the detour."""
+    ids = tokens(203, 7)
+    cut = 141                                  # mid-window and mid-compression-block (ratio 4 and 128)
+    state = ModelState(model.cfg, 2, 16, PAGE, model.dtype)
+    pages = list(range(8))
+    with torch.no_grad():
+        model.step(torch.tensor([ids[:cut]]), StepBatch.build([(0, 0, cut, pages)], "cpu"), state)
+        saved = state.save_slot(0)
+        other = tokens(150, 9)                  # another sequence overwrites slot 0 (its own pages)
+        state.reset_slot(0)
+        model.step(torch.tensor([other]), StepBatch.build([(0, 0, len(other), list(range(8, 16)))], "cpu"), state)
+        state.load_slot(1, saved)
+        h = model.step(torch.tensor([ids[cut:]]), StepBatch.build([(1, cut, len(ids) - cut, pages)], "cpu"), state)
+    assert_same(model.main_logits(h)[0], full(model, ids)[cut:])
+    with pytest.raises(ValueError, match="snapshot holds"):
+        state.load_slot(0, saved[:-1])

@@ -90,6 +90,19 @@ class ModelState:
         for layer in self.layers:
             layer.reset(slot)
 
+    def save_slot(self, slot: int) -> list[torch.Tensor]:
+        """Copies of one slot's fixed-size state (window rings and compressor buffers, every layer): what a
+        sequence cannot rebuild from its pages. `load_slot` puts them back (speculative rollback, prefix caching)."""
+        return [t[slot].clone() for layer in self.layers for t in _slot_tensors(layer)]
+
+    def load_slot(self, slot: int, saved: list[torch.Tensor]) -> None:
+        """Restore a slot (any slot: a snapshot may move) from `save_slot`'s copies."""
+        tensors = [t for layer in self.layers for t in _slot_tensors(layer)]
+        if len(saved) != len(tensors):
+            raise ValueError(f"snapshot holds {len(saved)} tensors, this state has {len(tensors)} per slot")
+        for t, s in zip(tensors, saved, strict=True):
+            t[slot].copy_(s)
+
     def pages_for(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.page_size)
 
@@ -110,6 +123,15 @@ def _clone_layer(layer: LayerState) -> LayerState:
     return LayerState(layer.ring.clone(), layer.ratio, None if layer.entries is None else layer.entries.clone(),
                       copy(layer.compressor), None if layer.index_keys is None else layer.index_keys.clone(),
                       copy(layer.index_compressor))
+
+
+def _slot_tensors(layer: LayerState):
+    """The per-slot tensors of a layer (first dimension = slot), in a fixed order."""
+    yield layer.ring
+    for st in (layer.compressor, layer.index_compressor):
+        if st is not None:
+            yield st.kv
+            yield st.score
 
 
 def _tensors(layer: LayerState):
