@@ -46,7 +46,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + i, dense_fmt, expert_fmt, dtype)
                                  for i in range(cfg.n_mtp_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = Head(cfg.dim, cfg.vocab_size)
+        self.head = Head(cfg.dim, cfg.vocab_size, dtype)
         _hc_params(self, "hc_head", cfg.hc_mult, cfg.hc_mult * cfg.dim)
 
     @property
