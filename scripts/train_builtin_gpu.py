@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity and the greedy sample")
     ap.add_argument("--bundle", help="also write the results as <= 8 files of < 16 MiB into this folder: "
                                      "model.tar.NN (join with cat, then untar), metrics.jsonl, loss.png, "
-                                     "perf.json, run.json, eval.json")
+                                     "perf.json, eval.json")
     args = ap.parse_args(argv)
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes (wall-clock budget) or --steps")
@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
             "step_s_median": statistics.median(steady), "step_s_first": step_times[0],
             "tokens_per_step": tokens / max(1, steps), "peak_mem_bytes": peak,
             "peak_mem_gib": peak / 2**30 if peak is not None else None, "parameters": n_params,
-            "train": asdict(train)}
+            "train": asdict(train), "settings": settings}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tail = records[-20:]
     perf["final_loss"] = sum(r["loss"] for r in tail) / len(tail)
@@ -171,10 +171,12 @@ def main(argv=None) -> dict:
     print(json.dumps({k: v for k, v in perf.items() if k != "train"}), flush=True)
     shutil.rmtree(out / "base")
     del trainer, net
+    if args.bundle:                       # before the evaluation: a failing evaluation must not lose the model
+        bundle(out, Path(args.bundle))
     if not args.no_eval:
         evaluate(out / "model", data, out / "eval.json", device)
-    if args.bundle:
-        bundle(out, Path(args.bundle))
+        if args.bundle:
+            shutil.copy(out / "eval.json", Path(args.bundle) / "eval.json")
     return perf
 
 
@@ -189,7 +191,7 @@ def bundle(out: Path, dest: Path) -> list[Path]:
     for i in range(0, len(data), SHARD_BYTES):
         files.append(dest / f"model.tar.{i // SHARD_BYTES:02d}")
         files[-1].write_bytes(data[i:i + SHARD_BYTES])
-    for name in ("metrics.jsonl", "loss.png", "perf.json", "run.json", "eval.json"):
+    for name in ("metrics.jsonl", "loss.png", "perf.json", "eval.json"):      # perf.json holds run.json's settings
         if (out / name).exists() and (out / name).resolve() != (dest / name).resolve():
             files.append(Path(shutil.copy(out / name, dest / name)))
     return files
