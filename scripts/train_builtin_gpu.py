@@ -206,7 +206,8 @@ def evaluate(model_dir: Path, data: Path, path: Path, device: str = "cpu") -> di
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
     t0 = time.perf_counter()
     model = dsv4.load_model(model_dir, device=device, dtype=torch.float32, progress=False)
-    ids = load_tokenizer(model_dir).encode((data / "heldout.py.txt").read_text(), add_special_tokens=False).ids
+    text = (data / "heldout.py.txt").read_text()
+    ids = load_tokenizer(model_dir).encode(text, add_special_tokens=False).ids
     nll, n = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(ids), PPL_WINDOW - 1):
@@ -219,7 +220,9 @@ def evaluate(model_dir: Path, data: Path, path: Path, device: str = "cpu") -> di
     t1 = time.perf_counter()
     llm = dsv4.LLM(str(model_dir), max_num_seqs=1)
     sample = llm.generate(PROMPT, dsv4.SamplingParams(temperature=0, max_tokens=48))[0].text
-    result = {"heldout_ppl": ppl, "heldout_tokens": n, "prompt": PROMPT, "greedy": sample,
+    # per-token perplexities of different tokenizers do not compare: nats per character do (v1 vs v2)
+    result = {"heldout_ppl": ppl, "heldout_tokens": n, "heldout_chars": len(text),
+              "nats_per_char": nll / len(text), "prompt": PROMPT, "greedy": sample,
               "ppl_s": t1 - t0, "sample_s": time.perf_counter() - t1}
     path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"held-out perplexity {ppl:.2f}\n{PROMPT}{sample}", flush=True)
