@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dsv4.ops.ref import dequant_weight
 from dsv4.ops.registry import custom_op, register_triton
+from dsv4.quant.e8m0 import e8m0_to_float
 
 SMALL_M = 64                 # at most this many rows take the Triton kernel (its widest tile is 64 rows)
 
@@ -33,7 +34,7 @@ def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
 
     flat = x.reshape(-1, x.shape[-1])
     q, s = act_quant_fp8(flat)
-    y = F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, scale.float().t(),
+    y = F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, e8m0_to_float(scale).t(),
                     F.ScalingType.BlockWise128x128, output_dtype=x.dtype)
     return y.view(*x.shape[:-1], weight.shape[0])
 
