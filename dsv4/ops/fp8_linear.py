@@ -22,6 +22,7 @@ from dsv4.ops.registry import custom_op, register_triton
 from dsv4.quant.e8m0 import e8m0_to_float
 
 SMALL_M = 64                 # at most this many rows take the Triton kernel (its widest tile is 64 rows)
+ROW_ALIGN = 16               # scaled_mm gets its rows padded to a multiple of this
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -33,10 +34,13 @@ def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
     from dsv4.ops.triton.quant import act_quant_fp8
 
     flat = x.reshape(-1, x.shape[-1])
+    m = flat.shape[0]
+    if m % ROW_ALIGN:                      # whole 16-row tiles for cuBLAS's blockwise kernels (zero rows: cheap)
+        flat = F.pad(flat, (0, 0, 0, ROW_ALIGN - m % ROW_ALIGN))
     q, s = act_quant_fp8(flat)
     y = F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, e8m0_to_float(scale).t(),
                     F.ScalingType.BlockWise128x128, output_dtype=x.dtype)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y[:m].view(*x.shape[:-1], weight.shape[0])
 
 
 @custom_op("fp8_stored_linear", lambda x, weight, scale, act_quant_on: x.new_empty(*x.shape[:-1], weight.shape[0]))
