@@ -224,3 +224,17 @@ def test_bad_options_are_clear_errors(tiny_model_fp32, tokenizer):
         EngineConfig(num_speculative_tokens=-1)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         make_engine(tiny_model_fp32, tokenizer, num_speculative_tokens=tiny_model_fp32.cfg.window_size)
+
+
+def test_builtin_model_greedy_equals_the_pinned_continuation():
+    """On the trained built-in model (its MTP head drafts well: most drafts are accepted) the greedy output with
+    speculation is the committed non-speculative continuation (tests/data/builtin_expected.json)."""
+    import json
+    from pathlib import Path
+
+    expected = json.loads((Path(__file__).resolve().parent / "data" / "builtin_expected.json").read_text())
+    llm = dsv4.LLM(max_num_seqs=2, num_pages=4, page_size=128, num_speculative_tokens=2)
+    n = 16
+    out = llm.generate(expected["prompt"], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
+    assert out.token_ids == expected["token_ids"][:n]
+    assert out.metrics.acceptance_rate > 0.3 and out.metrics.mean_accepted_tokens > 0.5
