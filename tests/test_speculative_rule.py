@@ -78,7 +78,7 @@ def test_greedy_accepts_the_argmax_prefix_then_the_targets_token():
         j = 0
         while j < K and d[j] == target[j]:
             j += 1
-        assert out == d[:j] + [target[j]]
+        assert out == [*d[:j], target[j]]
 
 
 def test_draws_are_reproducible_by_seed():

@@ -34,7 +34,14 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.engine.sampling import (
-    SamplingTensors, TokenCounts, _with_logprobs, apply_penalties, filter_logits, mix64, race_noise)
+    SamplingTensors,
+    TokenCounts,
+    _with_logprobs,
+    apply_penalties,
+    filter_logits,
+    mix64,
+    race_noise,
+)
 from dsv4.model.state import ModelState, StepBatch
 
 # Salts that give each random use its own stream (seed ^ salt through the hash).
@@ -284,7 +291,7 @@ class Speculator:
         if redo:
             ids, chunks = [], []
             for e in redo:
-                toks = [e.seq.all_ids[e.start]] + e.draft.tokens[:e.accepted]
+                toks = [e.seq.all_ids[e.start], *e.draft.tokens[:e.accepted]]
                 ids += toks
                 chunks.append((e.seq.slot, e.start, len(toks), e.seq.pages))
             dev = self.state.device

@@ -73,11 +73,11 @@ def verify_costs(model, batch: int, context: int, repeats: int, dev: torch.devic
         batch_t = StepBatch.build([(b, context, t, pages[b]) for b in range(batch)], dev)
         ids = torch.randint(2, cfg.vocab_size, (1, batch * t), generator=gen).to(dev)
 
-        def step():
+        def step(ids=ids, batch_t=batch_t):
             with torch.inference_mode():
                 return model.main_logits(model.step(ids, batch_t, state))
 
-        def mtp():
+        def mtp(ids=ids, batch_t=batch_t, t=t):
             with torch.inference_mode():
                 h = torch.zeros(1, batch * t, cfg.hc_mult, cfg.dim, dtype=model.dtype, device=dev)
                 return model.mtp_logits(model.mtp_step(h, ids, batch_t, mtp_state))
