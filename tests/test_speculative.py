@@ -238,3 +238,18 @@ def test_builtin_model_greedy_equals_the_pinned_continuation():
     out = llm.generate(expected["prompt"], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
     assert out.token_ids == expected["token_ids"][:n]
     assert out.metrics.acceptance_rate > 0.3 and out.metrics.mean_accepted_tokens > 0.5
+
+
+def test_greedy_with_penalties_counts_the_drafts(tiny_model_fp32, tokenizer, monkeypatch):
+    """Penalties see each accepted draft before the next row is judged (per-row histories): greedy outputs with
+    penalties equal the non-speculative ones. Negative penalties make this prompt repeat tokens within one verify
+    step (233, 151, 233, 151 ...), so a verification that ignored the earlier drafts' counts picks other tokens
+    (checked: it fails with `row_counts` given no drafts)."""
+    model, p = tiny_model_fp32, prompt(20, 13)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, presence_penalty=-0.5,
+                            frequency_penalty=-0.3, repetition_penalty=1.1)
+    want = run(make_engine(model, tokenizer), [p], params)[0].token_ids
+    assert len(set(want)) < len(want), "the case needs repeated tokens"
+    oracle(monkeypatch, {tuple(p): p + want}, set(), model.cfg.vocab_size)
+    out = run(make_engine(model, tokenizer, num_speculative_tokens=3), [p], params)[0]
+    assert out.token_ids == want and out.metrics.num_accepted_tokens > 0
