@@ -54,3 +54,28 @@ def test_metrics_sums_and_server_counters():
     assert values["dsv4_spec_decode_num_draft_tokens_total"] == 20
     assert values["dsv4_spec_decode_num_accepted_tokens_total"] == 12
     assert values["dsv4_spec_decode_num_steps_total"] == 8
+
+
+def test_scheduler_reserves_pages_and_budget_for_drafts():
+    import torch
+
+    from dsv4.engine.pages import CacheManager
+    from dsv4.engine.sampling import SamplingParams
+    from dsv4.engine.scheduler import Scheduler
+    from dsv4.engine.sequence import Sequence
+    from dsv4.engine.speculative import Draft
+
+    sched = Scheduler(CacheManager(2, 4, 128), 2, 6, 1024)
+    seq = Sequence(list(range(127)), SamplingParams(max_tokens=50))
+    sched.add(seq)
+    sched.update_after_step(sched.schedule())                  # the prompt, in budget-6 chunks
+    while seq.num_pending:
+        sched.update_after_step(sched.schedule())
+    seq.output_ids.append(5)                                   # decoding: 1 pending token at position 127
+    seq.draft = Draft([1, 2, 3, 4, 5, 6], torch.zeros(6, 8))
+    step = sched.schedule()
+    assert step.entries == [(seq, 1)] and seq.num_draft == 5   # budget 6 = the token + 5 drafts
+    assert len(seq.pages) == 2                                  # positions 127..132 cross the page end
+    sched.check_invariants()
+    sched._preempt(seq)
+    assert seq.draft is None
