@@ -222,6 +222,8 @@ def test_seeded_sampling_with_penalties_is_reproducible(tiny_model_fp32, tokeniz
 def test_bad_options_are_clear_errors(tiny_model_fp32, tokenizer):
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(num_speculative_tokens=-1)
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        EngineConfig(num_speculative_tokens=2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         make_engine(tiny_model_fp32, tokenizer, num_speculative_tokens=tiny_model_fp32.cfg.window_size)
 

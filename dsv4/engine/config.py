@@ -38,7 +38,10 @@ class EngineConfig:
                   (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
                   (self.dtype in (None, "bfloat16", "float32"), "dtype must be bfloat16 or float32"),
                   (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
-                  (self.num_speculative_tokens >= 0, "num_speculative_tokens must be >= 0")]
+                  (self.num_speculative_tokens >= 0, "num_speculative_tokens must be >= 0"),
+                  # The MTP step is not sent to the follower ranks (dist/worker.py), whose collectives would hang.
+                  (self.num_speculative_tokens == 0 or self.tensor_parallel_size == 1,
+                   "num_speculative_tokens > 0 needs tensor_parallel_size 1 (for now)")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("; ".join(bad))

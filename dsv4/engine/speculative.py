@@ -182,8 +182,6 @@ class Speculator:
 
     def __init__(self, model, state: ModelState, k: int, max_model_len: int):
         cfg = model.cfg
-        if not hasattr(model, "mtp_step"):
-            raise ValueError("speculative decoding runs on a single-rank model (tensor_parallel_size 1) for now")
         if not cfg.n_mtp_layers:
             raise ValueError("num_speculative_tokens > 0 needs a checkpoint with an MTP block")
         if not 0 < k < cfg.window_size:
