@@ -51,6 +51,16 @@ def _add_model_args(p) -> None:
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=_positive(int),
                    help="shard the model over N processes (one per GPU; gloo on CPU), started here, or by torchrun "
                         "(default: torchrun's WORLD_SIZE, else 1); see docs/parallel.md")
+    p.add_argument("--speculative-tokens", type=_non_negative_int, default=0,
+                   help="speculative decoding: tokens the MTP block drafts per decode step, verified in one forward "
+                        "(same outputs; default 0 = off)")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _add_sampling_args(p, temperature: float) -> None:
@@ -311,7 +321,8 @@ def _llm(args, **engine_options):
     engine_options = {"max_num_seqs": 1} | engine_options
     return LLM(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
                quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len,
-               tensor_parallel_size=tp, progress=sys.stderr.isatty(), **engine_options)
+               tensor_parallel_size=tp, progress=sys.stderr.isatty(),
+               num_speculative_tokens=args.speculative_tokens, **engine_options)
 
 
 def _sampling(args):

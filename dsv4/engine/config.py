@@ -27,6 +27,7 @@ class EngineConfig:
                                         # 3.9 -> 2.7 ms on the Flash-width bench; ~35 s of compiling per bucket)
     decode_batch: bool = False          # CPU: run decode steps through the fixed-shape path too (tests)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (docs/parallel.md); the engine runs on rank 0
+    num_speculative_tokens: int = 0     # drafts per decode step from the MTP block (engine/speculative.py); 0 = off
 
     def __post_init__(self):
         checks = [(self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
@@ -36,7 +37,11 @@ class EngineConfig:
                   (0 < self.memory_fraction <= 1, "memory_fraction must be in (0, 1]"),
                   (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
                   (self.dtype in (None, "bfloat16", "float32"), "dtype must be bfloat16 or float32"),
-                  (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")]
+                  (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+                  (self.num_speculative_tokens >= 0, "num_speculative_tokens must be >= 0"),
+                  # The MTP step is not sent to the follower ranks (dist/worker.py), whose collectives would hang.
+                  (self.num_speculative_tokens == 0 or self.tensor_parallel_size == 1,
+                   "num_speculative_tokens > 0 needs tensor_parallel_size 1 (for now)")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("; ".join(bad))

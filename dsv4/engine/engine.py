@@ -41,6 +41,8 @@ class Engine:
         device = next(model.parameters()).device
         # The fixed-shape decode path is single-rank for now: under TP the Driver replays `StepBatch` steps.
         single = econf.tensor_parallel_size == 1
+        spec = econf.num_speculative_tokens > 0         # verification takes the general path (engine/speculative.py)
+        single = single and not spec
         capture = econf.cuda_graphs and device.type == "cuda" and single
         fixed = capture or (econf.decode_batch and single)
         # The fixed-shape decode path pads batches with rows that write to one scratch slot and page (the last).
@@ -54,7 +56,12 @@ class Engine:
             graphs = DecodeGraphs(model, self.state, econf.max_num_seqs,
                                   -(-self.max_model_len // econf.page_size), capture=capture,
                                   compile=econf.compile_decode and capture)
-        self.runner = ModelRunner(model, self.state, graphs=graphs)
+        speculator = None
+        if spec:
+            from dsv4.engine.speculative import Speculator
+
+            speculator = Speculator(model, self.state, econf.num_speculative_tokens, self.max_model_len)
+        self.runner = ModelRunner(model, self.state, graphs=graphs, speculator=speculator)
         self.requests: dict[str, _Request] = {}
         self.num_preemptions = 0
         self._by_seq: dict[int, tuple[_Request, int]] = {}
@@ -116,7 +123,13 @@ class Engine:
         touched = {}
         for seq_id, s in sampled.items():
             req, i = self._by_seq[seq_id]
-            self._append(req, i, s)
+            for token in s if isinstance(s, list) else [s]:     # speculation: several tokens per step
+                if not req.seqs[i].is_finished:                  # tokens past a stop or max_tokens are dropped
+                    self._append(req, i, token)
+            if self.runner.speculator is not None:
+                from dsv4.engine.speculative import metrics_of
+
+                req.output.metrics = metrics_of(req.seqs)
             touched[req.output.request_id] = req
         for req in touched.values():
             if all(seq.is_finished for seq in req.seqs):

@@ -120,3 +120,17 @@ class Transformer(nn.Module):
         x = block.mix_input(self.embed(input_ids), h).reshape(1, b * s, self.cfg.hc_mult, self.cfg.dim)
         x = block(x, input_ids.reshape(1, -1), batch, state.layers[0]).view(b, s, self.cfg.hc_mult, self.cfg.dim)
         return self.logits(x, block.norm, block.hc_head_fn, block.hc_head_scale, block.hc_head_base)
+
+    def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, batch: StepBatch, state: ModelState,
+                 depth: int = 0) -> torch.Tensor:
+        """The MTP block over a flattened batch (speculative drafting): position i takes the hc streams h [1, T,
+        hc, D] of position i and token i+1 (`next_ids` [1, T]); `state` holds only this block's layer.
+        -> the block's output hc streams [1, T, hc, D]."""
+        block = self.mtp[depth]
+        x = block.mix_input(self.embed(next_ids), h)
+        return block(x, next_ids, batch, state.layers[0])
+
+    def mtp_logits(self, x: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """fp32 logits of the MTP head for its output streams x [..., hc, D] (the head weight is shared)."""
+        block = self.mtp[depth]
+        return self.logits(x, block.norm, block.hc_head_fn, block.hc_head_scale, block.hc_head_base)
