@@ -56,8 +56,7 @@ def check(model_dir: Path, data: Path) -> None:
     dsv4.load_model(model_dir, progress=False)                      # strict: every tensor, shape and dtype
 
 
-def set_version(version: int) -> None:
-    path = REPO / "dsv4" / "builtin.py"
+def set_version(version: int, path: Path = REPO / "dsv4" / "builtin.py") -> None:
     text, n = re.subn(r"^BUILTIN_VERSION = \d+", f"BUILTIN_VERSION = {version}", path.read_text(), flags=re.M)
     if n != 1:
         raise RuntimeError(f"{path}: no `BUILTIN_VERSION = N` line to rewrite")
