@@ -102,23 +102,24 @@ def chat_eval(llm, sp, requests: list[dict]) -> dict:
 
 
 def _parses(text: str) -> bool:
-    """The reply's ```python block (or the whole reply) is valid Python."""
+    """The reply's ```python block (or the whole reply) is valid Python defining a function."""
     import ast
 
     m = re.search(r"```(?:python)?\n(.*?)(```|$)", text, re.S)
     try:
-        ast.parse(m.group(1) if m else text)
+        tree = ast.parse(m.group(1) if m else text)
     except (SyntaxError, ValueError):
         return False
-    return True
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(tree))
 
 
-def score_text(model, tokenizer, text: str) -> dict:
-    """Summed NLL of `text` in WINDOW-token windows, and the MTP agreement on the same windows."""
+def score_text(model, tokenizer, text: str, max_windows: int | None = None) -> dict:
+    """Summed NLL of `text` (its first `max_windows` windows) in WINDOW-token windows, and the MTP agreement on the
+    same windows."""
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     nll, n, agree, mtp_hit, main_hit, n_mtp = 0.0, 0, 0, 0, 0, 0
     with torch.no_grad():
-        for start in range(0, len(ids), WINDOW - 1):
+        for start in range(0, len(ids), WINDOW - 1)[:max_windows]:
             window = torch.tensor([[0, *ids[start:start + WINDOW - 1]]])
             h = model.hidden(window)
             logits = model.main_logits(h)[0, :-1]
@@ -208,8 +209,23 @@ def evaluate(model_dir: Path, data: Path, reference: Path | None, threads: int) 
     result["mtp"] = {"heldout": result["heldout"]["candidate"].get("mtp")}
     if llm.model.cfg.n_mtp_layers:
         result["mtp"]["greedy_code"] = greedy_mtp(llm, result["code"])
+    result["speed"] = speed(llm, dsv4.SamplingParams)
     result["timing"] = timing
     return result
+
+
+def speed(llm, sp, tokens: int = 96) -> dict:
+    """One sequence's greedy decode speed on this machine (what `dsv4 generate` runs): wall and CPU seconds of
+    `tokens` tokens minus those of one (the prefill)."""
+    def run(n):
+        w, c = time.perf_counter(), time.process_time()
+        llm.generate(CODE_PROMPTS[0], sp(temperature=0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - w, time.process_time() - c
+
+    run(1)                                                         # warm-up
+    (w1, c1), (wn, cn) = run(1), run(tokens)
+    return {"tokens": tokens, "threads": torch.get_num_threads(), "decode_tok_per_s_wall": (tokens - 1) / (wn - w1),
+            "decode_tok_per_s_cpu": (tokens - 1) / (cn - c1), "generate_s_wall": wn, "generate_s_cpu": cn}
 
 
 def table(r: dict) -> str:
@@ -232,6 +248,10 @@ def table(r: dict) -> str:
         if m:
             rows.append((label, f"{m['agreement']:.3f} ({m['positions']} positions)", "", None))
     width = max(len(a) for a, *_ in rows)
+    if "speed" in r:
+        sp = r["speed"]
+        rows.append((f"CPU decode, 1 sequence, {sp['threads']} thread(s)", f"{sp['decode_tok_per_s_wall']:.1f} tok/s "
+                     f"wall, {sp['decode_tok_per_s_cpu']:.1f} tok/s CPU", "", None))
     lines = [f"{a:<{width}}  {b:<32} {c:<16} {'' if ok is None else 'PASS' if ok else 'FAIL'}" for a, b, c, ok in rows]
     return "\n".join(lines)
 

@@ -149,7 +149,7 @@ def test_distinct_4gram_ratio_and_reply_checks():
     assert eval_builtin.distinct_4gram_ratio([1, 2, 3]) == 0.0
     assert eval_builtin.has_def("```python\ndef f(x):\n    return x\n```") and not eval_builtin.has_def("define(")
     assert eval_builtin._parses("```python\ndef f(x):\n    return x\n```")
-    assert not eval_builtin._parses("```python\ndef f(x:\n```")
+    assert not eval_builtin._parses("```python\ndef f(x:\n```") and not eval_builtin._parses("\n\n")
 
 
 def test_mtp_agreement_compares_mtp_at_i_with_main_at_i_plus_1():
@@ -210,7 +210,7 @@ def test_card_takes_every_figure_from_the_records():
                                               "heldout": ["colorsys.py"]}, expected, None)
     for figure in ("NVIDIA H200", "1234", "98,765,432", "253,245 tokens/s", "0.310 s", "41.3 GiB", "1.234",
                    "0.812", "0.457", "19/20", "9.88", "0.5713", "153.41", "5.56", "27.61×", "0.432", "0.765",
-                   "39.2 MB", "builtin-python-v2", "--minutes 6.5", "8,546,385", "img/builtin_loss.png",
+                   "39.2 MB", "builtin-python-v2", "--minutes 6.5 --bundle", "8,546,385", "img/builtin_loss.png",
                    "builtin_model_v2_data.md"):
         assert figure in card, figure
     assert EOS not in card and "**no**" not in card
