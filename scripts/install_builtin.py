@@ -6,8 +6,8 @@ Steps: rejoin model.tar.* and check the model (builtin_config(2), strict load); 
 (scripts/eval_builtin.py, while v1 is still installed: BUNDLE/eval_cpu.json and docs/builtin_model_eval.json);
 copy it into dsv4/builtin_model/; set dsv4.builtin.BUILTIN_VERSION = 2; write the CI expectations
 (tests/data/builtin_expected.json: pinned greedy continuation, held-out perplexity, a chat reply that stops;
-tests/data/builtin_heldout.py.txt), docs/img/builtin_loss.png and the model card docs/builtin_model.md
-(scripts/builtin_card.py, every figure from perf.json, eval_cpu.json and the data's summary.json).
+tests/data/builtin_heldout.py.txt), the README's sentence on it, docs/img/builtin_loss.png and the model card
+docs/builtin_model.md (scripts/builtin_card.py, every figure from perf.json, eval_cpu.json and the data's summary.json).
 Then run `python3 -m pytest -q tests/test_builtin_model.py tests/test_builtin_v2.py tests/test_cli.py` and commit.
 """
 
@@ -62,6 +62,19 @@ def set_version(version: int, path: Path = REPO / "dsv4" / "builtin.py") -> None
     if n != 1:
         raise RuntimeError(f"{path}: no `BUILTIN_VERSION = N` line to rewrite")
     path.write_text(text)
+
+
+def update_readme(model_bytes: int, path: Path = REPO / "README.md") -> bool:
+    """The README's sentence on the built-in model: its size and what it was trained on."""
+    pattern = r"an? \d+ MB(\s+)DeepSeek-V4-architecture model trained on [^,]+, so it [^;]+;"
+    new = (f"a {model_bytes / 1e6:.0f} MB\\1DeepSeek-V4-architecture model trained on Python source and chats built "
+           "from it, so it continues Python and writes requested functions;")
+    text, n = re.subn(pattern, new, path.read_text())
+    if n != 1:
+        print(f"WARNING: {path}: the built-in model's sentence was not found; update it by hand", flush=True)
+        return False
+    path.write_text(text)
+    return True
 
 
 def expectations(model_dir: Path, result: dict) -> dict:
@@ -120,6 +133,7 @@ def main(argv=None) -> None:
     shutil.copy(bundle / "loss.png", REPO / "docs" / "img" / "builtin_loss.png")
     summary = json.loads((data / "summary.json").read_text())
     train_eval = json.loads((bundle / "eval.json").read_text()) if (bundle / "eval.json").exists() else None
+    update_readme(perf["model_bytes"])
     card = builtin_card.render(perf, result, summary, expected, train_eval)
     (REPO / "docs" / "builtin_model.md").write_text(card)
     print(f"installed v{VERSION} into {dest}; wrote tests/data/builtin_expected.json, docs/builtin_model.md, "

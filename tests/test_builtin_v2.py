@@ -214,3 +214,16 @@ def test_card_takes_every_figure_from_the_records():
                    "builtin_model_v2_data.md"):
         assert figure in card, figure
     assert EOS not in card and "**no**" not in card
+
+
+def test_update_readme_rewrites_the_builtin_sentence(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("with the built-in tiny model (no download: an 11 MB\nDeepSeek-V4-architecture model trained "
+                      "on the Python standard library, so it writes Python-like text; model card: ...")
+    assert install_builtin.update_readme(39_181_780, readme)
+    assert readme.read_text() == ("with the built-in tiny model (no download: a 39 MB\nDeepSeek-V4-architecture model "
+                                  "trained on Python source and chats built from it, so it continues Python and "
+                                  "writes requested functions; model card: ...")
+    assert install_builtin.update_readme(39_181_780, readme)          # idempotent: the new sentence matches too
+    readme.write_text("nothing")
+    assert not install_builtin.update_readme(39_181_780, readme)
