@@ -1,9 +1,11 @@
-"""The built-in default model used when no `--model` is given: a tiny DeepSeek-V4 trained on Python source.
+"""The built-in default model used when no `--model` is given: a small DeepSeek-V4 trained on Python source.
 
-It ships inside the package (`dsv4/builtin_model/`, package data): the tiny test architecture (sliding, CSA and
-HCA layers, hash and top-k MoE with a shared expert, mHC, MTP) with a 4096-id byte-level BPE tokenizer of its
-own, trained by `scripts/train_builtin.py` on the CPython standard library's source, stored in the official
-format (FP8/FP4 + e8m0 scales) and loaded through the normal strict loader. Model card: docs/builtin_model.md.
+It ships inside the package (`dsv4/builtin_model/`, package data): every V4 layer kind (sliding, CSA and HCA
+layers, hash and top-k MoE with a shared expert, mHC, MTP) with a byte-level BPE tokenizer of its own (the V4 chat
+markers as special tokens), stored in the official format (FP8/FP4 + e8m0 scales) and loaded through the normal
+strict loader. Version 1 was trained on CPU (`scripts/train_builtin.py`), version 2 on a GPU
+(`scripts/train_builtin_gpu.py`, installed by `scripts/install_builtin.py`, which sets BUILTIN_VERSION).
+Model card: docs/builtin_model.md.
 NOTE: its vocabulary is not V4's; tests that need the real 129k vocabulary synthesise `untrained_v4_vocab_config()`.
 """
 
@@ -15,18 +17,20 @@ from dsv4.chat.tokens import ASSISTANT, BOS, DSML, EOS, LATEST_REMINDER, TASK_TO
 from dsv4.checkpoint.errors import CheckpointError
 from dsv4.config import ModelConfig, tiny_config
 
-BUILTIN_NAME = "builtin-python-v1"
+BUILTIN_VERSION = 1               # of the shipped model; scripts/install_builtin.py rewrites this line
+BUILTIN_NAME = f"builtin-python-v{BUILTIN_VERSION}"
 # The built-in tokenizer's first ids (BOS 0 and EOS 1 as in every V4 config, then the chat format's markers),
 # followed by the byte-level BPE merges.
 BUILTIN_SPECIALS = (BOS, EOS, "<｜▁pad▁｜>", USER, ASSISTANT, THINK_START, THINK_END, DSML, LATEST_REMINDER,
                     *TASK_TOKENS.values())
 
 
-def builtin_config(version: int = 1) -> ModelConfig:
-    """Architecture of the built-in model: version 1 is the shipped one (`scripts/train_builtin.py`, CPU);
-    version 2 is the GPU-trained successor (`scripts/train_builtin_gpu.py`): every V4 layer kind twice over
-    (sliding, then CSA/HCA alternating, + a sliding MTP block), sized to 39.1 MB of official-format safetensors
-    (FP8 dense, FP4 experts, bf16 embedding/head: `dsv4.checkpoint.inventory`, checked in the tests)."""
+def builtin_config(version: int = BUILTIN_VERSION) -> ModelConfig:
+    """Architecture of the built-in model (default: the shipped one, BUILTIN_VERSION): version 1 was trained on
+    CPU (`scripts/train_builtin.py`); version 2 is the GPU-trained successor (`scripts/train_builtin_gpu.py`):
+    every V4 layer kind twice over (sliding, then CSA/HCA alternating, + a sliding MTP block), sized to 39.1 MB of
+    official-format safetensors (FP8 dense, FP4 experts, bf16 embedding/head: `dsv4.checkpoint.inventory`,
+    checked in the tests)."""
     if version == 1:
         return tiny_config(vocab_size=4096)
     if version == 2:

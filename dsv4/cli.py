@@ -12,6 +12,11 @@ import os
 import sys
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+# `dsv4 generate` with the built-in model (which writes code until stopped): enough for a function, and few enough
+# that the README's first command finishes in seconds on a CPU (the built-in model v2 decodes ~15 tokens/s on one
+# busy core; docs/builtin_model.md).
+BUILTIN_GENERATE_TOKENS = 96
+DEFAULT_MAX_TOKENS = 256
 
 
 class UsageError(Exception):
@@ -63,9 +68,9 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _add_sampling_args(p, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=_positive(int), default=256,
-                   help="tokens to generate at most (default 256)")
+def _add_sampling_args(p, temperature: float, max_tokens_help: str = f"default {DEFAULT_MAX_TOKENS}") -> None:
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=_positive(int), default=None,
+                   help=f"tokens to generate at most ({max_tokens_help})")
     p.add_argument("--temperature", type=_non_negative_float, default=temperature,
                    help=f"sampling temperature; 0 = greedy (default {temperature})")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0 = off)")
@@ -88,7 +93,8 @@ def _add_generate(sub) -> None:
     p.add_argument("prompt", help="the prompt text (exactly one BOS token is added)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a chat user turn")
     _add_model_args(p)
-    _add_sampling_args(p, temperature=0.0)
+    _add_sampling_args(p, temperature=0.0, max_tokens_help=f"default {DEFAULT_MAX_TOKENS}; with the built-in model "
+                       f"and no --chat, {BUILTIN_GENERATE_TOKENS}: a function's worth, in seconds on a CPU")
     p.set_defaults(func=cmd_generate)
 
 
@@ -332,12 +338,22 @@ def _sampling(args):
         return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                               frequency_penalty=args.frequency_penalty, seed=args.seed,
-                              max_tokens=args.max_new_tokens, stop=args.stop or None)
+                              max_tokens=args.max_new_tokens or DEFAULT_MAX_TOKENS, stop=args.stop or None)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
+def generate_max_tokens(args) -> int:
+    """`dsv4 generate`'s token budget: --max-tokens, else a function's worth for the built-in model continuing
+    code (the README's first command, in seconds on a CPU), else DEFAULT_MAX_TOKENS."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    builtin_code = args.model is None and not (args.chat or args.thinking)
+    return BUILTIN_GENERATE_TOKENS if builtin_code else DEFAULT_MAX_TOKENS
+
+
 def cmd_generate(args) -> int:
+    args.max_new_tokens = generate_max_tokens(args)
     params = _sampling(args)
     llm = _llm(args)
     from dsv4 import interactive

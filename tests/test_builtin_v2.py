@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from dsv4.builtin import BUILTIN_SPECIALS, builtin_config
+from dsv4.builtin import BUILTIN_SPECIALS, BUILTIN_VERSION, builtin_config
 from dsv4.chat.tokens import EOS
 from dsv4.checkpoint.inventory import inventory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
+import builtin_card
 import builtin_data
+import eval_builtin
+import install_builtin
 import train_builtin_gpu
 
 
@@ -26,7 +29,7 @@ def test_v2_every_feature_within_40_mb():
     assert {0, 4, 128} <= set(cfg.compress_ratios)                 # sliding, CSA (+ indexer), HCA
     assert 0 < cfg.n_hash_layers < cfg.n_layers and cfg.n_shared_experts and cfg.n_mtp_layers and cfg.hc_mult > 1
     assert (cfg.dtype, cfg.expert_dtype) == ("fp8", "fp4")
-    assert builtin_config() == builtin_config(1)                      # the shipped model stays loadable
+    assert builtin_config() == builtin_config(BUILTIN_VERSION)        # the default is the shipped model
     with pytest.raises(ValueError):
         builtin_config(3)
 
@@ -138,3 +141,89 @@ def test_package_files_take_the_pinned_permissive_wheels_without_tests(tmp_path,
     (tmp_path / "demo_pkg-1.0-py3-none-any.whl").unlink()
     with pytest.raises(RuntimeError, match="lacks the wheels"):
         builtin_data.package_files(tmp_path)
+
+
+def test_distinct_4gram_ratio_and_reply_checks():
+    assert eval_builtin.distinct_4gram_ratio(list(range(10))) == 1.0
+    assert eval_builtin.distinct_4gram_ratio([1, 2] * 10) == 2 / 17            # a 2-token loop: 2 distinct 4-grams
+    assert eval_builtin.distinct_4gram_ratio([1, 2, 3]) == 0.0
+    assert eval_builtin.has_def("```python\ndef f(x):\n    return x\n```") and not eval_builtin.has_def("define(")
+    assert eval_builtin._parses("```python\ndef f(x):\n    return x\n```")
+    assert not eval_builtin._parses("```python\ndef f(x:\n```") and not eval_builtin._parses("\n\n")
+
+
+def test_mtp_agreement_compares_mtp_at_i_with_main_at_i_plus_1():
+    import torch
+
+    class Fake:
+        # MTP at position i predicts token i+2; main at position i predicts i+1: both read off h directly
+        def mtp_forward(self, h, ids):
+            return torch.nn.functional.one_hot(h[0, :, 0].long() + 1, 8).float()[None]
+
+        def main_logits(self, h):
+            return torch.nn.functional.one_hot(h[0, :, 0].long(), 8).float()[None]
+
+    h = torch.tensor([[[0.0], [1.0], [2.0], [5.0], [4.0]]])       # main argmax at i: 0 1 2 5 4
+    ids = torch.tensor([[0, 1, 2, 3, 4]])
+    # MTP argmax at i = h_i + 1 = 1 2 3 (i = 0..2), main argmax at i+1 = 1 2 5: two agree; tokens i+2 = 2 3 4: none
+    assert eval_builtin.mtp_agreement(Fake(), h, ids) == (2, 0, 3)
+
+
+def test_set_version_rewrites_the_one_line(tmp_path):
+    src = tmp_path / "builtin.py"
+    src.write_text("X = 1\nBUILTIN_VERSION = 1               # comment\nY = 'BUILTIN_VERSION = 1'\n")
+    install_builtin.set_version(2, src)
+    assert src.read_text() == "X = 1\nBUILTIN_VERSION = 2               # comment\nY = 'BUILTIN_VERSION = 1'\n"
+    src.write_text("nothing\n")
+    with pytest.raises(RuntimeError, match="BUILTIN_VERSION"):
+        install_builtin.set_version(2, src)
+
+
+def test_card_takes_every_figure_from_the_records():
+    perf = {"dtype": "torch.bfloat16", "device": "NVIDIA H200", "torch": "2.x", "steps": 1234, "tokens": 98765432,
+            "tokens_per_step": 80036.8, "train_s": 390.0, "setup_s": 12.0, "tok_per_s": 253245.0,
+            "tok_per_s_steady": 260001.0, "step_s_median": 0.3101, "step_s_first": 4.25, "peak_mem_gib": 41.27,
+            "final_loss": 1.2345, "final_mtp_loss": 2.3456, "model_bytes": 39181780,
+            "train": {"lr": 2e-3, "warmup_steps": 40, "min_lr_ratio": 0.1, "clip_grad": 1.0, "packs_per_step": 4,
+                      "seq_len": 16384, "mtp_weight": 0.3, "bias_update_rate": 1e-3},
+            "settings": {"budget_minutes": 6.5, "args": {"data": ".builtin_data", "out": "/tmp/o", "minutes": 6.5,
+                                                          "bundle": "/b", "no_eval": False}}}
+    sample = {"prompt": "def fibonacci(n):", "text": "\n    return n\n"}
+    result = {"code": {"n": 20, "tokens": 128, "distinct4_mean": 0.8123, "distinct4_min": 0.4567, "pass": True,
+                       "samples": [sample]},
+              "chat": {"n": 20, "max_tokens": 256, "def_and_eos": 19, "fraction": 0.95, "eos": 19, "def": 20,
+                       "parses": 17, "pass": True},
+              "heldout": {"chars": 12000, "bytes": 12000, "window": 512,
+                          "candidate": {"tokens": 3000, "ppl": 9.8765, "nats_per_char": 0.5713,
+                                        "bits_per_byte": 0.8242, "mtp": {}},
+                          "reference": {"tokens": 4000, "ppl": 153.41, "nats_per_char": 1.6771, "bits_per_byte": 2.42},
+                          "candidate_ppl_per_reference_token": 5.5555, "ratio": 27.61, "pass": True},
+              "mtp": {"heldout": {"agreement": 0.4321, "positions": 2990, "mtp_top1_acc": 0.3111,
+                                  "main_top1_acc": 0.6222},
+                      "greedy_code": {"agreement": 0.7654, "positions": 2700}}}
+    expected = {"version": 2, "prompt": "def fibonacci(n):", "token_ids": [5] * 32, "heldout_ppl": 9.8765,
+                "chat": {"messages": [{"role": "user", "content": "Write f"}], "token_ids": [1] * 40,
+                         "text": "```python\ndef f(): pass\n```" + EOS}}
+    card = builtin_card.render(perf, result, {"files": 1387, "stdlib_files": 649, "package_files": 738,
+                                              "packages": 24, "code_documents": 6865, "doc_tokens": 1024,
+                                              "chat_examples": 9821, "tokens": 8546385, "vocab_size": 6144,
+                                              "heldout": ["colorsys.py"]}, expected, None)
+    for figure in ("NVIDIA H200", "1234", "98,765,432", "253,245 tokens/s", "0.310 s", "41.3 GiB", "1.234",
+                   "0.812", "0.457", "19/20", "9.88", "0.5713", "153.41", "5.56", "27.61×", "0.432", "0.765",
+                   "39.2 MB", "builtin-python-v2", "--minutes 6.5 --bundle", "8,546,385", "img/builtin_loss.png",
+                   "builtin_model_v2_data.md"):
+        assert figure in card, figure
+    assert EOS not in card and "**no**" not in card
+
+
+def test_update_readme_rewrites_the_builtin_sentence(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("with the built-in tiny model (no download: an 11 MB\nDeepSeek-V4-architecture model trained "
+                      "on the Python standard library, so it writes Python-like text; model card: ...")
+    assert install_builtin.update_readme(39_181_780, readme)
+    assert readme.read_text() == ("with the built-in tiny model (no download: a 39 MB\nDeepSeek-V4-architecture model "
+                                  "trained on Python source and chats built from it, so it continues Python and "
+                                  "writes requested functions; model card: ...")
+    assert install_builtin.update_readme(39_181_780, readme)          # idempotent: the new sentence matches too
+    readme.write_text("nothing")
+    assert not install_builtin.update_readme(39_181_780, readme)

@@ -117,6 +117,20 @@ def test_generate_with_the_builtin_model(tmp_path):
     assert "\n    " in done.stdout  # an indented body follows the def line
 
 
+def test_generate_default_token_budget():
+    """The built-in model continuing code stops after a function's worth of tokens (the README's first command
+    must finish in seconds on a CPU); chat, other models and an explicit --max-tokens keep theirs."""
+    from dsv4.cli import BUILTIN_GENERATE_TOKENS, DEFAULT_MAX_TOKENS, build_parser, generate_max_tokens
+
+    def budget(*argv):
+        return generate_max_tokens(build_parser().parse_args(["generate", *argv]))
+
+    assert BUILTIN_GENERATE_TOKENS < DEFAULT_MAX_TOKENS
+    assert budget("def f():") == BUILTIN_GENERATE_TOKENS
+    assert budget("hi", "--chat") == budget("hi", "--model", "m") == DEFAULT_MAX_TOKENS
+    assert budget("def f():", "--max-tokens", "7") == 7
+
+
 # ---------------------------------------------------------------------------------------------- bad arguments
 def test_missing_model_dir(tmp_path):
     done = dsv4_cli("generate", "hello", "--model", "no-such-dir", cwd=tmp_path)

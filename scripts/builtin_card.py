@@ -1,0 +1,192 @@
+"""The built-in model v2's card (docs/builtin_model.md), rendered by scripts/install_builtin.py.
+
+Every figure comes from the JSON records: perf.json (scripts/train_builtin_gpu.py: hardware, steps, tokens,
+tokens/s, peak memory, final loss), eval (scripts/eval_builtin.py on CPU), the data's summary.json
+(scripts/builtin_data.py) and the CI expectations; the prose around them states only what the scripts do.
+"""
+# ruff: noqa: E501  (the f-strings below are the card's markdown lines, which carry long table rows)
+
+from __future__ import annotations
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def _gib(perf: dict) -> str:
+    return f"{perf['peak_mem_gib']:.1f} GiB" if perf.get("peak_mem_gib") is not None else "not measured (CPU)"
+
+
+def architecture(cfg, model_bytes: int) -> str:
+    kinds = ", ".join(cfg.layer_kinds[:cfg.n_layers])
+    return f"""| | |
+|---|---|
+| blocks | {cfg.n_layers} ({kinds}) + {cfg.n_mtp_layers} MTP block; sliding window {cfg.window_size}; CSA ratio 4 with a {cfg.index_n_heads}-head lightning indexer, top-{cfg.index_topk}; HCA ratio 128 |
+| width | dim {cfg.dim}, {cfg.n_heads} query heads of {cfg.head_dim} ({cfg.rope_head_dim} RoPE dims), q-LoRA {cfg.q_lora_rank}, grouped output ({cfg.o_groups} groups × {cfg.o_lora_rank}), mHC with {cfg.hc_mult} streams |
+| MoE | {cfg.n_routed_experts} routed experts (inter {cfg.moe_inter_dim}), {cfg.n_activated_experts} active, {cfg.n_shared_experts} shared; the first {cfg.n_hash_layers} layers hash-routed, the rest top-k |
+| format | official: FP8 e4m3 128×128 for dense linears, FP4 e2m1 per-32 for experts, e8m0 scales; embedding/head bf16 |
+| size | {model_bytes / 1e6:.1f} MB of safetensors |
+"""
+
+
+def training(perf: dict) -> str:
+    t = perf["train"]
+    minutes = perf["train_s"] / 60
+    return f"""With dsv4's own trainer (`dsv4.train.loop.Trainer`, full weights, fp32 master weights, {perf['dtype']} compute)
+from the random initialisation of `dsv4 synth` (seed 0), `--qat` with the QAT emulation on (the forward sees
+each weight rounded to its FP8/FP4 storage format), so training computes what the saved checkpoint computes.
+AdamW (no weight decay), peak lr {t['lr']:g}, {t['warmup_steps']} warmup steps, cosine to {t['lr'] * t['min_lr_ratio']:g},
+gradient clipping {t['clip_grad']:g}, {t['packs_per_step']} packs of ≤ {t['seq_len']} tokens per step, MTP loss weight {t['mtp_weight']:g},
+auxiliary-loss-free balancing of the top-k gates (γ = {t['bias_update_rate']:g}).
+
+| | |
+|---|---|
+| hardware | {perf['device']}, torch {perf['torch']} |
+| steps | {perf['steps']} |
+| tokens | {perf['tokens']:,} ({perf['tokens_per_step']:,.0f} per step) |
+| training time | {minutes:.1f} minutes (+ {perf['setup_s']:.0f} s setup) |
+| throughput | {perf['tok_per_s']:,.0f} tokens/s overall, {perf['tok_per_s_steady']:,.0f} tokens/s after the first two steps |
+| step time | {perf['step_s_median']:.3f} s median (first step {perf['step_s_first']:.2f} s) |
+| peak memory | {_gib(perf)} |
+| final loss (mean of the last 20 steps) | {perf['final_loss']:.3f} nats/token (MTP: {perf.get('final_mtp_loss', float('nan')):.3f}) |
+
+![training loss](img/builtin_loss.png)
+"""
+
+
+def evaluation(r: dict) -> str:
+    c, ch, h = r["code"], r["chat"], r["heldout"]
+    cand = h["candidate"]
+    rows = [f"| (a) code: distinct 4-gram ratio of {c['tokens']} greedy tokens, {c['n']} prompts | mean "
+            f"{c['distinct4_mean']:.3f}, min {c['distinct4_min']:.3f} | mean ≥ 0.6, none < 0.3 | {_mark(c['pass'])} |",
+            f"| (b) chat: reply with a `def` ending with EOS within {ch['max_tokens']} tokens, {ch['n']} held-out "
+            f"requests | {ch['def_and_eos']}/{ch['n']} ({ch['fraction']:.0%}); EOS {ch['eos']}, `def` {ch['def']}, "
+            f"valid Python defining a function {ch['parses']} | ≥ 90% | {_mark(ch['pass'])} |",
+            f"| (c) held-out perplexity, own tokens | {cand['ppl']:.2f} ({cand['tokens']} tokens) | | |",
+            f"| held-out nats/char; bits/byte | {cand['nats_per_char']:.4f}; {cand['bits_per_byte']:.4f} | | |"]
+    if "reference" in h:
+        ref = h["reference"]
+        rows += [f"| v1 on the same text: perplexity; nats/char | {ref['ppl']:.2f} ({ref['tokens']} v1 tokens); "
+                 f"{ref['nats_per_char']:.4f} | | |",
+                 f"| (c) v2 perplexity per v1 token; v1 ÷ it | {h['candidate_ppl_per_reference_token']:.2f}; "
+                 f"{h['ratio']:.2f}× | ≥ 4× | {_mark(h['pass'])} |"]
+    mtp = r.get("mtp") or {}
+    if mtp.get("heldout"):
+        m = mtp["heldout"]
+        rows.append(f"| (d) MTP top-1 = main model's next-next token, held-out text | {m['agreement']:.3f} "
+                    f"({m['positions']} positions; MTP top-1 accuracy {m['mtp_top1_acc']:.3f}, main "
+                    f"{m['main_top1_acc']:.3f}) | reported | |")
+    if mtp.get("greedy_code"):
+        m = mtp["greedy_code"]
+        rows.append(f"| (d) MTP top-1 = next-next greedy token, the code continuations of (a) | "
+                    f"{m['agreement']:.3f} ({m['positions']} positions) | reported | |")
+    if r.get("speed"):
+        sp = r["speed"]
+        rows.append(f"| CPU speed: one sequence's greedy decode, {sp['threads']} thread(s) on the evaluating machine | "
+                    f"{sp['decode_tok_per_s_wall']:.1f} tokens/s wall ({sp['decode_tok_per_s_cpu']:.1f} per CPU second); "
+                    f"{sp['tokens']} tokens in {sp['generate_s_wall']:.1f} s | | |")
+    return "| | measured | target | met |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def perplexity_note(h: dict) -> str:
+    if "reference" not in h:
+        return ""
+    ref, cand = h["reference"], h["candidate"]
+    return f"""
+How the perplexities compare: both models score the same {h['chars']:,} characters ({h['bytes']:,} bytes:
+`tests/data/builtin_heldout.py.txt`, the start of the held-out files) in {h['window']}-token windows, each BOS + {h['window'] - 1}
+tokens, fp32 with the QAT emulation on, as v1's card did. A per-token perplexity depends on the tokenizer
+(v1: {ref['tokens']} tokens of a 4096-id BPE; v2: {cand['tokens']} tokens of a 6144-id BPE), so the summed NLL over
+the text is compared instead: per character (v1 {ref['nats_per_char']:.4f}, v2 {cand['nats_per_char']:.4f} nats),
+per byte (NLL / ln 2 / bytes: v1 {ref['bits_per_byte']:.4f}, v2 {cand['bits_per_byte']:.4f} bits), and as v2's
+perplexity per v1 token, exp(NLL_v2 / {ref['tokens']}) = {h['candidate_ppl_per_reference_token']:.2f}, against v1's
+{ref['ppl']:.2f}: v1's is {h['ratio']:.2f}× v2's. The conversion: ratio = exp((NLL_v1 − NLL_v2) / n_v1_tokens)
+= exp((v1 − v2 nats/char) × {h['chars'] / ref['tokens']:.3f} characters per v1 token).
+"""
+
+
+def render(perf: dict, r: dict, summary: dict, expected: dict, train_eval: dict | None) -> str:
+    from dsv4.builtin import builtin_config
+
+    cfg = builtin_config(expected["version"])
+    fib = next(s for s in r["code"]["samples"] if s["prompt"] == "def fibonacci(n):")
+    chat = expected.get("chat")
+    chat_block = (f"""`dsv4 chat`, the CI's pinned request (`{chat['messages'][0]['content']}`), greedy reply
+({len(chat['token_ids'])} tokens, ends with EOS):
+
+```text
+{chat['text'].replace('<｜end▁of▁sentence｜>', '')}
+```
+""" if chat else "No held-out chat request was answered with a `def` and EOS: the CI has no chat-stop test.\n")
+    gpu_ppl = (f"\nThe training script's own held-out perplexity (same text and windows, on its device): "
+               f"{train_eval['heldout_ppl']:.2f}.\n" if train_eval and "heldout_ppl" in train_eval else "")
+    return f"""# The built-in model (`builtin-python-v{expected['version']}`)
+
+`dsv4 generate`, `dsv4 chat`, `dsv4 serve`, `dsv4 finetune` and `dsv4.LLM()` use it when no model is given.
+It is a DeepSeek-V4 model small enough to ship inside the package (`dsv4/builtin_model/`) and to run on a laptop
+CPU, trained on Python source and on chat requests for functions built from it. It is a demonstration and a
+regression fixture: it knows the look and habits of the Python standard library and a few packages, nothing else.
+Evaluation records: `docs/builtin_model_eval.json` (`scripts/eval_builtin.py`).
+
+## Architecture
+
+`dsv4.builtin.builtin_config({expected['version']})`, every V4 feature present:
+
+{architecture(cfg, perf['model_bytes'])}
+## Data
+
+{summary['files']} Python files ({summary['stdlib_files']} of the CPython standard library, {summary['package_files']} from
+{summary['packages']} permissively licensed PyPI packages) as {summary['code_documents']:,} code documents of ≤ {summary['doc_tokens']} tokens,
+plus {summary['chat_examples']:,} chat examples (a request phrased from a function's signature and docstring, answered
+with the function, in the official V4 chat format ending with EOS; loss on the reply only): {summary['tokens']:,} tokens.
+Held out of everything (tokenizer, code, chat): {', '.join(f'`{n}`' for n in summary['heldout'])}. Sources, versions, the
+licence of each (all permit redistributing the weights with the notices retained) and how the chat set is built:
+[builtin_model_v2_data.md](builtin_model_v2_data.md).
+
+## Tokenizer
+
+Byte-level BPE with {summary['vocab_size']} ids trained with the `tokenizers` library on the training files. Ids 0–14 are
+special tokens (`dsv4.builtin.BUILTIN_SPECIALS`): BOS (0) and EOS (1) as in every V4 config, pad, then the chat
+format's markers (`<｜User｜>`, `<｜Assistant｜>`, `<think>`, `</think>`, `｜DSML｜`, `<｜latest_reminder｜>`, the six
+task tokens). Saved as `dsv4/builtin_model/tokenizer.json`.
+
+## Training
+
+{training(perf)}
+## Evaluation
+
+CPU, greedy, fp32 with the QAT emulation on (as `dsv4 generate` runs it), `scripts/eval_builtin.py`:
+
+{evaluation(r)}{perplexity_note(r['heldout'])}{gpu_ppl}
+`dsv4 generate "def fibonacci(n):" --max-tokens {r['code']['tokens']}` (greedy):
+
+```text
+def fibonacci(n):{fib['text']}
+```
+
+{chat_block}
+## Regression tests
+
+`tests/test_builtin_model.py`, against `tests/data/builtin_expected.json` (written by the installer): the shipped
+files (format, size ≤ 40 MB, every feature, tokenizer ids, strict load); the held-out perplexity below
+{expected['heldout_ppl']:.2f} + 3% (its first {expected.get('heldout_windows') or 'all'} windows); the pinned greedy continuation of `{expected['prompt']}` ({len(expected['token_ids'])} tokens)
+alone and batched with other prompts; {'a held-out chat request whose pinned reply ends with EOS' if chat else 'the chat path'}.
+`tests/test_cli.py::test_generate_with_the_builtin_model` runs the README's first command.
+
+## Reproduce
+
+```bash
+PYTHONPATH=. python3 scripts/builtin_data.py .builtin_data                        # CPU, about a minute
+python3 {' '.join(_args(perf['settings']['args']))} --bundle BUNDLE   # GPU
+PYTHONPATH=. python3 scripts/install_builtin.py BUNDLE          # CPU: evaluate, install, expectations, this card
+```
+"""
+
+
+def _args(args: dict) -> list[str]:
+    out = ["scripts/train_builtin_gpu.py", args["data"], args["out"]]
+    for k, v in args.items():
+        if k in ("data", "out", "bundle") or v is None or v is False:
+            continue
+        out.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
+    return out
