@@ -106,7 +106,9 @@ def _add_serve(sub) -> None:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes the server to the "
-                        "network, which has no authentication)")
+                        "network: set --api-key too)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1/* request (default: the "
+                                     "DSV4_API_KEY environment variable; none = no authentication)")
     p.add_argument("--port", type=_positive(int), default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: the "
                                                "--model argument, or 'builtin-python-v1')")
@@ -358,7 +360,11 @@ def cmd_serve(args) -> int:
                    cpu_cache_gib=args.cpu_cache_gib, compile_decode=args.compile_decode)
     except ValueError as e:              # EngineConfig's checks (page size ...)
         raise UsageError(str(e)) from None
-    app = build_app(llm, args.served_model_name or args.model or BUILTIN_NAME)
+    from dsv4.serve.auth import ENV_VAR, warn_if_exposed
+
+    api_key = args.api_key or os.environ.get(ENV_VAR) or None
+    warn_if_exposed(args.host, api_key)
+    app = build_app(llm, args.served_model_name or args.model or BUILTIN_NAME, api_key)
     serve(app, args.host, args.port, args.log_level)
     return 0
 
