@@ -142,8 +142,10 @@ endpoints:
   POST /v1/chat/completions   messages -> reply in DeepSeek-V4's chat format; stream, n, max_tokens /
                               max_completion_tokens, temperature, top_p, top_k, min_p, presence_penalty,
                               frequency_penalty, repetition_penalty, seed, stop, logprobs / top_logprobs,
-                              tools + tool_choice ("auto" | "none") -> tool_calls parsed from DSML,
-                              stream_options.include_usage, ignore_eos
+                              tools + tool_choice ("auto" | "none" | "required" | {"type": "function",
+                              "function": {"name": ...}}) -> tool_calls parsed from DSML, response_format
+                              (json_object | json_schema), stream_options.include_usage, ignore_eos,
+                              structured_outputs (vLLM: json | regex | choice | grammar | json_object)
   POST /v1/completions        raw text or token-id prompts (one or a list); same sampling parameters,
                               logprobs = number of top tokens
   GET  /health                {"status": "ok", running, waiting, pages_in_use, ...}; 503 if the engine died
@@ -154,7 +156,8 @@ thinking mode (reasoning returned in `reasoning_content`, streamed as `delta.rea
   chat_template_kwargs also takes "reasoning_effort" and "drop_thinking" (keep past turns' reasoning: false)
 
 errors: OpenAI-style {"error": {"message", "type", "param", "code"}}; 400 for a bad body (unknown or
-unsupported parameters included), 404 for an unknown model, 503 when the engine has stopped.
+unsupported parameters included), 401 without the API key (--api-key / DSV4_API_KEY), 404 for an unknown model,
+503 when the engine has stopped.
 
 example:
   dsv4 serve --model /path/to/DeepSeek-V4-Flash --port 8000

@@ -71,9 +71,9 @@ def _invoke(function: dict) -> dict:
     return {"type": "sequence", "elements": elements}
 
 
-def tool_call_tag(tools: list[dict], name: str | None = None) -> dict:
-    """The structural tag of a reply that is one DSML tool-call block: one or more calls of any of `tools`
-    (OpenAI format), or exactly one call of the tool `name`."""
+def tool_call_tag(tools: list[dict], name: str | None = None, parallel: bool = True) -> dict:
+    """The structural tag of a reply that is one DSML tool-call block: one or more calls (exactly one unless
+    `parallel`) of any of `tools` (OpenAI format), or exactly one call of the tool `name`."""
     functions = [t["function"] for t in tools]
     if name is not None:
         functions = [f for f in functions if f["name"] == name]
@@ -81,6 +81,6 @@ def tool_call_tag(tools: list[dict], name: str | None = None) -> dict:
             raise ValueError(f"no tool is named {name!r}")
     invokes = [_invoke(f) for f in functions]
     one = invokes[0] if len(invokes) == 1 else {"type": "or", "elements": invokes}
-    calls = one if name is not None else {"type": "plus", "content": one}
+    calls = one if name is not None or not parallel else {"type": "plus", "content": one}
     block = [_const(f"{TOOL_CALLS_START}>\n"), calls, _const(TOOL_CALLS_END)]
     return {"type": "structural_tag", "format": {"type": "sequence", "elements": block}}

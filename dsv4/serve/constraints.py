@@ -61,7 +61,8 @@ def _forced_tool(req: ChatCompletionRequest, thinking: bool) -> StructuredOutput
                 check_schema(tool["function"].get("parameters"))
             except StructuredOutputError as e:
                 raise APIError(str(e), 400, f"tools[{i}].function.parameters", "invalid_function_parameters") from e
-    return StructuredOutputsParams(structural_tag=tool_call_tag(tools, name), reasoning=thinking)
+    tag = tool_call_tag(tools, name, parallel=req.parallel_tool_calls is not False)
+    return StructuredOutputsParams(structural_tag=tag, reasoning=thinking)
 
 
 def _compile(so: StructuredOutputsParams, grammars, param: str) -> StructuredOutputsParams:

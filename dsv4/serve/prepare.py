@@ -161,9 +161,10 @@ def _check_chat_options(req: ChatCompletionRequest) -> None:
         raise APIError("top_logprobs needs logprobs=true", 400, "top_logprobs", "invalid_value")
     if req.tool_choice is not None and not req.tools:
         raise APIError("tool_choice needs tools", 400, "tool_choice", "invalid_value")
-    if req.parallel_tool_calls is False:
-        raise APIError("parallel_tool_calls=false is not supported (the model may call several tools at once)",
-                       400, "parallel_tool_calls", "unsupported_value")
+    if req.parallel_tool_calls is False and req.tool_choice in (None, "auto", "none"):
+        raise APIError("parallel_tool_calls=false needs a forced tool_choice ('required' or a named function): "
+                       "only a constrained reply can be held to one call", 400, "parallel_tool_calls",
+                       "unsupported_value")
     if req.tools:
         _check_tools(req)
 
