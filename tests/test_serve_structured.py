@@ -19,9 +19,9 @@ from serve_helpers import live_server, make_app
 
 pytest.importorskip("xgrammar")
 
-from dsv4.engine.config import EngineConfig  # noqa: E402
-from dsv4.engine.engine import Engine  # noqa: E402
-from dsv4.tokenizer import load_tokenizer  # noqa: E402
+from dsv4.engine.config import EngineConfig
+from dsv4.engine.engine import Engine
+from dsv4.tokenizer import load_tokenizer
 
 USER = [{"role": "user", "content": "Describe the weather"}]
 KEY = "sk-test-123"
@@ -40,8 +40,8 @@ class Weather(BaseModel):
 
 
 def engine_for(model, tokenizer, seqs: int = 16):
-    return Engine(model, tokenizer, EngineConfig(max_num_seqs=seqs, page_size=128, num_pages=4 * seqs,
-                                                 max_model_len=512))
+    return Engine(model, tokenizer, EngineConfig(max_num_seqs=seqs, page_size=128, num_pages=8 * seqs,
+                                                 max_model_len=1024))
 
 
 @pytest.fixture(scope="module")
@@ -114,35 +114,39 @@ def test_thinking_mode_keeps_the_reasoning_free(client):
     assert not msg.content
 
 
-@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_forced_tool_calls_parse_and_validate(client, tool_choice):
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (TOOL, OTHER)}
+
+
+def check_calls(choice, names) -> None:
+    assert choice.finish_reason == "tool_calls", choice
+    assert not choice.message.content
+    assert len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0].function
+    assert call.name in names
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
+def test_required_tool_call_parses_and_validates(client):
     """parallel_tool_calls=false: one call, so that noise cannot chain calls past max_tokens (noise spells the
     markup out of small tokens, hence the generous max_tokens)."""
-    tools = [TOOL] if tool_choice != "required" else [TOOL, OTHER]
-    out = client.chat.completions.create(model="m", messages=USER, tools=tools, tool_choice=tool_choice,
-                                         parallel_tool_calls=False, max_tokens=300, n=3, seed=11)
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    out = client.chat.completions.create(model="m", messages=USER, tools=[TOOL, OTHER], tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=300, n=2, seed=11)
     for choice in out.choices:
-        assert choice.finish_reason == "tool_calls", choice
-        assert not choice.message.content
-        for call in choice.message.tool_calls:
-            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
-        assert len(choice.message.tool_calls) == 1
-        if tool_choice != "required":
-            assert choice.message.tool_calls[0].function.name == "get_weather"
+        check_calls(choice, ("get_weather", "now"))
 
 
-def test_forced_tool_call_streams_the_same_arguments(client):
-    kw = dict(model="m", messages=USER, tools=[TOOL], max_tokens=300, seed=5,
+def test_named_tool_call_validates_and_streams_the_same_arguments(client):
+    kw = dict(model="m", messages=USER, tools=[TOOL, OTHER], max_tokens=300, seed=5,
               tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    full = client.chat.completions.create(**kw).choices[0].message.tool_calls[0].function
+    full = client.chat.completions.create(**kw).choices[0]
+    check_calls(full, ("get_weather",))
     args, content = "", ""
     for chunk in client.chat.completions.create(**kw, stream=True):
         for delta in chunk.choices[:1]:
             content += delta.delta.content or ""
             for call in delta.delta.tool_calls or []:
                 args += call.function.arguments or ""
-    assert args == full.arguments and content == ""
+    assert args == full.message.tool_calls[0].function.arguments and content == ""
 
 
 def test_vllm_structured_outputs_extension_on_completions(client):

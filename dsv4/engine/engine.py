@@ -21,7 +21,6 @@ from dsv4.engine.sequence import Sequence
 from dsv4.engine.structured import StructuredDecoding, StructuredOutputError
 from dsv4.model.state import ModelState
 
-
 log = logging.getLogger("dsv4.engine")
 
 

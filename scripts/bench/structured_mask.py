@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     tokenizer = load_tokenizer(None)
     grammars = Grammars(tokenizer, V4_VOCAB, EOS)
-    for name, (so, text) in CASES.items():
+    for name, (so, _) in CASES.items():
         start = time.perf_counter()
         grammars.compile(so)
         print(f"{name}: compile {1e3 * (time.perf_counter() - start):.0f} ms (first grammar includes the "
