@@ -47,7 +47,7 @@ def engine_for(model, tokenizer, seqs: int = 16):
 @pytest.fixture(scope="module")
 def server(builtin_model_fp32):
     tokenizer = load_tokenizer(None)
-    app, _ = make_app(engine_for(builtin_model_fp32, tokenizer), tokenizer, api_key=KEY)
+    app, _ = make_app(engine_for(builtin_model_fp32, tokenizer, 64), tokenizer, api_key=KEY)   # n=50 in one wave
     with live_server(app) as url:
         yield url
 

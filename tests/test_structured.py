@@ -83,6 +83,8 @@ def test_params_take_exactly_one_constraint():
     with pytest.raises(ValueError, match="choice"):
         StructuredOutputsParams(choice="ab")
     assert StructuredOutputsParams(choice=["a", "b"]).choice == ("a", "b")
+    so = StructuredOutputsParams(json={"type": "object"})
+    assert hash(SamplingParams(structured_outputs=so)) == hash(SamplingParams(structured_outputs=so))
     with pytest.raises(ValueError, match="ignore_eos"):
         SamplingParams(ignore_eos=True, structured_outputs=StructuredOutputsParams(json_object=True))
     with pytest.raises(ValueError, match="structured_outputs"):

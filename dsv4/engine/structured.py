@@ -102,6 +102,9 @@ class StructuredOutputsParams:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"StructuredOutputsParams.{name} must be a string")
 
+    def __hash__(self) -> int:     # `json` / `structural_tag` may be dicts: hash the canonical text instead
+        return hash((self.key(), self.reasoning))
+
     def key(self) -> tuple[str, str]:
         """(kind, canonical text): the cache key."""
         if self.json is not None:
