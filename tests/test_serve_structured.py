@@ -135,18 +135,22 @@ def test_required_tool_call_parses_and_validates(client):
         check_calls(choice, ("get_weather", "now"))
 
 
-def test_named_tool_call_validates_and_streams_the_same_arguments(client):
-    kw = dict(model="m", messages=USER, tools=[TOOL, OTHER], max_tokens=300, seed=5,
-              tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    full = client.chat.completions.create(**kw).choices[0]
-    check_calls(full, ("get_weather",))
-    args, content = "", ""
-    for chunk in client.chat.completions.create(**kw, stream=True):
-        for delta in chunk.choices[:1]:
-            content += delta.delta.content or ""
-            for call in delta.delta.tool_calls or []:
+def test_named_tool_call_streams_valid_arguments(client):
+    """Streamed: no content, one call of the named tool, argument deltas that add up to valid arguments (the
+    non-streamed path shares the parser: tests/test_serve_api.py compares the two)."""
+    stream = client.chat.completions.create(model="m", messages=USER, tools=[TOOL, OTHER], max_tokens=300, seed=5,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            stream=True)
+    names, args, content, finish = [], "", "", None
+    for chunk in stream:
+        for choice in chunk.choices[:1]:
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+            for call in choice.delta.tool_calls or []:
+                names += [call.function.name] if call.function.name else []
                 args += call.function.arguments or ""
-    assert args == full.message.tool_calls[0].function.arguments and content == ""
+    assert (names, content, finish) == (["get_weather"], "", "tool_calls")
+    jsonschema.validate(json.loads(args), SCHEMAS["get_weather"])
 
 
 def test_vllm_structured_outputs_extension_on_completions(client):
@@ -205,3 +209,17 @@ def test_exposed_host_without_a_key_warns(capsys):
         out = io.StringIO()
         assert warn_if_exposed(host, key, out) is warned
         assert ("without an API key" in out.getvalue()) is warned
+
+
+def test_dsv4_serve_takes_the_key_from_the_environment():
+    """The CLI path: DSV4_API_KEY (the built-in model, its own vocabulary: quick to load)."""
+    import os
+
+    from serve_helpers import serve_command
+
+    args = ["--max-model-len", "256", "--num-pages", "2", "--page-size", "128", "--max-num-seqs", "1",
+            "--log-level", "warning"]
+    with serve_command(*args, env={**os.environ, "DSV4_API_KEY": KEY}) as (_, url):
+        assert httpx.get(url + "/v1/models").status_code == 401
+        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert models.status_code == 200 and models.json()["data"]
