@@ -250,6 +250,17 @@ def test_masks_touch_only_constrained_rows_and_match_the_plain_twin(builtin_toke
     assert torch.equal(fast[1, kept], logits[1, kept])
 
 
+@pytest.mark.gpu
+def test_cuda_masks_match_the_cpu_ones(builtin_tokenizer):
+    sd = StructuredDecoding(builtin_tokenizer, 4096, 1)
+    sd.add(7, StructuredOutputsParams(json=SCHEMA))
+    logits = torch.randn(4, 4096, generator=torch.Generator().manual_seed(1))
+    on_gpu = logits.cuda()
+    sd.apply(on_gpu, [1, 2, 7, 3])
+    sd.apply(logits, [1, 2, 7, 3])
+    assert torch.equal(on_gpu.cpu(), logits)
+
+
 def test_thinking_rows_are_free_until_the_end_of_reasoning(builtin_tokenizer):
     sd = StructuredDecoding(builtin_tokenizer, 4096, 1)
     sd.add(3, StructuredOutputsParams(choice=["yes"], reasoning=True))

@@ -312,6 +312,8 @@ class StructuredDecoding:
             pin = torch.cuda.is_available()
             self._mask = torch.empty(max(len(seq_ids), 16), words, dtype=torch.int32, pin_memory=pin)
             self._batch = self._batch or xgr.BatchGrammarMatcher(max_threads=2)
+        # NOTE: the buffer is reused; on CUDA the previous step's copy out of it has finished, because the runner
+        # reads that step's sampled tokens back before the next fill.
         mask = self._mask[:len(seq_ids)]
         self._batch.batch_fill_next_token_bitmask([m for _, m in rows], mask, indices=[i for i, _ in rows])
         return mask, [i for i, _ in rows]
@@ -325,5 +327,9 @@ class StructuredDecoding:
         import xgrammar as xgr
 
         mask, rows = found
-        mask = mask.to(logits.device, non_blocking=True)
-        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows, backend=backend)
+        index = torch.tensor(rows, dtype=torch.int32)
+        if logits.device.type == "cuda":   # pinned: the copies are queued on the stream, the host never waits
+            mask, index = mask.to(logits.device, non_blocking=True), index.pin_memory().to(logits.device,
+                                                                                           non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size,
+                                        indices=index if logits.device.type == "cuda" else rows, backend=backend)
