@@ -4,8 +4,8 @@ from dsv4.chat import encode_messages, parse_completion
 from dsv4.config import ConfigError, ModelConfig, tiny_config
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "ConfigError", "ModelConfig", "SamplingParams", "encode_messages", "load_model", "parse_completion",
-           "tiny_config"]
+__all__ = ["LLM", "ConfigError", "ModelConfig", "SamplingParams", "StructuredOutputsParams", "encode_messages",
+           "load_model", "parse_completion", "tiny_config"]
 
 
 def __getattr__(name):
@@ -18,6 +18,10 @@ def __getattr__(name):
         from dsv4.engine.sampling import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from dsv4.engine.structured import StructuredOutputsParams
+
+        return StructuredOutputsParams
     raise AttributeError(f"module 'dsv4' has no attribute {name!r}")
 
 

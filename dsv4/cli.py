@@ -122,7 +122,9 @@ def _add_serve(sub) -> None:
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes the server to the "
-                        "network, which has no authentication)")
+                        "network: set --api-key too)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1/* request (default: the "
+                                     "DSV4_API_KEY environment variable; none = no authentication)")
     p.add_argument("--port", type=_positive(int), default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: the "
                                                "--model argument, or 'builtin-python-v1')")
@@ -156,8 +158,10 @@ endpoints:
   POST /v1/chat/completions   messages -> reply in DeepSeek-V4's chat format; stream, n, max_tokens /
                               max_completion_tokens, temperature, top_p, top_k, min_p, presence_penalty,
                               frequency_penalty, repetition_penalty, seed, stop, logprobs / top_logprobs,
-                              tools + tool_choice ("auto" | "none") -> tool_calls parsed from DSML,
-                              stream_options.include_usage, ignore_eos
+                              tools + tool_choice ("auto" | "none" | "required" | {"type": "function",
+                              "function": {"name": ...}}) -> tool_calls parsed from DSML, response_format
+                              (json_object | json_schema), stream_options.include_usage, ignore_eos,
+                              structured_outputs (vLLM: json | regex | choice | grammar | json_object)
   POST /v1/completions        raw text or token-id prompts (one or a list); same sampling parameters,
                               logprobs = number of top tokens
   GET  /health                {"status": "ok", running, waiting, pages_in_use, ...}; 503 if the engine died
@@ -168,7 +172,8 @@ thinking mode (reasoning returned in `reasoning_content`, streamed as `delta.rea
   chat_template_kwargs also takes "reasoning_effort" and "drop_thinking" (keep past turns' reasoning: false)
 
 errors: OpenAI-style {"error": {"message", "type", "param", "code"}}; 400 for a bad body (unknown or
-unsupported parameters included), 404 for an unknown model, 503 when the engine has stopped.
+unsupported parameters included), 401 without the API key (--api-key / DSV4_API_KEY), 404 for an unknown model,
+503 when the engine has stopped.
 
 example:
   dsv4 serve --model /path/to/DeepSeek-V4-Flash --port 8000
@@ -388,7 +393,11 @@ def cmd_serve(args) -> int:
                    cpu_cache_gib=args.cpu_cache_gib, compile_decode=args.compile_decode)
     except ValueError as e:              # EngineConfig's checks (page size ...)
         raise UsageError(str(e)) from None
-    app = build_app(llm, args.served_model_name or args.model or BUILTIN_NAME)
+    from dsv4.serve.auth import ENV_VAR, warn_if_exposed
+
+    api_key = args.api_key or os.environ.get(ENV_VAR) or None
+    warn_if_exposed(args.host, api_key)
+    app = build_app(llm, args.served_model_name or args.model or BUILTIN_NAME, api_key)
     serve(app, args.host, args.port, args.log_level)
     return 0
 

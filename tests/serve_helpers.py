@@ -116,7 +116,7 @@ def token_ids(tokenizer, pieces) -> list[int]:
     return ids
 
 
-def make_app(engine, tokenizer, name: str = "m", vocab_size: int | None = None):
+def make_app(engine, tokenizer, name: str = "m", vocab_size: int | None = None, api_key: str | None = None):
     from dsv4.serve.app import create_app
     from dsv4.serve.async_engine import AsyncEngine
     from dsv4.serve.metrics import Metrics
@@ -126,4 +126,4 @@ def make_app(engine, tokenizer, name: str = "m", vocab_size: int | None = None):
     info = ModelInfo(name, engine.max_model_len, vocab_size or cfg.vocab_size, cfg.bos_token_id)
     metrics = Metrics()
     async_engine = AsyncEngine(engine, metrics)
-    return create_app(async_engine, tokenizer, info, metrics), async_engine
+    return create_app(async_engine, tokenizer, info, metrics, api_key), async_engine

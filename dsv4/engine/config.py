@@ -13,7 +13,8 @@ from dsv4.model.state import layer_bytes_per_page
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "cpu"
-    dtype: str | None = None            # "bfloat16" | "float32"; None = bf16 on CUDA, fp32 on CPU
+    dtype: str | torch.dtype | None = None  # a floating torch dtype or its name ("bfloat16", "float32" ...);
+                                            # None or "auto" = bf16 on CUDA, fp32 on CPU; stored as the name
     quant_emulation: bool = True
     max_model_len: int | None = None    # None = the model's max_seq_len
     max_num_seqs: int = 16              # sequence slots (window rings and compressor state)
@@ -30,13 +31,13 @@ class EngineConfig:
     num_speculative_tokens: int = 0     # drafts per decode step from the MTP block (engine/speculative.py); 0 = off
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         checks = [(self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
                   (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
                   (self.page_size >= 128 and self.page_size % 128 == 0, "page_size must be a multiple of 128"),
                   (self.num_pages is None or self.num_pages >= 1, "num_pages must be >= 1"),
                   (0 < self.memory_fraction <= 1, "memory_fraction must be in (0, 1]"),
                   (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
-                  (self.dtype in (None, "bfloat16", "float32"), "dtype must be bfloat16 or float32"),
                   (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
                   (self.num_speculative_tokens >= 0, "num_speculative_tokens must be >= 0"),
                   # The MTP step is not sent to the follower ranks (dist/worker.py), whose collectives would hang.
@@ -50,6 +51,17 @@ class EngineConfig:
         if self.dtype is None:
             return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+
+def _dtype_name(dtype) -> str | None:
+    """What `load_model` accepts (a floating torch dtype, or its name as in `torch.<name>`), or None / "auto"."""
+    if dtype is None or dtype == "auto":
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, its name (e.g. 'bfloat16', 'float32') or "
+                         f"'auto', got {dtype!r}")
+    return str(resolved).removeprefix("torch.")
 
 
 def bytes_per_page(cfg, page_size: int, dtype: torch.dtype) -> int:

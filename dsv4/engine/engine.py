@@ -7,6 +7,7 @@ Finished and aborted sequences give their slot and pages back in the same step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from dsv4.engine.config import EngineConfig, cache_pages
@@ -17,7 +18,10 @@ from dsv4.engine.runner import ModelRunner, Sampled
 from dsv4.engine.sampling import SamplingParams, request_seeds
 from dsv4.engine.scheduler import Scheduler
 from dsv4.engine.sequence import Sequence
+from dsv4.engine.structured import StructuredDecoding, StructuredOutputError
 from dsv4.model.state import ModelState
+
+log = logging.getLogger("dsv4.engine")
 
 
 class RequestError(ValueError):
@@ -62,6 +66,8 @@ class Engine:
 
             speculator = Speculator(model, self.state, econf.num_speculative_tokens, self.max_model_len)
         self.runner = ModelRunner(model, self.state, graphs=graphs, speculator=speculator)
+        self.structured = StructuredDecoding(tokenizer, cfg.vocab_size, cfg.eos_token_id)
+        self.runner.structured = self.structured
         self.requests: dict[str, _Request] = {}
         self.num_preemptions = 0
         self._by_seq: dict[int, tuple[_Request, int]] = {}
@@ -71,12 +77,22 @@ class Engine:
                     prompt: str | None = None) -> RequestOutput:
         self._check(request_id, prompt_ids, params)
         seqs = [Sequence(list(prompt_ids), params, seed=s) for s in request_seeds(params)]
+        if params.structured_outputs is not None:
+            try:    # a cache hit when the caller compiled it already (the server does, off this thread)
+                for seq in seqs:
+                    self.structured.add(seq.seq_id, params.structured_outputs)
+            except StructuredOutputError as e:
+                for seq in seqs:
+                    self.structured.remove(seq.seq_id)
+                raise RequestError(str(e)) from e
         for seq in seqs:
             try:
                 self.scheduler.add(seq)
             except ValueError as e:
                 for added in seqs[:seqs.index(seq)]:
                     self.scheduler.abort(added.seq_id)
+                for added in seqs:
+                    self.structured.remove(added.seq_id)
                 raise RequestError(str(e)) from e
         outs = [CompletionOutput(i, logprobs=[] if params.logprobs is not None else None) for i in range(len(seqs))]
         req = _Request(RequestOutput(request_id, prompt, list(prompt_ids), outs), seqs,
@@ -108,6 +124,7 @@ class Engine:
                 self.scheduler.abort(seq.seq_id)
                 req.output.outputs[i].finish_reason = "abort"
             self._by_seq.pop(seq.seq_id, None)
+            self.structured.remove(seq.seq_id)
         req.output.finished = True
 
     def has_unfinished(self) -> bool:
@@ -143,6 +160,8 @@ class Engine:
         seq, out, stream = req.seqs[i], req.output.outputs[i], req.streams[i]
         p = seq.params
         seq.output_ids.append(s.token_id)
+        if seq.seq_id in self.structured and not self.structured.accept(seq.seq_id, s.token_id):
+            log.warning("sequence %d: the grammar rejected token %d; unconstrained from here", seq.seq_id, s.token_id)
         out.token_ids.append(s.token_id)
         out.cumulative_logprob += s.logprob
         if out.logprobs is not None:
@@ -161,6 +180,7 @@ class Engine:
         if reason != "stop" or out.stop_reason is None or isinstance(out.stop_reason, int):
             out.text += stream.finish()
         out.finish_reason = reason
+        self.structured.remove(seq.seq_id)
         self.scheduler.finish(seq, reason)
 
     def generate_all(self, progress=None) -> None:

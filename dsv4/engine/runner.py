@@ -32,6 +32,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.sampler = sampler or Sampler()
         self.counts: TokenCounts | None = None           # allocated on the first request with a penalty
+        self.structured = None                           # StructuredDecoding: grammar masks of constrained rows
 
     def run(self, entries: list[tuple[Sequence, int]]) -> dict[int, Sampled]:
         """Run one step; returns {seq_id: Sampled} for the sequences whose chunk ends at their last token."""
@@ -77,6 +78,8 @@ class ModelRunner:
                 self.counts.add(torch.full_like(out, seq.slot), out)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[int, Sampled]:
+        if self.structured is not None:                  # masks filled on the host while the device computes
+            self.structured.apply(logits, [s.seq_id for s in seqs])
         st = SamplingTensors.from_params([s.params for s in seqs], [s.seed for s in seqs],
                                          [len(s.output_ids) for s in seqs], self.device, [s.slot for s in seqs])
         out = self.sampler(logits, st, self.counts if st.do_penalties else None)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dsv4.engine.structured import StructuredOutputsParams
+
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below this is greedy (dividing by it would overflow fp32)
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
@@ -72,6 +74,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    structured_outputs: StructuredOutputsParams | None = None   # constrained decoding (engine/structured.py)
 
     def __post_init__(self):
         _check_real("temperature", self.temperature, 0.0, math.inf, "a finite number >= 0 (0 = greedy)")
@@ -92,6 +95,10 @@ class SamplingParams:
             _fail("ignore_eos", "a bool", self.ignore_eos)
         if not _is_int(self.n) or self.n < 1:
             _fail("n", "an integer >= 1", self.n)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            _fail("structured_outputs", "None or a StructuredOutputsParams", self.structured_outputs)
+        if self.structured_outputs is not None and self.ignore_eos:
+            _fail("ignore_eos", "False with structured_outputs (EOS is how a constrained output ends)", True)
         object.__setattr__(self, "stop", _stop_strings(self.stop))
         object.__setattr__(self, "stop_token_ids", _stop_ids(self.stop_token_ids))
 

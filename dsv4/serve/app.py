@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from dsv4.engine.engine import RequestError
 from dsv4.serve import chat, completions, prepare
 from dsv4.serve.async_engine import AsyncEngine, EngineDeadError, Subscription
+from dsv4.serve.auth import APIKeyMiddleware
 from dsv4.serve.errors import APIError, install_handlers
 from dsv4.serve.metrics import Metrics
 from dsv4.serve.prepare import ModelInfo
@@ -26,9 +27,13 @@ from dsv4.serve.protocol import ChatCompletionRequest, CompletionRequest
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(engine: AsyncEngine, tokenizer, info: ModelInfo, metrics: Metrics | None = None) -> FastAPI:
-    """The app; its lifespan starts the engine thread and stops it (aborting what runs) at shutdown."""
+def create_app(engine: AsyncEngine, tokenizer, info: ModelInfo, metrics: Metrics | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine thread and stops it (aborting what runs) at shutdown.
+    With `api_key`, every /v1/* route requires `Authorization: Bearer api_key` (auth.py)."""
     metrics = metrics or engine.metrics or Metrics()
+    structured = getattr(engine.engine, "structured", None)
+    grammars = structured.grammars if structured is not None else None   # compiled in prepare's worker thread
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -41,6 +46,8 @@ def create_app(engine: AsyncEngine, tokenizer, info: ModelInfo, metrics: Metrics
 
     app = FastAPI(title="dsv4", summary="OpenAI-compatible API for DeepSeek-V4", lifespan=lifespan)
     install_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health():
@@ -69,7 +76,7 @@ def create_app(engine: AsyncEngine, tokenizer, info: ModelInfo, metrics: Metrics
     @app.post("/v1/completions")
     async def create_completion(req: CompletionRequest, request: Request):
         # Tokenising a long prompt takes a while: off the event loop.
-        prompts, params = await asyncio.to_thread(prepare.completion_inputs, req, tokenizer, info)
+        prompts, params = await asyncio.to_thread(prepare.completion_inputs, req, tokenizer, info, grammars)
         sub = await _submit(engine, list(zip(prompts, params, strict=True)), "cmpl")
         lens, n = [len(p) for p in prompts], params[0].n
         if req.stream:
@@ -80,7 +87,7 @@ def create_app(engine: AsyncEngine, tokenizer, info: ModelInfo, metrics: Metrics
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(req: ChatCompletionRequest, request: Request):
-        inputs = await asyncio.to_thread(prepare.chat_inputs, req, tokenizer, info)
+        inputs = await asyncio.to_thread(prepare.chat_inputs, req, tokenizer, info, grammars)
         sub = await _submit(engine, [(inputs.prompt_ids, inputs.params)], "chatcmpl")
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.stream:

@@ -10,12 +10,13 @@ from dsv4.serve.metrics import Metrics
 from dsv4.serve.prepare import ModelInfo
 
 
-def build_app(llm, served_model_name: str) -> FastAPI:
-    """The app serving `llm` (a `dsv4.LLM`) under `served_model_name`; the engine thread runs while the app does."""
+def build_app(llm, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    """The app serving `llm` (a `dsv4.LLM`) under `served_model_name`; the engine thread runs while the app does.
+    With `api_key`, /v1/* requires `Authorization: Bearer api_key`."""
     cfg = llm.model.cfg
     info = ModelInfo(served_model_name, llm.engine.max_model_len, cfg.vocab_size, cfg.bos_token_id)
     metrics = Metrics()
-    return create_app(AsyncEngine(llm.engine, metrics), llm.tokenizer, info, metrics)
+    return create_app(AsyncEngine(llm.engine, metrics), llm.tokenizer, info, metrics, api_key)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -3,6 +3,8 @@ cannot express (the model name, the context length, tool schemas, parameter comb
 
 Defaults follow OpenAI: `max_tokens` is 16 for /v1/completions and "the rest of the context" for chat.
 Thinking mode is on when `chat_template_kwargs.thinking` is true or a `reasoning_effort` is given.
+Constraints (response_format, forced tool calls, structured_outputs) are built and compiled in constraints.py;
+`grammars` is the engine's `Grammars` (None: not compiled here, the engine compiles on admission).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from jsonschema import validators
 
 from dsv4.chat import encode_messages
 from dsv4.engine.sampling import SamplingParams
+from dsv4.engine.structured import StructuredOutputsParams
+from dsv4.serve import constraints
 from dsv4.serve.errors import APIError
 from dsv4.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from dsv4.tokenizer import encode_prompt
@@ -67,7 +71,8 @@ def _fit(prompt_len: int, max_tokens: int | None, info: ModelInfo, param: str, p
     return max_tokens
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
+                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
     def pick(value, default):
         return default if value is None else value
 
@@ -78,15 +83,15 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) 
                               presence_penalty=pick(req.presence_penalty, 0.0),
                               frequency_penalty=pick(req.frequency_penalty, 0.0), seed=req.seed,
                               max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
-                              logprobs=logprobs, n=pick(req.n, 1))
+                              logprobs=logprobs, n=pick(req.n, 1), structured_outputs=structured)
     except ValueError as e:
         raise APIError(str(e), 400, None, "invalid_value") from e
 
 
 # ------------------------------------------------------------------------------------------------ completions
 
-def completion_inputs(req: CompletionRequest, tokenizer,
-                      info: ModelInfo) -> tuple[list[list[int]], list[SamplingParams]]:
+def completion_inputs(req: CompletionRequest, tokenizer, info: ModelInfo,
+                      grammars=None) -> tuple[list[list[int]], list[SamplingParams]]:
     """One (prompt ids, params) per prompt of the request."""
     check_model(req, info)
     if req.echo:
@@ -108,13 +113,14 @@ def completion_inputs(req: CompletionRequest, tokenizer,
             raise APIError(f"prompt token ids must be < the vocabulary size {info.vocab_size}, got {bad[0]}", 400,
                            "prompt", "invalid_value")
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    return ids, [sampling_params(req, _fit(len(p), max_tokens, info, "max_tokens", "prompt"), req.logprobs)
+    structured = constraints.extension_constraint(req, grammars)
+    return ids, [sampling_params(req, _fit(len(p), max_tokens, info, "max_tokens", "prompt"), req.logprobs, structured)
                  for p in ids]
 
 
 # ------------------------------------------------------------------------------------------------ chat
 
-def chat_inputs(req: ChatCompletionRequest, tokenizer, info: ModelInfo) -> ChatInputs:
+def chat_inputs(req: ChatCompletionRequest, tokenizer, info: ModelInfo, grammars=None) -> ChatInputs:
     check_model(req, info)
     _check_chat_options(req)
     kwargs = req.chat_template_kwargs
@@ -126,7 +132,11 @@ def chat_inputs(req: ChatCompletionRequest, tokenizer, info: ModelInfo) -> ChatI
     use_tools = bool(req.tools) and req.tool_choice != "none"
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     if use_tools:
-        messages = _with_tools(messages, [t.model_dump(exclude_none=True) for t in req.tools])
+        messages = _on_system(messages, "tools", [t.model_dump(exclude_none=True) for t in req.tools])
+    if req.response_format is not None and req.response_format.type != "text":   # the official place for it
+        messages = _on_system(messages, "response_format", req.response_format.model_dump(by_alias=True,
+                                                                                           exclude_none=True))
+    structured = constraints.chat_constraint(req, thinking, grammars)
     mode = "thinking" if thinking else "chat"
     drop = kwargs.drop_thinking if kwargs and kwargs.drop_thinking is not None else True
     try:
@@ -139,7 +149,7 @@ def chat_inputs(req: ChatCompletionRequest, tokenizer, info: ModelInfo) -> ChatI
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _fit(len(ids), req.max_completion_tokens or req.max_tokens, info, param, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return ChatInputs(ids, sampling_params(req, max_tokens, logprobs), mode, use_tools)
+    return ChatInputs(ids, sampling_params(req, max_tokens, logprobs, structured), mode, use_tools)
 
 
 def _check_chat_options(req: ChatCompletionRequest) -> None:
@@ -151,12 +161,10 @@ def _check_chat_options(req: ChatCompletionRequest) -> None:
         raise APIError("top_logprobs needs logprobs=true", 400, "top_logprobs", "invalid_value")
     if req.tool_choice is not None and not req.tools:
         raise APIError("tool_choice needs tools", 400, "tool_choice", "invalid_value")
-    if req.tool_choice is not None and req.tool_choice not in ("none", "auto"):
-        raise APIError("tool_choice must be 'auto' or 'none': forcing a tool call needs constrained decoding, "
-                       "which this server does not do", 400, "tool_choice", "unsupported_value")
-    if req.parallel_tool_calls is False:
-        raise APIError("parallel_tool_calls=false is not supported (the model may call several tools at once)",
-                       400, "parallel_tool_calls", "unsupported_value")
+    if req.parallel_tool_calls is False and req.tool_choice in (None, "auto", "none"):
+        raise APIError("parallel_tool_calls=false needs a forced tool_choice ('required' or a named function): "
+                       "only a constrained reply can be held to one call", 400, "parallel_tool_calls",
+                       "unsupported_value")
     if req.tools:
         _check_tools(req)
 
@@ -182,9 +190,10 @@ def _check_tools(req: ChatCompletionRequest) -> None:
                            "invalid_function_parameters") from e
 
 
-def _with_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
-    """Tools go on the first system message (the V4 format's place for them); one is added when there is none."""
+def _on_system(messages: list[dict], key: str, value) -> list[dict]:
+    """Tools and the response format go on the first system message (the V4 format's place for them); one is
+    added when there is none."""
     for i, m in enumerate(messages):
         if m["role"] == "system":
-            return [*messages[:i], {**m, "tools": tools}, *messages[i + 1:]]
-    return [{"role": "system", "content": "", "tools": tools}, *messages]
+            return [*messages[:i], {**m, key: value}, *messages[i + 1:]]
+    return [{"role": "system", "content": "", key: value}, *messages]

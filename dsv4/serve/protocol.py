@@ -1,11 +1,12 @@
 """Request bodies of the OpenAI API, as strict pydantic models (they also make the OpenAPI schema at /openapi.json).
 
 Strict on purpose: no type coercion (`"1"` is not an int, `true` is not a number), and unknown fields are errors
-(`unsupported_parameter`) rather than silently ignored — a client that sends `logit_bias` or `response_format`
-must learn that they do nothing here. `None` (JSON null) means "the default" for every optional field.
+(`unsupported_parameter`) rather than silently ignored — a client that sends `logit_bias` must learn that it does
+nothing here. `None` (JSON null) means "the default" for every optional field.
 
-Extensions beyond OpenAI (vLLM's names): `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, and for chat
-`chat_template_kwargs` (`thinking`, `reasoning_effort`, `drop_thinking`).
+Extensions beyond OpenAI (vLLM's names): `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `structured_outputs`
+(`json`, `regex`, `choice`, `grammar`, `json_object`, `structural_tag`), and for chat `chat_template_kwargs`
+(`thinking`, `reasoning_effort`, `drop_thinking`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ class StreamOptions(Strict):
 StopStrings = Annotated[str, Field(min_length=1)]
 
 
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs` extension: exactly one of these (checked in prepare.py)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: Annotated[str, Field(min_length=1)] | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: Annotated[str, Field(min_length=1)] | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+
+
 class SamplingFields(Strict):
     """What /v1/completions and /v1/chat/completions share."""
 
@@ -51,6 +63,7 @@ class SamplingFields(Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = None
     user: str | None = None     # accepted for compatibility; not used
+    structured_outputs: StructuredOutputs | None = None
 
 
 # ------------------------------------------------------------------------------------------------ completions
@@ -147,6 +160,29 @@ class NamedToolChoice(Strict):
     function: NamedFunction
 
 
+class JSONSchemaSpec(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(Strict):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(Strict):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+
+
 class ChatTemplateKwargs(Strict):
     thinking: bool | None = None
     reasoning_effort: Literal["high", "max"] | None = None
@@ -161,5 +197,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     reasoning_effort: Literal["high", "max"] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
