@@ -328,3 +328,20 @@ def test_llm_dtype_rejects_non_float(llm):
     assert llm.model.dtype == torch.float32
     with pytest.raises(ValueError, match="floating-point"):
         dsv4.LLM(dtype=torch.int8)
+
+
+def test_constrained_rows_are_exact_under_speculative_decoding(llm):
+    """With speculation on, constrained rows are not speculated (their tokens go through the masked sampler), so
+    the constraint holds and greedy output equals the engine without speculation; unconstrained companions keep
+    speculating (and equal their non-speculative output too)."""
+    import dsv4
+
+    spec = dsv4.LLM(dtype=torch.float32, max_num_seqs=8, num_speculative_tokens=2)
+    params = [SamplingParams(max_tokens=40, temperature=0, structured_outputs=StructuredOutputsParams(json=SCHEMA)),
+              SamplingParams(max_tokens=12, temperature=0)]
+    prompts = ["def main():", "import os"]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    got = spec.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == want
+    jsonschema.validate(json.loads(got[0].outputs[0].text), SCHEMA)
+    assert got[0].metrics.num_draft_tokens == 0                  # the constrained row proposed nothing

@@ -324,6 +324,11 @@ class Speculator:
         """Drafts worth proposing: the next verify emits up to k + 1 tokens, which must fit max_tokens and the
         context."""
         seq = e.seq
+        if seq.params.structured_outputs is not None:
+            # Grammar-constrained rows are not speculated (k = 0 for them): their token goes through the runner's
+            # masked sampling, so the constraint holds exactly; checking drafts against the grammar would add the
+            # speed-up (not done yet).
+            return 0
         out_after = len(seq.output_ids) + len(e.emitted)
         left = min(seq.params.max_tokens - out_after, self.max_model_len - seq.num_tokens - len(e.emitted))
         return min(self.k, left - 1)
