@@ -27,6 +27,8 @@ class EngineConfig:
                                         # 3.9 -> 2.7 ms on the Flash-width bench; ~35 s of compiling per bucket)
     decode_batch: bool = False          # CPU: run decode steps through the fixed-shape path too (tests)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (docs/parallel.md); the engine runs on rank 0
+    enable_prefix_caching: bool = True  # requests start from a cached prefix (engine/prefix_cache.py; TP = 1 only)
+    max_prefix_snapshots: int = 64      # prefix cache: slot-state snapshots kept at block boundaries (LRU)
 
     def __post_init__(self):
         checks = [(self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
@@ -36,7 +38,8 @@ class EngineConfig:
                   (0 < self.memory_fraction <= 1, "memory_fraction must be in (0, 1]"),
                   (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
                   (self.dtype in (None, "bfloat16", "float32"), "dtype must be bfloat16 or float32"),
-                  (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1")]
+                  (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+                  (self.max_prefix_snapshots >= 0, "max_prefix_snapshots must be >= 0")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("; ".join(bad))
@@ -62,5 +65,9 @@ def cache_pages(cfg, econf: EngineConfig, max_model_len: int) -> int:
         budget = free * econf.memory_fraction
     else:
         budget = econf.cpu_cache_gib * 2**30
+    if econf.enable_prefix_caching:                   # the snapshots come out of the same budget
+        from dsv4.engine.prefix_cache import snapshot_bytes
+
+        budget -= econf.max_prefix_snapshots * snapshot_bytes(cfg, econf.page_size, econf.torch_dtype())
     per_seq = math.ceil(max_model_len / econf.page_size)
     return max(per_seq, min(int(budget // per_page), per_seq * econf.max_num_seqs))

@@ -62,6 +62,11 @@ class ModelRunner:
         with torch.inference_mode():
             return self._sample(seqs, logits)
 
+    def resume(self, seq: Sequence, saved: list[torch.Tensor]) -> None:
+        """Start a sequence from a cached prefix: its slot gets the snapshot taken at the prefix's end."""
+        self._start(seq)
+        self.state.load_slot(seq.slot, saved)
+
     def _start(self, seq: Sequence) -> None:
         self.state.reset_slot(seq.slot)
         p = seq.params
