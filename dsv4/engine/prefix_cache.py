@@ -22,7 +22,13 @@ never hand out another prefix's state. What V4 needs at a block boundary N:
   Decode steps cross boundaries one token at a time, so long replies get snapshots for free.
 Memory: cached pages stay in the page pool, held by their sequences (refcount) and, once idle, evicted LRU
 (leaves first, so a chain is never cut in its middle) when a sequence needs pages: idle cached pages count as free
-for admission and growth, so they never make a running request wait or be preempted. Sequences hold whole chains
+for admission and growth, so they never make a running request wait or be preempted.
+Eviction order is two-level (like 2Q): "cold" blocks (written by a sequence that had no hit: one-off prompts)
+go before "warm" ones (blocks that were hit, and blocks written by a sequence that started from a hit: the next
+turn of a conversation continues them), least recently used first within each. Plain LRU would flush a
+conversation's prefix for every one-off request that finished after it (the vLLM 43447 failure: hit rate 0%
+under churn); tests/test_prefix_cache.py interleaves two sessions with one-off requests to show it does not.
+Snapshots are evicted in the same order. Sequences hold whole chains
 from the root (a sequence that computed a block someone else cached meanwhile switches to the cached page), so
 an idle block's descendants are idle too and every idle block is evictable.
 """
@@ -54,6 +60,7 @@ class Block:
     last_used: int = 0
     snapshot: list[torch.Tensor] | None = None
     snapshot_used: int = 0
+    warm: bool = False                                   # hit, or written after a hit (evicted after cold ones)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class _SeqInfo:
     held: list[Block] = field(default_factory=list)     # the blocks of seq.pages[:len(held)], a chain from the root
     cuts: list[int] = field(default_factory=list)       # prefill chunks stop at these lengths (snapshot points)
     restore: list[torch.Tensor] | None = None           # the snapshot to load into its slot before its first step
+    warm: bool = False                                  # started from a hit: the blocks it writes are warm
 
 
 def snapshot_bytes(cfg, page_size: int, dtype: torch.dtype) -> int:
@@ -81,7 +89,7 @@ class PrefixCache:
         self._seqs: dict[int, _SeqInfo] = {}
         self._clock = itertools.count(1)
         self._ids = itertools.count()
-        self._heap: list[tuple] = []          # (last_used, -depth, id, block) of idle leaves; stale entries skipped
+        self._heap: list[tuple] = []          # (warm, last_used, -depth, id, block) of idle leaves; stale skipped
 
     @property
     def hit_rate(self) -> float:
@@ -102,11 +110,11 @@ class PrefixCache:
         now = next(self._clock)
         for block in chain[:hit]:
             self._hold(block)
-            block.last_used = now
+            block.last_used, block.warm = now, True
         if hit:
             info.restore = chain[hit - 1].snapshot
             chain[hit - 1].snapshot_used = now
-        info.held = chain[:hit]
+        info.held, info.warm = chain[:hit], hit > 0
         seq.pages, seq.num_computed = [b.page for b in info.held], hit * P
         info.cuts = sorted({c for c in (len(chain) * P, (seq.num_tokens - 1) // P * P) if c > hit * P})
         self._seqs[seq.seq_id] = info
@@ -155,7 +163,7 @@ class PrefixCache:
             key = (parent.id if parent else ROOT, tuple(ids[d * P:(d + 1) * P]))
             block = self.blocks.get(key)
             if block is None:
-                block = self.blocks[key] = Block(key, seq.pages[d], d, parent, next(self._ids))
+                block = self.blocks[key] = Block(key, seq.pages[d], d, parent, next(self._ids), warm=info.warm)
                 if parent is not None:
                     parent.children += 1
                 self.num_idle += 1                    # _hold takes it back
@@ -171,7 +179,8 @@ class PrefixCache:
         if block.snapshot is not None or self.max_snapshots == 0 or self.state is None:
             return
         if self.num_snapshots >= self.max_snapshots:
-            victim = min((b for b in self.blocks.values() if b.snapshot is not None), key=lambda b: b.snapshot_used)
+            victim = min((b for b in self.blocks.values() if b.snapshot is not None),
+                         key=lambda b: (b.warm, b.snapshot_used))
             self._drop_snapshot(victim)
         block.snapshot, block.snapshot_used = self.state.save_slot(seq.slot), next(self._clock)
         self.num_snapshots += 1
@@ -196,11 +205,12 @@ class PrefixCache:
         return freed + seq.pages[len(info.held):]
 
     def evict(self, n: int) -> list[int]:
-        """Free up to `n` idle pages, least recently used leaves first; returns their page ids."""
+        """Free up to `n` idle pages, cold before warm, least recently used leaves first; returns their page ids."""
         pages = []
         while len(pages) < n and self._heap:
-            stamp, _, _, block = heapq.heappop(self._heap)
-            if self.blocks.get(block.key) is not block or block.refs or block.children or block.last_used != stamp:
+            warm, stamp, _, _, block = heapq.heappop(self._heap)
+            if (self.blocks.get(block.key) is not block or block.refs or block.children
+                    or (block.warm, block.last_used) != (warm, stamp)):
                 continue                              # stale entry
             del self.blocks[block.key]
             self._drop_snapshot(block)
@@ -224,7 +234,7 @@ class PrefixCache:
 
     def _push_if_leaf(self, block: Block) -> None:
         if block.refs == 0 and block.children == 0:
-            heapq.heappush(self._heap, (block.last_used, -block.depth, block.id, block))
+            heapq.heappush(self._heap, (block.warm, block.last_used, -block.depth, block.id, block))
 
     # ------------------------------------------------------------------------------------------ checks
     def cached_pages(self) -> set[int]:
