@@ -178,3 +178,16 @@ def test_caching_off_and_options(tiny_model_fp32, tokenizer):
     eng.num_added = 0
     p = tokens(300, 9)
     assert [o.num_cached_tokens for o in run(eng, [p]) + run(eng, [p])] == [0, 0]
+
+
+def test_ttft_bench_conversation_runs(tiny_model_fp32, tokenizer):
+    """scripts/bench/prefix_cache.py (TTFT of turns 2 and 5, bench/results/prefix_cache_*.json) at tiny size."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "prefix_cache.py"
+    spec = importlib.util.spec_from_file_location("prefix_cache_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    turns = bench.conversation(make_engine(tiny_model_fp32, tokenizer), tokens(140, 3), [[], tokens(20, 4)], 3)
+    assert [t["cached_tokens"] for t in turns] == [0, 128] and all(t["ttft_s"] > 0 for t in turns)
