@@ -102,7 +102,7 @@ def test_multi_turn_conversation_equals_no_caching(model, tokenizer):
 
 def test_batch_mixing_hits_and_misses_and_parallel_samples(tiny_model_fp32, tokenizer):
     base = tokens(270, 2)
-    on, off = engines(tiny_model_fp32, tokenizer)
+    on, off = engines(tiny_model_fp32, tokenizer, decode_batch=True)      # decode steps: the fixed-shape path
     run(on, [base])
     prompts = [base[:260], tokens(200, 3), base + tokens(9, 4), tokens(40, 5), base[:140]]
     got, want = run(on, prompts), run(off, prompts)
@@ -146,12 +146,13 @@ def test_eviction_frees_idle_pages_and_never_preempts_for_them(tiny_model_fp32, 
 
 
 def test_two_interleaved_sessions_keep_their_prefixes_under_churn(tiny_model_fp32, tokenizer):
-    """Sessions A and B alternate turns with one-off requests in between; the cache holds both conversations but
-    not the one-offs too, and few snapshots: plain LRU would evict a session's prefix for each one-off."""
+    """Sessions A and B alternate turns with one-off requests in between, in a cache too small for all: outputs
+    equal no caching through the evictions, and each session keeps hitting (the policy itself: the bookkeeping
+    test below)."""
     on, off = engines(tiny_model_fp32, tokenizer, num_pages=12, max_prefix_snapshots=6)
     history = {"A": tokens(130, 50), "B": tokens(140, 51)}
     hits = {"A": [], "B": []}
-    for turn in range(4):
+    for turn in range(3):
         for name in "AB":
             got, want = run(on, [history[name]])[0], run(off, [history[name]])[0]
             assert got.token_ids == want.token_ids
@@ -164,7 +165,7 @@ def test_two_interleaved_sessions_keep_their_prefixes_under_churn(tiny_model_fp3
         if turn:
             # the last turn's prompt boundary is found again (the previous prompt's last full block)
             assert all(hits[n][-1] >= expect - 128 for n in "AB"), hits
-    assert hits["A"][1:] == [128, 256, 384] and hits["B"][1:] == [128, 256, 384], hits
+    assert hits["A"][1:] == [128, 256] and hits["B"][1:] == [128, 256], hits
     assert_all_idle(on)
 
 
@@ -191,3 +192,58 @@ def test_ttft_bench_conversation_runs(tiny_model_fp32, tokenizer):
     spec.loader.exec_module(bench)
     turns = bench.conversation(make_engine(tiny_model_fp32, tokenizer), tokens(140, 3), [[], tokens(20, 4)], 3)
     assert [t["cached_tokens"] for t in turns] == [0, 128] and all(t["ttft_s"] > 0 for t in turns)
+
+
+class _FakeState:
+    """Stands in for ModelState in bookkeeping-only tests: a snapshot is a marker."""
+
+    def save_slot(self, slot):
+        return [torch.zeros(1)]
+
+
+def _serve(cache, ids, reply=4):
+    """One request through the cache's bookkeeping as the scheduler drives it (no model): returns the hit."""
+    from dsv4.engine.sequence import Sequence
+
+    seq = Sequence(list(ids), SamplingParams(max_tokens=reply))
+    cache.match_prefix(seq)
+    hit = seq.num_computed
+    assert cache.can_fit(seq, 1) and cache.admit(seq)
+    seq.output_ids = tokens(reply, len(ids))
+    while seq.num_computed < seq.num_tokens - 1:
+        n = cache.clip_chunk(seq, min(seq.num_tokens - 1 - seq.num_computed, 256))
+        assert cache.can_fit(seq, n), "idle cached pages must never block a request"
+        cache.grow(seq, seq.num_computed + n)
+        seq.num_computed += n
+        cache.after_step([seq])
+        cache.check_invariants()
+    cache.release(seq)
+    cache.check_invariants()
+    return hit, seq.prompt_ids + seq.output_ids
+
+
+def _sessions_with_churn(pages: int, snapshots: int) -> dict[str, list[int]]:
+    """Sessions A and B take turns; a one-off request follows every turn. Returns each session's hits."""
+    from dsv4.engine.pages import CacheManager
+    from dsv4.engine.prefix_cache import PrefixCache
+
+    cache = CacheManager(4, pages, 128, PrefixCache(128, snapshots, _FakeState()))
+    history, hits = {"A": tokens(130, 50), "B": tokens(140, 51)}, {"A": [], "B": []}
+    for turn in range(5):
+        for name in "AB":
+            hit, ids = _serve(cache, history[name])
+            hits[name].append(hit)
+            history[name] = ids + tokens(120, 60 + turn)
+            _serve(cache, tokens(300, 100 + 2 * turn + (name == "B")))      # a one-off: never seen again
+    assert cache.pages.num_used == 0
+    return hits
+
+
+@pytest.mark.parametrize("pages, snapshots", [(10, 64), (64, 4)])
+def test_two_sessions_under_churn_keep_their_prefixes_bookkeeping(pages, snapshots):
+    """The vLLM 43447 failure in bookkeeping alone (fast): with pages (first case) or snapshots (second) too few
+    for the sessions and every one-off, each session still hits as much as with a cache big enough for all.
+    Plain LRU fails both cases (checked): a session's prefix is older than the one-offs that finished after it."""
+    ample = _sessions_with_churn(64, 64)
+    assert all(h > 0 for n in "AB" for h in ample[n][1:]), ample
+    assert _sessions_with_churn(pages, snapshots) == ample
