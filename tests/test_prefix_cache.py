@@ -169,6 +169,15 @@ def test_two_interleaved_sessions_keep_their_prefixes_under_churn(tiny_model_fp3
     assert_all_idle(on)
 
 
+def test_cli_flag_turns_caching_off():
+    from dsv4.cli import build_parser
+
+    for cmd in ("serve", "generate", "chat"):
+        extra = ["hi"] if cmd == "generate" else []
+        assert build_parser().parse_args([cmd, *extra]).no_prefix_caching is False
+        assert build_parser().parse_args([cmd, *extra, "--no-prefix-caching"]).no_prefix_caching is True
+
+
 def test_caching_off_and_options(tiny_model_fp32, tokenizer):
     eng = make_engine(tiny_model_fp32, tokenizer, enable_prefix_caching=False)
     assert eng.cache.prefix is None

@@ -208,10 +208,10 @@ class PrefixCache:
         """Free up to `n` idle pages, cold before warm, least recently used leaves first; returns their page ids."""
         pages = []
         while len(pages) < n and self._heap:
-            warm, stamp, _, _, block = heapq.heappop(self._heap)
-            if (self.blocks.get(block.key) is not block or block.refs or block.children
-                    or (block.warm, block.last_used) != (warm, stamp)):
+            entry = heapq.heappop(self._heap)
+            if not self._valid(entry):
                 continue                              # stale entry
+            block = entry[-1]
             del self.blocks[block.key]
             self._drop_snapshot(block)
             self.num_idle -= 1
@@ -235,6 +235,14 @@ class PrefixCache:
     def _push_if_leaf(self, block: Block) -> None:
         if block.refs == 0 and block.children == 0:
             heapq.heappush(self._heap, (block.warm, block.last_used, -block.depth, block.id, block))
+            if len(self._heap) > 4 * len(self.blocks) + 64:      # stale entries pile up (a queue head that waits)
+                self._heap = [e for e in self._heap if self._valid(e)]
+                heapq.heapify(self._heap)
+
+    def _valid(self, entry: tuple) -> bool:
+        warm, stamp, _, _, block = entry
+        return (self.blocks.get(block.key) is block and not block.refs and not block.children
+                and (block.warm, block.last_used) == (warm, stamp))
 
     # ------------------------------------------------------------------------------------------ checks
     def cached_pages(self) -> set[int]:
