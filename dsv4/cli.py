@@ -311,7 +311,8 @@ def _llm(args, **engine_options):
     engine_options = {"max_num_seqs": 1} | engine_options
     return LLM(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
                quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len,
-               enable_prefix_caching=not getattr(args, "no_prefix_caching", False), tensor_parallel_size=tp, progress=sys.stderr.isatty(), **engine_options)
+               enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=tp,
+               progress=sys.stderr.isatty(), **engine_options)
 
 
 def _sampling(args):

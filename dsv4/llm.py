@@ -25,7 +25,8 @@ class LLM:
 
     Engine options are the fields of `EngineConfig`: device, dtype, quant_emulation, max_model_len,
     max_num_seqs, max_num_batched_tokens, page_size, num_pages, memory_fraction, cpu_cache_gib,
-    enable_prefix_caching (default True), max_prefix_snapshots, tensor_parallel_size (> 1: the model is sharded over that many processes, spawned here or started by torchrun;
+    enable_prefix_caching (default True; docs/prefix_caching.md), max_prefix_snapshots,
+    tensor_parallel_size (> 1: the model is sharded over that many processes, spawned here or started by torchrun;
     see docs/parallel.md; `close()` releases them).
     """
 

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))     # this checkout's dsv4, not an installed one
 
-from dsv4.engine.config import EngineConfig  # noqa: E402
-from dsv4.engine.engine import Engine  # noqa: E402
-from dsv4.engine.sampling import SamplingParams  # noqa: E402
+from dsv4.engine.config import EngineConfig
+from dsv4.engine.engine import Engine
+from dsv4.engine.sampling import SamplingParams
 
 
 def build(name: str, layers: int, device: str):
