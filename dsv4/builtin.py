@@ -22,9 +22,19 @@ BUILTIN_SPECIALS = (BOS, EOS, "<｜▁pad▁｜>", USER, ASSISTANT, THINK_START,
                     *TASK_TOKENS.values())
 
 
-def builtin_config() -> ModelConfig:
-    """Architecture of the built-in model (what `scripts/train_builtin.py` trains)."""
-    return tiny_config(vocab_size=4096)
+def builtin_config(version: int = 1) -> ModelConfig:
+    """Architecture of the built-in model: version 1 is the shipped one (`scripts/train_builtin.py`, CPU);
+    version 2 is the GPU-trained successor (`scripts/train_builtin_gpu.py`): every V4 layer kind twice over
+    (sliding, then CSA/HCA alternating, + a sliding MTP block), sized to 39.1 MB of official-format safetensors
+    (FP8 dense, FP4 experts, bf16 embedding/head: `dsv4.checkpoint.inventory`, checked in the tests)."""
+    if version == 1:
+        return tiny_config(vocab_size=4096)
+    if version == 2:
+        return tiny_config(vocab_size=6144, dim=512, n_layers=6, compress_ratios=(0, 4, 128, 4, 128, 4, 0),
+                           n_heads=8, head_dim=128, q_lora_rank=256, o_lora_rank=128, o_groups=4, window_size=64,
+                           index_n_heads=16, index_topk=16, n_routed_experts=6, n_activated_experts=2,
+                           moe_inter_dim=256, n_hash_layers=2, max_seq_len=2048)
+    raise ValueError(f"unknown built-in model version {version}")
 
 
 def untrained_v4_vocab_config() -> ModelConfig:

@@ -54,6 +54,16 @@ def _add_model_args(p) -> None:
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=_positive(int),
                    help="shard the model over N processes (one per GPU; gloo on CPU), started here, or by torchrun "
                         "(default: torchrun's WORLD_SIZE, else 1); see docs/parallel.md")
+    p.add_argument("--speculative-tokens", type=_non_negative_int, default=0,
+                   help="speculative decoding: tokens the MTP block drafts per decode step, verified in one forward "
+                        "(same outputs; default 0 = off)")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _add_sampling_args(p, temperature: float) -> None:
@@ -199,9 +209,12 @@ def _add_bench(sub) -> None:
                        description="Synthesise DeepSeek-V4-Flash at full width truncated to --layers blocks (official "
                                    "formats, straight on the GPU), then time dsv4 and transformers eager on the same "
                                    "weights: decode ms/step after a --context-token prompt, prefill; the HBM floor of "
-                                   "each decode step; greedy agreement of dsv4's fast path with its reference path. "
-                                   "Prints a table and writes JSON with --out. Needs a CUDA GPU with ~100 GB free.")
-    p.add_argument("--layers", type=_positive(int), default=4, help="blocks kept (default 4: ratios 0, 0, 4, 128)")
+                                   "each decode step and prefill; weight bytes resident over the checkpoint's native bytes; greedy "
+                                   "agreement of dsv4's fast path with its reference path. Prints a table and writes "
+                                   "JSON with --out. Needs a CUDA GPU (4 layers: ~25 GB; 20 layers: ~80 GB).")
+    p.add_argument("--layers", type=_positive(int), default=4,
+                   help="blocks kept (default 4: ratios 0, 0, 4, 128); above 4 the depth figures are added "
+                        "(per-layer decode time, peak memory, longest context, projected full-Flash TPOT at TP=2)")
     p.add_argument("--context", type=_positive(int), default=512, help="prompt tokens before decoding (default 512)")
     p.add_argument("--decode-batches", type=_int_list, default=(1, 8, 64), help="decode batch sizes (default 1,8,64)")
     p.add_argument("--decode-steps", type=_positive(int), default=16, help="timed decode steps (default 16)")
@@ -312,7 +325,7 @@ def _llm(args, **engine_options):
     return LLM(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
                quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len,
                enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=tp,
-               progress=sys.stderr.isatty(), **engine_options)
+               progress=sys.stderr.isatty(), num_speculative_tokens=args.speculative_tokens, **engine_options)
 
 
 def _sampling(args):

@@ -27,7 +27,8 @@ class LLM:
     max_num_seqs, max_num_batched_tokens, page_size, num_pages, memory_fraction, cpu_cache_gib,
     enable_prefix_caching (default True; docs/prefix_caching.md), max_prefix_snapshots,
     tensor_parallel_size (> 1: the model is sharded over that many processes, spawned here or started by torchrun;
-    see docs/parallel.md; `close()` releases them).
+    see docs/parallel.md; `close()` releases them), num_speculative_tokens (> 0: MTP speculative decoding,
+    engine/speculative.py; single-rank only).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, revision: str | None = None,

@@ -82,7 +82,7 @@ class ScriptedRunner:
         self.step_seconds = 0.0         # pretend each step computes for this long
         self.fail: Exception | None = None   # raised by the next step (a broken model)
 
-    def resume(self, seq, saved) -> None:
+    def resume(self, seq) -> None:
         """A prefix-cache hit: nothing to restore, nothing is computed."""
 
     def run(self, entries):

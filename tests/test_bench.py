@@ -56,9 +56,30 @@ def test_ratios_and_table_of_a_timing_only_run():
 
     t = {"median_s": 2e-3, "floor_s": 5e-4, "tok_per_s": 500.0}
     res = {"dsv4": {"decode": {1: t, 64: {**t, "median_s": 2e-2, "tok_per_s": 3200.0}},
-                    "prefill": {1024: {"median_s": 0.04}}},
+                    "prefill": {1024: {"median_s": 0.04, "floor_s": 0.004}, 8192: {"error": "OOM", "floor_s": 0.03}}},
            "transformers": {"decode": {1: {"median_s": 0.025}}, "prefill": {1024: {"median_s": 0.043}}}}
     _ratios(res, BenchOptions(timing_only=True))
     assert res["decode_bs1_floor_ratio"] == 4.0 and res["decode_bs64_over_bs1_throughput"] == 6.4
+    assert res["decode_bs64_floor_ratio"] == 40.0 and abs(res["prefill_1k_floor_ratio"] - 10.0) < 1e-12
+    assert "prefill_8k_floor_ratio" not in res                     # not measured: no ratio invented
     assert abs(res["prefill_1k_speedup_vs_transformers"] - 1.075) < 1e-12 and "greedy_agreement" not in res
     assert "decode_bs1_speedup_vs_transformers" in table(res) and "greedy_agreement" not in table(res)
+
+
+def test_prefill_floor_is_the_larger_of_compute_and_weight_reads():
+    """At Flash width (4 layers) a 1k prefill reads every expert (the weight read bounds it) and an 8k prefill
+    is compute-bound; FLOPs count 2 per active weight element per token (dense + k routed experts), the head once,
+    plus attention, which grows faster than linearly with the length."""
+    from dsv4.bench import floor
+    from dsv4.config import ModelConfig
+
+    cfg = ModelConfig.preset("flash").truncated(4)
+    el = floor.active_weight_elements(cfg)
+    assert el["routed"] == 3 * cfg.n_activated_experts * cfg.dim * cfg.moe_inter_dim * cfg.n_layers
+    assert el["head"] == cfg.vocab_size * cfg.dim
+    one, eight = floor.prefill_floor(cfg, 1024, 4.2e12), floor.prefill_floor(cfg, 8192, 4.2e12)
+    assert one["floor_s"] == one["read_s"] > one["compute_s"]
+    assert eight["floor_s"] == eight["compute_s"] > eight["read_s"]
+    assert eight["attention_flops"] > 8 * one["attention_flops"]
+    assert abs(one["flops"] - 2 * 1024 * (el["dense"] + el["routed"]) - 2 * el["head"] - one["attention_flops"]) < 1
+    assert floor.native_bytes(cfg) == sum(s.nbytes for s in floor.inventory(cfg).values())

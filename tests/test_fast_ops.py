@@ -1,9 +1,6 @@
 """Fast ops against their plain twins (the definition) and a float64 reference.
 
-Tolerances by precision class: the cached-bf16 linear is exact in its inputs (FP8/FP4 weights and FP8
-activations are bf16 numbers), so against the twin only the summation order and the final bf16 rounding differ:
-relative error <= 2**-7 (two bf16 ulps) per element after the output rounding, and the same result as a float64
-product of the same operands rounded once (cosine >= 0.99999).
+Tolerances by precision class are given per test (the FP8 linear has its own file, tests/test_fp8_linear.py).
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import pytest
 import torch
 
 from dsv4 import ops
-from dsv4.ops.cached_linear import cached_linear
 from dsv4.ops.registry import which
 from dsv4.quant import fake_quant_fp8, quant_fp4, quant_fp8
 
@@ -20,33 +16,6 @@ from dsv4.quant import fake_quant_fp8, quant_fp4, quant_fp8
 def _weights(fmt, out_f, in_f, gen):
     w = torch.randn(out_f, in_f, generator=gen) * in_f ** -0.5
     return quant_fp8(w) if fmt == "fp8" else quant_fp4(w)
-
-
-@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
-@pytest.mark.parametrize("act_quant_on", [True, False])
-def test_cached_linear_equals_the_twin(fmt, act_quant_on):
-    gen = torch.Generator().manual_seed(hash((fmt, act_quant_on)) % 2**31)
-    weight, scale = _weights(fmt, 384, 512, gen)
-    x = (torch.randn(7, 512, generator=gen) * 3).bfloat16()
-    got = cached_linear(x, weight, scale, fmt, act_quant_on)
-    want = ops.linear.twin(x, weight, scale, fmt, act_quant_on)
-    xq = fake_quant_fp8(x, 128) if act_quant_on else x
-    exact = (xq.double() @ ops.dequant_weight(weight, scale, fmt).double().T).to(torch.bfloat16)
-    assert got.dtype == torch.bfloat16
-    rel = ((got.double() - want.double()).abs() / want.double().abs().clamp_min(1e-2)).max().item()
-    assert rel <= 2**-7, rel
-    cos = torch.nn.functional.cosine_similarity(got.double().flatten(), exact.double().flatten(), dim=0).item()
-    assert cos >= 0.99999
-
-
-def test_cached_weight_follows_writes():
-    gen = torch.Generator().manual_seed(5)
-    weight, scale = _weights("fp8", 128, 128, gen)
-    x = torch.randn(2, 128, generator=gen).bfloat16()
-    first = cached_linear(x, weight, scale, "fp8", False)
-    with torch.no_grad():
-        scale.copy_(scale.float().mul(2).to(scale.dtype))           # every block scale doubles
-    assert torch.equal(cached_linear(x, weight, scale, "fp8", False), (first.float() * 2).bfloat16())
 
 
 def test_dispatch_uses_the_twin_on_cpu_and_inside_reference_only(monkeypatch):
@@ -74,21 +43,6 @@ def test_dispatch_uses_the_twin_on_cpu_and_inside_reference_only(monkeypatch):
         assert len(calls) == 2
     finally:
         ops.registry._FAST["linear"] = [f for f in ops.registry._FAST["linear"] if f[0] != "spy"]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
-def test_cached_linear_on_cuda_at_flash_dims(fmt):
-    gen = torch.Generator().manual_seed(7)
-    weight, scale = _weights(fmt, 2048, 4096, gen)
-    x = torch.randn(64, 4096, generator=gen).bfloat16()
-    args = (x.cuda(), weight.cuda(), scale.cuda(), fmt, True)
-    with torch.inference_mode():                              # fast paths apply without autograd only
-        assert which("linear", *args) == "cached_bf16_linear"
-        got = ops.linear(*args).cpu()
-    want = ops.linear.twin(x, weight, scale, fmt, True)
-    rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
-    assert rel <= 1e-2, rel                                         # bf16 output class
 
 
 # ------------------------------------------------------------------------------------------------ routed pairs
@@ -254,17 +208,18 @@ def test_fused_kernels_on_cuda_at_flash_dims():
         assert ((a - b.cpu()).abs() / a.abs().clamp_min(1e-6)).max().item() <= 1e-5
 
 
-def test_head_logits_bf16_copy_only_when_exact():
-    """The head's fast path multiplies a bf16 copy of the fp32-held weight: only valid while that copy is exact
-    (a checkpoint's bf16 head is; a head trained in fp32 in this process is not), re-checked after writes."""
-    from dsv4.ops.head import exact_bf16_copy
+def test_head_is_held_as_stored_in_a_bf16_model(tiny_ckpt):
+    """A bf16 model holds the head in bf16 (as stored, once: no fp32 copy, no bf16 copy); fp32 models hold fp32.
+    The twin upcasts the bf16 weight, so it computes the reference's fp32 product of the same values."""
+    import dsv4
 
-    w = torch.randn(64, 32).bfloat16().float()
-    assert torch.equal(exact_bf16_copy(w).float(), w)
-    w.add_(1e-4)                                          # in-place write: version moves, no longer bf16-exact
-    assert exact_bf16_copy(w) is None
-    y = torch.randn(3, 32).bfloat16()
-    assert torch.equal(ops.logits(y, w), ops.logits.twin(y, w))          # CPU: the twin
+    bf16 = dsv4.load_model(tiny_ckpt, dtype=torch.bfloat16, progress=False)
+    fp32 = dsv4.load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    assert bf16.head.weight.dtype == torch.bfloat16 and fp32.head.weight.dtype == torch.float32
+    assert torch.equal(bf16.head.weight.float(), fp32.head.weight)
+    y = torch.randn(3, bf16.cfg.dim).bfloat16()
+    assert torch.equal(ops.logits(y, bf16.head.weight), ops.logits.twin(y, fp32.head.weight))   # CPU: the twin
+    assert not any(k.startswith("_dsv4") for k in vars(bf16.head.weight))
 
 
 @pytest.mark.gpu
@@ -274,10 +229,11 @@ def test_head_logits_on_cuda_at_flash_dims():
     relative (measured on the H200: 4.5e-6 against float64), so <= 1e-5 (Frobenius) against both, the bound the
     FP4 GEMV kernels of this file use."""
     gen = torch.Generator().manual_seed(11)
-    w = (torch.randn(129280, 4096, generator=gen) / 64).bfloat16().float().cuda()
+    w = (torch.randn(129280, 4096, generator=gen) / 64).bfloat16().cuda()
     y = torch.randn(4, 4096, generator=gen).bfloat16().cuda()
     with torch.inference_mode():
         assert which("logits", y, w) == "bf16_operand_logits"
+        assert which("logits", y, w.float()) == "twin"                  # an fp32-held head (training): the twin
         got = ops.logits(y, w)
         twin = ops.logits.twin(y, w)
     exact = y.double() @ w.double().T

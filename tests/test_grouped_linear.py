@@ -182,8 +182,8 @@ def test_routed_sorted_with_the_kernel_equals_the_expert_loop_on_cuda(tiny_ckpt)
 @pytest.mark.gpu
 def test_cuda_steps_pick_the_sorted_path(tiny_ckpt, monkeypatch):
     """CUDA inference: fixed-shape steps from SORTED_PATH_MIN_PAIRS pairs and prefill-sized steps (more than
-    PAIR_PATH_MAX_PAIRS pairs) take `routed_sorted` when bf16 expert copies are not affordable; prefill with
-    `grouped_linear` off, or with affordable copies, takes the bf16 grouped GEMM."""
+    PAIR_PATH_MAX_PAIRS pairs) take `routed_sorted` (FP4 read as stored); prefill with `grouped_linear` off takes
+    the bf16 grouped GEMM over per-call decoded experts."""
     import dsv4
 
     model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True, progress=False)
@@ -194,33 +194,26 @@ def test_cuda_steps_pick_the_sorted_path(tiny_ckpt, monkeypatch):
         monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     k, gen = model.cfg.n_activated_experts, torch.Generator().manual_seed(26)
     sizes = (moe.SORTED_PATH_MIN_PAIRS // k - 1, moe.SORTED_PATH_MIN_PAIRS // k, moe.PAIR_PATH_MAX_PAIRS // k + 1)
-    moe._bf16_copies_ok = False                       # as if the copies did not fit in memory
     with torch.inference_mode():
         for n in sizes:
             x = torch.randn(1, n, model.cfg.dim, generator=gen).bfloat16().cuda()
             moe(x, torch.zeros(1, n, dtype=torch.long, device="cuda"))
         with ops.reference_only("grouped_linear"):
             moe(x, torch.zeros(1, n, dtype=torch.long, device="cuda"))
-        moe._bf16_copies_ok = True
-        moe(x, torch.zeros(1, n, dtype=torch.long, device="cuda"))
-    assert calls == ["routed_pairs", "routed_sorted", "routed_sorted", "routed_grouped", "routed_grouped"]
+    assert calls == ["routed_pairs", "routed_sorted", "routed_sorted", "routed_grouped"]
 
 
-def test_bf16_copies_only_when_they_fit(tiny_ckpt, monkeypatch):
-    """The prefill MoE takes bf16 expert copies only when they would use at most BF16_COPIES_MAX_FREE_SHARE of the
-    free device memory (decided once per layer)."""
+def test_bf16_expert_stacks_are_per_call(tiny_ckpt):
+    """The bf16 grouped path decodes the experts for the call and keeps nothing (no resident copies), and the
+    decoded stack equals each expert's dequantised weight."""
     import dsv4
 
     model = dsv4.load_model(tiny_ckpt, dtype=torch.bfloat16, progress=False)
-    small, large = model.layers[1].ffn, model.layers[2].ffn
-    w1 = small.experts[0].w1
-    need = 3 * small.n_experts * w1.in_features * w1.out_features * 2
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(need / small.BF16_COPIES_MAX_FREE_SHARE),
-                                                                        1 << 40))
-    assert small.bf16_copies_affordable()
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 1 << 40))
-    assert not large.bf16_copies_affordable()
-    assert small.bf16_copies_affordable()             # decided once
+    moe = model.layers[2].ffn
+    stack = moe._bf16_stack("w1")
+    assert torch.equal(stack[3].float(), moe.experts[3].w1.dequantized())
+    assert not any(isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 and v.shape == stack.shape
+                   for v in moe.__dict__.values())
 
 
 @pytest.mark.gpu

@@ -1,8 +1,11 @@
 """The benchmark run: build, check and time dsv4 and transformers on one GPU; print a table; write JSON.
 
-Keys required by issue 5 are filled where measured: `gpu`, `decode_bs1_ms`, `decode_bs1_floor_ms`,
-`decode_bs1_floor_ratio`, `decode_bs1_speedup_vs_transformers`, `decode_bs64_over_bs1_throughput`,
-`prefill_1k_speedup_vs_transformers`, `greedy_agreement`.
+Top-level keys (issue 16): `decode_bs{1,8,64}_floor_ratio` (each decode step over its HBM floor),
+`prefill_{1k,8k}_floor_ratio` (over the larger of the bf16 compute time and the weight-read time),
+`weight_bytes_resident` / `weight_bytes_resident_over_native` (allocator bytes holding the model, after load and
+after every run, over the checkpoint's native bytes), `greedy_agreement` (random-weight bench model) and
+`greedy_agreement_builtin_model` (trained), `op_errors_vs_float64`; with `--layers` > 4 also `deep_layers`,
+`deep_per_layer_decode_ms`, `deep_peak_mem_gib`, `deep_longest_context`, `projected_full_flash_tp2_tpot_bs1_ms`.
 """
 
 from __future__ import annotations
@@ -68,12 +71,27 @@ def run(opts: BenchOptions) -> dict:
     from dsv4.loader import load_tensors
 
     tensors = synthesize_tensors(cfg, opts.seed, dev)
-    model = load_tensors(cfg, tensors, dev, torch.bfloat16, quant_emulation=True)
     res["params"] = sum(t.numel() * (2 if t.dtype == torch.int8 else 1) for t in tensors.values())
-    _say(opts, f"synthesised + loaded {res['params'] / 1e9:.1f} B params in {time.time() - t0:.0f} s")
+    model = load_tensors(cfg, tensors, dev, torch.bfloat16, quant_emulation=True)
+    del tensors                                  # transformers' run synthesises them again (same seed)
+    _free()
+    res["weight_bytes_native"] = floor.native_bytes(cfg)
+    res["weight_bytes_after_load"] = torch.cuda.memory_allocated(dev)
+    _say(opts, f"synthesised + loaded {res['params'] / 1e9:.1f} B params in {time.time() - t0:.0f} s: "
+               f"{res['weight_bytes_after_load'] / 1e9:.2f} GB resident for {res['weight_bytes_native'] / 1e9:.2f} "
+               f"GB native")
     if opts.profile:
         res["profile"] = _profile(model, opts)
     res["dsv4"] = _dsv4_runs(model, cfg, opts, bw)
+    if opts.layers > 4:
+        _deep(model, cfg, opts, res)
+    _free()
+    # Anything a fast path kept beside the weights (a copy made on first use) shows after the runs.
+    res["weight_bytes_after_runs"] = torch.cuda.memory_allocated(dev)
+    res["weight_bytes_resident"] = max(res["weight_bytes_after_load"], res["weight_bytes_after_runs"])
+    res["weight_bytes_resident_over_native"] = res["weight_bytes_resident"] / res["weight_bytes_native"]
+    _say(opts, f"weights resident after the runs: {res['weight_bytes_after_runs'] / 1e9:.2f} GB "
+               f"({res['weight_bytes_resident_over_native']:.3f}x native)")
     if not opts.timing_only:
         res["greedy_agreement"] = _agreement(model, opts)
         res["op_effects_on_logits"] = _op_effects(model, opts)
@@ -84,7 +102,7 @@ def run(opts: BenchOptions) -> dict:
     del model
     _free()
     if opts.transformers:
-        res["transformers"] = _hf_runs(cfg, tensors, opts, dev)
+        res["transformers"] = _hf_runs(cfg, synthesize_tensors(cfg, opts.seed, dev), opts, dev)
     _ratios(res, opts)
     res["log"] = opts.log
     if opts.out:
@@ -120,17 +138,55 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
         except (torch.OutOfMemoryError, RuntimeError) as e:         # recorded; the other figures still come
             t = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             _say(opts, f"dsv4 prefill {n}: {t['error']}")
+        fl = floor.prefill_floor(cfg, n, bw)
+        t.update(floor_s=fl["floor_s"], floor=fl)
         if "median_s" in t:
             t["tok_per_s"] = n / t["median_s"]
-            _say(opts, f"dsv4 prefill {n}: {t['median_s'] * 1e3:.1f} ms ({t['tok_per_s']:.0f} tok/s)")
+            _say(opts, f"dsv4 prefill {n}: {t['median_s'] * 1e3:.1f} ms ({t['tok_per_s']:.0f} tok/s; floor "
+                       f"{fl['floor_s'] * 1e3:.2f} ms: compute {fl['compute_s'] * 1e3:.2f}, weights {fl['read_s'] * 1e3:.2f})")
         out["prefill"][n] = t
         _free()
-    if 1024 in opts.prefill:         # the previous prefill MoE (bf16 expert copies, torch._grouped_mm), to compare
-        with ops.reference_only("grouped_linear"):
-            t = summary(cuda_time(dsv4_prefill(model, 1024, opts.prefill_chunk, opts.seed), 3))
-        out["prefill_1k_bf16_copies_grouped_mm"] = t
-        _say(opts, f"dsv4 prefill 1024 with bf16 expert copies + torch._grouped_mm: {t['median_s'] * 1e3:.1f} ms")
     return out
+
+
+FULL_FLASH_LAYERS = 43
+ALL_REDUCE_S = 15e-6            # assumed: one bf16 all-reduce of a few tokens' hidden state over NVLink (latency)
+
+
+def _deep(model, cfg, opts: BenchOptions, res: dict) -> None:
+    """Depth figures: per-layer decode time (step minus the head, over the layers), peak memory, the longest
+    context the free memory holds, and a labelled projection of full Flash's TPOT at TP=2."""
+    from dsv4.model.state import layer_bytes_per_page
+
+    dev = next(model.parameters()).device
+    head = {}
+    for b in opts.decode_batches:
+        y = torch.randn(1, b, cfg.dim, device=dev, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            head[b] = summary(cuda_time(lambda y=y: model.main_logits(y), 10))["median_s"]
+    per_layer = {b: (t["median_s"] - head[b]) / cfg.n_layers * 1e3 for b, t in res["dsv4"]["decode"].items()}
+    page = 256
+    per_token = sum(layer_bytes_per_page(cfg, r, page, torch.bfloat16) for r in cfg.compress_ratios[: cfg.n_layers])
+    per_token = per_token / page
+    free, total = torch.cuda.mem_get_info(dev)
+    reserve = 8 * 2**30                                       # activations of an 8k prefill chunk and the allocator
+    res.update(deep_layers=cfg.n_layers, deep_per_layer_decode_ms=per_layer, deep_head_ms={b: h * 1e3 for b, h in
+               head.items()}, deep_peak_mem_gib=torch.cuda.max_memory_allocated(dev) / 2**30,
+               deep_cache_bytes_per_token=per_token,
+               deep_longest_context=int((free - reserve) // per_token) if free > reserve else 0,
+               deep_prefill_ok={n: "median_s" in t for n, t in res["dsv4"]["prefill"].items()})
+    if 1 in per_layer:
+        tpot = FULL_FLASH_LAYERS * (per_layer[1] / 2 + 2 * ALL_REDUCE_S * 1e3) + head[1] * 1e3 / 2
+        res["projected_full_flash_tp2_tpot_bs1_ms"] = tpot
+        res["projection_assumptions"] = (
+            f"{FULL_FLASH_LAYERS} layers x (measured per-layer bs1 decode time / 2, i.e. each rank reads half of a "
+            f"layer's weight bytes at the same efficiency: heads split, experts split whole between ranks, "
+            f"replicated parts small) + 2 all-reduces per layer at {ALL_REDUCE_S * 1e6:.0f} us each (latency-bound "
+            f"NVLink all-reduce of one token's hidden state; not measured: no multi-GPU machine) + the head split "
+            f"over 2 ranks; MTP not run; context {opts.context}")
+    _say(opts, f"deep ({cfg.n_layers} layers): per-layer decode ms {per_layer}, peak {res['deep_peak_mem_gib']:.1f} "
+               f"GiB, longest context ~{res['deep_longest_context']} tokens, projected full Flash TP=2 bs1 TPOT "
+               f"{res.get('projected_full_flash_tp2_tpot_bs1_ms', float('nan')):.2f} ms")
 
 
 def _profile(model, opts: BenchOptions) -> dict:
@@ -379,11 +435,20 @@ def _ratios(res: dict, opts: BenchOptions) -> None:
             res["decode_bs1_speedup_vs_transformers"] = h["decode"][1]["median_s"] / one["median_s"]
         if 64 in d["decode"]:
             res["decode_bs64_over_bs1_throughput"] = d["decode"][64]["tok_per_s"] / one["tok_per_s"]
+    for b, t in d["decode"].items():
+        res[f"decode_bs{b}_floor_ratio"] = t["median_s"] / t["floor_s"]
+    for n, t in d["prefill"].items():
+        if "median_s" in t:
+            res[f"prefill_{_size_name(n)}_floor_ratio"] = t["median_s"] / t["floor_s"]
     if 1024 in d["prefill"] and 1024 in h.get("prefill", {}) and "median_s" in d["prefill"][1024]:
         res["prefill_1k_speedup_vs_transformers"] = h["prefill"][1024]["median_s"] / d["prefill"][1024]["median_s"]
     if isinstance(res.get("greedy_agreement"), dict):
         res["greedy_agreement_detail"] = res["greedy_agreement"]
         res["greedy_agreement"] = res["greedy_agreement"]["fraction"]
+
+
+def _size_name(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
 def table(res: dict) -> str:
@@ -399,9 +464,11 @@ def table(res: dict) -> str:
         mine = f"{t['median_s'] * 1e3:.1f}" if "median_s" in t else "OOM"
         rows.append((f"prefill {n} ms", mine, f"{ht['median_s'] * 1e3:.1f}" if ht else "-",
                      f"{ht['median_s'] / t['median_s']:.1f}x" if ht and "median_s" in t else "-"))
-    for key, target in [("decode_bs1_floor_ratio", "<= 1.5"), ("decode_bs1_speedup_vs_transformers", ">= 50"),
-                        ("decode_bs64_over_bs1_throughput", ">= 20"), ("prefill_1k_speedup_vs_transformers", ">= 10"),
-                        ("greedy_agreement", ">= 0.99")]:
+    for key, target in [("decode_bs1_floor_ratio", "<= 1.5"), ("decode_bs8_floor_ratio", "<= 1.5"),
+                        ("decode_bs64_floor_ratio", "<= 1.5"), ("prefill_1k_floor_ratio", "<= 2"),
+                        ("prefill_8k_floor_ratio", "<= 2"), ("weight_bytes_resident_over_native", "<= 1.05"),
+                        ("decode_bs1_speedup_vs_transformers", ""), ("prefill_1k_speedup_vs_transformers", ""),
+                        ("greedy_agreement", ">= 0.99 (trained model: greedy_agreement_builtin_model)")]:
         if key in res:
             rows.append((key, f"{res[key]:.3f}", "", target))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -27,6 +27,7 @@ class EngineConfig:
                                         # 3.9 -> 2.7 ms on the Flash-width bench; ~35 s of compiling per bucket)
     decode_batch: bool = False          # CPU: run decode steps through the fixed-shape path too (tests)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (docs/parallel.md); the engine runs on rank 0
+    num_speculative_tokens: int = 0     # drafts per decode step from the MTP block (engine/speculative.py); 0 = off
     enable_prefix_caching: bool = True  # requests start from a cached prefix (engine/prefix_cache.py; TP = 1 only)
     max_prefix_snapshots: int = 64      # prefix cache: slot-state snapshots kept at block boundaries (LRU)
 
@@ -39,7 +40,11 @@ class EngineConfig:
                   (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
                   (self.dtype in (None, "bfloat16", "float32"), "dtype must be bfloat16 or float32"),
                   (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
-                  (self.max_prefix_snapshots >= 0, "max_prefix_snapshots must be >= 0")]
+                  (self.max_prefix_snapshots >= 0, "max_prefix_snapshots must be >= 0"),
+                  (self.num_speculative_tokens >= 0, "num_speculative_tokens must be >= 0"),
+                  # The MTP step is not sent to the follower ranks (dist/worker.py), whose collectives would hang.
+                  (self.num_speculative_tokens == 0 or self.tensor_parallel_size == 1,
+                   "num_speculative_tokens > 0 needs tensor_parallel_size 1 (for now)")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError("; ".join(bad))

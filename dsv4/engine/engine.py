@@ -13,7 +13,7 @@ from dsv4.engine.config import EngineConfig, cache_pages
 from dsv4.engine.detokenizer import TextStream
 from dsv4.engine.outputs import CompletionOutput, RequestOutput
 from dsv4.engine.pages import CacheManager
-from dsv4.engine.prefix_cache import PrefixCache
+from dsv4.engine.prefix_cache import PrefixCache, SlotStates
 from dsv4.engine.runner import ModelRunner, Sampled
 from dsv4.engine.sampling import SamplingParams, request_seeds
 from dsv4.engine.scheduler import Scheduler
@@ -42,6 +42,8 @@ class Engine:
         device = next(model.parameters()).device
         # The fixed-shape decode path is single-rank for now: under TP the Driver replays `StepBatch` steps.
         single = econf.tensor_parallel_size == 1
+        spec = econf.num_speculative_tokens > 0         # verification takes the general path (engine/speculative.py)
+        single = single and not spec
         capture = econf.cuda_graphs and device.type == "cuda" and single
         fixed = capture or (econf.decode_batch and single)
         # The fixed-shape decode path pads batches with rows that write to one scratch slot and page (the last).
@@ -58,7 +60,14 @@ class Engine:
             graphs = DecodeGraphs(model, self.state, econf.max_num_seqs,
                                   -(-self.max_model_len // econf.page_size), capture=capture,
                                   compile=econf.compile_decode and capture)
-        self.runner = ModelRunner(model, self.state, graphs=graphs)
+        speculator = None
+        if spec:
+            from dsv4.engine.speculative import Speculator
+
+            speculator = Speculator(model, self.state, econf.num_speculative_tokens, self.max_model_len)
+        self.runner = ModelRunner(model, self.state, graphs=graphs, speculator=speculator)
+        if prefix is not None and speculator is not None:   # the drafter's window ring is per slot state too
+            prefix.state = SlotStates(self.state, speculator.mtp_state)
         self.requests: dict[str, _Request] = {}
         self.num_preemptions = 0
         self._by_seq: dict[int, tuple[_Request, int]] = {}
@@ -122,7 +131,13 @@ class Engine:
         touched = {}
         for seq_id, s in sampled.items():
             req, i = self._by_seq[seq_id]
-            self._append(req, i, s)
+            for token in s if isinstance(s, list) else [s]:     # speculation: several tokens per step
+                if not req.seqs[i].is_finished:                  # tokens past a stop or max_tokens are dropped
+                    self._append(req, i, token)
+            if self.runner.speculator is not None:
+                from dsv4.engine.speculative import metrics_of
+
+                req.output.metrics = metrics_of(req.seqs)
             touched[req.output.request_id] = req
         for req in touched.values():
             if all(seq.is_finished for seq in req.seqs):
@@ -137,7 +152,8 @@ class Engine:
         for seq in seqs:
             saved = self.cache.prefix.take_restore(seq) if self.cache.prefix is not None else None
             if saved is not None:
-                self.runner.resume(seq, saved)
+                self.runner.resume(seq)
+                self.cache.prefix.state.load_slot(seq.slot, saved)
             req, i = self._by_seq[seq.seq_id]
             if i == 0 and req.output.num_cached_tokens is None:
                 req.output.num_cached_tokens = seq.num_cached_tokens

@@ -71,6 +71,20 @@ class _SeqInfo:
     warm: bool = False                                  # started from a hit: the blocks it writes are warm
 
 
+class SlotStates:
+    """Several `ModelState`s whose slots are saved and restored together (the model's and the MTP drafter's)."""
+
+    def __init__(self, *states):
+        self.states = states
+
+    def save_slot(self, slot: int) -> list:
+        return [s.save_slot(slot) for s in self.states]
+
+    def load_slot(self, slot: int, saved: list) -> None:
+        for s, x in zip(self.states, saved, strict=True):
+            s.load_slot(slot, x)
+
+
 def snapshot_bytes(cfg, page_size: int, dtype: torch.dtype) -> int:
     """Bytes of one snapshot (`save_slot` of one slot), computed on the meta device."""
     from dsv4.model.state import ModelState

@@ -26,8 +26,9 @@ class Sampled:
 
 
 class ModelRunner:
-    def __init__(self, model, state: ModelState, sampler: Sampler | None = None, graphs=None):
+    def __init__(self, model, state: ModelState, sampler: Sampler | None = None, graphs=None, speculator=None):
         self.model, self.state, self.graphs = model, state, graphs      # graphs: DecodeGraphs for decode-only steps
+        self.speculator = speculator     # engine/speculative.py: then run() gives a list of tokens per sequence
         self.device = next(model.parameters()).device
         self.sampler = sampler or Sampler()
         self.counts: TokenCounts | None = None           # allocated on the first request with a penalty
@@ -36,6 +37,8 @@ class ModelRunner:
         """Run one step; returns {seq_id: Sampled} for the sequences whose chunk ends at their last token."""
         if not entries:
             return {}
+        if self.speculator is not None:
+            return self.speculator.run(self, entries)
         if self.graphs is not None and all(n == 1 and s.num_computed > 0 for s, n in entries):
             return self._decode([s for s, _ in entries])
         chunks, ids = [], []
@@ -62,10 +65,10 @@ class ModelRunner:
         with torch.inference_mode():
             return self._sample(seqs, logits)
 
-    def resume(self, seq: Sequence, saved: list[torch.Tensor]) -> None:
-        """Start a sequence from a cached prefix: its slot gets the snapshot taken at the prefix's end."""
+    def resume(self, seq: Sequence) -> None:
+        """Start a sequence from a cached prefix (the engine then loads the prefix's snapshot into its slot)."""
         self._start(seq)
-        self.state.load_slot(seq.slot, saved)
+        seq.draft = None                                 # a draft from before a preemption
 
     def _start(self, seq: Sequence) -> None:
         self.state.reset_slot(seq.slot)

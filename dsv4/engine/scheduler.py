@@ -135,13 +135,25 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = self.cache.clip_chunk(seq, min(seq.num_pending, budget))
-            if not self._make_room(seq, n, step):
+            drafts = self._fit_draft(seq, n, budget)
+            if not self._make_room(seq, n + drafts, step):
                 break                           # seq preempted itself: it was the last running one
-            self.cache.grow(seq, seq.num_computed + n)
+            self.cache.grow(seq, seq.num_computed + n + drafts)
             step.append(seq, n, new=False)
-            budget -= n
+            budget -= n + drafts
             i += 1
         return budget
+
+    @staticmethod
+    def _fit_draft(seq: Sequence, n: int, budget: int) -> int:
+        """Speculative drafts verified with the decode token (they need pages and budget too); trimmed to fit."""
+        if not seq.num_draft:
+            return 0
+        if n != seq.num_pending:
+            seq.draft = None
+            return 0
+        seq.draft.trim(budget - n)
+        return seq.num_draft
 
     def _make_room(self, seq: Sequence, n: int, step: ScheduledStep) -> bool:
         """Preempt the newest running sequences until `seq` has pages for `n` more tokens; False if it went too."""
@@ -155,7 +167,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.cache.release(seq)
-        seq.status, seq.num_computed = Status.WAITING, 0
+        seq.status, seq.num_computed, seq.draft = Status.WAITING, 0, None
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)            # victims come newest first, so the oldest ends up in front
 

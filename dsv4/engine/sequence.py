@@ -38,6 +38,15 @@ class Sequence:
     finish_reason: str | None = None          # "stop" | "length" | "abort"
     num_preemptions: int = 0
     num_cached_tokens: int | None = None      # prompt tokens found in the prefix cache at the first admission
+    # Speculative decoding (engine/speculative.py): proposed next tokens, and counts for RequestOutput.metrics.
+    draft: object | None = None               # speculative.Draft, verified in the sequence's next decode step
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def num_draft(self) -> int:
+        return len(self.draft.tokens) if self.draft is not None else 0
 
     @property
     def all_ids(self) -> list[int]:

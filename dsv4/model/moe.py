@@ -115,7 +115,7 @@ class MoE(nn.Module):
         grouped_ok = inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled("moe_grouped")
         sorted_ok = (inference and sorted_fp4 and x.dtype in (torch.bfloat16, torch.float32)
                      and ops.registry.fast_enabled("grouped_linear"))
-        if sorted_ok and not (grouped_ok and self.bf16_copies_affordable()):
+        if sorted_ok:
             return self.routed_sorted
         if grouped_ok:
             return self.routed_grouped
@@ -165,48 +165,32 @@ class MoE(nn.Module):
         return torch.empty_like(out).index_copy_(0, order, out).view(n, k, -1).sum(dim=1)
 
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The same sum for large steps (prefill): pairs sorted by expert, activations quantised once, one grouped
-        GEMM per matrix over bf16 copies of the experts (exact: FP4/FP8 values times powers of two are bf16
-        numbers). NOTE: the bf16 copies cost 4x the FP4 weights' memory: a benchmark-model path, not full Flash."""
+        """The same sum for large steps (prefill) without the FP4 kernel (FP8 / bf16 experts, or `grouped_linear`
+        switched off): pairs sorted by expert, activations quantised once, one grouped GEMM per matrix over bf16
+        stacks of the experts decoded for this call only (exact: FP4/FP8 values times powers of two are bf16
+        numbers). Nothing is kept: a copy would cost 2-4x the stored experts' memory."""
         n, k = ids.shape
         order = ids.flatten().argsort(stable=True)
         tok = order // k
         offs = torch.bincount(ids.flatten(), minlength=self.n_experts).cumsum(0).to(torch.int32)
-        w1, w3, w2 = (self._bf16_stack(name) for name in ("w1", "w3", "w2"))
         ex = self.experts[0]
         xs = self._quantised_input(ex.w1, x[tok])
-        gate = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs).float()
-        up = torch._grouped_mm(xs, w3.transpose(1, 2), offs=offs).float()
+        gate = torch._grouped_mm(xs, self._bf16_stack("w1").transpose(1, 2), offs=offs).float()
+        up = torch._grouped_mm(xs, self._bf16_stack("w3").transpose(1, 2), offs=offs).float()
         h = self._quantised_input(ex.w2, ex.hidden(gate, up, weights.flatten()[order, None]).to(x.dtype))
-        out = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs).float()
+        out = torch._grouped_mm(h, self._bf16_stack("w2").transpose(1, 2), offs=offs).float()
         return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, out)
 
-    # Prefill with FP4 experts: the grouped GEMM over bf16 copies of the experts (torch._grouped_mm) is ~3.5x faster
-    # than the FP4 grouped kernel at the 1k-prefill shape (scripts/bench/grouped_block_m.py on the H200: 1.34 vs
-    # 4.73 ms), but the copies cost 4x the FP4 memory: taken only when they fit in this share of the free memory.
-    BF16_COPIES_MAX_FREE_SHARE = 0.5
-
-    def bf16_copies_affordable(self) -> bool:
-        """Are the bf16 expert copies built, or would they take at most `BF16_COPIES_MAX_FREE_SHARE` of the device's
-        free memory now? Decided once per layer (the engine sizes its cache first, so a serving engine normally
-        keeps the FP4 kernel; a benchmark with memory to spare takes the copies)."""
-        if "_bf16_copies_ok" not in self.__dict__:
-            w1 = self.experts[0].w1
-            need = 3 * self.n_experts * w1.in_features * w1.out_features * 2
-            free, _ = torch.cuda.mem_get_info(w1.weight.device)
-            self._bf16_copies_ok = len(self.__dict__.get("_bf16_stacks", {})) == 3 or \
-                need <= free * self.BF16_COPIES_MAX_FREE_SHARE
-        return self._bf16_copies_ok
-
     def _bf16_stack(self, name: str) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_bf16_stacks", {})
-        if name not in cache:
-            w, s = self.stacked_experts()[name]
-            lin = getattr(self.experts[0], name)
-            with torch.inference_mode(False), torch.no_grad():
-                cache[name] = torch.stack([ops.dequant_weight(w[i], None if s is None else s[i], lin.fmt)
-                                           .to(torch.bfloat16) for i in range(w.shape[0])])
-        return cache[name]
+        """All experts' `name` matrices decoded to bf16 [E, N, K], made per call (transient)."""
+        w, s = self.stacked_experts()[name]
+        lin = getattr(self.experts[0], name)
+        if lin.fmt == "plain" and w.dtype == torch.bfloat16:
+            return w
+        out = torch.empty(w.shape[0], lin.out_features, lin.in_features, dtype=torch.bfloat16, device=w.device)
+        for i in range(w.shape[0]):             # one expert at a time: no fp32 temporary of all of them
+            out[i] = ops.dequant_weight(w[i], None if s is None else s[i], lin.fmt)
+        return out
 
     @staticmethod
     def _quantised_input(linear: Linear, x: torch.Tensor) -> torch.Tensor:

@@ -53,9 +53,9 @@ class VocabParallelEmbedding(nn.Embedding):
 class VocabParallelHead(Head):
     """Vocabulary rows [lo, hi) of the LM head; every rank ends with the full logits (all-gather)."""
 
-    def __init__(self, dim: int, vocab_size: int, tp: ParallelContext):
+    def __init__(self, dim: int, vocab_size: int, tp: ParallelContext, dtype: torch.dtype = torch.float32):
         lo, hi = tp.split(vocab_size, "vocab_size")
-        super().__init__(dim, hi - lo)
+        super().__init__(dim, hi - lo, dtype)
         self.tp = tp
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def shard_model(model: nn.Module, tp: ParallelContext) -> nn.Module:
     device = next(model.parameters()).device
     with torch.device(device):
         model.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, model.dtype, tp)
-        model.head = VocabParallelHead(cfg.dim, cfg.vocab_size, tp)
+        model.head = VocabParallelHead(cfg.dim, cfg.vocab_size, tp, model.dtype)
         for block in [*model.layers, *model.mtp]:
             _shard_attention(block.attn, cfg, model.dtype, tp)
             _shard_moe(block.ffn, tp)

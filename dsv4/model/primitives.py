@@ -86,10 +86,12 @@ class Linear(nn.Module):
 
 
 class Head(Linear):
-    """The LM head: stored bf16 but held in fp32, since logits are an fp32 product (spec §3.1)."""
+    """The LM head: stored bf16; logits are an fp32 product (spec §3.1). A bf16 model holds it as stored (bf16,
+    once: the twin upcasts per call, the fast path multiplies the bf16 weight directly); fp32 / float64 models
+    (CPU reference, training masters) hold it in fp32, where training updates it."""
 
-    def __init__(self, dim: int, vocab_size: int):
-        super().__init__(dim, vocab_size, "plain", torch.float32)
+    def __init__(self, dim: int, vocab_size: int, dtype: torch.dtype = torch.float32):
+        super().__init__(dim, vocab_size, "plain", torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the final hidden state y [..., D] (computed in y's model dtype)."""

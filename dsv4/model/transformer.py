@@ -46,7 +46,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + i, dense_fmt, expert_fmt, dtype)
                                  for i in range(cfg.n_mtp_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = Head(cfg.dim, cfg.vocab_size)
+        self.head = Head(cfg.dim, cfg.vocab_size, dtype)
         _hc_params(self, "hc_head", cfg.hc_mult, cfg.hc_mult * cfg.dim)
 
     @property
@@ -119,4 +119,18 @@ class Transformer(nn.Module):
         state, batch = fresh_state(self.cfg, b, s, self.dtype, input_ids.device, layer_ids=[block.layer_id])
         x = block.mix_input(self.embed(input_ids), h).reshape(1, b * s, self.cfg.hc_mult, self.cfg.dim)
         x = block(x, input_ids.reshape(1, -1), batch, state.layers[0]).view(b, s, self.cfg.hc_mult, self.cfg.dim)
+        return self.logits(x, block.norm, block.hc_head_fn, block.hc_head_scale, block.hc_head_base)
+
+    def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, batch: StepBatch, state: ModelState,
+                 depth: int = 0) -> torch.Tensor:
+        """The MTP block over a flattened batch (speculative drafting): position i takes the hc streams h [1, T,
+        hc, D] of position i and token i+1 (`next_ids` [1, T]); `state` holds only this block's layer.
+        -> the block's output hc streams [1, T, hc, D]."""
+        block = self.mtp[depth]
+        x = block.mix_input(self.embed(next_ids), h)
+        return block(x, next_ids, batch, state.layers[0])
+
+    def mtp_logits(self, x: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """fp32 logits of the MTP head for its output streams x [..., hc, D] (the head weight is shared)."""
+        block = self.mtp[depth]
         return self.logits(x, block.norm, block.hc_head_fn, block.hc_head_scale, block.hc_head_base)

@@ -13,7 +13,7 @@ from dsv4.ops.registry import dispatch, fast_ops_status, reference_only, registe
 
 linear = dispatch("linear", ref.linear)
 
-from dsv4.ops import cached_linear  # noqa: E402, F401  (registers its fast path)
+from dsv4.ops import fp8_linear  # noqa: E402, F401  (registers its fast path)
 from dsv4.ops.attention import sparse_attention  # noqa: E402
 from dsv4.ops.grouped_linear import grouped_linear  # noqa: E402
 from dsv4.ops.head import logits  # noqa: E402

@@ -24,6 +24,9 @@ _STATE = {"running": "requests running (holding a slot)", "waiting": "requests q
           "prefix_cache_hit_rate": "prefix_cache_hits / prefix_cache_queries since start (0 when off)",
           "prefix_cache_pages": "cache pages holding cached prefix blocks (idle ones count as free)"}
 
+_SPEC = {"num_draft_tokens": "draft tokens proposed by the MTP block and verified",
+         "num_accepted_tokens": "draft tokens accepted", "num_steps": "verification steps"}
+
 
 class Metrics:
     def __init__(self, window_s: float = 10.0):
@@ -39,6 +42,8 @@ class Metrics:
                               buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("dsv4_e2e_request_latency_seconds", "arrival to last token", buckets=LATENCY_BUCKETS,
                              registry=r)
+        # Speculative decoding (engine/speculative.py), added when a request finishes; acceptance = accepted / draft.
+        self.spec = {k: Counter(f"dsv4_spec_decode_{k}", doc, registry=r) for k, doc in _SPEC.items()}
         throughput = Gauge("dsv4_generation_tokens_per_second", f"tokens generated per second over the last "
                            f"{window_s:g} s", registry=r)
         throughput.set_function(self.tokens_per_second)
@@ -69,6 +74,11 @@ class Metrics:
 
     def request_finished(self, reason: str, track, now: float, out=None) -> None:
         self.requests.labels(finish_reason=reason).inc()
+        spec = getattr(out, "metrics", None)
+        if spec is not None:
+            self.spec["num_draft_tokens"].inc(spec.num_draft_tokens)
+            self.spec["num_accepted_tokens"].inc(spec.num_accepted_tokens)
+            self.spec["num_steps"].inc(spec.num_spec_steps)
         if out is None or track.first_token is None:
             return
         self.e2e.observe(now - track.arrival)

@@ -15,6 +15,14 @@ import triton.language as tl
 def fp8_block_round(x, amax):
     """fp32 x -> its FP8 fake-quant value (fp32, exact) given amax = max(block amax, 1e-4), broadcastable to x (a
     scalar for a 1-D block, [rows, 1] for per-row blocks of a 2-D tile). Shared with the FP8 GEMV's fused act quant."""
+    q, s = fp8_block_quant(x, amax)
+    return q * s
+
+
+@triton.jit
+def fp8_block_quant(x, amax):
+    """(q, s): q the e4m3 code's value (fp32, exactly on the e4m3 grid), s the power-of-two scale (shaped like
+    amax), so that q * s is `fp8_block_round(x, amax)`; what an FP8 GEMM multiplies."""
     # e = ceil(log2(amax / 448)) from the bits of an estimate, then corrected with exact comparisons.
     t = amax / 448.0
     tb = t.to(tl.int32, bitcast=True)
@@ -36,7 +44,7 @@ def fp8_block_round(x, amax):
     # The sign goes back as a bit: -0.0 where a small negative rounds to zero (Triton's `-q` is `0 - q`, +0.0).
     sign = v.to(tl.int32, bitcast=True) & -2147483648
     q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    return q * s
+    return q, s
 
 
 @triton.jit
@@ -57,3 +65,27 @@ def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
     if flat.numel():
         _fake_quant_fp8[(flat.shape[0], flat.shape[1] // block)](flat, out, flat.shape[1], BLOCK=block)
     return out.view(x.shape)
+
+
+@triton.jit
+def _act_quant_fp8(x_ptr, q_ptr, s_ptr, n_rows, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    offs = kb * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * n_cols + offs).to(tl.float32)
+    q, s = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4))
+    tl.store(q_ptr + row * n_cols + offs, q.to(q_ptr.dtype.element_ty))
+    tl.store(s_ptr + kb * n_rows + row, s)                 # column-major [rows, blocks]: what scaled_mm takes
+
+
+def act_quant_fp8(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dsv4.quant.act_quant` on CUDA in one launch: x [M, K] bf16/fp32 -> (float8_e4m3fn [M, K], fp32 scales
+    [M, K/block] in column-major strides). The codes are exact (q is on the e4m3 grid before the cast)."""
+    assert x.dim() == 2 and x.shape[1] % block == 0, (x.shape, block)
+    x = x.contiguous()
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(K // block, M, dtype=torch.float32, device=x.device)
+    if M:
+        _act_quant_fp8[(M, K // block)](x, q, s, M, K, BLOCK=block)
+    return q, s.t()

@@ -1,0 +1,69 @@
+"""Fast `linear` for FP8 weights on CUDA, reading the stored e4m3 bytes and e8m0 scales: no weight copies.
+
+* Small M (decode, <= SMALL_M rows): the Triton kernel `ops/triton/fp8_linear.py` (weight tiles straight into
+  the FP8 MMA, act quant fused, split-K).
+* Larger M (prefill) with the act-quant emulation on: x quantised to FP8 per 128 (`act_quant_fp8`, bit-identical
+  to `dsv4.quant.act_quant`), then cuBLAS's blockwise-scaled FP8 GEMM through `torch.nn.functional.scaled_mm`
+  (1x128 activation scales x 128x128 weight scales, fp32 accumulation): the reference's arithmetic, FP8 x FP8.
+* Larger M with the emulation off (bf16 activations): the weight is decoded to bf16 for that call only
+  (transient, freed after the GEMM), as the twin does; nothing is kept.
+
+Replaces the cached bf16 copies of v1-v7 (`cached_linear.py`, removed), which held 2x every FP8 weight.
+Precision class: bf16 output (the twin rounds its fp32 product to bf16 as well).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.ops.ref import dequant_weight
+from dsv4.ops.registry import custom_op, register_triton
+from dsv4.quant.e8m0 import e8m0_to_float
+
+SMALL_M = 64                 # at most this many rows take the Triton kernel (its widest tile is 64 rows)
+ROW_ALIGN = 16               # scaled_mm gets its rows padded to a multiple of this
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """act_quant(x) @ W^T by cuBLAS's blockwise FP8 GEMM; x [..., K] bf16, out bf16."""
+    from dsv4.ops.triton.quant import act_quant_fp8
+
+    flat = x.reshape(-1, x.shape[-1])
+    m = flat.shape[0]
+    if m % ROW_ALIGN:                      # whole 16-row tiles for cuBLAS's blockwise kernels (zero rows: cheap)
+        flat = F.pad(flat, (0, 0, 0, ROW_ALIGN - m % ROW_ALIGN))
+    q, s = act_quant_fp8(flat)
+    y = F.scaled_mm(q, weight.t(), s, F.ScalingType.BlockWise1x128, e8m0_to_float(scale).t(),
+                    F.ScalingType.BlockWise128x128, output_dtype=x.dtype)
+    return y[:m].view(*x.shape[:-1], weight.shape[0])
+
+
+@custom_op("fp8_stored_linear", lambda x, weight, scale, act_quant_on: x.new_empty(*x.shape[:-1], weight.shape[0]))
+def _fp8_stored_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       act_quant_on: bool) -> torch.Tensor:
+    if _rows(x) <= SMALL_M:
+        from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
+
+        return fp8_linear_small_m(x, weight, scale, act_quant_on)
+    if act_quant_on:
+        return scaled_mm_fp8(x, weight, scale)
+    return F.linear(x, dequant_weight(weight, scale, "fp8").to(x.dtype))
+
+
+def fp8_stored_linear(x, weight, scale, fmt, act_quant_on, dequantized=None) -> torch.Tensor:
+    """Same contract as `ops.ref.linear`."""
+    return _fp8_stored_linear(x, weight, scale, act_quant_on)
+
+
+def _applies(x, weight, scale, fmt, act_quant_on, dequantized=None) -> bool:
+    return (fmt == "fp8" and x.is_cuda and x.dtype == torch.bfloat16 and dequantized is None
+            and not torch.is_grad_enabled() and weight.shape[0] % 128 == 0 and weight.shape[1] % 128 == 0
+            and weight.is_contiguous() and scale.is_contiguous())
+
+
+register_triton("linear", "fp8_stored_linear", _applies, fp8_stored_linear)

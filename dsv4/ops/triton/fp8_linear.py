@@ -1,0 +1,116 @@
+"""FP8 block-scaled linear for small M (decode) on the stored e4m3 bytes, on the tensor cores.
+
+y [M, N] = x [M, K] @ W^T with W float8_e4m3fn [N, K] and one e8m0 scale per 128x128 block. The weight takes the
+MMA's left (M = 64) slot and the few token rows its right one ("swapped operands": the MMA is as wide as the weight
+tile, not as the batch), so each program reads a [BLOCK_N, 128] FP8 tile per K block and feeds it to `tl.dot`
+as it is: no per-element decode, which is what made the earlier GEMV (`fp8_gemv.py`) issue-bound at ~0.05-0.35 of
+the copy bandwidth.
+
+Per 128-wide K block, with the act-quant emulation on, x is quantised in the kernel by the exact arithmetic of
+`ops/triton/quant.py` (`fp8_block_quant`, bit-identical to `dsv4.quant.act_quant`), the block's FP8 x FP8 dot is
+summed by the MMA, and the block sum is multiplied by both power-of-two scales and added to an fp32 accumulator
+in registers: the reference's blockwise FP8 GEMM (and DeepSeek's promotion of partial sums every 128 K). With it
+off, x stays bf16 and the weight is converted to bf16 (exact) for a bf16 dot. Split-K spreads the few output
+tiles of a decode GEMV over the GPU; the partials are added in split order by a second kernel (deterministic).
+Precision class: bf16 output (the twin's output is bf16 too); the FP8 MMA's internal accumulation over one 128
+block is the hardware's (below fp32 on Hopper), as in cuBLAS's blockwise FP8 GEMM, so the test bound is the bf16
+output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class.
+
+In Triton's CPU interpreter (which has no FP8 dot) the weight bytes are decoded by bit placement instead and the
+dot runs in fp32 (IEEE): the same products, exactly, so the interpreter checks the indexing and scaling.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.ops.triton.fp4_grouped import _e8m0
+from dsv4.ops.triton.fp8_gemv import _sum_splits, auto_split, divisor_at_most
+from dsv4.ops.triton.quant import fp8_block_quant
+
+_TWO_POW_120 = tl.constexpr(2.0**120)
+
+
+@triton.jit
+def _e4m3_bytes_to_f32(b):
+    """uint8 e4m3 codes -> fp32 by bit placement (exponent and mantissa to fp32 bits 26-20, sign to 31, times
+    2^120): the interpreter's stand-in for the hardware conversion. NaN codes decode as +-480 (unchecked here)."""
+    w = b.to(tl.int32)
+    bits = ((w & 0x7F) << 20) | ((w & 0x80) << 24)
+    return bits.to(tl.float32, bitcast=True) * _TWO_POW_120
+
+
+@triton.jit
+def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
+                        ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_M: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
+    split = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, 128)
+    n_kb = K // 128
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)               # transposed output tile
+    for i in range(0, KB_PER_SPLIT):
+        kb = split * KB_PER_SPLIT + i
+        wb = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :])      # uint8 [BN, 128]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
+                    mask=rows[:, None] < M, other=0.0).to(tl.float32)                            # [BM, 128]
+        w_scale = _e8m0(tl.load(s_ptr + (offs_n // 128) * n_kb + kb))                             # [BN]
+        if ACT_QUANT:
+            q, x_scale = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)[:, None])
+            if HW_FP8:
+                part = tl.dot(wb.to(tl.float8e4nv, bitcast=True), tl.trans(q.to(tl.float8e4nv)))
+            else:
+                part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(q), input_precision="ieee")
+            acc += part * w_scale[:, None] * tl.reshape(x_scale, [BLOCK_M])[None, :]
+        else:
+            if HW_FP8:
+                part = tl.dot(wb.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16), tl.trans(x.to(tl.bfloat16)))
+            else:
+                part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(x), input_precision="ieee")
+            acc += part * w_scale[:, None]
+    out = out_ptr + split.to(tl.int64) * M * N + rows[None, :].to(tl.int64) * N + offs_n[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rows[None, :] < M)
+
+
+def check_fp8_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int = 64) -> None:
+    K, N = x.shape[-1], weight.shape[0]
+    if weight.dtype != torch.float8_e4m3fn or weight.shape != (N, K):
+        raise ValueError(f"fp8 linear: weight must be float8_e4m3fn [N, {K}], got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if N % 128 or K % 128 or tuple(scale.shape) != (N // 128, K // 128) or scale.element_size() != 1:
+        raise ValueError(f"fp8 linear: N, K must be multiples of 128 with an e8m0 scale [N/128, K/128]; got weight "
+                         f"{tuple(weight.shape)}, scale {scale.dtype} {tuple(scale.shape)}")
+    if not (weight.is_contiguous() and scale.is_contiguous()):
+        raise ValueError("fp8 linear: weight and scale must be contiguous")
+    if 128 % block_n or block_n < 16:
+        raise ValueError(f"fp8 linear: block_n must divide 128 and be >= 16, got {block_n}")
+
+
+def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
+                       out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
+                       programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
+    [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
+    output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
+    SM (the weight bytes in flight that HBM needs)."""
+    check_fp8_weight(x, weight, scale, block_n)
+    K, N = x.shape[-1], weight.shape[0]
+    flat = x.reshape(-1, K).contiguous()
+    M = flat.shape[0]
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    n_kb = K // 128
+    tiles = (N // block_n) * triton.cdiv(M, block_m)
+    split = divisor_at_most(n_kb, split_k or auto_split(tiles, x.device, programs_per_sm))
+    out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+    part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    if M:
+        grid = (N // block_n, split, triton.cdiv(M, block_m))
+        _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, M, N, K,
+                                  n_kb // split, ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n,
+                                  BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages)
+        if split > 1:
+            _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024)
+    return out.view(*x.shape[:-1], N)

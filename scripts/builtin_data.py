@@ -1,0 +1,243 @@
+"""Build the built-in model v2's training data (CPU): corpus, chat set, tokenizer, pre-tokenised binary.
+
+Corpus: this interpreter's CPython stdlib as v1 (`train_builtin.corpus_files`: no tests, idlelib, turtledemo,
+site-packages; HELDOUT files never enter anything) plus the `.py` files (tests excluded) of the permissively
+licensed pure-Python wheels in PACKAGES (`pip download`ed into --wheels, default .builtin_wheels/; name, version
+and licence of each recorded in OUT/licences.json). A package file holding a held-out function verbatim is dropped.
+Chat set: every function or method with a docstring (parsed with `ast`) becomes a user request phrased from its
+signature and the docstring's first sentence, answered by the function's source in a ```python block, encoded in
+the official V4 chat format (chat mode, `dsv4.train.data.chat_document`: loss only on the assistant turn + EOS).
+The held-out files' functions become OUT/heldout_chat.json (evaluation requests, never trained on).
+
+Outputs under OUT: tokenizer.json (byte-level BPE, VOCAB ids, the V4 specials first), train.npz (uint16 `ids`,
+int64 `offsets` of each document's start + the end, `mask` = np.packbits of the per-token target flags, `kind`
+0 code / 1 chat per document), licences.json, heldout_chat.json, heldout.py.txt (held-out text for perplexity),
+summary.json. Load train.npz with `load_documents` (what scripts/train_builtin_gpu.py does).
+Usage: PYTHONPATH=. python3 scripts/builtin_data.py .builtin_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import itertools
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_builtin import HELDOUT, HELDOUT_CHARS, chunks, corpus_files, read
+
+from dsv4.builtin import BUILTIN_SPECIALS
+
+VOCAB = 6144
+DOC_TOKENS = 1024               # code documents: BOS + at most 1023 tokens, cut at line ends
+MAX_FUNC_CHARS = 2400           # longer functions are left out of the chat set
+# Pinned so the data is reproducible; every one is pure Python under MIT / BSD / Apache-2.0 / PSF.
+PACKAGES = ("attrs==26.1.0", "boltons==26.2.0", "cachetools==8.0.2", "click==8.5.1", "decorator==5.3.1",
+            "flask==3.1.3", "idna==3.20", "iniconfig==2.3.1", "itsdangerous==2.2.0", "jinja2==3.1.6",
+            "more-itertools==11.2.1", "networkx==3.6.1", "packaging==26.4", "pluggy==1.7.0", "pyparsing==3.3.3",
+            "python-dateutil==4.0.0", "requests==2.34.2", "rich==15.0.0", "six==1.17.0", "sortedcontainers==2.4.0",
+            "toolz==1.2.0", "typing-extensions==4.16.0", "urllib3==2.8.0", "werkzeug==3.1.9")
+PERMISSIVE = re.compile(r"\b(MIT|BSD|Apache|PSF|Python Software Foundation)", re.I)
+SKIP_PARTS = {"test", "tests", "testing", "_testing"}
+TEMPLATES = (
+    "Write a Python function `{sig}` that {what}",
+    "Implement `{sig}` in Python: {what}",
+    "Can you write `{sig}`? {What}",
+    "Python: define `{sig}`. {What}",
+)
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+def download(wheels: Path) -> None:
+    wheels.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                    "-d", str(wheels), *PACKAGES], check=True)
+
+
+def wheel_licence(meta: str) -> str:
+    msg = Parser().parsestr(meta)
+    classifiers = [c.split("::")[-1].strip() for c in msg.get_all("Classifier") or [] if c.startswith("License")]
+    text = msg.get("License-Expression") or "; ".join(classifiers) or (msg.get("License") or "").split("\n")[0]
+    return text.strip()
+
+
+def package_files(wheels: Path) -> tuple[list[tuple[str, str]], list[dict]]:
+    """([(name, source)], licence records) of every wheel in `wheels`; a non-permissive licence is an error."""
+    files, licences = [], []
+    for whl in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(whl) as z:
+            meta_name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            meta = Parser().parsestr(z.read(meta_name).decode())
+            if _pin(meta["Name"], meta["Version"]) not in {_pin(*p.split("==")) for p in PACKAGES}:
+                continue                                    # not one of the pinned packages
+            licence = wheel_licence(z.read(meta_name).decode())
+            if not PERMISSIVE.search(licence):
+                raise RuntimeError(f"{whl.name}: licence {licence!r} is not on the permissive list")
+            names = sorted(n for n in z.namelist() if n.endswith(".py") and ".dist-info/" not in n
+                           and not SKIP_PARTS & set(n.split("/")[:-1]) and not n.split("/")[-1].startswith("test_"))
+            for n in names:
+                files.append((f"{whl.name}:{n}", z.read(n).decode("utf-8", errors="replace")))
+            licences.append({"name": meta["Name"], "version": meta["Version"], "licence": licence,
+                             "files": len(names), "wheel": whl.name})
+    missing = {_pin(*p.split("==")) for p in PACKAGES} - {_pin(r["name"], r["version"]) for r in licences}
+    if missing:
+        raise RuntimeError(f"{wheels} lacks the wheels of {sorted(missing)}")
+    return files, licences
+
+
+def _pin(name: str, version: str) -> str:
+    """`name==version` with the name normalised as PyPI does (PEP 503)."""
+    return f"{re.sub(r'[-_.]+', '-', name).lower()}=={version}"
+
+
+# ------------------------------------------------------------------------------------------------ chat set
+def first_sentence(doc: str) -> str | None:
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    m = re.match(r"(.+?[.!?])(\s|$)", para)
+    s = (m.group(1) if m else para).strip()
+    if len(s) < 12 or len(s) > 300 or s.startswith((">>>", ":", "..")):
+        return None
+    return s
+
+
+def functions(source: str):
+    """(signature, docstring first sentence, source) of every function/method with a usable docstring."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return
+    lines = source.splitlines(keepends=True)
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("__"):
+            continue
+        doc = ast.get_docstring(node)
+        what = first_sentence(doc) if doc else None
+        if not what:
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+        text = "".join(lines[start:node.end_lineno])
+        indent = len(text) - len(text.lstrip(" "))
+        body = "".join(line[indent:] if line[:indent].isspace() else line.lstrip(" ")
+                       for line in text.splitlines(keepends=True))
+        if len(body) > MAX_FUNC_CHARS:
+            continue
+        prefix = "async def " if isinstance(node, ast.AsyncFunctionDef) else ""
+        yield f"{prefix}{node.name}({ast.unparse(node.args)})", what, body.rstrip() + "\n"
+
+
+def chat_record(sig: str, what: str, body: str, k: int) -> dict:
+    what_l = what[0].lower() + what[1:] if what[:2] != what[:2].upper() else what
+    user = TEMPLATES[k % len(TEMPLATES)].format(sig=sig, what=what_l, What=what)
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": f"```python\n{body}```"}]}
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+def train_tokenizer(texts: list[str], out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=list(BUILTIN_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    for i, s in enumerate(BUILTIN_SPECIALS):
+        if tok.token_to_id(s) != i:
+            raise RuntimeError(f"special token {s!r} got id {tok.token_to_id(s)}, expected {i}")
+    tok.save(str(out))
+
+
+def save_documents(docs, kinds: list[int], path: Path) -> None:
+    lengths = np.array([len(d.ids) for d in docs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.fromiter((t for d in docs for t in d.ids), dtype=np.uint16, count=int(offsets[-1]))
+    mask = np.packbits(np.fromiter((m for d in docs for m in d.mask), dtype=bool, count=int(offsets[-1])))
+    np.savez(path, ids=ids, offsets=offsets, mask=mask, kind=np.array(kinds, dtype=np.uint8))
+
+
+def load_documents(path) -> tuple[list, np.ndarray]:
+    """(list of dsv4.train.data.Document, kind per document) from a train.npz written by `save_documents`."""
+    from dsv4.train.data import Document
+
+    z = np.load(path)
+    offsets = z["offsets"]
+    ids = z["ids"].astype(np.int64)
+    mask = np.unpackbits(z["mask"], count=int(offsets[-1])).astype(bool)
+    docs = [Document(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in itertools.pairwise(offsets)]
+    return docs, z["kind"]
+
+
+def main() -> None:
+    from tokenizers import Tokenizer
+
+    from dsv4.train.data import Document, chat_document
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--wheels", default=".builtin_wheels",
+                    help="folder of the wheels; PACKAGES are pip-downloaded into it when it has none")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wheels = Path(args.wheels)
+    if not list(wheels.glob("*.whl")):
+        download(wheels)
+    std, held = corpus_files()
+    held_funcs = [f for p in held for f in functions(read(p))]
+    held_sources = {body for _, _, body in held_funcs}
+    pkg, licences = package_files(wheels)
+    dropped = [n for n, s in pkg if any(b in s for b in held_sources)]
+    sources = [(str(p), read(p)) for p in std] + [(n, s) for n, s in pkg if n not in dropped]
+
+    train_tokenizer([s for _, s in sources], out / "tokenizer.json")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    newline_ids = {i for t, i in tok.get_vocab().items() if "Ċ" in t}
+
+    docs, kinds, n_chat, seen = [], [], 0, set()
+    for _, text in sources:
+        for piece in chunks(tok.encode(text, add_special_tokens=False).ids, newline_ids, DOC_TOKENS - 1):
+            docs.append(Document([0, *piece], [True] * (len(piece) + 1)))
+            kinds.append(0)
+        for sig, what, body in functions(text):
+            if body in seen or body in held_sources:
+                continue
+            seen.add(body)
+            doc = chat_document(chat_record(sig, what, body, n_chat), tok)
+            if len(doc) <= DOC_TOKENS:
+                docs.append(doc)
+                kinds.append(1)
+                n_chat += 1
+    save_documents(docs, kinds, out / "train.npz")
+
+    requests = [{**chat_record(sig, what, body, k), "reference": body} for k, (sig, what, body) in
+                enumerate(held_funcs)]
+    for r in requests:
+        r["messages"] = r["messages"][:1]
+    (out / "heldout_chat.json").write_text(json.dumps(requests, indent=1, ensure_ascii=False) + "\n")
+    (out / "heldout.py.txt").write_text("".join(read(p) for p in held)[:HELDOUT_CHARS])
+    stdlib = {"name": "CPython standard library", "version": sys.version.split()[0],
+              "licence": "PSF-2.0 (Python Software Foundation License Version 2)", "files": len(std)}
+    (out / "licences.json").write_text(json.dumps([stdlib, *licences], indent=1) + "\n")
+    n_tok = sum(len(d) for d in docs)
+    summary = {"files": len(sources), "stdlib_files": len(std), "package_files": len(pkg) - len(dropped),
+               "dropped_package_files": dropped, "packages": len(licences), "documents": len(docs),
+               "code_documents": len(docs) - n_chat, "chat_examples": n_chat, "tokens": n_tok,
+               "chat_tokens": sum(len(d) for d, k in zip(docs, kinds, strict=True) if k),
+               "target_tokens": sum(d.n_targets for d in docs), "heldout_chat_requests": len(requests),
+               "vocab_size": VOCAB, "doc_tokens": DOC_TOKENS, "heldout": list(HELDOUT),
+               "train_npz_bytes": (out / "train.npz").stat().st_size}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "dropped_package_files"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Train the built-in model v2 from random init on one GPU, in a wall-clock budget, with dsv4's own trainer.
+
+DATA is the folder `scripts/builtin_data.py` wrote (tokenizer.json, train.npz, heldout.py.txt). The model is
+`builtin_config(2)` initialised by `dsv4 synth`'s generator (seed 0), loaded with `dsv4.load_model` (bf16 compute
+on CUDA, fp32 on CPU; QAT emulation on) and prepared with `prepare_full(qat=True)`, so training computes what
+the saved FP8/FP4 checkpoint computes; `dsv4.train.loop.Trainer` runs the steps (fp32 master weights, AdamW,
+clipping, MTP loss, auxiliary-loss-free gate balancing). With --minutes, the step count (and so the cosine
+schedule) is sized from the step time measured over the first steps, and the loop stops at the budget anyway.
+
+OUT gets: model/ (official format + tokenizer, loadable by `dsv4.load_model`), metrics.jsonl, loss.png,
+run.json (settings), perf.json (tokens/s, step times, peak GPU memory, device), eval.json (held-out perplexity,
+a greedy sample).
+Usage (GPU): python3 scripts/train_builtin_gpu.py .builtin_data /tmp/builtin_v2 --minutes 6.5 --bundle $OUT
+CPU smoke test: python3 scripts/train_builtin_gpu.py .builtin_data /tmp/v2 --steps 3 --seq-len 512 --packs-per-step 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from builtin_data import load_documents
+
+PROMPT = "def fibonacci(n):"
+PPL_WINDOW = 512               # as v1's held-out perplexity
+SHARD_BYTES = 15 * 2**20      # every file that comes back from the GPU machine must stay under 16 MiB
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("data", help="folder written by scripts/builtin_data.py")
+    ap.add_argument("out")
+    ap.add_argument("--minutes", type=float, default=None, help="wall-clock budget of the training loop")
+    ap.add_argument("--steps", type=int, default=None, help="fixed number of steps (overrides the estimate)")
+    ap.add_argument("--calibrate-steps", type=int, default=8, help="steps timed before sizing the schedule")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
+    ap.add_argument("--warmup-steps", type=int, default=40)
+    ap.add_argument("--seq-len", type=int, default=16384, help="tokens per pack")
+    ap.add_argument("--packs-per-step", type=int, default=4)
+    ap.add_argument("--mtp-weight", type=float, default=0.3)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    ap.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity and the greedy sample")
+    ap.add_argument("--bundle", help="also write the results as <= 8 files of < 16 MiB into this folder: "
+                                     "model.tar.NN (join with cat, then untar), metrics.jsonl, loss.png, "
+                                     "perf.json, eval.json")
+    args = ap.parse_args(argv)
+    if args.minutes is None and args.steps is None:
+        ap.error("give --minutes (wall-clock budget) or --steps")
+    return args
+
+
+def sized_steps(done: int, elapsed_s: float, step_times: list[float], budget_s: float) -> int:
+    """Total steps that fit the budget: the steps already done plus what the remaining time buys at the median
+    measured step time (5% margin for the slower steps)."""
+    per = statistics.median(step_times)
+    return done + max(1, int((budget_s - elapsed_s) * 0.95 / per))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from dsv4.builtin import builtin_config
+    from dsv4.checkpoint import synthesize
+    from dsv4.loader import load_model
+    from dsv4.train.data import PackStream, pack
+    from dsv4.train.dist import DistContext
+    from dsv4.train.loop import TrainConfig, Trainer
+    from dsv4.train.metrics import MetricsLog, plot_loss
+    from dsv4.train.params import prepare_full
+    from dsv4.train.save import export_state, model_values, write_checkpoint
+
+    t_start = time.perf_counter()
+    data, out = Path(args.data), Path(args.out)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = builtin_config(2)
+    base = synthesize(cfg, out / "base", seed=0, progress=False)
+    shutil.copy(data / "tokenizer.json", base / "tokenizer.json")
+    docs, kinds = load_documents(data / "train.npz")
+    top = max(max(d.ids) for d in docs)
+    if top >= cfg.vocab_size:
+        raise ValueError(f"{data}: token id {top} is outside the model's vocabulary ({cfg.vocab_size})")
+    net = load_model(base, device=device, dtype=dtype, quant_emulation=True, progress=False)
+    net = prepare_full(net, qat=True)
+    n_params = sum(p.numel() for p in net.parameters())
+    train = TrainConfig(max_steps=args.steps or 10**9, lr=args.lr, warmup_steps=args.warmup_steps,
+                        min_lr_ratio=args.min_lr_ratio, weight_decay=0.0, clip_grad=1.0, seq_len=args.seq_len,
+                        packs_per_step=args.packs_per_step, grad_ckpt=False, mtp_weight=args.mtp_weight,
+                        bias_update_rate=1e-3, seed=0)
+    if args.steps:
+        train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))
+    packs = pack(docs, args.seq_len)
+    trainer = Trainer(net, PackStream(packs, args.packs_per_step, train.seed), train, out, DistContext(),
+                      progress=False)
+    settings = {"data": str(data), "device": device, "dtype": str(dtype), "qat": True, "quant_emulation": True,
+                "config": "builtin_config(2)", "documents": len(docs), "chat_documents": int(kinds.sum()),
+                "packs": len(packs), "budget_minutes": args.minutes, "args": vars(args)}
+    (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    setup_s = time.perf_counter() - t_start
+
+    log = MetricsLog(out)
+    budget_s = args.minutes * 60 if args.minutes else float("inf")
+    t0 = time.perf_counter()
+    step_times, step_tokens, tokens = [], [], 0
+    while trainer.step < train.max_steps:
+        ts = time.perf_counter()
+        rec = trainer.train_step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - ts
+        step_times.append(dt)
+        tokens += rec["tokens"]
+        step_tokens.append(rec["tokens"])
+        rec["step_s"], rec["elapsed_s"] = dt, time.perf_counter() - t0
+        log.write(rec)
+        if trainer.step <= 3 or trainer.step % 25 == 0:
+            print(f"step {rec['step']} loss {rec['loss']:.4f} mtp {rec.get('mtp_loss', float('nan')):.4f} "
+                  f"lr {rec['lr']:.2e} {rec['tokens']} tok {dt:.3f}s {rec['tokens'] / dt:.0f} tok/s", flush=True)
+        if args.steps is None and trainer.step == args.calibrate_steps:
+            # the first steps include one-off costs (allocator growth, kernel selection): time the later ones
+            train.max_steps = sized_steps(trainer.step, rec["elapsed_s"], step_times[2:] or step_times, budget_s)
+            # a short run gets a short warmup (10% of it), never shorter than the steps already taken
+            train.warmup_steps = max(trainer.step + 1, min(args.warmup_steps, train.max_steps // 10))
+            print(f"schedule sized to {train.max_steps} steps for the {args.minutes} minute budget", flush=True)
+        if rec["elapsed_s"] >= budget_s:
+            print(f"budget reached at step {trainer.step}", flush=True)
+            break
+    train_s = time.perf_counter() - t0
+    steps = trainer.step
+    plot_loss(out / "metrics.jsonl", out / "loss.png", title="built-in model v2: training loss")
+
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    steady = step_times[2:] or step_times
+    perf = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": str(dtype),
+            "torch": torch.__version__, "steps": steps, "planned_steps": train.max_steps, "tokens": tokens,
+            "train_s": train_s, "setup_s": setup_s, "tok_per_s": tokens / train_s,
+            "tok_per_s_steady": sum(step_tokens[2:] or step_tokens) / sum(steady),
+            "step_s_median": statistics.median(steady), "step_s_first": step_times[0],
+            "tokens_per_step": tokens / max(1, steps), "peak_mem_bytes": peak,
+            "peak_mem_gib": peak / 2**30 if peak is not None else None, "parameters": n_params,
+            "train": asdict(train), "settings": settings}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tail = records[-20:]
+    perf["final_loss"] = sum(r["loss"] for r in tail) / len(tail)
+    if any("mtp_loss" in r for r in tail):
+        perf["final_mtp_loss"] = sum(r.get("mtp_loss", 0.0) for r in tail) / len(tail)
+
+    t_save = time.perf_counter()
+    write_checkpoint(export_state(net, cfg, model_values(net)), cfg, out / "model", tokenizer_from=base,
+                     shard_bytes=SHARD_BYTES)
+    perf["save_s"] = time.perf_counter() - t_save
+    perf["model_bytes"] = sum(p.stat().st_size for p in (out / "model").glob("*.safetensors"))
+    (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in perf.items() if k != "train"}), flush=True)
+    shutil.rmtree(out / "base")
+    del trainer, net
+    if args.bundle:                       # before the evaluation: a failing evaluation must not lose the model
+        bundle(out, Path(args.bundle))
+    if not args.no_eval:
+        evaluate(out / "model", data, out / "eval.json", device)
+        if args.bundle:
+            shutil.copy(out / "eval.json", Path(args.bundle) / "eval.json")
+    return perf
+
+
+def bundle(out: Path, dest: Path) -> list[Path]:
+    """out/model as a tar cut into parts of SHARD_BYTES, plus the small records, copied into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(out / "model", arcname="model")
+    data = buf.getvalue()
+    files = []
+    for i in range(0, len(data), SHARD_BYTES):
+        files.append(dest / f"model.tar.{i // SHARD_BYTES:02d}")
+        files[-1].write_bytes(data[i:i + SHARD_BYTES])
+    for name in ("metrics.jsonl", "loss.png", "perf.json", "eval.json"):      # perf.json holds run.json's settings
+        if (out / name).exists() and (out / name).resolve() != (dest / name).resolve():
+            files.append(Path(shutil.copy(out / name, dest / name)))
+    return files
+
+
+def evaluate(model_dir: Path, data: Path, path: Path, device: str = "cpu") -> dict:
+    """Held-out perplexity (as v1: 512-token windows, fp32, QAT emulation on; on `device`) and a greedy sample
+    (on CPU, as the package runs it)."""
+    import dsv4
+    from dsv4.tokenizer import load_tokenizer
+
+    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    t0 = time.perf_counter()
+    model = dsv4.load_model(model_dir, device=device, dtype=torch.float32, progress=False)
+    text = (data / "heldout.py.txt").read_text()
+    ids = load_tokenizer(model_dir).encode(text, add_special_tokens=False).ids
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), PPL_WINDOW - 1):
+            window = torch.tensor([[0, *ids[start:start + PPL_WINDOW - 1]]], device=device)
+            logits = model(window)[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+            n += window.shape[1] - 1
+    del model
+    ppl = math.exp(nll / n)
+    t1 = time.perf_counter()
+    llm = dsv4.LLM(str(model_dir), max_num_seqs=1)
+    sample = llm.generate(PROMPT, dsv4.SamplingParams(temperature=0, max_tokens=48))[0].text
+    # per-token perplexities of different tokenizers do not compare: nats per character do (v1 vs v2)
+    result = {"heldout_ppl": ppl, "heldout_tokens": n, "heldout_chars": len(text),
+              "nats_per_char": nll / len(text), "prompt": PROMPT, "greedy": sample,
+              "ppl_s": t1 - t0, "sample_s": time.perf_counter() - t1}
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(f"held-out perplexity {ppl:.2f}\n{PROMPT}{sample}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

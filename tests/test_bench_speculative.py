@@ -1,0 +1,33 @@
+"""scripts/bench/speculative.py (a GPU measurement) at least imports, parses and projects correctly on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "speculative.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_speculative", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_projection_counts_tokens_and_costs(bench):
+    costs = {t: {"step_s": 1.0 + 0.1 * (t - 1), "mtp_step_s": 0.1} for t in (1, 2, 3, 4)}
+    p = bench.projection(costs, [1.0])                 # every draft accepted: 2 tokens for 1.1 + 0.1, no re-feed
+    assert p["tokens_per_step"] == 2.0 and p["step_cost_s"] == pytest.approx(1.2)
+    p = bench.projection(costs, [0.5, 0.5])            # 1 + 0.5 + 0.25 tokens; re-feed 75 % of the time
+    assert p["tokens_per_step"] == 1.75
+    assert p["step_cost_s"] == pytest.approx(1.2 + 0.1 + 0.1 + 0.75 * 1.1)
+
+
+def test_help_parses(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    assert "--out" in capsys.readouterr().out

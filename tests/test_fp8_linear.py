@@ -1,0 +1,171 @@
+"""The FP8 linear on the stored bytes (`ops/fp8_linear.py`, `ops/triton/fp8_linear.py`) against its twin
+`ops.ref.linear` and float64.
+
+On CPU the small-M kernel runs in Triton's interpreter, where its dot is fp32 (IEEE) over the bit-placement
+decode of the weight bytes: exact products, so the check is the fp32-accumulation class, (128 + blocks + splits +
+1) * 2^-24 * sum|x_k w_k| < 1e-5 of it at K = 384. On the GPU the dot is the hardware FP8 MMA, whose internal
+accumulation over a 128 block is below fp32 (as in cuBLAS's blockwise FP8 GEMM): there the bound is the bf16
+output class, relative error of the whole output <= 1e-2 against the twin (measured in the bench:
+`op_errors_vs_float64`), and a float64 check of the same operands at 2e-3 of sum|x_k w_k|.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import interpreted_json
+
+pytest.importorskip("triton", reason="needs triton (its CPU interpreter runs the kernel here)")
+
+FP32_CLASS = 1e-5
+
+_CHECK = r'''
+import json
+import torch
+from dsv4 import ops, quant
+from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
+
+FINITE = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+
+
+def all_codes_weight(gen):
+    """[256, 384]: every finite e4m3 code (subnormals, -0 included); six different scale bytes."""
+    flat = FINITE.repeat(-(-256 * 384 // len(FINITE)))[: 256 * 384]
+    w = flat[torch.randperm(flat.numel(), generator=gen)].view(256, 384).view(torch.float8_e4m3fn)
+    s = torch.tensor([[100, 117, 127], [131, 140, 154]], dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    return w, s
+
+
+def compare(x, w, s, act, split, block_n):
+    xq = quant.fake_quant_fp8(x, 128) if act else x
+    wd = ops.dequant_weight(w, s, "fp8").double()
+    exact, abs_sum = xq.double() @ wd.T, xq.double().abs() @ wd.abs().T
+    y32 = fp8_linear_small_m(x, w, s, act, out_dtype=torch.float32, split_k=split, block_n=block_n)
+    y = fp8_linear_small_m(x, w, s, act, split_k=split, block_n=block_n)
+    twin = ops.linear.twin(x, w, s, "fp8", act).double()
+    ulp = torch.ldexp(torch.ones_like(twin), torch.frexp(twin.abs()).exponent - (8 if x.dtype == torch.bfloat16 else 24))
+    flushed = wd.where((w.view(torch.uint8) & 0x78) != 0, 0.0)          # a decoder that flushes subnormals
+    wrong_scale = ops.dequant_weight(w, s.T.contiguous().T if s.shape[0] == s.shape[1] else s.flip(0), "fp8").double()
+    return {"fp32": ((y32.double() - exact).abs() / abs_sum).max().item(),
+            "twin": ((((y.double() - twin).abs() - ulp).clamp_min(0)) / abs_sum).max().item(),
+            "dtype": str(y.dtype), "shape": list(y.shape),
+            "flushed": ((y32.double() - xq.double() @ flushed.T).abs() / abs_sum).max().item(),
+            "wrong_scale": ((y32.double() - xq.double() @ wrong_scale.T).abs() / abs_sum).max().item()}
+
+
+gen = torch.Generator().manual_seed(41)
+weights = {"all_codes": all_codes_weight(gen), "random": quant.quant_fp8(torch.randn(256, 384, generator=gen) / 16)}
+res = {}
+CASES = [  # weight, M, dtype, act_quant_on, split_k, block_n
+    ("all_codes", 1, torch.bfloat16, True, None, 64), ("all_codes", 1, torch.bfloat16, False, 3, 64),
+    ("all_codes", 5, torch.float32, True, 3, 32), ("all_codes", 16, torch.bfloat16, True, None, 128),
+    ("all_codes", 40, torch.bfloat16, True, 3, 64), ("random", 17, torch.float32, False, None, 64),
+    ("random", 64, torch.bfloat16, True, 1, 64),
+]
+for name, m, dt, act, split, bn in CASES:
+    x = (torch.randn(m, 384, generator=gen) * 3).to(dt)
+    res[f"{name}-M{m}-{dt}-act{act}-split{split}-bn{bn}"] = compare(x, *weights[name], act, split, bn)
+x3 = torch.randn(2, 3, 384, generator=gen).bfloat16()
+res["batched_shape"] = list(fp8_linear_small_m(x3, *weights["random"], True).shape)
+print(json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    return interpreted_json(_CHECK, tmp_path_factory.mktemp("fp8_linear"))
+
+
+def test_small_m_kernel_is_the_fp32_class_against_float64_and_the_twin(interpreted):
+    flushed = []
+    for case, r in interpreted.items():
+        if case == "batched_shape":
+            assert r == [2, 3, 256]
+            continue
+        assert r["fp32"] <= FP32_CLASS, (case, r)
+        assert r["twin"] <= FP32_CLASS, (case, r)
+        assert r["dtype"] == ("torch.bfloat16" if "bfloat16" in case else "torch.float32"), (case, r)
+        if case.startswith("all_codes"):                 # six distinct block scales
+            flushed.append(r["flushed"])
+            assert r["wrong_scale"] > 2 * FP32_CLASS, (case, r)     # the bound sees scales on the wrong blocks ...
+    assert max(flushed) > 2 * FP32_CLASS, flushed                # ... and a decoder that flushes subnormals
+
+
+def test_bad_input_names_the_offender():
+    from dsv4 import quant
+    from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
+
+    w, s = quant.quant_fp8(torch.randn(256, 128))
+    x = torch.randn(2, 128).bfloat16()
+    cases = [((x, w.float(), s), "float8_e4m3fn"), ((x, w[:200], s), "multiples of 128"),
+             ((x, w, s[:1]), "scale"), ((x[:, :64], w, s), "float8_e4m3fn")]
+    for args, words in cases:
+        with pytest.raises(ValueError, match=words):
+            fp8_linear_small_m(*args, act_quant_on=True)
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The hardware FP8 dot path (not run by the interpreter) compiles to sm_90 with Triton's bundled ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsv4.ops.triton.fp8_linear import _fp8_linear_small_m
+    from dsv4.ops.triton.quant import _act_quant_fp8
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "KB_PER_SPLIT": "i32"}
+    for act, block_m, block_n in ((True, 16, 64), (False, 16, 64), (True, 64, 128)):
+        cs = {"ACT_QUANT": act, "HW_FP8": True, "BLOCK_N": block_n, "BLOCK_M": block_m}
+        kernel = triton.compile(ASTSource(_fp8_linear_small_m, {**sig, **dict.fromkeys(cs, "constexpr")},
+                                          constexprs=cs), target=GPUTarget("cuda", 90, 32))
+        assert kernel.asm["cubin"], cs
+    sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
+           "BLOCK": "constexpr"}
+    assert triton.compile(ASTSource(_act_quant_fp8, sig, constexprs={"BLOCK": 128}),
+                          target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act_quant_on", [True, False])
+@pytest.mark.parametrize("m", [1, 8, 64, 65, 1024])
+def test_dispatched_fp8_linear_on_cuda_at_flash_dims(m, act_quant_on):
+    """4096 -> 2048 (a shared expert's w1): the small-M kernel up to 64 rows, scaled_mm (act quant on) or the
+    per-call bf16 decode (off) above; bf16 output class against the twin, and against float64 of the same
+    operands within 2e-3 of sum|x_k w_k| (the FP8 MMA's reduced internal accumulation)."""
+    from dsv4 import ops, quant
+    from dsv4.ops.registry import which
+
+    gen = torch.Generator().manual_seed(42)
+    w, s = quant.quant_fp8(torch.randn(2048, 4096, generator=gen) / 64)
+    x = (torch.randn(m, 4096, generator=gen) * 3).bfloat16()
+    args = (x.cuda(), w.cuda(), s.cuda(), "fp8", act_quant_on)
+    before = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        assert which("linear", *args) == "fp8_stored_linear"
+        got = ops.linear(*args).cpu()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= before + 1 << 20            # nothing kept beside the weight
+    want = ops.linear.twin(x, w, s, "fp8", act_quant_on)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    rel = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert rel <= 1e-2, rel
+    xq = quant.fake_quant_fp8(x, 128) if act_quant_on else x
+    wd = ops.dequant_weight(w, s, "fp8").double()
+    err = ((got.double() - xq.double() @ wd.T).abs() / (xq.double().abs() @ wd.abs().T)).max().item()
+    assert err <= 2e-3, err
+
+
+@pytest.mark.gpu
+def test_act_quant_kernel_is_bit_identical_to_the_definition():
+    from dsv4 import quant
+    from dsv4.ops.triton.quant import act_quant_fp8
+
+    x = torch.randn(33, 512, generator=torch.Generator().manual_seed(43)) * torch.logspace(-6, 3, 33)[:, None]
+    x[0, :128] = 0
+    q, s = act_quant_fp8(x.bfloat16().cuda())
+    qw, sw = quant.act_quant(x.bfloat16(), 128)
+    assert torch.equal(q.cpu().view(torch.uint8), qw.view(torch.uint8))
+    assert torch.equal(s.cpu(), sw) and s.stride() == (1, 33)
