@@ -100,6 +100,27 @@ def test_multi_turn_conversation_equals_no_caching(model, tokenizer):
     assert_all_idle(on)
 
 
+def test_speculative_decoding_with_hits_equals_no_caching(tiny_model_fp32, tokenizer):
+    """Speculation on: hits restore the MTP drafter's window too; greedy outputs equal a run without caching."""
+    on, off = engines(tiny_model_fp32, tokenizer, num_speculative_tokens=2, num_pages=6,
+                      max_num_batched_tokens=100)
+    # Turn 2 recomputes 12 tokens after the hit at 128, fewer than the window (16): the rest of the drafter's ring
+    # comes from the snapshot.
+    history, hits = tokens(130, 70), []
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for turn, new in enumerate([2, 130]):
+        got = run(on, [history, history[:100] + [7]], params)
+        want = run(off, [history, history[:100] + [7]], params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want], f"turn {turn + 1}"
+        # The same drafts were proposed: the drafter's state was restored too (a stale one drafts worse).
+        assert [o.metrics for o in got] == [o.metrics for o in want], f"turn {turn + 1}"
+        hits.append(got[0].num_cached_tokens)
+        history = history + got[0].token_ids + tokens(new, 80 + turn)
+        run(on, [tokens(40, 90 + turn)], params)          # another sequence's window in the freed slots
+    assert hits == [0, 128]
+    assert_all_idle(on)
+
+
 def test_batch_mixing_hits_and_misses_and_parallel_samples(tiny_model_fp32, tokenizer):
     base = tokens(270, 2)
     on, off = engines(tiny_model_fp32, tokenizer, decode_batch=True)      # decode steps: the fixed-shape path

@@ -49,7 +49,7 @@ class Engine:
         # The fixed-shape decode path pads batches with rows that write to one scratch slot and page (the last).
         self.state = ModelState(cfg, econf.max_num_seqs + fixed, pages + fixed, econf.page_size, model.dtype, device)
         prefix = None
-        if econf.enable_prefix_caching and single:      # followers' slots could not be restored (dist/worker.py)
+        if econf.enable_prefix_caching and econf.tensor_parallel_size == 1:   # followers' slots: dist/worker.py
             prefix = PrefixCache(econf.page_size, econf.max_prefix_snapshots, self.state)
         self.cache = CacheManager(econf.max_num_seqs, pages, econf.page_size, prefix)
         self.scheduler = Scheduler(self.cache, econf.max_num_seqs, econf.max_num_batched_tokens, self.max_model_len)
