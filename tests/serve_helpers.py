@@ -76,6 +76,8 @@ class ScriptedRunner:
     token of `script` (then EOS). Scheduler, pages, detokenizer, stop rules and the whole server are real; only
     the model's choice is scripted, because the tiny models are untrained and emit noise."""
 
+    speculator = None                   # as ModelRunner without speculative decoding
+
     def __init__(self, eos_id: int):
         self.script: list[int] = []
         self.eos_id = eos_id
