@@ -53,6 +53,9 @@ def _add_model_args(p) -> None:
     p.add_argument("--no-quant-emulation", action="store_true",
                    help="turn off the FP8/FP4 QAT emulation (plain dequantised weights)")
     p.add_argument("--max-model-len", type=_positive(int), help="context length (default: the model's)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn off automatic prefix caching (on by default: a prompt that repeats an earlier prompt's "
+                        "start, e.g. the next turn of a conversation, skips recomputing it)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=_positive(int),
                    help="shard the model over N processes (one per GPU; gloo on CPU), started here, or by torchrun "
                         "(default: torchrun's WORLD_SIZE, else 1); see docs/parallel.md")
@@ -332,8 +335,8 @@ def _llm(args, **engine_options):
     engine_options = {"max_num_seqs": 1} | engine_options
     return LLM(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
                quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len,
-               tensor_parallel_size=tp, progress=sys.stderr.isatty(),
-               num_speculative_tokens=args.speculative_tokens, **engine_options)
+               enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=tp,
+               progress=sys.stderr.isatty(), num_speculative_tokens=args.speculative_tokens, **engine_options)
 
 
 def _sampling(args):

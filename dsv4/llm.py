@@ -25,6 +25,7 @@ class LLM:
 
     Engine options are the fields of `EngineConfig`: device, dtype, quant_emulation, max_model_len,
     max_num_seqs, max_num_batched_tokens, page_size, num_pages, memory_fraction, cpu_cache_gib,
+    enable_prefix_caching (default True; docs/prefix_caching.md), max_prefix_snapshots,
     tensor_parallel_size (> 1: the model is sharded over that many processes, spawned here or started by torchrun;
     see docs/parallel.md; `close()` releases them), num_speculative_tokens (> 0: MTP speculative decoding,
     engine/speculative.py; single-rank only).

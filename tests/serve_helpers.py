@@ -76,11 +76,16 @@ class ScriptedRunner:
     token of `script` (then EOS). Scheduler, pages, detokenizer, stop rules and the whole server are real; only
     the model's choice is scripted, because the tiny models are untrained and emit noise."""
 
+    speculator = None                   # as ModelRunner without speculative decoding
+
     def __init__(self, eos_id: int):
         self.script: list[int] = []
         self.eos_id = eos_id
         self.step_seconds = 0.0         # pretend each step computes for this long
         self.fail: Exception | None = None   # raised by the next step (a broken model)
+
+    def resume(self, seq) -> None:
+        """A prefix-cache hit: nothing to restore, nothing is computed."""
 
     def run(self, entries):
         from dsv4.engine.runner import Sampled

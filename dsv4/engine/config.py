@@ -29,6 +29,8 @@ class EngineConfig:
     decode_batch: bool = False          # CPU: run decode steps through the fixed-shape path too (tests)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (docs/parallel.md); the engine runs on rank 0
     num_speculative_tokens: int = 0     # drafts per decode step from the MTP block (engine/speculative.py); 0 = off
+    enable_prefix_caching: bool = True  # requests start from a cached prefix (engine/prefix_cache.py; TP = 1 only)
+    max_prefix_snapshots: int = 64      # prefix cache: slot-state snapshots kept at block boundaries (LRU)
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
@@ -39,6 +41,7 @@ class EngineConfig:
                   (0 < self.memory_fraction <= 1, "memory_fraction must be in (0, 1]"),
                   (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
                   (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+                  (self.max_prefix_snapshots >= 0, "max_prefix_snapshots must be >= 0"),
                   (self.num_speculative_tokens >= 0, "num_speculative_tokens must be >= 0"),
                   # The MTP step is not sent to the follower ranks (dist/worker.py), whose collectives would hang.
                   (self.num_speculative_tokens == 0 or self.tensor_parallel_size == 1,
@@ -79,5 +82,9 @@ def cache_pages(cfg, econf: EngineConfig, max_model_len: int) -> int:
         budget = free * econf.memory_fraction
     else:
         budget = econf.cpu_cache_gib * 2**30
+    if econf.enable_prefix_caching:                   # the snapshots come out of the same budget
+        from dsv4.engine.prefix_cache import snapshot_bytes
+
+        budget -= econf.max_prefix_snapshots * snapshot_bytes(cfg, econf.page_size, econf.torch_dtype())
     per_seq = math.ceil(max_model_len / econf.page_size)
     return max(per_seq, min(int(budget // per_page), per_seq * econf.max_num_seqs))

@@ -14,6 +14,7 @@ from dsv4.engine.config import EngineConfig, cache_pages
 from dsv4.engine.detokenizer import TextStream
 from dsv4.engine.outputs import CompletionOutput, RequestOutput
 from dsv4.engine.pages import CacheManager
+from dsv4.engine.prefix_cache import PrefixCache, SlotStates
 from dsv4.engine.runner import ModelRunner, Sampled
 from dsv4.engine.sampling import SamplingParams, request_seeds
 from dsv4.engine.scheduler import Scheduler
@@ -51,7 +52,10 @@ class Engine:
         fixed = capture or (econf.decode_batch and single)
         # The fixed-shape decode path pads batches with rows that write to one scratch slot and page (the last).
         self.state = ModelState(cfg, econf.max_num_seqs + fixed, pages + fixed, econf.page_size, model.dtype, device)
-        self.cache = CacheManager(econf.max_num_seqs, pages, econf.page_size)
+        prefix = None
+        if econf.enable_prefix_caching and econf.tensor_parallel_size == 1:   # followers' slots: dist/worker.py
+            prefix = PrefixCache(econf.page_size, econf.max_prefix_snapshots, self.state)
+        self.cache = CacheManager(econf.max_num_seqs, pages, econf.page_size, prefix)
         self.scheduler = Scheduler(self.cache, econf.max_num_seqs, econf.max_num_batched_tokens, self.max_model_len)
         graphs = None
         if fixed:
@@ -68,6 +72,8 @@ class Engine:
         self.runner = ModelRunner(model, self.state, graphs=graphs, speculator=speculator)
         self.structured = StructuredDecoding(tokenizer, cfg.vocab_size, cfg.eos_token_id)
         self.runner.structured = self.structured
+        if prefix is not None and speculator is not None:   # the drafter's window ring is per slot state too
+            prefix.state = SlotStates(self.state, speculator.mtp_state)
         self.requests: dict[str, _Request] = {}
         self.num_preemptions = 0
         self._by_seq: dict[int, tuple[_Request, int]] = {}
@@ -135,8 +141,10 @@ class Engine:
         """One engine step; returns the requests that progressed (finished ones for the last time)."""
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
+        self._started(scheduled.newly_started)
         sampled = self.runner.run(scheduled.entries)
         self.scheduler.update_after_step(scheduled)
+        self.cache.after_step([seq for seq, _ in scheduled.entries])
         touched = {}
         for seq_id, s in sampled.items():
             req, i = self._by_seq[seq_id]
@@ -155,6 +163,17 @@ class Engine:
                 for seq in req.seqs:
                     self._by_seq.pop(seq.seq_id, None)
         return [req.output for req in touched.values()]
+
+    def _started(self, seqs: list[Sequence]) -> None:
+        """Newly admitted sequences: restore the slot of those starting from a cached prefix; report the hit."""
+        for seq in seqs:
+            saved = self.cache.prefix.take_restore(seq) if self.cache.prefix is not None else None
+            if saved is not None:
+                self.runner.resume(seq)
+                self.cache.prefix.state.load_slot(seq.slot, saved)
+            req, i = self._by_seq[seq.seq_id]
+            if i == 0 and req.output.num_cached_tokens is None:
+                req.output.num_cached_tokens = seq.num_cached_tokens
 
     def _append(self, req: _Request, i: int, s: Sampled) -> None:
         seq, out, stream = req.seqs[i], req.output.outputs[i], req.streams[i]

@@ -24,6 +24,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     message: dict | None = None                  # `LLM.chat`: reasoning_content / content / tool_calls
+    num_cached_tokens: int | None = None         # prompt tokens served from the prefix cache (set once admitted)
     metrics: object | None = None                # speculative.RequestMetrics when speculation is on
 
     # The first completion's fields, for the common n = 1 case.

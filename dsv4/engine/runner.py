@@ -66,6 +66,11 @@ class ModelRunner:
         with torch.inference_mode():
             return self._sample(seqs, logits)
 
+    def resume(self, seq: Sequence) -> None:
+        """Start a sequence from a cached prefix (the engine then loads the prefix's snapshot into its slot)."""
+        self._start(seq)
+        seq.draft = None                                 # a draft from before a preemption
+
     def _start(self, seq: Sequence) -> None:
         self.state.reset_slot(seq.slot)
         p = seq.params

@@ -8,6 +8,8 @@ Each `schedule()` builds one flattened step under a token budget (`max_num_batch
 When a running sequence cannot get a page for its tokens, the most recently arrived running sequence (possibly
 itself) is preempted: slot and pages freed, `num_computed = 0` (recompute), back to the FRONT of the waiting queue.
 A step that preempted admits nobody (the pages it just freed are for the running ones).
+With prefix caching, an admitted sequence may start past 0 (`CacheManager.match_prefix`) and its prefill chunks
+may stop early at snapshot points (`clip_chunk`); engine/prefix_cache.py says why.
 
 Why it cannot deadlock: `add()` rejects any sequence that could not fit in the whole cache on its own. Running
 sequences are kept in arrival order and victims are taken from the newest end, so the oldest running sequence is
@@ -132,7 +134,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_pending, budget)
+            n = self.cache.clip_chunk(seq, min(seq.num_pending, budget))
             drafts = self._fit_draft(seq, n, budget)
             if not self._make_room(seq, n + drafts, step):
                 break                           # seq preempted itself: it was the last running one
@@ -172,12 +174,14 @@ class Scheduler:
     def _admit_waiting(self, step: ScheduledStep, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_pending, budget)
+            self.cache.match_prefix(seq)        # a cached prefix: pages held, num_computed advanced
+            n = self.cache.clip_chunk(seq, min(seq.num_pending, budget))
             if not self.cache.can_fit(seq, n):
+                self.cache.unmatch_prefix(seq)
                 break                           # strict FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.cache.admit(seq)
-            self.cache.grow(seq, n)
+            self.cache.grow(seq, seq.num_computed + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
             step.append(seq, n, new=True)

@@ -37,6 +37,7 @@ class Sequence:
     num_computed: int = 0
     finish_reason: str | None = None          # "stop" | "length" | "abort"
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None      # prompt tokens found in the prefix cache at the first admission
     # Speculative decoding (engine/speculative.py): proposed next tokens, and counts for RequestOutput.metrics.
     draft: object | None = None               # speculative.Draft, verified in the sequence's next decode step
     num_spec_steps: int = 0

@@ -41,6 +41,7 @@ class Update:
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None        # set on the completion's last update: "stop" | "length"
+    num_cached_tokens: int | None = None   # the request's prompt tokens found in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Subscription:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending = set(request_ids)
         self.aborted = False
+        self.cached_tokens: dict[str, int] = {}      # request id -> prompt tokens served from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -87,6 +89,8 @@ class Subscription:
                 if isinstance(item, BaseException):
                     raise item
                 batch += item.updates
+                self.cached_tokens.update((u.request_id, u.num_cached_tokens) for u in item.updates
+                                          if u.num_cached_tokens is not None)
                 self.pending.difference_update(item.finished)
             if batch:
                 yield batch
@@ -124,7 +128,8 @@ class _Track:
             finish = c.finish_reason
             if len(c.token_ids) > k or len(c.text) > t or finish is not None:
                 logprobs = c.logprobs[k:] if c.logprobs is not None else None
-                ups.append(Update(out.request_id, i, c.text[t:], c.token_ids[k:], logprobs, finish))
+                ups.append(Update(out.request_id, i, c.text[t:], c.token_ids[k:], logprobs, finish,
+                                  out.num_cached_tokens))
                 self.sent_tokens[i], self.sent_text[i], self.done[i] = len(c.token_ids), len(c.text), finish is not None
         return ups
 
@@ -279,6 +284,11 @@ class AsyncEngine:
                       "pages_in_use": cache.pages.num_used, "pages_total": cache.pages.capacity,
                       "slots_in_use": cache.slots.num_used, "slots_total": cache.slots.capacity,
                       "steps": self.num_steps, "preemptions": self.engine.num_preemptions}
+        prefix = cache.prefix
+        self.stats |= {"prefix_cache_queries": prefix.query_tokens if prefix else 0,
+                       "prefix_cache_hits": prefix.hit_tokens if prefix else 0,
+                       "prefix_cache_hit_rate": prefix.hit_rate if prefix else 0.0,
+                       "prefix_cache_pages": len(prefix.blocks) if prefix else 0}
         if self.metrics is not None:
             self.metrics.engine_state(self.stats)
 

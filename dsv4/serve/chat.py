@@ -134,7 +134,7 @@ async def complete_chat(sub: Subscription, inputs: ChatInputs, tokenizer, model:
                         "finish_reason": st.final_reason(), **st.extra()})
     n_tokens = sum(st.num_tokens for st in states)
     return {**head(new_id("chatcmpl"), "chat.completion", model), "choices": choices,
-            "usage": usage(len(inputs.prompt_ids), n_tokens)}
+            "usage": usage(len(inputs.prompt_ids), n_tokens, sum(sub.cached_tokens.values()))}
 
 
 async def stream_chat(sub: Subscription, inputs: ChatInputs, tokenizer, model: str, top_logprobs: int | None,
@@ -162,7 +162,8 @@ async def stream_chat(sub: Subscription, inputs: ChatInputs, tokenizer, model: s
             return                      # the client went away: nobody to tell
         if include_usage:
             n_tokens = sum(st.num_tokens for st in states)
-            yield sse({**base, "choices": [], "usage": usage(len(inputs.prompt_ids), n_tokens)})
+            yield sse({**base, "choices": [], "usage": usage(len(inputs.prompt_ids), n_tokens,
+                                                             sum(sub.cached_tokens.values()))})
         yield SSE_DONE
     except EngineDeadError as e:
         yield sse(error_body(str(e), "server_error", None, "engine_dead"))

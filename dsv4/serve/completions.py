@@ -31,7 +31,7 @@ class _Choice:
 
 class _Choices:
     def __init__(self, sub: Subscription, n: int, tokenizer, logprobs: int | None):
-        self.tokenizer, self.k = tokenizer, logprobs
+        self.tokenizer, self.k, self.sub = tokenizer, logprobs, sub
         self.base = {rid: i * n for i, rid in enumerate(sub.request_ids)}
         self.choices = [_Choice(i) for i in range(len(sub.request_ids) * n)]
 
@@ -48,7 +48,7 @@ class _Choices:
         return c, lp
 
     def usage(self, prompt_lens: list[int]) -> dict:
-        return usage(sum(prompt_lens), sum(c.num_tokens for c in self.choices))
+        return usage(sum(prompt_lens), sum(c.num_tokens for c in self.choices), sum(self.sub.cached_tokens.values()))
 
 
 async def complete(sub: Subscription, prompt_lens: list[int], n: int, tokenizer, model: str,

@@ -18,7 +18,11 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25
 _STATE = {"running": "requests running (holding a slot)", "waiting": "requests queued for a slot or pages",
           "pages_in_use": "cache pages in use", "pages_total": "cache pages in all",
           "slots_in_use": "sequence slots in use", "slots_total": "sequence slots in all",
-          "preemptions": "sequences preempted so far (recomputed later)"}
+          "preemptions": "sequences preempted so far (recomputed later)",
+          "prefix_cache_queries": "prompt tokens looked up in the prefix cache (first admissions)",
+          "prefix_cache_hits": "prompt tokens found in the prefix cache",
+          "prefix_cache_hit_rate": "prefix_cache_hits / prefix_cache_queries since start (0 when off)",
+          "prefix_cache_pages": "cache pages holding cached prefix blocks (idle ones count as free)"}
 
 _SPEC = {"num_draft_tokens": "draft tokens proposed by the MTP block and verified",
          "num_accepted_tokens": "draft tokens accepted", "num_steps": "verification steps"}
