@@ -203,11 +203,11 @@ def test_bad_input_names_the_offender():
 
 
 def test_bench_script_covers_the_dense_fp8_linears_of_a_flash_block():
-    """scripts/bench/fp8_gemv.py takes its shapes from the inventory: every FP8 dense linear the model runs as
+    """scripts/bench/fp8_linear.py takes its shapes from the inventory: every FP8 dense linear the model runs as
     FP8 (wo_a is run in bf16 by the reference), including the indexer's wq_b."""
     import importlib.util
 
-    path = Path(dsv4.__file__).parents[1] / "scripts" / "bench" / "fp8_gemv.py"
+    path = Path(dsv4.__file__).parents[1] / "scripts" / "bench" / "fp8_linear.py"
     spec = importlib.util.spec_from_file_location("fp8_gemv_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
