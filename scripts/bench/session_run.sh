@@ -10,12 +10,12 @@ minutes=${2:-3.0}
 work=/tmp/session_run
 mkdir -p "$out" "$work/train"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-timeout 230 python3 -m dsv4 bench --timing-only --no-transformers --decode-steps 12 --prefill 1024,8192 \
+timeout 200 python3 -m dsv4 bench --timing-only --no-transformers --decode-steps 12 --prefill 1024,8192 \
     --out "$work/h200_v8.json" > "$work/h200_v8.log" 2>&1
 tail -22 "$work/h200_v8.log"
-timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py > "$work/h200_v8_gpu_tests.log" 2>&1
+timeout 50 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_linear.py > "$work/h200_v8_gpu_tests.log" 2>&1
 grep -E "passed|failed|^FAILED|^E  " "$work/h200_v8_gpu_tests.log" | head -12
-timeout 290 python3 scripts/train_builtin_gpu.py .builtin_data "$work/builtin_v2" --minutes "$minutes" \
+timeout 250 python3 scripts/train_builtin_gpu.py .builtin_data "$work/builtin_v2" --minutes "$minutes" \
     --bundle "$work/train" > "$work/train.log" 2>&1
 tail -15 "$work/train.log"
 mv "$work"/train/model.tar.* "$out"/ 2>/dev/null
