@@ -220,8 +220,9 @@ def _add_bench(sub) -> None:
                        description="Synthesise DeepSeek-V4-Flash at full width truncated to --layers blocks (official "
                                    "formats, straight on the GPU), then time dsv4 and transformers eager on the same "
                                    "weights: decode ms/step after a --context-token prompt, prefill; the HBM floor of "
-                                   "each decode step and prefill; weight bytes resident over the checkpoint's native bytes; greedy "
-                                   "agreement of dsv4's fast path with its reference path. Prints a table and writes "
+                                   "each decode step and prefill; weight bytes resident over the checkpoint's "
+                                   "native bytes; greedy agreement of dsv4's fast path with its reference path. "
+                                   "Prints a table and writes "
                                    "JSON with --out. Needs a CUDA GPU (4 layers: ~25 GB; 20 layers: ~80 GB).")
     p.add_argument("--layers", type=_positive(int), default=4,
                    help="blocks kept (default 4: ratios 0, 0, 4, 128); above 4 the depth figures are added "

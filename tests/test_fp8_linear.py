@@ -43,7 +43,8 @@ def compare(x, w, s, act, split, block_n):
     y32 = fp8_linear_small_m(x, w, s, act, out_dtype=torch.float32, split_k=split, block_n=block_n)
     y = fp8_linear_small_m(x, w, s, act, split_k=split, block_n=block_n)
     twin = ops.linear.twin(x, w, s, "fp8", act).double()
-    ulp = torch.ldexp(torch.ones_like(twin), torch.frexp(twin.abs()).exponent - (8 if x.dtype == torch.bfloat16 else 24))
+    bits = 8 if x.dtype == torch.bfloat16 else 24
+    ulp = torch.ldexp(torch.ones_like(twin), torch.frexp(twin.abs()).exponent - bits)
     flushed = wd.where((w.view(torch.uint8) & 0x78) != 0, 0.0)          # a decoder that flushes subnormals
     wrong_scale = ops.dequant_weight(w, s.T.contiguous().T if s.shape[0] == s.shape[1] else s.flip(0), "fp8").double()
     return {"fp32": ((y32.double() - exact).abs() / abs_sum).max().item(),

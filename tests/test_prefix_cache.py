@@ -109,8 +109,8 @@ def test_speculative_decoding_with_hits_equals_no_caching(tiny_model_fp32, token
     history, hits = tokens(130, 70), []
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     for turn, new in enumerate([2, 130]):
-        got = run(on, [history, history[:100] + [7]], params)
-        want = run(off, [history, history[:100] + [7]], params)
+        got = run(on, [history, [*history[:100], 7]], params)
+        want = run(off, [history, [*history[:100], 7]], params)
         assert [o.token_ids for o in got] == [o.token_ids for o in want], f"turn {turn + 1}"
         # The same drafts were proposed: the drafter's state was restored too (a stale one drafts worse).
         assert [o.metrics for o in got] == [o.metrics for o in want], f"turn {turn + 1}"

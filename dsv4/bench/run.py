@@ -143,7 +143,8 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
         if "median_s" in t:
             t["tok_per_s"] = n / t["median_s"]
             _say(opts, f"dsv4 prefill {n}: {t['median_s'] * 1e3:.1f} ms ({t['tok_per_s']:.0f} tok/s; floor "
-                       f"{fl['floor_s'] * 1e3:.2f} ms: compute {fl['compute_s'] * 1e3:.2f}, weights {fl['read_s'] * 1e3:.2f})")
+                       f"{fl['floor_s'] * 1e3:.2f} ms: compute {fl['compute_s'] * 1e3:.2f}, "
+                       f"weights {fl['read_s'] * 1e3:.2f})")
         out["prefill"][n] = t
         _free()
     return out
@@ -168,7 +169,7 @@ def _deep(model, cfg, opts: BenchOptions, res: dict) -> None:
     page = 256
     per_token = sum(layer_bytes_per_page(cfg, r, page, torch.bfloat16) for r in cfg.compress_ratios[: cfg.n_layers])
     per_token = per_token / page
-    free, total = torch.cuda.mem_get_info(dev)
+    free, _ = torch.cuda.mem_get_info(dev)
     reserve = 8 * 2**30                                       # activations of an 8k prefill chunk and the allocator
     res.update(deep_layers=cfg.n_layers, deep_per_layer_decode_ms=per_layer, deep_head_ms={b: h * 1e3 for b, h in
                head.items()}, deep_peak_mem_gib=torch.cuda.max_memory_allocated(dev) / 2**30,

@@ -66,7 +66,7 @@ def measure(name, N, K, m, bw, flush, quick) -> dict:
         sweep = []
         for cfg in configs(quick):
             try:
-                sweep.append({**cfg, "us": cold_graph_time(lambda: fp8_linear_small_m(x, w, s, True, **cfg),
+                sweep.append({**cfg, "us": cold_graph_time(lambda cfg=cfg: fp8_linear_small_m(x, w, s, True, **cfg),
                                                            flush) * 1e6})
             except Exception as e:
                 print(f"  {name} M={m} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -80,7 +80,8 @@ def measure(name, N, K, m, bw, flush, quick) -> dict:
 
 
 def line(r: dict) -> str:
-    out = f"{r['name']:>22} {r['N']:>5}x{r['K']:<5} M={r['M']:<5} floor {r['floor_us']:7.2f} us | bf16 copy {r['bf16_copy_us']:7.2f}"
+    out = (f"{r['name']:>22} {r['N']:>5}x{r['K']:<5} M={r['M']:<5} floor {r['floor_us']:7.2f} us | bf16 copy "
+           f"{r['bf16_copy_us']:7.2f}")
     if "scaled_mm_us" in r:
         out += f" | scaled_mm {r['scaled_mm_us']:7.2f} (err {r['scaled_mm_err']['rel_vs_twin']:.1e})"
     if "kernel_us" in r:

@@ -21,7 +21,8 @@ GEMV shape for M of 1 to a few); DOT=True runs tl.dot over 16-row blocks (bf16 o
 / FP8 x; fp32 x in IEEE mode). Split-K spreads few output columns over enough programs to fill the GPU; the
 partial sums are added in a fixed order (deterministic, no atomics).
 
-Measured on an H200 (with a micro-benchmark since replaced by scripts/bench/fp8_linear.py; bench/results/h200_fp8_gemv.log, a partial sweep): at M = 1 it
+Measured on an H200 (a micro-benchmark since replaced by scripts/bench/fp8_linear.py;
+bench/results/h200_fp8_gemv.log, a partial sweep): at M = 1 it
 reaches 0.05-0.35 of the copy bandwidth (wq_b 32768 x 1024: 23 us; wo_b 4096 x 8192: 28 us), while cuBLAS over the
 bf16 copies takes ~6-20 us per call inside the decode step (bench/results/h200_v7_profile_kernels.log; the script's
 "cached bf16" column also times the act-quant twin, so it overstates the copies' cost). Not dispatched: at M = 1 it
