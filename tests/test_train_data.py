@@ -8,7 +8,7 @@ import pytest
 
 from dsv4.chat import encode_messages
 from dsv4.tokenizer import load_tokenizer
-from dsv4.train.data import Document, PackStream, chat_document, pack, read_documents
+from dsv4.train.data import Document, PackStream, chat_document, concat_pack, pack, read_documents
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,16 @@ def test_pack_stream_is_deterministic_and_covers_each_epoch():
     epoch = [p[0].ids[0] for s in range(3) for p in a.step(s)]
     assert sorted(epoch) == list(range(6))
     assert [p[0].ids for p in a.step(4)] == [p[0].ids for p in b.step(4)]
+
+
+def test_concat_pack_keeps_exactly_the_per_document_targets():
+    from dsv4.train.forward import IGNORE, packed_batch
+
+    docs = [Document([0, 5, 6, 1], [False, True, True, True]), Document([0, 7, 8], [True, False, True])]
+    one = concat_pack(docs)
+    assert one.ids == [0, 5, 6, 1, 0, 7, 8]
+    assert one.mask == [False, True, True, True, False, False, True]     # no document's BOS is a target
+    per_doc = packed_batch(docs, "cpu").targets.tolist()
+    joined = packed_batch([one], "cpu").targets.tolist()
+    assert per_doc == joined == [5, 6, 1, IGNORE, IGNORE, 8, IGNORE]
+    assert one.n_targets == sum(d.n_targets for d in docs)

@@ -50,9 +50,20 @@ def _fp8_stored_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
 
         return fp8_linear_small_m(x, weight, scale, act_quant_on)
-    if act_quant_on:
+    if act_quant_on and _scaled_mm_fits(weight):
         return scaled_mm_fp8(x, weight, scale)
+    # NOTE: emulation on with an odd shape: the twin's arithmetic (act_quant, then the bf16 decode) via ops.ref.
+    if act_quant_on:
+        from dsv4.ops.ref import linear as ref_linear
+
+        return ref_linear(x, weight, scale, "fp8", True)
     return F.linear(x, dequant_weight(weight, scale, "fp8").to(x.dtype))
+
+
+def _scaled_mm_fits(weight: torch.Tensor) -> bool:
+    """cuBLAS's 128x128 weight scales must come in whole groups of 4 blocks (torch 2.11 on the H200 rejected
+    a [256, 256] weight: "scale_b must have shape 4 x 2"); smaller or odd shapes take the per-call bf16 decode."""
+    return weight.shape[0] % 512 == 0 and weight.shape[1] % 512 == 0
 
 
 def fp8_stored_linear(x, weight, scale, fmt, act_quant_on, dequantized=None) -> torch.Tensor:

@@ -114,6 +114,20 @@ def pack(docs: list[Document], seq_len: int) -> list[list[Document]]:
     return packs
 
 
+def concat_pack(pack_docs: list[Document]) -> Document:
+    """One pack's documents as a single sequence (each keeps its BOS; attention runs across the boundaries).
+
+    The targets are exactly the per-document ones: a document's first token is never a target of the previous
+    document's last. Why: the step runs per sequence, so a pack of ~30 short documents costs ~30x the kernel
+    launches of one long sequence; on a GPU the per-document run was launch-bound (~3k tokens/s on an H200).
+    """
+    ids, mask = [], []
+    for d in pack_docs:
+        ids += d.ids
+        mask += [False] + list(d.mask[1:])
+    return Document(ids, mask)
+
+
 class PackStream:
     """Packs for step after step: `packs_per_step` per step, reshuffled every epoch from `seed`; deterministic
     given (seed, step), so a resumed run sees exactly the data it would have seen."""
