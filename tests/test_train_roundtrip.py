@@ -21,7 +21,8 @@ from dsv4.checkpoint.inventory import inventory
 from dsv4.quant import dequant_fp4, dequant_fp8
 from dsv4.train.data import Document, PackStream, pack
 from dsv4.train.loop import TrainConfig, Trainer
-from dsv4.train.params import LoRALinear, TrainLinear, prepare_full, prepare_lora, storage_roundtrip
+from dsv4.train.params import (LoRALinear, TrainLinear, forget_qat, prepare_full, prepare_lora, refresh_qat,
+                               storage_roundtrip)
 from dsv4.train.run import merge_lora
 from dsv4.train.save import bf16_config, export_state, save_adapters, write_checkpoint
 
@@ -130,3 +131,33 @@ def test_lora_adapters_save_merge_and_load(tiny_ckpt, tmp_path):
             assert torch.equal(merged[name], value), name
     for path in ("merged", "merged-bf16"):
         dsv4.load_model(tmp_path / path, dtype=torch.float32, progress=False)     # strict
+
+
+def test_batched_qat_rounding_is_bit_identical_and_follows_weight_changes(tiny_ckpt):
+    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, progress=False), qat=True)
+    linears = [x for x in m.modules() if isinstance(x, TrainLinear) and x.qat]
+    assert {x.fmt for x in linears} == {"fp8", "fp4"}
+    alone = [x.roundtrip() for x in linears]                       # per weight, nothing kept
+    assert refresh_qat(m) == len(linears)
+    assert all(torch.equal(a, x.roundtrip()) and x.roundtrip() is x._roundtrip[2] for a, x in zip(alone, linears))
+    w = linears[0]
+    with torch.no_grad():
+        w.weight.mul_(3.0)                                          # an in-place change must not see the old rounding
+    assert torch.equal(w.roundtrip(), storage_roundtrip(w.weight, w.fmt))
+    assert not torch.equal(w.roundtrip(), alone[0])
+    forget_qat(m)
+    assert all(x._roundtrip is None for x in linears)
+
+
+def test_trainer_steps_equal_with_and_without_batched_qat_rounding(tiny_ckpt, tmp_path, monkeypatch):
+    import dsv4.train.loop as loop
+
+    def params_after(tag):
+        m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, progress=False), qat=True)
+        _train(m, tmp_path / tag, steps=2)
+        return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    batched = params_after("batched")
+    monkeypatch.setattr(loop, "refresh_qat", lambda model: 0)
+    alone = params_after("alone")
+    assert batched.keys() == alone.keys() and all(torch.equal(batched[n], alone[n]) for n in batched)

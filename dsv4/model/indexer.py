@@ -55,6 +55,9 @@ class Indexer(nn.Module):
         dots = torch.einsum("bshd,btd->bsht", q.to(acc), keys.to(acc)).to(q.dtype)
         return (dots.relu() * w.unsqueeze(-1)).sum(dim=2)
 
+    # NOTE: no_grad: only indices leave, so nothing here has a gradient, and under autograd the [n, h, t] score
+    # intermediates (quadratic: ~4 GB per layer at 16k training tokens) would be kept until the backward.
+    @torch.no_grad()
     def select(self, w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, start: int, offset: int) -> torch.Tensor:
         """Top-k entries for one sequence's queries at positions start.. (w [1, n, h], q [1, n, h, d]) over its
         keys [1, t, d]: [1, n, min(topk, t)] entry index + `offset`, -1 where the entry is not yet visible."""

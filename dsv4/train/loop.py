@@ -22,6 +22,7 @@ from dsv4.train.dist import DistContext, shard
 from dsv4.train.forward import LoadCounter, TrainStep, packed_batch
 from dsv4.train.metrics import MetricsLog, expert_load, plot_loss
 from dsv4.train.optim import MasterWeights, clip_grad_norm, lr_at, make_optimizer, update_gate_bias
+from dsv4.train.params import forget_qat, refresh_qat
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         sums = torch.zeros(2, dtype=torch.float64)
+        refresh_qat(self.model)                                 # once per step: the weights change only below
         for pack in packs[self.ctx.rank::self.ctx.world]:
             ce, mtp, _ = self.step_module(packed_batch(pack, self.device))
             loss = ce / n_targets
@@ -83,6 +85,7 @@ class Trainer:
             self.counter.enabled = False                        # checkpoint recomputation must not count
             loss.backward()
             self.counter.enabled = True
+        forget_qat(self.model)
         self.master.grads_to_masters()
         grad_norm = clip_grad_norm(self.master.masters, self.cfg.clip_grad or float("inf"), self.ctx)
         if not torch.isfinite(torch.tensor(grad_norm)):
