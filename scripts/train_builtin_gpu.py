@@ -50,8 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--warmup-steps", type=int, default=40)
-    ap.add_argument("--seq-len", type=int, default=16384, help="tokens per pack")
-    ap.add_argument("--packs-per-step", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=32768,
+                    help="tokens per pack (one sequence: the GPU step is launch-bound, so long sequences are cheap)")
+    ap.add_argument("--packs-per-step", type=int, default=1)
     ap.add_argument("--per-document", action="store_true",
                     help="run each document as its own sequence (default: each pack's documents as one sequence, "
                          "which the GPU needs: per-document steps are launch-bound, ~3k tokens/s on an H200)")

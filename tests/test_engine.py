@@ -157,3 +157,14 @@ def test_nan_logits_are_an_error_not_text(tiny_ckpt, tokenizer):
     engine.add_request("n", prompt(10, 1), SamplingParams(max_tokens=2))
     with pytest.raises(FloatingPointError, match="non-finite logits"):
         engine.step()
+
+
+def test_an_explicit_context_length_beyond_max_seq_len_is_honoured(tiny_model_fp32, tokenizer):
+    """max_seq_len is only the default context (a runtime choice; config.json does not store it)."""
+    cfg = tiny_model_fp32.cfg
+    longer = cfg.max_seq_len + 512
+    engine = make_engine(tiny_model_fp32, tokenizer, max_model_len=longer, num_pages=-(-longer // 128) + 2)
+    assert engine.max_model_len == longer
+    assert make_engine(tiny_model_fp32, tokenizer).max_model_len == cfg.max_seq_len
+    out = run(engine, [prompt(cfg.max_seq_len + 8, 5)], SamplingParams(temperature=0.0, max_tokens=2))[0]
+    assert out.finished and len(out.token_ids) == 2

@@ -41,7 +41,9 @@ class Engine:
         econf = econf or EngineConfig()
         self.model, self.tokenizer, self.econf = model, tokenizer, econf
         cfg = model.cfg
-        self.max_model_len = min(econf.max_model_len or cfg.max_seq_len, cfg.max_seq_len)
+        # An explicit max_model_len is honoured: positions have no table (RoPE is computed per position) and
+        # max_seq_len is only the default (the reference's runtime choice, 4096); capping silently hid it.
+        self.max_model_len = econf.max_model_len or cfg.max_seq_len
         pages = cache_pages(cfg, econf, self.max_model_len)
         device = next(model.parameters()).device
         # The fixed-shape decode path is single-rank for now: under TP the Driver replays `StepBatch` steps.

@@ -115,10 +115,11 @@ def projection(costs: dict, acceptance: list[float]) -> dict:
             "speedup_vs_1_token_graph": tokens * plain / cost}
 
 
-def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int]) -> dict:
-    """Acceptance and decode tokens/s of the built-in model through `dsv4.LLM` (greedy, ignore_eos)."""
+def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int], out: dict, save=lambda: None) -> dict:
+    """Acceptance and decode tokens/s of the built-in model through `dsv4.LLM` (greedy, ignore_eos), into `out`
+    (`save` after each record: a run stopped by a time limit keeps what it measured)."""
     params = dsv4.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    out, reference = {}, {}
+    reference = {}
     # k = 0 twice: with the captured decode graphs (the default) and through the general path speculation uses.
     runs = [("k0", 0, True), ("k0_general_path", 0, False)] + [(f"k{k}", k, False) for k in ks]
     for label, k, graphs in runs:
@@ -143,6 +144,7 @@ def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int]) -
                 rec["mean_accepted_tokens"] = (sum(x.num_accepted_tokens for x in m)
                                                / max(sum(x.num_spec_steps for x in m), 1))
             out[f"{label}_bs{b}"] = rec
+            save()
             print(f"built-in {label} batch {b}: {rec}", flush=True)
         del llm
     return out
@@ -162,6 +164,12 @@ def main(argv=None) -> dict:
     dev = torch.device(args.device)
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "context": args.context, "tiny": args.tiny, "verify": {}, "projection": {}}
+
+    def save():
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
     model = build_model(args.tiny, dev)
     for b in (int(x) for x in args.batches.split(",")):
         costs = verify_costs(model, b, args.context, args.repeats, dev)
@@ -170,14 +178,14 @@ def main(argv=None) -> dict:
         # Assumed acceptances: DeepSeek-V3's report (85-90 % for the first draft), vLLM PR 41044 on V4 (k = 2:
         # 76-79 % first, 36-38 % second, i.e. ~0.48 conditional).
         res["projection"][b] = [projection(costs, a) for a in ([0.8], [0.78, 0.48], [0.78, 0.48, 0.4])]
+        save()
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    res["builtin"] = builtin_runs(args.device, [1, 2, 3], args.builtin_tokens,
-                                  [int(x) for x in args.builtin_batches.split(",")])
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    res["builtin"] = {}
+    builtin_runs(args.device, [1, 2, 3], args.builtin_tokens, [int(x) for x in args.builtin_batches.split(",")],
+                 res["builtin"], save)
+    save()
     return res
 
 
