@@ -3,8 +3,9 @@
 y [M, N] = x [M, K] @ W^T with W float8_e4m3fn [N, K] and one e8m0 scale per 128x128 block. The weight takes the
 MMA's left (M = 64) slot and the few token rows its right one ("swapped operands": the MMA is as wide as the weight
 tile, not as the batch), so each program reads a [BLOCK_N, 128] FP8 tile per K block and feeds it to `tl.dot`
-as it is: no per-element decode, which is what made the earlier GEMV (`fp8_gemv.py`) issue-bound at ~0.05-0.35 of
-the copy bandwidth.
+as it is: no per-element decode, which made the earlier GEMV (removed after v8) issue-bound at ~0.05-0.35 of the
+copy bandwidth. Measured on the H200 (v8, `bench/results/h200_fp8_linear.log`): this kernel is no faster yet,
+0.05-0.36 of the copy bandwidth at its default configuration; see bench/NOTES.md, "v8".
 
 Per 128-wide K block, with the act-quant emulation on, x is quantised in the kernel by the exact arithmetic of
 `ops/triton/quant.py` (`fp8_block_quant`, bit-identical to `dsv4.quant.act_quant`), the block's FP8 x FP8 dot is
@@ -27,7 +28,7 @@ import triton
 import triton.language as tl
 
 from dsv4.ops.triton.fp4_grouped import _e8m0
-from dsv4.ops.triton.fp8_gemv import _sum_splits, auto_split, divisor_at_most
+from dsv4.ops.triton.splitk import _sum_splits, auto_split, divisor_at_most
 from dsv4.ops.triton.quant import fp8_block_quant
 
 _TWO_POW_120 = tl.constexpr(2.0**120)
