@@ -17,7 +17,7 @@ import torch
 from dsv4.model.attention import Attention
 from dsv4.model.state import DecodeBatch, ModelState, StepBatch
 
-PAGE, PAGES, STEPS = 128, 4, 3
+PAGE, PAGES, STEPS = 128, 4, 2
 # First new positions: 3 (window not full), 14 (crosses the ring's wrap at 16), 125/126 (the first ratio-128 block
 # completes at 127: at the first, a middle or the last of the T tokens, depending on T and the step), 253 (the
 # second one), 300; every ratio-4 phase occurs over the steps.

@@ -183,6 +183,10 @@ class Attention(nn.Module):
         they are read before the writes."""
         w = self.window
         arange = torch.arange(w, device=pos.device)
+        if pos.shape[1] == 1:       # plain decode: nothing overwritten is still needed (and fewer kernels per layer)
+            state.ring[slots, pos[:, 0] % w] = kv[:, 0].to(state.ring.dtype)  # overwrites position p - W
+            ok = (arange <= pos) | (pos >= w)                                  # [B, W]: before position 0
+            return state.ring[slots].to(dtype), torch.where(ok, arange, -1).unsqueeze(1)
         overwritten = state.ring[slots.unsqueeze(1), pos[:, 1:] % w]           # [B, T-1, d], BEFORE the writes
         state.ring[slots.unsqueeze(1), pos % w] = kv.to(state.ring.dtype)      # token p+i replaces p+i-W
         last = pos[:, -1:]
