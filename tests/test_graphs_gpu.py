@@ -40,8 +40,9 @@ def _copy(state):
     return new
 
 
+@pytest.mark.parametrize("t", [1, 3], ids=["1-token", "3-tokens"])       # 3: speculative verification, k = 2
 @pytest.mark.parametrize("emulation", [False, True], ids=["emulation-off", "emulation-on"])
-def test_graph_replay_equals_eager_fixed_step_and_general_step(tiny_ckpt, emulation):
+def test_graph_replay_equals_eager_fixed_step_and_general_step(tiny_ckpt, emulation, t):
     import dsv4
 
     model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=emulation,
@@ -50,22 +51,22 @@ def test_graph_replay_equals_eager_fixed_step_and_general_step(tiny_ckpt, emulat
     prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 130, 200)]
     graph_state, pages = _prefilled(model, prompts)
     eager_state, general_state = _copy(graph_state), _copy(graph_state)
-    graphs = DecodeGraphs(model, graph_state, 4, PAGES)
-    tokens = torch.randint(2, 512, (3,), generator=gen).tolist()
+    graphs = DecodeGraphs(model, graph_state, 4, PAGES, tokens_per_seq=t)
+    tokens = torch.randint(2, 512, (3 * t,), generator=gen).tolist()
     cosines = []
     for step in range(20):
-        rows = [(i, len(p) + step, pages[i]) for i, p in enumerate(prompts)]
+        rows = [(i, len(p) + step * t, pages[i]) for i, p in enumerate(prompts)]
         got = graphs.run(tokens, rows).clone()
         with torch.inference_mode():
             fixed = model.main_logits(model.step(torch.tensor([tokens], device="cuda"),
-                                                 DecodeBatch.build(rows, PAGES, "cuda"), eager_state))[0]
+                                                 DecodeBatch.build(rows, PAGES, "cuda", t), eager_state))[0]
             general = model.main_logits(model.step(torch.tensor([tokens], device="cuda"), StepBatch.build(
-                [(s, p, 1, pg) for s, p, pg in rows], "cuda"), general_state))[0]
+                [(s, p, t, pg) for s, p, pg in rows], "cuda"), general_state))[0]
         assert torch.equal(got, fixed), step
         cosines.append(torch.nn.functional.cosine_similarity(got.double(), general.double(), dim=-1))
         tokens = general.argmax(-1).tolist()
     cos = torch.cat(cosines)
-    print(f"emulation={emulation}: row cosine min {cos.min().item():.6f} median {cos.median().item():.6f}")
+    print(f"emulation={emulation} t={t}: row cosine min {cos.min().item():.6f} median {cos.median().item():.6f}")
     if emulation:
         assert cos.median().item() >= 0.999 and cos.min().item() >= 0.99, cos
     else:

@@ -48,8 +48,7 @@ class Engine:
         device = next(model.parameters()).device
         # The fixed-shape decode path is single-rank for now: under TP the Driver replays `StepBatch` steps.
         single = econf.tensor_parallel_size == 1
-        spec = econf.num_speculative_tokens > 0         # verification takes the general path (engine/speculative.py)
-        single = single and not spec
+        spec = econf.num_speculative_tokens > 0         # graphs of k + 1 tokens per sequence (engine/speculative.py)
         capture = econf.cuda_graphs and device.type == "cuda" and single
         fixed = capture or (econf.decode_batch and single)
         # The fixed-shape decode path pads batches with rows that write to one scratch slot and page (the last).
@@ -61,11 +60,13 @@ class Engine:
         self.scheduler = Scheduler(self.cache, econf.max_num_seqs, econf.max_num_batched_tokens, self.max_model_len)
         graphs = None
         if fixed:
-            from dsv4.engine.graphs import DecodeGraphs
+            from dsv4.engine.graphs import DecodeGraphs, decode_logits, verify_forward
 
             graphs = DecodeGraphs(model, self.state, econf.max_num_seqs,
                                   -(-self.max_model_len // econf.page_size), capture=capture,
-                                  compile=econf.compile_decode and capture)
+                                  compile=econf.compile_decode and capture,
+                                  tokens_per_seq=econf.num_speculative_tokens + 1,
+                                  forward=verify_forward if spec else decode_logits)
         speculator = None
         if spec:
             from dsv4.engine.speculative import Speculator

@@ -7,6 +7,8 @@ a scratch page, which the caller reserves in the `ModelState` (the last slot and
 With `compile=True` the step is first compiled by `torch.compile` (inductor; one graph, no breaks), which fuses
 the thousands of small element-wise kernels between the GEMMs and the fast ops (custom ops, opaque to it); the
 compiled step is what gets captured. Compilation happens per bucket at construction (warm-up), never in a replay.
+A `DecodeGraphs` of `tokens_per_seq=T > 1` steps T consecutive tokens per sequence (speculative verification of
+k = T - 1 drafts, `forward=verify_forward`): the graphs are then keyed by (bucket, T), T fixed per instance.
 NOTE: the finite-logits check runs after the replay (it synchronises, which a capture cannot).
 """
 
@@ -26,9 +28,16 @@ def buckets_up_to(max_batch: int) -> list[int]:
 
 
 def decode_logits(model, tokens: torch.Tensor, batch: DecodeBatch, state: ModelState) -> torch.Tensor:
-    """The function a bucket runs: one decode step -> main-head fp32 logits [B, V]."""
+    """The function a bucket runs: one decode step -> main-head fp32 logits [B*T, V]."""
     h = model.step(tokens, batch, state)
     return model.logits(h, model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)[0]
+
+
+def verify_forward(model, tokens: torch.Tensor, batch: DecodeBatch, state: ModelState):
+    """Speculative verification (engine/speculative.py): (final hc streams [1, B*T, hc, D], the MTP block's input;
+    main-head fp32 logits [B*T, V])."""
+    h = model.step(tokens, batch, state)
+    return h, model.logits(h, model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)[0]
 
 
 def compiled(fn, backend: str = "inductor"):
@@ -44,12 +53,12 @@ class _Graph:
     """One bucket: static inputs, and the captured step (or, with capture off, the same step run eagerly)."""
 
     def __init__(self, model, state: ModelState, size: int, max_pages: int, scratch: tuple[int, int], pool,
-                 forward=decode_logits):
+                 forward=decode_logits, tokens_per_seq: int = 1):
         dev = state.device
         slot, page = scratch
         self.model, self.state, self.forward = model, state, forward
-        self.tokens = torch.zeros(1, size, dtype=torch.long, device=dev)
-        self.batch = DecodeBatch.build([(slot, 0, [page])] * size, max_pages, dev)
+        self.tokens = torch.zeros(1, size * tokens_per_seq, dtype=torch.long, device=dev)
+        self.batch = DecodeBatch.build([(slot, 0, [page])] * size, max_pages, dev, tokens_per_seq)
         self.graph = None
         if pool is None:
             return
@@ -77,38 +86,42 @@ class DecodeGraphs:
     scratch space for padding rows (never given to a sequence)."""
 
     def __init__(self, model, state: ModelState, max_batch: int, max_pages: int, capture: bool = True,
-                 sizes: list[int] | None = None, compile: bool | str = False):
-        self.model, self.state, self.max_pages = model, state, max_pages
+                 sizes: list[int] | None = None, compile: bool | str = False, tokens_per_seq: int = 1,
+                 forward=decode_logits):
+        self.model, self.state, self.max_pages, self.tokens_per_seq = model, state, max_pages, tokens_per_seq
         self.scratch = (state.slots - 1, state.pages - 1)
         capture = capture and state.device.type == "cuda"          # capture off (or CPU): same path, run eagerly
         pool = torch.cuda.graph_pool_handle() if capture else None
-        forward = decode_logits
         if compile:
             model.prepare_fixed_shape_decode(state.device)
-            forward = compiled(decode_logits, compile if isinstance(compile, str) else "inductor")
+            forward = compiled(forward, compile if isinstance(compile, str) else "inductor")
         # Largest first, so later (smaller) captures fit in the memory pool the first one reserved.
         order = sorted(sizes or buckets_up_to(max_batch), reverse=True)
         if compile:                      # ~35 s per bucket at Flash width: show it
             from tqdm import tqdm
 
             order = tqdm(order, desc="compiling + capturing decode steps (batch buckets)", unit="bucket")
-        self.graphs = {b: _Graph(model, state, b, max_pages, self.scratch, pool, forward) for b in order}
+        self.graphs = {b: _Graph(model, state, b, max_pages, self.scratch, pool, forward, tokens_per_seq)
+                       for b in order}
 
-    def run(self, tokens: list[int] | torch.Tensor, rows: list[tuple[int, int, list[int]]]) -> torch.Tensor:
-        """Logits [B, V] fp32 for one new token per sequence (ids as a list or a device tensor [B]): rows are
-        (slot, position, pages)."""
-        n = len(rows)
+    def run(self, tokens: list[int] | torch.Tensor, rows: list[tuple[int, int, list[int]]]):
+        """Logits [B*T, V] fp32 for T new tokens per sequence (ids as a list or a device tensor [B*T], sequence by
+        sequence): rows are (slot, first position, pages). With `forward=verify_forward`: (h [1, B*T, hc, D],
+        logits); both are the graph's output buffers, overwritten by the next replay."""
+        n, t = len(rows), self.tokens_per_seq
         size = min(b for b in self.graphs if b >= n)
         g = self.graphs[size]
         pad = size - n
-        batch = DecodeBatch.build(rows + [(self.scratch[0], 0, [self.scratch[1]])] * pad, self.max_pages, "cpu")
+        batch = DecodeBatch.build(rows + [(self.scratch[0], 0, [self.scratch[1]])] * pad, self.max_pages, "cpu", t)
         if isinstance(tokens, torch.Tensor):
             g.tokens.zero_()
-            g.tokens[0, :n].copy_(tokens.view(-1))
+            g.tokens[0, :n * t].copy_(tokens.view(-1))
         else:
-            g.tokens.copy_(torch.tensor([tokens + [0] * pad]), non_blocking=True)
+            g.tokens.copy_(torch.tensor([tokens + [0] * pad * t]), non_blocking=True)
         g.batch.copy_(batch)
-        logits = g.replay()[:n]
+        out = g.replay()
+        h, logits = out if isinstance(out, tuple) else (None, out)
+        logits = logits[:n * t]
         if not torch.isfinite(logits).all():
             raise FloatingPointError("non-finite logits (NaN/inf): the weights or inputs are broken")
-        return logits
+        return logits if h is None else (h[:, :n * t], logits)

@@ -7,8 +7,9 @@ is exactly what a run over the accepted tokens gives. Drafts past the first chai
 next MTP position takes the block's own output streams as "h" (as vLLM and SGLang do with one MTP layer).
 
 Verification: one `model.step` over [pending token, d_1 .. d_k] per decoding sequence, batched with the other
-sequences' prefill chunks through the general (`StepBatch`) path. NOTE: speculation does not use the fixed-shape
-CUDA-graph decode path (engine/graphs.py is one token per sequence); the engine turns graphs off when k > 0.
+sequences' prefill chunks. When every sequence of the step verifies k drafts and the engine has decode graphs of
+T = k + 1 tokens per sequence (engine/graphs.py, `verify_forward`), it is one fixed-shape step (a CUDA-graph
+replay on GPUs); otherwise (prefill chunks, shorter drafts) the general (`StepBatch`) path.
 Greedy rows accept the longest prefix equal to the target's argmax, then the target's token. Sampled rows use
 the standard rejection rule (accept d with probability min(1, p(d)/q(d)), else draw from norm(max(0, p - q)); the
 bonus token from p_{k+1}), where p and q are the distributions after the request's processing (penalties with
@@ -200,11 +201,23 @@ class Speculator:
             chunks.append((e.seq.slot, e.start, len(toks), e.seq.pages))
         batch = StepBatch.build(chunks, dev)
         with torch.inference_mode():
-            h = self.model.step(torch.tensor([ids], device=dev), batch, self.state)
-            out = self._sample(runner, entries, batch, h)
+            h, logits = self._forward(runner, entries, ids, batch)
+            out = self._sample(runner, entries, batch, h, logits)
             self._rollback(entries)
             self._feed_mtp_and_draft(runner, entries, batch, h)
         return out
+
+    def _forward(self, runner, entries: list[_Entry], ids: list[int], batch: StepBatch):
+        """(hc streams h [1, T, hc, D], logits [T, V] of every row or None: computed by `_row_logits` on demand)."""
+        graphs = runner.graphs
+        if graphs is not None and all(e.draft is not None and len(e.draft.tokens) + 1 == graphs.tokens_per_seq
+                                      for e in entries):
+            return graphs.run(ids, [(e.seq.slot, e.start, e.seq.pages) for e in entries])
+        return self.model.step(torch.tensor([ids], device=runner.device), batch, self.state), None
+
+    def _row_logits(self, h: torch.Tensor, logits: torch.Tensor | None, rows: list[int]) -> torch.Tensor:
+        idx = torch.tensor(rows, device=h.device)
+        return self.model.main_logits(h[:, idx])[0] if logits is None else logits[idx]
 
     def _entry(self, runner, seq, n: int) -> _Entry:
         if seq.num_computed == 0:
@@ -220,25 +233,25 @@ class Speculator:
         return e
 
     # -- sampling and verification ------------------------------------------------------------------------
-    def _sample(self, runner, entries: list[_Entry], batch: StepBatch, h: torch.Tensor) -> dict[int, list]:
+    def _sample(self, runner, entries: list[_Entry], batch: StepBatch, h: torch.Tensor, logits) -> dict[int, list]:
         plain = [(e, c) for e, c in zip(entries, batch.seqs, strict=True) if e.draft is None and self._ends(e)]
         spec = [(e, c) for e, c in zip(entries, batch.seqs, strict=True) if e.draft is not None]
         out = {}
         if plain:
-            rows = torch.tensor([c.offset + c.length - 1 for _, c in plain], device=runner.device)
-            sampled = runner._sample([e.seq for e, _ in plain], self.model.main_logits(h[:, rows])[0])
+            rows = [c.offset + c.length - 1 for _, c in plain]
+            sampled = runner._sample([e.seq for e, _ in plain], self._row_logits(h, logits, rows))
             for e, _ in plain:
                 out[e.seq.seq_id] = [sampled[e.seq.seq_id]]
                 e.emitted = [sampled[e.seq.seq_id].token_id]
         if spec:
-            out.update(self._verify(runner, spec, h))
+            out.update(self._verify(runner, spec, h, logits))
         return out
 
     @staticmethod
     def _ends(e: _Entry) -> bool:
         return e.start + e.n == e.seq.num_tokens
 
-    def _verify(self, runner, spec, h: torch.Tensor) -> dict[int, list]:
+    def _verify(self, runner, spec, h: torch.Tensor, all_logits: torch.Tensor | None) -> dict[int, list]:
         from dsv4.engine.runner import Sampled
 
         dev = runner.device
@@ -255,7 +268,7 @@ class Speculator:
             qs += [e.draft.probs, torch.zeros_like(e.draft.probs[:1])]
         st = row_tensors(seqs, steps, dev)
         counts = row_counts(runner.counts, slots, extra, dev) if st.do_penalties else None
-        logits = self.model.main_logits(h[:, torch.tensor(rows, device=dev)])[0]              # [R, V]
+        logits = self._row_logits(h, all_logits, rows)                                       # [R, V]
         d = torch.tensor(drafts, device=dev)
         ok, fallback = accept(processed(logits, st, counts), torch.cat(qs), d, st)
         chosen = torch.where(ok, d, fallback)

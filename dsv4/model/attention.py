@@ -137,46 +137,77 @@ class Attention(nn.Module):
         return o
 
     def decode(self, x: torch.Tensor, cis: torch.Tensor, batch: DecodeBatch, state: LayerState) -> torch.Tensor:
-        """One token per sequence with fixed shapes and no host synchronisation (CUDA-graph capturable); the same
-        function as `forward` on the equivalent `StepBatch`. Every query reads its ring (masked before position 0)
-        and, on compressed layers, entries masked by block completion; KV rows are [ring | entries] per sequence."""
-        pos, slots, table = batch.positions, batch.slots, batch.page_table
+        """T new tokens per sequence (x [1, B*T, D]) with fixed shapes and no host synchronisation (CUDA-graph
+        capturable); the same function as `forward` on the equivalent `StepBatch`. KV rows per sequence are
+        [ring after this step's writes | the T-1 ring rows those writes overwrote | compressed entries], and every
+        query reads them through its own index list, masked by position: its window, causal among the new tokens,
+        entries whose block is complete at its own position."""
+        b, t = batch.slots.shape[0], batch.tokens_per_seq
+        if t > self.window:
+            raise ValueError(f"a decode step of {t} tokens per sequence exceeds the window ({self.window})")
+        pos, table = batch.positions.view(b, t), batch.page_table
         q, qr = self.queries(x, cis)
-        kv = self.window_kv(x, cis)[0]                                         # [B, d]
-        state.ring[slots, pos % self.window] = kv.to(state.ring.dtype)         # overwrites position p - window
-        ring_slot = torch.arange(self.window, device=x.device)
-        rows, valid = [state.ring[slots].to(x.dtype)], [(ring_slot <= pos[:, None]) | (pos[:, None] >= self.window)]
+        kv = self.window_kv(x, cis)[0].view(b, t, -1)                          # [B, T, d]
+        ring, idx = self._decode_window(kv, pos, batch.slots, state, x.dtype)
+        rows, idx = [ring], [idx]
         if self.ratio:
             self._decode_entries(self.compressor, state.entries, state.compressor, x, batch)
-            seen = (pos + 1) // self.ratio                                     # [B] visible entries
+            seen = ((pos + 1) // self.ratio).unsqueeze(-1)                     # [B, T, 1] visible entries
+            base = ring.shape[1]
             if self.ratio == 4:
                 self._decode_entries(self.indexer.compressor, state.index_keys, state.index_compressor, x, batch)
                 keys = gather_rows(state.index_keys, table).to(x.dtype)        # [B, n, d_index]
-                score = Indexer.weighted_scores(self.indexer.weights(x).transpose(0, 1),
-                                                self.indexer.queries(qr, cis).transpose(0, 1), keys)[:, 0]
-                score = score.masked_fill(torch.arange(keys.shape[1], device=x.device) >= seen[:, None],
-                                          float("-inf"))
-                pick = score.sort(dim=-1, descending=True, stable=True).indices[:, :min(self.indexer.topk,
-                                                                                        keys.shape[1])]
-                rows.append(gather_rows(state.entries, table, pick).to(x.dtype))
-                valid.append(pick < seen[:, None])
+                iq = self.indexer.queries(qr, cis)[0]                              # [B*T, h, d_index]
+                score = Indexer.weighted_scores(self.indexer.weights(x)[0].view(b, t, -1),
+                                                iq.view(b, t, *iq.shape[1:]), keys)    # [B, T, n]
+                score = score.masked_fill(torch.arange(keys.shape[1], device=x.device) >= seen, float("-inf"))
+                k = min(self.indexer.topk, keys.shape[1])
+                pick = score.sort(dim=-1, descending=True, stable=True).indices[..., :k]     # [B, T, k]
+                rows.append(gather_rows(state.entries, table, pick.flatten(1)).to(x.dtype))  # [B, T*k, d]
+                cols = base + k * torch.arange(t, device=x.device).unsqueeze(1) + torch.arange(k, device=x.device)
+                idx.append(torch.where(pick < seen, cols, -1))
             else:
                 entries = gather_rows(state.entries, table).to(x.dtype)
                 rows.append(entries)
-                valid.append(torch.arange(entries.shape[1], device=x.device) < seen[:, None])
-        kv_rows, ok = torch.cat(rows, dim=1), torch.cat(valid, dim=1)
-        idx = torch.where(ok, torch.arange(ok.shape[1], device=x.device), -1).unsqueeze(1)   # [B, 1, n]
-        o = ops.sparse_attention(q.transpose(0, 1), kv_rows, self.attn_sink, idx, self.softmax_scale)
-        return self.output(o.transpose(0, 1), cis)
+                j = torch.arange(entries.shape[1], device=x.device)
+                idx.append(torch.where(j < seen, base + j, -1))                 # [B, T, n]
+        o = ops.sparse_attention(q[0].view(b, t, *q.shape[2:]), torch.cat(rows, dim=1), self.attn_sink,
+                                 torch.cat(idx, dim=-1), self.softmax_scale)
+        return self.output(o.view(1, b * t, *o.shape[2:]), cis)
+
+    def _decode_window(self, kv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, state: LayerState,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new rows kv [B, T, d] (positions pos [B, T]) into the ring; -> (rows [B, W+T-1, d] = the ring
+        after the writes, then the T-1 rows they overwrote; idx [B, T, W+T-1], -1 outside a query's window).
+        NOTE: the overwritten rows (positions p+i-W, i >= 1) are still in the window of the queries before p+i, so
+        they are read before the writes."""
+        w = self.window
+        arange = torch.arange(w, device=pos.device)
+        if pos.shape[1] == 1:       # plain decode: nothing overwritten is still needed (and fewer kernels per layer)
+            state.ring[slots, pos[:, 0] % w] = kv[:, 0].to(state.ring.dtype)  # overwrites position p - W
+            ok = (arange <= pos) | (pos >= w)                                  # [B, W]: before position 0
+            return state.ring[slots].to(dtype), torch.where(ok, arange, -1).unsqueeze(1)
+        overwritten = state.ring[slots.unsqueeze(1), pos[:, 1:] % w]           # [B, T-1, d], BEFORE the writes
+        state.ring[slots.unsqueeze(1), pos % w] = kv.to(state.ring.dtype)      # token p+i replaces p+i-W
+        last = pos[:, -1:]
+        held = torch.cat([last - (last - arange) % w, pos[:, 1:] - w], dim=1)  # [B, W+T-1] position of each row
+        held, query = held.unsqueeze(1), pos.unsqueeze(2)                      # [B, 1, n], [B, T, 1]
+        ok = (held <= query) & (held > query - w) & (held >= 0)
+        rows = torch.cat([state.ring[slots], overwritten], dim=1).to(dtype)
+        return rows, torch.where(ok, torch.arange(ok.shape[-1], device=pos.device), -1)
 
     @staticmethod
     def _decode_entries(compressor, pool, cstate, x, batch: DecodeBatch) -> None:
-        """Feed each sequence's token to a compressor; store the entries of the blocks it completes."""
-        kv, score = compressor.project(x)
-        entries, complete = compressor.decode(kv[0], score[0], batch.positions, batch.slots, cstate, x.dtype)
-        j = batch.positions // compressor.ratio
-        old = gather_rows(pool, batch.page_table, j.unsqueeze(1))[:, 0]
-        write_rows(pool, batch.page_table, j, torch.where(complete[:, None], entries.to(pool.dtype), old))
+        """Feed each sequence's T tokens to a compressor, in order (a loop over the static T); store the entries
+        of the blocks they complete."""
+        b, t = batch.slots.shape[0], batch.tokens_per_seq
+        kv, score = (p[0].view(b, t, -1) for p in compressor.project(x))
+        pos = batch.positions.view(b, t)
+        for i in range(t):
+            entries, complete = compressor.decode(kv[:, i], score[:, i], pos[:, i], batch.slots, cstate, x.dtype)
+            j = pos[:, i] // compressor.ratio
+            old = gather_rows(pool, batch.page_table, j.unsqueeze(1))[:, 0]
+            write_rows(pool, batch.page_table, j, torch.where(complete[:, None], entries.to(pool.dtype), old))
 
     @staticmethod
     def _compressed_entries(compressor, pool, cstate, seq: SeqChunk, proj, dtype) -> torch.Tensor:

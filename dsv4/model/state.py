@@ -190,11 +190,13 @@ def fresh_state(cfg, batch: int, seqlen: int, dtype: torch.dtype, device, page_s
 
 @dataclass
 class DecodeBatch:
-    """A step of one new token per sequence, described by device tensors of fixed shape, so the step has no
-    host synchronisation and can be captured in a CUDA graph and replayed with new contents.
+    """A step of T new tokens per sequence (T = 1: plain decode; T = k + 1: speculative verification) at
+    consecutive positions, described by device tensors of fixed shape, so the step has no host synchronisation and
+    can be captured in a CUDA graph and replayed with new contents.
 
-    slots [B], positions [B] (the new tokens' positions), page_table [B, max_pages] (unused tail: any page id;
-    entries past a sequence's end are masked by position, never read as data).
+    slots [B], positions [B*T] (row b*T + j is sequence b's token at position p_b + j, the flattened order of the
+    step's tokens), page_table [B, max_pages] (unused tail: any page id; entries past a sequence's end are masked
+    by position, never read as data).
     """
 
     slots: torch.Tensor
@@ -203,16 +205,25 @@ class DecodeBatch:
 
     @property
     def n_tokens(self) -> int:
-        return self.slots.shape[0]
+        return self.positions.shape[0]
+
+    @property
+    def tokens_per_seq(self) -> int:
+        """T, a static shape (not data): the same for every replay of a captured step."""
+        return self.positions.shape[0] // self.slots.shape[0]
 
     @staticmethod
-    def build(rows: list[tuple[int, int, list[int]]], max_pages: int, device) -> DecodeBatch:
-        """From (slot, position, pages) per sequence; page lists are padded to `max_pages` with their first page."""
+    def build(rows: list[tuple[int, int, list[int]]], max_pages: int, device, tokens_per_seq: int = 1) -> DecodeBatch:
+        """From (slot, first new position, pages) per sequence; page lists are padded to `max_pages` with their
+        first page."""
         table = [pages[:max_pages] + [pages[0]] * (max_pages - len(pages)) for _, _, pages in rows]
         if any(len(pages) > max_pages for _, _, pages in rows):
             raise ValueError(f"a sequence holds more than max_pages={max_pages} pages")
+        if tokens_per_seq < 1:
+            raise ValueError(f"tokens_per_seq must be >= 1, got {tokens_per_seq}")
+        positions = [r[1] + j for r in rows for j in range(tokens_per_seq)]
         return DecodeBatch(torch.tensor([r[0] for r in rows], device=device),
-                           torch.tensor([r[1] for r in rows], device=device),
+                           torch.tensor(positions, device=device),
                            torch.tensor(table, dtype=torch.long, device=device))
 
     def copy_(self, other: DecodeBatch) -> DecodeBatch:

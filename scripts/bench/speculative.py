@@ -4,7 +4,8 @@
 
 (a) cost of a verify step of k + 1 = 2, 3, 4 tokens per sequence relative to a 1-token step, at Flash width (the
     4-layer bench model of `dsv4 bench`, synthesised on the GPU), batch 1 and 8, after a 512-token prefill; the
-    general `model.step` path (what speculation uses) and, for reference, the captured 1-token decode graph;
+    general `model.step` path (speculation's fallback) and the fixed-shape path of T tokens per sequence (captured
+    decode graphs on a GPU: what speculation uses when the engine has them, and the 1-token decode);
     plus the MTP block's own step (drafting cost) and a projection of tokens/s at assumed acceptances;
 (b) acceptance of the trained built-in model's MTP head (greedy, k = 1, 2, 3) and that outputs equal k = 0;
 (c) end-to-end decode tokens/s on the built-in model through `dsv4.LLM`, with and without speculation.
@@ -55,8 +56,9 @@ def build_model(tiny: bool, dev: torch.device):
 
 
 def verify_costs(model, batch: int, context: int, repeats: int, dev: torch.device) -> dict:
-    """Seconds of one general-path step of T = 1..4 tokens per sequence (+ logits at those rows), of the MTP
-    block over the same rows, and of the captured 1-token decode graph, `batch` sequences at `context`."""
+    """Seconds of one general-path step of T = 1..4 tokens per sequence (+ logits at those rows), of the same step
+    through the fixed-shape path (`fixed_s`: a captured graph on a GPU, eager elsewhere), and of the MTP block
+    over the same rows, `batch` sequences at `context`."""
     cfg = model.cfg
     per_seq = -(-(context + 8) // PAGE)
     pages = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(batch)]
@@ -82,13 +84,17 @@ def verify_costs(model, batch: int, context: int, repeats: int, dev: torch.devic
                 h = torch.zeros(1, batch * t, cfg.hc_mult, cfg.dim, dtype=model.dtype, device=dev)
                 return model.mtp_logits(model.mtp_step(h, ids, batch_t, mtp_state))
         out[t] = {"step_s": timed(step, repeats, dev), "mtp_step_s": timed(mtp, repeats, dev)}
-    if dev.type == "cuda":
-        from dsv4.engine.graphs import DecodeGraphs
+    from dsv4.engine.graphs import DecodeGraphs, decode_logits, verify_forward
 
-        graphs = DecodeGraphs(model, state, batch, per_seq, sizes=[batch])
-        rows = [(b, context, pages[b]) for b in range(batch)]
-        tokens = list(range(2, 2 + batch))
-        out["graph_1_token_s"] = timed(lambda: graphs.run(tokens, rows), repeats, dev)
+    rows = [(b, context, pages[b]) for b in range(batch)]
+    for t in (1, 2, 3, 4):
+        graphs = DecodeGraphs(model, state, batch, per_seq, sizes=[batch], tokens_per_seq=t,
+                              forward=decode_logits if t == 1 else verify_forward)
+        tokens = list(range(2, 2 + batch * t))
+        out[t]["fixed_s"] = timed(lambda g=graphs, tokens=tokens: g.run(tokens, rows), repeats, dev)
+        del graphs
+    if dev.type == "cuda":
+        out["graph_1_token_s"] = out[1]["fixed_s"]
     base = out[1]["step_s"]
     for t in (1, 2, 3, 4):
         out[t]["relative_to_1_token"] = out[t]["step_s"] / base
@@ -110,9 +116,13 @@ def projection(costs: dict, acceptance: list[float]) -> dict:
     cost = (costs[k + 1]["step_s"] + costs[k + 1]["mtp_step_s"] + (k - 1) * costs[1]["mtp_step_s"]
             + (1 - reach[-1]) * costs[refeed_len]["step_s"])
     plain = costs.get("graph_1_token_s", costs[1]["step_s"])
-    return {"k": k, "acceptance": acceptance, "tokens_per_step": tokens, "step_cost_s": cost,
-            "speedup_vs_1_token_general": tokens * costs[1]["step_s"] / cost,
-            "speedup_vs_1_token_graph": tokens * plain / cost}
+    out = {"k": k, "acceptance": acceptance, "tokens_per_step": tokens, "step_cost_s": cost,
+           "speedup_vs_1_token_general": tokens * costs[1]["step_s"] / cost,
+           "speedup_vs_1_token_graph": tokens * plain / cost}
+    if "fixed_s" in costs[k + 1]:       # the verify through the fixed-shape path (drafting and re-feed: general)
+        fixed = cost - costs[k + 1]["step_s"] + costs[k + 1]["fixed_s"]
+        out |= {"step_cost_fixed_verify_s": fixed, "speedup_fixed_verify_vs_1_token_graph": tokens * plain / fixed}
+    return out
 
 
 def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int], out: dict, save=lambda: None) -> dict:
@@ -120,8 +130,10 @@ def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int], o
     (`save` after each record: a run stopped by a time limit keeps what it measured)."""
     params = dsv4.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     reference = {}
-    # k = 0 twice: with the captured decode graphs (the default) and through the general path speculation uses.
-    runs = [("k0", 0, True), ("k0_general_path", 0, False)] + [(f"k{k}", k, False) for k in ks]
+    # k = 0 twice: with the captured decode graphs (the default) and through the general path; k > 0 with the
+    # verify through captured graphs of k + 1 tokens per sequence (the default) and through the general path.
+    runs = [("k0", 0, True), ("k0_general_path", 0, False)] + [(f"k{k}", k, True) for k in ks] + \
+        [(f"k{k}_general_path", k, False) for k in ks]
     for label, k, graphs in runs:
         llm = dsv4.LLM(device=dev, max_num_seqs=max(batches), num_speculative_tokens=k, cuda_graphs=graphs,
                        progress=False)
