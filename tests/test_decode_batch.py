@@ -16,12 +16,6 @@ from dsv4.model.state import DecodeBatch, ModelState, StepBatch
 PAGE, PAGES = 128, 4
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["emulation-off", "emulation-on"])
-def model(request, tiny_ckpt):
-    import dsv4
-
-    return dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=request.param, progress=False)
-
 
 def _prefill(model, prompts, slots, pages):
     state = ModelState(model.cfg, max(slots) + 2, (max(slots) + 2) * PAGES, PAGE, model.dtype)

@@ -24,12 +24,6 @@ PAGE, PAGES, STEPS = 128, 4, 2
 STARTS, SLOTS = [3, 14, 125, 126, 253, 300], [4, 0, 2, 5, 1, 3]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["emulation-off", "emulation-on"])
-def model(request, tiny_ckpt):
-    import dsv4
-
-    return dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=request.param, progress=False)
-
 
 def pages_of(slot: int) -> list[int]:
     return list(range(slot * PAGES, (slot + 1) * PAGES))

@@ -61,12 +61,6 @@ def chunks_of(total, size, start=0):
     return steps
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["emulation-off", "emulation-on"])
-def model(request, tiny_ckpt):
-    import dsv4
-
-    return dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=request.param, progress=False)
-
 
 def tokens(n, seed):
     return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

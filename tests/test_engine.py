@@ -9,12 +9,6 @@ import torch
 from dsv4.engine.engine import Engine, RequestError
 from dsv4.engine.sampling import SamplingParams
 from dsv4.simple_generate import generate_ids
-from dsv4.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None)
 
 
 def make_engine(model, tokenizer, **options):

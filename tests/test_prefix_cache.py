@@ -11,14 +11,9 @@ import torch
 from dsv4.engine.config import EngineConfig
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
-from dsv4.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None)
 
 
 @pytest.fixture(scope="module")

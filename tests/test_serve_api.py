@@ -19,14 +19,9 @@ from serve_helpers import live_server, make_app, serve_command
 from dsv4.engine.config import EngineConfig
 from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
-from dsv4.tokenizer import load_tokenizer
 
 USER = [{"role": "user", "content": "Hello there"}]
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None)
 
 
 def engine_for(model, tokenizer):

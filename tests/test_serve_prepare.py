@@ -10,7 +10,7 @@ from dsv4.chat.tokens import REASONING_EFFORT_MAX, THINK_END, THINK_START
 from dsv4.serve.errors import APIError
 from dsv4.serve.prepare import ModelInfo, chat_inputs, completion_inputs
 from dsv4.serve.protocol import ChatCompletionRequest, CompletionRequest
-from dsv4.tokenizer import encode_prompt, load_tokenizer
+from dsv4.tokenizer import encode_prompt
 
 INFO = ModelInfo("m", 4096, 129280, 0)
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -25,10 +25,6 @@ CONVERSATION = [
     {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
 ]
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None)
 
 
 def chat(**body):

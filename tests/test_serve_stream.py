@@ -26,7 +26,6 @@ from dsv4.chat.dsml import render_tool_calls
 from dsv4.chat.tokens import DSML, EOS, FORBIDDEN_IN_TEXT, THINK_END
 from dsv4.serve.async_engine import Update
 from dsv4.serve.chat import ChoiceState
-from dsv4.tokenizer import load_tokenizer
 
 CALLS = [
     {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}},
@@ -49,10 +48,6 @@ def splits(text: str) -> dict[str, list[str]]:
         i += k
     return {"whole": [text], "chars": list(text), "random": pieces}
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None)
 
 
 @pytest.fixture(scope="module")

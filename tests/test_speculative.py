@@ -17,17 +17,6 @@ from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.speculative import Draft, Speculator
 from dsv4.model.state import ModelState, StepBatch
-from dsv4.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None)
-
-
-@pytest.fixture(scope="module", params=[False, True], ids=["emulation-off", "emulation-on"])
-def model(request, tiny_ckpt):
-    return dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=request.param, progress=False)
 
 
 def make_engine(model, tokenizer, **options):

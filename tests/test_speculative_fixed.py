@@ -7,23 +7,10 @@ accepted across window and compression-block boundaries; the fixed path must act
 from __future__ import annotations
 
 import pytest
-import torch
 from test_speculative import GREEDY, make_engine, oracle, prompt, run
 
-import dsv4
 from dsv4.engine.graphs import DecodeGraphs
 from dsv4.engine.sampling import SamplingParams
-from dsv4.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(None)
-
-
-@pytest.fixture(scope="module", params=[False, True], ids=["emulation-off", "emulation-on"])
-def model(request, tiny_ckpt):
-    return dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=request.param, progress=False)
 
 
 @pytest.fixture

@@ -21,8 +21,15 @@ from dsv4.checkpoint.inventory import inventory
 from dsv4.quant import dequant_fp4, dequant_fp8
 from dsv4.train.data import Document, PackStream, pack
 from dsv4.train.loop import TrainConfig, Trainer
-from dsv4.train.params import (LoRALinear, TrainLinear, forget_qat, prepare_full, prepare_lora, refresh_qat,
-                               storage_roundtrip)
+from dsv4.train.params import (
+    LoRALinear,
+    TrainLinear,
+    forget_qat,
+    prepare_full,
+    prepare_lora,
+    refresh_qat,
+    storage_roundtrip,
+)
 from dsv4.train.run import merge_lora
 from dsv4.train.save import bf16_config, export_state, save_adapters, write_checkpoint
 
@@ -139,7 +146,8 @@ def test_batched_qat_rounding_is_bit_identical_and_follows_weight_changes(tiny_c
     assert {x.fmt for x in linears} == {"fp8", "fp4"}
     alone = [x.roundtrip() for x in linears]                       # per weight, nothing kept
     assert refresh_qat(m) == len(linears)
-    assert all(torch.equal(a, x.roundtrip()) and x.roundtrip() is x._roundtrip[2] for a, x in zip(alone, linears))
+    assert all(torch.equal(a, x.roundtrip()) and x.roundtrip() is x._roundtrip[2]
+               for a, x in zip(alone, linears, strict=True))
     w = linears[0]
     with torch.no_grad():
         w.weight.mul_(3.0)                                          # an in-place change must not see the old rounding

@@ -124,7 +124,7 @@ def concat_pack(pack_docs: list[Document]) -> Document:
     ids, mask = [], []
     for d in pack_docs:
         ids += d.ids
-        mask += [False] + list(d.mask[1:])
+        mask += [False, *d.mask[1:]]
     return Document(ids, mask)
 
 

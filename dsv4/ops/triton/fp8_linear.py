@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from dsv4.ops.triton.fp4_grouped import _e8m0
-from dsv4.ops.triton.splitk import _sum_splits, auto_split, divisor_at_most
 from dsv4.ops.triton.quant import fp8_block_quant
+from dsv4.ops.triton.splitk import _sum_splits, auto_split, divisor_at_most
 
 _TWO_POW_120 = tl.constexpr(2.0**120)
 
