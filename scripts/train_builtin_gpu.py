@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--per-document", action="store_true",
                     help="run each document as its own sequence (default: each pack's documents as one sequence, "
                          "which the GPU needs: per-document steps are launch-bound, ~3k tokens/s on an H200)")
+    ap.add_argument("--init", help="continue from this model directory (a previous run's model/, same config): "
+                                   "weights and gate biases only, so the optimiser and the schedule start afresh")
+    ap.add_argument("--seed", type=int, default=0, help="data order (give a continuation another seed)")
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity and the greedy sample")
@@ -66,6 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes (wall-clock budget) or --steps")
     return args
+
+
+def check_same_config(got, want, where: Path) -> None:
+    """A continuation must be the built-in v2 architecture (max_seq_len is a serving limit, not a weight shape)."""
+    from dataclasses import fields
+    diff = {f.name: (getattr(got, f.name), getattr(want, f.name)) for f in fields(want)
+            if f.name != "max_seq_len" and getattr(got, f.name) != getattr(want, f.name)}
+    if diff:
+        raise ValueError(f"{where}: not builtin_config(2); differs in (got, expected): {diff}")
 
 
 def sized_steps(done: int, elapsed_s: float, step_times: list[float], budget_s: float) -> int:
@@ -93,19 +105,25 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     out.mkdir(parents=True, exist_ok=True)
     cfg = builtin_config(2)
-    base = synthesize(cfg, out / "base", seed=0, progress=False)
+    if args.init:
+        base = out / "base"
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.copytree(args.init, base)
+    else:
+        base = synthesize(cfg, out / "base", seed=0, progress=False)
     shutil.copy(data / "tokenizer.json", base / "tokenizer.json")
     docs, kinds = load_documents(data / "train.npz")
     top = max(max(d.ids) for d in docs)
     if top >= cfg.vocab_size:
         raise ValueError(f"{data}: token id {top} is outside the model's vocabulary ({cfg.vocab_size})")
     net = load_model(base, device=device, dtype=dtype, quant_emulation=True, progress=False)
+    check_same_config(net.cfg, cfg, base)
     net = prepare_full(net, qat=True)
     n_params = sum(p.numel() for p in net.parameters())
     train = TrainConfig(max_steps=args.steps or 10**9, lr=args.lr, warmup_steps=args.warmup_steps,
                         min_lr_ratio=args.min_lr_ratio, weight_decay=0.0, clip_grad=1.0, seq_len=args.seq_len,
                         packs_per_step=args.packs_per_step, grad_ckpt=False, mtp_weight=args.mtp_weight,
-                        bias_update_rate=1e-3, seed=0)
+                        bias_update_rate=1e-3, seed=args.seed)
     if args.steps:
         train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))
     packs = pack(docs, args.seq_len)

@@ -83,3 +83,29 @@ def test_prefill_floor_is_the_larger_of_compute_and_weight_reads():
     assert eight["attention_flops"] > 8 * one["attention_flops"]
     assert abs(one["flops"] - 2 * 1024 * (el["dense"] + el["routed"]) - 2 * el["head"] - one["attention_flops"]) < 1
     assert floor.native_bytes(cfg) == sum(s.nbytes for s in floor.inventory(cfg).values())
+
+
+def test_deep_figures_time_the_head_on_hc_streams(tiny_cfg, monkeypatch):
+    """`dsv4 bench --layers N` depth figures (bench/run.py `_deep`): the head is timed on hyper-connection streams
+    [1, batch, hc, D] as the decode step feeds it (the H200 run of 2026-12-03 crashed feeding it [1, batch, D])."""
+    import dsv4.bench.run as run
+    from dsv4.checkpoint.synth import synthesize_tensors
+    from dsv4.loader import load_tensors
+
+    model = load_tensors(tiny_cfg, synthesize_tensors(tiny_cfg, 0, torch.device("cpu")), torch.device("cpu"),
+                         torch.bfloat16, quant_emulation=False)
+    shapes = []
+
+    def fake_cuda_time(fn, n):                  # CPU stand-in for the CUDA-event timer: runs fn once
+        shapes.append(tuple(fn().shape))
+        return [1e-3] * n
+
+    monkeypatch.setattr(run, "cuda_time", fake_cuda_time)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (64 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: 2**30)
+    opts = run.BenchOptions(decode_batches=(1, 2), prefill=(), log=[])
+    res = {"dsv4": {"decode": {1: {"median_s": 3e-3}, 2: {"median_s": 4e-3}}, "prefill": {}}}
+    run._deep(model, tiny_cfg, opts, res)
+    assert shapes == [(1, 1, tiny_cfg.vocab_size), (1, 2, tiny_cfg.vocab_size)]
+    assert res["deep_per_layer_decode_ms"][1] == pytest.approx((3e-3 - 1e-3) / tiny_cfg.n_layers * 1e3)
+    assert res["deep_longest_context"] > 0 and "projected_full_flash_tp2_tpot_bs1_ms" in res

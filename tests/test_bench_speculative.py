@@ -31,3 +31,9 @@ def test_help_parses(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     assert "--out" in capsys.readouterr().out
+
+
+def test_first_differences_locate_the_divergence(bench):
+    ref = [[1, 2, 3], [4, 5, 6]]
+    assert bench.first_differences(ref, ref) == [None, None]
+    assert bench.first_differences([[1, 9, 3], [4, 5]], ref) == [1, 2]        # a changed token; a shorter output

@@ -227,3 +227,12 @@ def test_update_readme_rewrites_the_builtin_sentence(tmp_path):
     assert install_builtin.update_readme(39_181_780, readme)          # idempotent: the new sentence matches too
     readme.write_text("nothing")
     assert not install_builtin.update_readme(39_181_780, readme)
+
+
+def test_a_continuation_must_be_the_v2_architecture(tmp_path):
+    from dataclasses import replace
+
+    cfg = builtin_config(2)
+    train_builtin_gpu.check_same_config(replace(cfg, max_seq_len=cfg.max_seq_len * 2), cfg, tmp_path)
+    with pytest.raises(ValueError, match="n_layers"):
+        train_builtin_gpu.check_same_config(replace(cfg, n_layers=cfg.n_layers + 1), cfg, tmp_path)

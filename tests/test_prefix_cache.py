@@ -217,6 +217,8 @@ def test_ttft_bench_conversation_runs(tiny_model_fp32, tokenizer):
     spec.loader.exec_module(bench)
     turns = bench.conversation(make_engine(tiny_model_fp32, tokenizer), tokens(140, 3), [[], tokens(20, 4)], 3)
     assert [t["cached_tokens"] for t in turns] == [0, 128] and all(t["ttft_s"] > 0 for t in turns)
+    assert bench.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
+    assert bench.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == {"turn": 2, "index": 1}
 
 
 class _FakeState:

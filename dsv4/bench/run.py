@@ -162,7 +162,7 @@ def _deep(model, cfg, opts: BenchOptions, res: dict) -> None:
     dev = next(model.parameters()).device
     head = {}
     for b in opts.decode_batches:
-        y = torch.randn(1, b, cfg.dim, device=dev, dtype=torch.bfloat16)
+        y = torch.randn(1, b, cfg.hc_mult, cfg.dim, device=dev, dtype=torch.bfloat16)     # hc streams
         with torch.inference_mode():
             head[b] = summary(cuda_time(lambda y=y: model.main_logits(y), 10))["median_s"]
     per_layer = {b: (t["median_s"] - head[b]) / cfg.n_layers * 1e3 for b, t in res["dsv4"]["decode"].items()}

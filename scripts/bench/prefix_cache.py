@@ -68,6 +68,15 @@ def conversation(engine: Engine, history: list[int], user: list[list[int]], repl
     return turns
 
 
+def first_difference(a: list[list[int]], b: list[list[int]]) -> dict | None:
+    """The first (turn, reply index) where two conversations' replies differ; None when they are equal."""
+    for turn, (x, y) in enumerate(zip(a, b, strict=True), start=1):
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
+            if u != v:
+                return {"turn": turn, "index": i}
+    return None
+
+
 def run(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = build(args.model, args.layers, device)
@@ -80,26 +89,39 @@ def run(args) -> dict:
            "user": args.user, "reply": args.reply, "page_size": args.page_size,
            "max_num_batched_tokens": args.max_num_batched_tokens,
            "host": platform.node(), "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
-    for caching in (False, True):
+    settings = [("without_caching", False, args.max_num_batched_tokens),
+                ("with_caching", True, args.max_num_batched_tokens)]
+    if args.control:
+        # the control: no caching, prefill chunks of one page instead of max_num_batched_tokens. Caching changes
+        # nothing but where prefill chunks start and end; if this changes the replies too, a difference between
+        # the first two settings is the kernels' shape-dependent rounding (GPU GEMMs pick their reduction order
+        # by shape), not the cache.
+        settings.append(("without_caching_page_chunks", False, args.page_size))
+    replies = {}
+    for key, caching, chunk in settings:
         runs = []
         for _ in range(args.repeats):                               # a fresh engine (empty cache) each time
             engine = Engine(model, tokenizer, EngineConfig(
                 device=device, max_model_len=max_len, max_num_seqs=2, page_size=args.page_size,
-                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=caching,
-                cpu_cache_gib=args.cpu_cache_gib))
+                max_num_batched_tokens=chunk, enable_prefix_caching=caching, cpu_cache_gib=args.cpu_cache_gib))
             conversation(engine, history[-300:], [[]], 4)         # warm-up (kernels, graphs), a different prefix
             runs.append(conversation(engine, history, user, args.reply))
             del engine
-        turns = runs[0]
+        turns = [dict(t) for t in runs[0]]
         for k, t in enumerate(turns):                               # the least disturbed of the repeats
-            t["ttft_s"] = min(r[k]["ttft_s"] for r in runs)
             t["ttft_all_s"] = [r[k]["ttft_s"] for r in runs]
-        key = "with_caching" if caching else "without_caching"
+            t["ttft_s"] = min(t["ttft_all_s"])
         res[key] = [{k: v for k, v in t.items() if k != "reply"} for t in turns]
-        res[key + "_replies"] = [t["reply"] for t in turns]
+        replies[key] = [t["reply"] for t in turns]
+        res[key + "_repeats_agree"] = all([t["reply"] for t in r] == replies[key] for r in runs)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    res["replies_equal"] = res.pop("with_caching_replies") == res.pop("without_caching_replies")
+    res["replies_equal"] = replies["with_caching"] == replies["without_caching"]
+    res["first_difference"] = first_difference(replies["without_caching"], replies["with_caching"])
+    if args.control:
+        res["control_replies_equal"] = replies["without_caching_page_chunks"] == replies["without_caching"]
+        res["control_first_difference"] = first_difference(replies["without_caching"],
+                                                           replies["without_caching_page_chunks"])
     for k in (2, 5):
         if k <= args.turns:
             off, on = res["without_caching"][k - 1]["ttft_s"], res["with_caching"][k - 1]["ttft_s"]
@@ -120,6 +142,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--cpu-cache-gib", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--control", action="store_true",
+                   help="also run without caching in page-sized prefill chunks (tells rounding from a cache defect)")
     p.add_argument("--repeats", type=int, default=1, help="whole conversations per setting; TTFT = the minimum")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -130,7 +154,11 @@ def main(argv=None) -> dict:
             print(f"turn {k}: TTFT {t['without'] * 1e3:.1f} ms without caching, {t['with'] * 1e3:.1f} ms with "
                   f"({t['speedup']:.1f}x; {res['with_caching'][k - 1]['cached_tokens']} of "
                   f"{res['with_caching'][k - 1]['prompt_tokens']} prompt tokens cached)")
-    print(f"replies equal with and without caching: {res['replies_equal']}")
+    print(f"replies equal with and without caching: {res['replies_equal']} "
+          f"(first difference: {res['first_difference']})")
+    if args.control:
+        print(f"control, no caching, page-sized chunks: replies equal to the default chunking: "
+              f"{res['control_replies_equal']} (first difference: {res['control_first_difference']})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -125,9 +125,20 @@ def projection(costs: dict, acceptance: list[float]) -> dict:
     return out
 
 
-def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int], out: dict, save=lambda: None) -> dict:
+def first_differences(ids: list[list[int]], reference: list[list[int]]) -> list[int | None]:
+    """Per sequence, the index of the first token that differs from the reference (None: identical)."""
+    out = []
+    for a, b in zip(ids, reference, strict=True):
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y]
+        out.append(diff[0] if diff else (None if len(a) == len(b) else min(len(a), len(b))))
+    return out
+
+
+def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int], out: dict, save=lambda: None,
+                 dtype: str | None = None) -> dict:
     """Acceptance and decode tokens/s of the built-in model through `dsv4.LLM` (greedy, ignore_eos), into `out`
-    (`save` after each record: a run stopped by a time limit keeps what it measured)."""
+    (`save` after each record: a run stopped by a time limit keeps what it measured). `dtype` (default: the
+    engine's, bf16 on CUDA): float32 is the control for GPU divergences, which are rounding when it removes them."""
     params = dsv4.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     reference = {}
     # k = 0 twice: with the captured decode graphs (the default) and through the general path; k > 0 with the
@@ -136,7 +147,7 @@ def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int], o
         [(f"k{k}_general_path", k, False) for k in ks]
     for label, k, graphs in runs:
         llm = dsv4.LLM(device=dev, max_num_seqs=max(batches), num_speculative_tokens=k, cuda_graphs=graphs,
-                       progress=False)
+                       dtype=dtype, progress=False)
         llm.generate(BUILTIN_PROMPTS[0], dsv4.SamplingParams(temperature=0, max_tokens=4))     # warm-up
         for b in batches:
             prompts = [BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)] for i in range(b)]
@@ -145,11 +156,10 @@ def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int], o
             wall = time.perf_counter() - t0
             ids = [o.token_ids for o in outs]
             rec = {"tokens_per_s": sum(map(len, ids)) / wall, "wall_s": wall}
-            if k == 0:
-                reference.setdefault(b, ids)
-                rec["same_tokens_as_k0"] = ids == reference[b]
-            else:
-                rec["same_tokens_as_k0"] = ids == reference[b]
+            reference.setdefault(b, ids)
+            rec["same_tokens_as_k0"] = ids == reference[b]
+            rec["first_difference"] = first_differences(ids, reference[b])
+            if k > 0:
                 m = [o.metrics for o in outs]
                 drafts = sum(x.num_draft_tokens for x in m)
                 rec["acceptance_rate"] = sum(x.num_accepted_tokens for x in m) / max(drafts, 1)
@@ -162,26 +172,8 @@ def builtin_runs(dev: str, ks: list[int], max_tokens: int, batches: list[int], o
     return out
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="JSON output path")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="tiny config instead of Flash width (a CPU check)")
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--builtin-tokens", type=int, default=256)
-    p.add_argument("--builtin-batches", default="1,4")
-    args = p.parse_args(argv)
-    dev = torch.device(args.device)
-    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "context": args.context, "tiny": args.tiny, "verify": {}, "projection": {}}
-
-    def save():
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-
+def flash_verify(args, dev: torch.device, res: dict, save) -> None:
+    """Item 6(a): verify-step costs at Flash width, and the projection of end-to-end gains from them."""
     model = build_model(args.tiny, dev)
     for b in (int(x) for x in args.batches.split(",")):
         costs = verify_costs(model, b, args.context, args.repeats, dev)
@@ -194,9 +186,36 @@ def main(argv=None) -> dict:
     del model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="JSON output path")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny config instead of Flash width (a CPU check)")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--builtin-tokens", type=int, default=256)
+    p.add_argument("--builtin-batches", default="1,4")
+    p.add_argument("--builtin-dtype", help="float32: the control that tells rounding from a defect (default: bf16 "
+                                           "on CUDA)")
+    p.add_argument("--builtin-only", action="store_true", help="skip the Flash-width verify costs")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "context": args.context, "tiny": args.tiny, "verify": {}, "projection": {}}
+
+    def save():
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
+    if not args.builtin_only:
+        flash_verify(args, dev, res, save)
     res["builtin"] = {}
     builtin_runs(args.device, [1, 2, 3], args.builtin_tokens, [int(x) for x in args.builtin_batches.split(",")],
-                 res["builtin"], save)
+                 res["builtin"], save, args.builtin_dtype)
     save()
     return res
 
