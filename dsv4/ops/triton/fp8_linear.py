@@ -23,6 +23,8 @@ dot runs in fp32 (IEEE): the same products, exactly, so the interpreter checks t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -44,9 +46,9 @@ def _e4m3_bytes_to_f32(b):
 
 
 @triton.jit
-def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
+def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, sum_ptr, cnt_ptr, M, N, K, KB_PER_SPLIT,
                         ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_M: tl.constexpr):
+                        BLOCK_M: tl.constexpr, FUSED_SUM: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
     split = tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -72,8 +74,55 @@ def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
             else:
                 part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(x), input_precision="ieee")
             acc += part * w_scale[:, None]
-    out = out_ptr + split.to(tl.int64) * M * N + rows[None, :].to(tl.int64) * N + offs_n[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rows[None, :] < M)
+    idx = rows[None, :].to(tl.int64) * N + offs_n[:, None]
+    tl.store(out_ptr + split.to(tl.int64) * M * N + idx, acc.to(out_ptr.dtype.element_ty), mask=rows[None, :] < M)
+    if FUSED_SUM:
+        _last_split_sums(out_ptr, sum_ptr, cnt_ptr, idx, rows, M, N)
+
+
+@triton.jit
+def _last_split_sums(part_ptr, sum_ptr, cnt_ptr, idx, rows, M, N):
+    """The split-K sum inside the GEMM kernel (no second launch): every program of an output tile counts itself in
+    after storing its fp32 partial, and the last to arrive adds the tile's partials in split order (the same order
+    and rounding as `_sum_splits`: bit-identical) and re-arms the counter for the next call. The barrier orders
+    every thread's partial store before the release of the counter increment; `.cg` loads read L2, where the other
+    programs' partials are."""
+    tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+    n_split = tl.num_programs(1)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_split - 1:
+        total = tl.load(part_ptr + idx, mask=rows[None, :] < M, other=0.0, cache_modifier=".cg")
+        for k in range(1, n_split):
+            total += tl.load(part_ptr + k * M * N + idx, mask=rows[None, :] < M, other=0.0, cache_modifier=".cg")
+        tl.store(sum_ptr + idx, total.to(sum_ptr.dtype.element_ty), mask=rows[None, :] < M)
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_TILES = 1 << 16
+
+
+def _fused_sum(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    value = os.environ.get("DSV4_FP8_FUSED_SUM", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"DSV4_FP8_FUSED_SUM must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The zeroed int32 arrival counters of `_last_split_sums`, one buffer per device for every call (each call's
+    last programs re-arm theirs, so calls on one stream never see another's counts). None (the two-kernel sum)
+    when there are too many tiles, or when the buffer would have to be created inside a CUDA-graph capture: its
+    memory would then belong to that graph's pool."""
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return buf if tiles <= MAX_TILES else None
 
 
 def check_fp8_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int = 64) -> None:
@@ -92,11 +141,14 @@ def check_fp8_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
                        out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
-                       programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                       programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3,
+                       fused_sum: bool | None = None) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
     output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
-    SM (the weight bytes in flight that HBM needs)."""
+    SM (the weight bytes in flight that HBM needs). `fused_sum` (None: DSV4_FP8_FUSED_SUM, off until measured on
+    the GPU) adds the K splits inside the kernel (`_last_split_sums`) instead of in a second kernel: one launch
+    per linear instead of two, bit-identical."""
     check_fp8_weight(x, weight, scale, block_n)
     K, N = x.shape[-1], weight.shape[0]
     flat = x.reshape(-1, K).contiguous()
@@ -109,9 +161,11 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M:
         grid = (N // block_n, split, triton.cdiv(M, block_m))
-        _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, M, N, K,
-                                  n_kb // split, ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n,
-                                  BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages)
-        if split > 1:
+        counters = _tile_counters(x.device, grid[0] * grid[2]) if split > 1 and _fused_sum(fused_sum) else None
+        _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, out,
+                                  part if counters is None else counters, M, N, K, n_kb // split,
+                                  ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n, BLOCK_M=block_m,
+                                  FUSED_SUM=counters is not None, num_warps=num_warps, num_stages=num_stages)
+        if split > 1 and counters is None:
             _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024)
     return out.view(*x.shape[:-1], N)
