@@ -152,3 +152,28 @@ def test_build_and_bad_sizes(model):
     with pytest.raises(ValueError, match="exceeds the window"), torch.no_grad():
         model.step(torch.zeros(1, w + 1, dtype=torch.long),
                    DecodeBatch.build([(0, 0, [0])], 1, "cpu", tokens_per_seq=w + 1), state)
+
+
+class _NegatingSum:
+    """A tensor-parallel group whose 'sum over ranks' negates: it reverses the indexer's top-k, so a path that
+    skips the sum picks other entries than one that applies it."""
+
+    world = 1
+
+    @staticmethod
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        return -x
+
+
+@torch.no_grad()
+def test_both_paths_sum_the_indexer_scores_over_ranks(model, prefilled, monkeypatch):
+    """Under tensor parallelism each rank scores the entries with its own indexer heads; the top-k must come from
+    the sum over ranks in the fixed-shape path as in the general one (else the ranks attend to different entries)."""
+    if model.quant_emulation:
+        pytest.skip("the bookkeeping is the same with the emulation on")
+    indexers = [layer.attn.indexer for layer in model.layers if getattr(layer.attn, "ratio", 0) == 4]
+    assert indexers
+    for ix in indexers:
+        monkeypatch.setattr(ix, "tp", _NegatingSum())
+    run_and_compare(model, prefilled, 1)
+    run_and_compare(model, prefilled, 2)

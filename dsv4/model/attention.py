@@ -158,8 +158,9 @@ class Attention(nn.Module):
                 self._decode_entries(self.indexer.compressor, state.index_keys, state.index_compressor, x, batch)
                 keys = gather_rows(state.index_keys, table).to(x.dtype)        # [B, n, d_index]
                 iq = self.indexer.queries(qr, cis)[0]                              # [B*T, h, d_index]
-                score = Indexer.weighted_scores(self.indexer.weights(x)[0].view(b, t, -1),
-                                                iq.view(b, t, *iq.shape[1:]), keys)    # [B, T, n]
+                # summed over the tensor-parallel ranks' heads, as in `Indexer.select`: every rank picks alike
+                score = self.indexer.tp.all_reduce(Indexer.weighted_scores(
+                    self.indexer.weights(x)[0].view(b, t, -1), iq.view(b, t, *iq.shape[1:]), keys))   # [B, T, n]
                 score = score.masked_fill(torch.arange(keys.shape[1], device=x.device) >= seen, float("-inf"))
                 k = min(self.indexer.topk, keys.shape[1])
                 pick = score.sort(dim=-1, descending=True, stable=True).indices[..., :k]     # [B, T, k]
