@@ -13,7 +13,8 @@ Outputs under OUT: tokenizer.json (byte-level BPE, VOCAB ids, the V4 specials fi
 int64 `offsets` of each document's start + the end, `mask` = np.packbits of the per-token target flags, `kind`
 0 code / 1 chat per document), licences.json, heldout_chat.json, heldout.py.txt (held-out text for perplexity),
 summary.json. Load train.npz with `load_documents` (what scripts/train_builtin_gpu.py does).
-Usage: PYTHONPATH=. python3 scripts/builtin_data.py .builtin_data
+Usage: PYTHONPATH=. python3 scripts/builtin_data.py .builtin_data [--tokenizer OLD/tokenizer.json]
+(--tokenizer: the corpus grows but the token ids stay those a checkpoint was trained with.)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import ast
 import itertools
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -44,7 +46,10 @@ PACKAGES = ("attrs==26.1.0", "boltons==26.2.0", "cachetools==8.0.2", "click==8.5
             "flask==3.1.3", "idna==3.20", "iniconfig==2.3.1", "itsdangerous==2.2.0", "jinja2==3.1.6",
             "more-itertools==11.2.1", "networkx==3.6.1", "packaging==26.4", "pluggy==1.7.0", "pyparsing==3.3.3",
             "python-dateutil==4.0.0", "requests==2.34.2", "rich==15.0.0", "six==1.17.0", "sortedcontainers==2.4.0",
-            "toolz==1.2.0", "typing-extensions==4.16.0", "urllib3==2.8.0", "werkzeug==3.1.9")
+            "toolz==1.2.0", "typing-extensions==4.16.0", "urllib3==2.8.0", "werkzeug==3.1.9",
+            # data v2 (2026-12-03): the first GPU runs reached 2 epochs of the 8.5 M tokens above in 9 minutes;
+            # these more than double the corpus (sympy alone: 16.5 MB of source), all BSD-3 or MIT.
+            "sympy==1.14.0", "mpmath==1.4.1", "django==5.2.19", "setuptools==84.2.1")
 PERMISSIVE = re.compile(r"\b(MIT|BSD|Apache|PSF|Python Software Foundation)", re.I)
 SKIP_PARTS = {"test", "tests", "testing", "_testing"}
 TEMPLATES = (
@@ -56,10 +61,16 @@ TEMPLATES = (
 
 
 # ------------------------------------------------------------------------------------------------ corpus
-def download(wheels: Path) -> None:
+def download(wheels: Path, pins=PACKAGES) -> None:
     wheels.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                    "-d", str(wheels), *PACKAGES], check=True)
+                    "-d", str(wheels), *pins], check=True)
+
+
+def missing_pins(wheels: Path) -> list[str]:
+    """The PACKAGES pins that have no wheel in `wheels` (by the wheel file name: name-version-...)."""
+    have = {_pin(*w.name.split("-")[:2]) for w in wheels.glob("*.whl")}
+    return [p for p in PACKAGES if _pin(*p.split("==")) not in have]
 
 
 def wheel_licence(meta: str) -> str:
@@ -150,10 +161,17 @@ def train_tokenizer(texts: list[str], out: Path) -> None:
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=list(BUILTIN_SPECIALS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    check_tokenizer(tok, "the trained tokenizer")
+    tok.save(str(out))
+
+
+def check_tokenizer(tok, where) -> None:
+    """The built-in model's contract: VOCAB ids (token ids are stored as uint16) with the V4 specials first."""
+    if tok.get_vocab_size() != VOCAB:
+        raise RuntimeError(f"{where}: {tok.get_vocab_size()} ids, expected {VOCAB}")
     for i, s in enumerate(BUILTIN_SPECIALS):
         if tok.token_to_id(s) != i:
-            raise RuntimeError(f"special token {s!r} got id {tok.token_to_id(s)}, expected {i}")
-    tok.save(str(out))
+            raise RuntimeError(f"{where}: special token {s!r} has id {tok.token_to_id(s)}, expected {i}")
 
 
 def save_documents(docs, kinds: list[int], path: Path) -> None:
@@ -161,7 +179,8 @@ def save_documents(docs, kinds: list[int], path: Path) -> None:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids = np.fromiter((t for d in docs for t in d.ids), dtype=np.uint16, count=int(offsets[-1]))
     mask = np.packbits(np.fromiter((m for d in docs for m in d.mask), dtype=bool, count=int(offsets[-1])))
-    np.savez(path, ids=ids, offsets=offsets, mask=mask, kind=np.array(kinds, dtype=np.uint8))
+    # compressed: token ids of code deflate ~3x, and this file travels to the GPU machine (64 MiB per call)
+    np.savez_compressed(path, ids=ids, offsets=offsets, mask=mask, kind=np.array(kinds, dtype=np.uint8))
 
 
 def load_documents(path) -> tuple[list, np.ndarray]:
@@ -184,13 +203,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--wheels", default=".builtin_wheels",
-                    help="folder of the wheels; PACKAGES are pip-downloaded into it when it has none")
+                    help="folder of the wheels; the PACKAGES it lacks are pip-downloaded into it")
+    ap.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one (keeps the token ids "
+                                        "of models trained on earlier data, so they can go on training)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wheels = Path(args.wheels)
-    if not list(wheels.glob("*.whl")):
-        download(wheels)
+    if missing_pins(wheels):
+        download(wheels, missing_pins(wheels))
     std, held = corpus_files()
     held_funcs = [f for p in held for f in functions(read(p))]
     held_sources = {body for _, _, body in held_funcs}
@@ -198,7 +219,12 @@ def main() -> None:
     dropped = [n for n, s in pkg if any(b in s for b in held_sources)]
     sources = [(str(p), read(p)) for p in std] + [(n, s) for n, s in pkg if n not in dropped]
 
-    train_tokenizer([s for _, s in sources], out / "tokenizer.json")
+    if args.tokenizer:
+        check_tokenizer(Tokenizer.from_file(args.tokenizer), args.tokenizer)
+        if Path(args.tokenizer).resolve() != (out / "tokenizer.json").resolve():
+            shutil.copy(args.tokenizer, out / "tokenizer.json")
+    else:
+        train_tokenizer([s for _, s in sources], out / "tokenizer.json")
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     newline_ids = {i for t, i in tok.get_vocab().items() if "Ċ" in t}
 

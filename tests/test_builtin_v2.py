@@ -236,3 +236,15 @@ def test_a_continuation_must_be_the_v2_architecture(tmp_path):
     train_builtin_gpu.check_same_config(replace(cfg, max_seq_len=cfg.max_seq_len * 2), cfg, tmp_path)
     with pytest.raises(ValueError, match="n_layers"):
         train_builtin_gpu.check_same_config(replace(cfg, n_layers=cfg.n_layers + 1), cfg, tmp_path)
+
+
+def test_missing_pins_and_a_reused_tokenizer_keep_the_contract(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer
+
+    monkeypatch.setattr(builtin_data, "PACKAGES", ("demo-pkg==1.0", "other==2.0"))
+    _wheel(tmp_path, "demo_pkg", "1.0", "MIT")
+    assert builtin_data.missing_pins(tmp_path) == ["other==2.0"]
+    tok = Tokenizer.from_file(str(Path(__file__).resolve().parent.parent / "dsv4" / "builtin_model" /
+                                  "tokenizer.json"))                # v1's: another vocabulary size
+    with pytest.raises(RuntimeError, match="expected"):
+        builtin_data.check_tokenizer(tok, "v1")
