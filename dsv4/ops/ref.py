@@ -58,8 +58,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fm
         return dense(x, weight, x.dtype)
     w = dequantized if dequantized is not None else dequant_weight(weight, scale, fmt)
     if act_quant_on:
-        q, s = act_quant(x, 128)
-        xf = straight_through(x, (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2))
+        with torch.no_grad():       # the rounding has no gradient: autograd need not record (nor save) it
+            q, s = act_quant(x, 128)
+            rounded = (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
+        xf = straight_through(x, rounded)
         return dense(xf, w, x.dtype, x.dtype)
     return dense(x, w, x.dtype)
 
