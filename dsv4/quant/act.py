@@ -25,11 +25,23 @@ from dsv4.quant.fp8 import E4M3_MAX, to_e4m3, work_dtype
 
 def straight_through(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
     """`rounded` in the forward, identity gradient to x in the backward (x and rounded have one shape).
-    `x - x.detach()` is exactly 0 for finite x, so the value is `rounded` bit for bit (an autograd.Function
-    would do the same but costs seconds of lazy imports on first use)."""
+    The value is `rounded + (x - x)`: exactly `rounded` for finite x (-0.0 becomes +0.0), NaN where x is not
+    finite. An autograd function, not `rounded.detach() + (x - x.detach())` under autograd: that recorded 5 ops and
+    3 backward nodes per call (~200 calls a training step); this runs 2 ops and a backward that returns the
+    gradient as it is. The value is the same expression, bit for bit."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return rounded
-    return rounded.detach().to(x.dtype) + (x - x.detach())
+    return _StraightThrough.apply(x, rounded.detach())
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+        return rounded.to(x.dtype) + (x - x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
