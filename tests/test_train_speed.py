@@ -169,3 +169,61 @@ def test_straight_through_function_equals_the_autograd_expression():
         g = torch.linspace(-2, 3, 7).to(dtype)
         got.backward(g)
         assert torch.equal(x.grad, g)
+
+
+_SINKHORN_KERNEL_CHECK = """
+import torch
+from dsv4 import ops
+from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn, hc_split_sinkhorn_backward
+g = torch.Generator().manual_seed(5)
+hc, iters, eps = 4, 20, 1e-6
+worst = []
+for t in (37, 64):
+    mixes = torch.randn(t, (2 + hc) * hc, generator=g) * 2
+    scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + hc) * hc, generator=g)
+    gp, gq, gc = torch.randn(t, hc, generator=g), torch.randn(t, hc, generator=g), torch.randn(t, hc, hc, generator=g)
+    ins = [x.clone().requires_grad_(True) for x in (mixes, scale, base)]
+    outs = ops.ref.hc_split_sinkhorn(*ins, hc, iters, eps)
+    ((outs[0] * gp).sum() + (outs[1] * gq).sum() + (outs[2] * gc).sum()).backward()
+    got = hc_split_sinkhorn_backward(mixes, scale, base, gp, gq, gc, hc, iters, eps)
+    for a, b in zip(hc_split_sinkhorn(mixes, scale, base, hc, iters, eps), outs):
+        worst.append(((a - b).abs().max() / b.abs().max()).item())
+    for a, x in zip(got, ins):
+        worst.append(((a - x.grad).abs().max() / x.grad.abs().max()).item())
+print(max(worst))
+"""
+
+
+def test_sinkhorn_triton_backward_in_the_interpreter(tmp_path):
+    """The Triton backward of mHC split + Sinkhorn (training on CUDA) on CPU through TRITON_INTERPRET=1, against
+    autograd through the twin: fp32 class (the kernel's exp and divisions may differ by an ulp, and the backward
+    recomputes each step's input), max error <= 1e-5 of the largest gradient, over two token counts (a partial
+    block of tokens included), for the mixes, scale and base gradients and the forward outputs."""
+    from kernel_helpers import run_in_interpreter
+
+    pytest.importorskip("triton")
+    assert float(run_in_interpreter(_SINKHORN_KERNEL_CHECK, tmp_path, timeout=120).split()[-1]) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_sinkhorn_training_path_on_cuda():
+    """On CUDA, training's mHC split + Sinkhorn is the Triton pair: outputs and gradients as autograd through the
+    twin, within 1e-5 of the largest value (fp32 class)."""
+    g = torch.Generator("cuda").manual_seed(6)
+    hc, iters, eps = 4, 20, 1e-6
+    mixes = torch.randn(3000, (2 + hc) * hc, generator=g, device="cuda") * 2
+    scale, base = torch.rand(3, generator=g, device="cuda") + 0.5, torch.randn((2 + hc) * hc, generator=g,
+                                                                                 device="cuda")
+    weights = [torch.randn(3000, hc, generator=g, device="cuda"), torch.randn(3000, hc, generator=g, device="cuda"),
+               torch.randn(3000, hc, hc, generator=g, device="cuda")]
+    ins = [t.clone().requires_grad_(True) for t in (mixes, scale, base)]
+    assert ops.registry.which("hc_split_sinkhorn", *ins, hc, iters, eps) == "triton_sinkhorn_train"
+
+    def run(fn):
+        x = [t.detach().clone().requires_grad_(True) for t in ins]
+        outs = fn(*x, hc, iters, eps)
+        sum((o * w).sum() for o, w in zip(outs, weights, strict=True)).backward()
+        return [*outs, *(t.grad for t in x)]
+
+    for a, b in zip(run(ops.hc_split_sinkhorn), run(ops.ref.hc_split_sinkhorn), strict=True):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5

@@ -1,6 +1,7 @@
 """mHC split + Sinkhorn as a dispatched op: the plain definition is `ops.ref.hc_split_sinkhorn`; on CUDA one
 Triton kernel does the whole 4x4 Sinkhorn per token in registers (`ops/triton/sinkhorn.py`); under autograd
-(training) the Sinkhorn iterations are one autograd function with a hand-written backward (`SinkhornNorm`)."""
+(training) the Sinkhorn iterations are one autograd function with a hand-written backward (`SinkhornNorm`), and
+on CUDA the Triton forward with a Triton backward (`_TritonSinkhorn`, checked in the interpreter on CPU)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,33 @@ def _with_sinkhorn_backward(mixes, scale, base, hc, iters, eps):
     return pre, post, SinkhornNorm.apply(comb, iters, eps)
 
 
+class _TritonSinkhorn(torch.autograd.Function):
+    """The Triton kernel's forward (one launch) with the Triton backward (one launch + ~12 small ops for the
+    parameter gradients), for training on CUDA: the autograd graph of the twin is ~280 ops per call."""
+
+    @staticmethod
+    def forward(ctx, mixes, scale, base, hc: int, iters: int, eps: float):
+        from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn as kernel
+
+        ctx.save_for_backward(mixes, scale, base)
+        ctx.args = (hc, iters, eps)
+        return kernel(mixes, scale, base, hc, iters, eps)
+
+    @staticmethod
+    def backward(ctx, grad_pre, grad_post, grad_comb):
+        from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn_backward
+
+        grads = hc_split_sinkhorn_backward(*ctx.saved_tensors, grad_pre, grad_post, grad_comb, *ctx.args)
+        return (*grads, None, None, None)
+
+
+def _triton_grad_applies(mixes, scale, base, hc, iters, eps) -> bool:
+    return (_grad_applies(mixes, scale, base, hc, iters, eps) and mixes.is_cuda and mixes.dtype == torch.float32
+            and scale.dtype == base.dtype == torch.float32 and hc & (hc - 1) == 0)
+
+
+# First: on CUDA the Triton pair takes the training calls, elsewhere the closed-form backward in PyTorch.
+register_triton("hc_split_sinkhorn", "triton_sinkhorn_train", _triton_grad_applies, _TritonSinkhorn.apply)
 register("hc_split_sinkhorn", "sinkhorn_backward", _grad_applies, _with_sinkhorn_backward)
 
 

@@ -150,14 +150,23 @@ def count(trainer, top: int) -> dict:
         return out
 
     step.forward = forward
+    after = trainer.master.grads_to_masters
+
+    def grads_to_masters():             # the backward is over: what follows is the optimizer's, by its own site
+        ops.current = None
+        after()
+
+    trainer.master.grads_to_masters = grads_to_masters
     try:
         with ops:
             trainer.train_step()
     finally:
-        step.forward = orig
+        step.forward, trainer.master.grads_to_masters = orig, after
     fwd, bwd = sum(ops.forward.values()), sum(ops.backward.values())
     both = ops.forward + ops.backward
-    print(f"ops per step: {fwd + bwd} (forward incl. optimizer {fwd}, backward {bwd})")
+    optim = sum(n for s, n in ops.forward.items() if s.startswith("train/optim.py") or s.startswith("train/loop.py"))
+    print(f"ops per step: {fwd + bwd} (forward incl. optimizer {fwd}, backward {bwd}; optimizer and master weights "
+          f"{optim}: per-tensor AdamW on CPU, foreach kernels on CUDA)")
     print(f"saved for backward: {saved.total / 2**20:.1f} MiB")
     print(f"top {top} call sites (forward + backward ops):")
     for s, n in both.most_common(top):
@@ -165,7 +174,8 @@ def count(trainer, top: int) -> dict:
     print(f"top {top} call sites by saved bytes:")
     for s, n in saved.by_site().most_common(top):
         print(f"  {n / 2**20:9.1f} MiB  {s}")
-    return {"ops": fwd + bwd, "forward_ops": fwd, "backward_ops": bwd, "saved_bytes": saved.total}
+    return {"ops": fwd + bwd, "forward_ops": fwd, "backward_ops": bwd, "optimizer_ops": optim,
+            "saved_bytes": saved.total}
 
 
 def timed(trainer, repeat: int, device: str) -> float:
