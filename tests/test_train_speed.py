@@ -227,3 +227,38 @@ def test_sinkhorn_training_path_on_cuda():
 
     for a, b in zip(run(ops.hc_split_sinkhorn), run(ops.ref.hc_split_sinkhorn), strict=True):
         assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+
+
+def test_indexer_selects_in_query_chunks_exactly(qat_model):
+    """Long sequences score the indexer's queries in chunks (bounded [n, h, t] scores): in fp32 the picks equal
+    the one-shot selection exactly, ties included (FP4-rounded queries and keys tie often)."""
+    from dsv4.quant import fake_quant_fp4
+
+    indexer = qat_model.layers[1].attn.indexer
+    g = torch.Generator().manual_seed(7)
+    n, t, h, d = 203, 50, indexer.n_heads, indexer.head_dim
+    w = torch.randn(1, n, h, generator=g)
+    q = fake_quant_fp4(torch.randn(1, n, h, d, generator=g), 32)
+    keys = fake_quant_fp4(torch.randn(1, t, d, generator=g), 32)
+    whole = indexer.select(w, q, keys, 0, 7)
+    indexer.SELECT_CHUNK_ELEMENTS = 37 * h * t                    # 6 chunks, the last one partial
+    try:
+        chunked = indexer.select(w, q, keys, 0, 7)
+    finally:
+        del indexer.SELECT_CHUNK_ELEMENTS
+    assert torch.equal(chunked, whole) and (whole >= 0).any() and (whole < 0).any()
+
+
+def test_masters_copied_back_in_one_foreach_copy_round_like_copy():
+    """bf16 parameters get their fp32 masters back through one foreach copy: the same bits as `copy_`."""
+    from dsv4.train.optim import MasterWeights
+
+    g = torch.Generator().manual_seed(8)
+    params = [torch.nn.Parameter(torch.randn(5, 7, generator=g).bfloat16()), torch.nn.Parameter(torch.randn(3))]
+    mw = MasterWeights(params)
+    with torch.no_grad():
+        for m in mw.masters:
+            m.add_(torch.randn(m.shape, generator=g) * 1e-3)
+    want = [p.detach().clone().copy_(m.detach()) for p, m in zip(params, mw.masters, strict=True)]
+    mw.masters_to_params()
+    assert all(torch.equal(p, w) for p, w in zip(params, want, strict=True))
