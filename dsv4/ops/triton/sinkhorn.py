@@ -117,6 +117,7 @@ def hc_split_sinkhorn_backward(mixes: torch.Tensor, scale: torch.Tensor, base: t
             grad_post.reshape(t, hc).float().contiguous(), grad_comb.reshape(t, hc * hc).float().contiguous(), gz,
             t, eps, ITERS=iters, HC=hc, BLOCK_T=block)
     sizes = (hc, hc, hc * hc)
-    per_column = torch.repeat_interleave(scale.float(), torch.tensor(sizes, device=scale.device), output_size=width)
+    # each column's scale (no host list sent to the device: that copy would wait for the GPU every call)
+    per_column = torch.cat([scale[i:i + 1].float().expand(n) for i, n in enumerate(sizes)])
     grad_scale = (gz * m).sum(0).split(sizes)
     return ((gz * per_column).view(mixes.shape), torch.stack([g.sum() for g in grad_scale]), gz.sum(0))
