@@ -86,6 +86,10 @@ class MoE(nn.Module):
     # From this many pairs, FP4 experts take the sorted path (grouped GEMM: each touched expert read about once per
     # 16-row block) instead of one GEMV per pair (each expert read once per pair); below it the GEMV wins.
     SORTED_PATH_MIN_PAIRS = 64
+    # Training with at most this many experts batches them (`routed_batched`): it stacks every expert's weights,
+    # kept for the backward, and pads each group to the largest. Cheap for a few small experts (the built-in
+    # model's 6: 5 MB a layer); for hundreds (Flash: 256) a copy of the layer's experts, so they loop.
+    BATCHED_MAX_EXPERTS = 16
 
     def __init__(self, cfg, layer_id: int, dense_fmt: str, expert_fmt: str, dtype: torch.dtype):
         super().__init__()
@@ -127,7 +131,8 @@ class MoE(nn.Module):
             return self.routed_sorted
         if grouped_ok:
             return self.routed_grouped
-        if (torch.is_grad_enabled() and local and ops.registry.fast_enabled("moe_batched")
+        if (torch.is_grad_enabled() and local and self.n_experts <= self.BATCHED_MAX_EXPERTS
+                and ops.registry.fast_enabled("moe_batched")
                 and all(isinstance(getattr(e, n), Linear) for e in self.experts for n in ("w1", "w2", "w3"))):
             return self.routed_batched
         if self.exchange is not None:
@@ -150,7 +155,7 @@ class MoE(nn.Module):
         expert (launch-bound on a GPU); this ~60 ops and one sync in all. Per expert it computes what `routed_loop`
         does (same rows, act-quant per row, the same rounding points) and adds the outputs in the same order (by
         expert, then token). The padding rows are zeros, give zeros and are never read back."""
-        n, k = ids.shape
+        k = ids.shape[1]
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         eid, tok = flat[order], order // k

@@ -11,15 +11,16 @@ the kernel's few programs per sequence did not beat that at the bench's context 
 a host-synchronising index check).
 The index list comes from the model (window + picked entries, checked by the model's tests), so the kernel's
 own index range check, a host synchronisation, is skipped.
+Training (autograd on) runs the twin recomputed in the backward, and HCA layers' compressed entries as a dense tail
+(`sparse_attention_dense_tail`): activation memory linear in the sequence (bench/notes/train_speed.md).
 """
 
 from __future__ import annotations
 
 import torch
-
-from dsv4.ops import ref
 from torch.utils.checkpoint import checkpoint
 
+from dsv4.ops import ref
 from dsv4.ops.registry import custom_op, dispatch, fast_enabled, register, register_triton
 
 sparse_attention = dispatch("sparse_attention", ref.sparse_attention)

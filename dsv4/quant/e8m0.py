@@ -63,8 +63,9 @@ def _pow2_ceil_scale_narrow(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     quantisation: ~200 times per training step). Exact without the corrections: qmax is an integer below 2**24
     (448 for e4m3, 6 for e2m1), so every q * 2**j is an fp32 number like amax; amax / q is a power of two 2**j
     exactly when amax = q * 2**j, and otherwise differs from every power of two by at least the fp32 spacing
-    (relative 2**-24), far more than float64's rounding of the quotient (2**-53): so frexp of the float64 quotient sees the true side of every power of two,
-    and ceil(log2) is its exponent, minus one where the mantissa is exactly 0.5 (an exact power of two).
+    (relative 2**-24), far more than float64's rounding of the quotient (2**-53): so frexp of the float64
+    quotient sees the true side of every power of two, and ceil(log2) is its exponent, minus one where the
+    mantissa is exactly 0.5 (an exact power of two).
     2**e is built in float64 (always normal there) and rounded to fp32 once: exact down to 2**-149, 0 below, inf
     above 2**127, as `pow2` does. NOTE: a non-finite amax (outside the contract) still gets a finite scale (frexp
     gives it exponent 0): an inf or NaN block stays inf / NaN after rounding instead of poisoning its scale."""
