@@ -11,6 +11,7 @@ OUT gets: model/ (official format + tokenizer, loadable by `dsv4.load_model`), m
 run.json (settings), perf.json (tokens/s, step times, peak GPU memory, device), eval.json (held-out perplexity,
 a greedy sample).
 Usage (GPU): python3 scripts/train_builtin_gpu.py .builtin_data /tmp/builtin_v2 --minutes 6.5 --bundle $OUT
+(64k tokens a step; --seq-len 131072 --grad-ckpt for 128k; bench/notes/train_speed.md has the measurements)
 CPU smoke test: python3 scripts/train_builtin_gpu.py .builtin_data /tmp/v2 --steps 3 --seq-len 512 --packs-per-step 1
 """
 
@@ -50,8 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--warmup-steps", type=int, default=40)
-    ap.add_argument("--seq-len", type=int, default=32768,
-                    help="tokens per pack (one sequence: the GPU step is launch-bound, so long sequences are cheap)")
+    ap.add_argument("--seq-len", type=int, default=65536,
+                    help="tokens per pack (one sequence: the GPU step is launch-bound, so long sequences are cheap; "
+                         "~1.1 MB of activations a token without --grad-ckpt: 64k tokens ~80 GiB on an H200)")
+    ap.add_argument("--grad-ckpt", action="store_true",
+                    help="recompute every block (and the losses) in the backward: ~30 KB of activations a token "
+                         "plus one block's, for 128k+ tokens a step, at ~50%% more ops a step")
     ap.add_argument("--packs-per-step", type=int, default=1)
     ap.add_argument("--per-document", action="store_true",
                     help="run each document as its own sequence (default: each pack's documents as one sequence, "
@@ -122,7 +127,7 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in net.parameters())
     train = TrainConfig(max_steps=args.steps or 10**9, lr=args.lr, warmup_steps=args.warmup_steps,
                         min_lr_ratio=args.min_lr_ratio, weight_decay=0.0, clip_grad=1.0, seq_len=args.seq_len,
-                        packs_per_step=args.packs_per_step, grad_ckpt=False, mtp_weight=args.mtp_weight,
+                        packs_per_step=args.packs_per_step, grad_ckpt=args.grad_ckpt, mtp_weight=args.mtp_weight,
                         bias_update_rate=1e-3, seed=args.seed)
     if args.steps:
         train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))

@@ -256,6 +256,24 @@ def test_pow2_ceil_scale_subnormal_results():
     assert_same_bits(pow2_ceil_scale(amax, 6.0), torch.tensor([2.0**-126, 2.0**-130, 2.0**-141]))
 
 
+@pytest.mark.parametrize("qmax", [448.0, 6.0])
+def test_pow2_ceil_scale_narrow_path_equals_the_corrected_definition(qmax):
+    """fp32 / bf16 amax take the short path (no correction steps): bit-identical to the general one over the whole
+    positive finite range, subnormals and one ulp either side of every qmax * 2**k included."""
+    from dsv4.quant.e8m0 import _pow2_ceil_scale_corrected, _pow2_ceil_scale_narrow
+
+    g = torch.Generator().manual_seed(2)
+    edges = (qmax * torch.exp2(torch.arange(-150, 128, dtype=torch.float64))).float()
+    edges = edges[torch.isfinite(edges) & (edges > 0)]
+    amax = torch.cat([edges, nextafter(edges, 0.0), nextafter(edges, math.inf),
+                      torch.exp(torch.randn(20000, generator=g) * 40).float(),
+                      torch.tensor([1e-4, 6 * 2.0**-126, 1e-45, 3e-43, 3.4e38])])
+    amax = amax[torch.isfinite(amax) & (amax > 0)]
+    for a in (amax, amax.bfloat16()[amax.bfloat16() > 0]):
+        a = a[torch.isfinite(a)]
+        assert_same_bits(_pow2_ceil_scale_narrow(a, qmax), _pow2_ceil_scale_corrected(a, qmax))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # FP8 e4m3 rounding through act_quant (block scale pinned to 1 by a 448 anchor in every block)
 

@@ -125,14 +125,23 @@ class Attention(nn.Module):
                 tap("attn.indexer.keys", keys)
                 picked = self.indexer.select(w, iq, keys.unsqueeze(0), seq.start, base)[0]
                 tap("attn.indexer.topk", picked, index_offset=base)
-            else:
-                picked = block_indices(seq.start, n, self.ratio, base, q.device)
+            else:       # HCA: every entry whose block is complete at the query (block_indices), as a dense tail
+                visible = torch.arange(seq.start + 1, seq.start + n + 1, device=q.device) // self.ratio
+                o = ops.sparse_attention_dense_tail(q, torch.cat(rows).unsqueeze(0), self.attn_sink,
+                                                    idx.unsqueeze(0), entries.unsqueeze(0), visible.unsqueeze(0),
+                                                    self.softmax_scale)
+                return self._write_ring(seq, state, kv, o)
             rows.append(entries)
             idx = torch.cat([idx, picked], dim=-1)
         o = ops.sparse_attention(q, torch.cat(rows).unsqueeze(0), self.attn_sink, idx.unsqueeze(0),
                                  self.softmax_scale)
+        return self._write_ring(seq, state, kv, o)
+
+    def _write_ring(self, seq: SeqChunk, state: LayerState, kv: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Keep the chunk's last `window` KV rows in the sequence's ring; pass the attention output o through."""
+        n, window = seq.length, self.window
         keep = min(n, window)                                     # the ring keeps the last `window` tokens
-        pos = torch.arange(seq.start + n - keep, seq.start + n, device=q.device)
+        pos = torch.arange(seq.start + n - keep, seq.start + n, device=kv.device)
         state.ring[seq.slot, pos % window] = kv[0, n - keep:].to(state.ring.dtype)
         return o
 

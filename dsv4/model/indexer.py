@@ -57,11 +57,22 @@ class Indexer(nn.Module):
 
     # NOTE: no_grad: only indices leave, so nothing here has a gradient, and under autograd the [n, h, t] score
     # intermediates (quadratic: ~4 GB per layer at 16k training tokens) would be kept until the backward.
+    # Queries scored at once: the [n, h, t] scores and the [n, t] sort are quadratic in the sequence (at 64k
+    # training tokens 34 GB of bf16 scores per CSA layer, plus the sort's int64 indices), so long sequences are
+    # scored in chunks of queries holding at most this many score elements (4 GiB in bf16). Each query's scores
+    # and ranking are its own: in fp32 (float64 accumulation, batch-invariant) chunking is bit-identical; in bf16 a
+    # product of another shape may round a score differently, as any kernel choice may (near-ties, see above).
+    SELECT_CHUNK_ELEMENTS = 2**31
+
     @torch.no_grad()
     def select(self, w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, start: int, offset: int) -> torch.Tensor:
         """Top-k entries for one sequence's queries at positions start.. (w [1, n, h], q [1, n, h, d]) over its
         keys [1, t, d]: [1, n, min(topk, t)] entry index + `offset`, -1 where the entry is not yet visible."""
         n, t = q.shape[1], keys.shape[1]
+        chunk = max(1, self.SELECT_CHUNK_ELEMENTS // max(1, q.shape[2] * t))
+        if n > chunk:
+            return torch.cat([self.select(w[:, i:i + chunk], q[:, i:i + chunk], keys, start + i, offset)
+                              for i in range(0, n, chunk)], dim=1)
         visible = (torch.arange(start + 1, start + n + 1, device=q.device) // 4).unsqueeze(1)   # [n, 1]
         score = self.tp.all_reduce(self.weighted_scores(w, q, keys))
         score = score.masked_fill(torch.arange(t, device=q.device) >= visible, float("-inf"))

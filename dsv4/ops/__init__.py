@@ -14,11 +14,11 @@ from dsv4.ops.registry import dispatch, fast_ops_status, reference_only, registe
 linear = dispatch("linear", ref.linear)
 
 from dsv4.ops import fp8_linear  # noqa: E402, F401  (registers its fast path)
-from dsv4.ops.attention import sparse_attention  # noqa: E402
+from dsv4.ops.attention import sparse_attention, sparse_attention_dense_tail  # noqa: E402
 from dsv4.ops.grouped_linear import grouped_linear  # noqa: E402
 from dsv4.ops.head import logits  # noqa: E402
 from dsv4.ops.moe_pairs import pair_linear  # noqa: E402
 
 __all__ = ["acc_dtype", "dense", "dequant_weight", "fake_quant_fp8", "fake_quant_kv", "fast_ops_status",
            "grouped_linear", "hc_split_sinkhorn", "linear", "logits", "pair_linear", "reference_only", "register",
-           "sparse_attention"]
+           "sparse_attention", "sparse_attention_dense_tail"]

@@ -11,16 +11,45 @@ the kernel's few programs per sequence did not beat that at the bench's context 
 a host-synchronising index check).
 The index list comes from the model (window + picked entries, checked by the model's tests), so the kernel's
 own index range check, a host synchronisation, is skipped.
+Training (autograd on) runs the twin recomputed in the backward, and HCA layers' compressed entries as a dense tail
+(`sparse_attention_dense_tail`): activation memory linear in the sequence (bench/notes/train_speed.md).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from dsv4.ops import ref
-from dsv4.ops.registry import custom_op, dispatch, register_triton
+from dsv4.ops.registry import custom_op, dispatch, fast_enabled, register, register_triton
 
 sparse_attention = dispatch("sparse_attention", ref.sparse_attention)
+
+
+def _training(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _recompute(fn, *args):
+    """fn(*args) under activation checkpointing (training; pseudo-op "attention_recompute" switches it off):
+    autograd keeps only the inputs and recomputes the rest in the backward. Otherwise it keeps the gathered rows
+    [b, s, k, d] upcast twice (once per product) plus the [b, s, h, k] scores and probabilities: ~0.6 MB per token
+    over the built-in v2's 7 layers, half of a training step's activations. The recomputation repeats the same
+    ops on the same inputs: bit-identical."""
+    if not fast_enabled("attention_recompute"):
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+register("sparse_attention", "sparse_attention_recompute", lambda q, kv, sink, idx, scale: _training(q, kv, sink),
+         lambda *args: _recompute(ref.sparse_attention, *args))
+
+# HCA layers: the window rows by index, every visible compressed entry as a dense tail. The definition (appended
+# rows, no grad) keeps the fused kernel in inference; training takes the split form (no quadratic gather).
+sparse_attention_dense_tail = dispatch("sparse_attention_dense_tail", ref.sparse_attention_dense_tail)
+register("sparse_attention_dense_tail", "split_tail",
+         lambda q, kv, sink, idx, tail, visible, scale: _training(q, kv, sink, tail),
+         lambda *args: _recompute(ref.sparse_attention_split_tail, *args))
 
 
 def _applies(q, kv, sink, idx, scale) -> bool:

@@ -58,8 +58,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fm
         return dense(x, weight, x.dtype)
     w = dequantized if dequantized is not None else dequant_weight(weight, scale, fmt)
     if act_quant_on:
-        q, s = act_quant(x, 128)
-        xf = straight_through(x, (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2))
+        with torch.no_grad():       # the rounding has no gradient: autograd need not record (nor save) it
+            q, s = act_quant(x, 128)
+            rounded = (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
+        xf = straight_through(x, rounded)
         return dense(xf, w, x.dtype, x.dtype)
     return dense(x, w, x.dtype)
 
@@ -92,6 +94,46 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     return o.to(q.dtype)
 
 
+def sparse_attention_dense_tail(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                                tail: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """`sparse_attention` over each query's rows of kv picked by idx, followed by the first visible[b, s] rows of
+    `tail` [b, e, d] (HCA: a query reads every compressed entry whose block is complete at its position).
+    The definition: the tail appended to kv and its visible rows to the index lists."""
+    n, e = kv.shape[1], tail.shape[1]
+    j = torch.arange(e, device=idx.device)
+    tail_idx = torch.where(j < visible.unsqueeze(-1), n + j, -1)                        # [b, s, e]
+    return sparse_attention(q, torch.cat([kv, tail], dim=1), sink, torch.cat([idx, tail_idx], dim=-1), scale)
+
+
+def sparse_attention_split_tail(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                                tail: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """`sparse_attention_dense_tail` without gathering the tail per query: its scores are one product with every
+    tail row, masked, and share the softmax (max, denominator with the sink) with the gathered rows'. The gather
+    is [b, s, k + e, d] (quadratic in the sequence: 4 bytes x T x T/128 x 128 per fp32 copy, 17 GB at T = 64k);
+    this keeps [b, s, h, e] scores instead (h = 8 heads, not d = 128 dims). Same terms as the definition: the
+    scores, the max and the probabilities (rounded to kv's dtype before the PV product) are equal, the two sums
+    (denominator, PV) are summed in two parts, so they differ by the accumulation dtype's rounding."""
+    if tail.shape[1] == 0:                                     # no complete block yet (a short sequence)
+        return sparse_attention(q, kv, sink, idx, scale)
+    b, s, h, d = q.shape
+    acc = acc_dtype(q.dtype)
+    rows = (idx.clamp_min(0).long() + kv.shape[1] * torch.arange(b, device=kv.device).view(b, 1, 1)).flatten()
+    kv_sel = kv.reshape(-1, d).index_select(0, rows).view(b, s, -1, d).to(acc)         # [b, s, k, d]
+    qa = q.to(acc)
+    near = torch.einsum("bshd,bskd->bshk", qa, kv_sel) * scale
+    near = near.masked_fill((idx < 0).unsqueeze(2), float("-inf"))
+    far = torch.einsum("bshd,bed->bshe", qa, tail.to(acc)) * scale
+    j = torch.arange(tail.shape[1], device=q.device)
+    far = far.masked_fill((j >= visible.unsqueeze(-1)).unsqueeze(2), float("-inf"))  # [b, s, h, e]
+    m = torch.maximum(near.amax(dim=-1, keepdim=True), far.amax(dim=-1, keepdim=True))
+    p_near, p_far = torch.exp(near - m), torch.exp(far - m)
+    denom = p_near.sum(dim=-1, keepdim=True) + p_far.sum(dim=-1, keepdim=True) + torch.exp(
+        sink.to(acc).view(1, 1, h, 1) - m)
+    o = (torch.einsum("bshk,bskd->bshd", p_near.to(kv.dtype).to(acc), kv_sel)
+         + torch.einsum("bshe,bed->bshd", p_far.to(tail.dtype).to(acc), tail.to(acc)))
+    return (o / denom).to(q.dtype)
+
+
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split mHC mixes [..., (2+hc)*hc] into pre [.., hc], post [.., hc] and comb [.., hc(src), hc(dst)].
@@ -99,12 +141,26 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
     pre = sigmoid + eps; post = 2*sigmoid; comb = row softmax + eps, then Sinkhorn starting and ending
     with a column normalisation (1 softmax, iters-1 row steps, iters column steps). All fp32.
     """
+    pre, post, comb = hc_split(mixes, scale, base, hc, eps)
+    return pre, post, sinkhorn(comb, iters, eps)
+
+
+def hc_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first part of `hc_split_sinkhorn`: pre, post and comb before the Sinkhorn normalisation."""
     pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
     post = 2 * torch.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
     comb = mixes[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)
-    comb = comb.softmax(dim=-1) + eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    return pre, post, comb
+    return pre, post, comb.softmax(dim=-1) + eps
+
+
+def sinkhorn_dims(iters: int) -> list[int]:
+    """The sums of the Sinkhorn normalisation, in order: a column step, then iters-1 (row, column) pairs."""
+    return [-2] + [-1, -2] * (iters - 1)
+
+
+def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """comb [.., hc, hc] divided by its column / row sums (+ eps) alternately (`sinkhorn_dims`)."""
+    for dim in sinkhorn_dims(iters):
+        comb = comb / (comb.sum(dim=dim, keepdim=True) + eps)
+    return comb

@@ -102,8 +102,9 @@ def reference_only(*ops: str):
 
 
 def fast_op_names() -> list[str]:
-    """Every op with a registered fast implementation (plus "moe_grouped", the MoE's grouped-GEMM prefill path)."""
-    return [*_FAST, "moe_grouped"]
+    """Every op with a registered fast implementation (plus "moe_grouped", the MoE's grouped-GEMM prefill path,
+    "moe_batched", its batched training path, and "attention_recompute", training's checkpointed attention)."""
+    return [*_FAST, "moe_grouped", "moe_batched", "attention_recompute"]
 
 
 def fast_ops_status() -> dict[str, list[str]]:

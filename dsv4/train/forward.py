@@ -64,16 +64,14 @@ def hidden(model, pb: PackedBatch, grad_ckpt: bool) -> torch.Tensor:
     for layer in model.layers:
         def run(h, layer=layer):
             return layer(h, pb.input_ids, pb.batch, layer_state(model, layer.layer_id, pb.batch))
-        # early_stop=False: the recomputation runs the whole block, so every rank re-issues the same collectives
-        # (expert parallel exchange, train/ep.py) even where ranks need different saved tensors.
-        h = (checkpoint(run, h, use_reentrant=False, early_stop=False) if grad_ckpt and torch.is_grad_enabled()
-             else run(h))
+        h = _maybe_checkpoint(run, h, grad_ckpt)
     return h
 
 
-def mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int = 0) -> tuple[torch.Tensor, int]:
+def mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int = 0,
+                 grad_ckpt: bool = False) -> tuple[torch.Tensor, int]:
     """Summed CE of the MTP block (DeepSeek-V3 shift: position i sees h_i and token i+1, predicts token i+2),
-    one document at a time (each from position 0)."""
+    one document at a time (each from position 0); `grad_ckpt`: each document's under activation checkpointing."""
     total, count = h.new_zeros((), dtype=torch.float32), 0
     for seq, d in zip(pb.batch.seqs, pb.docs, strict=True):
         n = seq.length
@@ -81,11 +79,23 @@ def mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int = 0) -> tup
             continue
         hd = h[:, seq.offset:seq.offset + n]
         ids = pb.input_ids[:, seq.offset:seq.offset + n]
-        logits = model.mtp_forward(hd[:, :-1], ids[:, 1:], depth)[0, :n - 2]
         tgt = torch.where(torch.tensor(d.mask[2:], device=ids.device), ids[0, 2:], IGNORE)
-        total = total + F.cross_entropy(logits.float(), tgt, ignore_index=IGNORE, reduction="sum")
+
+        def doc_loss(hd, ids=ids, tgt=tgt, n=n):
+            logits = model.mtp_forward(hd[:, :-1], ids[:, 1:], depth)[0, :n - 2]
+            return F.cross_entropy(logits.float(), tgt, ignore_index=IGNORE, reduction="sum")
+        total = total + _maybe_checkpoint(doc_loss, hd, grad_ckpt)
         count += sum(d.mask[2:])          # counted on the host: a device count would sync the GPU every document
     return total, count
+
+
+def _maybe_checkpoint(fn, x: torch.Tensor, grad_ckpt: bool):
+    """fn(x), under activation checkpointing if asked (and autograd is on).
+    early_stop=False: the recomputation runs the whole function, so every rank re-issues the same collectives
+    (expert parallel exchange, train/ep.py) even where ranks need different saved tensors."""
+    if grad_ckpt and torch.is_grad_enabled():
+        return checkpoint(fn, x, use_reentrant=False, early_stop=False)
+    return fn(x)
 
 
 class LoadCounter:
@@ -120,9 +130,13 @@ class TrainStep(nn.Module):
 
     def forward(self, pb: PackedBatch):
         h = hidden(self.model, pb, self.grad_ckpt)
-        logits = self.model.main_logits(h)[0]                           # [T, V] fp32
-        ce = F.cross_entropy(logits, pb.targets, ignore_index=IGNORE, reduction="sum")
+
+        def main_loss(h):
+            logits = self.model.main_logits(h)[0]                       # [T, V] fp32
+            return F.cross_entropy(logits, pb.targets, ignore_index=IGNORE, reduction="sum")
+        # checkpointed, the head keeps no fp32 [T, V] logits and log-probabilities (48 KB a token at V = 6144)
+        ce = _maybe_checkpoint(main_loss, h, self.grad_ckpt)
         if not self.mtp_weight:
             return ce, None, 0
-        mtp, n = mtp_loss_sum(self.model, h, pb)
+        mtp, n = mtp_loss_sum(self.model, h, pb, grad_ckpt=self.grad_ckpt)
         return ce, mtp, n

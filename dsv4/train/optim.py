@@ -26,9 +26,13 @@ class MasterWeights:
 
     @torch.no_grad()
     def masters_to_params(self) -> None:
-        for p, m in zip(self.params, self.masters, strict=True):
-            if m is not p:
-                p.copy_(m)
+        pairs = [(p, m) for p, m in zip(self.params, self.masters, strict=True) if m is not p]
+        if pairs and not any(_is_dtensor(p) for p, _ in pairs):
+            # one foreach copy (a few kernels on a GPU) instead of ~200 launches; the same rounding as copy_
+            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+            return
+        for p, m in pairs:
+            p.copy_(m)
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:

@@ -51,3 +51,73 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
         _sinkhorn[(triton.cdiv(t, block),)](m, scale.float().contiguous(), base.float().contiguous(), pre, post,
                                             comb, t, eps, ITERS=iters, HC=hc, BLOCK_T=block)
     return pre.view(*lead, hc), post.view(*lead, hc), comb.view(*lead, hc, hc)
+
+
+@triton.jit
+def _sinkhorn_steps(c, eps, steps, HC: tl.constexpr):
+    """The first `steps` normalisation steps (column, then row / column alternately) of c [BLOCK_T, HC, HC]."""
+    for i in range(steps):
+        if i % 2 == 0:
+            c = c / (tl.sum(c, axis=1)[:, None, :] + eps)
+        else:
+            c = c / (tl.sum(c, axis=2)[:, :, None] + eps)
+    return c
+
+
+@triton.jit
+def _sinkhorn_bwd(m_ptr, scale_ptr, base_ptr, gpre_ptr, gpost_ptr, gcomb_ptr, gz_ptr, T, eps, ITERS: tl.constexpr,
+                  HC: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Gradient of `_sinkhorn`'s outputs w.r.t. its pre-activations z = mixes * scale + base, per token: [T, width].
+    The normalisation steps' inputs are recomputed from the softmax for each step backwards (O(steps^2) 4x4 steps
+    per token, all in registers: nothing saved between the forward and the backward)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = rows < T
+    width = (2 + HC) * HC
+    j = tl.arange(0, HC)
+    s0, s1, s2 = tl.load(scale_ptr), tl.load(scale_ptr + 1), tl.load(scale_ptr + 2)
+    vec = rows[:, None] * width + j[None, :]
+    sig = tl.sigmoid(tl.load(m_ptr + vec, mask=ok[:, None], other=0.0) * s0 + tl.load(base_ptr + j)[None, :])
+    g = tl.load(gpre_ptr + rows[:, None] * HC + j[None, :], mask=ok[:, None], other=0.0)
+    tl.store(gz_ptr + vec, g * sig * (1.0 - sig), mask=ok[:, None])
+    sig = tl.sigmoid(tl.load(m_ptr + vec + HC, mask=ok[:, None], other=0.0) * s1 + tl.load(base_ptr + HC + j)[None, :])
+    g = tl.load(gpost_ptr + rows[:, None] * HC + j[None, :], mask=ok[:, None], other=0.0)
+    tl.store(gz_ptr + vec + HC, 2.0 * g * sig * (1.0 - sig), mask=ok[:, None])
+    jk = j[:, None] * HC + j[None, :]
+    mat = rows[:, None, None] * width + 2 * HC + jk[None, :, :]
+    z = tl.load(m_ptr + mat, mask=ok[:, None, None], other=0.0) * s2 + tl.load(base_ptr + 2 * HC + jk)[None, :, :]
+    soft = tl.exp(z - tl.max(z, axis=2)[:, :, None])
+    soft = soft / tl.sum(soft, axis=2)[:, :, None]
+    g = tl.load(gcomb_ptr + rows[:, None, None] * HC * HC + jk[None, :, :], mask=ok[:, None, None], other=0.0)
+    for back in range(2 * ITERS - 1):
+        i = 2 * ITERS - 2 - back                                  # step i maps c_i to c_{i+1} = c_i / d
+        c = _sinkhorn_steps(soft + eps, eps, i, HC)
+        if i % 2 == 0:
+            d = tl.sum(c, axis=1)[:, None, :] + eps
+            g = (g - tl.sum(g * (c / d), axis=1)[:, None, :]) / d
+        else:
+            d = tl.sum(c, axis=2)[:, :, None] + eps
+            g = (g - tl.sum(g * (c / d), axis=2)[:, :, None]) / d
+    g = soft * (g - tl.sum(g * soft, axis=2)[:, :, None])         # through the row softmax
+    tl.store(gz_ptr + mat, g, mask=ok[:, None, None])
+
+
+def hc_split_sinkhorn_backward(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, grad_pre: torch.Tensor,
+                               grad_post: torch.Tensor, grad_comb: torch.Tensor, hc: int, iters: int,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (mixes [..., (2+hc)*hc], scale [3], base [(2+hc)*hc]) of `hc_split_sinkhorn`'s outputs, fp32."""
+    assert mixes.dtype == torch.float32 and mixes.shape[-1] == (2 + hc) * hc and hc & (hc - 1) == 0
+    width = mixes.shape[-1]
+    m = mixes.reshape(-1, width).contiguous()
+    t = m.shape[0]
+    gz = torch.empty_like(m)
+    if t:
+        block = 32
+        _sinkhorn_bwd[(triton.cdiv(t, block),)](
+            m, scale.float().contiguous(), base.float().contiguous(), grad_pre.reshape(t, hc).float().contiguous(),
+            grad_post.reshape(t, hc).float().contiguous(), grad_comb.reshape(t, hc * hc).float().contiguous(), gz,
+            t, eps, ITERS=iters, HC=hc, BLOCK_T=block)
+    sizes = (hc, hc, hc * hc)
+    # each column's scale (no host list sent to the device: that copy would wait for the GPU every call)
+    per_column = torch.cat([scale[i:i + 1].float().expand(n) for i, n in enumerate(sizes)])
+    grad_scale = (gz * m).sum(0).split(sizes)
+    return ((gz * per_column).view(mixes.shape), torch.stack([g.sum() for g in grad_scale]), gz.sum(0))
