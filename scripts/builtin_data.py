@@ -210,8 +210,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wheels = Path(args.wheels)
-    if missing_pins(wheels):
-        download(wheels, missing_pins(wheels))
+    missing = missing_pins(wheels)
+    if missing:
+        download(wheels, missing)
     std, held = corpus_files()
     held_funcs = [f for p in held for f in functions(read(p))]
     held_sources = {body for _, _, body in held_funcs}

@@ -18,14 +18,6 @@ from dsv4.model.primitives import Linear, widen
 from dsv4.parity.taps import tap
 
 
-def _weight_value(linear: Linear) -> torch.Tensor:
-    """The weight `Linear.forward` multiplies by (what `ops.linear` computes from its arguments)."""
-    cached = linear._cached_dequantized()
-    if cached is not None:
-        return cached
-    return linear.weight if linear.fmt == "plain" else linear.dequantized()
-
-
 class Gate(nn.Module):
     def __init__(self, cfg, layer_id: int):
         super().__init__()
@@ -174,7 +166,7 @@ class MoE(nn.Module):
         """`Linear.forward` of every expert's `name` at once: x [E, C, in] -> [E, C, out] in x's dtype (the act
         quantisation and the accumulation dtype of `ops.linear` / `ops.dense`)."""
         linears = [getattr(e, name) for e in self.experts]
-        w = torch.stack([_weight_value(lin) for lin in linears])                # [E, out, in]
+        w = torch.stack([lin.weight_value() for lin in linears])                # [E, out, in]
         x = self._quantised_input(linears[0], x)
         acc = ops.acc_dtype(x.dtype) if x.dtype in (torch.float32, torch.float64) else x.dtype
         return torch.bmm(x.to(acc), w.to(acc).transpose(1, 2)).to(x.dtype)

@@ -69,6 +69,13 @@ class Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return ops.dequant_weight(self.weight, self.scale, self.fmt)
 
+    def weight_value(self) -> torch.Tensor:
+        """The weight `forward` multiplies by: as stored (plain), else decoded (the CPU cache when there is one)."""
+        if self.fmt == "plain":
+            return self.weight
+        cached = self._cached_dequantized()
+        return cached if cached is not None else self.dequantized()
+
     def _cached_dequantized(self) -> torch.Tensor | None:
         """The fp32 weight, decoded once, for the plain path on CPU (decoding FP8/FP4 every call made a tiny
         model's decode step 10x slower). Never on accelerators: there the cache would cost 2-4x the weight

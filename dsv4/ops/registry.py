@@ -101,6 +101,15 @@ def reference_only(*ops: str):
         _reference_only.reset(token)
 
 
+def env_switch(name: str) -> bool:
+    """An opt-in environment switch of a fast path not yet on by default: "1" on, unset or "0" off, else an error
+    (a typo must not silently measure the wrong path)."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def fast_op_names() -> list[str]:
     """Every op with a registered fast implementation (plus "moe_grouped", the MoE's grouped-GEMM prefill path,
     "moe_batched", its batched training path, and "attention_recompute", training's checkpointed attention)."""

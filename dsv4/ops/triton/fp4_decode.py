@@ -21,11 +21,11 @@ which does not matter for an elementwise map.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from dsv4.ops.registry import env_switch
 
 F16_BIAS = 2.0**-14                 # e2m1 -> fp16 by bit placement gives the value times this
 E4M3_BIAS = 2.0**-6                 # e2m1 -> e4m3 likewise
@@ -180,7 +180,4 @@ def decode_probe(words: torch.Tensor, packed: bool) -> tuple[torch.Tensor, ...]:
 def packed_from_env() -> bool:
     """DSV4_FP4_PACKED=1 turns the packed decode on in the dispatched FP4 kernels (the pair GEMV and the
     expert-major grouped GEMM): an opt-in for measuring it end to end (`dsv4 bench`); unset or 0: off."""
-    value = os.environ.get("DSV4_FP4_PACKED", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"DSV4_FP4_PACKED must be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_switch("DSV4_FP4_PACKED")

@@ -23,12 +23,11 @@ dot runs in fp32 (IEEE): the same products, exactly, so the interpreter checks t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.registry import env_switch
 from dsv4.ops.triton.fp4_grouped import _e8m0
 from dsv4.ops.triton.quant import fp8_block_quant
 from dsv4.ops.triton.splitk import _sum_splits, auto_split, divisor_at_most
@@ -104,12 +103,7 @@ MAX_TILES = 1 << 16
 
 
 def _fused_sum(flag: bool | None) -> bool:
-    if flag is not None:
-        return flag
-    value = os.environ.get("DSV4_FP8_FUSED_SUM", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"DSV4_FP8_FUSED_SUM must be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_switch("DSV4_FP8_FUSED_SUM") if flag is None else flag
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
