@@ -6,7 +6,8 @@ x [T, hc*D] and of fn [N, hc*D] and writes the chunk's N dot products and its su
 Stage 2 (`_mix`, program (token, D chunk)): sums the token's partials over the splits (one fixed-shape `tl.sum`),
 scales by rsqrt(mean(x^2) + eps), runs the split + Sinkhorn of `sinkhorn.split_sinkhorn` (the head: sigmoid + eps)
 in registers and writes its D chunk of y = sum_k pre_k x_k, re-reading h. Every D chunk of a token recomputes the
-same weights from the same partials with the same code (bit-identical); chunk 0 stores them.
+same weights from the same partials with the same code (bit-identical); chunk 0 stores them. Stage 2 runs one
+warp: the Sinkhorn's ~40 dependent reductions of a 4x4 tile then stay within it (shuffles, no barriers).
 No `tl.dot`: fp32 multiply + sum (the fp32 GEMV's precision; the MMA has nothing to gain at N = 24).
 NOTE batch invariance: every tile shape and the split count depend on hc*D only, never on the token count, and no
 reduction crosses tokens, so a token's outputs are bit-identical alone or in any batch.
@@ -103,7 +104,8 @@ def hc_mix(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
         block_d = min(BLOCK_D, triton.next_power_of_2(D))
         _mix[(T, triton.cdiv(D, block_d))](x, part, scale.contiguous(), base.contiguous(), y, pre, post, comb, T, D,
                                            n_split, norm_eps, hc_eps, ITERS=iters, HC=hc, N=n, PW=pw, HEAD=head,
-                                           BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=block_d)
+                                           BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=block_d,
+                                           num_warps=1)
     if head:
         return y.view(*lead, D)
     return y.view(*lead, D), pre.view(*lead, hc), post.view(*lead, hc), comb.view(*lead, hc, hc)
