@@ -55,9 +55,10 @@ def test_token_results_do_not_depend_on_the_batch(interpreted):
     assert interpreted["invariant"] == [True, True]
 
 
-def test_dispatch_takes_the_plain_path_off_cuda():
+def test_dispatch_takes_the_plain_path_off_cuda(monkeypatch):
     h = torch.randn(1, 2, 4, 64).bfloat16()
     fn, scale, base = torch.randn(24, 256), torch.rand(3), torch.randn(24)
+    monkeypatch.setenv("DSV4_HC_MIX", "1")
     with torch.inference_mode():
         assert which("hc_pre_mix", h, fn, scale, base, 4, 20, 1e-6, 1e-6) == "twin"
         assert which("hc_head_mix", h, fn[:4], scale[:1], base[:4], 1e-6, 1e-6) == "twin"
@@ -65,12 +66,13 @@ def test_dispatch_takes_the_plain_path_off_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head", [False, True], ids=["pre", "head"])
-def test_kernel_on_cuda_at_flash_dims(head):
+def test_kernel_on_cuda_at_flash_dims(head, monkeypatch):
     """Flash: D = 4096, hc = 4, the checkpoint's eps and 20 iterations; dispatch picks the kernel for 1-64 tokens
     at inference only; it is the fp32 class against float64, its y is the fp32 sum rounded to nearest even, it is
     batch-invariant on the GPU too, and it agrees with the plain path (y within one bf16 unit of the largest
     value, weights within 1e-5 of it: the Sinkhorn kernel's fp32 class, tests/test_fast_ops.py)."""
     name, op = ("hc_head_mix", ops.hc_head_mix) if head else ("hc_pre_mix", ops.hc_pre_mix)
+    monkeypatch.setenv("DSV4_HC_MIX", "1")
     for tokens in (1, 8, 64):
         r = against_float64(tokens, 4096, iters=20, hc_eps=1e-6, head=head, device="cuda")
         assert max(r["ratios"]) <= 1 and r["rtne"] and r["weights"] and r["shapes"], (tokens, r)

@@ -3,7 +3,8 @@
 The twins are the plain path: the fp32 RMS over the concatenated streams, the fp32 product with fn (`dense`), then
 the split + Sinkhorn (the dispatched `hc_split_sinkhorn`, so its Triton forward and training backward still apply)
 or the head's sigmoid, and the weighted sum of the streams. On CUDA, at inference, for at most MAX_TOKENS tokens
-(decode; above it the plain path is GEMM-bound and stays), `ops/triton/hc_mix.py` does a call in two launches.
+(decode; above it the plain path is GEMM-bound and stays), `ops/triton/hc_mix.py` does a call in two launches;
+opt-in (DSV4_HC_MIX=1) until measured on the H200.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from dsv4.ops.hc import hc_split_sinkhorn
 from dsv4.ops.ref import dense
-from dsv4.ops.registry import custom_op, dispatch, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
 
 MAX_TOKENS = 64
 
@@ -46,9 +47,16 @@ hc_pre_mix = dispatch("hc_pre_mix", _pre_mix_twin)
 hc_head_mix = dispatch("hc_head_mix", _head_mix_twin)
 
 
+@torch._dynamo.assume_constant_result
+def enabled() -> bool:
+    """DSV4_HC_MIX=1 turns the fused kernel on: opt-in until its H200 timing is measured (read once per traced
+    graph under torch.compile, like the registry's switch)."""
+    return env_switch("DSV4_HC_MIX")
+
+
 def _fits(h: torch.Tensor, *params: torch.Tensor) -> bool:
     hc = h.shape[-2]
-    return (h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and hc & (hc - 1) == 0
+    return (enabled() and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and hc & (hc - 1) == 0
             and all(p.dtype == torch.float32 for p in params) and not torch.is_grad_enabled()
             and h.numel() // (hc * h.shape[-1]) <= MAX_TOKENS)
 
