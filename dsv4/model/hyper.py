@@ -11,22 +11,13 @@ from __future__ import annotations
 import torch
 
 from dsv4 import ops
-from dsv4.model.primitives import widen
 from dsv4.parity.taps import tap
-
-
-def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 flattened streams [b, s, hc*D], mixes [b, s, n] = (X @ fn^T) * rsqrt(mean(X^2) + eps))."""
-    x = widen(h.flatten(2))
-    rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
-    return x, ops.dense(x, fn, h.dtype) * rsqrt
 
 
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg, tap_as: str = "hc_pre"):
     """h [b, s, hc, D] -> (mixed input [b, s, D] in h's dtype, post [b, s, hc], comb [b, s, hc, hc])."""
-    x, mixes = _mixes(h, fn, cfg.norm_eps)
-    pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps)
-    y = torch.sum(pre.unsqueeze(-1) * x.view(h.shape), dim=2).to(h.dtype)
+    y, pre, post, comb = ops.hc_pre_mix(h, fn, scale, base, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.norm_eps,
+                                        cfg.hc_eps)
     tap(f"{tap_as}.weights", pre)
     tap(f"{tap_as}.post", post)
     tap(f"{tap_as}.comb", comb)
@@ -42,6 +33,4 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
 
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg) -> torch.Tensor:
     """Final reduction of the streams: weights sigmoid(m * scale + base) + eps, no post/comb."""
-    x, mixes = _mixes(h, fn, cfg.norm_eps)
-    pre = torch.sigmoid(mixes * scale + base) + cfg.hc_eps
-    return torch.sum(pre.unsqueeze(-1) * x.view(h.shape), dim=2).to(h.dtype)
+    return ops.hc_head_mix(h, fn, scale, base, cfg.norm_eps, cfg.hc_eps)

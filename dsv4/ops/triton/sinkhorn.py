@@ -12,21 +12,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _sinkhorn(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, eps, ITERS: tl.constexpr,
-              HC: tl.constexpr, BLOCK_T: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = rows < T
-    width = (2 + HC) * HC
+def split_sinkhorn(pre, post, c, scale_ptr, base_ptr, eps, ITERS: tl.constexpr, HC: tl.constexpr):
+    """The math of `_sinkhorn` on mixes already in registers: pre [BLOCK_T, HC], post [BLOCK_T, HC], comb
+    c [BLOCK_T, HC(src), HC(dst)] -> (pre, post, comb) (also used by the fused mHC pre in `hc_mix.py`)."""
     j = tl.arange(0, HC)
     s0, s1, s2 = tl.load(scale_ptr), tl.load(scale_ptr + 1), tl.load(scale_ptr + 2)
-    pre = tl.load(m_ptr + rows[:, None] * width + j[None, :], mask=ok[:, None], other=0.0)
     pre = tl.sigmoid(pre * s0 + tl.load(base_ptr + j)[None, :]) + eps
-    tl.store(pre_ptr + rows[:, None] * HC + j[None, :], pre, mask=ok[:, None])
-    post = tl.load(m_ptr + rows[:, None] * width + HC + j[None, :], mask=ok[:, None], other=0.0)
     post = 2.0 * tl.sigmoid(post * s1 + tl.load(base_ptr + HC + j)[None, :])
-    tl.store(post_ptr + rows[:, None] * HC + j[None, :], post, mask=ok[:, None])
     jk = j[:, None] * HC + j[None, :]                                              # [HC, HC] (source, destination)
-    c = tl.load(m_ptr + rows[:, None, None] * width + 2 * HC + jk[None, :, :], mask=ok[:, None, None], other=0.0)
     c = c * s2 + tl.load(base_ptr + 2 * HC + jk)[None, :, :]
     c = tl.exp(c - tl.max(c, axis=2)[:, :, None])
     c = c / tl.sum(c, axis=2)[:, :, None] + eps
@@ -34,6 +27,24 @@ def _sinkhorn(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, eps, I
     for _ in range(ITERS - 1):
         c = c / (tl.sum(c, axis=2)[:, :, None] + eps)
         c = c / (tl.sum(c, axis=1)[:, None, :] + eps)
+    return pre, post, c
+
+
+@triton.jit
+def _sinkhorn(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, eps, ITERS: tl.constexpr,
+              HC: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = rows < T
+    width = (2 + HC) * HC
+    j = tl.arange(0, HC)
+    jk = j[:, None] * HC + j[None, :]
+    vec, mat = rows[:, None] * width + j[None, :], rows[:, None, None] * width + 2 * HC + jk[None, :, :]
+    pre, post, c = split_sinkhorn(tl.load(m_ptr + vec, mask=ok[:, None], other=0.0),
+                                  tl.load(m_ptr + vec + HC, mask=ok[:, None], other=0.0),
+                                  tl.load(m_ptr + mat, mask=ok[:, None, None], other=0.0),
+                                  scale_ptr, base_ptr, eps, ITERS, HC)
+    tl.store(pre_ptr + rows[:, None] * HC + j[None, :], pre, mask=ok[:, None])
+    tl.store(post_ptr + rows[:, None] * HC + j[None, :], post, mask=ok[:, None])
     tl.store(comb_ptr + rows[:, None, None] * HC * HC + jk[None, :, :], c, mask=ok[:, None, None])
 
 

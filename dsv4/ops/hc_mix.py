@@ -1,0 +1,90 @@
+"""mHC pre and head mixing as dispatched ops (`model/hyper.py`'s hc_pre / hc_head).
+
+The twins are the plain path: the fp32 RMS over the concatenated streams, the fp32 product with fn (`dense`), then
+the split + Sinkhorn (the dispatched `hc_split_sinkhorn`, so its Triton forward and training backward still apply)
+or the head's sigmoid, and the weighted sum of the streams. On CUDA, at inference, for at most MAX_TOKENS tokens
+(decode; above it the plain path is GEMM-bound and stays), `ops/triton/hc_mix.py` does a call in two launches;
+opt-in (DSV4_HC_MIX=1) until measured on the H200.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.ops.hc import hc_split_sinkhorn
+from dsv4.ops.ref import dense
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
+
+MAX_TOKENS = 64
+
+
+def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 flattened streams [b, s, hc*D], mixes [b, s, n] = (X @ fn^T) * rsqrt(mean(X^2) + eps))."""
+    x = h.flatten(2)
+    x = x if x.dtype == torch.float64 else x.float()      # float64 stays float64 (gradient checks)
+    rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+    return x, dense(x, fn, h.dtype) * rsqrt
+
+
+def _pre_mix_twin(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+                  norm_eps: float, hc_eps: float):
+    """h [b, s, hc, D] -> (y [b, s, D] in h's dtype, pre [b, s, hc], post [b, s, hc], comb [b, s, hc, hc])."""
+    x, mixes = _mixes(h, fn, norm_eps)
+    pre, post, comb = hc_split_sinkhorn(mixes, scale, base, hc, iters, hc_eps)
+    y = torch.sum(pre.unsqueeze(-1) * x.view(h.shape), dim=2).to(h.dtype)
+    return y, pre, post, comb
+
+
+def _head_mix_twin(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+                   hc_eps: float) -> torch.Tensor:
+    """h [b, s, hc, D] -> y [b, s, D] with weights sigmoid(mixes * scale + base) + eps (no post / comb)."""
+    x, mixes = _mixes(h, fn, norm_eps)
+    pre = torch.sigmoid(mixes * scale + base) + hc_eps
+    return torch.sum(pre.unsqueeze(-1) * x.view(h.shape), dim=2).to(h.dtype)
+
+
+hc_pre_mix = dispatch("hc_pre_mix", _pre_mix_twin)
+hc_head_mix = dispatch("hc_head_mix", _head_mix_twin)
+
+
+@torch._dynamo.assume_constant_result
+def enabled() -> bool:
+    """DSV4_HC_MIX=1 turns the fused kernel on: opt-in until its H200 timing is measured (read once per traced
+    graph under torch.compile, like the registry's switch)."""
+    return env_switch("DSV4_HC_MIX")
+
+
+def _fits(h: torch.Tensor, *params: torch.Tensor) -> bool:
+    hc = h.shape[-2]
+    return (enabled() and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and hc & (hc - 1) == 0
+            and all(p.dtype == torch.float32 for p in params) and not torch.is_grad_enabled()
+            and h.numel() // (hc * h.shape[-1]) <= MAX_TOKENS)
+
+
+def _pre_shapes(h, fn, scale, base, hc, iters, norm_eps, hc_eps):
+    lead = h.shape[:-2]
+    f32 = dict(dtype=torch.float32)
+    return (h.new_empty(*lead, h.shape[-1]), h.new_empty(*lead, hc, **f32), h.new_empty(*lead, hc, **f32),
+            h.new_empty(*lead, hc, hc, **f32))
+
+
+@custom_op("hc_pre_mix", _pre_shapes)
+def _pre_kernel(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+                norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dsv4.ops.triton.hc_mix import hc_mix
+
+    return hc_mix(h, fn, scale, base, hc, iters, norm_eps, hc_eps)
+
+
+@custom_op("hc_head_mix", lambda h, fn, scale, base, norm_eps, hc_eps: h.new_empty(*h.shape[:-2], h.shape[-1]))
+def _head_kernel(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+                 hc_eps: float) -> torch.Tensor:
+    from dsv4.ops.triton.hc_mix import hc_mix
+
+    return hc_mix(h, fn, scale, base, h.shape[-2], 0, norm_eps, hc_eps, head=True)
+
+
+register_triton("hc_pre_mix", "triton_hc_pre", lambda h, fn, scale, base, *rest: _fits(h, fn, scale, base),
+                _pre_kernel)
+register_triton("hc_head_mix", "triton_hc_head", lambda h, fn, scale, base, *rest: _fits(h, fn, scale, base),
+                _head_kernel)
