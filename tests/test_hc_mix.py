@@ -41,8 +41,9 @@ def interpreted(tmp_path_factory):
 
 def test_kernel_is_the_fp32_class_against_float64(interpreted):
     """Every output (pre, post, comb; y before its rounding) within assert_close's fp32 bounds of float64, at 1, 3
-    and 64 tokens at D = 256, 1 and 3 at D = 4096 (hc = 4), bf16 and fp16 streams; the op's y is that fp32 y rounded once (less
-    than one last-place unit away: the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even)."""
+    and 64 tokens at D = 256, 1 and 3 at D = 4096 (hc = 4), bf16 and fp16 streams; the op's y is that fp32 y
+    rounded once (less than one last-place unit away: the interpreter truncates fp32 -> bf16 where the GPU rounds
+    to nearest even)."""
     for case, r in interpreted.items():
         if case == "invariant":
             continue
