@@ -102,12 +102,14 @@ def _sinkhorn_bwd(m_ptr, scale_ptr, base_ptr, gpre_ptr, gpost_ptr, gcomb_ptr, gz
     for back in range(2 * ITERS - 1):
         i = 2 * ITERS - 2 - back                                  # step i maps c_i to c_{i+1} = c_i / d
         c = _sinkhorn_steps(soft + eps, eps, i, HC)
-        if i % 2 == 0:
-            d = tl.sum(c, axis=1)[:, None, :] + eps
-            g = (g - tl.sum(g * (c / d), axis=1)[:, None, :]) / d
-        else:
-            d = tl.sum(c, axis=2)[:, :, None] + eps
-            g = (g - tl.sum(g * (c / d), axis=2)[:, :, None]) / d
+        # NOTE: both sums broadcast to [BLOCK_T, HC, HC] and chosen by tl.where: an if/else on the runtime i that
+        # binds d to [.., 1, HC] in one branch and [.., HC, 1] in the other does not compile on the GPU (the
+        # interpreter accepts it).
+        even = i % 2 == 0
+        zero = tl.zeros_like(c)
+        d = tl.where(even, tl.sum(c, axis=1)[:, None, :] + zero, tl.sum(c, axis=2)[:, :, None] + zero) + eps
+        gc = g * (c / d)
+        g = (g - tl.where(even, tl.sum(gc, axis=1)[:, None, :] + zero, tl.sum(gc, axis=2)[:, :, None] + zero)) / d
     g = soft * (g - tl.sum(g * soft, axis=2)[:, :, None])         # through the row softmax
     tl.store(gz_ptr + mat, g, mask=ok[:, None, None])
 
