@@ -11,5 +11,5 @@ timeout 250 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collec
     > "$out/gpu_tests.log" 2>&1
 echo "gpu tests rc $?"; grep -E "^FAILED|^ERROR|passed|failed" "$out/gpu_tests.log" | tail -25
 DSV4_FP4_PACKED=1 DSV4_FP8_FUSED_SUM=1 DSV4_HC_MIX=1 timeout 230 python3 -u -m dsv4 bench --timing-only \
-    --no-transformers --decode-steps 12 --prefill 1024 --out "$out/bench_optins.json" > "$out/bench_optins.log" 2>&1
+    --no-transformers --decode-steps 12 --prefill 1024,8192 --out "$out/bench_optins.json" > "$out/bench_optins.log" 2>&1
 echo "bench rc $?"; tail -8 "$out/bench_optins.log" | cut -c1-250
