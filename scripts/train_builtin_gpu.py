@@ -11,7 +11,7 @@ OUT gets: model/ (official format + tokenizer, loadable by `dsv4.load_model`), m
 run.json (settings), perf.json (tokens/s, step times, peak GPU memory, device), eval.json (held-out perplexity,
 a greedy sample).
 Usage (GPU): python3 scripts/train_builtin_gpu.py .builtin_data /tmp/builtin_v2 --minutes 6.5 --bundle $OUT
-(64k tokens a step; --seq-len 131072 --grad-ckpt for 128k; bench/notes/train_speed.md has the measurements)
+(32k tokens a step: see --seq-len; bench/NOTES.md "run 6" and bench/notes/train_speed.md have the measurements)
 CPU smoke test: python3 scripts/train_builtin_gpu.py .builtin_data /tmp/v2 --steps 3 --seq-len 512 --packs-per-step 1
 """
 
@@ -51,9 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--warmup-steps", type=int, default=40)
-    ap.add_argument("--seq-len", type=int, default=65536,
-                    help="tokens per pack (one sequence: the GPU step is launch-bound, so long sequences are cheap; "
-                         "~1.1 MB of activations a token without --grad-ckpt: 64k tokens ~80 GiB on an H200)")
+    ap.add_argument("--seq-len", type=int, default=32768,
+                    help="tokens per pack (one sequence: fewer kernel launches per token than short ones, but the "
+                         "indexer's scores and sort grow with the square of it; measured on an H200: 65,536 gave "
+                         "40.8k tokens/s at 1.6 s a step and no better perplexity per token than 32,768, which "
+                         "makes twice the optimizer steps; ~0.85 MB of activations a token without --grad-ckpt)")
     ap.add_argument("--grad-ckpt", action="store_true",
                     help="recompute every block (and the losses) in the backward: ~30 KB of activations a token "
                          "plus one block's, for 128k+ tokens a step, at ~50%% more ops a step")
