@@ -80,5 +80,5 @@ class Indexer(nn.Module):
         # NOTE: with FP4 queries and keys exact score ties are common; a stable sort breaks them towards the
         # earlier entry whatever the number of candidates, so chunked prefill and decode pick what the one-shot
         # prefill picks (torch.topk's tie order depends on the row length).
-        idx = score.sort(dim=-1, descending=True, stable=True).indices[..., :min(self.topk, t)]
+        idx = ops.stable_topk(score, min(self.topk, t))
         return torch.where(idx >= visible, -1, idx + offset)
