@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -26,3 +28,15 @@ def run_in_interpreter(script: str, where: Path, timeout: int = 600) -> str:
 def interpreted_json(script: str, where: Path) -> dict:
     """`run_in_interpreter`, for a script whose last line of output is one JSON document of its results."""
     return json.loads(run_in_interpreter(script, where).strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def in_interpreter_at_once(scripts: dict[str, str], where: Path, timeout: int = 600):
+    """`run_in_interpreter` for several scripts at once, one process each: Triton's interpreter is single-threaded
+    Python, so CI's 2 cores run two in little more than the time of one. Yields {name: Future of its stdout}."""
+    with ThreadPoolExecutor(len(scripts)) as pool:
+        futures: dict[str, Future] = {}
+        for name, script in scripts.items():
+            (where / name).mkdir()
+            futures[name] = pool.submit(run_in_interpreter, script, where / name, timeout)
+        yield futures

@@ -41,9 +41,20 @@ def _decode(model, device, compile, steps=6, forced=None):
     return torch.stack(out)
 
 
-def test_traced_step_is_one_graph_and_bit_identical(tiny_ckpt):
+@pytest.fixture(scope="module")
+def three_layer_ckpt(tmp_path_factory):
+    """The tiny config without its second CSA layer: a sliding, a CSA and an HCA layer, hash-routed and top-k MoE,
+    each once. Dynamo traces every layer anew (~3 s each on CI's CPU) and a repeated kind adds no other path."""
+    from dsv4.checkpoint import synthesize
+    from dsv4.config import tiny_config
+
+    cfg = tiny_config(n_layers=3, compress_ratios=(0, 4, 128, 0))
+    return synthesize(cfg, tmp_path_factory.mktemp("three_layers"), seed=1234, progress=False)
+
+
+def test_traced_step_is_one_graph_and_bit_identical(three_layer_ckpt):
     torch._dynamo.reset()
-    model = dsv4.load_model(tiny_ckpt, dtype=torch.bfloat16, quant_emulation=True, progress=False)
+    model = dsv4.load_model(three_layer_ckpt, dtype=torch.bfloat16, quant_emulation=True, progress=False)
     want = _decode(model, "cpu", False)
     got = _decode(model, "cpu", "aot_eager")
     assert torch.equal(got, want)

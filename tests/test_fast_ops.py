@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_helpers import in_interpreter_at_once
 
 from dsv4 import ops
 from dsv4.ops.registry import which
@@ -102,37 +103,43 @@ except ImportError:
     HAVE_TRITON = False
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (its CPU interpreter runs the kernel here)")
-def test_fp4_pair_gemv_kernel_in_the_interpreter(tmp_path):
-    """The kernel's logic on CPU through TRITON_INTERPRET=1 (set before triton is imported, hence a subprocess),
-    with fp32 activations (the interpreter's bf16 is not trustworthy in triton 3.6), over quantised weights and over
-    random bytes (every code, -0 included; N not a multiple of the block: the row mask). fp32 products of exact FP4
-    values accumulated in fp32, in another order than the float64 twin: relative error <= 1e-5."""
-    import subprocess
-    import sys
+_GEMV_CHECK = """
+import torch
+from dsv4 import ops
+from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
+from dsv4.quant import quant_fp4
+gen = torch.Generator().manual_seed(10)
+ws = [quant_fp4(torch.randn(40, 256, generator=gen) / 16) for _ in range(3)]
+w, s = torch.stack([a for a, _ in ws]), torch.stack([b for _, b in ws])
+x, ids = torch.randn(4, 256, generator=gen), torch.tensor([2, 0, 2, 1])
+errs = []
+for w, s in [(w, s), (torch.randint(-128, 128, w.shape, dtype=torch.int8, generator=gen),
+                      torch.randint(100, 140, s.shape, dtype=torch.uint8, generator=gen).view(s.dtype))]:
+    want = ops.pair_linear.twin(x, ids, w, s, 'fp4')
+    for kw in ({'block_g': 4}, {}):
+        got = fp4_pair_gemv(x, ids, w, s, **kw)  # {}: the defaults, block_g cut to K/32 = 8
+        errs.append(((got - want).norm() / want.norm()).item())
+print(max(errs))
+"""
 
-    script = tmp_path / "check.py"
-    script.write_text(
-        "import torch\n"
-        "from dsv4 import ops\n"
-        "from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv\n"
-        "from dsv4.quant import quant_fp4\n"
-        "gen = torch.Generator().manual_seed(10)\n"
-        "ws = [quant_fp4(torch.randn(40, 256, generator=gen) / 16) for _ in range(3)]\n"
-        "w, s = torch.stack([a for a, _ in ws]), torch.stack([b for _, b in ws])\n"
-        "x, ids = torch.randn(4, 256, generator=gen), torch.tensor([2, 0, 2, 1])\n"
-        "errs = []\n"
-        "for w, s in [(w, s), (torch.randint(-128, 128, w.shape, dtype=torch.int8, generator=gen),\n"
-        "                      torch.randint(100, 140, s.shape, dtype=torch.uint8, generator=gen).view(s.dtype))]:\n"
-        "    want = ops.pair_linear.twin(x, ids, w, s, 'fp4')\n"
-        "    for kw in ({'block_g': 4}, {}):\n"
-        "        got = fp4_pair_gemv(x, ids, w, s, **kw)  # {}: the defaults, block_g cut to K/32 = 8\n"
-        "        errs.append(((got - want).norm() / want.norm()).item())\n"
-        "print(max(errs))\n")
-    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split()[-1]) <= 1e-5, out.stdout
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Both interpreter checks of this file (TRITON_INTERPRET=1 is read when triton is imported, hence
+    subprocesses), run at once: one core each (the fused one is further down)."""
+    scripts = {"gemv": _GEMV_CHECK, "fused": _FUSED_CHECK}
+    with in_interpreter_at_once(scripts, tmp_path_factory.mktemp("fast_ops"), timeout=300) as runs:
+        yield runs
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (its CPU interpreter runs the kernel here)")
+def test_fp4_pair_gemv_kernel_in_the_interpreter(interpreted):
+    """The kernel's logic on CPU through the interpreter, with fp32 activations (the interpreter's bf16 is not
+    trustworthy in triton 3.6), over quantised weights and over random bytes (every code, -0 included; N not a
+    multiple of the block: the row mask). fp32 products of exact FP4 values accumulated in fp32, in another order
+    than the float64 twin: relative error <= 1e-5."""
+    out = interpreted["gemv"].result()
+    assert float(out.split()[-1]) <= 1e-5, out
 
 
 @pytest.mark.gpu
@@ -172,20 +179,12 @@ print(exact, rel)
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (its CPU interpreter runs the kernels here)")
-def test_fused_kernels_in_the_interpreter(tmp_path):
+def test_fused_kernels_in_the_interpreter(interpreted):
     """fake-quant FP8: bit-identical to the definition (exact integer/fp32 arithmetic, +-0 included), bf16 and
     fp32, blocks 64 and 128. Sinkhorn: fp32 class, relative error <= 1e-5 (exp/division ulps differ)."""
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "fused.py"
-    script.write_text(_FUSED_CHECK)
-    out = subprocess.run([sys.executable, str(script)], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    exact, rel = out.stdout.split()[-2:]
-    assert exact == "True" and float(rel) <= 1e-5, out.stdout
+    out = interpreted["fused"].result()
+    exact, rel = out.split()[-2:]
+    assert exact == "True" and float(rel) <= 1e-5, out
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import run_in_interpreter
+from kernel_helpers import in_interpreter_at_once
 
 from dsv4 import ops
 from dsv4.quant import fake_quant_fp8, quant_fp4
@@ -40,11 +40,19 @@ print(equal, max(errs))
 """
 
 
-def test_packed_pair_gemv_twin_in_the_interpreter(tmp_path):
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Both interpreter checks of this file, run at once (one core each: 9 s, not 13)."""
+    scripts = {"gemv": _GEMV_CHECK, "prefill": _PREFILL_CHECK}
+    with in_interpreter_at_once(scripts, tmp_path_factory.mktemp("fp4_packed"), timeout=300) as runs:
+        yield runs
+
+
+def test_packed_pair_gemv_twin_in_the_interpreter(interpreted):
     """packed='twin' (the packed arithmetic in plain Triton), with and without x_lanes, over quantised weights and
     random bytes (every code, -0 included), N = 40 not a multiple of block_n, block_g cut to K/32:
     equal to the default decode bit for bit, and within 1e-5 of the twin."""
-    out = run_in_interpreter(_GEMV_CHECK, tmp_path, timeout=300).split()
+    out = interpreted["gemv"].result().split()
     assert out[-2] == "True" and float(out[-1]) <= 1e-5, out
 
 
@@ -151,12 +159,12 @@ print(exact, *errs)
 """
 
 
-def test_packed_grouped_prefill_twin_in_the_interpreter(tmp_path):
+def test_packed_grouped_prefill_twin_in_the_interpreter(interpreted):
     """packed='twin' (fp16 dots over the packed decode, in plain Triton) through the interpreter, fp32 x on the
     FP8 grid: within 1e-5 of the twin over empty experts, row tiles spanning experts, partial tiles, random codes,
     the fp16 path and the default-decode fallback (scales 40 binades apart); every code decoded exactly under
     scale bytes that take either path; NaN scales give NaN exactly where the twin does."""
-    out = run_in_interpreter(_PREFILL_CHECK, tmp_path, timeout=300).split()
+    out = interpreted["prefill"].result().split()
     exact, *errs = out[-6:]
     assert exact == "True" and max(float(v) for v in errs) <= 1e-5, out
 

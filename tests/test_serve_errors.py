@@ -7,6 +7,7 @@ make the engine itself refuse requests that would need two pages (its RequestErr
 
 from __future__ import annotations
 
+import functools
 import json
 
 import httpx
@@ -180,9 +181,12 @@ def test_server_stays_healthy_after_errors(server):
 
 # ------------------------------------------------------------------------------------------------ fuzzing
 
+@functools.cache
 def _bodies(model) -> st.SearchStrategy:
     """Bodies valid under the OpenAPI schema: as drawn, addressed to the served model (past the model check),
-    and with a plain prompt too (so that the sampling fields reach the engine); plus arbitrary JSON."""
+    and with a plain prompt too (so that the sampling fields reach the engine); plus arbitrary JSON.
+    Built once per model: `from_schema` canonicalises the whole schema at every call (7 of the fuzz test's 26 s
+    when built per example); the examples drawn are the same (checked: the 120 bodies, in order)."""
     schema = from_schema(model.model_json_schema())
     prompt = {"messages": USER} if model is ChatCompletionRequest else {"prompt": "hi"}
     junk = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
