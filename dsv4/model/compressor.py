@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from dsv4 import ops
-from dsv4.model.primitives import Linear, RMSNorm, widen
+from dsv4.model.primitives import Linear, RMSNorm
 from dsv4.model.rope import Rotary
 from dsv4.model.state import CompressorState
+from dsv4.ops.ref import widen
 from dsv4.quant import fake_quant_fp4, hadamard
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from dsv4 import ops
 from dsv4.dist import SINGLE
-from dsv4.model.primitives import Linear, widen
+from dsv4.model.primitives import Linear
+from dsv4.ops.ref import widen
 from dsv4.parity.taps import tap
 
 

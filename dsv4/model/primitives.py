@@ -11,14 +11,10 @@ import torch
 from torch import nn
 
 from dsv4 import ops
+from dsv4.ops.ref import widen
 
 FP8 = torch.float8_e4m3fn
 E8M0 = torch.float8_e8m0fnu
-
-
-def widen(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 (where the reference upcasts), but float64 stays float64 so gradient checks keep precision."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from dsv4.model.primitives import widen
+from dsv4.ops.ref import widen
 
 
 def yarn_correction_range(dim: int, base: float, original_seq_len: int, beta_fast: float,

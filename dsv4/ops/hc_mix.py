@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops.hc import hc_split_sinkhorn
-from dsv4.ops.ref import dense
+from dsv4.ops.ref import dense, widen
 from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
 
 MAX_TOKENS = 64
@@ -20,8 +20,7 @@ MAX_TOKENS = 64
 
 def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 flattened streams [b, s, hc*D], mixes [b, s, n] = (X @ fn^T) * rsqrt(mean(X^2) + eps))."""
-    x = h.flatten(2)
-    x = x if x.dtype == torch.float64 else x.float()      # float64 stays float64 (gradient checks)
+    x = widen(h.flatten(2))
     rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
     return x, dense(x, fn, h.dtype) * rsqrt
 

@@ -23,6 +23,17 @@ def dequant_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -
     return weight.float()
 
 
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 (where the reference upcasts), but float64 stays float64 so gradient checks keep precision."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def stable_topk(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of score [..., t]: the first k of a stable descending sort (ties towards the earlier entry,
+    -inf last), the indexer's selection order."""
+    return score.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def acc_dtype(compute: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the plain ops for a model computing in `compute`: fp32 for 16-bit models (what the
     kernels do), float64 for fp32 (and float64) models.

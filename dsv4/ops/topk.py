@@ -1,24 +1,20 @@
 """The indexer's top-k as a dispatched op: the k best entries of each row in the order of a stable descending sort
 (ties towards the earlier entry, -inf last), which is what makes chunked prefill and decode pick what a one-shot
-prefill picks (`model/indexer.py`). The twin sorts every row in full: at training lengths that is the indexer's
-largest cost ([T, T/4] scores per CSA layer: 1.07 G elements at 64k tokens; bench/notes/train_speed.md). The fast
-path selects instead of sorting (a top-k, a comparison, a running count of ties, a top-k of positions, then a sort
-of only the k chosen), and returns the same indices bit for bit. Opt-in (DSV4_STABLE_TOPK=1) until measured on the
-GPU.
+prefill picks (`model/indexer.py`). The twin (`ops.ref.stable_topk`) sorts every row in full: at training
+lengths that is the indexer's largest cost ([T, T/4] scores per CSA layer: 1.07 G elements at 64k tokens;
+bench/notes/train_speed.md). The fast path selects instead of sorting (a top-k, a comparison, a running count of
+ties, a top-k of positions, then a sort of only the k chosen), and returns the same indices bit for bit. Opt-in
+(DSV4_STABLE_TOPK=1) until measured on the GPU.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dsv4.ops import ref
 from dsv4.ops.registry import dispatch, env_switch, register
 
 MIN_ROW = 1024          # shorter rows: one sort is a single small kernel; selection would launch more
-
-
-def _sorted_twin(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [..., k] of score [..., t]: the first k of a stable descending sort."""
-    return score.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def select_then_sort(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -37,7 +33,7 @@ def select_then_sort(score: torch.Tensor, k: int) -> torch.Tensor:
     return pos.gather(-1, order)
 
 
-stable_topk = dispatch("stable_topk", _sorted_twin)
+stable_topk = dispatch("stable_topk", ref.stable_topk)
 
 
 def _applies(score: torch.Tensor, k: int) -> bool:
