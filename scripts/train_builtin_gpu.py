@@ -69,12 +69,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity and the greedy sample")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="with --steps: run the last N steps under torch.profiler and write OUT/profile.txt (kernel "
+                         "time and host time by op; where the step's time goes)")
     ap.add_argument("--bundle", help="also write the results as <= 8 files of < 16 MiB into this folder: "
                                      "model.tar.NN (join with cat, then untar), metrics.jsonl, loss.png, "
                                      "perf.json, eval.json")
     args = ap.parse_args(argv)
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes (wall-clock budget) or --steps")
+    if args.profile and (not args.steps or args.profile >= args.steps):
+        ap.error("--profile N needs --steps larger than N (the first steps include one-off costs)")
     return args
 
 
@@ -150,7 +155,10 @@ def main(argv=None) -> dict:
     budget_s = args.minutes * 60 if args.minutes else float("inf")
     t0 = time.perf_counter()
     step_times, step_tokens, tokens = [], [], 0
+    prof = None
     while trainer.step < train.max_steps:
+        if args.profile and trainer.step == train.max_steps - args.profile:
+            prof = start_profiler()
         ts = time.perf_counter()
         rec = trainer.train_step()
         if device.startswith("cuda"):
@@ -175,6 +183,8 @@ def main(argv=None) -> dict:
             break
     train_s = time.perf_counter() - t0
     steps = trainer.step
+    if prof is not None:
+        write_profile(prof, out / "profile.txt", args.profile)
     plot_loss(out / "metrics.jsonl", out / "loss.png", title="built-in model v2: training loss")
 
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
@@ -211,6 +221,27 @@ def main(argv=None) -> dict:
     return perf
 
 
+def start_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=acts)
+    prof.__enter__()
+    return prof
+
+
+def write_profile(prof, path: Path, steps: int) -> None:
+    """Tables of the profiled steps: ops by device (kernel) time and by host time, with call counts."""
+    prof.__exit__(None, None, None)
+    avg = prof.key_averages()
+    device_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    text = [f"{steps} training steps under torch.profiler",
+            "== by self device time", avg.table(sort_by=device_key, row_limit=45, max_name_column_width=60),
+            "== by self host time", avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)]
+    path.write_text("\n".join(text) + "\n")
+    print("\n".join(text[:3])[:6000], flush=True)
+
+
 def bundle(out: Path, dest: Path) -> list[Path]:
     """out/model as a tar cut into parts of SHARD_BYTES, plus the small records, copied into `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -222,7 +253,7 @@ def bundle(out: Path, dest: Path) -> list[Path]:
     for i in range(0, len(data), SHARD_BYTES):
         files.append(dest / f"model.tar.{i // SHARD_BYTES:02d}")
         files[-1].write_bytes(data[i:i + SHARD_BYTES])
-    for name in ("metrics.jsonl", "loss.png", "perf.json", "eval.json"):      # perf.json holds run.json's settings
+    for name in ("metrics.jsonl", "loss.png", "perf.json", "eval.json", "profile.txt"):      # perf.json holds run.json's settings
         if (out / name).exists() and (out / name).resolve() != (dest / name).resolve():
             files.append(Path(shutil.copy(out / name, dest / name)))
     return files

@@ -28,8 +28,10 @@ def make_inputs(tokens: int, dim: int, hc: int, head: bool, dtype=torch.bfloat16
     return [t.to(device) for t in (h, fn, scale, base)]
 
 
-def reference(h, fn, scale, base, hc: int, iters: int, norm_eps: float, hc_eps: float, head: bool):
-    """hc_pre / hc_head in float64: [y, pre, post, comb] or [y]."""
+def reference(h, fn, scale, base, hc: int, iters: int, norm_eps: float, hc_eps: float, head: bool,
+              terms: bool = False):
+    """hc_pre / hc_head in float64: [y, pre, post, comb] or [y]; `terms`: then also sum_i |w_i h_i| (the scale of
+    y's fp32 rounding error)."""
     from dsv4 import ops
 
     x = h.double().flatten(-2)
@@ -39,7 +41,8 @@ def reference(h, fn, scale, base, hc: int, iters: int, norm_eps: float, hc_eps: 
     else:
         weights = list(ops.ref.hc_split_sinkhorn(mixes, scale.double(), base.double(), hc, iters, hc_eps))
     y = (weights[0].unsqueeze(-1) * h.double()).sum(-2)
-    return [y] if head else [y, *weights]
+    out = [y] if head else [y, *weights]
+    return [*out, (weights[0].unsqueeze(-1) * h.double()).abs().sum(-2)] if terms else out
 
 
 def worst_ratio(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor | float = 1.0) -> float:
@@ -69,7 +72,7 @@ def against_float64(tokens, dim, hc=4, iters=3, norm_eps=1e-6, hc_eps=1e-3, head
     its round-to-nearest-even (on the GPU; Triton's interpreter truncates fp32 -> bf16); whether its weights are
     the same."""
     args = (*make_inputs(tokens, dim, hc, head, dtype, device), hc, iters, norm_eps, hc_eps, head)
-    want = reference(*args)
+    *want, absum = reference(*args, terms=True)
     got = kernel(*args, out_dtype=torch.float32)
     rounded = custom_op(*args)
     ratios = [worst_ratio(got[0], want[0], want[0].abs().amax(-1, keepdim=True))]     # per token
@@ -77,8 +80,16 @@ def against_float64(tokens, dim, hc=4, iters=3, norm_eps=1e-6, hc_eps=1e-3, head
     info = torch.finfo(dtype)                                         # its spacing at y (subnormals: the least)
     ulp = torch.ldexp(torch.ones_like(got[0]), torch.frexp(got[0]).exponent - 1).mul(info.eps)
     ulp = ulp.clamp_min(info.smallest_normal * info.eps)
+    # The op's bf16 y comes from a separately compiled variant whose fp32 sum of hc products may differ from this
+    # fp32 y by the compiler's FMA contraction (a few fp32 roundings of the terms: <= 2 hc 2^-24 sum|w_i h_i|, a
+    # visible fraction of a bf16 unit only where the terms cancel). Round-to-nearest-even of some fp32 sum within
+    # that slack = a value between the roundings of the slack interval's ends (rounding is monotonic); a truncating
+    # or double-rounding store falls outside it wherever y is not within the slack of a tie.
+    slack = (2 * hc * 2.0 ** -24 * absum).float()
+    lo, hi = (got[0] - slack).to(dtype), (got[0] + slack).to(dtype)
     return {"ratios": ratios, "ulps": ((rounded[0].float() - got[0]).abs() / ulp).max().item(),
-            "rtne": torch.equal(rounded[0], got[0].to(dtype)), "weights": all(map(torch.equal, rounded[1:], got[1:])),
+            "rtne": bool(((rounded[0] >= lo) & (rounded[0] <= hi)).all()),
+            "rtne_exact": torch.equal(rounded[0], got[0].to(dtype)), "weights": all(map(torch.equal, rounded[1:], got[1:])),
             "shapes": [list(t.shape) for t in rounded] == [list(t.shape) for t in want],
             "dtype": str(rounded[0].dtype)}
 

@@ -248,3 +248,11 @@ def test_missing_pins_and_a_reused_tokenizer_keep_the_contract(tmp_path, monkeyp
                                   "tokenizer.json"))                # v1's: another vocabulary size
     with pytest.raises(RuntimeError, match="expected"):
         builtin_data.check_tokenizer(tok, "v1")
+
+
+def test_profile_needs_a_fixed_step_count_larger_than_it():
+    """--profile N profiles the last N steps of a --steps run: without --steps, or with N >= steps, it is refused."""
+    for extra in (["--minutes", "1", "--profile", "2"], ["--steps", "3", "--profile", "3"]):
+        with pytest.raises(SystemExit):
+            train_builtin_gpu.parse_args(["data", "out", *extra])
+    assert train_builtin_gpu.parse_args(["data", "out", "--steps", "10", "--profile", "3"]).profile == 3

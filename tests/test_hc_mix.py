@@ -73,7 +73,7 @@ def test_dispatch_takes_the_plain_path_off_cuda(monkeypatch):
 @pytest.mark.parametrize("head", [False, True], ids=["pre", "head"])
 def test_kernel_on_cuda_at_flash_dims(head, monkeypatch):
     """Flash: D = 4096, hc = 4, the checkpoint's eps and 20 iterations; dispatch picks the kernel for 1-64 tokens
-    at inference only; it is the fp32 class against float64, its y is the fp32 sum rounded to nearest even, it is
+    at inference only; it is the fp32 class against float64, its y is an fp32 sum rounded to nearest even, it is
     batch-invariant on the GPU too, and it agrees with the plain path (y within one bf16 unit of the largest
     value, weights within 1e-5 of it: the Sinkhorn kernel's fp32 class, tests/test_fast_ops.py)."""
     name, op = ("hc_head_mix", ops.hc_head_mix) if head else ("hc_pre_mix", ops.hc_pre_mix)
