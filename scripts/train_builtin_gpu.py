@@ -253,7 +253,8 @@ def bundle(out: Path, dest: Path) -> list[Path]:
     for i in range(0, len(data), SHARD_BYTES):
         files.append(dest / f"model.tar.{i // SHARD_BYTES:02d}")
         files[-1].write_bytes(data[i:i + SHARD_BYTES])
-    for name in ("metrics.jsonl", "loss.png", "perf.json", "eval.json", "profile.txt"):      # perf.json holds run.json's settings
+    # perf.json holds run.json's settings
+    for name in ("metrics.jsonl", "loss.png", "perf.json", "eval.json", "profile.txt"):
         if (out / name).exists() and (out / name).resolve() != (dest / name).resolve():
             files.append(Path(shutil.copy(out / name, dest / name)))
     return files

@@ -89,7 +89,8 @@ def against_float64(tokens, dim, hc=4, iters=3, norm_eps=1e-6, hc_eps=1e-3, head
     lo, hi = (got[0] - slack).to(dtype), (got[0] + slack).to(dtype)
     return {"ratios": ratios, "ulps": ((rounded[0].float() - got[0]).abs() / ulp).max().item(),
             "rtne": bool(((rounded[0] >= lo) & (rounded[0] <= hi)).all()),
-            "rtne_exact": torch.equal(rounded[0], got[0].to(dtype)), "weights": all(map(torch.equal, rounded[1:], got[1:])),
+            "rtne_exact": torch.equal(rounded[0], got[0].to(dtype)),
+            "weights": all(map(torch.equal, rounded[1:], got[1:])),
             "shapes": [list(t.shape) for t in rounded] == [list(t.shape) for t in want],
             "dtype": str(rounded[0].dtype)}
 
