@@ -231,8 +231,10 @@ def test_fp16_blocks_are_exact_on_the_fp8_grid():
 
 
 def test_packed_decode_is_opt_in_through_the_environment(monkeypatch):
-    """The dispatched FP4 kernels get packed=False unless DSV4_FP4_PACKED=1 (the default is the measured kernel);
-    other values raise. Spies stand in for the kernels (CPU)."""
+    """The pair GEMV, and the expert-major kernel from 16 rows per expert, get packed=False unless
+    DSV4_FP4_PACKED=1 (the default is the measured kernel); the expert-major kernel's small groups (decode batches)
+    get packed=True whatever the switch (measured faster: `_PACKED_BELOW`); other values raise. Spies stand in for
+    the kernels (CPU)."""
     import importlib
 
     grouped_linear = importlib.import_module("dsv4.ops.grouped_linear")     # (dsv4.ops.grouped_linear: the op)
@@ -241,16 +243,18 @@ def test_packed_decode_is_opt_in_through_the_environment(monkeypatch):
     spy = lambda *args, **kw: seen.append(kw["packed"]) or torch.zeros(args[0].shape[0], args[2].shape[1])  # noqa: E731
     monkeypatch.setattr(gemv, "fp4_pair_gemv", spy)
     monkeypatch.setattr(prefill, "fp4_grouped_gemm_prefill", spy)
-    x, ids = torch.zeros(2, 128), torch.zeros(2, dtype=torch.long)
     w, s = torch.zeros(1, 8, 64, dtype=torch.int8), torch.zeros(1, 8, 4, dtype=torch.uint8)
+    small, large = (torch.zeros(n, 128) for n in (15, 16))                  # rows per expert (one expert)
+    ids = torch.zeros(16, dtype=torch.long)
     for env, want in ((None, False), ("0", False), ("1", True)):
         if env is None:
             monkeypatch.delenv("DSV4_FP4_PACKED", raising=False)
         else:
             monkeypatch.setenv("DSV4_FP4_PACKED", env)
-        moe_pairs._fp4_pair_gemv(x, ids, w, s)
-        grouped_linear._fp4_grouped_gemm_prefill(x, ids, w, s)
-        assert seen[-2:] == [want, want], env
+        moe_pairs._fp4_pair_gemv(small, ids[:15], w, s)
+        grouped_linear._fp4_grouped_gemm_prefill(large, ids, w, s)
+        grouped_linear._fp4_grouped_gemm_prefill(small, ids[:15], w, s)
+        assert seen[-3:] == [want, want, True], env
     monkeypatch.setenv("DSV4_FP4_PACKED", "yes")
     with pytest.raises(ValueError, match="DSV4_FP4_PACKED"):
-        moe_pairs._fp4_pair_gemv(x, ids, w, s)
+        moe_pairs._fp4_pair_gemv(small, ids[:15], w, s)

@@ -40,6 +40,11 @@ def _fp4_applies(x, eid, weight, scale, fmt) -> bool:
 
 
 _EXPERT_MAJOR_FROM = 1           # mean rows per expert from which the expert-major kernel runs
+# Below this many rows per expert the expert-major kernel takes the packed decode and its 16-row tiles by default:
+# measured on the H200 (bench/results/h200_s6_switches, one switch per run), decode batch 64 (1.5 rows per expert)
+# 21.0-21.4 -> 10.05 ms a step; within 1e-5 of the default kernel and of the twin (its GPU test). From 16 rows on the
+# packed decode stays opt-in (DSV4_FP4_PACKED=1): at 8k prefill it measured slower (241.6 vs 222.9 ms).
+_PACKED_BELOW = 16
 
 
 def _fp4_kernel(x, eid, weight, scale, fmt):
@@ -63,7 +68,7 @@ def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.
     from dsv4.ops.triton.fp4_decode import packed_from_env
     from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
 
-    packed = packed_from_env()
+    packed = packed_from_env() or x.shape[0] < _PACKED_BELOW * weight.shape[0]
     block_m, block_n, warps = expert_major_tiles(x.shape[0], weight.shape[0], packed)
     return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
                                     packed=packed)
@@ -72,8 +77,9 @@ def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.
 def expert_major_tiles(rows: int, experts: int, packed: bool) -> tuple[int, int, int]:
     """(block_m, block_n, num_warps) of the expert-major kernel. Default decode: the fastest measured tiles, 64 x 64
     at 1.5 and 24 rows per expert, 128 x 128 at 192 (h200_grouped_prefill.log, h200_grouped_decode.log). Packed
-    decode (opt-in, unmeasured): below 16 rows per expert, 16 x 64 with 4 warps, its fewest instructions per weight
-    element offline (5.8 against 9.3 at 64 x 64), since a 64-row tile is mostly empty there."""
+    decode: below 16 rows per expert, 16 x 64 with 4 warps, its fewest instructions per weight
+    element offline (5.8 against 9.3 at 64 x 64), since a 64-row tile is mostly empty there; on by default there
+    (`_PACKED_BELOW`), measured."""
     if rows >= 96 * experts:
         return 128, 128, 8
     if packed and rows < 16 * experts:

@@ -179,5 +179,7 @@ def decode_probe(words: torch.Tensor, packed: bool) -> tuple[torch.Tensor, ...]:
 
 def packed_from_env() -> bool:
     """DSV4_FP4_PACKED=1 turns the packed decode on in the dispatched FP4 kernels (the pair GEMV and the
-    expert-major grouped GEMM): an opt-in for measuring it end to end (`dsv4 bench`); unset or 0: off."""
+    expert-major grouped GEMM): an opt-in for measuring it end to end (`dsv4 bench`); unset or 0: off, except in
+    the expert-major kernel's small groups (decode batches: below 16 rows per expert), where it is the measured
+    default (ops/grouped_linear.py `_PACKED_BELOW`)."""
     return env_switch("DSV4_FP4_PACKED")
