@@ -32,10 +32,9 @@ for w, s in [(w, s), (torch.randint(-128, 128, w.shape, dtype=torch.int8, genera
     want = ops.pair_linear.twin(x, ids, w, s, 'fp4')
     for kw in ({'block_g': 4}, {'block_n': 8}):
         base = fp4_pair_gemv(x, ids, w, s, **kw)
-        for x_lanes in (False, True):
-            got = fp4_pair_gemv(x, ids, w, s, packed='twin', x_lanes=x_lanes, **kw)
-            equal &= torch.equal(got, base)
-            errs.append(((got - want).norm() / want.norm()).item())
+        got = fp4_pair_gemv(x, ids, w, s, packed='twin', **kw)
+        equal &= torch.equal(got, base)
+        errs.append(((got - want).norm() / want.norm()).item())
 print(equal, max(errs))
 """
 
@@ -49,7 +48,7 @@ def interpreted(tmp_path_factory):
 
 
 def test_packed_pair_gemv_twin_in_the_interpreter(interpreted):
-    """packed='twin' (the packed arithmetic in plain Triton), with and without x_lanes, over quantised weights and
+    """packed='twin' (the packed arithmetic in plain Triton), over quantised weights and
     random bytes (every code, -0 included), N = 40 not a multiple of block_n, block_g cut to K/32:
     equal to the default decode bit for bit, and within 1e-5 of the twin."""
     out = interpreted["gemv"].result().split()
@@ -60,7 +59,7 @@ def test_packed_pair_gemv_names_bad_options():
     x, ids = torch.zeros(2, 64), torch.zeros(2, dtype=torch.long)
     w, s = torch.zeros(1, 8, 32, dtype=torch.int8), torch.zeros(1, 8, 2, dtype=torch.uint8)
     for kw, words in (({"packed": True}, "CUDA only"), ({"packed": "yes"}, "packed must be"),
-                      ({"x_lanes": True}, "x_lanes needs")):
+                      ({"block_n": 12}, "powers of two")):
         with pytest.raises(ValueError, match=words):
             gemv.fp4_pair_gemv(x, ids, w, s, **kw)
 
@@ -78,20 +77,17 @@ def _compile_for_hopper(fn, sig: dict, consts: dict, num_warps: int):
 
 
 def test_packed_pair_gemv_compiles_for_hopper_without_a_gpu():
-    """The inline-PTX path assembles for sm_90 at Flash's w1/w3 shape (bf16 x, and fp32 x with x_lanes), with
-    the packed placement in its PTX; only a GPU can run it (test below)."""
-    for x_lanes in (False, True):
-        sig = {"x_ptr": "*fp32" if x_lanes else "*bf16", "ids_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*u8",
-               "out_ptr": "*fp32", "N": "i32", "K": "i32"}
-        consts = {"WORDS": 512, "N_SCALES": 128, "BLOCK_N": 16, "BLOCK_G": 32, "HALF2": True,
-                  "ASM": True, "X_LANES": x_lanes}
-        kernel = _compile_for_hopper(gemv._fp4_pair_gemv, sig, consts, 4)
-        assert kernel.asm["cubin"] and "0x0E000E00" in kernel.asm["ptx"], x_lanes
+    """The inline-PTX path assembles for sm_90 at Flash's w1/w3 shape (bf16 x), with the packed placement in its
+    PTX; only a GPU can run it (test below)."""
+    sig = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32",
+           "K": "i32"}
+    consts = {"WORDS": 512, "N_SCALES": 128, "BLOCK_N": 16, "BLOCK_G": 32, "HALF2": True, "ASM": True}
+    kernel = _compile_for_hopper(gemv._fp4_pair_gemv, sig, consts, 4)
+    assert kernel.asm["cubin"] and "0x0E000E00" in kernel.asm["ptx"]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("x_lanes", [False, True])
-def test_packed_pair_gemv_on_cuda_at_flash_dims(x_lanes):
+def test_packed_pair_gemv_on_cuda_at_flash_dims():
     """Flash w1/w3 (K 4096 -> N 2048) over 8 experts, 12 pairs of FP8-quantised bf16 x: the inline PTX equals the
     default decode bit for bit and is within 1e-5 of the twin."""
     gen = torch.Generator().manual_seed(41)
@@ -99,7 +95,7 @@ def test_packed_pair_gemv_on_cuda_at_flash_dims(x_lanes):
     w, s = torch.stack([a for a, _ in pairs]).cuda(), torch.stack([b for _, b in pairs]).cuda()
     x = fake_quant_fp8(torch.randn(12, 4096, generator=gen), 128).bfloat16().cuda()
     ids = torch.randint(0, 8, (12,), generator=gen).cuda()
-    got = gemv.fp4_pair_gemv(x, ids, w, s, packed=True, x_lanes=x_lanes)
+    got = gemv.fp4_pair_gemv(x, ids, w, s, packed=True)
     assert torch.equal(got, gemv.fp4_pair_gemv(x, ids, w, s))
     want = ops.pair_linear.twin(x.cpu(), ids.cpu(), w.cpu(), s.cpu(), "fp4")
     assert ((got.cpu().double() - want.double()).norm() / want.double().norm()).item() <= 1e-5

@@ -6,10 +6,9 @@ must read) and "of copy" divides by the measured copy bandwidth. Sweeps block_n 
 configuration against the twin (relative error <= 1e-5: exact products, fp32 sums in another order), and times the
 same pairs sorted through the 16-row grouped GEMM (`ops/triton/fp4_grouped.py`, which the MoE takes from 64 pairs).
 Decode modes (`--decode`): "default" (per-lane bit placement; always run), "packed"
-(inline-PTX fp16x2 placement, `ops/triton/fp4_decode.py`) and "packed_x_lanes" (also x as fp32 [P, 8, K/8]; the
-timed call includes that copy). Each mode's best config is printed; the packed modes must equal the default bit
-for bit.
-Usage: PYTHONPATH=. python3 scripts/bench/fp4_gemv.py [--decode default packed packed_x_lanes]
+(inline-PTX fp16x2 placement, `ops/triton/fp4_decode.py`). Each mode's best config is printed; the packed mode
+must equal the default bit for bit.
+Usage: PYTHONPATH=. python3 scripts/bench/fp4_gemv.py [--decode default packed]
        [--out bench/results/h200_fp4_gemv.json]
 """
 
@@ -28,8 +27,7 @@ from dsv4.quant import fake_quant_fp8
 E, TOP_K = 256, 6
 SHAPES = {"w1/w3": (2048, 4096), "w2": (4096, 2048)}
 TILES = [(bn, bg, nw) for bn in (8, 16, 32) for bg in (16, 32) for nw in (4, 8)]
-DECODES = {"default": [{}], "packed": [dict(packed=True)],
-           "packed_x_lanes": [dict(packed=True, x_lanes=True)]}
+DECODES = {"default": [{}], "packed": [dict(packed=True)]}
 
 
 def measure(name: str, N: int, K: int, batch: int, bw: float, flush: torch.Tensor, gen, decodes: list) -> dict:

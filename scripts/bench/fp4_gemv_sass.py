@@ -25,13 +25,12 @@ SIG = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*u8", "ou
 K = 4096                                     # w1/w3 at Flash's shape (w2: K 2048, the same loop)
 
 
-def sass(block_n: int, block_g: int, num_warps: int, packed: bool, x_lanes: bool = False) -> tuple[str, str]:
+def sass(block_n: int, block_g: int, num_warps: int, packed: bool) -> tuple[str, str]:
     """(SASS text, ptxas -v summary) of the kernel for this config."""
     cs = {"WORDS": K // 8, "N_SCALES": K // 32, "BLOCK_N": block_n, "BLOCK_G": block_g,
-          "HALF2": packed, "ASM": packed, "X_LANES": x_lanes}
+          "HALF2": packed, "ASM": packed}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}         # what a real launch tells the compiler
-    sig = {**SIG, "x_ptr": "*fp32"} if x_lanes else SIG
-    kernel = triton.compile(ASTSource(_fp4_pair_gemv, {**sig, **dict.fromkeys(cs, "constexpr")}, cs, attrs),
+    kernel = triton.compile(ASTSource(_fp4_pair_gemv, {**SIG, **dict.fromkeys(cs, "constexpr")}, cs, attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
@@ -64,11 +63,11 @@ def loop_opcodes(text: str) -> collections.Counter:
 def main() -> None:
     for block_n, block_g, num_warps in ((16, 32, 4), (8, 32, 4), (32, 32, 8), (16, 64, 4)):
         per_thread = block_n * block_g * 32 / (num_warps * 32)
-        for packed, x_lanes in ((False, False), (True, False), (True, True)):
-            text, usage = sass(block_n, block_g, num_warps, packed, x_lanes)
+        for packed in (False, True):
+            text, usage = sass(block_n, block_g, num_warps, packed)
             ops = loop_opcodes(text)
             top = ", ".join(f"{op} {n / per_thread:.2f}" for op, n in ops.most_common(8))
-            name = ("packed" if packed else "default") + (" x_lanes" if x_lanes else "")
+            name = "packed" if packed else "default"
             print(f"bn={block_n:<3} bg={block_g:<3} warps={num_warps} {name:<15}: "
                   f"{sum(ops.values()) / per_thread:5.2f} instr/element ({usage}) | {top}", flush=True)
 

@@ -15,12 +15,13 @@ Products of an e2m1 value and a bf16/fp32 x are exact in fp32; sums are fp32, in
 
 `packed` (off by default until measured): the packed decode of `ops/triton/fp4_decode.py`, one shift + mask pair
 per two codes into fp16x2 (value * 2^-14) and one exact fp16 -> fp32 conversion per code; the 2^14 is restored
-with the scale, once per 32 elements. `x_lanes` also hands the kernel x as fp32 [P, 8, K/8], loaded straight in
-the weights' layout. SASS for sm_90 in the K loop, per weight element (scripts/bench/fp4_gemv_sass.py, offline;
-block_n 16, block_g 32, 4 warps): default 8.34 instructions (LOP3 2.0, IMAD 1.9, SHF 1.0, FMUL 1.0, FFMA 1.0,
-PRMT 0.5 for bf16 x, shared-memory broadcasts of x), packed 6.37, packed + x_lanes 4.79 (decode ~1.9, conversion
-1.0, FFMA 1.0). An H200 issues ~4 per FP4 element at the copy bandwidth, so even 4.8 stays issue-bound; going
-lower needs tensor cores (no conversion, no FFMA per element). Not measured on a GPU yet.
+with the scale, once per 32 elements. SASS for sm_90 in the K loop, per weight element
+(scripts/bench/fp4_gemv_sass.py, offline; block_n 16, block_g 32, 4 warps): default 8.34 instructions (LOP3 2.0,
+IMAD 1.9, SHF 1.0, FMUL 1.0, FFMA 1.0, PRMT 0.5 for bf16 x, shared-memory broadcasts of x), packed 6.37. An H200
+issues ~4 per FP4 element at the copy bandwidth, so both stay issue-bound; going lower needs tensor cores (no
+conversion, no FFMA per element). A variant that also handed the kernel x as fp32 lanes in the weights' layout
+(4.79 offline) was removed (2026-12-03): on the H200 it was not equal to the default decode, unexplained, and
+nothing dispatched it.
 """
 
 from __future__ import annotations
@@ -51,38 +52,33 @@ def _e2m1_lane(word, J: tl.constexpr):
 
 
 @triton.jit
-def _x_lane(at_x, J: tl.constexpr, XJ: tl.constexpr, shape: tl.constexpr, X_LANES: tl.constexpr):
-    """x's columns 8i + J for the words' tile, fp32. X_LANES (x as fp32 [P, 8, K/8]: each thread's columns are
-    contiguous) loads them straight in the words' [N, G, 4] layout, with 16-byte loads; otherwise (x [P, K], stride-8
-    columns) one [G, 4] load that Triton broadcasts through shared memory."""
-    if X_LANES:
-        xj = tl.load(tl.broadcast_to(at_x[None, :, :], shape) + J * XJ)
-    else:
-        xj = tl.broadcast_to(tl.load(at_x + J * XJ).to(tl.float32)[None, :, :], shape)
-    return xj
+def _x_lane(at_x, J: tl.constexpr, shape: tl.constexpr):
+    """x's columns 8i + J for the words' tile, fp32: one [G, 4] load of the stride-8 columns, which Triton
+    broadcasts over the tile's rows through shared memory."""
+    return tl.broadcast_to(tl.load(at_x + J).to(tl.float32)[None, :, :], shape)
 
 
 @triton.jit
-def _half2_part(word, at_x, XJ: tl.constexpr, ASM: tl.constexpr, X_LANES: tl.constexpr):
+def _half2_part(word, at_x, ASM: tl.constexpr):
     """sum over J of element 8i + J of the words (decoded through fp16x2 placement, value * 2^-14) times x's
     column 8i + J: [BLOCK_N, BLOCK_G, 4] fp32, in the same order as the default decode's sum, so the result is
     that one times 2^-14 exactly unless a product |x * value| < 2^-112 (fp32 subnormal range)."""
     e0, e1, e2, e3, e4, e5, e6, e7 = e2m1_word_f32(word, ASM)
-    part = e0 * _x_lane(at_x, 0, XJ, word.shape, X_LANES)
-    part += e1 * _x_lane(at_x, 1, XJ, word.shape, X_LANES)
-    part += e2 * _x_lane(at_x, 2, XJ, word.shape, X_LANES)
-    part += e3 * _x_lane(at_x, 3, XJ, word.shape, X_LANES)
-    part += e4 * _x_lane(at_x, 4, XJ, word.shape, X_LANES)
-    part += e5 * _x_lane(at_x, 5, XJ, word.shape, X_LANES)
-    part += e6 * _x_lane(at_x, 6, XJ, word.shape, X_LANES)
-    part += e7 * _x_lane(at_x, 7, XJ, word.shape, X_LANES)
+    part = e0 * _x_lane(at_x, 0, word.shape)
+    part += e1 * _x_lane(at_x, 1, word.shape)
+    part += e2 * _x_lane(at_x, 2, word.shape)
+    part += e3 * _x_lane(at_x, 3, word.shape)
+    part += e4 * _x_lane(at_x, 4, word.shape)
+    part += e5 * _x_lane(at_x, 5, word.shape)
+    part += e6 * _x_lane(at_x, 6, word.shape)
+    part += e7 * _x_lane(at_x, 7, word.shape)
     return part
 
 
 @triton.jit
 def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.constexpr, N_SCALES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HALF2: tl.constexpr,
-                   ASM: tl.constexpr, X_LANES: tl.constexpr):
+                   ASM: tl.constexpr):
     p = tl.program_id(0)
     e = tl.load(ids_ptr + p).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -92,14 +88,13 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
     j = tl.arange(0, 4)
     at_w = w_ptr + rows[:, None, None] * WORDS + (g[None, :, None] * 4 + j[None, None, :])   # [N, G, 4] words
     at_s = s_ptr + rows[:, None] * N_SCALES + g[None, :]                                     # [N, G] scales
-    XW: tl.constexpr = 1 if X_LANES else 8            # x's stride between words (X_LANES: [P, 8, K/8], see below)
-    at_x = x_ptr + p.to(tl.int64) * K + (g[:, None] * 4 + j[None, :]) * XW                   # [G, 4] -> lane 0
+    at_x = x_ptr + p.to(tl.int64) * K + (g[:, None] * 4 + j[None, :]) * 8                   # [G, 4] -> lane 0
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     for g0 in range(0, N_SCALES, BLOCK_G):                            # N_SCALES is a multiple of BLOCK_G
         word = tl.load(at_w + g0 * 4, mask=n_ok[:, None, None], other=0)
         sbyte = tl.load(at_s + g0, mask=n_ok[:, None], other=127)
         if HALF2:           # packed decode: the values times 2^-14, restored once per 32 elements with the scale
-            part = _half2_part(word, at_x + g0 * 4 * XW, WORDS if X_LANES else 1, ASM, X_LANES)
+            part = _half2_part(word, at_x + g0 * 32, ASM)
             acc += (tl.sum(part, axis=2) * _TWO_POW_14) * _e8m0(sbyte)
         else:
             part = tl.zeros([BLOCK_N, BLOCK_G, 4], dtype=tl.float32)
@@ -112,7 +107,7 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
 
 def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                   block_n: int = 16, block_g: int = 32, num_warps: int = 4,
-                  packed: bool | str = False, x_lanes: bool = False) -> torch.Tensor:
+                  packed: bool | str = False) -> torch.Tensor:
     """x [P, K] (bf16/fp16/fp32), ids [P] expert per row, weight int8 [E, N, K/2], scale e8m0 [E, N, K/32]
     -> fp32 [P, N]. block_g scale groups (32 elements each) per step, at most the largest power of two dividing
     K/32 (64 and 128 at Flash's shapes). Defaults: the fastest of scripts/bench/fp4_gemv.py's sweep on the H200
@@ -120,9 +115,7 @@ def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scal
     the next step's loads early measured no faster, so that option is gone). `packed` (off until measured): True
     decodes eight codes per word through fp16x2 bit placement in inline PTX (`ops/triton/fp4_decode.py`; CUDA
     only), "twin" runs the same arithmetic in plain Triton (the interpreter's check of it); both equal the default
-    decode bit for bit unless a product |x * value| falls below 2^-112. `x_lanes` (with `packed` only) first copies
-    x to fp32 [P, 8, K/8] (x[p, 8i + J] at [p, J, i]: one small extra kernel) so the kernel loads each thread's x
-    columns in the weights' layout, with no conversions and no shuffle through shared memory."""
+    decode bit for bit unless a product |x * value| falls below 2^-112."""
     P, K = x.shape
     E, N, half = weight.shape
     if half * 2 != K or K % 32 or tuple(scale.shape) != (E, N, K // 32) or ids.shape != (P,):
@@ -133,17 +126,14 @@ def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scal
     if packed not in (False, True, "twin") or (packed is True and x.device.type != "cuda"):
         raise ValueError(f"fp4_pair_gemv: packed must be False, True (inline PTX: CUDA only) or 'twin'; got "
                          f"{packed!r} on {x.device.type}")
-    if x_lanes and packed is False:
-        raise ValueError("fp4_pair_gemv: x_lanes needs packed=True or 'twin'")
     block_g = math.gcd(block_g, K // 32)                 # small K (tiny test models): fewer groups per step
     if not (x.is_contiguous() and weight.is_contiguous() and scale.is_contiguous()):
         raise ValueError("fp4_pair_gemv: x, weight and scale must be contiguous (the weight is read as int32 words)")
     out = torch.empty(P, N, dtype=torch.float32, device=x.device)
     if P:
         grid = (P, triton.cdiv(N, block_n))
-        xk = x.float().view(P, K // 8, 8).transpose(1, 2).contiguous() if x_lanes else x
-        _fp4_pair_gemv[grid](xk, ids.contiguous(), weight.view(torch.int32), scale.view(torch.uint8), out, N, K,
+        _fp4_pair_gemv[grid](x, ids.contiguous(), weight.view(torch.int32), scale.view(torch.uint8), out, N, K,
                              half // 4, K // 32, BLOCK_N=block_n, BLOCK_G=block_g,
-                             HALF2=packed is not False, ASM=packed is True, X_LANES=x_lanes,
+                             HALF2=packed is not False, ASM=packed is True,
                              num_warps=num_warps)
     return out
