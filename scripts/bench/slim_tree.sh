@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The device tool sends the checkout's tracked tree with every call, and tree + carried paths must stay under
+# 64 MiB. A training continuation carries its init (39 MB) and the data (13 MB): too much beside the full tree
+# (35 MB). This script checks out a throwaway branch `device-slim` = main without the files no GPU call needs
+# (tests/reference: 19 MB; the installed built-in safetensors: 10.6 MB), or back to main afterwards.
+# Ignored folders (.init, .builtin_data) are untouched. Never merge device-slim.
+# Usage (repository root): bash scripts/bench/slim_tree.sh on    (then the device call)    bash scripts/bench/slim_tree.sh off
+set -eu
+case "${1:-}" in
+on)
+    if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+        echo "commit or stash your changes first" >&2; exit 1
+    fi
+    base=$(git rev-parse --abbrev-ref HEAD)
+    [ "$base" = device-slim ] && { echo "already on device-slim" >&2; exit 1; }
+    echo "$base" > .git/slim_base
+    git checkout -q -B device-slim
+    git rm -rq --ignore-unmatch tests/reference 'dsv4/builtin_model/*.safetensors'
+    git commit -qm "device-slim: the tree without what GPU calls do not need (never merged)"
+    echo "on device-slim (from $base): $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes tracked";;
+off)
+    git checkout -q "$(cat .git/slim_base 2>/dev/null || echo main)"
+    echo "back on $(git rev-parse --abbrev-ref HEAD)";;
+*)
+    echo "usage: slim_tree.sh on|off" >&2; exit 2;;
+esac
