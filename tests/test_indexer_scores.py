@@ -134,3 +134,42 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
         kernel = triton.compile(ASTSource(_indexer_scores, {**sig, **dict.fromkeys(cs, "constexpr")}, constexprs=cs),
                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
         assert "cvt.rn.bf16x2.f32" in kernel.asm["ptx"], cs        # round to nearest even, as torch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,topk,n,t,start", [(16, 4, 4096, 2048, 4096), (64, 512, 4096, 2048, 4096),
+                                                  (64, 512, 8192, 2048, 0)],
+                         ids=["builtin-chunk", "flash-chunk", "flash-prefill_8k"])
+def test_kernel_on_cuda_against_the_twin(monkeypatch, heads, topk, n, t, start):
+    """bf16 at the builtin (16 heads, top-4) and Flash (64 heads, top-512) dims, queries at positions start..
+    (prefill from 0: half the key blocks skipped): the switch routes `ops.indexer_scores` to the kernel; against
+    the twin on the same inputs the -inf pattern is identical, the scores are within twice the class (both are in
+    it), >= 95% of them bit-equal, and the top-k picks agree but for near-ties; against the float64 emulation the
+    kernel is in the class itself. Unit-variance and FP4-quantised (tie-heavy, the model's) queries and keys."""
+    from indexer_scores_checks import causal_visible, compare, emulated, make_inputs
+
+    for fp4 in (False, True):
+        w, q, keys = make_inputs(1, n, t, heads, 128, torch.bfloat16, seed=heads, device="cuda", fp4=fp4)
+        visible = causal_visible(1, n, start, "cuda")
+        monkeypatch.setenv("DSV4_INDEXER_KERNEL", "1")
+        with torch.inference_mode():
+            assert which("indexer_scores", w, q, keys, visible) == "triton_indexer_scores"
+            got = ops.indexer_scores(w, q, keys, visible)
+        monkeypatch.setenv("DSV4_INDEXER_KERNEL", "0")
+        assert which("indexer_scores", w, q, keys, visible) == "twin"
+        twin = ops.indexer_scores(w, q, keys, visible)
+        want, absum = emulated(w, q, keys, visible)
+        mine = compare(got, want, absum, torch.bfloat16, heads, topk)
+        assert mine["same_inf"] and mine["worst"] <= 1 and mine["topk_near_ties_only"], (fp4, mine)
+        pair = compare(got, twin.double(), absum, torch.bfloat16, heads, topk, units=2)
+        assert pair["same_inf"] and pair["worst"] <= 1 and pair["equal"] >= 0.95, (fp4, pair)
+        assert pair["topk_near_ties_only"], (fp4, pair)
+
+
+@pytest.mark.gpu
+def test_dispatch_keeps_the_twin_under_autograd(monkeypatch):
+    w, q, keys = (x.cuda() for x in _inputs(1, 8, 16, 16, 128, torch.bfloat16, seed=4))
+    monkeypatch.setenv("DSV4_INDEXER_KERNEL", "1")
+    assert which("indexer_scores", w, q.requires_grad_(), keys, None) == "twin"
+    with torch.no_grad():
+        assert which("indexer_scores", w, q, keys, None) == "triton_indexer_scores"
