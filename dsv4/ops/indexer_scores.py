@@ -29,7 +29,7 @@ def _fits(w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, visible: torch.T
     d = q.shape[-1]
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (w, q, keys))     # the kernel has no backward
     return (enabled() and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and w.dtype == keys.dtype == q.dtype
-            and d >= 16 and d & (d - 1) == 0 and not grad)
+            and d >= 16 and d & (d - 1) == 0 and q.stride(-1) == keys.stride(-1) == 1 and not grad)
 
 
 @custom_op("indexer_scores", lambda w, q, keys, visible: q.new_empty(q.shape[0], q.shape[1], keys.shape[1]))
