@@ -56,6 +56,17 @@ class Indexer(nn.Module):
         the reference, a fused kernel on CUDA when switched on)."""
         return ops.indexer_scores(w, q, keys, visible)
 
+    def summed_scores(self, w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+                      visible: torch.Tensor) -> torch.Tensor:
+        """`weighted_scores` of this rank's heads, summed over the tensor-parallel ranks, -inf where not visible.
+        The op masks (so its kernel can skip invisible key blocks); outside the single-process group the mask is
+        applied again after the reduction, so that the result never depends on how a group treats -inf."""
+        score = self.tp.all_reduce(self.weighted_scores(w, q, keys, visible))
+        if self.tp is SINGLE:
+            return score
+        return score.masked_fill(torch.arange(keys.shape[1], device=q.device) >= visible.unsqueeze(-1),
+                                 float("-inf"))
+
     # NOTE: no_grad: only indices leave, so nothing here has a gradient, and under autograd the [n, h, t] score
     # intermediates (quadratic: ~4 GB per layer at 16k training tokens) would be kept until the backward.
     # Queries scored at once: the [n, h, t] scores and the [n, t] sort are quadratic in the sequence (at 64k
@@ -75,8 +86,7 @@ class Indexer(nn.Module):
             return torch.cat([self.select(w[:, i:i + chunk], q[:, i:i + chunk], keys, start + i, offset)
                               for i in range(0, n, chunk)], dim=1)
         visible = torch.arange(start + 1, start + n + 1, device=q.device).unsqueeze(0) // 4       # [1, n]
-        # masked before the tensor-parallel sum: every rank's invisible entries are -inf, and so is their sum
-        score = self.tp.all_reduce(self.weighted_scores(w, q, keys, visible))
+        score = self.summed_scores(w, q, keys, visible)
         tap("attn.indexer.scores", score)
         # NOTE: with FP4 queries and keys exact score ties are common; a stable sort breaks them towards the
         # earlier entry whatever the number of candidates, so chunked prefill and decode pick what the one-shot
