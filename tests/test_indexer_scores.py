@@ -1,5 +1,9 @@
 """`ops.indexer_scores`, the lightning indexer's scores (`ops/indexer_scores.py`): the twin is the formula the model
-used before the op existed, bit for bit (so the model's CPU results do not change)."""
+used before the op existed, bit for bit (so the model's CPU results do not change); the Triton kernel
+(`ops/triton/indexer_scores.py`) against the twin's roundings emulated in float64, within the precision class that
+tests/indexer_scores_checks.py derives: in Triton's CPU interpreter (one subprocess, ~5 s) and on CUDA at the
+builtin and Flash dims. Mutation-checked: dropping the relu, the w factor, either rounding, or moving the mask or the
+block skip by one fails the interpreter cases."""
 
 from __future__ import annotations
 

@@ -74,6 +74,8 @@ class Indexer(nn.Module):
     # scored in chunks of queries holding at most this many score elements (4 GiB in bf16). Each query's scores
     # and ranking are its own: in fp32 (float64 accumulation, batch-invariant) chunking is bit-identical; in bf16 a
     # product of another shape may round a score differently, as any kernel choice may (near-ties, see above).
+    # The scores kernel (`ops.indexer_scores`) holds no [n, h, t], but the chunks stay the same whichever
+    # implementation runs (the [n, t] sort's memory, and the same queries scored together).
     SELECT_CHUNK_ELEMENTS = 2**31
 
     @torch.no_grad()
