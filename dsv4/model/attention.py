@@ -168,9 +168,8 @@ class Attention(nn.Module):
                 keys = gather_rows(state.index_keys, table).to(x.dtype)        # [B, n, d_index]
                 iq = self.indexer.queries(qr, cis)[0]                              # [B*T, h, d_index]
                 # summed over the tensor-parallel ranks' heads, as in `Indexer.select`: every rank picks alike
-                score = self.indexer.tp.all_reduce(Indexer.weighted_scores(
-                    self.indexer.weights(x)[0].view(b, t, -1), iq.view(b, t, *iq.shape[1:]), keys))   # [B, T, n]
-                score = score.masked_fill(torch.arange(keys.shape[1], device=x.device) >= seen, float("-inf"))
+                score = self.indexer.summed_scores(self.indexer.weights(x)[0].view(b, t, -1),
+                                                   iq.view(b, t, *iq.shape[1:]), keys, seen.squeeze(-1))   # [B, T, n]
                 k = min(self.indexer.topk, keys.shape[1])
                 pick = score.sort(dim=-1, descending=True, stable=True).indices[..., :k]     # [B, T, k]
                 rows.append(gather_rows(state.entries, table, pick.flatten(1)).to(x.dtype))  # [B, T*k, d]

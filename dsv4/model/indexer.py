@@ -50,10 +50,22 @@ class Indexer(nn.Module):
         return self.tp.all_reduce(self.weighted_scores(self.weights(x), q, keys))
 
     @staticmethod
-    def weighted_scores(w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        acc = ops.acc_dtype(q.dtype) if q.dtype == torch.float32 else q.dtype     # bf16 like the reference
-        dots = torch.einsum("bshd,btd->bsht", q.to(acc), keys.to(acc)).to(q.dtype)
-        return (dots.relu() * w.unsqueeze(-1)).sum(dim=2)
+    def weighted_scores(w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+                        visible: torch.Tensor | None = None) -> torch.Tensor:
+        """[b, s, t] sum_h relu(q_h . k_t) * w_h, -inf where t >= visible[b, s] (`ops.indexer_scores`: bf16 like
+        the reference, a fused kernel on CUDA when switched on)."""
+        return ops.indexer_scores(w, q, keys, visible)
+
+    def summed_scores(self, w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+                      visible: torch.Tensor) -> torch.Tensor:
+        """`weighted_scores` of this rank's heads, summed over the tensor-parallel ranks, -inf where not visible.
+        The op masks (so its kernel can skip invisible key blocks); outside the single-process group the mask is
+        applied again after the reduction, so that the result never depends on how a group treats -inf."""
+        score = self.tp.all_reduce(self.weighted_scores(w, q, keys, visible))
+        if self.tp is SINGLE:
+            return score
+        return score.masked_fill(torch.arange(keys.shape[1], device=q.device) >= visible.unsqueeze(-1),
+                                 float("-inf"))
 
     # NOTE: no_grad: only indices leave, so nothing here has a gradient, and under autograd the [n, h, t] score
     # intermediates (quadratic: ~4 GB per layer at 16k training tokens) would be kept until the backward.
@@ -62,6 +74,8 @@ class Indexer(nn.Module):
     # scored in chunks of queries holding at most this many score elements (4 GiB in bf16). Each query's scores
     # and ranking are its own: in fp32 (float64 accumulation, batch-invariant) chunking is bit-identical; in bf16 a
     # product of another shape may round a score differently, as any kernel choice may (near-ties, see above).
+    # The scores kernel (`ops.indexer_scores`) holds no [n, h, t], but the chunks stay the same whichever
+    # implementation runs (the [n, t] sort's memory, and the same queries scored together).
     SELECT_CHUNK_ELEMENTS = 2**31
 
     @torch.no_grad()
@@ -73,12 +87,11 @@ class Indexer(nn.Module):
         if n > chunk:
             return torch.cat([self.select(w[:, i:i + chunk], q[:, i:i + chunk], keys, start + i, offset)
                               for i in range(0, n, chunk)], dim=1)
-        visible = (torch.arange(start + 1, start + n + 1, device=q.device) // 4).unsqueeze(1)   # [n, 1]
-        score = self.tp.all_reduce(self.weighted_scores(w, q, keys))
-        score = score.masked_fill(torch.arange(t, device=q.device) >= visible, float("-inf"))
+        visible = torch.arange(start + 1, start + n + 1, device=q.device).unsqueeze(0) // 4       # [1, n]
+        score = self.summed_scores(w, q, keys, visible)
         tap("attn.indexer.scores", score)
         # NOTE: with FP4 queries and keys exact score ties are common; a stable sort breaks them towards the
         # earlier entry whatever the number of candidates, so chunked prefill and decode pick what the one-shot
         # prefill picks (torch.topk's tie order depends on the row length).
         idx = ops.stable_topk(score, min(self.topk, t))
-        return torch.where(idx >= visible, -1, idx + offset)
+        return torch.where(idx >= visible.unsqueeze(-1), -1, idx + offset)

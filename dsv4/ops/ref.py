@@ -34,6 +34,22 @@ def stable_topk(score: torch.Tensor, k: int) -> torch.Tensor:
     return score.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+def indexer_scores(w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+                   visible: torch.Tensor | None = None) -> torch.Tensor:
+    """The lightning indexer's scores [b, s, t] = sum_h relu(q[b, s, h] . keys[b, t]) * w[b, s, h] (w [b, s, h],
+    q [b, s, h, d], keys [b, t, d]); -inf where t >= visible[b, s] (entries not yet complete at the query) if given.
+    In a 16-bit model like the reference: each dot rounded to q's dtype, the product with w rounded, the sum over
+    heads accumulated in fp32 and rounded once (torch's 16-bit sum). In fp32 the dots accumulate in float64
+    (batch-invariant, see `acc_dtype`). NOTE: materialises [b, s, h, t] (quadratic), the cost the kernel avoids."""
+    acc = acc_dtype(q.dtype) if q.dtype == torch.float32 else q.dtype
+    dots = torch.einsum("bshd,btd->bsht", q.to(acc), keys.to(acc)).to(q.dtype)
+    score = (dots.relu() * w.unsqueeze(-1)).sum(dim=2)
+    if visible is None:
+        return score
+    return score.masked_fill(torch.arange(keys.shape[1], device=score.device) >= visible.unsqueeze(-1),
+                             float("-inf"))
+
+
 def acc_dtype(compute: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the plain ops for a model computing in `compute`: fp32 for 16-bit models (what the
     kernels do), float64 for fp32 (and float64) models.
