@@ -135,11 +135,13 @@ class SyncCounter(TorchDispatchMode):
       (the caller pins the host tensor on CUDA).
     Host tensors (factories called without a device or with the literal string "cpu", and every op whose tensor
     inputs are all host tensors) are told apart, so reading them is not counted; a `torch.device` object (the
-    model's device: the CPU in a CPU run) is taken as the training device. Use as a context manager."""
+    model's device: the CPU in a CPU run) is taken as the training device. Tensors made before the counter starts
+    are device tensors unless given in `host` (`host_tensors`). Use as a context manager."""
 
-    def __init__(self):
+    def __init__(self, host=()):
         super().__init__()
         self.sites, self.host, self.quiet = Counter(), {}, 0
+        self.mark_host(list(host))
 
     # ---- host tensors
     def is_host(self, t) -> bool:
@@ -218,7 +220,7 @@ class SyncCounter(TorchDispatchMode):
         if not self.is_host(t):
             self.count(name)
         out = self._quietly(orig, t, *args, **kwargs)
-        if name in ("cpu", "to cpu"):
+        if name in ("cpu", "to cpu") and out is not t:       # on the CPU, t itself: it stays a device tensor
             self.mark_host(out)
         return out
 
@@ -341,10 +343,23 @@ def count(trainer, top: int) -> dict:
             "saved_bytes": saved.total}
 
 
+def host_tensors(trainer) -> list[torch.Tensor]:
+    """The trainer's tensors that live on the host on CUDA too: AdamW's step counts (kept on the CPU unless the
+    optimizer is capturable or fused; reading them is no sync)."""
+    return [s["step"] for s in trainer.opt.state.values() if isinstance(s.get("step"), torch.Tensor)
+            and not s["step"].is_cuda]
+
+
+def step_syncs(trainer) -> SyncCounter:
+    """One `trainer.train_step()` under `SyncCounter`."""
+    with SyncCounter(host_tensors(trainer)) as syncs:
+        trainer.train_step()
+    return syncs
+
+
 def count_syncs(trainer, top: int) -> SyncCounter:
     """One step under `SyncCounter`; prints the host reads by call site."""
-    with SyncCounter() as syncs:
-        trainer.train_step()
+    syncs = step_syncs(trainer)
     syncs.report(top)
     return syncs
 
