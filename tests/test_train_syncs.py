@@ -126,3 +126,18 @@ def test_training_step_synchronisations_on_cuda(tiny_ckpt, tmp_path):
             torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= allowed, syncs
+
+
+def test_sync_free_helpers_equal_what_they_replace():
+    """`expert_counts` == `torch.bincount(minlength=)`, `page_ids` == `torch.tensor(pages)` (runs of consecutive
+    pages by arange, others as before, empty lists), `to_device` == `.to(device)`: the same values and dtypes."""
+    from dsv4.model.moe import expert_counts
+    from dsv4.model.state import page_ids, to_device
+
+    ids = torch.randint(0, 6, (37, 2), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(expert_counts(ids, 8), torch.bincount(ids.flatten(), minlength=8))
+    for pages in ([3, 4, 5, 6], [7], [2, 4, 5], [5, 4], []):
+        got, want = page_ids(pages, "cpu"), torch.tensor(pages, dtype=torch.long)
+        assert got.dtype == want.dtype and torch.equal(got, want), pages
+    x = torch.arange(5)
+    assert torch.equal(to_device(x, "cpu"), x)
