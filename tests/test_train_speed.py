@@ -262,3 +262,35 @@ def test_masters_copied_back_in_one_foreach_copy_round_like_copy():
     want = [p.detach().clone().copy_(m.detach()) for p, m in zip(params, mw.masters, strict=True)]
     mw.masters_to_params()
     assert all(torch.equal(p, w) for p, w in zip(params, want, strict=True))
+
+
+def test_sinkhorn_kernels_compile_once_for_every_token_count():
+    """The Triton Sinkhorn pair is not specialised on the token count T: packs of varying length (a T divisible by
+    16 now and then) must not compile the kernels again mid-run (issue 17: ~250 ms of host time in one step)."""
+    pytest.importorskip("triton")
+    from dsv4.ops.triton import sinkhorn
+
+    for kernel in (sinkhorn._sinkhorn, sinkhorn._sinkhorn_bwd):
+        assert "T" in kernel.do_not_specialize, kernel
+
+
+@pytest.mark.gpu
+def test_sinkhorn_training_pair_compiles_once_on_cuda():
+    """On CUDA: the forward and backward kernels run for T = 31920 (divisible by 16), 31921 and 1 with one compiled
+    variant each."""
+    from dsv4.ops.triton import sinkhorn
+
+    def variants():
+        return [sum(len(c[0]) for c in k.device_caches.values()) for k in (sinkhorn._sinkhorn, sinkhorn._sinkhorn_bwd)]
+
+    hc, iters, eps = 4, 20, 1e-6
+    scale, base = torch.rand(3, device="cuda") + 0.5, torch.randn((2 + hc) * hc, device="cuda")
+    seen = []
+    for t in (31921, 31920, 1):
+        mixes = torch.randn(t, (2 + hc) * hc, device="cuda")
+        sinkhorn.hc_split_sinkhorn(mixes, scale, base, hc, iters, eps)
+        sinkhorn.hc_split_sinkhorn_backward(mixes, scale, base, torch.ones(t, hc, device="cuda"),
+                                            torch.ones(t, hc, device="cuda"), torch.ones(t, hc, hc, device="cuda"),
+                                            hc, iters, eps)
+        seen.append(variants())
+    assert seen[0] == seen[1] == seen[2], seen

@@ -17,7 +17,7 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.primitives import Linear, RMSNorm
 from dsv4.model.rope import Rotary
-from dsv4.model.state import DecodeBatch, LayerState, SeqChunk, StepBatch, gather_rows, write_rows
+from dsv4.model.state import DecodeBatch, LayerState, SeqChunk, StepBatch, gather_rows, page_ids, write_rows
 from dsv4.parity.taps import tap
 
 
@@ -42,14 +42,14 @@ def block_indices(start: int, n: int, ratio: int, offset: int, device) -> torch.
 def gather_pages(pool: torch.Tensor, pages: list[int], n: int) -> torch.Tensor:
     """The first n rows of a sequence's paged store: pool [pages, per_page, d] -> [n, d]."""
     used = pages[: -(-n // pool.shape[1])] if n else []
-    return gather_rows(pool, torch.tensor([used], dtype=torch.long, device=pool.device))[0, :n]
+    return gather_rows(pool, page_ids(used, pool.device).unsqueeze(0))[0, :n]
 
 
 def scatter_pages(pool: torch.Tensor, pages: list[int], first: int, rows: torch.Tensor) -> None:
     """Write rows [m, d] as entries first..first+m-1 of a sequence's paged store."""
     per_page = pool.shape[1]
     j = torch.arange(first, first + rows.shape[0], device=pool.device)
-    page = torch.tensor(pages, dtype=torch.long, device=pool.device)[j // per_page]
+    page = page_ids(pages, pool.device)[j // per_page]
     pool[page, j % per_page] = rows.to(pool.dtype)
 
 

@@ -71,6 +71,13 @@ class Expert(nn.Module):
         return h if weights is None else weights * h
 
 
+def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [n_experts] (int64) of expert ids (any shape): `torch.bincount`'s result without its host
+    sync (on CUDA bincount reads the ids' min and max on the host to size its output)."""
+    flat = ids.flatten().long()
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class MoE(nn.Module):
     # Steps with at most this many (token, expert) pairs take the pair path on CUDA: fixed shapes and no host
     # synchronisation, so decode steps can be captured in CUDA graphs. Larger steps (prefill) take the sorted path
@@ -152,8 +159,10 @@ class MoE(nn.Module):
         flat = ids.flatten()
         order = flat.argsort(stable=True)
         eid, tok = flat[order], order // k
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        width = int(counts.max())                                             # the one host sync
+        counts = expert_counts(flat, self.n_experts)
+        # NOTE: the one host sync (the GPU queue drains here, once per MoE layer): the groups' padded width is a
+        # shape. Padding every group to all n tokens would need none, but triples the experts' work (6 experts).
+        width = int(counts.max())
         row = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[eid]   # row in its group
         grouped = x.new_zeros(self.n_experts, width, x.shape[1]).index_put((eid, row), x[tok])
         wts = weights.new_zeros(self.n_experts, width, 1).index_put((eid, row), weights.flatten()[order, None])

@@ -176,7 +176,27 @@ class StepBatch:
             seqs.append(SeqChunk(slot, start, length, offset, list(pages)))
             pos.append(torch.arange(start, start + length))
             offset += length
-        return StepBatch(seqs, torch.cat(pos).to(device) if pos else torch.zeros(0, dtype=torch.long))
+        return StepBatch(seqs, to_device(torch.cat(pos), device) if pos else torch.zeros(0, dtype=torch.long))
+
+
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor copied to `device` without waiting for the GPU. NOTE: a copy from pageable host memory
+    synchronises the stream first (the host waits for every queued kernel); one from pinned memory is queued like a
+    kernel, and the caching host allocator keeps the pinned buffer until the copy has run."""
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def page_ids(pages: list[int], device) -> torch.Tensor:
+    """A sequence's page list as a long tensor on `device`. A run of consecutive pages (training's and
+    `fresh_state`'s) is made there by `arange`: a host list would be a host->device copy, which waits for the GPU
+    (one per layer and sequence)."""
+    if not pages:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if pages == list(range(pages[0], pages[0] + len(pages))):
+        return torch.arange(pages[0], pages[0] + len(pages), device=device)
+    return torch.tensor(pages, dtype=torch.long, device=device)
 
 
 def fresh_state(cfg, batch: int, seqlen: int, dtype: torch.dtype, device, page_size: int = 128,

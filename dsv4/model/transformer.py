@@ -90,10 +90,12 @@ class Transformer(nn.Module):
         tap_scope("")
         return h
 
-    def main_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of the main head for hc streams h [..., hc, D]; non-finite values are an error."""
+    def main_logits(self, h: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+        """fp32 logits of the main head for hc streams h [..., hc, D]; non-finite values are an error.
+        `check_finite=False` skips the check, which reads the device (a GPU sync): training checks its loss once
+        a step instead (`Trainer.train_step`)."""
         out = self.logits(h, self.norm, self.hc_head_fn, self.hc_head_scale, self.hc_head_base)
-        if not torch.isfinite(out).all():
+        if check_finite and not torch.isfinite(out).all():
             raise FloatingPointError("non-finite logits (NaN/inf): the weights or inputs are broken")
         return out
 

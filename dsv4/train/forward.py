@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dsv4.model.moe import Gate
-from dsv4.model.state import ModelState, StepBatch
+from dsv4.model.moe import Gate, expert_counts
+from dsv4.model.state import ModelState, StepBatch, to_device
 from dsv4.train.data import Document
 
 IGNORE = -100
@@ -29,6 +29,7 @@ class PackedBatch:
     targets: torch.Tensor        # [T] next token where it is a training target, else IGNORE
     batch: StepBatch
     docs: list[Document]
+    mtp_targets: torch.Tensor | None = None   # [T] the token after next where it is a target (MTP), else IGNORE
 
     @property
     def n_targets(self) -> int:
@@ -36,15 +37,25 @@ class PackedBatch:
 
 
 def packed_batch(docs: list[Document], device) -> PackedBatch:
-    ids, targets, chunks, first_page = [], [], [], 0
+    """The pack's tokens and targets on `device`, sent in one asynchronous copy (`to_device`: a copy of a host list
+    would wait for the GPU queue to drain)."""
+    ids, targets, mtp, chunks, first_page = [], [], [], [], 0
     for slot, d in enumerate(docs):
         # Each document owns its own pages: a shared page would mix two documents' caches.
         chunks.append((slot, 0, len(d), list(range(first_page, first_page + _pages(len(d))))))
         first_page += _pages(len(d))
         ids += d.ids
-        targets += [t if m else IGNORE for t, m in zip(d.ids[1:], d.mask[1:], strict=True)] + [IGNORE]
-    return PackedBatch(torch.tensor([ids], device=device), torch.tensor(targets, device=device),
-                       StepBatch.build(chunks, device), docs)
+        targets += _shifted_targets(d, 1)
+        mtp += _shifted_targets(d, 2)
+    rows = to_device(torch.tensor([ids, targets, mtp], dtype=torch.long), device)
+    return PackedBatch(rows[0:1], rows[1], StepBatch.build(chunks, device), docs, rows[2])
+
+
+def _shifted_targets(d: Document, shift: int) -> list[int]:
+    """Per position i of d: token i + shift where it is a training target (mask), else IGNORE (also the last
+    `shift` positions)."""
+    return [t if m else IGNORE for t, m in zip(d.ids[shift:], d.mask[shift:], strict=True)] + [IGNORE] * min(
+        shift, len(d))
 
 
 def _pages(n: int, page_size: int = 128) -> int:
@@ -79,7 +90,7 @@ def mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int = 0,
             continue
         hd = h[:, seq.offset:seq.offset + n]
         ids = pb.input_ids[:, seq.offset:seq.offset + n]
-        tgt = torch.where(torch.tensor(d.mask[2:], device=ids.device), ids[0, 2:], IGNORE)
+        tgt = pb.mtp_targets[seq.offset:seq.offset + n - 2]            # ids[0, 2:] where d.mask[2:], else IGNORE
 
         def doc_loss(hd, ids=ids, tgt=tgt, n=n):
             logits = model.mtp_forward(hd[:, :-1], ids[:, 1:], depth)[0, :n - 2]
@@ -99,18 +110,21 @@ def _maybe_checkpoint(fn, x: torch.Tensor, grad_ckpt: bool):
 
 
 class LoadCounter:
-    """Counts how many tokens each routed expert receives, per MoE layer, through forward hooks on the gates."""
+    """Counts how many tokens each routed expert receives, per MoE layer, through forward hooks on the gates.
+    The counts stay on the gates' device (int64) and are read once a step by the trainer: a read per gate and
+    forward would make the host wait for the GPU ~7 times a forward."""
 
     def __init__(self, model: nn.Module):
         self.gates = [(n, m) for n, m in model.named_modules() if isinstance(m, Gate)]
-        self.counts = {n: torch.zeros(m.weight.shape[0], dtype=torch.long) for n, m in self.gates}
+        self.counts = {n: torch.zeros(m.weight.shape[0], dtype=torch.long, device=m.weight.device)
+                       for n, m in self.gates}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.gates]
         self.enabled = True
 
     def _hook(self, name: str):
         def hook(module, args, out):
             if self.enabled:                  # switched off around backward (checkpoint recomputation)
-                self.counts[name] += torch.bincount(out[1].flatten().cpu(), minlength=len(self.counts[name]))
+                self.counts[name] += expert_counts(out[1], len(self.counts[name]))
         return hook
 
     def take(self) -> dict[str, torch.Tensor]:
@@ -132,7 +146,7 @@ class TrainStep(nn.Module):
         h = hidden(self.model, pb, self.grad_ckpt)
 
         def main_loss(h):
-            logits = self.model.main_logits(h)[0]                       # [T, V] fp32
+            logits = self.model.main_logits(h, check_finite=False)[0]   # [T, V] fp32; the trainer checks the loss
             return F.cross_entropy(logits, pb.targets, ignore_index=IGNORE, reduction="sum")
         # checkpointed, the head keeps no fp32 [T, V] logits and log-probabilities (48 KB a token at V = 6144)
         ce = _maybe_checkpoint(main_loss, h, self.grad_ckpt)

@@ -9,6 +9,7 @@ shards and, with expert parallel, the rank's own experts; resume with the same n
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +44,26 @@ class TrainConfig:
     expert_parallel: bool = False  # under torchrun: routed experts split over the ranks (train/ep.py)
 
 
+@dataclass
+class StepValues:
+    """What the step's record needs from the device, on the host."""
+    sums: list[float]                      # summed main CE, summed MTP CE
+    grad_norm: float
+    counts: dict[str, torch.Tensor]        # tokens per routed expert, per gate (host int64)
+
+
+def read_step_values(sums: torch.Tensor, grad_norm: torch.Tensor, counts: dict[str, torch.Tensor]) -> StepValues:
+    """The step's ONE read of the device: every other host read makes the host wait for the GPU's queue to drain
+    (host and GPU time then add up instead of overlapping). All values travel as float64 (exact for the fp32 norm,
+    the float64 sums and integer counts below 2**53)."""
+    flat = torch.cat([sums, grad_norm.double().view(1), *(c.double() for c in counts.values())]).tolist()
+    out, at = {}, 3
+    for name, c in counts.items():
+        out[name] = torch.tensor([int(v) for v in flat[at:at + c.numel()]], dtype=torch.long)
+        at += c.numel()
+    return StepValues(flat[:2], flat[2], out)
+
+
 class Trainer:
     def __init__(self, model, stream: PackStream, cfg: TrainConfig, out_dir, ctx: DistContext | None = None,
                  progress: bool = True):
@@ -73,36 +94,39 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)     # summed main CE, MTP CE
         refresh_qat(self.model)                                 # once per step: the weights change only below
         for pack in packs[self.ctx.rank::self.ctx.world]:
             ce, mtp, _ = self.step_module(packed_batch(pack, self.device))
             loss = ce / n_targets
             if mtp is not None and n_mtp:
                 loss = loss + self.cfg.mtp_weight * mtp / n_mtp
-                sums[1] += mtp.item()
-            sums[0] += ce.item()
+                sums[1] += mtp.detach().double()
+            sums[0] += ce.detach().double()
             self.counter.enabled = False                        # checkpoint recomputation must not count
             loss.backward()
             self.counter.enabled = True
         forget_qat(self.model)
         self.master.grads_to_masters()
         grad_norm = clip_grad_norm(self.master.masters, self.cfg.clip_grad or float("inf"), self.ctx)
-        if not torch.isfinite(torch.tensor(grad_norm)):
-            raise FloatingPointError(f"step {self.step}: the gradient norm is {grad_norm}")
+        counts = {n: self.ctx.all_sum(c) for n, c in self.counter.take().items()}
+        host = read_step_values(self.ctx.all_sum(sums), grad_norm, counts)
+        if not math.isfinite(host.grad_norm):
+            raise FloatingPointError(f"step {self.step}: the gradient norm is {host.grad_norm}")
+        if not all(map(math.isfinite, host.sums)):
+            raise FloatingPointError(f"step {self.step}: non-finite loss {host.sums} (NaN/inf logits): the weights "
+                                     "or inputs are broken")
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.master.masters_to_params()
-        counts = {n: self.ctx.all_sum(c) for n, c in self.counter.take().items()}
         update_gate_bias(self.model, counts, self.cfg.bias_update_rate)
-        sums = self.ctx.all_sum(sums)
         tokens = sum(len(d) for p in packs for d in p)
-        record = {"step": self.step, "loss": sums[0].item() / n_targets, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": self.step, "loss": host.sums[0] / n_targets, "lr": lr, "grad_norm": host.grad_norm,
                   "tokens": tokens, "target_tokens": n_targets,
                   "tok_per_s": tokens / (time.perf_counter() - t0)}
         if self.cfg.mtp_weight and n_mtp:
-            record["mtp_loss"] = sums[1].item() / n_mtp
-        record["expert_load"] = expert_load(counts)
+            record["mtp_loss"] = host.sums[1] / n_mtp
+        record["expert_load"] = expert_load(host.counts)
         self.step += 1
         return record
 

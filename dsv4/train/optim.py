@@ -55,21 +55,23 @@ def make_optimizer(masters: list[nn.Parameter], lr: float, weight_decay: float,
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=1e-8)
 
 
-def clip_grad_norm(masters: list[nn.Parameter], max_norm: float, ctx) -> float:
-    """Global gradient-norm clipping; returns the norm before clipping. With expert parallel the rank-local
-    expert gradients differ per rank: their squared norms are summed over ranks and joined with the FSDP part."""
+def clip_grad_norm(masters: list[nn.Parameter], max_norm: float, ctx) -> torch.Tensor:
+    """Global gradient-norm clipping; returns the norm before clipping as a 0-dim tensor on the device (reading it
+    would make the host wait for the GPU: the trainer reads it with the step's other values). With expert parallel
+    the rank-local expert gradients differ per rank: their squared norms are summed over ranks and joined with the
+    FSDP part."""
     sharded = [m for m in masters if _is_dtensor(m)]
     local = [m for m in masters if not _is_dtensor(m)]
     if not (sharded and local):                               # one process, or FSDP alone
         norm = torch.nn.utils.clip_grad_norm_(masters, max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     device = masters[0].device                                  # NCCL reduces device tensors only
     total = (_squared_norm(sharded, device) + ctx.all_sum(_squared_norm(local, device))).sqrt()
-    coef = float((max_norm / (total + 1e-6)).clamp(max=1.0))    # as clip_grads_with_norm_ computes it
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)           # as clip_grads_with_norm_ computes it
     for m in masters:
         if m.grad is not None:
-            m.grad.mul_(coef)
-    return float(total)
+            m.grad.mul_(coef)                                   # the fp32 product it was as a Python float
+    return total
 
 
 def _squared_norm(params: list[nn.Parameter], device) -> torch.Tensor:
@@ -92,15 +94,15 @@ def update_gate_bias(model: nn.Module, counts: dict[str, torch.Tensor], rate: fl
     (hash-routed gates have no bias). Counts are global (already summed over ranks)."""
     for name, c in counts.items():
         gate = model.get_submodule(name)
-        if rate and getattr(gate, "bias", None) is not None and c.sum() > 0:
-            c = c.float()
+        if rate and getattr(gate, "bias", None) is not None:
+            c = c.float().to(gate.bias.device)
+            step = rate * torch.sign(c.mean() - c)
             bias = gate.bias
-            step = (rate * torch.sign(c.mean() - c)).to(bias.device)
             if hasattr(bias, "to_local"):                            # FSDP-sharded: update the local shard
-                step = step[_shard_slice(bias)]
-                bias.to_local().add_(step)
-            else:
-                bias.add_(step)
+                step, bias = step[_shard_slice(bias)], bias.to_local()
+            # a gate that routed no token keeps its bias bit for bit: decided on the device (a host test of the
+            # counts would wait for the GPU)
+            bias.copy_(torch.where(c.sum() > 0, bias + step, bias))
 
 
 def _shard_slice(p) -> slice:

@@ -7,14 +7,17 @@ builds `builtin_config(2)` from random weights exactly as `scripts/train_builtin
 * ops per step: forward ops by Python call site (innermost dsv4 frame), backward ops by the call site of the
   forward op that created the autograd node (anomaly mode records it);
 * saved-tensor bytes (unique storages, via saved_tensors_hooks) and bytes per token;
+* host reads per step (`SyncCounter`: what makes the host wait for the GPU queue on CUDA) by call site;
 * the step time without the counters (median of --repeat steps after one warm-up).
 Usage: PYTHONPATH=. python3 scripts/bench/train_step_ops.py --tokens 1024 [--dtype bf16] [--grad-ckpt] [--top 30]
+       [--syncs-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import tempfile
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = str(Path(__file__).resolve().parents[2])
 SKIP = ("_ops.py", "_python_dispatch", "train_step_ops.py")
@@ -110,6 +114,167 @@ class SavedBytes:
         return out
 
 
+aten = torch.ops.aten
+# ATen ops whose CUDA kernels read device values on the host: an output size that depends on the data (or a bool).
+SYNC_OPS = {aten.nonzero, aten._unique, aten._unique2, aten.unique_dim, aten.unique_consecutive, aten.masked_select,
+            aten.bincount, aten.histc, aten.equal}
+INDEX_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}     # a bool mask runs nonzero
+FACTORIES = ("zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint", "randperm", "from_numpy")
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the host reads of device data in a training step by call site (innermost dsv4 frame): each waits
+    for the GPU's launch queue to drain on CUDA, so host and GPU time add up instead of overlapping. Runs on any
+    device; on the CPU it counts what would read the GPU on CUDA:
+    * `.item()` and `bool/int/float/index(t)` (ATen `_local_scalar_dense`), `.tolist()`, `.numpy()`, `.cpu()`,
+      `.to("cpu")`;
+    * ATen ops whose output size depends on values (`SYNC_OPS`, `repeat_interleave` without output_size, indexing
+      with a bool mask);
+    * host->device copies: `torch.tensor/as_tensor(data, device=...)` and `.to(device)`/`.cuda()` of a host
+      tensor (a pageable copy synchronises the stream first); a `non_blocking=True` copy is taken as asynchronous
+      (the caller pins the host tensor on CUDA).
+    Host tensors (factories called without a device or with the literal string "cpu", and every op whose tensor
+    inputs are all host tensors) are told apart, so reading them is not counted; a `torch.device` object (the
+    model's device: the CPU in a CPU run) is taken as the training device. Tensors made before the counter starts
+    are device tensors unless given in `host` (`host_tensors`). Use as a context manager."""
+
+    def __init__(self, host=()):
+        super().__init__()
+        self.sites, self.host, self.quiet = Counter(), {}, 0
+        self.mark_host(list(host))
+
+    # ---- host tensors
+    def is_host(self, t) -> bool:
+        ref = self.host.get(id(t))
+        return ref is not None and ref() is t
+
+    def mark_host(self, out) -> None:
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.host[id(t)] = weakref.ref(t)
+
+    def count(self, kind: str) -> None:
+        if not self.quiet:
+            self.sites[f"{site(traceback.extract_stack())} [{kind}]"] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())
+
+    # ---- ATen level
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        on_host = bool(tensors) and all(self.is_host(t) for t in tensors)
+        if not on_host:
+            kind = self._sync_kind(func, args, kwargs)
+            if kind:
+                self.count(kind)
+        out = func(*args, **kwargs)
+        if on_host:
+            self.mark_host(out)
+        return out
+
+    @staticmethod
+    def _sync_kind(func, args, kwargs) -> str | None:
+        packet = func.overloadpacket
+        if packet is aten._local_scalar_dense:
+            return "item"
+        if packet in SYNC_OPS:
+            return packet.__name__
+        if packet is aten.repeat_interleave and kwargs.get("output_size") is None and isinstance(
+                args[0], torch.Tensor) and (len(args) < 2 or isinstance(args[1], torch.Tensor)):
+            return "repeat_interleave"
+        if packet in INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                       for i in (args[1] or ())):
+            return "bool index"
+        return None
+
+    # ---- Python level
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        for name in ("tolist", "numpy", "cpu"):
+            self._stack.enter_context(_patched(torch.Tensor, name, functools.partial(self._read, name)))
+        self._stack.enter_context(_patched(torch.Tensor, "to", self._to))
+        self._stack.enter_context(_patched(torch.Tensor, "cuda", functools.partial(self._to_device, "cuda()")))
+        for name in ("tensor", "as_tensor"):
+            self._stack.enter_context(_patched(torch, name, self._from_data))
+        for name in FACTORIES:
+            self._stack.enter_context(_patched(torch, name, self._factory))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._stack.close()
+
+    def _quietly(self, orig, *args, **kwargs):
+        self.quiet += 1
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            self.quiet -= 1
+
+    def _read(self, name, orig, t, *args, **kwargs):
+        if not self.is_host(t):
+            self.count(name)
+        out = self._quietly(orig, t, *args, **kwargs)
+        if name in ("cpu", "to cpu") and out is not t:       # on the CPU, t itself: it stays a device tensor
+            self.mark_host(out)
+        return out
+
+    def _to(self, orig, t, *args, **kwargs):
+        target = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        if target is None:
+            return self._quietly(orig, t, *args, **kwargs)
+        if target == "cpu":                                # literally "cpu": a read (a device variable is not)
+            return orig(t, *args, **kwargs) if self.is_host(t) else self._read("to cpu", orig, t, *args, **kwargs)
+        return self._to_device("to device", orig, t, *args, **kwargs)
+
+    def _to_device(self, name, orig, t, *args, **kwargs):
+        if self.is_host(t) and not kwargs.get("non_blocking", False):
+            self.count(name)
+        out = self._quietly(orig, t, *args, **kwargs)
+        self.host.pop(id(out), None)                       # on the device now (on the CPU: maybe the same tensor)
+        return out
+
+    def _from_data(self, orig, data, *args, **kwargs):
+        out = orig(data, *args, **kwargs)
+        if kwargs.get("device") in (None, "cpu"):
+            self.mark_host(out)
+        elif not isinstance(data, torch.Tensor):
+            self.count("tensor(list, device=)")
+        return out
+
+    def _factory(self, orig, *args, **kwargs):
+        out = orig(*args, **kwargs)
+        if kwargs.get("device") in (None, "cpu") and not any(isinstance(a, torch.Tensor) for a in args):
+            self.mark_host(out)
+        return out
+
+    def report(self, top: int) -> None:
+        print(f"host reads per step: {self.total}")
+        for s, n in self.sites.most_common(top):
+            print(f"  {n:5d}  {s}")
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, wrapper):
+    """owner.name replaced by wrapper(original, ...) while the context is open."""
+    orig = getattr(owner, name)
+
+    @functools.wraps(orig)
+    def patched(*args, **kwargs):                      # a function, so that it binds as a method
+        return wrapper(orig, *args, **kwargs)
+
+    setattr(owner, name, patched)
+    try:
+        yield
+    finally:
+        setattr(owner, name, orig)
+
+
 def build(tokens: int, dtype: torch.dtype, grad_ckpt: bool, device: str, tmp: Path):
     sys.path.insert(0, str(Path(ROOT) / "scripts"))
     from dsv4.builtin import builtin_config
@@ -178,6 +343,27 @@ def count(trainer, top: int) -> dict:
             "saved_bytes": saved.total}
 
 
+def host_tensors(trainer) -> list[torch.Tensor]:
+    """The trainer's tensors that live on the host on CUDA too: AdamW's step counts (kept on the CPU unless the
+    optimizer is capturable or fused; reading them is no sync)."""
+    return [s["step"] for s in trainer.opt.state.values() if isinstance(s.get("step"), torch.Tensor)
+            and not s["step"].is_cuda]
+
+
+def step_syncs(trainer) -> SyncCounter:
+    """One `trainer.train_step()` under `SyncCounter`."""
+    with SyncCounter(host_tensors(trainer)) as syncs:
+        trainer.train_step()
+    return syncs
+
+
+def count_syncs(trainer, top: int) -> SyncCounter:
+    """One step under `SyncCounter`; prints the host reads by call site."""
+    syncs = step_syncs(trainer)
+    syncs.report(top)
+    return syncs
+
+
 def timed(trainer, repeat: int, device: str) -> float:
     times = []
     for _ in range(repeat + 1):
@@ -198,15 +384,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=2, help="timed steps (0: no timing)")
     ap.add_argument("--no-count", action="store_true", help="only time the step")
+    ap.add_argument("--syncs-only", action="store_true", help="only count the host reads of one step")
     args = ap.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build(args.tokens, dtype, args.grad_ckpt, args.device, Path(tmp))
         result = {"tokens": args.tokens, "dtype": args.dtype, "grad_ckpt": args.grad_ckpt}
+        if args.syncs_only:
+            result["host_reads"] = count_syncs(trainer, args.top).total
+            return result
         if not args.no_count:
             result.update(count(trainer, args.top))
             result["saved_bytes_per_token"] = result["saved_bytes"] / args.tokens
             print(f"saved bytes per token: {result['saved_bytes_per_token']:.0f}")
+            result["host_reads"] = count_syncs(trainer, args.top).total
         if args.repeat:
             with contextlib.suppress(KeyboardInterrupt):
                 result["step_s"] = timed(trainer, args.repeat, args.device)

@@ -30,7 +30,10 @@ def split_sinkhorn(pre, post, c, scale_ptr, base_ptr, eps, ITERS: tl.constexpr, 
     return pre, post, c
 
 
-@triton.jit
+# NOTE: T (tokens) is not specialised: Triton compiles a kernel per "T % 16 == 0" (and T == 1) by default, and the
+# training packs' lengths vary from step to step, so the first pack of a length divisible by 16 compiled both
+# kernels again mid-run (~250 ms of host time in one step of the issue 17 profile). T only bounds the masks.
+@triton.jit(do_not_specialize=["T"])
 def _sinkhorn(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, eps, ITERS: tl.constexpr,
               HC: tl.constexpr, BLOCK_T: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -75,7 +78,7 @@ def _sinkhorn_steps(c, eps, steps, HC: tl.constexpr):
     return c
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])                  # as `_sinkhorn`: one compiled kernel for every T
 def _sinkhorn_bwd(m_ptr, scale_ptr, base_ptr, gpre_ptr, gpost_ptr, gcomb_ptr, gz_ptr, T, eps, ITERS: tl.constexpr,
                   HC: tl.constexpr, BLOCK_T: tl.constexpr):
     """Gradient of `_sinkhorn`'s outputs w.r.t. its pre-activations z = mixes * scale + base, per token: [T, width].
