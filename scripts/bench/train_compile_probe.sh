@@ -3,13 +3,13 @@
 # at 32k tokens a step (one padded sequence), then the gpu tests of the compiled step. Prints, per setting, steady
 # tokens/s, median step time, peak memory and the compilation time (first step minus the median); OUT gets
 # compile_probe.txt and each probe's log (inductor's compile log included).
-# Usage (repository root, on the GPU machine; makes .builtin_data if it is missing):
+# Usage (repository root, on the GPU machine; carry .builtin_data: scripts/builtin_data.py downloads wheels):
 #   bash scripts/bench/train_compile_probe.sh OUT [train args...]
 set -u
 out=$1; shift
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$out"
-[ -f .builtin_data/train.npz ] || python3 scripts/builtin_data.py .builtin_data > "$out/builtin_data.log" 2>&1
+[ -f .builtin_data/train.npz ] || { echo "no .builtin_data/train.npz: carry it (scripts/builtin_data.py)"; exit 2; }
 probe() {   # name, extra args
     local name=$1; shift
     rm -rf "/tmp/cprobe_$name"
