@@ -83,6 +83,10 @@ def test_padding_leaves_the_real_tokens_unchanged(small_ckpt):
                                    msg=lambda m, n=name: f"{n}: {m}")
     with pytest.raises(ValueError, match="one sequence"):
         pad_batch(packed_batch([_doc(10, 2), _doc(10, 3)], "cpu"), 64)
+    with pytest.raises(ValueError, match="pad_to_seq_len"):
+        Trainer(model, PackStream([[_doc(10, 2)]], 1), TrainConfig(compile="aot_eager"), "unused", progress=False)
+    with pytest.raises(ValueError, match="unknown compile backend"):
+        compile_blocks(model, "bogus")
 
 
 def _unreproducible(a, b):

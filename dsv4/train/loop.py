@@ -52,6 +52,9 @@ class Trainer:
         ctx = ctx or DistContext()
         if cfg.packs_per_step % ctx.world:
             raise ValueError(f"packs_per_step={cfg.packs_per_step} must be a multiple of the {ctx.world} processes")
+        if cfg.compile and not cfg.pad_to_seq_len:
+            raise ValueError("compile needs pad_to_seq_len (one padded sequence per pack): steps of other shapes "
+                             "would compile again")
         self.model, self.stream, self.cfg, self.ctx = model, stream, cfg, ctx
         self.out, self.progress = Path(out_dir), progress and ctx.main
         self.device = next(model.parameters()).device
