@@ -134,22 +134,25 @@ def test_trainer_compiles_once_with_the_documented_graph_breaks(compiled_trainer
 @pytest.mark.slow
 def test_compiled_step_matches_eager(compiled_trainer):
     """One training step (QAT on, MTP on) through the blocks compiled with aot_eager == the eager step, bit for
-    bit: the loss and every gradient but those the eager step itself does not reproduce."""
+    bit: the loss and every gradient but those the eager step itself does not reproduce; the same with gradient
+    checkpointing (the compiled blocks recomputed in the backward), with the graphs already compiled."""
     trainer, _ = compiled_trainer
     model = trainer.model
     pb = pad_batch(packed_batch([_doc(200, 4)], "cpu"), 256)
     before = _graphs()
-    compiled = loss_and_grads(model, pb)
+    compiled, compiled_ckpt = loss_and_grads(model, pb), loss_and_grads(model, pb, grad_ckpt=True)
     assert _graphs() == before, "the compiled graphs of the trainer's steps were not reused"
     uncompile_blocks(model)
     try:
         eager, again = loss_and_grads(model, pb), loss_and_grads(model, pb)
+        eager_ckpt = loss_and_grads(model, pb, grad_ckpt=True)
     finally:
         compile_blocks(model, "aot_eager")
     loose = _unreproducible(eager, again)
     assert loose <= {"layers.0.attn.compressor.ape", "layers.0.attn.indexer.compressor.ape",
                      "layers.1.attn.compressor.ape"}
     assert_same(eager, compiled, loose)
+    assert_same(eager_ckpt, compiled_ckpt, loose)      # the compiled blocks under activation checkpointing
 
 
 def _on_cuda(ckpt):
