@@ -1,5 +1,5 @@
 """The compiled training forward (issue 17): every block's `forward` through `torch.compile`, packs padded to one
-fixed length so that one graph per block serves every step.
+fixed length so that the graphs compiled at the first step serve every step.
 
 Why: the eager training step of the built-in v2 issues ~14.6k small ATen ops (mHC mixing in fp32, RMSNorms, the QAT
 fake-quant chain of every linear input, RoPE, clamped SwiGLU, casts); on an H200 the step is launch-bound. Inductor
@@ -9,16 +9,17 @@ it to check tracing and numerics; "inductor" is the GPU setting.
 
 What compiles: `Block.forward` of every layer and of the MTP block (the module's own `forward` is replaced on the
 instance, so every caller, `hidden` and `mtp_forward` alike, gets the compiled one), attention, indexer top-k and
-MoE included, one graph per block. Two Dynamo switches make that possible (set per call, not globally):
+MoE included. Two Dynamo switches make that possible (set per call, not globally):
 `capture_scalar_outputs` and `capture_dynamic_output_shape_ops` trace the MoE's expert grouping (`bincount` and the
 largest group, `int(counts.max())`, the one host sync per MoE layer) as an unbacked size instead of breaking the
-graph there. The graph breaks left are listed by `graph_breaks` and pinned in tests/test_train_compile.py.
+graph there. The one graph break left is the expert-load counter's hook (`LoadCounter`, not traced): 4 graphs per
+block, pinned in tests/test_train_compile.py; bench/notes/train_speed.md lists what was removed and what is left.
 Not compiled: the embedding, the head's loss and the MTP input mix and head (a few dozen ops a step), the optimizer.
 
 Fixed shapes: `pad_batch` extends a one-sequence pack with padding tokens after the real ones (masked out of the
 loss: targets IGNORE). Attention is causal and compressed entries are visible only once their block is complete,
 so the real tokens' forward is unchanged (tests check loss and gradients against the unpadded step).
-NOTE: the padding tokens pass through the routers; `LoadCounter.rows` keeps them out of the expert load counts.
+NOTE: the padding tokens pass through the routers; `LoadCounter.real_tokens` keeps them out of the expert load.
 """
 
 from __future__ import annotations
