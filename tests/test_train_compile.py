@@ -23,8 +23,9 @@ from dsv4.train.forward import IGNORE, TrainStep, packed_batch
 from dsv4.train.loop import TrainConfig, Trainer
 from dsv4.train.params import prepare_full, refresh_qat
 
-# Graphs Dynamo makes of one block (a fresh trace): the block's forward is split only at the expert-load counter's
-# hook (`LoadCounter`, not traced): before it, the gate, after it in the MoE, after the MoE in the block.
+# At most this many graphs of one block (a fresh trace): the block's forward is split only at the expert-load
+# counter's hook (`LoadCounter`, not traced): before it, the gate, after it in the MoE, after the MoE in the block.
+# (Measured: exactly 4 for each block of the small config. A traceable counter would make it 1.)
 GRAPHS_PER_BLOCK = 4
 
 
@@ -120,7 +121,7 @@ def test_trainer_compiles_once_with_the_documented_graph_breaks(compiled_trainer
     with other real lengths padded to the same length compile nothing; padding is not counted as expert load."""
     trainer, graphs = compiled_trainer
     blocks = len(trainer.model.layers) + len(trainer.model.mtp)
-    assert graphs == blocks * GRAPHS_PER_BLOCK
+    assert blocks <= graphs <= blocks * GRAPHS_PER_BLOCK     # compiled, and no graph break beyond the documented
     before = _graphs()
     for _ in range(2):
         rec = trainer.train_step()
