@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--per-document", action="store_true",
                     help="run each document as its own sequence (default: each pack's documents as one sequence, "
                          "which the GPU needs: per-document steps are launch-bound, ~3k tokens/s on an H200)")
+    ap.add_argument("--compile", choices=("inductor", "aot_eager"), default=None,
+                    help="run every block through torch.compile (dsv4/train/compiled.py; packs padded to --seq-len "
+                         "so one graph serves every step; the first step includes the compilation)")
     ap.add_argument("--init", help="continue from this model directory (a previous run's model/, same config): "
                                    "weights and gate biases only, so the optimiser and the schedule start afresh")
     ap.add_argument("--seed", type=int, default=0, help="data order (give a continuation another seed)")
@@ -78,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes (wall-clock budget) or --steps")
+    if args.compile and args.per_document:
+        ap.error("--compile needs one sequence per pack (padded to --seq-len): drop --per-document")
     if args.profile and (not args.steps or args.profile >= args.steps):
         ap.error("--profile N needs --steps larger than N (the first steps include one-off costs)")
     return args
@@ -135,7 +140,8 @@ def main(argv=None) -> dict:
     train = TrainConfig(max_steps=args.steps or 10**9, lr=args.lr, warmup_steps=args.warmup_steps,
                         min_lr_ratio=args.min_lr_ratio, weight_decay=0.0, clip_grad=1.0, seq_len=args.seq_len,
                         packs_per_step=args.packs_per_step, grad_ckpt=args.grad_ckpt, mtp_weight=args.mtp_weight,
-                        bias_update_rate=1e-3, seed=args.seed)
+                        bias_update_rate=1e-3, seed=args.seed, compile=args.compile,
+                        pad_to_seq_len=args.compile is not None)
     if args.steps:
         train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))
     packs = pack(docs, args.seq_len)
@@ -194,6 +200,7 @@ def main(argv=None) -> dict:
             "train_s": train_s, "setup_s": setup_s, "tok_per_s": tokens / train_s,
             "tok_per_s_steady": sum(step_tokens[2:] or step_tokens) / sum(steady),
             "step_s_median": statistics.median(steady), "step_s_first": step_times[0],
+            "compile": args.compile, "compile_s_est": step_times[0] - statistics.median(steady),
             "tokens_per_step": tokens / max(1, steps), "peak_mem_bytes": peak,
             "peak_mem_gib": peak / 2**30 if peak is not None else None, "parameters": n_params,
             "train": asdict(train), "settings": settings}

@@ -120,7 +120,8 @@ class MoE(nn.Module):
         (Triton kernels, stacked weights); training and expert-parallel steps loop."""
         local = self.tp is SINGLE and self.exchange is None                # EP: the loop (for now)
         inference = x.is_cuda and not torch.is_grad_enabled() and local
-        fixed_shapes = inference or (torch.compiler.is_compiling() and local)     # compiled on any device
+        # compiled decode on any device; a compiled training step (autograd on) takes the training path below
+        fixed_shapes = inference or (torch.compiler.is_compiling() and local and not torch.is_grad_enabled())
         sorted_fp4 = self.expert_fmt == "fp4" and ids.numel() >= self.SORTED_PATH_MIN_PAIRS
         if fixed_shapes and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
             return self.routed_sorted if sorted_fp4 else self.routed_pairs

@@ -120,12 +120,21 @@ class LoadCounter:
                        for n, m in self.gates}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.gates]
         self.enabled = True
+        self.rows: dict[str, int] = {}       # per gate: count only its first rows tokens (the rest is padding)
+
+    def real_tokens(self, n: int | None) -> None:
+        """The next forwards run packs padded after their first n tokens (None: not padded): count only those.
+        An MTP block's position i reads token i+1, so its real positions are one fewer."""
+        self.rows = {} if n is None else {name: n - 1 if name.startswith("mtp.") else n for name, _ in self.gates}
 
     def _hook(self, name: str):
         def hook(module, args, out):
             if self.enabled:                  # switched off around backward (checkpoint recomputation)
-                self.counts[name] += expert_counts(out[1], len(self.counts[name]))
-        return hook
+                ids = out[1][:self.rows[name]] if name in self.rows else out[1]
+                self.counts[name] += expert_counts(ids, len(self.counts[name]))
+        # NOTE: never traced into a compiled block (train/compiled.py): Dynamo mis-traced the in-place count update
+        # of a tensor it does not own; a graph break at each gate instead.
+        return torch.compiler.disable(hook)
 
     def take(self) -> dict[str, torch.Tensor]:
         out = {n: c.clone() for n, c in self.counts.items()}

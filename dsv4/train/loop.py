@@ -18,9 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv4.train import ep
+from dsv4.train.compiled import compile_blocks, pad_batch
 from dsv4.train.data import PackStream
 from dsv4.train.dist import DistContext, shard
-from dsv4.train.forward import LoadCounter, TrainStep, packed_batch
+from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch
 from dsv4.train.metrics import MetricsLog, expert_load, plot_loss
 from dsv4.train.optim import MasterWeights, clip_grad_norm, lr_at, make_optimizer, update_gate_bias
 from dsv4.train.params import forget_qat, refresh_qat
@@ -42,6 +43,8 @@ class TrainConfig:
     save_every: int = 0            # 0: only at the end
     seed: int = 0
     expert_parallel: bool = False  # under torchrun: routed experts split over the ranks (train/ep.py)
+    compile: str | None = None     # None (eager), "aot_eager" or "inductor": compiled blocks (train/compiled.py)
+    pad_to_seq_len: bool = False   # pad one-sequence packs to seq_len tokens: one compiled graph for every step
 
 
 @dataclass
@@ -70,6 +73,9 @@ class Trainer:
         ctx = ctx or DistContext()
         if cfg.packs_per_step % ctx.world:
             raise ValueError(f"packs_per_step={cfg.packs_per_step} must be a multiple of the {ctx.world} processes")
+        if cfg.compile and not cfg.pad_to_seq_len:
+            raise ValueError("compile needs pad_to_seq_len (one padded sequence per pack): steps of other shapes "
+                             "would compile again")
         self.model, self.stream, self.cfg, self.ctx = model, stream, cfg, ctx
         self.out, self.progress = Path(out_dir), progress and ctx.main
         self.device = next(model.parameters()).device
@@ -82,6 +88,8 @@ class Trainer:
         self.master = MasterWeights([p for _, p in self.params])
         self.opt = make_optimizer(self.master.masters, cfg.lr, cfg.weight_decay)
         self.counter = LoadCounter(model)
+        if cfg.compile:
+            compile_blocks(model, cfg.compile)
         self.step = 0
 
     # ------------------------------------------------------------------ one step
@@ -97,7 +105,7 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)     # summed main CE, MTP CE
         refresh_qat(self.model)                                 # once per step: the weights change only below
         for pack in packs[self.ctx.rank::self.ctx.world]:
-            ce, mtp, _ = self.step_module(packed_batch(pack, self.device))
+            ce, mtp, _ = self.step_module(self._batch(pack))
             loss = ce / n_targets
             if mtp is not None and n_mtp:
                 loss = loss + self.cfg.mtp_weight * mtp / n_mtp
@@ -129,6 +137,14 @@ class Trainer:
         record["expert_load"] = expert_load(host.counts)
         self.step += 1
         return record
+
+    def _batch(self, pack) -> PackedBatch:
+        """The pack as one batch; with `pad_to_seq_len`, padded to seq_len tokens (not counted as expert load)."""
+        pb = packed_batch(pack, self.device)
+        if not self.cfg.pad_to_seq_len:
+            return pb
+        self.counter.real_tokens(pb.input_ids.shape[1])
+        return pad_batch(pb, self.cfg.seq_len)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict]:

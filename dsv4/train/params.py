@@ -57,9 +57,12 @@ class TrainLinear(Linear):
         return straight_through(self.weight, self.roundtrip())
 
     def roundtrip(self) -> torch.Tensor:
-        """The weight rounded to its storage format: the one `refresh_qat` left, while the weight is unchanged."""
+        """The weight rounded to its storage format: the one `refresh_qat` left, while the weight is unchanged.
+        NOTE: under torch.compile the version check is skipped (Dynamo cannot guard on `_version`: a graph break
+        per linear); the trainer keeps the contract instead: `forget_qat` before the optimizer writes."""
         cached = getattr(self, "_roundtrip", None)
-        if cached is not None and cached[0] == self.weight._version and cached[1] is self.weight:
+        if cached is not None and cached[1] is self.weight and (torch.compiler.is_compiling()
+                                                                or cached[0] == self.weight._version):
             return cached[2]
         return storage_roundtrip(self.weight, self.fmt)
 
