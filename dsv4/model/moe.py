@@ -163,7 +163,11 @@ class MoE(nn.Module):
         counts = expert_counts(flat, self.n_experts)
         # NOTE: the one host sync (the GPU queue drains here, once per MoE layer): the groups' padded width is a
         # shape. Padding every group to all n tokens would need none, but triples the experts' work (6 experts).
-        width = int(counts.max())
+        # At least 2 rows: a width the compiler cannot prove is not 1 stops inductor's bmm lowering (it guards on
+        # Eq(width, 1), a data-dependent guard: found compiling the training step on CPU); a zero row more changes
+        # nothing but the (never read) padding, and only where every group has one row.
+        width = max(int(counts.max()), 2)
+        torch._check(width >= 2)
         row = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[eid]   # row in its group
         grouped = x.new_zeros(self.n_experts, width, x.shape[1]).index_put((eid, row), x[tok])
         wts = weights.new_zeros(self.n_experts, width, 1).index_put((eid, row), weights.flatten()[order, None])
