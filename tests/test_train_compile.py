@@ -156,35 +156,44 @@ def test_compiled_step_matches_eager(compiled_trainer):
     assert_same(eager_ckpt, compiled_ckpt, loose)      # the compiled blocks under activation checkpointing
 
 
-def _on_cuda(ckpt):
-    m = dsv4.load_model(ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True, progress=False)
-    return prepare_full(m, qat=True)
+def _on_cuda(ckpt, qat: bool = True):
+    m = dsv4.load_model(ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=qat, progress=False)
+    return prepare_full(m, qat=qat)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.gpu
-def test_inductor_step_matches_eager_on_cuda(small_ckpt):
-    """The inductor-compiled step (bf16, QAT on, MTP on) against the eager one, bf16 class: inductor keeps fp32
-    intermediates in registers where eager rounds to bf16 between ops (2**-8 relative per rounding), and such a
-    difference can move a value across an e4m3 step of the QAT rounding (2**-3 relative, rarely) or a near-tied
-    routing / top-k choice. Bounds: loss 1e-2 relative, all gradients together 5e-2 (norm of the difference over
-    the norm), each parameter 0.25. A prediction to be confirmed on the H200, not a measured bound."""
-    torch._dynamo.reset()
-    model = _on_cuda(small_ckpt)
-    pb = pad_batch(packed_batch([_doc(900, 6)], "cuda"), 1024)
+def _inductor_vs_eager(model, pb):
+    """(loss relative difference, all gradients' relative difference, (worst parameter's, its name))."""
     eager = loss_and_grads(model, pb)
     compile_blocks(model, "inductor")
     try:
         compiled = loss_and_grads(model, pb)
     finally:
         uncompile_blocks(model)
-    assert _rel(compiled[0], eager[0]) < 1e-2
     assert compiled[1].keys() == eager[1].keys()
     names = sorted(eager[1])
     flat = [torch.cat([g[1][n].flatten() for n in names]) for g in (compiled, eager)]
-    total = _rel(*flat)
-    worst = max((_rel(compiled[1][n], eager[1][n]), n) for n in names)
-    assert total < 5e-2 and worst[0] < 0.25, (total, worst)
+    return _rel(compiled[0], eager[0]), _rel(*flat), max((_rel(compiled[1][n], eager[1][n]), n) for n in names)
+
+
+@pytest.mark.gpu
+def test_inductor_step_matches_eager_on_cuda(small_ckpt):
+    """The inductor-compiled step (bf16, MTP on) against the eager one. Inductor keeps fp32 intermediates in
+    registers where eager rounds to bf16 between ops (2**-8 relative per rounding). Without QAT that is all: the
+    bf16 class (bounds: loss 1e-2, all gradients 2e-2 of their norm, each parameter 0.1). With QAT a last-bit
+    difference can move an FP8 fake-quant rounding (an e4m3 step is 2**-3 relative) and with it small gradients: on
+    CPU in fp32 (train_speed.md, "Inductor on this CPU") QAT off gave 3e-7 of the gradients' norm, QAT on 3e-2 (worst
+    parameter 0.73, the mHC scales), so with QAT only the loss (1e-2) and all gradients together (0.1) are bounded.
+    Predictions to be confirmed on the H200, not measured bounds."""
+    pb = pad_batch(packed_batch([_doc(900, 6)], "cuda"), 1024)
+    torch._dynamo.reset()
+    loss, total, worst = _inductor_vs_eager(_on_cuda(small_ckpt, qat=False), pb)
+    print(f"QAT off: loss {loss:.2e}, gradients {total:.2e}, worst {worst}")
+    assert loss < 1e-2 and total < 2e-2 and worst[0] < 0.1, (loss, total, worst)
+    torch._dynamo.reset()
+    loss, total, worst = _inductor_vs_eager(_on_cuda(small_ckpt, qat=True), pb)
+    print(f"QAT on: loss {loss:.2e}, gradients {total:.2e}, worst {worst}")
+    assert loss < 1e-2 and total < 0.1, (loss, total, worst)
