@@ -83,11 +83,16 @@ def pad_document(doc: Document, length: int, pad_id: int = PAD_ID) -> Document:
     return Document(doc.ids + [pad_id] * n, doc.mask + [False] * n)
 
 
+def pad_pack(docs: list[Document], length: int) -> list[Document]:
+    """A one-sequence pack padded to `length` tokens. Packs of several documents are separate sequences whose
+    lengths vary anyway: they are an error here, not a silent recompile."""
+    if len(docs) != 1:
+        raise ValueError(f"padding needs one sequence per pack (concatenated documents), got {len(docs)}")
+    return [pad_document(docs[0], length)]
+
+
 def pad_batch(pb: PackedBatch, length: int) -> PackedBatch:
-    """A one-sequence pack padded to `length` tokens (the same batch when it has that length). Packs of several
-    documents are separate sequences whose lengths vary anyway: they are an error here, not a silent recompile."""
-    if len(pb.docs) != 1:
-        raise ValueError(f"padding needs one sequence per pack (concatenated documents), got {len(pb.docs)}")
-    if len(pb.docs[0]) == length:
+    """`pad_pack` of a built batch (the same batch when it has that length)."""
+    if len(pb.docs) == 1 and len(pb.docs[0]) == length:
         return pb
-    return packed_batch([pad_document(pb.docs[0], length)], pb.input_ids.device)
+    return packed_batch(pad_pack(pb.docs, length), pb.input_ids.device)

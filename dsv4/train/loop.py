@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv4.train import ep
-from dsv4.train.compiled import compile_blocks, pad_batch
+from dsv4.train.compiled import compile_blocks, pad_pack
 from dsv4.train.data import PackStream
 from dsv4.train.dist import DistContext, shard
 from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch
@@ -140,11 +140,11 @@ class Trainer:
 
     def _batch(self, pack) -> PackedBatch:
         """The pack as one batch; with `pad_to_seq_len`, padded to seq_len tokens (not counted as expert load)."""
-        pb = packed_batch(pack, self.device)
         if not self.cfg.pad_to_seq_len:
-            return pb
-        self.counter.real_tokens(pb.input_ids.shape[1])
-        return pad_batch(pb, self.cfg.seq_len)
+            return packed_batch(pack, self.device)
+        padded = pad_pack(pack, self.cfg.seq_len)           # padded before the batch is built: built once
+        self.counter.real_tokens(len(pack[0]))
+        return packed_batch(padded, self.device)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict]:

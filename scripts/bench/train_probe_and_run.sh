@@ -20,7 +20,7 @@ probe() {   # name, args (a word DSV4_*: that switch set to 1)
     local name=$1 envs=() args=(); shift
     for a in $*; do case $a in DSV4_*) envs+=("$a=1");; *) args+=("$a");; esac; done
     rm -rf "/tmp/probe_$name"
-    env "${envs[@]}" timeout 300 python3 scripts/train_builtin_gpu.py .builtin_data "/tmp/probe_$name" --steps 10 \
+    env TORCH_LOGS=graph_breaks,recompiles "${envs[@]}" timeout 300 python3 scripts/train_builtin_gpu.py .builtin_data "/tmp/probe_$name" --steps 10 \
         --no-eval "${init_args[@]}" "${args[@]}" "${extra[@]}" > "/tmp/probe_$name.log" 2>&1
     echo "== probe $name (${envs[*]} ${args[*]}) rc $?"
     python3 -c "import json,sys; p=json.load(open(sys.argv[1])); print({k: p.get(k) for k in ('tok_per_s_steady',
