@@ -6,8 +6,9 @@ and makes several broadcasting passes over them (at 32k training tokens, 16 head
 op so that the kernel can skip the key blocks no query of a block sees (half the work of causal prefill/training).
 On CUDA, for bf16 / fp16 calls without autograd, `ops/triton/indexer_scores.py` computes the same roundings tile
 by tile in registers; opt-in (DSV4_INDEXER_KERNEL=1). Measured on the H200: ~9x faster than the twin per
-prefill-sized call (scores bit-equal to the twin's but ~1 in 10^7, the same top-k picks), but the 1k-prefill bench was 7 ms slower with it (unexplained,
-bench/NOTES.md "Sixth session"), so it stays opt-in until that is understood; decode calls keep the twin.
+prefill-sized call (scores bit-equal to the twin's but ~1 in 10^7, the same top-k picks), but the 1k-prefill
+bench was 7 ms slower with it (unexplained, bench/NOTES.md "Sixth session"), so it stays opt-in until that is
+understood; decode calls keep the twin.
 """
 
 from __future__ import annotations
