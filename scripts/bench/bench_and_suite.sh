@@ -25,8 +25,10 @@ echo "== indexer_scores micro-benchmark"
 timeout 90 python3 scripts/bench/indexer_scores.py --out "$out/indexer_scores.json" 2>&1 | tail -20
 echo "== graph bisect (emulation on, 1 token) at $(( $(date +%s) - t0 )) s"
 timeout 90 python3 scripts/bench/graph_bisect.py --out "$out/graph_bisect.json" 2>&1 | tail -25
-s=$(left); echo "== GPU suite with $s s left"
-[ "$s" -gt 30 ] && timeout $(( s - 10 )) python3 -m pytest -q -m gpu -p no:cacheprovider \
-    --continue-on-collection-errors -rfE tests 2>&1 | grep -vE "Warning|warn" | tail -40
+s=$(left); echo "== GPU suite with $s s left (per-test lines in gpu_suite.log)"
+# -v lines reach the log as each test ends, and SIGINT at the limit makes pytest print its summary of what ran.
+[ "$s" -gt 30 ] && timeout -s INT $(( s - 10 )) python3 -m pytest -v -m gpu -p no:cacheprovider \
+    --continue-on-collection-errors -rfE --durations=10 tests > "$out/gpu_suite.log" 2>&1
+grep -E "PASSED|FAILED|ERROR|passed|failed|slowest|^[0-9.]+s " "$out/gpu_suite.log" | grep -v "^tests/.*PASSED" | tail -40
 echo "== done at $(( $(date +%s) - t0 )) s"
 } 2>&1 | tee "$out/run.log"
