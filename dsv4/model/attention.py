@@ -187,23 +187,27 @@ class Attention(nn.Module):
     def _decode_window(self, kv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, state: LayerState,
                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new rows kv [B, T, d] (positions pos [B, T]) into the ring; -> (rows [B, W+T-1, d] = the ring
-        after the writes, then the T-1 rows they overwrote; idx [B, T, W+T-1], -1 outside a query's window).
+        after the writes, then the T-1 rows they overwrote; idx [B, T, W+T-1], each query's window oldest first
+        (as `window_indices` lists it for the general step: the attention sums then add the same terms in the same
+        order in both steps), -1 outside it).
         NOTE: the overwritten rows (positions p+i-W, i >= 1) are still in the window of the queries before p+i, so
         they are read before the writes."""
         w = self.window
         arange = torch.arange(w, device=pos.device)
         if pos.shape[1] == 1:       # plain decode: nothing overwritten is still needed (and fewer kernels per layer)
             state.ring[slots, pos[:, 0] % w] = kv[:, 0].to(state.ring.dtype)  # overwrites position p - W
-            ok = (arange <= pos) | (pos >= w)                                  # [B, W]: before position 0
-            return state.ring[slots].to(dtype), torch.where(ok, arange, -1).unsqueeze(1)
+            u = pos - w + 1 + arange                                           # [B, W] positions, oldest first
+            return state.ring[slots].to(dtype), torch.where(u >= 0, u % w, -1).unsqueeze(1)
         overwritten = state.ring[slots.unsqueeze(1), pos[:, 1:] % w]           # [B, T-1, d], BEFORE the writes
         state.ring[slots.unsqueeze(1), pos % w] = kv.to(state.ring.dtype)      # token p+i replaces p+i-W
         last = pos[:, -1:]
         held = torch.cat([last - (last - arange) % w, pos[:, 1:] - w], dim=1)  # [B, W+T-1] position of each row
         held, query = held.unsqueeze(1), pos.unsqueeze(2)                      # [B, 1, n], [B, T, 1]
         ok = (held <= query) & (held > query - w) & (held >= 0)
+        # oldest first, masked rows last: the order in which `forward` (window_indices) lists the same rows
+        order = torch.where(ok, held, held.new_tensor(torch.iinfo(held.dtype).max)).argsort(dim=-1, stable=True)
         rows = torch.cat([state.ring[slots], overwritten], dim=1).to(dtype)
-        return rows, torch.where(ok, torch.arange(ok.shape[-1], device=pos.device), -1)
+        return rows, torch.where(ok.gather(-1, order), order, -1)
 
     @staticmethod
     def _decode_entries(compressor, pool, cstate, x, batch: DecodeBatch) -> None:
