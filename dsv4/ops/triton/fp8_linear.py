@@ -14,7 +14,8 @@ in registers: the reference's blockwise FP8 GEMM (and DeepSeek's promotion of pa
 off, x stays bf16 and the weight is converted to bf16 (exact) for a bf16 dot. Split-K spreads the few output
 tiles of a decode GEMV over the GPU; the partials are added in split order by a second kernel (deterministic).
 Batch invariant (`kernel_plan`): every M takes 16-row tiles and a K split chosen from N and K, so a row's bits do
-not depend on how many rows share the call (up to v10 the tile grew to 32 / 64 rows with M).
+not depend on how many rows share the call (up to v10 the tile grew to 32 / 64 rows with M; `DSV4_FP8_WIDE_TILES=1`
+brings that back, to price the invariance at 17-64 rows: bench/NOTES.md, "Fixed vs general decode step").
 Precision class: bf16 output (the twin's output is bf16 too); the FP8 MMA's internal accumulation over one 128
 block is the hardware's (below fp32 on Hopper), as in cuBLAS's blockwise FP8 GEMM, so the test bound is the bf16
 output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class.
@@ -150,21 +151,28 @@ def kernel_plan(M: int, N: int, K: int, device: torch.device, block_n: int = 64,
     return split, (triton.cdiv(M, block_m), N // block_n, split)
 
 
+def _wide_tile(M: int) -> int:
+    """v10's tile height: the narrowest of 16 / 32 / 64 rows that holds all M rows (one row block per tile)."""
+    return 16 if M <= 16 else 32 if M <= 32 else 64
+
+
 def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
                        out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
                        programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3,
-                       fused_sum: bool | None = None, block_m: int = BLOCK_M) -> torch.Tensor:
+                       fused_sum: bool | None = None, block_m: int | None = None) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
     output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
     SM per 16-row block (the weight bytes in flight that HBM needs), see `kernel_plan`. `fused_sum` (None:
     DSV4_FP8_FUSED_SUM, off until measured on the GPU) adds the K splits inside the kernel (`_last_split_sums`)
-    instead of in a second kernel: one launch per linear instead of two, bit-identical. `block_m` other than 16
-    (benchmarks only) gives up batch invariance."""
+    instead of in a second kernel: one launch per linear instead of two, bit-identical. `block_m` (None: 16, or
+    with DSV4_FP8_WIDE_TILES=1 v10's 16 / 32 / 64 rows by M, one row block) other than 16 gives up batch
+    invariance: the switch is there to price it in the decode bench."""
     check_fp8_weight(x, weight, scale, block_n)
     K, N = x.shape[-1], weight.shape[0]
     flat = x.reshape(-1, K).contiguous()
     M = flat.shape[0]
+    block_m = block_m or (_wide_tile(M) if env_switch("DSV4_FP8_WIDE_TILES") else BLOCK_M)
     split, grid = kernel_plan(M, N, K, x.device, block_n, block_m, split_k, programs_per_sm)
     out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
