@@ -52,28 +52,46 @@ def test_decode_batch_build_pads_and_checks():
         DecodeBatch.build([(0, 5, [1, 2, 3])], 2, "cpu")
 
 
+def _lists(name, q, kv, sink, idx, *rest):
+    """Each query's KV list as the twin reduces it: the rows in list order, padded to `LIST_ALIGN`, NaN where
+    masked -> [b * s, k, d]. Equal lists in the two steps: the same terms in the same places and the same row
+    length, so GPU reductions (whose thread layout follows the shapes) add them alike."""
+    from dsv4.ops.ref import LIST_ALIGN
+
+    if name == "sparse_attention_dense_tail":          # its definition: the visible tail rows appended
+        tail, visible = rest[0], rest[1]
+        j = torch.arange(tail.shape[1])
+        idx = torch.cat([idx, torch.where(j < visible.unsqueeze(-1), kv.shape[1] + j, -1)], dim=-1)
+        kv = torch.cat([kv, tail], dim=1)
+    idx = torch.nn.functional.pad(idx, (0, -idx.shape[-1] % LIST_ALIGN), value=-1)
+    rows = kv[torch.arange(kv.shape[0]).view(-1, 1, 1), idx.clamp_min(0)]           # [b, s, k, d]
+    return rows.float().masked_fill(idx.unsqueeze(-1) < 0, float("nan")).flatten(0, 1)
+
+
 @pytest.mark.parametrize("t", [1, 3], ids=["1-token", "3-tokens"])
 @torch.no_grad()
-def test_fixed_and_general_steps_attend_in_the_same_order_bf16(tiny_ckpt, monkeypatch, t):
+def test_fixed_and_general_steps_attend_over_the_same_lists_bf16(tiny_ckpt, monkeypatch, t):
     """tests/test_graphs_gpu.py's scenario on CPU in bf16 with the QAT emulation: the two steps compute the same
-    bits, attention outputs included. Up to v10 the fixed step listed each query's window in ring order (the
-    general step: oldest first), so the attention sums added the same terms in another order: a 1-ulp difference
-    at step 8 (1 token), and at 3 tokens the FP8 act quant grew one into logits of cosine 0.9992 (0.964 on the
-    H200). `scripts/bench/graph_divergence.py` finds such a first difference."""
+    bits, and every query's attention list is the same rows in the same places, of the same length, in both (what
+    makes the GPU's shape-dependent reductions agree too). Up to v10 the fixed step listed each window in ring
+    order (the general step: oldest first; a 1-ulp attention difference at step 8 with 1 token, logits of cosine
+    0.9992 with 3; 0.964 on the H200), and the lists' lengths differed (a short sequence's window, HCA tails).
+    `scripts/bench/graph_divergence.py` finds such a first difference."""
     import dsv4
     from dsv4 import ops
 
     model = dsv4.load_model(tiny_ckpt, dtype=torch.bfloat16, quant_emulation=True, progress=False)
-    outs: list[torch.Tensor] = []
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def recorded(fn):
+    def recorded(name, fn):
         def call(*args):
-            outs.append(fn(*args))
-            return outs[-1]
+            out = fn(*args)
+            calls.append((out.flatten(), _lists(name, *args).flatten()))
+            return out
         return call
 
     for name in ("sparse_attention", "sparse_attention_dense_tail"):
-        monkeypatch.setattr(ops, name, recorded(getattr(ops, name)))
+        monkeypatch.setattr(ops, name, recorded(name, getattr(ops, name)))
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 130, 200)]
     pages = [list(range(i * PAGES, (i + 1) * PAGES)) for i in range(len(prompts))]
@@ -82,11 +100,14 @@ def test_fixed_and_general_steps_attend_in_the_same_order_bf16(tiny_ckpt, monkey
     tokens = torch.randint(2, 512, (1, 3 * t), generator=gen)
     for step in range(20):
         rows = [(i, len(p) + step * t, pages[i]) for i, p in enumerate(prompts)]
-        outs.clear()
+        calls.clear()
         fixed = model.main_logits(model.step(tokens, DecodeBatch.build(rows, PAGES, "cpu", t), fixed_state))[0]
-        fixed_attn, _ = torch.cat([o.flatten() for o in outs]), outs.clear()
+        fixed_calls = list(calls)
+        calls.clear()
         general = model.main_logits(model.step(tokens, StepBatch.build([(s, p, t, pg) for s, p, pg in rows], "cpu"),
                                                general_state))[0]
-        assert torch.equal(fixed_attn, torch.cat([o.flatten() for o in outs])), step
+        for part in (0, 1):         # attention outputs, then lists
+            want, got = (torch.cat([c[part] for c in cs]) for cs in (fixed_calls, calls))
+            assert want.shape == got.shape and torch.equal(want.nan_to_num(7.0), got.nan_to_num(7.0)), (step, part)
         assert torch.equal(fixed, general), step
         tokens = general.argmax(-1).unsqueeze(0)

@@ -93,6 +93,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fm
     return dense(x, w, x.dtype)
 
 
+# NOTE: index lists are padded with masked entries to a multiple of this. Two lists with the same entries in the
+# same places but different numbers of masked ones at the end (the fixed-shape decode step sizes its lists by the
+# page table, the general step by the sequence) add the same terms, but a GPU reduction picks its thread layout
+# and vector width from the row length, so their sums could round differently; padded alike, they sum alike.
+LIST_ALIGN = 64
+
+
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Attention of each query over its own list of KV rows, plus a per-head sink logit.
@@ -105,6 +112,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     """
     b, s, h, d = q.shape
     acc = acc_dtype(q.dtype)
+    idx = F.pad(idx, (0, -idx.shape[-1] % LIST_ALIGN), value=-1)
     valid = idx >= 0                                                    # [b, s, k]
     rows = idx.clamp_min(0).long()
     # index_select, not gather over kv expanded to [b, s, n, d]: gather's backward allocates that whole
