@@ -49,7 +49,7 @@ def indexer_scores(w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
     (batch-invariant, see `acc_dtype`). NOTE: materialises [b, s, h, t] (quadratic), the cost the kernel avoids."""
     acc = acc_dtype(q.dtype) if q.dtype == torch.float32 else q.dtype
     t = keys.shape[1]
-    padded = F.pad(keys, (0, 0, 0, -t % KEYS_ALIGN))          # see KEYS_ALIGN
+    padded = F.pad(keys, (0, 0, 0, -t % KEYS_ALIGN)) if t % KEYS_ALIGN else keys          # see KEYS_ALIGN
     dots = torch.einsum("bshd,btd->bsht", q.to(acc), padded.to(acc)).to(q.dtype)
     score = (dots.relu() * w.unsqueeze(-1)).sum(dim=2)[..., :t].contiguous()
     if visible is None:
@@ -120,7 +120,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     """
     b, s, h, d = q.shape
     acc = acc_dtype(q.dtype)
-    idx = F.pad(idx, (0, -idx.shape[-1] % LIST_ALIGN), value=-1)
+    if idx.shape[-1] % LIST_ALIGN:
+        idx = F.pad(idx, (0, -idx.shape[-1] % LIST_ALIGN), value=-1)
     valid = idx >= 0                                                    # [b, s, k]
     rows = idx.clamp_min(0).long()
     # index_select, not gather over kv expanded to [b, s, n, d]: gather's backward allocates that whole
