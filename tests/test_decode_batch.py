@@ -50,3 +50,76 @@ def test_decode_batch_build_pads_and_checks():
     assert b.n_tokens == 2
     with pytest.raises(ValueError, match="max_pages"):
         DecodeBatch.build([(0, 5, [1, 2, 3])], 2, "cpu")
+
+
+def _lists(name, q, kv, sink, idx, *rest):
+    """Each query's KV list as the twin reduces it: the rows in list order, padded to `LIST_ALIGN`, NaN where
+    masked -> [b * s, k, d]. Equal lists in the two steps: the same terms in the same places and the same row
+    length, so GPU reductions (whose thread layout follows the shapes) add them alike."""
+    from dsv4.ops.ref import LIST_ALIGN
+
+    if name == "sparse_attention_dense_tail":          # its definition: the visible tail rows appended
+        tail, visible = rest[0], rest[1]
+        j = torch.arange(tail.shape[1])
+        idx = torch.cat([idx, torch.where(j < visible.unsqueeze(-1), kv.shape[1] + j, -1)], dim=-1)
+        kv = torch.cat([kv, tail], dim=1)
+    idx = torch.nn.functional.pad(idx, (0, -idx.shape[-1] % LIST_ALIGN), value=-1)
+    rows = kv[torch.arange(kv.shape[0]).view(-1, 1, 1), idx.clamp_min(0)]           # [b, s, k, d]
+    return rows.float().masked_fill(idx.unsqueeze(-1) < 0, float("nan")).flatten(0, 1)
+
+
+@pytest.mark.parametrize("t", [1, 3], ids=["1-token", "3-tokens"])
+@torch.no_grad()
+def test_fixed_and_general_steps_attend_over_the_same_lists_bf16(tiny_ckpt, monkeypatch, t):
+    """tests/test_graphs_gpu.py's scenario on CPU in bf16 with the QAT emulation: the two steps compute the same
+    bits, and every query's attention list is the same rows in the same places, of the same length, in both (what
+    makes the GPU's shape-dependent reductions agree too), and the indexer multiplies as many (padded) keys per
+    sequence in both. Up to v10 the fixed step listed each window in ring
+    order (the general step: oldest first; a 1-ulp attention difference at step 8 with 1 token, logits of cosine
+    0.9992 with 3; 0.964 on the H200), and the lists' lengths differed (a short sequence's window, HCA tails).
+    `scripts/bench/graph_divergence.py` finds such a first difference."""
+    import dsv4
+    from dsv4 import ops
+    from dsv4.ops.ref import KEYS_ALIGN
+
+    model = dsv4.load_model(tiny_ckpt, dtype=torch.bfloat16, quant_emulation=True, progress=False)
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def recorded(name, fn):
+        def call(*args):
+            out = fn(*args)
+            calls.append((out.flatten(), _lists(name, *args).flatten()))
+            return out
+        return call
+
+    for name in ("sparse_attention", "sparse_attention_dense_tail"):
+        monkeypatch.setattr(ops, name, recorded(name, getattr(ops, name)))
+    key_counts: list[int] = []              # per sequence and CSA layer: keys the indexer's GEMM multiplies
+
+    def counted(fn):
+        def call(w, q, keys, visible=None):
+            key_counts.extend([keys.shape[1] + -keys.shape[1] % KEYS_ALIGN] * keys.shape[0])
+            return fn(w, q, keys, visible)
+        return call
+
+    monkeypatch.setattr(ops, "indexer_scores", counted(ops.indexer_scores))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 130, 200)]
+    pages = [list(range(i * PAGES, (i + 1) * PAGES)) for i in range(len(prompts))]
+    fixed_state = _prefill(model, prompts, [0, 1, 2], pages)
+    general_state = _prefill(model, prompts, [0, 1, 2], pages)
+    tokens = torch.randint(2, 512, (1, 3 * t), generator=gen)
+    for step in range(20):
+        rows = [(i, len(p) + step * t, pages[i]) for i, p in enumerate(prompts)]
+        calls.clear(), key_counts.clear()
+        fixed = model.main_logits(model.step(tokens, DecodeBatch.build(rows, PAGES, "cpu", t), fixed_state))[0]
+        fixed_calls, fixed_counts = list(calls), list(key_counts)
+        calls.clear(), key_counts.clear()
+        general = model.main_logits(model.step(tokens, StepBatch.build([(s, p, t, pg) for s, p, pg in rows], "cpu"),
+                                               general_state))[0]
+        for part in (0, 1):         # attention outputs, then lists
+            want, got = (torch.cat([c[part] for c in cs]) for cs in (fixed_calls, calls))
+            assert want.shape == got.shape and torch.equal(want.nan_to_num(7.0), got.nan_to_num(7.0)), (step, part)
+        assert fixed_counts == key_counts, step
+        assert torch.equal(fixed, general), step
+        tokens = general.argmax(-1).unsqueeze(0)

@@ -74,6 +74,18 @@ for name, m, dt, split in (("random", 5, torch.bfloat16, 3), ("all_codes", 20, t
     fused += [torch.equal(two, fp8_linear_small_m(x, *weights[name], True, split_k=split, fused_sum=True))
               for _ in range(2)]
 res["fused_sum_equal"] = fused
+# Batch invariance: each row's fp32 accumulator is the same bits computed alone or with up to 63 other rows (the
+# split is given: off CUDA `auto_split` is 1; `kernel_plan` keeps the GPU's split independent of M).
+xb = (torch.randn(64, 384, generator=gen) * 3).bfloat16()
+ROWS = (0, 2, 15, 16, 39, 63)
+invariant = {}
+for act in (True, False):
+    alone = {i: fp8_linear_small_m(xb[i:i + 1], *weights["random"], act, out_dtype=torch.float32, split_k=3)
+             for i in ROWS}
+    for m in (1, 3, 16, 17, 40, 64):
+        y = fp8_linear_small_m(xb[:m], *weights["random"], act, out_dtype=torch.float32, split_k=3)
+        invariant[f"act{act}-M{m}"] = all(torch.equal(y[i:i + 1], alone[i]) for i in ROWS if i < m)
+res["batch_invariant"] = invariant
 x3 = torch.randn(2, 3, 384, generator=gen).bfloat16()
 res["batched_shape"] = list(fp8_linear_small_m(x3, *weights["random"], True).shape)
 print(json.dumps(res))
@@ -94,6 +106,9 @@ def test_small_m_kernel_is_the_fp32_class_against_float64_and_the_twin(interpret
         if case == "fused_sum_equal":
             assert r == [True] * 4
             continue
+        if case == "batch_invariant":
+            assert all(r.values()), r           # a row's bits do not depend on the rows beside it
+            continue
         assert r["fp32"] <= FP32_CLASS, (case, r)
         assert r["twin"] <= FP32_CLASS, (case, r)
         assert r["dtype"] == ("torch.bfloat16" if "bfloat16" in case else "torch.float32"), (case, r)
@@ -101,6 +116,24 @@ def test_small_m_kernel_is_the_fp32_class_against_float64_and_the_twin(interpret
             flushed.append(r["flushed"])
             assert r["wrong_scale"] > 2 * FP32_CLASS, (case, r)     # the bound sees scales on the wrong blocks ...
     assert max(flushed) > 2 * FP32_CLASS, flushed                # ... and a decoder that flushes subnormals
+
+
+def test_kernel_plan_takes_split_and_tile_from_n_and_k_only(monkeypatch):
+    """Batch invariance of the dispatch: on an H200 (132 SMs) every M up to SMALL_M gets the same K split and the
+    same 16-row tile, for Flash's FP8 linear shapes and the tiny model's; only the number of row blocks grows.
+    (Up to v10 the tile grew to 32 / 64 rows with M: a row's sum order then depended on its batch.)"""
+    import triton
+
+    from dsv4.ops.fp8_linear import SMALL_M
+    from dsv4.ops.triton import fp8_linear as kernel
+    from dsv4.ops.triton.splitk import divisor_at_most
+
+    monkeypatch.setattr(kernel, "auto_split", lambda tiles, device, per_sm: -(-per_sm * 132 // tiles))
+    for n, k in ((2048, 4096), (512, 4096), (32768, 1024), (1024, 4096), (256, 128), (2048, 128)):
+        plans = {m: kernel.kernel_plan(m, n, k, torch.device("cuda")) for m in range(1, SMALL_M + 1)}
+        split = divisor_at_most(k // 128, -(-4 * 132 // (n // 64)))
+        assert {p[0] for p in plans.values()} == {split}, (n, k)
+        assert all(grid == (triton.cdiv(m, 16), n // 64, split) for m, (_, grid) in plans.items()), (n, k)
 
 
 def test_bad_input_names_the_offender():

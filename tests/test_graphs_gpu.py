@@ -1,9 +1,11 @@
 """CUDA graphs of decode steps (GPU only): a replay computes exactly what the same fixed-shape step computes
-eagerly (same kernels, same order: bit-identical), and that step matches the general step path. The two paths
-sum attention rows in different orders and round in bf16: without the QAT emulation that is all (cosine >= 0.9999
-per row); with it, a bf16 ulp that moves an FP8 rounding moves a whole 64/128 block by an e4m3 step and the
-state carries it on, so rows are compared statistically (median >= 0.999, worst >= 0.99), as against the
-official reference (tests/test_official_reference.py)."""
+eagerly (same kernels, same order: bit-identical), and that step matches the general step path. Both steps give
+every query the same attention list and the indexer as many keys (on CPU they compute the same bits:
+tests/test_decode_batch.py), but the general step runs them per sequence and the fixed step batched, and GPU
+kernels may pick another reduction by batch: without the QAT emulation that is all (cosine >= 0.9999 per row);
+with it, a bf16 ulp that moves an FP8 rounding moves a whole 64/128 block by an e4m3 step and the state carries it
+on, so rows are compared statistically (median >= 0.999, worst >= 0.99), as against the official reference
+(tests/test_official_reference.py). `scripts/bench/graph_divergence.py` names the first op that differs."""
 
 from __future__ import annotations
 

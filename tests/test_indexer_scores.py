@@ -1,5 +1,5 @@
 """`ops.indexer_scores`, the lightning indexer's scores (`ops/indexer_scores.py`): the twin is the formula the model
-used before the op existed, bit for bit (so the model's CPU results do not change); the Triton kernel
+used before the op existed (over keys padded to `KEYS_ALIGN`), bit for bit; the Triton kernel
 (`ops/triton/indexer_scores.py`) against the twin's roundings emulated in float64, within the precision class that
 tests/indexer_scores_checks.py derives: in Triton's CPU interpreter (one subprocess, ~5 s) and on CUDA at the
 builtin and Flash dims. Mutation-checked: dropping the relu, the w factor, either rounding, or moving the mask or the
@@ -18,11 +18,17 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _formula_before_the_op(w, q, keys, visible):
-    """`Indexer.weighted_scores` and `select`'s mask as they were written before `ops.indexer_scores`."""
+    """`Indexer.weighted_scores` and `select`'s mask as they were written before `ops.indexer_scores`, over the keys
+    padded to `KEYS_ALIGN` (since v11: the scores of the same keys must not depend on how many others there are; the
+    padding moves fp32 head sums by their summation order, measured here on CPU, and no 16-bit score)."""
+    from dsv4.ops.ref import KEYS_ALIGN
+
     acc = ops.acc_dtype(q.dtype) if q.dtype == torch.float32 else q.dtype
+    t = keys.shape[1]
+    keys = torch.nn.functional.pad(keys, (0, 0, 0, -t % KEYS_ALIGN))
     dots = torch.einsum("bshd,btd->bsht", q.to(acc), keys.to(acc)).to(q.dtype)
-    score = (dots.relu() * w.unsqueeze(-1)).sum(dim=2)
-    return score.masked_fill(torch.arange(keys.shape[1]) >= visible.unsqueeze(-1), float("-inf"))
+    score = (dots.relu() * w.unsqueeze(-1)).sum(dim=2)[..., :t]
+    return score.masked_fill(torch.arange(t) >= visible.unsqueeze(-1), float("-inf"))
 
 
 def _inputs(b, s, t, h, d, dtype, seed):

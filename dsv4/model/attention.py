@@ -22,12 +22,12 @@ from dsv4.parity.taps import tap
 
 
 def window_indices(start: int, n: int, window: int, device) -> torch.Tensor:
-    """[n, min(start + n, window)] rows for queries at positions start..start+n-1 into [ring (window rows) ;
-    the n new rows]: position u < start sits in ring row u % window, u >= start in row window + u - start;
-    -1 before position 0. Each query sees positions p-window+1 .. p."""
-    cols = min(start + n, window)
+    """[n, window] rows for queries at positions start..start+n-1 into [ring (window rows) ; the n new rows]:
+    position u < start sits in ring row u % window, u >= start in row window + u - start; -1 before position 0.
+    Each query sees positions p-window+1 .. p, oldest first, so every query's list has the same layout whatever
+    its chunk: the fixed-shape decode step's (`Attention._decode_window`), and a chunked prefill's."""
     p = torch.arange(start, start + n, device=device).unsqueeze(1)
-    u = p - cols + 1 + torch.arange(cols, device=device)
+    u = p - window + 1 + torch.arange(window, device=device)
     rows = torch.where(u < start, u % window, window + u - start)
     return torch.where(u < 0, -1, rows)
 
@@ -187,23 +187,28 @@ class Attention(nn.Module):
     def _decode_window(self, kv: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, state: LayerState,
                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new rows kv [B, T, d] (positions pos [B, T]) into the ring; -> (rows [B, W+T-1, d] = the ring
-        after the writes, then the T-1 rows they overwrote; idx [B, T, W+T-1], -1 outside a query's window).
+        after the writes, then the T-1 rows they overwrote; idx [B, T, W], each query's window oldest first, -1
+        before position 0: the layout of `window_indices` in the general step, so that the attention sums add the
+        same terms in the same places in both steps).
         NOTE: the overwritten rows (positions p+i-W, i >= 1) are still in the window of the queries before p+i, so
         they are read before the writes."""
         w = self.window
         arange = torch.arange(w, device=pos.device)
         if pos.shape[1] == 1:       # plain decode: nothing overwritten is still needed (and fewer kernels per layer)
             state.ring[slots, pos[:, 0] % w] = kv[:, 0].to(state.ring.dtype)  # overwrites position p - W
-            ok = (arange <= pos) | (pos >= w)                                  # [B, W]: before position 0
-            return state.ring[slots].to(dtype), torch.where(ok, arange, -1).unsqueeze(1)
+            u = pos - w + 1 + arange                                           # [B, W] positions, oldest first
+            return state.ring[slots].to(dtype), torch.where(u >= 0, u % w, -1).unsqueeze(1)
         overwritten = state.ring[slots.unsqueeze(1), pos[:, 1:] % w]           # [B, T-1, d], BEFORE the writes
         state.ring[slots.unsqueeze(1), pos % w] = kv.to(state.ring.dtype)      # token p+i replaces p+i-W
         last = pos[:, -1:]
         held = torch.cat([last - (last - arange) % w, pos[:, 1:] - w], dim=1)  # [B, W+T-1] position of each row
         held, query = held.unsqueeze(1), pos.unsqueeze(2)                      # [B, 1, n], [B, T, 1]
         ok = (held <= query) & (held > query - w) & (held >= 0)
+        # masked rows first, then oldest first; the last W: the list `forward` (window_indices) makes of the same
+        # rows (a query sees at most W of them)
+        order = torch.where(ok, held, held.new_tensor(torch.iinfo(held.dtype).min)).argsort(dim=-1, stable=True)
         rows = torch.cat([state.ring[slots], overwritten], dim=1).to(dtype)
-        return rows, torch.where(ok, torch.arange(ok.shape[-1], device=pos.device), -1)
+        return rows, torch.where(ok.gather(-1, order), order, -1)[..., pos.shape[1] - 1:]
 
     @staticmethod
     def _decode_entries(compressor, pool, cstate, x, batch: DecodeBatch) -> None:

@@ -21,7 +21,9 @@ from dsv4.ops.ref import dequant_weight
 from dsv4.ops.registry import custom_op, register_triton
 from dsv4.quant.e8m0 import e8m0_to_float
 
-SMALL_M = 64                 # at most this many rows take the Triton kernel (its widest tile is 64 rows)
+# At most this many rows take the Triton kernel (batch-invariant up to here: `kernel_plan`). NOTE: above it cuBLAS
+# computes the rows, other bits than the kernel's: a row's result changes when its call crosses 64 rows.
+SMALL_M = 64
 ROW_ALIGN = 16               # scaled_mm gets its rows padded to a multiple of this
 
 

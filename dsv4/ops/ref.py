@@ -34,6 +34,12 @@ def stable_topk(score: torch.Tensor, k: int) -> torch.Tensor:
     return score.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+# NOTE: the keys are padded (zeros, scores dropped) to a multiple of this: the general step scores a sequence's
+# visible keys, the fixed-shape decode step its page table's; on a GPU the GEMM and the sum over heads take their
+# kernel and thread layout from the number of keys, and padded alike the same keys score the same bits.
+KEYS_ALIGN = 128
+
+
 def indexer_scores(w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
                    visible: torch.Tensor | None = None) -> torch.Tensor:
     """The lightning indexer's scores [b, s, t] = sum_h relu(q[b, s, h] . keys[b, t]) * w[b, s, h] (w [b, s, h],
@@ -42,8 +48,10 @@ def indexer_scores(w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
     heads accumulated in fp32 and rounded once (torch's 16-bit sum). In fp32 the dots accumulate in float64
     (batch-invariant, see `acc_dtype`). NOTE: materialises [b, s, h, t] (quadratic), the cost the kernel avoids."""
     acc = acc_dtype(q.dtype) if q.dtype == torch.float32 else q.dtype
-    dots = torch.einsum("bshd,btd->bsht", q.to(acc), keys.to(acc)).to(q.dtype)
-    score = (dots.relu() * w.unsqueeze(-1)).sum(dim=2)
+    t = keys.shape[1]
+    padded = F.pad(keys, (0, 0, 0, -t % KEYS_ALIGN)) if t % KEYS_ALIGN else keys          # see KEYS_ALIGN
+    dots = torch.einsum("bshd,btd->bsht", q.to(acc), padded.to(acc)).to(q.dtype)
+    score = (dots.relu() * w.unsqueeze(-1)).sum(dim=2)[..., :t].contiguous()
     if visible is None:
         return score
     return score.masked_fill(torch.arange(keys.shape[1], device=score.device) >= visible.unsqueeze(-1),
@@ -93,6 +101,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fm
     return dense(x, w, x.dtype)
 
 
+# NOTE: index lists are padded with masked entries to a multiple of this. Two lists with the same entries in the
+# same places but different numbers of masked ones at the end (the fixed-shape decode step sizes its lists by the
+# page table, the general step by the sequence) add the same terms, but a GPU reduction picks its thread layout
+# and vector width from the row length, so their sums could round differently; padded alike, they sum alike.
+LIST_ALIGN = 64
+
+
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Attention of each query over its own list of KV rows, plus a per-head sink logit.
@@ -105,6 +120,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     """
     b, s, h, d = q.shape
     acc = acc_dtype(q.dtype)
+    if idx.shape[-1] % LIST_ALIGN:
+        idx = F.pad(idx, (0, -idx.shape[-1] % LIST_ALIGN), value=-1)
     valid = idx >= 0                                                    # [b, s, k]
     rows = idx.clamp_min(0).long()
     # index_select, not gather over kv expanded to [b, s, n, d]: gather's backward allocates that whole

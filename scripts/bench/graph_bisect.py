@@ -6,6 +6,10 @@ the same on the v8 code; on CPU the two agree exactly. This runs the test's scen
 20 steps; eager, no graphs) once with every fast op on, once with all ops on their plain twins, and once per fast
 op forced to its twin (`ops.reference_only(op)`) around both paths, and prints the worst and median row cosine of
 each. The op whose twin lifts the worst cosine to the others' level is where the paths part.
+NOTE: the twin also runs the prefill, so each case starts from another state and follows another trajectory; with
+the QAT emulation amplifying single ulps, a case's worst cosine is partly luck (the 2026-12-03 run's "twin: linear"
+1.0 was that: both steps give every FP8 linear the same rows). `graph_divergence.py` names the first op that
+computes different bits from equal inputs.
 Usage: PYTHONPATH=. python3 scripts/bench/graph_bisect.py [--emulation-off] [--tokens 1] [--device cuda]
 """
 

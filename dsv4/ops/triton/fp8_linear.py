@@ -13,6 +13,9 @@ summed by the MMA, and the block sum is multiplied by both power-of-two scales a
 in registers: the reference's blockwise FP8 GEMM (and DeepSeek's promotion of partial sums every 128 K). With it
 off, x stays bf16 and the weight is converted to bf16 (exact) for a bf16 dot. Split-K spreads the few output
 tiles of a decode GEMV over the GPU; the partials are added in split order by a second kernel (deterministic).
+Batch invariant (`kernel_plan`): every M takes 16-row tiles and a K split chosen from N and K, so a row's bits do
+not depend on how many rows share the call (up to v10 the tile grew to 32 / 64 rows with M; `DSV4_FP8_WIDE_TILES=1`
+brings that back, to price the invariance at 17-64 rows: bench/NOTES.md, "Fixed vs general decode step").
 Precision class: bf16 output (the twin's output is bf16 too); the FP8 MMA's internal accumulation over one 128
 block is the hardware's (below fp32 on Hopper), as in cuBLAS's blockwise FP8 GEMM, so the test bound is the bf16
 output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class.
@@ -48,9 +51,9 @@ def _e4m3_bytes_to_f32(b):
 def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, sum_ptr, cnt_ptr, M, N, K, KB_PER_SPLIT,
                         ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_M: tl.constexpr, FUSED_SUM: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
-    split = tl.program_id(1)
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)          # row blocks adjacent: they share W tiles
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
+    split = tl.program_id(2)
     offs_k = tl.arange(0, 128)
     n_kb = K // 128
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)               # transposed output tile
@@ -86,8 +89,8 @@ def _last_split_sums(part_ptr, sum_ptr, cnt_ptr, idx, rows, M, N):
     and rounding as `_sum_splits`: bit-identical) and re-arms the counter for the next call. The barrier orders
     every thread's partial store before the release of the counter increment; `.cg` loads read L2, where the other
     programs' partials are."""
-    tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
-    n_split = tl.num_programs(1)
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    n_split = tl.num_programs(2)
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
     if arrived == n_split - 1:
@@ -133,31 +136,50 @@ def check_fp8_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"fp8 linear: block_n must divide 128 and be >= 16, got {block_n}")
 
 
+BLOCK_M = 16     # the tile height for every M: a row's arithmetic does not depend on its batch (below)
+
+
+def kernel_plan(M: int, N: int, K: int, device: torch.device, block_n: int = 64, block_m: int = BLOCK_M,
+                split_k: int | None = None, programs_per_sm: int = 4) -> tuple[int, tuple[int, int, int]]:
+    """(K splits, grid) of a call. Batch invariance: the split and the tile come from N and K only, never from M,
+    so a row's result is the same whether it is computed alone or with up to SMALL_M others (the fixed-shape
+    decode step, the general step, a verification step, another batch size: all the same bits per row). Rows
+    run in `block_m`-row blocks, each its own program; the blocks of one weight tile are adjacent in the grid
+    (program_id 0), so they run together and read that tile from L2 after the first."""
+    n_kb = K // 128
+    split = divisor_at_most(n_kb, split_k or auto_split(N // block_n, device, programs_per_sm))
+    return split, (triton.cdiv(M, block_m), N // block_n, split)
+
+
+def _wide_tile(M: int) -> int:
+    """v10's tile height: the narrowest of 16 / 32 / 64 rows that holds all M rows (one row block per tile)."""
+    return 16 if M <= 16 else 32 if M <= 32 else 64
+
+
 def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
                        out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
                        programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3,
-                       fused_sum: bool | None = None) -> torch.Tensor:
+                       fused_sum: bool | None = None, block_m: int | None = None) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
     output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
-    SM (the weight bytes in flight that HBM needs). `fused_sum` (None: DSV4_FP8_FUSED_SUM, off until measured on
-    the GPU) adds the K splits inside the kernel (`_last_split_sums`) instead of in a second kernel: one launch
-    per linear instead of two, bit-identical."""
+    SM per 16-row block (the weight bytes in flight that HBM needs), see `kernel_plan`. `fused_sum` (None:
+    DSV4_FP8_FUSED_SUM, off until measured on the GPU) adds the K splits inside the kernel (`_last_split_sums`)
+    instead of in a second kernel: one launch per linear instead of two, bit-identical. `block_m` (None: 16, or
+    with DSV4_FP8_WIDE_TILES=1 v10's 16 / 32 / 64 rows by M, one row block) other than 16 gives up batch
+    invariance: the switch is there to price it in the decode bench."""
     check_fp8_weight(x, weight, scale, block_n)
     K, N = x.shape[-1], weight.shape[0]
     flat = x.reshape(-1, K).contiguous()
     M = flat.shape[0]
-    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-    n_kb = K // 128
-    tiles = (N // block_n) * triton.cdiv(M, block_m)
-    split = divisor_at_most(n_kb, split_k or auto_split(tiles, x.device, programs_per_sm))
+    block_m = block_m or (_wide_tile(M) if env_switch("DSV4_FP8_WIDE_TILES") else BLOCK_M)
+    split, grid = kernel_plan(M, N, K, x.device, block_n, block_m, split_k, programs_per_sm)
     out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
     part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M:
-        grid = (N // block_n, split, triton.cdiv(M, block_m))
-        counters = _tile_counters(x.device, grid[0] * grid[2]) if split > 1 and _fused_sum(fused_sum) else None
+        counters = _tile_counters(x.device, grid[0] * grid[1]) if split > 1 and _fused_sum(fused_sum) else None
         _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, out,
-                                  part if counters is None else counters, M, N, K, n_kb // split,
+                                  part if counters is None else counters, M, N, K, K // 128 // split,
                                   ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n, BLOCK_M=block_m,
                                   FUSED_SUM=counters is not None, num_warps=num_warps, num_stages=num_stages)
         if split > 1 and counters is None:
