@@ -88,6 +88,16 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def compile_cache_counts() -> dict[str, int]:
+    """Hits, misses and bypasses of inductor's FX graph cache and AOTAutograd's cache in this process. Both persist
+    on disk (default /tmp/torchinductor_$USER), so a second run on the same machine (the probe's graphs, then the
+    training run's) should hit instead of compiling its kernels again."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}.{k}": v for group in ("inductor", "aot_autograd") for k, v in counters[group].items()
+            if "cache" in k}
+
+
 def pad_document(doc: Document, length: int, pad_id: int = PAD_ID) -> Document:
     """doc followed by padding tokens up to `length` tokens; padding is never a target (mask False)."""
     if len(doc) > length:
