@@ -164,8 +164,8 @@ class GraphRecorder:
         self.dynamic: list[bool] = []
 
     def __call__(self, gm, inputs):
-        self.dynamic.append(any(isinstance(t, torch.SymInt) or isinstance(t, torch.Tensor)
-                                and any(isinstance(s, torch.SymInt) for s in t.shape) for t in inputs))
+        sizes = [s for t in inputs for s in ([t] if isinstance(t, torch.SymInt) else getattr(t, "shape", ()))]
+        self.dynamic.append(any(isinstance(s, torch.SymInt) for s in sizes))
         return gm.forward
 
 
