@@ -109,6 +109,7 @@ def main(argv=None) -> dict:
     from dsv4.builtin import builtin_config
     from dsv4.checkpoint import synthesize
     from dsv4.loader import load_model
+    from dsv4.train.compiled import compile_cache_counts
     from dsv4.train.data import PackStream, concat_pack, pack
     from dsv4.train.dist import DistContext
     from dsv4.train.loop import TrainConfig, Trainer
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
     log = MetricsLog(out)
     budget_s = args.minutes * 60 if args.minutes else float("inf")
     t0 = time.perf_counter()
-    step_times, step_tokens, tokens = [], [], 0
+    step_times, step_tokens, tokens, graphs = [], [], 0, []
     prof = None
     while trainer.step < train.max_steps:
         if args.profile and trainer.step == train.max_steps - args.profile:
@@ -173,6 +174,7 @@ def main(argv=None) -> dict:
         step_times.append(dt)
         tokens += rec["tokens"]
         step_tokens.append(rec["tokens"])
+        graphs.append(rec.get("compiled_graphs", 0))
         rec["step_s"], rec["elapsed_s"] = dt, time.perf_counter() - t0
         log.write(rec)
         if trainer.step <= 3 or trainer.step % 25 == 0:
@@ -201,6 +203,8 @@ def main(argv=None) -> dict:
             "tok_per_s_steady": sum(step_tokens[2:] or step_tokens) / sum(steady),
             "step_s_median": statistics.median(steady), "step_s_first": step_times[0],
             "compile": args.compile, "compile_s_est": step_times[0] - statistics.median(steady),
+            "compiled_graphs_first_step": graphs[0], "compiled_graphs_later": sum(graphs[1:]),
+            "compile_cache": compile_cache_counts() if args.compile else None,
             "tokens_per_step": tokens / max(1, steps), "peak_mem_bytes": peak,
             "peak_mem_gib": peak / 2**30 if peak is not None else None, "parameters": n_params,
             "train": asdict(train), "settings": settings}

@@ -156,6 +156,45 @@ def test_compiled_step_matches_eager(compiled_trainer):
     assert_same(eager_ckpt, compiled_ckpt, loose)      # the compiled blocks under activation checkpointing
 
 
+class GraphRecorder:
+    """A Dynamo backend that runs each captured graph as it is (no AOT tracing: cheap) and records whether any of
+    its inputs has a symbolic size (a graph compiled for dynamic shapes)."""
+
+    def __init__(self):
+        self.dynamic: list[bool] = []
+
+    def __call__(self, gm, inputs):
+        sizes = [s for t in inputs for s in ([t] if isinstance(t, torch.SymInt) else getattr(t, "shape", ()))]
+        self.dynamic.append(any(isinstance(s, torch.SymInt) for s in sizes))
+        return gm.forward
+
+
+@pytest.mark.slow
+def test_every_block_runs_at_seq_len_in_static_graphs_compiled_once(small_ckpt, tmp_path, caplog):
+    """Packs of other real lengths (one exactly seq_len: no padding), MTP on, activation checkpointing (the blocks
+    recomputed in the backward): every block call, the MTP block's included, sees seq_len tokens; every graph has
+    static shapes (a size change must never switch a block to dynamic shapes); the first step compiles them all and
+    later steps nothing. A recompilation after the first step is logged and counted in the step's record."""
+    torch._dynamo.reset()
+    graphs = GraphRecorder()
+    packs = [[_doc(n, 20 + n)] for n in (256, 170, 221)]
+    cfg = TrainConfig(max_steps=4, lr=1e-3, warmup_steps=1, seq_len=256, grad_ckpt=True, mtp_weight=0.3,
+                      bias_update_rate=1e-3, compile=graphs, pad_to_seq_len=True)
+    trainer = Trainer(_model(small_ckpt), PackStream(packs, 1), cfg, tmp_path, progress=False)
+    lengths = set()
+    for block in [*trainer.model.layers, *trainer.model.mtp]:
+        block.register_forward_pre_hook(lambda m, args: lengths.add(args[0].shape[1]))
+    records = [trainer.train_step() for _ in range(3)]
+    assert lengths == {256}, "a block ran at another length than seq_len: it compiles again"
+    assert records[0]["compiled_graphs"] == len(graphs.dynamic) > 0
+    assert [r["compiled_graphs"] for r in records[1:]] == [0, 0]
+    assert not any(graphs.dynamic), "a graph was compiled for dynamic shapes"
+    trainer.cfg.seq_len = 320                           # another padded length: compiles again (static), loudly
+    with caplog.at_level("WARNING", logger="dsv4.train"):
+        rec = trainer.train_step()
+    assert rec["compiled_graphs"] > 0 and "compiled" in caplog.text and not any(graphs.dynamic)
+
+
 def _on_cuda(ckpt, qat: bool = True):
     m = dsv4.load_model(ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=qat, progress=False)
     return prepare_full(m, qat=qat)

@@ -78,6 +78,10 @@ def test_mtp_loss_trains_the_mtp_block(tiny_ckpt, tmp_path):
     rec = t.run()
     assert all(r["mtp_loss"] > 0 for r in rec)
     assert not torch.equal(t.model.mtp[0].e_proj.weight, before)
+    # per document, the MTP block's positions but the last (it reads a padding token) are counted as expert load
+    docs = [d for p in t.stream.step(0) for d in p]
+    k = dsv4.tiny_config().n_activated_experts
+    assert sum(rec[0]["expert_load"]["mtp.0"]["tokens"]) == k * sum(len(d) - 1 for d in docs)
 
 
 def test_cli_finetunes_the_builtin_model_on_chat_data(tmp_path, monkeypatch, builtin_ckpt, capsys):

@@ -18,7 +18,9 @@ Not compiled: the embedding, the head's loss and the MTP input mix and head (a f
 
 Fixed shapes: `pad_batch` extends a one-sequence pack with padding tokens after the real ones (masked out of the
 loss: targets IGNORE). Attention is causal and compressed entries are visible only once their block is complete,
-so the real tokens' forward is unchanged (tests check loss and gradients against the unpadded step).
+so the real tokens' forward is unchanged (tests check loss and gradients against the unpadded step). The MTP block
+runs over the same length (`mtp_loss_sum`), and every block is compiled with `dynamic=False`: one static graph set
+per block kind, compiled at the first step; the trainer logs any graph compiled after it (`compiled_graphs`).
 NOTE: the padding tokens pass through the routers; `LoadCounter.real_tokens` keeps them out of the expert load.
 """
 
@@ -50,7 +52,10 @@ class CompiledForward:
         if not callable(backend) and backend not in BACKENDS:
             raise ValueError(f"unknown compile backend {backend!r}; choose from {BACKENDS}")
         self.backend = backend
-        self.fn = torch.compile(type(block).forward.__get__(block), backend=backend)
+        # dynamic=False: a size that differs from a cached graph's compiles another static graph. Left to Dynamo's
+        # default (automatic dynamic shapes) it compiled the block again with symbolic sizes, for every kind sharing
+        # the code object (Block.forward): slower to compile and to run. Sizes are fixed by padding instead.
+        self.fn = torch.compile(type(block).forward.__get__(block), backend=backend, dynamic=False)
 
     def __call__(self, *args, **kwargs):
         with torch._dynamo.config.patch(**DYNAMO_CONFIG):
@@ -73,6 +78,24 @@ def uncompile_blocks(model: nn.Module) -> nn.Module:
         if isinstance(block.__dict__.get("forward"), CompiledForward):
             del block.forward
     return model
+
+
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled in this process (all backends); the trainer logs any compiled after its first
+    step (a guard failed: a shape or a Python value changed), each a compilation and possibly a slower graph."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """Hits, misses and bypasses of inductor's FX graph cache and AOTAutograd's cache in this process. Both persist
+    on disk (default /tmp/torchinductor_$USER), so a second run on the same machine (the probe's graphs, then the
+    training run's) should hit instead of compiling its kernels again."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}.{k}": v for group in ("inductor", "aot_autograd") for k, v in counters[group].items()
+            if "cache" in k}
 
 
 def pad_document(doc: Document, length: int, pad_id: int = PAD_ID) -> Document:

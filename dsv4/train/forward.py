@@ -21,6 +21,7 @@ from dsv4.model.state import ModelState, StepBatch, to_device
 from dsv4.train.data import Document
 
 IGNORE = -100
+MTP_PAD_ID = 0        # the token the MTP block's last position reads (its output is never used)
 
 
 @dataclass
@@ -82,7 +83,11 @@ def hidden(model, pb: PackedBatch, grad_ckpt: bool) -> torch.Tensor:
 def mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int = 0,
                  grad_ckpt: bool = False) -> tuple[torch.Tensor, int]:
     """Summed CE of the MTP block (DeepSeek-V3 shift: position i sees h_i and token i+1, predicts token i+2),
-    one document at a time (each from position 0); `grad_ckpt`: each document's under activation checkpointing."""
+    one document at a time (each from position 0); `grad_ckpt`: each document's under activation checkpointing.
+    The block runs over all n positions of the document, as the main blocks do: the last one pairs h_{n-1} with a
+    padding token (MTP_PAD_ID) and predicts nothing. Attention is causal, so the other positions are those of the
+    n-1 position run; the equal length lets a padded pack's MTP block reuse one compiled shape (train/compiled.py:
+    one token fewer compiled every block graph again)."""
     total, count = h.new_zeros((), dtype=torch.float32), 0
     for seq, d in zip(pb.batch.seqs, pb.docs, strict=True):
         n = seq.length
@@ -93,7 +98,7 @@ def mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int = 0,
         tgt = pb.mtp_targets[seq.offset:seq.offset + n - 2]            # ids[0, 2:] where d.mask[2:], else IGNORE
 
         def doc_loss(hd, ids=ids, tgt=tgt, n=n):
-            logits = model.mtp_forward(hd[:, :-1], ids[:, 1:], depth)[0, :n - 2]
+            logits = model.mtp_forward(hd, F.pad(ids[:, 1:], (0, 1), value=MTP_PAD_ID), depth)[0, :n - 2]
             return F.cross_entropy(logits.float(), tgt, ignore_index=IGNORE, reduction="sum")
         total = total + _maybe_checkpoint(doc_loss, hd, grad_ckpt)
         count += sum(d.mask[2:])          # counted on the host: a device count would sync the GPU every document
@@ -120,17 +125,19 @@ class LoadCounter:
                        for n, m in self.gates}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.gates]
         self.enabled = True
-        self.rows: dict[str, int] = {}       # per gate: count only its first rows tokens (the rest is padding)
+        self.rows: dict[str, int | None] = {}      # per gate: count only its first rows tokens (the rest is padding)
+        self.real_tokens(None)
 
     def real_tokens(self, n: int | None) -> None:
         """The next forwards run packs padded after their first n tokens (None: not padded): count only those.
-        An MTP block's position i reads token i+1, so its real positions are one fewer."""
-        self.rows = {} if n is None else {name: n - 1 if name.startswith("mtp.") else n for name, _ in self.gates}
+        An MTP block's position i reads token i+1, so its real positions are one fewer (unpadded: all but the last,
+        which reads `MTP_PAD_ID`)."""
+        self.rows = {name: (-1 if n is None else n - 1) if name.startswith("mtp.") else n for name, _ in self.gates}
 
     def _hook(self, name: str):
         def hook(module, args, out):
             if self.enabled:                  # switched off around backward (checkpoint recomputation)
-                ids = out[1][:self.rows[name]] if name in self.rows else out[1]
+                ids = out[1][:self.rows[name]]
                 self.counts[name] += expert_counts(ids, len(self.counts[name]))
         # NOTE: never traced into a compiled block (train/compiled.py): Dynamo mis-traced the in-place count update
         # of a tensor it does not own; a graph break at each gate instead.

@@ -9,6 +9,7 @@ shards and, with expert parallel, the rank's own experts; resume with the same n
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -18,13 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from dsv4.train import ep
-from dsv4.train.compiled import compile_blocks, pad_pack
+from dsv4.train.compiled import compile_blocks, compiled_graphs, pad_pack
 from dsv4.train.data import PackStream
 from dsv4.train.dist import DistContext, shard
 from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch
 from dsv4.train.metrics import MetricsLog, expert_load, plot_loss
 from dsv4.train.optim import MasterWeights, clip_grad_norm, lr_at, make_optimizer, update_gate_bias
 from dsv4.train.params import forget_qat, refresh_qat
+
+log = logging.getLogger("dsv4.train")
 
 
 @dataclass
@@ -91,10 +94,11 @@ class Trainer:
         if cfg.compile:
             compile_blocks(model, cfg.compile)
         self.step = 0
+        self.steps_run = 0            # by this process (a resumed run compiles at its first step too)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
-        t0 = time.perf_counter()
+        t0, graphs = time.perf_counter(), compiled_graphs()
         packs = self.stream.step(self.step)
         # max(1, .): a step whose targets were all cut off by truncation contributes a zero loss, not NaN.
         n_targets = max(1, sum(d.n_targets for p in packs for d in p))
@@ -135,8 +139,19 @@ class Trainer:
         if self.cfg.mtp_weight and n_mtp:
             record["mtp_loss"] = host.sums[1] / n_mtp
         record["expert_load"] = expert_load(host.counts)
+        if self.cfg.compile:
+            record["compiled_graphs"] = self._new_graphs(compiled_graphs() - graphs)
         self.step += 1
+        self.steps_run += 1
         return record
+
+    def _new_graphs(self, n: int) -> int:
+        """n graphs compiled this step: expected at the first, a warning after it (the padded shapes should make
+        every step's graphs those of the first)."""
+        if n and self.steps_run:
+            log.warning("step %d compiled %d graphs again after the first step: a shape or guarded value changed "
+                        "(TORCH_LOGS=recompiles says which)", self.step, n)
+        return n
 
     def _batch(self, pack) -> PackedBatch:
         """The pack as one batch; with `pad_to_seq_len`, padded to seq_len tokens (not counted as expert load)."""

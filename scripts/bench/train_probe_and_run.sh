@@ -7,6 +7,7 @@
 # OUT gets probes.txt (step times, profiles, compile logs' tails) and RUN/ (scripts/train_builtin_gpu.py's bundle:
 # at most 7 files). Extra arguments go to every probe and to the run (e.g. --lr 7e-4 --seed 5).
 # PROBES (environment) overrides the settings: "name=args;name=args", e.g. PROBES="eager=;topk=DSV4_STABLE_TOPK".
+# PROBE_TIMEOUT (environment): seconds per probe (default 300; a cold --compile inductor probe compiles everything).
 # Usage (repository root, on the GPU machine; carry .builtin_data and the init):
 #   bash scripts/bench/train_probe_and_run.sh INIT MINUTES|fit:SECONDS OUT RUN [train args...]   (MINUTES 0: probes only)
 set -u
@@ -20,11 +21,12 @@ probe() {   # name, args (a word DSV4_*: that switch set to 1)
     local name=$1 envs=() args=(); shift
     for a in $*; do case $a in DSV4_*) envs+=("$a=1");; *) args+=("$a");; esac; done
     rm -rf "/tmp/probe_$name"
-    env TORCH_LOGS=graph_breaks,recompiles "${envs[@]}" timeout 300 python3 scripts/train_builtin_gpu.py .builtin_data "/tmp/probe_$name" --steps 10 \
+    env TORCH_LOGS=graph_breaks,recompiles "${envs[@]}" timeout "${PROBE_TIMEOUT:-300}" python3 scripts/train_builtin_gpu.py .builtin_data "/tmp/probe_$name" --steps 10 \
         --no-eval "${init_args[@]}" "${args[@]}" "${extra[@]}" > "/tmp/probe_$name.log" 2>&1
     echo "== probe $name (${envs[*]} ${args[*]}) rc $?"
     python3 -c "import json,sys; p=json.load(open(sys.argv[1])); print({k: p.get(k) for k in ('tok_per_s_steady',
-        'step_s_median', 'step_s_first', 'compile_s_est', 'peak_mem_gib')})" "/tmp/probe_$name/perf.json" \
+        'step_s_median', 'step_s_first', 'compile_s_est', 'peak_mem_gib', 'compiled_graphs_first_step',
+        'compiled_graphs_later', 'compile_cache')})" "/tmp/probe_$name/perf.json" \
         || tail -25 "/tmp/probe_$name.log"
 }
 extra=("$@")
