@@ -148,8 +148,8 @@ class TrainStep(nn.Module):
     """Wraps the model so the whole training forward runs inside one `__call__` (what FSDP2 hooks into).
     forward(pack) -> (summed main CE, summed MTP CE or None, number of MTP targets, copy terms or None).
     copy_ngram > 0 (train/unlikelihood.py): the copy terms are [summed unlikelihood of the wrong in-context copies
-    (differentiable; computed detached when `unlikelihood` is 0), wrong-copy positions, their summed p(c_t),
-    positions with a copy candidate]; the trainer weights the first by `unlikelihood`."""
+    (differentiable; computed detached when `unlikelihood` is 0), then `copy_terms`' statistics]; the trainer
+    weights the first by `unlikelihood`."""
 
     def __init__(self, model: nn.Module, grad_ckpt: bool = True, mtp_weight: float = 0.0, unlikelihood: float = 0.0,
                  copy_ngram: int = 0, copy_window: int = 0):

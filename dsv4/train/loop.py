@@ -76,11 +76,12 @@ def read_step_values(sums: torch.Tensor, grad_norm: torch.Tensor, counts: dict[s
 
 
 def copy_record(copy: list[float], n_targets: int) -> dict:
-    """The step's copy statistics: the unlikelihood term (before its weight) per target position, the fraction of
-    target positions whose copy candidate is wrong (and that have one), the mean p(c_t) of the wrong candidates."""
-    ul, wrong, p_wrong, has = copy
+    """The step's copy statistics: the unlikelihood term (before its weight) per target position; the fractions of
+    target positions whose copy candidate is wrong, that have one, whose wrong candidate is the argmax (a greedy
+    wrong copy); the mean p(c_t) of the wrong candidates."""
+    ul, wrong, p_wrong, has, top1 = copy
     return {"copy_ul": ul / n_targets, "copy_wrong_frac": wrong / n_targets, "copy_frac": has / n_targets,
-            "copy_wrong_p": p_wrong / wrong if wrong else None}
+            "copy_wrong_top1_frac": top1 / n_targets, "copy_wrong_p": p_wrong / wrong if wrong else None}
 
 
 class Trainer:
@@ -119,8 +120,8 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        # summed main CE, MTP CE; unlikelihood, wrong-copy positions, their summed p, positions with a candidate
-        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        # summed main CE, MTP CE; the copy terms (unlikelihood, wrong copies, their summed p, candidates, top-1 wrong)
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
         refresh_qat(self.model)                                 # once per step: the weights change only below
         for pack in packs[self.ctx.rank::self.ctx.world]:
             ce, mtp, _, copy = self.step_module(self._batch(pack))

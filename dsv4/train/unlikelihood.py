@@ -66,14 +66,17 @@ def _gram_hash(ids: torch.Tensor, k: int, base: int) -> torch.Tensor:
 
 def copy_terms(logp: torch.Tensor, targets: torch.Tensor, cand: torch.Tensor, ignore_index: int,
                eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the head's log-probabilities logp [T, V] (one gather, no second [T, V] tensor): the summed
-    unlikelihood over the wrong-copy positions (differentiable), and detached statistics
-    [wrong-copy positions, summed p(c_t) over them, target positions with any copy candidate] (fp32)."""
+    """From the head's log-probabilities logp [T, V] (a gather and a max, no second [T, V] tensor): the summed
+    unlikelihood over the wrong-copy positions (differentiable), and detached statistics [wrong-copy positions,
+    summed p(c_t) over them, target positions with any copy candidate, wrong copies that are the argmax (where
+    greedy decoding would copy wrongly)] (fp32)."""
     has = (cand >= 0) & (targets != ignore_index)
     wrong = has & (cand != targets)
     lp = logp.gather(1, cand.clamp(min=0).unsqueeze(1)).squeeze(1)          # [T] log p(c_t)
     # -log(clamp(1 - p, min=eps)), 1 - p as -expm1(log p): exact where p is near 1 (1 - exp(lp) cancels there)
     ul = torch.where(wrong, -torch.log(torch.clamp(-torch.expm1(lp), min=eps)), 0.0).sum()
     p = lp.exp()
-    stats = torch.stack([wrong.sum().float(), torch.where(wrong, p, 0.0).sum(), has.sum().float()]).detach()
+    top1 = wrong & (lp >= logp.max(-1).values)
+    stats = torch.stack([wrong.sum().float(), torch.where(wrong, p, 0.0).sum(), has.sum().float(),
+                         top1.sum().float()]).detach()
     return ul, stats
