@@ -50,7 +50,7 @@ def _doc(n, seed):
 def loss_and_grads(model, pb, grad_ckpt=False):
     model.zero_grad(set_to_none=True)
     refresh_qat(model)
-    ce, mtp, _ = TrainStep(model, grad_ckpt, mtp_weight=1.0)(pb)
+    ce, mtp, _, _ = TrainStep(model, grad_ckpt, mtp_weight=1.0)(pb)
     (ce + mtp).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)

@@ -85,7 +85,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_ckpt):
     grads = []
     for ckpt in (False, True):
         m.zero_grad()
-        ce, _, _ = TrainStep(m, grad_ckpt=ckpt)(pb)
+        ce, _, _, _ = TrainStep(m, grad_ckpt=ckpt)(pb)
         ce.backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50

@@ -36,7 +36,7 @@ def _docs(lengths, seed):
 def loss_and_grads(model, docs, grad_ckpt=False):
     """(main CE + MTP CE, {name: grad}) of one training forward/backward over `docs` packed as one batch."""
     model.zero_grad(set_to_none=True)
-    ce, mtp, _ = TrainStep(model, grad_ckpt, mtp_weight=1.0)(packed_batch(docs, "cpu"))
+    ce, mtp, _, _ = TrainStep(model, grad_ckpt, mtp_weight=1.0)(packed_batch(docs, "cpu"))
     loss = ce + mtp
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -36,6 +36,13 @@ def add_parsers(sub, positive, dtypes: dict) -> None:
                    help="packed sequences per optimiser step, over all processes (default 1)")
     p.add_argument("--no-grad-ckpt", action="store_true", help="keep activations instead of recomputing blocks")
     p.add_argument("--mtp-weight", type=float, default=0.0, help="weight of the MTP loss (default 0 = off)")
+    p.add_argument("--unlikelihood", type=float, default=0.0, metavar="ALPHA",
+                   help="weight of the unlikelihood of wrong in-context copies (default 0: only logged)")
+    p.add_argument("--copy-ngram", type=int, default=4, metavar="N",
+                   help="copy candidate: the token after the latest earlier occurrence of the last N-1 tokens in the "
+                        "document (default 4; 0 = no copy term nor statistics)")
+    p.add_argument("--copy-window", type=int, default=0,
+                   help="that occurrence at most this many tokens back (default 0 = anywhere)")
     p.add_argument("--bias-update-rate", type=float, default=0.0,
                    help="noaux_tc gate-bias balancing step per optimiser step (default 0 = off)")
     p.add_argument("--lora-alpha", type=positive(float), help="LoRA alpha (default 2 * rank)")
@@ -81,7 +88,8 @@ def cmd_finetune(args) -> int:
                         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                         seq_len=args.seq_len, packs_per_step=args.packs_per_step, grad_ckpt=not args.no_grad_ckpt,
                         mtp_weight=args.mtp_weight, bias_update_rate=args.bias_update_rate,
-                        save_every=args.save_every, seed=args.seed, expert_parallel=args.expert_parallel)
+                        save_every=args.save_every, seed=args.seed, expert_parallel=args.expert_parallel,
+                        unlikelihood=args.unlikelihood, copy_ngram=args.copy_ngram, copy_window=args.copy_window)
     try:
         out = finetune(args.data, args.out, args.model, args.lora, args.lora_alpha,
                        tuple(t for t in args.lora_targets.split(",") if t), args.qat, train, device, dtype,

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from dsv4.model.moe import Gate, expert_counts
 from dsv4.model.state import ModelState, StepBatch, to_device
 from dsv4.train.data import Document
+from dsv4.train.unlikelihood import copy_candidates, copy_terms, segment_starts
 
 IGNORE = -100
 MTP_PAD_ID = 0        # the token the MTP block's last position reads (its output is never used)
@@ -152,11 +153,16 @@ class LoadCounter:
 
 class TrainStep(nn.Module):
     """Wraps the model so the whole training forward runs inside one `__call__` (what FSDP2 hooks into).
-    forward(pack) -> (summed main CE, summed MTP CE or None, number of MTP targets)."""
+    forward(pack) -> (summed main CE, summed MTP CE or None, number of MTP targets, copy terms or None).
+    copy_ngram > 0 (train/unlikelihood.py): the copy terms are [summed unlikelihood of the wrong in-context copies
+    (differentiable; computed detached when `unlikelihood` is 0), then `copy_terms`' statistics]; the trainer
+    weights the first by `unlikelihood`."""
 
-    def __init__(self, model: nn.Module, grad_ckpt: bool = True, mtp_weight: float = 0.0):
+    def __init__(self, model: nn.Module, grad_ckpt: bool = True, mtp_weight: float = 0.0, unlikelihood: float = 0.0,
+                 copy_ngram: int = 0, copy_window: int = 0):
         super().__init__()
         self.model, self.grad_ckpt, self.mtp_weight = model, grad_ckpt, mtp_weight
+        self.unlikelihood, self.copy_ngram, self.copy_window = unlikelihood, copy_ngram, copy_window
 
     def forward(self, pb: PackedBatch):
         h = hidden(self.model, pb, self.grad_ckpt)
@@ -165,8 +171,27 @@ class TrainStep(nn.Module):
             logits = self.model.main_logits(h, check_finite=False)[0]   # [T, V] fp32; the trainer checks the loss
             return F.cross_entropy(logits, pb.targets, ignore_index=IGNORE, reduction="sum")
         # checkpointed, the head keeps no fp32 [T, V] logits and log-probabilities (48 KB a token at V = 6144)
-        ce = _maybe_checkpoint(main_loss, h, self.grad_ckpt)
+        if self.copy_ngram:
+            ce, copy = self._main_and_copy_loss(h, pb)
+        else:
+            ce, copy = _maybe_checkpoint(main_loss, h, self.grad_ckpt), None
         if not self.mtp_weight:
-            return ce, None, 0
+            return ce, None, 0, copy
         mtp, n = mtp_loss_sum(self.model, h, pb, grad_ckpt=self.grad_ckpt)
-        return ce, mtp, n
+        return ce, mtp, n, copy
+
+    def _main_and_copy_loss(self, h: torch.Tensor, pb: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The main CE and the copy terms from one log-softmax (`F.cross_entropy` is exactly log_softmax +
+        nll_loss, so the CE and its gradient are bit-identical to the plain path). The MTP head gets no copy term:
+        greedy output is the main head's choice (an MTP draft is verified by it)."""
+        cfg = self.model.cfg
+        with torch.no_grad():                   # integer work, outside the checkpoint (not recomputed)
+            starts = segment_starts(pb.input_ids[0], pb.batch.positions, cfg.bos_token_id)
+            cand = copy_candidates(pb.input_ids[0], starts, self.copy_ngram, self.copy_window, cfg.vocab_size)
+
+        def loss(h):
+            logp = F.log_softmax(self.model.main_logits(h, check_finite=False)[0], dim=-1)     # [T, V] fp32
+            ce = F.nll_loss(logp, pb.targets, ignore_index=IGNORE, reduction="sum")
+            ul, stats = copy_terms(logp if self.unlikelihood else logp.detach(), pb.targets, cand, IGNORE)
+            return ce, torch.cat([ul.view(1), stats])
+        return _maybe_checkpoint(loss, h, self.grad_ckpt)

@@ -48,12 +48,20 @@ class TrainConfig:
     expert_parallel: bool = False  # under torchrun: routed experts split over the ranks (train/ep.py)
     compile: str | None = None     # None (eager), "aot_eager" or "inductor": compiled blocks (train/compiled.py)
     pad_to_seq_len: bool = False   # pad one-sequence packs to seq_len tokens: one compiled graph for every step
+    # Unlikelihood of wrong in-context copies (train/unlikelihood.py): loss = (CE + unlikelihood * UL) summed over
+    # the step's target positions / their number (UL is 0 where there is no wrong copy candidate). copy_ngram: the
+    # candidate follows an earlier occurrence of the last copy_ngram - 1 tokens (0: off, and no copy statistics;
+    # else they are logged even at unlikelihood 0); copy_window: that occurrence at most this far back (0: anywhere
+    # in the document).
+    unlikelihood: float = 0.0
+    copy_ngram: int = 4
+    copy_window: int = 0
 
 
 @dataclass
 class StepValues:
     """What the step's record needs from the device, on the host."""
-    sums: list[float]                      # summed main CE, summed MTP CE
+    sums: list[float]                      # summed main CE, MTP CE, and the copy terms (`TrainStep`)
     grad_norm: float
     counts: dict[str, torch.Tensor]        # tokens per routed expert, per gate (host int64)
 
@@ -63,11 +71,20 @@ def read_step_values(sums: torch.Tensor, grad_norm: torch.Tensor, counts: dict[s
     (host and GPU time then add up instead of overlapping). All values travel as float64 (exact for the fp32 norm,
     the float64 sums and integer counts below 2**53)."""
     flat = torch.cat([sums, grad_norm.double().view(1), *(c.double() for c in counts.values())]).tolist()
-    out, at = {}, 3
+    out, at = {}, len(sums) + 1
     for name, c in counts.items():
         out[name] = torch.tensor([int(v) for v in flat[at:at + c.numel()]], dtype=torch.long)
         at += c.numel()
-    return StepValues(flat[:2], flat[2], out)
+    return StepValues(flat[:len(sums)], flat[len(sums)], out)
+
+
+def copy_record(copy: list[float], n_targets: int) -> dict:
+    """The step's copy statistics: the unlikelihood term (before its weight) per target position; the fractions of
+    target positions whose copy candidate is wrong, that have one, whose wrong candidate is the argmax (a greedy
+    wrong copy); the mean p(c_t) of the wrong candidates."""
+    ul, wrong, p_wrong, has, top1 = copy
+    return {"copy_ul": ul / n_targets, "copy_wrong_frac": wrong / n_targets, "copy_frac": has / n_targets,
+            "copy_wrong_top1_frac": top1 / n_targets, "copy_wrong_p": p_wrong / wrong if wrong else None}
 
 
 class Trainer:
@@ -84,7 +101,8 @@ class Trainer:
         self.device = next(model.parameters()).device
         if cfg.expert_parallel:
             ep.install(model, ctx)
-        self.step_module = shard(TrainStep(model, cfg.grad_ckpt, cfg.mtp_weight), ctx, ep.local_expert_params(model))
+        step = TrainStep(model, cfg.grad_ckpt, cfg.mtp_weight, cfg.unlikelihood, cfg.copy_ngram, cfg.copy_window)
+        self.step_module = shard(step, ctx, ep.local_expert_params(model))
         self.params = [(n, p) for n, p in self.step_module.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: no parameter requires a gradient")
@@ -106,11 +124,16 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)     # summed main CE, MTP CE
+        # summed main CE, MTP CE; the copy terms (unlikelihood, wrong copies, their summed p, candidates, top-1 wrong)
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
         refresh_qat(self.model)                                 # once per step: the weights change only below
         for pack in packs[self.ctx.rank::self.ctx.world]:
-            ce, mtp, _ = self.step_module(self._batch(pack))
+            ce, mtp, _, copy = self.step_module(self._batch(pack))
             loss = ce / n_targets
+            if copy is not None:
+                if self.cfg.unlikelihood:
+                    loss = loss + self.cfg.unlikelihood * copy[0] / n_targets
+                sums[2:] += copy.detach().double()
             if mtp is not None and n_mtp:
                 loss = loss + self.cfg.mtp_weight * mtp / n_mtp
                 sums[1] += mtp.detach().double()
@@ -138,6 +161,8 @@ class Trainer:
                   "tok_per_s": tokens / (time.perf_counter() - t0)}
         if self.cfg.mtp_weight and n_mtp:
             record["mtp_loss"] = host.sums[1] / n_mtp
+        if self.cfg.copy_ngram:
+            record.update(copy_record(host.sums[2:], n_targets))
         record["expert_load"] = expert_load(host.counts)
         if self.cfg.compile:
             record["compiled_graphs"] = self._new_graphs(compiled_graphs() - graphs)

@@ -84,7 +84,7 @@ def main() -> None:
     n = args.tokens - 10
     pb = pad_batch(packed_batch([Document([rng.randrange(6144) for _ in range(n)], [True] * n)], "cpu"), args.tokens)
     refresh_qat(model)
-    ce, mtp, _ = TrainStep(model, False, 0.3)(pb)
+    ce, mtp, _, _ = TrainStep(model, False, 0.3)(pb)
     (ce + mtp).backward()
     total = collections.Counter()
     externs = collections.Counter()
