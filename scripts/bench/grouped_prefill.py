@@ -7,8 +7,9 @@ Prints median ms and TFLOP/s (2 M N K / t) per kernel and config, each output's 
 the 16-row-block kernel (the FP4 kernels must agree to 1e-5: same exact products, fp32 sums in another order;
 _grouped_mm's bf16 output is shown for information), and a CUDA-graph capture + replay check of the new kernel.
 The new kernel is called directly: it is not in the default dispatch until this shows it wins. The "PACKED" rows
-are its `packed=True` option (inline-PTX decode of four codes per op, fp16 dots: `ops/triton/fp4_decode.py`);
-`--tokens 64` is the decode batch-64 shape (384 rows).
+are its `packed=True` option (inline-PTX decode of four codes per op, fp16 dots: `ops/triton/fp4_decode.py`), the
+"FP8MMA" rows its `fp8mma` option (the reference's FP8 x FP8 arithmetic: `ops/triton/fp4_prefill_fp8mma.py`; class
+1e-3, the FP8 MMA's accumulation is below fp32); `--tokens 64` is the decode batch-64 shape (384 rows).
 Usage: python3 scripts/bench/grouped_prefill.py [--tokens 1024 8192] [--repeats 10] [--json PATH]
 """
 
@@ -35,7 +36,12 @@ CONFIGS = [            # block_m, block_n, num_warps, group_scales, join (num_st
 # block_n, num_warps. 16-row tiles for the decode shape (--tokens 64: 384 rows, ~1.5 per expert).
 PACKED_CONFIGS = [(64, 64, 8), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 64, 4), (16, 64, 4), (16, 128, 4),
                   (16, 128, 8)]
+# The FP8-MMA variant (`fp8mma=True` / "fold": `ops/triton/fp4_prefill_fp8mma.py`): block_m (tokens, the wgmma's N),
+# block_n (weight rows, 64 per warpgroup), num_warps, fold.
+FP8MMA_CONFIGS = [(32, 128, 4, False), (16, 128, 4, False), (32, 256, 8, False), (32, 64, 4, False),
+                  (64, 64, 4, False), (32, 64, 4, True), (64, 64, 4, True), (128, 64, 4, True)]
 FP4_TOL = 1e-5
+FP8MMA_TOL = 1e-3
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,7 +106,13 @@ def shape_results(tokens: int, w, s, wb, gen, repeats: int) -> dict:
     for bm, bn, nw in PACKED_CONFIGS:
         fn = partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, packed=True)
         rows.append(timed(f"prefill PACKED fp16 dots bm={bm} bn={bn} warps={nw}", fn, ref, m, repeats))
-    bad = [r["name"] for r in rows[2:] if r.get("rel_err_vs_fp4_grouped_gemm", 0.0) > FP4_TOL]
+    for bm, bn, nw, fold in FP8MMA_CONFIGS:
+        fn = partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw,
+                     fp8mma="fold" if fold else True)
+        rows.append(timed(f"prefill FP8MMA{' fold' if fold else ''} bm={bm} bn={bn} warps={nw}", fn, ref, m, repeats))
+    # the FP8 MMA's own accumulation (below fp32) puts it in a looser class (tests/test_fp4_prefill_fp8mma.py)
+    bad = [r["name"] for r in rows[2:] if r.get("rel_err_vs_fp4_grouped_gemm", 0.0) > (
+        FP8MMA_TOL if "FP8MMA" in r["name"] else FP4_TOL)]
     graph_err = graph_check(x, eid, w, s)
     print(f"  CUDA graph replay with other ids: rel err {graph_err:.2e}; "
           f"{'MISMATCH (> 1e-5): ' + ', '.join(bad) if bad else 'all FP4 kernels agree within 1e-5'}", flush=True)
