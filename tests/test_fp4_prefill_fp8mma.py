@@ -62,19 +62,20 @@ x = fake_quant_fp8(x, 128)
 res['random_ulps'] = [ulps(gemm(x, eid, w, s, block_m=bm, block_n=64, num_warps=4), x, eid, w, s) for bm in (16, 32)]
 twin = ops.grouped_linear.twin(x, eid, w, s, 'fp4')
 res['twin_ulps'] = ulps(gemm(x, eid, w, s, block_m=16, block_n=64, num_warps=4), x, eid, w, s, twin)
-# decoding, exactly: one-hot rows read back every code (both nibbles) of 3 experts: scale bytes 0, 1, 100, 127,
+# decoding, exactly: one-hot rows read back every code (both nibbles) of 4 experts: scale bytes 0, 1, 100, 127,
 # 140, 160 (a byte 0: the exact e8m0 decode); 118..121 (a 128-K block spans <= 3 binades: folded when FOLD);
-# 100 and 140 within one block (40 binades: the fold's guard must send it to the per-32 path).
-codes = torch.arange(3 * 64 * K, dtype=torch.int32).view(3, 64, K) % 16
+# 110 / 121 alternating (11 binades: the fold's limit, still folded); 110 / 122 (12: the guard must send it to
+# the per-32 path; folded, a 0.5 would lose its subnormal code).
+codes = torch.arange(4 * 64 * K, dtype=torch.int32).view(4, 64, K) % 16
 wq = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).view(torch.int8)
 g = torch.arange(64 * K // 32).view(64, K // 32)
-sq = torch.stack([torch.tensor([0, 1, 100, 127, 140, 160])[g % 6], 118 + (g * 7 % 4), 100 + 40 * (g % 2)])
-sq = sq.to(torch.uint8).view(torch.float8_e8m0fnu)
+sq = torch.stack([torch.tensor([0, 1, 100, 127, 140, 160])[g % 6], 118 + (g * 7 % 4), 110 + 11 * (g % 2),
+                  110 + 12 * (g % 2)]).to(torch.uint8).view(torch.float8_e8m0fnu)
 eye = torch.eye(K)
-eid3 = torch.arange(3).repeat_interleave(K)
-got = gemm(eye.repeat(3, 1), eid3, wq, sq, block_m=32, block_n=64, num_warps=4)
+eid4 = torch.arange(4).repeat_interleave(K)
+got = gemm(eye.repeat(4, 1), eid4, wq, sq, block_m=32, block_n=64, num_warps=4)
 res['decode_exact'] = [torch.equal(got[e * K:(e + 1) * K], ops.dequant_weight(wq[e], sq[e], 'fp4').T)
-                       for e in range(3)]
+                       for e in range(4)]
 # a NaN scale (byte 255) in the one-row expert 3: its tile also covers expert 4's rows (zeroed), never stored
 s[3, 7, 2] = torch.tensor(255, dtype=torch.uint8).view(s.dtype)
 nan = gemm(x, eid, w, s, block_m=32, block_n=64, num_warps=4).isnan()
@@ -107,10 +108,11 @@ def test_fp8mma_is_the_fp32_class_over_ragged_rows_and_empty_experts(interpreted
 
 @pytest.mark.parametrize("variant", ["per32", "fold"])
 def test_fp8mma_decodes_every_code_and_scale_exactly(interpreted, variant):
-    """Every FP4 code under extreme scale bytes (exact e8m0 path), a narrow block (the fold where enabled) and a
-    40-binade block (the fold's guard must take the per-32 path): bit-exact; a NaN scale gives the twin's NaNs."""
+    """Every FP4 code under extreme scale bytes (exact e8m0 path), narrow blocks and blocks at the fold's limit (11
+    binades: folded where enabled) and past it (12: the guard must take the per-32 path): bit-exact; a NaN scale
+    gives the twin's NaNs."""
     r = interpreted[variant]
-    assert r["decode_exact"] == [True, True, True], r
+    assert r["decode_exact"] == [True] * 4, r
     assert r["nan"] == [True, 1], r
 
 

@@ -2,8 +2,9 @@
 (H100/H200) with Triton's bundled ptxas: no GPU needed, so configs can be screened before a GPU session. Also the
 SASS instructions per weight element of the expert-major kernel's K loop(s) (nvdisasm; the innermost loops that
 hold an MMA, each iteration 128 x block_n weights over num_warps x 32 threads; a packed config also shows its
-default-decode fallback loop; an FP8-MMA config (`ops/triton/fp4_prefill_fp8mma.py`) its loops in code order:
-per-32 with the exact e8m0 decode (scale bytes 0 / 255), [folded,] per-32).
+default-decode fallback loop; an FP8-MMA config (`ops/triton/fp4_prefill_fp8mma.py`) its per-32 loops with the
+exact e8m0 decode (scale bytes 0 / 255) and without, and with `fold` the folded loop, the one with FMULs, in the
+order ptxas lays them out).
 The pointer and size arguments get the divisibility-by-16 hint a real launch gives them (K, N, the pointers);
 without it there is no cp.async pipelining and the register counts mean nothing.
 Usage: python3 scripts/bench/grouped_prefill_regs.py

@@ -18,6 +18,16 @@ the sum over a sub-block does not depend on the order, and each thread then read
 sub-block, with no layout shuffle (compiled for sm_90: no PRMT in the K loop).
 Scale bytes 0 (2^-127, an fp32 subnormal) and 255 (NaN) need the exact e8m0 decode; a program whose weight rows hold
 any runs it, the others place the byte in the fp32 exponent (one shift and mask).
+`fold` (the spec's convert path, per 128-K block, only where exact): the four sub-block scales go into the e4m3
+codes, code = e2m1 * 2^(t_g - T + 6) with T the block's largest exponent, so one K = 128 dot per block (4 wgmmas
+chained in the MMA's accumulator) is scaled once, by 2^(T - 133) and x's scale: 2 FP32 ops per output per 128 K
+instead of 5. Exact while the four span <= 11 binades (the smallest code, 0.5 * 2^(t_g - T + 6), stays a normal
+e4m3 number and 6 * 2^6 = 384 <= 448); a program whose rows span more anywhere, or hold byte 0 / 255, takes the
+per-32 path (`_scale_flags`). The codes come from a table (`_lut_codes`: per sub-block and row, the 8 e4m3 codes
+of the magnitudes, looked up by prmt), which takes four consecutive codes per register, so with `fold` x's codes
+are stored in `X_ORDER_LUT` and its per-32 path uses the same table with unscaled codes.
+Measured offline for sm_90 (scripts/bench/grouped_prefill_regs.py), SASS instructions per weight element in the K
+loop: see bench/NOTES.md, "FP8-MMA expert-major prefill".
 Precision: every product is exact (e4m3 x e2m1 needs 6 significant bits), the scalings are by powers of two. In the
 CPU interpreter the dot is fp32 (IEEE) over the same codes (bit placement, `_e4m3_bytes_to_f32`): the fp32
 summation class. On the GPU the FP8 MMA sums a sub-block's 32 products in its own fixed-point accumulator, below
@@ -58,14 +68,17 @@ def _placed_codes(w_ptr, rows, n_ok, b0, HALF: tl.constexpr, ASM: tl.constexpr):
     return tl.reshape(tl.permute(codes, (0, 3, 1, 2)), [byte.shape[0], 32])
 
 
-# Four codes (pack=4 over `tl.join(byte, byte)`: the register holds bytes b0, b0, b1, b1) -> their e4m3 codes by a
-# table: prmt gathers b0 | b1 << 8 (nibbles = the four codes in order), a second prmt looks the magnitudes up in the
-# 8-byte table ($2 = entries 0-3, $6 = entries 4-7; the other copies of the packed operands are unused), a third
-# turns the sign bits into bytes (prmt's sign-replicate mode on 0x40: 0x40 for a positive code, 0 for a negative
-# one), and lop3 sets bit 7 where it is 0: mag | (~(d << 1) & 0x80808080).
-_LUT_E4M3 = tl.constexpr("{ .reg .b32 hw, sel, mag, k, d; prmt.b32 hw, $1, 0, 0x0020; and.b32 sel, hw, 0x7777; "
-                         "prmt.b32 mag, $2, $6, sel; mov.b32 k, 0x40404040; prmt.b32 d, k, k, hw; shl.b32 d, d, 1; "
-                         "lop3.b32 $0, mag, d, 0x80808080, 0xF2; }")
+# One packed word (pack=4: bytes 4c .. 4c + 3 of a sub-block, eight codes) -> the e4m3 codes of its low half
+# (elements 8c .. 8c + 3) in $0 and of its high half in $1, by a table: in each half the four nibbles are the four
+# codes in order; prmt looks the magnitudes (nibble & 7) up in the 8-byte table ($3 = entries 0-3, $7 = entries
+# 4-7; the other copies of the packed table operands are unused), a second prmt turns the sign bits into bytes
+# (prmt's sign-replicate mode on 0x40: 0x40 for a positive code, 0 for a negative one), and lop3 sets bit 7 where
+# that byte is 0: mag | (~(d << 1) & 0x80808080). NOTE: not elementwise within the pack: it relies on the four
+# bytes of a word being one packed register (the GPU test compares it with the plain-Triton twin).
+_HALF_LUT = ("and.b32 sel, {w}, 0x7777; prmt.b32 mag, $3, $7, sel; prmt.b32 d, k, k, {w}; shl.b32 d, d, 1; "
+             "lop3.b32 {out}, mag, d, 0x80808080, 0xF2; ")
+_LUT_E4M3 = tl.constexpr("{ .reg .b32 hw, sel, mag, k, d; mov.b32 k, 0x40404040; " + _HALF_LUT.format(w="$2", out="$0")
+                         + "shr.b32 hw, $2, 16; " + _HALF_LUT.format(w="hw", out="$1") + "}")
 BASE_TABLE = (0x0C080400, 0x1C181410)       # mag << 2: e2m1 value * 2^-6 (0.5 the e4m3 subnormal 0x04)
 _MAX_SPREAD = tl.constexpr(11)              # scale exponents a 128-K block may span on the folded path
 
@@ -77,21 +90,26 @@ def _lut_codes(byte, tlo, thi, ASM: tl.constexpr):
     a thread's two registers per row and sub-block are the two halves of one packed word."""
     BN: tl.constexpr = byte.shape[0]
     G: tl.constexpr = byte.shape[1]
-    b = tl.reshape(byte, [BN, G, 4, 2, 2])                            # [n, g, word c, half h, byte in half]
-    pair = tl.join(b, b)                                              # [..., nibble]
-    shape: tl.constexpr = pair.shape
-    lo = tl.broadcast_to(tlo[:, :, None, None, None, None], shape)
-    hi = tl.broadcast_to(thi[:, :, None, None, None, None], shape)
+    words = tl.reshape(byte, [BN, G, 4, 4])                           # [n, g, word c, byte]
+    lo = tl.broadcast_to(tlo[:, :, None, None], words.shape)
+    hi = tl.broadcast_to(thi[:, :, None, None], words.shape)
     if ASM:
-        codes = tl.inline_asm_elementwise(_LUT_E4M3, "=r,r,r,r,r,r,r,r,r,r", [pair, lo, hi], dtype=tl.uint8,
-                                          is_pure=True, pack=4)
+        half0, half1 = tl.inline_asm_elementwise(_LUT_E4M3, "=r,=r,r,r,r,r,r,r,r,r,r", [words, lo, hi],
+                                                 dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+        codes = tl.join(half0, half1)                                 # [n, g, c, i, half h]: element 8c + 4h + i
     else:
+        b = tl.reshape(words, [BN, G, 4, 2, 2])                       # [n, g, c, half h, byte in half]
+        pair = tl.join(b, b)                                          # [..., nibble]
         nib = tl.arange(0, 2)[None, None, None, None, None, :]
         code = (pair.to(tl.int32) >> (4 * nib)) & 0xF
         mag = code & 7
-        entry = (tl.where(mag < 4, lo, hi) >> (8 * (mag & 3))) & 0xFF
-        codes = (entry | ((code & 8) << 4)).to(tl.uint8)
-    return tl.reshape(tl.permute(codes, (0, 1, 3, 2, 4, 5)), [BN, G * 32])
+        shape: tl.constexpr = pair.shape
+        lo6 = tl.broadcast_to(tlo[:, :, None, None, None, None], shape)
+        hi6 = tl.broadcast_to(thi[:, :, None, None, None, None], shape)
+        entry = (tl.where(mag < 4, lo6, hi6) >> (8 * (mag & 3))) & 0xFF
+        codes = (entry | ((code & 8) << 4)).to(tl.uint8)              # [n, g, c, h, byte in half, nibble]
+        codes = tl.reshape(tl.permute(codes, (0, 1, 2, 4, 5, 3)), [BN, G, 4, 4, 2])
+    return tl.reshape(tl.permute(codes, (0, 1, 4, 2, 3)), [BN, G * 32])
 
 
 @triton.jit
