@@ -11,9 +11,10 @@ In the CPU interpreter the dot is fp32 (IEEE), so that is the check: elementwise
 <= n + 1 (measured: 0 here; the mutations it must catch give errors of order 2^24). Decoding is checked bit-exactly
 (one-hot rows read back every code under scale bytes 0, 1, 100, 127, 140, 160).
 On the GPU the FP8 MMA sums a sub-block's products in its own fixed-point accumulator (below fp32; DeepSeek-V3
-report §3.3.2: ~14 bits, products aligned to the largest and truncated): per K = 32 wgmma from zero, at most
-32 * 2^-13 * max|p| <= 2^-8 of the sub-block's sum |x w| (2^-6 per 128 K folded), so the GPU test's class is
-elementwise <= 2^-8 (folded: 2^-6) of sum |x w|, and relative (Frobenius) <= 1e-3 against the twin.
+report §3.3.2: ~14 bits; modelled as products aligned to the largest and truncated to 13 fraction bits): per
+K = 32 wgmma from zero, at most 32 * 2^-13 * max|p| <= 2^-8 of the sub-block's sum |x w| (folded: 128 products
+per block, 2^-6), so the GPU test's class is elementwise <= 2^-8 (folded 2^-6) of sum |x w| against the twin.
+No Frobenius bound follows from it (sum |x w| is ~sqrt(K) times |x w| summed with signs); the bench reports it.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def test_fp8mma_dispatch_needs_the_fp8_grid_and_the_switch(monkeypatch):
 @pytest.mark.gpu
 @torch.inference_mode()
 def test_fp8mma_dispatch_on_cuda(monkeypatch):
-    """With the switch on, FP8-grid calls take the variant (and others the default kernel), within its class."""
+    """With the switch on, FP8-grid calls take the variant (and others the default kernel): bit-equal to calling
+    it directly with the dispatched tiles."""
     import importlib
 
     module = importlib.import_module("dsv4.ops.triton.fp4_prefill_fp8mma")
@@ -187,15 +189,14 @@ def test_fp8mma_dispatch_on_cuda(monkeypatch):
     got = ops.grouped_linear(x, eid, w, s, "fp4", fp8_grid=True)
     ops.grouped_linear(x, eid, w, s, "fp4")
     assert taken == [1]
-    want = ops.grouped_linear.twin(x, eid, w, s, "fp4").double()
-    assert ((got.double() - want).norm() / want.norm()).item() <= 1e-3
+    assert torch.equal(got, real(x, prefill.expert_offsets(eid, 16), w, s, block_m=32, block_n=128, num_warps=4))
 
 
 @pytest.mark.gpu
 def test_fp8mma_on_cuda_at_flash_dims():
     """Flash w1/w3 shape (K=4096, N=2048, E=256) at the 1k-prefill pair count, bf16 activations FP8-quantised as the
     model feeds them; the hardware FP8 MMA's class (module docstring): elementwise <= 2^-8 (folded 2^-6) of
-    sum |x w|, relative (Frobenius) <= 1e-3 against the twin; the inline-PTX decode equals the plain-Triton one."""
+    sum |x w| against the twin (on a subset of rows); the inline-PTX decode equals the plain-Triton one."""
     from dsv4.ops.triton.fp4_prefill_fp8mma import fp4_grouped_gemm_fp8mma as gemm
 
     dev, gen = "cuda", torch.Generator("cuda").manual_seed(32)
@@ -211,6 +212,4 @@ def test_fp8mma_on_cuda_at_flash_dims():
     for fold, bound in ((False, 2.0**-8), (True, 2.0**-6)):
         got = gemm(x, offs, w, s, fold=fold)
         assert torch.equal(got, gemm(x, offs, w, s, fold=fold, asm=False))
-        got = got.double()
-        assert ((got - twin).norm() / twin.norm()).item() <= 1e-3
-        assert ((got[rows] - twin[rows]).abs() / abs_sum).max().item() <= bound
+        assert ((got[rows].double() - twin[rows]).abs() / abs_sum).max().item() <= bound

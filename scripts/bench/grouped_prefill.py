@@ -8,8 +8,8 @@ the 16-row-block kernel (the FP4 kernels must agree to 1e-5: same exact products
 _grouped_mm's bf16 output is shown for information), and a CUDA-graph capture + replay check of the new kernel.
 The new kernel is called directly: it is not in the default dispatch until this shows it wins. The "PACKED" rows
 are its `packed=True` option (inline-PTX decode of four codes per op, fp16 dots: `ops/triton/fp4_decode.py`), the
-"FP8MMA" rows its `fp8mma` option (the reference's FP8 x FP8 arithmetic: `ops/triton/fp4_prefill_fp8mma.py`; class
-1e-3, the FP8 MMA's accumulation is below fp32); `--tokens 64` is the decode batch-64 shape (384 rows).
+"FP8MMA" rows its `fp8mma` option (the reference's FP8 x FP8 arithmetic: `ops/triton/fp4_prefill_fp8mma.py`; the
+FP8 MMA's accumulation is below fp32: flagged above 4e-3); `--tokens 64` is the decode batch-64 shape (384 rows).
 Usage: python3 scripts/bench/grouped_prefill.py [--tokens 1024 8192] [--repeats 10] [--json PATH] [--only fp8mma]
 (`--only fp8mma`: the two references, the default config and the FP8MMA rows only).
 """
@@ -42,7 +42,7 @@ PACKED_CONFIGS = [(64, 64, 8), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 6
 FP8MMA_CONFIGS = [(32, 128, 4, False), (16, 128, 4, False), (32, 256, 8, False), (32, 64, 4, False),
                   (64, 64, 4, False), (32, 64, 4, True), (64, 64, 4, True), (64, 128, 8, True)]
 FP4_TOL = 1e-5
-FP8MMA_TOL = 1e-3
+FP8MMA_TOL = 4e-3           # a flag, not a bound: the FP8 MMA's class is elementwise (tests/test_fp4_prefill_fp8mma.py)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,7 +116,7 @@ def shape_results(tokens: int, w, s, wb, gen, repeats: int, only: str = "all") -
         FP8MMA_TOL if "FP8MMA" in r["name"] else FP4_TOL)]
     graph_err = graph_check(x, eid, w, s)
     print(f"  CUDA graph replay with other ids: rel err {graph_err:.2e}; "
-          f"{'MISMATCH: ' + ', '.join(bad) if bad else 'all FP4 kernels agree (1e-5; FP8MMA 1e-3)'}", flush=True)
+          f"{'MISMATCH: ' + ', '.join(bad) if bad else 'all FP4 kernels agree (1e-5; FP8MMA 4e-3)'}", flush=True)
     return {"tokens": tokens, "pairs": m, "kernels": rows, "graph_replay_rel_err": graph_err, "mismatch": bad}
 
 

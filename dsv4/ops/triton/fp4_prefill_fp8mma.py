@@ -247,7 +247,7 @@ def x_operand(x: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def fp4_grouped_gemm_fp8mma(x: torch.Tensor, offs: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                            block_m: int = 32, block_n: int = 128, num_warps: int = 8, num_stages: int = 3,
+                            block_m: int = 32, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
                             fold: bool = False, asm: bool = True) -> torch.Tensor:
     """x [M, K] sorted by expert, offs int32 [E + 1] (`expert_offsets`), weight int8 [E, N, K/2], scale e8m0
     [E, N, K/32] -> fp32 [M, N]; checked by the caller (`fp4_grouped_gemm_prefill`). Exact products for x on the
