@@ -135,8 +135,9 @@ def test_fp8mma_options_are_checked():
 
 
 def test_fp8mma_compiles_for_hopper_without_a_gpu():
-    """The hardware path (FP8 wgmma with the decoded weight in registers, inline-PTX decode) compiles for sm_90
-    without spills: per-32 at the dispatched tiles (32 x 128, 4 warps), folded at 32 x 64."""
+    """The hardware path (FP8 wgmma with the decoded weight in registers, inline-PTX decode) compiles for sm_90:
+    per-32 at the dispatched config (32 x 128, 4 warps, 168 registers) with nothing spilled inside its K loops,
+    folded at 32 x 64 with no spills at all."""
     import sys
     from pathlib import Path
 
@@ -147,9 +148,10 @@ def test_fp8mma_compiles_for_hopper_without_a_gpu():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
     from grouped_prefill_regs import fp8mma_report
 
-    for block_n, fold in ((128, False), (64, True)):
-        report = fp8mma_report(32, block_n, 4, fold)
-        assert "QGMMA" in report["mma"] and "E4M3" in report["mma"] and report["spill_bytes"] == 0, report
+    for block_n, fold, maxnreg in ((128, False, 168), (64, True, None)):
+        report = fp8mma_report(32, block_n, 4, fold, maxnreg)
+        assert "QGMMA" in report["mma"] and "E4M3" in report["mma"] and not report["k_loop_spills"], report
+        assert report["regs"] <= (maxnreg or 255) and (maxnreg or report["spill_bytes"] == 0), report
         assert len(report["loops"]) == 2 + fold, report          # per-32 exact e8m0, [folded,] per-32
 
 
@@ -166,8 +168,8 @@ def test_fp8mma_dispatch_needs_the_fp8_grid_and_the_switch(monkeypatch):
     monkeypatch.setenv("DSV4_FP4_FP8MMA", "yes")
     with pytest.raises(ValueError, match="DSV4_FP4_FP8MMA"):
         module.fp8mma_applies(True)
-    assert module.fp8mma_tiles(6144, 256) == module.fp8mma_tiles(49152, 256) == (32, 128, 4)
-    assert module.fp8mma_tiles(384, 256) == (16, 128, 4)
+    assert module.fp8mma_tiles(6144, 256) == module.fp8mma_tiles(49152, 256) == (32, 128, 4, 168)
+    assert module.fp8mma_tiles(384, 256) == (16, 128, 4, None)
 
 
 @pytest.mark.gpu
@@ -189,7 +191,8 @@ def test_fp8mma_dispatch_on_cuda(monkeypatch):
     got = ops.grouped_linear(x, eid, w, s, "fp4", fp8_grid=True)
     ops.grouped_linear(x, eid, w, s, "fp4")
     assert taken == [1]
-    assert torch.equal(got, real(x, prefill.expert_offsets(eid, 16), w, s, block_m=32, block_n=128, num_warps=4))
+    assert torch.equal(got, real(x, prefill.expert_offsets(eid, 16), w, s, block_m=32, block_n=128, num_warps=4,
+                                 maxnreg=168))
 
 
 @pytest.mark.gpu

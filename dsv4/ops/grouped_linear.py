@@ -73,9 +73,9 @@ def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.
     from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
 
     if fp8mma_applies(fp8_grid):
-        block_m, block_n, warps = fp8mma_tiles(x.shape[0], weight.shape[0])
+        block_m, block_n, warps, maxnreg = fp8mma_tiles(x.shape[0], weight.shape[0])
         return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
-                                        fp8mma=True)
+                                        fp8mma=True, maxnreg=maxnreg)
 
     packed = packed_from_env() or x.shape[0] < _PACKED_BELOW * weight.shape[0]
     block_m, block_n, warps = expert_major_tiles(x.shape[0], weight.shape[0], packed)
@@ -102,11 +102,13 @@ def fp8mma_applies(fp8_grid: bool) -> bool:
     return fp8_grid and env_switch("DSV4_FP4_FP8MMA")
 
 
-def fp8mma_tiles(rows: int, experts: int) -> tuple[int, int, int]:
-    """(block_m, block_n, num_warps) of the FP8-MMA variant: 32 tokens x 128 weight rows with 4 warps (fewest SASS
-    instructions per weight element at the 1k-prefill shape offline: 3.7, no spills; an expert's 24 rows on
-    average fit one row tile), 16 tokens below 16 rows per expert (2.9; decode batches). Not measured yet."""
-    return (16, 128, 4) if rows < 16 * experts else (32, 128, 4)
+def fp8mma_tiles(rows: int, experts: int) -> tuple[int, int, int, int | None]:
+    """(block_m, block_n, num_warps, maxnreg) of the FP8-MMA variant: 32 tokens x 128 weight rows with 4 warps
+    (fewest SASS instructions per weight element at the 1k-prefill shape offline: 3.7; an expert's 24 rows on
+    average fit one row tile), registers capped at 168 (three programs per SM instead of two; the spills fall
+    outside the K loop); 16 tokens below 16 rows per expert (2.9, 140 registers; decode batches). Not measured
+    yet (bench/NOTES.md, "FP8-MMA expert-major prefill")."""
+    return (16, 128, 4, None) if rows < 16 * experts else (32, 128, 4, 168)
 
 
 register_triton("grouped_linear", "triton_fp4_grouped_gemm", _fp4_applies, _fp4_kernel)

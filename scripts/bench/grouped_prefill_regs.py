@@ -50,11 +50,13 @@ def _ptxas_usage(kernel) -> tuple[int, int, int]:
 
 def k_loops(kernel, block_n: int, num_warps: int) -> str:
     """Instructions per weight element of each innermost loop of the kernel's SASS that runs an MMA."""
-    return "K loop " + " / ".join(f"{c:.2f}" for c in _loop_counts(kernel, block_n, num_warps)[0]) + " instr/weight"
+    counts, _, local = _loop_counts(kernel, block_n, num_warps)
+    return "K loop " + " / ".join(f"{c:.2f}" for c in counts) + f" instr/weight{' (spills in it)' if local else ''}"
 
 
-def _loop_counts(kernel, block_n: int, num_warps: int) -> tuple[list[float], str]:
-    """(instructions per weight element of each innermost MMA loop, the first MMA instruction's name)."""
+def _loop_counts(kernel, block_n: int, num_warps: int) -> tuple[list[float], str, bool]:
+    """(instructions per weight element of each innermost MMA loop, the first MMA instruction's name, whether any
+    of those loops touches local memory: spills inside the K loop)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -64,39 +66,41 @@ def _loop_counts(kernel, block_n: int, num_warps: int) -> tuple[list[float], str
     loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
              if (m := re.search(r"BRA `\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
     per_thread = 128 * block_n / (num_warps * 32)
-    counts, mma = [], ""
+    counts, mma, local = [], "", False
     for start, end in loops:
         body = lines[start:end + 1]
         innermost = not any(start < s0 < end for s0, _ in loops)
         if innermost and any("MMA" in line for line in body):
             counts.append(sum(bool(re.match(r"\s+/\*[0-9a-f]+\*/\s", line)) for line in body) / per_thread)
             mma = mma or next(m.group(1) for line in body if (m := re.search(r"\s(\w*MMA[\w.]*)", line)))
-    return counts, mma
+            local = local or any(re.search(r"\s(LDL|STL)[\s.]", line) for line in body)
+    return counts, mma, local
 
 
-def fp8mma_kernel(block_m: int, block_n: int, num_warps: int, fold: bool):
+def fp8mma_kernel(block_m: int, block_n: int, num_warps: int, fold: bool, maxnreg: int | None = None):
     """The FP8-MMA variant compiled for sm_90 at the bench shape (K 4096), e4m3 x as a real launch passes it."""
     sig = {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "offs_ptr": "*i32", "w_ptr": "*i8", "s_ptr": "*u8",
            "out_ptr": "*fp32", "M": "i32", "N": "i32"}
     consts = {"K": K, "HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": block_m, "BLOCK_N": block_n, "FOLD": fold,
               "HW": True, "ASM": True}
-    return compiled(_fp4_prefill_fp8mma, sig, consts, 8, num_warps)
+    return compiled(_fp4_prefill_fp8mma, sig, consts, 8, num_warps, maxnreg)
 
 
-def fp8mma_report(block_m: int, block_n: int, num_warps: int, fold: bool) -> dict:
-    """Registers, spill bytes, the MMA instruction and the K loops' instructions per weight element (a test uses
-    it: the hardware path compiles, without spills)."""
-    kernel = fp8mma_kernel(block_m, block_n, num_warps, fold)
+def fp8mma_report(block_m: int, block_n: int, num_warps: int, fold: bool, maxnreg: int | None = None) -> dict:
+    """Registers, spill bytes, the MMA instruction, the K loops' instructions per weight element and whether they
+    touch local memory (a test uses it: the hardware path compiles, nothing spilled inside the K loops)."""
+    kernel = fp8mma_kernel(block_m, block_n, num_warps, fold, maxnreg)
     regs, spill_st, spill_ld = _ptxas_usage(kernel)
-    counts, mma = _loop_counts(kernel, block_n, num_warps)
-    return {"regs": regs, "spill_bytes": spill_st + spill_ld, "mma": mma, "loops": counts}
+    counts, mma, local = _loop_counts(kernel, block_n, num_warps)
+    return {"regs": regs, "spill_bytes": spill_st + spill_ld, "mma": mma, "loops": counts, "k_loop_spills": local}
 
 
-def compiled(fn, signature: dict, constants: dict, hinted: int, num_warps: int):
+def compiled(fn, signature: dict, constants: dict, hinted: int, num_warps: int, maxnreg: int | None = None):
     sig = {**signature, **{k: "constexpr" for k in constants}}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(hinted)}
     return triton.compile(ASTSource(fn, sig, constants, attrs), target=TARGET,
-                          options={"num_warps": num_warps, "num_stages": 3})
+                          options={"num_warps": num_warps, "num_stages": 3,
+                                                       **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def main() -> None:
@@ -118,9 +122,9 @@ def main() -> None:
         name = f"prefill PACKED bm={bm} bn={bn} warps={nw}"
         kernel = compiled(_fp4_grouped_prefill, new, consts, 9, nw)
         print(f"{name:<50} {usage(kernel)}, {k_loops(kernel, bn, nw)}", flush=True)
-    for bm, bn, nw, fold in FP8MMA_CONFIGS:
-        kernel = fp8mma_kernel(bm, bn, nw, fold)
-        name = f"prefill FP8MMA{' fold' if fold else ''} bm={bm} bn={bn} warps={nw}"
+    for bm, bn, nw, fold, cap in FP8MMA_CONFIGS:
+        kernel = fp8mma_kernel(bm, bn, nw, fold, cap)
+        name = f"prefill FP8MMA{' fold' if fold else ''} bm={bm} bn={bn} warps={nw}{f' maxnreg={cap}' if cap else ''}"
         print(f"{name:<50} {usage(kernel)}, {k_loops(kernel, bn, nw)}", flush=True)
 
 

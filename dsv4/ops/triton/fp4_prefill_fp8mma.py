@@ -248,12 +248,13 @@ def x_operand(x: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def fp4_grouped_gemm_fp8mma(x: torch.Tensor, offs: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                             block_m: int = 32, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
-                            fold: bool = False, asm: bool = True) -> torch.Tensor:
+                            fold: bool = False, asm: bool = True, maxnreg: int | None = None) -> torch.Tensor:
     """x [M, K] sorted by expert, offs int32 [E + 1] (`expert_offsets`), weight int8 [E, N, K/2], scale e8m0
     [E, N, K/32] -> fp32 [M, N]; checked by the caller (`fp4_grouped_gemm_prefill`). Exact products for x on the
     FP8 grid per 128 block; other x is act-quantised first (the reference's FP4 GEMM input). `fold`: one K = 128
     dot per block where the block's four scales span <= 11 binades (the per-32 dots elsewhere); `asm` False: the
-    plain-Triton decode on the GPU too (for the GPU test)."""
+    plain-Triton decode on the GPU too (for the GPU test). `maxnreg`: ptxas's register cap (168 at 32 x 128 with
+    4 warps: three programs per SM instead of two, the spills outside the K loop)."""
     M, K = x.shape
     E, N, half = weight.shape
     if K % 128 or block_n % 64 or block_m < 8 or block_m & (block_m - 1):
@@ -267,5 +268,5 @@ def fp4_grouped_gemm_fp8mma(x: torch.Tensor, offs: torch.Tensor, weight: torch.T
     _fp4_prefill_fp8mma[(triton.cdiv(N, block_n), E)](
         xq.view(torch.float8_e4m3fn) if hw else xq, xs, offs, weight.contiguous(), scale.contiguous().view(torch.uint8),
         out, M, N, K, half, K // 32, BLOCK_M=block_m, BLOCK_N=block_n, FOLD=fold, HW=hw, ASM=hw and asm,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
