@@ -11,9 +11,10 @@ In the CPU interpreter the dot is fp32 (IEEE), so that is the check: elementwise
 <= n + 1 (measured: 0 here; the mutations it must catch give errors of order 2^24). Decoding is checked bit-exactly
 (one-hot rows read back every code under scale bytes 0, 1, 100, 127, 140, 160).
 On the GPU the FP8 MMA sums a sub-block's products in its own fixed-point accumulator (below fp32; DeepSeek-V3
-report §3.3.2: ~14 bits; modelled as products aligned to the largest and truncated to 13 fraction bits): per
-K = 32 wgmma from zero, at most 32 * 2^-13 * max|p| <= 2^-8 of the sub-block's sum |x w| (folded: 128 products
-per block, 2^-6), so the GPU test's class is elementwise <= 2^-8 (folded 2^-6) of sum |x w| against the twin.
+report, "Increasing Accumulation Precision": ~14 bits; modelled as products aligned to the largest and truncated
+to 13 fraction bits): per K = 32 wgmma from zero, at most 32 * 2^-13 * max|p| <= 2^-8 of the sub-block's
+sum |x w| (folded: 128 products per block, 2^-6), so the GPU test's class is elementwise <= 2^-8 (folded 2^-6) of
+sum |x w| against the twin.
 No Frobenius bound follows from it (sum |x w| is ~sqrt(K) times |x w| summed with signs); the bench reports it.
 """
 
@@ -81,6 +82,13 @@ res['decode_exact'] = [torch.equal(got[e * K:(e + 1) * K], ops.dequant_weight(wq
 s[3, 7, 2] = torch.tensor(255, dtype=torch.uint8).view(s.dtype)
 nan = gemm(x, eid, w, s, block_m=32, block_n=64, num_warps=4).isnan()
 res['nan'] = [torch.equal(nan, ops.grouped_linear.twin(x, eid, w, s, 'fp4').isnan()), nan.sum().item()]
+# x's operand: act_quant's codes, each stored at its dot column, and its scales, bit for bit
+from dsv4.ops.triton.fp4_prefill_fp8mma import X_ORDER, X_ORDER_LUT, x_operand
+from dsv4.quant import act_quant
+q, sc = x_operand(x, FOLD)
+q0, s0 = act_quant(x, 128)
+q0 = q0.view(torch.uint8).view(83, K // 32, 32)[:, :, X_ORDER_LUT if FOLD else X_ORDER].reshape(83, K)
+res['x_operand'] = torch.equal(q.view(torch.uint8), q0) and torch.equal(sc, s0.T)
 res['empty'] = list(gemm(x[:0], eid[:0], w, s, block_m=32, block_n=64, num_warps=4).shape)
 print(json.dumps(res))
 """
@@ -100,11 +108,12 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("variant", ["per32", "fold"])
 def test_fp8mma_is_the_fp32_class_over_ragged_rows_and_empty_experts(interpreted, variant):
     """Against float64 over empty experts, an expert over five row tiles, partial row and weight tiles, a row whose
-    128-K blocks differ by 2^20 in scale: <= n + 1 units of 2^-24 sum |x w| (module docstring)."""
+    128-K blocks differ by 2^20 in scale: <= n + 1 units of 2^-24 sum |x w| (module docstring); x's operand is
+    act_quant's codes in the variant's order, bit for bit."""
     r = interpreted[variant]
     assert max(r["random_ulps"]) <= N_BOUND, r
     assert r["twin_ulps"] <= N_BOUND + 1, r
-    assert r["empty"] == [0, 80], r
+    assert r["empty"] == [0, 80] and r["x_operand"], r
 
 
 @pytest.mark.parametrize("variant", ["per32", "fold"])

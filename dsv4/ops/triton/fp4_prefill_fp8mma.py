@@ -10,6 +10,7 @@ Operands (as OpenAI's triton_kernels place mixed-precision MoE weights on Hopper
 weight tile is the wgmma's register-sourced A operand [BLOCK_N, 32] and the tokens are its N dimension (8..256: a
 tile as small as an expert's rows); x^T is the shared-memory B operand, K-major as FP8 wgmma requires (x rows are
 K-contiguous), loaded straight from global memory by the pipelined async copies.
+x's codes and scales come from one launch (`x_operand`): act_quant, each code stored at its dot column.
 K order inside a 32-K sub-block: a thread's A registers hold dot columns 4c..4c+3 and 16+4c..16+4c+3 (c = lane % 4)
 of two rows; the bit-placement decode of one 32-bit word (packed bytes 4c..4c+3, elements 8c..8c+7) gives its
 four low-nibble codes (elements 8c, 8c+2, 8c+4, 8c+6) in one register and its high-nibble codes in another. So dot
@@ -31,8 +32,8 @@ loop: see bench/NOTES.md, "FP8-MMA expert-major prefill".
 Precision: every product is exact (e4m3 x e2m1 needs 6 significant bits), the scalings are by powers of two. In the
 CPU interpreter the dot is fp32 (IEEE) over the same codes (bit placement, `_e4m3_bytes_to_f32`): the fp32
 summation class. On the GPU the FP8 MMA sums a sub-block's 32 products in its own fixed-point accumulator, below
-fp32 (DeepSeek-V3 report §3.3.2: ~14 bits), as the reference kernel does; the fresh accumulator per 32 K bounds it
-(tests/test_fp4_prefill_fp8mma.py derives both bounds).
+fp32 (DeepSeek-V3 report, "Increasing Accumulation Precision": ~14 bits), as the reference kernel does; the fresh
+accumulator per 32 K bounds it (tests/test_fp4_prefill_fp8mma.py derives both bounds).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import triton.language as tl
 from dsv4.ops.triton.fp4_decode import e2m1_byte_e4m3
 from dsv4.ops.triton.fp4_grouped import _e8m0
 from dsv4.ops.triton.fp8_linear import _e4m3_bytes_to_f32
+from dsv4.ops.triton.quant import fp8_block_quant
 
 
 @triton.jit
@@ -79,7 +81,6 @@ _HALF_LUT = ("and.b32 sel, {w}, 0x7777; prmt.b32 mag, $3, $7, sel; prmt.b32 d, k
              "lop3.b32 {out}, mag, d, 0x80808080, 0xF2; ")
 _LUT_E4M3 = tl.constexpr("{ .reg .b32 hw, sel, mag, k, d; mov.b32 k, 0x40404040; " + _HALF_LUT.format(w="$2", out="$0")
                          + "shr.b32 hw, $2, 16; " + _HALF_LUT.format(w="hw", out="$1") + "}")
-BASE_TABLE = (0x0C080400, 0x1C181410)       # mag << 2: e2m1 value * 2^-6 (0.5 the e4m3 subnormal 0x04)
 _MAX_SPREAD = tl.constexpr(11)              # scale exponents a 128-K block may span on the folded path
 
 
@@ -147,7 +148,7 @@ def _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF: tl.c
             byte = tl.load(w_ptr + rows[:, None, None] * HALF + kb * 64 + g * 16 + tl.arange(0, 16)[None, None, :],
                            mask=n_ok[:, None, None], other=0)
             base = tl.zeros([rows.shape[0], 1], dtype=tl.int32)
-            w = _lut_codes(byte, base + 0x0C080400, base + 0x1C181410, ASM)
+            w = _lut_codes(byte, base + 0x0C080400, base + 0x1C181410, ASM)     # entries mag << 2 (value * 2^-6)
         else:
             w = _placed_codes(w_ptr, rows, n_ok, kb * 64 + g * 16, HALF, ASM)
         xq = tl.load(xq_row + kb * 128 + g * 32 + tl.arange(0, 32)[None, :], mask=m_ok[:, None], other=0.0)
@@ -234,16 +235,35 @@ X_ORDER = torch.tensor([8 * c + 2 * j + h for h in range(2) for c in range(4) fo
 X_ORDER_LUT = torch.tensor([8 * c + 4 * h + i for h in range(2) for c in range(4) for i in range(4)])
 
 
-def x_operand(x: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 codes [M, K], each 32-K sub-block in `order`; scales fp32 [K / 128, M]): act_quant per
-    128 (`act_quant_fp8`, bit-identical to `dsv4.quant.act_quant`), which gives back x exactly when x is on the
-    FP8 grid per 128 block (e4m3 values times a power of two, the block's amax from act_quant's own rounding)."""
-    from dsv4.ops.triton.quant import act_quant_fp8
+@triton.jit
+def _x_operand(x_ptr, q_ptr, s_ptr, n_rows, n_cols, LUT: tl.constexpr):
+    """act_quant of one row's 128-K block (`fp8_block_quant`, as `act_quant_fp8`), each code stored at its dot
+    column (the inverse of X_ORDER / X_ORDER_LUT, in integers: no table to copy, nothing to sync or capture)."""
+    row = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    e = tl.arange(0, 128)
+    x = tl.load(x_ptr + row * n_cols + kb * 128 + e).to(tl.float32)
+    q, s = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4))
+    w = e % 32                                                        # element of its 32-K sub-block
+    if LUT:
+        col = 16 * ((w % 8) // 4) + 4 * (w // 8) + w % 4
+    else:
+        col = 16 * (w % 2) + 4 * (w // 8) + (w % 8) // 2
+    tl.store(q_ptr + row * n_cols + kb * 128 + (e // 32) * 32 + col, q.to(q_ptr.dtype.element_ty))
+    tl.store(s_ptr + kb * n_rows + row, s)
 
+
+def x_operand(x: torch.Tensor, lut: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 codes [M, K], each 32-K sub-block in `X_ORDER` or, `lut`, `X_ORDER_LUT`; scales fp32
+    [K / 128, M]) in one launch: act_quant per 128 (bit-identical to `dsv4.quant.act_quant`), which gives back x
+    exactly when x is on the FP8 grid per 128 block (e4m3 values times a power of two, the block's amax from
+    act_quant's own rounding)."""
     M, K = x.shape
-    q, s = act_quant_fp8(x)
-    q = q.view(torch.uint8).view(M, K // 32, 32)[:, :, order.to(x.device)].view(M, K)
-    return q, s.t()
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(K // 128, M, dtype=torch.float32, device=x.device)
+    if M:
+        _x_operand[(M, K // 128)](x.contiguous(), q, s, M, K, LUT=lut)
+    return q, s
 
 
 def fp4_grouped_gemm_fp8mma(x: torch.Tensor, offs: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -264,9 +284,9 @@ def fp4_grouped_gemm_fp8mma(x: torch.Tensor, offs: torch.Tensor, weight: torch.T
     if M == 0:
         return out
     hw = x.device.type == "cuda"
-    xq, xs = x_operand(x.contiguous(), X_ORDER_LUT if fold else X_ORDER)
+    xq, xs = x_operand(x, fold)
     _fp4_prefill_fp8mma[(triton.cdiv(N, block_n), E)](
-        xq.view(torch.float8_e4m3fn) if hw else xq, xs, offs, weight.contiguous(), scale.contiguous().view(torch.uint8),
+        xq if hw else xq.view(torch.uint8), xs, offs, weight.contiguous(), scale.contiguous().view(torch.uint8),
         out, M, N, K, half, K // 32, BLOCK_M=block_m, BLOCK_N=block_n, FOLD=fold, HW=hw, ASM=hw and asm,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
