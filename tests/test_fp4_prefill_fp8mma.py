@@ -162,6 +162,13 @@ def test_fp8mma_compiles_for_hopper_without_a_gpu():
         assert "QGMMA" in report["mma"] and "E4M3" in report["mma"] and not report["k_loop_spills"], report
         assert report["regs"] <= (maxnreg or 255) and (maxnreg or report["spill_bytes"] == 0), report
         assert len(report["loops"]) == 2 + fold, report          # per-32 exact e8m0, [folded,] per-32
+    from grouped_prefill_regs import compiled
+
+    from dsv4.ops.triton.fp4_prefill_fp8mma import _x_operand
+
+    for lut in (False, True):
+        sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
+        assert "cubin" in compiled(_x_operand, sig, {"LUT": lut}, 5, 4).asm
 
 
 def test_fp8mma_dispatch_needs_the_fp8_grid_and_the_switch(monkeypatch):
