@@ -211,10 +211,11 @@ class MoE(nn.Module):
         stacks = self.stacked_experts()
         ex = self.experts[0]
         xs = self._quantised_input(ex.w1, x[tok])
-        gate = ops.grouped_linear(xs, eid, *stacks["w1"], ex.w1.fmt).to(x.dtype).float()
-        up = ops.grouped_linear(xs, eid, *stacks["w3"], ex.w3.fmt).to(x.dtype).float()
+        grid = self._fp8_grid(ex.w1)                       # the FP8 grid per 128: the kernels may take FP8 x FP8
+        gate = ops.grouped_linear(xs, eid, *stacks["w1"], ex.w1.fmt, fp8_grid=grid).to(x.dtype).float()
+        up = ops.grouped_linear(xs, eid, *stacks["w3"], ex.w3.fmt, fp8_grid=grid).to(x.dtype).float()
         h = self._quantised_input(ex.w2, ex.hidden(gate, up, weights.flatten()[order, None]).to(x.dtype))
-        out = ops.grouped_linear(h, eid, *stacks["w2"], ex.w2.fmt).to(x.dtype).float()
+        out = ops.grouped_linear(h, eid, *stacks["w2"], ex.w2.fmt, fp8_grid=self._fp8_grid(ex.w2)).to(x.dtype).float()
         return torch.empty_like(out).index_copy_(0, order, out).view(n, k, -1).sum(dim=1)
 
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -246,10 +247,15 @@ class MoE(nn.Module):
         return out
 
     @staticmethod
+    def _fp8_grid(linear: Linear) -> bool:
+        """Does `linear` multiply its input's FP8 act-quant emulation (then that input is on the FP8 grid)?"""
+        return linear.quant_emulation and linear.fmt != "plain"
+
+    @staticmethod
     def _quantised_input(linear: Linear, x: torch.Tensor) -> torch.Tensor:
         """What a linear multiplies: x, or its FP8 act-quant emulation (per row and 128 block, so quantising
         all pairs at once equals quantising each expert's rows)."""
-        return ops.fake_quant_fp8(x, 128) if linear.quant_emulation and linear.fmt != "plain" else x
+        return ops.fake_quant_fp8(x, 128) if MoE._fp8_grid(linear) else x
 
     @staticmethod
     def _pair_linear(linear: Linear, x: torch.Tensor, e: torch.Tensor, stack) -> torch.Tensor:

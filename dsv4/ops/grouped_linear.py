@@ -10,6 +10,9 @@ expert instead. Both kernels are bound by the FP4 decode arithmetic, not by byte
 tiles wins. Measured on an H200 at the bench model's shapes (`scripts/bench/grouped_prefill.py`,
 bench/results/h200_grouped_prefill.log; K 4096 -> N 2048, 256 experts): 6144 rows (1k-token prefill) 4.66 -> 2.09
 ms, 49152 rows (8k) 27.6 -> 5.40 ms; at 384 rows (decode batch 64) see h200_grouped_decode.log.
+`fp8_grid=True` is the caller's word that x is on the FP8 grid per 128-K block (the MoE's act-quant emulation):
+the product is the same, but then the expert-major kernel may run the reference's own FP8 x FP8 arithmetic on
+the tensor cores (`ops/triton/fp4_prefill_fp8mma.py`), opt-in with DSV4_FP4_FP8MMA=1 until measured.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops.moe_pairs import _pair_linear_twin
-from dsv4.ops.registry import custom_op, dispatch, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
 
 _TWIN_CHUNK = 32                 # rows per gather: 32 dequantised [N, K] matrices at a time
 
 
 def _grouped_linear_twin(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-                         fmt: str) -> torch.Tensor:
-    """x [M, K], eid [M] -> fp32 [M, N] (float64 accumulation for fp32 inputs, like `pair_linear`)."""
+                         fmt: str, fp8_grid: bool = False) -> torch.Tensor:
+    """x [M, K], eid [M] -> fp32 [M, N] (float64 accumulation for fp32 inputs, like `pair_linear`); `fp8_grid`
+    changes nothing here (see the module docstring)."""
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[1], dtype=torch.float32)
     return torch.cat([_pair_linear_twin(x[i:i + _TWIN_CHUNK], eid[i:i + _TWIN_CHUNK], weight, scale, fmt)
@@ -34,7 +38,7 @@ def _grouped_linear_twin(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tenso
 grouped_linear = dispatch("grouped_linear", _grouped_linear_twin)
 
 
-def _fp4_applies(x, eid, weight, scale, fmt) -> bool:
+def _fp4_applies(x, eid, weight, scale, fmt, fp8_grid=False) -> bool:
     return (fmt == "fp4" and x.is_cuda and x.shape[1] % 128 == 0 and not torch.is_grad_enabled()
             and x.dtype in (torch.bfloat16, torch.float32))
 
@@ -47,9 +51,9 @@ _EXPERT_MAJOR_FROM = 1           # mean rows per expert from which the expert-ma
 _PACKED_BELOW = 16
 
 
-def _fp4_kernel(x, eid, weight, scale, fmt):
+def _fp4_kernel(x, eid, weight, scale, fmt, fp8_grid=False):
     if x.shape[0] >= _EXPERT_MAJOR_FROM * weight.shape[0]:
-        return _fp4_grouped_gemm_prefill(x.contiguous(), eid, weight, scale)
+        return _fp4_grouped_gemm_prefill(x.contiguous(), eid, weight, scale, fp8_grid)
     return _fp4_grouped_gemm(x.contiguous(), eid, weight, scale)
 
 
@@ -61,12 +65,17 @@ def _fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     return fp4_grouped_gemm(x, eid, weight, scale)
 
 
-@custom_op("fp4_grouped_gemm_prefill", lambda x, eid, weight, scale: x.new_empty(x.shape[0], weight.shape[1],
-                                                                                 dtype=torch.float32))
-def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor,
-                              scale: torch.Tensor) -> torch.Tensor:
+@custom_op("fp4_grouped_gemm_prefill", lambda x, eid, weight, scale, fp8_grid: x.new_empty(x.shape[0], weight.shape[1],
+                                                                                           dtype=torch.float32))
+def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                              fp8_grid: bool) -> torch.Tensor:
     from dsv4.ops.triton.fp4_decode import packed_from_env
     from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
+
+    if fp8mma_applies(fp8_grid):
+        block_m, block_n, warps, maxnreg = fp8mma_tiles(x.shape[0], weight.shape[0])
+        return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
+                                        fp8mma=True, maxnreg=maxnreg)
 
     packed = packed_from_env() or x.shape[0] < _PACKED_BELOW * weight.shape[0]
     block_m, block_n, warps = expert_major_tiles(x.shape[0], weight.shape[0], packed)
@@ -85,6 +94,21 @@ def expert_major_tiles(rows: int, experts: int, packed: bool) -> tuple[int, int,
     if packed and rows < 16 * experts:
         return 16, 64, 4
     return 64, 64, 8
+
+
+def fp8mma_applies(fp8_grid: bool) -> bool:
+    """The FP8-MMA variant runs only for x on the FP8 grid (there it is exact products) and when opted in:
+    DSV4_FP4_FP8MMA=1 (read at each call, like DSV4_FP4_PACKED; unset or 0: off)."""
+    return fp8_grid and env_switch("DSV4_FP4_FP8MMA")
+
+
+def fp8mma_tiles(rows: int, experts: int) -> tuple[int, int, int, int | None]:
+    """(block_m, block_n, num_warps, maxnreg) of the FP8-MMA variant: 32 tokens x 128 weight rows with 4 warps
+    (fewest SASS instructions per weight element at the 1k-prefill shape offline: 3.7; an expert's 24 rows on
+    average fit one row tile), registers capped at 168 (three programs per SM instead of two; the spills fall
+    outside the K loop); 16 tokens below 16 rows per expert (2.9, 140 registers; decode batches). Not measured
+    yet (bench/NOTES.md, "FP8-MMA expert-major prefill")."""
+    return (16, 128, 4, None) if rows < 16 * experts else (32, 128, 4, 168)
 
 
 register_triton("grouped_linear", "triton_fp4_grouped_gemm", _fp4_applies, _fp4_kernel)

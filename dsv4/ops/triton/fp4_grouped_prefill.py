@@ -200,12 +200,16 @@ def expert_offsets(eid: torch.Tensor, n_experts: int) -> torch.Tensor:
 def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                              block_m: int = 64, block_n: int = 64, block_k: int = 128, group_scales: bool = True,
                              join: bool = True, num_warps: int = 8, num_stages: int = 3,
-                             packed: bool | str = False) -> torch.Tensor:
+                             packed: bool | str = False, fp8mma: bool | str = False,
+                             maxnreg: int | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2],
     scale e8m0 [E, N, K/32] -> fp32 [M, N]. Tiles, `group_scales`, `join` and launch options: for benchmarking.
     `packed` (off until measured; block_k 128, `group_scales` / `join` do not apply): fp16 dots over the packed
     decode, True in inline PTX (CUDA only), "twin" in plain Triton; exact for x on the FP8 grid per 128 block
-    (the MoE's input), see `fp16_blocks` and `_packed_block`."""
+    (the MoE's input), see `fp16_blocks` and `_packed_block`. `fp8mma` (off until measured; block_k, `group_scales`,
+    `join` do not apply): the reference's FP8 x FP8 arithmetic on the tensor cores, exact products for the same x
+    (`ops/triton/fp4_prefill_fp8mma.py`): True one K = 32 dot per sub-block, "fold" one K = 128 dot per block
+    where the block's scales allow it exactly; `maxnreg` caps its registers (ptxas)."""
     M, K, N, E, half = check_grouped("fp4_grouped_gemm_prefill", x, eid, weight, scale, block_m, block_k)
     blocks = K // 128
     if packed not in (False, True, "twin") or (packed is True and x.device.type != "cuda") or (packed and (
@@ -215,10 +219,19 @@ def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
                          f"block_k {block_k}, K {K}")
     if eid.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fp4_grouped_gemm_prefill: eid must be int32/int64, got {eid.dtype}")
+    if fp8mma not in (False, True, "fold") or (fp8mma and packed):
+        raise ValueError(f"fp4_grouped_gemm_prefill: fp8mma must be False, True or 'fold', and packed and fp8mma "
+                         f"are two variants: pick one (got packed={packed!r}, fp8mma={fp8mma!r})")
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
     offs = expert_offsets(eid.contiguous(), E)
+    if fp8mma:
+        from dsv4.ops.triton.fp4_prefill_fp8mma import fp4_grouped_gemm_fp8mma
+
+        return fp4_grouped_gemm_fp8mma(x, offs, weight, scale, block_m=block_m, block_n=block_n,
+                                       num_warps=num_warps, num_stages=num_stages, fold=fp8mma == "fold",
+                                       maxnreg=maxnreg)
     grid = (triton.cdiv(N, block_n), E)
     x = x.contiguous()
     xh, xs = fp16_blocks(x) if packed else (x, out)          # (unused unless packed)
