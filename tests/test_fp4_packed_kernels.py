@@ -248,8 +248,8 @@ def test_packed_decode_is_opt_in_through_the_environment(monkeypatch):
         else:
             monkeypatch.setenv("DSV4_FP4_PACKED", env)
         moe_pairs._fp4_pair_gemv(small, ids[:15], w, s)
-        grouped_linear._fp4_grouped_gemm_prefill(large, ids, w, s)
-        grouped_linear._fp4_grouped_gemm_prefill(small, ids[:15], w, s)
+        grouped_linear._fp4_grouped_gemm_prefill(large, ids, w, s, False)
+        grouped_linear._fp4_grouped_gemm_prefill(small, ids[:15], w, s, False)
         assert seen[-3:] == [want, want, True], env
     monkeypatch.setenv("DSV4_FP4_PACKED", "yes")
     with pytest.raises(ValueError, match="DSV4_FP4_PACKED"):
