@@ -39,6 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dsv4.train.greedy_probe import distinct_4gram_ratio  # noqa: E402  (shared with the training probe)
+
 WINDOW = 512
 CODE_TOKENS, CHAT_TOKENS, N_CHAT = 128, 256, 20
 V1_COMMIT = "a3b9406"            # a main commit whose dsv4/builtin_model/ is v1 (the fallback reference)
@@ -64,11 +66,6 @@ CODE_PROMPTS = (
     "def normalize_whitespace(s):",
     "async def fetch_all(urls):",
 )
-
-
-def distinct_4gram_ratio(ids: list[int]) -> float:
-    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def has_def(text: str) -> bool:

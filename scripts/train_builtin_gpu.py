@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from builtin_data import load_documents
 
+from dsv4.train.command import add_probe_arguments, probe_fields
+
 PROMPT = "def fibonacci(n):"
 PPL_WINDOW = 512               # as v1's held-out perplexity
 SHARD_BYTES = 15 * 2**20      # every file that comes back from the GPU machine must stay under 16 MiB
@@ -77,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="copy candidate: the token after an earlier occurrence of the last N-1 tokens (0: no copy "
                          "term nor statistics)")
     ap.add_argument("--copy-window", type=int, default=0, help="that occurrence at most this far back (0: anywhere)")
+    add_probe_arguments(ap)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity and the greedy sample")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -150,7 +153,7 @@ def main(argv=None) -> dict:
                         packs_per_step=args.packs_per_step, grad_ckpt=args.grad_ckpt, mtp_weight=args.mtp_weight,
                         bias_update_rate=1e-3, seed=args.seed, compile=args.compile,
                         pad_to_seq_len=args.compile is not None, unlikelihood=args.unlikelihood,
-                        copy_ngram=args.copy_ngram, copy_window=args.copy_window)
+                        copy_ngram=args.copy_ngram, copy_window=args.copy_window, **probe_fields(args))
     if args.steps:
         train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))
     packs = pack(docs, args.seq_len)

@@ -16,6 +16,26 @@ Multi-GPU: torchrun --nproc-per-node N -m dsv4 finetune ... (FSDP2; add --expert
 experts over the N processes)."""
 
 
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    """The greedy probe and sequence-level unlikelihood (dsv4/train/greedy_probe.py; `TrainConfig` fields of the same
+    names); shared with scripts/train_builtin_gpu.py."""
+    p.add_argument("--greedy-probe-every", type=int, default=0, metavar="N",
+                   help="every N steps continue --probe-prefixes prefixes of the step's pack greedily and log "
+                        "greedy_seq_rep4 / greedy_distinct4 (default 0 = off)")
+    p.add_argument("--probe-prefixes", type=int, default=16, metavar="P", help="prefixes per probe (default 16)")
+    p.add_argument("--probe-prefix-len", type=int, default=32, help="tokens per prefix, BOS included (default 32)")
+    p.add_argument("--probe-tokens", type=int, default=64, metavar="L",
+                   help="greedy tokens per prefix (default 64)")
+    p.add_argument("--seq-unlikelihood", type=float, default=0.0, metavar="ALPHA",
+                   help="on probe steps, add ALPHA x the unlikelihood of the continuation tokens that complete an "
+                        "earlier 4-gram, per continuation position (default 0 = off; needs --greedy-probe-every)")
+
+
+def probe_fields(args) -> dict:
+    return {k: getattr(args, k) for k in ("greedy_probe_every", "probe_prefixes", "probe_prefix_len",
+                                          "probe_tokens", "seq_unlikelihood")}
+
+
 def add_parsers(sub, positive, dtypes: dict) -> None:
     p = sub.add_parser("finetune", help="fine-tune on chat JSONL (LoRA or full weights)", description=FINETUNE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +63,7 @@ def add_parsers(sub, positive, dtypes: dict) -> None:
                         "document (default 4; 0 = no copy term nor statistics)")
     p.add_argument("--copy-window", type=int, default=0,
                    help="that occurrence at most this many tokens back (default 0 = anywhere)")
+    add_probe_arguments(p)
     p.add_argument("--bias-update-rate", type=float, default=0.0,
                    help="noaux_tc gate-bias balancing step per optimiser step (default 0 = off)")
     p.add_argument("--lora-alpha", type=positive(float), help="LoRA alpha (default 2 * rank)")
@@ -89,7 +110,8 @@ def cmd_finetune(args) -> int:
                         seq_len=args.seq_len, packs_per_step=args.packs_per_step, grad_ckpt=not args.no_grad_ckpt,
                         mtp_weight=args.mtp_weight, bias_update_rate=args.bias_update_rate,
                         save_every=args.save_every, seed=args.seed, expert_parallel=args.expert_parallel,
-                        unlikelihood=args.unlikelihood, copy_ngram=args.copy_ngram, copy_window=args.copy_window)
+                        unlikelihood=args.unlikelihood, copy_ngram=args.copy_ngram, copy_window=args.copy_window,
+                        **probe_fields(args))
     try:
         out = finetune(args.data, args.out, args.model, args.lora, args.lora_alpha,
                        tuple(t for t in args.lora_targets.split(",") if t), args.qat, train, device, dtype,

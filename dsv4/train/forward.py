@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from dsv4.model.moe import Gate, expert_counts
 from dsv4.model.state import ModelState, StepBatch, to_device
 from dsv4.train.data import Document
+from dsv4.train.greedy_probe import seq_ul_sum
 from dsv4.train.unlikelihood import copy_candidates, copy_terms, segment_starts
 
 IGNORE = -100
@@ -164,7 +165,15 @@ class TrainStep(nn.Module):
         self.model, self.grad_ckpt, self.mtp_weight = model, grad_ckpt, mtp_weight
         self.unlikelihood, self.copy_ngram, self.copy_window = unlikelihood, copy_ngram, copy_window
 
-    def forward(self, pb: PackedBatch):
+    def forward(self, pb: PackedBatch, task: str = "loss", repeats: torch.Tensor | None = None, first: int = 0):
+        """task "loss": the training losses above. The greedy probe's (train/greedy_probe.py), through this same
+        `__call__` so that FSDP gathers the weights: "greedy": the argmax token [P] after each of the batch's P
+        sequences; "seq_ul": the summed sequence-level unlikelihood of the tokens at positions >= first that
+        `repeats` [P, S] marks (the batch holds P sequences of S tokens)."""
+        if task == "greedy":
+            return self._greedy_next(pb)
+        if task == "seq_ul":
+            return self._seq_ul(pb, repeats, first)
         h = hidden(self.model, pb, self.grad_ckpt)
 
         def main_loss(h):
@@ -194,4 +203,21 @@ class TrainStep(nn.Module):
             ce = F.nll_loss(logp, pb.targets, ignore_index=IGNORE, reduction="sum")
             ul, stats = copy_terms(logp if self.unlikelihood else logp.detach(), pb.targets, cand, IGNORE)
             return ce, torch.cat([ul.view(1), stats])
+        return _maybe_checkpoint(loss, h, self.grad_ckpt)
+
+    def _greedy_next(self, pb: PackedBatch) -> torch.Tensor:
+        h = hidden(self.model, pb, False)
+        last = to_device(torch.tensor([s.offset + s.length - 1 for s in pb.batch.seqs]), h.device)
+        return self.model.main_logits(h[:, last], check_finite=False)[0].argmax(-1)          # [P]
+
+    def _seq_ul(self, pb: PackedBatch, repeats: torch.Tensor, first: int) -> torch.Tensor:
+        """Position t - 1 predicts token t: the head runs only over positions first - 1 .. S - 2."""
+        P, S = repeats.shape
+        h = hidden(self.model, pb, self.grad_ckpt)
+        tokens = pb.input_ids.view(P, S)[:, first:]
+
+        def loss(h):
+            hv = h.view(P, S, *h.shape[2:])[:, first - 1:S - 1]
+            logp = F.log_softmax(self.model.main_logits(hv, check_finite=False), dim=-1)     # [P, L, V] fp32
+            return seq_ul_sum(logp, tokens, repeats[:, first:])
         return _maybe_checkpoint(loss, h, self.grad_ckpt)

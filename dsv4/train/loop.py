@@ -18,11 +18,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dsv4.model.state import to_device
 from dsv4.train import ep
 from dsv4.train.compiled import compile_blocks, compiled_graphs, pad_pack
 from dsv4.train.data import PackStream
 from dsv4.train.dist import DistContext, shard
 from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch
+from dsv4.train.greedy_probe import (
+    greedy_continue,
+    preserved_rng_and_modes,
+    probe_prefixes,
+    probe_stats,
+    repeat_mask,
+    sequences_batch,
+)
 from dsv4.train.metrics import MetricsLog, expert_load, plot_loss
 from dsv4.train.optim import MasterWeights, clip_grad_norm, lr_at, make_optimizer, update_gate_bias
 from dsv4.train.params import forget_qat, refresh_qat
@@ -56,6 +65,16 @@ class TrainConfig:
     unlikelihood: float = 0.0
     copy_ngram: int = 4
     copy_window: int = 0
+    # Greedy-repetition probe (train/greedy_probe.py): every greedy_probe_every steps (0: off; steps 0, N, 2N, ...)
+    # probe_prefixes prefixes of probe_prefix_len tokens of the step's (this rank's first) pack are continued
+    # greedily by probe_tokens tokens; greedy_seq_rep4 and greedy_distinct4 are logged. seq_unlikelihood ALPHA > 0
+    # adds, on those steps, ALPHA * (summed sequence-level unlikelihood of the continuation tokens completing an
+    # earlier 4-gram) / (number of continuation positions of all ranks) to the step's loss.
+    greedy_probe_every: int = 0
+    probe_prefixes: int = 16
+    probe_prefix_len: int = 32
+    probe_tokens: int = 64
+    seq_unlikelihood: float = 0.0
 
 
 @dataclass
@@ -87,12 +106,25 @@ def copy_record(copy: list[float], n_targets: int) -> dict:
             "copy_wrong_top1_frac": top1 / n_targets, "copy_wrong_p": p_wrong / wrong if wrong else None}
 
 
+def _check_probe(cfg: TrainConfig) -> None:
+    if cfg.seq_unlikelihood and not cfg.greedy_probe_every:
+        raise ValueError("seq_unlikelihood needs greedy_probe_every > 0 (the probe makes its sequences)")
+    if not cfg.greedy_probe_every:
+        return
+    if cfg.compile:
+        raise ValueError("the greedy probe runs sequences of every length up to prefix + tokens: with compiled "
+                         "blocks each would compile a graph; train eager")
+    if cfg.probe_prefixes < 1 or cfg.probe_prefix_len < 1 or cfg.probe_tokens < 4:
+        raise ValueError("the greedy probe needs >= 1 prefix of >= 1 token and >= 4 new tokens (one 4-gram)")
+
+
 class Trainer:
     def __init__(self, model, stream: PackStream, cfg: TrainConfig, out_dir, ctx: DistContext | None = None,
                  progress: bool = True):
         ctx = ctx or DistContext()
         if cfg.packs_per_step % ctx.world:
             raise ValueError(f"packs_per_step={cfg.packs_per_step} must be a multiple of the {ctx.world} processes")
+        _check_probe(cfg)
         if cfg.compile and not cfg.pad_to_seq_len:
             raise ValueError("compile needs pad_to_seq_len (one padded sequence per pack): steps of other shapes "
                              "would compile again")
@@ -124,8 +156,9 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup_steps, self.cfg.max_steps, self.cfg.min_lr_ratio)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        # summed main CE, MTP CE; the copy terms (unlikelihood, wrong copies, their summed p, candidates, top-1 wrong)
-        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        # summed main CE, MTP CE; the copy terms (unlikelihood, wrong copies, their summed p, candidates, top-1 wrong);
+        # the greedy probe's (repeated continuation 4-grams, distinct ones, sequence-level unlikelihood)
+        sums = torch.zeros(10, dtype=torch.float64, device=self.device)
         refresh_qat(self.model)                                 # once per step: the weights change only below
         for pack in packs[self.ctx.rank::self.ctx.world]:
             ce, mtp, _, copy = self.step_module(self._batch(pack))
@@ -133,7 +166,7 @@ class Trainer:
             if copy is not None:
                 if self.cfg.unlikelihood:
                     loss = loss + self.cfg.unlikelihood * copy[0] / n_targets
-                sums[2:] += copy.detach().double()
+                sums[2:7] += copy.detach().double()
             if mtp is not None and n_mtp:
                 loss = loss + self.cfg.mtp_weight * mtp / n_mtp
                 sums[1] += mtp.detach().double()
@@ -141,6 +174,11 @@ class Trainer:
             self.counter.enabled = False                        # checkpoint recomputation must not count
             loss.backward()
             self.counter.enabled = True
+        probe = self.cfg.greedy_probe_every and self.step % self.cfg.greedy_probe_every == 0
+        if probe:                                               # after the packs: the same QAT-rounded weights
+            tp = time.perf_counter()
+            sums[7:] = self._probe(packs[self.ctx.rank])
+            probe_s = time.perf_counter() - tp
         forget_qat(self.model)
         self.master.grads_to_masters()
         grad_norm = clip_grad_norm(self.master.masters, self.cfg.clip_grad or float("inf"), self.ctx)
@@ -162,13 +200,44 @@ class Trainer:
         if self.cfg.mtp_weight and n_mtp:
             record["mtp_loss"] = host.sums[1] / n_mtp
         if self.cfg.copy_ngram:
-            record.update(copy_record(host.sums[2:], n_targets))
+            record.update(copy_record(host.sums[2:7], n_targets))
+        if probe:
+            record.update(self._probe_record(host.sums[7:], probe_s))
         record["expert_load"] = expert_load(host.counts)
         if self.cfg.compile:
             record["compiled_graphs"] = self._new_graphs(compiled_graphs() - graphs)
         self.step += 1
         self.steps_run += 1
         return record
+
+    def _probe(self, pack) -> torch.Tensor:
+        """The greedy probe of this rank (train/greedy_probe.py) and, with seq_unlikelihood, its term's backward
+        (gradients accumulate onto the packs'). The expert load counter is off: neither the generated tokens nor
+        their training forward move the gate biases. -> [3] fp64 (repeated continuation 4-grams, distinct ones,
+        summed unlikelihood before ALPHA)."""
+        cfg, bos = self.cfg, self.model.cfg.bos_token_id
+        P, first, L = cfg.probe_prefixes, cfg.probe_prefix_len, cfg.probe_tokens
+        self.counter.enabled = False
+        with preserved_rng_and_modes(self.model):
+            prefixes = to_device(torch.tensor(probe_prefixes(pack, P, first, bos)), self.device)
+            ids = greedy_continue(self.step_module, prefixes, L)
+            repeats = repeat_mask(ids)
+            ul = torch.zeros((), dtype=torch.float64, device=self.device)
+            if cfg.seq_unlikelihood:
+                batch = PackedBatch(ids.reshape(1, -1), None, sequences_batch(P, first + L, self.device), [])
+                ul = self.step_module(batch, task="seq_ul", repeats=repeats, first=first)
+                (cfg.seq_unlikelihood * ul / (P * L * self.ctx.world)).backward()
+        self.counter.enabled = True
+        return torch.cat([probe_stats(ids, repeats, first), ul.detach().double().view(1)])
+
+    def _probe_record(self, sums: list[float], probe_s: float) -> dict:
+        """Means over every rank's continuations; seq_ul per continuation position, before ALPHA."""
+        n = self.cfg.probe_prefixes * self.ctx.world
+        rec = {"greedy_seq_rep4": sums[0] / (n * self.cfg.probe_tokens),
+               "greedy_distinct4": sums[1] / (n * (self.cfg.probe_tokens - 3)), "probe_s": probe_s}
+        if self.cfg.seq_unlikelihood:
+            rec["seq_ul"] = sums[2] / (n * self.cfg.probe_tokens)
+        return rec
 
     def _new_graphs(self, n: int) -> int:
         """n graphs compiled this step: expected at the first, a warning after it (the padded shapes should make

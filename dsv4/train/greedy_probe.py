@@ -1,0 +1,115 @@
+"""Greedy-repetition probe and sequence-level unlikelihood (issue 17; Welleck et al. 2019, "Neural text generation
+with unlikelihood training", section 5.2: the sequence-level term on the model's own continuations).
+
+Every `greedy_probe_every` steps the trainer cuts P prefixes of the step's pack, continues each greedily by L tokens
+with the training model (no grad, one full-sequence forward per new token: no KV cache, the P prefixes as P
+sequences of one flattened batch) and logs how much the continuations repeat themselves:
+  greedy_seq_rep4: the fraction of continuation 4-grams (the gram ending at each continuation position, prefix
+      tokens included) equal to a 4-gram ending earlier in prefix + continuation (Welleck's seq-rep-4);
+  greedy_distinct4: `distinct_4gram_ratio` of each continuation alone (scripts/eval_builtin.py's acceptance
+      figure), averaged over the prefixes.
+With `seq_unlikelihood` ALPHA > 0 the same sequences get a forward with grad and the term
+  ALPHA * sum_{t in continuation, repeat[t]} -log(max(1 - p(x_t | x_<t), eps)) / (P * L * world)
+which lowers p of every token that completes an earlier 4-gram of its own sequence.
+
+Everything stays on the device (the 4-gram comparison is an [S, S] equality per sequence, S = P's prefix +
+continuation, ~100 tokens): the statistics travel in the step's one read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.model.state import StepBatch
+from dsv4.train.data import Document
+from dsv4.train.unlikelihood import EPS
+
+NGRAM = 4
+
+
+def distinct_4gram_ratio(ids: list[int]) -> float:
+    """Distinct 4-grams / 4-grams of `ids` (0.0 without any): issue 17's greedy acceptance figure."""
+    grams = [tuple(ids[i:i + 4]) for i in range(len(ids) - 3)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeat_mask(ids: torch.Tensor, n: int = NGRAM) -> torch.Tensor:
+    """[P, S] bool: ids[p, t] completes an n-gram ids[p, t-n+1..t] equal to one ending at an earlier s (s < t;
+    overlapping occurrences count)."""
+    if ids.shape[1] < n:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    grams = ids.unfold(1, n, 1)                                            # [P, G, n], gram g ends at g + n - 1
+    G = grams.shape[1]
+    same = (grams[:, :, None, :] == grams[:, None, :, :]).all(-1)          # [P, G, G]
+    earlier = torch.ones(G, G, dtype=torch.bool, device=ids.device).tril(-1)
+    return F.pad((same & earlier).any(-1), (n - 1, 0), value=False)
+
+
+def probe_stats(ids: torch.Tensor, repeats: torch.Tensor, first: int) -> torch.Tensor:
+    """[2] fp64 sums over the P sequences: repeated continuation 4-grams (seq-rep-4's numerator over P * L) and the
+    continuations' distinct 4-grams (each over its L - 3 grams: `distinct_4gram_ratio`, summed over rows)."""
+    cont = ids[:, first:]
+    distinct = cont.shape[0] * (cont.shape[1] - NGRAM + 1) - repeat_mask(cont).sum()     # first occurrences
+    return torch.stack([repeats[:, first:].sum(), distinct]).double()
+
+
+def seq_ul_sum(logp: torch.Tensor, tokens: torch.Tensor, repeats: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """sum over repeats of -log(max(1 - p(token), eps)); logp [..., V] predicts tokens [...] (mask repeats [...])."""
+    lp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # 1 - p as -expm1(log p): exact where p is near 1
+    return torch.where(repeats, -torch.log(torch.clamp(-torch.expm1(lp), min=eps)), 0.0).sum()
+
+
+def probe_prefixes(docs: list[Document], count: int, length: int, bos_id: int) -> list[list[int]]:
+    """`count` prefixes of `length` tokens: BOS + length - 1 tokens of the pack (its documents' ids in order, cycled
+    if shorter) from starts spread evenly over it. Deterministic given the pack. A window may cross a document
+    boundary (a BOS inside it), as concatenated training packs do."""
+    ids = [t for d in docs for t in d.ids]
+    if not ids:
+        raise ValueError("the greedy probe needs a non-empty pack")
+    w = length - 1
+    while len(ids) < w:
+        ids = [*ids, *ids]
+    span = len(ids) - w + 1                                   # starts 0 .. len - w
+    return [[bos_id, *ids[s:s + w]] for s in (i * span // count for i in range(count))]
+
+
+def sequences_batch(P: int, S: int, device) -> StepBatch:
+    """P sequences of S tokens from position 0, each in pages of its own."""
+    pages = -(-S // 128)
+    return StepBatch.build([(i, 0, S, range(i * pages, (i + 1) * pages)) for i in range(P)], device)
+
+
+@torch.no_grad()
+def greedy_continue(step_module: nn.Module, prefixes: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """prefixes [P, s] -> [P, s + new_tokens]: greedy continuations, one full forward of every sequence per token
+    through `step_module(..., task="greedy")` (so FSDP gathers what the forward needs). No host read here."""
+    from dsv4.train.forward import PackedBatch
+
+    P, s = prefixes.shape
+    ids = torch.cat([prefixes, prefixes.new_zeros(P, new_tokens)], 1)
+    for k in range(new_tokens):
+        cur = ids[:, :s + k].reshape(1, -1)
+        ids[:, s + k] = step_module(PackedBatch(cur, None, sequences_batch(P, s + k, ids.device), []), task="greedy")
+    return ids
+
+
+@contextlib.contextmanager
+def preserved_rng_and_modes(model: nn.Module):
+    """Restore the RNG states (CPU and the current CUDA device) and every module's training flag on exit: a probe
+    must leave the training step exactly as it found it."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+        for m, flag in modes:
+            m.training = flag
