@@ -72,13 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                    "weights and gate biases only, so the optimiser and the schedule start afresh")
     ap.add_argument("--seed", type=int, default=0, help="data order (give a continuation another seed)")
     ap.add_argument("--mtp-weight", type=float, default=0.3)
-    ap.add_argument("--unlikelihood", type=float, default=0.0, metavar="ALPHA",
-                    help="weight of the unlikelihood of wrong in-context copies (dsv4/train/unlikelihood.py; "
-                         "default 0: only logged)")
-    ap.add_argument("--copy-ngram", type=int, default=4, metavar="N",
-                    help="copy candidate: the token after an earlier occurrence of the last N-1 tokens (0: no copy "
-                         "term nor statistics)")
-    ap.add_argument("--copy-window", type=int, default=0, help="that occurrence at most this far back (0: anywhere)")
     add_probe_arguments(ap)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity and the greedy sample")
@@ -152,8 +145,8 @@ def main(argv=None) -> dict:
                         min_lr_ratio=args.min_lr_ratio, weight_decay=0.0, clip_grad=1.0, seq_len=args.seq_len,
                         packs_per_step=args.packs_per_step, grad_ckpt=args.grad_ckpt, mtp_weight=args.mtp_weight,
                         bias_update_rate=1e-3, seed=args.seed, compile=args.compile,
-                        pad_to_seq_len=args.compile is not None, unlikelihood=args.unlikelihood,
-                        copy_ngram=args.copy_ngram, copy_window=args.copy_window, **probe_fields(args))
+                        pad_to_seq_len=args.compile is not None,
+                        **probe_fields(args))
     if args.steps:
         train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))
     packs = pack(docs, args.seq_len)

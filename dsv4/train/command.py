@@ -17,8 +17,15 @@ experts over the N processes)."""
 
 
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
-    """The greedy probe and sequence-level unlikelihood (dsv4/train/greedy_probe.py; `TrainConfig` fields of the same
-    names); shared with scripts/train_builtin_gpu.py."""
+    """The copy unlikelihood (dsv4/train/unlikelihood.py), the greedy probe and sequence-level unlikelihood
+    (dsv4/train/greedy_probe.py); `TrainConfig` fields of the same names; shared with scripts/train_builtin_gpu.py."""
+    p.add_argument("--unlikelihood", type=float, default=0.0, metavar="ALPHA",
+                   help="weight of the unlikelihood of wrong in-context copies (default 0: only logged)")
+    p.add_argument("--copy-ngram", type=int, default=4, metavar="N",
+                   help="copy candidate: the token after the latest earlier occurrence of the last N-1 tokens in the "
+                        "document (default 4; 0 = no copy term nor statistics)")
+    p.add_argument("--copy-window", type=int, default=0,
+                   help="that occurrence at most this many tokens back (default 0 = anywhere)")
     p.add_argument("--greedy-probe-every", type=int, default=0, metavar="N",
                    help="every N steps continue --probe-prefixes prefixes of the step's pack greedily and log "
                         "greedy_seq_rep4 / greedy_distinct4 (default 0 = off)")
@@ -32,8 +39,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def probe_fields(args) -> dict:
-    return {k: getattr(args, k) for k in ("greedy_probe_every", "probe_prefixes", "probe_prefix_len",
-                                          "probe_tokens", "seq_unlikelihood")}
+    return {k: getattr(args, k) for k in ("unlikelihood", "copy_ngram", "copy_window", "greedy_probe_every",
+                                          "probe_prefixes", "probe_prefix_len", "probe_tokens", "seq_unlikelihood")}
 
 
 def add_parsers(sub, positive, dtypes: dict) -> None:
@@ -56,13 +63,6 @@ def add_parsers(sub, positive, dtypes: dict) -> None:
                    help="packed sequences per optimiser step, over all processes (default 1)")
     p.add_argument("--no-grad-ckpt", action="store_true", help="keep activations instead of recomputing blocks")
     p.add_argument("--mtp-weight", type=float, default=0.0, help="weight of the MTP loss (default 0 = off)")
-    p.add_argument("--unlikelihood", type=float, default=0.0, metavar="ALPHA",
-                   help="weight of the unlikelihood of wrong in-context copies (default 0: only logged)")
-    p.add_argument("--copy-ngram", type=int, default=4, metavar="N",
-                   help="copy candidate: the token after the latest earlier occurrence of the last N-1 tokens in the "
-                        "document (default 4; 0 = no copy term nor statistics)")
-    p.add_argument("--copy-window", type=int, default=0,
-                   help="that occurrence at most this many tokens back (default 0 = anywhere)")
     add_probe_arguments(p)
     p.add_argument("--bias-update-rate", type=float, default=0.0,
                    help="noaux_tc gate-bias balancing step per optimiser step (default 0 = off)")
@@ -110,7 +110,6 @@ def cmd_finetune(args) -> int:
                         seq_len=args.seq_len, packs_per_step=args.packs_per_step, grad_ckpt=not args.no_grad_ckpt,
                         mtp_weight=args.mtp_weight, bias_update_rate=args.bias_update_rate,
                         save_every=args.save_every, seed=args.seed, expert_parallel=args.expert_parallel,
-                        unlikelihood=args.unlikelihood, copy_ngram=args.copy_ngram, copy_window=args.copy_window,
                         **probe_fields(args))
     try:
         out = finetune(args.data, args.out, args.model, args.lora, args.lora_alpha,
