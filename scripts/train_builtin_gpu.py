@@ -100,10 +100,12 @@ def check_same_config(got, want, where: Path) -> None:
         raise ValueError(f"{where}: not builtin_config(2); differs in (got, expected): {diff}")
 
 
-def sized_steps(done: int, elapsed_s: float, step_times: list[float], budget_s: float) -> int:
+def sized_steps(done: int, elapsed_s: float, step_times: list[float], budget_s: float,
+                probe_s_per_step: float = 0.0) -> int:
     """Total steps that fit the budget: the steps already done plus what the remaining time buys at the median
-    measured step time (5% margin for the slower steps)."""
-    per = statistics.median(step_times)
+    measured step time (5% margin for the slower steps), plus the greedy probes' time spread over the steps (the
+    median alone misses them: one step in --greedy-probe-every carries a probe)."""
+    per = statistics.median(step_times) + probe_s_per_step
     return done + max(1, int((budget_s - elapsed_s) * 0.95 / per))
 
 
@@ -165,7 +167,7 @@ def main(argv=None) -> dict:
     log = MetricsLog(out)
     budget_s = args.minutes * 60 if args.minutes else float("inf")
     t0 = time.perf_counter()
-    step_times, step_tokens, tokens, graphs = [], [], 0, []
+    step_times, step_tokens, tokens, graphs, probe_times = [], [], 0, [], []
     prof = None
     while trainer.step < train.max_steps:
         if args.profile and trainer.step == train.max_steps - args.profile:
@@ -179,6 +181,8 @@ def main(argv=None) -> dict:
         tokens += rec["tokens"]
         step_tokens.append(rec["tokens"])
         graphs.append(rec.get("compiled_graphs", 0))
+        if "probe_s" in rec:
+            probe_times.append(rec["probe_s"])
         rec["step_s"], rec["elapsed_s"] = dt, time.perf_counter() - t0
         log.write(rec)
         if trainer.step <= 3 or trainer.step % 25 == 0:
@@ -186,7 +190,9 @@ def main(argv=None) -> dict:
                   f"lr {rec['lr']:.2e} {rec['tokens']} tok {dt:.3f}s {rec['tokens'] / dt:.0f} tok/s", flush=True)
         if args.steps is None and trainer.step == args.calibrate_steps:
             # the first steps include one-off costs (allocator growth, kernel selection): time the later ones
-            train.max_steps = sized_steps(trainer.step, rec["elapsed_s"], step_times[2:] or step_times, budget_s)
+            probe_share = statistics.mean(probe_times) / args.greedy_probe_every if probe_times else 0.0
+            train.max_steps = sized_steps(trainer.step, rec["elapsed_s"], step_times[2:] or step_times, budget_s,
+                                          probe_share)
             # a short run gets a short warmup (10% of it), never shorter than the steps already taken
             train.warmup_steps = max(trainer.step + 1, min(args.warmup_steps, train.max_steps // 10))
             print(f"schedule sized to {train.max_steps} steps for the {args.minutes} minute budget", flush=True)

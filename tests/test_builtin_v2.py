@@ -98,6 +98,8 @@ def test_sized_steps_fills_the_budget():
     # 10 steps done in 20 s at 2 s a step; 100 s left buys 47 more with the 5% margin.
     assert train_builtin_gpu.sized_steps(10, 20.0, [2.0, 2.0, 2.1], 120.0) == 57
     assert train_builtin_gpu.sized_steps(10, 200.0, [2.0], 120.0) == 11      # over budget: at least one more
+    # a probe of 8 s every 8 steps costs 1 s a step more: 100 s * 0.95 / 3 s
+    assert train_builtin_gpu.sized_steps(10, 20.0, [2.0, 2.0, 2.1], 120.0, 8.0 / 8) == 41
 
 
 def test_bundle_cuts_the_model_into_parts_that_rejoin(tmp_path, monkeypatch):

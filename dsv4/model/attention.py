@@ -206,7 +206,8 @@ class Attention(nn.Module):
         ok = (held <= query) & (held > query - w) & (held >= 0)
         # masked rows first, then oldest first; the last W: the list `forward` (window_indices) makes of the same
         # rows (a query sees at most W of them)
-        order = torch.where(ok, held, held.new_tensor(torch.iinfo(held.dtype).min)).argsort(dim=-1, stable=True)
+        # (masked_fill with a Python scalar: no host tensor, so this stays capturable in a CUDA graph)
+        order = held.masked_fill(~ok, torch.iinfo(held.dtype).min).argsort(dim=-1, stable=True)
         rows = torch.cat([state.ring[slots], overwritten], dim=1).to(dtype)
         return rows, torch.where(ok.gather(-1, order), order, -1)[..., pos.shape[1] - 1:]
 
