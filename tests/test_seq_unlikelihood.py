@@ -265,3 +265,19 @@ def test_bad_probe_settings_are_errors(tiny_ckpt, tmp_path):
         _trainer(tiny_ckpt, tmp_path, seq_unlikelihood=1.0)
     with pytest.raises(ValueError, match="new tokens"):
         _trainer(tiny_ckpt, tmp_path, greedy_probe_every=1, probe_tokens=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_probe_runs_on_cuda_with_trainable_fp4_experts(tiny_ckpt, tmp_path):
+    """Found on the H200: the probe generates under no_grad, where the MoE took an inference path that reads stored
+    FP4 codes and scales, but the trainer's experts are bf16 masters (scale None). The probe and the term must take
+    the training path there, as on CPU, and give the CPU's continuations (the random tiny model in fp32)."""
+    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False),
+                     qat=True)
+    torch.manual_seed(0)
+    prefixes = torch.randint(1, 512, (3, 5))
+    cpu = greedy_continue(TrainStep(m, False), prefixes, 6)
+    gpu = greedy_continue(TrainStep(m.cuda(), False), prefixes.cuda(), 6).cpu()
+    assert torch.equal(gpu[:, :5], prefixes)
+    assert (gpu == cpu).float().mean() >= 0.9      # fp32 on both; an argmax tie may differ by device

@@ -119,9 +119,14 @@ class MoE(nn.Module):
         """Which routed-expert sum computes this step. The pair, sorted and grouped paths are inference paths
         (Triton kernels, stacked weights); training and expert-parallel steps loop."""
         local = self.tp is SINGLE and self.exchange is None                # EP: the loop (for now)
-        inference = x.is_cuda and not torch.is_grad_enabled() and local
+        # Trainable experts (train/params.py TrainLinear: a bf16 master, no stored codes or scales, `fmt` still
+        # the storage format) take the training path with or without autograd: the greedy probe generates under
+        # no_grad, and the inference paths read stored FP4/FP8 (found on the H200: scale None in the FP4 kernel).
+        trainable = not self._stored_experts()
+        inference = x.is_cuda and not torch.is_grad_enabled() and local and not trainable
         # compiled decode on any device; a compiled training step (autograd on) takes the training path below
-        fixed_shapes = inference or (torch.compiler.is_compiling() and local and not torch.is_grad_enabled())
+        fixed_shapes = inference or (torch.compiler.is_compiling() and local and not torch.is_grad_enabled()
+                                     and not trainable)
         sorted_fp4 = self.expert_fmt == "fp4" and ids.numel() >= self.SORTED_PATH_MIN_PAIRS
         if fixed_shapes and ids.numel() <= self.PAIR_PATH_MAX_PAIRS:
             return self.routed_sorted if sorted_fp4 else self.routed_pairs
@@ -132,13 +137,18 @@ class MoE(nn.Module):
             return self.routed_sorted
         if grouped_ok:
             return self.routed_grouped
-        if (torch.is_grad_enabled() and local and self.n_experts <= self.BATCHED_MAX_EXPERTS
+        if ((torch.is_grad_enabled() or trainable) and local and self.n_experts <= self.BATCHED_MAX_EXPERTS
                 and ops.registry.fast_enabled("moe_batched")
                 and all(isinstance(getattr(e, n), Linear) for e in self.experts for n in ("w1", "w2", "w3"))):
             return self.routed_batched
         if self.exchange is not None:
             return lambda x, weights, ids: self.exchange(self.routed_loop, x, weights, ids)
         return self.routed_loop
+
+    def _stored_experts(self) -> bool:
+        """Do the experts hold their checkpoint format (plain `Linear`s, what the inference paths read)?"""
+        first = next((e for e in self.experts if e is not None), None)
+        return first is None or type(first.w1) is Linear
 
     def routed_loop(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Sum of the routed experts' outputs [N, D] fp32: each used expert runs on its tokens (host sync)."""
