@@ -182,10 +182,11 @@ def test_sparse_attention_on_cuda_at_flash_dims(block_k, splits):
 
 
 @pytest.mark.gpu
-def test_dispatched_op_takes_the_kernel_for_prefill_on_cuda():
-    """`ops.sparse_attention` runs the kernel (its prefill configuration: 64 heads per program, 32-row tiles) for a
-    bf16 chunk of several queries on CUDA, within the tiled class of float64; one query per sequence (decode) and
-    the reference switch run the twin, bit-identical to calling it directly."""
+def test_dispatched_op_takes_the_kernel_for_prefill_and_decode_on_cuda():
+    """`ops.sparse_attention` runs the kernel (64 heads per program, 32-row tiles) for a bf16 chunk of several
+    queries on CUDA, within the tiled class of float64, and for one query per sequence (decode) too, where a
+    sequence's output is the same bits alone or in a batch of 3; the reference switch runs the twin, bit-identical
+    to calling it directly."""
     from dsv4 import ops
     from dsv4.ops import golden
 
@@ -197,10 +198,29 @@ def test_dispatched_op_takes_the_kernel_for_prefill_on_cuda():
         with ops.reference_only("sparse_attention"):
             assert torch.equal(ops.sparse_attention(q, kv, sink, idx, scale), twin)
         one = (q[:, :1], kv, sink, idx[:, :1], scale)
-        assert torch.equal(ops.sparse_attention(*one), ops.sparse_attention.twin(*one))
+        alone = ops.sparse_attention(*one)
+        assert not torch.equal(alone, ops.sparse_attention.twin(*one))           # decode: the kernel too
+        three = (q[:, :3].transpose(0, 1).contiguous(), kv.expand(3, -1, -1).contiguous(), sink,
+                 idx[:, :3].transpose(0, 1).contiguous(), scale)              # 3 sequences of one query each
+        batched = ops.sparse_attention(*three)
+        assert torch.equal(batched[:1], alone)                                # batch-invariant
     assert golden.distance(fast.cpu(), want.cpu())["rel_err"] <= 3e-3
     assert not torch.equal(fast, twin)                                # the kernel ran, not the twin
     assert torch.equal(ops.sparse_attention(q, kv, sink, idx, scale), twin)      # autograd on: the twin
+
+
+def test_split_count_depends_on_the_sequence_not_on_the_batch():
+    """The splits set the merge order of a query's partial softmaxes: the same query must get the same count alone
+    (general step, batch 1) and batched (fixed decode step, batch B). Planned from one sequence's programs."""
+    from dsv4.ops.triton.sparse_attention import MAX_SPLITS, plan_splits
+
+    sms = 132
+    for s, heads, tiles in [(1, 1, 20), (1, 4, 20), (3, 1, 20), (1, 1, 2), (512, 1, 20)]:
+        got = plan_splits(s * heads, tiles, sms)
+        assert 1 <= got <= min(tiles, MAX_SPLITS)
+        assert got == (1 if s * heads >= 2 * sms else min(tiles, MAX_SPLITS, -(-2 * sms // (s * heads))))
+    src = (Path(dsv4.__file__).parent / "ops" / "triton" / "sparse_attention.py").read_text()
+    assert "default_splits(s * heads," in src and "default_splits(b *" not in src
 
 
 def test_bench_script_counts_the_bytes_a_fused_kernel_must_move():

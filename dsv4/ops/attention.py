@@ -6,9 +6,13 @@ The twin gathers every query's KV rows into a [b, s, k, d] tensor and upcasts it
 Measured on an H200 at Flash dims (`scripts/bench/sparse_attention.py`, bench/results/h200_sparse_attention.log):
 an 8k prefill chunk 41.4 ms (twin) -> 3.66 ms (64 heads per program, 32-row tiles, 8 warps). Numerics: golden's
 "tiled" class (probabilities rounded per tile, relative to the running max), rel. error vs float64 2.1e-3 like
-the twin's. Decode (one query per sequence) keeps the twin: inside the compiled decode step inductor fuses it, and
-the kernel's few programs per sequence did not beat that at the bench's context (its decode times there include
-a host-synchronising index check).
+the twin's. Decode (one query per sequence) takes the kernel too, since the seventh session: the twin's GEMMs
+are not batch-invariant on CUDA (cuBLAS picks by shape: batch 1 in the general step, B in the fixed step), which
+moved one output element by a bf16 ulp and, through the FP8 act-quant emulation, the greedy trajectory
+(tests/test_graphs_gpu.py, 1-token case; the 3-token case already ran the kernel and passed). The kernel computes
+each (query, head block) in its own program over the same tiles, with a split count from the sequence alone
+(`default_splits`), so a query's bits do not depend on the batch. Its decode speed against the inductor-fused
+twin is to be measured (earlier decode timings of the kernel included a host-synchronising index check).
 The index list comes from the model (window + picked entries, checked by the model's tests), so the kernel's
 own index range check, a host synchronisation, is skipped.
 Training (autograd on) runs the twin recomputed in the backward, and HCA layers' compressed entries as a dense tail
@@ -53,7 +57,7 @@ register("sparse_attention_dense_tail", "split_tail",
 
 
 def _applies(q, kv, sink, idx, scale) -> bool:
-    return (q.is_cuda and q.shape[1] > 1 and q.dtype == kv.dtype == torch.bfloat16 and sink.dtype == torch.float32
+    return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and sink.dtype == torch.float32
             and not torch.is_grad_enabled())
 
 

@@ -159,11 +159,22 @@ def _check(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Ten
         raise ValueError(f"sparse_attention: idx holds row {int(idx.max())}, kv has only {kv.shape[1]} rows")
 
 
+MAX_SPLITS = 4      # the partial results cost b * s * splits * h * d fp32 (Flash decode bs64: 33.5 MB at 4)
+
+
 def default_splits(programs: int, tiles: int, device: torch.device) -> int:
-    """Splits of the list so that about two programs run per SM (decode: b * 4 head blocks programs only)."""
-    if device.type != "cuda" or programs >= 2 * _sms(device):
+    """Splits of each list: about two programs per SM when one sequence's `programs` (its s queries x head
+    blocks) are few (decode), at most MAX_SPLITS and one per tile. From one sequence's programs, never from the
+    batch: the split count sets the order in which a query's partial softmaxes merge, so a batch-dependent count
+    gave a query other bits alone (the general step, batch 1) than batched (the fixed decode step): found on the
+    H200 by scripts/bench/graph_divergence.py (bench/NOTES.md, seventh session)."""
+    return 1 if device.type != "cuda" else plan_splits(programs, tiles, _sms(device))
+
+
+def plan_splits(programs: int, tiles: int, sms: int) -> int:
+    if programs >= 2 * sms:
         return 1
-    return max(1, min(tiles, -(-2 * _sms(device) // programs)))
+    return max(1, min(tiles, MAX_SPLITS, -(-2 * sms // programs)))
 
 
 def _sms(device: torch.device) -> int:
@@ -187,7 +198,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
         return out
     k = idx.shape[2]
     tiles, heads = triton.cdiv(k, block_k), triton.cdiv(h, block_h)
-    splits = splits or default_splits(b * s * heads, tiles, q.device)
+    splits = splits or default_splits(s * heads, tiles, q.device)          # per sequence: batch-invariant
     per_split = triton.cdiv(tiles, splits)
     shape = {"H": h, "D": d, "BLOCK_H": block_h, "BLOCK_D": max(16, triton.next_power_of_2(d))}
     run = {"num_warps": num_warps, "num_stages": num_stages}
