@@ -5,8 +5,9 @@ cut are the dispatched ops per forward (~ kernel launches on CUDA) and the host 
 tiny test config or `builtin_config(2)` from random weights as the trainer does (QAT emulation on,
 `prepare_full(qat=True)`), then measures one greedy forward (task "greedy", the longest: prefix + tokens - 1
 tokens per sequence), the whole `greedy_continue`, and the seq-UL term's forward + backward.
+`--per-sequence` measures the probe as it was before (the sequences attended one by one).
 Usage: PYTHONPATH=. python3 scripts/bench/greedy_probe.py [--config v2|tiny] [--prefixes 32] [--prefix-len 32]
-       [--tokens 64] [--device cpu] [--top 15]
+       [--tokens 64] [--device cpu] [--top 15] [--no-count] [--no-continue] [--per-sequence]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ train_step_ops = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_step_ops)
 
 
-def build(config: str, device: str, tmp: Path):
+def build(config: str, device: str, dtype: torch.dtype, tmp: Path):
     from dsv4.builtin import builtin_config
     from dsv4.checkpoint import synthesize
     from dsv4.config import tiny_config
@@ -35,7 +36,7 @@ def build(config: str, device: str, tmp: Path):
 
     cfg = builtin_config(2) if config == "v2" else tiny_config()
     ckpt = synthesize(cfg, tmp / "base", seed=0, progress=False)
-    net = prepare_full(load_model(ckpt, device=device, dtype=torch.float32, quant_emulation=True, progress=False),
+    net = prepare_full(load_model(ckpt, device=device, dtype=dtype, quant_emulation=True, progress=False),
                        qat=True)
     return TrainStep(net, grad_ckpt=False)
 
@@ -71,6 +72,14 @@ def counted(fn, top: int, label: str) -> tuple[int, int]:
     return n, syncs.total
 
 
+def per_sequence_batch(P: int, S: int, device):
+    """The probe's batch before the change: P sequences of one flattened `StepBatch`, each in pages of its own."""
+    from dsv4.model.state import StepBatch
+
+    pages = -(-S // 128)
+    return StepBatch.build([(i, 0, S, range(i * pages, (i + 1) * pages)) for i in range(P)], device)
+
+
 def main(argv=None) -> dict:
     from dsv4.train.forward import PackedBatch
     from dsv4.train.greedy_probe import greedy_continue, repeat_mask, sequences_batch
@@ -81,12 +90,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefix-len", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--no-continue", action="store_true", help="skip timing the whole greedy_continue")
+    ap.add_argument("--no-count", action="store_true", help="only time (the counters trace every op: slow)")
+    ap.add_argument("--per-sequence", action="store_true",
+                    help="the probe as before: the P sequences as a flattened StepBatch, attended one by one")
     args = ap.parse_args(argv)
+    if args.per_sequence:
+        import dsv4.train.greedy_probe as probe
+
+        sequences_batch = probe.sequences_batch = per_sequence_batch
     P, s, L, dev = args.prefixes, args.prefix_len, args.tokens, args.device
     with tempfile.TemporaryDirectory() as tmp:
-        step = build(args.config, dev, Path(tmp))
+        step = build(args.config, dev, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], Path(tmp))
         vocab = step.model.cfg.vocab_size
         ids = torch.randint(1, vocab, (P, s + L), generator=torch.Generator().manual_seed(0)).to(dev)
         S = s + L - 1                                             # the last greedy forward's length
@@ -101,9 +118,11 @@ def main(argv=None) -> dict:
             step(pb, task="seq_ul", repeats=repeat_mask(ids), first=s).backward()
             step.model.zero_grad(set_to_none=True)
 
-        out = {"config": args.config, "P": P, "prefix": s, "tokens": L, "device": dev}
-        out["greedy_ops"], out["greedy_syncs"] = counted(greedy, args.top, f"greedy forward ({P} x {S} tokens)")
-        out["seq_ul_ops"], out["seq_ul_syncs"] = counted(seq_ul, args.top, f"seq_ul forward+backward ({P} x {s + L})")
+        out = {"config": args.config, "P": P, "prefix": s, "tokens": L, "device": dev, "dtype": args.dtype,
+               "per_sequence": args.per_sequence}
+        if not args.no_count:
+            out["greedy_ops"], out["greedy_syncs"] = counted(greedy, args.top, f"greedy forward ({P} x {S} tokens)")
+            out["seq_ul_ops"], out["seq_ul_syncs"] = counted(seq_ul, args.top, f"seq_ul fwd+bwd ({P} x {s + L})")
         out["greedy_forward_s"] = timed(greedy, dev, 3)
         out["seq_ul_s"] = timed(seq_ul, dev, 1)
         if not args.no_continue:
