@@ -32,12 +32,13 @@ def build(config: str, device: str, dtype: torch.dtype, tmp: Path):
     from dsv4.config import tiny_config
     from dsv4.loader import load_model
     from dsv4.train.forward import TrainStep
-    from dsv4.train.params import prepare_full
+    from dsv4.train.params import prepare_full, refresh_qat
 
     cfg = builtin_config(2) if config == "v2" else tiny_config()
     ckpt = synthesize(cfg, tmp / "base", seed=0, progress=False)
     net = prepare_full(load_model(ckpt, device=device, dtype=dtype, quant_emulation=True, progress=False),
                        qat=True)
+    refresh_qat(net)              # as `Trainer.train_step` before its packs and the probe: weights rounded once
     return TrainStep(net, grad_ckpt=False)
 
 
@@ -94,6 +95,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--no-continue", action="store_true", help="skip timing the whole greedy_continue")
     ap.add_argument("--no-count", action="store_true", help="only time (the counters trace every op: slow)")
+    ap.add_argument("--count-only", action="store_true", help="only count ops and host reads")
     ap.add_argument("--per-sequence", action="store_true",
                     help="the probe as before: the P sequences as a flattened StepBatch, attended one by one")
     args = ap.parse_args(argv)
@@ -123,9 +125,10 @@ def main(argv=None) -> dict:
         if not args.no_count:
             out["greedy_ops"], out["greedy_syncs"] = counted(greedy, args.top, f"greedy forward ({P} x {S} tokens)")
             out["seq_ul_ops"], out["seq_ul_syncs"] = counted(seq_ul, args.top, f"seq_ul fwd+bwd ({P} x {s + L})")
-        out["greedy_forward_s"] = timed(greedy, dev, 3)
-        out["seq_ul_s"] = timed(seq_ul, dev, 1)
-        if not args.no_continue:
+        if not args.count_only:
+            out["greedy_forward_s"] = timed(greedy, dev, 3)
+            out["seq_ul_s"] = timed(seq_ul, dev, 1)
+        if not (args.no_continue or args.count_only):
             out["greedy_continue_s"] = timed(lambda: greedy_continue(step, ids[:, :s], L), dev)
         print(json.dumps(out))
         return out
