@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv4
 from dsv4.train.data import Document, PackStream
@@ -281,3 +282,42 @@ def test_probe_runs_on_cuda_with_trainable_fp4_experts(tiny_ckpt, tmp_path):
     gpu = greedy_continue(TrainStep(m.cuda(), False), prefixes.cuda(), 6).cpu()
     assert torch.equal(gpu[:, :5], prefixes)
     assert (gpu == cpu).float().mean() >= 0.9      # fp32 on both; an argmax tie may differ by device
+
+
+class _OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_probes_forwards_run_the_sequences_as_one_batch(model, monkeypatch):
+    """Measured on the H200: the probe's P sequences attended one by one (a flattened `StepBatch`) cost ~P x the
+    kernels of a forward (launch-bound, 47 s a probe). Per forward (greedy, and the term's with grad) each layer
+    makes one attention call whatever P, and the ATen ops (~ kernel launches) do not grow with P (sequence by
+    sequence, P = 5 ran 1.2x P = 1's ops here: ~1k more per extra sequence, tiny config, 20 tokens)."""
+    from dsv4 import ops
+
+    calls = []
+    for name in ("sparse_attention", "sparse_attention_dense_tail"):
+        orig = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, orig=orig, **k: (calls.append(a[0].shape[0]), orig(*a, **k))[1])
+
+    def measured(P, task):
+        ids = _loopy_batch(P=P, S=20)
+        calls.clear()
+        with _OpCount() as ops_count:
+            if task == "greedy":
+                greedy_continue(TrainStep(model, False), ids, 1)
+            else:
+                _seq_ul(model, ids, 10).backward()
+        return list(calls), ops_count.n
+
+    for task in ("greedy", "seq_ul"):
+        (one, ops_one), (many, ops_many) = measured(1, task), measured(5, task)
+        assert one == [1] * model.cfg.n_layers and many == [5] * model.cfg.n_layers, (task, one, many)
+        assert ops_many < 1.05 * ops_one, (task, ops_one, ops_many)   # a few data-dependent ops (QAT rounding)
+    model.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.primitives import Linear, RMSNorm
 from dsv4.model.rope import Rotary
-from dsv4.model.state import DecodeBatch, LayerState, SeqChunk, StepBatch, gather_rows, page_ids, write_rows
+from dsv4.model.state import DecodeBatch, FreshBatch, LayerState, SeqChunk, StepBatch, gather_rows, page_ids, write_rows
 from dsv4.parity.taps import tap
 
 
@@ -92,6 +92,8 @@ class Attention(nn.Module):
         """A flattened step x [1, T, D] (rotations cis [1, T, rd/2]) -> [1, T, D], reading and updating `state`."""
         if isinstance(batch, DecodeBatch):
             return self.decode(x, cis, batch, state)
+        if isinstance(batch, FreshBatch):
+            return self.fresh(x, cis, batch)
         q, qr = self.queries(x, cis)
         tap("attn.q", q)
         kv = self.window_kv(x, cis)
@@ -136,6 +138,33 @@ class Attention(nn.Module):
         o = ops.sparse_attention(q, torch.cat(rows).unsqueeze(0), self.attn_sink, idx.unsqueeze(0),
                                  self.softmax_scale)
         return self._write_ring(seq, state, kv, o)
+
+    def fresh(self, x: torch.Tensor, cis: torch.Tensor, batch: FreshBatch) -> torch.Tensor:
+        """`forward` for b fresh sequences of s tokens (x [1, b*s, D]) as one batch: one attention call per layer
+        whatever b, no decode state. Each sequence's KV rows and index lists are `_attend`'s from an empty state
+        (the ring's W rows are zeros no query reads: the same row numbers)."""
+        b, s, window, dtype = batch.b, batch.s, self.window, x.dtype
+        q, qr = self.queries(x, cis)
+        kv = self.window_kv(x, cis)
+        qb, kvb = q.view(b, s, *q.shape[2:]), kv.view(b, s, -1)
+        rows = [kvb.new_zeros(b, window, kvb.shape[-1]), kvb]
+        idx = window_indices(0, s, window, x.device).expand(b, s, window)
+        if self.ratio:
+            entries = self.compressor.fresh(*(t.view(b, s, -1) for t in self.compressor.project(x)), dtype)
+            base = window + s
+            if self.ratio != 4:     # HCA: every entry whose block is complete at the query, as a dense tail
+                visible = (torch.arange(1, s + 1, device=x.device) // self.ratio).expand(b, s)
+                o = ops.sparse_attention_dense_tail(qb, torch.cat(rows, dim=1), self.attn_sink, idx.contiguous(),
+                                                    entries, visible.contiguous(), self.softmax_scale)
+                return self.output(o.reshape(1, b * s, *o.shape[2:]), cis)
+            keys = self.indexer.compressor.fresh(
+                *(t.view(b, s, -1) for t in self.indexer.compressor.project(x)), dtype)
+            w, iq = self.indexer.weights(x), self.indexer.queries(qr, cis)
+            picked = self.indexer.select(w.view(b, s, -1), iq.view(b, s, *iq.shape[2:]), keys, 0, base)
+            rows.append(entries)
+            idx = torch.cat([idx, picked], dim=-1)
+        o = ops.sparse_attention(qb, torch.cat(rows, dim=1), self.attn_sink, idx.contiguous(), self.softmax_scale)
+        return self.output(o.reshape(1, b * s, *o.shape[2:]), cis)
 
     def _write_ring(self, seq: SeqChunk, state: LayerState, kv: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Keep the chunk's last `window` KV rows in the sequence's ring; pass the attention output o through."""

@@ -10,6 +10,7 @@ NOTE: an entry is emitted only once its block is complete, and is rotated at its
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
@@ -78,6 +79,21 @@ class Compressor(nn.Module):
         st_kv[cur:cur + rest], st_score[cur:cur + rest] = kv_all[m * r:], score_all[m * r:]
         first = start - pend + r * torch.arange(m, device=kv.device)
         return pooled, first
+
+    def fresh(self, kv: torch.Tensor, score: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Finished entries [b, s // r, c] of b fresh sequences at once (projections [b, s, coff*c], position 0):
+        `step` from an empty state then `finish`, the same elementwise math with the sequences as a batch dim."""
+        r, c = self.ratio, self.head_dim
+        b, m = kv.shape[0], kv.shape[1] // r
+        score = score[:, :m * r] + self.ape.repeat(m, 1)
+        kb, sb = kv[:, :m * r].unflatten(1, (m, r)), score.unflatten(1, (m, r))         # [b, m, r, coff*c]
+        if self.overlap and m:      # the block before the first is empty: kv 0, score -inf (`empty_state`)
+            kb = torch.cat([F.pad(kb[:, :-1, :, :c], (0, 0, 0, 0, 1, 0)), kb[:, :, :, c:]], dim=2)
+            sb = torch.cat([F.pad(sb[:, :-1, :, :c], (0, 0, 0, 0, 1, 0), value=float("-inf")), sb[:, :, :, c:]],
+                           dim=2)
+        pooled = (kb * sb.softmax(dim=2)).sum(dim=2)                                    # [b, m, c]
+        first = r * torch.arange(m, device=kv.device).expand(b, m)
+        return self.finish(pooled, first, dtype)
 
     def decode(self, kv: torch.Tensor, score: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                state: CompressorState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,13 +81,14 @@ class Indexer(nn.Module):
     @torch.no_grad()
     def select(self, w: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, start: int, offset: int) -> torch.Tensor:
         """Top-k entries for one sequence's queries at positions start.. (w [1, n, h], q [1, n, h, d]) over its
-        keys [1, t, d]: [1, n, min(topk, t)] entry index + `offset`, -1 where the entry is not yet visible."""
+        keys [1, t, d]: [1, n, min(topk, t)] entry index + `offset`, -1 where the entry is not yet visible.
+        Also b sequences at once (leading dim b), all at the same positions (`Attention.fresh`)."""
         n, t = q.shape[1], keys.shape[1]
         chunk = max(1, self.SELECT_CHUNK_ELEMENTS // max(1, q.shape[2] * t))
         if n > chunk:
             return torch.cat([self.select(w[:, i:i + chunk], q[:, i:i + chunk], keys, start + i, offset)
                               for i in range(0, n, chunk)], dim=1)
-        visible = torch.arange(start + 1, start + n + 1, device=q.device).unsqueeze(0) // 4       # [1, n]
+        visible = (torch.arange(start + 1, start + n + 1, device=q.device) // 4).expand(q.shape[0], n).contiguous()
         score = self.summed_scores(w, q, keys, visible)
         tap("attn.indexer.scores", score)
         # NOTE: with FP4 queries and keys exact score ties are common; a stable sort breaks them towards the

@@ -179,6 +179,26 @@ class StepBatch:
         return StepBatch(seqs, to_device(torch.cat(pos), device) if pos else torch.zeros(0, dtype=torch.long))
 
 
+@dataclass
+class FreshBatch:
+    """b fresh sequences of s tokens each from position 0, flattened in order (rows i*s .. i*s+s-1 = sequence i):
+    the training probe's equal-length sequences. Attention runs them as one [b, s] batch (one call per layer, not
+    one per sequence) and keeps no decode state: nothing follows the forward. `positions` [b*s] is made on the
+    device (no host copy)."""
+
+    b: int
+    s: int
+    positions: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return self.b * self.s
+
+    @staticmethod
+    def build(b: int, s: int, device) -> FreshBatch:
+        return FreshBatch(b, s, torch.arange(s, device=device).repeat(b))
+
+
 def to_device(host: torch.Tensor, device) -> torch.Tensor:
     """A host tensor copied to `device` without waiting for the GPU. NOTE: a copy from pageable host memory
     synchronises the stream first (the host waits for every queued kernel); one from pinned memory is queued like a

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dsv4.model.moe import Gate, expert_counts
-from dsv4.model.state import ModelState, StepBatch, to_device
+from dsv4.model.state import FreshBatch, ModelState, StepBatch, to_device
 from dsv4.train.data import Document
 from dsv4.train.greedy_probe import seq_ul_sum
 from dsv4.train.unlikelihood import copy_candidates, copy_terms, segment_starts
@@ -30,7 +30,7 @@ MTP_PAD_ID = 0        # the token the MTP block's last position reads (its outpu
 class PackedBatch:
     input_ids: torch.Tensor      # [1, T] every document's tokens, concatenated
     targets: torch.Tensor        # [T] next token where it is a training target, else IGNORE
-    batch: StepBatch
+    batch: StepBatch             # or a FreshBatch: the greedy probe's P equal-length sequences
     docs: list[Document]
     mtp_targets: torch.Tensor | None = None   # [T] the token after next where it is a target (MTP), else IGNORE
 
@@ -65,8 +65,11 @@ def _pages(n: int, page_size: int = 128) -> int:
     return -(-n // page_size)
 
 
-def layer_state(model, layer_id: int, batch: StepBatch):
-    """An empty state for one block, sized for this batch (pages for every sequence, one slot each)."""
+def layer_state(model, layer_id: int, batch: StepBatch | FreshBatch):
+    """An empty state for one block, sized for this batch (pages for every sequence, one slot each); None for a
+    `FreshBatch` (its attention keeps no state)."""
+    if isinstance(batch, FreshBatch):
+        return None
     pages = sum(_pages(s.length) for s in batch.seqs)
     return ModelState(model.cfg, len(batch.seqs), max(pages, 1), 128, model.dtype, batch.positions.device,
                       layer_ids=[layer_id]).layers[0]
@@ -207,8 +210,11 @@ class TrainStep(nn.Module):
 
     def _greedy_next(self, pb: PackedBatch) -> torch.Tensor:
         h = hidden(self.model, pb, False)
-        last = to_device(torch.tensor([s.offset + s.length - 1 for s in pb.batch.seqs]), h.device)
-        return self.model.main_logits(h[:, last], check_finite=False)[0].argmax(-1)          # [P]
+        if isinstance(pb.batch, FreshBatch):
+            last = h.view(pb.batch.b, pb.batch.s, *h.shape[2:])[:, -1].unsqueeze(0)        # [1, P, hc, D]
+        else:
+            last = h[:, to_device(torch.tensor([s.offset + s.length - 1 for s in pb.batch.seqs]), h.device)]
+        return self.model.main_logits(last, check_finite=False)[0].argmax(-1)             # [P]
 
     def _seq_ul(self, pb: PackedBatch, repeats: torch.Tensor, first: int) -> torch.Tensor:
         """Position t - 1 predicts token t: the head runs only over positions first - 1 .. S - 2."""

@@ -2,8 +2,9 @@
 with unlikelihood training", section 5.2: the sequence-level term on the model's own continuations).
 
 Every `greedy_probe_every` steps the trainer cuts P prefixes of the step's pack, continues each greedily by L tokens
-with the training model (no grad, one full-sequence forward per new token: no KV cache, the P prefixes as P
-sequences of one flattened batch) and logs how much the continuations repeat themselves:
+with the training model (no grad, one full-sequence forward per new token: no KV cache, the P prefixes as one
+[P, S] batch, `FreshBatch`: every layer's attention is one call for all P) and logs how much the continuations
+repeat themselves:
   greedy_seq_rep4: the fraction of continuation 4-grams (the gram ending at each continuation position, prefix
       tokens included) equal to a 4-gram ending earlier in prefix + continuation (Welleck's seq-rep-4);
   greedy_distinct4: `distinct_4gram_ratio` of each continuation alone (scripts/eval_builtin.py's acceptance
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.model.state import StepBatch
+from dsv4.model.state import FreshBatch
 from dsv4.train.data import Document
 from dsv4.train.unlikelihood import EPS
 
@@ -78,10 +79,10 @@ def probe_prefixes(docs: list[Document], count: int, length: int, bos_id: int) -
     return [[bos_id, *ids[s:s + w]] for s in (i * span // count for i in range(count))]
 
 
-def sequences_batch(P: int, S: int, device) -> StepBatch:
-    """P sequences of S tokens from position 0, each in pages of its own."""
-    pages = -(-S // 128)
-    return StepBatch.build([(i, 0, S, range(i * pages, (i + 1) * pages)) for i in range(P)], device)
+def sequences_batch(P: int, S: int, device) -> FreshBatch:
+    """P sequences of S tokens from position 0, run as one [P, S] batch: per layer one attention call, not P (the
+    flattened `StepBatch` attends sequence by sequence: ~P x the kernels per forward, see bench/notes)."""
+    return FreshBatch.build(P, S, device)
 
 
 @torch.no_grad()
