@@ -200,14 +200,21 @@ def _trainer(ckpt, out, unlikelihood, copy_ngram=4):
     return Trainer(m, PackStream(packs, 2, 0), cfg, out, progress=False)
 
 
-def test_trainer_logs_the_copy_statistics_and_weights_the_term(tiny_ckpt, tmp_path):
+@pytest.fixture(scope="module")
+def ul_trainer(tiny_ckpt, tmp_path_factory):
+    """The ALPHA 1 trainer after its first step (which also creates the optimizer state): (trainer, the step's
+    record, the embedding after it). Shared by the two tests below: each built and stepped its own (CI time)."""
+    tr = _trainer(tiny_ckpt, tmp_path_factory.mktemp("ul1"), 1.0)
+    rec = tr.train_step()
+    return tr, rec, tr.model.embed.weight.detach().clone()
+
+
+def test_trainer_logs_the_copy_statistics_and_weights_the_term(tiny_ckpt, tmp_path, ul_trainer):
     """The records carry the copy statistics at ALPHA 0 and 1 (the same at the first step: same weights and data);
     only the loss with ALPHA 1 changes the update; copy_ngram 0 logs none."""
-    recs, weights = [], []
-    for alpha in (0.0, 1.0):
-        tr = _trainer(tiny_ckpt, tmp_path / str(alpha), alpha)
-        recs.append(tr.train_step())
-        weights.append(tr.model.embed.weight.detach().clone())
+    tr = _trainer(tiny_ckpt, tmp_path / "0.0", 0.0)
+    recs = [tr.train_step(), ul_trainer[1]]
+    weights = [tr.model.embed.weight.detach().clone(), ul_trainer[2]]
     for key in ("copy_ul", "copy_wrong_frac", "copy_frac", "copy_wrong_p", "copy_wrong_top1_frac"):
         assert recs[0][key] == recs[1][key], key
         assert recs[0][key] > 0 or key == "copy_wrong_top1_frac", key        # a random model copies rarely
@@ -217,10 +224,10 @@ def test_trainer_logs_the_copy_statistics_and_weights_the_term(tiny_ckpt, tmp_pa
     assert "copy_ul" not in _trainer(tiny_ckpt, tmp_path / "off", 0.0, copy_ngram=0).train_step()
 
 
-def test_no_host_read_is_added(tiny_ckpt, tmp_path):
-    """The step with the unlikelihood term reads the device as often as without (test_train_syncs.py)."""
-    trainer = _trainer(tiny_ckpt, tmp_path, 1.0)
-    trainer.train_step()
+def test_no_host_read_is_added(ul_trainer):
+    """The step with the unlikelihood term reads the device as often as without (test_train_syncs.py): its second
+    step, after the one that created the optimizer state."""
+    trainer = ul_trainer[0]
     allowed = _allowed(trainer)
     counter = train_step_ops.step_syncs(trainer)
     assert counter.total <= allowed, counter.sites
