@@ -18,6 +18,9 @@ timeout 200 python3 -m pytest -v -m gpu -p no:cacheprovider -rfE -s tests/test_g
     tests/test_sparse_attention_kernel.py tests/test_seq_unlikelihood.py tests/test_compiled_decode.py \
     > "$out/gpu_tests.log" 2>&1
 grep -E "row cosine|PASSED|FAILED|ERROR|passed|failed" "$out/gpu_tests.log" | cut -c1-160 | tail -30
+at "greedy probe (batched P sequences; run 11 measured ~47 s per probe)"
+timeout 75 python3 scripts/bench/greedy_probe.py --device cuda --dtype bf16 --no-count --prefixes 32 --tokens 64 \
+    2>&1 | tail -8
 at "bench (default)"
 timeout 200 python3 -u -m dsv4 bench --timing-only --no-transformers --decode-steps 12 --prefill 1024,8192 \
     --out "$out/bench.json" > "$out/bench.log" 2>&1
