@@ -62,9 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="recompute every block (and the losses) in the backward: ~30 KB of activations a token "
                          "plus one block's, for 128k+ tokens a step, at ~50%% more ops a step")
     ap.add_argument("--packs-per-step", type=int, default=1)
+    ap.add_argument("--row-len", type=int, default=1024,
+                    help="each pack as --seq-len / ROW_LEN rows of ROW_LEN tokens, each a sequence from position 0 "
+                         "starting with a document (documents bin-packed into rows, padded), run as one batch "
+                         "(default 1024 = the data's longest document). 0: each pack's documents as ONE sequence, "
+                         "as runs 1-13 did: the model then never learns the start of a sequence, where every prompt "
+                         "begins (bench/notes/train_rows.md)")
     ap.add_argument("--per-document", action="store_true",
-                    help="run each document as its own sequence (default: each pack's documents as one sequence, "
-                         "which the GPU needs: per-document steps are launch-bound, ~3k tokens/s on an H200)")
+                    help="run each document as its own sequence, one attention call each (needs --row-len 0; "
+                         "launch-bound on a GPU: ~3k tokens/s on an H200)")
     ap.add_argument("--compile", choices=("inductor", "aot_eager"), default=None,
                     help="run every block through torch.compile (dsv4/train/compiled.py; packs padded to --seq-len "
                          "so one graph serves every step; the first step includes the compilation)")
@@ -86,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("give --minutes (wall-clock budget) or --steps")
     if args.compile and args.per_document:
         ap.error("--compile needs one sequence per pack (padded to --seq-len): drop --per-document")
+    if args.row_len and (args.compile or args.per_document):
+        ap.error("--compile and --per-document need --row-len 0 (rows run eager, as one batch)")
+    if args.row_len and (args.row_len < 2 or args.seq_len % args.row_len):
+        ap.error(f"--row-len must divide --seq-len ({args.seq_len}), got {args.row_len}")
     if args.profile and (not args.steps or args.profile >= args.steps):
         ap.error("--profile N needs --steps larger than N (the first steps include one-off costs)")
     return args
@@ -115,7 +125,7 @@ def main(argv=None) -> dict:
     from dsv4.checkpoint import synthesize
     from dsv4.loader import load_model
     from dsv4.train.compiled import compile_cache_counts
-    from dsv4.train.data import PackStream, concat_pack, pack
+    from dsv4.train.data import PackStream, concat_pack, pack, row_packs
     from dsv4.train.dist import DistContext
     from dsv4.train.loop import TrainConfig, Trainer
     from dsv4.train.metrics import MetricsLog, plot_loss
@@ -147,18 +157,25 @@ def main(argv=None) -> dict:
                         min_lr_ratio=args.min_lr_ratio, weight_decay=0.0, clip_grad=1.0, seq_len=args.seq_len,
                         packs_per_step=args.packs_per_step, grad_ckpt=args.grad_ckpt, mtp_weight=args.mtp_weight,
                         bias_update_rate=1e-3, seed=args.seed, compile=args.compile,
-                        pad_to_seq_len=args.compile is not None,
+                        pad_to_seq_len=args.compile is not None, rows=bool(args.row_len),
                         **probe_fields(args))
     if args.steps:
         train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))
-    packs = pack(docs, args.seq_len)
-    if not args.per_document:
-        packs = [[concat_pack(p)] for p in packs]
+    if args.row_len:
+        packs = row_packs(docs, args.row_len, args.seq_len // args.row_len, seed=args.seed)
+    else:
+        packs = pack(docs, args.seq_len)
+        if not args.per_document:
+            packs = [[concat_pack(p)] for p in packs]
     trainer = Trainer(net, PackStream(packs, args.packs_per_step, train.seed), train, out, DistContext(),
                       progress=False)
     settings = {"data": str(data), "device": device, "dtype": str(dtype), "qat": True, "quant_emulation": True,
                 "config": "builtin_config(2)", "documents": len(docs), "chat_documents": int(kinds.sum()),
                 "packs": len(packs), "budget_minutes": args.minutes, "args": vars(args)}
+    if args.row_len:
+        rows = [r for p in packs for r in p]
+        settings["rows"] = len(rows)
+        settings["row_padding_fraction"] = round(1 - sum(r.real for r in rows) / (len(rows) * args.row_len), 4)
     (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -14,7 +14,7 @@ from dsv4.model.block import Block, _hc_params
 from dsv4.model.hyper import hc_head
 from dsv4.model.moe import MoE
 from dsv4.model.primitives import Head, Linear, RMSNorm, weight_formats
-from dsv4.model.state import ModelState, StepBatch, fresh_state
+from dsv4.model.state import FreshBatch, ModelState, StepBatch, fresh_state
 from dsv4.parity.taps import tap, tap_scope
 
 
@@ -113,14 +113,21 @@ class Transformer(nn.Module):
         h = self.hidden(input_ids)
         return self.main_logits(h[:, -1:] if last_only else h)
 
-    def mtp_forward(self, h: torch.Tensor, input_ids: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    def mtp_forward(self, h: torch.Tensor, input_ids: torch.Tensor, depth: int = 0,
+                    fresh: bool = False) -> torch.Tensor:
         """MTP logits. DeepSeek-V3 convention: position i combines the main stream h_i with token i+1 and
-        predicts token i+2, so pass h[:, :-1] and input_ids[:, 1:] (positions restart at 0)."""
+        predicts token i+2, so pass h[:, :-1] and input_ids[:, 1:] (positions restart at 0). fresh: the b sequences
+        as one `FreshBatch` (one attention call, no decode state; the training rows' path) instead of a state
+        with b slots (attended one by one)."""
         block = self.mtp[depth]
         b, s = input_ids.shape
-        state, batch = fresh_state(self.cfg, b, s, self.dtype, input_ids.device, layer_ids=[block.layer_id])
+        if fresh:
+            batch, layer = FreshBatch.build(b, s, input_ids.device), None
+        else:
+            state, batch = fresh_state(self.cfg, b, s, self.dtype, input_ids.device, layer_ids=[block.layer_id])
+            layer = state.layers[0]
         x = block.mix_input(self.embed(input_ids), h).reshape(1, b * s, self.cfg.hc_mult, self.cfg.dim)
-        x = block(x, input_ids.reshape(1, -1), batch, state.layers[0]).view(b, s, self.cfg.hc_mult, self.cfg.dim)
+        x = block(x, input_ids.reshape(1, -1), batch, layer).view(b, s, self.cfg.hc_mult, self.cfg.dim)
         return self.logits(x, block.norm, block.hc_head_fn, block.hc_head_scale, block.hc_head_base)
 
     def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, batch: StepBatch, state: ModelState,

@@ -128,6 +128,50 @@ def concat_pack(pack_docs: list[Document]) -> Document:
     return Document(ids, mask)
 
 
+@dataclass
+class Row(Document):
+    """One row of a rows pack (`row_packs`): whole documents concatenated (`concat_pack`), then padding up to the
+    row length; `real` = the number of tokens before the padding (padding is never a target)."""
+    real: int = 0
+
+
+def row_packs(docs: list[Document], row_len: int, rows: int, pad_id: int = 0, seed: int = 0) -> list[list[Row]]:
+    """Packs of `rows` rows of exactly `row_len` tokens (the last pack may hold fewer rows), each row a sequence
+    from position 0 that starts with a document: best-fit decreasing bin packing of the documents into rows
+    (longest first, each into the fullest row it fits), rows shuffled by `seed`, then grouped.
+
+    Why rows: one long concatenated sequence per pack (`concat_pack`) puts nearly every token thousands of
+    positions after the sequence start, but generation starts every prompt at position 0 with empty windows and
+    compressor state: a model trained only on concatenated 32k packs continued `def fibonacci(n):` with garbage
+    at position 0 and correctly after any earlier context (bench/notes/train_rows.md). Rows keep a document start
+    at position 0 every `row_len` tokens while running as one [rows, row_len] batch (`FreshBatch`), not one
+    sequence per document (launch-bound). Documents longer than row_len are cut (one warning)."""
+    if row_len < 2 or rows < 1:
+        raise ValueError(f"row_len must be >= 2 and rows >= 1, got {row_len} and {rows}")
+    cut = sum(len(d) > row_len for d in docs)
+    if cut:
+        warnings.warn(f"{cut} of {len(docs)} documents are longer than row_len={row_len} and were truncated",
+                      UserWarning, stacklevel=2)
+    free: list[list[int]] = [[] for _ in range(row_len + 1)]     # free[k]: rows with exactly k tokens left
+    contents: list[list[Document]] = []
+    for d in sorted((Document(d.ids[:row_len], d.mask[:row_len]) for d in docs), key=len, reverse=True):
+        k = next((k for k in range(len(d), row_len + 1) if free[k]), None)
+        if k is None:
+            contents.append([])
+            r, k = len(contents) - 1, row_len
+        else:
+            r = free[k].pop()
+        contents[r].append(d)
+        free[k - len(d)].append(r)
+    random.Random(seed).shuffle(contents)
+    out = []
+    for content in contents:
+        row = concat_pack(content)
+        n = row_len - len(row)
+        out.append(Row(row.ids + [pad_id] * n, row.mask + [False] * n, len(row)))
+    return [out[i:i + rows] for i in range(0, len(out), rows)]
+
+
 class PackStream:
     """Packs for step after step: `packs_per_step` per step, reshuffled every epoch from `seed`; deterministic
     given (seed, step), so a resumed run sees exactly the data it would have seen."""

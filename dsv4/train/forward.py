@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dsv4.model.moe import Gate, expert_counts
 from dsv4.model.state import FreshBatch, ModelState, StepBatch, to_device
-from dsv4.train.data import Document
+from dsv4.train.data import Document, Row
 from dsv4.train.greedy_probe import seq_ul_sum
 from dsv4.train.unlikelihood import copy_candidates, copy_terms, segment_starts
 
@@ -33,6 +33,7 @@ class PackedBatch:
     batch: StepBatch             # or a FreshBatch: the greedy probe's P equal-length sequences
     docs: list[Document]
     mtp_targets: torch.Tensor | None = None   # [T] the token after next where it is a target (MTP), else IGNORE
+    real: torch.Tensor | None = None          # rows packs: [2, T] bool, token t is not padding (main, MTP blocks)
 
     @property
     def n_targets(self) -> int:
@@ -52,6 +53,25 @@ def packed_batch(docs: list[Document], device) -> PackedBatch:
         mtp += _shifted_targets(d, 2)
     rows = to_device(torch.tensor([ids, targets, mtp], dtype=torch.long), device)
     return PackedBatch(rows[0:1], rows[1], StepBatch.build(chunks, device), docs, rows[2])
+
+
+def rows_batch(rows: list[Row], device) -> PackedBatch:
+    """A rows pack (`data.row_packs`: rows of equal length, each a sequence from position 0) as one [rows, length]
+    `FreshBatch`: per layer one attention call for all rows. Targets as `packed_batch`'s per row; `real` marks the
+    tokens before each row's padding (the MTP block's position i reads token i + 1: one fewer)."""
+    s = len(rows[0])
+    if any(len(r) != s for r in rows):
+        raise ValueError(f"rows of a rows pack must have one length, got {sorted({len(r) for r in rows})}")
+    ids, targets, mtp, real, real_mtp = [], [], [], [], []
+    for r in rows:
+        ids += r.ids
+        targets += _shifted_targets(r, 1)
+        mtp += _shifted_targets(r, 2)
+        real += [1] * r.real + [0] * (s - r.real)
+        real_mtp += [1] * (r.real - 1) + [0] * (s - r.real + 1)
+    host = to_device(torch.tensor([ids, targets, mtp, real, real_mtp], dtype=torch.long), device)
+    return PackedBatch(host[0:1], host[1], FreshBatch.build(len(rows), s, device), rows, host[2],
+                       host[3:5].bool())
 
 
 def _shifted_targets(d: Document, shift: int) -> list[int]:
@@ -93,6 +113,8 @@ def mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int = 0,
     padding token (MTP_PAD_ID) and predicts nothing. Attention is causal, so the other positions are those of the
     n-1 position run; the equal length lets a padded pack's MTP block reuse one compiled shape (train/compiled.py:
     one token fewer compiled every block graph again)."""
+    if isinstance(pb.batch, FreshBatch):
+        return _rows_mtp_loss_sum(model, h, pb, depth, grad_ckpt)
     total, count = h.new_zeros((), dtype=torch.float32), 0
     for seq, d in zip(pb.batch.seqs, pb.docs, strict=True):
         n = seq.length
@@ -108,6 +130,21 @@ def mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int = 0,
         total = total + _maybe_checkpoint(doc_loss, hd, grad_ckpt)
         count += sum(d.mask[2:])          # counted on the host: a device count would sync the GPU every document
     return total, count
+
+
+def _rows_mtp_loss_sum(model, h: torch.Tensor, pb: PackedBatch, depth: int,
+                       grad_ckpt: bool) -> tuple[torch.Tensor, int]:
+    """`mtp_loss_sum` of a rows batch: the MTP block over all rows at once (each row its own sequence, as
+    `mtp_forward` runs a [b, s] batch); a row's last position reads `MTP_PAD_ID` and its last two predict nothing."""
+    b, s = pb.batch.b, pb.batch.s
+    ids = pb.input_ids.view(b, s)
+
+    def rows_loss(h):
+        logits = model.mtp_forward(h.view(b, s, *h.shape[2:]), F.pad(ids[:, 1:], (0, 1), value=MTP_PAD_ID),
+                                   depth, fresh=True)
+        return F.cross_entropy(logits.reshape(b * s, -1).float(), pb.mtp_targets, ignore_index=IGNORE,
+                               reduction="sum")
+    return _maybe_checkpoint(rows_loss, h, grad_ckpt), sum(sum(d.mask[2:]) for d in pb.docs)
 
 
 def _maybe_checkpoint(fn, x: torch.Tensor, grad_ckpt: bool):
@@ -131,6 +168,7 @@ class LoadCounter:
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.gates]
         self.enabled = True
         self.rows: dict[str, int | None] = {}      # per gate: count only its first rows tokens (the rest is padding)
+        self.real: dict[str, torch.Tensor | None] = {}   # per gate: or only the tokens this mask marks (rows packs)
         self.real_tokens(None)
 
     def real_tokens(self, n: int | None) -> None:
@@ -138,12 +176,25 @@ class LoadCounter:
         An MTP block's position i reads token i+1, so its real positions are one fewer (unpadded: all but the last,
         which reads `MTP_PAD_ID`)."""
         self.rows = {name: (-1 if n is None else n - 1) if name.startswith("mtp.") else n for name, _ in self.gates}
+        self.real = {name: None for name, _ in self.gates}
+
+    def real_mask(self, real: torch.Tensor | None) -> None:
+        """The next forwards run a rows batch whose padding `real` [2, T] leaves out (row 0: the main blocks' tokens,
+        row 1: the MTP block's positions); None: count every token."""
+        self.real_tokens(None)
+        if real is not None:
+            self.real = {name: real[1] if name.startswith("mtp.") else real[0] for name, _ in self.gates}
 
     def _hook(self, name: str):
         def hook(module, args, out):
             if self.enabled:                  # switched off around backward (checkpoint recomputation)
-                ids = out[1][:self.rows[name]]
-                self.counts[name] += expert_counts(ids, len(self.counts[name]))
+                real = self.real[name]
+                if real is None:
+                    ids = out[1][:self.rows[name]]
+                    self.counts[name] += expert_counts(ids, len(self.counts[name]))
+                else:                         # weighted by the mask: a boolean index would sync the host
+                    ids = out[1].long()
+                    self.counts[name].scatter_add_(0, ids.flatten(), real[:, None].expand_as(ids).flatten().long())
         # NOTE: never traced into a compiled block (train/compiled.py): Dynamo mis-traced the in-place count update
         # of a tensor it does not own; a graph break at each gate instead.
         return torch.compiler.disable(hook)

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from dsv4.model.state import to_device
 from dsv4.train import ep
 from dsv4.train.compiled import compile_blocks, compiled_graphs, pad_pack
-from dsv4.train.data import PackStream
+from dsv4.train.data import Document, PackStream, Row
 from dsv4.train.dist import DistContext, shard
-from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch
+from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch, rows_batch
 from dsv4.train.greedy_probe import (
     greedy_continue,
     preserved_rng_and_modes,
@@ -57,6 +57,7 @@ class TrainConfig:
     expert_parallel: bool = False  # under torchrun: routed experts split over the ranks (train/ep.py)
     compile: str | None = None     # None (eager), "aot_eager" or "inductor": compiled blocks (train/compiled.py)
     pad_to_seq_len: bool = False   # pad one-sequence packs to seq_len tokens: one compiled graph for every step
+    rows: bool = False             # packs are `data.row_packs` rows: run as one [rows, row_len] batch (rows_batch)
     # Unlikelihood of wrong in-context copies (train/unlikelihood.py): loss = (CE + unlikelihood * UL) summed over
     # the step's target positions / their number (UL is 0 where there is no wrong copy candidate). copy_ngram: the
     # candidate follows an earlier occurrence of the last copy_ngram - 1 tokens (0: off, and no copy statistics;
@@ -125,6 +126,8 @@ class Trainer:
         if cfg.packs_per_step % ctx.world:
             raise ValueError(f"packs_per_step={cfg.packs_per_step} must be a multiple of the {ctx.world} processes")
         _check_probe(cfg)
+        if cfg.rows and (cfg.compile or cfg.pad_to_seq_len):
+            raise ValueError("rows packs run eager (their last pack may hold fewer rows: another shape)")
         if cfg.compile and not cfg.pad_to_seq_len:
             raise ValueError("compile needs pad_to_seq_len (one padded sequence per pack): steps of other shapes "
                              "would compile again")
@@ -219,7 +222,8 @@ class Trainer:
         P, first, L = cfg.probe_prefixes, cfg.probe_prefix_len, cfg.probe_tokens
         self.counter.enabled = False
         with preserved_rng_and_modes(self.model):
-            prefixes = to_device(torch.tensor(probe_prefixes(pack, P, first, bos)), self.device)
+            real = [Document(d.ids[:d.real], d.mask[:d.real]) if isinstance(d, Row) else d for d in pack]
+            prefixes = to_device(torch.tensor(probe_prefixes(real, P, first, bos)), self.device)
             ids = greedy_continue(self.step_module, prefixes, L)
             repeats = repeat_mask(ids)
             ul = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -248,7 +252,12 @@ class Trainer:
         return n
 
     def _batch(self, pack) -> PackedBatch:
-        """The pack as one batch; with `pad_to_seq_len`, padded to seq_len tokens (not counted as expert load)."""
+        """The pack as one batch; with `pad_to_seq_len`, padded to seq_len tokens (not counted as expert load);
+        with `rows`, its rows as one [rows, row_len] batch (their padding not counted either)."""
+        if self.cfg.rows:
+            pb = rows_batch(pack, self.device)
+            self.counter.real_mask(pb.real)
+            return pb
         if not self.cfg.pad_to_seq_len:
             return packed_batch(pack, self.device)
         padded = pad_pack(pack, self.cfg.seq_len)           # padded before the batch is built: built once

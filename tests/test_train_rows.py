@@ -1,0 +1,145 @@
+"""Rows packs (data.row_packs, forward.rows_batch): documents bin-packed into equal rows, each a sequence from
+position 0, run as one [rows, row_len] batch. The batch must compute exactly what each row computes as its own
+sequence (the per-document `StepBatch` path), and its padding must be neither a target nor expert load.
+
+Tolerances: the same model, weights and tokens in fp32 on CPU; the rows batch and the per-row path differ only in
+how the sums are grouped (the MTP CE summed once over all rows vs per row, attention batched vs per sequence), so
+losses and gradients agree to fp32 reordering: rtol 1e-5 on the summed losses (a few hundred terms), rtol 1e-4 /
+atol 1e-6 on gradients (sums over every token of the batch). Expert loads are integer counts: equal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.train.data import Document, PackStream, Row, row_packs
+from dsv4.train.forward import LoadCounter, TrainStep, packed_batch, rows_batch
+from dsv4.train.loop import TrainConfig, Trainer
+from dsv4.train.params import prepare_full
+
+BOS, PAD = 0, 0
+
+
+def _docs(rng: random.Random, n: int, longest: int, vocab: int = 60) -> list[Document]:
+    docs = []
+    for _ in range(n):
+        k = rng.randint(2, longest)
+        docs.append(Document([BOS, *(rng.randint(1, vocab - 1) for _ in range(k - 1))],
+                             [False, *(rng.random() < 0.8 for _ in range(k - 1))]))
+    return docs
+
+
+def _split_at_bos(ids: list[int]) -> list[tuple[int, ...]]:
+    starts = [i for i, t in enumerate(ids) if t == BOS] + [len(ids)]
+    return [tuple(ids[a:b]) for a, b in itertools.pairwise(starts)]
+
+
+def test_row_packs_hold_every_document_once_each_row_from_a_document_start():
+    rng = random.Random(0)
+    docs = _docs(rng, 300, 90)
+    R, k = 128, 4
+    packs = row_packs(docs, R, k, pad_id=PAD, seed=5)
+    rows = [r for p in packs for r in p]
+    assert all(len(p) == k for p in packs[:-1]) and 1 <= len(packs[-1]) <= k
+    got = []
+    for r in rows:
+        assert isinstance(r, Row) and len(r.ids) == len(r.mask) == R and 2 <= r.real <= R
+        assert r.ids[0] == BOS                                   # a document starts every row, at position 0
+        assert r.ids[r.real:] == [PAD] * (R - r.real) and not any(r.mask[r.real:])    # padding: never a target
+        got += _split_at_bos(r.ids[:r.real])
+    assert sorted(got) == sorted(tuple(d.ids) for d in docs)     # nothing lost, nothing twice
+    by_ids = {tuple(d.ids): d.mask for d in docs}
+    for r in rows:                                                # each document's targets, its BOS never one
+        at = 0
+        for piece in _split_at_bos(r.ids[:r.real]):
+            assert r.mask[at:at + len(piece)] == [False, *by_ids[piece][1:]]
+            at += len(piece)
+    total = sum(len(d) for d in docs)
+    assert len(rows) <= total / R * 1.05 + 1, (len(rows), total / R)   # bin-packed, not a document per row
+    assert [r.ids for r in rows] == [r.ids for p in row_packs(docs, R, k, seed=5) for r in p]    # deterministic
+
+
+def test_row_packs_cut_longer_documents_with_a_warning():
+    docs = [Document([BOS, *range(1, 40)], [True] * 40), Document([BOS, 1, 2], [True] * 3)]
+    with pytest.warns(UserWarning, match="1 of 2 documents are longer than row_len=16"):
+        rows = [r for p in row_packs(docs, 16, 2) for r in p]
+    assert sorted(r.real for r in rows) == [3, 16]
+    with pytest.raises(ValueError, match="row_len"):
+        row_packs(docs, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False),
+                        qat=True)
+
+
+def _rows(seed=1, n_rows=3, R=48) -> list[Row]:
+    rng = random.Random(seed)
+    rows = [r for p in row_packs(_docs(rng, 7, 30), R, n_rows, seed=seed) for r in p]
+    assert len(rows) >= 2 and any(r.real < R for r in rows)       # several rows, and some padding to ignore
+    return rows[:n_rows]
+
+
+def _losses_and_grads(model, pb):
+    step = TrainStep(model, grad_ckpt=False, mtp_weight=0.3, copy_ngram=4)
+    model.zero_grad(set_to_none=True)
+    ce, mtp, n, copy = step(pb)
+    (ce + mtp).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return ce.detach(), mtp.detach(), n, copy.detach(), grads
+
+
+def test_a_rows_batch_computes_what_each_row_computes_as_its_own_sequence(model):
+    rows = _rows()
+    fresh = _losses_and_grads(model, rows_batch(rows, "cpu"))
+    alone = _losses_and_grads(model, packed_batch([Document(r.ids, r.mask) for r in rows], "cpu"))
+    for i, what in ((0, "main CE"), (1, "MTP CE"), (3, "copy terms")):
+        torch.testing.assert_close(fresh[i], alone[i], rtol=1e-5, atol=0, msg=what)
+    assert fresh[2] == alone[2] > 0                               # the same MTP targets
+    assert fresh[4].keys() == alone[4].keys() and fresh[4]
+    for k in fresh[4]:
+        torch.testing.assert_close(fresh[4][k], alone[4][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_padding_is_not_expert_load(model):
+    """The rows' padding tokens pass through the routers; the counter counts exactly the expert loads of the same
+    rows without padding (each its own sequence), main and MTP gates."""
+    rows = _rows(seed=2)
+    counter = LoadCounter(model)
+    try:
+        with torch.no_grad():
+            pb = rows_batch(rows, "cpu")
+            counter.real_mask(pb.real)
+            TrainStep(model, grad_ckpt=False, mtp_weight=0.3)(pb)
+            padded = counter.take()
+            counter.real_mask(None)
+            TrainStep(model, grad_ckpt=False, mtp_weight=0.3)(
+                packed_batch([Document(r.ids[:r.real], r.mask[:r.real]) for r in rows], "cpu"))
+            plain = counter.take()
+    finally:
+        for h in counter.handles:
+            h.remove()
+    assert padded.keys() == plain.keys() and any(k.startswith("mtp.") for k in padded)
+    for k in padded:
+        assert torch.equal(padded[k], plain[k]), k
+    assert sum(int(c.sum()) for c in padded.values()) > 0
+
+
+def test_trainer_runs_rows_packs_with_the_probe(tiny_ckpt, tmp_path):
+    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False), qat=True)
+    packs = row_packs(_docs(random.Random(4), 12, 30), 32, 2)
+    cfg = TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
+                      bias_update_rate=1e-3, rows=True, greedy_probe_every=1, probe_prefixes=2, probe_prefix_len=6,
+                      probe_tokens=4, seq_unlikelihood=1.0)
+    rec = Trainer(m, PackStream(packs, 1, 0), cfg, tmp_path, progress=False).train_step()
+    assert rec["tokens"] == 64 and rec["loss"] > 0 and "mtp_loss" in rec and "greedy_distinct4" in rec
+    with pytest.raises(ValueError, match="rows packs run eager"):
+        Trainer(m, PackStream(packs, 1, 0), TrainConfig(rows=True, compile="aot_eager", pad_to_seq_len=True),
+                tmp_path, progress=False)
