@@ -19,6 +19,7 @@ import torch
 import dsv4
 from dsv4.train.data import Document, PackStream, Row, row_packs
 from dsv4.train.forward import LoadCounter, TrainStep, packed_batch, rows_batch
+from dsv4.train.greedy_probe import probe_prefixes, row_prefixes
 from dsv4.train.loop import TrainConfig, Trainer
 from dsv4.train.params import prepare_full
 
@@ -130,6 +131,16 @@ def test_padding_is_not_expert_load(model):
     for k in padded:
         assert torch.equal(padded[k], plain[k]), k
     assert sum(int(c.sum()) for c in padded.values()) > 0
+
+
+def test_the_probe_of_a_rows_pack_continues_its_rows_starts():
+    rows = [r for p in row_packs(_docs(random.Random(6), 20, 30), 32, 8) for r in p][:3]
+    starts = [r.ids[:6] for r in rows if r.real >= 6]
+    assert len(starts) >= 2
+    got = row_prefixes(rows, 5, 6, BOS)
+    assert got == [starts[i % len(starts)] for i in range(5)] and all(p[0] == BOS for p in got)
+    short = [Row([BOS, 5, 6, PAD], [False, True, True, False], 3)]
+    assert row_prefixes(short, 2, 6, BOS) == probe_prefixes([Document([BOS, 5, 6], [False, True, True])], 2, 6, BOS)
 
 
 def test_trainer_runs_rows_packs_with_the_probe(tiny_ckpt, tmp_path):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.model.state import FreshBatch
-from dsv4.train.data import Document
+from dsv4.train.data import Document, Row
 from dsv4.train.unlikelihood import EPS
 
 NGRAM = 4
@@ -77,6 +77,16 @@ def probe_prefixes(docs: list[Document], count: int, length: int, bos_id: int) -
         ids = [*ids, *ids]
     span = len(ids) - w + 1                                   # starts 0 .. len - w
     return [[bos_id, *ids[s:s + w]] for s in (i * span // count for i in range(count))]
+
+
+def row_prefixes(rows: list[Row], count: int, length: int, bos_id: int) -> list[list[int]]:
+    """`count` prefixes of a rows pack (`data.row_packs`): the first `length` tokens of its rows, each a document
+    start at position 0 (what a prompt is), rows taken in turn (cycled when fewer than `count`). Rows with fewer
+    than `length` tokens before their padding are skipped; if all are, `probe_prefixes` of their tokens."""
+    starts = [r.ids[:length] for r in rows if r.real >= length]
+    if not starts:
+        return probe_prefixes([Document(r.ids[:r.real], r.mask[:r.real]) for r in rows], count, length, bos_id)
+    return [starts[i % len(starts)] for i in range(count)]
 
 
 def sequences_batch(P: int, S: int, device) -> FreshBatch:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from dsv4.model.state import to_device
 from dsv4.train import ep
 from dsv4.train.compiled import compile_blocks, compiled_graphs, pad_pack
-from dsv4.train.data import Document, PackStream, Row
+from dsv4.train.data import PackStream
 from dsv4.train.dist import DistContext, shard
 from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch, rows_batch
 from dsv4.train.greedy_probe import (
@@ -30,6 +30,7 @@ from dsv4.train.greedy_probe import (
     probe_prefixes,
     probe_stats,
     repeat_mask,
+    row_prefixes,
     sequences_batch,
 )
 from dsv4.train.metrics import MetricsLog, expert_load, plot_loss
@@ -222,8 +223,9 @@ class Trainer:
         P, first, L = cfg.probe_prefixes, cfg.probe_prefix_len, cfg.probe_tokens
         self.counter.enabled = False
         with preserved_rng_and_modes(self.model):
-            real = [Document(d.ids[:d.real], d.mask[:d.real]) if isinstance(d, Row) else d for d in pack]
-            prefixes = to_device(torch.tensor(probe_prefixes(real, P, first, bos)), self.device)
+            # rows: the rows' own starts (documents at position 0, as prompts are); else windows of the pack
+            starts = row_prefixes(pack, P, first, bos) if cfg.rows else probe_prefixes(pack, P, first, bos)
+            prefixes = to_device(torch.tensor(starts), self.device)
             ids = greedy_continue(self.step_module, prefixes, L)
             repeats = repeat_mask(ids)
             ul = torch.zeros((), dtype=torch.float64, device=self.device)
