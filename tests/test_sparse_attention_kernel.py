@@ -223,6 +223,22 @@ def test_split_count_depends_on_the_sequence_not_on_the_batch():
     assert "default_splits(s * heads," in src and "default_splits(b *" not in src
 
 
+def test_kernel_tiles_depend_on_the_sequence_not_on_the_batch():
+    """The dispatched kernel's tiles come from (queries per sequence, heads) alone; decode-sized chunks run unsplit
+    with 16-head, 64-row tiles (the micro-benchmark's best at Flash decode), longer chunks the prefill tiles."""
+    import inspect
+
+    import dsv4.ops.attention as attention
+    from dsv4.ops.attention import DECODE_QUERIES, kernel_config
+
+    assert list(inspect.signature(kernel_config).parameters) == ["s", "h"]
+    for s in range(1, DECODE_QUERIES + 1):
+        assert kernel_config(s, 64) == {"block_h": 16, "block_k": 64, "num_warps": 4, "num_stages": 2, "splits": 1}
+    assert kernel_config(DECODE_QUERIES + 1, 64)["block_h"] == 64 and kernel_config(512, 64)["splits"] is None
+    assert kernel_config(512, 8)["block_h"] == 16
+    assert "**kernel_config(q.shape[1], q.shape[2])" in inspect.getsource(attention)      # what the custom op runs
+
+
 def test_bench_script_counts_the_bytes_a_fused_kernel_must_move():
     """scripts/bench/sparse_attention.py's GB/s: q and out once, the index list, each visible row once per query."""
     import importlib.util

@@ -11,8 +11,9 @@ are not batch-invariant on CUDA (cuBLAS picks by shape: batch 1 in the general s
 moved one output element by a bf16 ulp and, through the FP8 act-quant emulation, the greedy trajectory
 (tests/test_graphs_gpu.py, 1-token case; the 3-token case already ran the kernel and passed). The kernel computes
 each (query, head block) in its own program over the same tiles, with a split count from the sequence alone
-(`default_splits`), so a query's bits do not depend on the batch. Its decode speed against the inductor-fused
-twin is to be measured (earlier decode timings of the kernel included a host-synchronising index check).
+(`default_splits`; decode tiles run unsplit: `kernel_config`), so a query's bits do not depend on the batch.
+On the H200 (ninth session) the prefill tiles at decode cost bs1 1.64 -> 1.87 ms against the inductor-fused twin;
+the decode tiles are the micro-benchmark's best (0.094 vs 0.185 ms a call at bs1), GPU-unmeasured in the step.
 The index list comes from the model (window + picked entries, checked by the model's tests), so the kernel's
 own index range check, a host synchronisation, is skipped.
 Training (autograd on) runs the twin recomputed in the backward, and HCA layers' compressed entries as a dense tail
@@ -70,8 +71,22 @@ def _fused_sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
                             scale: float) -> torch.Tensor:
     from dsv4.ops.triton.sparse_attention import sparse_attention as kernel
 
-    block_h = 64 if q.shape[2] >= 64 else 16
-    return kernel(q, kv, sink, idx, scale, block_h=block_h, block_k=32, num_warps=8, num_stages=2, check=False)
+    return kernel(q, kv, sink, idx, scale, **kernel_config(q.shape[1], q.shape[2]), check=False)
+
+
+DECODE_QUERIES = 4      # at most this many queries per sequence: decode, speculative verification, short chunks
+
+
+def kernel_config(s: int, h: int) -> dict:
+    """Tiles for s queries per sequence of h heads: a function of the sequence's shape only, never of the batch, so
+    a query gets the same bits alone (general step) and batched (fixed decode step). Decode: 16 heads per program,
+    64-row tiles, 4 warps, no split (one program per head block walks the whole list: no merge kernel, no fp32
+    partials); measured best at Flash dims for bs 1 / 8 / 64 on the H200 (bench/results/h200_sparse_attention.log:
+    0.094 / 0.095 / 0.085 ms a call against 0.185 / 0.184 / 0.185 for the prefill tiles with splits). Prefill: 64
+    heads per program (one read of each KV tile per query for all heads), 32-row tiles, 8 warps."""
+    if s <= DECODE_QUERIES:
+        return {"block_h": 16, "block_k": 64, "num_warps": 4, "num_stages": 2, "splits": 1}
+    return {"block_h": 64 if h >= 64 else 16, "block_k": 32, "num_warps": 8, "num_stages": 2, "splits": None}
 
 
 register_triton("sparse_attention", "triton_sparse_attention", _applies, _kernel)
