@@ -134,14 +134,46 @@ def functions(source: str):
         if not what:
             continue
         start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
-        text = "".join(lines[start:node.end_lineno])
-        indent = len(text) - len(text.lstrip(" "))
-        body = "".join(line[indent:] if line[:indent].isspace() else line.lstrip(" ")
-                       for line in text.splitlines(keepends=True))
+        body = dedent(short_docstring(lines, node, start, doc))
         if len(body) > MAX_FUNC_CHARS:
             continue
         prefix = "async def " if isinstance(node, ast.AsyncFunctionDef) else ""
         yield f"{prefix}{node.name}({ast.unparse(node.args)})", what, body.rstrip() + "\n"
+
+
+def dedent(text: str) -> str:
+    """`text` moved left by its first line's indentation; blank lines stay (as bare newlines)."""
+    indent = len(text) - len(text.lstrip(" "))
+    out = []
+    for line in text.splitlines(keepends=True):
+        if not line.strip():
+            out.append("\n")
+        elif line[:indent].isspace() or not indent:
+            out.append(line[indent:])
+        else:                               # a continuation line left of the def (inside a string): flush left
+            out.append(line.lstrip(" "))
+    return "".join(out)
+
+
+def short_docstring(lines: list[str], node, start: int, doc: str) -> str:
+    """The function's source lines with its docstring cut to the first paragraph (a chat answer writes the
+    function, not its doctests: long Examples sections teach replies that run past any turn's end). The source
+    stays as written when the cut would not parse (escapes, odd quoting)."""
+    text = "".join(lines[start:node.end_lineno])
+    first = node.body[0]
+    para = doc.strip().split("\n\n")[0].strip()
+    if para == doc.strip() or '"""' in para or "\\" in para:
+        return text
+    ind = lines[first.lineno - 1][:first.col_offset]
+    if not ind.isspace() and ind:
+        return text
+    cut = ind + '"""' + ("\n" + ind).join(para.splitlines()) + '"""\n'
+    short = "".join(lines[start:first.lineno - 1]) + cut + "".join(lines[first.end_lineno:node.end_lineno])
+    try:
+        ast.parse(dedent(short))
+    except SyntaxError:
+        return text
+    return short
 
 
 def chat_record(sig: str, what: str, body: str, k: int) -> dict:

@@ -60,6 +60,32 @@ def test_functions_signature_first_sentence_and_dedented_source():
                                                        ("twice(x)", "Double x, as a number.")]
     body = found[1][2]
     assert body.startswith("@staticmethod\ndef twice(x):\n") and body.endswith("return 2 * x\n")
+    # a module-level function keeps its indentation (the eighth session's data flushed every line left)
+    assert found[0][2] == 'def add(a, b=1):\n    """Return the sum of a and b.  More words here."""\n    return a + b\n'
+
+
+def test_a_chat_answer_keeps_the_docstring_summary_and_blank_lines():
+    source = (
+        "class C:\n"
+        "    def total(self, xs):\n"
+        '        """Sum the items of xs,\n'
+        "        skipping None.\n\n"
+        "        Examples\n"
+        "        ========\n\n"
+        "        >>> C().total([1, None])\n"
+        "        1\n"
+        '        """\n'
+        "        t = 0\n\n"
+        "        for x in xs:\n"
+        "            t += x or 0\n"
+        "        return t\n")
+    [(sig, what, body)] = builtin_data.functions(source)
+    assert (sig, what) == ("total(self, xs)", "Sum the items of xs, skipping None.")
+    assert body == ('def total(self, xs):\n    """Sum the items of xs,\n    skipping None."""\n    t = 0\n\n'
+                    "    for x in xs:\n        t += x or 0\n    return t\n")
+    raw = 'def f(x):\n    r"""Match a\\d digit.\n\n    More.\n    """\n    return x\n'
+    [(_, _, kept)] = builtin_data.functions(raw)                   # a backslash: the docstring stays whole
+    assert kept == raw
 
 
 def _tokenizer():
