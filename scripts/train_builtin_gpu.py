@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--init", help="continue from this model directory (a previous run's model/, same config): "
                                    "weights and gate biases only, so the optimiser and the schedule start afresh")
     ap.add_argument("--seed", type=int, default=0, help="data order (give a continuation another seed)")
+    ap.add_argument("--chat-repeat", type=int, default=1, metavar="N",
+                    help="each chat document N times an epoch (in different rows): more of the chat turn's end, "
+                         "where run 16 went on with another def instead of closing the block with EOS")
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     add_probe_arguments(ap)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
@@ -99,6 +102,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.profile and (not args.steps or args.profile >= args.steps):
         ap.error("--profile N needs --steps larger than N (the first steps include one-off costs)")
     return args
+
+
+def repeat_chat(docs: list, kinds, n: int) -> tuple[list, list[int]]:
+    """The documents with every chat document (kind 1) n times; their kinds alongside."""
+    if n < 1:
+        raise ValueError(f"--chat-repeat must be >= 1, got {n}")
+    chat = [d for d, k in zip(docs, kinds, strict=True) if k]
+    return list(docs) + chat * (n - 1), [int(k) for k in kinds] + [1] * len(chat) * (n - 1)
 
 
 def check_same_config(got, want, where: Path) -> None:
@@ -146,6 +157,7 @@ def main(argv=None) -> dict:
         base = synthesize(cfg, out / "base", seed=0, progress=False)
     shutil.copy(data / "tokenizer.json", base / "tokenizer.json")
     docs, kinds = load_documents(data / "train.npz")
+    docs, kinds = repeat_chat(docs, kinds, args.chat_repeat)
     top = max(max(d.ids) for d in docs)
     if top >= cfg.vocab_size:
         raise ValueError(f"{data}: token id {top} is outside the model's vocabulary ({cfg.vocab_size})")
@@ -170,7 +182,7 @@ def main(argv=None) -> dict:
     trainer = Trainer(net, PackStream(packs, args.packs_per_step, train.seed), train, out, DistContext(),
                       progress=False)
     settings = {"data": str(data), "device": device, "dtype": str(dtype), "qat": True, "quant_emulation": True,
-                "config": "builtin_config(2)", "documents": len(docs), "chat_documents": int(kinds.sum()),
+                "config": "builtin_config(2)", "documents": len(docs), "chat_documents": sum(kinds),
                 "packs": len(packs), "budget_minutes": args.minutes, "args": vars(args)}
     if args.row_len:
         rows = [r for p in packs for r in p]

@@ -120,6 +120,15 @@ def test_chat_record_trains_only_the_reply_and_its_eos(tmp_path):
     assert [(d.ids, d.mask) for d in back] == [(d.ids, d.mask) for d in docs] and list(back_kinds) == kinds
 
 
+def test_chat_repeat_adds_copies_of_the_chat_documents_only():
+    docs, kinds = ["code", "chat1", "code2", "chat2"], [0, 1, 0, 1]
+    assert train_builtin_gpu.repeat_chat(docs, kinds, 1) == (docs, kinds)
+    assert train_builtin_gpu.repeat_chat(docs, kinds, 3) == (
+        docs + ["chat1", "chat2"] * 2, kinds + [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="chat-repeat"):
+        train_builtin_gpu.repeat_chat(docs, kinds, 0)
+
+
 def test_sized_steps_fills_the_budget():
     # 10 steps done in 20 s at 2 s a step; 100 s left buys 47 more with the 5% margin.
     assert train_builtin_gpu.sized_steps(10, 20.0, [2.0, 2.0, 2.1], 120.0) == 57
