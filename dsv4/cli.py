@@ -390,11 +390,13 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     from dsv4.builtin import BUILTIN_NAME
     from dsv4.serve import build_app, serve
+    from dsv4.serve.launch import off_main_thread
 
-    try:
-        llm = _llm(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   page_size=args.page_size, num_pages=args.num_pages, memory_fraction=args.memory_fraction,
-                   cpu_cache_gib=args.cpu_cache_gib, compile_decode=args.compile_decode)
+    try:               # loaded off the main thread: the engine thread must be the only one that ran CPU ops
+        llm = off_main_thread(lambda: _llm(
+            args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            page_size=args.page_size, num_pages=args.num_pages, memory_fraction=args.memory_fraction,
+            cpu_cache_gib=args.cpu_cache_gib, compile_decode=args.compile_decode))
     except ValueError as e:              # EngineConfig's checks (page size ...)
         raise UsageError(str(e)) from None
     from dsv4.serve.auth import ENV_VAR, warn_if_exposed

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
 from fastapi import FastAPI
 
 from dsv4.serve.app import create_app
 from dsv4.serve.async_engine import AsyncEngine
 from dsv4.serve.metrics import Metrics
 from dsv4.serve.prepare import ModelInfo
+
+
+T = TypeVar("T")
+
+
+def off_main_thread(fn: Callable[[], T]) -> T:
+    """`fn()` run in a thread that ends before this returns (its exception re-raised here; Ctrl-C still stops
+    the wait). Why: libgomp keeps an OpenMP worker pool for every thread that ever ran a parallel CPU op, and
+    while two pools exist (the main thread's from loading the model, the engine thread's from stepping it) it
+    throttles their spin-waits, so each of a CPU step's hundreds of small ops waits on a futex: the built-in
+    model's decode measured 2.2x slower on 2 cores (tests/test_serve_threads.py). Loading in a thread that ends
+    leaves the engine thread's pool the only one."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:       # handed to the caller, whatever it is
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="dsv4-load", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def build_app(llm, served_model_name: str, api_key: str | None = None) -> FastAPI:
