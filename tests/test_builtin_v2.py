@@ -124,7 +124,7 @@ def test_chat_repeat_adds_copies_of_the_chat_documents_only():
     docs, kinds = ["code", "chat1", "code2", "chat2"], [0, 1, 0, 1]
     assert train_builtin_gpu.repeat_chat(docs, kinds, 1) == (docs, kinds)
     assert train_builtin_gpu.repeat_chat(docs, kinds, 3) == (
-        docs + ["chat1", "chat2"] * 2, kinds + [1, 1, 1, 1])
+        docs + ["chat1", "chat2"] * 2, [*kinds, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="chat-repeat"):
         train_builtin_gpu.repeat_chat(docs, kinds, 0)
 

@@ -13,7 +13,6 @@ from dsv4.serve.async_engine import AsyncEngine
 from dsv4.serve.metrics import Metrics
 from dsv4.serve.prepare import ModelInfo
 
-
 T = TypeVar("T")
 
 
