@@ -41,6 +41,9 @@ from dsv4.builtin import BUILTIN_SPECIALS
 VOCAB = 6144
 DOC_TOKENS = 1024               # code documents: BOS + at most 1023 tokens, cut at line ends
 MAX_FUNC_CHARS = 2400           # longer functions are left out of the chat set
+MAX_REPLY_TOKENS = 256          # chat answers (reply + EOS) longer than this are left out: the chat set teaches
+                                # small functions that end, as the issue's check asks (def + EOS within 256 tokens);
+                                # run 16 imitated long answers and ran past the turn's end
 # Pinned so the data is reproducible; every one is pure Python under MIT / BSD / Apache-2.0 / PSF.
 PACKAGES = ("attrs==26.1.0", "boltons==26.2.0", "cachetools==8.0.2", "click==8.5.1", "decorator==5.3.1",
             "flask==3.1.3", "idna==3.20", "iniconfig==2.3.1", "itsdangerous==2.2.0", "jinja2==3.1.6",
@@ -176,6 +179,11 @@ def short_docstring(lines: list[str], node, start: int, doc: str) -> str:
     return short
 
 
+def keep_chat(doc) -> bool:
+    """A chat document enters the set when it fits a document and its reply (+ EOS) fits MAX_REPLY_TOKENS."""
+    return len(doc) <= DOC_TOKENS and doc.n_targets <= MAX_REPLY_TOKENS
+
+
 def chat_record(sig: str, what: str, body: str, k: int) -> dict:
     what_l = what[0].lower() + what[1:] if what[:2] != what[:2].upper() else what
     user = TEMPLATES[k % len(TEMPLATES)].format(sig=sig, what=what_l, What=what)
@@ -271,7 +279,7 @@ def main() -> None:
                 continue
             seen.add(body)
             doc = chat_document(chat_record(sig, what, body, n_chat), tok)
-            if len(doc) <= DOC_TOKENS:
+            if keep_chat(doc):
                 docs.append(doc)
                 kinds.append(1)
                 n_chat += 1
@@ -292,7 +300,8 @@ def main() -> None:
                "code_documents": len(docs) - n_chat, "chat_examples": n_chat, "tokens": n_tok,
                "chat_tokens": sum(len(d) for d, k in zip(docs, kinds, strict=True) if k),
                "target_tokens": sum(d.n_targets for d in docs), "heldout_chat_requests": len(requests),
-               "vocab_size": VOCAB, "doc_tokens": DOC_TOKENS, "heldout": list(HELDOUT),
+               "vocab_size": VOCAB, "doc_tokens": DOC_TOKENS, "max_reply_tokens": MAX_REPLY_TOKENS,
+               "heldout": list(HELDOUT),
                "train_npz_bytes": (out / "train.npz").stat().st_size}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "dropped_package_files"}), flush=True)

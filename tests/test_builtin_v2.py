@@ -112,6 +112,10 @@ def test_chat_record_trains_only_the_reply_and_its_eos(tmp_path):
     assert target == f"```python\n{body}```{EOS}"
     assert doc.ids[-1] == 1 and doc.mask[-1] and not any(doc.mask[:5])
 
+    assert builtin_data.keep_chat(doc) and doc.n_targets == sum(doc.mask)
+    long = chat_document(builtin_data.chat_record(sig, what, body + "    x = 1\n" * 200, 0), tok)
+    assert long.n_targets > builtin_data.MAX_REPLY_TOKENS and not builtin_data.keep_chat(long)
+
     kinds = [1, 0]
     from dsv4.train.data import Document
     docs = [doc, Document([0, 7, 8], [True, True, True])]
