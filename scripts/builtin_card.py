@@ -29,11 +29,30 @@ def architecture(cfg, model_bytes: int) -> str:
 """
 
 
-def training(perf: dict) -> str:
+def chain(lineage: list[dict] | None) -> str:
+    """The runs that made the weights, when more than one did (scripts/builtin_lineage.py)."""
+    if not lineage or len(lineage) < 2:
+        return ""
+    import builtin_lineage
+
+    t = builtin_lineage.totals(lineage)
+    return f"""The weights are the end of a chain of {t['runs']} runs, each continuing the previous run's model (`--init`:
+weights and gate biases; the optimiser and the schedule start afresh): **{t['steps']:,} steps, {t['tokens']:,} tokens,
+{t['train_minutes']:.1f} minutes of training** on {', '.join(t['devices'])}. The loss curve below covers every run.
+
+{builtin_lineage.table(lineage)}
+The last run in detail:
+
+"""
+
+
+def training(perf: dict, lineage: list[dict] | None = None) -> str:
     t = perf["train"]
     minutes = perf["train_s"] / 60
-    return f"""With dsv4's own trainer (`dsv4.train.loop.Trainer`, full weights, fp32 master weights, {perf['dtype']} compute)
-from the random initialisation of `dsv4 synth` (seed 0), `--qat` with the QAT emulation on (the forward sees
+    start = ("from the previous run's weights" if perf["settings"]["args"].get("init")
+             else "from the random initialisation of `dsv4 synth` (seed 0)")
+    return f"""{chain(lineage)}With dsv4's own trainer (`dsv4.train.loop.Trainer`, full weights, fp32 master weights, {perf['dtype']} compute)
+{start}, `--qat` with the QAT emulation on (the forward sees
 each weight rounded to its FP8/FP4 storage format), so training computes what the saved checkpoint computes.
 AdamW (no weight decay), peak lr {t['lr']:g}, {t['warmup_steps']} warmup steps, cosine to {t['lr'] * t['min_lr_ratio']:g},
 gradient clipping {t['clip_grad']:g}, {t['packs_per_step']} packs of ≤ {t['seq_len']} tokens per step, MTP loss weight {t['mtp_weight']:g},
@@ -105,7 +124,8 @@ perplexity per v1 token, exp(NLL_v2 / {ref['tokens']}) = {h['candidate_ppl_per_r
 """
 
 
-def render(perf: dict, r: dict, summary: dict, expected: dict, train_eval: dict | None) -> str:
+def render(perf: dict, r: dict, summary: dict, expected: dict, train_eval: dict | None,
+           lineage: list[dict] | None = None) -> str:
     from dsv4.builtin import builtin_config
 
     cfg = builtin_config(expected["version"])
@@ -152,7 +172,7 @@ task tokens). Saved as `dsv4/builtin_model/tokenizer.json`.
 
 ## Training
 
-{training(perf)}
+{training(perf, lineage)}
 ## Evaluation
 
 CPU, greedy, fp32 with the QAT emulation on (as `dsv4 generate` runs it), `scripts/eval_builtin.py`:
@@ -175,12 +195,30 @@ alone and batched with other prompts; {'a held-out chat request whose pinned rep
 
 ## Reproduce
 
-```bash
-PYTHONPATH=. python3 scripts/builtin_data.py .builtin_data                        # CPU, about a minute
-python3 {' '.join(_args(perf['settings']['args']))} --bundle BUNDLE   # GPU
-PYTHONPATH=. python3 scripts/install_builtin.py BUNDLE          # CPU: evaluate, install, expectations, this card
-```
-"""
+{reproduce(perf, lineage)}"""
+
+
+def reproduce(perf: dict, lineage: list[dict] | None) -> str:
+    """The commands that make the weights: the one run's, or the chain's with each --init the previous run's
+    output and each run's step count fixed (a --minutes budget sizes differently on other hardware)."""
+    runs = lineage if lineage and len(lineage) > 1 else [{"run": "run", "perf": perf}]
+    lines, prev = [], None
+    for r in runs:
+        args = dict(r["perf"]["settings"]["args"])
+        if len(runs) > 1:
+            args.update(out=f"/tmp/{r['run']}", init=f"/tmp/{prev}/model" if prev else None,
+                        steps=r["perf"]["steps"], minutes=None, row_len=args.get("row_len") or 0)
+        last = r is runs[-1]
+        lines.append(f"python3 {' '.join(_args(args))}{' --bundle BUNDLE' if last else ''}   # GPU")
+        prev = r["run"]
+    note = ("" if len(runs) == 1 else "\nThe chain's runs trained on the data of their day (the table's last column): "
+            "today's scripts give every run today's data, so a rerun is the same recipe, not the same bits.\n")
+    return ("```bash\nPYTHONPATH=. python3 scripts/builtin_data.py .builtin_data                        # CPU, about a minute\n"
+            + "\n".join(lines)
+            + "\nPYTHONPATH=. python3 scripts/install_builtin.py BUNDLE"
+            + (" --lineage LINEAGE.json" if len(runs) > 1 else "")
+            + "   # CPU: evaluate, install, expectations, this card\n```\n"
+            + note)
 
 
 def _args(args: dict) -> list[str]:

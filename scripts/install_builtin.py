@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import builtin_card  # noqa: E402  (a sibling script, found through sys.path)
+import builtin_lineage  # noqa: E402
 import eval_builtin  # noqa: E402
 
 VERSION = 2
@@ -106,9 +107,15 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=str(REPO / ".builtin_data"), help="scripts/builtin_data.py's output folder")
     ap.add_argument("--eval-json", help="reuse this eval_builtin.py result instead of evaluating again")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lineage", help="the chain of runs that made the bundle's model, oldest first, the bundle's "
+                                      "run last (scripts/builtin_lineage.py): the card reports every run and "
+                                      "draws one loss curve across them")
     args = ap.parse_args(argv)
     bundle, data = Path(args.bundle), Path(args.data)
     perf = json.loads((bundle / "perf.json").read_text())
+    lineage = builtin_lineage.load(Path(args.lineage)) if args.lineage else None
+    if lineage:
+        builtin_lineage.check_last(lineage, perf, bundle)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = unpack(bundle, Path(tmp))
         check(model_dir, data)
@@ -130,11 +137,14 @@ def main(argv=None) -> None:
     shutil.copy(data / "heldout.py.txt", tests_data / "builtin_heldout.py.txt")
     expected = expectations(dest, result)
     (tests_data / "builtin_expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=False) + "\n")
-    shutil.copy(bundle / "loss.png", REPO / "docs" / "img" / "builtin_loss.png")
+    if lineage:
+        builtin_lineage.plot(lineage, REPO / "docs" / "img" / "builtin_loss.png")
+    else:
+        shutil.copy(bundle / "loss.png", REPO / "docs" / "img" / "builtin_loss.png")
     summary = json.loads((data / "summary.json").read_text())
     train_eval = json.loads((bundle / "eval.json").read_text()) if (bundle / "eval.json").exists() else None
     update_readme(perf["model_bytes"])
-    card = builtin_card.render(perf, result, summary, expected, train_eval)
+    card = builtin_card.render(perf, result, summary, expected, train_eval, lineage)
     (REPO / "docs" / "builtin_model.md").write_text(card)
     print(f"installed v{VERSION} into {dest}; wrote tests/data/builtin_expected.json, docs/builtin_model.md, "
           "docs/builtin_model_eval.json, docs/img/builtin_loss.png\nnext: python3 -m pytest -q "

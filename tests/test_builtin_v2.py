@@ -220,7 +220,7 @@ def test_set_version_rewrites_the_one_line(tmp_path):
         install_builtin.set_version(2, src)
 
 
-def test_card_takes_every_figure_from_the_records():
+def _card_records():
     perf = {"dtype": "torch.bfloat16", "device": "NVIDIA H200", "torch": "2.x", "steps": 1234, "tokens": 98765432,
             "tokens_per_step": 80036.8, "train_s": 390.0, "setup_s": 12.0, "tok_per_s": 253245.0,
             "tok_per_s_steady": 260001.0, "step_s_median": 0.3101, "step_s_first": 4.25, "peak_mem_gib": 41.27,
@@ -245,16 +245,64 @@ def test_card_takes_every_figure_from_the_records():
     expected = {"version": 2, "prompt": "def fibonacci(n):", "token_ids": [5] * 32, "heldout_ppl": 9.8765,
                 "chat": {"messages": [{"role": "user", "content": "Write f"}], "token_ids": [1] * 40,
                          "text": "```python\ndef f(): pass\n```" + EOS}}
-    card = builtin_card.render(perf, result, {"files": 1387, "stdlib_files": 649, "package_files": 738,
-                                              "packages": 24, "code_documents": 6865, "doc_tokens": 1024,
-                                              "chat_examples": 9821, "tokens": 8546385, "vocab_size": 6144,
-                                              "heldout": ["colorsys.py"]}, expected, None)
+    summary = {"files": 1387, "stdlib_files": 649, "package_files": 738, "packages": 24, "code_documents": 6865,
+               "doc_tokens": 1024, "chat_examples": 9821, "tokens": 8546385, "vocab_size": 6144,
+               "heldout": ["colorsys.py"]}
+    return perf, result, summary, expected
+
+
+def test_card_takes_every_figure_from_the_records():
+    perf, result, summary, expected = _card_records()
+    card = builtin_card.render(perf, result, summary, expected, None)
     for figure in ("NVIDIA H200", "1234", "98,765,432", "253,245 tokens/s", "0.310 s", "41.3 GiB", "1.234",
                    "0.812", "0.457", "19/20", "9.88", "0.5713", "153.41", "5.56", "27.61×", "0.432", "0.765",
                    "39.2 MB", "builtin-python-v2", "--minutes 6.5 --bundle", "8,546,385", "img/builtin_loss.png",
                    "builtin_model_v2_data.md"):
         assert figure in card, figure
     assert EOS not in card and "**no**" not in card
+
+
+def _write_run(root, name, perf, init, steps, lr):
+    import json
+
+    run = {**perf, "steps": steps, "tokens": steps * 1000, "train_s": 60.0 * steps, "final_loss": 2.0 + lr,
+           "settings": {"args": {**perf["settings"]["args"], "out": f"/x/{name}", "init": init, "lr": lr,
+                                 "minutes": 8.0}}}
+    (root / f"{name}.json").write_text(json.dumps(run))
+    (root / f"{name}.jsonl").write_text("".join(json.dumps({"step": i, "loss": 3.0 - i * lr, "tokens": 1000}) + "\n"
+                                               for i in range(steps)))
+    return {"run": name, "perf": f"{name}.json", "metrics": f"{name}.jsonl", "note": f"{name} note"}
+
+
+def test_a_lineage_reports_every_run_and_checks_the_chain(tmp_path):
+    import json
+
+    import builtin_lineage
+
+    perf, result, summary, expected = _card_records()
+    entries = [_write_run(tmp_path, "a", perf, None, 3, 1e-3), _write_run(tmp_path, "b", perf, "/tmp/a/model", 2, 5e-4)]
+    (tmp_path / "lineage.json").write_text(json.dumps(entries))
+    runs = builtin_lineage.load(tmp_path / "lineage.json", root=tmp_path)
+    assert builtin_lineage.totals(runs) | {"devices": None} == {"runs": 2, "steps": 5, "tokens": 5000,
+                                                              "train_minutes": 5.0, "devices": None}
+    assert builtin_lineage.plot(runs, tmp_path / "loss.png").stat().st_size > 1000
+    builtin_lineage.check_last(runs, runs[-1]["perf"], "bundle")
+    with pytest.raises(ValueError, match="not with the run"):
+        builtin_lineage.check_last(runs, runs[0]["perf"], "bundle")
+    card = builtin_card.render(runs[-1]["perf"], result, summary, expected, None, runs)
+    for figure in ("chain of 2 runs", "**5 steps, 5,000 tokens", "| a | random", "| b | a | 2 | 2,000 |", "b note",
+                   ".builtin_data /tmp/a ", "--steps 3", "--row-len 0", "/tmp/b ", "--steps 2", "--init /tmp/a/model",
+                   "--lineage LINEAGE.json"):
+        assert figure in card, figure
+    assert "--minutes" not in card.split("## Reproduce")[1]
+
+    for bad, match in (([entries[1]], "continues /tmp/a/model"), ([entries[0], entries[0]], "random weights")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            builtin_lineage.load(tmp_path / "bad.json", root=tmp_path)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"step": 0, "loss": 3.0, "tokens": 1}) + "\n")
+    with pytest.raises(ValueError, match="1 metrics records for 3 steps"):
+        builtin_lineage.load(tmp_path / "lineage.json", root=tmp_path)
 
 
 def test_update_readme_rewrites_the_builtin_sentence(tmp_path):
