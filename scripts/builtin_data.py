@@ -41,6 +41,8 @@ from dsv4.builtin import BUILTIN_SPECIALS
 VOCAB = 6144
 DOC_TOKENS = 1024               # code documents: BOS + at most 1023 tokens, cut at line ends
 MAX_FUNC_CHARS = 2400           # longer functions are left out of the chat set
+MAX_PACKAGE_SHARE = 0.10        # no package above this share of the corpus's characters (sympy alone was 34%, more
+                                # than the standard library's 23%: every continuation turned into sympy doctests)
 MAX_REPLY_TOKENS = 256          # chat answers (reply + EOS) longer than this are left out: the chat set teaches
                                 # small functions that end, as the issue's check asks (def + EOS within 256 tokens);
                                 # run 16 imitated long answers and ran past the turn's end
@@ -105,6 +107,34 @@ def package_files(wheels: Path) -> tuple[list[tuple[str, str]], list[dict]]:
     if missing:
         raise RuntimeError(f"{wheels} lacks the wheels of {sorted(missing)}")
     return files, licences
+
+
+def cap_packages(files: list[tuple[str, str]], other_chars: int, share: float = MAX_PACKAGE_SHARE
+                 ) -> tuple[list[tuple[str, str]], dict]:
+    """The package files (`package_files` names: WHEEL:path) with every wheel above `share` of the corpus
+    (these files + `other_chars`) cut to about that share: whole files, in a fixed pseudo-random order (sha1 of the
+    name), so the kept part samples the whole package rather than its first modules. Returns (kept files in their
+    original order, {wheel: {"files": kept of total, "chars": kept of total}} for the capped wheels)."""
+    import hashlib
+
+    cap = share * (other_chars + sum(len(src) for _, src in files))
+    by_wheel: dict[str, list[tuple[str, str]]] = {}
+    for name, src in files:
+        by_wheel.setdefault(name.split(":", 1)[0], []).append((name, src))
+    keep, report = set(), {}
+    for wheel, group in by_wheel.items():
+        total = sum(len(src) for _, src in group)
+        if total <= cap:
+            keep.update(name for name, _ in group)
+            continue
+        chars, kept = 0, 0
+        for name, src in sorted(group, key=lambda f: hashlib.sha1(f[0].encode()).hexdigest()):
+            if chars + len(src) > cap:
+                continue
+            keep.add(name)
+            chars, kept = chars + len(src), kept + 1
+        report[wheel] = {"files": f"{kept} of {len(group)}", "chars": f"{chars:,} of {total:,}"}
+    return [(n, s) for n, s in files if n in keep], report
 
 
 def _pin(name: str, version: str) -> str:
@@ -257,6 +287,9 @@ def main() -> None:
     held_funcs = [f for p in held for f in functions(read(p))]
     held_sources = {body for _, _, body in held_funcs}
     pkg, licences = package_files(wheels)
+    pkg, capped = cap_packages(pkg, sum(len(read(p)) for p in std))
+    for r in licences:
+        r["files_used"] = sum(n.startswith(r["wheel"] + ":") for n, _ in pkg)
     dropped = [n for n, s in pkg if any(b in s for b in held_sources)]
     sources = [(str(p), read(p)) for p in std] + [(n, s) for n, s in pkg if n not in dropped]
 
@@ -301,6 +334,7 @@ def main() -> None:
                "chat_tokens": sum(len(d) for d, k in zip(docs, kinds, strict=True) if k),
                "target_tokens": sum(d.n_targets for d in docs), "heldout_chat_requests": len(requests),
                "vocab_size": VOCAB, "doc_tokens": DOC_TOKENS, "max_reply_tokens": MAX_REPLY_TOKENS,
+               "max_package_share": MAX_PACKAGE_SHARE, "capped_packages": capped,
                "heldout": list(HELDOUT),
                "train_npz_bytes": (out / "train.npz").stat().st_size}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -124,6 +124,19 @@ def test_chat_record_trains_only_the_reply_and_its_eos(tmp_path):
     assert [(d.ids, d.mask) for d in back] == [(d.ids, d.mask) for d in docs] and list(back_kinds) == kinds
 
 
+def test_a_package_above_its_share_is_cut_to_whole_files_near_the_share():
+    big = [(f"big.whl:m{i}.py", "x" * 100) for i in range(50)]                  # 5,000 chars
+    small = [("small.whl:a.py", "y" * 300), ("small.whl:b.py", "z" * 200)]       # 500 chars
+    files = small[:1] + big + small[1:]
+    kept, report = builtin_data.cap_packages(files, other_chars=4_500, share=0.1)  # cap: 0.1 x 10,000 = 1,000
+    assert [f for f in kept if f[0].startswith("small")] == small                  # under the cap: untouched
+    big_kept = [f for f in kept if f[0].startswith("big")]
+    assert len(big_kept) == 10 and report == {"big.whl": {"files": "10 of 50", "chars": "1,000 of 5,000"}}
+    assert [f for f in files if f in kept] == kept                                 # the original order
+    assert big_kept != big[:10]                                                    # sampled, not the first modules
+    assert builtin_data.cap_packages(files, 4_500, share=0.1) == (kept, report)    # deterministic
+
+
 def test_chat_repeat_adds_copies_of_the_chat_documents_only():
     docs, kinds = ["code", "chat1", "code2", "chat2"], [0, 1, 0, 1]
     assert train_builtin_gpu.repeat_chat(docs, kinds, 1) == (docs, kinds)
