@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -80,6 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--chat-repeat", type=int, default=1, metavar="N",
                     help="each chat document N times an epoch (in different rows): more of the chat turn's end, "
                          "where run 16 went on with another def instead of closing the block with EOS")
+    ap.add_argument("--probe-chat-share", type=float, default=0.0, metavar="X",
+                    help="share of the greedy probe's prefixes that are chat requests of the data through the "
+                         "assistant marker, --probe-prefix-len tokens long (default 0): the probe's greedy tokens "
+                         "are then replies, and --seq-unlikelihood sees their loops (run 16's chat failures)")
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     add_probe_arguments(ap)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
@@ -110,6 +115,16 @@ def repeat_chat(docs: list, kinds, n: int) -> tuple[list, list[int]]:
         raise ValueError(f"--chat-repeat must be >= 1, got {n}")
     chat = [d for d, k in zip(docs, kinds, strict=True) if k]
     return list(docs) + chat * (n - 1), [int(k) for k in kinds] + [1] * len(chat) * (n - 1)
+
+
+def chat_prompts(docs: list, kinds, length: int, end_id: int) -> list[list[int]]:
+    """The chat documents' requests through `end_id` (the token that ends the prompt, `</think>` in chat mode)
+    that are exactly `length` tokens long, in data order (the probe batches its prefixes as one [P, length])."""
+    out = []
+    for d, k in zip(docs, kinds, strict=True):
+        if k and end_id in d.ids and d.ids.index(end_id) + 1 == length:
+            out.append(list(d.ids[:length]))
+    return out
 
 
 def check_same_config(got, want, where: Path) -> None:
@@ -157,6 +172,7 @@ def main(argv=None) -> dict:
         base = synthesize(cfg, out / "base", seed=0, progress=False)
     shutil.copy(data / "tokenizer.json", base / "tokenizer.json")
     docs, kinds = load_documents(data / "train.npz")
+    kinds0 = [int(k) for k in kinds]
     docs, kinds = repeat_chat(docs, kinds, args.chat_repeat)
     top = max(max(d.ids) for d in docs)
     if top >= cfg.vocab_size:
@@ -170,7 +186,7 @@ def main(argv=None) -> dict:
                         packs_per_step=args.packs_per_step, grad_ckpt=args.grad_ckpt, mtp_weight=args.mtp_weight,
                         bias_update_rate=1e-3, seed=args.seed, compile=args.compile,
                         pad_to_seq_len=args.compile is not None, rows=bool(args.row_len),
-                        **probe_fields(args))
+                        probe_prompt_share=args.probe_chat_share, **probe_fields(args))
     if args.steps:
         train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))
     if args.row_len:
@@ -179,11 +195,22 @@ def main(argv=None) -> dict:
         packs = pack(docs, args.seq_len)
         if not args.per_document:
             packs = [[concat_pack(p)] for p in packs]
+    prompts = None
+    if args.probe_chat_share:
+        from tokenizers import Tokenizer
+
+        end = Tokenizer.from_file(str(data / "tokenizer.json")).token_to_id("</think>")
+        prompts = chat_prompts(docs[:len(kinds0)], kinds0, args.probe_prefix_len, end)
+        if len(prompts) < args.probe_prefixes:
+            raise SystemExit(f"only {len(prompts)} chat requests are {args.probe_prefix_len} tokens long through "
+                             "</think>: choose another --probe-prefix-len (the median request is about 32)")
+        random.Random(args.seed).shuffle(prompts)
     trainer = Trainer(net, PackStream(packs, args.packs_per_step, train.seed), train, out, DistContext(),
-                      progress=False)
+                      progress=False, probe_prompts=prompts)
     settings = {"data": str(data), "device": device, "dtype": str(dtype), "qat": True, "quant_emulation": True,
                 "config": "builtin_config(2)", "documents": len(docs), "chat_documents": sum(kinds),
-                "packs": len(packs), "budget_minutes": args.minutes, "args": vars(args)}
+                "packs": len(packs), "budget_minutes": args.minutes, "args": vars(args),
+                "probe_chat_prompts": len(prompts or [])}
     if args.row_len:
         rows = [r for p in packs for r in p]
         settings["rows"] = len(rows)

@@ -146,6 +146,17 @@ def test_chat_repeat_adds_copies_of_the_chat_documents_only():
         train_builtin_gpu.repeat_chat(docs, kinds, 0)
 
 
+def test_chat_prompts_are_the_requests_of_the_given_length_through_the_marker():
+    from dsv4.train.data import Document
+
+    end = 6
+    docs = [Document([0, 3, 4, end, 9, 1], [False] * 3 + [True] * 3),        # chat: request of 4 tokens
+            Document([0, 3, end, 9, 1], [False] * 2 + [True] * 3),           # chat: 3 tokens
+            Document([0, 5, 5, end, 2], [True] * 5)]                         # code (kind 0), same shape
+    assert train_builtin_gpu.chat_prompts(docs, [1, 1, 0], 4, end) == [[0, 3, 4, end]]
+    assert train_builtin_gpu.chat_prompts(docs, [1, 1, 0], 5, end) == []
+
+
 def test_sized_steps_fills_the_budget():
     # 10 steps done in 20 s at 2 s a step; 100 s left buys 47 more with the 5% margin.
     assert train_builtin_gpu.sized_steps(10, 20.0, [2.0, 2.0, 2.1], 120.0) == 57

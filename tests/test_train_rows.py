@@ -19,7 +19,7 @@ import torch
 import dsv4
 from dsv4.train.data import Document, PackStream, Row, row_packs
 from dsv4.train.forward import LoadCounter, TrainStep, packed_batch, rows_batch
-from dsv4.train.greedy_probe import probe_prefixes, row_prefixes
+from dsv4.train.greedy_probe import mix_prompts, probe_prefixes, row_prefixes
 from dsv4.train.loop import TrainConfig, Trainer
 from dsv4.train.params import prepare_full
 
@@ -154,3 +154,45 @@ def test_trainer_runs_rows_packs_with_the_probe(tiny_ckpt, tmp_path):
     with pytest.raises(ValueError, match="rows packs run eager"):
         Trainer(m, PackStream(packs, 1, 0), TrainConfig(rows=True, compile="aot_eager", pad_to_seq_len=True),
                 tmp_path, progress=False)
+
+
+def test_mix_prompts_replaces_the_last_share_of_the_starts_cycling_the_prompts():
+    starts = [[BOS, 1, 1], [BOS, 2, 2], [BOS, 3, 3], [BOS, 4, 4]]
+    prompts = [[BOS, 7, 7], [BOS, 8, 8], [BOS, 9, 9]]
+    assert mix_prompts(starts, prompts, 0.0, 5) == starts
+    assert mix_prompts(starts, prompts, 0.5, 0) == starts[:2] + prompts[:2]
+    assert mix_prompts(starts, prompts, 0.5, 2) == [*starts[:2], prompts[2], prompts[0]]
+    assert mix_prompts(starts, prompts, 1.0, 1) == [prompts[1], prompts[2], prompts[0], prompts[1]]
+    with pytest.raises(ValueError, match="prefix length 3; got lengths \\[2\\]"):
+        mix_prompts(starts, [[BOS, 7]], 0.5, 0)
+    with pytest.raises(ValueError, match="needs prompts"):
+        mix_prompts(starts, [], 0.5, 0)
+
+
+def test_the_trainer_probes_its_prompts_beside_the_rows(tiny_ckpt, tmp_path, monkeypatch):
+    import dsv4.train.loop as loop
+
+    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False), qat=True)
+    packs = row_packs(_docs(random.Random(4), 12, 30), 32, 2)
+    seen = []
+
+    def capture(step_module, prefixes, n):
+        seen.append(prefixes.tolist())
+        return loop_greedy(step_module, prefixes, n)
+
+    loop_greedy = loop.greedy_continue
+    monkeypatch.setattr(loop, "greedy_continue", capture)
+    prompts = [[BOS, 40 + i, 41, 42, 43, 44] for i in range(3)]
+    cfg = TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
+                      bias_update_rate=1e-3, rows=True, greedy_probe_every=1, probe_prefixes=4, probe_prefix_len=6,
+                      probe_tokens=4, seq_unlikelihood=1.0, probe_prompt_share=0.5)
+    trainer = Trainer(m, PackStream(packs, 1, 0), cfg, tmp_path, progress=False, probe_prompts=prompts)
+    for _ in range(2):
+        assert "greedy_distinct4" in trainer.train_step()
+    assert [p[2:] for p in seen] == [prompts[0:2], [prompts[2], prompts[0]]]      # the next prompts each probe
+    assert all(p[0] in (r.ids[:6] for q in packs for r in q) for p in seen)       # the rest: the rows' own starts
+    for share, prompts_, match in ((0.5, None, "needs prompts"), (0.5, [[BOS, 1]], "prefix length 6"),
+                                   (1.5, prompts, "must be in \\[0, 1\\]")):
+        with pytest.raises(ValueError, match=match):
+            Trainer(m, PackStream(packs, 1, 0), TrainConfig(**{**cfg.__dict__, "probe_prompt_share": share}),
+                    tmp_path, progress=False, probe_prompts=prompts_)

@@ -89,6 +89,22 @@ def row_prefixes(rows: list[Row], count: int, length: int, bos_id: int) -> list[
     return [starts[i % len(starts)] for i in range(count)]
 
 
+def mix_prompts(starts: list[list[int]], prompts: list[list[int]], share: float, offset: int) -> list[list[int]]:
+    """`starts` with its last round(share * len) entries replaced by `prompts` (cycled from `offset`): a probe can
+    continue given prompts (e.g. chat requests through the assistant marker, so the greedy tokens are a reply)
+    beside the pack's own starts. Every prompt must be as long as the starts (one [P, s] batch)."""
+    k = round(share * len(starts))
+    if not k:
+        return starts
+    if not prompts:
+        raise ValueError("a probe prompt share > 0 needs prompts")
+    s = len(starts[0])
+    bad = [len(q) for q in prompts if len(q) != s]
+    if bad:
+        raise ValueError(f"probe prompts must have the prefix length {s}; got lengths {sorted(set(bad))}")
+    return starts[:len(starts) - k] + [prompts[(offset + j) % len(prompts)] for j in range(k)]
+
+
 def sequences_batch(P: int, S: int, device) -> FreshBatch:
     """P sequences of S tokens from position 0, run as one [P, S] batch: per layer one attention call, not P (the
     flattened `StepBatch` attends sequence by sequence: ~P x the kernels per forward, see bench/notes)."""

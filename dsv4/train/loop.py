@@ -26,6 +26,7 @@ from dsv4.train.dist import DistContext, shard
 from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch, rows_batch
 from dsv4.train.greedy_probe import (
     greedy_continue,
+    mix_prompts,
     preserved_rng_and_modes,
     probe_prefixes,
     probe_stats,
@@ -77,6 +78,9 @@ class TrainConfig:
     probe_prefix_len: int = 32
     probe_tokens: int = 64
     seq_unlikelihood: float = 0.0
+    # the share of the probe's prefixes taken from the Trainer's `probe_prompts` instead of the pack (e.g. chat
+    # requests through the assistant marker: the greedy tokens are then replies, and seq-UL sees their loops)
+    probe_prompt_share: float = 0.0
 
 
 @dataclass
@@ -118,11 +122,13 @@ def _check_probe(cfg: TrainConfig) -> None:
                          "blocks each would compile a graph; train eager")
     if cfg.probe_prefixes < 1 or cfg.probe_prefix_len < 1 or cfg.probe_tokens < 4:
         raise ValueError("the greedy probe needs >= 1 prefix of >= 1 token and >= 4 new tokens (one 4-gram)")
+    if not 0 <= cfg.probe_prompt_share <= 1:
+        raise ValueError(f"probe_prompt_share must be in [0, 1], got {cfg.probe_prompt_share}")
 
 
 class Trainer:
     def __init__(self, model, stream: PackStream, cfg: TrainConfig, out_dir, ctx: DistContext | None = None,
-                 progress: bool = True):
+                 progress: bool = True, probe_prompts: list[list[int]] | None = None):
         ctx = ctx or DistContext()
         if cfg.packs_per_step % ctx.world:
             raise ValueError(f"packs_per_step={cfg.packs_per_step} must be a multiple of the {ctx.world} processes")
@@ -133,6 +139,10 @@ class Trainer:
             raise ValueError("compile needs pad_to_seq_len (one padded sequence per pack): steps of other shapes "
                              "would compile again")
         self.model, self.stream, self.cfg, self.ctx = model, stream, cfg, ctx
+        self.probe_prompts = list(probe_prompts or [])
+        if cfg.greedy_probe_every and cfg.probe_prompt_share:      # the mix's checks, before any training
+            mix_prompts([[0] * cfg.probe_prefix_len] * cfg.probe_prefixes, self.probe_prompts,
+                        cfg.probe_prompt_share, 0)
         self.out, self.progress = Path(out_dir), progress and ctx.main
         self.device = next(model.parameters()).device
         if cfg.expert_parallel:
@@ -225,6 +235,10 @@ class Trainer:
         with preserved_rng_and_modes(self.model):
             # rows: the rows' own starts (documents at position 0, as prompts are); else windows of the pack
             starts = row_prefixes(pack, P, first, bos) if cfg.rows else probe_prefixes(pack, P, first, bos)
+            # each probe takes the next prompts of the list (ranks apart), so a run cycles through all of them
+            k = round(cfg.probe_prompt_share * P)
+            starts = mix_prompts(starts, self.probe_prompts, cfg.probe_prompt_share,
+                                 (self.step // max(cfg.greedy_probe_every, 1) * self.ctx.world + self.ctx.rank) * k)
             prefixes = to_device(torch.tensor(starts), self.device)
             ids = greedy_continue(self.step_module, prefixes, L)
             repeats = repeat_mask(ids)
