@@ -287,11 +287,12 @@ def main() -> None:
     held_funcs = [f for p in held for f in functions(read(p))]
     held_sources = {body for _, _, body in held_funcs}
     pkg, licences = package_files(wheels)
-    pkg, capped = cap_packages(pkg, sum(len(read(p)) for p in std))
+    std_sources = [(str(p), read(p)) for p in std]
+    pkg, capped = cap_packages(pkg, sum(len(src) for _, src in std_sources))
     for r in licences:
         r["files_used"] = sum(n.startswith(r["wheel"] + ":") for n, _ in pkg)
     dropped = [n for n, s in pkg if any(b in s for b in held_sources)]
-    sources = [(str(p), read(p)) for p in std] + [(n, s) for n, s in pkg if n not in dropped]
+    sources = std_sources + [(n, s) for n, s in pkg if n not in dropped]
 
     if args.tokenizer:
         check_tokenizer(Tokenizer.from_file(args.tokenizer), args.tokenizer)

@@ -172,7 +172,16 @@ def main(argv=None) -> dict:
         base = synthesize(cfg, out / "base", seed=0, progress=False)
     shutil.copy(data / "tokenizer.json", base / "tokenizer.json")
     docs, kinds = load_documents(data / "train.npz")
-    kinds0 = [int(k) for k in kinds]
+    prompts = None
+    if args.probe_chat_share:                            # from the data before --chat-repeat: each request once
+        from tokenizers import Tokenizer
+
+        end = Tokenizer.from_file(str(data / "tokenizer.json")).token_to_id("</think>")
+        prompts = chat_prompts(docs, kinds, args.probe_prefix_len, end)
+        if len(prompts) < args.probe_prefixes:
+            raise SystemExit(f"only {len(prompts)} chat requests are {args.probe_prefix_len} tokens long through "
+                             "</think>: choose another --probe-prefix-len (the median request is about 32)")
+        random.Random(args.seed).shuffle(prompts)
     docs, kinds = repeat_chat(docs, kinds, args.chat_repeat)
     top = max(max(d.ids) for d in docs)
     if top >= cfg.vocab_size:
@@ -195,16 +204,6 @@ def main(argv=None) -> dict:
         packs = pack(docs, args.seq_len)
         if not args.per_document:
             packs = [[concat_pack(p)] for p in packs]
-    prompts = None
-    if args.probe_chat_share:
-        from tokenizers import Tokenizer
-
-        end = Tokenizer.from_file(str(data / "tokenizer.json")).token_to_id("</think>")
-        prompts = chat_prompts(docs[:len(kinds0)], kinds0, args.probe_prefix_len, end)
-        if len(prompts) < args.probe_prefixes:
-            raise SystemExit(f"only {len(prompts)} chat requests are {args.probe_prefix_len} tokens long through "
-                             "</think>: choose another --probe-prefix-len (the median request is about 32)")
-        random.Random(args.seed).shuffle(prompts)
     trainer = Trainer(net, PackStream(packs, args.packs_per_step, train.seed), train, out, DistContext(),
                       progress=False, probe_prompts=prompts)
     settings = {"data": str(data), "device": device, "dtype": str(dtype), "qat": True, "quant_emulation": True,
