@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One H200 call (issue 17): several short training continuations from one init, one after another on the GPU; each
+# finished model is evaluated on the machine's CPU cores (scripts/bench/quick_eval_builtin.py: the eval's chat and
+# code checks, greedy on CPU as the acceptance figures are) while the next one trains. The device returns at most
+# 8 files and 64 MiB (one 39 MB bundle of 7 files), so only the best variant's bundle comes back, in OUT/best/, with
+# every variant's quick-eval results and the choice in OUT/variants.json. "Best" = the largest worst margin over the
+# three bounds: chat def+EOS / 18, code distinct-4 mean / 0.6, code distinct-4 min / 0.3 (>= 1: all three pass).
+# Usage (repository root, on the GPU machine; carry .builtin_data):
+#   bash scripts/bench/train_variants.sh OUT INIT_DIR "NAME1 ARGS..." "NAME2 ARGS..." ...
+# Each quoted variant: a name, then scripts/train_builtin_gpu.py arguments (--steps N, --seed S, ...).
+set -u
+out=$1 init=$2; shift 2
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$out"
+t0=$(date +%s)
+names=()
+for spec in "$@"; do
+    read -r name args <<< "$spec"
+    names+=("$name")
+    echo "== $name ($(( $(date +%s) - t0 )) s): $args"
+    # shellcheck disable=SC2086  # the variant's arguments are meant to split
+    python3 scripts/train_builtin_gpu.py .builtin_data "/tmp/$name" --init "$init" --bundle "/tmp/bundle_$name" \
+        $args 2>&1 | grep -v Warning | grep -E "held-out|^step " | cut -c1-160 | tail -4
+    CUDA_VISIBLE_DEVICES= timeout 240 python3 scripts/bench/quick_eval_builtin.py "/tmp/$name/model" --threads 4 \
+        --out "/tmp/$name.quick.json" > "/tmp/$name.quick.log" 2>&1 &
+done
+wait
+echo "== evaluated ($(( $(date +%s) - t0 )) s)"
+best=$(python3 - "$out" "${names[@]}" <<'EOF'
+import json, sys
+from pathlib import Path
+out, names = Path(sys.argv[1]), sys.argv[2:]
+scores, results = {}, {}
+for n in names:
+    p = Path(f"/tmp/{n}.quick.json")
+    if not p.exists():
+        print(f"{n}: no evaluation", file=sys.stderr)
+        continue
+    d = results[n] = json.loads(p.read_text())
+    c, k = d["chat"], d["code"]
+    scores[n] = min(c["def_and_eos"] / 18, k["distinct4_mean"] / 0.6, k["distinct4_min"] / 0.3)
+    print(f"{n}: chat {c['def_and_eos']}/{c['n']}, code {k['distinct4_mean']:.3f} / {k['distinct4_min']:.3f}, "
+          f"worst margin {scores[n]:.3f}", file=sys.stderr)
+best = max(scores, key=scores.get) if scores else ""
+(out / "variants.json").write_text(json.dumps({"best": best, "worst_margin": scores, "quick_eval": results},
+                                              indent=1, ensure_ascii=False) + "\n")
+print(best)
+EOF
+)
+[ -n "$best" ] && cp -r "/tmp/bundle_$best" "$out/best" && echo "best: $best"
+echo "call done at $(( $(date +%s) - t0 )) s"
