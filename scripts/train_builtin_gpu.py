@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -85,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="share of the greedy probe's prefixes that are chat requests of the data through the "
                          "assistant marker, --probe-prefix-len tokens long (default 0): the probe's greedy tokens "
                          "are then replies, and --seq-unlikelihood sees their loops (run 16's chat failures)")
+    ap.add_argument("--probe-header-lens", default="", metavar="N,M",
+                    help="with --probe-chat-share: further probes, in turn with the chat ones, whose prompts are "
+                         "function headers of the chat answers (`def name(args):` after BOS, as a user's code prompt "
+                         "is encoded) of these token lengths (e.g. 9,11): greedy continuations of a bare header are "
+                         "where run 17's code loops were (in the docstring)")
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     add_probe_arguments(ap)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
@@ -104,6 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--compile and --per-document need --row-len 0 (rows run eager, as one batch)")
     if args.row_len and (args.row_len < 2 or args.seq_len % args.row_len):
         ap.error(f"--row-len must divide --seq-len ({args.seq_len}), got {args.row_len}")
+    try:
+        args.probe_header_lens = tuple(int(n) for n in args.probe_header_lens.split(",") if n.strip())
+    except ValueError:
+        ap.error(f"--probe-header-lens takes token counts like 9,11; got {args.probe_header_lens!r}")
+    if args.probe_header_lens and not args.probe_chat_share:
+        ap.error("--probe-header-lens needs --probe-chat-share (the share of each probe given to prompts)")
     if args.profile and (not args.steps or args.profile >= args.steps):
         ap.error("--profile N needs --steps larger than N (the first steps include one-off costs)")
     return args
@@ -124,6 +136,29 @@ def chat_prompts(docs: list, kinds, length: int, end_id: int) -> list[list[int]]
     for d, k in zip(docs, kinds, strict=True):
         if k and end_id in d.ids and d.ids.index(end_id) + 1 == length:
             out.append(list(d.ids[:length]))
+    return out
+
+
+HEADER = re.compile(r"def \w+\(.*\):")
+
+
+def header_prompts(docs: list, kinds, tokenizer, lengths: tuple[int, ...], end_id: int, bos_id: int) -> list:
+    """The first one-line `def` header of each chat document's answer (after `end_id`), encoded as a user's
+    prompt is (`encode_prompt`: BOS + the header's tokens), those of the given lengths, each once, in data order."""
+    from dsv4.tokenizer import encode_prompt
+
+    seen, out = set(), []
+    for d, k in zip(docs, kinds, strict=True):
+        if not k or end_id not in d.ids:
+            continue
+        answer = tokenizer.decode(d.ids[d.ids.index(end_id) + 1:], skip_special_tokens=True)
+        line = next((x.strip() for x in answer.splitlines() if HEADER.fullmatch(x.strip())), None)
+        if line is None or line in seen:
+            continue
+        seen.add(line)
+        ids = encode_prompt(tokenizer, line, bos_id)
+        if len(ids) in lengths:
+            out.append(ids)
     return out
 
 
@@ -181,6 +216,11 @@ def main(argv=None) -> dict:
         if len(prompts) < args.probe_prefixes:
             raise SystemExit(f"only {len(prompts)} chat requests are {args.probe_prefix_len} tokens long through "
                              "</think>: choose another --probe-prefix-len (the median request is about 32)")
+        if args.probe_header_lens:
+            tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+            heads = header_prompts(docs, kinds, tok, args.probe_header_lens, end, cfg.bos_token_id)
+            print(f"probe prompts: {len(prompts)} chat requests, {len(heads)} function headers", flush=True)
+            prompts += heads
         random.Random(args.seed).shuffle(prompts)
     docs, kinds = repeat_chat(docs, kinds, args.chat_repeat)
     top = max(max(d.ids) for d in docs)
@@ -195,7 +235,8 @@ def main(argv=None) -> dict:
                         packs_per_step=args.packs_per_step, grad_ckpt=args.grad_ckpt, mtp_weight=args.mtp_weight,
                         bias_update_rate=1e-3, seed=args.seed, compile=args.compile,
                         pad_to_seq_len=args.compile is not None, rows=bool(args.row_len),
-                        probe_prompt_share=args.probe_chat_share, **probe_fields(args))
+                        probe_prompt_share=args.probe_chat_share, probe_prefix_lens=args.probe_header_lens,
+                        **probe_fields(args))
     if args.steps:
         train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))
     if args.row_len:
@@ -209,7 +250,7 @@ def main(argv=None) -> dict:
     settings = {"data": str(data), "device": device, "dtype": str(dtype), "qat": True, "quant_emulation": True,
                 "config": "builtin_config(2)", "documents": len(docs), "chat_documents": sum(kinds),
                 "packs": len(packs), "budget_minutes": args.minutes, "args": vars(args),
-                "probe_chat_prompts": len(prompts or [])}
+                "probe_prompts": {n: len(g) for n, g in trainer.probe_prompts.items()}}
     if args.row_len:
         rows = [r for p in packs for r in p]
         settings["rows"] = len(rows)

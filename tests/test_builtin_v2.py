@@ -157,6 +157,32 @@ def test_chat_prompts_are_the_requests_of_the_given_length_through_the_marker():
     assert train_builtin_gpu.chat_prompts(docs, [1, 1, 0], 5, end) == []
 
 
+def test_header_prompts_are_the_answers_first_def_lines_encoded_as_a_user_prompt():
+    from tokenizers import Tokenizer
+
+    from dsv4.tokenizer import encode_prompt
+    from dsv4.train.data import Document
+
+    tok = Tokenizer.from_file(str(Path(__file__).resolve().parents[1] / "dsv4/builtin_model/tokenizer.json"))
+    end = tok.token_to_id("</think>")
+
+    def chat(answer):
+        ids = [0, *tok.encode("Write it.", add_special_tokens=False).ids, end,
+               *tok.encode(answer, add_special_tokens=False).ids]
+        return Document(ids, [True] * len(ids))
+
+    docs = [chat("```python\n@classmethod\ndef from_float(cls, f):\n    return f\n```"),
+            chat("```python\ndef add(a,\n        b):\n    return a\n\ndef sub(a, b):\n    return a\n```"),
+            chat("```python\ndef from_float(cls, f):\n    pass\n```"),                  # the same header again
+            Document(encode_prompt(tok, "def code(x):", 0), [True] * 6)]               # kind 0: not a chat answer
+    head = encode_prompt(tok, "def from_float(cls, f):", 0)
+    sub = encode_prompt(tok, "def sub(a, b):", 0)                # add's header spans two lines: its next one-liner
+    assert len(head) != len(sub)                                 # so a length picks one of them
+    assert train_builtin_gpu.header_prompts(docs, [1, 1, 1, 0], tok, (len(head), len(sub)), end, 0) == [head, sub]
+    assert train_builtin_gpu.header_prompts(docs, [1, 1, 1, 0], tok, (len(sub),), end, 0) == [sub]
+    assert train_builtin_gpu.header_prompts(docs, [0, 0, 0, 0], tok, (len(head),), end, 0) == []
+
+
 def test_sized_steps_fills_the_budget():
     # 10 steps done in 20 s at 2 s a step; 100 s left buys 47 more with the 5% margin.
     assert train_builtin_gpu.sized_steps(10, 20.0, [2.0, 2.0, 2.1], 120.0) == 57

@@ -196,3 +196,32 @@ def test_the_trainer_probes_its_prompts_beside_the_rows(tiny_ckpt, tmp_path, mon
         with pytest.raises(ValueError, match=match):
             Trainer(m, PackStream(packs, 1, 0), TrainConfig(**{**cfg.__dict__, "probe_prompt_share": share}),
                     tmp_path, progress=False, probe_prompts=prompts_)
+
+
+def test_the_probes_cycle_through_their_prefix_lengths_each_with_its_own_prompts(tiny_ckpt, tmp_path, monkeypatch):
+    import dsv4.train.loop as loop
+
+    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False), qat=True)
+    packs = row_packs(_docs(random.Random(5), 12, 30), 32, 2)
+    seen = []
+
+    def capture(step_module, prefixes, n):
+        seen.append(prefixes.tolist())
+        return loop_greedy(step_module, prefixes, n)
+
+    loop_greedy = loop.greedy_continue
+    monkeypatch.setattr(loop, "greedy_continue", capture)
+    long_ = [[BOS, 40 + i, 41, 42, 43, 44] for i in range(3)]             # e.g. chat requests
+    short = [[BOS, 50 + i, 51, 52] for i in range(2)]                      # e.g. function headers
+    cfg = TrainConfig(max_steps=3, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
+                      bias_update_rate=1e-3, rows=True, greedy_probe_every=1, probe_prefixes=2, probe_prefix_len=6,
+                      probe_tokens=4, seq_unlikelihood=1.0, probe_prompt_share=0.5, probe_prefix_lens=(4,))
+    trainer = Trainer(m, PackStream(packs, 1, 0), cfg, tmp_path, progress=False, probe_prompts=long_ + short)
+    for _ in range(3):
+        assert "greedy_distinct4" in trainer.train_step()
+    assert [len(p[0]) for p in seen] == [6, 4, 6]                          # lengths in turn
+    assert [p[1] for p in seen] == [long_[0], short[0], long_[1]]          # each length's next prompt
+    assert seen[1][0] in [r.ids[:4] for q in packs for r in q]              # the rows' starts, cut to 4
+    for prompts, match in ((long_, "needs prompts"), (long_ + short + [[BOS, 1]], "one of \\[6, 4\\]; got lengths \\[2\\]")):
+        with pytest.raises(ValueError, match=match):
+            Trainer(m, PackStream(packs, 1, 0), cfg, tmp_path, progress=False, probe_prompts=prompts)

@@ -81,6 +81,10 @@ class TrainConfig:
     # the share of the probe's prefixes taken from the Trainer's `probe_prompts` instead of the pack (e.g. chat
     # requests through the assistant marker: the greedy tokens are then replies, and seq-UL sees their loops)
     probe_prompt_share: float = 0.0
+    # further prefix lengths: probe k uses (probe_prefix_len, *probe_prefix_lens)[k % n] for the pack's starts and
+    # takes the prompts of that length (e.g. chat requests at 32 tokens, function headers at 9 and 11: a probe is
+    # one [P, length] batch, so each length gets its own probes)
+    probe_prefix_lens: tuple[int, ...] = ()
 
 
 @dataclass
@@ -120,10 +124,29 @@ def _check_probe(cfg: TrainConfig) -> None:
     if cfg.compile:
         raise ValueError("the greedy probe runs sequences of every length up to prefix + tokens: with compiled "
                          "blocks each would compile a graph; train eager")
-    if cfg.probe_prefixes < 1 or cfg.probe_prefix_len < 1 or cfg.probe_tokens < 4:
+    if cfg.probe_prefixes < 1 or min(probe_lengths(cfg)) < 1 or cfg.probe_tokens < 4:
         raise ValueError("the greedy probe needs >= 1 prefix of >= 1 token and >= 4 new tokens (one 4-gram)")
     if not 0 <= cfg.probe_prompt_share <= 1:
         raise ValueError(f"probe_prompt_share must be in [0, 1], got {cfg.probe_prompt_share}")
+
+
+def probe_lengths(cfg: TrainConfig) -> tuple[int, ...]:
+    """The probes' prefix lengths, in the order the probes cycle through them."""
+    return (cfg.probe_prefix_len, *cfg.probe_prefix_lens)
+
+
+def prompts_by_length(prompts: list[list[int]], lengths: tuple[int, ...], share: float, count: int) -> dict:
+    """{length: the prompts of that length} for the probes' lengths. With share > 0 (checked before any training)
+    every prompt needs a probe of its length and every length needs prompts."""
+    groups = {n: [q for q in prompts if len(q) == n] for n in lengths}
+    if share:
+        stray = sorted({len(q) for q in prompts} - set(lengths))
+        if stray:
+            want = lengths[0] if len(lengths) == 1 else f"one of {list(lengths)}"
+            raise ValueError(f"probe prompts must have the prefix length {want}; got lengths {stray}")
+        for n in lengths:                                   # raises where a length has no prompts
+            mix_prompts([[0] * n] * count, groups[n], share, 0)
+    return groups
 
 
 class Trainer:
@@ -139,10 +162,9 @@ class Trainer:
             raise ValueError("compile needs pad_to_seq_len (one padded sequence per pack): steps of other shapes "
                              "would compile again")
         self.model, self.stream, self.cfg, self.ctx = model, stream, cfg, ctx
-        self.probe_prompts = list(probe_prompts or [])
-        if cfg.greedy_probe_every and cfg.probe_prompt_share:      # the mix's checks, before any training
-            mix_prompts([[0] * cfg.probe_prefix_len] * cfg.probe_prefixes, self.probe_prompts,
-                        cfg.probe_prompt_share, 0)
+        self.probe_prompts = prompts_by_length(list(probe_prompts or []), probe_lengths(cfg),
+                                               cfg.probe_prompt_share if cfg.greedy_probe_every else 0.0,
+                                               cfg.probe_prefixes)
         self.out, self.progress = Path(out_dir), progress and ctx.main
         self.device = next(model.parameters()).device
         if cfg.expert_parallel:
@@ -230,15 +252,18 @@ class Trainer:
         their training forward move the gate biases. -> [3] fp64 (repeated continuation 4-grams, distinct ones,
         summed unlikelihood before ALPHA)."""
         cfg, bos = self.cfg, self.model.cfg.bos_token_id
-        P, first, L = cfg.probe_prefixes, cfg.probe_prefix_len, cfg.probe_tokens
+        # probe k (this step's) uses the k-th length of the cycle and is the round-th probe of that length
+        lengths = probe_lengths(cfg)
+        round_, which = divmod(self.step // max(cfg.greedy_probe_every, 1), len(lengths))
+        P, first, L = cfg.probe_prefixes, lengths[which], cfg.probe_tokens
         self.counter.enabled = False
         with preserved_rng_and_modes(self.model):
             # rows: the rows' own starts (documents at position 0, as prompts are); else windows of the pack
             starts = row_prefixes(pack, P, first, bos) if cfg.rows else probe_prefixes(pack, P, first, bos)
             # each probe takes the next prompts of the list (ranks apart), so a run cycles through all of them
             k = round(cfg.probe_prompt_share * P)
-            starts = mix_prompts(starts, self.probe_prompts, cfg.probe_prompt_share,
-                                 (self.step // max(cfg.greedy_probe_every, 1) * self.ctx.world + self.ctx.rank) * k)
+            starts = mix_prompts(starts, self.probe_prompts[first], cfg.probe_prompt_share,
+                                 (round_ * self.ctx.world + self.ctx.rank) * k)
             prefixes = to_device(torch.tensor(starts), self.device)
             ids = greedy_continue(self.step_module, prefixes, L)
             repeats = repeat_mask(ids)
