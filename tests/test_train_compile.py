@@ -149,11 +149,15 @@ def test_compiled_step_matches_eager(compiled_trainer):
         eager_ckpt = loss_and_grads(model, pb, grad_ckpt=True)
     finally:
         compile_blocks(model, "aot_eager")
-    loose = _unreproducible(eager, again)
-    assert loose <= {"layers.0.attn.compressor.ape", "layers.0.attn.indexer.compressor.ape",
-                     "layers.1.attn.compressor.ape"}
-    assert_same(eager, compiled, loose)
-    assert_same(eager_ckpt, compiled_ckpt, loose)      # the compiled blocks under activation checkpointing
+    # The compressors' ape gradients are sums whose order follows the CPU threads: two eager runs may agree by
+    # chance while the compiled one summed in another order (seen twice in a row with the training tests run
+    # together: 6e-8 absolute), so those names are compared at fp32 tolerance whether or not this pair of eager
+    # runs happened to differ.
+    unordered = {"layers.0.attn.compressor.ape", "layers.0.attn.indexer.compressor.ape",
+                 "layers.1.attn.compressor.ape"}
+    assert _unreproducible(eager, again) <= unordered
+    assert_same(eager, compiled, unordered)
+    assert_same(eager_ckpt, compiled_ckpt, unordered)      # the compiled blocks under activation checkpointing
 
 
 class GraphRecorder:

@@ -222,6 +222,7 @@ def test_the_probes_cycle_through_their_prefix_lengths_each_with_its_own_prompts
     assert [len(p[0]) for p in seen] == [6, 4, 6]                          # lengths in turn
     assert [p[1] for p in seen] == [long_[0], short[0], long_[1]]          # each length's next prompt
     assert seen[1][0] in [r.ids[:4] for q in packs for r in q]              # the rows' starts, cut to 4
-    for prompts, match in ((long_, "needs prompts"), (long_ + short + [[BOS, 1]], "one of \\[6, 4\\]; got lengths \\[2\\]")):
+    stray = (long_ + short + [[BOS, 1]], "one of \\[6, 4\\]; got lengths \\[2\\]")
+    for prompts, match in ((long_, "needs prompts"), stray):
         with pytest.raises(ValueError, match=match):
             Trainer(m, PackStream(packs, 1, 0), cfg, tmp_path, progress=False, probe_prompts=prompts)
