@@ -109,3 +109,6 @@ def test_deep_figures_time_the_head_on_hc_streams(tiny_cfg, monkeypatch):
     assert shapes == [(1, 1, tiny_cfg.vocab_size), (1, 2, tiny_cfg.vocab_size)]
     assert res["deep_per_layer_decode_ms"][1] == pytest.approx((3e-3 - 1e-3) / tiny_cfg.n_layers * 1e3)
     assert res["deep_longest_context"] > 0 and "projected_full_flash_tp2_tpot_bs1_ms" in res
+    # the longest context is the smaller of what memory holds and the model's YaRN-stretched limit
+    assert res["deep_model_max_context"] == tiny_cfg.original_seq_len * tiny_cfg.rope_factor
+    assert res["deep_longest_context"] == min(res["deep_context_capacity_tokens"], res["deep_model_max_context"])

@@ -171,10 +171,15 @@ def _deep(model, cfg, opts: BenchOptions, res: dict) -> None:
     per_token = per_token / page
     free, _ = torch.cuda.mem_get_info(dev)
     reserve = 8 * 2**30                                       # activations of an 8k prefill chunk and the allocator
+    capacity = int((free - reserve) // per_token) if free > reserve else 0     # tokens of decode state that fit
+    model_max = int(cfg.original_seq_len * cfg.rope_factor)
     res.update(deep_layers=cfg.n_layers, deep_per_layer_decode_ms=per_layer, deep_head_ms={b: h * 1e3 for b, h in
                head.items()}, deep_peak_mem_gib=torch.cuda.max_memory_allocated(dev) / 2**30,
                deep_cache_bytes_per_token=per_token,
-               deep_longest_context=int((free - reserve) // per_token) if free > reserve else 0,
+               deep_context_capacity_tokens=capacity,
+               # the model's own limit: YaRN stretches the original context by rope_factor (Flash: 64k x 16 = 1M)
+               deep_model_max_context=model_max,
+               deep_longest_context=min(capacity, model_max),
                deep_prefill_ok={n: "median_s" in t for n, t in res["dsv4"]["prefill"].items()})
     if 1 in per_layer:
         tpot = FULL_FLASH_LAYERS * (per_layer[1] / 2 + 2 * ALL_REDUCE_S * 1e3) + head[1] * 1e3 / 2
@@ -186,7 +191,7 @@ def _deep(model, cfg, opts: BenchOptions, res: dict) -> None:
             f"NVLink all-reduce of one token's hidden state; not measured: no multi-GPU machine) + the head split "
             f"over 2 ranks; MTP not run; context {opts.context}")
     _say(opts, f"deep ({cfg.n_layers} layers): per-layer decode ms {per_layer}, peak {res['deep_peak_mem_gib']:.1f} "
-               f"GiB, longest context ~{res['deep_longest_context']} tokens, projected full Flash TP=2 bs1 TPOT "
+               f"GiB, longest context ~{res['deep_longest_context']} tokens (memory holds {capacity}), projected full Flash TP=2 bs1 TPOT "
                f"{res.get('projected_full_flash_tp2_tpot_bs1_ms', float('nan')):.2f} ms")
 
 
