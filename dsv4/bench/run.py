@@ -191,8 +191,8 @@ def _deep(model, cfg, opts: BenchOptions, res: dict) -> None:
             f"NVLink all-reduce of one token's hidden state; not measured: no multi-GPU machine) + the head split "
             f"over 2 ranks; MTP not run; context {opts.context}")
     _say(opts, f"deep ({cfg.n_layers} layers): per-layer decode ms {per_layer}, peak {res['deep_peak_mem_gib']:.1f} "
-               f"GiB, longest context ~{res['deep_longest_context']} tokens (memory holds {capacity}), projected full Flash TP=2 bs1 TPOT "
-               f"{res.get('projected_full_flash_tp2_tpot_bs1_ms', float('nan')):.2f} ms")
+               f"GiB, longest context ~{res['deep_longest_context']} tokens (memory holds {capacity}), projected full "
+               f"Flash TP=2 bs1 TPOT {res.get('projected_full_flash_tp2_tpot_bs1_ms', float('nan')):.2f} ms")
 
 
 def _profile(model, opts: BenchOptions) -> dict:
