@@ -226,3 +226,31 @@ def test_the_probes_cycle_through_their_prefix_lengths_each_with_its_own_prompts
     for prompts, match in ((long_, "needs prompts"), stray):
         with pytest.raises(ValueError, match=match):
             Trainer(m, PackStream(packs, 1, 0), cfg, tmp_path, progress=False, probe_prompts=prompts)
+
+
+def test_the_cached_greedy_probe_makes_the_full_forwards_tokens(tiny_ckpt, tmp_path):
+    """greedy_continue_cached (one prefill into decode state, then a token per sequence a step) == greedy_continue
+    (a full forward per token), past a window (16), compressed blocks of 4 and the first HCA block of 128; and a
+    trainer step with probe_cache records what the plain probe records."""
+    from dsv4.train.greedy_probe import greedy_continue, greedy_continue_cached
+    from dsv4.train.params import refresh_qat
+
+    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False), qat=True)
+    refresh_qat(m)                              # as the trainer's step does before its probe (else ~4x slower)
+    gen = torch.Generator().manual_seed(7)
+    prefixes = torch.randint(2, m.cfg.vocab_size, (1, 8), generator=gen)
+    prefixes[:, 0] = BOS
+    step = TrainStep(m, grad_ckpt=False)
+    cached = greedy_continue_cached(step, prefixes, 122)
+    assert torch.equal(cached, greedy_continue(step, prefixes, 122)) and cached.shape == (1, 130)
+    packs = row_packs(_docs(random.Random(6), 12, 30), 32, 2)
+    records = []
+    for cache in (False, True):
+        model = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False),
+                             qat=True)
+        cfg = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
+                          bias_update_rate=1e-3, rows=True, greedy_probe_every=1, probe_prefixes=2,
+                          probe_prefix_len=6, probe_tokens=8, seq_unlikelihood=1.0, probe_cache=cache)
+        records.append(Trainer(model, PackStream(packs, 1, 0), cfg, tmp_path / str(cache), progress=False).train_step())
+    for key in ("loss", "greedy_seq_rep4", "greedy_distinct4", "seq_ul"):
+        assert records[0][key] == records[1][key], key

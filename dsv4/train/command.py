@@ -36,11 +36,15 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-unlikelihood", type=float, default=0.0, metavar="ALPHA",
                    help="on probe steps, add ALPHA x the unlikelihood of the continuation tokens that complete an "
                         "earlier 4-gram, per continuation position (default 0 = off; needs --greedy-probe-every)")
+    p.add_argument("--probe-cache", action="store_true",
+                   help="generate the probe's tokens through decode state (one prefill, then one token per sequence "
+                        "a step, as the engine does) instead of a full forward per token; same tokens in the tests")
 
 
 def probe_fields(args) -> dict:
     return {k: getattr(args, k) for k in ("unlikelihood", "copy_ngram", "copy_window", "greedy_probe_every",
-                                          "probe_prefixes", "probe_prefix_len", "probe_tokens", "seq_unlikelihood")}
+                                          "probe_prefixes", "probe_prefix_len", "probe_tokens", "seq_unlikelihood",
+                                          "probe_cache")}
 
 
 def add_parsers(sub, positive, dtypes: dict) -> None:

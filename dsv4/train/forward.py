@@ -219,13 +219,21 @@ class TrainStep(nn.Module):
         self.model, self.grad_ckpt, self.mtp_weight = model, grad_ckpt, mtp_weight
         self.unlikelihood, self.copy_ngram, self.copy_window = unlikelihood, copy_ngram, copy_window
 
-    def forward(self, pb: PackedBatch, task: str = "loss", repeats: torch.Tensor | None = None, first: int = 0):
+    def forward(self, pb: PackedBatch, task: str = "loss", repeats: torch.Tensor | None = None, first: int = 0,
+                state: ModelState | None = None):
         """task "loss": the training losses above. The greedy probe's (train/greedy_probe.py), through this same
         `__call__` so that FSDP gathers the weights: "greedy": the argmax token [P] after each of the batch's P
-        sequences; "seq_ul": the summed sequence-level unlikelihood of the tokens at positions >= first that
-        `repeats` [P, S] marks (the batch holds P sequences of S tokens)."""
+        sequences; "greedy_step": the same for one engine step (`Transformer.step`: a prefill `StepBatch` or a
+        `DecodeBatch` of one token per sequence) that reads and advances `state`; "seq_ul": the summed
+        sequence-level unlikelihood of the tokens at positions >= first that `repeats` [P, S] marks (the batch
+        holds P sequences of S tokens)."""
         if task == "greedy":
             return self._greedy_next(pb)
+        if task == "greedy_step":
+            h = self.model.step(pb.input_ids, pb.batch, state)
+            if isinstance(pb.batch, StepBatch):
+                h = h[:, to_device(torch.tensor([s.offset + s.length - 1 for s in pb.batch.seqs]), h.device)]
+            return self.model.main_logits(h, check_finite=False)[0].argmax(-1)                # [P]
         if task == "seq_ul":
             return self._seq_ul(pb, repeats, first)
         h = hidden(self.model, pb, self.grad_ckpt)

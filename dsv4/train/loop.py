@@ -26,6 +26,7 @@ from dsv4.train.dist import DistContext, shard
 from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch, rows_batch
 from dsv4.train.greedy_probe import (
     greedy_continue,
+    greedy_continue_cached,
     mix_prompts,
     preserved_rng_and_modes,
     probe_prefixes,
@@ -85,6 +86,8 @@ class TrainConfig:
     # takes the prompts of that length (e.g. chat requests at 32 tokens, function headers at 9 and 11: a probe is
     # one [P, length] batch, so each length gets its own probes)
     probe_prefix_lens: tuple[int, ...] = ()
+    # generate the probe's tokens through decode state (greedy_continue_cached) instead of a full forward each
+    probe_cache: bool = False
 
 
 @dataclass
@@ -265,7 +268,7 @@ class Trainer:
             starts = mix_prompts(starts, self.probe_prompts[first], cfg.probe_prompt_share,
                                  (round_ * self.ctx.world + self.ctx.rank) * k)
             prefixes = to_device(torch.tensor(starts), self.device)
-            ids = greedy_continue(self.step_module, prefixes, L)
+            ids = (greedy_continue_cached if cfg.probe_cache else greedy_continue)(self.step_module, prefixes, L)
             repeats = repeat_mask(ids)
             ul = torch.zeros((), dtype=torch.float64, device=self.device)
             if cfg.seq_unlikelihood:
