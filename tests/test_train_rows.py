@@ -226,6 +226,9 @@ def test_the_probes_cycle_through_their_prefix_lengths_each_with_its_own_prompts
     for prompts, match in ((long_, "needs prompts"), stray):
         with pytest.raises(ValueError, match=match):
             Trainer(m, PackStream(packs, 1, 0), cfg, tmp_path, progress=False, probe_prompts=prompts)
+    with pytest.raises(ValueError, match="must differ"):
+        Trainer(m, PackStream(packs, 1, 0), TrainConfig(**{**cfg.__dict__, "probe_prefix_lens": (4, 6)}), tmp_path,
+                progress=False, probe_prompts=long_ + short)
 
 
 def test_the_cached_greedy_probe_makes_the_full_forwards_tokens(tiny_ckpt, tmp_path):

@@ -131,6 +131,9 @@ def _check_probe(cfg: TrainConfig) -> None:
         raise ValueError("the greedy probe needs >= 1 prefix of >= 1 token and >= 4 new tokens (one 4-gram)")
     if not 0 <= cfg.probe_prompt_share <= 1:
         raise ValueError(f"probe_prompt_share must be in [0, 1], got {cfg.probe_prompt_share}")
+    if len(set(probe_lengths(cfg))) != len(probe_lengths(cfg)):
+        raise ValueError(f"the probes' prefix lengths must differ (each has its own prompts and turn), got "
+                         f"{list(probe_lengths(cfg))}")
 
 
 def probe_lengths(cfg: TrainConfig) -> tuple[int, ...]:
