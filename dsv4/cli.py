@@ -147,6 +147,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--compile-decode", action="store_true",
                    help="CUDA: torch.compile the captured decode steps (faster decode, e.g. 1.45x at batch 1 on the "
                         "Flash-width bench; costs ~35 s of compiling per batch-size bucket at start)")
+    p.add_argument("--compile-scope", choices=["step", "block"], default="step",
+                   help="with --compile-decode: compile the whole step as one graph (default), or each block kind "
+                        "once (much faster start on deep models; fusion stops at block boundaries)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=cmd_serve)
@@ -236,6 +239,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers side")
     p.add_argument("--no-compile", action="store_true",
                    help="capture the decode step without torch.compile (faster start, ~2x slower steps)")
+    p.add_argument("--compile-scope", choices=["step", "block"], default="step",
+                   help="compile the decode step as one graph (default) or each block kind once (far less compile "
+                        "time at --layers 20 and beyond)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler tables of decode and prefill")
     p.add_argument("--timing-only", action="store_true",
                    help="only the timings (no greedy agreement, per-op effects or op errors): for quick A/B runs, "
@@ -249,7 +255,8 @@ def cmd_bench(args) -> int:
 
     run(BenchOptions(layers=args.layers, context=args.context, decode_batches=args.decode_batches,
                      decode_steps=args.decode_steps, prefill=args.prefill, hf_prefill=args.hf_prefill,
-                     transformers=not args.no_transformers, compile=not args.no_compile, profile=args.profile,
+                     transformers=not args.no_transformers, compile=not args.no_compile,
+                     compile_scope=args.compile_scope, profile=args.profile,
                      timing_only=args.timing_only, out=args.out))
     return 0
 
@@ -396,7 +403,7 @@ def cmd_serve(args) -> int:
         llm = off_main_thread(lambda: _llm(
             args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             page_size=args.page_size, num_pages=args.num_pages, memory_fraction=args.memory_fraction,
-            cpu_cache_gib=args.cpu_cache_gib, compile_decode=args.compile_decode))
+            cpu_cache_gib=args.cpu_cache_gib, compile_decode=args.compile_decode, compile_scope=args.compile_scope))
     except ValueError as e:              # EngineConfig's checks (page size ...)
         raise UsageError(str(e)) from None
     from dsv4.serve.auth import ENV_VAR, warn_if_exposed

@@ -72,12 +72,12 @@ def has_def(text: str) -> bool:
     return re.search(r"\bdef\s+\w+\s*\(", text) is not None
 
 
-def code_eval(llm, sp) -> dict:
+def code_eval(llm, sp, prompts: tuple[str, ...] = CODE_PROMPTS) -> dict:
     greedy = sp(temperature=0, max_tokens=CODE_TOKENS, ignore_eos=True)
-    outs = llm.generate(list(CODE_PROMPTS), greedy)
+    outs = llm.generate(list(prompts), greedy)
     ratios = [distinct_4gram_ratio(o.token_ids) for o in outs]
     samples = [{"prompt": p, "text": o.text, "token_ids": o.token_ids, "distinct4": r}
-               for p, o, r in zip(CODE_PROMPTS, outs, ratios, strict=True)]
+               for p, o, r in zip(prompts, outs, ratios, strict=True)]
     mean, low = sum(ratios) / len(ratios), min(ratios)
     return {"n": len(ratios), "tokens": CODE_TOKENS, "distinct4_mean": mean, "distinct4_min": low,
             "pass": mean >= 0.6 and low >= 0.3, "samples": samples}

@@ -23,7 +23,7 @@ from dsv4.model.state import ModelState, StepBatch
 PAGE, PAGES = 128, 2
 
 
-def _decode(model, device, compile, steps=6, forced=None):
+def _decode(model, device, compile, steps=6, forced=None, scope="step"):
     """Logits [steps, 2, V] of greedy decode steps of two sequences (tokens taken from `forced` when given)."""
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 500, (n,), generator=gen) for n in (40, 133)]
@@ -32,7 +32,8 @@ def _decode(model, device, compile, steps=6, forced=None):
     with torch.inference_mode():
         for i, ids in enumerate(prompts):
             model.step(ids.view(1, -1).to(device), StepBatch.build([(i, 0, len(ids), pages[i])], device), state)
-    graphs = DecodeGraphs(model, state, 2, PAGES, capture=device == "cuda", sizes=[2], compile=compile)
+    graphs = DecodeGraphs(model, state, 2, PAGES, capture=device == "cuda", sizes=[2], compile=compile,
+                          compile_scope=scope)
     tokens, out = torch.tensor([5, 9], device=device), []
     for step in range(steps):
         logits = graphs.run(tokens, [(i, len(p) + step, pages[i]) for i, p in enumerate(prompts)]).clone()
@@ -60,15 +61,45 @@ def test_traced_step_is_one_graph_and_bit_identical(three_layer_ckpt):
     assert torch.equal(got, want)
 
 
+def test_blockwise_compile_shares_a_graph_per_block_kind_and_is_bit_identical(tmp_path):
+    """compile_scope="block": each block through one compiled function, so layers of the same kind (here the HCA
+    layers 2 and 4, both top-k routed, of ratios 0, 4, 128, 4, 128) reuse one graph, the weights being graph inputs;
+    the logits equal the uncompiled step's bit for bit."""
+    from dsv4.checkpoint import synthesize
+    from dsv4.config import tiny_config
+
+    cfg = tiny_config(n_layers=5, compress_ratios=(0, 4, 128, 4, 128, 0))
+    torch._dynamo.reset()
+    model = dsv4.load_model(synthesize(cfg, tmp_path, seed=1234, progress=False), dtype=torch.bfloat16,
+                            quant_emulation=True, progress=False)
+    graphs = []
+
+    def counting(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    want = _decode(model, "cpu", False, steps=3)
+    got = _decode(model, "cpu", counting, steps=3, scope="block")
+    assert torch.equal(got, want)
+    assert len(graphs) == 4, len(graphs)               # five layers, four kinds
+    with pytest.raises(ValueError, match="compile_scope"):
+        DecodeGraphs(model, ModelState(model.cfg, 2, 2, PAGE, model.dtype, "cpu"), 1, 1, compile_scope="layer")
+    from dsv4.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="compile_scope must be 'step' or 'block'"):
+        EngineConfig(compile_scope="layer")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("scope", ["step", "block"])
 @pytest.mark.parametrize("emulation", [False, True], ids=["emulation-off", "emulation-on"])
-def test_inductor_step_matches_the_uncompiled_graph(tiny_ckpt, emulation):
+def test_inductor_step_matches_the_uncompiled_graph(tiny_ckpt, emulation, scope):
     torch._dynamo.reset()
     model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.float32, quant_emulation=emulation,
                             progress=False)
     want = _decode(model, "cuda", False, steps=12)
-    got = _decode(model, "cuda", True, steps=12, forced=want)
+    got = _decode(model, "cuda", True, steps=12, forced=want, scope=scope)
     cos = torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=-1).flatten()
-    print(f"emulation={emulation}: row cosine min {cos.min().item():.8f}")
+    print(f"emulation={emulation}, scope={scope}: row cosine min {cos.min().item():.8f}")
     assert cos.min().item() >= 0.99999, cos
     assert torch.equal(got.argmax(-1), want.argmax(-1))

@@ -36,6 +36,7 @@ class BenchOptions:
     hf_prefill: tuple[int, ...] = (1024,)
     transformers: bool = True
     compile: bool = True             # torch.compile the captured decode step (inductor fusion)
+    compile_scope: str = "step"      # "step" (one graph) or "block" (a graph per block kind: engine/graphs.py)
     agreement_steps: int = 64
     seed: int = 0
     profile: bool = False
@@ -61,7 +62,7 @@ def run(opts: BenchOptions) -> dict:
     cfg = ModelConfig.preset("flash").truncated(opts.layers)
     res: dict = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "layers": opts.layers,
                  "compress_ratios": list(cfg.compress_ratios[: cfg.n_layers]), "context": opts.context,
-                 "fast_ops": ops.fast_ops_status(), "compile": opts.compile,
+                 "fast_ops": ops.fast_ops_status(), "compile": opts.compile, "compile_scope": opts.compile_scope,
                  "env": {k: os.environ[k] for k in ("DSV4_FAST_OPS", "DSV4_FP4_PACKED") if k in os.environ}}
     bw = floor.copy_bandwidth(dev)
     res["copy_bandwidth_TBps"] = bw / 1e12
@@ -122,7 +123,7 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
     for b in opts.decode_batches:
         t0 = time.time()
         dec = Dsv4Decoder(model, b, opts.context, opts.decode_steps + 2, seed=opts.seed, graphs=True,
-                          compile=opts.compile)
+                          compile=opts.compile, compile_scope=opts.compile_scope)
         _say(opts, f"dsv4 decode bs{b}: prefill + capture{' + compile' if opts.compile else ''} "
                    f"{time.time() - t0:.0f} s")
         t = summary(cuda_time(dec.step, opts.decode_steps))
@@ -200,7 +201,8 @@ def _profile(model, opts: BenchOptions) -> dict:
     compiled when the bench compiles, run without graph capture so its kernels show) and one 1k prefill."""
     from torch.profiler import ProfilerActivity, profile
 
-    dec = Dsv4Decoder(model, 1, opts.context, 8, seed=opts.seed, graphs=True, capture=False, compile=opts.compile)
+    dec = Dsv4Decoder(model, 1, opts.context, 8, seed=opts.seed, graphs=True, capture=False, compile=opts.compile,
+                      compile_scope=opts.compile_scope)
     prefill = dsv4_prefill(model, 1024, opts.prefill_chunk, opts.seed)
     dec.step()
     prefill()
@@ -255,7 +257,7 @@ def _agreement(model, opts: BenchOptions, prompt: torch.Tensor | None = None) ->
     model is the floor of the measure (random weights have tiny top-1 margins)."""
     context = opts.context if prompt is None else prompt.shape[1]
     fast = Dsv4Decoder(model, 1, context, opts.agreement_steps + 1, seed=opts.seed + 1, graphs=True,
-                       compile=opts.compile, prompt=prompt)
+                       compile=opts.compile, compile_scope=opts.compile_scope, prompt=prompt)
     fast_logits = _greedy(fast, opts.agreement_steps)
     del fast
     with ops.reference_only():

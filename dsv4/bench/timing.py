@@ -57,7 +57,7 @@ class Dsv4Decoder:
     """`batch` sequences prefilled to `context` tokens (in chunks), then greedy decode steps through `model.step`."""
 
     def __init__(self, model, batch: int, context: int, max_steps: int, chunk: int = 4096, seed: int = 0,
-                 graphs: bool = False, compile: bool = False, capture: bool = True,
+                 graphs: bool = False, compile: bool = False, capture: bool = True, compile_scope: str = "step",
                  prompt: torch.Tensor | None = None):
         cfg, dev = model.cfg, next(model.parameters()).device
         self.model, self.batch, self.pos, self.dev = model, batch, context, dev
@@ -85,7 +85,7 @@ class Dsv4Decoder:
             from dsv4.engine.graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, self.state, batch, per_seq, sizes=[batch], compile=compile,
-                                       capture=capture)
+                                       capture=capture, compile_scope=compile_scope)
         del h
 
     def step(self) -> torch.Tensor:

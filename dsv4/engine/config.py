@@ -26,6 +26,8 @@ class EngineConfig:
     cuda_graphs: bool = True            # CUDA: decode steps replay captured graphs (one per batch-size bucket)
     compile_decode: bool = False        # CUDA: torch.compile each captured decode step first (bench/NOTES.md: bs1
                                         # 3.9 -> 2.7 ms on the Flash-width bench; ~35 s of compiling per bucket)
+    compile_scope: str = "step"         # "step": the whole decode step one graph; "block": one graph per block
+                                        # kind (engine/graphs.py `compiled_blocks`: far less compiling at depth)
     decode_batch: bool = False          # CPU: run decode steps through the fixed-shape path too (tests)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (docs/parallel.md); the engine runs on rank 0
     num_speculative_tokens: int = 0     # drafts per decode step from the MTP block (engine/speculative.py); 0 = off
@@ -43,6 +45,7 @@ class EngineConfig:
                   (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
                   (self.max_prefix_snapshots >= 0, "max_prefix_snapshots must be >= 0"),
                   (self.num_speculative_tokens >= 0, "num_speculative_tokens must be >= 0"),
+                  (self.compile_scope in ("step", "block"), "compile_scope must be 'step' or 'block'"),
                   # The MTP step is not sent to the follower ranks (dist/worker.py), whose collectives would hang.
                   (self.num_speculative_tokens == 0 or self.tensor_parallel_size == 1,
                    "num_speculative_tokens > 0 needs tensor_parallel_size 1 (for now)")]

@@ -64,7 +64,7 @@ class Engine:
 
             graphs = DecodeGraphs(model, self.state, econf.max_num_seqs,
                                   -(-self.max_model_len // econf.page_size), capture=capture,
-                                  compile=econf.compile_decode and capture,
+                                  compile=econf.compile_decode and capture, compile_scope=econf.compile_scope,
                                   tokens_per_seq=econf.num_speculative_tokens + 1,
                                   forward=verify_forward if spec else decode_logits)
         speculator = None

@@ -7,6 +7,8 @@ a scratch page, which the caller reserves in the `ModelState` (the last slot and
 With `compile=True` the step is first compiled by `torch.compile` (inductor; one graph, no breaks), which fuses
 the thousands of small element-wise kernels between the GEMMs and the fast ops (custom ops, opaque to it); the
 compiled step is what gets captured. Compilation happens per bucket at construction (warm-up), never in a replay.
+`compile_scope="block"` compiles each block instead (one graph per block kind and bucket, `compiled_blocks`): the
+whole-step graph grows with depth (v8: 157 s a bucket at 20 layers), the per-kind graphs do not.
 A `DecodeGraphs` of `tokens_per_seq=T > 1` steps T consecutive tokens per sequence (speculative verification of
 k = T - 1 drafts, `forward=verify_forward`): the graphs are then keyed by (bucket, T), T fixed per instance.
 NOTE: the finite-logits check runs after the replay (it synchronises, which a capture cannot).
@@ -18,6 +20,8 @@ import torch
 
 from dsv4.model.state import DecodeBatch, ModelState
 
+COMPILE_SCOPES = ("step", "block")
+
 
 def buckets_up_to(max_batch: int) -> list[int]:
     sizes, b = [], 1
@@ -27,17 +31,40 @@ def buckets_up_to(max_batch: int) -> list[int]:
     return [*sizes, max_batch]
 
 
-def decode_logits(model, tokens: torch.Tensor, batch: DecodeBatch, state: ModelState) -> torch.Tensor:
+def decode_logits(model, tokens: torch.Tensor, batch: DecodeBatch, state: ModelState, layer_fn=None) -> torch.Tensor:
     """The function a bucket runs: one decode step -> main-head fp32 logits [B*T, V]."""
-    h = model.step(tokens, batch, state)
+    h = model.step(tokens, batch, state, layer_fn)
     return model.logits(h, model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)[0]
 
 
-def verify_forward(model, tokens: torch.Tensor, batch: DecodeBatch, state: ModelState):
+def verify_forward(model, tokens: torch.Tensor, batch: DecodeBatch, state: ModelState, layer_fn=None):
     """Speculative verification (engine/speculative.py): (final hc streams [1, B*T, hc, D], the MTP block's input;
     main-head fp32 logits [B*T, V])."""
-    h = model.step(tokens, batch, state)
+    h = model.step(tokens, batch, state, layer_fn)
     return h, model.logits(h, model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)[0]
+
+
+def _call_block(layer, h, input_ids, batch, layer_state):
+    return layer(h, input_ids, batch, layer_state)
+
+
+# recompile_limit: every block shares one compiled function (one cache entry per block kind and bucket);
+# fail_on_recompile_limit_hit turns a silent fall-back to eager into an error.
+BLOCKS_DYNAMO_CONFIG = dict(recompile_limit=256, fail_on_recompile_limit_hit=True)
+
+
+def compiled_blocks(forward, backend: str = "inductor"):
+    """`forward` (decode_logits or verify_forward) with each block compiled on its own instead of the whole step:
+    one function for every block, so Dynamo keeps one graph per block KIND (attention ratio, hash or top-k routing)
+    and bucket, the weights being graph inputs: a Flash step of 43 layers compiles ~5 block graphs per bucket
+    instead of one graph of 43 blocks (v8: 157 s a bucket at 20 layers). What is lost: fusion across a block's
+    boundary and over the embedding and head (a few ops a step)."""
+    block = compiled(_call_block, backend)
+
+    def run(model, tokens, batch, state):
+        with torch._dynamo.config.patch(**BLOCKS_DYNAMO_CONFIG):
+            return forward(model, tokens, batch, state, block)
+    return run
 
 
 def compiled(fn, backend: str = "inductor"):
@@ -87,14 +114,20 @@ class DecodeGraphs:
 
     def __init__(self, model, state: ModelState, max_batch: int, max_pages: int, capture: bool = True,
                  sizes: list[int] | None = None, compile: bool | str = False, tokens_per_seq: int = 1,
-                 forward=decode_logits):
+                 forward=decode_logits, compile_scope: str = "step"):
+        """compile: False, True (inductor), a backend name or a Dynamo backend callable; compile_scope "step"
+        (the whole step one graph) or "block" (`compiled_blocks`: a graph per block kind, less to compile at
+        depth)."""
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be one of {COMPILE_SCOPES}, got {compile_scope!r}")
         self.model, self.state, self.max_pages, self.tokens_per_seq = model, state, max_pages, tokens_per_seq
         self.scratch = (state.slots - 1, state.pages - 1)
         capture = capture and state.device.type == "cuda"          # capture off (or CPU): same path, run eagerly
         pool = torch.cuda.graph_pool_handle() if capture else None
         if compile:
             model.prepare_fixed_shape_decode(state.device)
-            forward = compiled(forward, compile if isinstance(compile, str) else "inductor")
+            backend = "inductor" if compile is True else compile          # a name, or a Dynamo backend callable
+            forward = compiled(forward, backend) if compile_scope == "step" else compiled_blocks(forward, backend)
         # Largest first, so later (smaller) captures fit in the memory pool the first one reserved.
         order = sorted(sizes or buckets_up_to(max_batch), reverse=True)
         if compile:                      # ~35 s per bucket at Flash width: show it

@@ -77,15 +77,18 @@ class Transformer(nn.Module):
         state, batch = fresh_state(self.cfg, b, s, self.dtype, input_ids.device)
         return self.step(input_ids.reshape(1, -1), batch, state).view(b, s, self.cfg.hc_mult, self.cfg.dim)
 
-    def step(self, input_ids: torch.Tensor, batch: StepBatch, state: ModelState) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, batch: StepBatch, state: ModelState, layer_fn=None) -> torch.Tensor:
         """One engine step: input_ids [1, T] of a flattened batch (prefill chunks and decode tokens of many
-        sequences) -> final hc streams [1, T, hc, D]; reads and advances every sequence's decode state."""
+        sequences) -> final hc streams [1, T, hc, D]; reads and advances every sequence's decode state.
+        `layer_fn(layer, h, input_ids, batch, layer_state)`, if given, runs each block in place of calling it (the
+        decode graphs pass a compiled one: engine/graphs.py `compiled_blocks`)."""
         tap_scope("")
         embedded = self.embed(input_ids)
         tap("embed", embedded)
         h = embedded.unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)
         for layer, layer_state in zip(self.layers, state.layers, strict=True):
-            h = layer(h, input_ids, batch, layer_state)
+            h = layer(h, input_ids, batch, layer_state) if layer_fn is None else layer_fn(layer, h, input_ids, batch,
+                                                                                         layer_state)
             tap("block.out", h)
         tap_scope("")
         return h

@@ -1,6 +1,10 @@
 """The built-in model's chat and code figures alone (scripts/eval_builtin.py's own functions, same prompts, greedy,
 CPU): ~1 minute on 2 cores instead of the full evaluation's ~10, for checking a training direction between runs.
+With --selection, also the same checks on a set disjoint from the acceptance one (the held-out chat requests after
+the eval's 20, and SELECTION_CODE_PROMPTS): what scripts/bench/train_variants.sh chooses a variant by, so the
+acceptance figures of the chosen one are not picked by themselves.
 Usage: PYTHONPATH=. python3 scripts/bench/quick_eval_builtin.py MODEL_DIR [--out EVAL.json] [--chat-only]
+       [--selection]
 """
 
 from __future__ import annotations
@@ -18,6 +22,23 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import eval_builtin as E  # noqa: E402  (a sibling script, found through sys.path)
 
+# Written for selection (none in CODE_PROMPTS, none verbatim in the training data): everyday signatures and class
+# headers like the eval's, bare, at BOS.
+SELECTION_CODE_PROMPTS = (
+    "def factorial(n):",
+    "def reverse_words(sentence):",
+    "def median(values):",
+    "def dedupe(items):",
+    "def load_json(path):",
+    "def clamp(value, low, high):",
+    "def word_frequencies(text):",
+    "def rotate_left(items, k):",
+    "def to_snake_case(name):",
+    "class Queue:\n    def __init__(self):",
+    "class Point:\n    def __init__(self, x, y):",
+    "def slugify(title):",
+)
+
 
 def main(argv=None) -> dict:
     import dsv4
@@ -28,10 +49,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", help="write the chat and code results as JSON here")
     ap.add_argument("--chat-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--selection", action="store_true",
+                    help="also the checks on the selection set (held-out chat requests 21+, SELECTION_CODE_PROMPTS)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     llm = dsv4.LLM(args.model, max_num_seqs=E.N_CHAT, num_pages=E.N_CHAT * 4, page_size=128)
-    requests = json.loads((Path(args.data) / "heldout_chat.json").read_text())[:E.N_CHAT]
+    held_out = json.loads((Path(args.data) / "heldout_chat.json").read_text())
+    requests = held_out[:E.N_CHAT]
     t = time.perf_counter()
     out = {"model": args.model, "chat": E.chat_eval(llm, dsv4.SamplingParams, requests)}
     print("chat", {k: v for k, v in out["chat"].items() if not isinstance(v, list)},
@@ -39,6 +63,13 @@ def main(argv=None) -> dict:
     if not args.chat_only:
         out["code"] = E.code_eval(llm, dsv4.SamplingParams)
         print("code", {k: v for k, v in out["code"].items() if not isinstance(v, list)}, flush=True)
+    if args.selection:
+        if len(held_out) <= E.N_CHAT:
+            raise SystemExit(f"--selection needs held-out chat requests beyond the eval's {E.N_CHAT}")
+        out["selection"] = {"chat": E.chat_eval(llm, dsv4.SamplingParams, held_out[E.N_CHAT:]),
+                            "code": E.code_eval(llm, dsv4.SamplingParams, SELECTION_CODE_PROMPTS)}
+        print("selection", {k: {n: v for n, v in r.items() if not isinstance(v, list)}
+                            for k, r in out["selection"].items()}, flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     return out
