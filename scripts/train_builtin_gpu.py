@@ -211,13 +211,13 @@ def main(argv=None) -> dict:
     if args.probe_chat_share:                            # from the data before --chat-repeat: each request once
         from tokenizers import Tokenizer
 
-        end = Tokenizer.from_file(str(data / "tokenizer.json")).token_to_id("</think>")
+        tok = Tokenizer.from_file(str(data / "tokenizer.json"))
+        end = tok.token_to_id("</think>")
         prompts = chat_prompts(docs, kinds, args.probe_prefix_len, end)
         if len(prompts) < args.probe_prefixes:
             raise SystemExit(f"only {len(prompts)} chat requests are {args.probe_prefix_len} tokens long through "
                              "</think>: choose another --probe-prefix-len (the median request is about 32)")
         if args.probe_header_lens:
-            tok = Tokenizer.from_file(str(data / "tokenizer.json"))
             heads = header_prompts(docs, kinds, tok, args.probe_header_lens, end, cfg.bos_token_id)
             print(f"probe prompts: {len(prompts)} chat requests, {len(heads)} function headers", flush=True)
             prompts += heads

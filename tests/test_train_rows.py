@@ -74,10 +74,28 @@ def test_row_packs_cut_longer_documents_with_a_warning():
         row_packs(docs, 1, 2)
 
 
+def _trainable(ckpt):
+    """The tiny model as the trainer takes it (fp32, QAT): a fresh one for each test that trains."""
+    return prepare_full(dsv4.load_model(ckpt, dtype=torch.float32, quant_emulation=True, progress=False), qat=True)
+
+
+def _capture_probes(monkeypatch) -> list:
+    """Record the prefixes [P, s] of every greedy probe the trainer runs (it still runs them)."""
+    import dsv4.train.loop as loop
+
+    seen, greedy = [], loop.greedy_continue
+
+    def capture(step_module, prefixes, n):
+        seen.append(prefixes.tolist())
+        return greedy(step_module, prefixes, n)
+
+    monkeypatch.setattr(loop, "greedy_continue", capture)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    return prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False),
-                        qat=True)
+    return _trainable(tiny_ckpt)
 
 
 def _rows(seed=1, n_rows=3, R=48) -> list[Row]:
@@ -144,7 +162,7 @@ def test_the_probe_of_a_rows_pack_continues_its_rows_starts():
 
 
 def test_trainer_runs_rows_packs_with_the_probe(tiny_ckpt, tmp_path):
-    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False), qat=True)
+    m = _trainable(tiny_ckpt)
     packs = row_packs(_docs(random.Random(4), 12, 30), 32, 2)
     cfg = TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
                       bias_update_rate=1e-3, rows=True, greedy_probe_every=1, probe_prefixes=2, probe_prefix_len=6,
@@ -170,18 +188,9 @@ def test_mix_prompts_replaces_the_last_share_of_the_starts_cycling_the_prompts()
 
 
 def test_the_trainer_probes_its_prompts_beside_the_rows(tiny_ckpt, tmp_path, monkeypatch):
-    import dsv4.train.loop as loop
-
-    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False), qat=True)
+    m = _trainable(tiny_ckpt)
     packs = row_packs(_docs(random.Random(4), 12, 30), 32, 2)
-    seen = []
-
-    def capture(step_module, prefixes, n):
-        seen.append(prefixes.tolist())
-        return loop_greedy(step_module, prefixes, n)
-
-    loop_greedy = loop.greedy_continue
-    monkeypatch.setattr(loop, "greedy_continue", capture)
+    seen = _capture_probes(monkeypatch)
     prompts = [[BOS, 40 + i, 41, 42, 43, 44] for i in range(3)]
     cfg = TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
                       bias_update_rate=1e-3, rows=True, greedy_probe_every=1, probe_prefixes=4, probe_prefix_len=6,
@@ -199,18 +208,9 @@ def test_the_trainer_probes_its_prompts_beside_the_rows(tiny_ckpt, tmp_path, mon
 
 
 def test_the_probes_cycle_through_their_prefix_lengths_each_with_its_own_prompts(tiny_ckpt, tmp_path, monkeypatch):
-    import dsv4.train.loop as loop
-
-    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False), qat=True)
+    m = _trainable(tiny_ckpt)
     packs = row_packs(_docs(random.Random(5), 12, 30), 32, 2)
-    seen = []
-
-    def capture(step_module, prefixes, n):
-        seen.append(prefixes.tolist())
-        return loop_greedy(step_module, prefixes, n)
-
-    loop_greedy = loop.greedy_continue
-    monkeypatch.setattr(loop, "greedy_continue", capture)
+    seen = _capture_probes(monkeypatch)
     long_ = [[BOS, 40 + i, 41, 42, 43, 44] for i in range(3)]             # e.g. chat requests
     short = [[BOS, 50 + i, 51, 52] for i in range(2)]                      # e.g. function headers
     cfg = TrainConfig(max_steps=3, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
@@ -238,7 +238,7 @@ def test_the_cached_greedy_probe_makes_the_full_forwards_tokens(tiny_ckpt, tmp_p
     from dsv4.train.greedy_probe import greedy_continue, greedy_continue_cached
     from dsv4.train.params import refresh_qat
 
-    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False), qat=True)
+    m = _trainable(tiny_ckpt)
     refresh_qat(m)                              # as the trainer's step does before its probe (else ~4x slower)
     gen = torch.Generator().manual_seed(7)
     prefixes = torch.randint(2, m.cfg.vocab_size, (1, 8), generator=gen)
@@ -249,8 +249,7 @@ def test_the_cached_greedy_probe_makes_the_full_forwards_tokens(tiny_ckpt, tmp_p
     packs = row_packs(_docs(random.Random(6), 12, 30), 32, 2)
     records = []
     for cache in (False, True):
-        model = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, quant_emulation=True, progress=False),
-                             qat=True)
+        model = _trainable(tiny_ckpt)
         cfg = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
                           bias_update_rate=1e-3, rows=True, greedy_probe_every=1, probe_prefixes=2,
                           probe_prefix_len=6, probe_tokens=8, seq_unlikelihood=1.0, probe_cache=cache)
