@@ -231,6 +231,49 @@ def test_the_probes_cycle_through_their_prefix_lengths_each_with_its_own_prompts
                 progress=False, probe_prompts=long_ + short)
 
 
+@pytest.mark.gpu
+def test_the_captured_probe_on_cuda(tiny_ckpt):
+    """On CUDA (bf16, QAT, what the GPU trainer probes with): the decode steps of the cached probe are one captured
+    CUDA graph, and it makes the eager cached probe's tokens (exact: the captured step pads the MoE groups, which
+    changes only the batched product's shape; near-ties apart, so >= 0.95 of them), P = 4 over 8 + 60 tokens."""
+    import time
+
+    from dsv4.engine import graphs as graphs_mod
+    from dsv4.train.greedy_probe import greedy_continue_cached
+    from dsv4.train.params import refresh_qat
+
+    m = prepare_full(dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True,
+                                     progress=False), qat=True)
+    refresh_qat(m)
+    gen = torch.Generator().manual_seed(8)
+    prefixes = torch.randint(2, m.cfg.vocab_size, (4, 8), generator=gen)
+    prefixes[:, 0] = BOS
+    prefixes = prefixes.cuda()
+    step = TrainStep(m, grad_ckpt=False)
+    captured = []
+    real = graphs_mod._Graph.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        captured.append(self.graph is not None)
+
+    graphs_mod._Graph.__init__ = spy
+    try:
+        t0 = time.perf_counter()
+        fast = greedy_continue_cached(step, prefixes, 60, graphs=True)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        eager = greedy_continue_cached(step, prefixes, 60)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    finally:
+        graphs_mod._Graph.__init__ = real
+    assert captured == [True]
+    agree = (fast[:, 8:] == eager[:, 8:]).float().mean().item()
+    print(f"captured probe {t1 - t0:.2f} s (capture included), eager cached {t2 - t1:.2f} s, agreement {agree:.3f}")
+    assert torch.equal(fast[:, :9], eager[:, :9]) and agree >= 0.95
+
+
 def test_the_cached_greedy_probe_makes_the_full_forwards_tokens(tiny_ckpt, tmp_path):
     """greedy_continue_cached (one prefill into decode state, then a token per sequence a step) == greedy_continue
     (a full forward per token), past a window (16), compressed blocks of 4 and the first HCA block of 128; and a
@@ -246,6 +289,9 @@ def test_the_cached_greedy_probe_makes_the_full_forwards_tokens(tiny_ckpt, tmp_p
     step = TrainStep(m, grad_ckpt=False)
     cached = greedy_continue_cached(step, prefixes, 122)
     assert torch.equal(cached, greedy_continue(step, prefixes, 122)) and cached.shape == (1, 130)
+    # graphs=True: the decode steps through DecodeGraphs (captured on a GPU; here the same step run eagerly), with
+    # its scratch slot and page in the state
+    assert torch.equal(greedy_continue_cached(step, prefixes, 122, graphs=True), cached)
     packs = row_packs(_docs(random.Random(6), 12, 30), 32, 2)
     records = []
     for cache in (False, True):

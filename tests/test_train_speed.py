@@ -68,6 +68,21 @@ def test_batched_routed_experts_match_the_expert_loop(qat_model):
     assert all(f"layers.1.ffn.experts.{e}.w2.weight" in fast[1] for e in range(moe.n_experts))
 
 
+def test_batched_experts_padded_to_all_rows_match_the_counted_width(qat_model, monkeypatch):
+    """`routed_batched` pads every expert's group to all rows under CUDA-graph capture (no host read of the counts):
+    the same sum as at the counted width (fp32: the zero rows change nothing but the batched product's shape)."""
+    moe = qat_model.layers[1].ffn
+    g = torch.Generator().manual_seed(5)
+    x, ids = torch.randn(7, moe.dim, generator=g), torch.randint(0, 512, (7,), generator=g)
+    with torch.no_grad():
+        weights, eids = moe.gate(x, ids)
+        counted = moe.routed_batched(x, weights, eids)
+        monkeypatch.setattr(type(moe), "PAD_GROUPS_TO_ALL_ROWS", True)
+        padded = moe.routed_batched(x, weights, eids)
+    assert int(torch.bincount(eids.flatten()).max()) < 7         # the padded width differs from the counted one
+    torch.testing.assert_close(padded, counted)
+
+
 def test_sinkhorn_backward_matches_autograd_of_the_twin():
     """The mHC split + Sinkhorn under autograd takes the hand-written backward: forward bit-identical to the
     twin, gradients equal to autograd's through the twin (fp32 roundings apart), and correct in float64

@@ -90,6 +90,9 @@ class MoE(nn.Module):
     # kept for the backward, and pads each group to the largest. Cheap for a few small experts (the built-in
     # model's 6: 5 MB a layer); for hundreds (Flash: 256) a copy of the layer's experts, so they loop.
     BATCHED_MAX_EXPERTS = 16
+    # `routed_batched` pads every group to all rows without reading the counts (always so under CUDA-graph capture;
+    # the tests set it to compare the two widths on a CPU)
+    PAD_GROUPS_TO_ALL_ROWS = False
 
     def __init__(self, cfg, layer_id: int, dense_fmt: str, expert_fmt: str, dtype: torch.dtype):
         super().__init__()
@@ -176,7 +179,10 @@ class MoE(nn.Module):
         # At least 2 rows: a width the compiler cannot prove is not 1 stops inductor's bmm lowering (it guards on
         # Eq(width, 1), a data-dependent guard: found compiling the training step on CPU); a zero row more changes
         # nothing but the (never read) padding, and only where every group has one row.
-        width = max(int(counts.max()), 2)
+        # Under CUDA-graph capture (the trainer's greedy probe replays decode steps: train/greedy_probe.py) no host
+        # read is allowed: every group is then padded to all the step's tokens (a decode step's few rows).
+        pad_all = self.PAD_GROUPS_TO_ALL_ROWS or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        width = max(x.shape[0] if pad_all else int(counts.max()), 2)
         torch._check(width >= 2)
         row = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[eid]   # row in its group
         grouped = x.new_zeros(self.n_experts, width, x.shape[1]).index_put((eid, row), x[tok])

@@ -128,12 +128,18 @@ def greedy_continue(step_module: nn.Module, prefixes: torch.Tensor, new_tokens: 
 
 
 @torch.no_grad()
-def greedy_continue_cached(step_module: nn.Module, prefixes: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def greedy_continue_cached(step_module: nn.Module, prefixes: torch.Tensor, new_tokens: int,
+                           graphs: bool = False) -> torch.Tensor:
     """`greedy_continue` through decode state, as the engine generates: one prefill of the P prefixes into a fresh
     `ModelState`, then one [1, P] decode step per new token (`task="greedy_step"`, through `step_module` so FSDP
     gathers the weights). Work per token is one token per sequence instead of the whole sequence again. The same
     model and the same arithmetic classes; the attention of the decode rows runs other kernels than the full
-    forward's, so a near-tie may pick another token (tests/test_train_rows.py compares the two)."""
+    forward's, so a near-tie may pick another token (tests/test_train_rows.py compares the two).
+    graphs=True (one process, no FSDP): the decode steps replay one captured step (`engine.graphs.DecodeGraphs`,
+    on a CPU the same step run eagerly). Why: an eager step of the built-in model is ~3k small kernels, host-bound
+    at ~90 ms a token on the H200 (measured: no faster than the full-forward probe, 7-9 s a probe); replayed, the
+    launches cost ~nothing. The captured step pads the MoE groups to all rows (`MoE.routed_batched`), so its
+    tokens may differ from the eager step's at near-ties too."""
     from dsv4.model.state import DecodeBatch, ModelState, StepBatch
     from dsv4.train.forward import PackedBatch
 
@@ -142,11 +148,20 @@ def greedy_continue_cached(step_module: nn.Module, prefixes: torch.Tensor, new_t
     page = 128
     per_seq = -(-(s + new_tokens) // page)
     dev = prefixes.device
-    state = ModelState(model.cfg, P, P * per_seq, page, model.dtype, dev)
+    scratch = int(graphs)                           # the captured steps' padding rows write a slot and a page more
+    state = ModelState(model.cfg, P + scratch, P * per_seq + scratch, page, model.dtype, dev)
     pages = [list(range(b * per_seq, (b + 1) * per_seq)) for b in range(P)]
     ids = torch.cat([prefixes, prefixes.new_zeros(P, new_tokens)], 1)
     prefill = StepBatch.build([(b, 0, s, pages[b]) for b in range(P)], dev)
     ids[:, s] = step_module(PackedBatch(prefixes.reshape(1, -1), None, prefill, []), task="greedy_step", state=state)
+    if graphs and new_tokens > 1:
+        from dsv4.engine.graphs import DecodeGraphs
+
+        steps = DecodeGraphs(model, state, P, per_seq, sizes=[P])
+        for k in range(1, new_tokens):
+            logits = steps.run(ids[:, s + k - 1], [(b, s + k - 1, pages[b]) for b in range(P)])
+            ids[:, s + k] = logits.argmax(-1)
+        return ids
     for k in range(1, new_tokens):
         step = DecodeBatch.build([(b, s + k - 1, pages[b]) for b in range(P)], per_seq, dev)
         ids[:, s + k] = step_module(PackedBatch(ids[:, s + k - 1].reshape(1, -1), None, step, []),

@@ -271,7 +271,11 @@ class Trainer:
             starts = mix_prompts(starts, self.probe_prompts[first], cfg.probe_prompt_share,
                                  (round_ * self.ctx.world + self.ctx.rank) * k)
             prefixes = to_device(torch.tensor(starts), self.device)
-            ids = (greedy_continue_cached if cfg.probe_cache else greedy_continue)(self.step_module, prefixes, L)
+            if cfg.probe_cache:     # captured decode steps where nothing gathers weights (no FSDP): one process
+                ids = greedy_continue_cached(self.step_module, prefixes, L,
+                                             graphs=self.device.type == "cuda" and not self.ctx.enabled)
+            else:
+                ids = greedy_continue(self.step_module, prefixes, L)
             repeats = repeat_mask(ids)
             ul = torch.zeros((), dtype=torch.float64, device=self.device)
             if cfg.seq_unlikelihood:
