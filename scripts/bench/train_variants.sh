@@ -3,7 +3,8 @@
 # finished model is evaluated on the machine's CPU cores (scripts/bench/quick_eval_builtin.py: the eval's chat and
 # code checks, greedy on CPU as the acceptance figures are) while the next one trains. The device returns at most
 # 8 files and 64 MiB (one 39 MB bundle of 7 files), so only the best variant's bundle comes back, in OUT/best/, with
-# every variant's quick-eval results and the choice in OUT/variants.json. "Best" = the largest worst margin over the
+# every variant's quick-eval results, training record and the choice in OUT/variants.json. Copy nothing else
+# into OUT: a ninth file there makes the device return none of them (the bundle included). "Best" = the largest worst margin over the
 # three bounds (chat def+EOS fraction / 0.9, code distinct-4 mean / 0.6, code distinct-4 min / 0.3; >= 1: all pass)
 # on the SELECTION set (quick_eval_builtin.py --selection: held-out chat requests 21+, other code prompts), so the
 # chosen variant's acceptance figures (also reported) are not picked by themselves.
@@ -32,8 +33,16 @@ best=$(python3 - "$out" "${names[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 out, names = Path(sys.argv[1]), sys.argv[2:]
-scores, results = {}, {}
+scores, results, training = {}, {}, {}
 for n in names:
+    # each variant's training record (perf.json: steps, tokens, times, settings) and probe seconds, in the one
+    # variants.json: the device returns at most 8 files, and OUT/best/ already holds 7
+    perf = Path(f"/tmp/{n}/perf.json")
+    if perf.exists():
+        training[n] = json.loads(perf.read_text())
+        probes = [r["probe_s"] for r in map(json.loads, Path(f"/tmp/{n}/metrics.jsonl").read_text().splitlines())
+                  if r.get("probe_s")]
+        training[n]["probe_s_mean"] = sum(probes) / len(probes) if probes else None
     p = Path(f"/tmp/{n}.quick.json")
     if not p.exists():
         print(f"{n}: no evaluation", file=sys.stderr)
@@ -46,7 +55,8 @@ for n in names:
           f"{sk['distinct4_min']:.3f}, worst margin {scores[n]:.3f}; acceptance chat {c['def_and_eos']}/{c['n']}, "
           f"code {k['distinct4_mean']:.3f} / {k['distinct4_min']:.3f}", file=sys.stderr)
 best = max(scores, key=scores.get) if scores else ""
-(out / "variants.json").write_text(json.dumps({"best": best, "worst_margin": scores, "quick_eval": results},
+(out / "variants.json").write_text(json.dumps({"best": best, "worst_margin": scores, "quick_eval": results,
+                                              "training": training},
                                               indent=1, ensure_ascii=False) + "\n")
 print(best)
 EOF
