@@ -7,7 +7,8 @@ on, tests/test_graphs_gpu.py's prompts, seeds and 20 steps, eager) and, per step
 output of every module call and of the ops that the two paths call on different row sets, keyed by the calling
 module; at the first step where the logits or the decode state differ it prints, in the fixed step's call order,
 each record whose output differs, marking as ORIGIN those whose first input is the same bits in both paths (the
-difference is made there, not carried in), and every state tensor that differs (rings, compressed entries,
+difference is made there, not carried in), the model's taps inside modules (e.g. `attn.out_pre_inverse_rope`,
+`attn.out`: before and after the inverse RoPE), and every state tensor that differs (rings, compressed entries,
 indexer keys). Records whose calls cover different rows in the two paths (the general step pools only the sequences
 that complete a block, the fixed one all) are listed as "rows differ" and judged by the state.
 Usage: PYTHONPATH=. python3 scripts/bench/graph_divergence.py [--emulation-off] [--tokens 1] [--device cuda]
@@ -41,10 +42,17 @@ def _tensors(obj) -> list[torch.Tensor]:
 class Recorder:
     """Module outputs and op calls of one step, keyed "module qualname[/op]", in call order."""
 
+    scope = ""          # dsv4.parity.taps' recorder interface: the model sets it; the keys name the module instead
+
     def __init__(self, model):
         self.names = {m: n or "model" for n, m in model.named_modules()}
         self.stack: list[str] = []
         self.calls: dict[str, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
+
+    def record(self, name: str, tensor: torch.Tensor, index_offset: int = 0) -> None:
+        """A model tap (`dsv4.parity.taps.tap`: points inside a module, e.g. `attn.out_pre_inverse_rope` before the
+        inverse RoPE and `attn.out` after it), keyed "module/tap:name"; repeated per sequence in the general step."""
+        self.add(f"{self.stack[-1] if self.stack else 'model'}/tap:{name}", (), tensor)
 
     def add(self, key: str, inputs, output) -> None:
         first = _tensors(inputs)[:1]
@@ -56,6 +64,7 @@ class Recorder:
         from torch.nn.modules import module as nn_module
 
         from dsv4 import ops
+        from dsv4.parity import taps
 
         def pre(mod, args):
             self.stack.append(self.names.get(mod, type(mod).__name__))
@@ -74,9 +83,11 @@ class Recorder:
         handles = [nn_module.register_module_forward_pre_hook(pre), nn_module.register_module_forward_hook(post)]
         for name, fn in saved.items():
             setattr(ops, name, wrap(name, fn))
+        token = taps._ACTIVE.set(self)               # the model's taps too
         try:
             yield self
         finally:
+            taps._ACTIVE.reset(token)
             for h in handles:
                 h.remove()
             for name, fn in saved.items():
@@ -109,7 +120,8 @@ def differences(fixed: Recorder, general: Recorder) -> list[str]:
         worst = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
                     for x, y in zip(a_out, b_out, strict=True) if x.numel())
         n = sum(int((x != y).sum()) for x, y in zip(a_out, b_out, strict=True))
-        out.append(f"  {'ORIGIN' if same_in else 'carried':<11} {key}: {n} elements differ, max |diff| / max "
+        kind = "tap" if "/tap:" in key else "ORIGIN" if same_in else "carried"     # a tap has no input to compare
+        out.append(f"  {kind:<11} {key}: {n} elements differ, max |diff| / max "
                    f"{worst:.2e}")
     return out
 
