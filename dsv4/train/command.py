@@ -38,7 +38,9 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                         "earlier 4-gram, per continuation position (default 0 = off; needs --greedy-probe-every)")
     p.add_argument("--probe-cache", action="store_true",
                    help="generate the probe's tokens through decode state (one prefill, then one token per sequence "
-                        "a step, as the engine does) instead of a full forward per token; same tokens in the tests")
+                        "a step, as the engine does) instead of a full forward per token; same tokens in the tests. "
+                        "On CUDA in one process the decode steps replay one captured CUDA graph (H200, built-in "
+                        "model: ~1.3 s a probe of 16 x 64 tokens instead of 7-9 s)")
 
 
 def probe_fields(args) -> dict:
