@@ -158,14 +158,15 @@ def greedy_continue_cached(step_module: nn.Module, prefixes: torch.Tensor, new_t
         from dsv4.engine.graphs import DecodeGraphs
 
         steps = DecodeGraphs(model, state, P, per_seq, sizes=[P])
-        for k in range(1, new_tokens):
-            logits = steps.run(ids[:, s + k - 1], [(b, s + k - 1, pages[b]) for b in range(P)])
-            ids[:, s + k] = logits.argmax(-1)
-        return ids
-    for k in range(1, new_tokens):
-        step = DecodeBatch.build([(b, s + k - 1, pages[b]) for b in range(P)], per_seq, dev)
-        ids[:, s + k] = step_module(PackedBatch(ids[:, s + k - 1].reshape(1, -1), None, step, []),
-                                    task="greedy_step", state=state)
+
+        def next_tokens(last, rows):
+            return steps.run(last, rows).argmax(-1)
+    else:
+        def next_tokens(last, rows):
+            batch = DecodeBatch.build(rows, per_seq, dev)
+            return step_module(PackedBatch(last.reshape(1, -1), None, batch, []), task="greedy_step", state=state)
+    for k in range(1, new_tokens):        # token s + k from token s + k - 1 at position s + k - 1
+        ids[:, s + k] = next_tokens(ids[:, s + k - 1], [(b, s + k - 1, pages[b]) for b in range(P)])
     return ids
 
 

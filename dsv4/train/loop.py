@@ -127,13 +127,14 @@ def _check_probe(cfg: TrainConfig) -> None:
     if cfg.compile:
         raise ValueError("the greedy probe runs sequences of every length up to prefix + tokens: with compiled "
                          "blocks each would compile a graph; train eager")
-    if cfg.probe_prefixes < 1 or min(probe_lengths(cfg)) < 1 or cfg.probe_tokens < 4:
+    lengths = probe_lengths(cfg)
+    if cfg.probe_prefixes < 1 or min(lengths) < 1 or cfg.probe_tokens < 4:
         raise ValueError("the greedy probe needs >= 1 prefix of >= 1 token and >= 4 new tokens (one 4-gram)")
     if not 0 <= cfg.probe_prompt_share <= 1:
         raise ValueError(f"probe_prompt_share must be in [0, 1], got {cfg.probe_prompt_share}")
-    if len(set(probe_lengths(cfg))) != len(probe_lengths(cfg)):
+    if len(set(lengths)) != len(lengths):
         raise ValueError(f"the probes' prefix lengths must differ (each has its own prompts and turn), got "
-                         f"{list(probe_lengths(cfg))}")
+                         f"{list(lengths)}")
 
 
 def probe_lengths(cfg: TrainConfig) -> tuple[int, ...]:
