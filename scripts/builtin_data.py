@@ -8,6 +8,11 @@ Chat set: every function or method with a docstring (parsed with `ast`) becomes 
 signature and the docstring's first sentence, answered by the function's source in a ```python block, encoded in
 the official V4 chat format (chat mode, `dsv4.train.data.chat_document`: loss only on the assistant turn + EOS).
 The held-out files' functions become OUT/heldout_chat.json (evaluation requests, never trained on).
+Two more documents per chat example (data v3): the same function as a code document of its own (BOS + the answer's
+source + EOS: what a user's bare `def name(args):` prompt should get, a short function that ends), and a renamed
+chat copy: request and answer with the function's name replaced, consistently, by a name drawn from the tokenizer's
+own words (`rename_pool`), so that the model learns to copy the requested name into its `def`, whatever the name
+(run 19 wrote `defwrap(` for a request for `wrap`: it had never written that name after `def`).
 
 Outputs under OUT: tokenizer.json (byte-level BPE, VOCAB ids, the V4 specials first), train.npz (uint16 `ids`,
 int64 `offsets` of each document's start + the end, `mask` = np.packbits of the per-token target flags, `kind`
@@ -21,8 +26,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import builtins
 import itertools
 import json
+import keyword
+import random
 import re
 import shutil
 import subprocess
@@ -46,6 +54,7 @@ MAX_PACKAGE_SHARE = 0.10        # no package above this share of the corpus's ch
 MAX_REPLY_TOKENS = 256          # chat answers (reply + EOS) longer than this are left out: the chat set teaches
                                 # small functions that end, as the issue's check asks (def + EOS within 256 tokens);
                                 # run 16 imitated long answers and ran past the turn's end
+RENAME_SEED = 17               # the renamed chat copies' names are drawn from random.Random(RENAME_SEED + example)
 # Pinned so the data is reproducible; every one is pure Python under MIT / BSD / Apache-2.0 / PSF.
 PACKAGES = ("attrs==26.1.0", "boltons==26.2.0", "cachetools==8.0.2", "click==8.5.1", "decorator==5.3.1",
             "flask==3.1.3", "idna==3.20", "iniconfig==2.3.1", "itsdangerous==2.2.0", "jinja2==3.1.6",
@@ -221,6 +230,50 @@ def chat_record(sig: str, what: str, body: str, k: int) -> dict:
                          {"role": "assistant", "content": f"```python\n{body}```"}]}
 
 
+def function_document(body: str, tok):
+    """The function alone as a code document: BOS + its source + EOS, every token a target (a bare header prompt,
+    as README's `def fibonacci(n):`, then has short functions that end to follow)."""
+    from dsv4.train.data import Document
+
+    ids = [0, *tok.encode(body, add_special_tokens=False).ids, 1]
+    return Document(ids, [True] * len(ids))
+
+
+def rename_pool(tok) -> list[str]:
+    """Lower-case words the tokenizer has as one token both bare (`X`: after a backtick in a request) and after a
+    space (`ĠX`: after `def`), less keywords and builtins: the names a renamed chat copy is built from."""
+    vocab = tok.get_vocab()
+    taken = set(keyword.kwlist) | set(keyword.softkwlist) | set(dir(builtins)) | {"self", "cls"}
+    return sorted(t for t in vocab if len(t) >= 3 and t.isascii() and t.isidentifier() and t == t.lower()
+                  and "Ġ" + t in vocab and t not in taken and not t.startswith("_"))
+
+
+def _uses(name: str) -> re.Pattern:
+    """`name` where it means the function: a bare word (not an attribute of something else, so `x.join` stays),
+    or an attribute of self / cls (a method calling itself)."""
+    return re.compile(rf"(?:(?<![\w.])|(?<=\bself\.)|(?<=\bcls\.)){re.escape(name)}(?!\w)")
+
+
+def renamed(sig: str, what: str, body: str, rng: random.Random, pool: list[str]):
+    """(sig, what, body) with the function's name replaced everywhere it names the function by one or two pool
+    different words joined by `_` (leading underscores kept), or None when no draw gives a body that parses."""
+    old = re.match(r"(?:async def )?(\w+)\(", sig).group(1)
+    lead = old[:len(old) - len(old.lstrip("_"))]
+    for _ in range(8):
+        new = lead + "_".join(rng.sample(pool, min(rng.choice((1, 2)), len(pool))))
+        if new == old or re.search(rf"(?<!\w){re.escape(new)}(?!\w)", sig + what + body):
+            continue                                    # a name already in the text would merge two meanings
+        uses = _uses(old)
+        out = (uses.sub(new, sig), uses.sub(new, what), uses.sub(new, body))
+        try:
+            ast.parse(out[2])
+        except SyntaxError:
+            continue
+        if re.search(rf"\bdef {re.escape(new)}\(", out[2]):
+            return out
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ tokens
 def train_tokenizer(texts: list[str], out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -303,7 +356,8 @@ def main() -> None:
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     newline_ids = {i for t, i in tok.get_vocab().items() if "Ċ" in t}
 
-    docs, kinds, n_chat, seen = [], [], 0, set()
+    pool = rename_pool(tok)
+    docs, kinds, n_chat, n_func, n_renamed, seen = [], [], 0, 0, 0, set()
     for _, text in sources:
         for piece in chunks(tok.encode(text, add_special_tokens=False).ids, newline_ids, DOC_TOKENS - 1):
             docs.append(Document([0, *piece], [True] * (len(piece) + 1)))
@@ -313,10 +367,17 @@ def main() -> None:
                 continue
             seen.add(body)
             doc = chat_document(chat_record(sig, what, body, n_chat), tok)
-            if keep_chat(doc):
+            if not keep_chat(doc):
+                continue
+            docs += [doc, function_document(body, tok)]
+            kinds += [1, 0]
+            n_chat, n_func = n_chat + 1, n_func + 1
+            copy = renamed(sig, what, body, random.Random(RENAME_SEED + n_chat), pool)
+            doc = copy and chat_document(chat_record(*copy, n_chat), tok)   # another template than the original's
+            if doc and keep_chat(doc):
                 docs.append(doc)
                 kinds.append(1)
-                n_chat += 1
+                n_renamed += 1
     save_documents(docs, kinds, out / "train.npz")
 
     requests = [{**chat_record(sig, what, body, k), "reference": body} for k, (sig, what, body) in
@@ -331,8 +392,10 @@ def main() -> None:
     n_tok = sum(len(d) for d in docs)
     summary = {"files": len(sources), "stdlib_files": len(std), "package_files": len(pkg) - len(dropped),
                "dropped_package_files": dropped, "packages": len(licences), "documents": len(docs),
-               "code_documents": len(docs) - n_chat, "chat_examples": n_chat, "tokens": n_tok,
+               "code_documents": len(docs) - n_chat - n_renamed, "function_documents": n_func, "chat_examples": n_chat,
+               "renamed_chat_examples": n_renamed, "rename_pool": len(pool), "tokens": n_tok,
                "chat_tokens": sum(len(d) for d, k in zip(docs, kinds, strict=True) if k),
+               "function_tokens": sum(len(d) for d, k in zip(docs, kinds, strict=True) if not k and d.ids[-1] == 1),
                "target_tokens": sum(d.n_targets for d in docs), "heldout_chat_requests": len(requests),
                "vocab_size": VOCAB, "doc_tokens": DOC_TOKENS, "max_reply_tokens": MAX_REPLY_TOKENS,
                "max_package_share": MAX_PACKAGE_SHARE, "capped_packages": capped,

@@ -124,6 +124,54 @@ def test_chat_record_trains_only_the_reply_and_its_eos(tmp_path):
     assert [(d.ids, d.mask) for d in back] == [(d.ids, d.mask) for d in docs] and list(back_kinds) == kinds
 
 
+def test_a_function_document_is_the_answer_alone_between_bos_and_eos():
+    tok = _tokenizer()
+    _, _, body = next(builtin_data.functions(SOURCE))
+    doc = builtin_data.function_document(body, tok)
+    assert doc.ids[0] == 0 and doc.ids[-1] == 1 and all(doc.mask)
+    assert tok.decode(doc.ids[1:-1], skip_special_tokens=False) == body
+
+
+RECURSIVE = '''
+class Walker:
+    def walk(self, node, depth=0):
+        """Walk node and its children; walk stops at depth 9."""
+        if depth > 9:
+            return [node.walk]
+        out = ", ".join(str(c) for c in node.children)
+        return [out] + [self.walk(c, depth + 1) for c in node.children] + [walk(node)]
+'''
+
+
+def test_a_renamed_copy_renames_the_function_and_only_the_function():
+    import random
+
+    [(sig, what, body)] = builtin_data.functions(RECURSIVE)
+    new_sig, new_what, new_body = builtin_data.renamed(sig, what, body, random.Random(0), ["alpha"])
+    assert new_sig == "alpha(self, node, depth=0)"
+    assert new_what == "Walk node and its children; alpha stops at depth 9."
+    assert "def alpha(self, node, depth=0):" in new_body and "self.alpha(c, depth + 1)" in new_body
+    assert "[alpha(node)]" in new_body                                   # a bare call: the same name
+    assert "node.walk]" in new_body and '", ".join(' in new_body          # other objects' attributes stay
+    assert new_body.replace("alpha", "walk") == body
+    # a name the text already uses is never drawn (it would merge two meanings); no usable name: None
+    assert builtin_data.renamed(sig, what, body, random.Random(0), ["node"]) is None
+    doubled = {builtin_data.renamed(sig, what, body, random.Random(s), ["alpha", "beta"])[0] for s in range(40)}
+    assert "alpha_beta(self, node, depth=0)" in doubled and "beta(self, node, depth=0)" in doubled
+    [(sig, what, body)] = builtin_data.functions('def _twice(x):\n    """Double x, as a number."""\n    return 2 * x\n')
+    assert builtin_data.renamed(sig, what, body, random.Random(0), ["alpha"])[0] == "_alpha(x)"
+
+
+def test_the_rename_pool_takes_words_with_a_bare_and_a_spaced_token():
+    class Vocab:
+        @staticmethod
+        def get_vocab():
+            return {w: i for i, w in enumerate(["wrap", "Ġwrap", "fill", "Ġlen", "len", "Ġfor", "for", "ĠAB", "AB",
+                                                "_x", "Ġ_x", "ab", "Ġab", "Ġonly"])}
+
+    assert builtin_data.rename_pool(Vocab) == ["wrap"]       # not: builtins, keywords, upper case, short, one form
+
+
 def test_a_package_above_its_share_is_cut_to_whole_files_near_the_share():
     big = [(f"big.whl:m{i}.py", "x" * 100) for i in range(50)]                  # 5,000 chars
     small = [("small.whl:a.py", "y" * 300), ("small.whl:b.py", "z" * 200)]       # 500 chars
