@@ -91,6 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "function headers of the chat answers (`def name(args):` after BOS, as a user's code prompt "
                          "is encoded) of these token lengths (e.g. 9,11): greedy continuations of a bare header are "
                          "where run 17's code loops were (in the docstring)")
+    ap.add_argument("--probe-class-lens", default="", metavar="N,M",
+                    help="with --probe-chat-share: further probes whose prompts are class headers of the code "
+                         "documents (a `class` line, an optional one-line docstring, and the first method's `def` "
+                         "line, after BOS) of these token lengths: where the code loops of the data v3 runs were "
+                         "(`self.y = ...` repeated after `class Vector2D:` + `__init__`)")
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     add_probe_arguments(ap)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
@@ -110,12 +115,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--compile and --per-document need --row-len 0 (rows run eager, as one batch)")
     if args.row_len and (args.row_len < 2 or args.seq_len % args.row_len):
         ap.error(f"--row-len must divide --seq-len ({args.seq_len}), got {args.row_len}")
-    try:
-        args.probe_header_lens = tuple(int(n) for n in args.probe_header_lens.split(",") if n.strip())
-    except ValueError:
-        ap.error(f"--probe-header-lens takes token counts like 9,11; got {args.probe_header_lens!r}")
-    if args.probe_header_lens and not args.probe_chat_share:
-        ap.error("--probe-header-lens needs --probe-chat-share (the share of each probe given to prompts)")
+    for flag in ("probe_header_lens", "probe_class_lens"):
+        try:
+            setattr(args, flag, tuple(int(n) for n in getattr(args, flag).split(",") if n.strip()))
+        except ValueError:
+            ap.error(f"--{flag.replace('_', '-')} takes token counts like 9,11; got {getattr(args, flag)!r}")
+        if getattr(args, flag) and not args.probe_chat_share:
+            ap.error(f"--{flag.replace('_', '-')} needs --probe-chat-share (the share of each probe given to "
+                     "prompts)")
     if args.profile and (not args.steps or args.profile >= args.steps):
         ap.error("--profile N needs --steps larger than N (the first steps include one-off costs)")
     return args
@@ -159,6 +166,30 @@ def header_prompts(docs: list, kinds, tokenizer, lengths: tuple[int, ...], end_i
         ids = encode_prompt(tokenizer, line, bos_id)
         if len(ids) in lengths:
             out.append(ids)
+    return out
+
+
+CLASS_HEADER = re.compile(r'^class \w+(?:\([^\n]*\))?:\n(?:    """[^\n]*"""\n\n?)?    def \w+\(self[^\n]*\):$',
+                          re.M)
+
+
+def class_prompts(docs: list, kinds, tokenizer, lengths: tuple[int, ...], bos_id: int) -> list:
+    """Each code document's class headers (`class Name(...):`, an optional one-line docstring, the first method's
+    one-line `def`), encoded as a user's prompt is (BOS + tokens), those of the given lengths, each once, in data
+    order."""
+    from dsv4.tokenizer import encode_prompt
+
+    seen, out = set(), []
+    for d, k in zip(docs, kinds, strict=True):
+        if k:
+            continue
+        for m in CLASS_HEADER.finditer(tokenizer.decode(d.ids, skip_special_tokens=True)):
+            if m.group() in seen:
+                continue
+            seen.add(m.group())
+            ids = encode_prompt(tokenizer, m.group(), bos_id)
+            if len(ids) in lengths:
+                out.append(ids)
     return out
 
 
@@ -217,10 +248,12 @@ def main(argv=None) -> dict:
         if len(prompts) < args.probe_prefixes:
             raise SystemExit(f"only {len(prompts)} chat requests are {args.probe_prefix_len} tokens long through "
                              "</think>: choose another --probe-prefix-len (the median request is about 32)")
-        if args.probe_header_lens:
+        if args.probe_header_lens or args.probe_class_lens:
             heads = header_prompts(docs, kinds, tok, args.probe_header_lens, end, cfg.bos_token_id)
-            print(f"probe prompts: {len(prompts)} chat requests, {len(heads)} function headers", flush=True)
-            prompts += heads
+            classes = class_prompts(docs, kinds, tok, args.probe_class_lens, cfg.bos_token_id)
+            print(f"probe prompts: {len(prompts)} chat requests, {len(heads)} function headers, {len(classes)} "
+                  "class headers", flush=True)
+            prompts += heads + classes
         random.Random(args.seed).shuffle(prompts)
     docs, kinds = repeat_chat(docs, kinds, args.chat_repeat)
     top = max(max(d.ids) for d in docs)
@@ -230,12 +263,13 @@ def main(argv=None) -> dict:
     check_same_config(net.cfg, cfg, base)
     net = prepare_full(net, qat=True)
     n_params = sum(p.numel() for p in net.parameters())
+    lens = tuple(dict.fromkeys(args.probe_header_lens + args.probe_class_lens))     # a length both use: one group
     train = TrainConfig(max_steps=args.steps or 10**9, lr=args.lr, warmup_steps=args.warmup_steps,
                         min_lr_ratio=args.min_lr_ratio, weight_decay=0.0, clip_grad=1.0, seq_len=args.seq_len,
                         packs_per_step=args.packs_per_step, grad_ckpt=args.grad_ckpt, mtp_weight=args.mtp_weight,
                         bias_update_rate=1e-3, seed=args.seed, compile=args.compile,
                         pad_to_seq_len=args.compile is not None, rows=bool(args.row_len),
-                        probe_prompt_share=args.probe_chat_share, probe_prefix_lens=args.probe_header_lens,
+                        probe_prompt_share=args.probe_chat_share, probe_prefix_lens=lens,
                         **probe_fields(args))
     if args.steps:
         train.warmup_steps = min(train.warmup_steps, max(1, args.steps // 10))

@@ -231,6 +231,31 @@ def test_header_prompts_are_the_answers_first_def_lines_encoded_as_a_user_prompt
     assert train_builtin_gpu.header_prompts(docs, [0, 0, 0, 0], tok, (len(head),), end, 0) == []
 
 
+def test_class_prompts_are_class_headers_of_code_documents():
+    from tokenizers import Tokenizer
+
+    from dsv4.tokenizer import encode_prompt
+    from dsv4.train.data import Document
+
+    tok = Tokenizer.from_file(str(Path(__file__).resolve().parents[1] / "dsv4/builtin_model/tokenizer.json"))
+
+    def doc(text):
+        ids = [0, *tok.encode(text, add_special_tokens=False).ids]
+        return Document(ids, [True] * len(ids))
+
+    plain = "class Stack:\n    def __init__(self):"
+    documented = 'class Timer(Base):\n    """Time a block."""\n\n    def __enter__(self, a=1):'
+    docs = [doc(f"import os\n\n\n{plain}\n        self.items = []\n\n\n{documented}\n        pass\n"),
+            doc(f"{plain}\n        pass\n"),                                             # the same header again
+            doc("class Flat:\n    x = 1\n\n    def f(self):\n        pass\n"),      # a body before the def
+            doc(f"{plain}\n")]                                                        # kind 1 below: not code
+    a, b = encode_prompt(tok, plain, 0), encode_prompt(tok, documented, 0)
+    assert len(a) != len(b)
+    assert train_builtin_gpu.class_prompts(docs, [0, 0, 0, 1], tok, (len(a), len(b)), 0) == [a, b]
+    assert train_builtin_gpu.class_prompts(docs, [0, 0, 0, 1], tok, (len(b),), 0) == [b]
+    assert train_builtin_gpu.class_prompts(docs, [1, 1, 1, 1], tok, (len(a),), 0) == []
+
+
 def test_sized_steps_fills_the_budget():
     # 10 steps done in 20 s at 2 s a step; 100 s left buys 47 more with the 5% margin.
     assert train_builtin_gpu.sized_steps(10, 20.0, [2.0, 2.0, 2.1], 120.0) == 57
