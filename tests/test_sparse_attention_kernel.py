@@ -81,6 +81,17 @@ for splits in (1, 3):
                                         "twin_nan": twin.isnan().all(-1).all(-1).tolist(),
                                         "rest_finite": bool(o[~nan_rows].isfinite().all()),
                                         "rest": rel(o[~nan_rows], twin[~nan_rows])}
+
+# HCA in inference (`ops.attention._dense_tail_kernel`): window rows by index, then the compressed entries each
+# query sees (visible = 0 for the first queries: no entry yet), through the kernel over the definition's layout
+from dsv4.ops.attention import _dense_tail_kernel
+q, kv, sink, idx, scale = inputs(gen, 2, 5, 16, 64, 40, 24, 0.0)
+tail = torch.randn(2, 7, 64, generator=gen)
+visible = torch.tensor([[0, 0, 3, 5, 7], [1, 2, 2, 6, 7]])
+o = _dense_tail_kernel(q, kv, sink, idx, tail, visible, scale)
+f64 = ref.sparse_attention_dense_tail(q.double(), kv.double(), sink.double(), idx, tail.double(), visible, scale)
+res["dense_tail"] = {"f64": rel(o, f64), "dtype": str(o.dtype),
+                     "no_tail": rel(ref.sparse_attention(q, kv, sink, idx, scale), f64)}
 print(json.dumps(res))
 '''
 
@@ -91,7 +102,7 @@ def interpreted(tmp_path_factory):
 
 
 def test_kernel_matches_golden_tiled_and_float64(interpreted):
-    cases = {k: v for k, v in interpreted.items() if not k.startswith("all_masked")}
+    cases = {k: v for k, v in interpreted.items() if not k.startswith(("all_masked", "dense_tail"))}
     assert len(cases) == 4
     for case, r in cases.items():
         assert r["tiled"] <= FP32_CLASS, (case, r)
@@ -114,6 +125,23 @@ def test_query_with_no_key_is_nan_like_the_twin(interpreted, splits):
     want = [[False, False, False], [False, False, True]]
     assert r["kernel_nan"] == want and r["twin_nan"] == want, r
     assert r["rest_finite"] and r["rest"] <= FP32_CLASS, r
+
+
+def test_dense_tail_kernel_matches_the_definition(interpreted):
+    """HCA in inference takes the kernel over `ref.dense_tail_lists`' layout (fp32 class against float64); the
+    control shows the entries matter (leaving the tail out is far off)."""
+    r = interpreted["dense_tail"]
+    assert r["f64"] <= FP32_CLASS and r["dtype"] == "torch.float32", r
+    assert r["no_tail"] > 0.05, r
+
+
+def test_hca_has_an_inference_path_besides_the_training_one():
+    """The dense tail's inference path is registered after the training one (split_tail applies only with autograd
+    on): before the thirteenth session it had none, and every HCA layer ran the twin on CUDA."""
+    from dsv4.ops import registry
+
+    names = [name for name, _, _ in registry._FAST["sparse_attention_dense_tail"]]
+    assert names == ["split_tail", "triton_sparse_attention_dense_tail"]
 
 
 def test_bad_input_names_the_offender():
@@ -207,6 +235,29 @@ def test_dispatched_op_takes_the_kernel_for_prefill_and_decode_on_cuda():
     assert golden.distance(fast.cpu(), want.cpu())["rel_err"] <= 3e-3
     assert not torch.equal(fast, twin)                                # the kernel ran, not the twin
     assert torch.equal(ops.sparse_attention(q, kv, sink, idx, scale), twin)      # autograd on: the twin
+
+
+@pytest.mark.gpu
+def test_dense_tail_takes_the_kernel_in_inference_on_cuda():
+    """HCA in inference on CUDA: `ops.sparse_attention_dense_tail` runs the kernel over the definition's rows and
+    lists, the same bits as `ops.sparse_attention` over that layout (what the fixed decode step calls), within the
+    tiled class of float64; with autograd on it takes the training form."""
+    from dsv4 import ops
+    from dsv4.ops import golden, ref
+
+    q, kv, sink, idx, scale = (t.cuda() if torch.is_tensor(t) else t for t in golden.realistic_attention_inputs(0, 64))
+    kv, tail = kv[:, :704], kv[:, 704:]                                  # 704 window/picked rows, 64 entries
+    idx = torch.where(idx < 704, idx, -1)
+    visible = (torch.arange(64, device="cuda") + 1).view(1, 64)           # query i sees i + 1 entries
+    args = (q, kv, sink, idx, tail, visible, scale)
+    rows, lists = ref.dense_tail_lists(kv, idx, tail, visible)
+    want = golden.attention_fp32(q.double(), rows.double(), sink.double(), lists, scale, acc=torch.float64)
+    with torch.inference_mode():
+        assert ops.registry.which("sparse_attention_dense_tail", *args) == "triton_sparse_attention_dense_tail"
+        fast = ops.sparse_attention_dense_tail(*args)
+        assert torch.equal(fast, ops.sparse_attention(q, rows, sink, lists, scale))
+        assert not torch.equal(fast, ops.sparse_attention_dense_tail.twin(*args))     # the kernel ran
+    assert golden.distance(fast.cpu(), want.cpu())["rel_err"] <= 3e-3
 
 
 def test_split_count_depends_on_the_sequence_not_on_the_batch():

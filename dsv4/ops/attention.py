@@ -17,7 +17,8 @@ the decode tiles are the micro-benchmark's best (0.094 vs 0.185 ms a call at bs1
 The index list comes from the model (window + picked entries, checked by the model's tests), so the kernel's
 own index range check, a host synchronisation, is skipped.
 Training (autograd on) runs the twin recomputed in the backward, and HCA layers' compressed entries as a dense tail
-(`sparse_attention_dense_tail`): activation memory linear in the sequence (bench/notes/train_speed.md).
+(`sparse_attention_dense_tail`): activation memory linear in the sequence (bench/notes/train_speed.md). In
+inference the dense tail runs the kernel over its definition's layout (rows [kv | tail], lists [idx | tail rows]).
 """
 
 from __future__ import annotations
@@ -90,3 +91,21 @@ def kernel_config(s: int, h: int) -> dict:
 
 
 register_triton("sparse_attention", "triton_sparse_attention", _applies, _kernel)
+
+
+def _dense_tail_applies(q, kv, sink, idx, tail, visible, scale) -> bool:
+    return _applies(q, kv, sink, idx, scale) and tail.dtype == kv.dtype
+
+
+def _dense_tail_kernel(q, kv, sink, idx, tail, visible, scale):
+    """HCA in inference: the definition's rows and index lists (`ref.dense_tail_lists`) through the kernel. Until
+    the thirteenth session this op had no inference path of its own: its definition called the twin, so on CUDA
+    every HCA layer's prefill ran the gathered twin (41 ms against the kernel's 3.7 ms for an 8k chunk of a CSA
+    layer) and the general decode step the twin where the fixed step ran the kernel (graph_divergence.py: the
+    one-element difference at layer 2, step 19 of tests/test_graphs_gpu.py's 1-token case)."""
+    rows, lists = ref.dense_tail_lists(kv, idx, tail, visible)
+    return _fused_sparse_attention(q, rows, sink, lists, float(scale))
+
+
+register_triton("sparse_attention_dense_tail", "triton_sparse_attention_dense_tail", _dense_tail_applies,
+                _dense_tail_kernel)

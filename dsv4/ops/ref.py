@@ -142,11 +142,19 @@ def sparse_attention_dense_tail(q: torch.Tensor, kv: torch.Tensor, sink: torch.T
                                 tail: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
     """`sparse_attention` over each query's rows of kv picked by idx, followed by the first visible[b, s] rows of
     `tail` [b, e, d] (HCA: a query reads every compressed entry whose block is complete at its position).
-    The definition: the tail appended to kv and its visible rows to the index lists."""
+    The definition: the tail appended to kv and its visible rows to the index lists (`dense_tail_lists`)."""
+    rows, lists = dense_tail_lists(kv, idx, tail, visible)
+    return sparse_attention(q, rows, sink, lists, scale)
+
+
+def dense_tail_lists(kv: torch.Tensor, idx: torch.Tensor, tail: torch.Tensor,
+                     visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense tail as plain sparse attention's inputs: rows [kv | tail] and index lists [idx | the query's
+    visible tail rows, -1 after], so the twin and the kernel (`ops.attention`) attend over the same layout."""
     n, e = kv.shape[1], tail.shape[1]
     j = torch.arange(e, device=idx.device)
-    tail_idx = torch.where(j < visible.unsqueeze(-1), n + j, -1)                        # [b, s, e]
-    return sparse_attention(q, torch.cat([kv, tail], dim=1), sink, torch.cat([idx, tail_idx], dim=-1), scale)
+    tail_idx = torch.where(j < visible.unsqueeze(-1), n + j, -1).to(idx.dtype)         # [b, s, e]
+    return torch.cat([kv, tail], dim=1), torch.cat([idx, tail_idx], dim=-1)
 
 
 def sparse_attention_split_tail(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
