@@ -211,6 +211,14 @@ def sized_steps(done: int, elapsed_s: float, step_times: list[float], budget_s: 
     return done + max(1, int((budget_s - elapsed_s) * 0.95 / per))
 
 
+def probe_s_per_step(probe_times: list[float], every: int) -> float:
+    """The greedy probes' seconds spread over the steps, for `sized_steps`. The first probe is left out when there
+    are others: it includes one-off costs (with --probe-cache on CUDA, the graph capture: 4.4 s against 1.2-1.7 s
+    later on the H200), and counted in, it shrank run p1's 4-minute schedule to 144 s (thirteenth session)."""
+    later = probe_times[1:] or probe_times
+    return statistics.mean(later) / every if later else 0.0
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from dsv4.builtin import builtin_config
@@ -297,7 +305,7 @@ def main(argv=None) -> dict:
     log = MetricsLog(out)
     budget_s = args.minutes * 60 if args.minutes else float("inf")
     t0 = time.perf_counter()
-    step_times, step_tokens, tokens, graphs, probe_times = [], [], 0, [], []
+    step_times, step_tokens, tokens, graphs, probe_times, step_probes = [], [], 0, [], [], []
     prof = None
     while trainer.step < train.max_steps:
         if args.profile and trainer.step == train.max_steps - args.profile:
@@ -311,6 +319,7 @@ def main(argv=None) -> dict:
         tokens += rec["tokens"]
         step_tokens.append(rec["tokens"])
         graphs.append(rec.get("compiled_graphs", 0))
+        step_probes.append(rec.get("probe_s", 0.0))
         if "probe_s" in rec:
             probe_times.append(rec["probe_s"])
         rec["step_s"], rec["elapsed_s"] = dt, time.perf_counter() - t0
@@ -320,9 +329,10 @@ def main(argv=None) -> dict:
                   f"lr {rec['lr']:.2e} {rec['tokens']} tok {dt:.3f}s {rec['tokens'] / dt:.0f} tok/s", flush=True)
         if args.steps is None and trainer.step == args.calibrate_steps:
             # the first steps include one-off costs (allocator growth, kernel selection): time the later ones
-            probe_share = statistics.mean(probe_times) / args.greedy_probe_every if probe_times else 0.0
-            train.max_steps = sized_steps(trainer.step, rec["elapsed_s"], step_times[2:] or step_times, budget_s,
-                                          probe_share)
+            # a step's time includes its probe's: the steps are timed without it, the probes spread over all steps
+            bare = [t - p for t, p in zip(step_times, step_probes, strict=True)]
+            train.max_steps = sized_steps(trainer.step, rec["elapsed_s"], bare[2:] or bare, budget_s,
+                                          probe_s_per_step(probe_times, args.greedy_probe_every))
             # a short run gets a short warmup (10% of it), never shorter than the steps already taken
             train.warmup_steps = max(trainer.step + 1, min(args.warmup_steps, train.max_steps // 10))
             print(f"schedule sized to {train.max_steps} steps for the {args.minutes} minute budget", flush=True)

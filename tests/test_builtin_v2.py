@@ -264,6 +264,13 @@ def test_sized_steps_fills_the_budget():
     assert train_builtin_gpu.sized_steps(10, 20.0, [2.0, 2.0, 2.1], 120.0, 8.0 / 8) == 41
 
 
+
+def test_the_probes_cost_leaves_out_the_first_probe():
+    assert train_builtin_gpu.probe_s_per_step([4.4, 1.2, 1.6], 2) == pytest.approx(0.7)     # (1.2 + 1.6) / 2 / 2
+    assert train_builtin_gpu.probe_s_per_step([4.4], 4) == pytest.approx(1.1)               # the only one: kept
+    assert train_builtin_gpu.probe_s_per_step([], 4) == 0.0
+
+
 def test_bundle_cuts_the_model_into_parts_that_rejoin(tmp_path, monkeypatch):
     import io
     import tarfile
