@@ -17,7 +17,7 @@ from dsv4.chat.tokens import ASSISTANT, BOS, DSML, EOS, LATEST_REMINDER, TASK_TO
 from dsv4.checkpoint.errors import CheckpointError
 from dsv4.config import ModelConfig, tiny_config
 
-BUILTIN_VERSION = 1               # of the shipped model; scripts/install_builtin.py rewrites this line
+BUILTIN_VERSION = 2               # of the shipped model; scripts/install_builtin.py rewrites this line
 BUILTIN_NAME = f"builtin-python-v{BUILTIN_VERSION}"
 # The built-in tokenizer's first ids (BOS 0 and EOS 1 as in every V4 config, then the chat format's markers),
 # followed by the byte-level BPE merges.

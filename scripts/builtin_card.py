@@ -29,6 +29,18 @@ def architecture(cfg, model_bytes: int) -> str:
 """
 
 
+def functions_note(summary: dict) -> str:
+    """Data v3's function documents (summary.json from 2026-12-04 on), counted among the code documents."""
+    n = summary.get("function_documents")
+    return f" ({n:,} of them one function each: BOS, its source, EOS)" if n else ""
+
+
+def renamed_note(summary: dict) -> str:
+    n = summary.get("renamed_chat_examples")
+    return (f", and {n:,} renamed copies of them (the function's name replaced, in request and reply alike, by "
+            "words of the tokenizer)") if n else ""
+
+
 def chain(lineage: list[dict] | None) -> str:
     """The runs that made the weights, when more than one did (scripts/builtin_lineage.py)."""
     if not lineage or len(lineage) < 2:
@@ -156,9 +168,9 @@ Evaluation records: `docs/builtin_model_eval.json` (`scripts/eval_builtin.py`).
 ## Data
 
 {summary['files']} Python files ({summary['stdlib_files']} of the CPython standard library, {summary['package_files']} from
-{summary['packages']} permissively licensed PyPI packages) as {summary['code_documents']:,} code documents of ≤ {summary['doc_tokens']} tokens,
+{summary['packages']} permissively licensed PyPI packages) as {summary['code_documents']:,} code documents of ≤ {summary['doc_tokens']} tokens{functions_note(summary)},
 plus {summary['chat_examples']:,} chat examples (a request phrased from a function's signature and docstring, answered
-with the function, in the official V4 chat format ending with EOS; loss on the reply only): {summary['tokens']:,} tokens.
+with the function, in the official V4 chat format ending with EOS; loss on the reply only){renamed_note(summary)}: {summary['tokens']:,} tokens.
 Held out of everything (tokenizer, code, chat): {', '.join(f'`{n}`' for n in summary['heldout'])}. Sources, versions, the
 licence of each (all permit redistributing the weights with the notices retained) and how the chat set is built:
 [builtin_model_v2_data.md](builtin_model_v2_data.md).

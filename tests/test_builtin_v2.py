@@ -392,6 +392,15 @@ def test_card_takes_every_figure_from_the_records():
     assert EOS not in card and "**no**" not in card
 
 
+def test_card_counts_data_v3s_function_documents_and_renamed_copies():
+    perf, result, summary, expected = _card_records()
+    assert "renamed" not in builtin_card.render(perf, result, summary, expected, None)      # older data: no claim
+    summary = {**summary, "function_documents": 4321, "renamed_chat_examples": 4300}
+    card = builtin_card.render(perf, result, summary, expected, None)
+    assert "(4,321 of them one function each: BOS, its source, EOS)" in card
+    assert "and 4,300 renamed copies of them" in card
+
+
 def _write_run(root, name, perf, init, steps, lr):
     import json
 
@@ -463,10 +472,11 @@ def test_missing_pins_and_a_reused_tokenizer_keep_the_contract(tmp_path, monkeyp
     monkeypatch.setattr(builtin_data, "PACKAGES", ("demo-pkg==1.0", "other==2.0"))
     _wheel(tmp_path, "demo_pkg", "1.0", "MIT")
     assert builtin_data.missing_pins(tmp_path) == ["other==2.0"]
-    tok = Tokenizer.from_file(str(Path(__file__).resolve().parent.parent / "dsv4" / "builtin_model" /
-                                  "tokenizer.json"))                # v1's: another vocabulary size
     with pytest.raises(RuntimeError, match="expected"):
-        builtin_data.check_tokenizer(tok, "v1")
+        builtin_data.check_tokenizer(_tokenizer(), "small")           # another vocabulary size (400 ids)
+    installed = Tokenizer.from_file(str(Path(__file__).resolve().parent.parent / "dsv4" / "builtin_model" /
+                                        "tokenizer.json"))
+    builtin_data.check_tokenizer(installed, "the installed v2")        # the contract the shipped model keeps
 
 
 def test_profile_needs_a_fixed_step_count_larger_than_it():
