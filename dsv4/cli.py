@@ -91,8 +91,9 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt (streams tokens)",
                        description="Generate a continuation of PROMPT, streaming it as it is produced. With --chat "
                                    "the prompt is sent as a user message in DeepSeek-V4's chat format. Without "
-                                   "--model, the built-in tiny model is used (trained on the Python standard "
-                                   "library: it continues Python code, see docs/builtin_model.md).")
+                                   "--model, the built-in tiny model is used (trained on Python source and chat "
+                                   "requests for functions: it continues Python code and, with --chat, writes "
+                                   "requested functions, in form more than in substance; docs/builtin_model.md).")
     p.add_argument("prompt", help="the prompt text (exactly one BOS token is added)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a chat user turn")
     _add_model_args(p)
@@ -118,6 +119,8 @@ SERVE_ENGINE_DEFAULTS = {"max_num_seqs": 16, "max_num_batched_tokens": 2048, "pa
 
 
 def _add_serve(sub) -> None:
+    from dsv4.builtin import BUILTIN_NAME
+
     d = SERVE_ENGINE_DEFAULTS
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, tools)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,7 +133,7 @@ def _add_serve(sub) -> None:
                                      "DSV4_API_KEY environment variable; none = no authentication)")
     p.add_argument("--port", type=_positive(int), default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: the "
-                                               "--model argument, or 'builtin-python-v1')")
+                                               f"--model argument, or '{BUILTIN_NAME}' for the built-in model)")
     p.add_argument("--max-num-seqs", type=_positive(int), default=d["max_num_seqs"],
                    help=f"sequences decoded together, i.e. cache slots (default {d['max_num_seqs']}); more "
                         "requests wait in a queue")
@@ -336,7 +339,7 @@ def _llm(args, **engine_options):
 
     tp = args.tp or torchrun_world()
     if args.model is None and os.environ.get("RANK", "0") == "0":
-        print("note: no --model given; using the built-in tiny model (a few MB, trained on Python source only: "
+        print("note: no --model given; using the built-in tiny model (39 MB, trained on Python source only: "
               "it writes Python-like text; docs/builtin_model.md).", file=sys.stderr)
     from dsv4.llm import LLM
 

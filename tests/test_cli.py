@@ -41,7 +41,7 @@ def _one_error_line(stderr: str, command: str) -> str:
 HELP = {
     (): ["generate", "synth", "check"],
     ("generate",): ["prompt", "--model", "--max-tokens", "--max-new-tokens", "--temperature", "--seed", "--device",
-                    "--dtype", "--no-quant-emulation", "trained on the Python standard library"],
+                    "--dtype", "--no-quant-emulation", "trained on Python source and chat requests"],
     ("synth",): ["--config", "--out", "--seed", "--layers", "--shard-gb", "'flash', 'pro'"],
     ("check",): ["model", "without loading any weights"],
     ("serve",): ["--max-num-seqs", "--compile-decode", "--port"],

@@ -13,6 +13,7 @@ import torch
 
 xgr = pytest.importorskip("xgrammar")
 
+from dsv4.builtin import builtin_config  # noqa: E402
 from dsv4.chat import parse_completion  # noqa: E402
 from dsv4.chat.dsml import render_tool_calls  # noqa: E402
 from dsv4.chat.dsml_grammar import tool_call_tag  # noqa: E402
@@ -27,6 +28,8 @@ from dsv4.engine.structured import (  # noqa: E402
     check_schema,
 )
 from dsv4.tokenizer import load_tokenizer  # noqa: E402
+
+VOCAB = builtin_config().vocab_size          # the shipped built-in model's (v1: 4096, v2: 6144)
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
                                                                               "maximum": 9},
@@ -60,8 +63,9 @@ def allowed(matcher, vocab: int) -> list[int]:
     return bits.nonzero()[:, 0].tolist()
 
 
-def random_walk(compiled, vocab: int, eos: int, rng: random.Random, limit: int = 300) -> list[int]:
-    """Uniformly random allowed tokens (EOS as soon as it is allowed): what an untrained model does, roughly."""
+def random_walk(compiled, vocab: int, eos: int, rng: random.Random, limit: int = 1000) -> list[int]:
+    """Uniformly random allowed tokens (EOS as soon as it is allowed): what an untrained model does, roughly. The
+    walks grow with the vocabulary (free text inside strings): v2's 6,144 ids took up to 303 tokens at seed 0."""
     m, out = xgr.GrammarMatcher(compiled), []
     for _ in range(limit):
         ok = allowed(m, vocab)
@@ -186,9 +190,9 @@ def test_special_and_markup_tokens_never_appear_in_constrained_text(grammars, bu
 
 def test_eos_is_allowed_exactly_when_the_grammar_may_end(grammars):
     m = xgr.GrammarMatcher(grammars.compile(StructuredOutputsParams(choice=["yes", "no"])))
-    assert 1 not in allowed(m, 4096)
+    assert 1 not in allowed(m, VOCAB)
     assert m.accept_string("yes")
-    assert allowed(m, 4096) == [1]
+    assert allowed(m, VOCAB) == [1]
 
 
 # ------------------------------------------------------------------------------------------------ DSML
@@ -224,7 +228,7 @@ def test_random_walks_of_the_tool_grammar_parse_into_valid_calls(grammars, built
     compiled = grammars.compile(StructuredOutputsParams(structural_tag=tool_call_tag(tools)))
     rng, names = random.Random(0), set()
     for _ in range(6):
-        text = builtin_tokenizer.decode(random_walk(compiled, 4096, 1, rng), skip_special_tokens=False)
+        text = builtin_tokenizer.decode(random_walk(compiled, VOCAB, 1, rng), skip_special_tokens=False)
         reply = parse_completion(text, "chat")
         assert reply["content"] == "" and reply["tool_calls"]
         for call in reply["tool_calls"]:
@@ -236,10 +240,10 @@ def test_random_walks_of_the_tool_grammar_parse_into_valid_calls(grammars, built
 # ------------------------------------------------------------------------------------------------ masks
 
 def test_masks_touch_only_constrained_rows_and_match_the_plain_twin(builtin_tokenizer):
-    sd = StructuredDecoding(builtin_tokenizer, 4096, 1)
+    sd = StructuredDecoding(builtin_tokenizer, VOCAB, 1)
     sd.add(7, StructuredOutputsParams(choice=["yes", "no"]))
     assert sd.masks([1, 2]) is None                            # no constrained row: nothing to do
-    logits = torch.randn(3, 4096, generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
     fast, plain = logits.clone(), logits.clone()
     sd.apply(fast, [1, 7, 2])
     sd.apply(plain, [1, 7, 2], backend="torch_native")
@@ -252,9 +256,9 @@ def test_masks_touch_only_constrained_rows_and_match_the_plain_twin(builtin_toke
 
 @pytest.mark.gpu
 def test_cuda_masks_match_the_cpu_ones(builtin_tokenizer):
-    sd = StructuredDecoding(builtin_tokenizer, 4096, 1)
+    sd = StructuredDecoding(builtin_tokenizer, VOCAB, 1)
     sd.add(7, StructuredOutputsParams(json=SCHEMA))
-    logits = torch.randn(4, 4096, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(1))
     on_gpu = logits.cuda()
     sd.apply(on_gpu, [1, 2, 7, 3])
     sd.apply(logits, [1, 2, 7, 3])
@@ -262,7 +266,7 @@ def test_cuda_masks_match_the_cpu_ones(builtin_tokenizer):
 
 
 def test_thinking_rows_are_free_until_the_end_of_reasoning(builtin_tokenizer):
-    sd = StructuredDecoding(builtin_tokenizer, 4096, 1)
+    sd = StructuredDecoding(builtin_tokenizer, VOCAB, 1)
     sd.add(3, StructuredOutputsParams(choice=["yes"], reasoning=True))
     for token in builtin_tokenizer.encode("let me think", add_special_tokens=False).ids:
         assert sd.masks([3]) is None and sd.accept(3, token)
