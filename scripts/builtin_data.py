@@ -255,15 +255,14 @@ def _uses(name: str) -> re.Pattern:
 
 
 def renamed(sig: str, what: str, body: str, rng: random.Random, pool: list[str]):
-    """(sig, what, body) with the function's name replaced everywhere it names the function by one or two pool
-    different words joined by `_` (leading underscores kept), or None when no draw gives a body that parses."""
+    """(sig, what, body) with the function's name replaced everywhere it names the function by one or two different
+    pool words joined by `_` (leading underscores kept), or None when no draw gives a body that parses."""
     old = re.match(r"(?:async def )?(\w+)\(", sig).group(1)
-    lead = old[:len(old) - len(old.lstrip("_"))]
+    lead, uses = old[:len(old) - len(old.lstrip("_"))], _uses(old)
     for _ in range(8):
         new = lead + "_".join(rng.sample(pool, min(rng.choice((1, 2)), len(pool))))
         if new == old or re.search(rf"(?<!\w){re.escape(new)}(?!\w)", sig + what + body):
             continue                                    # a name already in the text would merge two meanings
-        uses = _uses(old)
         out = (uses.sub(new, sig), uses.sub(new, what), uses.sub(new, body))
         try:
             ast.parse(out[2])
