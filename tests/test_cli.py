@@ -131,6 +131,22 @@ def test_generate_default_token_budget():
     assert budget("def f():", "--max-tokens", "7") == 7
 
 
+
+def test_chat_default_temperature():
+    """`dsv4 chat` samples at CHAT_TEMPERATURE, but the built-in model answers greedily unless told otherwise (its
+    card's figures are greedy); `generate` keeps its greedy default; an explicit --temperature always wins."""
+    from dsv4.cli import CHAT_TEMPERATURE, _sampling, build_parser
+
+    def temperature(*argv):
+        return _sampling(build_parser().parse_args(list(argv))).temperature
+
+    assert CHAT_TEMPERATURE == 1.0
+    assert temperature("chat") == 0.0
+    assert temperature("chat", "--model", "m") == CHAT_TEMPERATURE
+    assert temperature("chat", "--temperature", "0.7") == temperature("chat", "--model", "m", "--temperature", "0.7")
+    assert temperature("chat", "--temperature", "0.7") == 0.7
+    assert temperature("generate", "hi", "--model", "m") == 0.0
+
 # ---------------------------------------------------------------------------------------------- bad arguments
 def test_missing_model_dir(tmp_path):
     done = dsv4_cli("generate", "hello", "--model", "no-such-dir", cwd=tmp_path)
