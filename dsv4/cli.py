@@ -354,9 +354,10 @@ def _llm(args, **engine_options):
 
 
 def chat_temperature(args) -> float:
-    """`dsv4 chat`'s temperature: --temperature, else greedy for the built-in model (what its card's figures were
-    measured with; on its 20 held-out chat requests, greedy: 19 replies with a def and EOS, 17 with the requested
-    name; sampled at 1.0, seed 0: 13 and 12), else CHAT_TEMPERATURE."""
+    """The temperature: --temperature (every command but `chat` has a default), else, for `dsv4 chat`, greedy for
+    the built-in model (what its card's figures were measured with; on its 20 held-out chat requests, greedy: 19
+    replies with a def and EOS, 17 with the requested name; sampled at 1.0, seed 0: 13 and 12), else
+    CHAT_TEMPERATURE."""
     if args.temperature is not None:
         return args.temperature
     return 0.0 if args.model is None else CHAT_TEMPERATURE
@@ -365,10 +366,8 @@ def chat_temperature(args) -> float:
 def _sampling(args):
     from dsv4.engine.sampling import SamplingParams
 
-    if args.temperature is None:                                  # only `chat` leaves it open
-        args.temperature = chat_temperature(args)
     try:
-        return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        return SamplingParams(temperature=chat_temperature(args), top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                               repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                               frequency_penalty=args.frequency_penalty, seed=args.seed,
                               max_tokens=args.max_new_tokens or DEFAULT_MAX_TOKENS, stop=args.stop or None)

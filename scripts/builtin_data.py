@@ -356,7 +356,7 @@ def main() -> None:
     newline_ids = {i for t, i in tok.get_vocab().items() if "Ċ" in t}
 
     pool = rename_pool(tok)
-    docs, kinds, n_chat, n_func, n_renamed, seen = [], [], 0, 0, 0, set()
+    docs, kinds, n_chat, n_renamed, seen, func_tokens = [], [], 0, 0, set(), 0
     for _, text in sources:
         for piece in chunks(tok.encode(text, add_special_tokens=False).ids, newline_ids, DOC_TOKENS - 1):
             docs.append(Document([0, *piece], [True] * (len(piece) + 1)))
@@ -368,9 +368,10 @@ def main() -> None:
             doc = chat_document(chat_record(sig, what, body, n_chat), tok)
             if not keep_chat(doc):
                 continue
-            docs += [doc, function_document(body, tok)]
+            func = function_document(body, tok)
+            docs += [doc, func]
             kinds += [1, 0]
-            n_chat, n_func = n_chat + 1, n_func + 1
+            n_chat, func_tokens = n_chat + 1, func_tokens + len(func)
             copy = renamed(sig, what, body, random.Random(RENAME_SEED + n_chat), pool)
             doc = copy and chat_document(chat_record(*copy, n_chat), tok)   # another template than the original's
             if doc and keep_chat(doc):
@@ -391,10 +392,11 @@ def main() -> None:
     n_tok = sum(len(d) for d in docs)
     summary = {"files": len(sources), "stdlib_files": len(std), "package_files": len(pkg) - len(dropped),
                "dropped_package_files": dropped, "packages": len(licences), "documents": len(docs),
-               "code_documents": len(docs) - n_chat - n_renamed, "function_documents": n_func, "chat_examples": n_chat,
+               "code_documents": len(docs) - n_chat - n_renamed, "chat_examples": n_chat,
+               "function_documents": n_chat,                     # one per chat example
                "renamed_chat_examples": n_renamed, "rename_pool": len(pool), "tokens": n_tok,
                "chat_tokens": sum(len(d) for d, k in zip(docs, kinds, strict=True) if k),
-               "function_tokens": sum(len(d) for d, k in zip(docs, kinds, strict=True) if not k and d.ids[-1] == 1),
+               "function_tokens": func_tokens,
                "target_tokens": sum(d.n_targets for d in docs), "heldout_chat_requests": len(requests),
                "vocab_size": VOCAB, "doc_tokens": DOC_TOKENS, "max_reply_tokens": MAX_REPLY_TOKENS,
                "max_package_share": MAX_PACKAGE_SHARE, "capped_packages": capped,

@@ -149,24 +149,34 @@ def chat_prompts(docs: list, kinds, length: int, end_id: int) -> list[list[int]]
 HEADER = re.compile(r"def \w+\(.*\):")
 
 
-def header_prompts(docs: list, kinds, tokenizer, lengths: tuple[int, ...], end_id: int, bos_id: int) -> list:
-    """The first one-line `def` header of each chat document's answer (after `end_id`), encoded as a user's
-    prompt is (`encode_prompt`: BOS + the header's tokens), those of the given lengths, each once, in data order."""
+def encoded_once(texts, tokenizer, lengths: tuple[int, ...], bos_id: int) -> list:
+    """Each distinct text once, in order, encoded as a user's prompt is (`encode_prompt`: BOS + its tokens), those
+    of the given lengths."""
     from dsv4.tokenizer import encode_prompt
 
     seen, out = set(), []
-    for d, k in zip(docs, kinds, strict=True):
-        if not k or end_id not in d.ids:
+    for text in texts:
+        if text in seen:
             continue
-        answer = tokenizer.decode(d.ids[d.ids.index(end_id) + 1:], skip_special_tokens=True)
-        line = next((x.strip() for x in answer.splitlines() if HEADER.fullmatch(x.strip())), None)
-        if line is None or line in seen:
-            continue
-        seen.add(line)
-        ids = encode_prompt(tokenizer, line, bos_id)
+        seen.add(text)
+        ids = encode_prompt(tokenizer, text, bos_id)
         if len(ids) in lengths:
             out.append(ids)
     return out
+
+
+def header_prompts(docs: list, kinds, tokenizer, lengths: tuple[int, ...], end_id: int, bos_id: int) -> list:
+    """The first one-line `def` header of each chat document's answer (after `end_id`), encoded as a user's
+    prompt is (`encode_prompt`: BOS + the header's tokens), those of the given lengths, each once, in data order."""
+    def headers():
+        for d, k in zip(docs, kinds, strict=True):
+            if k and end_id in d.ids:
+                answer = tokenizer.decode(d.ids[d.ids.index(end_id) + 1:], skip_special_tokens=True)
+                line = next((x.strip() for x in answer.splitlines() if HEADER.fullmatch(x.strip())), None)
+                if line is not None:
+                    yield line
+
+    return encoded_once(headers(), tokenizer, lengths, bos_id)
 
 
 CLASS_HEADER = re.compile(r'^class \w+(?:\([^\n]*\))?:\n(?:    """[^\n]*"""\n\n?)?    def \w+\(self[^\n]*\):$',
@@ -177,20 +187,9 @@ def class_prompts(docs: list, kinds, tokenizer, lengths: tuple[int, ...], bos_id
     """Each code document's class headers (`class Name(...):`, an optional one-line docstring, the first method's
     one-line `def`), encoded as a user's prompt is (BOS + tokens), those of the given lengths, each once, in data
     order."""
-    from dsv4.tokenizer import encode_prompt
-
-    seen, out = set(), []
-    for d, k in zip(docs, kinds, strict=True):
-        if k:
-            continue
-        for m in CLASS_HEADER.finditer(tokenizer.decode(d.ids, skip_special_tokens=True)):
-            if m.group() in seen:
-                continue
-            seen.add(m.group())
-            ids = encode_prompt(tokenizer, m.group(), bos_id)
-            if len(ids) in lengths:
-                out.append(ids)
-    return out
+    texts = (m.group() for d, k in zip(docs, kinds, strict=True) if not k
+             for m in CLASS_HEADER.finditer(tokenizer.decode(d.ids, skip_special_tokens=True)))
+    return encoded_once(texts, tokenizer, lengths, bos_id)
 
 
 def check_same_config(got, want, where: Path) -> None:
@@ -305,7 +304,7 @@ def main(argv=None) -> dict:
     log = MetricsLog(out)
     budget_s = args.minutes * 60 if args.minutes else float("inf")
     t0 = time.perf_counter()
-    step_times, step_tokens, tokens, graphs, probe_times, step_probes = [], [], 0, [], [], []
+    step_times, step_tokens, tokens, graphs, step_probes = [], [], 0, [], []
     prof = None
     while trainer.step < train.max_steps:
         if args.profile and trainer.step == train.max_steps - args.profile:
@@ -319,9 +318,7 @@ def main(argv=None) -> dict:
         tokens += rec["tokens"]
         step_tokens.append(rec["tokens"])
         graphs.append(rec.get("compiled_graphs", 0))
-        step_probes.append(rec.get("probe_s", 0.0))
-        if "probe_s" in rec:
-            probe_times.append(rec["probe_s"])
+        step_probes.append(rec.get("probe_s", 0.0))           # 0.0: no probe this step
         rec["step_s"], rec["elapsed_s"] = dt, time.perf_counter() - t0
         log.write(rec)
         if trainer.step <= 3 or trainer.step % 25 == 0:
@@ -332,7 +329,8 @@ def main(argv=None) -> dict:
             # a step's time includes its probe's: the steps are timed without it, the probes spread over all steps
             bare = [t - p for t, p in zip(step_times, step_probes, strict=True)]
             train.max_steps = sized_steps(trainer.step, rec["elapsed_s"], bare[2:] or bare, budget_s,
-                                          probe_s_per_step(probe_times, args.greedy_probe_every))
+                                          probe_s_per_step([p for p in step_probes if p],
+                                                           args.greedy_probe_every))
             # a short run gets a short warmup (10% of it), never shorter than the steps already taken
             train.warmup_steps = max(trainer.step + 1, min(args.warmup_steps, train.max_steps // 10))
             print(f"schedule sized to {train.max_steps} steps for the {args.minutes} minute budget", flush=True)
