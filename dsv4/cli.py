@@ -12,10 +12,11 @@ import os
 import sys
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-# `dsv4 generate` with the built-in model (which writes code until stopped): enough for a function, and few enough
-# that the README's first command finishes in seconds on a CPU (the built-in model v2 decodes ~15 tokens/s on one
-# busy core; docs/builtin_model.md).
-BUILTIN_GENERATE_TOKENS = 96
+# `dsv4 generate` with the built-in model: a cap, enough for a function, few enough that the README's first command
+# finishes in seconds on a CPU. The installed v2 ends a function with EOS (trained on function documents): its
+# README continuation ends after 155 tokens (~10 s on 2 cores, ~20 tokens/s); the earlier cap of 96 (set for v1,
+# which never stopped) cut it mid-line.
+BUILTIN_GENERATE_TOKENS = 192
 CHAT_TEMPERATURE = 1.0
 DEFAULT_MAX_TOKENS = 256
 
