@@ -41,6 +41,18 @@ def renamed_note(summary: dict) -> str:
             "words of the tokenizer)") if n else ""
 
 
+def algorithms_note(summary: dict, perf: dict) -> str:
+    """Data v4's `algorithms` package: its share, its weight in the last run, and what it means for README's prompt."""
+    n = (summary.get("tokens_by_source") or {}).get("algorithms")
+    if not n:
+        return ""
+    k = (perf.get("settings", {}).get("args", {}).get("upweight") or {}).get("algorithms", 1)
+    weight = f"; the last run saw its documents {k} times an epoch (`--upweight algorithms={k}`)" if k > 1 else ""
+    return (f"\nData v4 adds the `algorithms` package (small classic functions, MIT): {n:,} of the tokens{weight}. It "
+            "holds Fibonacci functions, so the README's prompt (`def fibonacci(n):`) is in the training "
+            "distribution: what the model prints for it is recall of that kind of code, not a generalisation.\n")
+
+
 def chain(lineage: list[dict] | None) -> str:
     """The runs that made the weights, when more than one did (scripts/builtin_lineage.py)."""
     if not lineage or len(lineage) < 2:
@@ -174,7 +186,7 @@ with the function, in the official V4 chat format ending with EOS; loss on the r
 Held out of everything (tokenizer, code, chat): {', '.join(f'`{n}`' for n in summary['heldout'])}. Sources, versions, the
 licence of each (all permit redistributing the weights with the notices retained) and how the chat set is built:
 [builtin_model_v2_data.md](builtin_model_v2_data.md).
-
+{algorithms_note(summary, perf)}
 ## Tokenizer
 
 Byte-level BPE with {summary['vocab_size']} ids trained with the `tokenizers` library on the training files. Ids 0–14 are
@@ -221,7 +233,8 @@ def reproduce(perf: dict, lineage: list[dict] | None) -> str:
             args.update(out=f"/tmp/{r['run']}", init=f"/tmp/{prev}/model" if prev else None,
                         steps=r["perf"]["steps"], minutes=None, row_len=args.get("row_len") or 0)
         last = r is runs[-1]
-        lines.append(f"python3 {' '.join(_args(args))}{' --bundle BUNDLE' if last else ''}   # GPU")
+        where = "CPU" if r["perf"].get("device") == "cpu" else "GPU"          # the device the run had
+        lines.append(f"python3 {' '.join(_args(args))}{' --bundle BUNDLE' if last else ''}   # {where}")
         prev = r["run"]
     note = ("" if len(runs) == 1 else "\nThe chain's runs trained on the data of their day (the table's last column): "
             "today's scripts give every run today's data, so a rerun is the same recipe, not the same bits.\n")

@@ -17,7 +17,8 @@ own words (`rename_pool`), so that the model learns to copy the requested name i
 Outputs under OUT: tokenizer.json (byte-level BPE, VOCAB ids, the V4 specials first), train.npz (uint16 `ids`,
 int64 `offsets` of each document's start + the end, `mask` = np.packbits of the per-token target flags, `kind`
 0 code / 1 chat per document), licences.json, heldout_chat.json, heldout.py.txt (held-out text for perplexity),
-summary.json. Load train.npz with `load_documents` (what scripts/train_builtin_gpu.py does).
+summary.json. Load train.npz with `load_documents` (what scripts/train_builtin_gpu.py does); `load_sources` gives
+each document's source (`stdlib` or the package's name: `--upweight` in the trainer repeats one source's documents).
 Usage: PYTHONPATH=. python3 scripts/builtin_data.py .builtin_data [--tokenizer OLD/tokenizer.json]
 (--tokenizer: the corpus grows but the token ids stay those a checkpoint was trained with.)
 """
@@ -63,7 +64,12 @@ PACKAGES = ("attrs==26.1.0", "boltons==26.2.0", "cachetools==8.0.2", "click==8.5
             "toolz==1.2.0", "typing-extensions==4.16.0", "urllib3==2.8.0", "werkzeug==3.1.9",
             # data v2 (2026-12-03): the first GPU runs reached 2 epochs of the 8.5 M tokens above in 9 minutes;
             # these more than double the corpus (sympy alone: 16.5 MB of source), all BSD-3 or MIT.
-            "sympy==1.14.0", "mpmath==1.4.1", "django==5.2.19", "setuptools==84.2.1")
+            "sympy==1.14.0", "mpmath==1.4.1", "django==5.2.19", "setuptools==84.2.1",
+            # data v4 (2026-12-04): small classic algorithms (sorting, searching, dynamic programming, number
+            # theory, strings; 401 files, MIT), the kind of function a user's bare `def name(n):` prompt asks for.
+            # The library code above holds almost none (no Fibonacci outside sympy's class); this one does: README's
+            # prompt is therefore in the data's distribution, which docs/builtin_model.md says.
+            "algorithms==1.0.1")
 PERMISSIVE = re.compile(r"\b(MIT|BSD|Apache|PSF|Python Software Foundation)", re.I)
 SKIP_PARTS = {"test", "tests", "testing", "_testing"}
 TEMPLATES = (
@@ -296,13 +302,22 @@ def check_tokenizer(tok, where) -> None:
             raise RuntimeError(f"{where}: special token {s!r} has id {tok.token_to_id(s)}, expected {i}")
 
 
-def save_documents(docs, kinds: list[int], path: Path) -> None:
+def save_documents(docs, kinds: list[int], path: Path, sources: list[str] | None = None) -> None:
+    """train.npz: the documents' tokens, targets and kinds; with `sources` (a name per document) also `source`
+    (an index per document) and `source_names`."""
     lengths = np.array([len(d.ids) for d in docs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids = np.fromiter((t for d in docs for t in d.ids), dtype=np.uint16, count=int(offsets[-1]))
     mask = np.packbits(np.fromiter((m for d in docs for m in d.mask), dtype=bool, count=int(offsets[-1])))
     # compressed: token ids of code deflate ~3x, and this file travels to the GPU machine (64 MiB per call)
-    np.savez_compressed(path, ids=ids, offsets=offsets, mask=mask, kind=np.array(kinds, dtype=np.uint8))
+    extra = {}
+    if sources is not None:
+        if len(sources) != len(docs):
+            raise ValueError(f"{len(sources)} sources for {len(docs)} documents")
+        names = sorted(set(sources))
+        index = {n: i for i, n in enumerate(names)}
+        extra = {"source": np.array([index[n] for n in sources], dtype=np.uint16), "source_names": np.array(names)}
+    np.savez_compressed(path, ids=ids, offsets=offsets, mask=mask, kind=np.array(kinds, dtype=np.uint8), **extra)
 
 
 def load_documents(path) -> tuple[list, np.ndarray]:
@@ -315,6 +330,16 @@ def load_documents(path) -> tuple[list, np.ndarray]:
     mask = np.unpackbits(z["mask"], count=int(offsets[-1])).astype(bool)
     docs = [Document(ids[a:b].tolist(), mask[a:b].tolist()) for a, b in itertools.pairwise(offsets)]
     return docs, z["kind"]
+
+
+def load_sources(path) -> list[str]:
+    """Each document's source in a train.npz (`stdlib` or a package's name); data written before v4 has none."""
+    z = np.load(path)
+    if "source" not in z:
+        raise ValueError(f"{path} records no document sources (data before v4): rebuild it with "
+                         "scripts/builtin_data.py")
+    names = [str(n) for n in z["source_names"]]
+    return [names[i] for i in z["source"]]
 
 
 def main() -> None:
@@ -345,6 +370,8 @@ def main() -> None:
         r["files_used"] = sum(n.startswith(r["wheel"] + ":") for n, _ in pkg)
     dropped = [n for n, s in pkg if any(b in s for b in held_sources)]
     sources = std_sources + [(n, s) for n, s in pkg if n not in dropped]
+    wheel_name = {r["wheel"]: r["name"] for r in licences}
+    origin = ["stdlib"] * len(std_sources) + [wheel_name[n.split(":", 1)[0]] for n, _ in sources[len(std_sources):]]
 
     if args.tokenizer:
         check_tokenizer(Tokenizer.from_file(args.tokenizer), args.tokenizer)
@@ -357,7 +384,9 @@ def main() -> None:
 
     pool = rename_pool(tok)
     docs, kinds, n_chat, n_renamed, seen, func_tokens = [], [], 0, 0, set(), 0
-    for _, text in sources:
+    doc_sources = []
+    for (_, text), src in zip(sources, origin, strict=True):
+        first = len(docs)
         for piece in chunks(tok.encode(text, add_special_tokens=False).ids, newline_ids, DOC_TOKENS - 1):
             docs.append(Document([0, *piece], [True] * (len(piece) + 1)))
             kinds.append(0)
@@ -378,7 +407,8 @@ def main() -> None:
                 docs.append(doc)
                 kinds.append(1)
                 n_renamed += 1
-    save_documents(docs, kinds, out / "train.npz")
+        doc_sources += [src] * (len(docs) - first)
+    save_documents(docs, kinds, out / "train.npz", doc_sources)
 
     requests = [{**chat_record(sig, what, body, k), "reference": body} for k, (sig, what, body) in
                 enumerate(held_funcs)]
@@ -401,6 +431,8 @@ def main() -> None:
                "vocab_size": VOCAB, "doc_tokens": DOC_TOKENS, "max_reply_tokens": MAX_REPLY_TOKENS,
                "max_package_share": MAX_PACKAGE_SHARE, "capped_packages": capped,
                "heldout": list(HELDOUT),
+               "tokens_by_source": {n: sum(len(d) for d, s in zip(docs, doc_sources, strict=True) if s == n)
+                                    for n in dict.fromkeys(doc_sources)},
                "train_npz_bytes": (out / "train.npz").stat().st_size}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "dropped_package_files"}), flush=True)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from builtin_data import load_documents
+from builtin_data import load_documents, load_sources
 
 from dsv4.train.command import add_probe_arguments, probe_fields
 
@@ -82,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--chat-repeat", type=int, default=1, metavar="N",
                     help="each chat document N times an epoch (in different rows): more of the chat turn's end, "
                          "where run 16 went on with another def instead of closing the block with EOS")
+    ap.add_argument("--upweight", default="", metavar="NAME=N[,NAME=N]",
+                    help="every document of these sources (`stdlib` or a package's name, as in the data's "
+                         "summary.json tokens_by_source) N times an epoch, on top of --chat-repeat: e.g. "
+                         "algorithms=8 puts the small classic functions of data v4 in front of a short continuation "
+                         "that would otherwise see a few of them")
     ap.add_argument("--probe-chat-share", type=float, default=0.0, metavar="X",
                     help="share of the greedy probe's prefixes that are chat requests of the data through the "
                          "assistant marker, --probe-prefix-len tokens long (default 0): the probe's greedy tokens "
@@ -123,6 +128,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, flag) and not args.probe_chat_share:
             ap.error(f"--{flag.replace('_', '-')} needs --probe-chat-share (the share of each probe given to "
                      "prompts)")
+    try:
+        args.upweight = {n.strip(): int(k) for n, k in (w.split("=") for w in args.upweight.split(",") if w.strip())}
+    except ValueError:
+        ap.error(f"--upweight takes NAME=N pairs like algorithms=8; got {args.upweight!r}")
+    if any(k < 1 for k in args.upweight.values()):
+        ap.error(f"--upweight factors must be >= 1, got {args.upweight}")
     if args.profile and (not args.steps or args.profile >= args.steps):
         ap.error("--profile N needs --steps larger than N (the first steps include one-off costs)")
     return args
@@ -134,6 +145,16 @@ def repeat_chat(docs: list, kinds, n: int) -> tuple[list, list[int]]:
         raise ValueError(f"--chat-repeat must be >= 1, got {n}")
     chat = [d for d, k in zip(docs, kinds, strict=True) if k]
     return list(docs) + chat * (n - 1), [int(k) for k in kinds] + [1] * len(chat) * (n - 1)
+
+
+def upweight(docs: list, kinds, sources: list[str], weights: dict[str, int]) -> tuple[list, list[int]]:
+    """The documents with those of each source in `weights` that many times in all; their kinds alongside.
+    A name no document has is an error (a typo would otherwise train on the plain mix, silently)."""
+    unknown = sorted(set(weights) - set(sources))
+    if unknown:
+        raise ValueError(f"--upweight: no document comes from {unknown}; the sources are {sorted(set(sources))}")
+    extra = [(d, int(k)) for d, k, s in zip(docs, kinds, sources, strict=True) for _ in range(weights.get(s, 1) - 1)]
+    return list(docs) + [d for d, _ in extra], [int(k) for k in kinds] + [k for _, k in extra]
 
 
 def chat_prompts(docs: list, kinds, length: int, end_id: int) -> list[list[int]]:
@@ -262,6 +283,8 @@ def main(argv=None) -> dict:
                   "class headers", flush=True)
             prompts += heads + classes
         random.Random(args.seed).shuffle(prompts)
+    if args.upweight:
+        docs, kinds = upweight(docs, kinds, load_sources(data / "train.npz"), args.upweight)
     docs, kinds = repeat_chat(docs, kinds, args.chat_repeat)
     top = max(max(d.ids) for d in docs)
     if top >= cfg.vocab_size:

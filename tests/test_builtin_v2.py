@@ -194,6 +194,35 @@ def test_chat_repeat_adds_copies_of_the_chat_documents_only():
         train_builtin_gpu.repeat_chat(docs, kinds, 0)
 
 
+def test_upweight_repeats_the_named_sources_documents_only_and_names_a_typo():
+    docs, kinds, sources = ["a", "b", "c", "d"], [0, 1, 0, 1], ["stdlib", "algorithms", "algorithms", "flask"]
+    assert train_builtin_gpu.upweight(docs, kinds, sources, {}) == (docs, kinds)
+    assert train_builtin_gpu.upweight(docs, kinds, sources, {"algorithms": 3}) == (
+        docs + ["b", "b", "c", "c"], [*kinds, 1, 1, 0, 0])
+    assert train_builtin_gpu.upweight(docs, kinds, sources, {"algorithms": 2, "flask": 2}) == (
+        docs + ["b", "c", "d"], [*kinds, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"no document comes from \['algorithm'\]"):
+        train_builtin_gpu.upweight(docs, kinds, sources, {"algorithm": 2})
+    assert train_builtin_gpu.parse_args(["d", "o", "--steps", "1", "--upweight", "algorithms=8, stdlib=2"]
+                                        ).upweight == {"algorithms": 8, "stdlib": 2}
+    for bad in ("algorithms", "algorithms=x", "algorithms=0"):
+        with pytest.raises(SystemExit):
+            train_builtin_gpu.parse_args(["d", "o", "--steps", "1", "--upweight", bad])
+
+
+def test_documents_keep_their_sources_through_train_npz(tmp_path):
+    from dsv4.train.data import Document
+
+    docs = [Document([0, 7, 8], [True] * 3), Document([0, 9], [True] * 2), Document([0, 5], [True] * 2)]
+    builtin_data.save_documents(docs, [0, 1, 0], tmp_path / "train.npz", ["stdlib", "algorithms", "stdlib"])
+    assert builtin_data.load_sources(tmp_path / "train.npz") == ["stdlib", "algorithms", "stdlib"]
+    with pytest.raises(ValueError, match="3 documents"):
+        builtin_data.save_documents(docs, [0, 1, 0], tmp_path / "bad.npz", ["stdlib"])
+    builtin_data.save_documents(docs, [0, 1, 0], tmp_path / "old.npz")              # data before v4: no sources
+    with pytest.raises(ValueError, match="no document sources"):
+        builtin_data.load_sources(tmp_path / "old.npz")
+
+
 def test_chat_prompts_are_the_requests_of_the_given_length_through_the_marker():
     from dsv4.train.data import Document
 
@@ -399,6 +428,17 @@ def test_card_counts_data_v3s_function_documents_and_renamed_copies():
     card = builtin_card.render(perf, result, summary, expected, None)
     assert "(4,321 of them one function each: BOS, its source, EOS)" in card
     assert "and 4,300 renamed copies of them" in card
+    assert "algorithms" not in card                                                     # data v3: no v4 claim
+
+
+def test_card_says_data_v4s_algorithms_put_readmes_prompt_in_distribution():
+    perf, result, summary, expected = _card_records()
+    summary = {**summary, "tokens_by_source": {"stdlib": 100, "algorithms": 502816}}
+    card = builtin_card.render(perf, result, summary, expected, None)
+    assert "`algorithms` package (small classic functions, MIT): 502,816 of the tokens. It holds Fibonacci" in card
+    perf["settings"]["args"]["upweight"] = {"algorithms": 16}
+    card = builtin_card.render(perf, result, summary, expected, None)
+    assert "502,816 of the tokens; the last run saw its documents 16 times an epoch (`--upweight algorithms=16`)" in card
 
 
 def _write_run(root, name, perf, init, steps, lr):
@@ -419,7 +459,8 @@ def test_a_lineage_reports_every_run_and_checks_the_chain(tmp_path):
     import builtin_lineage
 
     perf, result, summary, expected = _card_records()
-    entries = [_write_run(tmp_path, "a", perf, None, 3, 1e-3), _write_run(tmp_path, "b", perf, "/tmp/a/model", 2, 5e-4)]
+    entries = [_write_run(tmp_path, "a", perf, None, 3, 1e-3),
+               _write_run(tmp_path, "b", {**perf, "device": "cpu"}, "/tmp/a/model", 2, 5e-4)]
     (tmp_path / "lineage.json").write_text(json.dumps(entries))
     runs = builtin_lineage.load(tmp_path / "lineage.json", root=tmp_path)
     assert builtin_lineage.totals(runs) | {"devices": None} == {"runs": 2, "steps": 5, "tokens": 5000,
@@ -433,6 +474,8 @@ def test_a_lineage_reports_every_run_and_checks_the_chain(tmp_path):
                    ".builtin_data /tmp/a ", "--steps 3", "--row-len 0", "/tmp/b ", "--steps 2", "--init /tmp/a/model",
                    "--lineage LINEAGE.json"):
         assert figure in card, figure
+    first, second = card.split("## Reproduce")[1].split("\npython3 ")[1:3]
+    assert first.endswith("# GPU") and "--bundle BUNDLE   # CPU" in second             # each run's own device
     assert "--minutes" not in card.split("## Reproduce")[1]
 
     for bad, match in (([entries[1]], "continues /tmp/a/model"), ([entries[0], entries[0]], "random weights")):
