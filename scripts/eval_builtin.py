@@ -135,6 +135,21 @@ def score_text(model, tokenizer, text: str, max_windows: int | None = None) -> d
     return out
 
 
+def body_logprob(model, tokenizer, prompt: str, body: str) -> dict:
+    """Log-probabilities (nats) of `body`'s tokens after BOS + `prompt`, teacher-forced: how close the model is to
+    writing that body for a code prompt (a continuous figure beside the greedy text, which moves only when a whole
+    path changes). The prompt's tokens must be a prefix of (prompt + body)'s, else the body is not what follows."""
+    head = tokenizer.encode(prompt, add_special_tokens=False).ids
+    ids = tokenizer.encode(prompt + body, add_special_tokens=False).ids
+    if ids[:len(head)] != head or len(ids) == len(head):
+        raise ValueError(f"{body!r} does not tokenise as a continuation of {prompt!r}")
+    seq = torch.tensor([[0, *ids]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(seq).float()[0, :-1], dim=-1)
+    lp = logp[len(head):].gather(-1, seq[0, len(head) + 1:, None]).squeeze(-1)
+    return {"tokens": len(lp), "mean": lp.mean().item(), "min": lp.min().item()}
+
+
 def mtp_agreement(model, h: torch.Tensor, ids: torch.Tensor) -> tuple[int, int, int]:
     """(MTP argmax == main argmax at i+1, MTP argmax == token i+2, positions) over one sequence ids [1, s]."""
     s = ids.shape[1]

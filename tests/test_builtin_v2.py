@@ -528,3 +528,27 @@ def test_profile_needs_a_fixed_step_count_larger_than_it():
         with pytest.raises(SystemExit):
             train_builtin_gpu.parse_args(["data", "out", *extra])
     assert train_builtin_gpu.parse_args(["data", "out", "--steps", "10", "--profile", "3"]).profile == 3
+
+
+def test_body_logprob_scores_each_body_token_after_its_own_prefix():
+    """Teacher-forced body log-probabilities equal those of one forward per prefix (the last position's)."""
+    import torch
+    from tokenizers import Tokenizer
+
+    import dsv4
+
+    path = Path(__file__).resolve().parent.parent / "dsv4" / "builtin_model"
+    model = dsv4.load_model(path, quant_emulation=True, progress=False).eval()
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    prompt, body = "def fibonacci(n):", "\n    return n\n"
+    got = eval_builtin.body_logprob(model, tok, prompt, body)
+    ids = [0, *tok.encode(prompt + body, add_special_tokens=False).ids]
+    start = 1 + len(tok.encode(prompt, add_special_tokens=False).ids)
+    with torch.no_grad():
+        each = [torch.log_softmax(model(torch.tensor([ids[:i]])).float()[0, -1], -1)[ids[i]].item()
+                for i in range(start, len(ids))]
+    assert got["tokens"] == len(each) == len(ids) - start > 1
+    assert got["mean"] == pytest.approx(sum(each) / len(each), abs=1e-4)       # fp32: one forward vs many
+    assert got["min"] == pytest.approx(min(each), abs=1e-4)
+    with pytest.raises(ValueError, match="continuation"):
+        eval_builtin.body_logprob(model, tok, prompt, "")

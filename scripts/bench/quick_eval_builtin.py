@@ -39,6 +39,20 @@ SELECTION_CODE_PROMPTS = (
     "def slugify(title):",
 )
 
+# Plain bodies for the README's prompt, scored teacher-forced (eval_builtin.body_logprob): whether a run moves the
+# model towards a plausible function for it (issue 17 item 6) before its greedy text shows it. Evaluation only:
+# written here, never in the training data.
+README_BODIES = {
+    "recursive": "\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "iterative": "\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    "docstring": '\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
+                 "    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+}
+
+
+def readme_bodies(model, tokenizer) -> dict:
+    return {name: E.body_logprob(model, tokenizer, E.CODE_PROMPTS[0], body) for name, body in README_BODIES.items()}
+
 
 def main(argv=None) -> dict:
     import dsv4
@@ -70,6 +84,8 @@ def main(argv=None) -> dict:
                             "code": E.code_eval(llm, dsv4.SamplingParams, SELECTION_CODE_PROMPTS)}
         print("selection", {k: {n: v for n, v in r.items() if not isinstance(v, list)}
                             for k, r in out["selection"].items()}, flush=True)
+    out["readme_bodies"] = readme_bodies(llm.model, llm.tokenizer)
+    print("readme bodies", {k: round(v["mean"], 3) for k, v in out["readme_bodies"].items()}, flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     return out
