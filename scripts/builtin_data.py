@@ -68,7 +68,8 @@ PACKAGES = ("attrs==26.1.0", "boltons==26.2.0", "cachetools==8.0.2", "click==8.5
             # data v4 (2026-12-04): small classic algorithms (sorting, searching, dynamic programming, number
             # theory, strings; 401 files, MIT), the kind of function a user's bare `def name(n):` prompt asks for.
             # The library code above holds almost none (no Fibonacci outside sympy's class); this one does: README's
-            # prompt is therefore in the data's distribution, which docs/builtin_model.md says.
+            # prompt is therefore in the data's distribution, as docs/builtin_model_v2_data.md says (and the card,
+            # scripts/builtin_card.algorithms_note, once a model trained on it is installed).
             "algorithms==1.0.1")
 PERMISSIVE = re.compile(r"\b(MIT|BSD|Apache|PSF|Python Software Foundation)", re.I)
 SKIP_PARTS = {"test", "tests", "testing", "_testing"}

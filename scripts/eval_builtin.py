@@ -143,7 +143,7 @@ def body_logprob(model, tokenizer, prompt: str, body: str) -> dict:
     ids = tokenizer.encode(prompt + body, add_special_tokens=False).ids
     if ids[:len(head)] != head or len(ids) == len(head):
         raise ValueError(f"{body!r} does not tokenise as a continuation of {prompt!r}")
-    seq = torch.tensor([[0, *ids]])
+    seq = torch.tensor([[model.cfg.bos_token_id, *ids]])
     with torch.no_grad():
         logp = torch.log_softmax(model(seq).float()[0, :-1], dim=-1)
     lp = logp[len(head):].gather(-1, seq[0, len(head) + 1:, None]).squeeze(-1)
