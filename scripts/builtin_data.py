@@ -421,6 +421,9 @@ def main() -> None:
               "licence": "PSF-2.0 (Python Software Foundation License Version 2)", "files": len(std)}
     (out / "licences.json").write_text(json.dumps([stdlib, *licences], indent=1) + "\n")
     n_tok = sum(len(d) for d in docs)
+    tokens_by_source = dict.fromkeys(doc_sources, 0)                     # first-seen order: stdlib, then packages
+    for d, src in zip(docs, doc_sources, strict=True):
+        tokens_by_source[src] += len(d)
     summary = {"files": len(sources), "stdlib_files": len(std), "package_files": len(pkg) - len(dropped),
                "dropped_package_files": dropped, "packages": len(licences), "documents": len(docs),
                "code_documents": len(docs) - n_chat - n_renamed, "chat_examples": n_chat,
@@ -432,8 +435,7 @@ def main() -> None:
                "vocab_size": VOCAB, "doc_tokens": DOC_TOKENS, "max_reply_tokens": MAX_REPLY_TOKENS,
                "max_package_share": MAX_PACKAGE_SHARE, "capped_packages": capped,
                "heldout": list(HELDOUT),
-               "tokens_by_source": {n: sum(len(d) for d, s in zip(docs, doc_sources, strict=True) if s == n)
-                                    for n in dict.fromkeys(doc_sources)},
+               "tokens_by_source": tokens_by_source,
                "train_npz_bytes": (out / "train.npz").stat().st_size}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "dropped_package_files"}), flush=True)

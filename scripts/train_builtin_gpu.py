@@ -149,12 +149,13 @@ def repeat_chat(docs: list, kinds, n: int) -> tuple[list, list[int]]:
 
 def upweight(docs: list, kinds, sources: list[str], weights: dict[str, int]) -> tuple[list, list[int]]:
     """The documents with those of each source in `weights` that many times in all; their kinds alongside.
+    (`repeat_chat` appends whole rounds instead; the order does not matter: `row_packs` shuffles the rows.)
     A name no document has is an error (a typo would otherwise train on the plain mix, silently)."""
     unknown = sorted(set(weights) - set(sources))
     if unknown:
         raise ValueError(f"--upweight: no document comes from {unknown}; the sources are {sorted(set(sources))}")
-    extra = [(d, int(k)) for d, k, s in zip(docs, kinds, sources, strict=True) for _ in range(weights.get(s, 1) - 1)]
-    return list(docs) + [d for d, _ in extra], [int(k) for k in kinds] + [k for _, k in extra]
+    extra = [i for i, s in enumerate(sources) for _ in range(weights.get(s, 1) - 1)]      # each copy, by index
+    return list(docs) + [docs[i] for i in extra], [int(k) for k in kinds] + [int(kinds[i]) for i in extra]
 
 
 def chat_prompts(docs: list, kinds, length: int, end_id: int) -> list[list[int]]:

@@ -198,9 +198,9 @@ def test_upweight_repeats_the_named_sources_documents_only_and_names_a_typo():
     docs, kinds, sources = ["a", "b", "c", "d"], [0, 1, 0, 1], ["stdlib", "algorithms", "algorithms", "flask"]
     assert train_builtin_gpu.upweight(docs, kinds, sources, {}) == (docs, kinds)
     assert train_builtin_gpu.upweight(docs, kinds, sources, {"algorithms": 3}) == (
-        docs + ["b", "b", "c", "c"], [*kinds, 1, 1, 0, 0])
+        [*docs, "b", "b", "c", "c"], [*kinds, 1, 1, 0, 0])
     assert train_builtin_gpu.upweight(docs, kinds, sources, {"algorithms": 2, "flask": 2}) == (
-        docs + ["b", "c", "d"], [*kinds, 1, 0, 1])
+        [*docs, "b", "c", "d"], [*kinds, 1, 0, 1])
     with pytest.raises(ValueError, match=r"no document comes from \['algorithm'\]"):
         train_builtin_gpu.upweight(docs, kinds, sources, {"algorithm": 2})
     assert train_builtin_gpu.parse_args(["d", "o", "--steps", "1", "--upweight", "algorithms=8, stdlib=2"]
@@ -438,7 +438,8 @@ def test_card_says_data_v4s_algorithms_put_readmes_prompt_in_distribution():
     assert "`algorithms` package (small classic functions, MIT): 502,816 of the tokens. It holds Fibonacci" in card
     perf["settings"]["args"]["upweight"] = {"algorithms": 16}
     card = builtin_card.render(perf, result, summary, expected, None)
-    assert "502,816 of the tokens; the last run saw its documents 16 times an epoch (`--upweight algorithms=16`)" in card
+    assert ("502,816 of the tokens; the last run saw its documents 16 times an epoch (`--upweight algorithms=16`)"
+            in card)
 
 
 def _write_run(root, name, perf, init, steps, lr):

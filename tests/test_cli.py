@@ -131,7 +131,6 @@ def test_generate_default_token_budget():
     assert budget("def f():", "--max-tokens", "7") == 7
 
 
-
 def test_chat_default_temperature():
     """`dsv4 chat` samples at CHAT_TEMPERATURE, but the built-in model answers greedily unless told otherwise (its
     card's figures are greedy); `generate` keeps its greedy default; an explicit --temperature always wins."""
@@ -146,6 +145,7 @@ def test_chat_default_temperature():
     assert temperature("chat", "--temperature", "0.7") == temperature("chat", "--model", "m", "--temperature", "0.7")
     assert temperature("chat", "--temperature", "0.7") == 0.7
     assert temperature("generate", "hi", "--model", "m") == 0.0
+
 
 # ---------------------------------------------------------------------------------------------- bad arguments
 def test_missing_model_dir(tmp_path):

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
 import eval_builtin as E  # noqa: E402  (a sibling script, found through sys.path)
+from install_builtin import PROMPT as README_PROMPT  # noqa: E402  (the prompt CI pins: README's)
 
 # Written for selection (none in CODE_PROMPTS, none verbatim in the training data): everyday signatures and class
 # headers like the eval's, bare, at BOS.
@@ -51,7 +52,7 @@ README_BODIES = {
 
 
 def readme_bodies(model, tokenizer) -> dict:
-    return {name: E.body_logprob(model, tokenizer, E.CODE_PROMPTS[0], body) for name, body in README_BODIES.items()}
+    return {name: E.body_logprob(model, tokenizer, README_PROMPT, body) for name, body in README_BODIES.items()}
 
 
 def main(argv=None) -> dict:
