@@ -7,7 +7,10 @@
 # into OUT: a ninth file there makes the device return none of them (the bundle included). "Best" = the largest worst margin over the
 # three bounds (chat def+EOS fraction / 0.9, code distinct-4 mean / 0.6, code distinct-4 min / 0.3; >= 1: all pass)
 # on the SELECTION set (quick_eval_builtin.py --selection: held-out chat requests 21+, other code prompts), so the
-# chosen variant's acceptance figures (also reported) are not picked by themselves.
+# chosen variant's acceptance figures (also reported) are not picked by themselves. Among variants that pass all
+# three selection bounds (worst margin >= 1), the one whose README bodies (quick_eval_builtin.py's teacher-forced
+# log-probability of plain bodies after README's prompt, mean of the bodies) score highest is chosen: issue 17
+# item 6 (README's prompt gets a plausible body) is what such runs are for, and the selection set guards the rest.
 # Usage (repository root, on the GPU machine; carry .builtin_data):
 #   bash scripts/bench/train_variants.sh OUT INIT_DIR "NAME1 ARGS..." "NAME2 ARGS..." ...
 # Each quoted variant: a name, then scripts/train_builtin_gpu.py arguments (--steps N, --seed S, ...).
@@ -54,8 +57,19 @@ for n in names:
     print(f"{n}: selection chat {sc['def_and_eos']}/{sc['n']}, code {sk['distinct4_mean']:.3f} / "
           f"{sk['distinct4_min']:.3f}, worst margin {scores[n]:.3f}; acceptance chat {c['def_and_eos']}/{c['n']}, "
           f"code {k['distinct4_mean']:.3f} / {k['distinct4_min']:.3f}", file=sys.stderr)
-best = max(scores, key=scores.get) if scores else ""
-(out / "variants.json").write_text(json.dumps({"best": best, "worst_margin": scores, "quick_eval": results,
+def readme(n):
+    bodies = results[n].get("readme_bodies") or {}
+    return sum(b["mean"] for b in bodies.values()) / len(bodies) if bodies else float("-inf")
+passing = [n for n in scores if scores[n] >= 1]
+if passing:
+    best = max(passing, key=readme)
+else:
+    best = max(scores, key=scores.get) if scores else ""
+for n in scores:
+    print(f"{n}: README bodies mean log-p {readme(n):.3f}{' (passes the selection bounds)' if n in passing else ''}",
+          file=sys.stderr)
+(out / "variants.json").write_text(json.dumps({"best": best, "worst_margin": scores, "passing": passing,
+                                              "readme_mean": {n: readme(n) for n in scores}, "quick_eval": results,
                                               "training": training},
                                               indent=1, ensure_ascii=False) + "\n")
 print(best)
