@@ -11,7 +11,11 @@ are its `packed=True` option (inline-PTX decode of four codes per op, fp16 dots:
 "FP8MMA" rows its `fp8mma` option (the reference's FP8 x FP8 arithmetic: `ops/triton/fp4_prefill_fp8mma.py`; the
 FP8 MMA's accumulation is below fp32: flagged above 4e-3); `--tokens 64` is the decode batch-64 shape (384 rows).
 Usage: python3 scripts/bench/grouped_prefill.py [--tokens 1024 8192] [--repeats 10] [--json PATH] [--only fp8mma]
-(`--only fp8mma`: the two references, the default config and the FP8MMA rows only).
+(`--only fp8mma`: the two references, the default config and the FP8MMA rows only). `--only swapped` (tokens 64,
+1024 and 8192 unless given): the configuration `ops/grouped_linear.py` dispatches today against the swapped-operand
+kernel (`ops/triton/fp4_grouped_swapped.py`) in a few tiles, as us per call and TB/s of weight bytes (the FP4 bytes
+and scales of the experts with rows, counted once), each output's rel. error against the dispatched one; no bf16
+copies, no 16-row-block kernel.
 """
 
 import argparse
@@ -22,8 +26,10 @@ import torch
 
 from dsv4 import ops
 from dsv4.bench.timing import cuda_time, summary
+from dsv4.ops.grouped_linear import _PACKED_BELOW, expert_major_tiles
 from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
 from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets, fp4_grouped_gemm_prefill
+from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 from dsv4.quant import fake_quant_fp8
 
 E, N, K, TOP_K = 256, 2048, 4096, 6
@@ -42,6 +48,9 @@ PACKED_CONFIGS = [(64, 64, 8), (128, 64, 8), (64, 128, 8), (128, 128, 8), (32, 6
 FP8MMA_CONFIGS = [(32, 128, 4, False, 168), (32, 128, 4, False, None), (16, 128, 4, False, None),
                   (32, 256, 8, False, None), (32, 64, 4, False, None), (64, 64, 4, False, None),
                   (32, 64, 4, True, None), (64, 64, 4, True, None), (64, 128, 8, True, None)]
+# The swapped-operand kernel (`--only swapped`): block_m (tokens, the MMA's N), block_n (weight rows, its M: 64 per
+# warpgroup), num_warps. Offline for sm_90 none of these spills inside its K loops (64 x 128 with 4 warps does).
+SWAPPED_CONFIGS = [(16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8)]
 FP4_TOL = 1e-5
 FP8MMA_TOL = 4e-3           # a flag, not a bound: the FP8 MMA's class is elementwise (tests/test_fp4_prefill_fp8mma.py)
 
@@ -50,12 +59,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def experts(gen):
-    """Random FP4 bytes (every code) and e8m0 scales 2^-9 .. 2^-3; the bf16 copies hold the same values exactly."""
+def experts(gen, bf16: bool = True):
+    """Random FP4 bytes (every code) and e8m0 scales 2^-9 .. 2^-3; the bf16 copies hold the same values exactly
+    (None without `bf16`)."""
     w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)
     s = torch.randint(118, 125, (E, N, K // 32), dtype=torch.uint8, device=DEVICE, generator=gen)
     s = s.view(torch.float8_e8m0fnu)
-    wb = torch.stack([ops.dequant_weight(w[e], s[e], "fp4").bfloat16() for e in range(E)])
+    wb = torch.stack([ops.dequant_weight(w[e], s[e], "fp4").bfloat16() for e in range(E)]) if bf16 else None
     return w, s, wb
 
 
@@ -77,6 +87,44 @@ def timed(name: str, fn, ref, m: int, repeats: int) -> dict:
     tflops = 2 * m * N * K / t / 1e12
     print(f"  {name:<50} {t * 1e3:8.3f} ms {tflops:7.1f} TFLOP/s   rel err vs fp4_grouped_gemm {err:.2e}", flush=True)
     return {"name": name, "ms": t * 1e3, "tflops": tflops, "rel_err_vs_fp4_grouped_gemm": err}
+
+
+def timed_bytes(name: str, fn, ref, weight_bytes: int, repeats: int) -> dict:
+    """`timed` for the swapped comparison: us per call and TB/s of `weight_bytes`, rel. error against `ref`."""
+    try:
+        out = fn()
+        t = summary(cuda_time(fn, repeats))["median_s"]
+    except Exception as e:                       # a config that does not compile / fit: report and go on
+        print(f"  {name:<50} {type(e).__name__}: {str(e)[:160]}", flush=True)
+        return {"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    err = rel(out, ref)
+    print(f"  {name:<50} {t * 1e6:9.1f} us {weight_bytes / t / 1e12:6.2f} TB/s   rel err vs dispatched {err:.2e}",
+          flush=True)
+    return {"name": name, "us": t * 1e6, "weight_tbps": weight_bytes / t / 1e12, "rel_err_vs_dispatched": err}
+
+
+def swapped_results(tokens: int, w, s, gen, repeats: int) -> dict:
+    """The dispatched expert-major configuration (`_PACKED_BELOW`, `expert_major_tiles`; DSV4_FP4_PACKED /
+    DSV4_FP4_FP8MMA unset) against the swapped-operand kernel's SWAPPED_CONFIGS."""
+    eid, x = routed_rows(tokens, gen)
+    m = eid.numel()
+    used = eid.unique().numel()
+    weight_bytes = used * N * (K // 2 + K // 32)
+    packed = m < _PACKED_BELOW * E
+    bm, bn, nw = expert_major_tiles(m, E, packed)
+    print(f"{tokens} tokens: M = {m} pairs, K {K} -> N {N}, {used} of {E} experts with rows "
+          f"({weight_bytes / 1e9:.2f} GB of weights)", flush=True)
+    dispatched = partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, packed=packed)
+    ref = dispatched()
+    rows = [timed_bytes(f"dispatched prefill{' PACKED' if packed else ''} bm={bm} bn={bn} warps={nw}", dispatched,
+                        ref, weight_bytes, repeats)]
+    for bm, bn, nw in SWAPPED_CONFIGS:
+        fn = partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw)
+        rows.append(timed_bytes(f"SWAPPED packed bm={bm} bn={bn} warps={nw}", fn, ref, weight_bytes, repeats))
+    bad = [r["name"] for r in rows if r.get("rel_err_vs_dispatched", 0.0) > FP4_TOL]
+    print(f"  {'MISMATCH: ' + ', '.join(bad) if bad else 'all agree with the dispatched kernel (1e-5)'}", flush=True)
+    return {"tokens": tokens, "pairs": m, "experts_used": used, "weight_bytes": weight_bytes, "kernels": rows,
+            "mismatch": bad}
 
 
 def graph_check(x, eid, w, s) -> float:
@@ -124,15 +172,19 @@ def shape_results(tokens: int, w, s, wb, gen, repeats: int, only: str = "all") -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192])
+    p.add_argument("--tokens", type=int, nargs="+", help="default 1024 8192; with --only swapped 64 1024 8192")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the results here (e.g. bench/results/grouped_prefill_h200.json)")
-    p.add_argument("--only", choices=["all", "fp8mma"], default="all")
+    p.add_argument("--only", choices=["all", "fp8mma", "swapped"], default="all")
     args = p.parse_args()
+    tokens = args.tokens or ([64, 1024, 8192] if args.only == "swapped" else [1024, 8192])
     gen = torch.Generator(DEVICE).manual_seed(0)
-    w, s, wb = experts(gen)
-    results = {"gpu": torch.cuda.get_device_name(), "E": E, "N": N, "K": K,
-               "shapes": [shape_results(t, w, s, wb, gen, args.repeats, args.only) for t in args.tokens]}
+    w, s, wb = experts(gen, bf16=args.only != "swapped")
+    if args.only == "swapped":
+        shapes = [swapped_results(t, w, s, gen, args.repeats) for t in tokens]
+    else:
+        shapes = [shape_results(t, w, s, wb, gen, args.repeats, args.only) for t in tokens]
+    results = {"gpu": torch.cuda.get_device_name(), "E": E, "N": N, "K": K, "shapes": shapes}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
