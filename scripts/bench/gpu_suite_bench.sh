@@ -4,7 +4,8 @@
 # Only the test files that hold GPU tests are collected: the serve modules import fastapi/openai, which the device
 # lacks, and `-m gpu` deselects their tests anyway. xgrammar and jsonschema (test_structured's GPU test) travel as
 # wheels: carry .whl (see the device README), installed into /tmp/site before this script runs.
-# Usage (repository root, on the GPU machine): bash scripts/bench/gpu_suite_bench.sh OUT_DIR
+# The bench runs first (its figures are the call's point), then the suite in SUITE_S seconds (default 380).
+# Usage (repository root, on the GPU machine): [SUITE_S=N] bash scripts/bench/gpu_suite_bench.sh OUT_DIR
 set -u
 out=${1:?usage: gpu_suite_bench.sh OUT_DIR}
 t0=$(date +%s)
@@ -15,13 +16,13 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
 python3 -c "import torch, triton, xgrammar; print('torch', torch.__version__, 'triton', triton.__version__, 'xgrammar', xgrammar.__version__)"
 files=$(grep -l "pytest.mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py | grep -v "test_serve" | tr '\n' ' ')
-at "GPU tests in: $files"
-# -v lines reach the log as each test ends; SIGINT at the limit makes pytest print its summary of what ran
-timeout -s INT 380 python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs --durations=12 $files > "$out/gpu_suite.log" 2>&1
-grep -E "FAILED|ERROR|SKIPPED|passed|failed|row cosine" "$out/gpu_suite.log" | cut -c1-200 | tail -30
 at "bench (default)"
 timeout 200 python3 -u -m dsv4 bench --timing-only --no-transformers --decode-steps 12 --prefill 1024,8192 \
     --out "$out/bench.json" > "$out/bench.log" 2>&1
 grep -E "ms/step \(|prefill [0-9]+:|resident|floor_ratio" "$out/bench.log" | cut -c1-170
+at "GPU tests in: $files"
+# -v lines reach the log as each test ends; SIGINT at the limit makes pytest print its summary of what ran
+timeout -s INT "${SUITE_S:-380}" python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs --durations=12 $files > "$out/gpu_suite.log" 2>&1
+grep -E "FAILED|ERROR|SKIPPED|passed|failed|row cosine" "$out/gpu_suite.log" | cut -c1-200 | tail -30
 at done
 } 2>&1 | tee "$out/run.log"
