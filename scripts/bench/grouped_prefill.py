@@ -27,6 +27,7 @@ import torch
 from dsv4 import ops
 from dsv4.bench.timing import cuda_time, summary
 from dsv4.ops.grouped_linear import _PACKED_BELOW, expert_major_tiles
+from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
 from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
 from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets, fp4_grouped_gemm_prefill
 from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
@@ -118,6 +119,9 @@ def swapped_results(tokens: int, w, s, gen, repeats: int) -> dict:
     ref = dispatched()
     rows = [timed_bytes(f"dispatched prefill{' PACKED' if packed else ''} bm={bm} bn={bn} warps={nw}", dispatched,
                         ref, weight_bytes, repeats)]
+    if m < E:           # decode below ~43 tokens: the MoE runs the pair GEMV (`ops/moe_pairs.py`), one row per pair
+        rows.append(timed_bytes("pair GEMV (dispatched below 1 row per expert)",
+                                partial(fp4_pair_gemv, x.contiguous(), eid, w, s), ref, weight_bytes, repeats))
     for bm, bn, nw in SWAPPED_CONFIGS:
         fn = partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw)
         rows.append(timed_bytes(f"SWAPPED packed bm={bm} bn={bn} warps={nw}", fn, ref, weight_bytes, repeats))
