@@ -1,10 +1,11 @@
 """The expert-major FP4 grouped GEMM with swapped operands: out^T = W x^T, the decoded weight as the dot's LEFT
 operand. Not dispatched (`ops/grouped_linear.py` does not call it): measured on an H200 (2026-12-05,
-bench/results/h200_s15_suite/grouped_swapped.log, whole-wrapper times, K 4096 -> N 2048, 256 experts) it is 18 %
-slower than the dispatched packed kernel at decode batch 64 (1209 vs 1028 us), 16 % faster at the 1k-prefill shape
-(1755 vs 2101 us, 32 x 64 tiles) and 56 % slower at 8k. The weight bytes still reach registers through shared
-memory one byte at a time (wgmma's register layout gives a thread bytes 4 apart along K); the K permutation that
-makes them one 32-bit load per thread is the step that could change this (bench/NOTES.md, fifteenth session).
+bench/results/h200_s15_suite/grouped_swapped.log, eager wrapper calls, K 4096 -> N 2048, 256 experts) it is 16 %
+faster than the dispatched kernel at the 1k-prefill shape (1755 vs 2101 us, 32 x 64 tiles) and 56 % slower at 8k;
+at decode sizes those eager timings were host-bound (the rerun times graph replays). The weight bytes still reach
+registers through shared memory one byte at a time (wgmma's register layout gives a thread bytes 4 apart along K);
+the K permutation that makes them one 32-bit load per thread is the step that could change this (bench/NOTES.md,
+fifteenth session).
 
 Why: `fp4_grouped_prefill._fp4_grouped_prefill` computes out = x W^T with the tokens as the dot's M and the decoded
 weight tile as its right operand. At decode batches (~1.5 rows per expert, 16-row tiles) its M is 16, so the dot
