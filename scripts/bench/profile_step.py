@@ -29,7 +29,10 @@ def kernels(fn, calls: int, stacks: bool = False) -> dict:
     fn()
     torch.cuda.synchronize()
     activities = [ProfilerActivity.CUDA, *([ProfilerActivity.CPU] if stacks else [])]
-    with profile(activities=activities, with_stack=stacks) as prof:
+    # with_stack alone records no Python frames in this torch (2.11-2.13): the verbose experimental config does
+    # (the fifteenth session's --stacks table came back without its source column)
+    extra = {"experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)} if stacks else {}
+    with profile(activities=activities, with_stack=stacks, **extra) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
