@@ -1,9 +1,10 @@
 """Build the built-in model v2's training data (CPU): corpus, chat set, tokenizer, pre-tokenised binary.
 
 Corpus: this interpreter's CPython stdlib as v1 (`train_builtin.corpus_files`: no tests, idlelib, turtledemo,
-site-packages; HELDOUT files never enter anything) plus the `.py` files (tests excluded) of the permissively
-licensed pure-Python wheels in PACKAGES (`pip download`ed into --wheels, default .builtin_wheels/; name, version
-and licence of each recorded in OUT/licences.json). A package file holding a held-out function verbatim is dropped.
+site-packages; HELDOUT files never enter anything) plus the `.py` files (tests and vendored copies of other projects
+excluded: `corpus_member`) of the permissively licensed wheels in PACKAGES (`pip download`ed into --wheels, default
+.builtin_wheels/; name, version and licence of each recorded in OUT/licences.json). A package file holding a
+held-out function verbatim is dropped.
 Chat set: every function or method with a docstring (parsed with `ast`) becomes a user request phrased from its
 signature and the docstring's first sentence, answered by the function's source in a ```python block, encoded in
 the official V4 chat format (chat mode, `dsv4.train.data.chat_document`: loss only on the assistant turn + EOS).
@@ -56,7 +57,8 @@ MAX_REPLY_TOKENS = 256          # chat answers (reply + EOS) longer than this ar
                                 # small functions that end, as the issue's check asks (def + EOS within 256 tokens);
                                 # run 16 imitated long answers and ran past the turn's end
 RENAME_SEED = 17               # the renamed chat copies' names are drawn from random.Random(RENAME_SEED + example)
-# Pinned so the data is reproducible; every one is pure Python under MIT / BSD / Apache-2.0 / PSF.
+# Pinned so the data is reproducible; every one is under MIT / BSD / Apache-2.0 / PSF (pure Python up to data v4;
+# data v5 has compiled wheels too, of which only the .py files are read).
 PACKAGES = ("attrs==26.1.0", "boltons==26.2.0", "cachetools==8.0.2", "click==8.5.1", "decorator==5.3.1",
             "flask==3.1.3", "idna==3.20", "iniconfig==2.3.1", "itsdangerous==2.2.0", "jinja2==3.1.6",
             "more-itertools==11.2.1", "networkx==3.6.1", "packaging==26.4", "pluggy==1.7.0", "pyparsing==3.3.3",
@@ -70,9 +72,36 @@ PACKAGES = ("attrs==26.1.0", "boltons==26.2.0", "cachetools==8.0.2", "click==8.5
             # The library code above holds almost none (no Fibonacci outside sympy's class); this one does: README's
             # prompt is therefore in the data's distribution, as docs/builtin_model_v2_data.md says (and the card,
             # scripts/builtin_card.algorithms_note, once a model trained on it is installed).
-            "algorithms==1.0.1")
+            "algorithms==1.0.1",
+            # data v5 (2026-12-05): the model trained on data v4 (16 M tokens, ~5 epochs) plateaued at a held-out
+            # perplexity of ~21 with its training loss far below: data-limited. These 64 packages (web and async
+            # servers and clients, databases, task queues, parsers, linters and type checkers, build tools, data
+            # science) are ordinary library code with docstrings, MIT / BSD / Apache-2.0 (aiohttp: Apache-2.0 AND
+            # MIT, trio: MIT OR Apache-2.0); their vendored subtrees are left out (VENDORED_PARTS). Some wheels are
+            # CPython 3.11 x86-64 builds: only their .py files are read. Looked at and left out: astroid (LGPL),
+            # docutils (GPL among its licences), peewee (no licence in its METADATA), numpy (Zlib, CC0 in its
+            # licence expression), matplotlib (its own PSF-derived licence; bundled fonts under others), scipy (a
+            # 35 MB wheel), pygments (lexers: regex tables), yapf (its tests and a lib2to3 copy are top-level
+            # packages), statsmodels, fonttools, bokeh (specialised or declarative; the corpus was large enough).
+            "aiohttp==3.14.5", "alembic==1.20.1", "anyio==4.16.0", "arrow==1.4.0", "babel==2.19.0",
+            "beautifulsoup4==4.15.0", "black==26.10.1", "cattrs==26.2.1", "celery==5.7.0", "coverage==7.18.0",
+            "cython==3.3.1", "dask==2026.8.0", "distributed==2026.8.0", "fastapi==0.165.0", "flake8==7.5.0",
+            "h11==0.16.0", "hatchling==1.33.0", "httpcore==1.0.9", "httpx==0.29.0", "humanize==4.17.0",
+            "inflect==7.6.0", "invoke==3.0.3", "ipython==9.18.1", "isort==9.0.2", "jedi==0.20.1",
+            "jsonschema==4.26.0", "kombu==5.7.0", "lark==1.3.1", "markdown==3.11.3", "marshmallow==4.4.0",
+            "mistune==3.4.0", "mypy==2.4.1", "nltk==3.10.4", "openpyxl==3.1.5", "pandas==3.1.1", "parso==0.8.7",
+            "pip==26.3", "poetry-core==2.5.0", "prompt-toolkit==3.0.53", "pycodestyle==2.15.0", "pycparser==3.12",
+            "pydantic==2.14.4", "pyflakes==4.1.0", "pyrsistent==0.20.0", "pytest==9.2.0", "pyyaml==6.0.4",
+            "redis==8.2.0", "scikit-learn==1.9.1", "scrapy==2.19.0", "sphinx==9.0.4", "sqlalchemy==2.1.9",
+            "sqlglot==30.31.0", "sqlparse==0.6.1", "starlette==1.10.0", "textual==8.2.8", "tomlkit==0.15.3",
+            "tornado==6.6.1", "tox==4.67.17", "traitlets==5.16.1", "trio==0.35.0", "twisted==26.10.0",
+            "virtualenv==21.15.14", "wrapt==2.5.2", "xarray==2026.9.0")
 PERMISSIVE = re.compile(r"\b(MIT|BSD|Apache|PSF|Python Software Foundation)", re.I)
-SKIP_PARTS = {"test", "tests", "testing", "_testing"}
+SKIP_PARTS = {"test", "tests", "testing", "_testing", "_tests"}     # folder names, compared lower-case (Cython's Tests)
+# Folders holding copies of other projects (pip/_vendor: rich, requests, urllib3, ...; setuptools/_vendor:
+# packaging, more_itertools, ...; sklearn/externals): left out, as the corpus has most of them already (data v5).
+VENDORED_PARTS = {"_vendor", "vendor", "_vendored", "vendored", "externals", "_externals", "third_party",
+                  "_third_party"}
 TEMPLATES = (
     "Write a Python function `{sig}` that {what}",
     "Implement `{sig}` in Python: {what}",
@@ -113,8 +142,7 @@ def package_files(wheels: Path) -> tuple[list[tuple[str, str]], list[dict]]:
             licence = wheel_licence(z.read(meta_name).decode())
             if not PERMISSIVE.search(licence):
                 raise RuntimeError(f"{whl.name}: licence {licence!r} is not on the permissive list")
-            names = sorted(n for n in z.namelist() if n.endswith(".py") and ".dist-info/" not in n
-                           and not SKIP_PARTS & set(n.split("/")[:-1]) and not n.split("/")[-1].startswith("test_"))
+            names = sorted(n for n in z.namelist() if corpus_member(n))
             for n in names:
                 files.append((f"{whl.name}:{n}", z.read(n).decode("utf-8", errors="replace")))
             licences.append({"name": meta["Name"], "version": meta["Version"], "licence": licence,
@@ -123,6 +151,16 @@ def package_files(wheels: Path) -> tuple[list[tuple[str, str]], list[dict]]:
     if missing:
         raise RuntimeError(f"{wheels} lacks the wheels of {sorted(missing)}")
     return files, licences
+
+
+def corpus_member(name: str) -> bool:
+    """Whether a wheel member (a path inside the wheel) enters the corpus: a .py file outside the dist-info, not a
+    test (`test_*.py`, or under a SKIP_PARTS folder) and not a vendored copy of another project (under a
+    VENDORED_PARTS folder). Folder names are compared lower-case."""
+    *folders, base = name.split("/")
+    parts = {f.lower() for f in folders}
+    return (name.endswith(".py") and ".dist-info/" not in name and not base.startswith("test_")
+            and not (SKIP_PARTS | VENDORED_PARTS) & parts)
 
 
 def cap_packages(files: list[tuple[str, str]], other_chars: int, share: float = MAX_PACKAGE_SHARE

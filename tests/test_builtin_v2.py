@@ -343,6 +343,33 @@ def test_package_files_take_the_pinned_permissive_wheels_without_tests(tmp_path,
         builtin_data.package_files(tmp_path)
 
 
+def test_package_files_leave_out_vendored_copies_and_tests_in_any_case(tmp_path, monkeypatch):
+    """pip/_vendor holds rich, requests, urllib3, ...: copies of other projects (some already in the corpus) stay
+    out (data v5), as do test folders whatever their case (Cython's Tests/); look-alike names stay in."""
+    import zipfile
+
+    monkeypatch.setattr(builtin_data, "PACKAGES", ("demo-pkg==1.0",))
+    _wheel(tmp_path, "demo_pkg", "1.0", "MIT")
+    left_out = ("_vendor/rich/console.py", "vendor/yaml/nodes.py", "_vendored/tomli/_parser.py",
+                "externals/_packaging/version.py", "third_party/lib.py", "Tests/helper.py", "_tests/tutil.py",
+                "a/Vendored/b.py", "__init__.pyi")
+    with zipfile.ZipFile(tmp_path / "demo_pkg-1.0-py3-none-any.whl", "a") as z:
+        for name in (*left_out, "external/loader.py", "vendors.py", "contest/rules.py"):
+            z.writestr(f"demo_pkg/{name}", "Y = 2\n")
+    files, licences = builtin_data.package_files(tmp_path)
+    assert [n.split(":", 1)[1] for n, _ in files] == [
+        "demo_pkg/__init__.py", "demo_pkg/contest/rules.py", "demo_pkg/external/loader.py", "demo_pkg/vendors.py"]
+    assert licences[0]["files"] == 4
+    assert not any(builtin_data.corpus_member(f"demo_pkg/{name}") for name in left_out)
+    assert builtin_data.corpus_member("pip/_internal/cli/main.py")
+    assert not builtin_data.corpus_member("pip/_vendor/requests/api.py")
+
+
+def test_packages_pin_each_project_once():
+    names = [builtin_data._pin(*p.split("==")).split("==")[0] for p in builtin_data.PACKAGES]
+    assert len(names) == len(set(names)) and all(p.count("==") == 1 for p in builtin_data.PACKAGES)
+
+
 def test_distinct_4gram_ratio_and_reply_checks():
     assert eval_builtin.distinct_4gram_ratio(list(range(10))) == 1.0
     assert eval_builtin.distinct_4gram_ratio([1, 2] * 10) == 2 / 17            # a 2-token loop: 2 distinct 4-grams
