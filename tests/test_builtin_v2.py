@@ -223,6 +223,38 @@ def test_documents_keep_their_sources_through_train_npz(tmp_path):
         builtin_data.load_sources(tmp_path / "old.npz")
 
 
+def test_data_shards_partition_the_documents_and_copy_the_rest(tmp_path):
+    import json
+
+    import data_shard
+
+    from dsv4.train.data import Document
+
+    docs = [Document([0, 10 + i, 20 + i], [i % 2 == 0, True, False]) for i in range(7)]
+    kinds, sources = [i % 2 for i in range(7)], ["stdlib" if i % 3 else "algorithms" for i in range(7)]
+    data = tmp_path / "data"
+    data.mkdir()
+    builtin_data.save_documents(docs, kinds, data / "train.npz", sources)
+    (data / "tokenizer.json").write_text("{}")
+    (data / "heldout.py.txt").write_text("x = 1\n")
+    (data / "summary.json").write_text(json.dumps({"tokens": 21}))
+    seen = []
+    for k in range(3):
+        info = data_shard.shard(data, tmp_path / f"s{k}", k, 3)
+        got, got_kinds = builtin_data.load_documents(tmp_path / f"s{k}" / "train.npz")
+        want = list(range(k, 7, 3))
+        assert [(d.ids, d.mask) for d in got] == [(docs[i].ids, docs[i].mask) for i in want]
+        assert list(got_kinds) == [kinds[i] for i in want]
+        assert builtin_data.load_sources(tmp_path / f"s{k}" / "train.npz") == [sources[i] for i in want]
+        assert (tmp_path / f"s{k}" / "heldout.py.txt").read_text() == "x = 1\n"
+        assert json.loads((tmp_path / f"s{k}" / "summary.json").read_text())["shard"] == info == {
+            "index": k, "of": 3, "documents": len(want), "tokens": 3 * len(want)}
+        seen += want
+    assert sorted(seen) == list(range(7))
+    with pytest.raises(ValueError, match="0 <= K < N"):
+        data_shard.shard(data, tmp_path / "bad", 3, 3)
+
+
 def test_chat_prompts_are_the_requests_of_the_given_length_through_the_marker():
     from dsv4.train.data import Document
 
