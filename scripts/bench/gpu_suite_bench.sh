@@ -3,7 +3,9 @@
 # bench figures come from kernels whose GPU tests passed in that run (the log is committed beside the JSON).
 # Only the test files that hold GPU tests are collected: the serve modules import fastapi/openai, which the device
 # lacks, and `-m gpu` deselects their tests anyway. xgrammar and jsonschema (test_structured's GPU test) travel as
-# wheels: carry .whl (see the device README), installed into /tmp/site before this script runs.
+# wheels: carry .whl (see the device README); this script installs them into /tmp/site and puts that AFTER the
+# repository on PYTHONPATH (the fifteenth session's call set PYTHONPATH=/tmp/site alone, and every script beside
+# the suite failed to import dsv4).
 # The bench runs first (its figures are the call's point), then the suite in SUITE_S seconds (default 380).
 # Usage (repository root, on the GPU machine): [SUITE_S=N] bash scripts/bench/gpu_suite_bench.sh OUT_DIR
 set -u
@@ -11,10 +13,15 @@ out=${1:?usage: gpu_suite_bench.sh OUT_DIR}
 t0=$(date +%s)
 at() { echo "== $1 at $(( $(date +%s) - t0 )) s"; }
 mkdir -p "$out"
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=$PWD:/tmp/site
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 {
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
-python3 -c "import torch, triton, xgrammar; print('torch', torch.__version__, 'triton', triton.__version__, 'xgrammar', xgrammar.__version__)"
+python3 -c "import torch, triton, xgrammar, dsv4; print('torch', torch.__version__, 'triton', triton.__version__)"
 files=$(grep -l "pytest.mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py | grep -v "test_serve" | tr '\n' ' ')
 at "bench (default)"
 timeout 200 python3 -u -m dsv4 bench --timing-only --no-transformers --decode-steps 12 --prefill 1024,8192 \
