@@ -11,11 +11,13 @@
 # three selection bounds (worst margin >= 1), the one whose README bodies (quick_eval_builtin.py's teacher-forced
 # log-probability of plain bodies after README's prompt, mean of the bodies) score highest is chosen: issue 17
 # item 6 (README's prompt gets a plausible body) is what such runs are for, and the selection set guards the rest.
-# Usage (repository root, on the GPU machine; carry .builtin_data):
-#   bash scripts/bench/train_variants.sh OUT INIT_DIR "NAME1 ARGS..." "NAME2 ARGS..." ...
+# Usage (repository root, on the GPU machine; carry .builtin_data, or DATA=folder to train on another one, e.g. a
+# scripts/data_shard.py shard):
+#   [DATA=.data_s0] bash scripts/bench/train_variants.sh OUT INIT_DIR "NAME1 ARGS..." "NAME2 ARGS..." ...
 # Each quoted variant: a name, then scripts/train_builtin_gpu.py arguments (--steps N, --seed S, ...).
 set -u
 out=$1 init=$2; shift 2
+data=${DATA:-.builtin_data}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$out"
 t0=$(date +%s)
@@ -25,10 +27,10 @@ for spec in "$@"; do
     names+=("$name")
     echo "== $name ($(( $(date +%s) - t0 )) s): $args"
     # shellcheck disable=SC2086  # the variant's arguments are meant to split
-    python3 scripts/train_builtin_gpu.py .builtin_data "/tmp/$name" --init "$init" --bundle "/tmp/bundle_$name" \
+    python3 scripts/train_builtin_gpu.py "$data" "/tmp/$name" --init "$init" --bundle "/tmp/bundle_$name" \
         $args 2>&1 | grep -v Warning | grep -E "held-out|^step " | cut -c1-160 | tail -4
     CUDA_VISIBLE_DEVICES= timeout 240 python3 scripts/bench/quick_eval_builtin.py "/tmp/$name/model" --threads 4 \
-        --selection --out "/tmp/$name.quick.json" > "/tmp/$name.quick.log" 2>&1 &
+        --data "$data" --selection --out "/tmp/$name.quick.json" > "/tmp/$name.quick.log" 2>&1 &
 done
 wait
 echo "== evaluated ($(( $(date +%s) - t0 )) s)"
