@@ -11,19 +11,23 @@ Tolerances by precision class:
   then the blocks), so elementwise |a - b| <= 2 gamma_n sum |p| (sum |p| = |x| @ |W|^T in float64), a bound that
   holds whatever the order; and relative error (Frobenius) <= 1e-6 (~17 fp32 ulps; measured 0 in the interpreter,
   ~3e-8 between tile configs of the FP4 kernels on the H200: bench/results/h200_grouped_decode.log).
+* `korder=True` against element order: K permuted within each 128-K block (x's fp16 copy likewise), the same
+  products summed in another order: the same two bounds; bit for bit where the fallback runs (it ignores korder).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import run_in_interpreter
+from kernel_helpers import in_interpreter_at_once
 
 from dsv4.quant import dequant_fp4, fake_quant_fp8, quant_fp4
 
 swapped = pytest.importorskip("dsv4.ops.triton.fp4_grouped_swapped", reason="needs triton")
 
 _CHECK = """
+import pathlib
+
 import torch
 from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
 from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
@@ -52,6 +56,7 @@ def against_packed(got, base, mag, K):
     return rel(got, base), ((got.double() - base.double()).abs() / (2 * gamma * mag).clamp_min(1e-300)).max().item()
 
 
+KORDER = False                      # the test runs this script once as is and once with True
 gen = torch.Generator().manual_seed(51)
 E, N, K = 8, 80, 256
 ws = [quant_fp4(torch.randn(N, K, generator=gen) / 16) for _ in range(E)]
@@ -60,18 +65,20 @@ w, s = torch.stack([a for a, _ in ws]), torch.stack([b for _, b in ws])
 # not a multiple of block_n 32, 64 or 128. x on the FP8 grid over 12 binades of 128-block scales (the MoE's input).
 eid = torch.tensor([1] * 3 + [3] + [4] * 70 + [6] * 9)
 x = fake_quant_fp8(torch.randn(83, K, generator=gen) * torch.logspace(-6, 6, K)[None], 128)
-to_exact, to_packed, exact_codes = [], [], True
+to_exact, to_packed, exact_codes, saved = [], [], True, []
 tiles = ({}, {'block_m': 32, 'block_n': 32}, {'block_n': 128})
 want, mag = exact(x, eid, w, s)
 for kw in tiles:
-    got = fp4_grouped_gemm_swapped(x, eid, w, s, packed='twin', **kw)
+    got = fp4_grouped_gemm_swapped(x, eid, w, s, packed='twin', korder=KORDER, **kw)
     to_exact.append(rel(got, want))
+    saved.append((got, mag))
     base = fp4_grouped_gemm_prefill(x, eid, w, s, packed='twin', block_m=kw.get('block_m', 16),
                                     block_n=kw.get('block_n', 64), num_warps=4)
     to_packed.append(against_packed(got, base, mag, K))
 # bf16 x (the MoE's dtype; the fast path dots over fp16 x / s only) and int32 ids
 xb = fake_quant_fp8(torch.randn(83, K, generator=gen), 128).bfloat16()
-to_exact.append(rel(fp4_grouped_gemm_swapped(xb, eid.int(), w, s, packed='twin'), exact(xb, eid, w, s)[0]))
+to_exact.append(rel(fp4_grouped_gemm_swapped(xb, eid.int(), w, s, packed='twin', korder=KORDER),
+                    exact(xb, eid, w, s)[0]))
 # random bytes (every code); scales within 24 binades per 128 block (fast path) or, for expert 4, one group per block
 # 40 binades below the others: its programs take the default decode (fp32 x: IEEE fp32 dots)
 wr = torch.randint(-128, 128, w.shape, dtype=torch.int8, generator=gen)
@@ -80,8 +87,9 @@ wide = narrow.clone()
 wide[4, :, 1::4] = 80
 for sb in (narrow, wide):
     want, mag = exact(x, eid, wr, sb.view(s.dtype))
-    got = fp4_grouped_gemm_swapped(x, eid, wr, sb.view(s.dtype), packed='twin', block_m=32)
+    got = fp4_grouped_gemm_swapped(x, eid, wr, sb.view(s.dtype), packed='twin', block_m=32, korder=KORDER)
     to_exact.append(rel(got, want))
+    saved.append((got, mag))
     base = fp4_grouped_gemm_prefill(x, eid, wr, sb.view(s.dtype), packed='twin', block_m=32, num_warps=4)
     to_packed.append(against_packed(got, base, mag, K))
 # decoding, exactly: one-hot rows read back every code in both nibbles (code (k + row) % 16 at column k) under scale
@@ -92,30 +100,63 @@ for pattern in ([0, 1, 100, 127, 140, 160], [120, 126, 123, 121, 125]):
     sq = torch.tensor(pattern, dtype=torch.uint8)[torch.arange(16 * 8).view(1, 16, 8) % len(pattern)]
     sq = sq.view(torch.float8_e8m0fnu)
     got = fp4_grouped_gemm_swapped(torch.eye(256), torch.zeros(256, dtype=torch.long), wq, sq, packed='twin',
-                                   block_m=64, block_n=16)
+                                   block_m=64, block_n=16, korder=KORDER)
     exact_codes &= torch.equal(got, dequant_fp4(wq[0], sq[0]).T)
 # a NaN scale (byte 255) in expert 3 (fast path: its block's other scales near 255) and in expert 4 (default decode)
 for e, others in ((3, 250), (4, 127)):
     sn = s.clone().view(torch.uint8)
     sn[e, 7, 0:4] = others
     sn[e, 7, 2] = 255
-    nan = fp4_grouped_gemm_swapped(x, eid, w, sn.view(s.dtype), packed='twin').isnan()
+    nan = fp4_grouped_gemm_swapped(x, eid, w, sn.view(s.dtype), packed='twin', korder=KORDER).isnan()
     exact_codes &= torch.equal(nan, exact(x, eid, w, sn.view(s.dtype))[0].isnan())
     exact_codes &= nan.sum().item() == (eid == e).sum().item()
+torch.save(saved, pathlib.Path(__file__).with_name('saved.pt'))
 print(exact_codes, max(to_exact), max(r for r, _ in to_packed), max(b for _, b in to_packed))
 """
 
 
 def test_swapped_kernel_in_the_interpreter(tmp_path):
     """packed='twin' through TRITON_INTERPRET=1 (set before triton is imported, hence a subprocess), fp32 and bf16 x
-    on the FP8 grid: within 1e-5 of float64 and within the order-of-summation bounds of the existing packed kernel
-    (the module docstring), over empty experts, partial row and column tiles, random codes, the fast path and the
-    default-decode fallback (scales 40 binades apart); every code decoded exactly on both paths; NaN scales give
-    NaN exactly where float64 does."""
-    out = run_in_interpreter(_CHECK, tmp_path, timeout=300).split()
-    exact_codes, to_exact, to_packed, bound = out[-4:]
-    assert exact_codes == "True", out
-    assert float(to_exact) <= 1e-5 and float(to_packed) <= 1e-6 and float(bound) <= 1.0, out
+    on the FP8 grid, in element order and with `korder` (two processes at once): within 1e-5 of float64 and within
+    the order-of-summation bounds of the existing packed kernel (the module docstring), over empty experts,
+    partial row and column tiles, random codes, the fast path and the default-decode fallback (scales 40 binades
+    apart); every code decoded exactly on both paths; NaN scales give NaN exactly where float64 does. korder
+    against element order: the same bound (the same products, summed in another order), and bit for bit on the
+    rows whose programs all take the fallback (expert 4 under the wide scales), which korder does not touch."""
+    scripts = {name: _CHECK.replace("KORDER = False", f"KORDER = {name == 'korder'}") for name in ("plain", "korder")}
+    with in_interpreter_at_once(scripts, tmp_path, timeout=300) as runs:
+        outs = {name: run.result().split() for name, run in runs.items()}
+    for out in outs.values():
+        exact_codes, to_exact, to_packed, bound = out[-4:]
+        assert exact_codes == "True", out
+        assert float(to_exact) <= 1e-5 and float(to_packed) <= 1e-6 and float(bound) <= 1.0, out
+    plain, korder = (torch.load(tmp_path / name / "saved.pt") for name in ("plain", "korder"))
+    n = 128 + 256 // 128
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    for (a, mag), (b, _) in zip(plain, korder, strict=True):
+        assert ((a.double() - b.double()).abs() <= 2 * gamma * mag).all()
+        assert ((a.double() - b.double()).norm() / a.double().norm()).item() <= 1e-6
+    eid = torch.tensor([1] * 3 + [3] + [4] * 70 + [6] * 9)                # _CHECK's; the last saved case: wide
+    assert torch.equal(plain[-1][0][eid == 4], korder[-1][0][eid == 4])
+    assert not torch.equal(plain[-2][0], korder[-2][0])                   # (the orders do differ on the fast path)
+
+
+def test_korder_x_copy_is_fp16_blocks_permuted():
+    """`fp16_blocks_korder` = `fp16_blocks` with each 128-K block's columns in `K_ORDER` (a permutation) and the
+    same scales, bit for bit; and K_ORDER is what `_korder_tile` assumes: dot column p = 32i + 16a + 8b + 2c + t
+    holds nibble 2a + b + 4t of int32 word 4c + i (element 8 word + nibble) in the packed bytes."""
+    from dsv4.ops.triton.fp4_grouped_prefill import fp16_blocks
+
+    order = swapped.K_ORDER
+    assert sorted(order.tolist()) == list(range(128))
+    for p in range(128):
+        i, a, b, c, t = p // 32, p // 16 % 2, p // 8 % 2, p // 2 % 4, p % 2
+        assert order[p].item() == 8 * (4 * c + i) + 2 * a + b + 4 * t
+    gen = torch.Generator().manual_seed(53)
+    x = fake_quant_fp8(torch.randn(7, 512, generator=gen) * torch.logspace(-5, 5, 512)[None], 128).bfloat16()
+    xh, s = fp16_blocks(x)
+    kh, ks = swapped.fp16_blocks_korder(x)
+    assert torch.equal(ks, s) and torch.equal(kh.view(7, 4, 128), xh.view(7, 4, 128)[:, :, order])
 
 
 def test_swapped_names_bad_inputs():
@@ -134,14 +175,47 @@ def test_swapped_names_bad_inputs():
         gemm(x, eid, w, s, packed="twin", block_n=48)
     with pytest.raises(ValueError, match="int32/int64"):
         gemm(x, eid.float(), w, s, packed="twin")
+    with pytest.raises(ValueError, match="4-byte aligned"):                # korder reads int32 words
+        gemm(x, eid, torch.zeros(3 * 16 * 64 + 1, dtype=torch.int8)[1:].view(3, 16, 64), s, packed="twin",
+             korder=True)
     assert gemm(x[:0], eid[:0], w, s, packed="twin").shape == (0, 16)
+
+
+def _fp16_mma_loop_opcodes(cubin: bytes) -> list[str]:
+    """Opcodes of the innermost loop(s) of the SASS (nvdisasm) that run an fp16 wgmma (HGMMA without .BF16: the
+    fast path's K loop; the fallback's wgmmas are bf16 in these compiles)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.cubin").write_bytes(cubin)
+        lines = subprocess.run([str(nvdisasm), "-c", str(Path(tmp) / "k.cubin")], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\.(L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    opcode = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")        # (after a predicate)
+    ops = []
+    for start, end in loops:
+        body = lines[start:end + 1]
+        if not any(start < s < end for s, _ in loops) and any("HGMMA" in x and ".BF16" not in x for x in body):
+            ops += [m.group(1) for x in body if (m := opcode.match(x))]
+    return ops
 
 
 def test_swapped_compiles_for_hopper_with_the_weight_in_registers():
     """Compiled offline for sm_90 at Flash's shape (K 4096) with the decode-batch tile (16 tokens x 64 weight rows,
-    4 warps) and a larger one: the dots of both paths (fp16: fast path, bf16: fallback) are wgmmas whose A
-    operand, the decoded weight, comes from registers (a dot-operand layout, not a shared-memory descriptor), and
-    the PTX holds the packed decode. Only a GPU can time it (scripts/bench/grouped_prefill.py --only swapped)."""
+    4 warps) and a larger one, in element order and with KORDER: the dots of both paths (fp16: fast path, bf16:
+    fallback) are wgmmas whose A operand, the decoded weight, comes from registers (a dot-operand layout, not a
+    shared-memory descriptor). Element order: the PTX holds the packed decode. KORDER: the fast path's K loop reads
+    the weight with 128-bit shared-memory loads, no byte loads (LDS.U8) and no byte permutes (PRMT), where element
+    order has 32 LDS.U8 and ~80 PRMT per thread and block (the module docstring). Only a GPU can time it
+    (scripts/bench/grouped_prefill.py --only swapped)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -151,8 +225,9 @@ def test_swapped_compiles_for_hopper_with_the_weight_in_registers():
     sig = {"x_ptr": "*bf16", "xh_ptr": "*fp16", "xs_ptr": "*fp32", "offs_ptr": "*i32", "w_ptr": "*i8",
            "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32", "K": "i32"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}           # what a real launch passes
-    for bm, bn, warps in ((16, 64, 4), (32, 128, 8)):
-        consts = {"HALF": 2048, "N_SCALES": 128, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": False, "ASM": True}
+    for (bm, bn, warps), korder in ((c, k) for c in ((16, 64, 4), (32, 128, 8)) for k in (False, True)):
+        consts = {"HALF": 2048, "N_SCALES": 128, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": False, "ASM": True,
+                  "KORDER": korder}
         src = ASTSource(swapped._fp4_grouped_swapped, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                                  "num_stages": 3})
@@ -161,15 +236,18 @@ def test_swapped_compiles_for_hopper_with_the_weight_in_registers():
         assert all("dot_op<{opIdx = 0" in t for t in a_types), a_types
         assert any("xf16" in t for t in a_types) and any("xbf16" in t for t in a_types), a_types
         assert kernel.asm["cubin"] and "mul.rn.f16x2" in kernel.asm["ptx"]
+        if korder:
+            ops = _fp16_mma_loop_opcodes(kernel.asm["cubin"])
+            assert "LDS.128" in ops and "LDS.U8" not in ops and "PRMT" not in ops, sorted(set(ops))
 
 
 @pytest.mark.gpu
 def test_swapped_on_cuda_at_flash_decode_dims():
     """Flash w1/w3 (K 4096 -> N 2048, 256 experts) at decode batch 64 (384 pairs sorted by expert), bf16 x on the
-    FP8 grid as the MoE feeds it: the inline PTX equals the 'twin' decode bit for bit (same arithmetic, same
-    dots); against the existing packed kernel at its dispatched decode tile (16 x 64, 4 warps) within the
-    order-of-summation bounds (module docstring; the bound with u = 2^-23, for the tensor cores' truncating fp32
-    adds); within 1e-5 of float64."""
+    FP8 grid as the MoE feeds it, in element order and with `korder` (a 32 x 128 tile too): the inline PTX equals
+    the 'twin' decode bit for bit (same arithmetic, same dots); against the existing packed kernel at its
+    dispatched decode tile (16 x 64, 4 warps) within the order-of-summation bounds (module docstring; the bound
+    with u = 2^-23, for the tensor cores' truncating fp32 adds); within 1e-5 of float64."""
     from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
 
     dev, gen = "cuda", torch.Generator("cuda").manual_seed(52)
@@ -177,8 +255,6 @@ def test_swapped_on_cuda_at_flash_decode_dims():
     w, s = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
     eid = torch.rand(64, 256, generator=gen, device=dev).topk(6, dim=-1).indices.flatten().sort().values
     x = fake_quant_fp8(torch.randn(384, 4096, generator=gen, device=dev), 128).bfloat16()
-    got = swapped.fp4_grouped_gemm_swapped(x, eid, w, s)
-    assert torch.equal(got, swapped.fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin"))
     base = fp4_grouped_gemm_prefill(x, eid, w, s, block_m=16, block_n=64, num_warps=4, packed=True)
     want, mag = (torch.zeros(384, 2048, dtype=torch.float64, device=dev) for _ in range(2))
     for e in eid.unique().tolist():
@@ -191,6 +267,9 @@ def test_swapped_on_cuda_at_flash_decode_dims():
 
     n = 128 + 4096 // 128
     gamma = n * 2.0**-23 / (1 - n * 2.0**-23)
-    assert ((got.double() - base.double()).abs() <= 2 * gamma * mag).all()
-    assert rel(got, base) <= 1e-6
-    assert rel(got, want) <= 1e-5
+    for kw in ({}, {"korder": True}, {"korder": True, "block_m": 32, "block_n": 128, "num_warps": 8}):
+        got = swapped.fp4_grouped_gemm_swapped(x, eid, w, s, **kw)
+        assert torch.equal(got, swapped.fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin", **kw)), kw
+        assert ((got.double() - base.double()).abs() <= 2 * gamma * mag).all(), kw
+        assert rel(got, base) <= 1e-6, kw
+        assert rel(got, want) <= 1e-5, kw

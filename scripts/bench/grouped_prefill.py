@@ -50,8 +50,12 @@ FP8MMA_CONFIGS = [(32, 128, 4, False, 168), (32, 128, 4, False, None), (16, 128,
                   (32, 256, 8, False, None), (32, 64, 4, False, None), (64, 64, 4, False, None),
                   (32, 64, 4, True, None), (64, 64, 4, True, None), (64, 128, 8, True, None)]
 # The swapped-operand kernel (`--only swapped`): block_m (tokens, the MMA's N), block_n (weight rows, its M: 64 per
-# warpgroup), num_warps. Offline for sm_90 none of these spills inside its K loops (64 x 128 with 4 warps does).
-SWAPPED_CONFIGS = [(16, 64, 4), (16, 128, 4), (16, 128, 8), (32, 64, 4), (32, 128, 8), (64, 64, 4), (64, 128, 8)]
+# warpgroup), num_warps, korder (K permuted per 128 block: 128-bit weight loads, offline 4.6-6.0 instructions per
+# weight at these tiles against 6.9-7.8). Offline for sm_90 none of these spills inside its K loops (64 x 128 with 4
+# warps does).
+SWAPPED_CONFIGS = [(16, 64, 4, False), (16, 128, 4, False), (16, 128, 8, False), (32, 64, 4, False),
+                   (32, 128, 8, False), (64, 64, 4, False), (64, 128, 8, False), (16, 64, 4, True), (16, 128, 4, True),
+                   (32, 64, 4, True), (32, 128, 8, True)]
 FP4_TOL = 1e-5
 FP8MMA_TOL = 4e-3           # a flag, not a bound: the FP8 MMA's class is elementwise (tests/test_fp4_prefill_fp8mma.py)
 
@@ -130,9 +134,10 @@ def swapped_results(tokens: int, w, s, gen, repeats: int) -> dict:
     if m < E:           # decode below ~43 tokens: the MoE runs the pair GEMV (`ops/moe_pairs.py`), one row per pair
         rows.append(timed_bytes("pair GEMV (dispatched below 1 row per expert)",
                                 partial(fp4_pair_gemv, x.contiguous(), eid, w, s), ref, weight_bytes, repeats))
-    for bm, bn, nw in SWAPPED_CONFIGS:
-        fn = partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw)
-        rows.append(timed_bytes(f"SWAPPED packed bm={bm} bn={bn} warps={nw}", fn, ref, weight_bytes, repeats))
+    for bm, bn, nw, korder in SWAPPED_CONFIGS:
+        fn = partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, korder=korder)
+        name = f"SWAPPED packed{' korder' if korder else ''} bm={bm} bn={bn} warps={nw}"
+        rows.append(timed_bytes(name, fn, ref, weight_bytes, repeats))
     bad = [r["name"] for r in rows if r.get("rel_err_vs_dispatched", 0.0) > FP4_TOL]
     print(f"  {'MISMATCH: ' + ', '.join(bad) if bad else 'all agree with the dispatched kernel (1e-5)'}", flush=True)
     return {"tokens": tokens, "pairs": m, "experts_used": used, "weight_bytes": weight_bytes, "kernels": rows,

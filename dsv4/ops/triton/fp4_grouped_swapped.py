@@ -2,10 +2,10 @@
 operand. Not dispatched (`ops/grouped_linear.py` does not call it): measured on an H200 (2026-12-05,
 bench/results/h200_s15_suite/grouped_swapped.log, eager wrapper calls, K 4096 -> N 2048, 256 experts) it is 16 %
 faster than the dispatched kernel at the 1k-prefill shape (1755 vs 2101 us, 32 x 64 tiles) and 56 % slower at 8k;
-at decode sizes those eager timings were host-bound (the rerun times graph replays). The weight bytes still reach
-registers through shared memory one byte at a time (wgmma's register layout gives a thread bytes 4 apart along K);
-the K permutation that makes them one 32-bit load per thread is the step that could change this (bench/NOTES.md,
-fifteenth session).
+at decode sizes those eager timings were host-bound (the rerun times graph replays). In element order the weight
+bytes reach registers through shared memory one byte at a time (wgmma's register layout gives a thread bytes 4
+apart along K); `korder=True` permutes K within each 128-K block so that they arrive as 128-bit loads (below).
+korder is NOT measured on a GPU yet: the figures below are offline SASS only.
 
 Why: `fp4_grouped_prefill._fp4_grouped_prefill` computes out = x W^T with the tokens as the dot's M and the decoded
 weight tile as its right operand. At decode batches (~1.5 rows per expert, 16-row tiles) its M is 16, so the dot
@@ -23,6 +23,34 @@ row and 128-K block (`fp16_blocks`), the weights as e2m1 * 2^-14 times an fp16 f
 the packed path's up to the order of the fp32 sums (tests/test_fp4_grouped_swapped.py). A program whose weight
 rows span more than 24 binades of scale within a 128-K block (`_scales_too_wide`) decodes per element instead,
 exactly, into x's dtype (`_swapped_default_block`), with an IEEE fp32 dot for fp32 x.
+
+`korder` (`_korder_tile`, `K_ORDER`, `fp16_blocks_korder`): the fast path's dot runs over K in another order per
+128-K block; the stored weight is untouched (other kernels read it), x's fp16 copy is written in the same order, so
+the sum over K is the same up to fp32 summation order (the same products, the same scalings). wgmma's A fragment
+(m64nNk16, fp16 from registers, PTX ISA) gives lane l of each warp rows g, g + 8 (g = l / 4) and, per k16 step,
+the k pairs 2c, 2c + 1 and 8 + 2c, 8 + 2c + 1 (c = l % 4): over a 128-K block 16 fp16x2 registers per row, the dot
+columns 16s + 8h + 2c + t. Dot column 32i + 16a + 8b + 2c + t (s = 2i + a, h = b) holds element
+32c + 8i + 4t + 2a + b: nibble J = 2a + b (t = 0) or J + 4 (t = 1) of int32 word 4c + i of the row, so a thread's
+registers are the 4 words 4c .. 4c + 3 (16 contiguous bytes, its 32-group c) of each of its rows, and each
+register is one fp16x2 bit placement of one word (`fp4_decode._half2_bits(word, J)`, J as a broadcast dimension)
+times the group's factor (one mul.rn.f16x2; a pair of fp16 by `inline_asm_elementwise(pack=2)`, or in plain
+Triton a join of the two halves). Triton 3.9 then propagates the dot-operand layout back to the pipelined
+shared-memory load with no layout conversion: one LDS.128 per row per block (after one 16-byte cp.async each).
+Offline for sm_90 (Triton 3.9, its ptxas; K 4096; the fast path's K loop per thread and 128-K block, 16 x 64 tile,
+4 warps: 64 weights per thread; tests/test_fp4_grouped_swapped.py checks the loop has LDS.128 and no LDS.U8/PRMT):
+  element order: 6.91 SASS instructions per weight; weight bytes by 8 cp.async of 4 B (LDGSTS.E), 32 LDS.U8
+    (0.50 per weight), 81 PRMT (1.27), 1 STS + 1 LDS.128, 3 SHFL; 168 registers.
+  korder:        5.30 per weight; 2 cp.async of 16 B (LDGSTS.E.BYPASS.128), 2 LDS.128 (0.03 per weight), no LDS.U8,
+    no PRMT, no STS, 5 SHFL (the scale factors); the decode is ~2.6 per weight (70 LOP3, 48 SHL, 16 SHF, 32 HMUL2);
+    157 registers.
+  other tiles (element order -> korder): 16 x 128 / 4 warps 6.87 -> 4.60, 16 x 128 / 8 7.19 -> 5.14, 32 x 64 / 4
+    7.77 -> 6.03, 32 x 128 / 8 7.72 -> 5.75, 64 x 128 / 8 9.17 -> 7.22 (spills 92 -> 0 B); the fallback loops
+    unchanged (~4 per weight).
+Formulations that did worse offline: the pair decode (`e2m1_pair_f16_mul` over bytes, then reshape/permute) gets
+the LDS.128 too but keeps 48 PRMT (5.72 per weight); the placements in plain Triton, lo/hi fp16 halves joined,
+64 PRMT (6.30); the four placements joined along J, a layout conversion before the dot (34 SHFL, 6.41).
+NOTE: the asm's pack=2 relies on the pair t = 0, 1 of one word sharing a register (the join's dimension is the
+layout's first register), as the other packed helpers do; the GPU test compares it bit for bit with plain Triton.
 """
 
 from __future__ import annotations
@@ -37,17 +65,48 @@ from dsv4.ops.triton.fp4_grouped_prefill import _dot, _scales_too_wide, expert_o
 
 
 @triton.jit
+def _korder_tile(w_ptr, rows, n_ok, b0, factor, HALF: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+    """The decoded tile [BLOCK_N, 128] of packed bytes b0 .. b0 + 63 in `K_ORDER` (value * 2^-14 * factor, fp16;
+    factor [BLOCK_N, 4] per 32-group): dot column 32i + 16a + 8b + 2c + t holds element 32c + 8i + 4t + 2a + b,
+    i.e. nibble J = 2a + b (t = 0) or J + 4 (t = 1) of int32 word 4c + i, which is one fp16x2 word of the bit
+    placement (`fp4_decode._half2_bits(word, J)`): a thread's A registers (lane % 4 = c) are the 4 words 4c .. 4c + 3
+    of each of its rows, one 128-bit load per row, each register one placement and one fp16x2 multiply."""
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (HALF // 4)
+                    + (b0 // 4 + tl.arange(0, 16))[None, :], mask=n_ok[:, None], other=0)
+    # J as a broadcast dimension, not as tl.join of the four placements: a join's new dimension is a layout's
+    # first register, which the dot operand gives to its K pairs (t), so joined J forced a layout conversion.
+    J = tl.arange(0, 4)[None, None, None, :]
+    w4 = tl.reshape(words, [BLOCK_N, 4, 4])[:, :, :, None] >> (4 * J)                  # [n, c, i, J]
+    h = ((w4 << 9) & 0x0E000E00) | ((w4 << 12) & -2147450880)                          # 0x80008000: fp16x2 bits
+    f = tl.broadcast_to(factor[:, :, None, None], [BLOCK_N, 4, 4, 4])
+    if ASM:         # the fp16x2 word and its product as a pair of fp16 (pack=2: the pair t = 0, 1 of one word)
+        w = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $3;", "=r,r,r,r", [tl.join(h, h), tl.join(f, f)],
+                                      dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        w = tl.join(lo, hi) * tl.join(f, f)                                             # [n, c, i, J, t]
+    w = tl.permute(tl.reshape(w, [BLOCK_N, 4, 4, 2, 2, 2]), (0, 2, 3, 4, 1, 5))       # [n, i, a, b, c, t]
+    return tl.reshape(w, [BLOCK_N, 128])
+
+
+@triton.jit
 def _swapped_packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HALF: tl.constexpr,
-                          N_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+                          N_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr, KORDER: tl.constexpr):
     """One 128-K block (packed bytes b0 .. b0 + 63) of out^T, fp32 [BLOCK_N, BLOCK_M]: `_packed_block`'s
-    arithmetic with the operands swapped."""
-    byte = tl.load(w_ptr + rows[:, None] * HALF + (b0 + tl.arange(0, 64))[None, :], mask=n_ok[:, None], other=0)
+    arithmetic with the operands swapped. KORDER: the weight tile and x's fp16 block (`fp16_blocks_korder`) in
+    `K_ORDER`, else in element order."""
     at_s = s_ptr + rows[:, None] * N_SCALES + (b0 // 16 + tl.arange(0, 4))[None, :]
     sb = tl.load(at_s, mask=n_ok[:, None], other=127).to(tl.int32)                       # [BLOCK_N, 4]
     top = tl.max(sb, axis=1)
     factor = ((30 + sb - top[:, None]) << 10).to(tl.int16).to(tl.float16, bitcast=True)  # 2^(15 + t_g - T)
-    factor = tl.reshape(tl.broadcast_to(factor[:, :, None], [BLOCK_N, 4, 16]), [BLOCK_N, 64])
-    w = tl.reshape(e2m1_pair_f16_mul(byte, factor, ASM), [BLOCK_N, 128])                # column k = 2b + h
+    if KORDER:
+        w = _korder_tile(w_ptr, rows, n_ok, b0, factor, HALF, BLOCK_N, ASM)
+    else:
+        byte = tl.load(w_ptr + rows[:, None] * HALF + (b0 + tl.arange(0, 64))[None, :], mask=n_ok[:, None],
+                       other=0)
+        factor = tl.reshape(tl.broadcast_to(factor[:, :, None], [BLOCK_N, 4, 16]), [BLOCK_N, 64])
+        w = tl.reshape(e2m1_pair_f16_mul(byte, factor, ASM), [BLOCK_N, 128])            # column k = 2b + h
     xh = tl.load(xh_row + 2 * b0 + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)   # [BLOCK_M, 128]
     xs = tl.load(xs_row + b0 // 64, mask=m_ok, other=0.0)                                        # [BLOCK_M]
     return tl.dot(w, tl.trans(xh)) * (xs[None, :] * (_e8m0(top) * 0.5)[:, None])
@@ -72,7 +131,7 @@ def _swapped_default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, dtype
 @triton.jit
 def _fp4_grouped_swapped(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HALF: tl.constexpr,
                          N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                         ASM: tl.constexpr):
+                         ASM: tl.constexpr, KORDER: tl.constexpr):
     e = tl.program_id(1)                        # grid (N blocks, E) as in `_fp4_grouped_prefill`
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -94,21 +153,42 @@ def _fp4_grouped_swapped(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
             xs_row = xs_ptr + offs_m.to(tl.int64) * (K // 128)
             for b0 in range(0, HALF, 64):
                 acc += _swapped_packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HALF, N_SCALES,
-                                             BLOCK_N, ASM)
+                                             BLOCK_N, ASM, KORDER)
         # Masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored.
         tl.store(out_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc,
                  mask=m_ok[None, :] & n_ok[:, None])
         m0 += BLOCK_M
 
 
+# Element of a 128-K block at each dot column with `korder` (`_korder_tile`): column 32i + 16a + 8b + 2c + t.
+K_ORDER = torch.tensor([32 * c + 8 * i + 4 * t + 2 * a + b for i in range(4) for a in range(2) for b in range(2)
+                        for c in range(4) for t in range(2)])
+
+
+def fp16_blocks_korder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp16_blocks(x)` with each 128-K block of the fp16 copy in `K_ORDER` (column p holds element K_ORDER[p]),
+    in one permuting copy: no index tensor (nothing to move to the device inside a CUDA graph capture)."""
+    M, K = x.shape
+    xb = x.float().view(M, K // 128, 128)
+    bits = xb.abs().amax(-1).view(torch.int32) & 0x7F800000          # as fp16_blocks (tests compare the two)
+    s = bits.clamp_min(0x00800000).view(torch.float32)
+    xh = torch.empty(M, K, dtype=torch.float16, device=x.device)
+    # element 32c + 8i + 4t + 2a + b -> column 32i + 16a + 8b + 2c + t
+    xh.view(M, K // 128, 4, 2, 2, 4, 2).copy_((xb / s[..., None]).view(M, K // 128, 4, 4, 2, 2, 2)
+                                              .permute(0, 1, 3, 5, 6, 2, 4))
+    return xh, s
+
+
 def fp4_grouped_gemm_swapped(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                              block_m: int = 16, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
-                             packed: bool | str = True) -> torch.Tensor:
+                             packed: bool | str = True, korder: bool = False) -> torch.Tensor:
     """`fp4_grouped_prefill.fp4_grouped_gemm_prefill(..., packed=packed)` with swapped operands: x [M, K]
     (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2], scale e8m0
     [E, N, K/32] -> fp32 [M, N]; K / 128 a power of two. block_m: tokens per tile (the MMA's N), block_n: weight
     rows (its M, 64 per warpgroup), both powers of two >= 16. `packed`: True decodes in inline PTX (CUDA only),
-    "twin" in plain Triton (the CPU interpreter). Exact for x on the FP8 grid per 128 block (see `fp16_blocks`)."""
+    "twin" in plain Triton (the CPU interpreter). Exact for x on the FP8 grid per 128 block (see `fp16_blocks`).
+    `korder`: the fast path's dots over K permuted within each 128-K block (`K_ORDER`; the module docstring), the
+    weight read as int32 words (its data pointer 4-byte aligned); same products, fp32 sums in another order."""
     M, K, N, E, half = check_grouped("fp4_grouped_gemm_swapped", x, eid, weight, scale, block_m, 128)
     blocks = K // 128
     if packed not in (True, "twin") or (packed is True and x.device.type != "cuda") or blocks & (blocks - 1):
@@ -119,14 +199,18 @@ def fp4_grouped_gemm_swapped(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
                          f"two >= 16")
     if eid.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fp4_grouped_gemm_swapped: eid must be int32/int64, got {eid.dtype}")
+    weight = weight.contiguous()
+    if korder and weight.data_ptr() % 4:
+        raise ValueError("fp4_grouped_gemm_swapped: korder reads the weight as int32 words: its data pointer must "
+                         "be 4-byte aligned")
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
     offs = expert_offsets(eid.contiguous(), E)
     x = x.contiguous()
-    xh, xs = fp16_blocks(x)
+    xh, xs = fp16_blocks_korder(x) if korder else fp16_blocks(x)
     _fp4_grouped_swapped[(triton.cdiv(N, block_n), E)](
-        x, xh, xs, offs, weight.contiguous(), scale.contiguous().view(torch.uint8), out, N, K, half, K // 32,
-        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=x.dtype == torch.float32, ASM=packed is True, num_warps=num_warps,
-        num_stages=num_stages)
+        x, xh, xs, offs, weight, scale.contiguous().view(torch.uint8), out, N, K, half, K // 32,
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=x.dtype == torch.float32, ASM=packed is True, KORDER=korder,
+        num_warps=num_warps, num_stages=num_stages)
     return out
