@@ -180,11 +180,18 @@ def fp16_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block, at least 2^-126: exact for x on the FP8 grid per 128 block (e4m3 values times one power of two, as the
     MoE feeds it: |x / s| < 2, >= 2^-19 unless zero, at most 4 significant bits); other x is rounded to fp16, and
     a block holding inf/NaN gives NaN."""
+    q, s = scaled_blocks(x)
+    return q.half().view(x.shape), s
+
+
+def scaled_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / s as fp32 [M, K / 128, 128], s fp32 [M, K / 128]): `fp16_blocks` before its fp16 rounding, for callers
+    that write the fp16 copy in another column order (`fp4_grouped_swapped.fp16_blocks_korder`)."""
     M, K = x.shape
     xb = x.float().view(M, K // 128, 128)
     bits = xb.abs().amax(-1).view(torch.int32) & 0x7F800000
     s = bits.clamp_min(0x00800000).view(torch.float32)
-    return (xb / s[..., None]).half().view(M, K), s
+    return xb / s[..., None], s
 
 
 def expert_offsets(eid: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -61,7 +61,7 @@ import triton.language as tl
 
 from dsv4.ops.triton.fp4_decode import e2m1_pair_f16_mul
 from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, check_grouped
-from dsv4.ops.triton.fp4_grouped_prefill import _dot, _scales_too_wide, expert_offsets, fp16_blocks
+from dsv4.ops.triton.fp4_grouped_prefill import _dot, _scales_too_wide, expert_offsets, fp16_blocks, scaled_blocks
 
 
 @triton.jit
@@ -169,13 +169,10 @@ def fp16_blocks_korder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`fp16_blocks(x)` with each 128-K block of the fp16 copy in `K_ORDER` (column p holds element K_ORDER[p]),
     in one permuting copy: no index tensor (nothing to move to the device inside a CUDA graph capture)."""
     M, K = x.shape
-    xb = x.float().view(M, K // 128, 128)
-    bits = xb.abs().amax(-1).view(torch.int32) & 0x7F800000          # as fp16_blocks (tests compare the two)
-    s = bits.clamp_min(0x00800000).view(torch.float32)
+    q, s = scaled_blocks(x)
     xh = torch.empty(M, K, dtype=torch.float16, device=x.device)
     # element 32c + 8i + 4t + 2a + b -> column 32i + 16a + 8b + 2c + t
-    xh.view(M, K // 128, 4, 2, 2, 4, 2).copy_((xb / s[..., None]).view(M, K // 128, 4, 4, 2, 2, 2)
-                                              .permute(0, 1, 3, 5, 6, 2, 4))
+    xh.view(M, K // 128, 4, 2, 2, 4, 2).copy_(q.view(M, K // 128, 4, 4, 2, 2, 2).permute(0, 1, 3, 5, 6, 2, 4))
     return xh, s
 
 
