@@ -273,3 +273,42 @@ def test_swapped_on_cuda_at_flash_decode_dims():
         assert ((got.double() - base.double()).abs() <= 2 * gamma * mag).all(), kw
         assert rel(got, base) <= 1e-6, kw
         assert rel(got, want) <= 1e-5, kw
+
+
+
+def test_swapped_tiles_regimes():
+    """The opt-in swapped dispatch covers decode batches and 1k prefill, not 8k (where it measured slower)."""
+    from dsv4.ops.grouped_linear import swapped_tiles
+
+    assert swapped_tiles(384, 256) == (16, 64, 4)            # decode batch 64, top-6
+    assert swapped_tiles(6144, 256) == (32, 64, 4)           # 1k prefill
+    assert swapped_tiles(49152, 256) is None                 # 8k prefill: the 128 x 128 expert-major tiles
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [384, 6144])
+def test_swapped_dispatch_switch_on_cuda(rows, monkeypatch):
+    """DSV4_FP4_SWAPPED=1 routes `grouped_linear` below 96 rows per expert (decode batch 64: 384 pairs; 1k prefill:
+    6144) to the swapped kernel at `swapped_tiles`, K-ordered: within 1e-5 of the twin (FP4 products exact, fp32
+    sums) and within 1e-6 of the default dispatch (same products, another order of fp32 sums)."""
+    from dsv4.ops.grouped_linear import grouped_linear
+
+    calls = []
+    real = swapped.fp4_grouped_gemm_swapped
+    monkeypatch.setattr(swapped, "fp4_grouped_gemm_swapped", lambda *a, **k: calls.append(k) or real(*a, **k))
+    dev, gen = "cuda", torch.Generator("cuda").manual_seed(53)
+    pairs = [quant_fp4(torch.randn(512, 1024, generator=gen, device=dev) / 32) for _ in range(64)]
+    w, s = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+    rows = rows // 4                                     # 64 experts here: the same rows per expert as 256 at Flash
+    eid = torch.randint(0, 64, (rows,), generator=gen, device=dev).sort().values
+    x = fake_quant_fp8(torch.randn(rows, 1024, generator=gen, device=dev), 128).bfloat16()
+    with torch.no_grad():
+        default = grouped_linear(x, eid, w, s, "fp4")
+        assert not calls
+        monkeypatch.setenv("DSV4_FP4_SWAPPED", "1")
+        got = grouped_linear(x, eid, w, s, "fp4")
+        twin = grouped_linear.twin(x, eid, w, s, "fp4")
+    assert len(calls) == 1 and calls[0]["korder"], calls
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    assert rel(got, default) <= 1e-6
+    assert rel(got, twin) <= 1e-5

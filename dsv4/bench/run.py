@@ -45,6 +45,10 @@ class BenchOptions:
     log: list[str] = field(default_factory=list)
 
 
+# The opt-in switches a run records (a figure measured with one on is not the default path's).
+BENCH_ENV = ("DSV4_FAST_OPS", "DSV4_FP4_PACKED", "DSV4_FP4_SWAPPED", "DSV4_FP4_FP8MMA")
+
+
 def _say(opts: BenchOptions, text: str) -> None:
     print(text, flush=True)
     opts.log.append(text)
@@ -63,7 +67,7 @@ def run(opts: BenchOptions) -> dict:
     res: dict = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "layers": opts.layers,
                  "compress_ratios": list(cfg.compress_ratios[: cfg.n_layers]), "context": opts.context,
                  "fast_ops": ops.fast_ops_status(), "compile": opts.compile, "compile_scope": opts.compile_scope,
-                 "env": {k: os.environ[k] for k in ("DSV4_FAST_OPS", "DSV4_FP4_PACKED") if k in os.environ}}
+                 "env": {k: os.environ[k] for k in BENCH_ENV if k in os.environ}}
     bw = floor.copy_bandwidth(dev)
     res["copy_bandwidth_TBps"] = bw / 1e12
     _say(opts, f"{res['gpu']}: copy bandwidth {bw / 1e12:.2f} TB/s")

@@ -77,6 +77,12 @@ def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.
         return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
                                         fp8mma=True, maxnreg=maxnreg)
 
+    tiles = swapped_tiles(x.shape[0], weight.shape[0])
+    if tiles is not None and env_switch("DSV4_FP4_SWAPPED"):
+        from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
+
+        return fp4_grouped_gemm_swapped(x, eid, weight, scale, block_m=tiles[0], block_n=tiles[1],
+                                        num_warps=tiles[2], korder=weight.data_ptr() % 4 == 0)  # int32 reads
     packed = packed_from_env() or x.shape[0] < _PACKED_BELOW * weight.shape[0]
     block_m, block_n, warps = expert_major_tiles(x.shape[0], weight.shape[0], packed)
     return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
@@ -94,6 +100,17 @@ def expert_major_tiles(rows: int, experts: int, packed: bool) -> tuple[int, int,
     if packed and rows < 16 * experts:
         return 16, 64, 4
     return 64, 64, 8
+
+
+def swapped_tiles(rows: int, experts: int) -> tuple[int, int, int] | None:
+    """(block_m, block_n, num_warps) of the swapped-operand kernel (`ops/triton/fp4_grouped_swapped.py`, K-ordered),
+    opt-in with DSV4_FP4_SWAPPED=1 until measured in the bench; None where it does not run: from 96 rows per expert
+    (8k prefill: 56 % slower than the 128 x 128 expert-major tiles, eager, fifteenth session). Tiles: 16 tokens x 64
+    weight rows below 16 rows per expert (offline 5.30 SASS instructions per weight), 32 x 64 from there (its 1k
+    prefill tile, 16 % faster than the dispatched kernel in element order)."""
+    if rows >= 96 * experts:
+        return None
+    return (16, 64, 4) if rows < 16 * experts else (32, 64, 4)
 
 
 def fp8mma_applies(fp8_grid: bool) -> bool:
