@@ -288,9 +288,10 @@ def test_swapped_tiles_regimes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [384, 6144])
 def test_swapped_dispatch_switch_on_cuda(rows, monkeypatch):
-    """DSV4_FP4_SWAPPED=1 routes `grouped_linear` below 96 rows per expert (decode batch 64: 384 pairs; 1k prefill:
-    6144) to the swapped kernel at `swapped_tiles`, K-ordered: within 1e-5 of the twin (FP4 products exact, fp32
-    sums) and within 1e-6 of the default dispatch (same products, another order of fp32 sums)."""
+    """By default (DSV4_FP4_SWAPPED unset) `grouped_linear` below 96 rows per expert (decode batch 64: 384 pairs;
+    1k prefill: 6144) runs the swapped kernel at `swapped_tiles`, K-ordered; DSV4_FP4_SWAPPED=0 the expert-major
+    kernel. Within 1e-5 of the twin (FP4 products exact, fp32 sums) and within 1e-6 of the expert-major kernel
+    (same products, another order of fp32 sums)."""
     from dsv4.ops.grouped_linear import grouped_linear
 
     calls = []
@@ -302,13 +303,14 @@ def test_swapped_dispatch_switch_on_cuda(rows, monkeypatch):
     rows = rows // 4                                     # 64 experts here: the same rows per expert as 256 at Flash
     eid = torch.randint(0, 64, (rows,), generator=gen, device=dev).sort().values
     x = fake_quant_fp8(torch.randn(rows, 1024, generator=gen, device=dev), 128).bfloat16()
+    monkeypatch.delenv("DSV4_FP4_SWAPPED", raising=False)
     with torch.no_grad():
-        default = grouped_linear(x, eid, w, s, "fp4")
-        assert not calls
-        monkeypatch.setenv("DSV4_FP4_SWAPPED", "1")
         got = grouped_linear(x, eid, w, s, "fp4")
+        assert len(calls) == 1 and calls[0]["korder"], calls
+        monkeypatch.setenv("DSV4_FP4_SWAPPED", "0")
+        default = grouped_linear(x, eid, w, s, "fp4")
+        assert len(calls) == 1
         twin = grouped_linear.twin(x, eid, w, s, "fp4")
-    assert len(calls) == 1 and calls[0]["korder"], calls
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
     assert rel(got, default) <= 1e-6
     assert rel(got, twin) <= 1e-5

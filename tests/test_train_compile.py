@@ -199,8 +199,8 @@ def test_every_block_runs_at_seq_len_in_static_graphs_compiled_once(small_ckpt, 
     assert rec["compiled_graphs"] > 0 and "compiled" in caplog.text and not any(graphs.dynamic)
 
 
-def _on_cuda(ckpt, qat: bool = True):
-    m = dsv4.load_model(ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=qat, progress=False)
+def _on_cuda(ckpt, qat: bool = True, dtype=torch.bfloat16):
+    m = dsv4.load_model(ckpt, device="cuda", dtype=dtype, quant_emulation=qat, progress=False)
     return prepare_full(m, qat=qat)
 
 
@@ -208,35 +208,48 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def _inductor_vs_eager(model, pb):
-    """(loss relative difference, all gradients' relative difference, (worst parameter's, its name))."""
+def _distances_to_fp32(ckpt, qat: bool, pb) -> dict:
+    """The bf16 eager step and the bf16 inductor step, each against the fp32 eager step on the same weights (the
+    checkpoint's FP8/FP4 values are exact in bf16): relative distance of the losses, of all gradients together, and
+    per parameter, as (compiled, eager) pairs."""
+    ref = loss_and_grads(_on_cuda(ckpt, qat, torch.float32), pb)
+    model = _on_cuda(ckpt, qat)
     eager = loss_and_grads(model, pb)
     compile_blocks(model, "inductor")
     try:
         compiled = loss_and_grads(model, pb)
     finally:
         uncompile_blocks(model)
-    assert compiled[1].keys() == eager[1].keys()
-    names = sorted(eager[1])
-    flat = [torch.cat([g[1][n].flatten() for n in names]) for g in (compiled, eager)]
-    return _rel(compiled[0], eager[0]), _rel(*flat), max((_rel(compiled[1][n], eager[1][n]), n) for n in names)
+    assert compiled[1].keys() == eager[1].keys() == ref[1].keys()
+    names = sorted(ref[1])
+
+    def flat(g):
+        return torch.cat([g[1][n].float().flatten() for n in names])
+
+    return {"loss": (_rel(compiled[0], ref[0]), _rel(eager[0], ref[0])),
+            "grads": (_rel(flat(compiled), flat(ref)), _rel(flat(eager), flat(ref))),
+            "worst": (max((_rel(compiled[1][n], ref[1][n]), n) for n in names),
+                      max((_rel(eager[1][n], ref[1][n]), n) for n in names))}
 
 
 @pytest.mark.gpu
-def test_inductor_step_matches_eager_on_cuda(small_ckpt):
-    """The inductor-compiled step (bf16, MTP on) against the eager one. Inductor keeps fp32 intermediates in
-    registers where eager rounds to bf16 between ops (2**-8 relative per rounding). Without QAT that is all: the
-    bf16 class (bounds: loss 1e-2, all gradients 2e-2 of their norm, each parameter 0.1). With QAT a last-bit
-    difference can move an FP8 fake-quant rounding (an e4m3 step is 2**-3 relative) and with it small gradients: on
-    CPU in fp32 (train_speed.md, "Inductor on this CPU") QAT off gave 3e-7 of the gradients' norm, QAT on 3e-2 (worst
-    parameter 0.73, the mHC scales), so with QAT only the loss (1e-2) and all gradients together (0.1) are bounded.
-    Predictions to be confirmed on the H200, not measured bounds."""
+@pytest.mark.parametrize("qat", [False, True], ids=["qat-off", "qat-on"])
+def test_inductor_step_matches_eager_on_cuda(small_ckpt, qat):
+    """The inductor-compiled step (bf16, MTP on) is no further from the fp32 step than the eager bf16 step is.
+    Inductor keeps fp32 intermediates in registers where eager rounds to bf16 between ops, so the two bf16 steps
+    differ by the bf16 class, and that class is what eager bf16 itself is from fp32. Measured on the H200 (2026-12-05,
+    bench/results/h200_s16_suite/gpu_suite.log), QAT off, compiled against eager directly: loss 4.4e-5, gradients
+    5.6e-2 of their norm, worst parameter mtp.0.hc_attn_scale 1.54 (a sum over tokens with cancellation): the
+    earlier direct bounds (2e-2 and 0.1, predictions never measured) did not hold, and a direct comparison cannot
+    say which of the two is off. Bound: the compiled step's distance at most twice eager's (plus 1e-3 for losses
+    that round alike) for the loss, all gradients together and the worst parameter. With QAT a last-bit
+    difference can move an FP8 fake-quant rounding (2**-3 relative) in either step, so the gradients together
+    are bounded the same way and the worst parameter is not."""
     pb = pad_batch(packed_batch([_doc(900, 6)], "cuda"), 1024)
     torch._dynamo.reset()
-    loss, total, worst = _inductor_vs_eager(_on_cuda(small_ckpt, qat=False), pb)
-    print(f"QAT off: loss {loss:.2e}, gradients {total:.2e}, worst {worst}")
-    assert loss < 1e-2 and total < 2e-2 and worst[0] < 0.1, (loss, total, worst)
-    torch._dynamo.reset()
-    loss, total, worst = _inductor_vs_eager(_on_cuda(small_ckpt, qat=True), pb)
-    print(f"QAT on: loss {loss:.2e}, gradients {total:.2e}, worst {worst}")
-    assert loss < 1e-2 and total < 0.1, (loss, total, worst)
+    d = _distances_to_fp32(small_ckpt, qat, pb)
+    print(f"QAT {'on' if qat else 'off'}: distances to fp32 (compiled, eager): {d}")
+    assert d["loss"][0] <= 2 * d["loss"][1] + 1e-3, d
+    assert d["grads"][0] <= 2 * d["grads"][1] + 1e-3, d
+    if not qat:
+        assert d["worst"][0][0] <= 2 * d["worst"][1][0] + 1e-3, d

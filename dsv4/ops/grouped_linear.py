@@ -6,8 +6,9 @@ run over fixed-size row chunks so its gathered weights stay bounded; the Triton 
 (`ops/triton/fp4_grouped.py`) reads each expert's FP4 weights about once per row block it appears in instead of
 once per row; from one row per expert on average (decode at batch >= 43 with top-6 of 256, prefill), the
 expert-major kernel (`ops/triton/fp4_grouped_prefill.py`) decodes each weight tile once per 64-128 rows of its
-expert instead. Both kernels are bound by the FP4 decode arithmetic, not by bytes, so the one that decodes fewer
-tiles wins. Measured on an H200 at the bench model's shapes (`scripts/bench/grouped_prefill.py`,
+expert instead (below 96 rows per expert with its operands swapped: `ops/triton/fp4_grouped_swapped.py`). Both kernels
+are bound by the FP4 decode arithmetic, not by bytes, so the one that decodes fewer tiles wins. Measured on an H200 at
+the bench model's shapes (`scripts/bench/grouped_prefill.py`,
 bench/results/h200_grouped_prefill.log; K 4096 -> N 2048, 256 experts): 6144 rows (1k-token prefill) 4.66 -> 2.09
 ms, 49152 rows (8k) 27.6 -> 5.40 ms; at 384 rows (decode batch 64) see h200_grouped_decode.log.
 `fp8_grid=True` is the caller's word that x is on the FP8 grid per 128-K block (the MoE's act-quant emulation):
@@ -78,7 +79,7 @@ def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.
                                         fp8mma=True, maxnreg=maxnreg)
 
     tiles = swapped_tiles(x.shape[0], weight.shape[0])
-    if tiles is not None and env_switch("DSV4_FP4_SWAPPED"):
+    if tiles is not None and env_switch("DSV4_FP4_SWAPPED", default=True):
         from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 
         return fp4_grouped_gemm_swapped(x, eid, weight, scale, block_m=tiles[0], block_n=tiles[1],
@@ -104,10 +105,12 @@ def expert_major_tiles(rows: int, experts: int, packed: bool) -> tuple[int, int,
 
 def swapped_tiles(rows: int, experts: int) -> tuple[int, int, int] | None:
     """(block_m, block_n, num_warps) of the swapped-operand kernel (`ops/triton/fp4_grouped_swapped.py`, K-ordered),
-    opt-in with DSV4_FP4_SWAPPED=1 until measured in the bench; None where it does not run: from 96 rows per expert
-    (8k prefill: 56 % slower than the 128 x 128 expert-major tiles, eager, fifteenth session). Tiles: 16 tokens x 64
-    weight rows below 16 rows per expert (offline 5.30 SASS instructions per weight), 32 x 64 from there (its 1k
-    prefill tile, 16 % faster than the dispatched kernel in element order)."""
+    or None where the expert-major kernel runs instead. On by default below 96 rows per expert (DSV4_FP4_SWAPPED=0
+    turns it off). Measured on the H200 (2026-12-05, bench/results/h200_s16_checks/grouped_swapped.log, graph
+    replays, Flash K 4096 -> N 2048, 256 experts): decode batch 64 (1.5 rows per expert) 648 -> 575 us with 16
+    tokens x 64 weight rows, 4 warps; 1k prefill (24 rows per expert) 1921 -> 1335 us with 32 x 64, 4 warps (32 x
+    128 with 8 warps: 1301, within noise); in the bench, bs64 decode 10.08 -> 9.08 ms, 1k prefill 53.8 -> 39.3 ms.
+    At 8k prefill (192 rows per expert) the 128 x 128 expert-major tiles stay: 5225 us against 7859 at best."""
     if rows >= 96 * experts:
         return None
     return (16, 64, 4) if rows < 16 * experts else (32, 64, 4)

@@ -101,10 +101,10 @@ def reference_only(*ops: str):
         _reference_only.reset(token)
 
 
-def env_switch(name: str) -> bool:
-    """An opt-in environment switch of a fast path not yet on by default: "1" on, unset or "0" off, else an error
-    (a typo must not silently measure the wrong path)."""
-    value = os.environ.get(name, "0")
+def env_switch(name: str, default: bool = False) -> bool:
+    """An environment switch of a fast path: "1" on, "0" off, unset `default` (opt-in switches: off; opt-out ones:
+    on), else an error (a typo must not silently measure the wrong path)."""
+    value = os.environ.get(name, "1" if default else "0")
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"

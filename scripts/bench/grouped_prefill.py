@@ -12,10 +12,11 @@ are its `packed=True` option (inline-PTX decode of four codes per op, fp16 dots:
 FP8 MMA's accumulation is below fp32: flagged above 4e-3); `--tokens 64` is the decode batch-64 shape (384 rows).
 Usage: python3 scripts/bench/grouped_prefill.py [--tokens 1024 8192] [--repeats 10] [--json PATH] [--only fp8mma]
 (`--only fp8mma`: the two references, the default config and the FP8MMA rows only). `--only swapped` (tokens 64,
-1024 and 8192 unless given): the configuration `ops/grouped_linear.py` dispatches today against the swapped-operand
-kernel (`ops/triton/fp4_grouped_swapped.py`) in a few tiles, as us per call and TB/s of weight bytes (the FP4 bytes
-and scales of the experts with rows, counted once; captured-graph replays with a cold L2), each output's rel.
-error against the dispatched one; no bf16 copies, no 16-row-block kernel.
+1024 and 8192 unless given): the expert-major kernel's configuration (`ops/grouped_linear.py`, with the swapped
+kernel switched off) against the swapped-operand kernel (`ops/triton/fp4_grouped_swapped.py`) in a few tiles, as
+us per call and TB/s of weight bytes (the FP4 bytes and scales of the experts with rows, counted once;
+captured-graph replays with a cold L2), each output's rel. error against the expert-major one (labelled
+"dispatched": the default before the sixteenth session); no bf16 copies, no 16-row-block kernel.
 """
 
 import argparse
@@ -117,8 +118,8 @@ def timed_bytes(name: str, fn, ref, weight_bytes: int, repeats: int) -> dict:
 
 
 def swapped_results(tokens: int, w, s, gen, repeats: int) -> dict:
-    """The dispatched expert-major configuration (`_PACKED_BELOW`, `expert_major_tiles`; DSV4_FP4_PACKED /
-    DSV4_FP4_FP8MMA unset) against the swapped-operand kernel's SWAPPED_CONFIGS."""
+    """The expert-major configuration (`_PACKED_BELOW`, `expert_major_tiles`; DSV4_FP4_PACKED / DSV4_FP4_FP8MMA
+    unset; dispatched where `swapped_tiles` is None or DSV4_FP4_SWAPPED=0) against SWAPPED_CONFIGS."""
     eid, x = routed_rows(tokens, gen)
     m = eid.numel()
     used = eid.unique().numel()

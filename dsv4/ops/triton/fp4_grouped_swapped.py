@@ -1,11 +1,12 @@
 """The expert-major FP4 grouped GEMM with swapped operands: out^T = W x^T, the decoded weight as the dot's LEFT
-operand. Not dispatched (`ops/grouped_linear.py` does not call it): measured on an H200 (2026-12-05,
-bench/results/h200_s15_suite/grouped_swapped.log, eager wrapper calls, K 4096 -> N 2048, 256 experts) it is 16 %
-faster than the dispatched kernel at the 1k-prefill shape (1755 vs 2101 us, 32 x 64 tiles) and 56 % slower at 8k;
-at decode sizes those eager timings were host-bound (the rerun times graph replays). In element order the weight
-bytes reach registers through shared memory one byte at a time (wgmma's register layout gives a thread bytes 4
-apart along K); `korder=True` permutes K within each 128-K block so that they arrive as 128-bit loads (below).
-korder is NOT measured on a GPU yet: the figures below are offline SASS only.
+operand. Dispatched by `ops/grouped_linear.py` (`swapped_tiles`), K-ordered, below 96 rows per expert (decode
+batches that reach the expert-major kernel, prefill up to ~4k tokens at Flash). Measured on an H200 (graph
+replays, K 4096 -> N 2048, 256 experts; bench/results/h200_s16_checks/grouped_swapped.log): decode batch 64 648 ->
+575 us, 1k prefill 1921 -> 1335 us, 8k prefill 5225 -> 7859 us at best (there the expert-major kernel stays).
+In element order the weight bytes reach registers through shared memory one byte at a time (wgmma's register
+layout gives a thread bytes 4 apart along K); `korder=True` permutes K within each 128-K block so that they arrive
+as 128-bit loads (below): 648 -> 575 us at decode batch 64 against 874 in element order, offline 6.91 -> 5.30
+SASS instructions per weight.
 
 Why: `fp4_grouped_prefill._fp4_grouped_prefill` computes out = x W^T with the tokens as the dot's M and the decoded
 weight tile as its right operand. At decode batches (~1.5 rows per expert, 16-row tiles) its M is 16, so the dot
