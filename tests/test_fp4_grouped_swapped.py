@@ -285,6 +285,39 @@ def test_swapped_tiles_regimes():
     assert swapped_tiles(49152, 256) is None                 # 8k prefill: the 128 x 128 expert-major tiles
 
 
+def test_swapped_dispatch_on_by_default(monkeypatch):
+    """Spies stand in for the kernels (CPU): below 96 rows per expert the swapped kernel runs unless
+    DSV4_FP4_SWAPPED=0, K-ordered for a 4-byte-aligned weight, with `swapped_tiles`; from 96 rows per expert the
+    expert-major kernel; other values of the switch raise."""
+    import importlib
+
+    grouped_linear = importlib.import_module("dsv4.ops.grouped_linear")
+    prefill = importlib.import_module("dsv4.ops.triton.fp4_grouped_prefill")
+    seen = []
+
+    def spy(name):
+        return lambda *args, **kw: seen.append((name, kw)) or torch.zeros(args[0].shape[0], args[2].shape[1])
+
+    monkeypatch.setattr(swapped, "fp4_grouped_gemm_swapped", spy("swapped"))
+    monkeypatch.setattr(prefill, "fp4_grouped_gemm_prefill", spy("expert_major"))
+    w, s = torch.zeros(1, 8, 64, dtype=torch.int8), torch.zeros(1, 8, 4, dtype=torch.uint8)
+    for rows, env, want in ((15, None, "swapped"), (95, None, "swapped"), (96, None, "expert_major"),
+                            (15, "1", "swapped"), (15, "0", "expert_major"), (95, "0", "expert_major")):
+        if env is None:
+            monkeypatch.delenv("DSV4_FP4_SWAPPED", raising=False)
+        else:
+            monkeypatch.setenv("DSV4_FP4_SWAPPED", env)
+        grouped_linear._fp4_grouped_gemm_prefill(torch.zeros(rows, 128), torch.zeros(rows, dtype=torch.long), w, s,
+                                                 False)
+        assert seen[-1][0] == want, (rows, env, seen[-1])
+        if want == "swapped":
+            tiles = grouped_linear.swapped_tiles(rows, 1)
+            assert seen[-1][1] == dict(block_m=tiles[0], block_n=tiles[1], num_warps=tiles[2], korder=True)
+    monkeypatch.setenv("DSV4_FP4_SWAPPED", "yes")
+    with pytest.raises(ValueError, match="DSV4_FP4_SWAPPED"):
+        grouped_linear._fp4_grouped_gemm_prefill(torch.zeros(15, 128), torch.zeros(15, dtype=torch.long), w, s, False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [384, 6144])
 def test_swapped_dispatch_switch_on_cuda(rows, monkeypatch):

@@ -81,7 +81,7 @@ class Attention(nn.Module):
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
-        return self.rotary(q, cis), qr
+        return self.rotary(q, cis, owned=True), qr
 
     def window_kv(self, x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
         """[b, s, d] per-token KV: kv_norm, RoPE, FP8 fake-quant of the nope dims (emulation)."""
@@ -265,7 +265,7 @@ class Attention(nn.Module):
         """De-rotate, grouped low-rank wo_a (per group of heads), then wo_b."""
         b, s = o.shape[:2]
         tap("attn.out_pre_inverse_rope", o)
-        o = self.rotary(o, cis, inverse=True)
+        o = self.rotary(o, cis, inverse=True)        # not owned: an op's output (wrappers may hold views of it)
         tap("attn.out", o)
         o = o.view(b, s, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1]).to(o.dtype)

@@ -27,8 +27,7 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
 
 def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """New stream k = post_k * x + sum_j comb[j, k] * residual_j, in fp32, cast to x's dtype."""
-    mixed = torch.sum(comb.unsqueeze(-1) * residual.unsqueeze(-2), dim=2)   # [b, s, hc(dst), D]
-    return (post.unsqueeze(-1) * x.unsqueeze(-2) + mixed).to(x.dtype)
+    return ops.hc_post(x, residual, post, comb)
 
 
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg) -> torch.Tensor:

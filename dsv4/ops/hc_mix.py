@@ -1,13 +1,17 @@
-"""mHC pre and head mixing as dispatched ops (`model/hyper.py`'s hc_pre / hc_head).
+"""mHC pre, post and head mixing as dispatched ops (`model/hyper.py`'s hc_pre / hc_post / hc_head).
 
 The twins are the plain path: the fp32 RMS over the concatenated streams, the fp32 product with fn (`dense`), then
 the split + Sinkhorn (the dispatched `hc_split_sinkhorn`, so its Triton forward and training backward still apply)
 or the head's sigmoid, and the weighted sum of the streams. On CUDA, at inference, for at most MAX_TOKENS tokens
 (decode; above it the plain path is GEMM-bound and stays), `ops/triton/hc_mix.py` does a call in two launches;
 opt-in (DSV4_HC_MIX=1) until measured on the H200.
+hc_post's twin materialises the [b, s, hc, hc, D] fp32 products; on CUDA, at inference, above MAX_TOKENS tokens
+(prefill), `ops/triton/hc_post.py` does it in one pass; opt-in (DSV4_HC_POST=1) until measured on the H200.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -15,7 +19,7 @@ from dsv4.ops.hc import hc_split_sinkhorn
 from dsv4.ops.ref import dense, widen
 from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
 
-MAX_TOKENS = 64
+MAX_TOKENS = 64          # decode's largest batch: the pre / head kernel at or below it, hc_post's above
 
 
 def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +46,15 @@ def _head_mix_twin(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
     return torch.sum(pre.unsqueeze(-1) * x.view(h.shape), dim=2).to(h.dtype)
 
 
+def _post_twin(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """New stream k = post_k * x + sum_j comb[j, k] * residual_j, in fp32, cast to x's dtype."""
+    mixed = torch.sum(comb.unsqueeze(-1) * residual.unsqueeze(-2), dim=2)   # [b, s, hc(dst), D]
+    return (post.unsqueeze(-1) * x.unsqueeze(-2) + mixed).to(x.dtype)
+
+
 hc_pre_mix = dispatch("hc_pre_mix", _pre_mix_twin)
 hc_head_mix = dispatch("hc_head_mix", _head_mix_twin)
+hc_post = dispatch("hc_post", _post_twin)
 
 
 @torch._dynamo.assume_constant_result
@@ -87,3 +98,32 @@ register_triton("hc_pre_mix", "triton_hc_pre", lambda h, fn, scale, base, *rest:
                 _pre_kernel)
 register_triton("hc_head_mix", "triton_hc_head", lambda h, fn, scale, base, *rest: _fits(h, fn, scale, base),
                 _head_kernel)
+
+
+@torch._dynamo.assume_constant_result
+def post_enabled() -> bool:
+    """DSV4_HC_POST=1 turns the one-pass hc_post kernel on: opt-in until its H200 timing is measured (read once per
+    traced graph under torch.compile)."""
+    return env_switch("DSV4_HC_POST")
+
+
+def _post_fits(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> bool:
+    hc = residual.shape[-2]
+    return (post_enabled()                                            # first: while off, no shape guard
+            and x.is_cuda                                             # a GPU kernel (the interpreter is for tests)
+            and x.dtype in (torch.bfloat16, torch.float16)            # inference's streams; fp32 keeps the twin
+            and residual.dtype == x.dtype                             # the kernel reads both in one dtype
+            and post.dtype == comb.dtype == torch.float32             # the kernel reads fp32 weights
+            and not torch.is_grad_enabled()                           # no backward: training keeps the twin
+            and hc & (hc - 1) == 0                                    # tl.arange(0, HC) needs a power of two
+            and math.prod(x.shape[:-1]) > MAX_TOKENS)                 # prefill: decode's compiled step fuses the twin
+
+
+@custom_op("hc_post", lambda x, residual, post, comb: x.new_empty(*residual.shape))
+def _post_kernel(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    from dsv4.ops.triton.hc_post import hc_post as launch
+
+    return launch(x, residual, post, comb)
+
+
+register_triton("hc_post", "triton_hc_post", _post_fits, _post_kernel)

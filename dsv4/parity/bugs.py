@@ -18,8 +18,10 @@ from dsv4.model.rope import Rotary
 from dsv4.parity.errors import ParityError
 
 
-def _rotate_half(self: Rotary, x: torch.Tensor, cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """RoPE with the GPT-NeoX pairing (dim j with j + dim/2) instead of the interleaved (2j, 2j+1) pairs."""
+def _rotate_half(self: Rotary, x: torch.Tensor, cis: torch.Tensor, inverse: bool = False,
+                 owned: bool = False) -> torch.Tensor:
+    """RoPE with the GPT-NeoX pairing (dim j with j + dim/2) instead of the interleaved (2j, 2j+1) pairs. Always a
+    new tensor (`owned` allows, does not require, an in-place rotation)."""
     rope = x[..., -self.dim:].float()
     half = self.dim // 2
     pairs = torch.complex(rope[..., :half].contiguous(), rope[..., half:].contiguous())

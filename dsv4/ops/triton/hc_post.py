@@ -1,0 +1,88 @@
+"""mHC post (`ops.hc_post`) in one pass: out[t, k, d] = post[t, k] x[t, d] + sum_j comb[t, j, k] residual[t, j, d].
+
+The plain twin materialises the products comb x residual as [b, s, hc, hc, D] fp32 (2.1 GB at an 8192-token Flash
+prefill, D = 4096; ~35 ms of the 204 ms step, bench/results/h200_s16_checks/prefill_stacks.log). Here program
+(token block, D block) reads a token's post [hc] and comb [hc, hc], its x and residual blocks once and writes its
+output block once: (2 + 8 + 8) bytes per (token, d) in bf16, 8192 x 4096 x 18 B = 604 MB per call, ~0.13 ms at
+~4.8 TB/s (predicted; NOT measured on a GPU: opt-in with DSV4_HC_POST=1 until timed on the H200).
+Arithmetic: the twin's, in fp32: the products, summed over the source streams j in order, then post_k x added;
+one rounding to x's dtype. On the GPU the compiler may contract a product and the following add into an FMA (one
+rounding less), so fp32 results agree with the twin to a few fp32 roundings of sum |terms|, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# A program's tile is BLOCK_T x HC x BLOCK_D outputs (4 x 4 x 256 fp32: 32 registers a thread at 4 warps); 256
+# along D is 8 bf16 (16 bytes, one vector load or store) per thread of a warp. Unmeasured choice.
+BLOCK_T, BLOCK_D = 4, 256
+
+
+@triton.jit
+def _term(comb_ptrs, stream_ptrs, ok_t, ok):
+    """comb[t, j, :] [BLOCK_T, HC] times stream j [BLOCK_T, BLOCK_D] -> [BLOCK_T, HC, BLOCK_D] in fp32."""
+    c = tl.load(comb_ptrs, mask=ok_t[:, None], other=0.0)
+    r = tl.load(stream_ptrs, mask=ok, other=0.0).to(tl.float32)
+    return c[:, :, None] * r[:, None, :]
+
+
+# T (tokens) is not specialised: prefill lengths vary, and a kernel per "T % 16 == 0" would compile twice.
+@triton.jit(do_not_specialize=["T"])
+def _hc_post(x_ptr, r_ptr, post_ptr, comb_ptr, out_ptr, T, D, HC: tl.constexpr, BLOCK_T: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = tl.arange(0, HC)
+    ok_t = t < T
+    ok = ok_t[:, None] & (d < D)[None, :]                                          # [BLOCK_T, BLOCK_D]
+    t = t.to(tl.int64)                                                             # T * HC * D may pass 2^31
+    x = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    post = tl.load(post_ptr + t[:, None] * HC + k[None, :], mask=ok_t[:, None], other=0.0)     # [BLOCK_T, HC]
+    comb = comb_ptr + t[:, None] * (HC * HC) + k[None, :]                          # comb[t, 0, k]
+    streams = r_ptr + t[:, None] * (HC * D) + d[None, :]                           # residual[t, 0, d]
+    # The twin's torch.sum over the source streams adds them in order: ((c0 r0 + c1 r1) + c2 r2) + c3 r3.
+    mixed = _term(comb, streams, ok_t, ok)
+    for j in tl.static_range(1, HC):
+        mixed += _term(comb + j * HC, streams + j * D, ok_t, ok)
+    out = post[:, :, None] * x[:, None, :] + mixed                                 # [BLOCK_T, HC, BLOCK_D]
+    dst = out_ptr + t[:, None, None] * (HC * D) + k[None, :, None] * D + d[None, None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=ok[:, None, :])
+
+
+def _check(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> None:
+    if residual.dim() < 2:
+        raise ValueError(f"residual must be [..., hc, D], got shape {tuple(residual.shape)}")
+    *lead, hc, dim = residual.shape
+    if hc < 1 or hc & (hc - 1):
+        raise ValueError(f"hc (residual.shape[-2]) must be a power of two, got {hc}")
+    want = {"x": (*lead, dim), "post": (*lead, hc), "comb": (*lead, hc, hc)}
+    for name, t in (("x", x), ("post", post), ("comb", comb)):
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{name} must have shape {want[name]} for residual {tuple(residual.shape)}, got "
+                             f"{tuple(t.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or residual.dtype != x.dtype:
+        raise ValueError(f"x and residual must share a dtype of bf16, fp16 or fp32, got {x.dtype}, {residual.dtype}")
+    if post.dtype != torch.float32 or comb.dtype != torch.float32:
+        raise ValueError(f"post and comb must be fp32, got {post.dtype}, {comb.dtype}")
+    if not x.device == residual.device == post.device == comb.device:
+        raise ValueError(f"inputs on different devices: {x.device}, {residual.device}, {post.device}, {comb.device}")
+
+
+def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """`ops.hc_post` for x [..., D], residual [..., hc, D] (x's dtype: bf16, fp16 or fp32), post [..., hc] and
+    comb [..., hc, hc] fp32: the new streams [..., hc, D] in x's dtype."""
+    _check(x, residual, post, comb)
+    hc, dim = residual.shape[-2:]
+    tokens = math.prod(x.shape[:-1])
+    out = torch.empty(residual.shape, dtype=x.dtype, device=x.device)
+    if tokens and dim:
+        block_d = min(BLOCK_D, triton.next_power_of_2(dim))
+        grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(dim, block_d))
+        _hc_post[grid](x.contiguous(), residual.contiguous(), post.contiguous(), comb.contiguous(), out, tokens, dim,
+                       HC=hc, BLOCK_T=BLOCK_T, BLOCK_D=block_d)
+    return out
