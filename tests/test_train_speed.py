@@ -309,3 +309,65 @@ def test_sinkhorn_training_pair_compiles_once_on_cuda():
                                             hc, iters, eps)
         seen.append(variants())
     assert seen[0] == seen[1] == seen[2], seen
+
+
+# The act-quant rounding before the bytes work (bench/notes/train_speed.md, "Where a step's bytes go"): x copied to
+# fp32 first, the rounded value multiplied in fp32 (then cast to x's dtype by the caller or straight_through).
+def _act_quant_fp32_copy(x, block=128):
+    from dsv4.quant.act import E4M3_MAX, FP8_AMAX_FLOOR, _blocks, pow2_ceil_scale, to_e4m3
+
+    xb = _blocks(x, block)
+    s = pow2_ceil_scale(xb.abs().amax(-1).clamp(min=FP8_AMAX_FLOOR), E4M3_MAX)
+    return to_e4m3((xb / s.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)).flatten(-2), s
+
+
+def _dequantize_fp32(q, s, block, dtype):
+    return (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def _bits(t):
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_act_quant_without_the_fp32_copy_gives_the_same_bits(dtype):
+    """`act_quant` of a 16-bit x takes |x|'s block maximum in x's dtype and lets x / s promote (no fp32 copy of x);
+    `dequantize_blocks` multiplies in bf16 for bf16: the same bits as the fp32 formulas, over every finite bf16
+    value (in random blocks), +-0, +-inf, NaN, all-zero and tiny blocks."""
+    from dsv4.quant.act import act_quant, dequantize_blocks
+
+    g = torch.Generator().manual_seed(0)
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    every = every[torch.isfinite(every)]
+    x = every[torch.randperm(every.numel(), generator=g)][: (every.numel() // 128) * 128].view(-1, 128)
+    special = torch.zeros(6, 128)
+    special[1, 5], special[2, 7], special[3, 9] = float("inf"), float("nan"), -0.0
+    special[4] = torch.randn(128, generator=g) * 1e-30
+    special[5] = torch.randn(128, generator=g) * 1e4
+    x = torch.cat([x, special, torch.randn(64, 128, generator=g) * 3]).to(dtype)
+    q_new, s_new = act_quant(x, 128)
+    q_old, s_old = _act_quant_fp32_copy(x, 128)
+    assert torch.equal(_bits(s_new), _bits(s_old)) and torch.equal(_bits(q_new), _bits(q_old))
+    for out in {dtype, torch.float32}:
+        got, want = dequantize_blocks(q_new, s_new, 128, out), _dequantize_fp32(q_old, s_old, 128, out)
+        assert got.dtype == want.dtype == out
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan) and torch.equal(_bits(got[~nan]), _bits(want[~nan]))
+
+
+def test_training_step_bit_identical_without_the_act_quant_fp32_copies(tiny_ckpt, monkeypatch):
+    """bf16 training step of the tiny QAT model (every FP8 linear input and the MoE's fake-quant): loss and every
+    gradient bit for bit the same with the act-quant rounding's fp32 copies put back."""
+    import dsv4.ops.ref as ref
+    import dsv4.quant.act as act
+
+    model = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.bfloat16, quant_emulation=True, progress=False),
+                         qat=True)
+    docs = _docs([70, 33], seed=5)
+    new = loss_and_grads(model, docs)
+    for module in (ref, act):
+        monkeypatch.setattr(module, "act_quant", _act_quant_fp32_copy)
+        monkeypatch.setattr(module, "dequantize_blocks", _dequantize_fp32)
+    old = loss_and_grads(model, docs)
+    assert torch.isfinite(new[0]) and new[1]
+    assert_same_training(new, old, rtol=0, atol=0)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.quant import act_quant, dequant_fp4, dequant_fp8
-from dsv4.quant.act import straight_through
+from dsv4.quant.act import dequantize_blocks, straight_through
 
 
 def dequant_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
@@ -93,9 +93,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fm
         return dense(x, weight, x.dtype)
     w = dequantized if dequantized is not None else dequant_weight(weight, scale, fmt)
     if act_quant_on:
+        # training: straight_through rounds the value to x's dtype, so it is made there (`dequantize_blocks`: the
+        # same bits without an fp32 copy); inference multiplies the fp32 value
+        trained = torch.is_grad_enabled() and x.requires_grad
         with torch.no_grad():       # the rounding has no gradient: autograd need not record (nor save) it
             q, s = act_quant(x, 128)
-            rounded = (q.float().unflatten(-1, (-1, 128)) * s.unsqueeze(-1)).flatten(-2)
+            rounded = dequantize_blocks(q, s, 128, x.dtype if trained else torch.float32)
         xf = straight_through(x, rounded)
         return dense(xf, w, x.dtype, x.dtype)
     return dense(x, w, x.dtype)

@@ -44,25 +44,43 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+_NATIVE = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _blocks(x: torch.Tensor, block: int, widen: bool = True) -> torch.Tensor:
+    """x [..., n] as [..., n/block, block], in its work dtype (`widen=False`: a 16/32/64-bit float x as it is)."""
     assert x.is_floating_point(), f"activation must be a float tensor, got {x.dtype}"
     assert block > 0 and x.shape[-1] % block == 0, f"last dim {x.shape[-1]} is not divisible by block {block}"
-    return x.to(work_dtype(x)).unflatten(-1, (-1, block))  # [..., n/block, block]
+    return (x if not widen and x.dtype in _NATIVE else x.to(work_dtype(x))).unflatten(-1, (-1, block))
 
 
 def act_quant(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., n] -> (float8_e4m3fn [..., n], fp32 power-of-two scales [..., n/block]); x ~= q * s per block."""
-    xb = _blocks(x, block)
-    s = pow2_ceil_scale(xb.abs().amax(-1).clamp(min=FP8_AMAX_FLOOR), E4M3_MAX)
+    """x [..., n] -> (float8_e4m3fn [..., n], fp32 power-of-two scales [..., n/block]); x ~= q * s per block.
+    A 16-bit x is not copied to fp32 first: |x| and its block maximum are exact in x's dtype (then widened
+    exactly), and x / s promotes x to fp32 exactly as `x.float() / s` does: the same bits, without an fp32 copy
+    of x (6 bytes an element written and read again, plus its abs)."""
+    xb = _blocks(x, block, widen=False)
+    amax = xb.abs().amax(-1).to(work_dtype(x))
+    s = pow2_ceil_scale(amax.clamp(min=FP8_AMAX_FLOOR), E4M3_MAX)
     q = to_e4m3((xb / s.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX))
     return q.flatten(-2), s
+
+
+def dequantize_blocks(q: torch.Tensor, s: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """q * s per block (`act_quant`'s output: e4m3 values times power-of-two scales, exact in fp32) in `dtype`.
+    In bf16 the product is taken in bf16: q and s are exact in bf16 (same exponent range as fp32) and a bf16
+    product is the exact product rounded once to bf16, i.e. the bits of the fp32 product cast to bf16, without the fp32
+    copy. Other dtypes: the fp32 (float64 with float64 scales) product, cast."""
+    if dtype == torch.bfloat16:
+        return (q.to(dtype).unflatten(-1, (-1, block)) * s.to(dtype).unsqueeze(-1)).flatten(-2)
+    return (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
     """Quantise to e4m3 per block and back, in x's dtype (a new tensor; e4m3 values times 2**k are exact in bf16)."""
     with torch.no_grad():           # the rounding has no gradient: autograd need not record (nor save) it
         q, s = act_quant(x, block)
-        rounded = (q.float().unflatten(-1, (-1, block)) * s.unsqueeze(-1)).flatten(-2).to(x.dtype)
+        rounded = dequantize_blocks(q, s, block, x.dtype)
     return straight_through(x, rounded)
 
 
