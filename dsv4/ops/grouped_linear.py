@@ -6,9 +6,9 @@ run over fixed-size row chunks so its gathered weights stay bounded; the Triton 
 (`ops/triton/fp4_grouped.py`) reads each expert's FP4 weights about once per row block it appears in instead of
 once per row; from one row per expert on average (decode at batch >= 43 with top-6 of 256, prefill), the
 expert-major kernel (`ops/triton/fp4_grouped_prefill.py`) decodes each weight tile once per 64-128 rows of its
-expert instead (below 96 rows per expert with its operands swapped: `ops/triton/fp4_grouped_swapped.py`). Both kernels
-are bound by the FP4 decode arithmetic, not by bytes, so the one that decodes fewer tiles wins. Measured on an H200 at
-the bench model's shapes (`scripts/bench/grouped_prefill.py`,
+expert instead (below 96 rows per expert with its operands swapped: `ops/triton/fp4_grouped_swapped.py`).
+Both kernels are bound by the FP4 decode arithmetic, not by bytes, so the one that decodes fewer tiles wins.
+Measured on an H200 at the bench model's shapes (`scripts/bench/grouped_prefill.py`,
 bench/results/h200_grouped_prefill.log; K 4096 -> N 2048, 256 experts): 6144 rows (1k-token prefill) 4.66 -> 2.09
 ms, 49152 rows (8k) 27.6 -> 5.40 ms; at 384 rows (decode batch 64) see h200_grouped_decode.log.
 `fp8_grid=True` is the caller's word that x is on the FP8 grid per 128-K block (the MoE's act-quant emulation):
