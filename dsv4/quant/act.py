@@ -18,7 +18,7 @@ import torch
 
 from dsv4.quant.e8m0 import pow2_ceil_scale
 from dsv4.quant.fp4 import AMAX_FLOOR as FP4_AMAX_FLOOR
-from dsv4.quant.fp4 import E2M1_MAX, e2m1_codes, fp4_decode
+from dsv4.quant.fp4 import E2M1_MAX, e2m1_round
 from dsv4.quant.fp8 import AMAX_FLOOR as FP8_AMAX_FLOOR
 from dsv4.quant.fp8 import E4M3_MAX, to_e4m3, work_dtype
 
@@ -89,6 +89,6 @@ def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     with torch.no_grad():           # the rounding has no gradient: autograd need not record (nor save) it
         xb = _blocks(x, block)
         s = pow2_ceil_scale(xb.abs().amax(-1).clamp(min=FP4_AMAX_FLOOR), E2M1_MAX).unsqueeze(-1)
-        y = fp4_decode(e2m1_codes((xb / s).clamp(-E2M1_MAX, E2M1_MAX))) * s
+        y = e2m1_round(xb / s) * s  # = fp4_decode(e2m1_codes((xb / s).clamp(-6, 6))) * s, bit for bit
         y = torch.where(torch.isnan(xb), xb, y)  # e2m1 has no NaN; let it through rather than invent a value
     return straight_through(x, y.flatten(-2).to(x.dtype))

@@ -5,6 +5,8 @@ sign, bits 0-2 index {0, 0.5, 1, 1.5, 2, 3, 4, 6}; code 8 is -0.0. Scale: e8m0 [
 
 torch has no CPU cast to float4, so rounding onto the e2m1 grid is done here: count the midpoints below |x|,
 and at an exact midpoint round to the even code (the code's low bit is the mantissa bit), like the hardware cast.
+`e2m1_codes` stays the definition; `e2m1_round` (the fake-quant's values, on the grid in 8 passes) and
+`fp4_roundtrip` (the QAT weight rounding) are its bit-exact fast twins (tests/test_fp4_round.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,34 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     for tie in _TIES_UP:
         magnitude += a == tie
     return (magnitude | (torch.signbit(x).to(magnitude.dtype) << 3)).to(torch.uint8)
+
+
+# Per work dtype: (integer view, exponent-field mask, C for q = 0.5). Adding C = 2**m * q (m: stored mantissa
+# bits) and subtracting it again rounds a in [0, C) to a multiple of q, once, to nearest even: a + C lies in
+# [C, 2C), where the float spacing is exactly q.
+_MAGIC = {torch.float32: (torch.int32, 0x7F800000, 2.0**22), torch.float64: (torch.int64, 0x7FF0000000000000, 2.0**51)}
+
+
+def e2m1_round(x: torch.Tensor, nan_to_zero: bool = False) -> torch.Tensor:
+    """`fp4_decode(e2m1_codes(x))` computed on the grid, bit for bit, in 8 passes instead of ~45 (it runs for every
+    QAT weight and FP4 activation rounding), fp32 values as there (float64 x: rounded in float64, then made fp32,
+    exact; the caller's product with an fp32 scale then overflows as it did there). A NaN stays NaN
+    (`nan_to_zero`: one more pass, and it becomes the signed zero that the code path gives it).
+
+    The e2m1 spacing q is 0.5 below 2, 1 in [2, 4) and 2 from 4 on, i.e. 2**-23 times C = 2**22 * clamp(2**floor(
+    log2 |x|), 1, 4) (C read off the exponent bits of |x| * 2**22), and (|x| + C) - C rounds |x| <= 6 to a multiple
+    of q with one round-half-to-even: the code path's tie rule (at 0.25, 1.25, 2.5 and 5 the even neighbour is
+    below, at 0.75, 1.75 and 3.5 above). |x| is clamped to 6 first (saturating, inf included), and the sign is put
+    back with copysign (-0.0 for small negatives). NOTE: denormal flushing cannot change it: |x| + C is one
+    correctly rounded add, and a flushed subnormal |x| (< 2**-126) rounds to 0 either way (tests/test_fp4_round.py
+    checks it exhaustively over bf16 and around every tie in fp32)."""
+    if x.dtype not in _MAGIC:
+        x = x.float()  # 16-bit and float8 inputs: widening is exact
+    int_dtype, exponent_mask, lo = _MAGIC[x.dtype]
+    a = x.abs()
+    a = (torch.nan_to_num(a, nan=0.0) if nan_to_zero else a).clamp_max(E2M1_MAX)
+    c = ((a * lo).view(int_dtype) & exponent_mask).view(x.dtype).clamp(lo, 4 * lo)
+    return ((a + c) - c).copysign(x).float()
 
 
 def fp4_encode(x: torch.Tensor, check: bool = True) -> torch.Tensor:
@@ -106,6 +136,20 @@ def quant_fp4(w: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.
     s = pow2_ceil_scale(blocks.abs().amax(-1).clamp(min=AMAX_FLOOR), E2M1_MAX)
     codes = fp4_encode((blocks / s.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX), check).flatten(-2)
     return pack_fp4(codes, check), float_to_e8m0(s, check)
+
+
+def fp4_roundtrip(w: torch.Tensor) -> torch.Tensor:
+    """`dequant_fp4(*quant_fp4(w, check=False), w.dtype)` bit for bit (the QAT weight rounding, every FP4 linear
+    every step), without the codes, the packing, the e8m0 bytes and the [out, in] scale copy: the scale s is the
+    same fp32 power of two (e8m0 holds it exactly: s lies in [2**-126, 2**126] for an fp32 block), the values are
+    `e2m1_round` of the same quotient (NaN to a signed zero, as the codes do), and the product is the same fp32
+    product. A float64 w (whose scale may leave fp32's range) takes the composed path."""
+    if work_dtype(w) != torch.float32:
+        return dequant_fp4(*quant_fp4(w, check=False), w.dtype)
+    assert w.shape[-1] % FP4_BLOCK == 0, f"fp4_roundtrip: last dim {w.shape[-1]} is not a multiple of {FP4_BLOCK}"
+    blocks = w.float().unflatten(-1, (-1, FP4_BLOCK))
+    s = pow2_ceil_scale(blocks.abs().amax(-1).clamp(min=AMAX_FLOOR), E2M1_MAX).unsqueeze(-1)
+    return (e2m1_round(blocks / s, nan_to_zero=True) * s).flatten(-2).to(w.dtype)
 
 
 def fp4_to_fp8(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dsv4.model.primitives import Linear
-from dsv4.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
+from dsv4.quant import dequant_fp8, fp4_roundtrip, quant_fp8
 from dsv4.quant.act import straight_through
 
 LORA_TARGETS = {
@@ -37,7 +37,7 @@ def storage_roundtrip(w: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "fp8":
         return dequant_fp8(*quant_fp8(w.detach(), check=False), w.dtype)
     if fmt == "fp4":
-        return dequant_fp4(*quant_fp4(w.detach(), check=False), w.dtype)
+        return fp4_roundtrip(w.detach())  # = dequant_fp4(*quant_fp4(w, check=False), w.dtype), bit for bit
     return w
 
 
