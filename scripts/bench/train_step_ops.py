@@ -506,7 +506,7 @@ def build(tokens: int, dtype: torch.dtype, grad_ckpt: bool, device: str, tmp: Pa
     from dsv4.builtin import builtin_config
     from dsv4.checkpoint import synthesize
     from dsv4.loader import load_model
-    from dsv4.train.data import Document, PackStream, Row
+    from dsv4.train.data import Document, PackStream, row_packs
     from dsv4.train.loop import TrainConfig, Trainer
     from dsv4.train.params import prepare_full
 
@@ -519,8 +519,8 @@ def build(tokens: int, dtype: torch.dtype, grad_ckpt: bool, device: str, tmp: Pa
         if tokens % row_len:
             raise ValueError(f"--row-len {row_len} must divide --tokens {tokens}")
         ids[::row_len] = [cfg.bos_token_id] * (tokens // row_len)          # each row starts a document
-        packs = [[Row(ids[i:i + row_len], [False] + [True] * (row_len - 1), row_len)
-                  for i in range(0, tokens, row_len)]]
+        docs = [Document(ids[i:i + row_len], [False] + [True] * (row_len - 1)) for i in range(0, tokens, row_len)]
+        packs = row_packs(docs, row_len, tokens // row_len)               # one pack: one document a row
     else:
         packs = [[Document(ids, [True] * tokens)]]
     train = TrainConfig(max_steps=10**6, lr=1e-4, warmup_steps=1, seq_len=tokens, grad_ckpt=grad_ckpt,
