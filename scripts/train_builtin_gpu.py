@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "launch-bound on a GPU: ~3k tokens/s on an H200)")
     ap.add_argument("--compile", choices=("inductor", "aot_eager"), default=None,
                     help="run every block through torch.compile (dsv4/train/compiled.py; packs padded to --seq-len "
-                         "so one graph serves every step; the first step includes the compilation)")
+                         "tokens, rows packs to --seq-len / --row-len rows, so one graph set serves every step; the "
+                         "first step includes the compilation; the greedy probe runs the blocks eager)")
     ap.add_argument("--init", help="continue from this model directory (a previous run's model/, same config): "
                                    "weights and gate biases only, so the optimiser and the schedule start afresh")
     ap.add_argument("--seed", type=int, default=0, help="data order (give a continuation another seed)")
@@ -116,8 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("give --minutes (wall-clock budget) or --steps")
     if args.compile and args.per_document:
         ap.error("--compile needs one sequence per pack (padded to --seq-len): drop --per-document")
-    if args.row_len and (args.compile or args.per_document):
-        ap.error("--compile and --per-document need --row-len 0 (rows run eager, as one batch)")
+    if args.row_len and args.per_document:
+        ap.error("--per-document needs --row-len 0 (rows run as one batch)")
     if args.row_len and (args.row_len < 2 or args.seq_len % args.row_len):
         ap.error(f"--row-len must divide --seq-len ({args.seq_len}), got {args.row_len}")
     for flag in ("probe_header_lens", "probe_class_lens"):

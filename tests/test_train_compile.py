@@ -17,9 +17,9 @@ import torch
 
 import dsv4
 from dsv4.config import tiny_config
-from dsv4.train.compiled import compile_blocks, pad_batch, uncompile_blocks
-from dsv4.train.data import Document, PackStream
-from dsv4.train.forward import IGNORE, TrainStep, packed_batch
+from dsv4.train.compiled import compile_blocks, eager_blocks, pad_batch, pad_rows, uncompile_blocks
+from dsv4.train.data import Document, PackStream, row_packs
+from dsv4.train.forward import IGNORE, LoadCounter, TrainStep, packed_batch, rows_batch
 from dsv4.train.loop import TrainConfig, Trainer
 from dsv4.train.params import prepare_full, refresh_qat
 
@@ -253,3 +253,88 @@ def test_inductor_step_matches_eager_on_cuda(small_ckpt, qat):
     assert d["grads"][0] <= 2 * d["grads"][1] + 1e-3, d
     if not qat:
         assert d["worst"][0][0] <= 2 * d["worst"][1][0] + 1e-3, d
+
+
+# ---------------------------------------------------------------- rows packs (the default way to train)
+
+def _rows(n_docs: int, row_len: int, rows: int, seed: int) -> list[list]:
+    rng = random.Random(seed)
+    return row_packs([_doc(rng.randrange(8, row_len), seed + i) for i in range(n_docs)], row_len, rows, seed=seed)
+
+
+def test_empty_rows_leave_the_real_rows_unchanged(small_ckpt):
+    """A rows pack extended with empty rows (`pad_rows`: the fixed shape of compiled blocks) trains as the pack
+    itself: the rows are separate sequences of one batch, the empty rows have no targets and no expert load."""
+    model = _model(small_ckpt)
+    pack = _rows(6, 64, 8, 3)[0]
+    assert len(pack) > 1
+    padded = pad_rows(pack, len(pack) + 2)
+    assert len(padded) == len(pack) + 2 and all(r.real == 0 and not any(r.mask) for r in padded[len(pack):])
+    loads = []
+    for rows in (pack, padded):
+        counter = LoadCounter(model)
+        pb = rows_batch(rows, "cpu")
+        counter.real_mask(pb.real)
+        loads.append((loss_and_grads(model, pb), counter.take()))
+        for h in counter.handles:
+            h.remove()
+    (plain, plain_load), (pad, pad_load) = loads
+    torch.testing.assert_close(plain[0], pad[0], rtol=0, atol=0)
+    assert plain[1].keys() == pad[1].keys()
+    for name, g in plain[1].items():
+        # as in test_padding_leaves_the_real_tokens_unchanged: the parameter gradients' fp32 sums over the tokens
+        # run over more (zero) rows, in another association
+        torch.testing.assert_close(pad[1][name], g, rtol=0, atol=1e-5 * g.abs().max().item(),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert all(torch.equal(plain_load[k], pad_load[k]) for k in plain_load)
+    with pytest.raises(ValueError, match="does not fit a padded pack of 1 rows"):
+        pad_rows(pack, 1)
+
+
+@pytest.mark.slow
+def test_rows_packs_compile_once_and_the_probe_runs_eager(small_ckpt, tmp_path):
+    """Rows packs with compiled blocks: the epoch's short last pack is padded with empty rows to seq_len / row_len
+    rows, so every block call of every step has one shape: the first step compiles static graphs, later steps
+    (the short pack included) nothing; the greedy probe (sequences of a growing length, and its seq-unlikelihood
+    backward) runs the plain blocks and compiles nothing either."""
+    torch._dynamo.reset()
+    graphs = GraphRecorder()
+    packs = _rows(9, 32, 2, 12)
+    assert len(packs[-1]) < 2 <= len(packs)                # a short last pack
+    packs = [packs[-1], *packs[:-1]]                        # first after the first step
+    cfg = TrainConfig(max_steps=4, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
+                      bias_update_rate=1e-3, rows=True, compile=graphs, pad_to_seq_len=True, greedy_probe_every=1,
+                      probe_prefixes=2, probe_prefix_len=6, probe_tokens=4, seq_unlikelihood=1.0)
+    trainer = Trainer(_model(small_ckpt), PackStream(packs, 1), cfg, tmp_path, progress=False)
+    shapes = set()
+    for block in [*trainer.model.layers, *trainer.model.mtp]:
+        block.register_forward_pre_hook(lambda m, args: shapes.add(tuple(args[0].shape[:2])))
+    with eager_blocks(trainer.model):       # the probe's calls, for comparison
+        assert trainer.model.layers[0].forward.eager
+    assert not trainer.model.layers[0].forward.eager
+    records = [trainer.train_step() for _ in range(3)]
+    assert records[0]["compiled_graphs"] == len(graphs.dynamic) > 0
+    assert [r["compiled_graphs"] for r in records[1:]] == [0, 0], "a later step (or its probe) compiled again"
+    assert not any(graphs.dynamic), "a graph was compiled for dynamic shapes"
+    assert all("greedy_distinct4" in r and "seq_ul" in r for r in records)
+    assert (1, 64) in shapes and len(shapes) > 1                # the packs' [1, rows x row_len]; the probe's others
+    assert sum(r["tokens"] for r in records) == sum(len(r) for p in packs[:3] for r in p)   # empty rows not counted
+
+
+@pytest.mark.slow
+def test_compiled_rows_step_matches_eager(small_ckpt):
+    """A rows pack through the blocks compiled with aot_eager == the eager step, bit for bit (loss and gradients,
+    with the same exception for the compressors' unordered ape sums as test_compiled_step_matches_eager)."""
+    torch._dynamo.reset()
+    model = _model(small_ckpt)
+    pack = _rows(6, 64, 8, 3)[0]
+    pb = rows_batch(pad_rows(pack, len(pack) + 1), "cpu")
+    eager, again = loss_and_grads(model, pb), loss_and_grads(model, pb)
+    compile_blocks(model, "aot_eager")
+    try:
+        compiled = loss_and_grads(model, pb)
+    finally:
+        uncompile_blocks(model)
+    unordered = {n for n in eager[1] if n.endswith("compressor.ape")}
+    assert _unreproducible(eager, again) <= unordered
+    assert_same(eager, compiled, unordered)

@@ -26,10 +26,12 @@ NOTE: the padding tokens pass through the routers; `LoadCounter.real_tokens` kee
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
-from dsv4.train.data import Document
+from dsv4.train.data import Document, Row
 from dsv4.train.forward import PackedBatch, packed_batch
 
 BACKENDS = ("aot_eager", "inductor")
@@ -52,12 +54,16 @@ class CompiledForward:
         if not callable(backend) and backend not in BACKENDS:
             raise ValueError(f"unknown compile backend {backend!r}; choose from {BACKENDS}")
         self.backend = backend
+        self.eager = False                      # `eager_blocks`: the plain forward for a while
+        self.plain = type(block).forward.__get__(block)
         # dynamic=False: a size that differs from a cached graph's compiles another static graph. Left to Dynamo's
         # default (automatic dynamic shapes) it compiled the block again with symbolic sizes, for every kind sharing
         # the code object (Block.forward): slower to compile and to run. Sizes are fixed by padding instead.
-        self.fn = torch.compile(type(block).forward.__get__(block), backend=backend, dynamic=False)
+        self.fn = torch.compile(self.plain, backend=backend, dynamic=False)
 
     def __call__(self, *args, **kwargs):
+        if self.eager:
+            return self.plain(*args, **kwargs)
         with torch._dynamo.config.patch(**DYNAMO_CONFIG):
             return self.fn(*args, **kwargs)
 
@@ -78,6 +84,20 @@ def uncompile_blocks(model: nn.Module) -> nn.Module:
         if isinstance(block.__dict__.get("forward"), CompiledForward):
             del block.forward
     return model
+
+
+@contextmanager
+def eager_blocks(model: nn.Module):
+    """Inside, compiled blocks run their plain forward: for the greedy probe, whose sequences grow a token at a time
+    (each length would compile a graph set), while the packs, all of one padded shape, keep the compiled one."""
+    compiled = [f for b in _blocks(model) if isinstance(f := b.__dict__.get("forward"), CompiledForward)]
+    for f in compiled:
+        f.eager = True
+    try:
+        yield
+    finally:
+        for f in compiled:
+            f.eager = False
 
 
 def compiled_graphs() -> int:
@@ -112,6 +132,16 @@ def pad_pack(docs: list[Document], length: int) -> list[Document]:
     if len(docs) != 1:
         raise ValueError(f"padding needs one sequence per pack (concatenated documents), got {len(docs)}")
     return [pad_document(docs[0], length)]
+
+
+def pad_rows(rows: list[Row], n_rows: int, pad_id: int = PAD_ID) -> list[Row]:
+    """A rows pack (`data.row_packs`) extended to `n_rows` rows with empty ones (padding only: no target, no expert
+    load). The last pack of an epoch holds fewer rows, which would be another shape for the compiled blocks. Rows
+    are separate sequences of one batch, so the real rows' forward is unchanged."""
+    if len(rows) > n_rows:
+        raise ValueError(f"a rows pack of {len(rows)} rows does not fit a padded pack of {n_rows} rows")
+    n = len(rows[0])
+    return rows + [Row([pad_id] * n, [False] * n, 0) for _ in range(n_rows - len(rows))]
 
 
 def pad_batch(pb: PackedBatch, length: int) -> PackedBatch:

@@ -68,7 +68,8 @@ def rows_batch(rows: list[Row], device) -> PackedBatch:
         targets += _shifted_targets(r, 1)
         mtp += _shifted_targets(r, 2)
         real += [1] * r.real + [0] * (s - r.real)
-        real_mtp += [1] * (r.real - 1) + [0] * (s - r.real + 1)
+        n_mtp = max(r.real - 1, 0)                        # an empty row (train/compiled.pad_rows): none
+        real_mtp += [1] * n_mtp + [0] * (s - n_mtp)
     host = to_device(torch.tensor([ids, targets, mtp, real, real_mtp], dtype=torch.long), device)
     return PackedBatch(host[0:1], host[1], FreshBatch.build(len(rows), s, device), rows, host[2],
                        host[3:5].bool())

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from dsv4.model.state import to_device
 from dsv4.train import ep
-from dsv4.train.compiled import compile_blocks, compiled_graphs, pad_pack
+from dsv4.train.compiled import compile_blocks, compiled_graphs, eager_blocks, pad_pack, pad_rows
 from dsv4.train.data import PackStream
 from dsv4.train.dist import DistContext, shard
 from dsv4.train.forward import LoadCounter, PackedBatch, TrainStep, packed_batch, rows_batch
@@ -59,7 +59,8 @@ class TrainConfig:
     seed: int = 0
     expert_parallel: bool = False  # under torchrun: routed experts split over the ranks (train/ep.py)
     compile: str | None = None     # None (eager), "aot_eager" or "inductor": compiled blocks (train/compiled.py)
-    pad_to_seq_len: bool = False   # pad one-sequence packs to seq_len tokens: one compiled graph for every step
+    pad_to_seq_len: bool = False   # pad packs to seq_len tokens (rows packs: seq_len / row_len rows): one compiled
+                                   # graph set for every step
     rows: bool = False             # packs are `data.row_packs` rows: run as one [rows, row_len] batch (rows_batch)
     # Unlikelihood of wrong in-context copies (train/unlikelihood.py): loss = (CE + unlikelihood * UL) summed over
     # the step's target positions / their number (UL is 0 where there is no wrong copy candidate). copy_ngram: the
@@ -124,9 +125,6 @@ def _check_probe(cfg: TrainConfig) -> None:
         raise ValueError("seq_unlikelihood needs greedy_probe_every > 0 (the probe makes its sequences)")
     if not cfg.greedy_probe_every:
         return
-    if cfg.compile:
-        raise ValueError("the greedy probe runs sequences of every length up to prefix + tokens: with compiled "
-                         "blocks each would compile a graph; train eager")
     lengths = probe_lengths(cfg)
     if cfg.probe_prefixes < 1 or min(lengths) < 1 or cfg.probe_tokens < 4:
         raise ValueError("the greedy probe needs >= 1 prefix of >= 1 token and >= 4 new tokens (one 4-gram)")
@@ -163,10 +161,8 @@ class Trainer:
         if cfg.packs_per_step % ctx.world:
             raise ValueError(f"packs_per_step={cfg.packs_per_step} must be a multiple of the {ctx.world} processes")
         _check_probe(cfg)
-        if cfg.rows and (cfg.compile or cfg.pad_to_seq_len):
-            raise ValueError("rows packs run eager (their last pack may hold fewer rows: another shape)")
         if cfg.compile and not cfg.pad_to_seq_len:
-            raise ValueError("compile needs pad_to_seq_len (one padded sequence per pack): steps of other shapes "
+            raise ValueError("compile needs pad_to_seq_len (packs padded to one shape): steps of other shapes "
                              "would compile again")
         self.model, self.stream, self.cfg, self.ctx = model, stream, cfg, ctx
         self.probe_prompts = prompts_by_length(list(probe_prompts or []), probe_lengths(cfg),
@@ -264,7 +260,8 @@ class Trainer:
         round_, which = divmod(self.step // max(cfg.greedy_probe_every, 1), len(lengths))
         P, first, L = cfg.probe_prefixes, lengths[which], cfg.probe_tokens
         self.counter.enabled = False
-        with preserved_rng_and_modes(self.model):
+        # eager_blocks: the probe's sequences grow a token at a time; compiled, each length would compile again
+        with preserved_rng_and_modes(self.model), eager_blocks(self.model):
             # rows: the rows' own starts (documents at position 0, as prompts are); else windows of the pack
             starts = row_prefixes(pack, P, first, bos) if cfg.rows else probe_prefixes(pack, P, first, bos)
             # each probe takes the next prompts of the list (ranks apart), so a run cycles through all of them
@@ -305,8 +302,11 @@ class Trainer:
 
     def _batch(self, pack) -> PackedBatch:
         """The pack as one batch; with `pad_to_seq_len`, padded to seq_len tokens (not counted as expert load);
-        with `rows`, its rows as one [rows, row_len] batch (their padding not counted either)."""
+        with `rows`, its rows as one [rows, row_len] batch (their padding not counted either), with
+        `pad_to_seq_len` padded with empty rows to seq_len / row_len rows."""
         if self.cfg.rows:
+            if self.cfg.pad_to_seq_len:                     # every pack seq_len / row_len rows: one shape
+                pack = pad_rows(pack, self.cfg.seq_len // len(pack[0]))
             pb = rows_batch(pack, self.device)
             self.counter.real_mask(pb.real)
             return pb

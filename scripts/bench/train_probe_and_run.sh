@@ -8,11 +8,13 @@
 # at most 7 files). Extra arguments go to every probe and to the run (e.g. --lr 7e-4 --seed 5).
 # PROBES (environment) overrides the settings: "name=args;name=args", e.g. PROBES="eager=;topk=DSV4_STABLE_TOPK".
 # PROBE_TIMEOUT (environment): seconds per probe (default 300; a cold --compile inductor probe compiles everything).
-# Usage (repository root, on the GPU machine; carry .builtin_data and the init):
-#   bash scripts/bench/train_probe_and_run.sh INIT MINUTES|fit:SECONDS OUT RUN [train args...]   (MINUTES 0: probes only)
+# DATA (environment): the data folder (default .builtin_data; e.g. a scripts/data_shard.py shard, .data_s0).
+# Usage (repository root, on the GPU machine; carry the data folder and the init):
+#   [DATA=.data_s0] bash scripts/bench/train_probe_and_run.sh INIT MINUTES|fit:SECONDS OUT RUN [train args...]   (MINUTES 0: probes only)
 set -u
 t_start=$(date +%s)
 init=$1 minutes=$2 out=$3 run=$4; shift 4
+data=${DATA:-.builtin_data}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$out"
 init_args=(); [ "$init" != "-" ] && init_args=(--init "$init")
@@ -21,7 +23,7 @@ probe() {   # name, args (a word DSV4_*: that switch set to 1)
     local name=$1 envs=() args=(); shift
     for a in $*; do case $a in DSV4_*) envs+=("$a=1");; *) args+=("$a");; esac; done
     rm -rf "/tmp/probe_$name"
-    env TORCH_LOGS=graph_breaks,recompiles "${envs[@]}" timeout "${PROBE_TIMEOUT:-300}" python3 scripts/train_builtin_gpu.py .builtin_data "/tmp/probe_$name" --steps 10 \
+    env TORCH_LOGS=graph_breaks,recompiles "${envs[@]}" timeout "${PROBE_TIMEOUT:-300}" python3 scripts/train_builtin_gpu.py "$data" "/tmp/probe_$name" --steps 10 \
         --no-eval "${init_args[@]}" "${args[@]}" "${extra[@]}" > "/tmp/probe_$name.log" 2>&1
     echo "== probe $name (${envs[*]} ${args[*]}) rc $?"
     python3 -c "import json,sys; p=json.load(open(sys.argv[1])); print({k: p.get(k) for k in ('tok_per_s_steady',
@@ -56,5 +58,5 @@ if [[ $minutes == fit:* ]]; then
 fi
 envs=() args=()
 for a in ${best#*=}; do case $a in DSV4_*) envs+=("$a=1");; --profile) ;; [0-9]*) ;; *) args+=("$a");; esac; done
-env "${envs[@]}" python3 scripts/train_builtin_gpu.py .builtin_data "/tmp/$run" --minutes "$minutes" \
+env "${envs[@]}" python3 scripts/train_builtin_gpu.py "$data" "/tmp/$run" --minutes "$minutes" \
     --bundle "$out/$run" "${init_args[@]}" "${args[@]}" "${extra[@]}" 2>&1 | grep -v Warning | tail -40
