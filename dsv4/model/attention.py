@@ -18,6 +18,7 @@ from dsv4.model.indexer import Indexer
 from dsv4.model.primitives import Linear, RMSNorm
 from dsv4.model.rope import Rotary
 from dsv4.model.state import DecodeBatch, FreshBatch, LayerState, SeqChunk, StepBatch, gather_rows, page_ids, write_rows
+from dsv4.ops.ref import mean_square
 from dsv4.parity.taps import tap
 
 
@@ -80,7 +81,7 @@ class Attention(nn.Module):
         """(q [b, s, H, d] rotated, q LoRA latent qr [b, s, q_lora] for the indexer)."""
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps)
+        q = q * torch.rsqrt(mean_square(q) + self.eps)
         return self.rotary(q, cis, owned=True), qr
 
     def window_kv(self, x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:

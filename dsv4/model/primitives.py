@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dsv4 import ops
-from dsv4.ops.ref import widen
+from dsv4.ops.ref import mean_square, widen
 
 FP8 = torch.float8_e4m3fn
 E8M0 = torch.float8_e8m0fnu
@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = widen(x)
-        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt(mean_square(xf) + self.eps)
         return (self.weight * xf).to(x.dtype)
 
 

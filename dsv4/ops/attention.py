@@ -1,8 +1,9 @@
 """Sparse attention with the per-head sink as a dispatched op: the twin `ops.ref.sparse_attention` and, for
 prefill chunks on CUDA, the fused Triton kernel (`ops/triton/sparse_attention.py`).
 
-The twin gathers every query's KV rows into a [b, s, k, d] tensor and upcasts it (twice 1.3 GB fp32 per layer at a
-1k-token chunk, 10.7 GB at 8k); the kernel gathers each tile of rows in the program with an online softmax.
+The twin gathers every query's KV rows into a [b, s, k, d] tensor and upcasts it once for both products
+(`ref.upcast_pair`: 1.3 GB fp32 per layer at a 1k-token chunk, 10.7 GB at 8k); the kernel gathers each tile of rows
+in the program with an online softmax.
 Measured on an H200 at Flash dims (`scripts/bench/sparse_attention.py`, bench/results/h200_sparse_attention.log):
 an 8k prefill chunk 41.4 ms (twin) -> 3.66 ms (64 heads per program, 32-row tiles, 8 warps). Numerics: golden's
 "tiled" class (probabilities rounded per tile, relative to the running max), rel. error vs float64 2.1e-3 like
@@ -27,7 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dsv4.ops import ref
-from dsv4.ops.registry import custom_op, dispatch, fast_enabled, register, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, fast_enabled, register, register_triton
 
 sparse_attention = dispatch("sparse_attention", ref.sparse_attention)
 
@@ -39,20 +40,86 @@ def _training(*tensors) -> bool:
 def _recompute(fn, *args):
     """fn(*args) under activation checkpointing (training; pseudo-op "attention_recompute" switches it off):
     autograd keeps only the inputs and recomputes the rest in the backward. Otherwise it keeps the gathered rows
-    [b, s, k, d] upcast twice (once per product) plus the [b, s, h, k] scores and probabilities: ~0.6 MB per token
-    over the built-in v2's 7 layers, half of a training step's activations. The recomputation repeats the same
-    ops on the same inputs: bit-identical."""
+    [b, s, k, d] upcast (one copy for both products, `ref.upcast_pair`; twice before) plus the [b, s, h, k] scores
+    and probabilities: ~0.6 MB per token over the built-in v2's 7 layers (with two copies), half of a training
+    step's activations. The recomputation repeats the same ops on the same inputs: bit-identical."""
     if not fast_enabled("attention_recompute"):
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False)
 
 
+@torch._dynamo.assume_constant_result
+def train_kernel_enabled() -> bool:
+    """DSV4_SPARSE_ATTN_TRAIN=1: training's sparse attention on the fused op below (opt-in until measured on the
+    H200; read once per traced graph under torch.compile)."""
+    return env_switch("DSV4_SPARSE_ATTN_TRAIN")
+
+
+def _train_kernel_fits(q, kv, sink, *tails) -> bool:
+    return (train_kernel_enabled() and _training(q, kv, sink, *tails) and q.is_cuda
+            and q.dtype == kv.dtype == torch.bfloat16 and sink.dtype == torch.float32
+            and all(t.dtype == q.dtype for t in tails))
+
+
+@custom_op("sparse_attention_train", lambda q, kv, sink, idx, scale: (
+    torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)))
+def _train_forward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from dsv4.ops.triton.sparse_attention_train import forward
+
+    return forward(q.contiguous(), kv.contiguous(), sink.contiguous(), idx.contiguous(), scale)
+
+
+@custom_op("sparse_attention_train_backward", lambda do, q, kv, sink, idx, out, lse, scale: (
+    torch.empty_like(q), torch.empty_like(kv), torch.empty_like(sink)))
+def _train_backward(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dsv4.ops.triton.sparse_attention_train import backward
+
+    return backward(do, q.contiguous(), kv.contiguous(), sink.contiguous(), idx.contiguous(), out, lse, scale)
+
+
+def _train_setup(ctx, inputs, output):
+    q, kv, sink, idx, scale = inputs
+    ctx.save_for_backward(q, kv, sink, idx, *output)
+    ctx.scale = scale
+
+
+def _train_grad(ctx, grad_out, grad_lse):
+    q, kv, sink, idx, out, lse = ctx.saved_tensors
+    return (*_train_backward(grad_out, q, kv, sink, idx, out, lse, ctx.scale), None, None)
+
+
+_train_forward.register_autograd(_train_grad, setup_context=_train_setup)
+
+
+def sparse_attention_train(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """`ref.sparse_attention` with its gradients (q, kv, sink) from the fused Triton pair (the interpreter on CPU):
+    nothing [b, s, k, *] in memory, no recomputation (bench/notes/train_speed.md). The lists come from the model,
+    so there is no index range check (a host sync)."""
+    return _train_forward(q, kv, sink, idx, float(scale))[0]
+
+
+def _dense_tail_train(q, kv, sink, idx, tail, visible, scale):
+    """The dense tail through the definition's layout (`ref.dense_tail_lists`: tail rows appended to kv, their
+    visible indices to each list); autograd splits the rows' gradient back into kv and tail."""
+    rows, lists = ref.dense_tail_lists(kv, idx, tail, visible)
+    return sparse_attention_train(q, rows, sink, lists, scale)
+
+
+# Training, first the fused op (opt-in), else the twin recomputed in the backward.
+register_triton("sparse_attention", "triton_sparse_attention_train",
+                lambda q, kv, sink, idx, scale: _train_kernel_fits(q, kv, sink), sparse_attention_train)
 register("sparse_attention", "sparse_attention_recompute", lambda q, kv, sink, idx, scale: _training(q, kv, sink),
          lambda *args: _recompute(ref.sparse_attention, *args))
 
 # HCA layers: the window rows by index, every visible compressed entry as a dense tail. The definition (appended
 # rows, no grad) keeps the fused kernel in inference; training takes the split form (no quadratic gather).
 sparse_attention_dense_tail = dispatch("sparse_attention_dense_tail", ref.sparse_attention_dense_tail)
+register_triton("sparse_attention_dense_tail", "triton_dense_tail_train",
+                lambda q, kv, sink, idx, tail, visible, scale: _train_kernel_fits(q, kv, sink, tail), _dense_tail_train)
 register("sparse_attention_dense_tail", "split_tail",
          lambda q, kv, sink, idx, tail, visible, scale: _training(q, kv, sink, tail),
          lambda *args: _recompute(ref.sparse_attention_split_tail, *args))

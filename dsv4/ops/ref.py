@@ -28,6 +28,28 @@ def widen(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """`x.square().mean(-1, keepdim=True)` (RMS norms), with its backward in one product: autograd's writes four
+    x-sized tensors (g / n expanded, x^1, 2 x^1, their product), this writes x * (2 (g / n)), which is the same
+    value bit for bit: g / n is the same division, and scaling by 2 is exact on either factor (no overflow;
+    tests/test_train_mean_square.py)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.square().mean(-1, keepdim=True)
+    return _MeanSquare.apply(x)
+
+
+class _MeanSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.square().mean(-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return x * (2 * (grad / x.shape[-1]))
+
+
 def stable_topk(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [..., k] of score [..., t]: the first k of a stable descending sort (ties towards the earlier entry,
     -inf last), the indexer's selection order."""
@@ -68,6 +90,34 @@ def acc_dtype(compute: torch.dtype) -> torch.dtype:
     indexer / router choices. Accumulating in float64 and rounding once makes the fp32 model batch-invariant.
     """
     return torch.float64 if compute in (torch.float32, torch.float64) else torch.float32
+
+
+def upcast_pair(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x.to(dtype), x.to(dtype))` for two products, from ONE copy (views of it); under autograd the gradient is
+    what two casts give, bit for bit: each product's gradient rounded to x's dtype, then the two summed there.
+    NOTE: one plain cast used twice would sum the two in `dtype` and round once, other bits (tests/
+    test_train_attention_copies.py)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        y = x.to(dtype)
+        return y, y
+    return _UpcastPair.apply(x, dtype)
+
+
+class _UpcastPair(torch.autograd.Function):
+    # Two outputs, so the backward gets each product's gradient apart; the second is a view (Dynamo rejects a
+    # function returning one tensor twice).
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dtype: torch.dtype):
+        ctx.dtype = x.dtype
+        y = x.to(dtype)
+        return y, y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_a: torch.Tensor, grad_b: torch.Tensor):
+        # NOTE: the second's first: the sum takes its memory layout, as autograd's sum of two casts took that of
+        # the gradient arriving first (the later product's). With the other layout the backward of the attention's
+        # row view copied the sum (a clone of the gathered rows' gradient).
+        return grad_b.to(ctx.dtype) + grad_a.to(ctx.dtype), None
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, model_dtype: torch.dtype,
@@ -132,12 +182,13 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     # (and, unlike advanced indexing's, accumulates in a fixed order on a CPU: resumes stay bit-exact).
     flat = (rows + kv.shape[1] * torch.arange(b, device=kv.device).view(b, 1, 1)).flatten()
     kv_sel = kv.reshape(-1, d).index_select(0, flat).view(b, s, -1, d)     # [b, s, k, d]
-    scores = torch.einsum("bshd,bskd->bshk", q.to(acc), kv_sel.to(acc)) * scale
+    kv_scores, kv_values = upcast_pair(kv_sel, acc)                     # one upcast copy for both products
+    scores = torch.einsum("bshd,bskd->bshk", q.to(acc), kv_scores) * scale
     scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
     m = scores.amax(dim=-1, keepdim=True)                               # [b, s, h, 1]
     p = torch.exp(scores - m)
     denom = p.sum(dim=-1, keepdim=True) + torch.exp(sink.to(acc).view(1, 1, h, 1) - m)
-    o = torch.einsum("bshk,bskd->bshd", p.to(kv.dtype).to(acc), kv_sel.to(acc)) / denom
+    o = torch.einsum("bshk,bskd->bshd", p.to(kv.dtype).to(acc), kv_values) / denom
     return o.to(q.dtype)
 
 
@@ -177,7 +228,8 @@ def sparse_attention_split_tail(q: torch.Tensor, kv: torch.Tensor, sink: torch.T
     qa = q.to(acc)
     near = torch.einsum("bshd,bskd->bshk", qa, kv_sel) * scale
     near = near.masked_fill((idx < 0).unsqueeze(2), float("-inf"))
-    far = torch.einsum("bshd,bed->bshe", qa, tail.to(acc)) * scale
+    tail_scores, tail_values = upcast_pair(tail, acc)
+    far = torch.einsum("bshd,bed->bshe", qa, tail_scores) * scale
     j = torch.arange(tail.shape[1], device=q.device)
     far = far.masked_fill((j >= visible.unsqueeze(-1)).unsqueeze(2), float("-inf"))  # [b, s, h, e]
     m = torch.maximum(near.amax(dim=-1, keepdim=True), far.amax(dim=-1, keepdim=True))
@@ -185,7 +237,7 @@ def sparse_attention_split_tail(q: torch.Tensor, kv: torch.Tensor, sink: torch.T
     denom = p_near.sum(dim=-1, keepdim=True) + p_far.sum(dim=-1, keepdim=True) + torch.exp(
         sink.to(acc).view(1, 1, h, 1) - m)
     o = (torch.einsum("bshk,bskd->bshd", p_near.to(kv.dtype).to(acc), kv_sel)
-         + torch.einsum("bshe,bed->bshd", p_far.to(tail.dtype).to(acc), tail.to(acc)))
+         + torch.einsum("bshe,bed->bshd", p_far.to(tail.dtype).to(acc), tail_values))
     return (o / denom).to(q.dtype)
 
 
