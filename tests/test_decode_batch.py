@@ -88,7 +88,8 @@ def test_fixed_and_general_steps_attend_over_the_same_lists_bf16(tiny_ckpt, monk
     def recorded(name, fn):
         def call(*args):
             out = fn(*args)
-            calls.append((out.flatten(), _lists(name, *args).flatten()))
+            # a copy: the model owns the op's output and rotates it in place (model/rope.py)
+            calls.append((out.flatten().clone(), _lists(name, *args).flatten()))
             return out
         return call
 

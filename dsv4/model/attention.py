@@ -266,7 +266,7 @@ class Attention(nn.Module):
         """De-rotate, grouped low-rank wo_a (per group of heads), then wo_b."""
         b, s = o.shape[:2]
         tap("attn.out_pre_inverse_rope", o)
-        o = self.rotary(o, cis, inverse=True)        # not owned: an op's output (wrappers may hold views of it)
+        o = self.rotary(o, cis, inverse=True, owned=True)    # the attention op's fresh output: ours
         tap("attn.out", o)
         o = o.view(b, s, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1]).to(o.dtype)

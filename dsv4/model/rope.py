@@ -67,9 +67,10 @@ class Rotary:
         `owned`: the caller's x is its own fresh tensor, nothing else reads it: without autograd the rotated dims
         are written into it and x is returned (the same values). A new tensor (the cat) copies the other d - dim
         dims too: at an 8k prefill the queries (and the attention output) are [8192, 64, 512] bf16, and the cat of
-        each took 1.43 ms on an H200 (bench/results/h200_s16_checks/prefill_stacks.log), 11.5 ms of 204. Only
-        the queries are owned (`Attention.queries`): the attention output comes from an op, and a wrapper that
-        recorded a view of it (tests/test_decode_batch.py) saw the in-place rotation.
+        each took 1.43 ms on an H200 (bench/results/h200_s16_checks/prefill_stacks.log), 11.5 ms of 204. Owned:
+        the queries (`Attention.queries`) and the attention op's output (`Attention.output`: an op returns a
+        fresh tensor; taps copy what they record, and a wrapper that keeps an op's output must copy it too, as
+        tests/test_decode_batch.py's recorder and scripts/bench/graph_divergence.py do).
         """
         rope = torch.view_as_complex(widen(x[..., -self.dim:]).unflatten(-1, (-1, 2)).contiguous())
         cis = cis.conj() if inverse else cis
