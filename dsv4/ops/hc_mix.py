@@ -8,7 +8,8 @@ opt-in (DSV4_HC_MIX=1) until measured on the H200.
 hc_post's twin materialises the [b, s, hc, hc, D] fp32 products; on CUDA, at inference, above MAX_TOKENS tokens
 (prefill), `ops/triton/hc_post.py` does it in one pass; opt-in (DSV4_HC_POST=1) until measured on the H200. In eager
 training (autograd on, not compiled) `_PostTrain` computes it with matmuls, forward and backward (the twin's
-autograd writes two such tensors a call; the CPU byte proxy counted 11 % of a step's traffic at this line).
+autograd writes two such tensors a call; the CPU byte proxy counted 11 % of a step's traffic at this line), or on
+CUDA with DSV4_HC_POST=1 the one-pass kernel and its one-pass backward (`hc_post_train`, a custom op with autograd).
 """
 
 from __future__ import annotations
@@ -183,5 +184,43 @@ def _post_kernel(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, co
     return launch(x, residual, post, comb)
 
 
+@custom_op("hc_post_train", lambda x, residual, post, comb: x.new_empty(*residual.shape))
+def _post_train_kernel(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    from dsv4.ops.triton.hc_post import hc_post as launch
+
+    return launch(x, residual, post, comb)
+
+
+@custom_op("hc_post_train_backward", lambda grad, x, residual, post, comb: (
+    torch.empty_like(x), torch.empty_like(residual), torch.empty_like(post), torch.empty_like(comb)))
+def _post_train_backward(grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor,
+                         comb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dsv4.ops.triton.hc_post import hc_post_backward
+
+    return hc_post_backward(grad, x, residual, post, comb)
+
+
+def _post_train_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _post_train_grad(ctx, grad):
+    return _post_train_backward(grad, *ctx.saved_tensors)
+
+
+_post_train_kernel.register_autograd(_post_train_grad, setup_context=_post_train_setup)
+
+
+def _post_train_kernel_fits(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> bool:
+    """DSV4_HC_POST=1 in eager training on CUDA: the one-pass forward and backward kernels (x and residual in one
+    16-bit dtype, fp32 weights, no broadcasting)."""
+    hc = residual.shape[-2]
+    return (post_enabled() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and residual.dtype == x.dtype
+            and post.dtype == comb.dtype == torch.float32 and hc & (hc - 1) == 0
+            and _post_grad_applies(x, residual, post, comb))
+
+
 register_triton("hc_post", "triton_hc_post", _post_fits, _post_kernel)
+# Training: on CUDA with DSV4_HC_POST=1 the kernel pair, else the matmul form (neither inside a compiled step).
+register_triton("hc_post", "triton_hc_post_train", _post_train_kernel_fits, _post_train_kernel)
 register("hc_post", "post_train", _post_grad_applies, _post_train)

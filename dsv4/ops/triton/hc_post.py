@@ -8,6 +8,11 @@ output block once: (2 + 8 + 8) bytes per (token, d) in bf16, 8192 x 4096 x 18 B 
 Arithmetic: the twin's, in fp32: the products, summed over the source streams j in order, then post_k x added;
 one rounding to x's dtype. On the GPU the compiler may contract a product and the following add into an FMA (one
 rounding less), so fp32 results agree with the twin to a few fp32 roundings of sum |terms|, not bit for bit.
+
+Its backward (`hc_post_backward`, training) in one pass too: program (token block, D block) reads the output
+gradient g, x and the residual once and writes dx[t, d] = sum_k post_k g_k and dres[t, j, d] = sum_k comb[j, k] g_k
+(in x's dtype), and its D block's partial sums of dpost[t, k] = g_k . x and dcomb[t, j, k] = res_j . g_k (fp32,
+added over the D blocks in order afterwards). The twin's autograd writes [.., hc, hc, D] fp32 products again.
 """
 
 from __future__ import annotations
@@ -86,3 +91,55 @@ def hc_post(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
         _hc_post[grid](x.contiguous(), residual.contiguous(), post.contiguous(), comb.contiguous(), out, tokens, dim,
                        HC=hc, BLOCK_T=BLOCK_T, BLOCK_D=block_d)
     return out
+
+
+@triton.jit
+def _load_streams(ptr, t, d, ok, HC: tl.constexpr, D):
+    """[BLOCK_T, HC, BLOCK_D] fp32 of a [T, HC, D] tensor."""
+    k = tl.arange(0, HC)
+    at = ptr + t[:, None, None] * (HC * D) + k[None, :, None] * D + d[None, None, :]
+    return tl.load(at, mask=ok[:, None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _hc_post_backward(g_ptr, x_ptr, r_ptr, post_ptr, comb_ptr, dx_ptr, dr_ptr, dpost_ptr, dcomb_ptr, T, D,
+                      HC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = tl.arange(0, HC)
+    ok_t = t < T
+    ok = ok_t[:, None] & (d < D)[None, :]
+    t = t.to(tl.int64)
+    g = _load_streams(g_ptr, t, d, ok, HC, D)                                     # [BLOCK_T, HC(dst), BLOCK_D]
+    x = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    post = tl.load(post_ptr + t[:, None] * HC + k[None, :], mask=ok_t[:, None], other=0.0)     # [BLOCK_T, HC]
+    tl.store(dx_ptr + t[:, None] * D + d[None, :], tl.sum(post[:, :, None] * g, axis=1).to(dx_ptr.dtype.element_ty),
+             mask=ok)
+    part = (tl.program_id(1) * T + t) * HC                                          # this D block's partial sums
+    tl.store(dpost_ptr + part[:, None] + k[None, :], tl.sum(g * x[:, None, :], axis=2), mask=ok_t[:, None])
+    for j in tl.static_range(HC):
+        c = tl.load(comb_ptr + t[:, None] * (HC * HC) + j * HC + k[None, :], mask=ok_t[:, None], other=0.0)
+        tl.store(dr_ptr + t[:, None] * (HC * D) + j * D + d[None, :],
+                 tl.sum(c[:, :, None] * g, axis=1).to(dr_ptr.dtype.element_ty), mask=ok)
+        r = tl.load(r_ptr + t[:, None] * (HC * D) + j * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(dcomb_ptr + (part[:, None] + j) * HC + k[None, :], tl.sum(g * r[:, None, :], axis=2),
+                 mask=ok_t[:, None])
+
+
+def hc_post_backward(grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor,
+                     comb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (x, residual, post, comb) of `hc_post` for the output gradient `grad` [..., hc, D]: x's and the
+    residual's in x's dtype, post's and comb's fp32."""
+    _check(x, residual, post, comb)
+    hc, dim = residual.shape[-2:]
+    tokens = math.prod(x.shape[:-1])
+    block_d = min(BLOCK_D, triton.next_power_of_2(max(dim, 1)))
+    blocks = triton.cdiv(dim, block_d)
+    dx, dres = torch.empty_like(x), torch.empty(residual.shape, dtype=x.dtype, device=x.device)
+    dpost = torch.zeros(blocks, tokens, hc, dtype=torch.float32, device=x.device)
+    dcomb = torch.zeros(blocks, tokens, hc, hc, dtype=torch.float32, device=x.device)
+    if tokens and dim:
+        _hc_post_backward[(triton.cdiv(tokens, BLOCK_T), blocks)](
+            grad.contiguous(), x.contiguous(), residual.contiguous(), post.contiguous(), comb.contiguous(), dx,
+            dres, dpost, dcomb, tokens, dim, HC=hc, BLOCK_T=BLOCK_T, BLOCK_D=block_d)
+    return dx, dres, dpost.sum(0).view(post.shape), dcomb.sum(0).view(comb.shape)
