@@ -80,7 +80,7 @@ def test_dispatch_is_cuda_only_and_opt_in(monkeypatch):
 
     inputs = [t.requires_grad_() for t in make_inputs(1, 128, 64, torch.bfloat16)]
     monkeypatch.setenv("DSV4_HC_POST", "1")
-    assert which("hc_post", *inputs) == "post_train"                 # CPU: the matmul form
+    assert which("hc_post", *inputs) == "twin"                       # CPU: the twin
 
 
 
@@ -104,13 +104,13 @@ def test_backward_compiles_for_hopper_without_a_gpu():
 @pytest.mark.gpu
 def test_training_kernels_on_cuda(monkeypatch):
     """bf16 at the built-in model's training shape (rows of 256, D = 512): dispatched with DSV4_HC_POST=1 under
-    autograd (off: the matmul form), gradients within the units above (to nearest on the GPU: half of them)."""
+    autograd (off: the twin), gradients within the units above (to nearest on the GPU: half of them)."""
     from hc_post_checks import make_inputs
 
     import dsv4
 
     inputs = [t.requires_grad_() for t in make_inputs(8, 256, 512, torch.bfloat16, device="cuda")]
-    assert which("hc_post", *inputs) == "post_train"
+    assert which("hc_post", *inputs) == "twin"
     monkeypatch.setenv("DSV4_HC_POST", "1")
     assert which("hc_post", *inputs) == "triton_hc_post_train"
     g = torch.randn(8, 256, 4, 512, device="cuda").bfloat16()

@@ -136,12 +136,13 @@ def test_dense_tail_kernel_matches_the_definition(interpreted):
 
 
 def test_hca_has_an_inference_path_besides_the_training_one():
-    """The dense tail's inference path is registered after the training one (split_tail applies only with autograd
-    on): before the thirteenth session it had none, and every HCA layer ran the twin on CUDA."""
+    """The dense tail's inference path is registered after the training ones (the fused training op, opt-in, then
+    split_tail: both apply only with autograd on): before the thirteenth session it had none, and every HCA layer
+    ran the twin on CUDA."""
     from dsv4.ops import registry
 
     names = [name for name, _, _ in registry._FAST["sparse_attention_dense_tail"]]
-    assert names == ["split_tail", "triton_sparse_attention_dense_tail"]
+    assert names == ["triton_dense_tail_train", "split_tail", "triton_sparse_attention_dense_tail"]
 
 
 def test_bad_input_names_the_offender():

@@ -50,11 +50,8 @@ def _doc(n, seed):
 def loss_and_grads(model, pb, grad_ckpt=False):
     model.zero_grad(set_to_none=True)
     refresh_qat(model)
-    # mHC post through its twin in eager too: a compiled graph keeps the twin (inductor fuses it), eager training
-    # takes `_PostTrain` (ops/hc_mix.py: the same function, other roundings)
-    with dsv4.ops.reference_only("hc_post"):
-        ce, mtp, _, _ = TrainStep(model, grad_ckpt, mtp_weight=1.0)(pb)
-        (ce + mtp).backward()
+    ce, mtp, _, _ = TrainStep(model, grad_ckpt, mtp_weight=1.0)(pb)
+    (ce + mtp).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return torch.stack([ce.detach(), mtp.detach()]), grads

@@ -7,21 +7,19 @@ or the head's sigmoid, and the weighted sum of the streams. On CUDA, at inferenc
 opt-in (DSV4_HC_MIX=1) until measured on the H200.
 hc_post's twin materialises the [b, s, hc, hc, D] fp32 products; on CUDA, at inference, above MAX_TOKENS tokens
 (prefill), `ops/triton/hc_post.py` does it in one pass; opt-in (DSV4_HC_POST=1) until measured on the H200. In eager
-training (autograd on, not compiled) `_PostTrain` computes it with matmuls, forward and backward (the twin's
-autograd writes two such tensors a call; the CPU byte proxy counted 11 % of a step's traffic at this line), or on
-CUDA with DSV4_HC_POST=1 the one-pass kernel and its one-pass backward (`hc_post_train`, a custom op with autograd).
+training on CUDA with DSV4_HC_POST=1, the one-pass kernel and its one-pass backward (`hc_post_train`, a custom op
+with autograd): the twin's autograd writes two such tensors a call (the CPU byte proxy: ~15 % of a step's traffic).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from dsv4.ops.hc import hc_split_sinkhorn
 from dsv4.ops.ref import dense, mean_square, widen
-from dsv4.ops.registry import custom_op, dispatch, env_switch, register, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
 
 MAX_TOKENS = 64          # decode's largest batch: the pre / head kernel at or below it, hc_post's above
 
@@ -56,56 +54,12 @@ def _post_twin(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb
     return (post.unsqueeze(-1) * x.unsqueeze(-2) + mixed).to(x.dtype)
 
 
-class _PostTrain(torch.autograd.Function):
-    """`_post_twin` for training without its [b, s, hc, hc, D] products (written in the forward, read by autograd's
-    backward, which writes another such tensor): per token the stream mix is one small matmul comb^T @ residual and
-    the backward is written out with matmuls. The same products in the twin's dtype, summed in another order: not
-    the twin's bits (tests/test_hc_post_train.py). NOTE: fp32 matmuls: with TF32 allowed on CUDA (torch's default:
-    not) they would round the operands to 10 bits."""
-
-    @staticmethod
-    def forward(ctx, x, residual, post, comb):
-        ctx.save_for_backward(x, residual, post, comb)
-        acc = _post_dtype(x, residual, post, comb)
-        written = post.unsqueeze(-1).to(acc) * x.unsqueeze(-2)                      # [b, s, hc(dst), D]
-        # one batched product per token adds the mix to it (no separate sum to write and read back)
-        out = torch.baddbmm(written.flatten(0, -3), comb.transpose(-1, -2).to(acc).flatten(0, -3),
-                            residual.to(acc).flatten(0, -3))
-        return out.view(residual.shape).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, residual, post, comb = ctx.saved_tensors
-        g = grad.to(_post_dtype(x, residual, post, comb))                            # [b, s, hc(dst), D]
-        need = ctx.needs_input_grad
-        return (_cast(need[0], lambda: (post.unsqueeze(-2).to(g.dtype) @ g).squeeze(-2), x),  # sum_k post_k g_k
-                _cast(need[1], lambda: comb.to(g.dtype) @ g, residual),              # sum_k comb[j, k] g_k
-                _cast(need[2], lambda: (g @ x.to(g.dtype).unsqueeze(-1)).squeeze(-1), post),  # g_k . x
-                _cast(need[3], lambda: residual.to(g.dtype) @ g.transpose(-1, -2), comb))     # residual_j . g_k
-
-
-def _post_train(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    # a named call site: profilers and the byte proxy attribute the backward to this line, not to the registry's
-    return _PostTrain.apply(x, residual, post, comb)
-
-
-def _post_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The twin's computing dtype: its inputs' promoted (fp32 for bf16 streams with fp32 weights)."""
-    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-
-
-def _cast(needed: bool, grad, like: torch.Tensor) -> torch.Tensor | None:
-    """grad() in `like`'s dtype (as autograd returns a gradient), or None where no gradient is needed."""
-    return grad().to(like.dtype) if needed else None
-
-
-def _post_grad_applies(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> bool:
+def _post_training(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> bool:
+    """An eager training call: autograd on, not inside a compiled step (inductor fuses the twin's products into
+    its sum: nothing [.., hc, hc, D] in memory), no broadcasting (the backward returns gradients of these shapes)."""
     hc, dim = residual.shape[-2:]
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, post, comb))   # training
-            # not inside a compiled step: inductor fuses the twin's products into its sum (nothing [.., hc, hc, D]
-            # in memory), where this function's matmuls would be library calls with a copy of the streams
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, post, comb))
             and not torch.compiler.is_compiling()
-            # no broadcasting: the backward returns gradients of these shapes
             and x.shape == (*residual.shape[:-2], dim) and post.shape == residual.shape[:-1]
             and comb.shape == (*residual.shape[:-1], hc))
 
@@ -217,10 +171,12 @@ def _post_train_kernel_fits(x: torch.Tensor, residual: torch.Tensor, post: torch
     hc = residual.shape[-2]
     return (post_enabled() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and residual.dtype == x.dtype
             and post.dtype == comb.dtype == torch.float32 and hc & (hc - 1) == 0
-            and _post_grad_applies(x, residual, post, comb))
+            and _post_training(x, residual, post, comb))
 
 
 register_triton("hc_post", "triton_hc_post", _post_fits, _post_kernel)
-# Training: on CUDA with DSV4_HC_POST=1 the kernel pair, else the matmul form (neither inside a compiled step).
+# NOTE: eager training elsewhere keeps the twin. A matmul form (one baddbmm per token, backward with matmuls) cut its
+# bytes by 2/3 but is not batch-invariant on CPU (the batched GEMM's rounding changed with the token count), so
+# expert-parallel ranks, each with half the tokens, drifted from the one-process run (tests/test_train_ep.py).
+# The kernel pair computes each token alone, in a fixed order: batch-invariant.
 register_triton("hc_post", "triton_hc_post_train", _post_train_kernel_fits, _post_train_kernel)
-register("hc_post", "post_train", _post_grad_applies, _post_train)
