@@ -105,24 +105,29 @@ def test_the_op_traces_under_torch_compile(checked):
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():
-    """The bf16 path (both dots of each tile with bf16 operands, the transposed dkv dots, the fp32 atomics, the
-    pipelined `for` loops) compiles ahead of time to sm_90: what the interpreter (fp32 dots, `while` loops) does
-    not check. At the built-in model's training dims (8 heads of 128) and Flash's (64 heads of 512)."""
+    """The bf16 path (the inference kernel storing the lse; the backward's dots with bf16 operands, the transposed
+    dkv dots, the fp32 atomics, the pipelined `for` loops) compiles ahead of time to sm_90: what the interpreter
+    (fp32 dots, `while` loops) does not check. At the built-in model's training dims (8 heads of 128) and Flash's
+    (64 heads of 512)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dsv4.ops.triton.sparse_attention_train import _backward, _forward
+    from dsv4.ops.triton.sparse_attention import _sparse_attention
+    from dsv4.ops.triton.sparse_attention_train import _backward
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton has no NVIDIA backend")
-    common = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "sink_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*bf16",
-              "lse_ptr": "*fp32"}
-    tail = {"S": "i32", "N": "i32", "K": "i32", "scale": "fp32"}
-    grads = {"do_ptr": "*bf16", "dq_ptr": "*bf16", "dkv_ptr": "*fp32", "dsink_ptr": "*fp32"}
+    common = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "sink_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*bf16"}
+    tail = {"S": "i32", "N": "i32", "K": "i32"}
+    forward = {**common, "m_ptr": "*fp32", "l_ptr": "*fp32", **tail, "TILES": "i32", "scale": "fp32"}
+    backward = {**common, "lse_ptr": "*fp32", "do_ptr": "*bf16", "dq_ptr": "*bf16", "dkv_ptr": "*fp32",
+                "dsink_ptr": "*fp32", **tail, "scale": "fp32"}
     for h, d, block_h in ((8, 128, 16), (64, 512, 64)):
-        for kernel, sig in ((_forward, {**common, **tail}), (_backward, {**common, **grads, **tail})):
-            cs = {"H": h, "D": d, "BLOCK_H": block_h, "BLOCK_D": d, "BLOCK_K": 32, "IEEE": False, "PIPELINED": True}
+        for kernel, sig, extra in ((_sparse_attention, forward, {"PARTIAL": False, "LSE": True}),
+                                   (_backward, backward, {})):
+            cs = {"H": h, "D": d, "BLOCK_H": block_h, "BLOCK_D": d, "BLOCK_K": 32, "IEEE": False, "PIPELINED": True,
+                  **extra}
             compiled = triton.compile(ASTSource(kernel, {**sig, **dict.fromkeys(cs, "constexpr")}, constexprs=cs),
                                       target=GPUTarget("cuda", 90, 32))
             assert compiled.asm["cubin"], (kernel.__name__, cs)

@@ -60,9 +60,11 @@ def _tile(q, kv_base, idx_row, k0, k_end, offs_d, d_ok, m, l_i, acc, scale, D: t
 def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, m_ptr, l_ptr, S, N, K, TILES, scale,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PARTIAL: tl.constexpr,
-                      PIPELINED: tl.constexpr):
+                      PIPELINED: tl.constexpr, LSE: tl.constexpr):
     """Split program_id(2) covers tiles [split * TILES, (split + 1) * TILES) of the list. PARTIAL: store the
-    un-normalised (m, l_i, acc) of this split in fp32 for `_combine` (out_ptr is then [b*s, splits, h, d] fp32)."""
+    un-normalised (m, l_i, acc) of this split in fp32 for `_combine` (out_ptr is then [b*s, splits, h, d] fp32).
+    LSE (unsplit only): also store each row's log-sum-exp, sink included, at m_ptr [b*s, h] fp32 (training's
+    forward, `sparse_attention_train.py`)."""
     bs = tl.program_id(0).to(tl.int64)                     # flat (batch, query)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -93,19 +95,24 @@ def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, m_ptr, l_ptr, S
         tl.store(l_ptr + row, l_i, mask=h_ok)
         tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
     else:
-        _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H, D)
+        _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H, D, m_ptr, LSE)
 
 
 @triton.jit
-def _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H: tl.constexpr, D: tl.constexpr):
-    """o = acc / (l_i + exp(sink - m)), stored in out's dtype; NaN where no key was visible (as the twin)."""
+def _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H: tl.constexpr, D: tl.constexpr, lse_ptr,
+            LSE: tl.constexpr):
+    """o = acc / (l_i + exp(sink - m)), stored in out's dtype; NaN where no key was visible (as the twin).
+    LSE: also m + log(l_i + exp(sink - m)) at lse_ptr [b*s, h] (the sink's where nothing was visible)."""
     h_ok = heads < H
     sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
     none = m == float("-inf")
-    l_i = l_i + tl.exp(sink - tl.where(none, sink, m))
+    m_ref = tl.where(none, sink, m)
+    l_i = l_i + tl.exp(sink - m_ref)
     o = tl.where(none[:, None], float("nan"), acc / l_i[:, None])
     tl.store(out_ptr + (bs * H + heads[:, None]) * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=h_ok[:, None] & (offs_d < D)[None, :])
+    if LSE:
+        tl.store(lse_ptr + bs * H + heads, m_ref + tl.log(l_i), mask=h_ok)
 
 
 @triton.jit
@@ -132,7 +139,7 @@ def _combine(part_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, SPLITS, H: tl.constexpr,
         part = tl.load(part_ptr + row[:, None] * D + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
         acc += w[:, None] * part
         j += 1
-    _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H, D)
+    _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H, D, m_ptr, False)
 
 
 def _check(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor) -> None:
@@ -206,12 +213,14 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     if splits == 1:
         _sparse_attention[(b * s, heads, 1)](q, kv, sink, idx, out, sink, sink, s, kv.shape[1], k, per_split,
                                              float(scale), **shape, BLOCK_K=block_k,
-                                             IEEE=q.dtype == torch.float32, PARTIAL=False, PIPELINED=pipelined, **run)
+                                             IEEE=q.dtype == torch.float32, PARTIAL=False, PIPELINED=pipelined,
+                                             LSE=False, **run)
         return out
     part = torch.empty(b * s, splits, h, d, dtype=torch.float32, device=q.device)
     m, l_i = (torch.empty(b * s, splits, h, dtype=torch.float32, device=q.device) for _ in range(2))
     _sparse_attention[(b * s, heads, splits)](q, kv, sink, idx, part, m, l_i, s, kv.shape[1], k, per_split,
                                               float(scale), **shape, BLOCK_K=block_k,
-                                              IEEE=q.dtype == torch.float32, PARTIAL=True, PIPELINED=pipelined, **run)
+                                              IEEE=q.dtype == torch.float32, PARTIAL=True, PIPELINED=pipelined,
+                                              LSE=False, **run)
     _combine[(b * s, heads)](part, m, l_i, sink, out, splits, **shape, num_warps=num_warps)
     return out

@@ -8,9 +8,9 @@ memory traffic by the CPU byte proxy, bench/notes/train_speed.md). Here nothing 
 forward stores the output and a log-sum-exp per (query, head); the backward recomputes each tile's probabilities
 from them (flash-attention's scheme).
 
-Forward: `sparse_attention._tile` (scores fp32, online softmax with the max excluding the sink, each tile's
-probabilities rounded to kv's dtype before the PV dot), then o = acc / (l + exp(sink - m)) and
-lse = m + log(l + exp(sink - m)): golden's "tiled" class, as the inference kernel.
+Forward: the inference kernel itself (`sparse_attention._sparse_attention`, unsplit, with LSE: scores fp32, online
+softmax with the max excluding the sink, each tile's probabilities rounded to kv's dtype before the PV dot, then
+o = acc / (l + exp(sink - m)) and lse = m + log(l + exp(sink - m))): golden's "tiled" class.
 Backward, per (query, block of heads), over the same tiles: p = exp(s - lse) (normalised, the sink included in the
 denominator), dp = dO . kv, ds = p * (dp - delta) with delta = dO . o (fp32), then
 dq += ds kv * scale; dkv[row] += p^T dO + ds^T q * scale (K = V: one shared row gets both), added with fp32 atomics
@@ -26,41 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.triton.sparse_attention import _tile
-
-
-@triton.jit
-def _forward(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, lse_ptr, S, N, K, scale, H: tl.constexpr, D: tl.constexpr,
-             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-             PIPELINED: tl.constexpr):
-    bs = tl.program_id(0).to(tl.int64)                     # flat (batch, query)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    h_ok, d_ok = heads < H, offs_d < D
-    q = tl.load(q_ptr + (bs * H + heads[:, None]) * D + offs_d[None, :], mask=h_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    kv_base = kv_ptr + (bs // S) * N * D
-    precision: tl.constexpr = "ieee" if IEEE else "tf32"
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    idx_row = idx_ptr + bs * K
-    if PIPELINED:
-        for k0 in tl.range(0, K, BLOCK_K):
-            m, l_i, acc = _tile(q, kv_base, idx_row, k0, K, offs_d, d_ok, m, l_i, acc, scale, D, BLOCK_K, precision)
-    else:                             # triton 3.6's interpreter cannot run `for` over a runtime bound (NumPy 2)
-        k0 = 0
-        while k0 < K:
-            m, l_i, acc = _tile(q, kv_base, idx_row, k0, K, offs_d, d_ok, m, l_i, acc, scale, D, BLOCK_K, precision)
-            k0 += BLOCK_K
-    sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
-    none = m == float("-inf")                              # nothing visible: NaN, as the twin (never in the model)
-    m_ref = tl.where(none, sink, m)
-    total = l_i + tl.exp(sink - m_ref)
-    o = tl.where(none[:, None], float("nan"), acc / total[:, None])
-    tl.store(out_ptr + (bs * H + heads[:, None]) * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=h_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + bs * H + heads, m_ref + tl.log(total), mask=h_ok)
+from dsv4.ops.triton.sparse_attention import _sparse_attention
 
 
 @triton.jit
@@ -129,16 +95,17 @@ def _block_h(h: int) -> int:
 
 def forward(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
             block_k: int = 32, num_warps: int = 4, pipelined: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [b, s, h, d] in q's dtype, lse [b, s, h] fp32). Inputs as `sparse_attention.sparse_attention`'s."""
+    """(o [b, s, h, d] in q's dtype, lse [b, s, h] fp32): the inference kernel, unsplit, storing the lse too.
+    Inputs as `sparse_attention.sparse_attention`'s."""
     b, s, h = q.shape[:3]
     out = torch.empty_like(q)
     lse = torch.empty(b, s, h, dtype=torch.float32, device=q.device)
     if out.numel():
-        block_h = _block_h(h)
-        _forward[(b * s, triton.cdiv(h, block_h))](
-            q, kv, sink, idx, out, lse, s, kv.shape[1], idx.shape[2], float(scale), **_shape(q, block_h),
-            BLOCK_K=block_k, IEEE=q.dtype == torch.float32, PIPELINED=q.is_cuda if pipelined is None else pipelined,
-            num_warps=num_warps)
+        block_h, k = _block_h(h), idx.shape[2]
+        _sparse_attention[(b * s, triton.cdiv(h, block_h), 1)](
+            q, kv, sink, idx, out, lse, sink, s, kv.shape[1], k, triton.cdiv(k, block_k), float(scale),
+            **_shape(q, block_h), BLOCK_K=block_k, IEEE=q.dtype == torch.float32, PARTIAL=False,
+            PIPELINED=q.is_cuda if pipelined is None else pipelined, LSE=True, num_warps=num_warps)
     return out, lse
 
 
