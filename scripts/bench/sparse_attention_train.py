@@ -38,21 +38,26 @@ def step(fn, q, kv, sink, idx, do):
     return run
 
 
-def fused(block_k: int, warps: int):
-    def fn(q, kv, sink, idx, scale):
-        class Op(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, kv, sink):
-                o, lse = sat.forward(q, kv, sink, idx, scale, block_k=block_k, num_warps=warps)
-                ctx.save_for_backward(q, kv, sink, o, lse)
-                return o
+class _Swept(torch.autograd.Function):
+    """The op's forward and backward launchers at another (block_k, num_warps), with autograd."""
 
-            @staticmethod
-            def backward(ctx, do):
-                q, kv, sink, o, lse = ctx.saved_tensors
-                return sat.backward(do, q, kv, sink, idx, o, lse, scale, block_k=block_k, num_warps=warps)
-        return Op.apply(q, kv, sink)
-    return fn
+    @staticmethod
+    def forward(ctx, q, kv, sink, idx, scale, block_k, warps):
+        o, lse = sat.forward(q, kv, sink, idx, scale, block_k=block_k, num_warps=warps)
+        ctx.save_for_backward(q, kv, sink, idx, o, lse)
+        ctx.args = (scale, block_k, warps)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, kv, sink, idx, o, lse = ctx.saved_tensors
+        scale, block_k, warps = ctx.args
+        return (*sat.backward(do, q, kv, sink, idx, o, lse, scale, block_k=block_k, num_warps=warps),
+                None, None, None, None)
+
+
+def fused(block_k: int, warps: int):
+    return lambda q, kv, sink, idx, scale: _Swept.apply(q, kv, sink, idx, scale, block_k, warps)
 
 
 def main() -> None:
