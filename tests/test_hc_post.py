@@ -54,7 +54,7 @@ def test_twin_is_the_previous_formula_bit_for_bit(dtype):
 
 
 def test_dispatch_takes_the_twin_off_cuda(monkeypatch):
-    monkeypatch.setenv("DSV4_HC_POST", "1")
+    monkeypatch.delenv("DSV4_HC_POST", raising=False)                   # the default: on (CUDA only)
     with torch.inference_mode():
         assert which("hc_post", *make_inputs(1, 128, 64, torch.bfloat16)) == "twin"
 
@@ -95,7 +95,7 @@ def test_kernel_in_the_interpreter(interpreted):
 
 @pytest.mark.gpu
 def test_kernel_on_cuda_at_flash_dims(monkeypatch):
-    """D = 4096, hc = 4, 2048 bf16 tokens: with DSV4_HC_POST=1 at inference the dispatched op launches the kernel
+    """D = 4096, hc = 4, 2048 bf16 tokens: by default at inference the dispatched op launches the kernel
     (once), within one bf16 unit + SLACK of the twin elementwise and within 2^-8 M + 2 FP32 of float64 (rounding to
     nearest on the GPU); 64 tokens (decode), autograd, and DSV4_HC_POST=0 take the twin."""
     from dsv4.ops.triton import hc_post as kernel
@@ -103,7 +103,8 @@ def test_kernel_on_cuda_at_flash_dims(monkeypatch):
     calls = []
     real = kernel.hc_post
     monkeypatch.setattr(kernel, "hc_post", lambda *a: calls.append(a[0].shape) or real(*a))
-    monkeypatch.setenv("DSV4_HC_POST", "1")
+    monkeypatch.delenv("DSV4_HC_POST", raising=False)                   # the default: on
+    monkeypatch.delenv("DSV4_HC_POST_TRAIN", raising=False)             # training's pair: opt-in
     inputs = make_inputs(1, 2048, 4096, torch.bfloat16, device="cuda")
     decode = [t[:, :64] for t in inputs]
     with torch.inference_mode():

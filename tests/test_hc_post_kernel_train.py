@@ -1,5 +1,5 @@
 """mHC post's one-pass kernels in training (`ops/triton/hc_post.py` forward + `hc_post_backward`, one custom op with
-autograd: `ops.hc_mix._post_train_kernel`, dispatched on CUDA with DSV4_HC_POST=1) against float64 autograd through
+autograd: `ops.hc_mix._post_train_kernel`, dispatched on CUDA with DSV4_HC_POST_TRAIN=1) against float64 autograd through
 the twin, and the dispatch.
 
 On CPU the kernels run in Triton's interpreter (no tl.dot here, so bf16 and fp16 run too; numpy truncates fp32 ->
@@ -79,7 +79,7 @@ def test_dispatch_is_cuda_only_and_opt_in(monkeypatch):
     from hc_post_checks import make_inputs
 
     inputs = [t.requires_grad_() for t in make_inputs(1, 128, 64, torch.bfloat16)]
-    monkeypatch.setenv("DSV4_HC_POST", "1")
+    monkeypatch.setenv("DSV4_HC_POST_TRAIN", "1")
     assert which("hc_post", *inputs) == "twin"                       # CPU: the twin
 
 
@@ -103,15 +103,18 @@ def test_backward_compiles_for_hopper_without_a_gpu():
 
 @pytest.mark.gpu
 def test_training_kernels_on_cuda(monkeypatch):
-    """bf16 at the built-in model's training shape (rows of 256, D = 512): dispatched with DSV4_HC_POST=1 under
-    autograd (off: the twin), gradients within the units above (to nearest on the GPU: half of them)."""
+    """bf16 at the built-in model's training shape (rows of 256, D = 512): dispatched with DSV4_HC_POST_TRAIN=1
+    under autograd (unset: the twin, whatever DSV4_HC_POST says), gradients within the units above (to nearest on
+    the GPU: half of them)."""
     from hc_post_checks import make_inputs
 
     import dsv4
 
     inputs = [t.requires_grad_() for t in make_inputs(8, 256, 512, torch.bfloat16, device="cuda")]
+    monkeypatch.delenv("DSV4_HC_POST_TRAIN", raising=False)
+    monkeypatch.setenv("DSV4_HC_POST", "1")                             # inference's switch does not turn it on
     assert which("hc_post", *inputs) == "twin"
-    monkeypatch.setenv("DSV4_HC_POST", "1")
+    monkeypatch.setenv("DSV4_HC_POST_TRAIN", "1")
     assert which("hc_post", *inputs) == "triton_hc_post_train"
     g = torch.randn(8, 256, 4, 512, device="cuda").bfloat16()
     out = dsv4.ops.hc_post(*inputs)

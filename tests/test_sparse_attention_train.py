@@ -1,6 +1,6 @@
 """The fused training sparse attention (`ops/triton/sparse_attention_train.py`: forward with log-sum-exp, fused
 backward; one custom op with autograd, `ops.attention.sparse_attention_train`) against the twin's autograd
-(`ops.ref.sparse_attention`) and float64, and its dispatch (opt-in: DSV4_SPARSE_ATTN_TRAIN=1).
+(`ops.ref.sparse_attention`) and float64, and its dispatch (on CUDA by default; DSV4_SPARSE_ATTN_TRAIN=0 off).
 
 On CPU the kernels run in Triton's interpreter (one subprocess, fp32 inputs: triton 3.6's interpreter computes bf16
 tl.dot wrongly), so the probabilities' and ds's bf16 rounding before the dots is checked on the GPU only.
@@ -177,26 +177,28 @@ def test_bf16_training_shape_on_cuda():
         assert err <= 2 * twin_err + 2e-3, f"{name}: kernel {err:.2e} vs twin {twin_err:.2e}"
 
 
-def test_training_dispatch_is_opt_in_and_cuda_only(monkeypatch):
+def test_training_dispatch_is_cuda_only(monkeypatch):
     q, kv, sink, idx, _ = _train_inputs("cpu", torch.float32, rows=1, row_len=64)
     leaves = [t.detach().clone().requires_grad_() for t in (q, kv, sink)]
     which = dsv4.ops.registry.which
-    assert which("sparse_attention", *leaves, idx, 0.1) == "sparse_attention_recompute"
-    monkeypatch.setenv("DSV4_SPARSE_ATTN_TRAIN", "1")
+    monkeypatch.delenv("DSV4_SPARSE_ATTN_TRAIN", raising=False)                               # the default: on
     assert which("sparse_attention", *leaves, idx, 0.1) == "sparse_attention_recompute"       # CPU: the twin
+    monkeypatch.setenv("DSV4_SPARSE_ATTN_TRAIN", "0")
+    assert which("sparse_attention", *leaves, idx, 0.1) == "sparse_attention_recompute"
     with torch.no_grad():
         assert which("sparse_attention", *leaves, idx, 0.1) == "twin"
 
 
 @pytest.mark.gpu
 def test_training_dispatch_takes_the_kernel_on_cuda(monkeypatch):
-    """With DSV4_SPARSE_ATTN_TRAIN=1, under autograd on CUDA (bf16) both sparse attention ops take the fused
-    training op (off: the twin recomputed); the dense tail through the definition's layout gives the definition's
-    gradients (float64 twin)."""
+    """By default, under autograd on CUDA (bf16) both sparse attention ops take the fused training op
+    (DSV4_SPARSE_ATTN_TRAIN=0: the twin recomputed); the dense tail through the definition's layout gives the
+    definition's gradients (float64 twin)."""
     q, kv, sink, idx, do = _train_inputs("cuda", torch.bfloat16, rows=2, row_len=256)
     leaves = [t.detach().clone().requires_grad_() for t in (q, kv, sink)]
+    monkeypatch.setenv("DSV4_SPARSE_ATTN_TRAIN", "0")
     assert dsv4.ops.registry.which("sparse_attention", *leaves, idx, 0.1) == "sparse_attention_recompute"
-    monkeypatch.setenv("DSV4_SPARSE_ATTN_TRAIN", "1")
+    monkeypatch.delenv("DSV4_SPARSE_ATTN_TRAIN")
     scale = q.shape[-1] ** -0.5
     assert dsv4.ops.registry.which("sparse_attention", *leaves, idx, scale) == "triton_sparse_attention_train"
     tail = torch.randn(2, 2, q.shape[-1], device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -6,8 +6,8 @@ or the head's sigmoid, and the weighted sum of the streams. On CUDA, at inferenc
 (decode; above it the plain path is GEMM-bound and stays), `ops/triton/hc_mix.py` does a call in two launches;
 opt-in (DSV4_HC_MIX=1) until measured on the H200.
 hc_post's twin materialises the [b, s, hc, hc, D] fp32 products; on CUDA, at inference, above MAX_TOKENS tokens
-(prefill), `ops/triton/hc_post.py` does it in one pass; opt-in (DSV4_HC_POST=1) until measured on the H200. In eager
-training on CUDA with DSV4_HC_POST=1, the one-pass kernel and its one-pass backward (`hc_post_train`, a custom op
+(prefill), `ops/triton/hc_post.py` does it in one pass (default; DSV4_HC_POST=0 off). In eager training on CUDA with
+DSV4_HC_POST_TRAIN=1 (opt-in until a training step is timed with it), the one-pass kernel and its one-pass backward (`hc_post_train`, a custom op
 with autograd): the twin's autograd writes two such tensors a call (the CPU byte proxy: ~15 % of a step's traffic).
 """
 
@@ -114,9 +114,17 @@ register_triton("hc_head_mix", "triton_hc_head", lambda h, fn, scale, base, *res
 
 @torch._dynamo.assume_constant_result
 def post_enabled() -> bool:
-    """DSV4_HC_POST=1 turns the one-pass hc_post kernel on: opt-in until its H200 timing is measured (read once per
-    traced graph under torch.compile)."""
-    return env_switch("DSV4_HC_POST")
+    """The one-pass hc_post kernel at inference (prefill), on by default; DSV4_HC_POST=0 turns it off. Measured on
+    the H200 (eighteenth session, bench/results/h200_s18/): 4-layer Flash 8k prefill 204 -> 151 ms of kernel time,
+    its 8 calls 1.2 ms. Read once per traced graph under torch.compile."""
+    return env_switch("DSV4_HC_POST", default=True)
+
+
+@torch._dynamo.assume_constant_result
+def post_train_enabled() -> bool:
+    """DSV4_HC_POST_TRAIN=1: eager training's kernel pair below. Opt-in: its GPU test passes (bf16 within 2^-8 of
+    float64, eighteenth session) but a training step with it has not been timed."""
+    return env_switch("DSV4_HC_POST_TRAIN")
 
 
 def _post_fits(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> bool:
@@ -166,10 +174,10 @@ _post_train_kernel.register_autograd(_post_train_grad, setup_context=_post_train
 
 
 def _post_train_kernel_fits(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> bool:
-    """DSV4_HC_POST=1 in eager training on CUDA: the one-pass forward and backward kernels (x and residual in one
-    16-bit dtype, fp32 weights, no broadcasting)."""
+    """DSV4_HC_POST_TRAIN=1 in eager training on CUDA: the one-pass forward and backward kernels (x and residual in
+    one 16-bit dtype, fp32 weights, no broadcasting)."""
     hc = residual.shape[-2]
-    return (post_enabled() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and residual.dtype == x.dtype
+    return (post_train_enabled() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and residual.dtype == x.dtype
             and post.dtype == comb.dtype == torch.float32 and hc & (hc - 1) == 0
             and _post_training(x, residual, post, comb))
 

@@ -4,7 +4,8 @@ The plain twin materialises the products comb x residual as [b, s, hc, hc, D] fp
 prefill, D = 4096; ~35 ms of the 204 ms step, bench/results/h200_s16_checks/prefill_stacks.log). Here program
 (token block, D block) reads a token's post [hc] and comb [hc, hc], its x and residual blocks once and writes its
 output block once: (2 + 8 + 8) bytes per (token, d) in bf16, 8192 x 4096 x 18 B = 604 MB per call, ~0.13 ms at
-~4.8 TB/s (predicted; NOT measured on a GPU: opt-in with DSV4_HC_POST=1 until timed on the H200).
+~4.8 TB/s predicted; measured on the H200 (bench/results/h200_s18/prefill_stacks_hc_post.log): 151 us a call at
+8192 tokens, ~4.0 TB/s (0.83 of the copy bandwidth). Dispatched by default at inference (DSV4_HC_POST=0: the twin).
 Arithmetic: the twin's, in fp32: the products, summed over the source streams j in order, then post_k x added;
 one rounding to x's dtype. On the GPU the compiler may contract a product and the following add into an FMA (one
 rounding less), so fp32 results agree with the twin to a few fp32 roundings of sum |terms|, not bit for bit.
