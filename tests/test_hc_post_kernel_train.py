@@ -1,6 +1,6 @@
-"""mHC post's one-pass kernels in training (`ops/triton/hc_post.py` forward + `hc_post_backward`, one custom op with
-autograd: `ops.hc_mix._post_train_kernel`, dispatched on CUDA with DSV4_HC_POST_TRAIN=1) against float64 autograd through
-the twin, and the dispatch.
+"""mHC post's one-pass kernels in training (`ops/triton/hc_post.py` forward + `hc_post_backward`, one custom op
+with autograd: `ops.hc_mix._post_train_kernel`, dispatched on CUDA with DSV4_HC_POST_TRAIN=1) against float64
+autograd through the twin, and the dispatch.
 
 On CPU the kernels run in Triton's interpreter (no tl.dot here, so bf16 and fp16 run too; numpy truncates fp32 ->
 bf16 stores). Tolerances, relative (Frobenius) to float64 autograd of the twin on the same (rounded) inputs and

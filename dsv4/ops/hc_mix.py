@@ -7,8 +7,9 @@ or the head's sigmoid, and the weighted sum of the streams. On CUDA, at inferenc
 opt-in (DSV4_HC_MIX=1) until measured on the H200.
 hc_post's twin materialises the [b, s, hc, hc, D] fp32 products; on CUDA, at inference, above MAX_TOKENS tokens
 (prefill), `ops/triton/hc_post.py` does it in one pass (default; DSV4_HC_POST=0 off). In eager training on CUDA with
-DSV4_HC_POST_TRAIN=1 (opt-in until a training step is timed with it), the one-pass kernel and its one-pass backward (`hc_post_train`, a custom op
-with autograd): the twin's autograd writes two such tensors a call (the CPU byte proxy: ~15 % of a step's traffic).
+DSV4_HC_POST_TRAIN=1 (opt-in until a training step is timed with it), the one-pass kernel and its one-pass backward
+(`hc_post_train`, a custom op with autograd): the twin's autograd writes two such tensors a call (the CPU byte proxy:
+~15 % of a step's traffic).
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ def _post_train_kernel_fits(x: torch.Tensor, residual: torch.Tensor, post: torch
     """DSV4_HC_POST_TRAIN=1 in eager training on CUDA: the one-pass forward and backward kernels (x and residual in
     one 16-bit dtype, fp32 weights, no broadcasting)."""
     hc = residual.shape[-2]
-    return (post_train_enabled() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and residual.dtype == x.dtype
-            and post.dtype == comb.dtype == torch.float32 and hc & (hc - 1) == 0
+    return (post_train_enabled() and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and residual.dtype == x.dtype and post.dtype == comb.dtype == torch.float32 and hc & (hc - 1) == 0
             and _post_training(x, residual, post, comb))
 
 
