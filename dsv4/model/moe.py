@@ -16,6 +16,7 @@ from dsv4 import ops
 from dsv4.dist import SINGLE
 from dsv4.model.primitives import Linear
 from dsv4.ops.ref import widen
+from dsv4.ops.registry import env_switch
 from dsv4.parity.taps import tap
 
 
@@ -78,6 +79,12 @@ def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+@torch._dynamo.assume_constant_result
+def transient_stacks_enabled() -> bool:
+    """DSV4_MOE_TRANSIENT=1: large FP4 prefill steps on per-call bf16 expert stacks (`MoE.GROUPED_MIN_PAIRS`)."""
+    return env_switch("DSV4_MOE_TRANSIENT")
+
+
 class MoE(nn.Module):
     # Steps with at most this many (token, expert) pairs take the pair path on CUDA: fixed shapes and no host
     # synchronisation, so decode steps can be captured in CUDA graphs. Larger steps (prefill) take the sorted path
@@ -90,6 +97,12 @@ class MoE(nn.Module):
     # kept for the backward, and pads each group to the largest. Cheap for a few small experts (the built-in
     # model's 6: 5 MB a layer); for hundreds (Flash: 256) a copy of the layer's experts, so they loop.
     BATCHED_MAX_EXPERTS = 16
+    # With DSV4_MOE_TRANSIENT=1, FP4 steps from this many pairs take `routed_grouped`: each matrix's experts decoded
+    # to a bf16 stack for the call (one launch, ~1.3 ms for a Flash matrix, predicted) and cuBLAS's grouped GEMM
+    # (1.50 ms at 49,152 pairs against the FP4 kernel's 5.40: bench/results/h200_grouped_prefill.log). The
+    # stack's decode is a fixed cost, so small steps keep the FP4 kernel: the two cross near ~14k pairs (from
+    # those figures; ~2.3k tokens at Flash's top-6). Opt-in until measured in `dsv4 bench`.
+    GROUPED_MIN_PAIRS = 16384
     # `routed_batched` pads every group to all rows without reading the counts (always so under CUDA-graph capture;
     # the tests set it to compare the two widths on a CPU)
     PAD_GROUPS_TO_ALL_ROWS = False
@@ -136,6 +149,8 @@ class MoE(nn.Module):
         grouped_ok = inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled("moe_grouped")
         sorted_ok = (inference and sorted_fp4 and x.dtype in (torch.bfloat16, torch.float32)
                      and ops.registry.fast_enabled("grouped_linear"))
+        if grouped_ok and sorted_fp4 and ids.numel() >= self.GROUPED_MIN_PAIRS and transient_stacks_enabled():
+            return self.routed_grouped
         if sorted_ok:
             return self.routed_sorted
         if grouped_ok:
@@ -252,7 +267,8 @@ class MoE(nn.Module):
         up = torch._grouped_mm(xs, self._bf16_stack("w3").transpose(1, 2), offs=offs).float()
         h = self._quantised_input(ex.w2, ex.hidden(gate, up, weights.flatten()[order, None]).to(x.dtype))
         out = torch._grouped_mm(h, self._bf16_stack("w2").transpose(1, 2), offs=offs).float()
-        return torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, out)
+        # a token's k outputs summed in selection order, as `routed_sorted` (index_add_ would sum them by atomics)
+        return torch.empty_like(out).index_copy_(0, order, out).view(n, k, -1).sum(dim=1)
 
     def _bf16_stack(self, name: str) -> torch.Tensor:
         """All experts' `name` matrices decoded to bf16 [E, N, K], made per call (transient)."""
@@ -260,6 +276,8 @@ class MoE(nn.Module):
         lin = getattr(self.experts[0], name)
         if lin.fmt == "plain" and w.dtype == torch.bfloat16:
             return w
+        if lin.fmt == "fp4":
+            return ops.dequant_fp4_bf16(w, s)   # CUDA: one launch over the stack; the twin: one expert at a time
         out = torch.empty(w.shape[0], lin.out_features, lin.in_features, dtype=torch.bfloat16, device=w.device)
         for i in range(w.shape[0]):             # one expert at a time: no fp32 temporary of all of them
             out[i] = ops.dequant_weight(w[i], None if s is None else s[i], lin.fmt)

@@ -1,0 +1,75 @@
+"""FP4 e2m1 weights (packed, low nibble first) with e8m0 scales per 32 -> bf16, in one launch over a whole stack.
+
+What it is for: the MoE's transient grouped path for large prefill chunks (`MoE.routed_grouped`): all experts of
+one matrix decoded to a bf16 stack for ONE call, multiplied by cuBLAS's grouped GEMM (`torch._grouped_mm`), freed.
+Nothing stays resident (issue 16, item 1): the stack lives for one GEMM. The twin (`ops.dequant_fp4_bf16.twin`)
+decodes expert by expert through `quant.dequant_fp4`, whose fp32 temporaries are 4x the stack's size at once.
+Exact: an e2m1 value (at most 2 significant bits) times a power of two is a bf16 number (bf16 has fp32's exponent
+range, subnormals included), so every element is the twin's value bit for bit (built as integer bit patterns:
+`_bf16_bits`); NaN exactly where the scale byte is 255, inf where the value overflows (as the twin).
+Bytes: per two elements 1 packed byte + 1/16 scale byte read, 4 bytes written: a Flash matrix stack (256 x 2048 x
+4096) is ~1.1 GB read and 4.3 GB written, ~1.3 ms at ~4.2 TB/s (a prediction: not measured on a GPU yet).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_R, BLOCK_B = 16, 256          # rows x packed bytes per program (bytes: 512 elements of each of 16 rows)
+
+
+@triton.jit
+def _bf16_bits(code, e):
+    """int32 e2m1 codes (0..15) and e8m0 bytes (0..255) -> int32 holding the bf16 bit pattern of code * 2^(e - 127).
+
+    Built from integers, not by an fp32 multiply: results below 2^-126 are bf16 subnormals, which a flush-to-zero
+    multiply (Triton's interpreter flushes them; a GPU may) would lose. A nonzero code is 1.f x 2^(E - 1) (E the
+    code's two exponent bits, E >= 1) or 0.5 (E = 0, f = 1), so the value is 1.f x 2^q with q >= -128: normal bf16
+    bits (q + 127) << 7 | f << 6 from q = -126; below, the subnormal (2 + f) << (q + 132) (units of 2^-133).
+    Above bf16's range: inf; scale byte 255: NaN (as `quant.e8m0_to_float`); the sign is bit 3 -> bit 15."""
+    big = (code >> 1) & 3
+    f = tl.where(big == 0, 0, code & 1)
+    q = tl.where(big == 0, e - 128, big + e - 128)
+    normal = ((q + 127) << 7) | (f << 6)
+    subnormal = (2 + f) << tl.minimum(tl.maximum(q + 132, 0), 8)
+    mag = tl.where(q >= -126, normal, subnormal)
+    mag = tl.where(q >= 128, 0x7F80, mag)
+    mag = tl.where((code & 7) == 0, 0, mag)
+    mag = tl.where(e == 255, 0x7FC0, mag)
+    return mag | ((code & 8) << 12)
+
+
+@triton.jit
+def _dequant_fp4(w_ptr, s_ptr, out_ptr, R, KB, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    """w [R, KB] packed bytes, s [R, KB / 16] e8m0 bytes -> out [R, 2 KB] bf16 bit patterns (int16 view; element
+    2i: byte i's low nibble)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    r64 = rows.to(tl.int64)[:, None]
+    ok = (rows < R)[:, None] & (cols < KB)[None, :]
+    byte = tl.load(w_ptr + r64 * KB + cols[None, :], mask=ok, other=0).to(tl.int32) & 0xFF
+    e = tl.load(s_ptr + r64 * (KB // 16) + (cols // 16)[None, :], mask=ok, other=127).to(tl.int32) & 0xFF
+    pair = tl.join(_bf16_bits(byte & 15, e), _bf16_bits(byte >> 4, e))            # [BLOCK_R, BLOCK_B, 2]
+    out = tl.reshape(pair, (BLOCK_R, 2 * BLOCK_B))
+    ocols = tl.program_id(1) * (2 * BLOCK_B) + tl.arange(0, 2 * BLOCK_B)
+    tl.store(out_ptr + r64 * (2 * KB) + ocols[None, :], out.to(tl.int16),
+             mask=(rows < R)[:, None] & (ocols < 2 * KB)[None, :])
+
+
+def dequant_fp4_bf16(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[..., N, K/2] packed codes (int8/uint8) + e8m0 [..., N, K/32] (float8_e8m0fnu/uint8) -> bf16 [..., N, K]."""
+    if weight.dtype not in (torch.int8, torch.uint8) or scale.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+        raise ValueError(f"dequant_fp4_bf16: weight int8/uint8 and scale e8m0/uint8, got {weight.dtype}, "
+                         f"{scale.dtype}")
+    kb = weight.shape[-1]
+    if kb % 16 or scale.shape != (*weight.shape[:-1], kb // 16):
+        raise ValueError(f"dequant_fp4_bf16: weight {tuple(weight.shape)} and scale {tuple(scale.shape)} do not "
+                         "pair as [..., N, K/2] and [..., N, K/32]")
+    w = weight.contiguous().view(-1, kb)
+    s = scale.contiguous().view(torch.uint8).view(-1, kb // 16)
+    out = torch.empty(*weight.shape[:-1], 2 * kb, dtype=torch.bfloat16, device=weight.device)
+    grid = (triton.cdiv(w.shape[0], BLOCK_R), triton.cdiv(kb, BLOCK_B))
+    _dequant_fp4[grid](w, s, out.view(torch.int16), w.shape[0], kb, BLOCK_R=BLOCK_R, BLOCK_B=BLOCK_B, num_warps=4)
+    return out
