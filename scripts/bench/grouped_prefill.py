@@ -16,7 +16,9 @@ Usage: python3 scripts/bench/grouped_prefill.py [--tokens 1024 8192] [--repeats 
 kernel switched off) against the swapped-operand kernel (`ops/triton/fp4_grouped_swapped.py`) in a few tiles, as
 us per call and TB/s of weight bytes (the FP4 bytes and scales of the experts with rows, counted once;
 captured-graph replays with a cold L2), each output's rel. error against the expert-major one (labelled
-"dispatched": the default before the sixteenth session); no bf16 copies, no 16-row-block kernel.
+"dispatched": the default before the sixteenth session); no bf16 copies, no 16-row-block kernel. `--only transient`
+(tokens 1024 2048 4096 8192 unless given): the dispatched FP4 path against the MoE's opt-in transient bf16 stacks
+(`transient_results`).
 """
 
 import argparse
@@ -188,17 +190,42 @@ def shape_results(tokens: int, w, s, wb, gen, repeats: int, only: str = "all") -
     return {"tokens": tokens, "pairs": m, "kernels": rows, "graph_replay_rel_err": graph_err, "mismatch": bad}
 
 
+def transient_results(tokens: int, w, s, gen, repeats: int) -> dict:
+    """The MoE's opt-in transient path (DSV4_MOE_TRANSIENT=1, `MoE.routed_grouped`): the stack decoded to bf16 for
+    the call (`ops.dequant_fp4_bf16`, one launch) + cuBLAS's grouped GEMM, against the dispatched FP4 kernel
+    (`ops.grouped_linear`); the decode alone too, and the stack's bytes per second (FP4 + scales read, bf16
+    written). The crossover in tokens sets `MoE.GROUPED_MIN_PAIRS`."""
+    eid, x = routed_rows(tokens, gen)
+    m = eid.numel()
+    ref = ops.grouped_linear(x, eid, w, s, "fp4", fp8_grid=True)
+    ends = expert_offsets(eid, E)[1:].to(torch.int32)
+
+    def transient():
+        return torch._grouped_mm(x, ops.dequant_fp4_bf16(w, s).transpose(1, 2), offs=ends)
+    print(f"{tokens} tokens: M = {m} pairs, K {K} -> N {N}, {E} experts", flush=True)
+    rows = [timed("dispatched grouped_linear (FP4 kernel)",
+                  lambda: ops.grouped_linear(x, eid, w, s, "fp4", fp8_grid=True), ref, m, repeats),
+            timed("transient: dequant stack + torch._grouped_mm", transient, ref, m, repeats)]
+    t = summary(cuda_time(lambda: ops.dequant_fp4_bf16(w, s), repeats))["median_s"]
+    stack_bytes = E * N * (K // 2 + K // 32 + 2 * K)
+    print(f"  {'dequant_fp4_bf16 alone':<50} {t * 1e3:8.3f} ms {stack_bytes / t / 1e12:6.2f} TB/s", flush=True)
+    rows.append({"name": "dequant_fp4_bf16 alone", "ms": t * 1e3, "tbps": stack_bytes / t / 1e12})
+    return {"tokens": tokens, "pairs": m, "kernels": rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", help="default 1024 8192; with --only swapped 64 1024 8192")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the results here (e.g. bench/results/grouped_prefill_h200.json)")
-    p.add_argument("--only", choices=["all", "fp8mma", "swapped"], default="all")
+    p.add_argument("--only", choices=["all", "fp8mma", "swapped", "transient"], default="all")
     args = p.parse_args()
     tokens = args.tokens or ([64, 1024, 8192] if args.only == "swapped" else [1024, 8192])
     gen = torch.Generator(DEVICE).manual_seed(0)
-    w, s, wb = experts(gen, bf16=args.only != "swapped")
-    if args.only == "swapped":
+    w, s, wb = experts(gen, bf16=args.only not in ("swapped", "transient"))
+    if args.only == "transient":
+        shapes = [transient_results(t, w, s, gen, args.repeats) for t in args.tokens or [1024, 2048, 4096, 8192]]
+    elif args.only == "swapped":
         shapes = [swapped_results(t, w, s, gen, args.repeats) for t in tokens]
     else:
         shapes = [shape_results(t, w, s, wb, gen, args.repeats, args.only) for t in tokens]
