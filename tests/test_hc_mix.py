@@ -61,12 +61,14 @@ def test_token_results_do_not_depend_on_the_batch(interpreted):
 
 
 def test_dispatch_takes_the_plain_path_off_cuda(monkeypatch):
-    h = torch.randn(1, 2, 4, 64).bfloat16()
     fn, scale, base = torch.randn(24, 256), torch.rand(3), torch.randn(24)
     monkeypatch.setenv("DSV4_HC_MIX", "1")
+    monkeypatch.setenv("DSV4_HC_MIX_PREFILL", "1")
     with torch.inference_mode():
-        assert which("hc_pre_mix", h, fn, scale, base, 4, 20, 1e-6, 1e-6) == "twin"
-        assert which("hc_head_mix", h, fn[:4], scale[:1], base[:4], 1e-6, 1e-6) == "twin"
+        for tokens in (2, 65):                                          # decode-sized and a prefill chunk
+            h = torch.randn(1, tokens, 4, 64).bfloat16()
+            assert which("hc_pre_mix", h, fn, scale, base, 4, 20, 1e-6, 1e-6) == "twin"
+            assert which("hc_head_mix", h, fn[:4], scale[:1], base[:4], 1e-6, 1e-6) == "twin"
 
 
 @pytest.mark.gpu
@@ -78,6 +80,7 @@ def test_kernel_on_cuda_at_flash_dims(head, monkeypatch):
     value, weights within 1e-5 of it: the Sinkhorn kernel's fp32 class, tests/test_fast_ops.py)."""
     name, op = ("hc_head_mix", ops.hc_head_mix) if head else ("hc_pre_mix", ops.hc_pre_mix)
     monkeypatch.setenv("DSV4_HC_MIX", "1")
+    monkeypatch.delenv("DSV4_HC_MIX_PREFILL", raising=False)
     for tokens in (1, 8, 64):
         r = against_float64(tokens, 4096, iters=20, hc_eps=1e-6, head=head, device="cuda")
         assert max(r["ratios"]) <= 1 and r["rtne"] and r["weights"] and r["shapes"], (tokens, r)
@@ -90,6 +93,31 @@ def test_kernel_on_cuda_at_flash_dims(head, monkeypatch):
         assert which(name, h, *params, *rest) == "twin"                        # above 64 tokens
         got, want = op(h[:, :64], *params, *rest), op.twin(h[:, :64], *params, *rest)
     assert which(name, h[:, :64], *params, *rest) == "twin"                    # grad enabled: training
+    got, want = ([got], [want]) if head else (got, want)
+    for a, b, bound in zip(got, want, [2**-7, 1e-5, 1e-5, 1e-5], strict=False):   # y: <= one bf16 unit
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert ((a.double() - b.double()).abs().max() / b.double().abs().max()).item() <= bound
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head", [False, True], ids=["pre", "head"])
+def test_prefill_chunks_on_cuda_at_flash_dims(head, monkeypatch):
+    """DSV4_HC_MIX_PREFILL=1: above 64 tokens (a 2048-token chunk here) dispatch takes the kernel, with the same
+    bounds as at decode (fp32 class against float64, y rounded to nearest even; within one bf16 unit / 1e-5 of the
+    plain path); DSV4_HC_MIX alone does not turn it on there."""
+    name, op = ("hc_head_mix", ops.hc_head_mix) if head else ("hc_pre_mix", ops.hc_pre_mix)
+    monkeypatch.setenv("DSV4_HC_MIX", "1")
+    monkeypatch.delenv("DSV4_HC_MIX_PREFILL", raising=False)
+    h, *params = make_inputs(2048, 4096, 4, head, device="cuda", seed=2)
+    rest = (1e-6, 1e-6) if head else (4, 20, 1e-6, 1e-6)
+    kernel = "triton_hc_head" if head else "triton_hc_pre"
+    with torch.inference_mode():
+        assert which(name, h, *params, *rest) == "twin"
+        monkeypatch.setenv("DSV4_HC_MIX_PREFILL", "1")
+        assert which(name, h, *params, *rest) == kernel
+        got, want = op(h, *params, *rest), op.twin(h, *params, *rest)
+    r = against_float64(2048, 4096, iters=20, hc_eps=1e-6, head=head, device="cuda")
+    assert max(r["ratios"]) <= 1 and r["rtne"] and r["weights"] and r["shapes"], r
     got, want = ([got], [want]) if head else (got, want)
     for a, b, bound in zip(got, want, [2**-7, 1e-5, 1e-5, 1e-5], strict=False):   # y: <= one bf16 unit
         assert a.dtype == b.dtype and a.shape == b.shape

@@ -3,8 +3,9 @@
 The twins are the plain path: the fp32 RMS over the concatenated streams, the fp32 product with fn (`dense`), then
 the split + Sinkhorn (the dispatched `hc_split_sinkhorn`, so its Triton forward and training backward still apply)
 or the head's sigmoid, and the weighted sum of the streams. On CUDA, at inference, for at most MAX_TOKENS tokens
-(decode; above it the plain path is GEMM-bound and stays), `ops/triton/hc_mix.py` does a call in two launches;
-opt-in (DSV4_HC_MIX=1) until measured on the H200.
+(decode), `ops/triton/hc_mix.py` does a call in two launches; opt-in (DSV4_HC_MIX=1: measured no faster than the
+compiled decode step's fused twin). Above it (prefill chunks, not compiled) the same launches with
+DSV4_HC_MIX_PREFILL=1 (opt-in until measured).
 hc_post's twin materialises the [b, s, hc, hc, D] fp32 products; on CUDA, at inference, above MAX_TOKENS tokens
 (prefill), `ops/triton/hc_post.py` does it in one pass (default; DSV4_HC_POST=0 off). In eager training on CUDA with
 DSV4_HC_POST_TRAIN=1 (opt-in until a training step is timed with it), the one-pass kernel and its one-pass backward
@@ -77,11 +78,21 @@ def enabled() -> bool:
     return env_switch("DSV4_HC_MIX")
 
 
+@torch._dynamo.assume_constant_result
+def prefill_enabled() -> bool:
+    """DSV4_HC_MIX_PREFILL=1: the same two launches above MAX_TOKENS tokens (prefill chunks), where the plain path is
+    not compiled: at an 8k Flash chunk its upcast copy, products, fp32 GEMM and reductions are ~1.7 ms a call
+    (bench/results/h200_s18/prefill_stacks_hc_post.log; ~13 ms of the 8 calls' 151 ms). Predicted 0.3-0.6 ms a
+    call (h read twice, 134 MB of split partials written and read). Opt-in until measured."""
+    return env_switch("DSV4_HC_MIX_PREFILL")
+
+
 def _fits(h: torch.Tensor, *params: torch.Tensor) -> bool:
     hc = h.shape[-2]
-    return (enabled() and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and hc & (hc - 1) == 0
-            and all(p.dtype == torch.float32 for p in params) and not torch.is_grad_enabled()
-            and h.numel() // (hc * h.shape[-1]) <= MAX_TOKENS)
+    tokens = h.numel() // (hc * h.shape[-1])
+    return ((enabled() if tokens <= MAX_TOKENS else prefill_enabled())
+            and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and hc & (hc - 1) == 0
+            and all(p.dtype == torch.float32 for p in params) and not torch.is_grad_enabled())
 
 
 def _pre_shapes(h, fn, scale, base, hc, iters, norm_eps, hc_eps):
