@@ -289,6 +289,25 @@ def test_sinkhorn_kernels_compile_once_for_every_token_count():
         assert "T" in kernel.do_not_specialize, kernel
 
 
+def test_sinkhorn_backward_compiles_for_hopper_without_a_gpu():
+    """The backward (its step replay into the scratch buffer: an if / else on the runtime step index) compiles
+    ahead of time for sm_90; an earlier version that the interpreter ran did not compile on the GPU."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsv4.ops.triton import sinkhorn
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    ptrs = ("m_ptr", "scale_ptr", "base_ptr", "gpre_ptr", "gpost_ptr", "gcomb_ptr", "gz_ptr", "cs_ptr")
+    sig = {**dict.fromkeys(ptrs, "*fp32"), "T": "i32", "eps": "fp32"}
+    cs = {"ITERS": 20, "HC": 4, "BLOCK_T": 32}
+    kernel = triton.compile(ASTSource(sinkhorn._sinkhorn_bwd, {**sig, **dict.fromkeys(cs, "constexpr")},
+                                      constexprs=cs), target=GPUTarget("cuda", 90, 32))
+    assert kernel.asm["cubin"]
+
+
 @pytest.mark.gpu
 def test_sinkhorn_training_pair_compiles_once_on_cuda():
     """On CUDA: the forward and backward kernels run for T = 31920 (divisible by 16), 31921 and 1 with one compiled
