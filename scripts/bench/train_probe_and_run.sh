@@ -35,6 +35,9 @@ extra=("$@")
 { for p in "${probes[@]}"; do probe "${p%%=*}" "${p#*=}"; done; } 2>&1 | tee "$out/probes.txt"
 for p in "${probes[@]}"; do n=${p%%=*}
     { echo "==== $n: profile (if any), last log lines"; cat "/tmp/probe_$n/profile.txt" 2>/dev/null
+      # every recompilation and the guard that triggered it (the eighteenth session's inductor probe kept only the
+      # log's tail: 7 block graphs on the GPU against 4 on the CPU, unexplained)
+      grep -A3 "Recompiling function" "/tmp/probe_$n.log" | grep -E "Recompiling|- [0-9]+/[0-9]+:" | cut -c1-260
       grep -v Warning "/tmp/probe_$n.log" | tail -15; } >> "$out/probes.txt" 2>&1; done
 best=$(python3 - "${probes[@]}" <<'PY'
 import json, sys
