@@ -111,7 +111,7 @@ def _dense_tail_train(q, kv, sink, idx, tail, visible, scale):
     return sparse_attention_train(q, rows, sink, lists, scale)
 
 
-# Training, first the fused op (opt-in), else the twin recomputed in the backward.
+# Training, first the fused op (default on CUDA), else the twin recomputed in the backward.
 register_triton("sparse_attention", "triton_sparse_attention_train",
                 lambda q, kv, sink, idx, scale: _train_kernel_fits(q, kv, sink), sparse_attention_train)
 register("sparse_attention", "sparse_attention_recompute", lambda q, kv, sink, idx, scale: _training(q, kv, sink),

@@ -139,28 +139,40 @@ def state_differences(a, b) -> list[str]:
     return out
 
 
+def scenario(device: str, emulation: bool):
+    """tests/test_graphs_gpu.py's scenario: its tiny checkpoint (seed 1234) in bf16, prompts of 5, 130 and 200
+    tokens prefilled into a state with a scratch slot and page -> (model, prompts, state, pages, generator; the
+    generator continues to the first decode tokens, as in the test)."""
+    from graph_bisect import _prefilled_on
+    from test_graphs_gpu import _prefilled
+
+    import dsv4
+    from dsv4.checkpoint import synthesize
+    from dsv4.config import tiny_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = synthesize(tiny_config(), Path(tmp), seed=1234, progress=False)
+        model = dsv4.load_model(ckpt, device=device, dtype=torch.bfloat16, quant_emulation=emulation,
+                                progress=False)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 130, 200)]
+    state, pages = _prefilled_on(model, prompts, device, _prefilled)
+    return model, prompts, state, pages, gen
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--emulation-off", action="store_true")
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    from graph_bisect import PAGES, _prefilled_on
-    from test_graphs_gpu import _copy, _prefilled
+    from graph_bisect import PAGES
+    from test_graphs_gpu import _copy
 
-    import dsv4
-    from dsv4.checkpoint import synthesize
-    from dsv4.config import tiny_config
     from dsv4.model.state import DecodeBatch, StepBatch
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = synthesize(tiny_config(), Path(tmp), seed=1234, progress=False)
-        model = dsv4.load_model(ckpt, device=args.device, dtype=torch.bfloat16,
-                                quant_emulation=not args.emulation_off, progress=False)
     t, dev = args.tokens, args.device
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 130, 200)]
-    state, pages = _prefilled_on(model, prompts, dev, _prefilled)
+    model, prompts, state, pages, gen = scenario(dev, not args.emulation_off)
     fixed_state, general_state = _copy(state), _copy(state)
     tokens = torch.randint(2, 512, (3 * t,), generator=gen).tolist()
     for step in range(20):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -76,31 +75,24 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda", help="cpu: A and B only (no capture), a smoke run")
     args = ap.parse_args(argv)
-    from graph_bisect import _prefilled_on
-    from graph_divergence import Recorder
-    from test_graphs_gpu import PAGES, _copy, _prefilled
+    from graph_divergence import Recorder, scenario
+    from test_graphs_gpu import PAGES, _copy
 
-    import dsv4
     from dsv4 import ops
-    from dsv4.checkpoint import synthesize
-    from dsv4.config import tiny_config
     from dsv4.engine.graphs import DecodeGraphs
     from dsv4.model.state import DecodeBatch
     from dsv4.ops.registry import fast_op_names
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = synthesize(tiny_config(), Path(tmp), seed=1234, progress=False)
-        model = dsv4.load_model(ckpt, device=args.device, dtype=torch.bfloat16,
-                                quant_emulation=not args.emulation_off, progress=False)
-    t = args.tokens
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (5, 130, 200)]
-    dev = args.device
-    graph_state, pages = _prefilled_on(model, prompts, dev, _prefilled)
+    t, dev = args.tokens, args.device
+    model, prompts, graph_state, pages, gen = scenario(dev, not args.emulation_off)
     plain, padded = _copy(graph_state), _copy(graph_state)
     graphs = DecodeGraphs(model, graph_state, 4, PAGES, tokens_per_seq=t)
-    eager_padded = DecodeGraphs(model, padded, 4, PAGES, capture=False, tokens_per_seq=t)
     tokens = torch.randint(2, 512, (3 * t,), generator=gen).tolist()
+
+    def padded_step(state, rows):
+        """The eager step padded to the bucket (capture off): what the replay runs, without the graph."""
+        with torch.inference_mode():
+            return DecodeGraphs(model, state, 4, PAGES, capture=False, tokens_per_seq=t).run(tokens, rows).clone()
 
     def plain_step(state, rows):
         with torch.inference_mode():
@@ -112,8 +104,8 @@ def main(argv=None) -> int:
         saved = (_copy(plain), _copy(padded))
         a = plain_step(plain, rows)
         with torch.inference_mode():
-            b = eager_padded.run(tokens, rows).clone()
             c = graphs.run(tokens, rows).clone()
+        b = padded_step(padded, rows)
         print(f"step {step}: eager 3 rows == eager padded {torch.equal(a, b)}; eager padded == replay "
               f"{torch.equal(b, c)}", flush=True)
         if not torch.equal(a, b):
@@ -121,15 +113,12 @@ def main(argv=None) -> int:
             print(f"  rows that differ: {rows_differ}")
             with Recorder(model).hooks() as ra:
                 plain_step(_copy(saved[0]), rows)
-            with Recorder(model).hooks() as rb, torch.inference_mode():
-                DecodeGraphs(model, _copy(saved[1]), 4, PAGES, capture=False, tokens_per_seq=t).run(tokens, rows)
+            with Recorder(model).hooks() as rb:
+                padded_step(_copy(saved[1]), rows)
             print("\n".join(padded_differences(ra, rb)[:60]) or "  (no recorded call differs)")
             for op in fast_op_names():
                 with ops.reference_only(op):
-                    a2 = plain_step(_copy(saved[0]), rows)
-                    with torch.inference_mode():
-                        b2 = DecodeGraphs(model, _copy(saved[1]), 4, PAGES, capture=False,
-                                          tokens_per_seq=t).run(tokens, rows)
+                    a2, b2 = plain_step(_copy(saved[0]), rows), padded_step(_copy(saved[1]), rows)
                 print(f"  twin of {op:<28} -> 3 rows == padded: {torch.equal(a2, b2)}", flush=True)
             return step
         tokens = a.argmax(-1).tolist()

@@ -18,6 +18,9 @@ dq += ds kv * scale; dkv[row] += p^T dO + ds^T q * scale (K = V: one shared row 
 bit-reproducible there); dsink = -sum over queries of exp(sink - lse) * delta (per query stored, summed in order).
 The dots take kv's dtype (p and ds rounded to it, as flash-attention does): bf16 class on the GPU; in the
 interpreter (fp32 inputs) everything is fp32, so the CPU tests hold it to the twin's gradients at fp32 class.
+Measured on the H200 (scripts/bench/sparse_attention_train.py, bench/results/h200_s18/sparse_attention_train.log):
+one layer's forward + backward at 32k tokens 1.63 ms against the recomputed twin's 29.7 ms, 0.45 against 7.4 GiB;
+relative error vs float64 ~2e-3 for the output and each gradient (the bf16 twin: 2e-3 to 1.1e-2).
 """
 
 from __future__ import annotations
