@@ -241,6 +241,15 @@ def probe_s_per_step(probe_times: list[float], every: int) -> float:
     return statistics.mean(later) / every if later else 0.0
 
 
+def resize_now(step: int, calibrate_steps: int, max_steps: int, probed: bool) -> bool:
+    """Size the schedule at the calibration step, then again after each greedy probe in the run's first quarter.
+    At calibration the probes' cost is known from at most one or two probes, each with its one-off costs (a graph
+    capture per probe shape: 5.2 s and 2.5 s for the first two in v7a against ~1.2 s later): sized once, v7a's
+    6.2-minute schedule ended after 192 s of training (nineteenth session). Re-sizing while the cosine is still
+    near its peak changes the learning rate of the steps that remain by a little."""
+    return step == calibrate_steps or (probed and calibrate_steps < step <= max_steps // 4)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from dsv4.builtin import builtin_config
@@ -349,16 +358,22 @@ def main(argv=None) -> dict:
         if trainer.step <= 3 or trainer.step % 25 == 0:
             print(f"step {rec['step']} loss {rec['loss']:.4f} mtp {rec.get('mtp_loss', float('nan')):.4f} "
                   f"lr {rec['lr']:.2e} {rec['tokens']} tok {dt:.3f}s {rec['tokens'] / dt:.0f} tok/s", flush=True)
-        if args.steps is None and trainer.step == args.calibrate_steps:
+        if args.steps is None and resize_now(trainer.step, args.calibrate_steps, train.max_steps,
+                                             bool(rec.get("probe_s"))):
             # the first steps include one-off costs (allocator growth, kernel selection): time the later ones
             # a step's time includes its probe's: the steps are timed without it, the probes spread over all steps
             bare = [t - p for t, p in zip(step_times, step_probes, strict=True)]
+            planned = train.max_steps
             train.max_steps = sized_steps(trainer.step, rec["elapsed_s"], bare[2:] or bare, budget_s,
                                           probe_s_per_step([p for p in step_probes if p],
                                                            args.greedy_probe_every))
-            # a short run gets a short warmup (10% of it), never shorter than the steps already taken
-            train.warmup_steps = max(trainer.step + 1, min(args.warmup_steps, train.max_steps // 10))
-            print(f"schedule sized to {train.max_steps} steps for the {args.minutes} minute budget", flush=True)
+            if trainer.step == args.calibrate_steps:
+                # a short run gets a short warmup (10% of it), never shorter than the steps already taken
+                train.warmup_steps = max(trainer.step + 1, min(args.warmup_steps, train.max_steps // 10))
+                print(f"schedule sized to {train.max_steps} steps for the {args.minutes} minute budget", flush=True)
+            elif train.max_steps != planned:
+                print(f"schedule resized to {train.max_steps} steps at step {trainer.step} (probes measured)",
+                      flush=True)
         if rec["elapsed_s"] >= budget_s:
             print(f"budget reached at step {trainer.step}", flush=True)
             break

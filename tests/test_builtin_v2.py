@@ -317,6 +317,16 @@ def test_class_prompts_are_class_headers_of_code_documents():
     assert train_builtin_gpu.class_prompts(docs, [1, 1, 1, 1], tok, (len(a),), 0) == []
 
 
+def test_schedule_is_resized_after_probes_in_the_first_quarter():
+    """v7a (nineteenth session) was sized once, from its first, capture-laden probe, and trained for half its budget."""
+    resize = train_builtin_gpu.resize_now
+    assert resize(8, 8, 400, probed=False)                     # calibration, probe or not
+    assert resize(16, 8, 400, probed=True) and resize(96, 8, 400, probed=True)
+    assert not resize(17, 8, 400, probed=False)                 # no new probe time to learn from
+    assert not resize(104, 8, 400, probed=True)                 # past the first quarter: the schedule stays
+    assert not resize(4, 8, 400, probed=True)                   # before calibration
+
+
 def test_sized_steps_fills_the_budget():
     # 10 steps done in 20 s at 2 s a step; 100 s left buys 47 more with the 5% margin.
     assert train_builtin_gpu.sized_steps(10, 20.0, [2.0, 2.0, 2.1], 120.0) == 57

@@ -213,6 +213,9 @@ def transient_results(tokens: int, w, s, gen, repeats: int) -> dict:
     return {"tokens": tokens, "pairs": m, "kernels": rows}
 
 
+# Inference mode: the fast grouped op applies only with autograd off (`_fp4_applies`); with it on, every
+# "dispatched" call ran the twin (5.24 s a call at 1k tokens on the H100, bench/results/h100_s19/transient.log).
+@torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", help="default 1024 8192; with --only swapped 64 1024 8192")
