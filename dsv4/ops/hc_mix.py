@@ -5,7 +5,7 @@ the split + Sinkhorn (the dispatched `hc_split_sinkhorn`, so its Triton forward 
 or the head's sigmoid, and the weighted sum of the streams. On CUDA, at inference, for at most MAX_TOKENS tokens
 (decode), `ops/triton/hc_mix.py` does a call in two launches; opt-in (DSV4_HC_MIX=1: measured no faster than the
 compiled decode step's fused twin). Above it (prefill chunks, not compiled) the same launches with
-DSV4_HC_MIX_PREFILL=1 (opt-in until measured).
+DSV4_HC_MIX_PREFILL=1 (opt-in: not yet measured alone).
 hc_post's twin materialises the [b, s, hc, hc, D] fp32 products; on CUDA, at inference, above MAX_TOKENS tokens
 (prefill), `ops/triton/hc_post.py` does it in one pass (default; DSV4_HC_POST=0 off). In eager training on CUDA with
 DSV4_HC_POST_TRAIN=1 (opt-in until a training step is timed with it), the one-pass kernel and its one-pass backward
@@ -83,7 +83,8 @@ def prefill_enabled() -> bool:
     """DSV4_HC_MIX_PREFILL=1: the same two launches above MAX_TOKENS tokens (prefill chunks), where the plain path is
     not compiled: at an 8k Flash chunk its upcast copy, products, fp32 GEMM and reductions are ~1.7 ms a call
     (bench/results/h200_s18/prefill_stacks_hc_post.log; ~13 ms of the 8 calls' 151 ms). Predicted 0.3-0.6 ms a
-    call (h read twice, 134 MB of split partials written and read). Opt-in until measured."""
+    call (h read twice, 134 MB of split partials written and read). Opt-in: so far measured only together with
+    DSV4_MOE_TRANSIENT (bench/results/h100_s19: slower, which the transient stacks explain); measure it alone."""
     return env_switch("DSV4_HC_MIX_PREFILL")
 
 
