@@ -2,7 +2,8 @@
 CPU): ~1 minute on 2 cores instead of the full evaluation's ~10, for checking a training direction between runs.
 With --selection, also the same checks on a set disjoint from the acceptance one (the held-out chat requests after
 the eval's 20, and SELECTION_CODE_PROMPTS): what scripts/bench/train_variants.sh chooses a variant by, so the
-acceptance figures of the chosen one are not picked by themselves.
+acceptance figures of the chosen one are not picked by themselves. Always: README's prompt scored against plain
+bodies (`readme_bodies`) and generated alone as `dsv4 generate` does (`readme_greedy`: does it loop?).
 Usage: PYTHONPATH=. python3 scripts/bench/quick_eval_builtin.py MODEL_DIR [--out EVAL.json] [--chat-only]
        [--selection]
 """
@@ -55,6 +56,25 @@ def readme_bodies(model, tokenizer) -> dict:
     return {name: E.body_logprob(model, tokenizer, README_PROMPT, body) for name, body in README_BODIES.items()}
 
 
+README_TOKENS = 256          # `dsv4 generate`'s default budget (dsv4.cli.DEFAULT_MAX_TOKENS)
+README_MIN_DISTINCT4 = 0.6   # item 4's mean bound, here for the one text a newcomer sees first
+
+
+def readme_greedy(llm, sp) -> dict:
+    """README's command as a newcomer runs it: the prompt ALONE (one sequence: on CPU a batch changes the greedy
+    path; v7a's batched text ended after 127 tokens, alone it looped to 256), greedy, `dsv4 generate`'s budget.
+    `loops`: it runs to the budget with distinct 4-grams below README_MIN_DISTINCT4 (the nineteenth session's v7a
+    and v7b passed item 4 and were not installed for this)."""
+    from dsv4.cli import DEFAULT_MAX_TOKENS
+
+    assert DEFAULT_MAX_TOKENS == README_TOKENS, "README_TOKENS follows dsv4 generate's default"
+    o = llm.generate([README_PROMPT], sp(temperature=0, max_tokens=README_TOKENS))[0]
+    eos = o.finish_reason == "stop"
+    d4 = E.distinct_4gram_ratio(o.token_ids)
+    return {"prompt": README_PROMPT, "text": o.text, "tokens": len(o.token_ids), "eos": eos, "distinct4": d4,
+            "loops": not eos and d4 < README_MIN_DISTINCT4}
+
+
 def main(argv=None) -> dict:
     import dsv4
 
@@ -87,6 +107,8 @@ def main(argv=None) -> dict:
                             for k, r in out["selection"].items()}, flush=True)
     out["readme_bodies"] = readme_bodies(llm.model, llm.tokenizer)
     print("readme bodies", {k: round(v["mean"], 3) for k, v in out["readme_bodies"].items()}, flush=True)
+    out["readme_greedy"] = readme_greedy(llm, dsv4.SamplingParams)
+    print("readme greedy", {k: v for k, v in out["readme_greedy"].items() if k != "text"}, flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     return out

@@ -9,8 +9,9 @@
 # on the SELECTION set (quick_eval_builtin.py --selection: held-out chat requests 21+, other code prompts), so the
 # chosen variant's acceptance figures (also reported) are not picked by themselves. Among variants that pass all
 # three selection bounds (worst margin >= 1), the one whose README bodies (quick_eval_builtin.py's teacher-forced
-# log-probability of plain bodies after README's prompt, mean of the bodies) score highest is chosen: issue 17
-# item 6 (README's prompt gets a plausible body) is what such runs are for, and the selection set guards the rest.
+# log-probability of plain bodies after README's prompt, mean of the bodies) score highest is chosen, one whose
+# README text (generated alone, `readme_greedy`) does not loop before any that does: issue 17 item 6 (README's
+# prompt gets a plausible body) is what such runs are for, and the selection set guards the rest.
 # Usage (repository root, on the GPU machine; carry .builtin_data, or DATA=folder to train on another one, e.g. a
 # scripts/data_shard.py shard):
 #   [DATA=.data_s0] bash scripts/bench/train_variants.sh OUT INIT_DIR "NAME1 ARGS..." "NAME2 ARGS..." ...
@@ -62,14 +63,17 @@ for n in names:
 def readme(n):
     bodies = results[n].get("readme_bodies") or {}
     return sum(b["mean"] for b in bodies.values()) / len(bodies) if bodies else float("-inf")
+def loops(n):
+    return bool((results[n].get("readme_greedy") or {}).get("loops"))
 passing = [n for n in scores if scores[n] >= 1]
 if passing:
-    best = max(passing, key=readme)
+    # README's own text looping outranks its bodies' log-probability: a newcomer's first command must not loop
+    best = max(passing, key=lambda n: (not loops(n), readme(n)))
 else:
     best = max(scores, key=scores.get) if scores else ""
 for n in scores:
-    print(f"{n}: README bodies mean log-p {readme(n):.3f}{' (passes the selection bounds)' if n in passing else ''}",
-          file=sys.stderr)
+    print(f"{n}: README bodies mean log-p {readme(n):.3f}{' (passes the selection bounds)' if n in passing else ''}"
+          f"{'; README text LOOPS' if loops(n) else ''}", file=sys.stderr)
 (out / "variants.json").write_text(json.dumps({"best": best, "worst_margin": scores, "passing": passing,
                                               "readme_mean": {n: readme(n) for n in scores}, "quick_eval": results,
                                               "training": training},
