@@ -564,7 +564,8 @@ def test_update_readme_rewrites_the_builtin_sentence(tmp_path):
     assert install_builtin.update_readme(39_181_780, readme)
     assert readme.read_text() == ("with the built-in tiny model (no download: a 39 MB\nDeepSeek-V4-architecture model "
                                   "trained on Python source and chats built from it, so it continues Python and "
-                                  "writes requested functions; model card: ...")
+                                  "writes requested functions, in the shape of library code rather than correctly; "
+                                  "model card: ...")
     assert install_builtin.update_readme(39_181_780, readme)          # idempotent: the new sentence matches too
     readme.write_text("nothing")
     assert not install_builtin.update_readme(39_181_780, readme)
