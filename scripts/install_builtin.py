@@ -8,7 +8,10 @@ copy it into dsv4/builtin_model/; set dsv4.builtin.BUILTIN_VERSION = 2; write th
 (tests/data/builtin_expected.json: pinned greedy continuation, held-out perplexity, a chat reply that stops;
 tests/data/builtin_heldout.py.txt), the README's sentence on it, docs/img/builtin_loss.png and the model card
 docs/builtin_model.md (scripts/builtin_card.py, every figure from perf.json, eval_cpu.json and the data's summary.json).
-Then run `python3 -m pytest -q tests/test_builtin_model.py tests/test_builtin_v2.py tests/test_cli.py` and commit.
+Then run `python3 -m pytest -q tests/test_builtin_model.py tests/test_builtin_v2.py tests/test_cli.py
+tests/test_parity_docs.py` and commit; docs/parity.md's worked example runs the built-in model, so rerun its three
+commands and paste their output between its worked-example markers (and the --plot image into docs/img/) when that
+test fails (the nineteenth session's install missed it: CI caught it).
 """
 
 from __future__ import annotations
@@ -150,7 +153,8 @@ def main(argv=None) -> None:
     (REPO / "docs" / "builtin_model.md").write_text(card)
     print(f"installed v{VERSION} into {dest}; wrote tests/data/builtin_expected.json, docs/builtin_model.md, "
           "docs/builtin_model_eval.json, docs/img/builtin_loss.png\nnext: python3 -m pytest -q "
-          "tests/test_builtin_model.py tests/test_builtin_v2.py tests/test_cli.py", flush=True)
+          "tests/test_builtin_model.py tests/test_builtin_v2.py tests/test_cli.py tests/test_parity_docs.py "
+          "(docs/parity.md's worked example runs the built-in model)", flush=True)
 
 
 if __name__ == "__main__":
