@@ -24,6 +24,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 import eval_builtin as E  # noqa: E402  (a sibling script, found through sys.path)
 from install_builtin import PROMPT as README_PROMPT  # noqa: E402  (the prompt CI pins: README's)
 
+from dsv4.cli import DEFAULT_MAX_TOKENS  # noqa: E402
+
 # Written for selection (none in CODE_PROMPTS, none verbatim in the training data): everyday signatures and class
 # headers like the eval's, bare, at BOS.
 SELECTION_CODE_PROMPTS = (
@@ -56,7 +58,7 @@ def readme_bodies(model, tokenizer) -> dict:
     return {name: E.body_logprob(model, tokenizer, README_PROMPT, body) for name, body in README_BODIES.items()}
 
 
-README_TOKENS = 256          # `dsv4 generate`'s default budget (dsv4.cli.DEFAULT_MAX_TOKENS)
+README_TOKENS = DEFAULT_MAX_TOKENS     # `dsv4 generate`'s default budget
 README_MIN_DISTINCT4 = 0.6   # item 4's mean bound, here for the one text a newcomer sees first
 
 
@@ -65,9 +67,6 @@ def readme_greedy(llm, sp) -> dict:
     path; v7a's batched text ended after 127 tokens, alone it looped to 256), greedy, `dsv4 generate`'s budget.
     `loops`: it runs to the budget with distinct 4-grams below README_MIN_DISTINCT4 (the nineteenth session's v7a
     and v7b passed item 4 and were not installed for this)."""
-    from dsv4.cli import DEFAULT_MAX_TOKENS
-
-    assert DEFAULT_MAX_TOKENS == README_TOKENS, "README_TOKENS follows dsv4 generate's default"
     o = llm.generate([README_PROMPT], sp(temperature=0, max_tokens=README_TOKENS))[0]
     eos = o.finish_reason == "stop"
     d4 = E.distinct_4gram_ratio(o.token_ids)

@@ -7,24 +7,15 @@
 # Usage (repository root, on the GPU machine; `slim_tree.sh on tests/reference` first): bash scripts/bench/switch_checks.sh OUT
 set -u
 out=${1:?usage: switch_checks.sh OUT}
-mkdir -p "$out"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-t0=$(date +%s)
-at() { echo "== $1 at $(( $(date +%s) - t0 )) s"; }
-bench() {   # name, then environment assignments
-    local name=$1; shift
-    # ~35 s of compile + capture per decode bucket: 200 s, not 120 (the eighteenth session lost a bench at 120)
-    env "$@" timeout 200 python3 -m dsv4 bench --timing-only --no-transformers --decode-steps 12 \
-        --prefill 1024,8192 --out "$out/bench_$name.json" > "$out/bench_$name.log" 2>&1
-    grep -E "ms/step \(|prefill [0-9]+:|floor_ratio" "$out/bench_$name.log" | cut -c1-120
-}
+source "$(dirname "$0")/call_lib.sh"
+args="--decode-steps 12 --prefill 1024,8192"
 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp4_dequant.py tests/test_grouped_linear.py \
     tests/test_hc_mix.py tests/test_hc_post.py tests/test_train_speed.py > "$out/tests.log" 2>&1
 grep -E "passed|failed|^FAILED|^E  " "$out/tests.log" | head -20; at tests
 timeout 120 python3 scripts/bench/grouped_prefill.py --only transient --json "$out/transient.json" \
     > "$out/transient.log" 2>&1
 cat "$out/transient.log" | cut -c1-130; at transient
-bench switches DSV4_MOE_TRANSIENT=1 DSV4_HC_MIX_PREFILL=1; at "bench with both switches"
-bench default DSV4_FAST_OPS=1; at "bench default"
+bench switches "$args" DSV4_MOE_TRANSIENT=1 DSV4_HC_MIX_PREFILL=1; at "bench with both switches"
+bench default "$args" DSV4_FAST_OPS=1; at "bench default"
 timeout 150 python3 scripts/bench/graph_padding.py --emulation-off --tokens 1 > "$out/graph_padding.log" 2>&1
 tail -40 "$out/graph_padding.log" | cut -c1-150; at done

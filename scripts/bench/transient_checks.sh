@@ -9,22 +9,14 @@
 # Usage (repository root, on the GPU machine; `slim_tree.sh on tests/reference` first): bash scripts/bench/transient_checks.sh OUT
 set -u
 out=${1:?usage: transient_checks.sh OUT}
-mkdir -p "$out"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-t0=$(date +%s)
-at() { echo "== $1 at $(( $(date +%s) - t0 )) s"; }
-bench() {   # name, then environment assignments
-    local name=$1; shift
-    env "$@" timeout 200 python3 -m dsv4 bench --timing-only --no-transformers --decode-batches 1 --decode-steps 8 \
-        --prefill 1024,8192 --out "$out/bench_$name.json" > "$out/bench_$name.log" 2>&1
-    grep -E "ms/step \(|prefill [0-9]+:|prefill_.*floor_ratio" "$out/bench_$name.log" | cut -c1-120
-}
+source "$(dirname "$0")/call_lib.sh"
+args="--decode-batches 1 --decode-steps 8 --prefill 1024,8192"     # one decode bucket: prefill is what changes
 timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp4_dequant.py tests/test_graphs_gpu.py \
     > "$out/tests.log" 2>&1
 grep -E "passed|failed|^FAILED|^E  " "$out/tests.log" | head -20; at tests
 timeout 150 python3 scripts/bench/grouped_prefill.py --only transient --tokens 1024 8192 --repeats 5 \
     --json "$out/transient.json" > "$out/transient.log" 2>&1
 cut -c1-130 "$out/transient.log"; at transient
-bench default DSV4_FAST_OPS=1; at "bench default"
-bench transient DSV4_MOE_TRANSIENT=1; at "bench DSV4_MOE_TRANSIENT=1"
-bench mix DSV4_HC_MIX_PREFILL=1; at "bench DSV4_HC_MIX_PREFILL=1"
+bench default "$args" DSV4_FAST_OPS=1; at "bench default"
+bench transient "$args" DSV4_MOE_TRANSIENT=1; at "bench DSV4_MOE_TRANSIENT=1"
+bench mix "$args" DSV4_HC_MIX_PREFILL=1; at "bench DSV4_HC_MIX_PREFILL=1"

@@ -51,11 +51,11 @@ def _dequant_fp4(w_ptr, s_ptr, out_ptr, R, KB, BLOCK_R: tl.constexpr, BLOCK_B: t
     stack, bench/results/h100_s19/transient.log), a layout shuffle through shared memory per tile."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    at = rows.to(tl.int64)[:, None] * KB + cols[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    at = r64 * KB + cols[None, :]
     ok = (rows < R)[:, None] & (cols < KB)[None, :]
     byte = tl.load(w_ptr + at, mask=ok, other=0).to(tl.int32) & 0xFF
-    e = tl.load(s_ptr + rows.to(tl.int64)[:, None] * (KB // 16) + (cols // 16)[None, :], mask=ok,
-                other=127).to(tl.int32) & 0xFF
+    e = tl.load(s_ptr + r64 * (KB // 16) + (cols // 16)[None, :], mask=ok, other=127).to(tl.int32) & 0xFF
     tl.store(out_ptr + at, _bf16_bits(byte & 15, e) | (_bf16_bits(byte >> 4, e) << 16), mask=ok)
 
 

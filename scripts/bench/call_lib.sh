@@ -1,0 +1,17 @@
+# Shared by the one-call GPU scripts (switch_checks.sh, transient_checks.sh): `source` it after setting `out`.
+# It makes OUT, puts the repository on PYTHONPATH, and defines
+#   at LABEL                              seconds since the script started, after each stage
+#   bench NAME "BENCH ARGS" [VAR=VALUE ...]  `dsv4 bench --timing-only --no-transformers BENCH ARGS` with those
+#       variables, into OUT/bench_NAME.json / .log, echoing its timing lines. 200 s: ~35 s of compile + capture
+#       per decode bucket (the eighteenth session lost a bench at 120).
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+t0=$(date +%s)
+at() { echo "== $1 at $(( $(date +%s) - t0 )) s"; }
+bench() {
+    local name=$1 args=$2; shift 2
+    # shellcheck disable=SC2086  # the bench arguments are meant to split
+    env "$@" timeout 200 python3 -m dsv4 bench --timing-only --no-transformers $args \
+        --out "$out/bench_$name.json" > "$out/bench_$name.log" 2>&1
+    grep -E "ms/step \(|prefill [0-9]+:|floor_ratio" "$out/bench_$name.log" | cut -c1-120
+}
