@@ -14,13 +14,17 @@ from dsv4.ops.registry import which
 from dsv4.quant.fp4 import dequant_fp4
 
 
-def _inputs(stack: tuple[int, ...], n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random packed codes (every byte value present) and e8m0 scales including bytes 0, 1, 254 and 255 (NaN)."""
+def _inputs(stack: tuple[int, ...], n: int, k: int, seed: int, fast_only: bool = False,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed codes (every byte value present) and e8m0 scales including bytes 0, 1, 254 and 255 (NaN): the
+    kernel's tiles holding those take its exact bit construction, the others its table path. `fast_only`: every
+    scale in the table path's range [2, 252], its two ends included (the extreme exponents it must not overflow)."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randint(0, 256, (*stack, n, k // 2), generator=gen, dtype=torch.int32).to(torch.uint8)
     w.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
-    s = torch.randint(100, 150, (*stack, n, k // 32), generator=gen, dtype=torch.int32).to(torch.uint8)
-    s.view(-1)[:6] = torch.tensor([0, 1, 127, 128, 254, 255], dtype=torch.uint8)
+    low, high, special = (2, 253, [2, 252, 127]) if fast_only else (100, 150, [0, 1, 127, 128, 254, 255])
+    s = torch.randint(low, high, (*stack, n, k // 32), generator=gen, dtype=torch.int32).to(torch.uint8)
+    s.view(-1)[:len(special)] = torch.tensor(special, dtype=torch.uint8)
     return w.view(torch.int8), s.view(torch.float8_e8m0fnu)
 
 
@@ -55,9 +59,11 @@ from test_fp4_dequant import _inputs
 from dsv4 import ops
 from dsv4.ops.triton.fp4_dequant import dequant_fp4_bf16
 out = {}
-# rows not a multiple of BLOCK_R, packed bytes not a multiple of BLOCK_B; a 2-D matrix and a 3-D stack
-for name, stack, n, k in [("matrix", (), 19, 96), ("stack", (3,), 7, 640)]:
-    w, s = _inputs(stack, n, k, 3)
+# rows not a multiple of BLOCK_R, packed bytes not a multiple of BLOCK_B; a 2-D matrix and a 3-D stack (first row
+# block: the exact construction, the rest: the table path); and a stack whose every tile takes the table path
+for name, stack, n, k, fast in [("matrix", (), 19, 96, False), ("stack", (3,), 7, 640, False),
+                                ("table_path", (2,), 20, 1024, True)]:
+    w, s = _inputs(stack, n, k, 3, fast)
     got, want = dequant_fp4_bf16(w, s), ops.dequant_fp4_bf16.twin(w, s)
     out[name] = {"shape": list(got.shape) == list(want.shape), "dtype": str(got.dtype),
                  "nan_same": bool(torch.equal(got.isnan(), want.isnan())),
@@ -69,7 +75,8 @@ print(json.dumps(out))
 
 def test_kernel_in_the_interpreter(tmp_path):
     """Bit for bit the twin: every code byte, scale bytes 0 (the subnormal 2^-127), 1, 254 and 255 (NaN), ragged
-    edges in both dimensions (the interpreter stores fp32 -> bf16 by truncation: exact values are unaffected)."""
+    edges in both dimensions (the interpreter stores fp32 -> bf16 by truncation: exact values are unaffected), and
+    the table path alone at its range's ends (scale bytes 2 and 252)."""
     pytest.importorskip("triton", reason="needs triton (its CPU interpreter runs the kernel here)")
     import os
 
@@ -90,7 +97,8 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
         pytest.skip("this triton has no NVIDIA backend")
     from dsv4.ops.triton.fp4_dequant import BLOCK_B, BLOCK_R, _dequant_fp4
 
-    sig = {"w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*i16", "R": "i32", "KB": "i32",
+    sig = {"w_ptr": "*i8", "s_ptr": "*u8", "base_ptr": "*i32", "nz_ptr": "*i32", "out_ptr": "*i32", "R": "i32",
+           "KB": "i32",
            "BLOCK_R": "constexpr", "BLOCK_B": "constexpr"}
     kernel = triton.compile(ASTSource(_dequant_fp4, sig, constexprs={"BLOCK_R": BLOCK_R, "BLOCK_B": BLOCK_B}),
                             target=GPUTarget("cuda", 90, 32))
@@ -99,9 +107,11 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
 
 @pytest.mark.gpu
 def test_kernel_on_cuda_at_a_flash_expert_stack():
-    """8 experts of Flash's w1 (2048 x 4096): dispatched to the kernel, bit for bit the twin."""
-    w, s = (t.cuda() for t in _inputs((8,), 2048, 4096, 4))
-    assert which("dequant_fp4_bf16", w, s) == "triton_dequant_fp4"
-    got, want = ops.dequant_fp4_bf16(w, s), ops.dequant_fp4_bf16.twin(w, s)
-    assert torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(got.nan_to_num(7.0).view(torch.int16), want.nan_to_num(7.0).view(torch.int16))
+    """8 experts of Flash's w1 (2048 x 4096): dispatched to the kernel, bit for bit the twin (both paths; then the
+    table path alone at its range's ends)."""
+    for fast in (False, True):
+        w, s = (t.cuda() for t in _inputs((8,), 2048, 4096, 4, fast))
+        assert which("dequant_fp4_bf16", w, s) == "triton_dequant_fp4"
+        got, want = ops.dequant_fp4_bf16(w, s), ops.dequant_fp4_bf16.twin(w, s)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(7.0).view(torch.int16), want.nan_to_num(7.0).view(torch.int16)), fast

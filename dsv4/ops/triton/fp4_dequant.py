@@ -8,8 +8,11 @@ Exact: an e2m1 value (at most 2 significant bits) times a power of two is a bf16
 range, subnormals included), so every element is the twin's value bit for bit (built as integer bit patterns:
 `_bf16_bits`); NaN exactly where the scale byte is 255, inf where the value overflows (as the twin).
 Bytes: per two elements 1 packed byte + 1/16 scale byte read, 4 bytes written: a Flash matrix stack (256 x 2048 x
-4096) is ~1.1 GB read and 4.3 GB written, ~1.3 ms at ~4.2 TB/s. Measured on the H100 (nineteenth session): 6.8 ms,
-0.80 TB/s, with the first version's interleaving stores (see `_dequant_fp4`); the word stores are unmeasured.
+4096) is ~1.1 GB read and 4.3 GB written, ~1.3 ms at ~4.2 TB/s (~1.6 ms at the H100's 3.35). Measured on the H100:
+6.8 ms (0.80 TB/s) with interleaving int16 stores (nineteenth session), 6.97 ms with int32 word stores (twentieth):
+the stores were not the limit. The exact bit construction (`_bf16_bits`, ~30 integer ops per element, ~60 per byte)
+is: 1.1e9 bytes x ~62 ops at ~16.7e12 int32 ops/s (132 SMs x 64 lanes x 1.98 GHz) is ~4 ms. Hence the fast path
+(`_word_fast`): two 256-entry tables and ~3 ops per byte, exact wherever no value leaves bf16's normal range.
 """
 
 from __future__ import annotations
@@ -43,12 +46,11 @@ def _bf16_bits(code, e):
 
 
 @triton.jit
-def _dequant_fp4(w_ptr, s_ptr, out_ptr, R, KB, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+def _dequant_fp4(w_ptr, s_ptr, base_ptr, nz_ptr, out_ptr, R, KB, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
     """w [R, KB] packed bytes, s [R, KB / 16] e8m0 bytes -> out [R, KB] int32 words, each the bf16 bit patterns of
     one byte's two elements (low nibble in the low half: element 2i first in memory, little-endian).
-    One 4-byte word per byte, stored where the byte's index says: contiguous, coalesced stores. The first version
-    interleaved the two halves with tl.join + reshape into int16 stores: 0.80 TB/s on the H100 (6.8 ms for a Flash
-    stack, bench/results/h100_s19/transient.log), a layout shuffle through shared memory per tile."""
+    One 4-byte word per byte, stored where the byte's index says: contiguous, coalesced stores. A tile whose scale
+    bytes all lie in [2, 252] takes the table path (`_byte_tables`); any other tile the exact bit construction."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     r64 = rows.to(tl.int64)[:, None]
@@ -56,7 +58,32 @@ def _dequant_fp4(w_ptr, s_ptr, out_ptr, R, KB, BLOCK_R: tl.constexpr, BLOCK_B: t
     ok = (rows < R)[:, None] & (cols < KB)[None, :]
     byte = tl.load(w_ptr + at, mask=ok, other=0).to(tl.int32) & 0xFF
     e = tl.load(s_ptr + r64 * (KB // 16) + (cols // 16)[None, :], mask=ok, other=127).to(tl.int32) & 0xFF
-    tl.store(out_ptr + at, _bf16_bits(byte & 15, e) | (_bf16_bits(byte >> 4, e) << 16), mask=ok)
+    if (tl.min(e) >= 2) & (tl.max(e) <= 252):
+        word = tl.load(base_ptr + byte) + (e - 127) * tl.load(nz_ptr + byte)
+    else:
+        word = _bf16_bits(byte & 15, e) | (_bf16_bits(byte >> 4, e) << 16)
+    tl.store(out_ptr + at, word, mask=ok)
+
+
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _byte_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per packed byte: `base` = the int32 word of its two values at scale 2^0 (bf16 bits, low nibble low), and
+    `nz` = 128 (one exponent unit) in each half whose value is nonzero. Scaling by 2^(e-127) adds e - 127 to a
+    nonzero half's exponent field: word = base + (e - 127) * nz. Exact when every result is a normal bf16: the
+    smallest nonzero value 0.5 x 2^(e-127) >= 2^-126 needs e >= 2, the largest 6 x 2^(e-127) < 2^128 needs e <= 252.
+    Then no half's exponent leaves [1, 254], so no carry or borrow crosses into the sign bit or the other half
+    (|e - 127| x 128 x 65537 < 2^31). Zeros (either sign) keep their bits."""
+    if device not in _TABLES:
+        values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+        values = torch.cat([values, -values]).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+        byte = torch.arange(256)
+        lo, hi = byte & 15, byte >> 4
+        base = values[lo] | (values[hi] << 16)
+        nz = 128 * ((lo & 7) != 0).to(torch.int32) + (128 << 16) * ((hi & 7) != 0).to(torch.int32)
+        _TABLES[device] = (base.to(torch.int32).to(device), nz.to(torch.int32).to(device))
+    return _TABLES[device]
 
 
 def dequant_fp4_bf16(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -72,5 +99,7 @@ def dequant_fp4_bf16(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     s = scale.contiguous().view(torch.uint8).view(-1, kb // 16)
     out = torch.empty(*weight.shape[:-1], 2 * kb, dtype=torch.bfloat16, device=weight.device)
     grid = (triton.cdiv(w.shape[0], BLOCK_R), triton.cdiv(kb, BLOCK_B))
-    _dequant_fp4[grid](w, s, out.view(torch.int32), w.shape[0], kb, BLOCK_R=BLOCK_R, BLOCK_B=BLOCK_B, num_warps=4)
+    base, nz = _byte_tables(weight.device)
+    _dequant_fp4[grid](w, s, base, nz, out.view(torch.int32), w.shape[0], kb, BLOCK_R=BLOCK_R, BLOCK_B=BLOCK_B,
+                       num_warps=4)
     return out
