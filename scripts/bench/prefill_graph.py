@@ -1,0 +1,87 @@
+"""Can a prefill chunk be captured in a CUDA graph, and what would it save? (issue 16: the 1k prefill is host-bound)
+
+The 4-layer Flash-width bench model's 1k prefill runs ~1.8k kernels; earlier profiles put the GPU busy ~42-45 ms of
+a 60-69 ms call (bench/NOTES.md, ninth session): the rest is host time between launches. If the prefill step of a
+fixed token count has no host synchronisation, one CUDA graph per chunk size removes that host time. This builds
+the bench's model (same seed), runs a fresh sequence's prefill of each size eagerly and as a graph replay, and
+prints per size: eager ms, replay ms, and whether the replay's hidden states equal the eager ones bit for bit
+(same kernels, same shapes: they should). A capture that fails prints the error (e.g. the op that synchronises).
+Usage (repository root, on the GPU machine): PYTHONPATH=. python3 scripts/bench/prefill_graph.py [--tokens 1024 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from dsv4.bench.timing import PAGE, cuda_time
+from dsv4.checkpoint.synth import synthesize_tensors
+from dsv4.config import ModelConfig
+from dsv4.loader import load_tensors
+from dsv4.model.state import ModelState, StepBatch
+
+
+def _case(model, cfg, n: int, repeats: int) -> dict:
+    dev = next(model.parameters()).device
+    pages = list(range(-(-n // PAGE)))
+    state = ModelState(cfg, 1, len(pages), PAGE, model.dtype, dev)
+    ids = torch.randint(2, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(dev)
+    batch = StepBatch.build([(0, 0, n, pages)], dev)
+
+    def eager():
+        state.reset_slot(0)
+        with torch.inference_mode():
+            return model.step(ids, batch, state)
+
+    want = eager().clone()
+    out = {"tokens": n, "eager_ms": 1e3 * statistics.median(cuda_time(eager, repeats))}
+    graph = torch.cuda.CUDAGraph()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eager()                                          # warm-up on a side stream, as capture requires
+        torch.cuda.current_stream().wait_stream(side)
+        state.reset_slot(0)
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            got = model.step(ids, batch, state)
+    except Exception as e:                                   # report what stops the capture
+        out["capture_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        return out
+
+    def replay():
+        state.reset_slot(0)
+        graph.replay()
+        return got
+
+    replay()
+    out["replay_equal"] = bool(torch.equal(got, want))
+    out["replay_ms"] = 1e3 * statistics.median(cuda_time(replay, repeats))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    cfg = ModelConfig.preset("flash").truncated(args.layers)
+    model = load_tensors(cfg, synthesize_tensors(cfg, 0, dev), dev, torch.bfloat16, quant_emulation=True)
+    results = []
+    for n in args.tokens:
+        r = _case(model, cfg, n, args.repeats)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
