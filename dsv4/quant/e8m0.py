@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-_NAN_BITS = 0x7FC00000
-
 
 def pow2(e: torch.Tensor) -> torch.Tensor:
     """Exact fp32 2**e for an integer tensor e (subnormals below 2**-126, 0 below 2**-149, inf above 2**127)."""
@@ -27,9 +25,13 @@ def pow2(e: torch.Tensor) -> torch.Tensor:
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     """Decode e8m0 bytes (float8_e8m0fnu or uint8) to fp32, exactly 2**(e - 127); byte 255 -> NaN."""
     assert scale.dtype in (torch.float8_e8m0fnu, torch.uint8), f"e8m0 scale must be e8m0fnu or uint8, got {scale.dtype}"
-    e = scale.view(torch.uint8).to(torch.int32)
-    value = pow2(e - 127)
-    return torch.where(e == 255, torch.full_like(e, _NAN_BITS).view(torch.float32), value)
+    # Bit placement, 6 ops: byte b in the fp32 exponent field is 2**(b - 127) for b = 1..254; b = 0 needs the
+    # subnormal 2**-127 (bit 22 alone) and b = 255 NaN (exponent all ones plus bit 22), both by setting bit 22.
+    # NOTE: the per-call cost is host time: the FP8 prefill linear converts its weight scales at every call, and
+    # the earlier pow2 + where form (~20 ops) took ~155 us of host per call on the H100 machine (3.8 ms of the 1k
+    # prefill's 29 calls; scripts/bench/fp8_linear_host.py).
+    b = scale.view(torch.uint8).to(torch.int32)
+    return ((b << 23) | (((b == 0) | (b == 255)).to(torch.int32) << 22)).view(torch.float32)
 
 
 def float_to_e8m0(x: torch.Tensor, check: bool = True) -> torch.Tensor:
