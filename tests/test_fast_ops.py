@@ -46,6 +46,44 @@ def test_dispatch_uses_the_twin_on_cpu_and_inside_reference_only(monkeypatch):
         ops.registry._FAST["linear"] = [f for f in ops.registry._FAST["linear"] if f[0] != "spy"]
 
 
+
+@ops.registry.custom_op("test_registry_double", lambda x: torch.empty_like(x))
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_custom_op_is_bypassed_in_eager_inference_only():
+    """A fast op's decorated name runs the function itself in eager inference (the custom op's dispatch is host
+    time: ~35 us a call on a GPU machine, and the 1k prefill is host-bound), and the torch custom op with
+    autograd on (training kernels register their backward on it) and under torch.compile (an opaque node)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    x = torch.arange(4.0)
+    for mode, expect_op in [(torch.inference_mode, False), (torch.no_grad, False), (torch.enable_grad, True)]:
+        with mode(), Seen() as seen:
+            assert torch.equal(_double(x), 2 * x)
+        assert ("dsv4::test_registry_double" in seen.names) is expect_op, (mode, seen.names)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda t: _double(t) + 1, backend=backend, fullgraph=True)
+    with torch.inference_mode():
+        assert torch.equal(compiled(x), 2 * x + 1)
+    assert any("test_registry_double" in str(n.target) for g in graphs for n in g.graph.nodes), graphs
+
+
 # ------------------------------------------------------------------------------------------------ routed pairs
 def _expert_stack(fmt, e, out_f, in_f, gen):
     pairs = [_weights(fmt, out_f, in_f, gen) for _ in range(e)]

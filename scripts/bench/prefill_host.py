@@ -5,9 +5,12 @@ kernels on an H100 (bench/results/h100_s20/s20b/prefill_graph.json): ~19 ms of i
 launches. A CUDA profile names kernels, not the Python that issues them; this measures the issuing side. Per module
 class, exclusive of child modules: host milliseconds between the module's entry and exit (perf_counter, no
 synchronisation: the launches are asynchronous, so this is time spent issuing work) and the number of dispatcher
-ops it called (aten and dsv4 custom ops, a proxy for launches; Triton launches inside a custom op count once). Also
-the whole call's host time and GPU time. The counting mode adds its own per-op cost, so host times are taken in a
-separate pass without it.
+ops it called (aten and dsv4 custom ops, a proxy for launches; what a fast op runs counts op by op where it is
+called directly, once where it goes through its custom op). Also the step's issue time (`model.step` alone: the
+logits after it check for NaN, a synchronisation, so a whole prefill call's host time is its wall time) and its
+GPU time. The counting mode adds its own per-op cost, so host times are taken in a separate pass without it.
+Compare runs on one machine only: host speed differs between the lent machines (torch.empty 2.2 vs 4.3 us on two
+H100 machines of the twentieth session).
 Usage (repository root): PYTHONPATH=. python3 scripts/bench/prefill_host.py [--tokens 1024] [--json OUT]
 (on a CPU, `--device cpu --layers 2 --tiny` runs it on a small model, for testing the script: CPU ops are
 synchronous, so there the times are compute)
@@ -23,10 +26,11 @@ from collections import Counter, defaultdict
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dsv4.bench.timing import dsv4_prefill
+from dsv4.bench.timing import PAGE
 from dsv4.checkpoint.synth import synthesize_tensors
 from dsv4.config import ModelConfig, tiny_config
 from dsv4.loader import load_tensors
+from dsv4.model.state import ModelState, StepBatch
 
 
 class _Stack:
@@ -79,18 +83,28 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def measure(model, n: int, dev: torch.device, repeats: int = 3) -> dict:
-    run = dsv4_prefill(model, n, 8192, 0)
+def measure(model, cfg, n: int, dev: torch.device, repeats: int = 3) -> dict:
+    pages = list(range(-(-n // PAGE)))
+    state = ModelState(cfg, 1, len(pages), PAGE, model.dtype, dev)
+    ids = torch.randint(2, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(dev)
+    batch = StepBatch.build([(0, 0, n, pages)], dev)
+
+    def run():
+        state.reset_slot(0)
+        _sync(dev)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.step(ids, batch, state)
+            return time.perf_counter() - t0
+
     run()
     _sync(dev)
-    walls, gpus = [], []
-    for _ in range(repeats):                        # host time of the whole call (no hooks), and its GPU time
+    issue, gpus = [], []
+    for _ in range(repeats):                        # issue time of the step (no hooks), and its GPU time
         start = torch.cuda.Event(enable_timing=True) if dev.type == "cuda" else None
         if start is not None:
             start.record()
-        t0 = time.perf_counter()
-        run()
-        walls.append(time.perf_counter() - t0)
+        issue.append(run())
         if start is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -109,7 +123,7 @@ def measure(model, n: int, dev: torch.device, repeats: int = 3) -> dict:
     finally:
         stack.remove()
     ops = sum(counter.by_module.values())
-    return {"tokens": n, "host_ms": 1e3 * min(walls), "gpu_ms": 1e3 * min(gpus) if gpus else None,
+    return {"tokens": n, "issue_ms": 1e3 * min(issue), "gpu_ms": 1e3 * min(gpus) if gpus else None,
             "ops": ops, "by_module": {k: {"host_ms": 1e3 * host.get(k, 0.0), "ops": counter.by_module.get(k, 0)}
                                       for k in sorted(set(host) | set(counter.by_module),
                                                       key=lambda k: -host.get(k, 0.0))},
@@ -118,7 +132,7 @@ def measure(model, n: int, dev: torch.device, repeats: int = 3) -> dict:
 
 def show(r: dict) -> None:
     gpu = f", GPU {r['gpu_ms']:.1f} ms" if r["gpu_ms"] is not None else ""
-    print(f"=== prefill {r['tokens']}: host {r['host_ms']:.1f} ms{gpu}, {r['ops']} dispatcher ops "
+    print(f"=== prefill {r['tokens']}: step issued in {r['issue_ms']:.1f} ms{gpu}, {r['ops']} dispatcher ops "
           f"(module hooks add their own cost to the per-class times)")
     for name, v in r["by_module"].items():
         per = f"{1e3 * v['host_ms'] / v['ops']:.0f} us/op" if v["ops"] else ""
@@ -141,7 +155,7 @@ def main() -> None:
     model = load_tensors(cfg, synthesize_tensors(cfg, 0, dev), dev, torch.bfloat16, quant_emulation=True)
     results = []
     for n in args.tokens:
-        r = measure(model, n, dev)
+        r = measure(model, cfg, n, dev)
         show(r)
         results.append(r)
     if args.json:
