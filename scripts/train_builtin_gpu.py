@@ -104,6 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(`self.y = ...` repeated after `class Vector2D:` + `__init__`)")
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     add_probe_arguments(ap)
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA: the training steps' fp32 matmuls (the fp32 head of the main and MTP paths over every "
+                         "position, mHC's mixes) on TF32 tensor cores, ~50 ms of a 0.4 s 32k-token step in fp32 on "
+                         "an H200 (bench/results/h200_s18/train_probes.txt); the steps' greedy probes run with it, the "
+                         "held-out evaluation after training and every inference path in full fp32")
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     ap.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity and the greedy sample")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -337,6 +342,8 @@ def main(argv=None) -> dict:
 
     log = MetricsLog(out)
     budget_s = args.minutes * 60 if args.minutes else float("inf")
+    if args.tf32 and device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")          # TF32 for fp32 matmuls, until the loop ends
     t0 = time.perf_counter()
     step_times, step_tokens, tokens, graphs, step_probes = [], [], 0, [], []
     prof = None
@@ -378,6 +385,7 @@ def main(argv=None) -> dict:
             print(f"budget reached at step {trainer.step}", flush=True)
             break
     train_s = time.perf_counter() - t0
+    torch.set_float32_matmul_precision("highest")
     steps = trainer.step
     if prof is not None:
         write_profile(prof, out / "profile.txt", args.profile)
