@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -103,12 +105,31 @@ class Dsv4Decoder:
         return self.tokens
 
 
-def dsv4_prefill(model, n_tokens: int, chunk: int, seed: int = 0) -> Callable[[], torch.Tensor]:
-    """A callable running one fresh sequence's prefill of `n_tokens` (in `chunk`-token steps) -> last logits."""
+def bench_model(layers: int = 4, device: str | torch.device = "cuda", tiny: bool = False):
+    """The bench's model for scripts: Flash's width (`tiny`: `tiny_config`'s, to try a script on a CPU), its first
+    `layers` blocks, synthesised official-format weights (seed 0), bf16 with the act-quant emulation on."""
+    from dsv4.checkpoint.synth import synthesize_tensors
+    from dsv4.config import ModelConfig, tiny_config
+    from dsv4.loader import load_tensors
+
+    dev = torch.device(device)
+    cfg = (tiny_config() if tiny else ModelConfig.preset("flash")).truncated(layers)
+    return load_tensors(cfg, synthesize_tensors(cfg, 0, dev), dev, torch.bfloat16, quant_emulation=True)
+
+
+def fresh_sequence(model, n_tokens: int, seed: int = 0) -> tuple[ModelState, list[int], torch.Tensor]:
+    """(state with one slot, its page list, random token ids [1, n_tokens]) for one fresh sequence's prefill."""
     cfg, dev = model.cfg, next(model.parameters()).device
     pages = list(range(-(-n_tokens // PAGE)))
     state = ModelState(cfg, 1, len(pages), PAGE, model.dtype, dev)
     ids = torch.randint(2, cfg.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(seed)).to(dev)
+    return state, pages, ids
+
+
+def dsv4_prefill(model, n_tokens: int, chunk: int, seed: int = 0) -> Callable[[], torch.Tensor]:
+    """A callable running one fresh sequence's prefill of `n_tokens` (in `chunk`-token steps) -> last logits."""
+    dev = next(model.parameters()).device
+    state, pages, ids = fresh_sequence(model, n_tokens, seed)
 
     def run():
         state.reset_slot(0)
@@ -148,3 +169,11 @@ def hf_prefill(model, n_tokens: int, seed: int = 0) -> Callable[[], torch.Tensor
         with torch.inference_mode():
             return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
     return run
+
+
+def write_results(results, path: str | None, echo: bool = True) -> None:
+    """Print each result as a JSON line (`echo`); with `path`, also write them all there (bench scripts' --json)."""
+    for r in results if echo else ():
+        print(json.dumps(r), flush=True)
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1) + "\n")

@@ -12,23 +12,17 @@ Usage (repository root, on the GPU machine): PYTHONPATH=. python3 scripts/bench/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
 
-from dsv4.bench.timing import PAGE, cuda_time
-from dsv4.checkpoint.synth import synthesize_tensors
-from dsv4.config import ModelConfig
-from dsv4.loader import load_tensors
-from dsv4.model.state import ModelState, StepBatch
+from dsv4.bench.timing import bench_model, cuda_time, fresh_sequence, write_results
+from dsv4.model.state import StepBatch
 
 
-def _case(model, cfg, n: int, repeats: int) -> dict:
+def _case(model, n: int, repeats: int) -> dict:
     dev = next(model.parameters()).device
-    pages = list(range(-(-n // PAGE)))
-    state = ModelState(cfg, 1, len(pages), PAGE, model.dtype, dev)
-    ids = torch.randint(2, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(dev)
+    state, pages, ids = fresh_sequence(model, n)
     batch = StepBatch.build([(0, 0, n, pages)], dev)
 
     def eager():
@@ -70,17 +64,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    cfg = ModelConfig.preset("flash").truncated(args.layers)
-    model = load_tensors(cfg, synthesize_tensors(cfg, 0, dev), dev, torch.bfloat16, quant_emulation=True)
-    results = []
-    for n in args.tokens:
-        r = _case(model, cfg, n, args.repeats)
-        print(json.dumps(r), flush=True)
-        results.append(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    model = bench_model(args.layers)
+    results = [_case(model, n, args.repeats) for n in args.tokens]
+    write_results(results, args.json)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,14 @@ synchronous, so there the times are compute)
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import Counter, defaultdict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dsv4.bench.timing import PAGE
-from dsv4.checkpoint.synth import synthesize_tensors
-from dsv4.config import ModelConfig, tiny_config
-from dsv4.loader import load_tensors
-from dsv4.model.state import ModelState, StepBatch
+from dsv4.bench.timing import bench_model, fresh_sequence, write_results
+from dsv4.model.state import StepBatch
 
 
 class _Stack:
@@ -83,10 +79,9 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
-def measure(model, cfg, n: int, dev: torch.device, repeats: int = 3) -> dict:
-    pages = list(range(-(-n // PAGE)))
-    state = ModelState(cfg, 1, len(pages), PAGE, model.dtype, dev)
-    ids = torch.randint(2, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(dev)
+def measure(model, n: int, repeats: int = 3) -> dict:
+    dev = next(model.parameters()).device
+    state, pages, ids = fresh_sequence(model, n)
     batch = StepBatch.build([(0, 0, n, pages)], dev)
 
     def run():
@@ -150,17 +145,12 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a small model of the same structure (testing on a CPU)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    dev = torch.device(args.device)
-    cfg = (tiny_config() if args.tiny else ModelConfig.preset("flash")).truncated(args.layers)
-    model = load_tensors(cfg, synthesize_tensors(cfg, 0, dev), dev, torch.bfloat16, quant_emulation=True)
+    model = bench_model(args.layers, args.device, args.tiny)
     results = []
     for n in args.tokens:
-        r = measure(model, cfg, n, dev)
-        show(r)
-        results.append(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        results.append(measure(model, n))
+        show(results[-1])
+    write_results(results, args.json, echo=False)
 
 
 if __name__ == "__main__":

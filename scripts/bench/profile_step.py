@@ -17,10 +17,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from dsv4.bench.timing import Dsv4Decoder, cuda_time, dsv4_prefill, summary
-from dsv4.checkpoint.synth import synthesize_tensors
-from dsv4.config import ModelConfig
-from dsv4.loader import load_tensors
+from dsv4.bench.timing import Dsv4Decoder, bench_model, cuda_time, dsv4_prefill, summary
 
 
 def kernels(fn, calls: int, stacks: bool = False) -> dict:
@@ -98,9 +95,7 @@ def main() -> None:
     p.add_argument("--stacks", action="store_true", help="prefill: also CUDA time by Python call site")
     p.add_argument("--out")
     args = p.parse_args()
-    cfg = ModelConfig.preset("flash").truncated(4)
-    model = load_tensors(cfg, synthesize_tensors(cfg, 0, torch.device("cuda")), torch.device("cuda"),
-                         torch.bfloat16, quant_emulation=True)
+    model = bench_model(4)
     out = {"gpu": torch.cuda.get_device_name(), "compile": not args.no_compile}
     for b in args.batches:
         captured = Dsv4Decoder(model, b, 512, 24, seed=0, graphs=True, compile=not args.no_compile)
