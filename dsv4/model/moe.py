@@ -101,8 +101,9 @@ class MoE(nn.Module):
     # to a bf16 stack for the call (one launch, ~1.3 ms for a Flash matrix, predicted) and cuBLAS's grouped GEMM
     # (1.50 ms at 49,152 pairs against the FP4 kernel's 5.40: bench/results/h200_grouped_prefill.log). The
     # stack's decode is a fixed cost, so small steps keep the FP4 kernel: the two cross near ~14k pairs (from
-    # those figures; ~2.3k tokens at Flash's top-6). Opt-in: its first decode kernel ran at 0.80 TB/s (6.8 ms a
-    # Flash stack, H100) and the 8k prefill got slower (bench/results/h100_s19); its stores are rewritten, remeasure.
+    # those figures; ~2.3k tokens at Flash's top-6). Opt-in: measured slower in three 8k prefills on H100s (164.5 ->
+    # 180.0 ms with the table-path decode kernel at 4.86 ms a Flash stack, bench/results/h100_s20/s20b); even at
+    # the decode's bandwidth floor (~1.8 ms) the call would be ~3.5 ms against the FP4 kernel's ~5.5.
     GROUPED_MIN_PAIRS = 16384
     # `routed_batched` pads every group to all rows without reading the counts (always so under CUDA-graph capture;
     # the tests set it to compare the two widths on a CPU)

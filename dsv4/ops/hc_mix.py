@@ -83,8 +83,9 @@ def prefill_enabled() -> bool:
     """DSV4_HC_MIX_PREFILL=1: the same two launches above MAX_TOKENS tokens (prefill chunks), where the plain path is
     not compiled: at an 8k Flash chunk its upcast copy, products, fp32 GEMM and reductions are ~1.7 ms a call
     (bench/results/h200_s18/prefill_stacks_hc_post.log; ~13 ms of the 8 calls' 151 ms). Predicted 0.3-0.6 ms a
-    call (h read twice, 134 MB of split partials written and read). Opt-in: so far measured only together with
-    DSV4_MOE_TRANSIENT (bench/results/h100_s19: slower, which the transient stacks explain); measure it alone."""
+    call (h read twice, 134 MB of split partials written and read). Opt-in: measured alone once (H100,
+    bench/results/h100_s20/s20_transient): 1k / 8k prefill 63.0 / 164.8 -> 61.1 / 162.8 ms, -2 ms, within the
+    default's run-to-run spread at 8k (163.6-164.8 in three runs that day); a second A/B on one machine decides."""
     return env_switch("DSV4_HC_MIX_PREFILL")
 
 
