@@ -95,6 +95,12 @@ class Attention(nn.Module):
             return self.decode(x, cis, batch, state)
         if isinstance(batch, FreshBatch):
             return self.fresh(x, cis, batch)
+        return self.output(self.core(self.project(x, cis), batch, state, x.dtype), cis)
+
+    def project(self, x: torch.Tensor, cis: torch.Tensor) -> tuple:
+        """The general step's per-token work before attention, x [1, T, D] -> (q, kv, comp, index): queries,
+        window KV, the compressor's and the indexer's projections. Rows are independent (a prefill step may run
+        this on padded rows: `engine/prefill_graphs.py`); `core` reads the first T rows."""
         q, qr = self.queries(x, cis)
         tap("attn.q", q)
         kv = self.window_kv(x, cis)
@@ -103,14 +109,20 @@ class Attention(nn.Module):
         index = None
         if self.ratio == 4:
             index = (self.indexer.weights(x), self.indexer.queries(qr, cis), self.indexer.compressor.project(x))
+        return q, kv, comp, index
+
+    def core(self, proj: tuple, batch: StepBatch, state: LayerState, dtype: torch.dtype) -> torch.Tensor:
+        """Each sequence's attention over `project`'s rows, reading and updating its state -> the attention op's
+        output [1, T, H, d] (before `output`): the step's stateful, per-sequence part."""
+        q, kv, comp, index = proj
         outs = []
         for seq in batch.seqs:
             sl = slice(seq.offset, seq.offset + seq.length)
-            outs.append(self._attend(seq, state, q[:, sl], kv[:, sl], x.dtype,
+            outs.append(self._attend(seq, state, q[:, sl], kv[:, sl], dtype,
                                      None if comp is None else [t[0, sl] for t in comp],
                                      None if index is None else [t[:, sl] for t in index[:2]] +
                                      [[t[0, sl] for t in index[2]]]))
-        return self.output(torch.cat(outs, dim=1), cis)
+        return torch.cat(outs, dim=1)
 
     def _attend(self, seq: SeqChunk, state: LayerState, q, kv, dtype, comp, index) -> torch.Tensor:
         """One sequence: q [1, n, H, d], kv [1, n, d] -> attention output [1, n, H, d]; updates its state."""

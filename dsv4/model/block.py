@@ -35,9 +35,19 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, input_ids: torch.Tensor, batch: StepBatch, state: LayerState) -> torch.Tensor:
         """h [1, T, hc, D] (a flattened step) -> [1, T, hc, D]; input_ids [1, T] drive hash routing."""
+        x, cis, post, comb = self.attn_input(h, batch.positions)
+        return self.after_attn(h, self.attn(x, cis, batch, state), post, comb, input_ids)
+
+    def attn_input(self, h: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """Per token, before attention: (normed input x [1, T, D], rotations cis, hc_post's post and comb)."""
         tap_scope(self.tap_name)
         x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.cfg, "hc_attn_pre")
-        cis = self.attn.rotary.cis(batch.positions).unsqueeze(0)
-        h = hc_post(self.attn(self.attn_norm(x), cis, batch, state), h, post, comb)
+        return self.attn_norm(x), self.attn.rotary.cis(positions).unsqueeze(0), post, comb
+
+    def after_attn(self, h: torch.Tensor, attn_out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                   input_ids: torch.Tensor) -> torch.Tensor:
+        """Per token, after attention: its hc_post, then the MoE between its own hc_pre and hc_post."""
+        tap_scope(self.tap_name)
+        h = hc_post(attn_out, h, post, comb)
         x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.cfg, "hc_ffn_pre")
         return hc_post(self.ffn(self.ffn_norm(x), input_ids), h, post, comb)

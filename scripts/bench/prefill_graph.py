@@ -6,7 +6,12 @@ fixed token count has no host synchronisation, one CUDA graph per chunk size rem
 the bench's model (same seed), runs a fresh sequence's prefill of each size eagerly and as a graph replay, and
 prints per size: eager ms, replay ms, and whether the replay's hidden states equal the eager ones bit for bit
 (same kernels, same shapes: they should). A capture that fails prints the error (e.g. the op that synchronises).
+Measured (H100, twentieth session): 1k 48.6 -> 29.7 ms, 2k 59.9 -> 55.1, bit-equal. Then the product's way,
+`engine.prefill_graphs.PrefillGraphs` (per-token segments captured for a token bucket, the stateful attention
+cores eager): `segments_ms`, and its hidden states against the eager step (equal at a bucket's exact size;
+`--bucket` larger than the tokens runs it padded: cosine).
 Usage (repository root, on the GPU machine): PYTHONPATH=. python3 scripts/bench/prefill_graph.py [--tokens 1024 2048]
+[--bucket N]
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import statistics
 import torch
 
 from dsv4.bench.timing import bench_model, cuda_time, fresh_sequence, write_results
+from dsv4.engine.prefill_graphs import PrefillGraphs
 from dsv4.model.state import StepBatch
 
 
-def _case(model, n: int, repeats: int) -> dict:
+def _case(model, n: int, repeats: int, bucket: int | None = None) -> dict:
     dev = next(model.parameters()).device
     state, pages, ids = fresh_sequence(model, n)
     batch = StepBatch.build([(0, 0, n, pages)], dev)
@@ -54,7 +60,23 @@ def _case(model, n: int, repeats: int) -> dict:
     replay()
     out["replay_equal"] = bool(torch.equal(got, want))
     out["replay_ms"] = 1e3 * statistics.median(cuda_time(replay, repeats))
+    out.update(_segments(model, ids, batch, state, want, bucket or n, repeats))
     return out
+
+
+def _segments(model, ids, batch, state, want, bucket: int, repeats: int) -> dict:
+    """The product's way: `PrefillGraphs` (per-token segments captured for a bucket, attention cores eager)."""
+    segs = PrefillGraphs(model, sizes=(bucket,))
+
+    def run():
+        state.reset_slot(0)
+        with torch.inference_mode():
+            return segs.step(ids, batch, state)
+
+    got = run()
+    cos = torch.nn.functional.cosine_similarity(got.double().flatten(1), want.double().flatten(1), dim=-1)
+    return {"bucket": bucket, "segments_equal": bool(torch.equal(got, want)), "segments_min_cos": cos.min().item(),
+            "segments_ms": 1e3 * statistics.median(cuda_time(run, repeats))}
 
 
 def main() -> None:
@@ -62,10 +84,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--bucket", type=int, help="the segments' token bucket (default: each --tokens itself; larger: "
+                                               "the step runs padded)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     model = bench_model(args.layers)
-    results = [_case(model, n, args.repeats) for n in args.tokens]
+    results = [_case(model, n, args.repeats, args.bucket) for n in args.tokens]
     write_results(results, args.json)
 
 

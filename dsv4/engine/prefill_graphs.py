@@ -1,0 +1,121 @@
+"""Prefill steps without the host bound: the per-token work captured as CUDA graphs per padded token bucket, the
+stateful attention cores run eagerly between them.
+
+Why: an eager prefill step issues ~1.3k ops for the 4-layer Flash-width bench model; at 1k tokens the host issues
+them slower than the GPU runs them. The whole step captured as one graph replays bit-equal in 29.7 ms against
+48.6 ms eager (H100, bench/results/h100_s20/s20b/prefill_graph.json), but a whole-step graph holds for one
+prompt length and position only. Most of a step is per-token work that does not care about either.
+How: a general step (`StepBatch`) is, per block, `Block.attn_input` + `Attention.project` (per token),
+`Attention.core` (per sequence: reads and writes the decode state, its shapes follow the positions) and
+`Attention.output` + `Block.after_attn` (per token). The per-token work between two cores is one segment:
+segment 0 is the embedding and block 0's input side, segment l block l-1's output side and block l's input side,
+segment L the last block's output side. A step of T tokens runs in the smallest bucket of >= T tokens: its ids are
+padded with 0 (hash routing reads them) and its positions with 0, which only adds rows of per-token work; each
+core reads the first T rows of its segment's projections and writes its output into the bucket's buffer.
+With capture off (or on a CPU) the same segments run eagerly on the padded rows: the tests' check of the data
+flow, and the reference the GPU test compares the replays with bit for bit.
+Exactness: at a bucket's exact size the step is `model.step`'s ops in the same order (bit-equal). Padded, a real
+row equals the unpadded step's wherever every per-token kernel is row-invariant; cuBLAS's GEMMs (FP8 linears,
+mHC's fp32 mixes) may pick another algorithm for another row count.
+Opt-in (`scripts/bench/prefill_graph.py` measures it) until its GPU test and timing are in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_map
+
+from dsv4.model.state import ModelState, StepBatch
+from dsv4.parity.taps import recording
+
+DEFAULT_BUCKETS = (256, 512, 1024, 2048)
+
+
+def segment(model, i: int, ids: torch.Tensor, positions: torch.Tensor, prev: tuple | None,
+            attn_out: list[torch.Tensor]) -> tuple:
+    """Per-token segment i (0..L) of a step: (h, cis, post, comb, projections) for i < L, (h,) for i = L.
+    `prev` is segment i-1's result, `attn_out[i-1]` core i-1's output."""
+    layers = model.layers
+    if i == 0:
+        h = model.embed(ids).unsqueeze(2).repeat(1, 1, model.cfg.hc_mult, 1)
+    else:
+        block, (h, cis, post, comb, _) = layers[i - 1], prev
+        h = block.after_attn(h, block.attn.output(attn_out[i - 1], cis), post, comb, ids)
+    if i == len(layers):
+        return (h,)
+    block = layers[i]
+    x, cis, post, comb = block.attn_input(h, positions)
+    return h, cis, post, comb, block.attn.project(x, cis)
+
+
+def first_rows(proj, n: int):
+    """`Attention.project`'s tensors ([1, T_bucket, ...] each, nested) cut to their first n rows."""
+    return tree_map(lambda t: t[:, :n] if isinstance(t, torch.Tensor) else t, proj)
+
+
+class _Bucket:
+    """One token bucket: static inputs, the cores' output buffers, and the segments (captured, or run eagerly)."""
+
+    def __init__(self, model, size: int, pool):
+        cfg, dev = model.cfg, next(model.parameters()).device
+        self.model, self.size = model, size
+        self.ids = torch.zeros(1, size, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(size, dtype=torch.long, device=dev)
+        self.attn_out = [torch.zeros(1, size, cfg.n_heads, cfg.head_dim, dtype=model.dtype, device=dev)
+                         for _ in model.layers]
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.outs: list[tuple] = []
+        if pool is None:
+            return
+        self.graphs = []
+        with torch.inference_mode():
+            prev = None
+            for i in range(len(model.layers) + 1):
+                for _ in range(2):                   # warm-up: expert stacks, RoPE tables, kernel autotune
+                    segment(model, i, self.ids, self.positions, prev, self.attn_out)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    prev = segment(model, i, self.ids, self.positions, prev, self.attn_out)
+                self.graphs.append(graph)
+                self.outs.append(prev)
+
+    def run(self, i: int, prev: tuple | None) -> tuple:
+        if self.graphs is None:
+            return segment(self.model, i, self.ids, self.positions, prev, self.attn_out)
+        self.graphs[i].replay()
+        return self.outs[i]
+
+
+class PrefillGraphs:
+    """General steps of up to max(sizes) tokens through per-token segment graphs (see the module docstring)."""
+
+    def __init__(self, model, sizes=DEFAULT_BUCKETS, capture: bool = True):
+        dev = next(model.parameters()).device
+        self.model = model
+        capture = capture and dev.type == "cuda"
+        pool = torch.cuda.graph_pool_handle() if capture else None
+        if capture:
+            model.prepare_fixed_shape_decode(dev)    # expert stacks and RoPE tables: nothing created in a capture
+        # largest first, so the smaller buckets' captures fit in the memory the first one reserved
+        self.buckets = {n: _Bucket(model, n, pool) for n in sorted(sizes, reverse=True)}
+
+    def step(self, input_ids: torch.Tensor, batch: StepBatch, state: ModelState) -> torch.Tensor:
+        """`model.step` for a general step: input_ids [1, T] -> final hc streams [1, T, hc, D] (a copy); reads and
+        advances every sequence's decode state. Steps longer than the largest bucket, and steps run while taps
+        are recorded (the segments skip the per-block taps), run `model.step` itself."""
+        n = input_ids.shape[1]
+        fits = [size for size in self.buckets if size >= n]
+        if not fits or recording() or not isinstance(batch, StepBatch):
+            return self.model.step(input_ids, batch, state)
+        bucket = self.buckets[min(fits)]
+        bucket.ids.zero_()
+        bucket.ids[:, :n].copy_(input_ids)
+        bucket.positions.zero_()
+        bucket.positions[:n].copy_(batch.positions)
+        prev = None
+        for i, (layer, layer_state) in enumerate(zip(self.model.layers, state.layers, strict=True)):
+            prev = bucket.run(i, prev)
+            o = layer.attn.core(first_rows(prev[4], n), batch, layer_state, self.model.dtype)
+            bucket.attn_out[i][:, :n].copy_(o)
+        return bucket.run(len(self.model.layers), prev)[0][:, :n].clone()

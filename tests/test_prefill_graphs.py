@@ -1,0 +1,104 @@
+"""`engine.prefill_graphs.PrefillGraphs` (per-token segments per padded token bucket, eager attention cores) against
+`model.step`, the general step it stands in for.
+
+With capture off (and on a CPU) the segments run eagerly on the padded rows: the same data flow the GPU replays.
+A step of exactly a bucket's size runs `model.step`'s ops in the same order: equal bits, hidden states and decode
+state alike. A padded step adds rows to per-token products, whose summation order a library may choose by the row
+count: fp32 models here (float64 accumulation in the twins) then agree to cosine >= 0.99999 with the same argmax,
+the bound of the other step-equivalence tests (tests/test_decode_batch.py). On CUDA the replays must equal the
+eager segments bit for bit (same kernels, same shapes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.engine.prefill_graphs import PrefillGraphs
+from dsv4.model.state import ModelState, StepBatch
+
+PAGE, PAGES = 128, 4
+
+
+def _state(model):
+    return ModelState(model.cfg, 3, 3 * PAGES, PAGE, model.dtype, next(model.parameters()).device)
+
+
+def _pages(slot):
+    return list(range(slot * PAGES, (slot + 1) * PAGES))
+
+
+def _close(got, want, what):
+    cos = torch.nn.functional.cosine_similarity(got.double().flatten(1), want.double().flatten(1), dim=-1)
+    assert cos.min().item() >= 0.99999, (what, cos.min().item())
+
+
+def _state_tensors(state):
+    return [t for layer in state.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+
+
+@torch.no_grad()
+def test_segments_equal_the_general_step(model):
+    """Sequence A: a 128-token chunk (a bucket's exact size: equal bits, state included), then 100 tokens (padded
+    to 128); then a mixed step: A's next 20 tokens with B's first 30 (one step of two sequences, padded to 64);
+    then greedy decode steps through `model.step` on both states must agree."""
+    graphs = PrefillGraphs(model, sizes=(64, 128), capture=False)
+    ref_state, got_state = _state(model), _state(model)
+    gen = torch.Generator().manual_seed(3)
+    steps = [[(0, 0, 128)], [(0, 128, 100)], [(0, 228, 20), (1, 0, 30)]]
+    for i, rows in enumerate(steps):
+        ids = torch.randint(2, model.cfg.vocab_size, (1, sum(n for _, _, n in rows)), generator=gen)
+        batch = StepBatch.build([(slot, start, n, _pages(slot)) for slot, start, n in rows], "cpu")
+        want = model.step(ids, batch, ref_state)
+        got = graphs.step(ids, batch, got_state)
+        assert got.shape == want.shape
+        if i == 0:
+            assert torch.equal(got, want)
+            for a, b in zip(_state_tensors(got_state), _state_tensors(ref_state), strict=True):
+                assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        else:
+            _close(got[0], want[0], f"step {i}")
+    tokens = torch.tensor([[5, 7]])
+    for step in range(6):                               # the decode state each path left behind
+        batch = StepBatch.build([(0, 248 + step, 1, _pages(0)), (1, 30 + step, 1, _pages(1))], "cpu")
+        want = model.main_logits(model.step(tokens, batch, ref_state))[0]
+        got = model.main_logits(model.step(tokens, batch, got_state))[0]
+        _close(got, want, f"decode {step}")
+        assert torch.equal(got.argmax(-1), want.argmax(-1)), step
+        tokens = want.argmax(-1).unsqueeze(0)
+
+
+@torch.no_grad()
+def test_longer_steps_and_recorded_steps_take_the_general_step(tiny_model_fp32):
+    from dsv4.parity.taps import Recorder
+
+    model = tiny_model_fp32
+    graphs = PrefillGraphs(model, sizes=(32,), capture=False)
+    ids = torch.randint(2, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+    batch = StepBatch.build([(0, 0, 40, _pages(0))], "cpu")
+    assert torch.equal(graphs.step(ids, batch, _state(model)), model.step(ids, batch, _state(model)))
+    with Recorder() as rec:                             # taps: the segments skip the per-block "block.out" tap
+        graphs.step(ids[:, :20], StepBatch.build([(0, 0, 20, _pages(0))], "cpu"), _state(model))
+    assert any(name.endswith("block.out") for name in rec.tensors), "recorded steps must run model.step"
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_replays_equal_the_eager_segments_on_cuda(tiny_ckpt):
+    """bf16 on CUDA with the quantisation emulation: each replay equals the same padded segments run eagerly, bit
+    for bit (the GPU's fast ops are not all row-invariant, so the comparison is with the padded eager run, as the
+    decode graphs' test does); against `model.step` the cosine bound of a bf16 model."""
+    import dsv4
+
+    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, progress=False)
+    captured, eager = PrefillGraphs(model, sizes=(64, 128)), PrefillGraphs(model, sizes=(64, 128), capture=False)
+    states = [_state(model) for _ in range(3)]
+    gen = torch.Generator().manual_seed(5)
+    for start, n in [(0, 128), (128, 100), (228, 50)]:
+        ids = torch.randint(2, model.cfg.vocab_size, (1, n), generator=gen).cuda()
+        batch = StepBatch.build([(0, start, n, _pages(0))], "cuda")
+        got, again, want = (captured.step(ids, batch, states[0]), eager.step(ids, batch, states[1]),
+                            model.step(ids, batch, states[2]))
+        assert torch.equal(got, again), (start, n)
+        cos = torch.nn.functional.cosine_similarity(got.double().flatten(1), want.double().flatten(1), dim=-1)
+        assert cos.min().item() >= 0.999, (start, n, cos.min().item())
