@@ -250,6 +250,9 @@ def _add_bench(sub) -> None:
                    help="compile the decode step as one graph (default) or each block kind once (far less compile "
                         "time at --layers 20 and beyond)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler tables of decode and prefill")
+    p.add_argument("--prefill-graphs", action="store_true",
+                   help="also time each prefill through engine/prefill_graphs.py (per-token segments captured per "
+                        "token bucket, attention cores eager; opt-in until measured): JSON dsv4.prefill_graphs")
     p.add_argument("--timing-only", action="store_true",
                    help="only the timings (no greedy agreement, per-op effects or op errors): for quick A/B runs, "
                         "e.g. with and without DSV4_FP4_PACKED=1; the JSON then lacks greedy_agreement")
@@ -263,7 +266,7 @@ def cmd_bench(args) -> int:
     run(BenchOptions(layers=args.layers, context=args.context, decode_batches=args.decode_batches,
                      decode_steps=args.decode_steps, prefill=args.prefill, hf_prefill=args.hf_prefill,
                      transformers=not args.no_transformers, compile=not args.no_compile,
-                     compile_scope=args.compile_scope, profile=args.profile,
+                     compile_scope=args.compile_scope, profile=args.profile, prefill_graphs=args.prefill_graphs,
                      timing_only=args.timing_only, out=args.out))
     return 0
 

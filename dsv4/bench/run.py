@@ -40,6 +40,7 @@ class BenchOptions:
     agreement_steps: int = 64
     seed: int = 0
     profile: bool = False
+    prefill_graphs: bool = False     # also time the prefills through engine/prefill_graphs.py
     timing_only: bool = False        # skip the agreement, per-op effect and op error measurements
     out: str | None = None
     log: list[str] = field(default_factory=list)
@@ -152,7 +153,27 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
                        f"weights {fl['read_s'] * 1e3:.2f})")
         out["prefill"][n] = t
         _free()
+        if opts.prefill_graphs:
+            out.setdefault("prefill_graphs", {})[n] = _prefill_graphs(model, n, opts)
     return out
+
+
+def _prefill_graphs(model, n: int, opts: BenchOptions) -> dict:
+    """The prefill of n tokens through `PrefillGraphs` (one bucket: the chunk size), timed as the default is."""
+    from dsv4.engine.prefill_graphs import PrefillGraphs
+
+    graphs = None
+    try:
+        graphs = PrefillGraphs(model, sizes=(min(n, opts.prefill_chunk),))
+        t = summary(cuda_time(dsv4_prefill(model, n, opts.prefill_chunk, opts.seed, graphs.step),
+                              1 if n > 8192 else 3))
+        _say(opts, f"dsv4 prefill {n} through prefill graphs: {t['median_s'] * 1e3:.1f} ms")
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        t = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        _say(opts, f"dsv4 prefill {n} through prefill graphs: {t['error']}")
+    del graphs
+    _free()
+    return t
 
 
 FULL_FLASH_LAYERS = 43
@@ -476,6 +497,9 @@ def table(res: dict) -> str:
         mine = f"{t['median_s'] * 1e3:.1f}" if "median_s" in t else "OOM"
         rows.append((f"prefill {n} ms", mine, f"{ht['median_s'] * 1e3:.1f}" if ht else "-",
                      f"{ht['median_s'] / t['median_s']:.1f}x" if ht and "median_s" in t else "-"))
+    for n, t in d.get("prefill_graphs", {}).items():
+        rows.append((f"prefill {n} ms, prefill graphs", f"{t['median_s'] * 1e3:.1f}" if "median_s" in t else "error",
+                     "-", "-"))
     for key, target in [("decode_bs1_floor_ratio", "<= 1.5"), ("decode_bs8_floor_ratio", "<= 1.5"),
                         ("decode_bs64_floor_ratio", "<= 1.5"), ("prefill_1k_floor_ratio", "<= 2"),
                         ("prefill_8k_floor_ratio", "<= 2"), ("weight_bytes_resident_over_native", "<= 1.05"),

@@ -126,17 +126,19 @@ def fresh_sequence(model, n_tokens: int, seed: int = 0) -> tuple[ModelState, lis
     return state, pages, ids
 
 
-def dsv4_prefill(model, n_tokens: int, chunk: int, seed: int = 0) -> Callable[[], torch.Tensor]:
-    """A callable running one fresh sequence's prefill of `n_tokens` (in `chunk`-token steps) -> last logits."""
+def dsv4_prefill(model, n_tokens: int, chunk: int, seed: int = 0, step=None) -> Callable[[], torch.Tensor]:
+    """A callable running one fresh sequence's prefill of `n_tokens` (in `chunk`-token steps) -> last logits.
+    `step`: what runs each chunk (default `model.step`; e.g. `PrefillGraphs.step`)."""
     dev = next(model.parameters()).device
     state, pages, ids = fresh_sequence(model, n_tokens, seed)
+    step = step or model.step
 
     def run():
         state.reset_slot(0)
         with torch.inference_mode():
             for s in range(0, n_tokens, chunk):
                 n = min(chunk, n_tokens - s)
-                h = model.step(ids[:, s:s + n], StepBatch.build([(0, s, n, pages)], dev), state)
+                h = step(ids[:, s:s + n], StepBatch.build([(0, s, n, pages)], dev), state)
             return model.main_logits(h[:, -1:])
     return run
 
