@@ -66,6 +66,18 @@ def test_fixed_shape_decode_path_gives_the_same_tokens(tiny_model_fp32, tokenize
     assert engine.cache.slots.num_used == 0 and engine.cache.pages.num_used == 0
 
 
+def test_prefill_graphs_give_the_same_tokens(tiny_model_fp32, tokenizer):
+    """General steps through `PrefillGraphs` (engine/prefill_graphs.py), run eagerly on CPU: chunked prefills and
+    mixed steps padded up to token buckets (the budget, 100, is the only one here); greedy tokens equal each
+    request run alone through `model.step`."""
+    prompts = [prompt(n, 30 + i) for i, n in enumerate([3, 40, 130, 257, 7, 90])]
+    alone = [run(make_engine(tiny_model_fp32, tokenizer), [p], GREEDY)[0].token_ids for p in prompts]
+    engine = make_engine(tiny_model_fp32, tokenizer, max_num_seqs=4, max_num_batched_tokens=100, prefill_graphs=True)
+    assert sorted(engine.runner.step.__self__.buckets) == [100]
+    outs = run(engine, prompts, GREEDY)
+    assert [o.token_ids for o in outs] == alone
+
+
 def test_seeded_sampling_ignores_batch_companions(tiny_model_fp32, tokenizer):
     p = prompt(20, 5)
     sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)

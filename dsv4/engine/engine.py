@@ -72,7 +72,12 @@ class Engine:
             from dsv4.engine.speculative import Speculator
 
             speculator = Speculator(model, self.state, econf.num_speculative_tokens, self.max_model_len)
-        self.runner = ModelRunner(model, self.state, graphs=graphs, speculator=speculator)
+        prefill = None
+        if econf.prefill_graphs and single and not spec:
+            from dsv4.engine.prefill_graphs import PrefillGraphs, buckets_up_to
+
+            prefill = PrefillGraphs(model, buckets_up_to(econf.max_num_batched_tokens), capture=econf.cuda_graphs)
+        self.runner = ModelRunner(model, self.state, graphs=graphs, speculator=speculator, prefill=prefill)
         self.structured = StructuredDecoding(tokenizer, cfg.vocab_size, cfg.eos_token_id)
         self.runner.structured = self.structured
         if prefix is not None and speculator is not None:   # the drafter's window ring is per slot state too

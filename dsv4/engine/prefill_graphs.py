@@ -31,6 +31,15 @@ from dsv4.parity.taps import recording
 DEFAULT_BUCKETS = (256, 512, 1024, 2048)
 
 
+def buckets_up_to(max_tokens: int, smallest: int = 256) -> list[int]:
+    """Token buckets for steps of up to `max_tokens` tokens: powers of two from `smallest`, then `max_tokens`."""
+    sizes, n = [], smallest
+    while n < max_tokens:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, max_tokens]
+
+
 def segment(model, i: int, ids: torch.Tensor, positions: torch.Tensor, prev: tuple | None,
             attn_out: list[torch.Tensor]) -> tuple:
     """Per-token segment i (0..L) of a step: (h, cis, post, comb, projections) for i < L, (h,) for i = L.

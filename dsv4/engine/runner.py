@@ -26,8 +26,10 @@ class Sampled:
 
 
 class ModelRunner:
-    def __init__(self, model, state: ModelState, sampler: Sampler | None = None, graphs=None, speculator=None):
+    def __init__(self, model, state: ModelState, sampler: Sampler | None = None, graphs=None, speculator=None,
+                 prefill=None):
         self.model, self.state, self.graphs = model, state, graphs      # graphs: DecodeGraphs for decode-only steps
+        self.step = model.step if prefill is None else prefill.step    # prefill: PrefillGraphs for the others
         self.speculator = speculator     # engine/speculative.py: then run() gives a list of tokens per sequence
         self.device = next(model.parameters()).device
         self.sampler = sampler or Sampler()
@@ -50,7 +52,7 @@ class ModelRunner:
             ids += seq.all_ids[seq.num_computed:seq.num_computed + n]
         batch = StepBatch.build(chunks, self.device)
         with torch.inference_mode():
-            h = self.model.step(torch.tensor([ids], device=self.device), batch, self.state)
+            h = self.step(torch.tensor([ids], device=self.device), batch, self.state)
             rows = [c.offset + c.length - 1 for c, (s, n) in zip(batch.seqs, entries, strict=True)
                     if s.num_computed + n == s.num_tokens]
             sampling = [s for s, n in entries if s.num_computed + n == s.num_tokens]
