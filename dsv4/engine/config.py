@@ -50,7 +50,8 @@ class EngineConfig:
                   (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
                   (self.max_prefix_snapshots >= 0, "max_prefix_snapshots must be >= 0"),
                   (self.num_speculative_tokens >= 0, "num_speculative_tokens must be >= 0"),
-                  (self.compile_scope in COMPILE_SCOPES, "compile_scope must be " + " or ".join(map(repr, COMPILE_SCOPES))),
+                  (self.compile_scope in COMPILE_SCOPES,
+                   "compile_scope must be " + " or ".join(map(repr, COMPILE_SCOPES))),
                   # The MTP step is not sent to the follower ranks (dist/worker.py), whose collectives would hang.
                   (self.num_speculative_tokens == 0 or self.tensor_parallel_size == 1,
                    "num_speculative_tokens > 0 needs tensor_parallel_size 1 (for now)")]
