@@ -76,6 +76,18 @@ def compiled(fn, backend: str = "inductor"):
     return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend, options=options)
 
 
+def capture(fn, pool):
+    """(CUDA graph, fn's output) of `fn` captured into `pool` after two eager warm-up calls (caches such as bf16
+    weights and expert stacks, kernel autotuning: nothing may be created or tuned inside a capture)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class _Graph:
     """One bucket: static inputs, and the captured step (or, with capture off, the same step run eagerly)."""
 
@@ -89,13 +101,8 @@ class _Graph:
         self.graph = None
         if pool is None:
             return
-        self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode():
-            for _ in range(2):                       # warm-up: caches (bf16 weights, expert stacks), kernel autotune
-                self._forward(model, state)
-            torch.cuda.synchronize()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.logits = self._forward(model, state)
+            self.graph, self.logits = capture(lambda: self._forward(model, state), pool)
 
     def replay(self) -> torch.Tensor:
         if self.graph is None:

@@ -25,10 +25,9 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map
 
+from dsv4.engine.graphs import capture
 from dsv4.model.state import ModelState, StepBatch
 from dsv4.parity.taps import recording
-
-DEFAULT_BUCKETS = (256, 512, 1024, 2048)
 
 
 def buckets_up_to(max_tokens: int, smallest: int = 256) -> list[int]:
@@ -38,6 +37,9 @@ def buckets_up_to(max_tokens: int, smallest: int = 256) -> list[int]:
         sizes.append(n)
         n *= 2
     return [*sizes, max_tokens]
+
+
+DEFAULT_BUCKETS = tuple(buckets_up_to(2048))          # 256, 512, 1024, 2048: the engine's default step budget
 
 
 def segment(model, i: int, ids: torch.Tensor, positions: torch.Tensor, prev: tuple | None,
@@ -67,7 +69,7 @@ class _Bucket:
 
     def __init__(self, model, size: int, pool):
         cfg, dev = model.cfg, next(model.parameters()).device
-        self.model, self.size = model, size
+        self.model = model
         self.ids = torch.zeros(1, size, dtype=torch.long, device=dev)
         self.positions = torch.zeros(size, dtype=torch.long, device=dev)
         self.attn_out = [torch.zeros(1, size, cfg.n_heads, cfg.head_dim, dtype=model.dtype, device=dev)
@@ -79,13 +81,9 @@ class _Bucket:
         self.graphs = []
         with torch.inference_mode():
             prev = None
-            for i in range(len(model.layers) + 1):
-                for _ in range(2):                   # warm-up: expert stacks, RoPE tables, kernel autotune
-                    segment(model, i, self.ids, self.positions, prev, self.attn_out)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    prev = segment(model, i, self.ids, self.positions, prev, self.attn_out)
+            for i in range(len(model.layers) + 1):     # in order: each segment reads the previous one's outputs
+                graph, prev = capture(lambda i=i, prev=prev: segment(model, i, self.ids, self.positions, prev,
+                                                                      self.attn_out), pool)
                 self.graphs.append(graph)
                 self.outs.append(prev)
 

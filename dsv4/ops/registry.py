@@ -59,7 +59,6 @@ def custom_op(name: str, fake: Callable):
             if torch.compiler.is_compiling() or torch.is_grad_enabled():
                 return op(*args, **kwargs)
             return fn(*args, **kwargs)
-        call.op = op
         call.register_autograd = op.register_autograd
         return call
     return wrap
