@@ -64,11 +64,11 @@ def test_ratios_and_table_of_a_timing_only_run():
     assert "prefill_8k_floor_ratio" not in res                     # not measured: no ratio invented
     assert abs(res["prefill_1k_speedup_vs_transformers"] - 1.075) < 1e-12 and "greedy_agreement" not in res
     assert "decode_bs1_speedup_vs_transformers" in table(res) and "greedy_agreement" not in table(res)
-    assert "prefill graphs" not in table(res)                       # --prefill-graphs: its rows, when measured
-    res["dsv4"]["prefill_graphs"] = {1024: {"median_s": 0.03}, 8192: {"error": "OOM"}}
+    assert "eager step" not in table(res)              # the eager step's rows, when timed beside the default
+    res["dsv4"]["prefill_eager"] = {1024: {"median_s": 0.05}, 8192: {"error": "OOM"}}
     lines = table(res).splitlines()
-    assert any(line.startswith("prefill 1024 ms, prefill graphs") and "30.0" in line for line in lines)
-    assert any(line.startswith("prefill 8192 ms, prefill graphs") and "error" in line for line in lines)
+    assert any(line.startswith("prefill 1024 ms, eager step") and "50.0" in line for line in lines)
+    assert any(line.startswith("prefill 8192 ms, eager step") and "error" in line for line in lines)
 
 
 def test_prefill_floor_is_the_larger_of_compute_and_weight_reads():

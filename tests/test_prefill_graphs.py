@@ -79,6 +79,21 @@ def test_segments_equal_the_general_step(model):
 
 
 @torch.no_grad()
+def test_segment_outputs_share_two_buffer_sets_whatever_the_depth(model):
+    """The segments' outputs live in buffers shared across layers (two sets: segment i's outputs are read by core i
+    and segment i+1 only), not one set per segment: at Flash's depth that is ~10 GB per 2k bucket. The hc streams
+    (every segment's largest output) therefore have exactly two buffers for L + 1 segments."""
+    assert len(model.layers) >= 3
+    graphs = PrefillGraphs(model, sizes=(64,), capture=False)
+    ids = torch.randint(2, model.cfg.vocab_size, (1, 50), generator=torch.Generator().manual_seed(5))
+    graphs.step(ids, StepBatch.build([(0, 0, 50, _pages(0))], "cpu"), _state(model))
+    bucket = graphs.buckets[64]
+    h_shape = (1, 64, model.cfg.hc_mult, model.cfg.dim)
+    h_buffers = [t for t in bucket.buffers.values() if tuple(t.shape) == h_shape]
+    assert len(h_buffers) == 2, [tuple(t.shape) for t in bucket.buffers.values()]
+
+
+@torch.no_grad()
 def test_longer_steps_and_recorded_steps_take_the_general_step(tiny_model_fp32):
     from dsv4.parity.taps import Recorder
 

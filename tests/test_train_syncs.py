@@ -124,8 +124,11 @@ def test_training_step_synchronisations_on_cuda(tiny_ckpt, tmp_path):
             trainer.train_step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) <= allowed, syncs
+    # torch's notice that the debug mode is a prototype (once per process: the first test to use the mode sees it)
+    # is not a synchronisation
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught
+             if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)]
+    assert len(syncs) <= allowed, "\n".join(syncs)
 
 
 def test_sync_free_helpers_equal_what_they_replace():

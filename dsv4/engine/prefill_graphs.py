@@ -23,7 +23,7 @@ Opt-in (`scripts/bench/prefill_graph.py` measures it) until its GPU test and tim
 from __future__ import annotations
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from dsv4.engine.graphs import capture
 from dsv4.model.state import ModelState, StepBatch
@@ -65,7 +65,15 @@ def first_rows(proj, n: int):
 
 
 class _Bucket:
-    """One token bucket: static inputs, the cores' output buffers, and the segments (captured, or run eagerly)."""
+    """One token bucket: static inputs, the cores' output buffers, the segments' output buffers, and the segments
+    (captured, or run eagerly).
+
+    Each segment copies its outputs into buffers shared by every other segment: segment i's outputs are read by
+    core i and segment i+1 only, so two sets (by the segment's parity) suffice, one per distinct output structure
+    (block kinds differ). A captured graph's own outputs would stay alive per segment (L sets per bucket: ~10 GB
+    for Flash's 43 layers at 2k tokens); what a segment allocates inside its capture is freed when it ends and
+    reused by the next capture in the shared pool (replays never overlap, and no tensor of the pool outlives its
+    segment). The copies cost ~2 x the outputs' bytes a segment (~0.1 ms a layer at 1k tokens, Flash width)."""
 
     def __init__(self, model, size: int, pool):
         cfg, dev = model.cfg, next(model.parameters()).device
@@ -74,6 +82,7 @@ class _Bucket:
         self.positions = torch.zeros(size, dtype=torch.long, device=dev)
         self.attn_out = [torch.zeros(1, size, cfg.n_heads, cfg.head_dim, dtype=model.dtype, device=dev)
                          for _ in model.layers]
+        self.buffers: dict[tuple, torch.Tensor] = {}
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.outs: list[tuple] = []
         if pool is None:
@@ -82,14 +91,27 @@ class _Bucket:
         with torch.inference_mode():
             prev = None
             for i in range(len(model.layers) + 1):     # in order: each segment reads the previous one's outputs
-                graph, prev = capture(lambda i=i, prev=prev: segment(model, i, self.ids, self.positions, prev,
-                                                                      self.attn_out), pool)
+                # capture's eager warm-ups allocate the buffers, outside the capture
+                graph, prev = capture(lambda i=i, prev=prev: self._segment(i, prev), pool)
                 self.graphs.append(graph)
                 self.outs.append(prev)
 
+    def _segment(self, i: int, prev: tuple | None) -> tuple:
+        out = segment(self.model, i, self.ids, self.positions, prev, self.attn_out)
+        leaves, spec = tree_flatten(out)
+        kept = []
+        for k, t in enumerate(leaves):
+            if isinstance(t, torch.Tensor):
+                key = (i % 2, k, tuple(t.shape), t.dtype)
+                if key not in self.buffers:
+                    self.buffers[key] = torch.empty_like(t)
+                t = self.buffers[key].copy_(t)
+            kept.append(t)
+        return tree_unflatten(kept, spec)
+
     def run(self, i: int, prev: tuple | None) -> tuple:
         if self.graphs is None:
-            return segment(self.model, i, self.ids, self.positions, prev, self.attn_out)
+            return self._segment(i, prev)
         self.graphs[i].replay()
         return self.outs[i]
 

@@ -56,7 +56,10 @@ def custom_op(name: str, fake: Callable):
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            if torch.compiler.is_compiling() or torch.is_grad_enabled():
+            # A dispatch mode on the stack means tracing (fake or functional tensors: a kernel launcher cannot take
+            # them), e.g. AOT autograd tracing a backward, where grad is off and torch 2.11's is_compiling() is
+            # False: the GPU suite's compiled training step reached a Triton launcher that way.
+            if torch.compiler.is_compiling() or torch.is_grad_enabled() or torch._C._len_torch_dispatch_stack():
                 return op(*args, **kwargs)
             return fn(*args, **kwargs)
         call.register_autograd = op.register_autograd

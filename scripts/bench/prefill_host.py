@@ -5,8 +5,8 @@ kernels on an H100 (bench/results/h100_s20/s20b/prefill_graph.json): ~19 ms of i
 launches. A CUDA profile names kernels, not the Python that issues them; this measures the issuing side. Per module
 class, exclusive of child modules: host milliseconds between the module's entry and exit (perf_counter, no
 synchronisation: the launches are asynchronous, so this is time spent issuing work) and the number of dispatcher
-ops it called (aten and dsv4 custom ops, a proxy for launches; what a fast op runs counts op by op where it is
-called directly, once where it goes through its custom op). Also the step's issue time (`model.step` alone: the
+ops it called (aten and dsv4 custom ops, a proxy for launches; the counting is a dispatch mode, under which a
+fast op goes through its custom op, so it counts once). Also the step's issue time (`model.step` alone: the
 logits after it check for NaN, a synchronisation, so a whole prefill call's host time is its wall time) and its
 GPU time. The counting mode adds its own per-op cost, so host times are taken in a separate pass without it.
 Compare runs on one machine only: host speed differs between the lent machines (torch.empty 2.2 vs 4.3 us on two
