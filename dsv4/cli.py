@@ -251,9 +251,10 @@ def _add_bench(sub) -> None:
                         "time at --layers 20 and beyond)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler tables of decode and prefill")
     p.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_false",
-                   help="time the prefills as eager steps only. By default they run as the engine runs them on CUDA, "
-                        "through engine/prefill_graphs.py (per-token segments captured per token bucket, attention "
-                        "cores eager): JSON dsv4.prefill; the eager step's figures are kept in dsv4.prefill_eager")
+                   help="time the prefills as eager steps only. By default steps of up to 2048 tokens run as the "
+                        "engine runs them on CUDA, through engine/prefill_graphs.py (per-token segments captured per "
+                        "token bucket, attention cores eager): JSON dsv4.prefill; the eager step's figures are kept "
+                        "in dsv4.prefill_eager")
     p.add_argument("--timing-only", action="store_true",
                    help="only the timings (no greedy agreement, per-op effects or op errors): for quick A/B runs, "
                         "e.g. with and without DSV4_FP4_PACKED=1; the JSON then lacks greedy_agreement")

@@ -23,6 +23,7 @@ from dsv4 import ops
 from dsv4.bench import floor
 from dsv4.bench.timing import Dsv4Decoder, HFDecoder, cuda_time, dsv4_prefill, hf_prefill, summary
 from dsv4.config import ModelConfig
+from dsv4.engine.prefill_graphs import MAX_GRAPH_TOKENS, PrefillGraphs
 
 
 @dataclass
@@ -40,8 +41,9 @@ class BenchOptions:
     agreement_steps: int = 64
     seed: int = 0
     profile: bool = False
-    prefill_graphs: bool = True      # the prefills through engine/prefill_graphs.py, the engine's default on CUDA
-                                     # (JSON prefill; the eager step's figures: prefill_eager); False: eager only
+    prefill_graphs: bool = True      # prefill steps of <= MAX_GRAPH_TOKENS through engine/prefill_graphs.py, as
+                                     # the engine runs them on CUDA (JSON prefill; the eager step's figures:
+                                     # prefill_eager); False: eager only
     timing_only: bool = False        # skip the agreement, per-op effect and op error measurements
     out: str | None = None
     log: list[str] = field(default_factory=list)
@@ -146,11 +148,13 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
             t = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             _say(opts, f"dsv4 prefill {n}, eager step: {t['error']}")
         _free()
-        if opts.prefill_graphs:     # the engine's default path: the eager figure is kept beside it
+        if opts.prefill_graphs and min(n, opts.prefill_chunk) <= MAX_GRAPH_TOKENS:
+            # the engine's default path for steps of up to MAX_GRAPH_TOKENS (longer ones run eagerly there too)
             out.setdefault("prefill_eager", {})[n] = t
             if "median_s" in t:
                 _say(opts, f"dsv4 prefill {n}, eager step: {t['median_s'] * 1e3:.1f} ms")
             t = _prefill_graphs(model, n, opts)
+            t["path"] = "prefill graphs"
         fl = floor.prefill_floor(cfg, n, bw)
         t.update(floor_s=fl["floor_s"], floor=fl)
         if "median_s" in t:
@@ -164,8 +168,6 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
 
 def _prefill_graphs(model, n: int, opts: BenchOptions) -> dict:
     """The prefill of n tokens through `PrefillGraphs` (one bucket: the chunk size), timed as the default is."""
-    from dsv4.engine.prefill_graphs import PrefillGraphs
-
     graphs = None
     try:
         graphs = PrefillGraphs(model, sizes=(min(n, opts.prefill_chunk),))

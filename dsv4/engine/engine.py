@@ -74,9 +74,10 @@ class Engine:
             speculator = Speculator(model, self.state, econf.num_speculative_tokens, self.max_model_len)
         prefill = None
         if (capture if econf.prefill_graphs is None else econf.prefill_graphs) and single and not spec:
-            from dsv4.engine.prefill_graphs import PrefillGraphs, buckets_up_to
+            from dsv4.engine.prefill_graphs import MAX_GRAPH_TOKENS, PrefillGraphs, buckets_up_to
 
-            prefill = PrefillGraphs(model, buckets_up_to(econf.max_num_batched_tokens), capture=capture)
+            sizes = buckets_up_to(min(econf.max_num_batched_tokens, MAX_GRAPH_TOKENS))
+            prefill = PrefillGraphs(model, sizes, capture=capture)
         self.runner = ModelRunner(model, self.state, graphs=graphs, speculator=speculator, prefill=prefill)
         self.structured = StructuredDecoding(tokenizer, cfg.vocab_size, cfg.eos_token_id)
         self.runner.structured = self.structured

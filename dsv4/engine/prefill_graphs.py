@@ -17,7 +17,7 @@ flow, and the reference the GPU test compares the replays with bit for bit.
 Exactness: at a bucket's exact size the step is `model.step`'s ops in the same order (bit-equal). Padded, a real
 row equals the unpadded step's wherever every per-token kernel is row-invariant; cuBLAS's GEMMs (FP8 linears,
 mHC's fp32 mixes) may pick another algorithm for another row count.
-Opt-in (`scripts/bench/prefill_graph.py` measures it) until its GPU test and timing are in.
+The engine's default on CUDA (`EngineConfig.prefill_graphs`); `scripts/bench/prefill_graph.py` measures it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ def buckets_up_to(max_tokens: int, smallest: int = 256) -> list[int]:
     return [*sizes, max_tokens]
 
 
-DEFAULT_BUCKETS = tuple(buckets_up_to(2048))          # 256, 512, 1024, 2048: the engine's default step budget
+# The largest step worth a graph: above it the GPU, not the host, bounds a step, and the segments' output copies
+# cost more than the launches they save (Flash-width bench, H100, bench/results/h100_s21: 1k 45.3 eager -> 30.2 ms,
+# 2k 56.7 -> 55.9, 8k 164.1 -> 167.4). Longer steps run `model.step` itself.
+MAX_GRAPH_TOKENS = 2048
+DEFAULT_BUCKETS = tuple(buckets_up_to(MAX_GRAPH_TOKENS))   # 256, 512, 1024, 2048: the engine's default step budget
 
 
 def segment(model, i: int, ids: torch.Tensor, positions: torch.Tensor, prev: tuple | None,
