@@ -78,6 +78,24 @@ def test_prefill_graphs_give_the_same_tokens(tiny_model_fp32, tokenizer):
     assert [o.token_ids for o in outs] == alone
 
 
+@pytest.mark.gpu
+def test_cuda_defaults_give_the_same_tokens(tiny_ckpt, tokenizer):
+    """The engine's CUDA defaults (captured decode steps, prefill chunks and mixed steps through captured
+    `PrefillGraphs` segments padded to token buckets) against each request run alone as eager general steps:
+    the same greedy tokens (fp32; the quantisation emulation puts the GEMMs' inputs on the FP8 grid)."""
+    import dsv4
+
+    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.float32, progress=False)
+    prompts = [prompt(n, 60 + i) for i, n in enumerate([3, 40, 130, 257, 7, 290])]
+    eager = {"cuda_graphs": False, "prefill_graphs": False}
+    alone = [run(make_engine(model, tokenizer, **eager), [p], GREEDY)[0].token_ids for p in prompts]
+    engine = make_engine(model, tokenizer, max_num_seqs=4, max_num_batched_tokens=300)
+    assert engine.runner.graphs is not None and sorted(engine.runner.step.__self__.buckets) == [256, 300]
+    assert engine.runner.step.__self__.buckets[256].graphs is not None                 # captured, not eager
+    outs = run(engine, prompts, GREEDY)
+    assert [o.token_ids for o in outs] == alone
+
+
 def test_seeded_sampling_ignores_batch_companions(tiny_model_fp32, tokenizer):
     p = prompt(20, 5)
     sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
