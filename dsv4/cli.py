@@ -162,6 +162,9 @@ def _add_serve(sub) -> None:
                         "token bucket (the default there: 1k prefill 47.9 -> 30.9 ms on the Flash-width bench); "
                         "saves the graphs' memory (two sets of one block's activations per bucket) and their "
                         "capture at start")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="CUDA: torch.compile the prefill graphs' per-token segments before capturing them (fuses "
+                        "their elementwise work; compiles a few graphs per token bucket at start; not yet measured)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (default info)")
     p.set_defaults(func=cmd_serve)
@@ -260,6 +263,9 @@ def _add_bench(sub) -> None:
                         "engine runs them on CUDA, through engine/prefill_graphs.py (per-token segments captured per "
                         "token bucket, attention cores eager): JSON dsv4.prefill; the eager step's figures are kept "
                         "in dsv4.prefill_eager")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="torch.compile the prefill graphs' per-token segments (per block kind and token bucket) "
+                        "before capturing them, as `dsv4 serve --compile-prefill` does")
     p.add_argument("--timing-only", action="store_true",
                    help="only the timings (no greedy agreement, per-op effects or op errors): for quick A/B runs, "
                         "e.g. with and without DSV4_FP4_PACKED=1; the JSON then lacks greedy_agreement")
@@ -274,6 +280,7 @@ def cmd_bench(args) -> int:
                      decode_steps=args.decode_steps, prefill=args.prefill, hf_prefill=args.hf_prefill,
                      transformers=not args.no_transformers, compile=not args.no_compile,
                      compile_scope=args.compile_scope, profile=args.profile, prefill_graphs=args.prefill_graphs,
+                     compile_prefill=args.compile_prefill,
                      timing_only=args.timing_only, out=args.out))
     return 0
 
@@ -431,7 +438,7 @@ def cmd_serve(args) -> int:
             args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             page_size=args.page_size, num_pages=args.num_pages, memory_fraction=args.memory_fraction,
             cpu_cache_gib=args.cpu_cache_gib, compile_decode=args.compile_decode, compile_scope=args.compile_scope,
-            prefill_graphs=args.prefill_graphs))
+            prefill_graphs=args.prefill_graphs, compile_prefill=args.compile_prefill))
     except ValueError as e:              # EngineConfig's checks (page size ...)
         raise UsageError(str(e)) from None
     from dsv4.serve.auth import ENV_VAR, warn_if_exposed

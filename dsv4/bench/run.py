@@ -44,6 +44,7 @@ class BenchOptions:
     prefill_graphs: bool = True      # prefill steps of <= MAX_GRAPH_TOKENS through engine/prefill_graphs.py, as
                                      # the engine runs them on CUDA (JSON prefill; the eager step's figures:
                                      # prefill_eager); False: eager only
+    compile_prefill: bool = False    # torch.compile the prefill graphs' segments (EngineConfig.compile_prefill)
     timing_only: bool = False        # skip the agreement, per-op effect and op error measurements
     out: str | None = None
     log: list[str] = field(default_factory=list)
@@ -71,6 +72,7 @@ def run(opts: BenchOptions) -> dict:
     res: dict = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "layers": opts.layers,
                  "compress_ratios": list(cfg.compress_ratios[: cfg.n_layers]), "context": opts.context,
                  "fast_ops": ops.fast_ops_status(), "compile": opts.compile, "compile_scope": opts.compile_scope,
+                 "prefill_graphs": opts.prefill_graphs, "compile_prefill": opts.compile_prefill,
                  "env": {k: os.environ[k] for k in BENCH_ENV if k in os.environ}}
     bw = floor.copy_bandwidth(dev)
     res["copy_bandwidth_TBps"] = bw / 1e12
@@ -170,7 +172,8 @@ def _prefill_graphs(model, n: int, opts: BenchOptions) -> dict:
     """The prefill of n tokens through `PrefillGraphs` (one bucket: the chunk size), timed as the default is."""
     graphs = None
     try:
-        graphs = PrefillGraphs(model, sizes=(min(n, opts.prefill_chunk),))
+        graphs = PrefillGraphs(model, sizes=(min(n, opts.prefill_chunk),),
+                               compile="inductor" if opts.compile_prefill else None)
         t = summary(cuda_time(dsv4_prefill(model, n, opts.prefill_chunk, opts.seed, graphs.step),
                               1 if n > 8192 else 3))
     except (torch.OutOfMemoryError, RuntimeError) as e:

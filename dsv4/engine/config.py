@@ -35,6 +35,9 @@ class EngineConfig:
                                         # prefill 47.9 -> 30.9 ms on the Flash-width bench, H100). None: where
                                         # decode steps are captured (CUDA, cuda_graphs); True: also on a CPU (the
                                         # same padded segments run eagerly, for tests); False: off
+    compile_prefill: bool = False       # CUDA: torch.compile the prefill graphs' per-token segments (per block
+                                        # kind and token bucket) before capturing them (inductor fuses their
+                                        # elementwise work; GPU-unmeasured, so opt-in; compiling at start)
     tensor_parallel_size: int = 1       # ranks the model is sharded over (docs/parallel.md); the engine runs on rank 0
     num_speculative_tokens: int = 0     # drafts per decode step from the MTP block (engine/speculative.py); 0 = off
     enable_prefix_caching: bool = True  # requests start from a cached prefix (engine/prefix_cache.py; TP = 1 only)

@@ -18,6 +18,8 @@ Exactness: at a bucket's exact size the step is `model.step`'s ops in the same o
 row equals the unpadded step's wherever every per-token kernel is row-invariant; cuBLAS's GEMMs (FP8 linears,
 mHC's fp32 mixes) may pick another algorithm for another row count.
 The engine's default on CUDA (`EngineConfig.prefill_graphs`); `scripts/bench/prefill_graph.py` measures it.
+`compile=`: each segment's two block sides (`output_side`, `input_side`) compiled per block kind and bucket before
+the capture (`EngineConfig.compile_prefill`, opt-in until measured), as the decode step's `compile_scope="block"`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from dsv4.engine.graphs import capture
+from dsv4.engine.graphs import BLOCKS_DYNAMO_CONFIG, capture, compiled
 from dsv4.model.state import ModelState, StepBatch
 from dsv4.parity.taps import recording
 
@@ -46,21 +48,34 @@ MAX_GRAPH_TOKENS = 2048
 DEFAULT_BUCKETS = tuple(buckets_up_to(MAX_GRAPH_TOKENS))   # 256, 512, 1024, 2048: the engine's default step budget
 
 
+def output_side(block, h: torch.Tensor, o: torch.Tensor, cis, post, comb, ids: torch.Tensor) -> torch.Tensor:
+    """A block's per-token work after its attention core: the output projection, hc_post and the FFN side."""
+    return block.after_attn(h, block.attn.output(o, cis), post, comb, ids)
+
+
+def input_side(block, h: torch.Tensor, positions: torch.Tensor) -> tuple:
+    """A block's per-token work before its attention core: (h, cis, post, comb, projections)."""
+    x, cis, post, comb = block.attn_input(h, positions)
+    return h, cis, post, comb, block.attn.project(x, cis)
+
+
+SIDES = (output_side, input_side)
+
+
 def segment(model, i: int, ids: torch.Tensor, positions: torch.Tensor, prev: tuple | None,
-            attn_out: list[torch.Tensor]) -> tuple:
+            attn_out: list[torch.Tensor], sides=SIDES) -> tuple:
     """Per-token segment i (0..L) of a step: (h, cis, post, comb, projections) for i < L, (h,) for i = L.
-    `prev` is segment i-1's result, `attn_out[i-1]` core i-1's output."""
+    `prev` is segment i-1's result, `attn_out[i-1]` core i-1's output; `sides`: (output_side, input_side) or
+    their compiled versions."""
     layers = model.layers
     if i == 0:
         h = model.embed(ids).unsqueeze(2).repeat(1, 1, model.cfg.hc_mult, 1)
     else:
-        block, (h, cis, post, comb, _) = layers[i - 1], prev
-        h = block.after_attn(h, block.attn.output(attn_out[i - 1], cis), post, comb, ids)
+        h, cis, post, comb, _ = prev
+        h = sides[0](layers[i - 1], h, attn_out[i - 1], cis, post, comb, ids)
     if i == len(layers):
         return (h,)
-    block = layers[i]
-    x, cis, post, comb = block.attn_input(h, positions)
-    return h, cis, post, comb, block.attn.project(x, cis)
+    return sides[1](layers[i], h, positions)
 
 
 def first_rows(proj, n: int):
@@ -79,9 +94,9 @@ class _Bucket:
     reused by the next capture in the shared pool (replays never overlap, and no tensor of the pool outlives its
     segment). The copies cost ~2 x the outputs' bytes a segment (~0.1 ms a layer at 1k tokens, Flash width)."""
 
-    def __init__(self, model, size: int, pool):
+    def __init__(self, model, size: int, pool, sides=SIDES):
         cfg, dev = model.cfg, next(model.parameters()).device
-        self.model = model
+        self.model, self.sides = model, sides
         self.ids = torch.zeros(1, size, dtype=torch.long, device=dev)
         self.positions = torch.zeros(size, dtype=torch.long, device=dev)
         self.attn_out = [torch.zeros(1, size, cfg.n_heads, cfg.head_dim, dtype=model.dtype, device=dev)
@@ -101,7 +116,8 @@ class _Bucket:
                 self.outs.append(prev)
 
     def _segment(self, i: int, prev: tuple | None) -> tuple:
-        out = segment(self.model, i, self.ids, self.positions, prev, self.attn_out)
+        with torch._dynamo.config.patch(**BLOCKS_DYNAMO_CONFIG):     # compiled sides: a graph per block kind
+            out = segment(self.model, i, self.ids, self.positions, prev, self.attn_out, self.sides)
         leaves, spec = tree_flatten(out)
         kept = []
         for k, t in enumerate(leaves):
@@ -123,15 +139,20 @@ class _Bucket:
 class PrefillGraphs:
     """General steps of up to max(sizes) tokens through per-token segment graphs (see the module docstring)."""
 
-    def __init__(self, model, sizes=DEFAULT_BUCKETS, capture: bool = True):
+    def __init__(self, model, sizes=DEFAULT_BUCKETS, capture: bool = True, compile=None):
+        """`compile`: None, or a torch.compile backend ("inductor"; "aot_eager" in the CPU tests) for the
+        segments' block sides, compiled per block kind and bucket (static shapes), before their capture: inductor
+        fuses the per-token elementwise work (mHC, norms, RoPE, quantisation emulation, routing) that eager runs
+        op by op."""
         dev = next(model.parameters()).device
         self.model = model
+        sides = SIDES if compile is None else tuple(compiled(f, compile) for f in SIDES)
         capture = capture and dev.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if capture else None
-        if capture:
-            model.prepare_fixed_shape_decode(dev)    # expert stacks and RoPE tables: nothing created in a capture
+        if capture or compile is not None:     # expert stacks and RoPE tables: nothing created in a capture or trace
+            model.prepare_fixed_shape_decode(dev)
         # largest first, so the smaller buckets' captures fit in the memory the first one reserved
-        self.buckets = {n: _Bucket(model, n, pool) for n in sorted(sizes, reverse=True)}
+        self.buckets = {n: _Bucket(model, n, pool, sides) for n in sorted(sizes, reverse=True)}
 
     def step(self, input_ids: torch.Tensor, batch: StepBatch, state: ModelState) -> torch.Tensor:
         """`model.step` for a general step: input_ids [1, T] -> final hc streams [1, T, hc, D] (a copy); reads and

@@ -9,15 +9,17 @@ prints per size: eager ms, replay ms, and whether the replay's hidden states equ
 Measured (H100, twentieth session): 1k 48.6 -> 29.7 ms, 2k 59.9 -> 55.1, bit-equal. Then the product's way,
 `engine.prefill_graphs.PrefillGraphs` (per-token segments captured for a token bucket, the stateful attention
 cores eager): `segments_ms`, and its hidden states against the eager step (equal at a bucket's exact size;
-`--bucket` larger than the tokens runs it padded: cosine).
+`--bucket` larger than the tokens runs it padded: cosine); `--compile` also the segments compiled by inductor
+before their capture (`compiled_ms`; inductor's fusions round differently: cosine).
 Usage (repository root, on the GPU machine): PYTHONPATH=. python3 scripts/bench/prefill_graph.py [--tokens 1024 2048]
-[--bucket N]
+[--bucket N] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -26,7 +28,7 @@ from dsv4.engine.prefill_graphs import PrefillGraphs
 from dsv4.model.state import StepBatch
 
 
-def _case(model, n: int, repeats: int, bucket: int | None = None) -> dict:
+def _case(model, n: int, repeats: int, bucket: int | None = None, compiled: bool = False) -> dict:
     dev = next(model.parameters()).device
     state, pages, ids = fresh_sequence(model, n)
     batch = StepBatch.build([(0, 0, n, pages)], dev)
@@ -61,12 +63,17 @@ def _case(model, n: int, repeats: int, bucket: int | None = None) -> dict:
     out["replay_equal"] = bool(torch.equal(got, want))
     out["replay_ms"] = 1e3 * statistics.median(cuda_time(replay, repeats))
     out.update(_segments(model, ids, batch, state, want, bucket or n, repeats))
+    if compiled:
+        out.update(_segments(model, ids, batch, state, want, bucket or n, repeats, "inductor", "compiled"))
     return out
 
 
-def _segments(model, ids, batch, state, want, bucket: int, repeats: int) -> dict:
-    """The product's way: `PrefillGraphs` (per-token segments captured for a bucket, attention cores eager)."""
-    segs = PrefillGraphs(model, sizes=(bucket,))
+def _segments(model, ids, batch, state, want, bucket: int, repeats: int, compile=None, key: str = "segments") -> dict:
+    """The product's way: `PrefillGraphs` (per-token segments captured for a bucket, attention cores eager);
+    `compile`: the segments' torch.compile backend (EngineConfig.compile_prefill), figures under `key`."""
+    t0 = time.perf_counter()
+    segs = PrefillGraphs(model, sizes=(bucket,), compile=compile)
+    setup_s = time.perf_counter() - t0
 
     def run():
         state.reset_slot(0)
@@ -75,8 +82,8 @@ def _segments(model, ids, batch, state, want, bucket: int, repeats: int) -> dict
 
     got = run()
     cos = torch.nn.functional.cosine_similarity(got.double().flatten(1), want.double().flatten(1), dim=-1)
-    return {"bucket": bucket, "segments_equal": bool(torch.equal(got, want)), "segments_min_cos": cos.min().item(),
-            "segments_ms": 1e3 * statistics.median(cuda_time(run, repeats))}
+    return {"bucket": bucket, f"{key}_equal": bool(torch.equal(got, want)), f"{key}_min_cos": cos.min().item(),
+            f"{key}_ms": 1e3 * statistics.median(cuda_time(run, repeats)), f"{key}_setup_s": setup_s}
 
 
 def main() -> None:
@@ -86,10 +93,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bucket", type=int, help="the segments' token bucket (default: each --tokens itself; larger: "
                                                "the step runs padded)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also the segments compiled by inductor before their capture (EngineConfig.compile_prefill): "
+                         "compiled_ms, compiled_equal / compiled_min_cos against the eager step, compiled_setup_s")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     model = bench_model(args.layers)
-    results = [_case(model, n, args.repeats, args.bucket) for n in args.tokens]
+    results = [_case(model, n, args.repeats, args.bucket, args.compile) for n in args.tokens]
     write_results(results, args.json)
 
 
