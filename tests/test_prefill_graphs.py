@@ -130,6 +130,33 @@ def test_compiled_sides_share_a_graph_per_block_kind_and_are_bit_identical(tmp_p
 
 
 @torch.no_grad()
+def test_steps_longer_than_every_bucket_run_the_segments_at_their_length(tiny_model_fp32):
+    """With `compile`, a step longer than every bucket runs the segments unpadded and uncaptured through sides
+    compiled with dynamic token counts (`_long_step`): its data flow, here through the plain sides, is `model.step`
+    bit for bit, decode state included. (The compiled sides' own check is the GPU test below: on a CPU the experts'
+    twin loops over row chunks in Python, which Dynamo specialises per token count, and tracing takes minutes.)"""
+    model = tiny_model_fp32
+    graphs = PrefillGraphs(model, sizes=(32,), capture=False)
+    graphs.long_sides = graphs.buckets[32].sides                # what compile= would compile, uncompiled
+    called = []
+    long_step = graphs._long_step
+    graphs._long_step = lambda *a: called.append(1) or long_step(*a)
+    want_state, got_state = _state(model), _state(model)
+    gen = torch.Generator().manual_seed(8)
+    for start, n in [(0, 40), (40, 150)]:
+        ids = torch.randint(2, model.cfg.vocab_size, (1, n), generator=gen)
+        batch = StepBatch.build([(0, start, n, _pages(0))], "cpu")
+        assert torch.equal(graphs.step(ids, batch, got_state), model.step(ids, batch, want_state)), (start, n)
+    assert len(called) == 2
+    for a, b in zip(_state_tensors(got_state), _state_tensors(want_state), strict=True):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    ids = torch.randint(2, model.cfg.vocab_size, (1, 20), generator=gen)      # fits the bucket: padded, as before
+    batch = StepBatch.build([(0, 190, 20, _pages(0))], "cpu")
+    _close(graphs.step(ids, batch, got_state)[0], model.step(ids, batch, want_state)[0], "bucket step")
+    assert len(called) == 2
+
+
+@torch.no_grad()
 def test_longer_steps_and_recorded_steps_take_the_general_step(tiny_model_fp32):
     from dsv4.parity.taps import Recorder
 
@@ -184,3 +211,17 @@ def test_compiled_replays_match_the_general_step_on_cuda(tiny_ckpt):
         got, want = compiled.step(ids, batch, states[0]), model.step(ids, batch, states[1])
         cos = torch.nn.functional.cosine_similarity(got.double().flatten(1), want.double().flatten(1), dim=-1)
         assert cos.min().item() >= 0.999, (start, n, cos.min().item())
+    # longer than every bucket: the dynamic-shape sides, one compilation for every length (the fast ops are opaque
+    # custom ops on CUDA, so nothing specialises on the token count)
+    from torch._dynamo.utils import counters
+
+    start, seen, states = 0, [], [_state(model) for _ in range(2)]
+    for n in (150, 140, 160):                           # 450 positions: within the slot's 4 pages
+        ids = torch.randint(2, model.cfg.vocab_size, (1, n), generator=gen).cuda()
+        batch = StepBatch.build([(0, start, n, _pages(0))], "cuda")
+        got, want = compiled.step(ids, batch, states[0]), model.step(ids, batch, states[1])
+        cos = torch.nn.functional.cosine_similarity(got.double().flatten(1), want.double().flatten(1), dim=-1)
+        assert cos.min().item() >= 0.999, (start, n, cos.min().item())
+        seen.append(counters["stats"]["unique_graphs"])
+        start += n
+    assert seen[0] == seen[-1], seen                    # no recompilation for new lengths

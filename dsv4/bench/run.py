@@ -150,13 +150,15 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
             t = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             _say(opts, f"dsv4 prefill {n}, eager step: {t['error']}")
         _free()
-        if opts.prefill_graphs and min(n, opts.prefill_chunk) <= MAX_GRAPH_TOKENS:
-            # the engine's default path for steps of up to MAX_GRAPH_TOKENS (longer ones run eagerly there too)
+        if opts.prefill_graphs and (min(n, opts.prefill_chunk) <= MAX_GRAPH_TOKENS or opts.compile_prefill):
+            # the engine's path: captured segments for steps of up to MAX_GRAPH_TOKENS; longer ones eager, or with
+            # compile_prefill its dynamic-shape compiled segments
             out.setdefault("prefill_eager", {})[n] = t
             if "median_s" in t:
                 _say(opts, f"dsv4 prefill {n}, eager step: {t['median_s'] * 1e3:.1f} ms")
             t = _prefill_graphs(model, n, opts)
-            t["path"] = "prefill graphs"
+            t["path"] = ("prefill graphs" if min(n, opts.prefill_chunk) <= MAX_GRAPH_TOKENS
+                         else "compiled segments, uncaptured")
         fl = floor.prefill_floor(cfg, n, bw)
         t.update(floor_s=fl["floor_s"], floor=fl)
         if "median_s" in t:
@@ -169,10 +171,11 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
 
 
 def _prefill_graphs(model, n: int, opts: BenchOptions) -> dict:
-    """The prefill of n tokens through `PrefillGraphs` (one bucket: the chunk size), timed as the default is."""
-    graphs = None
+    """The prefill of n tokens through `PrefillGraphs` (one bucket: the chunk size, up to MAX_GRAPH_TOKENS; longer
+    chunks: no bucket, the compiled segments at their length), timed as the default is."""
+    graphs, size = None, min(n, opts.prefill_chunk)
     try:
-        graphs = PrefillGraphs(model, sizes=(min(n, opts.prefill_chunk),),
+        graphs = PrefillGraphs(model, sizes=(size,) if size <= MAX_GRAPH_TOKENS else (),
                                compile="inductor" if opts.compile_prefill else None)
         t = summary(cuda_time(dsv4_prefill(model, n, opts.prefill_chunk, opts.seed, graphs.step),
                               1 if n > 8192 else 3))

@@ -67,13 +67,14 @@ def compiled_blocks(forward, backend: str = "inductor"):
     return run
 
 
-def compiled(fn, backend: str = "inductor"):
-    """`fn` through torch.compile: static shapes (one compilation per bucket), the whole step one graph, and bf16
-    roundings kept where eager rounds (inductor would otherwise keep some fused intermediates in fp32).
+def compiled(fn, backend: str = "inductor", dynamic: bool = False):
+    """`fn` through torch.compile: static shapes (one compilation per bucket; `dynamic=True`: sizes symbolic, one
+    compilation for every token count), the whole step one graph, and bf16 roundings kept where eager rounds
+    (inductor would otherwise keep some fused intermediates in fp32).
     `backend="aot_eager"` traces and functionalises the same graph but runs it eagerly: the CPU tests' check of
     the tracing (inductor's CPU code generator fails on this graph in torch 2.13; GPUs generate Triton)."""
     options = {"emulate_precision_casts": True} if backend == "inductor" else None     # inductor-only options
-    return torch.compile(fn, dynamic=False, fullgraph=True, backend=backend, options=options)
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=backend, options=options)
 
 
 def capture(fn, pool):

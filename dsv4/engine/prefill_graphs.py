@@ -147,6 +147,9 @@ class PrefillGraphs:
         dev = next(model.parameters()).device
         self.model = model
         sides = SIDES if compile is None else tuple(compiled(f, compile) for f in SIDES)
+        # steps longer than every bucket: with `compile`, the same sides compiled with dynamic token counts, run at
+        # the step's own length, uncaptured (no padding: a bucket of 8k would pad up to 2x); else `model.step`
+        self.long_sides = None if compile is None else tuple(compiled(f, compile, dynamic=True) for f in SIDES)
         capture = capture and dev.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if capture else None
         if capture or compile is not None:     # expert stacks and RoPE tables: nothing created in a capture or trace
@@ -156,12 +159,15 @@ class PrefillGraphs:
 
     def step(self, input_ids: torch.Tensor, batch: StepBatch, state: ModelState) -> torch.Tensor:
         """`model.step` for a general step: input_ids [1, T] -> final hc streams [1, T, hc, D] (a copy); reads and
-        advances every sequence's decode state. Steps longer than the largest bucket, and steps run while taps
-        are recorded (the segments skip the per-block taps), run `model.step` itself."""
+        advances every sequence's decode state. Steps longer than the largest bucket run `model.step` itself, or
+        with `compile` the segments at their own length (`_long_step`); steps run while taps are recorded (the
+        segments skip the per-block taps) run `model.step`."""
         n = input_ids.shape[1]
         fits = [size for size in self.buckets if size >= n]
-        if not fits or recording() or not isinstance(batch, StepBatch):
+        if recording() or not isinstance(batch, StepBatch) or (not fits and self.long_sides is None):
             return self.model.step(input_ids, batch, state)
+        if not fits:
+            return self._long_step(input_ids, batch, state)
         bucket = self.buckets[min(fits)]
         bucket.ids.zero_()
         bucket.ids[:, :n].copy_(input_ids)
@@ -173,3 +179,13 @@ class PrefillGraphs:
             o = layer.attn.core(first_rows(prev[4], n), batch, layer_state, self.model.dtype)
             bucket.attn_out[i][:, :n].copy_(o)
         return bucket.run(len(self.model.layers), prev)[0][:, :n].clone()
+
+    def _long_step(self, input_ids: torch.Tensor, batch: StepBatch, state: ModelState) -> torch.Tensor:
+        """A step longer than every bucket: the segments at the step's own length through the dynamic-shape
+        compiled sides, eagerly (`model.step`'s ops, fused by the compiler), the cores between them."""
+        layers, attn_out, prev = self.model.layers, [], None
+        with torch._dynamo.config.patch(**BLOCKS_DYNAMO_CONFIG):
+            for i, (layer, layer_state) in enumerate(zip(layers, state.layers, strict=True)):
+                prev = segment(self.model, i, input_ids, batch.positions, prev, attn_out, self.long_sides)
+                attn_out.append(layer.attn.core(prev[4], batch, layer_state, self.model.dtype))
+            return segment(self.model, len(layers), input_ids, batch.positions, prev, attn_out, self.long_sides)[0]
