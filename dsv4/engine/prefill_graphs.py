@@ -43,7 +43,7 @@ def buckets_up_to(max_tokens: int, smallest: int = 256) -> list[int]:
 
 # The largest step worth a graph: above it the GPU, not the host, bounds a step, and the segments' output copies
 # cost more than the launches they save (Flash-width bench, H100, bench/results/h100_s21: 1k 45.3 eager -> 30.2 ms,
-# 2k 56.7 -> 55.9, 8k 164.1 -> 167.4). Longer steps run `model.step` itself.
+# 2k 56.7 -> 55.9, 8k 164.1 -> 167.4). Longer steps run `model.step` itself (with compile=: `_long_step`).
 MAX_GRAPH_TOKENS = 2048
 DEFAULT_BUCKETS = tuple(buckets_up_to(MAX_GRAPH_TOKENS))   # 256, 512, 1024, 2048: the engine's default step budget
 
