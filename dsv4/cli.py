@@ -160,7 +160,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-prefill-graphs", dest="prefill_graphs", action="store_const", const=False, default=None,
                    help="CUDA: run prefill chunks as eager steps instead of replaying per-token CUDA graphs per "
                         "token bucket (the default there: 1k prefill 47.9 -> 30.9 ms on the Flash-width bench); "
-                        "saves the graphs' memory (two sets of one block's activations per bucket) and their "
+                        "saves the graphs' memory (one arena shared by the buckets: ~0.6 GB at Flash width) and their "
                         "capture at start")
     p.add_argument("--compile-prefill", action="store_true",
                    help="CUDA: torch.compile the prefill graphs' per-token segments before capturing them (fuses "

@@ -79,18 +79,34 @@ def test_segments_equal_the_general_step(model):
 
 
 @torch.no_grad()
-def test_segment_outputs_share_two_buffer_sets_whatever_the_depth(model):
-    """The segments' outputs live in buffers shared across layers (two sets: segment i's outputs are read by core i
-    and segment i+1 only), not one set per segment: at Flash's depth that is ~10 GB per 2k bucket. The hc streams
-    (every segment's largest output) therefore have exactly two buffers for L + 1 segments."""
+def test_buckets_share_one_arena_sized_by_the_largest_segment(model):
+    """The segments and cores of every bucket exchange data through one arena, not through outputs kept per
+    segment and core outputs kept per layer (for Flash's 43 layers ~6 GB of core outputs alone at a 2k bucket):
+    two regions, each the largest segment's outputs at the largest bucket, and one core output of the largest
+    bucket, whatever the depth and the number of buckets; every bucket's views lie in it."""
+    from dsv4.engine.prefill_graphs import output_bytes, segment
+
     assert len(model.layers) >= 3
-    graphs = PrefillGraphs(model, sizes=(64,), capture=False)
-    ids = torch.randint(2, model.cfg.vocab_size, (1, 50), generator=torch.Generator().manual_seed(5))
-    graphs.step(ids, StepBatch.build([(0, 0, 50, _pages(0))], "cpu"), _state(model))
-    bucket = graphs.buckets[64]
-    h_shape = (1, 64, model.cfg.hc_mult, model.cfg.dim)
-    h_buffers = [t for t in bucket.buffers.values() if tuple(t.shape) == h_shape]
-    assert len(h_buffers) == 2, [tuple(t.shape) for t in bucket.buffers.values()]
+    graphs = PrefillGraphs(model, sizes=(32, 64), capture=False)
+    gen = torch.Generator().manual_seed(5)
+    for n in (50, 20):                                  # one step in each bucket
+        ids = torch.randint(2, model.cfg.vocab_size, (1, n), generator=gen)
+        graphs.step(ids, StepBatch.build([(0, 0, n, _pages(0))], "cpu"), _state(model))
+    cfg, arena = model.cfg, graphs.buckets[64].arena
+    ids, positions = torch.zeros(1, 64, dtype=torch.long), torch.zeros(64, dtype=torch.long)
+    attn = [torch.zeros(1, 64, cfg.n_heads, cfg.head_dim, dtype=model.dtype)] * len(model.layers)
+    largest, prev = 0, None
+    for i in range(len(model.layers) + 1):
+        prev = segment(model, i, ids, positions, prev, attn)
+        largest = max(largest, output_bytes(prev))
+    assert [p.numel() for p in arena.parts] == [largest, largest]
+    assert arena.attn.shape == (1, 64, cfg.n_heads, cfg.head_dim)
+    storages = {p.untyped_storage().data_ptr() for p in [*arena.parts, arena.attn]}
+    for bucket in graphs.buckets.values():
+        assert bucket.arena is arena and len(bucket.views) == len(model.layers) + 1
+        for t in [*bucket.attn_out, *(v for views in bucket.views.values() for v in views
+                                     if isinstance(v, torch.Tensor))]:
+            assert t.untyped_storage().data_ptr() in storages
 
 
 @torch.no_grad()

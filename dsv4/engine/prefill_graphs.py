@@ -83,25 +83,63 @@ def first_rows(proj, n: int):
     return tree_map(lambda t: t[:, :n] if isinstance(t, torch.Tensor) else t, proj)
 
 
+_ALIGN = 256                      # bytes: every view carved from an arena starts on a 256-byte boundary
+
+
+class _Arena:
+    """The memory every bucket's segments and cores exchange data through, shared by all buckets (a step runs in
+    one bucket, so they never need it at once): two regions for the segments' outputs (segment i's outputs are
+    read by core i and segment i+1 only, so they alternate by parity) and one for the cores' outputs (core i's is
+    read by segment i+1 only). Without it each segment's captured outputs and each layer's core output would stay
+    alive per bucket: for Flash's 43 layers at a 2k bucket ~6 GB of core outputs alone, ~11 GB over the default
+    buckets; with it ~0.6 GB in all. Zeroed once, so the padded rows of a step read finite values (stale ones of
+    an earlier step after that: per-token work keeps rows apart, and the padded rows' results are dropped)."""
+
+    def __init__(self, out_bytes: int, attn_shape: tuple, dtype: torch.dtype, device):
+        self.parts = [torch.zeros(out_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.attn = torch.zeros(attn_shape, dtype=dtype, device=device)
+
+    def views(self, parity: int, leaves: list) -> list:
+        """Views of region `parity` shaped like the tensors among `leaves` (other leaves as they are), packed."""
+        part, offset, out = self.parts[parity], 0, []
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                n = t.numel() * t.element_size()
+                if offset + n > part.numel():
+                    raise RuntimeError(f"prefill graphs: a segment's outputs need more than the {part.numel()} "
+                                       "bytes measured at the largest bucket")
+                t = part[offset:offset + n].view(t.dtype).view(t.shape)
+                offset = packed_bytes(offset + n)
+            out.append(t)
+        return out
+
+
+def packed_bytes(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def output_bytes(outputs) -> int:
+    """Bytes of a segment's outputs packed as `_Arena.views` packs them."""
+    total = 0
+    for t in tree_flatten(outputs)[0]:
+        if isinstance(t, torch.Tensor):
+            total = packed_bytes(total + t.numel() * t.element_size())
+    return total
+
+
 class _Bucket:
-    """One token bucket: static inputs, the cores' output buffers, the segments' output buffers, and the segments
-    (captured, or run eagerly).
+    """One token bucket: static inputs, and the segments (captured, or run eagerly), which exchange data through
+    the shared `_Arena`. Each segment copies its outputs into the arena (~2 x their bytes: ~0.1 ms a layer at 1k
+    tokens, Flash width); what a segment allocates inside its capture is freed when the capture ends and reused by
+    the next capture in the shared pool (replays never overlap, and no tensor of the pool outlives its segment)."""
 
-    Each segment copies its outputs into buffers shared by every other segment: segment i's outputs are read by
-    core i and segment i+1 only, so two sets (by the segment's parity) suffice, one per distinct output structure
-    (block kinds differ). A captured graph's own outputs would stay alive per segment (L sets per bucket: ~10 GB
-    for Flash's 43 layers at 2k tokens); what a segment allocates inside its capture is freed when it ends and
-    reused by the next capture in the shared pool (replays never overlap, and no tensor of the pool outlives its
-    segment). The copies cost ~2 x the outputs' bytes a segment (~0.1 ms a layer at 1k tokens, Flash width)."""
-
-    def __init__(self, model, size: int, pool, sides=SIDES):
-        cfg, dev = model.cfg, next(model.parameters()).device
-        self.model, self.sides = model, sides
+    def __init__(self, model, size: int, pool, sides, arena: _Arena):
+        dev = next(model.parameters()).device
+        self.model, self.sides, self.arena = model, sides, arena
         self.ids = torch.zeros(1, size, dtype=torch.long, device=dev)
         self.positions = torch.zeros(size, dtype=torch.long, device=dev)
-        self.attn_out = [torch.zeros(1, size, cfg.n_heads, cfg.head_dim, dtype=model.dtype, device=dev)
-                         for _ in model.layers]
-        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.attn_out = [arena.attn[:, :size]] * len(model.layers)     # core i writes it, segment i + 1 reads it
+        self.views: dict[int, list] = {}
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.outs: list[tuple] = []
         if pool is None:
@@ -110,7 +148,6 @@ class _Bucket:
         with torch.inference_mode():
             prev = None
             for i in range(len(model.layers) + 1):     # in order: each segment reads the previous one's outputs
-                # capture's eager warm-ups allocate the buffers, outside the capture
                 graph, prev = capture(lambda i=i, prev=prev: self._segment(i, prev), pool)
                 self.graphs.append(graph)
                 self.outs.append(prev)
@@ -119,14 +156,9 @@ class _Bucket:
         with torch._dynamo.config.patch(**BLOCKS_DYNAMO_CONFIG):     # compiled sides: a graph per block kind
             out = segment(self.model, i, self.ids, self.positions, prev, self.attn_out, self.sides)
         leaves, spec = tree_flatten(out)
-        kept = []
-        for k, t in enumerate(leaves):
-            if isinstance(t, torch.Tensor):
-                key = (i % 2, k, tuple(t.shape), t.dtype)
-                if key not in self.buffers:
-                    self.buffers[key] = torch.empty_like(t)
-                t = self.buffers[key].copy_(t)
-            kept.append(t)
+        if i not in self.views:
+            self.views[i] = self.arena.views(i % 2, leaves)
+        kept = [v.copy_(t) if isinstance(t, torch.Tensor) else t for v, t in zip(self.views[i], leaves, strict=True)]
         return tree_unflatten(kept, spec)
 
     def run(self, i: int, prev: tuple | None) -> tuple:
@@ -154,8 +186,26 @@ class PrefillGraphs:
         pool = torch.cuda.graph_pool_handle() if capture else None
         if capture or compile is not None:     # expert stacks and RoPE tables: nothing created in a capture or trace
             model.prepare_fixed_shape_decode(dev)
-        # largest first, so the smaller buckets' captures fit in the memory the first one reserved
-        self.buckets = {n: _Bucket(model, n, pool, sides) for n in sorted(sizes, reverse=True)}
+        self.buckets = {}
+        if sizes:
+            arena = self._arena(max(sizes))
+            # largest first, so the smaller buckets' captures fit in the memory the first one reserved
+            self.buckets = {n: _Bucket(model, n, pool, sides, arena) for n in sorted(sizes, reverse=True)}
+
+    def _arena(self, size: int) -> _Arena:
+        """The shared arena, sized by one eager run of the (uncompiled) segments at the largest bucket on zeros
+        (the values do not matter, the outputs' sizes do; smaller buckets' outputs are smaller)."""
+        model, cfg = self.model, self.model.cfg
+        dev = next(model.parameters()).device
+        ids, positions = torch.zeros(1, size, dtype=torch.long, device=dev), torch.zeros(size, dtype=torch.long,
+                                                                                          device=dev)
+        attn = torch.zeros(1, size, cfg.n_heads, cfg.head_dim, dtype=model.dtype, device=dev)
+        need, prev = 0, None
+        with torch.inference_mode():
+            for i in range(len(model.layers) + 1):
+                prev = segment(model, i, ids, positions, prev, [attn] * len(model.layers))
+                need = max(need, output_bytes(prev))
+        return _Arena(need, tuple(attn.shape), model.dtype, dev)
 
     def step(self, input_ids: torch.Tensor, batch: StepBatch, state: ModelState) -> torch.Tensor:
         """`model.step` for a general step: input_ids [1, T] -> final hc streams [1, T, hc, D] (a copy); reads and
