@@ -10,7 +10,8 @@ Measured (H100, twentieth session): 1k 48.6 -> 29.7 ms, 2k 59.9 -> 55.1, bit-equ
 `engine.prefill_graphs.PrefillGraphs` (per-token segments captured for a token bucket, the stateful attention
 cores eager): `segments_ms`, and its hidden states against the eager step (equal at a bucket's exact size;
 `--bucket` larger than the tokens runs it padded: cosine); `--compile` also the segments compiled by inductor
-before their capture (`compiled_ms`; inductor's fusions round differently: cosine).
+before their capture (`compiled_ms`; inductor's fusions round differently: cosine). `*_reserved_mb`: the memory
+a `PrefillGraphs` of one bucket keeps (its arena and its graphs' private pool).
 Usage (repository root, on the GPU machine): PYTHONPATH=. python3 scripts/bench/prefill_graph.py [--tokens 1024 2048]
 [--bucket N] [--compile]
 """
@@ -71,9 +72,12 @@ def _case(model, n: int, repeats: int, bucket: int | None = None, compiled: bool
 def _segments(model, ids, batch, state, want, bucket: int, repeats: int, compile=None, key: str = "segments") -> dict:
     """The product's way: `PrefillGraphs` (per-token segments captured for a bucket, attention cores eager);
     `compile`: the segments' torch.compile backend (EngineConfig.compile_prefill), figures under `key`."""
-    t0 = time.perf_counter()
+    torch.cuda.empty_cache()
+    reserved, t0 = torch.cuda.memory_reserved(), time.perf_counter()
     segs = PrefillGraphs(model, sizes=(bucket,), compile=compile)
     setup_s = time.perf_counter() - t0
+    torch.cuda.empty_cache()                  # what stays reserved: the arena and the graphs' private pool
+    reserved_mb = (torch.cuda.memory_reserved() - reserved) / 2**20
 
     def run():
         state.reset_slot(0)
@@ -83,7 +87,8 @@ def _segments(model, ids, batch, state, want, bucket: int, repeats: int, compile
     got = run()
     cos = torch.nn.functional.cosine_similarity(got.double().flatten(1), want.double().flatten(1), dim=-1)
     return {"bucket": bucket, f"{key}_equal": bool(torch.equal(got, want)), f"{key}_min_cos": cos.min().item(),
-            f"{key}_ms": 1e3 * statistics.median(cuda_time(run, repeats)), f"{key}_setup_s": setup_s}
+            f"{key}_ms": 1e3 * statistics.median(cuda_time(run, repeats)), f"{key}_setup_s": setup_s,
+            f"{key}_reserved_mb": reserved_mb}
 
 
 def main() -> None:
