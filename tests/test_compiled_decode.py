@@ -65,19 +65,9 @@ def test_blockwise_compile_shares_a_graph_per_block_kind_and_is_bit_identical(tm
     """compile_scope="block": each block through one compiled function, so layers of the same kind (here the HCA
     layers 2 and 4, both top-k routed, of ratios 0, 4, 128, 4, 128) reuse one graph, the weights being graph inputs;
     the logits equal the uncompiled step's bit for bit."""
-    from dsv4.checkpoint import synthesize
-    from dsv4.config import tiny_config
+    from compile_helpers import five_layer_model, graph_counter
 
-    cfg = tiny_config(n_layers=5, compress_ratios=(0, 4, 128, 4, 128, 0))
-    torch._dynamo.reset()
-    model = dsv4.load_model(synthesize(cfg, tmp_path, seed=1234, progress=False), dtype=torch.bfloat16,
-                            quant_emulation=True, progress=False)
-    graphs = []
-
-    def counting(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    model, (counting, graphs) = five_layer_model(tmp_path), graph_counter()
     want = _decode(model, "cpu", False, steps=3)
     got = _decode(model, "cpu", counting, steps=3, scope="block")
     assert torch.equal(got, want)

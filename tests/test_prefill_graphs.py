@@ -118,20 +118,10 @@ def test_compiled_sides_share_a_graph_per_block_kind_and_are_bit_identical(tmp_p
     the uncompiled segments' bit for bit, exact and padded. The
     counting backend runs Dynamo's traced graphs as they are (inductor's CPU code generator fails on this model in
     torch 2.13; GPUs generate Triton)."""
-    import dsv4
-    from dsv4.checkpoint import synthesize
-    from dsv4.config import tiny_config
+    from compile_helpers import five_layer_model, graph_counter
 
-    cfg = tiny_config(n_layers=5, compress_ratios=(0, 4, 128, 4, 128, 0))
-    torch._dynamo.reset()
-    model = dsv4.load_model(synthesize(cfg, tmp_path, seed=1234, progress=False), dtype=torch.bfloat16,
-                            quant_emulation=True, progress=False)
-    graphs = []
-
-    def counting(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    model, (counting, graphs) = five_layer_model(tmp_path), graph_counter()
+    cfg = model.cfg
     plain, compiled = PrefillGraphs(model, sizes=(64,), capture=False), PrefillGraphs(model, sizes=(64,),
                                                                                       capture=False, compile=counting)
     want_state, got_state = _state(model), _state(model)

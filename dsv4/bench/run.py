@@ -157,8 +157,6 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
             if "median_s" in t:
                 _say(opts, f"dsv4 prefill {n}, eager step: {t['median_s'] * 1e3:.1f} ms")
             t = _prefill_graphs(model, n, opts)
-            t["path"] = ("prefill graphs" if min(n, opts.prefill_chunk) <= MAX_GRAPH_TOKENS
-                         else "compiled segments, uncaptured")
         fl = floor.prefill_floor(cfg, n, bw)
         t.update(floor_s=fl["floor_s"], floor=fl)
         if "median_s" in t:
@@ -179,6 +177,7 @@ def _prefill_graphs(model, n: int, opts: BenchOptions) -> dict:
                                compile="inductor" if opts.compile_prefill else None)
         t = summary(cuda_time(dsv4_prefill(model, n, opts.prefill_chunk, opts.seed, graphs.step),
                               1 if n > 8192 else 3))
+        t["path"] = "prefill graphs" if graphs.buckets else "compiled segments, uncaptured"
     except (torch.OutOfMemoryError, RuntimeError) as e:
         t = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         _say(opts, f"dsv4 prefill {n} through prefill graphs: {t['error']}")
