@@ -64,6 +64,9 @@ BAD_CHAT = [  # (body, status, param, code)
     (chat(messages=[{"role": "user"}]), 400, "messages[0].content", "missing_required_parameter"),
     (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400, ...,
      ...),
+    (chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                 {"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
+     "messages[0].content[1]", "unsupported_value"),
     (chat(messages=[{"role": "tool", "content": "x", "tool_call_id": "c1"}]), 400, "messages", "invalid_value"),
     (chat(messages=[{"role": "user", "content": " ".join(map(str, range(200)))}]), 400, "messages",
      "context_length_exceeded"),
@@ -80,6 +83,10 @@ BAD_CHAT = [  # (body, status, param, code)
     (chat(temperature=3), 400, "temperature", "invalid_value"),
     (chat(top_p=0), 400, "top_p", "invalid_value"),
     (chat(top_k=-2), 400, "top_k", "invalid_value"),
+    # Valid JSON numbers the sampler cannot pack (int64 / float32): they used to fail the engine's step -> 503s.
+    (chat(top_k=2**63), 400, "top_k", "invalid_value"),
+    (chat(top_p=1e-300), 400, "top_p", "invalid_value"),
+    (chat(repetition_penalty=1e-300), 400, "repetition_penalty", "invalid_value"),
     (chat(n=0), 400, "n", "invalid_value"),
     (chat(n=1000), 400, "n", "invalid_value"),
     (chat(stop=""), 400, "stop", ...),
@@ -130,6 +137,8 @@ BAD_COMPLETIONS = [
     ({"model": "m", "prompt": "hi", "max_tokens": 200}, 400, "max_tokens", "context_length_exceeded"),
     ({"model": "m", "prompt": [0] * 160}, 400, "prompt", "context_length_exceeded"),
     ({"model": "m", "prompt": ["a"] * 9, "n": 30}, 400, "n", "invalid_value"),
+    ({"model": "m", "prompt": "hi", "structured_outputs": {"choice": ["a"]}, "ignore_eos": True}, 400, "ignore_eos",
+     "invalid_value"),
     # Fits the context (160) but needs 2 cache pages of 128 and there is one: the ENGINE refuses it.
     ({"model": "m", "prompt": [0] * 100, "max_tokens": 40}, 400, None, "invalid_value"),
 ]

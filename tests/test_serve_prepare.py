@@ -70,6 +70,23 @@ def test_sampling_fields_reach_the_engine(tokenizer):
     assert (got.seed, got.stop, got.max_tokens, got.n, got.logprobs, got.ignore_eos) == (3, ("x",), 9, 2, 4, True)
 
 
+@pytest.mark.parametrize("extreme", [{"top_k": 2**63 - 1}, {"top_p": 2.0**-149}, {"top_p": 1e-30, "top_k": 3},
+                                     {"repetition_penalty": 2.0**-149, "top_p": 0.5}, {"temperature": 2e-5}])
+def test_what_the_server_accepts_the_sampler_can_run(tokenizer, extreme):
+    """A request that passes validation must not fail the engine's step (that fails every request in the batch
+    and stops the engine): pack its extreme-but-valid parameters and sample a token."""
+    import torch
+
+    from dsv4.engine.sampling import SamplingTensors, TokenCounts, request_seeds, sample
+
+    params = chat_inputs(chat(**extreme), tokenizer, INFO).params
+    st = SamplingTensors.from_params([params], request_seeds(params), [0], "cpu")
+    counts = TokenCounts(1, 64)
+    counts.start(0, list(range(32)))
+    token = sample(torch.randn(1, 64, generator=torch.Generator().manual_seed(0)) * 5, st, counts).token_ids
+    assert 0 <= int(token) < 64
+
+
 def test_completion_prompts_and_defaults(tokenizer):
     ids, params = completion_inputs(CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b c"]}),
                                     tokenizer, INFO)

@@ -28,12 +28,21 @@ from dsv4.engine.structured import StructuredOutputsParams
 
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below this is greedy (dividing by it would overflow fp32)
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+INT64_MAX = 2**63 - 1
 
 
 # ---------------------------------------------------------------------------------------------------- parameters
 
+class SamplingParamsError(ValueError):
+    """A bad `SamplingParams` field; `field` names it (the server reports it as the request's `param`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _fail(name: str, allowed: str, value) -> None:
-    raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+    raise SamplingParamsError(name, f"SamplingParams.{name} must be {allowed}, got {value!r}")
 
 
 def _is_real(x) -> bool:
@@ -44,9 +53,17 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _as_f32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
 def _check_real(name: str, value, lo: float, hi: float, allowed: str, lo_open: bool = False) -> None:
+    # An open bound is checked on the float32 the sampler packs (SamplingTensors): top_p = 1e-300 is > 0 as a
+    # Python float but 0.0 there, where top-p keeps no token and the engine's step fails for the whole batch.
     if not _is_real(value) or value > hi or value < lo or (lo_open and value == lo):
         _fail(name, allowed, value)
+    if lo_open and _as_f32(value) <= lo:
+        _fail(name, f"{allowed} in float32 (the sampler's precision)", value)
 
 
 @dataclass(frozen=True)
@@ -78,8 +95,9 @@ class SamplingParams:
 
     def __post_init__(self):
         _check_real("temperature", self.temperature, 0.0, math.inf, "a finite number >= 0 (0 = greedy)")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            _fail("top_k", "-1 or 0 (off) or an integer >= 1", self.top_k)
+        # Packed into an int64 tensor: a larger top_k (it means "off" anyway) would fail the engine's whole step.
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
+            _fail("top_k", "-1 or 0 (off) or an integer in [1, 2**63 - 1]", self.top_k)
         _check_real("top_p", self.top_p, 0.0, 1.0, "in (0, 1]", lo_open=True)
         _check_real("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
         _check_real("repetition_penalty", self.repetition_penalty, 0.0, math.inf, "a finite number > 0", lo_open=True)

@@ -15,11 +15,11 @@ from jsonschema import exceptions as jsonschema_errors
 from jsonschema import validators
 
 from dsv4.chat import encode_messages
-from dsv4.engine.sampling import SamplingParams
+from dsv4.engine.sampling import SamplingParams, SamplingParamsError
 from dsv4.engine.structured import StructuredOutputsParams
 from dsv4.serve import constraints
 from dsv4.serve.errors import APIError
-from dsv4.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from dsv4.serve.protocol import ChatCompletionRequest, CompletionRequest, MediaPart, SamplingFields
 from dsv4.tokenizer import encode_prompt
 
 MAX_SEQUENCES = 256   # prompts x n of one request
@@ -84,8 +84,9 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
                               frequency_penalty=pick(req.frequency_penalty, 0.0), seed=req.seed,
                               max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
                               logprobs=logprobs, n=pick(req.n, 1), structured_outputs=structured)
-    except ValueError as e:
-        raise APIError(str(e), 400, None, "invalid_value") from e
+    except ValueError as e:     # what the request's types and ranges let through (float32 and int64 limits)
+        param = e.field if isinstance(e, SamplingParamsError) else None
+        raise APIError(str(e), 400, param, "invalid_value") from e
 
 
 # ------------------------------------------------------------------------------------------------ completions
@@ -122,6 +123,7 @@ def completion_inputs(req: CompletionRequest, tokenizer, info: ModelInfo,
 
 def chat_inputs(req: ChatCompletionRequest, tokenizer, info: ModelInfo, grammars=None) -> ChatInputs:
     check_model(req, info)
+    _check_text_only(req)
     _check_chat_options(req)
     kwargs = req.chat_template_kwargs
     effort = req.reasoning_effort or (kwargs.reasoning_effort if kwargs else None)
@@ -150,6 +152,16 @@ def chat_inputs(req: ChatCompletionRequest, tokenizer, info: ModelInfo, grammars
     max_tokens = _fit(len(ids), req.max_completion_tokens or req.max_tokens, info, param, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return ChatInputs(ids, sampling_params(req, max_tokens, logprobs, structured), mode, use_tools)
+
+
+def _check_text_only(req: ChatCompletionRequest) -> None:
+    for i, msg in enumerate(req.messages):
+        parts = msg.content if isinstance(msg.content, list) else []
+        for j, part in enumerate(parts):
+            if isinstance(part, MediaPart):
+                raise APIError(f"{part.type} content parts are not supported: this model reads text only (send "
+                               "content as a string or as parts of type 'text')", 400, f"messages[{i}].content[{j}]",
+                               "unsupported_value")
 
 
 def _check_chat_options(req: ChatCompletionRequest) -> None:

@@ -88,7 +88,16 @@ class TextPart(Strict):
     text: str
 
 
-Content = str | list[TextPart]
+class MediaPart(BaseModel):
+    """An image, audio, video or file part: valid in OpenAI's (and vLLM's) schema, so it is parsed (its payload
+    unchecked) and then refused by prepare.py with a message that says why, rather than failing the text-part
+    schema with a list of type errors. The model reads text only."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["image_url", "input_image", "input_audio", "audio_url", "video_url", "file"]
+
+
+Content = str | list[Annotated[TextPart | MediaPart, Field(discriminator="type")]]
 
 
 class FunctionCall(Strict):
