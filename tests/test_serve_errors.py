@@ -139,6 +139,8 @@ BAD_COMPLETIONS = [
     ({"model": "m", "prompt": ["a"] * 9, "n": 30}, 400, "n", "invalid_value"),
     ({"model": "m", "prompt": "hi", "structured_outputs": {"choice": ["a"]}, "ignore_eos": True}, 400, "ignore_eos",
      "invalid_value"),
+    ({"model": "m", "prompt": "hi", "structured_outputs": {"regex": "[^\\x00-\\U0010FFFF]"}}, 400,
+     "structured_outputs", "invalid_value"),                          # compiles, but matches no text at all
     # Fits the context (160) but needs 2 cache pages of 128 and there is one: the ENGINE refuses it.
     ({"model": "m", "prompt": [0] * 100, "max_tokens": 40}, 400, None, "invalid_value"),
 ]

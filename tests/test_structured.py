@@ -168,6 +168,16 @@ def test_bad_regex_and_grammar_raise(grammars):
         grammars.compile(StructuredOutputsParams(grammar="root ::= undefined_rule"))
 
 
+@pytest.mark.parametrize("so", [StructuredOutputsParams(regex="[^\\x00-\\U0010FFFF]"),
+                                StructuredOutputsParams(grammar='root ::= [^\\x00-\\U0010FFFF]')])
+def test_grammars_that_match_nothing_raise(grammars, so):
+    # Compiled without error, but no token (not even EOS) is allowed at the first step: generation would sample
+    # garbage from an all-masked row and drop the constraint.
+    with pytest.raises(StructuredOutputError, match="matches no text"):
+        grammars.compile(so)
+    assert grammars.compile(StructuredOutputsParams(regex="")) is not None       # the empty string: EOS only
+
+
 def test_compiled_grammars_are_cached(grammars):
     so = StructuredOutputsParams(json=SCHEMA)
     assert grammars.compile(so) is grammars.compile(StructuredOutputsParams(json=json.dumps(SCHEMA)))

@@ -223,6 +223,11 @@ class Grammars:
         return compiled
 
     def _compile(self, kind: str, text: str):
+        compiled = self._compile_grammar(kind, text)
+        _check_satisfiable(compiled, self.vocab_size, kind)
+        return compiled
+
+    def _compile_grammar(self, kind: str, text: str):
         if kind == "json":
             schema = _parse_json(text, "JSON schema")
             _check_meta(schema)
@@ -243,6 +248,19 @@ class Grammars:
             return compiler.compile_regex(text) if kind == "regex" else compiler.compile_grammar(text)
         except Exception as e:   # xgrammar raises RuntimeError / ValueError / its own errors for bad input
             raise StructuredOutputError(f"invalid {kind.replace('_', ' ')}: {_library_message(e)}") from None
+
+
+def _check_satisfiable(compiled, vocab_size: int, kind: str) -> None:
+    """Refuse a grammar whose first step allows no token, not even EOS (e.g. the regex `[^\\x00-\\U0010FFFF]`):
+    its language is empty, and a row with every token masked would sample garbage (the sampler has no choice
+    left) and be dropped from the constraint, so the client would get unconstrained text as if it matched."""
+    import xgrammar as xgr
+
+    mask = xgr.allocate_token_bitmask(1, vocab_size)
+    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(mask)
+    if not mask.any():
+        raise StructuredOutputError(f"the {kind.replace('_', ' ')} matches no text at all (not even the empty "
+                                    "string): no output could satisfy it")
 
 
 def _check_meta(schema) -> None:
