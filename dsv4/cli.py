@@ -67,7 +67,10 @@ def _add_model_args(p) -> None:
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:                    # else argparse names this function: "invalid _non_negative_int value"
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
@@ -82,9 +85,12 @@ def _add_sampling_args(p, temperature: float | None, max_tokens_help: str = f"de
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0 = off)")
     p.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (default -1 = off)")
     p.add_argument("--min-p", type=float, default=0.0, help="min-p threshold relative to the top token (default 0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="(default 1.0 = off)")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="(default 0)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="(default 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 makes tokens already in the prompt or output less likely (default 1.0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="-2..2, subtracted once from the logit of every token already generated (default 0 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="-2..2, subtracted per earlier occurrence of a generated token (default 0 = off)")
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; not printed)")
     p.add_argument("--thinking", action="store_true", help="thinking mode: the model reasons before answering")
@@ -135,7 +141,7 @@ def _add_serve(sub) -> None:
                         "network: set --api-key too)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1/* request (default: the "
                                      "DSV4_API_KEY environment variable; none = no authentication)")
-    p.add_argument("--port", type=_positive(int), default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", help="the model id clients send and /v1/models lists (default: the "
                                                f"--model argument, or '{BUILTIN_NAME}' for the built-in model)")
     p.add_argument("--max-num-seqs", type=_positive(int), default=d["max_num_seqs"],
@@ -201,6 +207,14 @@ example:
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "/path/to/DeepSeek-V4-Flash", "messages": [{"role": "user", "content": "Hi!"}]}'
 """
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1-65535: checked here, since uvicorn only finds a bad one after the model has loaded."""
+    value = _positive(int)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {text}")
+    return value
 
 
 def _add_synth(sub) -> None:
@@ -274,6 +288,10 @@ def _add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("needs a CUDA GPU, and none is available")
     from dsv4.bench.run import BenchOptions, run
 
     run(BenchOptions(layers=args.layers, context=args.context, decode_batches=args.decode_batches,
@@ -294,7 +312,8 @@ def _add_parity(sub) -> None:
     _add_parity_model_args(d)
     d.add_argument("--decode-steps", type=int, default=0, help="greedy decode steps after the prefill (default 0)")
     d.add_argument("--out", required=True, help="output directory")
-    d.add_argument("--dtype", dest="dtype_name", choices=["float32", "bfloat16"], default="float32")
+    d.add_argument("--dtype", dest="dtype_name", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype (default float32)")
     d.add_argument("--no-quant-emulation", action="store_true", help="turn off the FP8/FP4 QAT emulation")
     d.add_argument("--taps", action="append", help="record only taps matching this glob (repeatable)")
     d.add_argument("--inject-bug", help="compute with a known bug on purpose (docs/parity.md): rope-rotate-half, "
@@ -309,7 +328,7 @@ def _add_parity(sub) -> None:
     h.add_argument("--decode-steps", type=int, default=0, help="greedy decode steps after the prefill (default 0)")
     _add_threshold_args(h)
     r = cmds.add_parser("precision", help="distance of the golden precision variants to a float64 reference")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     r.add_argument("--tokens", dest="tokens_n", type=_positive(int), default=64, help="queries per case (default 64)")
     p.set_defaults(func=cmd_parity)
 
@@ -365,10 +384,13 @@ def _llm(args, **engine_options):
     from dsv4.llm import LLM
 
     engine_options = {"max_num_seqs": 1} | engine_options
-    return LLM(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
-               quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len,
-               enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=tp,
-               progress=sys.stderr.isatty(), num_speculative_tokens=args.speculative_tokens, **engine_options)
+    try:
+        return LLM(args.model, device=device, dtype=DTYPES[args.dtype] if args.dtype else None,
+                   quant_emulation=not args.no_quant_emulation, max_model_len=args.max_model_len,
+                   enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=tp,
+                   progress=sys.stderr.isatty(), num_speculative_tokens=args.speculative_tokens, **engine_options)
+    except ValueError as e:      # EngineConfig's checks (page size, --speculative-tokens with --tp ...)
+        raise UsageError(str(e)) from None
 
 
 def chat_temperature(args) -> float:
@@ -409,18 +431,22 @@ def cmd_generate(args) -> int:
     from dsv4 import interactive
 
     mode = "thinking" if args.thinking else "chat"
+    done: dict = {}
     if args.chat or args.thinking:
         from dsv4.chat import encode_messages
 
         prompt = encode_messages([{"role": "user", "content": args.prompt}], thinking_mode=mode)
-        interactive.print_reply(llm.stream(prompt, params), mode, sys.stdout)
+        interactive.print_reply(interactive.keep_output(llm.stream(prompt, params), done), mode, sys.stdout)
     else:
-        interactive.print_stream(llm.stream(args.prompt, params), sys.stdout)
+        interactive.print_stream(interactive.keep_output(llm.stream(args.prompt, params), done), sys.stdout)
+    interactive.note_if_cut(done, sys.stderr)     # stderr: stdout stays the generated text alone
     return 0
 
 
 def cmd_chat(args) -> int:
     params = _sampling(args)
+    if sys.stdin is None or sys.stdin.closed:   # e.g. `dsv4 chat <&-`: input() would fail only after the load
+        raise UsageError("standard input is closed: nothing to read the conversation from")
     llm = _llm(args)
     from dsv4 import interactive
 
@@ -433,6 +459,7 @@ def cmd_serve(args) -> int:
     from dsv4.serve import build_app, serve
     from dsv4.serve.launch import off_main_thread
 
+    _check_bindable(args.host, args.port)
     try:               # loaded off the main thread: the engine thread must be the only one that ran CPU ops
         llm = off_main_thread(lambda: _llm(
             args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -450,6 +477,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Fail before loading the model (minutes for a large one) when uvicorn could not listen on host:port (in use,
+    or an address this machine does not have). The socket is closed at once; uvicorn binds again later."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as uvicorn does
+            s.bind(address)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def check_new_output_dir(path: str) -> None:
+    """Refuse an --out that is a file or a non-empty directory, before any work: a checkpoint written into another
+    one would overwrite it (the built-in model's directory included) or leave its extra shards beside the new ones,
+    and files of any other kind would be mixed with the checkpoint's."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {path} exists and is not a directory")
+    if os.path.isdir(path) and any(os.scandir(path)):
+        raise UsageError(f"--out {path} is not empty: give a new or empty directory")
+
+
 def cmd_synth(args) -> int:
     from dsv4.config import ModelConfig
 
@@ -458,8 +510,12 @@ def cmd_synth(args) -> int:
         if args.layers > cfg.n_layers:
             raise UsageError(f"--layers {args.layers}: the config has only {cfg.n_layers} layers")
         cfg = cfg.truncated(args.layers)
+    shard_bytes = int(args.shard_gb * 2**30)
+    if shard_bytes < 1:
+        raise UsageError(f"--shard-gb {args.shard_gb}: less than one byte per shard")
+    check_new_output_dir(args.out)
     from dsv4.checkpoint import synthesize
-    out = synthesize(cfg, args.out, seed=args.seed, shard_bytes=int(args.shard_gb * 2**30), progress=True)
+    out = synthesize(cfg, args.out, seed=args.seed, shard_bytes=shard_bytes, progress=True)
     print(f"wrote {out}")
     return 0
 
@@ -503,7 +559,12 @@ def main(argv: list[str] | None = None) -> int:
     from dsv4.config import ConfigError
     try:
         return args.func(args)
-    except (UsageError, ConfigError, FileNotFoundError) as e:
+    except KeyboardInterrupt:            # Ctrl-C: a user's choice, not a crash (128 + SIGINT, as shells report it)
+        print(f"\ndsv4 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ConfigError, OSError) as e:
+        # OSError: a path the user gave that cannot be read or written (missing, a directory where a file is
+        # expected or the reverse, no permission); its message names the path.
         error = e
     except Exception as e:
         # NOTE: dsv4.checkpoint pulls in torch, so it is not imported just to name its error: a CheckpointError

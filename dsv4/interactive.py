@@ -4,15 +4,30 @@ answer, keep a multi-turn conversation. Library code; the CLI only parses argume
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TextIO
 
 from dsv4.chat import encode_messages
 from dsv4.chat.stream import StreamParser
+from dsv4.engine.outputs import RequestOutput
 from dsv4.engine.sampling import SamplingParams
 from dsv4.llm import LLM, parse_chat_reply
 
 HELP = "commands: /clear starts a new conversation, /exit (or Ctrl-D) quits"
+
+
+def keep_output(stream: Generator[str, None, RequestOutput], done: dict) -> Iterator[str]:
+    """`LLM.stream`'s pieces passed through; its finished `RequestOutput` (the generator's return value, which a
+    for loop drops) lands in done["output"] once the stream is exhausted."""
+    done["output"] = yield from stream
+
+
+def note_if_cut(done: dict, out: TextIO) -> None:
+    """Say so when the token budget, not the model, ended the text: a reply cut mid-line looks finished."""
+    output = done.get("output")
+    if output is not None and output.finish_reason == "length":
+        out.write(f"[cut: reached --max-tokens ({len(output.token_ids)} tokens); raise it for more]\n")
+        out.flush()
 
 
 def print_stream(pieces: Iterator[str], out: TextIO) -> str:
@@ -81,7 +96,9 @@ def chat_loop(llm: LLM, params: SamplingParams, thinking_mode: str = "chat", sys
             continue
         messages.append({"role": "user", "content": line})
         prompt = encode_messages(messages, thinking_mode=thinking_mode)
-        text = print_reply(llm.stream(prompt, params), thinking_mode, out)
+        done: dict = {}
+        text = print_reply(keep_output(llm.stream(prompt, params), done), thinking_mode, out)
+        note_if_cut(done, out)
         reply = parse_chat_reply(text, thinking_mode)
         messages.append({"role": "assistant", "content": reply["content"] or "",
                          "reasoning_content": reply.get("reasoning_content")})

@@ -37,13 +37,13 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine options {unknown}; valid: {sorted(_ENGINE_FIELDS)}")
         from dsv4.checkpoint.hub import resolve_model
-        from dsv4.tokenizer import load_tokenizer
+        from dsv4.checkpoint.reader import checkpoint_tokenizer
 
         self.econf = EngineConfig(**engine_options)
         self.path = resolve_model(model, revision, download_dir)
         self.is_builtin = model is None
         self.model = self._load(progress)
-        self.tokenizer = load_tokenizer(self.path)
+        self.tokenizer = checkpoint_tokenizer(self.path)
         if self.tokenizer.get_vocab_size() > self.model.cfg.vocab_size:
             warnings.warn(f"the tokenizer has {self.tokenizer.get_vocab_size()} ids but the model only "
                           f"{self.model.cfg.vocab_size}: text prompts may be rejected", stacklevel=2)

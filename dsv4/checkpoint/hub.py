@@ -36,4 +36,6 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | None) -> Path
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_FILES))
     except (RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise CheckpointError(f"{repo_id}: could not download from the Hugging Face Hub: {e}") from e
+        # One line: huggingface_hub's messages span several (the CLI's errors are one line each).
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{repo_id}: could not download from the Hugging Face Hub: {reason}") from e

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dsv4.checkpoint.errors import CheckpointError, problem_report
 from dsv4.checkpoint.inventory import TensorSpec, inventory
@@ -70,7 +70,7 @@ class CheckpointReader:
 
     def _handle(self, file: Path):
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
+            self._handles[file] = open_safetensors(file)
         return self._handles[file]
 
     def __repr__(self) -> str:
@@ -114,6 +114,21 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, CheckpointRea
     return cfg, reader
 
 
+def checkpoint_tokenizer(model_dir: str | os.PathLike):
+    """`dsv4.tokenizer.load_tokenizer(model_dir)`, a damaged `tokenizer.json` of the checkpoint reported as a
+    `CheckpointError` naming it. NOTE: the `tokenizers` library raises a bare `Exception` for a file it cannot
+    parse, so that is what is caught, and only around the checkpoint's own file (not V4's default tokenizer)."""
+    from dsv4.tokenizer import load_tokenizer
+
+    file = Path(model_dir) / "tokenizer.json"
+    if not file.exists():
+        return load_tokenizer(model_dir)
+    try:
+        return load_tokenizer(model_dir)
+    except Exception as e:
+        raise CheckpointError(f"{file} is not a readable tokenizer: {e}") from e
+
+
 # ---------------------------------------------------------------------------------------------- locating
 def header_keys(file: Path) -> list[str]:
     """Tensor names in a safetensors file's header, without opening it for tensor reads."""
@@ -126,6 +141,16 @@ def header_keys(file: Path) -> list[str]:
     except (OSError, ValueError, struct.error) as e:
         raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
     return [k for k in header if k != "__metadata__"]
+
+
+def open_safetensors(file: Path):
+    """`safe_open(file)`, a damaged file (e.g. truncated: its header promises more bytes than it holds) reported
+    as a `CheckpointError` naming it. Why: `header_keys` reads only the header, so a cut-off shard passes it and
+    would otherwise surface as a bare `SafetensorError` traceback on the first tensor read."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
 
 
 def _locate(path: Path) -> dict[str, Path]:

@@ -66,11 +66,12 @@ def read_documents(path: str | os.PathLike, tokenizer=None, vocab_size: int | No
                    thinking_mode: str = "chat") -> list[Document]:
     """Every record of a JSONL file; errors name the line. Documents without any target are an error."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:                  # lines decoded one by one: a bad byte's error names its line
+        for lineno, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 docs.append(_document(json.loads(line), tokenizer, bos_id, thinking_mode, vocab_size))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from e

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dsv4.checkpoint.hub import resolve_model
+from dsv4.checkpoint.reader import checkpoint_tokenizer
 from dsv4.config import ModelConfig
 from dsv4.loader import load_model
 from dsv4.train import ep
@@ -46,11 +47,11 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str | None 
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     model_dir = resolve_model(model)
-    from dsv4.tokenizer import load_tokenizer
-
     cfg = ModelConfig.from_file(model_dir)          # bad data fails before the weights are read
-    docs = read_documents(data, load_tokenizer(model_dir), cfg.vocab_size, cfg.bos_token_id, thinking_mode)
-    net = load_model(model_dir, device=device, dtype=dtype, quant_emulation=quant_emulation, progress=False)
+    docs = read_documents(data, checkpoint_tokenizer(model_dir), cfg.vocab_size, cfg.bos_token_id, thinking_mode)
+    # The load's bar: on a large checkpoint it takes minutes, and nothing else is printed meanwhile (rank 0 only).
+    net = load_model(model_dir, device=device, dtype=dtype, quant_emulation=quant_emulation,
+                     progress=progress and ctx.main)
     torch.manual_seed(train.seed)                    # LoRA init identical on every rank
     net = prepare_full(net, qat) if lora_rank is None else prepare_lora(net, lora_rank, lora_alpha, lora_targets)
     out = Path(out)
@@ -88,11 +89,12 @@ def _save(net, model_dir, out: Path, ctx: DistContext, lora_rank, lora_alpha, lo
 
 
 def merge_lora(adapter_dir: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-               bf16: bool = False) -> Path:
-    """Base checkpoint + saved adapters -> one checkpoint (official format, or bf16), loadable by the engine."""
+               bf16: bool = False, progress: bool = False) -> Path:
+    """Base checkpoint + saved adapters -> one checkpoint (official format, or bf16), loadable by the engine.
+    `progress`: a bar while the base model loads."""
     meta = read_adapter_config(adapter_dir)
     model_dir = resolve_model(model or meta["base_model"])
-    net = load_model(model_dir, dtype=torch.float32, progress=False)
+    net = load_model(model_dir, dtype=torch.float32, progress=progress)
     net = prepare_lora(net, meta["rank"], meta["alpha"], tuple(meta["targets"]))
     load_adapters(net, adapter_dir)
     cfg = bf16_config(net.cfg) if bf16 else net.cfg

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -150,11 +151,16 @@ def save_adapters(model: nn.Module, out_dir: str | os.PathLike, meta: dict,
 
 def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
     """Strictly load saved adapters into a model already wrapped by `prepare_lora` with the same targets."""
-    tensors = load_file(str(Path(adapter_dir) / ADAPTER_FILE))
+    file = Path(adapter_dir) / ADAPTER_FILE
+    try:
+        tensors = load_file(str(file))
+    except (OSError, SafetensorError) as e:      # missing or damaged (e.g. truncated): name the file
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
     params = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
-        raise ValueError(f"adapter mismatch: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise ValueError(f"the adapters in {adapter_dir} do not fit the base model (another base model?): "
+                         f"missing {missing[:10]}, unexpected {unexpected[:10]}")
     with torch.no_grad():
         for n, p in params.items():
             if p.shape != tensors[n].shape:
@@ -162,8 +168,26 @@ def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
             p.copy_(tensors[n])
 
 
+ADAPTER_KEYS = ("rank", "alpha", "targets", "base_model")
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
-    return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    """`adapter_config.json` as `save_adapters` writes it; anything else is a ValueError naming the file (or, for a
+    `dsv4 finetune` output directory given instead of its `adapter/`, saying so)."""
+    adapter_dir = Path(adapter_dir)
+    file = adapter_dir / ADAPTER_CONFIG
+    if not file.is_file():
+        hint = (f"; did you mean {adapter_dir / 'adapter'}?" if (adapter_dir / "adapter" / ADAPTER_CONFIG).is_file()
+                else " (`dsv4 finetune --lora` writes it in OUT/adapter)")
+        raise ValueError(f"{adapter_dir} is not an adapter directory: no {ADAPTER_CONFIG}{hint}")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{file} is not a readable JSON file: {e}") from e
+    missing = [k for k in ADAPTER_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(missing)} (not written by `dsv4 finetune --lora`?)")
+    return meta
 
 
 def _json(path: Path, obj: dict) -> None:
