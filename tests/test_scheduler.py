@@ -313,3 +313,18 @@ def test_random_workloads(seed):
         if seq.finish_reason != "abort":
             assert (seq.output_ids, seq.finish_reason) == reference(seq.prompt_ids, seq.params)
     assert_drained(h.sched)
+
+
+def test_cache_budget_below_one_full_length_sequence_is_an_error():
+    # Allocating one full-length sequence anyway exceeded the budget the user set: on CPU a --max-model-len of 1e8
+    # had the OS kill the process without a word.
+    from dsv4.config import tiny_config
+    from dsv4.engine.config import EngineConfig, bytes_per_page, cache_pages
+
+    cfg = tiny_config()
+    econf = EngineConfig(cpu_cache_gib=0.01, enable_prefix_caching=False)
+    per_page = bytes_per_page(cfg, econf.page_size, econf.torch_dtype())
+    fits = int(0.01 * 2**30 // per_page) * econf.page_size            # the longest length within the budget
+    assert cache_pages(cfg, econf, fits) >= fits // econf.page_size
+    with pytest.raises(ValueError, match="more than the cache budget"):
+        cache_pages(cfg, econf, fits + econf.page_size)

@@ -95,9 +95,16 @@ def cache_pages(cfg, econf: EngineConfig, max_model_len: int) -> int:
         budget = free * econf.memory_fraction
     else:
         budget = econf.cpu_cache_gib * 2**30
+    per_seq = math.ceil(max_model_len / econf.page_size)
+    if per_seq * per_page > budget:
+        # Allocating it anyway would exceed the budget the user set (CPU: the OS may kill the process, silently).
+        where = "memory_fraction of the free GPU memory" if torch.device(econf.device).type == "cuda" \
+            else "cpu_cache_gib (dsv4 serve --cpu-cache-gib)"
+        raise ValueError(f"max_model_len {max_model_len} needs {per_seq * per_page / 2**30:.3g} GiB of cache for one "
+                         f"sequence, more than the cache budget ({budget / 2**30:.3g} GiB, {where}): lower "
+                         f"max_model_len (--max-model-len) or raise the budget")
     if econf.enable_prefix_caching:                   # the snapshots come out of the same budget
         from dsv4.engine.prefix_cache import snapshot_bytes
 
         budget -= econf.max_prefix_snapshots * snapshot_bytes(cfg, econf.page_size, econf.torch_dtype())
-    per_seq = math.ceil(max_model_len / econf.page_size)
     return max(per_seq, min(int(budget // per_page), per_seq * econf.max_num_seqs))
