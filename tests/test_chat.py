@@ -358,6 +358,8 @@ def test_tool_block_may_omit_eos_like_upstream():
 @pytest.mark.parametrize(("messages", "match"), [
     ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
     ([{"content": "x"}], "unknown role None"),
+    ("hi", "must be a list of message objects"),               # was read as one message per character
+    (["hi"], "message 0 must be an object"),
     ([{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}], "without a preceding"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "tool", "content": "r"}],
      "without a preceding"),

@@ -123,6 +123,12 @@ def test_finetune_negative_values_rejected(capsys, flag):
     assert line == f"dsv4 finetune: error: argument {flag}: must be >= 0, got -1"
 
 
+@pytest.mark.parametrize("flag", ["--probe-prefixes", "--probe-prefix-len", "--probe-tokens"])
+def test_finetune_probe_sizes_must_be_positive(capsys, flag):
+    line = _argparse_error(capsys, ["finetune", "--data", "d.jsonl", "--lora", "2", flag, "0"])
+    assert line == f"dsv4 finetune: error: argument {flag}: must be >= 1, got 0"
+
+
 # ---------------------------------------------------------------------------------------------- lora-merge
 def _adapter(tmp_path, tiny_ckpt, **meta):
     adapter = tmp_path / "run" / "adapter"

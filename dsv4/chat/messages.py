@@ -26,9 +26,13 @@ def text_of(content) -> str:
 
 def check_messages(messages: list[dict]) -> None:
     """Raise ValueError on what the official encoder would reject or silently mangle."""
+    if not isinstance(messages, list | tuple):       # a string would be read as one message per character
+        raise ValueError(f"messages must be a list of message objects, got {type(messages).__name__}")
     call_ids: set[str] | None = None  # ids of the latest assistant's tool calls; None: it made no calls
     for i, msg in enumerate(messages):
-        role = msg.get("role") if isinstance(msg, dict) else None
+        if not isinstance(msg, dict):
+            raise ValueError(f"message {i} must be an object with a role and content, got {msg!r}")
+        role = msg.get("role")
         if role not in ROLES:
             raise ValueError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
         if msg.get("task") is not None and msg["task"] not in TASK_TOKENS:

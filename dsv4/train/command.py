@@ -16,16 +16,16 @@ Multi-GPU: torchrun --nproc-per-node N -m dsv4 finetune ... (FSDP2; add --expert
 experts over the N processes)."""
 
 
-def non_negative(kind):
-    """argparse type: a `kind` value >= 0. Why: a negative weight, rate or count is never meant, and some are not
-    harmless (a negative --clip-grad flips the sign of every gradient, silently)."""
+def non_negative(kind, least=0):
+    """argparse type: a `kind` value >= `least` (0 by default). Why: a negative weight, rate or count is never
+    meant, and some are not harmless (a negative --clip-grad flips the sign of every gradient, silently)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not value >= 0:                 # NaN fails too
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        if not value >= least:             # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {text}")
         return value
     return parse
 
@@ -43,9 +43,11 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy-probe-every", type=non_negative(int), default=0, metavar="N",
                    help="every N steps continue --probe-prefixes prefixes of the step's pack greedily and log "
                         "greedy_seq_rep4 / greedy_distinct4 (default 0 = off)")
-    p.add_argument("--probe-prefixes", type=int, default=16, metavar="P", help="prefixes per probe (default 16)")
-    p.add_argument("--probe-prefix-len", type=int, default=32, help="tokens per prefix, BOS included (default 32)")
-    p.add_argument("--probe-tokens", type=int, default=64, metavar="L",
+    p.add_argument("--probe-prefixes", type=non_negative(int, 1), default=16, metavar="P",
+                   help="prefixes per probe (default 16)")
+    p.add_argument("--probe-prefix-len", type=non_negative(int, 1), default=32,
+                   help="tokens per prefix, BOS included (default 32)")
+    p.add_argument("--probe-tokens", type=non_negative(int, 1), default=64, metavar="L",
                    help="greedy tokens per prefix (default 64)")
     p.add_argument("--seq-unlikelihood", type=non_negative(float), default=0.0, metavar="ALPHA",
                    help="on probe steps, add ALPHA x the unlikelihood of the continuation tokens that complete an "
