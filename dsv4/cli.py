@@ -450,7 +450,8 @@ def cmd_chat(args) -> int:
     llm = _llm(args)
     from dsv4 import interactive
 
-    interactive.chat_loop(llm, params, "thinking" if args.thinking else "chat", args.system)
+    interactive.chat_loop(llm, params, "thinking" if args.thinking else "chat", args.system,
+                          prompts=sys.stdin.isatty())         # piped: the replies alone on stdout
     return 0
 
 

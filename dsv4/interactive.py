@@ -77,15 +77,19 @@ def _show(ev, shown: str | None, out: TextIO) -> str | None:
 
 
 def chat_loop(llm: LLM, params: SamplingParams, thinking_mode: str = "chat", system: str | None = None,
-              read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
-    """Multi-turn chat: every turn re-encodes the whole conversation (as DeepSeek's generate.py does)."""
+              read: Callable[[str], str] = input, out: TextIO = sys.stdout, prompts: bool = True) -> None:
+    """Multi-turn chat: every turn re-encodes the whole conversation (as DeepSeek's generate.py does).
+    `prompts` False (input piped from a file or a program): no help line and no "> " before each turn, so the
+    output is the replies alone."""
     messages = [{"role": "system", "content": system}] if system else []
-    out.write(HELP + "\n")
+    if prompts:
+        out.write(HELP + "\n")
     while True:
         try:
-            line = read("> ").strip()
+            line = read("> " if prompts else "").strip()
         except (EOFError, KeyboardInterrupt):
-            out.write("\n")
+            if prompts:                      # end the terminal's "> " line
+                out.write("\n")
             return
         if line in ("/exit", "/quit"):
             return

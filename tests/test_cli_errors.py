@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -276,3 +277,28 @@ def test_help_explains_every_option(capsys):
             main([*argv, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert all(w in text for w in words), (argv, text)
+
+
+def test_piped_chat_prints_the_replies_alone():
+    """`printf 'q\\n' | dsv4 chat > out.txt` wrote the help line and a "> " per turn into out.txt."""
+    import io
+
+    from dsv4 import interactive
+
+    class Replies:                                   # LLM.stream's shape: text pieces, then the finished output
+        def stream(self, prompt, params):
+            yield "def f(): pass"
+            return SimpleNamespace(finish_reason="stop", token_ids=[1, 2])
+
+    lines = iter(["write f"])
+
+    def read(prompt):
+        assert prompt == ""                          # no "> " on stdout either (input() writes it there)
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    out = io.StringIO()
+    interactive.chat_loop(Replies(), None, read=read, out=out, prompts=False)
+    assert out.getvalue() == "def f(): pass\n"
