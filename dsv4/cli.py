@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 # `dsv4 generate` with the built-in model: a cap, enough for a function, few enough that the README's first command
@@ -558,6 +559,9 @@ def _known_errors() -> tuple[type, ...]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dsv4.config import ConfigError
+    # Warnings one line each, as the errors are (Python's default adds the warning's source file and line).
+    default_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"dsv4 {args.command}: warning: {message}\n"
     try:
         return args.func(args)
     except KeyboardInterrupt:            # Ctrl-C: a user's choice, not a crash (128 + SIGINT, as shells report it)
@@ -573,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, _known_errors()):
             raise
         error = e
+    finally:
+        warnings.formatwarning = default_format
     print(f"dsv4 {args.command}: error: {error}", file=sys.stderr)
     return 2
 

@@ -302,3 +302,15 @@ def test_piped_chat_prints_the_replies_alone():
     out = io.StringIO()
     interactive.chat_loop(Replies(), None, read=read, out=out, prompts=False)
     assert out.getvalue() == "def f(): pass\n"
+
+
+def test_warnings_are_one_line_while_a_command_runs(monkeypatch):
+    """Python's format adds the source file and line (`cli.py:389: UserWarning: ...` and the code line)."""
+    import warnings
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_check", lambda args: seen.append(warnings.formatwarning(
+        "the tokenizer has more ids", UserWarning, "dsv4/llm.py", 47)) or 0)
+    default = warnings.formatwarning
+    assert main(["check", "somewhere"]) == 0
+    assert seen == ["dsv4 check: warning: the tokenizer has more ids\n"] and warnings.formatwarning is default
