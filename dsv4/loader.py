@@ -63,13 +63,46 @@ def _plan(reader: CheckpointReader, params: dict[str, torch.Tensor]) -> dict[str
     return plan
 
 
-def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.float32,
+def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype | str = torch.float32,
                quant_emulation: bool = True, progress: bool = True, parallel: ParallelContext = SINGLE) -> Transformer:
     """Load an official-format checkpoint: a directory (sharded with an index, or one `.safetensors` file) or a
     `.safetensors` file with `config.json` beside it. `forward(input_ids [b, s])` gives fp32 logits [b, s, V].
+    `device`: a torch device or its name ("cpu", "cuda:1"); `dtype`: a floating torch dtype or its name
+    ("bfloat16", "float32", ...), the compute dtype of the non-quantised weights.
     With a `parallel` context of world size > 1, loads (reading only) rank `parallel.rank`'s share (spec §5.4)."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a checkpoint directory or .safetensors file (str or os.PathLike), "
+                        f"got {type(path).__name__}")
+    # Both are checked before the checkpoint is read: a bad device would otherwise fail only at the first tensor.
+    dtype = torch_dtype(dtype)
+    check_device(device)
     cfg, reader = open_checkpoint(path)
     return _load(cfg, reader, device, dtype, quant_emulation, progress, parallel)
+
+
+def torch_dtype(dtype) -> torch.dtype:
+    """A floating-point torch dtype, given as itself or by its name in `torch` ("bfloat16", "half", ...), the
+    names `dsv4.LLM(dtype=...)` takes too."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype or its name (e.g. 'bfloat16', 'float32'), "
+                        f"got {dtype!r}")
+    return resolved
+
+
+def check_device(device) -> None:
+    """Raise ValueError for a device that torch cannot parse or that is not there (torch would raise a
+    RuntimeError or, for CUDA on a CPU-only build, an AssertionError, deep inside the first allocation)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device or its name ('cpu', 'cuda', 'cuda:1'), got {device!r}") from e
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: no CUDA device is available (use device='cpu')")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: only {count} CUDA device(s) are available")
 
 
 def load_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], device=None, dtype: torch.dtype = torch.bfloat16,
@@ -104,8 +137,7 @@ class _Tensors(dict):
 
 def _load(cfg: ModelConfig, reader, device, dtype: torch.dtype, quant_emulation: bool, progress: bool,
           parallel: ParallelContext = SINGLE) -> Transformer:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    dtype = torch_dtype(dtype)
     model = build_model(cfg, dtype, "meta", quant_emulation)
     if parallel.world > 1:
         check_tp(cfg, parallel.world)

@@ -68,8 +68,14 @@ def _check_real(name: str, value, lo: float, hi: float, allowed: str, lo_open: b
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling settings (names and defaults follow vLLM). Checked on construction.
+    """Per-request sampling settings (names and defaults follow vLLM). Checked on construction: a bad field raises
+    `SamplingParamsError` (a ValueError) naming it.
 
+    temperature: 0 = greedy (the default, 1.0, samples). max_tokens: tokens to generate at most (default 16).
+    seed: None = fresh randomness per request; an int makes the request's tokens reproducible whatever the batch.
+    stop: strings that end a completion (not included in its text; `stop_reason` says which); stop_token_ids:
+    ids that end it. ignore_eos: keep generating past EOS. logprobs: None, or k in [0, 20]: each generated
+    token's logprob plus the k most likely (raw model distribution). n: completions per prompt.
     top_k: -1 (the default) or 0 means off, as in vLLM. Ties with the k-th logit are kept.
     Penalties: `repetition_penalty` (vLLM / CTRL) divides positive and multiplies negative logits of every token seen
     in the prompt or the output; `presence_penalty` and `frequency_penalty` (OpenAI) subtract
