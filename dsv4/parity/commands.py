@@ -20,6 +20,8 @@ def _load(args, dtype_default: str = "float32", emulation: bool | None = None):
     from dsv4.checkpoint.hub import resolve_model
     from dsv4.loader import load_model
 
+    if (args.device or "cpu").startswith("cuda") and not torch.cuda.is_available():
+        raise ParityError(f"--device {args.device}: no CUDA device is available (the default is cpu)")
     path = resolve_model(args.model)
     dtype = getattr(torch, getattr(args, "dtype_name", None) or dtype_default)
     quant = (not args.no_quant_emulation) if emulation is None else emulation
@@ -71,12 +73,24 @@ def _report_and_exit(report, args) -> int:
 
         heatmap(report, args.plot)
         print(f"heatmap: {args.plot}")
-    return 1 if report.first_divergence is not None else 0
+    return 0 if report.ok else 1
+
+
+def check_threshold_args(args) -> None:
+    """Cosines and overlaps lie in [-1, 1] and [0, 1]: --threshold 99.9 (a percentage) would flag identical dumps,
+    --around -1 would show no row; say so before comparing anything."""
+    if not -1.0 <= args.threshold <= 1.0:
+        raise ParityError(f"--threshold {args.threshold}: a worst-row cosine, between -1 and 1 (default 0.999)")
+    if not 0.0 <= args.min_overlap <= 1.0:
+        raise ParityError(f"--min-overlap {args.min_overlap}: a fraction of the picks, between 0 and 1 (default 0.99)")
+    if args.around is not None and args.around < 0:
+        raise ParityError(f"--around {args.around}: a number of rows, >= 0")
 
 
 def cmd_compare(args) -> int:
     from dsv4.parity.compare import compare_dumps
 
+    check_threshold_args(args)
     return _report_and_exit(compare_dumps(args.a, args.b, args.threshold, args.min_overlap, args.step), args)
 
 
@@ -87,6 +101,7 @@ def cmd_hf(args) -> int:
     from dsv4.parity.hf_taps import hf_step_taps
     from dsv4.parity.taps import stage_of
 
+    check_threshold_args(args)
     ok, why = transformers_status()
     if not ok:
         raise ParityError(f"dsv4 parity hf needs transformers >= 5.8.1 with DeepseekV4ForCausalLM: {why}")

@@ -12,7 +12,9 @@ Non-finite values (masked scores are -inf) must match exactly; a tap whose inf/N
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -43,10 +45,17 @@ class Report:
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    missing_steps: list[str] = field(default_factory=list)   # step files only one dump has: B stopped early?
+    precision: tuple = (None, None)                            # A's and B's compute dtype (`precision_class`)
 
     @property
     def first_divergence(self) -> TapResult | None:
         return next((r for r in self.rows if r.divergent), None)
+
+    @property
+    def ok(self) -> bool:
+        """Every compared tap agrees and no step is missing: a dump that stopped after its prefill is not a match."""
+        return self.first_divergence is None and not self.missing_steps
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -122,31 +131,102 @@ def compare_steps(step: str, a: dict, b: dict, report: Report, min_cosine: float
 def compare_dumps(path_a, path_b, min_cosine: float = DEFAULT_MIN_COSINE, min_overlap: float = DEFAULT_MIN_OVERLAP,
                   steps: list[str] | None = None) -> Report:
     """Compare two dumps (directories of step files, or two single step files) step by step."""
-    from dsv4.parity.dump import read_step, step_files
+    from dsv4.parity.dump import read_step
 
-    files_a, files_b = step_files(path_a), step_files(path_b)
-    if len(files_a) == 1 and len(files_b) == 1:
-        pairs = [(files_a[0], files_b[0])]
-    else:
-        by_name = {f.name: f for f in files_b}
-        pairs = [(f, by_name[f.name]) for f in files_a if f.name in by_name]
-        missing = [f.name for f in files_a if f.name not in by_name] + [f.name for f in files_b
-                                                                         if f.name not in {g.name for g in files_a}]
-        if not pairs:
-            raise ParityError(f"{path_a} and {path_b} have no step file in common")
-    report = Report()
-    if len(pairs) < max(len(files_a), len(files_b)):
-        report.notes.append(f"step files in only one dump: {', '.join(missing)}")
-    for fa, fb in pairs:
+    pairs, missing = _pair_step_files(path_a, path_b, steps)
+    report = Report(missing_steps=missing)
+    for i, (fa, fb) in enumerate(pairs):
         label = fa.stem
-        if steps and not any(s in label for s in steps):
-            continue
         a, b = read_step(fa), read_step(fb)
+        if i == 0:
+            report.notes += setup_notes(path_a, path_b, a.taps, b.taps, min_cosine)
+            report.precision = (precision_class(a.taps), precision_class(b.taps))
         if a.tokens is not None and b.tokens is not None and (a.tokens != b.tokens or a.start != b.start):
             report.notes.append(f"{label}: the inputs differ (A {_short(a.tokens)} at {a.start}, "
                                 f"B {_short(b.tokens)} at {b.start}): its taps differ for that reason alone")
         compare_steps(label, a.taps, b.taps, report, min_cosine, min_overlap)
+    if not report.rows:
+        # "OK: 0 taps agree" would pass a CI gate having compared nothing.
+        raise ParityError(f"{path_a} and {path_b} have no tap in common (tap names: docs/parity.md)")
     return report
+
+
+def precision_class(taps: dict) -> torch.dtype | None:
+    """The least precise floating dtype of a step's taps: its compute dtype (fp32-only taps such as the routing
+    weights are recorded in fp32 whatever the model computes in)."""
+    floats = {t.dtype for t in taps.values() if t.is_floating_point()}
+    return max(floats, key=_eps) if floats else None
+
+
+def _manifest(path) -> dict:
+    path = Path(path)
+    file = (path.parent if path.is_file() else path) / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, ValueError):     # another implementation's dump has none: nothing to say
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def setup_notes(path_a, path_b, taps_a: dict, taps_b: dict, min_cosine: float) -> list[str]:
+    """Notes on differences of setup rather than of code: the taps differ because of them, not (only) a bug."""
+    notes = []
+    pa, pb = precision_class(taps_a), precision_class(taps_b)
+    if pa is not None and pb is not None and pa != pb:
+        # The default threshold separates bugs from the noise of ONE precision class (two runs, two kernels of a
+        # class); across classes the coarser one's rounding alone can cross it, most on short rows.
+        coarse = dtype_name(max(pa, pb, key=_eps))
+        notes.append(f"A computes in {dtype_name(pa)}, B in {dtype_name(pb)}: the threshold (worst-row cosine "
+                     f"{min_cosine}) assumes both sides compute in one precision class, so {coarse} "
+                     "rounding alone can cross it (short rows first: indexer scores, routing weights); a tap that "
+                     "is not far worse than its neighbours is precision, not a bug (`dsv4 parity precision` shows "
+                     "the noise of each class); dump both in one dtype to bisect a bug")
+    ma, mb = _manifest(path_a), _manifest(path_b)
+    for key in ("model", "quant_emulation"):
+        if key in ma and key in mb and ma[key] != mb[key]:
+            notes.append(f"the dumps were made with different settings: {key} {ma[key]} (A) vs {mb[key]} (B); "
+                         "the taps differ for that reason too")
+    return notes
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _pair_step_files(path_a, path_b, steps: list[str] | None) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(A/B step files to compare, matched by file name; the step files only one side has). Two single files are
+    compared whatever their names; a single file against a dump directory is compared with its namesake."""
+    from dsv4.parity.dump import step_files
+
+    files_a, files_b = step_files(path_a), step_files(path_b)
+    if steps:
+        # filter before pairing, so that the steps left out on purpose are not reported as missing
+        files_a = [f for f in files_a if any(s in f.stem for s in steps)]
+        files_b = [f for f in files_b if any(s in f.stem for s in steps)]
+        if not files_a or not files_b:
+            raise ParityError(f"--step {' '.join(steps)}: no step file of {path_a if not files_a else path_b} "
+                              "matches (names: step_000_prefill, step_001, ...)")
+    if Path(path_a).is_file() and Path(path_b).is_file():
+        return [(files_a[0], files_b[0])], []
+    if Path(path_a).is_file() or Path(path_b).is_file():
+        # one step file against a dump directory: its namesake, and the directory's other steps are not "missing"
+        name = (files_a if Path(path_a).is_file() else files_b)[0].name
+        files_a, files_b = [f for f in files_a if f.name == name], [f for f in files_b if f.name == name]
+        if not files_a or not files_b:
+            raise ParityError(f"{path_b if files_a else path_a} has no step file named {name}")
+        return [(files_a[0], files_b[0])], []
+    by_name = {f.name: f for f in files_b}
+    pairs = [(f, by_name[f.name]) for f in files_a if f.name in by_name]
+    if not pairs:
+        raise ParityError(f"{path_a} and {path_b} have no step file in common")
+    names_a = {f.name for f in files_a}
+    missing = [f"{f.name} (only in A)" for f in files_a if f.name not in by_name]
+    missing += [f"{f.name} (only in B)" for f in files_b if f.name not in names_a]
+    return pairs, missing
 
 
 def _short(tokens: list[int]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsv4.model.state import ModelState, StepBatch
@@ -83,6 +83,11 @@ def dump(model, tokens: list[int], decode_steps: int, out_dir, info: dict | None
     out.mkdir(parents=True, exist_ok=True)
     steps = []
     for step in record_steps(model, tokens, decode_steps, include):
+        if step.index == 0:
+            if not step.taps:         # the prefill records every tap: none kept = a --taps glob that matches none
+                raise ParityError(f"--taps {' '.join(include or [])}: no tap matches (names look like 'embed', "
+                                  "'layers.3.attn.q', 'layers.*.ffn.*'; docs/parity.md lists them)")
+            _remove_old_steps(out)
         write_step(step, out)
         steps.append({"file": step.file_name, "start": step.start, "tokens": step.tokens,
                       "next_token": step.next_token, "n_taps": len(step.taps)})
@@ -91,6 +96,13 @@ def dump(model, tokens: list[int], decode_steps: int, out_dir, info: dict | None
                 "generated": [s["next_token"] for s in steps], "steps": steps}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _remove_old_steps(out: Path) -> None:
+    """Delete the step files of an earlier dump into the same directory: `compare` reads every step_*.safetensors,
+    so a longer earlier dump's files would be compared as if this run had written them."""
+    for old in out.glob("step_*.safetensors"):
+        old.unlink()
 
 
 @dataclass
@@ -104,15 +116,20 @@ class StepFile:
 
 
 def read_step(path: Path) -> StepFile:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        names = list(f.keys())
-        order = json.loads(meta["tap_order"]) if "tap_order" in meta else names
-        if sorted(order) != sorted(names):
-            raise ParityError(f"{path}: metadata tap_order does not list the file's tensors")
-        taps = {n: f.get_tensor(n) for n in order}
-    tokens = json.loads(meta["tokens"]) if "tokens" in meta else None
-    start = int(meta["start"]) if "start" in meta else None
+    # A truncated file (a dump killed mid-write) or another file passed by mistake is bad input, one line: not a
+    # safetensors traceback.
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            order = json.loads(meta["tap_order"]) if "tap_order" in meta else names
+            taps = {n: f.get_tensor(n) for n in order if n in names}
+        tokens = json.loads(meta["tokens"]) if "tokens" in meta else None
+        start = int(meta["start"]) if "start" in meta else None
+    except (SafetensorError, ValueError) as e:       # ValueError: metadata that is not JSON / an int
+        raise ParityError(f"{path}: not a readable step file ({e})") from None
+    if sorted(order) != sorted(names):
+        raise ParityError(f"{path}: metadata tap_order does not list the file's tensors")
     return StepFile(path.name, taps, tokens, start)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dsv4.parity.compare import Report, TapResult
+from dsv4.parity.compare import Report, TapResult, dtype_name
 
 HEADER = ("step", "tap", "shape", "cosine", "max|A-B|", "rel err", "bf16 diff%", "overlap", "")
 
@@ -45,10 +45,28 @@ def render(report: Report, min_cosine: float, min_overlap: float, around: int | 
         if names:
             lines.append(f"only in {side} ({len(names)}): {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
     n_bad = sum(r.divergent for r in report.rows)
-    if first is None:
-        lines.append(f"OK: {len(report.rows)} taps agree (cosine >= {min_cosine}, index overlap >= {min_overlap})")
+    if report.missing_steps:
+        lines.append(f"step files in only one dump: {', '.join(report.missing_steps)}")
+    if report.ok:
+        # say it in the verdict too: a B that names its taps differently shares few with A, and "OK" alone hides it
+        skipped = len(report.only_a) + len(report.only_b)
+        unmatched = f"; {skipped} taps in only one dump not compared" if skipped else ""
+        lines.append(f"OK: {len(report.rows)} taps agree (cosine >= {min_cosine}, index overlap >= {min_overlap})"
+                     f"{unmatched}")
+    elif first is None:
+        # every compared tap agrees, but a step is missing: a dump that stopped early must not pass a CI gate
+        lines.append(f"INCOMPLETE: {len(report.rows)} taps agree, but {len(report.missing_steps)} step file(s) are "
+                     "in only one dump (listed above); compare only the common steps with --step")
     else:
         why = first.problem or (f"overlap {first.overlap:.3f} < {min_overlap}" if first.overlap is not None
-                                else f"cosine {fmt_cosine(first.cosine)} < {min_cosine}")
+                                else f"cosine {fmt_cosine(first.cosine)} < {min_cosine}{_precision_hint(report)}")
         lines.append(f"DIVERGED: {n_bad} of {len(report.rows)} taps; first: {first.step} {first.name} ({why})")
     return "\n".join(lines)
+
+
+def _precision_hint(report: Report) -> str:
+    """Says which precision class the threshold assumed when the two sides compute in different ones."""
+    a, b = report.precision
+    if a is None or b is None or a == b:
+        return ""
+    return f"; the threshold assumes one precision class, A is {dtype_name(a)} and B {dtype_name(b)}: see the note"
