@@ -148,6 +148,10 @@ perplexity per v1 token, exp(NLL_v2 / {ref['tokens']}) = {h['candidate_ppl_per_r
 """
 
 
+# The evaluation's code samples run past EOS (their distinct-4 ratio is over a fixed token count); the CLI stops at it.
+EOS_TEXT = "<｜end▁of▁sentence｜>"
+
+
 def render(perf: dict, r: dict, summary: dict, expected: dict, train_eval: dict | None,
            lineage: list[dict] | None = None) -> str:
     from dsv4.builtin import builtin_config
@@ -202,10 +206,11 @@ task tokens). Saved as `dsv4/builtin_model/tokenizer.json`.
 CPU, greedy, fp32 with the QAT emulation on (as `dsv4 generate` runs it), `scripts/eval_builtin.py`:
 
 {evaluation(r)}{perplexity_note(r['heldout'])}{gpu_ppl}
-`dsv4 generate "def fibonacci(n):" --max-tokens {r['code']['tokens']}` (greedy):
+`dsv4 generate "def fibonacci(n):" --max-tokens {r['code']['tokens']}` (greedy; the prompt, then what it prints,
+which ends at the model's EOS{'' if EOS_TEXT in fib['text'] else ' or at the token limit'}):
 
 ```text
-def fibonacci(n):{fib['text']}
+def fibonacci(n):{fib['text'].split(EOS_TEXT)[0]}
 ```
 
 {chat_block}

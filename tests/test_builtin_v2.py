@@ -623,3 +623,11 @@ def test_body_logprob_scores_each_body_token_after_its_own_prefix():
     assert got["min"] == pytest.approx(min(each), abs=1e-4)
     with pytest.raises(ValueError, match="continuation"):
         eval_builtin.body_logprob(model, tok, prompt, "")
+
+
+def test_card_shows_the_readme_sample_as_the_cli_prints_it():
+    # The evaluation's samples run past EOS (ignore_eos, for the distinct-4 ratio); `dsv4 generate` stops there.
+    perf, result, summary, expected = _card_records()
+    result["code"]["samples"][0]["text"] = "\n    return n\n" + EOS + " # Try to find the"
+    card = builtin_card.render(perf, result, summary, expected, None)
+    assert "def fibonacci(n):\n    return n\n\n```" in card and "Try to find" not in card and EOS not in card
