@@ -328,3 +328,5 @@ def test_cache_budget_below_one_full_length_sequence_is_an_error():
     assert cache_pages(cfg, econf, fits) >= fits // econf.page_size
     with pytest.raises(ValueError, match="more than the cache budget"):
         cache_pages(cfg, econf, fits + econf.page_size)
+    with pytest.raises(ValueError, match="cpu_cache_gib must be > 0"):         # not "more than the budget (-1 GiB)"
+        EngineConfig(cpu_cache_gib=-1)

@@ -50,6 +50,7 @@ class EngineConfig:
                   (self.page_size >= 128 and self.page_size % 128 == 0, "page_size must be a multiple of 128"),
                   (self.num_pages is None or self.num_pages >= 1, "num_pages must be >= 1"),
                   (0 < self.memory_fraction <= 1, "memory_fraction must be in (0, 1]"),
+                  (self.cpu_cache_gib > 0, "cpu_cache_gib must be > 0"),
                   (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
                   (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
                   (self.max_prefix_snapshots >= 0, "max_prefix_snapshots must be >= 0"),
