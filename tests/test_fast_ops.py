@@ -315,37 +315,3 @@ def test_head_logits_on_cuda_at_flash_dims():
     assert got.dtype == torch.float32 and got.shape == (4, 129280)
     assert ((got.double() - exact).norm() / exact.norm()).item() <= 1e-5
     assert ((got - twin).double().norm() / twin.double().norm()).item() <= 1e-5
-
-
-def test_float64_weight_is_kept_per_weight_and_redone_after_writes():
-    # An fp32 model multiplies in float64; the CPU keeps each weight's float64 copy instead of converting per call.
-    from torch import nn
-
-    from dsv4.ops import float64_weight
-
-    w = nn.Parameter(torch.randn(8, 4), requires_grad=False)
-    kept = float64_weight(w)
-    assert kept.dtype == torch.float64 and torch.equal(kept, w.double())
-    assert float64_weight(w) is kept                                   # not converted again
-    with torch.no_grad():
-        w.mul_(2)                                                      # an in-place write moves the version
-    assert torch.equal(float64_weight(w), w.double()) and float64_weight(w) is not kept
-    with torch.inference_mode():
-        t = torch.randn(3, 2)
-    assert float64_weight(t) is float64_weight(t)                     # inference tensors have no version
-    trained = nn.Parameter(torch.randn(3, 2))                          # trainable: converted per call
-    assert float64_weight(trained).requires_grad and float64_weight(trained) is not float64_weight(trained)
-    with torch.no_grad():
-        assert float64_weight(trained) is not float64_weight(trained)
-
-
-def test_cpu_linear_keeps_one_decoded_copy_in_the_products_dtype():
-    from dsv4.model.primitives import Linear
-
-    lin = Linear(256, 128, "fp8", torch.float32)
-    q, s = quant_fp8(torch.randn(128, 256))
-    lin.weight.data, lin.scale.data = q, s
-    x = torch.randn(3, 256)
-    y = lin(x)                                                         # fp32 model: float64 products
-    assert lin._deq.dtype == torch.float64 and lin._cached_dequantized(torch.float64) is lin._deq
-    assert torch.equal(y, ops.linear(x, lin.weight, lin.scale, "fp8", True))   # the uncached path's bits

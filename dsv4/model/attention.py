@@ -281,9 +281,8 @@ class Attention(nn.Module):
         o = self.rotary(o, cis, inverse=True, owned=True)    # the attention op's fresh output: ours
         tap("attn.out", o)
         o = o.view(b, s, self.groups, -1)
+        wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1]).to(o.dtype)
         acc = ops.acc_dtype(o.dtype) if o.dtype == torch.float32 else o.dtype     # bf16 like the reference
-        wo_a = ops.float64_weight(self.wo_a.weight) if acc == torch.float64 else self.wo_a.weight.to(o.dtype)
-        wo_a = wo_a.view(self.groups, -1, o.shape[-1])
         o = torch.einsum("bsgd,grd->bsgr", o.to(acc), wo_a.to(acc)).to(o.dtype)
         out = self.wo_b(o.flatten(2))
         tap("attn.wo", out)

@@ -60,9 +60,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act_quant_on = self.quant_emulation and self.fmt != "plain"
-        # the decoded weight in the product's dtype: float64 in an fp32 model (see `ops.acc_dtype`)
-        dequantized = self._cached_dequantized(ops.acc_dtype(x.dtype))
-        return ops.linear(x, self.weight, self.scale, self.fmt, act_quant_on, dequantized)
+        return ops.linear(x, self.weight, self.scale, self.fmt, act_quant_on, self._cached_dequantized())
 
     def dequantized(self) -> torch.Tensor:
         return ops.dequant_weight(self.weight, self.scale, self.fmt)
@@ -74,17 +72,16 @@ class Linear(nn.Module):
         cached = self._cached_dequantized()
         return cached if cached is not None else self.dequantized()
 
-    def _cached_dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """The weight decoded once into `dtype` (fp32, or float64 for an fp32 model's float64 products: one copy,
-        not both), for the plain path on CPU (decoding FP8/FP4 every call made a tiny model's decode step 10x
-        slower). Never on accelerators: there the cache would cost 2-4x the weight memory and the fast kernels
-        read the stored format. Keyed on the tensors' versions, so writes show. Not under torch.compile (the
-        compiled graph decodes in place)."""
+    def _cached_dequantized(self) -> torch.Tensor | None:
+        """The fp32 weight, decoded once, for the plain path on CPU (decoding FP8/FP4 every call made a tiny
+        model's decode step 10x slower). Never on accelerators: there the cache would cost 2-4x the weight
+        memory and the fast kernels read the stored format. Keyed on the tensors' versions, so writes show.
+        Not under torch.compile (the compiled graph decodes in place)."""
         if self.fmt == "plain" or self.weight.device.type != "cpu" or torch.compiler.is_compiling():
             return None
-        key = (dtype, self.weight._version, self.scale._version, self.weight.data_ptr())
+        key = (self.weight._version, self.scale._version, self.weight.data_ptr())
         if getattr(self, "_deq_key", None) != key:
-            self._deq, self._deq_key = self.dequantized().to(dtype), key
+            self._deq, self._deq_key = self.dequantized(), key
         return self._deq
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@ off globally with `DSV4_FAST_OPS=0` or locally with `with ops.reference_only(): 
 from dsv4.ops import ref
 from dsv4.ops.fake_quant import fake_quant_fp8, fake_quant_kv
 from dsv4.ops.hc import hc_split_sinkhorn
-from dsv4.ops.ref import acc_dtype, dense, dequant_weight, float64_weight
+from dsv4.ops.ref import acc_dtype, dense, dequant_weight
 from dsv4.ops.registry import dispatch, fast_ops_status, reference_only, register
 
 linear = dispatch("linear", ref.linear)
@@ -24,6 +24,6 @@ from dsv4.ops.moe_pairs import pair_linear  # noqa: E402
 from dsv4.ops.topk import stable_topk  # noqa: E402
 
 __all__ = ["acc_dtype", "dense", "dequant_fp4_bf16", "dequant_weight", "fake_quant_fp8", "fake_quant_kv",
-           "fast_ops_status", "float64_weight", "grouped_linear", "hc_head_mix", "hc_post", "hc_pre_mix",
-           "hc_split_sinkhorn", "indexer_scores", "linear", "logits", "pair_linear", "reference_only", "register",
-           "sparse_attention", "sparse_attention_dense_tail", "stable_topk"]
+           "fast_ops_status", "grouped_linear", "hc_head_mix", "hc_post", "hc_pre_mix", "hc_split_sinkhorn",
+           "indexer_scores", "linear", "logits", "pair_linear", "reference_only", "register", "sparse_attention",
+           "sparse_attention_dense_tail", "stable_topk"]

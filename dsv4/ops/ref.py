@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from dsv4.quant import act_quant, dequant_fp4, dequant_fp8
 from dsv4.quant.act import dequantize_blocks, straight_through
@@ -128,27 +127,8 @@ def dense(x: torch.Tensor, weight: torch.Tensor, model_dtype: torch.dtype,
     fp32 model it accumulates in float64 (batch-invariant, see `acc_dtype`). Result in `out` (default x's)."""
     out = out or x.dtype
     if acc_dtype(model_dtype) == torch.float64:
-        return F.linear(x.double(), float64_weight(weight)).to(out)
+        return F.linear(x.double(), weight.double()).to(out)
     return F.linear(x, weight.to(x.dtype)).to(out)
-
-
-_FLOAT64: WeakIdKeyDictionary = WeakIdKeyDictionary()     # CPU weight -> (its version, its float64 copy)
-
-
-def float64_weight(weight: torch.Tensor) -> torch.Tensor:
-    """`weight.double()`, kept for a frozen CPU weight: an fp32 model multiplies in float64 (`acc_dtype`), and
-    converting the LM head and every projection again per call was ~25 % of the built-in model's CPU generation
-    time. The same values either way (fp32 -> float64 is exact). The copy lives as long as the weight and is
-    redone when the weight is written in place (its version counter moves). Trainable weights are converted per
-    call: autograd needs the conversion in its graph, and the optimizer changes them every step anyway."""
-    if (weight.dtype == torch.float64 or weight.device.type != "cpu" or torch.compiler.is_compiling()
-            or weight.requires_grad):
-        return weight.double()
-    version = None if weight.is_inference() else weight._version    # inference tensors have no version counter
-    kept = _FLOAT64.get(weight)
-    if kept is None or kept[0] != version:
-        kept = _FLOAT64[weight] = (version, weight.double())
-    return kept[1]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,

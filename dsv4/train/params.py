@@ -66,9 +66,7 @@ class TrainLinear(Linear):
             return cached[2]
         return storage_roundtrip(self.weight, self.fmt)
 
-    def _cached_dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        # The trained value itself, never a cached copy: the product differentiates through it (and `dense`
-        # widens it per call for the same reason).
+    def _cached_dequantized(self) -> torch.Tensor:
         return self.dequantized()
 
     def extra_repr(self) -> str:
