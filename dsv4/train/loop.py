@@ -354,21 +354,67 @@ class Trainer:
                  "masters": [m.detach().clone() for m in self.master.masters], "optimizer": self.opt.state_dict(),
                  "config": asdict(self.cfg)}
         torch.save(state, path.with_suffix(".tmp"))
+        # Why the barrier: no rank replaces its old state before every rank's new one is complete, so an interrupted
+        # save leaves at worst some ranks one save behind, with their new state whole in .tmp (`_agreed_state`).
+        self.ctx.barrier()
         path.with_suffix(".tmp").replace(path)
 
     def load_state(self) -> None:
         path = self._state_path()
-        if not path.exists():
+        check_state_world(path.parent, self.ctx.world)
+        state = self._agreed_state(path)
+        if state is None:
             return
-        state = torch.load(path, weights_only=False)
         with torch.no_grad():
             mine = self._tensors()
             if set(mine) != set(state["tensors"]):
                 raise ValueError(f"{path} does not match this model's trainable tensors (other --lora/--full?)")
             for n, t in mine.items():
+                if t.shape != state["tensors"][n].shape:      # e.g. another --lora rank: one line, not a traceback
+                    raise ValueError(f"{path} does not match this model: {n} is {list(state['tensors'][n].shape)} "
+                                     f"there, {list(t.shape)} here (other --lora rank?)")
                 t.copy_(state["tensors"][n])
             for m, saved in zip(self.master.masters, state["masters"], strict=True):
                 (m.to_local() if hasattr(m, "to_local") else m).copy_(
                     saved.to_local() if hasattr(saved, "to_local") else saved)
         self.opt.load_state_dict(state["optimizer"])
         self.step = state["step"]
+
+    def _rank_steps(self, state: dict | None) -> list[int]:
+        """Every rank's saved step (-1: none), on every rank."""
+        steps = torch.zeros(self.ctx.world, dtype=torch.long, device=self.device)     # NCCL: on the GPU
+        steps[self.ctx.rank] = -1 if state is None else state["step"]
+        return self.ctx.all_sum(steps).tolist()
+
+    def _agreed_state(self, path: Path) -> dict | None:
+        """This rank's saved state, at the step every rank resumes from. Ranks at different steps (a save
+        interrupted between the ranks' renames) would issue different numbers of collectives: an abort or a hang.
+        A rank behind takes its .tmp when that holds the newest step (complete: written before the save's
+        barrier); otherwise the run stops with every rank's step."""
+        state = torch.load(path, weights_only=False) if path.exists() else None
+        steps = self._rank_steps(state)
+        tmp = path.with_suffix(".tmp")
+        if len(set(steps)) > 1:
+            if (state is None or state["step"] < max(steps)) and tmp.exists():
+                try:
+                    newer = torch.load(tmp, weights_only=False)
+                except Exception:                               # a .tmp cut off mid-write: not the newest save
+                    newer = None
+                if newer is not None and newer["step"] == max(steps):
+                    tmp.replace(path)
+                    state = newer
+            steps = self._rank_steps(state)                     # on every rank: a collective
+        if len(set(steps)) > 1:
+            raise ValueError(f"{path.parent} holds the ranks' states at different steps ({steps}, -1: none): an "
+                             "interrupted save; remove it to start afresh")
+        return state
+
+
+def check_state_world(state_dir: Path, world: int) -> None:
+    """A `train_state/` written with another number of processes cannot be resumed (each rank's file holds its
+    own shards); starting afresh instead would silently drop that run's progress and records."""
+    other = sorted(f.name for f in state_dir.glob("rank*-of-*.pt") if not f.name.endswith(f"-of-{world}.pt"))
+    if other:
+        n = other[0].rsplit("-of-", 1)[1].removesuffix(".pt")
+        raise ValueError(f"{state_dir} holds the state of a {n}-process run ({', '.join(other)}); resume it with "
+                         f"{n} processes, or use another output directory")

@@ -21,7 +21,7 @@ from dsv4.loader import load_model
 from dsv4.train import ep
 from dsv4.train.data import PackStream, pack, read_documents
 from dsv4.train.dist import DistContext, init_from_env
-from dsv4.train.loop import TrainConfig, Trainer
+from dsv4.train.loop import TrainConfig, Trainer, check_state_world
 from dsv4.train.params import LORA_TARGETS, prepare_full, prepare_lora
 from dsv4.train.save import (
     adapter_tensors,
@@ -49,23 +49,58 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str | None 
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_file(model_dir)          # bad data fails before the weights are read
     docs = read_documents(data, checkpoint_tokenizer(model_dir), cfg.vocab_size, cfg.bos_token_id, thinking_mode)
+    out = Path(out)
+    # absolute paths: the same files from another working directory are the same run
+    settings = {"model": os.path.abspath(model_dir), "data": os.path.abspath(data), "lora_rank": lora_rank,
+                "lora_alpha": lora_alpha, "lora_targets": list(lora_targets), "qat": qat, "dtype": str(dtype),
+                "device": device, "world_size": ctx.world, "documents": len(docs), "train": asdict(train)}
+    check_resume(out, settings)                      # before the weights are read too
     # The load's bar: on a large checkpoint it takes minutes, and nothing else is printed meanwhile (rank 0 only).
     net = load_model(model_dir, device=device, dtype=dtype, quant_emulation=quant_emulation,
                      progress=progress and ctx.main)
     torch.manual_seed(train.seed)                    # LoRA init identical on every rank
     net = prepare_full(net, qat) if lora_rank is None else prepare_lora(net, lora_rank, lora_alpha, lora_targets)
-    out = Path(out)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
-        settings = {"model": str(model_dir), "data": str(data), "lora_rank": lora_rank, "lora_alpha": lora_alpha,
-                    "lora_targets": list(lora_targets), "qat": qat, "dtype": str(dtype), "device": device,
-                    "world_size": ctx.world, "documents": len(docs), "train": asdict(train)}
         (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
     ctx.barrier()
     Trainer(net, PackStream(pack(docs, train.seq_len), train.packs_per_step, train.seed), train, out, ctx,
             progress).run()
     _save(net, model_dir, out, ctx, lora_rank, lora_alpha, lora_targets, merge)
     return out
+
+
+# What a resumed run may change: a longer run (its schedule then follows the new total), the save interval, the device.
+RESUME_MAY_CHANGE = {"device", "train.max_steps", "train.save_every"}
+
+
+def check_resume(out: Path, settings: dict) -> None:
+    """Resuming from `out/train_state/` with other settings (data, learning rate, LoRA rank, process count, ...)
+    would continue the saved weights and optimiser under them, or start afresh over the saved run, and mix two runs
+    in metrics.jsonl: refused, naming what differs. `run.json` holds the settings of the run that saved the state."""
+    state_dir = out / "train_state"
+    if not any(state_dir.glob("rank*-of-*.pt")):
+        return
+    check_state_world(state_dir, settings["world_size"])
+    try:
+        saved = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return                                      # nothing to compare with; load_state still checks the tensors
+    for key in ("model", "data"):                   # run.json of older versions: the paths as given
+        if isinstance(saved.get(key), str):
+            saved[key] = os.path.abspath(saved[key])
+    before, now = _flat(saved), _flat(json.loads(json.dumps(settings)))     # as run.json holds them (lists)
+    diff = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items()
+            if k not in RESUME_MAY_CHANGE and before.get(k) != v]
+    if diff:
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff)}): resume it with the same "
+                         "settings, or use another --out")
+
+
+def _flat(settings: dict) -> dict:
+    """{"train": {"lr": ..}} -> {"train.lr": ..}"""
+    return {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in settings.items()
+            for k2, v2 in (v.items() if isinstance(v, dict) else [(None, v)])}
 
 
 def _save(net, model_dir, out: Path, ctx: DistContext, lora_rank, lora_alpha, lora_targets, merge) -> None:
