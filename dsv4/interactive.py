@@ -103,6 +103,6 @@ def chat_loop(llm: LLM, params: SamplingParams, thinking_mode: str = "chat", sys
         done: dict = {}
         text = print_reply(keep_output(llm.stream(prompt, params), done), thinking_mode, out)
         note_if_cut(done, out)
-        reply = parse_chat_reply(text, thinking_mode)
+        reply = parse_chat_reply(text, thinking_mode, "output" in done and llm.ended_at_eos(done["output"]))
         messages.append({"role": "assistant", "content": reply["content"] or "",
                          "reasoning_content": reply.get("reasoning_content")})

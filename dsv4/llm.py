@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from tqdm.auto import tqdm
 
 from dsv4.chat import encode_messages, parse_completion
+from dsv4.chat.tokens import EOS
 from dsv4.engine.config import EngineConfig
 from dsv4.engine.engine import Engine
 from dsv4.engine.outputs import RequestOutput
@@ -169,8 +170,13 @@ class LLM:
                                    reasoning_effort=reasoning_effort) for m in conversations]
         outputs = self.generate(prompts, sampling_params, use_tqdm)
         for out in outputs:
-            out.message = parse_chat_reply(out.text, thinking_mode)
+            out.message = parse_chat_reply(out.text, thinking_mode, self.ended_at_eos(out))
         return outputs
+
+    def ended_at_eos(self, out: RequestOutput) -> bool:
+        """Whether the (first) completion ended by generating EOS: the stop token is not part of `.text`."""
+        return (out.finish_reason == "stop" and bool(out.token_ids)
+                and out.token_ids[-1] == self.model.cfg.eos_token_id)
 
 
 def _is_ids(x) -> bool:
@@ -231,10 +237,12 @@ def _check_option_types(options: dict) -> None:
         raise TypeError(f"engine option {name} must be {'None or ' if optional else ''}{article} {kind}, got {value!r}")
 
 
-def parse_chat_reply(text: str, thinking_mode: str) -> dict:
-    """The parsed reply; text the format cannot parse (e.g. an untrained model's) comes back as plain content."""
+def parse_chat_reply(text: str, thinking_mode: str, ended_at_eos: bool = False) -> dict:
+    """The parsed reply; text the format cannot parse (e.g. an untrained model's) comes back as plain content.
+    `ended_at_eos`: the completion stopped on EOS, which the engine leaves out of the text but the format's
+    grammar ends a plain reply with (without it, every finished reply was reported as a parse error)."""
     try:
-        return parse_completion(text, thinking_mode)
+        return parse_completion(text + EOS if ended_at_eos else text, thinking_mode)
     except ValueError as e:
         return {"role": "assistant", "reasoning_content": None, "content": text, "tool_calls": [],
                 "parse_error": str(e)}

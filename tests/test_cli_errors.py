@@ -290,6 +290,9 @@ def test_piped_chat_prints_the_replies_alone():
             yield "def f(): pass"
             return SimpleNamespace(finish_reason="stop", token_ids=[1, 2])
 
+        def ended_at_eos(self, out):
+            return True
+
     lines = iter(["write f"])
 
     def read(prompt):
