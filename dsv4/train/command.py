@@ -16,9 +16,9 @@ Multi-GPU: torchrun --nproc-per-node N -m dsv4 finetune ... (FSDP2; add --expert
 experts over the N processes)."""
 
 
-def non_negative(kind, least=0):
-    """argparse type: a `kind` value >= `least` (0 by default). Why: a negative weight, rate or count is never
-    meant, and some are not harmless (a negative --clip-grad flips the sign of every gradient, silently)."""
+def at_least(kind, least):
+    """argparse type: a `kind` value >= `least`. Why: a negative weight, rate or count is never meant, and some
+    are not harmless (a negative --clip-grad flips the sign of every gradient, silently)."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -33,23 +33,23 @@ def non_negative(kind, least=0):
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     """The copy unlikelihood (dsv4/train/unlikelihood.py), the greedy probe and sequence-level unlikelihood
     (dsv4/train/greedy_probe.py); `TrainConfig` fields of the same names; shared with scripts/train_builtin_gpu.py."""
-    p.add_argument("--unlikelihood", type=non_negative(float), default=0.0, metavar="ALPHA",
+    p.add_argument("--unlikelihood", type=at_least(float, 0), default=0.0, metavar="ALPHA",
                    help="weight of the unlikelihood of wrong in-context copies (default 0: only logged)")
-    p.add_argument("--copy-ngram", type=non_negative(int), default=4, metavar="N",
+    p.add_argument("--copy-ngram", type=at_least(int, 0), default=4, metavar="N",
                    help="copy candidate: the token after the latest earlier occurrence of the last N-1 tokens in the "
                         "document (default 4; 0 = no copy term nor statistics)")
-    p.add_argument("--copy-window", type=non_negative(int), default=0,
+    p.add_argument("--copy-window", type=at_least(int, 0), default=0,
                    help="that occurrence at most this many tokens back (default 0 = anywhere)")
-    p.add_argument("--greedy-probe-every", type=non_negative(int), default=0, metavar="N",
+    p.add_argument("--greedy-probe-every", type=at_least(int, 0), default=0, metavar="N",
                    help="every N steps continue --probe-prefixes prefixes of the step's pack greedily and log "
                         "greedy_seq_rep4 / greedy_distinct4 (default 0 = off)")
-    p.add_argument("--probe-prefixes", type=non_negative(int, 1), default=16, metavar="P",
+    p.add_argument("--probe-prefixes", type=at_least(int, 1), default=16, metavar="P",
                    help="prefixes per probe (default 16)")
-    p.add_argument("--probe-prefix-len", type=non_negative(int, 1), default=32,
+    p.add_argument("--probe-prefix-len", type=at_least(int, 1), default=32,
                    help="tokens per prefix, BOS included (default 32)")
-    p.add_argument("--probe-tokens", type=non_negative(int, 1), default=64, metavar="L",
+    p.add_argument("--probe-tokens", type=at_least(int, 1), default=64, metavar="L",
                    help="greedy tokens per prefix (default 64)")
-    p.add_argument("--seq-unlikelihood", type=non_negative(float), default=0.0, metavar="ALPHA",
+    p.add_argument("--seq-unlikelihood", type=at_least(float, 0), default=0.0, metavar="ALPHA",
                    help="on probe steps, add ALPHA x the unlikelihood of the continuation tokens that complete an "
                         "earlier 4-gram, per continuation position (default 0 = off; needs --greedy-probe-every)")
     p.add_argument("--probe-cache", action="store_true",
@@ -76,20 +76,20 @@ def add_parsers(sub, positive, dtypes: dict) -> None:
     p.add_argument("--out", default="finetune-out", help="output directory (default ./finetune-out)")
     p.add_argument("--max-steps", type=positive(int), default=100, help="optimiser steps (default 100)")
     p.add_argument("--lr", type=positive(float), default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--warmup-steps", type=non_negative(int), default=10,
+    p.add_argument("--warmup-steps", type=at_least(int, 0), default=10,
                    help="linear warmup steps, then cosine (default 10)")
-    p.add_argument("--min-lr-ratio", type=non_negative(float), default=0.1, help="final lr / peak lr (default 0.1)")
-    p.add_argument("--weight-decay", type=non_negative(float), default=0.0,
+    p.add_argument("--min-lr-ratio", type=at_least(float, 0), default=0.1, help="final lr / peak lr (default 0.1)")
+    p.add_argument("--weight-decay", type=at_least(float, 0), default=0.0,
                    help="AdamW weight decay on matrices (default 0)")
-    p.add_argument("--clip-grad", type=non_negative(float), default=1.0, help="gradient-norm clip, 0 = off (default 1)")
+    p.add_argument("--clip-grad", type=at_least(float, 0), default=1.0, help="gradient-norm clip, 0 = off (default 1)")
     p.add_argument("--seq-len", type=positive(int), default=2048, help="tokens per packed sequence (default 2048)")
     p.add_argument("--packs-per-step", type=positive(int), default=1,
                    help="packed sequences per optimiser step, over all processes (default 1)")
     p.add_argument("--no-grad-ckpt", action="store_true", help="keep activations instead of recomputing blocks")
-    p.add_argument("--mtp-weight", type=non_negative(float), default=0.0,
+    p.add_argument("--mtp-weight", type=at_least(float, 0), default=0.0,
                    help="weight of the MTP loss (default 0 = off)")
     add_probe_arguments(p)
-    p.add_argument("--bias-update-rate", type=non_negative(float), default=0.0,
+    p.add_argument("--bias-update-rate", type=at_least(float, 0), default=0.0,
                    help="noaux_tc gate-bias balancing step per optimiser step (default 0 = off)")
     p.add_argument("--lora-alpha", type=positive(float), help="LoRA alpha (default 2 * rank)")
     p.add_argument("--lora-targets", default="attn,shared",
@@ -98,7 +98,7 @@ def add_parsers(sub, positive, dtypes: dict) -> None:
                    help="train through the FP8/FP4 storage rounding of the weights (straight-through)")
     p.add_argument("--merge", action="store_true", help="with --lora: also write the merged checkpoint")
     p.add_argument("--thinking", action="store_true", help="encode chats in thinking mode")
-    p.add_argument("--save-every", type=non_negative(int), default=0,
+    p.add_argument("--save-every", type=at_least(int, 0), default=0,
                    help="resumable state every N steps (default: at the end)")
     p.add_argument("--seed", type=int, default=0, help="data order and LoRA init seed (default 0)")
     p.add_argument("--expert-parallel", action="store_true",
