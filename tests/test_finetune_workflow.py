@@ -92,3 +92,10 @@ def test_ranks_saved_at_different_steps_recover_or_stop_together(tiny_ckpt, tmp_
     results = spawned_ranks(_interrupted_save_rank, tiny_ckpt, tmp_path)
     assert [r["recovered_step"] for r in results] == [2, 2]
     assert all(r["error"] and "different steps ([2, 1]" in r["error"] for r in results)
+
+
+def test_expert_parallel_with_one_process_says_it_changes_nothing(tiny_ckpt, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"input_ids": [0, 5, 6, 7, 8]}) + "\n")
+    with pytest.warns(UserWarning, match="with one process it changes nothing"):      # was silently ignored
+        assert _finetune(tiny_ckpt, data, tmp_path / "out", "--expert-parallel") == 0

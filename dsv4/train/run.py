@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str | None 
     """Full fine-tuning (`lora_rank=None`) or LoRA. Under torchrun (WORLD_SIZE > 1) it runs with FSDP2."""
     train = train or TrainConfig()
     ctx = init_from_env(torch.device(device))
+    if train.expert_parallel and ctx.world == 1:
+        warnings.warn("--expert-parallel splits the routed experts over torchrun's processes; with one process it "
+                      "changes nothing (start it with torchrun --nproc-per-node N)", stacklevel=2)
     if ctx.enabled and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
