@@ -99,3 +99,14 @@ def test_expert_parallel_with_one_process_says_it_changes_nothing(tiny_ckpt, tmp
     data.write_text(json.dumps({"input_ids": [0, 5, 6, 7, 8]}) + "\n")
     with pytest.warns(UserWarning, match="with one process it changes nothing"):      # was silently ignored
         assert _finetune(tiny_ckpt, data, tmp_path / "out", "--expert-parallel") == 0
+
+
+def test_only_the_first_rank_prints(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    # under torchrun every rank runs the command: N copies of "note:" and "wrote" lines
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"input_ids": [0, 5, 6, 7, 8]}) + "\n")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["finetune", "--data", str(data), "--lora", "2", "--seq-len", "64", "--out", str(tmp_path / "o"),
+                 "--max-steps", "1"]) == 0
+    out = capsys.readouterr()
+    assert "wrote" not in out.out and "note:" not in out.err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 FINETUNE_HELP = """Supervised fine-tuning on chat data, with LoRA adapters or all weights, on the same model code
@@ -129,7 +130,8 @@ def cmd_finetune(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (
         torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    if args.model is None:
+    main_rank = os.environ.get("RANK", "0") == "0"      # under torchrun: one copy of each message, not N
+    if args.model is None and main_rank:
         print("note: no --model given; fine-tuning the built-in tiny model (trained on Python source)", file=sys.stderr)
     train = TrainConfig(max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps,
                         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
@@ -144,7 +146,8 @@ def cmd_finetune(args) -> int:
                        progress=sys.stderr.isatty())
     except ValueError as e:
         raise UsageError(str(e)) from None
-    print(f"wrote {out}")
+    if main_rank:
+        print(f"wrote {out}")
     return 0
 
 
