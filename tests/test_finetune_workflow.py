@@ -110,3 +110,12 @@ def test_only_the_first_rank_prints(tiny_ckpt, tmp_path, capsys, monkeypatch):
                  "--max-steps", "1"]) == 0
     out = capsys.readouterr()
     assert "wrote" not in out.out and "note:" not in out.err
+
+
+def test_without_a_terminal_progress_is_a_line_on_stderr(tiny_ckpt, tmp_path, capsys):
+    # no tqdm bar when stderr is a file: nothing was printed until the run ended
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"input_ids": [0, 5, 6, 7, 8]}) + "\n")
+    assert _finetune(tiny_ckpt, data, tmp_path / "out", "--max-steps", "2") == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("finetune: step")]
+    assert lines and lines[-1].startswith("finetune: step 2/2, loss ") and lines[-1].endswith("tokens/s")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,8 +157,12 @@ def prompts_by_length(prompts: list[list[int]], lengths: tuple[int, ...], share:
 
 class Trainer:
     def __init__(self, model, stream: PackStream, cfg: TrainConfig, out_dir, ctx: DistContext | None = None,
-                 progress: bool = True, probe_prompts: list[list[int]] | None = None):
+                 progress: bool = True, probe_prompts: list[list[int]] | None = None,
+                 log_every_s: float | None = None):
+        """`progress`: a tqdm bar. `log_every_s`: without the bar, a plain line on stderr at most this often (a
+        run whose stderr goes to a log file printed nothing until it ended)."""
         ctx = ctx or DistContext()
+        self.log_every_s = log_every_s
         if cfg.packs_per_step % ctx.world:
             raise ValueError(f"packs_per_step={cfg.packs_per_step} must be a multiple of the {ctx.world} processes")
         _check_probe(cfg)
@@ -322,7 +327,7 @@ class Trainer:
         log = MetricsLog(self.out, self.step) if self.ctx.main else None
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="finetune", unit="step",
                    disable=not self.progress)
-        records = []
+        records, last_line = [], time.monotonic()
         while self.step < self.cfg.max_steps:
             rec = self.train_step()
             records.append(rec)
@@ -330,6 +335,7 @@ class Trainer:
                 log.write(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_per_s']:.0f}")
             bar.update(1)
+            last_line = self._log_line(rec, last_line)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
                 self.save_state()
         bar.close()
@@ -337,6 +343,16 @@ class Trainer:
         if self.ctx.main and (self.out / "metrics.jsonl").exists():
             plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
         return records
+
+    def _log_line(self, rec: dict, last: float) -> float:
+        """Print a progress line when `log_every_s` has passed since the last one (or at the last step)."""
+        now = time.monotonic()
+        due = now - last >= self.log_every_s if self.log_every_s else False
+        if self.log_every_s and self.ctx.main and not self.progress and (due or self.step == self.cfg.max_steps):
+            print(f"finetune: step {self.step}/{self.cfg.max_steps}, loss {rec['loss']:.4f}, "
+                  f"{rec['tok_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+            return now
+        return last
 
     # ------------------------------------------------------------------ resumable state
     def _state_path(self) -> Path:
