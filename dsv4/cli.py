@@ -26,26 +26,27 @@ class UsageError(Exception):
     """An argument that argparse cannot validate on its own (it depends on the config or the machine)."""
 
 
-def _positive(kind):
+def at_least(kind, least, strict: bool = False):
+    """argparse type: a `kind` value >= `least` (> with `strict`), NaN refused; errors name the value, not this
+    function. Why bounds at parse time: a negative weight, rate or count is never meant, and some are not harmless
+    (a negative --clip-grad flips the sign of every gradient, silently)."""
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
+        except ValueError:                # else argparse names this function: "invalid parse value"
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value > least if strict else value >= least):       # NaN fails both
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {least}, got {text}")
         return value
     return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def _positive(kind):
+    return at_least(kind, 0, strict=True)
+
+
+_non_negative_float = at_least(float, 0)
+_non_negative_int = at_least(int, 0)
 
 
 def _add_model_args(p) -> None:
@@ -65,16 +66,6 @@ def _add_model_args(p) -> None:
     p.add_argument("--speculative-tokens", type=_non_negative_int, default=0,
                    help="speculative decoding: tokens the MTP block drafts per decode step, verified in one forward "
                         "(same outputs; default 0 = off)")
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:                    # else argparse names this function: "invalid _non_negative_int value"
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _add_sampling_args(p, temperature: float | None, max_tokens_help: str = f"default {DEFAULT_MAX_TOKENS}",

@@ -121,11 +121,11 @@ def checkpoint_tokenizer(model_dir: str | os.PathLike):
     from dsv4.tokenizer import load_tokenizer
 
     file = Path(model_dir) / "tokenizer.json"
-    if not file.exists():
-        return load_tokenizer(model_dir)
     try:
         return load_tokenizer(model_dir)
     except Exception as e:
+        if not file.exists():
+            raise
         raise CheckpointError(f"{file} is not a readable tokenizer: {e}") from e
 
 

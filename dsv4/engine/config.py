@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from dsv4.engine.graphs import COMPILE_SCOPES
+from dsv4.loader import torch_dtype as resolve_dtype  # (EngineConfig.torch_dtype is its own method)
 from dsv4.model.state import layer_bytes_per_page
 
 
@@ -44,6 +47,7 @@ class EngineConfig:
     max_prefix_snapshots: int = 64      # prefix cache: slot-state snapshots kept at block boundaries (LRU)
 
     def __post_init__(self):
+        _check_types(self)
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         checks = [(self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
                   (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
@@ -70,14 +74,35 @@ class EngineConfig:
         return getattr(torch, self.dtype)
 
 
+_KINDS = {"bool": lambda v: isinstance(v, bool),
+          "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+          "str": lambda v: isinstance(v, str)}
+
+
+def _check_types(econf: EngineConfig) -> None:
+    """The range checks assume the annotated types: quant_emulation="no" (a true str) would turn the emulation on,
+    max_num_seqs="4" fail with a bare comparison error. device and dtype are checked where they are parsed."""
+    for f in dataclasses.fields(econf):
+        value = getattr(econf, f.name)
+        kind, optional = f.type.removesuffix(" | None"), f.type.endswith(" | None")
+        check = _KINDS.get(kind)
+        if f.name in ("device", "dtype") or check is None or (value is None and optional) or check(value):
+            continue
+        article = "an" if kind == "int" else "a"
+        raise TypeError(f"engine option {f.name} must be {'None or ' if optional else ''}{article} {kind}, "
+                        f"got {value!r}")
+
+
 def _dtype_name(dtype) -> str | None:
     """What `load_model` accepts (a floating torch dtype, or its name as in `torch.<name>`), or None / "auto"."""
     if dtype is None or dtype == "auto":
         return None
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+    try:
+        resolved = resolve_dtype(dtype)
+    except TypeError:
         raise ValueError(f"dtype must be a floating-point torch.dtype, its name (e.g. 'bfloat16', 'float32') or "
-                         f"'auto', got {dtype!r}")
+                         f"'auto', got {dtype!r}") from None
     return str(resolved).removeprefix("torch.")
 
 

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from dsv4.cli import at_least
+
 FINETUNE_HELP = """Supervised fine-tuning on chat data, with LoRA adapters or all weights, on the same model code
 as inference. Each line of --data is {"messages": [...], "tools"?: [...]} in OpenAI chat form (encoded with the
 official DeepSeek-V4 format; the loss covers only what the assistant writes: reasoning, content, tool calls and
@@ -15,20 +17,6 @@ step), loss.png, run.json, train_state/ (run the same command again to resume) a
 format, FP8/FP4 re-quantised) and model-bf16/ for --full, adapter/ (+ model/ with --merge) for --lora.
 Multi-GPU: torchrun --nproc-per-node N -m dsv4 finetune ... (FSDP2; add --expert-parallel to split the routed
 experts over the N processes)."""
-
-
-def at_least(kind, least):
-    """argparse type: a `kind` value >= `least`. Why: a negative weight, rate or count is never meant, and some
-    are not harmless (a negative --clip-grad flips the sign of every gradient, silently)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not value >= least:             # NaN fails too
-            raise argparse.ArgumentTypeError(f"must be >= {least}, got {text}")
-        return value
-    return parse
 
 
 def add_probe_arguments(p: argparse.ArgumentParser) -> None:
