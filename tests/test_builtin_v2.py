@@ -248,11 +248,19 @@ def test_data_shards_partition_the_documents_and_copy_the_rest(tmp_path):
         assert builtin_data.load_sources(tmp_path / f"s{k}" / "train.npz") == [sources[i] for i in want]
         assert (tmp_path / f"s{k}" / "heldout.py.txt").read_text() == "x = 1\n"
         assert json.loads((tmp_path / f"s{k}" / "summary.json").read_text())["shard"] == info == {
-            "index": k, "of": 3, "documents": len(want), "tokens": 3 * len(want)}
+            "index": k, "of": 3, "whole": [], "documents": len(want), "tokens": 3 * len(want)}
         seen += want
     assert sorted(seen) == list(range(7))
     with pytest.raises(ValueError, match="0 <= K < N"):
         data_shard.shard(data, tmp_path / "bad", 3, 3)
+    # --whole: shard 1 of 3 plus every algorithms document (0, 3, 6), in the original order
+    data_shard.shard(data, tmp_path / "w", 1, 3, ("algorithms",))
+    got, _ = builtin_data.load_documents(tmp_path / "w" / "train.npz")
+    assert [d.ids for d in got] == [docs[i].ids for i in (0, 1, 3, 4, 6)]
+    assert builtin_data.load_sources(tmp_path / "w" / "train.npz") == ["algorithms", "stdlib", "algorithms",
+                                                                       "stdlib", "algorithms"]
+    with pytest.raises(ValueError, match="no document comes from"):
+        data_shard.shard(data, tmp_path / "bad", 0, 3, ("numpy",))
 
 
 def test_chat_prompts_are_the_requests_of_the_given_length_through_the_marker():

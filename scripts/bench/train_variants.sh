@@ -14,7 +14,7 @@
 # prompt gets a plausible body) is what such runs are for, and the selection set guards the rest.
 # Usage (repository root, on the GPU machine; carry .builtin_data, or DATA=folder to train on another one, e.g. a
 # scripts/data_shard.py shard):
-#   [DATA=.data_s0] bash scripts/bench/train_variants.sh OUT INIT_DIR "NAME1 ARGS..." "NAME2 ARGS..." ...
+#   [DATA=.data_s0] [EVAL_S=240] bash scripts/bench/train_variants.sh OUT INIT_DIR "NAME1 ARGS..." "NAME2 ARGS..." ...
 # Each quoted variant: a name, then scripts/train_builtin_gpu.py arguments (--steps N, --seed S, ...).
 set -u
 out=$1 init=$2; shift 2
@@ -30,7 +30,7 @@ for spec in "$@"; do
     # shellcheck disable=SC2086  # the variant's arguments are meant to split
     python3 scripts/train_builtin_gpu.py "$data" "/tmp/$name" --init "$init" --bundle "/tmp/bundle_$name" \
         $args 2>&1 | grep -v Warning | grep -E "held-out|^step " | cut -c1-160 | tail -4
-    CUDA_VISIBLE_DEVICES= timeout 240 python3 scripts/bench/quick_eval_builtin.py "/tmp/$name/model" --threads 4 \
+    CUDA_VISIBLE_DEVICES= timeout "${EVAL_S:-240}" python3 scripts/bench/quick_eval_builtin.py "/tmp/$name/model" --threads 4 \
         --data "$data" --selection --out "/tmp/$name.quick.json" > "/tmp/$name.quick.log" 2>&1 &
 done
 wait
