@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.model.state import DecodeBatch, ModelState
+from dsv4.ops.rowwise import all_finite
 
 COMPILE_SCOPES = ("step", "block")
 
@@ -163,6 +164,6 @@ class DecodeGraphs:
         out = g.replay()
         h, logits = out if isinstance(out, tuple) else (None, out)
         logits = logits[:n * t]
-        if not torch.isfinite(logits).all():
+        if not all_finite(logits):
             raise FloatingPointError("non-finite logits (NaN/inf): the weights or inputs are broken")
         return logits if h is None else (h[:, :n * t], logits)

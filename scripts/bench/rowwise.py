@@ -1,0 +1,54 @@
+"""Time the split vocabulary reductions (`dsv4.ops.rowwise`) against torch's single reductions on the GPU.
+
+Per batch size (rows of Flash's 129,280 fp32 logits): torch.argmax vs argmax_rows, and isfinite().all() vs
+all_finite (the check includes its device read, as the engine's does). Median of CUDA-event timings (us).
+Usage: PYTHONPATH=. python3 scripts/bench/rowwise.py [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from dsv4.ops.rowwise import all_finite, argmax_rows
+
+V = 129280
+
+
+def time_us(fn, reps: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    rows = {}
+    for batch in (1, 8, 64):
+        x = torch.randn(batch, V, device="cuda")
+        assert torch.equal(argmax_rows(x), x.argmax(-1))
+        rows[batch] = {"argmax_torch_us": time_us(lambda x=x: x.argmax(-1)),
+                       "argmax_rows_us": time_us(lambda x=x: argmax_rows(x)),
+                       "finite_torch_us": time_us(lambda x=x: bool(torch.isfinite(x).all())),
+                       "finite_rows_us": time_us(lambda x=x: all_finite(x))}
+        print(f"batch {batch}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[batch].items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "vocab": V, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
