@@ -53,12 +53,19 @@ class Rotary:
         self._on_device: dict[torch.device, torch.Tensor] = {}   # no host-to-device copy per step (CUDA graphs)
 
     def cis(self, positions: torch.Tensor) -> torch.Tensor:
-        """Complex rotations [*positions.shape, dim/2] for integer positions."""
+        """Rotations for integer positions: complex [*positions.shape, dim/2] (the reference's table, bit for bit),
+        or, inside a torch.compile trace, the same numbers as real (cos, sin) pairs [*positions.shape, dim/2, 2].
+        Why: inductor generates no code for complex tensors, so in a compiled decode step every complex op ran as
+        its own aten kernel (~35 a 4-layer step: complex mul, conj, polar; bench/results/h200_s15_checks/
+        profile.log). As real pairs the rotation's products fuse with their neighbours; they are the same fp32
+        operations in the same order as the complex multiply (equal bit for bit on the CPU: tests/
+        test_rope_real.py). The table itself stays torch.polar's (cos/sin of another libm differ by an ulp)."""
         freqs = self._on_device.get(positions.device)
         if freqs is None:
             freqs = self._on_device[positions.device] = self.freqs.to(positions.device)
         angles = positions.to(torch.float32).unsqueeze(-1) * freqs
-        return torch.polar(torch.ones_like(angles), angles)
+        cis = torch.polar(torch.ones_like(angles), angles)
+        return torch.view_as_real(cis) if torch.compiler.is_compiling() else cis
 
     def __call__(self, x: torch.Tensor, cis: torch.Tensor, inverse: bool = False, owned: bool = False) -> torch.Tensor:
         """Rotate x[..., -dim:] by `cis` (broadcast over x's head dims); returns a tensor of x's dtype.
@@ -72,12 +79,29 @@ class Rotary:
         fresh tensor; taps copy what they record, and a wrapper that keeps an op's output must copy it too, as
         tests/test_decode_batch.py's recorder and scripts/bench/graph_divergence.py do).
         """
-        rope = torch.view_as_complex(widen(x[..., -self.dim:]).unflatten(-1, (-1, 2)).contiguous())
-        cis = cis.conj() if inverse else cis
-        while cis.dim() < rope.dim():
-            cis = cis.unsqueeze(-2)
-        rotated = torch.view_as_real(rope * cis).flatten(-2).to(x.dtype)
+        pairs = widen(x[..., -self.dim:]).unflatten(-1, (-1, 2))
+        rotated = (_rotate_complex if cis.is_complex() else _rotate_real)(pairs, cis, inverse).to(x.dtype)
         if owned and not (torch.is_grad_enabled() and x.requires_grad):
             x[..., -self.dim:] = rotated
             return x
         return torch.cat([x[..., :-self.dim], rotated], dim=-1)
+
+
+def _rotate_complex(pairs: torch.Tensor, cis: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The reference's rotation: pairs [..., dim/2, 2] as complex numbers times cis (complex [..., dim/2])."""
+    rope = torch.view_as_complex(pairs.contiguous())
+    cis = cis.conj() if inverse else cis
+    while cis.dim() < rope.dim():
+        cis = cis.unsqueeze(-2)
+    return torch.view_as_real(rope * cis).flatten(-2)
+
+
+def _rotate_real(pairs: torch.Tensor, cis: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The same products in real arithmetic, cis as (cos, sin) pairs [..., dim/2, 2]: (a + ib)(c + id) =
+    (ac - bd) + i(ad + bc), the order of torch's complex multiply; the inverse negates d (exact), as conj does."""
+    cos, sin = cis.unbind(-1)
+    sin = -sin if inverse else sin
+    while cos.dim() < pairs.dim() - 1:
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    a, b = pairs.unbind(-1)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
