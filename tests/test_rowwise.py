@@ -7,7 +7,7 @@ import torch
 from dsv4.ops.rowwise import all_finite, argmax_rows, chunks_for
 
 V = 129280                              # Flash's vocabulary: 128 chunks of 1010
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]       # gpu: skipped without CUDA (conftest)
 
 
 def test_chunks_divide_the_row_into_long_enough_pieces():
