@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from dsv4.model.state import ModelState, StepBatch
-from dsv4.ops.rowwise import argmax_rows
 
 PAGE = 256
 
@@ -95,12 +94,12 @@ class Dsv4Decoder:
         if self.graphs is not None:
             rows = [(b, self.pos, self.pages[b]) for b in range(self.batch)]
             with torch.inference_mode():
-                self.tokens = argmax_rows(self.graphs.run(self.tokens, rows)).view(1, -1)
+                self.tokens = self.graphs.run(self.tokens, rows).argmax(-1).view(1, -1)
         else:
             batch = StepBatch.build([(b, self.pos, 1, self.pages[b]) for b in range(self.batch)], self.dev)
             with torch.inference_mode():
                 h = self.model.step(self.tokens, batch, self.state)
-                self.tokens = argmax_rows(self.model.main_logits(h))
+                self.tokens = self.model.main_logits(h).argmax(-1)
         self.pos += 1
         self.history.append(self.tokens)
         return self.tokens

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.engine.structured import StructuredOutputsParams
-from dsv4.ops.rowwise import argmax_rows
 
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below this is greedy (dividing by it would overflow fp32)
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
@@ -365,11 +364,11 @@ def sample(logits: torch.Tensor, st: SamplingTensors, counts: TokenCounts | None
         raise ValueError("a row has a penalty but no TokenCounts was given")
     x = apply_penalties(logits, st, counts) if st.do_penalties else logits
     if st.all_greedy:
-        token_ids = argmax_rows(x)
+        token_ids = x.argmax(-1)
     elif not st.any_greedy:
         token_ids = _race(x, st, noise)
     else:
-        token_ids = torch.where(st.greedy, argmax_rows(x), _race(x, st, noise))
+        token_ids = torch.where(st.greedy, x.argmax(-1), _race(x, st, noise))
     return _with_logprobs(logits, token_ids, st.num_logprobs)
 
 

@@ -44,7 +44,6 @@ from dsv4.engine.sampling import (
     race_noise,
 )
 from dsv4.model.state import ModelState, StepBatch
-from dsv4.ops.rowwise import argmax_rows
 
 # Salts that give each random use its own stream (seed ^ salt through the hash).
 DRAFT_SALT, ACCEPT_SALT, RESIDUAL_SALT = 0x5D1, 0xACC, 0x2E5
@@ -80,7 +79,7 @@ def draw(logits: torch.Tensor, st: SamplingTensors, counts: TokenCounts | None, 
     """Tokens [n] and their distributions [n, V] (one-hot on greedy rows) under the request's processing."""
     x = processed(logits, st, counts)
     race = (x + race_noise(st.seeds ^ salt, st.steps, x.shape[-1])).argmax(-1)
-    tokens = torch.where(st.greedy, argmax_rows(x), race)
+    tokens = torch.where(st.greedy, x.argmax(-1), race)
     probs = torch.where(st.greedy[:, None], torch.nn.functional.one_hot(tokens, x.shape[-1]).float(), x.softmax(-1))
     return tokens, probs
 
@@ -101,7 +100,7 @@ def accept(p_logits: torch.Tensor, q_probs: torch.Tensor, drafts: torch.Tensor, 
     d = drafts.clamp(min=0)[:, None]
     u = uniform(st.seeds ^ ACCEPT_SALT, st.steps)
     ok_sampled = u * q_probs.gather(1, d)[:, 0].double() < p.gather(1, d)[:, 0].double()
-    argmax = argmax_rows(p_logits)
+    argmax = p_logits.argmax(-1)
     ok = torch.where(st.greedy, drafts == argmax, ok_sampled) & ~bonus
     rest = torch.where(bonus[:, None], p_logits, _residual_logits(p, q_probs))
     salts = torch.where(bonus, 0, RESIDUAL_SALT)

@@ -1,13 +1,13 @@
-"""Reductions over the vocabulary for few rows: the argmax of greedy decoding and the finite-logits check.
+"""The finite-logits check over the vocabulary, reduced per row chunk first.
 
-A decode step of batch 1 reduces one row of 129,280 logits twice (the argmax, and `isfinite(...).all()`).
-torch runs a reduction with a single output in one thread block: on an H200 the argmax took 28 us and the check
-15 us of a 1.63 ms step (bench/results/h200_s15_checks/profile.log), ~50x the time their 0.5 MB need. Both are
-split here into a first stage over chunks of the row (one block per chunk) and a second over the chunk results.
-The results are exactly torch's: the argmax is the FIRST index of the row's maximum (each chunk's max returns
-its first maximum's index, and the argmax over the chunk maxima the first chunk that holds the row's maximum),
-and a row with a NaN still yields a NaN's index, as torch.argmax does. Rows long enough to be worth it only;
-shorter rows (and vocabularies without a suitable divisor) take torch's reduction itself, the twin.
+A decode step of batch 1 checks one row of 129,280 logits (`isfinite(...).all()`, then a device read). torch runs
+a reduction with a single output in one thread block (15 us of a 1.63 ms H200 step in
+bench/results/h200_s15_checks/profile.log); here the row is first reduced in chunks (one block each), then the
+chunk results. Measured on an H100 with its device read, eager as the engine calls it
+(bench/results/h100_s23/call2/rowwise.json): batch 1 66.1 -> 59.7 us, batch 8 and 64 unchanged.
+The same split for the greedy argmax (first maximum per chunk, then the first chunk holding the row maximum)
+was measured and dropped: its five eager launches cost more than the single-block kernel they replace (54 vs
+35 us at batch 1, the host's launches being exposed after the check's device read).
 """
 
 from __future__ import annotations
@@ -25,18 +25,6 @@ def chunks_for(length: int) -> int:
     while c > 1 and (length % c or length // c < MIN_CHUNK):
         c //= 2
     return c
-
-
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(x, -1) (the same indices), in two stages where the row is long enough to split."""
-    length = x.shape[-1]
-    c = chunks_for(length)
-    if c == 1 or x.numel() == 0:
-        return x.argmax(-1)
-    width = length // c
-    values, where = x.reshape(-1, c, width).max(-1)            # [rows, c]: each chunk's first maximum
-    chunk = values.argmax(-1, keepdim=True)                    # [rows, 1]: the first chunk holding the row max
-    return (chunk * width + where.gather(-1, chunk)).view(x.shape[:-1])
 
 
 def all_finite(x: torch.Tensor) -> bool:
