@@ -14,23 +14,16 @@ import statistics
 
 import torch
 
+from dsv4.bench.timing import cuda_time
 from dsv4.ops.rowwise import all_finite
 
 V = 129280
 
 
 def time_us(fn, reps: int = 200) -> float:
-    for _ in range(10):
+    for _ in range(9):                              # warm-up (cuda_time adds one more)
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return statistics.median(cuda_time(fn, reps)) * 1e6
 
 
 def main() -> None:
