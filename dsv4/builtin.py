@@ -19,6 +19,10 @@ from dsv4.config import ModelConfig, tiny_config
 
 BUILTIN_VERSION = 2               # of the shipped model; scripts/install_builtin.py rewrites this line
 BUILTIN_NAME = f"builtin-python-v{BUILTIN_VERSION}"
+# The built-in model's generation_config.json (scripts/install_builtin.py writes it): greedy by default, as
+# `dsv4 chat` runs it; the server takes it for the sampling fields a request omits (sampled at temperature 1 a
+# model this small writes noise).
+BUILTIN_GENERATION_CONFIG = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False}
 # The built-in tokenizer's first ids (BOS 0 and EOS 1 as in every V4 config, then the chat format's markers),
 # followed by the byte-level BPE merges.
 BUILTIN_SPECIALS = (BOS, EOS, "<｜▁pad▁｜>", USER, ASSISTANT, THINK_START, THINK_END, DSML, LATEST_REMINDER,

@@ -465,7 +465,10 @@ def cmd_serve(args) -> int:
 
     api_key = args.api_key or os.environ.get(ENV_VAR) or None
     warn_if_exposed(args.host, api_key)
-    app = build_app(llm, args.served_model_name or args.model or BUILTIN_NAME, api_key)
+    try:
+        app = build_app(llm, args.served_model_name or args.model or BUILTIN_NAME, api_key)
+    except ValueError as e:              # the checkpoint's generation_config.json
+        raise UsageError(str(e)) from None
     serve(app, args.host, args.port, args.log_level)
     return 0
 

@@ -34,6 +34,8 @@ import builtin_card  # noqa: E402  (a sibling script, found through sys.path)
 import builtin_lineage  # noqa: E402
 import eval_builtin  # noqa: E402
 
+from dsv4.builtin import BUILTIN_GENERATION_CONFIG  # noqa: E402
+
 VERSION = 2
 PROMPT, PINNED_TOKENS = "def fibonacci(n):", 24      # short: CI decodes it alone and batched on 2 cores
 PPL_WINDOWS = 4                                       # CI scores the held-out text's first 4 windows (2,044 tokens)
@@ -137,6 +139,7 @@ def main(argv=None) -> None:
         dest = REPO / "dsv4" / "builtin_model"
         shutil.rmtree(dest)
         shutil.copytree(model_dir, dest)
+        (dest / "generation_config.json").write_text(json.dumps(BUILTIN_GENERATION_CONFIG, indent=1) + "\n")
     set_version(VERSION)
     tests_data = REPO / "tests" / "data"
     shutil.copy(data / "heldout.py.txt", tests_data / "builtin_heldout.py.txt")

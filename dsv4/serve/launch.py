@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from fastapi import FastAPI
 
+from dsv4.checkpoint.generation import generation_defaults
 from dsv4.serve.app import create_app
 from dsv4.serve.async_engine import AsyncEngine
 from dsv4.serve.metrics import Metrics
@@ -42,9 +43,11 @@ def off_main_thread(fn: Callable[[], T]) -> T:
 
 def build_app(llm, served_model_name: str, api_key: str | None = None) -> FastAPI:
     """The app serving `llm` (a `dsv4.LLM`) under `served_model_name`; the engine thread runs while the app does.
-    With `api_key`, /v1/* requires `Authorization: Bearer api_key`."""
+    With `api_key`, /v1/* requires `Authorization: Bearer api_key`. Sampling fields a request omits take the
+    checkpoint's generation_config.json (a bad one stops the start with a ValueError naming it)."""
     cfg = llm.model.cfg
-    info = ModelInfo(served_model_name, llm.engine.max_model_len, cfg.vocab_size, cfg.bos_token_id)
+    info = ModelInfo(served_model_name, llm.engine.max_model_len, cfg.vocab_size, cfg.bos_token_id,
+                     generation_defaults(llm.path))
     metrics = Metrics()
     return create_app(AsyncEngine(llm.engine, metrics), llm.tokenizer, info, metrics, api_key)
 

@@ -1,7 +1,9 @@
 """Request bodies -> engine inputs: prompt token ids and `SamplingParams`, with every check that pydantic's types
 cannot express (the model name, the context length, tool schemas, parameter combinations).
 
-Defaults follow OpenAI: `max_tokens` is 16 for /v1/completions and "the rest of the context" for chat.
+Defaults follow OpenAI: `max_tokens` is 16 for /v1/completions and "the rest of the context" for chat; sampling
+fields a request leaves out take the checkpoint's generation_config.json (`ModelInfo.sampling_defaults`), else
+OpenAI's (temperature 1, top_p 1).
 Thinking mode is on when `chat_template_kwargs.thinking` is true or a `reasoning_effort` is given.
 Constraints (response_format, forced tool calls, structured_outputs) are built and compiled in constraints.py;
 `grammars` is the engine's `Grammars` (None: not compiled here, the engine compiles on admission).
@@ -9,7 +11,7 @@ Constraints (response_format, forced tool calls, structured_outputs) are built a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jsonschema import exceptions as jsonschema_errors
 from jsonschema import validators
@@ -32,6 +34,7 @@ class ModelInfo:
     max_model_len: int
     vocab_size: int
     bos_id: int
+    sampling_defaults: dict = field(default_factory=dict)   # dsv4.checkpoint.generation.generation_defaults
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,23 @@ def _fit(prompt_len: int, max_tokens: int | None, info: ModelInfo, param: str, p
     return max_tokens
 
 
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
-                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
+                    structured: StructuredOutputsParams | None = None,
+                    defaults: dict | None = None) -> SamplingParams:
+    """`defaults`: the model's generation config (ModelInfo.sampling_defaults) for the fields the request omits."""
+    base = {**OPENAI_DEFAULTS, **(defaults or {})}
+
     def pick(value, default):
         return default if value is None else value
 
     try:
-        return SamplingParams(temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0),
-                              top_k=pick(req.top_k, -1), min_p=pick(req.min_p, 0.0),
-                              repetition_penalty=pick(req.repetition_penalty, 1.0),
+        return SamplingParams(temperature=pick(req.temperature, base["temperature"]),
+                              top_p=pick(req.top_p, base["top_p"]), top_k=pick(req.top_k, base["top_k"]),
+                              min_p=pick(req.min_p, base["min_p"]),
+                              repetition_penalty=pick(req.repetition_penalty, base["repetition_penalty"]),
                               presence_penalty=pick(req.presence_penalty, 0.0),
                               frequency_penalty=pick(req.frequency_penalty, 0.0), seed=req.seed,
                               max_tokens=max_tokens, stop=req.stop, ignore_eos=bool(req.ignore_eos),
@@ -115,7 +126,8 @@ def completion_inputs(req: CompletionRequest, tokenizer, info: ModelInfo,
                            "prompt", "invalid_value")
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     structured = constraints.extension_constraint(req, grammars)
-    return ids, [sampling_params(req, _fit(len(p), max_tokens, info, "max_tokens", "prompt"), req.logprobs, structured)
+    return ids, [sampling_params(req, _fit(len(p), max_tokens, info, "max_tokens", "prompt"), req.logprobs, structured,
+                                 info.sampling_defaults)
                  for p in ids]
 
 
@@ -151,7 +163,8 @@ def chat_inputs(req: ChatCompletionRequest, tokenizer, info: ModelInfo, grammars
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _fit(len(ids), req.max_completion_tokens or req.max_tokens, info, param, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return ChatInputs(ids, sampling_params(req, max_tokens, logprobs, structured), mode, use_tools)
+    return ChatInputs(ids, sampling_params(req, max_tokens, logprobs, structured, info.sampling_defaults), mode,
+                      use_tools)
 
 
 def _check_text_only(req: ChatCompletionRequest) -> None:
