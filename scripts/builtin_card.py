@@ -171,6 +171,8 @@ def render(perf: dict, r: dict, summary: dict, expected: dict, train_eval: dict 
     return f"""# The built-in model (`builtin-python-v{expected['version']}`)
 
 `dsv4 generate`, `dsv4 chat`, `dsv4 serve`, `dsv4 finetune` and `dsv4.LLM()` use it when no model is given.
+Its `generation_config.json` says `do_sample: false`: `dsv4 serve` answers requests that give no temperature
+greedily, as `dsv4 chat` and `dsv4 generate` run it (sampled at temperature 1 a model this small writes noise).
 It is a DeepSeek-V4 model small enough to ship inside the package (`dsv4/builtin_model/`) and to run on a laptop
 CPU, trained on Python source and on chat requests for functions built from it. It is a demonstration and a
 regression fixture: it knows the look and habits of the Python standard library and a few packages, nothing else.
