@@ -8,6 +8,8 @@ tokens/s, peak memory, final loss), eval (scripts/eval_builtin.py on CPU), the d
 
 from __future__ import annotations
 
+from dsv4.chat.tokens import EOS
+
 
 def _mark(ok: bool) -> str:
     return "yes" if ok else "**no**"
@@ -149,7 +151,7 @@ perplexity per v1 token, exp(NLL_v2 / {ref['tokens']}) = {h['candidate_ppl_per_r
 
 
 # The evaluation's code samples run past EOS (their distinct-4 ratio is over a fixed token count); the CLI stops at it.
-EOS_TEXT = "<｜end▁of▁sentence｜>"
+EOS_TEXT = EOS
 
 
 def render(perf: dict, r: dict, summary: dict, expected: dict, train_eval: dict | None,

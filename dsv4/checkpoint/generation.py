@@ -45,16 +45,17 @@ def generation_defaults(model_dir: str | Path) -> dict[str, float | int]:
     return out
 
 
+# key: (low, high, whether low itself is allowed); high always is
+RANGES = {"temperature": (0.0, math.inf, True), "top_p": (0.0, 1.0, False), "min_p": (0.0, 1.0, True),
+          "repetition_penalty": (0.0, math.inf, False)}
+
+
 def _checked(path: Path, key: str, value: float) -> float | int:
     if key == "top_k":
         if value != int(value) or value < 0:
             raise ValueError(f"{path}: top_k must be a whole number >= 0 (0: none), got {value!r}")
         return int(value) or -1
-    bounds = {"temperature": (0.0, math.inf), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
-              "repetition_penalty": (0.0, math.inf)}[key]
-    low, high = bounds
-    ok = (low <= value <= high) if key in ("temperature", "min_p") else (low < value <= high)
-    if not ok:
-        raise ValueError(f"{path}: {key} = {value!r} is outside its range "
-                         f"{'[' if key in ('temperature', 'min_p') else '('}{low}, {high}]")
+    low, high, closed = RANGES[key]
+    if not ((low <= value if closed else low < value) and value <= high):
+        raise ValueError(f"{path}: {key} = {value!r} is outside its range {'[' if closed else '('}{low}, {high}]")
     return float(value)

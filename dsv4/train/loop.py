@@ -346,13 +346,14 @@ class Trainer:
 
     def _log_line(self, rec: dict, last: float) -> float:
         """Print a progress line when `log_every_s` has passed since the last one (or at the last step)."""
+        if not self.log_every_s or self.progress or not self.ctx.main:
+            return last
         now = time.monotonic()
-        due = now - last >= self.log_every_s if self.log_every_s else False
-        if self.log_every_s and self.ctx.main and not self.progress and (due or self.step == self.cfg.max_steps):
-            print(f"finetune: step {self.step}/{self.cfg.max_steps}, loss {rec['loss']:.4f}, "
-                  f"{rec['tok_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
-            return now
-        return last
+        if now - last < self.log_every_s and self.step < self.cfg.max_steps:
+            return last
+        print(f"finetune: step {self.step}/{self.cfg.max_steps}, loss {rec['loss']:.4f}, "
+              f"{rec['tok_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+        return now
 
     # ------------------------------------------------------------------ resumable state
     def _state_path(self) -> Path:

@@ -69,12 +69,12 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike, model: str | None 
         (out / "run.json").write_text(json.dumps(settings, indent=2) + "\n")
     ctx.barrier()
     Trainer(net, PackStream(pack(docs, train.seq_len), train.packs_per_step, train.seed), train, out, ctx,
-            progress, log_every_s=None if progress else LOG_EVERY_S).run()
+            progress, log_every_s=LOG_EVERY_S).run()
     _save(net, model_dir, out, ctx, lora_rank, lora_alpha, lora_targets, merge)
     return out
 
 
-LOG_EVERY_S = 30.0       # without a terminal (no progress bar): a progress line on stderr this often
+LOG_EVERY_S = 30.0       # without a progress bar (no terminal): a progress line on stderr this often
 
 # What a resumed run may change: a longer run (its schedule then follows the new total), the save interval, the device.
 RESUME_MAY_CHANGE = {"device", "train.max_steps", "train.save_every"}
