@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Twenty-fourth session, call B (issue 17 item 6, and issue 16 item 7 beside it): one continuation of the installed
+# built-in model on data v6 (.data_s6: a shard of data v6 with every `exercises` and `algorithms` document, carried),
+# the generated small functions of scripts/exercises.py upweighted, evaluated by train_variants.sh (quick eval on
+# the CPU cores); beside it on the same GPU, the GPU tests outside the compile-heavy files (gpu_suite_bench.sh's
+# PART=1 set; no timing is taken in this call). OUT holds only train_variants.sh's files (the device returns at most
+# 8): the tests' summary goes to stdout.
+# Usage (repository root, on the GPU machine; carry .data_s6 and .whl): [MIN=4.0] [UP=...] bash call_s24b.sh OUT
+set -u
+out=${1:?}
+MIN=${MIN:-4.0}
+UP=${UP:-stdlib=2,algorithms=8,exercises=12}
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+fi
+nvidia-smi --query-gpu=name,uuid --format=csv,noheader
+files=$(grep -l "pytest.mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py | grep -v "test_serve" \
+        | grep -vE "test_train_compile|test_compiled_decode|test_train_rows|test_train_speed|test_train_syncs" | tr '\n' ' ')
+( export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+  timeout -s INT "${SUITE_S:-420}" python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs --durations=8 $files \
+      > /tmp/gpu_tests.log 2>&1 ) &
+tests=$!
+common="--minutes $MIN --seq-len 32768 --row-len 256 --lr 2e-4 --unlikelihood 1 --probe-prefixes 8 --probe-tokens 192
+ --greedy-probe-every 16 --probe-chat-share 0.5 --probe-header-lens 9,11 --probe-class-lens 20,22 --seq-unlikelihood 1
+ --probe-cache --chat-repeat 3 --warmup-steps 5 --tf32"
+common=$(echo $common)
+DSV4_HC_POST_TRAIN=1 DATA=.data_s6 EVAL_S=${EVAL_S:-150} bash scripts/bench/train_variants.sh "$out" dsv4/builtin_model \
+    "v10 --upweight $UP --seed 43 $common"
+wait $tests
+echo "== GPU tests (ran beside the training): $files"
+grep -E "PASSED|FAILED|ERROR|passed|failed|slowest|s call" /tmp/gpu_tests.log | cut -c1-180 | tail -60
+grep -E "^E " /tmp/gpu_tests.log | head -30 | cut -c1-200
