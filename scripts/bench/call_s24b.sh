@@ -9,7 +9,7 @@
 set -u
 out=${1:?}
 MIN=${MIN:-4.0}
-UP=${UP:-stdlib=2,algorithms=8,exercises=12}
+UP=${UP:-stdlib=2,algorithms=4,exercises=8}
 if ls .whl/*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 fi
