@@ -55,6 +55,22 @@ def algorithms_note(summary: dict, perf: dict) -> str:
             "distribution: what the model prints for it is recall of that kind of code, not a generalisation.\n")
 
 
+def exercises_note(summary: dict, perf: dict) -> str:
+    """Data v6's generated exercises: their share, their weight in the last run, what they are for."""
+    n = (summary.get("tokens_by_source") or {}).get("exercises")
+    if not n:
+        return ""
+    k = (perf.get("settings", {}).get("args", {}).get("upweight") or {}).get("exercises", 1)
+    weight = f"; the last run saw them {k} times an epoch (`--upweight exercises={k}`)" if k > 1 else ""
+    return (f"\nData v6 adds {summary.get('exercise_files', 0)} modules of small self-contained functions generated "
+            f"by `scripts/exercises.py` ({n:,} of the tokens{weight}): task families (Fibonacci, gcd, sorting, "
+            "string and list utilities, ...) each written with varied names, parameters, docstrings and bodies, "
+            "every variant executed against its family's test cases (`tests/test_exercises.py`). Written for this "
+            "project (its MIT licence). Ten families are held out of the data to measure generalisation (row (e) "
+            "below); README's `def fibonacci(n):` is a training family, so what it prints is in the training "
+            "distribution.\n")
+
+
 def chain(lineage: list[dict] | None) -> str:
     """The runs that made the weights, when more than one did (scripts/builtin_lineage.py)."""
     if not lineage or len(lineage) < 2:
@@ -125,6 +141,13 @@ def evaluation(r: dict) -> str:
         m = mtp["greedy_code"]
         rows.append(f"| (d) MTP top-1 = next-next greedy token, the code continuations of (a) | "
                     f"{m['agreement']:.3f} ({m['positions']} positions) | reported | |")
+    ex = r.get("exercises") or {}
+    if ex.get("trained"):
+        t, h = ex["trained"], ex.get("heldout")
+        held = f"; held-out task families {h['passed']}/{h['n']}" if h else ""
+        rows.append(f"| (e) working functions: the greedy continuation of a bare signature (`def fibonacci(n):`, "
+                    f"...) passes its task family's test cases (`scripts/bench/exercise_pass.py`) | training task "
+                    f"families {t['passed']}/{t['n']}{held} | reported | |")
     if r.get("speed"):
         sp = r["speed"]
         rows.append(f"| CPU speed: one sequence's greedy decode, {sp['threads']} thread(s) on the evaluating machine | "
@@ -194,7 +217,7 @@ with the function, in the official V4 chat format ending with EOS; loss on the r
 Held out of everything (tokenizer, code, chat): {', '.join(f'`{n}`' for n in summary['heldout'])}. Sources, versions, the
 licence of each (all permit redistributing the weights with the notices retained) and how the chat set is built:
 [builtin_model_v2_data.md](builtin_model_v2_data.md).
-{algorithms_note(summary, perf)}
+{algorithms_note(summary, perf)}{exercises_note(summary, perf)}
 ## Tokenizer
 
 Byte-level BPE with {summary['vocab_size']} ids trained with the `tokenizers` library on the training files. Ids 0–14 are

@@ -218,12 +218,25 @@ def evaluate(model_dir: Path, data: Path, reference: Path | None, threads: int) 
         t = time.perf_counter()
         result[name] = run()
         timing[f"{name}_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result["exercises"] = exercises_eval(llm)
+    timing["exercises_s"] = time.perf_counter() - t
     result["mtp"] = {"heldout": result["heldout"]["candidate"].get("mtp")}
     if llm.model.cfg.n_mtp_layers:
         result["mtp"]["greedy_code"] = greedy_mtp(llm, result["code"])
     result["speed"] = speed(llm, dsv4.SamplingParams)
     result["timing"] = timing
     return result
+
+
+def exercises_eval(llm) -> dict:
+    """Working functions (scripts/bench/exercise_pass.py): the greedy continuation of a bare signature of each
+    training task family of scripts/exercises.py, and of the held-out families, run against the family's cases."""
+    sys.path.insert(0, str(REPO / "scripts" / "bench"))
+    import exercise_pass
+
+    return {name: exercise_pass.run_set(llm, prompts, exercise_pass.MAX_TOKENS) for name, prompts in
+            (("trained", exercise_pass.trained_prompts()), ("heldout", exercise_pass.heldout_prompts()))}
 
 
 def speed(llm, sp, tokens: int = 96) -> dict:
@@ -255,6 +268,10 @@ def table(r: dict) -> str:
                   f"{ref['nats_per_char']:.4f}", "", None),
                  ("perplexity per v1 token; v1 / it", f"{h['candidate_ppl_per_reference_token']:.2f}; "
                   f"{h['ratio']:.2f}x", ">= 4x", h["pass"])]
+    for key in ("trained", "heldout"):
+        e = (r.get("exercises") or {}).get(key)
+        if e:
+            rows.append((f"working functions, {key} task families", f"{e['passed']}/{e['n']}", "", None))
     for key, label in (("heldout", "MTP agreement, held-out"), ("greedy_code", "MTP agreement, greedy code")):
         m = (r.get("mtp") or {}).get(key)
         if m:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # scripts/
 
 import exercises as ex
 
+MAX_TOKENS = 192                # a small function and its EOS fit (the exercises' longest are ~15 lines)
 SCRIPTS = str(Path(__file__).resolve().parents[1])
 # The cases come from scripts/exercises.py itself in the child (some arguments are functions, e.g. str.lower: no
 # text form carries them).
@@ -108,7 +109,7 @@ def main(argv=None) -> dict:
     ap.add_argument("model", help="a model folder (e.g. dsv4/builtin_model)")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=192)
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sets = {"trained": trained_prompts(), "heldout": heldout_prompts()}
