@@ -287,3 +287,27 @@ def test_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"functions {2 * (len(ex.FAMILIES) - len(ex.HELDOUT_FAMILIES))}" in out
     assert f"files {len(files)}" in out
+
+
+# ------------------------------------------------------------------------------------------------ the pass-rate probe
+def test_exercise_pass_checks_what_a_model_writes():
+    """scripts/bench/exercise_pass.py (the card's working-functions row): the function is the prompt's def up to the
+    next top-level line; a correct body passes, and a wrong result, a syntax error, a crash and a hang each fail
+    with what went wrong; every training family has a prompt, the held-out prompts map back to their families."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+    import exercise_pass as P
+
+    text = P.function_text("def fibonacci(n):", "\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
+                                                "    return a\n\n\ndef other():\n    pass\n")
+    assert text.endswith("    return a\n") and "other" not in text
+    assert P.check(text, "fibonacci", "fibonacci") == "PASS"
+    assert "expected" in P.check("def fibonacci(n):\n    return n\n", "fibonacci", "fibonacci")
+    assert P.check("def fibonacci(n):\n    if n = 1\n", "fibonacci", "fibonacci").startswith("SyntaxError")
+    assert P.check("def fibonacci(n):\n    return fib(n)\n", "fibonacci", "fibonacci").startswith("NameError")
+    assert P.check("def fibonacci(n):\n    while True:\n        pass\n", "fibonacci", "fibonacci",
+                   timeout=2).startswith("timeout")
+    trained = P.trained_prompts()
+    assert {k for _, _, k in trained} == {f.key for f in ex.FAMILIES} - set(ex.HELDOUT_FAMILIES)
+    assert ("def fibonacci(n):", "fibonacci", "fibonacci") in trained
+    held = P.heldout_prompts()
+    assert held and all(k in ex.HELDOUT_FAMILIES and p.startswith(f"def {n}(") for p, n, k in held)

@@ -78,13 +78,13 @@ def function_text(prompt: str, continuation: str) -> str:
     return "\n".join(kept).rstrip() + "\n"
 
 
-def check(source: str, name: str, family: str) -> str:
+def check(source: str, name: str, family: str, timeout: float = 10) -> str:
     """"PASS" or what went wrong (a wrong result, an exception, a timeout)."""
     try:
         out = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps([source, name, family, SCRIPTS]),
-                             capture_output=True, text=True, timeout=10)
+                             capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "timeout (10 s)"
+        return f"timeout ({timeout:g} s)"
     return (out.stdout.strip().splitlines() or [out.stderr.strip()[-200:] or "no output"])[-1]
 
 
