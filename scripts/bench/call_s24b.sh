@@ -5,7 +5,8 @@
 # the CPU cores); beside it on the same GPU, the GPU tests outside the compile-heavy files (gpu_suite_bench.sh's
 # PART=1 set; no timing is taken in this call). OUT holds only train_variants.sh's files (the device returns at most
 # 8): the tests' summary goes to stdout.
-# Usage (repository root, on the GPU machine; carry .data_s6 and .whl): [MIN=4.0] [UP=...] bash call_s24b.sh OUT
+# Usage (repository root, on the GPU machine; carry .data_s6 and .whl): [MIN=4.0] [UP=...] [NO_EVAL=1] bash call_s24b.sh OUT
+# (NO_EVAL=1: the bundle alone in OUT/best, no quick eval on the machine: evaluate it on the CPU afterwards)
 set -u
 out=${1:?}
 t0=$(date +%s)
@@ -25,8 +26,15 @@ common="--minutes $MIN --seq-len 32768 --row-len 256 --lr 2e-4 --unlikelihood 1 
  --greedy-probe-every 16 --probe-chat-share 0.5 --probe-header-lens 9,11 --probe-class-lens 20,22 --seq-unlikelihood 1
  --probe-cache --chat-repeat 3 --warmup-steps 5 --tf32"
 common=$(echo $common)
-DSV4_HC_POST_TRAIN=1 DATA=.data_s6 EVAL_S=${EVAL_S:-150} bash scripts/bench/train_variants.sh "$out" dsv4/builtin_model \
-    "v10 --upweight $UP --seed 43 $common"
+if [ -n "${NO_EVAL:-}" ]; then     # the device budget is short: train only, evaluate on the CPU at home
+    echo "== v10: $UP"
+    DSV4_HC_POST_TRAIN=1 PYTHONPATH=$PWD python3 scripts/train_builtin_gpu.py .data_s6 /tmp/v10 --init dsv4/builtin_model \
+        --bundle "$out/best" --upweight "$UP" --seed 43 $common 2>&1 | grep -v Warning | grep -E "held-out|^step " \
+        | cut -c1-160 | tail -4
+else
+    DSV4_HC_POST_TRAIN=1 DATA=.data_s6 EVAL_S=${EVAL_S:-150} bash scripts/bench/train_variants.sh "$out" \
+        dsv4/builtin_model "v10 --upweight $UP --seed 43 $common"
+fi
 wait $tests
 echo "== GPU tests (ran beside the training): $files"
 grep -E "PASSED|FAILED|ERROR|passed|failed|slowest|s call" /tmp/gpu_tests.log | cut -c1-180 | tail -60
