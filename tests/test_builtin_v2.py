@@ -571,10 +571,15 @@ def test_update_readme_rewrites_the_builtin_sentence(tmp_path):
                       "on the Python standard library, so it writes Python-like text; model card: ...")
     assert install_builtin.update_readme(39_181_780, readme)
     assert readme.read_text() == ("with the built-in tiny model (no download: a 39 MB\nDeepSeek-V4-architecture model "
-                                  "trained on Python source and chats built from it, so it continues Python and "
+                                  "trained on Python source and chats built from it, so it continues Python\nand "
                                   "writes requested functions, in the shape of library code rather than correctly; "
                                   "model card: ...")
     assert install_builtin.update_readme(39_181_780, readme)          # idempotent: the new sentence matches too
+    assert install_builtin.update_readme(39_181_780, readme, working=(12, 96))       # with the eval's figure
+    assert readme.read_text() == ("with the built-in tiny model (no download: a 39 MB\nDeepSeek-V4-architecture model "
+                                  "trained on Python source and chats built from it, so it continues Python\nand "
+                                  "writes short functions that end, most of them wrong (12 of 96 small classic "
+                                  "tasks get a working one); model card: ...")
     readme.write_text("nothing")
     assert not install_builtin.update_readme(39_181_780, readme)
 
