@@ -43,13 +43,19 @@ def renamed_note(summary: dict) -> str:
             "words of the tokenizer)") if n else ""
 
 
+def source_share(summary: dict, perf: dict, source: str, them: str) -> tuple[int, str]:
+    """(tokens of one data source, the clause on its weight in the last run: "" when not upweighted)."""
+    n = (summary.get("tokens_by_source") or {}).get(source) or 0
+    k = (perf.get("settings", {}).get("args", {}).get("upweight") or {}).get(source, 1)
+    weight = f"; the last run saw {them} {k} times an epoch (`--upweight {source}={k}`)" if k > 1 else ""
+    return n, weight
+
+
 def algorithms_note(summary: dict, perf: dict) -> str:
     """Data v4's `algorithms` package: its share, its weight in the last run, and what it means for README's prompt."""
-    n = (summary.get("tokens_by_source") or {}).get("algorithms")
+    n, weight = source_share(summary, perf, "algorithms", "its documents")
     if not n:
         return ""
-    k = (perf.get("settings", {}).get("args", {}).get("upweight") or {}).get("algorithms", 1)
-    weight = f"; the last run saw its documents {k} times an epoch (`--upweight algorithms={k}`)" if k > 1 else ""
     return (f"\nData v4 adds the `algorithms` package (small classic functions, MIT): {n:,} of the tokens{weight}. It "
             "holds Fibonacci functions, so the README's prompt (`def fibonacci(n):`) is in the training "
             "distribution: what the model prints for it is recall of that kind of code, not a generalisation.\n")
@@ -64,11 +70,9 @@ def exercises_clause(summary: dict) -> str:
 
 def exercises_note(summary: dict, perf: dict) -> str:
     """Data v6's generated exercises: their share, their weight in the last run, what they are for."""
-    n = (summary.get("tokens_by_source") or {}).get("exercises")
+    n, weight = source_share(summary, perf, "exercises", "them")
     if not n:
         return ""
-    k = (perf.get("settings", {}).get("args", {}).get("upweight") or {}).get("exercises", 1)
-    weight = f"; the last run saw them {k} times an epoch (`--upweight exercises={k}`)" if k > 1 else ""
     return (f"\nData v6 adds {summary.get('exercise_files', 0)} modules of small self-contained functions generated "
             f"by `scripts/exercises.py` ({n:,} of the tokens{weight}): task families (Fibonacci, gcd, sorting, "
             "string and list utilities, ...) each written with varied names, parameters, docstrings and bodies, "
