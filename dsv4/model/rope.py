@@ -59,7 +59,10 @@ class Rotary:
         its own aten kernel (~35 a 4-layer step: complex mul, conj, polar; bench/results/h200_s15_checks/
         profile.log). As real pairs the rotation's products fuse with their neighbours; they are the same fp32
         operations in the same order as the complex multiply (equal bit for bit on the CPU: tests/
-        test_rope_real.py). The table itself stays torch.polar's (cos/sin of another libm differ by an ulp)."""
+        test_rope_real.py; not on CUDA, whose complex-multiply kernel rounds otherwise: the tiny model's rotated bf16
+        queries differ by up to 7.6e-6, so a traced step is not bit-equal to eager there:
+        scripts/bench/compiled_side_diff.py, bench/results/h100_s25/). The table itself stays torch.polar's (cos/sin
+        of another libm differ by an ulp)."""
         freqs = self._on_device.get(positions.device)
         if freqs is None:
             freqs = self._on_device[positions.device] = self.freqs.to(positions.device)
