@@ -101,31 +101,55 @@ def _graphs():
     return counters["stats"]["unique_graphs"]
 
 
+class GraphRecorder:
+    """A Dynamo backend that records whether any input of each captured graph has a symbolic size (a graph compiled
+    for dynamic shapes), then runs the graph as it is (no AOT tracing: cheap), or with `aot` through aot_eager."""
+
+    def __init__(self, aot: bool = False):
+        self.dynamic: list[bool] = []
+        self.aot = aot
+
+    def __call__(self, gm, inputs):
+        sizes = [s for t in inputs for s in ([t] if isinstance(t, torch.SymInt) else getattr(t, "shape", ()))]
+        self.dynamic.append(any(isinstance(s, torch.SymInt) for s in sizes))
+        if self.aot:
+            from torch._dynamo.backends.registry import lookup_backend
+
+            return lookup_backend("aot_eager")(gm, inputs)
+        return gm.forward
+
+
 @pytest.fixture(scope="module")
 def compiled_trainer(small_ckpt, tmp_path_factory):
-    """A trainer whose blocks are compiled with aot_eager (padded packs of 256 tokens), after one step: the one
-    compilation this file pays for (~40 s on 2 cores); (trainer, graphs that step compiled)."""
+    """A trainer whose blocks are compiled with aot_eager (through a `GraphRecorder`), packs padded to 256 tokens,
+    MTP on, activation checkpointing (the blocks recomputed in the backward), after three steps: the one
+    aot_eager compilation this file's packed-batch tests pay for (~25 s on 2 cores). The packs have other real
+    lengths, the first exactly seq_len (no padding). A forward pre-hook on every block, the MTP block's included,
+    records the token counts it ran at. Returns (trainer, recorder, the three steps' records, those lengths)."""
     torch._dynamo.reset()
-    packs = [[_doc(n, 10 + n)] for n in (180, 230, 200)]
-    cfg = TrainConfig(max_steps=3, lr=1e-3, warmup_steps=1, seq_len=256, grad_ckpt=False, mtp_weight=0.3,
-                      bias_update_rate=1e-3, compile="aot_eager", pad_to_seq_len=True)
+    graphs = GraphRecorder(aot=True)
+    packs = [[_doc(n, 20 + n)] for n in (256, 170, 221)]
+    cfg = TrainConfig(max_steps=4, lr=1e-3, warmup_steps=1, seq_len=256, grad_ckpt=True, mtp_weight=0.3,
+                      bias_update_rate=1e-3, compile=graphs, pad_to_seq_len=True)
     trainer = Trainer(_model(small_ckpt), PackStream(packs, 1), cfg, tmp_path_factory.mktemp("run"), progress=False)
-    before = _graphs()
-    trainer.train_step()
-    return trainer, _graphs() - before
+    lengths = set()
+    for block in [*trainer.model.layers, *trainer.model.mtp]:
+        block.register_forward_pre_hook(lambda m, args: lengths.add(args[0].shape[1]))
+    records = [trainer.train_step() for _ in range(3)]
+    return trainer, graphs, records, lengths
 
 
 @pytest.mark.slow
 def test_trainer_compiles_once_with_the_documented_graph_breaks(compiled_trainer):
     """Every block compiles once, into the documented number of graphs (a new graph break fails here), and steps
     with other real lengths padded to the same length compile nothing; padding is not counted as expert load."""
-    trainer, graphs = compiled_trainer
+    trainer, graphs, records, _ = compiled_trainer
     blocks = len(trainer.model.layers) + len(trainer.model.mtp)
-    assert blocks <= graphs <= blocks * GRAPHS_PER_BLOCK     # compiled, and no graph break beyond the documented
-    before = _graphs()
-    for _ in range(2):
-        rec = trainer.train_step()
-    assert _graphs() == before, "a step with the same padded length compiled again"
+    # compiled, and no graph break beyond the documented
+    assert blocks <= records[0]["compiled_graphs"] == len(graphs.dynamic) <= blocks * GRAPHS_PER_BLOCK
+    assert [r["compiled_graphs"] for r in records[1:]] == [0, 0], "a step with the same padded length compiled again"
+    rec = records[-1]
+    assert rec["tokens"] < 256                          # a padded pack
     k = trainer.model.cfg.n_activated_experts
     assert all(sum(load["tokens"]) == k * rec["tokens"] for name, load in rec["expert_load"].items()
                if name.startswith("layers."))
@@ -133,11 +157,32 @@ def test_trainer_compiles_once_with_the_documented_graph_breaks(compiled_trainer
 
 
 @pytest.mark.slow
+def test_every_block_runs_at_seq_len_in_static_graphs_compiled_once(compiled_trainer, caplog):
+    """Packs of other real lengths (one exactly seq_len: no padding), MTP on, activation checkpointing (the blocks
+    recomputed in the backward): every block call, the MTP block's included, sees seq_len tokens; every graph has
+    static shapes (a size change must never switch a block to dynamic shapes); the first step compiles them all and
+    later steps nothing. A recompilation after the first step is logged and counted in the step's record."""
+    trainer, graphs, records, lengths = compiled_trainer
+    assert lengths == {256}, "a block ran at another length than seq_len: it compiles again"
+    assert records[0]["compiled_graphs"] == len(graphs.dynamic) > 0
+    assert [r["compiled_graphs"] for r in records[1:]] == [0, 0]
+    assert not any(graphs.dynamic), "a graph was compiled for dynamic shapes"
+    trainer.cfg.seq_len = 320                           # another padded length: compiles again (static), loudly
+    graphs.aot = False                                  # (those graphs run as traced: no AOT tracing, cheap)
+    try:
+        with caplog.at_level("WARNING", logger="dsv4.train"):
+            rec = trainer.train_step()
+    finally:
+        trainer.cfg.seq_len, graphs.aot = 256, True
+    assert rec["compiled_graphs"] > 0 and "compiled" in caplog.text and not any(graphs.dynamic)
+
+
+@pytest.mark.slow
 def test_compiled_step_matches_eager(compiled_trainer):
     """One training step (QAT on, MTP on) through the blocks compiled with aot_eager == the eager step, bit for
     bit: the loss and every gradient but those the eager step itself does not reproduce; the same with gradient
     checkpointing (the compiled blocks recomputed in the backward), with the graphs already compiled."""
-    trainer, _ = compiled_trainer
+    trainer, graphs, _, _ = compiled_trainer
     model = trainer.model
     pb = pad_batch(packed_batch([_doc(200, 4)], "cpu"), 256)
     before = _graphs()
@@ -148,7 +193,7 @@ def test_compiled_step_matches_eager(compiled_trainer):
         eager, again = loss_and_grads(model, pb), loss_and_grads(model, pb)
         eager_ckpt = loss_and_grads(model, pb, grad_ckpt=True)
     finally:
-        compile_blocks(model, "aot_eager")
+        compile_blocks(model, graphs)
     # The compressors' ape gradients are sums whose order follows the CPU threads: two eager runs may agree by
     # chance while the compiled one summed in another order (seen twice in a row with the training tests run
     # together: 6e-8 absolute), so those names are compared at fp32 tolerance whether or not this pair of eager
@@ -158,45 +203,6 @@ def test_compiled_step_matches_eager(compiled_trainer):
     assert _unreproducible(eager, again) <= unordered
     assert_same(eager, compiled, unordered)
     assert_same(eager_ckpt, compiled_ckpt, unordered)      # the compiled blocks under activation checkpointing
-
-
-class GraphRecorder:
-    """A Dynamo backend that runs each captured graph as it is (no AOT tracing: cheap) and records whether any of
-    its inputs has a symbolic size (a graph compiled for dynamic shapes)."""
-
-    def __init__(self):
-        self.dynamic: list[bool] = []
-
-    def __call__(self, gm, inputs):
-        sizes = [s for t in inputs for s in ([t] if isinstance(t, torch.SymInt) else getattr(t, "shape", ()))]
-        self.dynamic.append(any(isinstance(s, torch.SymInt) for s in sizes))
-        return gm.forward
-
-
-@pytest.mark.slow
-def test_every_block_runs_at_seq_len_in_static_graphs_compiled_once(small_ckpt, tmp_path, caplog):
-    """Packs of other real lengths (one exactly seq_len: no padding), MTP on, activation checkpointing (the blocks
-    recomputed in the backward): every block call, the MTP block's included, sees seq_len tokens; every graph has
-    static shapes (a size change must never switch a block to dynamic shapes); the first step compiles them all and
-    later steps nothing. A recompilation after the first step is logged and counted in the step's record."""
-    torch._dynamo.reset()
-    graphs = GraphRecorder()
-    packs = [[_doc(n, 20 + n)] for n in (256, 170, 221)]
-    cfg = TrainConfig(max_steps=4, lr=1e-3, warmup_steps=1, seq_len=256, grad_ckpt=True, mtp_weight=0.3,
-                      bias_update_rate=1e-3, compile=graphs, pad_to_seq_len=True)
-    trainer = Trainer(_model(small_ckpt), PackStream(packs, 1), cfg, tmp_path, progress=False)
-    lengths = set()
-    for block in [*trainer.model.layers, *trainer.model.mtp]:
-        block.register_forward_pre_hook(lambda m, args: lengths.add(args[0].shape[1]))
-    records = [trainer.train_step() for _ in range(3)]
-    assert lengths == {256}, "a block ran at another length than seq_len: it compiles again"
-    assert records[0]["compiled_graphs"] == len(graphs.dynamic) > 0
-    assert [r["compiled_graphs"] for r in records[1:]] == [0, 0]
-    assert not any(graphs.dynamic), "a graph was compiled for dynamic shapes"
-    trainer.cfg.seq_len = 320                           # another padded length: compiles again (static), loudly
-    with caplog.at_level("WARNING", logger="dsv4.train"):
-        rec = trainer.train_step()
-    assert rec["compiled_graphs"] > 0 and "compiled" in caplog.text and not any(graphs.dynamic)
 
 
 def _on_cuda(ckpt, qat: bool = True, dtype=torch.bfloat16):
@@ -291,28 +297,40 @@ def test_empty_rows_leave_the_real_rows_unchanged(small_ckpt):
         pad_rows(pack, 1)
 
 
-@pytest.mark.slow
-def test_rows_packs_compile_once_and_the_probe_runs_eager(small_ckpt, tmp_path):
-    """Rows packs with compiled blocks: the epoch's short last pack is padded with empty rows to seq_len / row_len
-    rows, so every block call of every step has one shape: the first step compiles static graphs, later steps
-    (the short pack included) nothing; the greedy probe (sequences of a growing length, and its seq-unlikelihood
-    backward) runs the plain blocks and compiles nothing either."""
+@pytest.fixture(scope="module")
+def rows_trainer(small_ckpt, tmp_path_factory):
+    """A trainer of rows packs (2 rows of 32 tokens) whose blocks are compiled with aot_eager (through a
+    `GraphRecorder`), with the greedy probe and its seq-unlikelihood backward at every step, after three steps, the
+    first one the epoch's short last pack (padded with an empty row): the one aot_eager compilation this file's rows
+    tests pay for. A forward pre-hook on every block records the [batch, tokens] it ran at. Returns (trainer,
+    recorder, the three steps' records, those shapes, the packs in the order trained)."""
     torch._dynamo.reset()
-    graphs = GraphRecorder()
+    graphs = GraphRecorder(aot=True)
     packs = _rows(9, 32, 2, 12)
     assert len(packs[-1]) < 2 <= len(packs)                # a short last pack
     packs = [packs[-1], *packs[:-1]]                        # first after the first step
     cfg = TrainConfig(max_steps=4, lr=1e-3, warmup_steps=1, seq_len=64, grad_ckpt=False, mtp_weight=0.3,
                       bias_update_rate=1e-3, rows=True, compile=graphs, pad_to_seq_len=True, greedy_probe_every=1,
                       probe_prefixes=2, probe_prefix_len=6, probe_tokens=4, seq_unlikelihood=1.0)
-    trainer = Trainer(_model(small_ckpt), PackStream(packs, 1), cfg, tmp_path, progress=False)
+    trainer = Trainer(_model(small_ckpt), PackStream(packs, 1), cfg, tmp_path_factory.mktemp("rows"),
+                      progress=False)
     shapes = set()
     for block in [*trainer.model.layers, *trainer.model.mtp]:
         block.register_forward_pre_hook(lambda m, args: shapes.add(tuple(args[0].shape[:2])))
+    records = [trainer.train_step() for _ in range(3)]
+    return trainer, graphs, records, shapes, packs
+
+
+@pytest.mark.slow
+def test_rows_packs_compile_once_and_the_probe_runs_eager(rows_trainer):
+    """Rows packs with compiled blocks: the epoch's short last pack is padded with empty rows to seq_len / row_len
+    rows, so every block call of every step has one shape: the first step compiles static graphs, later steps
+    (the short pack included) nothing; the greedy probe (sequences of a growing length, and its seq-unlikelihood
+    backward) runs the plain blocks and compiles nothing either."""
+    trainer, graphs, records, shapes, packs = rows_trainer
     with eager_blocks(trainer.model):       # the probe's calls, for comparison
         assert trainer.model.layers[0].forward.eager
     assert not trainer.model.layers[0].forward.eager
-    records = [trainer.train_step() for _ in range(3)]
     assert records[0]["compiled_graphs"] == len(graphs.dynamic) > 0
     assert [r["compiled_graphs"] for r in records[1:]] == [0, 0], "a later step (or its probe) compiled again"
     assert not any(graphs.dynamic), "a graph was compiled for dynamic shapes"
@@ -322,19 +340,24 @@ def test_rows_packs_compile_once_and_the_probe_runs_eager(small_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_rows_step_matches_eager(small_ckpt):
-    """A rows pack through the blocks compiled with aot_eager == the eager step, bit for bit (loss and gradients,
-    with the same exception for the compressors' unordered ape sums as test_compiled_step_matches_eager)."""
-    torch._dynamo.reset()
-    model = _model(small_ckpt)
-    pack = _rows(6, 64, 8, 3)[0]
-    pb = rows_batch(pad_rows(pack, len(pack) + 1), "cpu")
-    eager, again = loss_and_grads(model, pb), loss_and_grads(model, pb)
-    compile_blocks(model, "aot_eager")
+def test_compiled_rows_step_matches_eager(rows_trainer):
+    """Rows packs through the blocks compiled with aot_eager == the eager step, bit for bit (loss and gradients,
+    with the same exception for the compressors' unordered ape sums as test_compiled_step_matches_eager): a pack
+    of two real rows, and the short pack padded with an empty row, at the shape the trainer's steps compiled."""
+    trainer, graphs, _, _, packs = rows_trainer
+    model = trainer.model
+    full, short = packs[1], packs[0]
+    assert len(full) == 2 and len(short) == 1
+    batches = [rows_batch(full, "cpu"), rows_batch(pad_rows(short, 2), "cpu")]
+    before = _graphs()
+    compiled = [loss_and_grads(model, pb) for pb in batches]
+    assert _graphs() == before, "the compiled graphs of the trainer's steps were not reused"
+    uncompile_blocks(model)
     try:
-        compiled = loss_and_grads(model, pb)
+        eager = [(loss_and_grads(model, pb), loss_and_grads(model, pb)) for pb in batches]
     finally:
-        uncompile_blocks(model)
-    unordered = {n for n in eager[1] if n.endswith("compressor.ape")}
-    assert _unreproducible(eager, again) <= unordered
-    assert_same(eager, compiled, unordered)
+        compile_blocks(model, graphs)
+    unordered = {n for n in compiled[0][1] if n.endswith("compressor.ape")}
+    for (want, again), got in zip(eager, compiled, strict=True):
+        assert _unreproducible(want, again) <= unordered
+        assert_same(want, got, unordered)
