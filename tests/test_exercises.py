@@ -311,3 +311,21 @@ def test_exercise_pass_checks_what_a_model_writes():
     assert ("def fibonacci(n):", "fibonacci", "fibonacci") in trained
     held = P.heldout_prompts()
     assert held and all(k in ex.HELDOUT_FAMILIES and p.startswith(f"def {n}(") for p, n, k in held)
+
+
+def test_exercise_pass_tells_a_familys_own_docstring_from_a_blend():
+    """exercise_pass.own_docstring: every generated function's docstring is one of its family's phrasings (with
+    its own names, wrapped, with or without a doctest); v11's README miss, two families' phrases blended, is not;
+    a function without a docstring gives None."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+    import exercise_pass as P
+
+    functions = ex.exercise_functions(variants=8)
+    assert all(P.own_docstring(f.source, f.family) is True for f in functions)
+    blend = ('def fibonacci(n):\n    """Return the Fibonacci number at the first n positive integers."""\n'
+             '    return sum(int(n) for i in range(1, n + 1))\n')
+    assert P.own_docstring(blend, "fibonacci") is False
+    own = blend.replace("at the first n positive integers", "at index num")
+    assert P.own_docstring(own, "fibonacci") is True
+    assert P.own_docstring(own, "is_prime") is False                    # another family's phrasing
+    assert P.own_docstring("def fibonacci(n):\n    return n\n", "fibonacci") is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -78,6 +79,18 @@ def function_text(prompt: str, continuation: str) -> str:
     return "\n".join(kept).rstrip() + "\n"
 
 
+def own_docstring(source: str, family: str) -> bool | None:
+    """Is the function's docstring summary one of its family's phrasings (any parameter names), or None when it
+    has no docstring? The twenty-fifth session found the body follows the docstring: a model that blends two
+    families' phrasings then writes the blend's body."""
+    m = re.search(r'^\s+"""(.*?)(?:\n\s*\n|>>>|""")', source, re.S | re.M)
+    if not m:
+        return None
+    summary = " ".join(m.group(1).split())
+    fam = next(f for f in ex.FAMILIES if f.key == family)
+    return any(re.fullmatch(re.sub(r"\\\$\{?\w+\}?", r"\\w+", re.escape(t)), summary) for t in fam.docs)
+
+
 def check(source: str, name: str, family: str, timeout: float = 10) -> str:
     """"PASS" or what went wrong (a wrong result, an exception, a timeout)."""
     try:
@@ -97,9 +110,14 @@ def run_set(llm, prompts: list[tuple[str, str, str]], max_tokens: int) -> dict:
         source = function_text(prompt, o.text)
         verdict = check(source, name, family)
         samples.append({"prompt": prompt, "family": family, "function": source, "eos": o.finish_reason == "stop",
-                        "pass": verdict == "PASS", "verdict": verdict})
+                        "pass": verdict == "PASS", "verdict": verdict, "own_docstring": own_docstring(source, family)})
     passed = sum(s["pass"] for s in samples)
-    return {"n": len(samples), "passed": passed, "rate": passed / len(samples), "samples": samples}
+    by_doc = {}         # the pass rate by whether the docstring is one of the family's own phrasings
+    for key, doc in (("own", True), ("other", False), ("none", None)):
+        chosen = [s for s in samples if s["own_docstring"] is doc]
+        by_doc[key] = {"n": len(chosen), "passed": sum(s["pass"] for s in chosen)}
+    return {"n": len(samples), "passed": passed, "rate": passed / len(samples), "by_docstring": by_doc,
+            "samples": samples}
 
 
 def main(argv=None) -> dict:
@@ -120,7 +138,9 @@ def main(argv=None) -> dict:
         t = time.perf_counter()
         out[name] = run_set(llm, prompts, args.max_tokens)
         r = out[name]
-        print(f"{name}: {r['passed']}/{r['n']} pass ({time.perf_counter() - t:.0f} s)", flush=True)
+        docs = ", ".join(f"{k} {v['passed']}/{v['n']}" for k, v in r["by_docstring"].items())
+        print(f"{name}: {r['passed']}/{r['n']} pass ({time.perf_counter() - t:.0f} s); by docstring: {docs}",
+              flush=True)
     readme = next(s for s in out["trained"]["samples"] if s["family"] == "fibonacci")
     print(f"{readme['prompt']} -> {readme['verdict']}\n{readme['function']}", flush=True)
     if args.out:
