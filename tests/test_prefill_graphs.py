@@ -204,15 +204,16 @@ def test_replays_equal_the_eager_segments_on_cuda(tiny_ckpt):
 @torch.no_grad()
 @pytest.mark.parametrize("emulation", [False, True], ids=["emulation-off", "emulation-on"])
 def test_compiled_replays_match_the_general_step_on_cuda(tiny_ckpt, emulation):
-    """`compile="inductor"` (EngineConfig.compile_prefill) against `model.step`, exact and padded, and the same
-    decode state's effect on the next step. Inductor fuses element-wise work (its Triton kernels contract products
-    into FMAs) and may sum in another order, so the check is the compiled decode step's (tests/
-    test_compiled_decode.py): in fp32, where that rounding is ~1e-7 and a semantic error (a lost state write, a
-    wrong mask) moves logits by O(1), cosine >= 0.99999 per token (its final hc streams) and the same next token
-    (the greedy pick from the step's last position). Not in bf16: there a 1-ulp change is amplified on random
-    weights (with the emulation: FP8 rounding flips, then routing flips): the twenty-fifth session's `scripts/bench/compiled_side_diff.py` found every traced side and module call of this
-    model bit-equal to eager on CUDA except RoPE's form (complex in eager, real pairs in traces: CUDA's complex
-    multiply rounds differently), and that alone gave cosine 0.998 in bf16 (bench/results/h100_s25/)."""
+    """`compile="inductor"` (EngineConfig.compile_prefill) against `model.step`, exact and padded, and the same decode
+    state's effect on the next step. Inductor fuses element-wise work (its Triton kernels contract products into
+    FMAs) and may sum in another order, so the check is the compiled decode step's (tests/test_compiled_decode.py):
+    in fp32, where that rounding is ~1e-7 and a semantic error (a lost state write, a wrong mask) moves logits by
+    O(1), cosine >= 0.99999 per token (its final hc streams) and the same next token (the greedy pick from the
+    step's last position). Not in bf16: there a 1-ulp change is amplified on random weights (with the emulation: FP8
+    rounding flips, then routing flips): the twenty-fifth session's `scripts/bench/compiled_side_diff.py` found
+    every traced side and module call of this model bit-equal to eager on CUDA except RoPE's form (complex in eager,
+    real pairs in traces: CUDA's complex multiply rounds differently), and that alone gave cosine 0.998 in bf16
+    (bench/results/h100_s25/)."""
     import dsv4
 
     torch._dynamo.reset()
