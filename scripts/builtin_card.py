@@ -290,9 +290,15 @@ def reproduce(perf: dict, lineage: list[dict] | None) -> str:
 
 
 def _args(args: dict) -> list[str]:
+    """perf.json's parsed arguments back as train_builtin_gpu.py's command line (lists as `9,11`, the upweights as
+    `stdlib=2,algorithms=4`: the forms its parser reads; their Python reprs were printed until v11)."""
     out = ["scripts/train_builtin_gpu.py", args["data"], args["out"]]
     for k, v in args.items():
-        if k in ("data", "out", "bundle") or v is None or v is False:
+        if k in ("data", "out", "bundle") or v is None or v is False or v in ({}, [], ()):
             continue
+        if isinstance(v, dict):
+            v = ",".join(f"{name}={n}" for name, n in v.items())
+        elif isinstance(v, (list, tuple)):
+            v = ",".join(map(str, v))
         out.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
     return out

@@ -644,3 +644,28 @@ def test_card_shows_the_readme_sample_as_the_cli_prints_it():
     result["code"]["samples"][0]["text"] = "\n    return n\n" + EOS + " # Try to find the"
     card = builtin_card.render(perf, result, summary, expected, None)
     assert "def fibonacci(n):\n    return n\n\n```" in card and "Try to find" not in card and EOS not in card
+
+
+def test_cards_reproduce_commands_parse_back_to_each_runs_arguments():
+    """Every train_builtin_gpu.py line of the card's Reproduce block (the committed lineage, as installed) is a
+    command its parser accepts, giving that run's recorded arguments back: the upweights, the probe lengths and
+    the rest (until v11 the card printed their Python reprs, `--upweight {'stdlib': 2}`, which no shell accepts)."""
+    import json
+    import shlex
+
+    repo = Path(__file__).resolve().parents[1]
+    lineage = json.loads((repo / "bench/results/builtin_v2_lineage.json").read_text())
+    for run in lineage:
+        run["perf"] = json.loads((repo / run["perf"]).read_text())
+    block = builtin_card.reproduce(lineage[-1]["perf"], lineage)
+    lines = [line for line in block.splitlines() if "train_builtin_gpu.py" in line]
+    assert len(lines) == len(lineage)
+    for line, run in zip(lines, lineage, strict=True):
+        argv = shlex.split(line, comments=True)[2:]
+        got = vars(train_builtin_gpu.parse_args([a for a in argv if a != "BUNDLE" and a != "--bundle"]))
+        want = run["perf"]["settings"]["args"]
+        for key in ("upweight", "probe_header_lens", "probe_class_lens", "lr", "seed", "row_len", "chat_repeat"):
+            if key in want:
+                assert got[key] == (tuple(want[key]) if isinstance(want[key], list) else want[key]) or (
+                    key == "row_len" and not want[key]), (run["run"], key, got[key], want[key])
+        assert got["steps"] == run["perf"]["steps"], run["run"]
