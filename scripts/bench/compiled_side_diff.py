@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 def _diff(a, b) -> str:
@@ -43,7 +43,8 @@ def _diff(a, b) -> str:
 
 
 def _record(model, ids, positions, attn_out):
-    """One eager pass over the bucket's segments: [(label, fn, args)] of every side and module call."""
+    """One eager pass over the bucket's segments: [(label, fn, args, kwargs)] of every side, module and listed
+    method call, inputs copied before the call."""
     from dsv4.engine.prefill_graphs import SIDES, segment
 
     calls, hooks = [], []
@@ -102,23 +103,11 @@ def _record(model, ids, positions, attn_out):
 
 def _real(obj):
     """Complex tensors (RoPE's rotations) as the real (cos, sin) pairs a traced side makes and passes on."""
-    if isinstance(obj, torch.Tensor):
-        return torch.view_as_real(obj) if obj.is_complex() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_real(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _real(v) for k, v in obj.items()}
-    return obj
+    return tree_map(lambda t: torch.view_as_real(t) if isinstance(t, torch.Tensor) and t.is_complex() else t, obj)
 
 
 def _clone(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_clone(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    return obj
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, obj)
 
 
 def main() -> None:
@@ -133,7 +122,6 @@ def main() -> None:
     from dsv4.config import tiny_config
     from dsv4.engine.graphs import compiled
 
-    torch.manual_seed(0)
     ckpt = synthesize(tiny_config(), Path(tempfile.mkdtemp()), seed=1234, progress=False)    # tests' tiny_ckpt
     model = dsv4.load_model(ckpt, device=args.device, dtype=torch.bfloat16, progress=False)
     model.prepare_fixed_shape_decode(torch.device(args.device))     # as PrefillGraphs: no stacks made in a trace
