@@ -36,6 +36,7 @@ def _gap(a, b) -> tuple[float, list[int]]:
     return 1 - cos.min().item(), (cos < 1 - 1e-5).nonzero().flatten().tolist()
 
 
+@torch.no_grad()                # as the engine runs steps (with autograd on the MoE takes its training path)
 def run(ckpt, dtype, emulation: bool, device: str) -> None:
     torch._dynamo.reset()
     model = dsv4.load_model(ckpt, device=device, dtype=dtype, quant_emulation=emulation, progress=False)
