@@ -147,6 +147,22 @@ def test_chat_default_temperature():
     assert temperature("generate", "hi", "--model", "m") == 0.0
 
 
+
+def test_compile_prefill_follows_compile_decode():
+    """Prefill segments are compiled where decode steps are (`dsv4 serve --compile-decode`, the bench unless
+    --no-compile); --compile-prefill / --no-compile-prefill decide alone."""
+    from dsv4.cli import build_parser
+    from dsv4.engine.config import EngineConfig
+
+    def serve(*argv):
+        args = build_parser().parse_args(["serve", *argv])
+        return EngineConfig(compile_decode=args.compile_decode, compile_prefill=args.compile_prefill).prefill_compiled()
+
+    assert not serve() and serve("--compile-decode") and serve("--compile-prefill")
+    assert not serve("--compile-decode", "--no-compile-prefill")
+    bench = build_parser().parse_args(["bench"])
+    assert bench.compile_prefill is None and not bench.no_compile     # BenchOptions: None = as `compile`
+
 # ---------------------------------------------------------------------------------------------- bad arguments
 def test_missing_model_dir(tmp_path):
     done = dsv4_cli("generate", "hello", "--model", "no-such-dir", cwd=tmp_path)

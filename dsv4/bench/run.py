@@ -14,7 +14,7 @@ import gc
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +44,8 @@ class BenchOptions:
     prefill_graphs: bool = True      # prefill steps of <= MAX_GRAPH_TOKENS through engine/prefill_graphs.py, as
                                      # the engine runs them on CUDA (JSON prefill; the eager step's figures:
                                      # prefill_eager); False: eager only
-    compile_prefill: bool = False    # torch.compile the prefill graphs' segments (EngineConfig.compile_prefill)
+    compile_prefill: bool | None = None  # torch.compile the prefill graphs' segments (EngineConfig.compile_prefill;
+                                     # None: as `compile`, the decode step's)
     timing_only: bool = False        # skip the agreement, per-op effect and op error measurements
     out: str | None = None
     log: list[str] = field(default_factory=list)
@@ -67,6 +68,8 @@ def _free() -> None:
 def run(opts: BenchOptions) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("dsv4 bench: needs a CUDA GPU")
+    if opts.compile_prefill is None:
+        opts = replace(opts, compile_prefill=opts.compile)
     dev = torch.device("cuda")
     cfg = ModelConfig.preset("flash").truncated(opts.layers)
     res: dict = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "layers": opts.layers,

@@ -78,7 +78,7 @@ class Engine:
 
             sizes = buckets_up_to(min(econf.max_num_batched_tokens, MAX_GRAPH_TOKENS))
             prefill = PrefillGraphs(model, sizes, capture=capture,
-                                    compile="inductor" if econf.compile_prefill and capture else None)
+                                    compile="inductor" if econf.prefill_compiled() and capture else None)
         self.runner = ModelRunner(model, self.state, graphs=graphs, speculator=speculator, prefill=prefill)
         self.structured = StructuredDecoding(tokenizer, cfg.vocab_size, cfg.eos_token_id)
         self.runner.structured = self.structured

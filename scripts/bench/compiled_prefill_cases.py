@@ -21,12 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-import dsv4  # noqa: E402
-from dsv4.checkpoint import synthesize  # noqa: E402
-from dsv4.config import tiny_config  # noqa: E402
-from dsv4.engine.prefill_graphs import PrefillGraphs  # noqa: E402
-from dsv4.model.state import StepBatch  # noqa: E402
-from test_prefill_graphs import _pages, _state  # noqa: E402
+from test_prefill_graphs import _pages, _state
+
+import dsv4
+from dsv4.checkpoint import synthesize
+from dsv4.config import tiny_config
+from dsv4.engine.prefill_graphs import PrefillGraphs
+from dsv4.model.state import StepBatch
 
 CASES = [(0, 128), (128, 100), (228, 50), (278, 1), (279, 150), (429, 40)]
 

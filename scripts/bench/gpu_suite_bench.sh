@@ -7,7 +7,8 @@
 # repository on PYTHONPATH (the fifteenth session's call set PYTHONPATH=/tmp/site alone, and every script beside
 # the suite failed to import dsv4).
 # The bench runs first (its figures are the call's point), then the suite in SUITE_S seconds (default 380).
-# The whole suite takes ~430 s on an H100 (twentieth session: 80 of 85 tests in 429 s), the bench ~200 s: more than
+# The whole suite takes ~430 s on an H100 (twentieth session: 80 of 85 tests in 429 s), the bench ~110 s (~190 s
+# with its prefill compiled, the default since the twenty-sixth session): more than
 # one call's 600 s. PART splits it into two calls on the same warm machine (each records the GPU's UUID, so the
 # logs show one card ran both): PART=1 the bench and the tests outside the compile-heavy files, PART=2 those files
 # (training compile, compiled decode, training rows/speed/syncs: ~300 s); unset: everything in one call.
@@ -35,7 +36,7 @@ case "${PART:-}" in
 esac
 if [ "${PART:-}" != 2 ]; then
     at "bench (default)"
-    timeout 200 python3 -u -m dsv4 bench --timing-only --no-transformers --decode-steps 12 --prefill 1024,8192 \
+    timeout 300 python3 -u -m dsv4 bench --timing-only --no-transformers --decode-steps 12 --prefill 1024,8192 \
         --out "$out/bench.json" > "$out/bench.log" 2>&1
     grep -E "ms/step \(|prefill [0-9]+:|resident|floor_ratio" "$out/bench.log" | cut -c1-170
 fi
