@@ -206,19 +206,21 @@ def test_replays_equal_the_eager_segments_on_cuda(tiny_ckpt):
 def test_compiled_replays_match_the_general_step_on_cuda(tiny_ckpt, emulation):
     """`compile="inductor"` (EngineConfig.compile_prefill) against `model.step`, exact and padded, and the same decode
     state's effect on the next step. Inductor fuses element-wise work (its Triton kernels contract products into
-    FMAs) and may sum in another order, so the check is in fp32, where that rounding is ~1e-7 and a semantic error (a
-    lost state write, a wrong mask, padding leaking into the state) moves the streams of every token it reaches by
-    O(1): each step's tokens' final hc streams reach cosine >= 0.99999, but for at most one isolated token per step
-    at >= 0.99, and the head gives the same next token (the greedy pick from the step's last position) where that
-    position is within the rounding bound.
-    The one token: a discrete choice (routing, the indexer's top-k, an FP8 rounding with the emulation) that the
-    compiler's ~3e-8 rounding tips where two candidates are that close. Measured on an H100
-    (`scripts/bench/compiled_prefill_cases.py`, bench/results/h100_s26/compiled_prefill_cases.txt): every token of
-    these steps within 6e-8 (emulation off) / 1e-14 (on) of `model.step` except token 34 of the padded (128, 100)
-    step at 8.4e-4, where the same padded segments run eagerly agree with `model.step` to 3e-16; the twenty-fifth
-    session's run of this test saw one such token with the emulation on (0.99993). Not in bf16: there a 1-ulp change
-    is amplified on random weights into many such flips (`scripts/bench/compiled_side_diff.py`: every traced side
-    and module call bit-equal to eager on CUDA but for RoPE's form, and cosine 0.998 from that alone)."""
+    FMAs) and may sum in another order, so the check is in fp32, where that rounding is ~1e-7 (1 - cosine of a
+    token's final hc streams: <= 6e-8 measured) and a semantic error (a lost state write, a wrong mask, padding
+    leaking into the state) moves the streams of every token it reaches by O(1). But rounding that small still tips
+    a discrete choice where two candidates are that close (a routing pick, the indexer's top-k, an FP8 rounding
+    with the emulation), and the tipped token's keys reach later tokens through attention and the compressors.
+    Measured on H100s (`scripts/bench/compiled_prefill_cases.py`; bench/results/h100_s26/): emulation off, one
+    token at 8.4e-4 (token 34 of the padded (128, 100) step; the same padded segments run eagerly agree with
+    `model.step` there to 3e-16) and every other within 6e-8; emulation on, 19 tokens of the long (150, 140) step
+    from token 98 on, at most 4.5e-4. So the bound is per token in two classes: every token within 5e-3 (six times
+    the largest flip seen; bf16's amplified rounding alone reaches 1.6e-2 here, a semantic error O(1)), the mean
+    over all tokens within 1e-4 (the runs above: ~2e-6 and ~1e-5; a systematic error reaches most tokens), and the
+    same next token from each step's last position where that position is within rounding (1e-5; a tipped token's
+    next token may differ).
+    Not in bf16: there 1-ulp changes are amplified into flips everywhere (`scripts/bench/compiled_side_diff.py`:
+    every traced side and module call bit-equal to eager on CUDA but for RoPE's form, and cosine 0.998 from that)."""
     import dsv4
 
     torch._dynamo.reset()
@@ -230,11 +232,13 @@ def test_compiled_replays_match_the_general_step_on_cuda(tiny_ckpt, emulation):
     states = [_state(model) for _ in range(2)]
     gen = torch.Generator().manual_seed(7)
 
+    gaps = []                               # every checked token's 1 - cosine
+
     def check(got, want, start, n):         # final hc streams [1, n, hc, D]: each token's, then the next token
         cos = torch.nn.functional.cosine_similarity(got.double().flatten(2), want.double().flatten(2), dim=-1)[0]
-        off = (cos < 0.99999).nonzero().flatten().tolist()
-        assert len(off) <= 1 and cos.min().item() >= 0.99, (start, n, off[:8], cos.min().item())
-        if n - 1 not in off:
+        assert cos.min().item() >= 1 - 5e-3, (start, n, cos.argmin().item(), cos.min().item())
+        gaps.append(1 - cos)
+        if cos[-1].item() >= 1 - 1e-5:
             head = [model.logits(h[:, -1:], model.norm, model.hc_head_fn, model.hc_head_scale, model.hc_head_base)
                     for h in (got, want)]
             assert torch.equal(head[0].argmax(-1), head[1].argmax(-1)), (start, n)
@@ -255,3 +259,5 @@ def test_compiled_replays_match_the_general_step_on_cuda(tiny_ckpt, emulation):
         seen.append(counters["stats"]["unique_graphs"])
         start += n
     assert seen[0] == seen[-1], seen                    # no recompilation for new lengths
+    gaps = torch.cat(gaps)
+    assert gaps.mean().item() <= 1e-4, (gaps.mean().item(), (gaps > 1e-5).sum().item(), gaps.numel())

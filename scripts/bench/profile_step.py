@@ -3,7 +3,9 @@ Flash width, 4 blocks, synthesised official-format weights).
 
 Decode: the fixed-shape step, compiled as the bench compiles it, run without graph capture so each kernel shows in
 torch.profiler; the captured step's time is measured beside it. Comparing the sum of kernel times per step with the
-captured step's time separates kernel time from launch gaps. Prefill: one 1k-token prefill (the dispatched path).
+captured step's time separates kernel time from launch gaps. Prefill: one 1k-token prefill (the dispatched path);
+with --compiled-segments the prefill runs the engine's compiled segments (`PrefillGraphs(compile="inductor")`, as
+`dsv4 bench` times it by default) at the step's own length and uncaptured, so their fused kernels show.
 Prints, per run, the kernels grouped by name (count per step, microseconds per step, share), the number of kernels
 and their total time per step; for prefill also the GPU time per module class (forward hooks with CUDA events).
 Usage: PYTHONPATH=. python3 scripts/bench/profile_step.py [--batches 1 64] [--prefill 1024] [--out PATH]
@@ -93,6 +95,8 @@ def main() -> None:
     p.add_argument("--prefill", type=int, nargs="*", default=[1024])
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--stacks", action="store_true", help="prefill: also CUDA time by Python call site")
+    p.add_argument("--compiled-segments", action="store_true",
+                   help="prefill through the compiled segments (uncaptured) instead of the eager step")
     p.add_argument("--out")
     args = p.parse_args()
     model = bench_model(4)
@@ -108,8 +112,15 @@ def main() -> None:
         out[f"decode_bs{b}"] = res
         del eager
         torch.cuda.empty_cache()
+    segments = None
+    if args.compiled_segments:
+        from dsv4.engine.prefill_graphs import PrefillGraphs
+
+        segments = PrefillGraphs(model, sizes=(), compile="inductor").step     # no bucket: the dynamic sides
+        dsv4_prefill(model, 256, 8192, 0, segments)()                          # compiled once, before profiling
+    out["compiled_segments"] = args.compiled_segments
     for n in args.prefill:
-        res = kernels(dsv4_prefill(model, n, 8192, 0), 1, stacks=args.stacks)
+        res = kernels(dsv4_prefill(model, n, 8192, 0, segments), 1, stacks=args.stacks)
         show(f"prefill {n}", res, None)
         if args.stacks:
             print(res["by_call_site"])
