@@ -19,7 +19,8 @@ row equals the unpadded step's wherever every per-token kernel is row-invariant;
 mHC's fp32 mixes) may pick another algorithm for another row count.
 The engine's default on CUDA (`EngineConfig.prefill_graphs`); `scripts/bench/prefill_graph.py` measures it.
 `compile=`: each segment's two block sides (`output_side`, `input_side`) compiled per block kind and bucket before
-the capture (`EngineConfig.compile_prefill`, opt-in until measured), as the decode step's `compile_scope="block"`.
+the capture (`EngineConfig.compile_prefill`, on where decode steps are compiled), as the decode step's
+`compile_scope="block"` (H100, Flash-width bench: 1k / 8k prefill 30.8 / 163.8 -> 25.9 / 122.6 ms).
 """
 
 from __future__ import annotations
