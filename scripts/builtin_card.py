@@ -61,11 +61,17 @@ def algorithms_note(summary: dict, perf: dict) -> str:
             "distribution: what the model prints for it is recall of that kind of code, not a generalisation.\n")
 
 
-def exercises_clause(summary: dict) -> str:
-    """The intro's mention of data v6's exercises, when the data has them."""
+def exercises_clause(summary: dict, r: dict) -> str:
+    """The intro's mention of data v6's exercises, when the data has them, with how many it gets right."""
     if not (summary.get("tokens_by_source") or {}).get("exercises"):
         return ""
-    return ",\nand small classic functions from generated exercises (most of which it still gets wrong)"
+    ex = r.get("exercises") or {}
+    trained, held = ex.get("trained"), ex.get("heldout")
+    if not trained:
+        return ",\nand small classic functions from generated exercises"
+    unseen = f", and {held['passed']} of {held['n']} unseen ones" if held else ""
+    return (",\nand small classic functions from generated exercises (it writes a working function for "
+            f"{trained['passed']} of their {trained['n']} task families{unseen})")
 
 
 def exercises_note(summary: dict, perf: dict) -> str:
@@ -211,7 +217,7 @@ Its `generation_config.json` says `do_sample: false`: `dsv4 serve` answers reque
 greedily, as `dsv4 chat` and `dsv4 generate` run it (sampled at temperature 1 a model this small writes noise).
 It is a DeepSeek-V4 model small enough to ship inside the package (`dsv4/builtin_model/`) and to run on a laptop
 CPU, trained on Python source and on chat requests for functions built from it. It is a demonstration and a
-regression fixture: it knows the look and habits of the Python standard library and a few packages{exercises_clause(summary)}, nothing else.
+regression fixture: it knows the look and habits of the Python standard library and a few packages{exercises_clause(summary, r)}, nothing else.
 Evaluation records: `docs/builtin_model_eval.json` (`scripts/eval_builtin.py`).
 
 ## Architecture
