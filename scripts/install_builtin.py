@@ -24,6 +24,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,6 +38,7 @@ import eval_builtin  # noqa: E402
 from dsv4.builtin import BUILTIN_GENERATION_CONFIG  # noqa: E402
 
 VERSION = 2
+README_WIDTH = 115                                   # README.md's prose lines
 PROMPT, PINNED_TOKENS = "def fibonacci(n):", 24      # short: CI decodes it alone and batched on 2 cores
 PPL_WINDOWS = 4                                       # CI scores the held-out text's first 4 windows (2,044 tokens)
 CHAT_SLACK = 16                                       # the chat test allows the pinned reply's length + this
@@ -84,7 +86,7 @@ def update_readme(model_bytes: int, path: Path = REPO / "README.md", working: tu
     else:
         what = "writes requested functions, in the shape of library code rather than correctly"
     new = (f"a {model_bytes / 1e6:.0f} MB\\1DeepSeek-V4-architecture model trained on Python source and chats built "
-           f"from it, so it continues Python\nand {what};")
+           f"from it, so it continues Python\n" + textwrap.fill(f"and {what};", README_WIDTH))
     text, n = re.subn(pattern, new, path.read_text())
     if n != 1:
         print(f"WARNING: {path}: the built-in model's sentence was not found; update it by hand", flush=True)

@@ -579,10 +579,10 @@ def test_update_readme_rewrites_the_builtin_sentence(tmp_path):
     assert readme.read_text() == ("with the built-in tiny model (no download: a 39 MB\nDeepSeek-V4-architecture model "
                                   "trained on Python source and chats built from it, so it continues Python\nand "
                                   "writes short functions that end, most of them wrong (12 of 96 small classic "
-                                  "tasks it was trained on get a working one); model card: ...")
+                                  "tasks it was trained on get a\nworking one); model card: ...")     # wrapped at 115
     assert install_builtin.update_readme(39_181_780, readme, working=(66, 96), unseen=(0, 20))
     assert readme.read_text().endswith("writes short functions that end, many of them wrong (66 of 96 small classic "
-                                       "tasks it was trained on get a working one, 0 of 20 tasks it never saw); "
+                                       "tasks it was trained on get a\nworking one, 0 of 20 tasks it never saw); "
                                        "model card: ...")
     readme.write_text("nothing")
     assert not install_builtin.update_readme(39_181_780, readme)
