@@ -109,12 +109,24 @@ SKIP_PARTS = {"test", "tests", "testing", "_testing", "_tests"}     # folder nam
 # packaging, more_itertools, ...; sklearn/externals): left out, as the corpus has most of them already (data v5).
 VENDORED_PARTS = {"_vendor", "vendor", "_vendored", "vendored", "externals", "_externals", "third_party",
                   "_third_party"}
+# Data v7 (2026-12-06): a third of the requests name no signature, as a newcomer types them ("Write a function that
+# reverses a string."): the v12 models, trained only on requests that spelt the signature out, answered those with
+# made-up names (`def weeks(self):` for a prime check) and 2 of 12 ran on to the token limit (bench/NOTES.md,
+# twenty-sixth session). `{does}` is the docstring as a clause after "that" (`third_person`).
 TEMPLATES = (
-    "Write a Python function `{sig}` that {what}",
+    "Write a Python function `{sig}` that {does}",
     "Implement `{sig}` in Python: {what}",
     "Can you write `{sig}`? {What}",
     "Python: define `{sig}`. {What}",
+    "Write a function that {does}",
+    "Write a Python function that {does}",
 )
+# The imperative openings of docstrings ("Return ...") that `third_person` conjugates ("returns ...").
+VERBS = frozenset(
+    "add append apply build calculate call check clear close collect compare compute convert copy count create "
+    "decide decode determine encode escape filter find flatten format generate get group insert iterate join list "
+    "load make merge normalize open parse pop produce push quote read remove replace return reverse run save set "
+    "sort split strip test tell unquote update validate verify wrap write yield".split())
 
 
 # ------------------------------------------------------------------------------------------------ corpus
@@ -282,9 +294,25 @@ def keep_chat(doc) -> bool:
     return len(doc) <= DOC_TOKENS and doc.n_targets <= MAX_REPLY_TOKENS
 
 
+def third_person(what_l: str) -> str:
+    """A lower-cased docstring sentence as a clause after "... a function that": an imperative opening verb in the
+    third person ("return the sum" -> "returns the sum", "apply" -> "applies", "push" -> "pushes"); any other
+    opening as "does this: <sentence>"."""
+    verb, _, rest = what_l.partition(" ")
+    if verb not in VERBS:
+        return f"does this: {what_l[0].upper()}{what_l[1:]}"
+    if verb.endswith(("s", "sh", "ch", "x", "z", "o")):
+        verb += "es"
+    elif verb.endswith("y") and verb[-2] not in "aeiou":
+        verb = verb[:-1] + "ies"
+    else:
+        verb += "s"
+    return f"{verb} {rest}".rstrip()
+
+
 def chat_record(sig: str, what: str, body: str, k: int) -> dict:
     what_l = what[0].lower() + what[1:] if what[:2] != what[:2].upper() else what
-    user = TEMPLATES[k % len(TEMPLATES)].format(sig=sig, what=what_l, What=what)
+    user = TEMPLATES[k % len(TEMPLATES)].format(sig=sig, what=what_l, What=what, does=third_person(what_l))
     return {"messages": [{"role": "user", "content": user},
                          {"role": "assistant", "content": f"```python\n{body}```"}]}
 

@@ -100,13 +100,25 @@ def _tokenizer():
     return tok
 
 
+def test_chat_requests_phrase_the_docstring_as_a_newcomer_would():
+    """Some requests name no signature (data v7); the docstring's imperative verb is conjugated after "that"."""
+    sig, what, body = "f(x)", "Return x squared.", "def f(x):\n    return x * x\n"
+    asks = [builtin_data.chat_record(sig, what, body, k)["messages"][0]["content"] for k in range(6)]
+    assert "Write a function that returns x squared." in asks and "`f(x)`" not in asks[4] + asks[5]
+    assert sum("`f(x)`" in a for a in asks) == 4
+    third = builtin_data.third_person
+    assert third("apply f to x.") == "applies f to x." and third("push x.") == "pushes x."
+    assert third("decode the bytes.") == "decodes the bytes." and third("copy x.") == "copies x."
+    assert third("the sum of x.") == "does this: The sum of x."
+
+
 def test_chat_record_trains_only_the_reply_and_its_eos(tmp_path):
     from dsv4.train.data import chat_document
 
     tok = _tokenizer()
     sig, what, body = next(builtin_data.functions(SOURCE))
     record = builtin_data.chat_record(sig, what, body, 0)
-    assert record["messages"][0]["content"] == "Write a Python function `add(a, b=1)` that return the sum of a and b."
+    assert record["messages"][0]["content"] == "Write a Python function `add(a, b=1)` that returns the sum of a and b."
     doc = chat_document(record, tok)
     target = tok.decode([t for t, m in zip(doc.ids, doc.mask, strict=True) if m], skip_special_tokens=False)
     assert target == f"```python\n{body}```{EOS}"
