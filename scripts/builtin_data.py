@@ -297,8 +297,10 @@ def keep_chat(doc) -> bool:
 def third_person(what_l: str) -> str:
     """A lower-cased docstring sentence as a clause after "... a function that": an imperative opening verb in the
     third person ("return the sum" -> "returns the sum", "apply" -> "applies", "push" -> "pushes"); any other
-    opening as "does this: <sentence>"."""
+    opening as "does this: <sentence>"; one already in the third person ("converts ...") as it is."""
     verb, _, rest = what_l.partition(" ")
+    if verb[:-1] in VERBS or verb[:-2] in VERBS or (verb.endswith("ies") and verb[:-3] + "y" in VERBS):
+        return what_l
     if verb not in VERBS:
         return f"does this: {what_l[0].upper()}{what_l[1:]}"
     if verb.endswith(("s", "sh", "ch", "x", "z", "o")):

@@ -110,6 +110,7 @@ def test_chat_requests_phrase_the_docstring_as_a_newcomer_would():
     assert third("apply f to x.") == "applies f to x." and third("push x.") == "pushes x."
     assert third("decode the bytes.") == "decodes the bytes." and third("copy x.") == "copies x."
     assert third("the sum of x.") == "does this: The sum of x."
+    assert third("converts x.") == "converts x." and third("copies x.") == "copies x."
 
 
 def test_chat_record_trains_only_the_reply_and_its_eos(tmp_path):
