@@ -111,8 +111,9 @@ VENDORED_PARTS = {"_vendor", "vendor", "_vendored", "vendored", "externals", "_e
                   "_third_party"}
 # Data v7 (2026-12-06): a third of the requests name no signature, as a newcomer types them ("Write a function that
 # reverses a string."): the v12 models, trained only on requests that spelt the signature out, answered those with
-# made-up names (`def weeks(self):` for a prime check) and 2 of 12 ran on to the token limit (bench/NOTES.md,
-# twenty-sixth session). `{does}` is the docstring as a clause after "that" (`third_person`).
+# made-up names (`def weeks(self):` for a prime check), and v12c ran on to the token limit for 2 of 12
+# (scripts/bench/natural_chat.py; bench/NOTES.md, twenty-sixth session). `{does}` is the docstring as a clause
+# after "that" (`third_person`).
 TEMPLATES = (
     "Write a Python function `{sig}` that {does}",
     "Implement `{sig}` in Python: {what}",
