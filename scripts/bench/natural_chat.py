@@ -1,7 +1,7 @@
 """How the built-in model answers coding requests typed the way a newcomer types them (no signature, plain
 English), outside the chat set's templates: twelve fixed requests, greedy, 256 tokens, in one batch on the CPU.
-Prints per request whether the reply ended with EOS, its length and the reply's first `def` line, then how many
-replies hold a `def` and end with EOS (the chat acceptance check of scripts/eval_builtin.py, on these requests).
+Runs the chat acceptance check of scripts/eval_builtin.py (`chat_eval`: a `def` and EOS within 256 tokens) on these
+requests; prints per request whether the reply ended with EOS, its length and its first `def` line, then the count.
 Usage: PYTHONPATH=. python3 scripts/bench/natural_chat.py [MODEL_DIR] [--threads N] [--out PATH]
 (MODEL_DIR: default the installed built-in model)
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,10 @@ REQUESTS = (
 
 def main() -> None:
     import dsv4
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # scripts/: the acceptance check
+    import eval_builtin
+
     from dsv4.builtin import builtin_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,20 +48,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llm = dsv4.LLM(args.model or str(builtin_model_path()), max_num_seqs=len(REQUESTS), num_pages=4 * len(REQUESTS),
                    page_size=128)
-    outs = llm.chat([[{"role": "user", "content": r}] for r in REQUESTS],
-                    dsv4.SamplingParams(temperature=0, max_tokens=256))
-    eos, rows = llm.model.cfg.eos_token_id, []
-    for request, o in zip(REQUESTS, outs, strict=True):
-        stopped = o.finish_reason == "stop" and bool(o.token_ids) and o.token_ids[-1] == eos
-        head = re.search(r"^\s*(?:async )?def .*$", o.text, re.M)
-        rows.append({"request": request, "eos": stopped, "tokens": len(o.token_ids),
-                     "def": head.group(0).strip() if head else None, "reply": o.text})
-        print(f"{'EOS' if stopped else 'cut'} {len(o.token_ids):3d}  {request:<75} {rows[-1]['def'] or '-'}")
-    ok = sum(r["eos"] and r["def"] is not None for r in rows)
-    print(f"def + EOS: {ok}/{len(rows)}")
+    res = eval_builtin.chat_eval(llm, dsv4.SamplingParams, [{"messages": [{"role": "user", "content": r}]}
+                                                            for r in REQUESTS])
+    for r in res["replies"]:
+        head = re.search(r"^\s*(?:async )?def .*$", r["reply"], re.M)
+        print(f"{'EOS' if r['eos'] else 'cut'} {r['tokens']:3d}  {r['request']:<75} "
+              f"{head.group(0).strip() if head else '-'}")
+    print(f"def + EOS: {res['def_and_eos']}/{res['n']}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"def_and_eos": ok, "n": len(rows), "replies": rows}, f, indent=1)
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
