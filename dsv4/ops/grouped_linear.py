@@ -78,6 +78,13 @@ def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.
         return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
                                         fp8mma=True, maxnreg=maxnreg)
 
+    tiles = direct_tiles(x.shape[0], weight.shape[0])
+    if (tiles is not None and x.dtype == torch.bfloat16 and weight.data_ptr() % 4 == 0
+            and env_switch("DSV4_FP4_DIRECT", default=DIRECT_DEFAULT)):
+        from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
+
+        return fp4_grouped_gemm_direct(x, eid, weight, scale, block_m=tiles[0], block_n=tiles[1],
+                                       num_warps=tiles[2], num_stages=tiles[3])
     tiles = swapped_tiles(x.shape[0], weight.shape[0])
     if tiles is not None and env_switch("DSV4_FP4_SWAPPED", default=True):
         from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
@@ -114,6 +121,25 @@ def swapped_tiles(rows: int, experts: int) -> tuple[int, int, int] | None:
     if rows >= 96 * experts:
         return None
     return (16, 64, 4) if rows < 16 * experts else (32, 64, 4)
+
+
+DIRECT_DEFAULT = False            # DSV4_FP4_DIRECT's default (read at each call): off until measured on a GPU
+
+
+def direct_tiles(rows: int, experts: int) -> tuple[int, int, int, int] | None:
+    """(block_m, block_n, num_warps, num_stages) of the bf16-decode kernel (`ops/triton/fp4_grouped_direct.py`), or
+    None below 16 rows per expert (decode batches: the swapped kernel's regime). The token tile (wgmma's N) is the
+    power of two that holds ~1.25x the mean rows per expert, so most experts take one tile and each weight tile is
+    decoded about once: 32 at 1k prefill (24 rows per expert at Flash), 256 at 8k (192); weight rows 64 per
+    warpgroup, two warpgroups and two stages for 256 tokens (offline for sm_90: 255 registers, no spill inside the
+    K loop, 136 KiB of shared memory)."""
+    mean = rows / experts
+    if mean < 16:
+        return None
+    block_m = min(256, 1 << max(4, int(1.25 * mean - 1).bit_length()))
+    if block_m == 256:
+        return 256, 128, 8, 2
+    return (block_m, 128, 8, 3) if block_m == 128 else (block_m, 64, 4, 3)
 
 
 def fp8mma_applies(fp8_grid: bool) -> bool:

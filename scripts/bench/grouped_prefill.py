@@ -18,7 +18,10 @@ us per call and TB/s of weight bytes (the FP4 bytes and scales of the experts wi
 captured-graph replays with a cold L2), each output's rel. error against the expert-major one (labelled
 "dispatched": the default before the sixteenth session); no bf16 copies, no 16-row-block kernel. `--only transient`
 (tokens 1024 2048 4096 8192 unless given): the dispatched FP4 path against the MoE's opt-in transient bf16 stacks
-(`transient_results`).
+(`transient_results`). `--only direct` (tokens 64 256 1024 4096 8192 unless given): the dispatched path against the
+bf16-decode kernel (`ops/triton/fp4_grouped_direct.py`) in DIRECT_CONFIGS and at `direct_tiles`, torch._grouped_mm
+over bf16 copies (the bound a decode-free kernel would reach) and x's K-ordered copy alone, graph-timed as
+`--only swapped`.
 """
 
 import argparse
@@ -29,9 +32,10 @@ import torch
 
 from dsv4 import ops
 from dsv4.bench.timing import cold_graph_time, cuda_time, summary
-from dsv4.ops.grouped_linear import _PACKED_BELOW, expert_major_tiles
+from dsv4.ops.grouped_linear import _PACKED_BELOW, direct_tiles, expert_major_tiles
 from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
 from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
+from dsv4.ops.triton.fp4_grouped_direct import bf16_korder, fp4_grouped_gemm_direct
 from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets, fp4_grouped_gemm_prefill
 from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 from dsv4.quant import fake_quant_fp8
@@ -59,6 +63,12 @@ FP8MMA_CONFIGS = [(32, 128, 4, False, 168), (32, 128, 4, False, None), (16, 128,
 SWAPPED_CONFIGS = [(16, 64, 4, False), (16, 128, 4, False), (16, 128, 8, False), (32, 64, 4, False),
                    (32, 128, 8, False), (64, 64, 4, False), (64, 128, 8, False), (16, 64, 4, True), (16, 128, 4, True),
                    (32, 64, 4, True), (32, 128, 8, True)]
+# The bf16-decode kernel (`--only direct`): block_m (tokens, wgmma's N), block_n (weight rows), num_warps,
+# num_stages. Offline for sm_90 (Triton 3.9): fast K loop 6.4 / 5.4 / 6.5 / 5.6 / 5.0 / 4.6 instructions per
+# weight (per 128-K normalisation) at 256x128/8, 128x128/8, 128x64/4, 64x64/4, 32x64/4, 16x64/4; 256 x 64 with 4
+# warps spills inside the loop (left out).
+DIRECT_CONFIGS = [(256, 128, 8, 2), (256, 128, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 8, 3),
+                  (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)]
 FP4_TOL = 1e-5
 FP8MMA_TOL = 4e-3           # a flag, not a bound: the FP8 MMA's class is elementwise (tests/test_fp4_prefill_fp8mma.py)
 
@@ -147,6 +157,34 @@ def swapped_results(tokens: int, w, s, gen, repeats: int) -> dict:
             "mismatch": bad}
 
 
+def direct_results(tokens: int, w, s, wb, gen, repeats: int) -> dict:
+    """The dispatched path (`ops.grouped_linear`, DSV4_FP4_DIRECT as set) against DIRECT_CONFIGS, cuBLAS's grouped
+    GEMM over bf16 copies and the K-ordered copy of x alone."""
+    eid, x = routed_rows(tokens, gen)
+    m = eid.numel()
+    used = eid.unique().numel()
+    weight_bytes = used * N * (K // 2 + K // 32)
+    print(f"{tokens} tokens: M = {m} pairs ({m / E:.1f} per expert), K {K} -> N {N}, {used} of {E} experts with "
+          f"rows ({weight_bytes / 1e9:.2f} GB of weights); direct_tiles {direct_tiles(m, E)}", flush=True)
+
+    def dispatched():
+        return ops.grouped_linear(x, eid, w, s, "fp4", fp8_grid=True)
+    ref = dispatched()
+    rows = [timed_bytes("dispatched grouped_linear", dispatched, ref, weight_bytes, repeats)]
+    ends = expert_offsets(eid, E)[1:].clone()
+    rows.append(timed_bytes("torch._grouped_mm bf16 copies (no decode)",
+                            lambda: torch._grouped_mm(x, wb.transpose(1, 2), offs=ends), ref, weight_bytes, repeats))
+    rows.append(timed_bytes("bf16_korder copy of x alone", lambda: bf16_korder(x), x, weight_bytes, repeats))
+    rows[-1].pop("rel_err_vs_dispatched", None)
+    for bm, bn, nw, st in DIRECT_CONFIGS:
+        fn = partial(fp4_grouped_gemm_direct, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st)
+        rows.append(timed_bytes(f"DIRECT bm={bm} bn={bn} warps={nw} stages={st}", fn, ref, weight_bytes, repeats))
+    bad = [r["name"] for r in rows if "DIRECT" in r["name"] and r.get("rel_err_vs_dispatched", 1.0) > FP4_TOL]
+    print(f"  {'MISMATCH: ' + ', '.join(bad) if bad else 'all agree with the dispatched path (1e-5)'}", flush=True)
+    return {"tokens": tokens, "pairs": m, "experts_used": used, "weight_bytes": weight_bytes,
+            "direct_tiles": direct_tiles(m, E), "kernels": rows, "mismatch": bad}
+
+
 def graph_check(x, eid, w, s) -> float:
     """Capture the new kernel once, replay it with other (sorted) expert ids: the offsets follow on the device."""
     eid_in, graph = eid.clone(), torch.cuda.CUDAGraph()
@@ -221,12 +259,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", help="default 1024 8192; with --only swapped 64 1024 8192")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", help="write the results here (e.g. bench/results/grouped_prefill_h200.json)")
-    p.add_argument("--only", choices=["all", "fp8mma", "swapped", "transient"], default="all")
+    p.add_argument("--only", choices=["all", "fp8mma", "swapped", "transient", "direct"], default="all")
     args = p.parse_args()
     tokens = args.tokens or ([64, 1024, 8192] if args.only == "swapped" else [1024, 8192])
     gen = torch.Generator(DEVICE).manual_seed(0)
     w, s, wb = experts(gen, bf16=args.only not in ("swapped", "transient"))
-    if args.only == "transient":
+    if args.only == "direct":
+        shapes = [direct_results(t, w, s, wb, gen, args.repeats) for t in args.tokens or [64, 256, 1024, 4096, 8192]]
+    elif args.only == "transient":
         shapes = [transient_results(t, w, s, gen, args.repeats) for t in args.tokens or [1024, 2048, 4096, 8192]]
     elif args.only == "swapped":
         shapes = [swapped_results(t, w, s, gen, args.repeats) for t in tokens]

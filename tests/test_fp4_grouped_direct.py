@@ -1,0 +1,268 @@
+"""The expert-major FP4 grouped GEMM decoded straight to bf16 (`ops/triton/fp4_grouped_direct.py`).
+
+Tolerances by precision class: every product is exact (FP4 values times a power of two, against x in bf16 or fp32:
+bf16 x bf16 and the twin's fp32 x (e2m1 * 2^k) fit fp32's 24 bits), so only the fp32 sums round, in one
+accumulator over all of K (n = K adds per output). Any order of an n-term fp32 sum is within
+gamma_n = n u / (1 - n u) of sum |p|, so elementwise |got - float64| <= gamma_K * sum |p| (sum |p| = |x| @ |W|^T in
+float64), and between two orders 2 gamma_K sum |p|; u = 2^-24 in the interpreter, 2^-23 on the tensor cores (their
+fp32 adds truncate). Also relative error (Frobenius) <= 1e-5, the FP4 kernels' budget (tests/test_grouped_prefill.py).
+Decoding is checked bit for bit: one-hot rows read every code back exactly, on the fast path (scale bytes 16 .. 128,
+the bf16 decode's range, both ends included) and on the per-element fallback (bytes 0 .. 160).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import run_in_interpreter
+
+from dsv4.quant import dequant_fp4, fake_quant_fp8, quant_fp4
+
+direct = pytest.importorskip("dsv4.ops.triton.fp4_grouped_direct", reason="needs triton")
+
+_CHECK = """
+import torch
+from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
+from dsv4.quant import dequant_fp4, fake_quant_fp8, quant_fp4
+
+
+def exact(x, eid, w, s):
+    '''float64 x @ dequant(W[eid])^T and sum |x| |W|, per expert.'''
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64)
+    mag = torch.zeros_like(out)
+    for e in eid.unique().tolist():
+        r = eid == e
+        wd = dequant_fp4(w[e], s[e], torch.float64)
+        out[r], mag[r] = x[r].double() @ wd.T, x[r].double().abs() @ wd.abs().T
+    return out, mag
+
+
+def check(got, x, eid, w, s):
+    '''(Frobenius rel. error, max |got - float64| / (gamma_K sum |p|)): the second must be <= 1.'''
+    want, mag = exact(x, eid, w, s)
+    n = x.shape[1]
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    bound = ((got.double() - want).abs() / (gamma * mag).clamp_min(1e-300)).max().item()
+    return ((got.double() - want).norm() / want.norm()).item(), bound
+
+
+gen = torch.Generator().manual_seed(61)
+E, N, K = 8, 80, 256
+ws = [quant_fp4(torch.randn(N, K, generator=gen) / 16) for _ in range(E)]
+w, s = torch.stack([a for a, _ in ws]), torch.stack([b for _, b in ws])
+# 83 rows: experts 0, 2, 5, 7 empty; expert 4 owns rows 4..73 (70: five 16-row tiles, the last partial); N = 80 is
+# not a multiple of block_n. x on the FP8 grid over 12 binades of 128-block scales (the MoE's input).
+eid = torch.tensor([1] * 3 + [3] + [4] * 70 + [6] * 9)
+x = fake_quant_fp8(torch.randn(83, K, generator=gen) * torch.logspace(-6, 6, K)[None], 128)
+errs = [check(fp4_grouped_gemm_direct(x, eid, w, s, asm=False, **kw), x, eid, w, s)
+        for kw in ({}, {'block_m': 32, 'block_n': 32}, {'block_m': 16, 'block_n': 128})]
+xb = fake_quant_fp8(torch.randn(83, K, generator=gen), 128).bfloat16()           # bf16 x (the MoE's) + int32 ids
+errs.append(check(fp4_grouped_gemm_direct(xb, eid.int(), w, s, asm=False), xb, eid, w, s))
+# random bytes (every code) under scales in the fast range, and with expert 4's scales partly outside it (bytes 10
+# and 140: its programs take the per-element fallback, fp32 x: IEEE dots)
+wr = torch.randint(-128, 128, w.shape, dtype=torch.int8, generator=gen)
+inside = torch.randint(110, 129, s.shape, dtype=torch.uint8, generator=gen)
+outside = inside.clone()
+outside[4, :, 1::4], outside[4, 3, 0] = 10, 140
+for sb in (inside, outside):
+    errs.append(check(fp4_grouped_gemm_direct(x, eid, wr, sb.view(s.dtype), asm=False, block_m=32), x, eid, wr,
+                      sb.view(s.dtype)))
+# decoding, exactly: one-hot rows read back every code in both nibbles (code (k + row) % 16 at column k)
+codes = (torch.arange(256)[None, :] + torch.arange(16)[:, None]) % 16
+wq = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8).view(1, 16, 128)
+exact_codes = True
+for pattern in ([0, 1, 100, 127, 140, 160], [16, 128, 120, 17, 127]):
+    sq = torch.tensor(pattern, dtype=torch.uint8)[torch.arange(16 * 8).view(1, 16, 8) % len(pattern)]
+    sq = sq.view(torch.float8_e8m0fnu)
+    got = fp4_grouped_gemm_direct(torch.eye(256), torch.zeros(256, dtype=torch.long), wq, sq, asm=False,
+                                  block_m=64, block_n=16)
+    exact_codes &= torch.equal(got, dequant_fp4(wq[0], sq[0]).T)
+# a NaN scale (byte 255) in expert 3 gives NaN exactly in its rows' column 7, as float64 does
+sn = s.clone().view(torch.uint8)
+sn[3, 7, 2] = 255
+nan = fp4_grouped_gemm_direct(x, eid, w, sn.view(s.dtype), asm=False).isnan()
+exact_codes &= torch.equal(nan, exact(x, eid, w, sn.view(s.dtype))[0].isnan()) and nan.sum().item() == 1
+print(exact_codes, max(r for r, _ in errs), max(b for _, b in errs))
+"""
+
+
+def test_direct_kernel_in_the_interpreter(tmp_path):
+    """asm=False (the fp32 twin) through TRITON_INTERPRET=1: fp32 and bf16 x on the FP8 grid, three tiles, empty
+    experts, partial row and column tiles, random codes, the fast path and the per-element fallback (scale bytes
+    outside 16 .. 128): within 1e-5 and gamma_K sum |p| of float64; every code decoded exactly on both paths; a NaN
+    scale gives NaN exactly where float64 does."""
+    exact_codes, rel, bound = run_in_interpreter(_CHECK, tmp_path, timeout=300).split()[-3:]
+    assert exact_codes == "True"
+    assert float(rel) <= 1e-5 and float(bound) <= 1.0, (rel, bound)
+
+
+def test_bf16_korder_is_the_swapped_k_order():
+    """`bf16_korder` writes each 128-K block's columns in `fp4_grouped_swapped.K_ORDER` (the order `_bf16_tile`
+    decodes in), bit for bit, in the dtype asked."""
+    from dsv4.ops.triton.fp4_grouped_swapped import K_ORDER
+
+    x = torch.randn(5, 384, dtype=torch.bfloat16)
+    for dtype in (torch.bfloat16, torch.float32):
+        got = direct.bf16_korder(x, dtype)
+        assert got.dtype == dtype and torch.equal(got.view(5, 3, 128), x.to(dtype).view(5, 3, 128)[:, :, K_ORDER])
+
+
+def test_direct_names_bad_inputs():
+    w, s = torch.zeros(3, 16, 64, dtype=torch.int8), torch.zeros(3, 16, 4, dtype=torch.uint8)
+    x, eid = torch.zeros(5, 128), torch.zeros(5, dtype=torch.long)
+    gemm = direct.fp4_grouped_gemm_direct
+    with pytest.raises(ValueError, match="do not match"):
+        gemm(x[:, :64], eid, w, s, asm=False)
+    with pytest.raises(ValueError, match="asm=True takes bf16 x on CUDA"):
+        gemm(x, eid, w, s)
+    for kw in ({"block_n": 48}, {"block_m": 512}, {"block_m": 8}):
+        with pytest.raises(ValueError, match="powers of|block_m=8 >= 16"):
+            gemm(x, eid, w, s, asm=False, **kw)
+    with pytest.raises(ValueError, match="int32/int64"):
+        gemm(x, eid.float(), w, s, asm=False)
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        gemm(x, eid, torch.zeros(3 * 16 * 64 + 1, dtype=torch.int8)[1:].view(3, 16, 64), s, asm=False)
+    assert gemm(x[:0], eid[:0], w, s, asm=False).shape == (0, 16)
+
+
+def test_direct_compiles_for_hopper_with_the_weight_in_registers():
+    """Compiled offline for sm_90 at Flash's shape (K 4096) with the 8k tile (256 tokens x 128 weight rows, 8 warps)
+    and the 1k one (32 x 64, 4 warps): the fast path's dot is a bf16 wgmma whose A operand, the decoded weight, comes
+    from registers, the decode is the inline `mul.rn.bf16x2`, and nothing spills inside the K loops."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    sig = {"x_ptr": "*bf16", "xk_ptr": "*bf16", "offs_ptr": "*i32", "w_ptr": "*i8", "s_ptr": "*u8",
+           "out_ptr": "*fp32", "N": "i32", "K": "i32"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}           # what a real launch passes
+    for bm, bn, warps, stages in ((256, 128, 8, 2), (32, 64, 4, 3)):
+        consts = {"HALF": 2048, "N_SCALES": 128, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": False, "ASM": True,
+                  "LO": direct.FAST_SCALES[0], "HI": direct.FAST_SCALES[1]}
+        src = ASTSource(direct._fp4_grouped_direct, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
+                                                                                 "num_stages": stages})
+        a_types = [line.split(" : ")[-1].split(" * ")[0] for line in kernel.asm["ttgir"].splitlines()
+                   if "ttng.warp_group_dot " in line]
+        assert a_types and all("dot_op<{opIdx = 0" in t and "xbf16" in t for t in a_types), a_types
+        assert "mul.rn.bf16x2" in kernel.asm["ptx"]
+
+
+def _flash_case(dev, gen, tokens: int, experts: int):
+    """Flash's w1/w3 shape (K 4096 -> N 2048) over `experts` experts, `tokens` x top-6 sorted pairs (the rows per
+    expert of 256 experts at 256 / experts times the tokens), bf16 x on the FP8 grid as the MoE feeds it."""
+    pairs = [quant_fp4(torch.randn(2048, 4096, generator=gen, device=dev) / 64) for _ in range(experts)]
+    w, s = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+    eid = torch.rand(tokens, experts, generator=gen, device=dev).topk(6, dim=-1).indices.flatten().sort().values
+    x = fake_quant_fp8(torch.randn(tokens * 6, 4096, generator=gen, device=dev), 128).bfloat16()
+    want, mag = (torch.zeros(x.shape[0], 2048, dtype=torch.float64, device=dev) for _ in range(2))
+    for e in eid.unique().tolist():
+        rows = (eid == e).nonzero().flatten()
+        wd = dequant_fp4(w[e], s[e], torch.float64)
+        want[rows], mag[rows] = x[rows].double() @ wd.T, x[rows].double().abs() @ wd.abs().T
+    return x, eid, w, s, want, mag
+
+
+@pytest.mark.gpu
+def test_direct_on_cuda_at_flash_dims():
+    """Flash w1/w3 at the 8k regime (~190 rows per expert: 2048 tokens over 64 experts) and the 1k regime (~24:
+    256 tokens), at the tiles `direct_tiles` picks and others: the inline-PTX bf16 decode within 1e-5 and
+    gamma_K sum |p| (u = 2^-23) of float64, and within 2 gamma_K sum |p| of the fp32 twin on the same GPU (the same
+    exact products, summed in another order). One-hot rows read every code back exactly under scale bytes 16 .. 128
+    (the bf16 decode: the code 0.5 passes through a subnormal bf16 before its scale) and, on the fallback, 0 .. 160."""
+    from dsv4.ops.grouped_linear import direct_tiles
+
+    dev, gen = "cuda", torch.Generator("cuda").manual_seed(62)
+    n = 4096
+    gamma = n * 2.0**-23 / (1 - n * 2.0**-23)
+    for tokens, tiles in ((2048, [(256, 128, 8, 2), (128, 128, 8, 3)]), (256, [(32, 64, 4, 3), (64, 64, 4, 3)])):
+        x, eid, w, s, want, mag = _flash_case(dev, gen, tokens, 64)
+        bm, bn, nw, st = direct_tiles(tokens * 6 * 4, 256)                   # the dispatch at 256 experts
+        twin = direct.fp4_grouped_gemm_direct(x, eid, w, s, asm=False, block_m=64, block_n=64, num_warps=4)
+        for bm, bn, nw, st in [(bm, bn, nw, st)] + tiles:
+            got = direct.fp4_grouped_gemm_direct(x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st)
+            assert ((got.double() - want).abs() <= gamma * mag).all(), (tokens, bm, bn)
+            assert ((got.double() - twin.double()).abs() <= 2 * gamma * mag).all(), (tokens, bm, bn)
+            assert ((got.double() - want).norm() / want.norm()).item() <= 1e-5, (tokens, bm, bn)
+    codes = (torch.arange(256, device=dev)[None, :] + torch.arange(16, device=dev)[:, None]) % 16
+    wq = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8).view(1, 16, 128)
+    eye = torch.eye(256, device=dev, dtype=torch.bfloat16)
+    for pattern in ([16, 128, 120, 17, 127], [0, 1, 100, 127, 140, 160]):
+        sq = torch.tensor(pattern, dtype=torch.uint8, device=dev)[torch.arange(128, device=dev).view(1, 16, 8)
+                                                                   % len(pattern)].view(torch.float8_e8m0fnu)
+        got = direct.fp4_grouped_gemm_direct(eye, torch.zeros(256, dtype=torch.long, device=dev), wq, sq,
+                                             block_m=64, block_n=64, num_warps=4)
+        assert torch.equal(got, dequant_fp4(wq[0], sq[0]).T), pattern
+
+
+def test_direct_tiles_regimes():
+    """The token tile follows the rows per expert (wgmma's N up to 256); None below the dispatch threshold."""
+    from dsv4.ops.grouped_linear import direct_tiles
+
+    assert direct_tiles(49152, 256)[0] == 256                # 8k prefill: ~192 rows per expert, one tile
+    assert direct_tiles(6144, 256)[0] == 32                  # 1k prefill: ~24
+    assert direct_tiles(384, 256) is None                    # decode batch 64: the swapped kernel's regime
+
+
+def test_direct_dispatch(monkeypatch):
+    """Spies stand in for the kernels (CPU): from 16 rows per expert, bf16 x and a 4-byte-aligned weight take the
+    bf16-decode kernel at `direct_tiles` when DSV4_FP4_DIRECT allows (default: `DIRECT_DEFAULT`); fp32 x (which it
+    would round), fewer rows or the switch off fall through to the swapped / expert-major kernels."""
+    import importlib
+
+    grouped_linear = importlib.import_module("dsv4.ops.grouped_linear")
+    swapped = importlib.import_module("dsv4.ops.triton.fp4_grouped_swapped")
+    prefill = importlib.import_module("dsv4.ops.triton.fp4_grouped_prefill")
+    seen = []
+
+    def spy(name):
+        return lambda *args, **kw: seen.append((name, kw)) or torch.zeros(args[0].shape[0], args[2].shape[1])
+
+    monkeypatch.setattr(direct, "fp4_grouped_gemm_direct", spy("direct"))
+    monkeypatch.setattr(swapped, "fp4_grouped_gemm_swapped", spy("swapped"))
+    monkeypatch.setattr(prefill, "fp4_grouped_gemm_prefill", spy("expert_major"))
+    w, s = torch.zeros(1, 8, 64, dtype=torch.int8), torch.zeros(1, 8, 4, dtype=torch.uint8)
+    default = "direct" if grouped_linear.DIRECT_DEFAULT else "swapped"
+    for rows, dtype, env, want in ((15, torch.bfloat16, "1", "swapped"), (16, torch.bfloat16, "1", "direct"),
+                                   (200, torch.bfloat16, "1", "direct"), (16, torch.float32, "1", "swapped"),
+                                   (200, torch.float32, "1", "expert_major"), (16, torch.bfloat16, "0", "swapped"),
+                                   (16, torch.bfloat16, None, default)):
+        if env is None:
+            monkeypatch.delenv("DSV4_FP4_DIRECT", raising=False)
+        else:
+            monkeypatch.setenv("DSV4_FP4_DIRECT", env)
+        grouped_linear._fp4_grouped_gemm_prefill(torch.zeros(rows, 128, dtype=dtype),
+                                                 torch.zeros(rows, dtype=torch.long), w, s, False)
+        assert seen[-1][0] == want, (rows, dtype, env, seen[-1])
+        if want == "direct":
+            bm, bn, nw, st = grouped_linear.direct_tiles(rows, 1)
+            assert seen[-1][1] == dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st)
+
+
+@pytest.mark.gpu
+def test_direct_dispatch_on_cuda(monkeypatch):
+    """Through `grouped_linear` with DSV4_FP4_DIRECT=1 at the 8k regime (~190 rows per expert): the bf16-decode
+    kernel runs and agrees with the expert-major kernel (switch off) within 1e-6 and with the twin within 1e-5."""
+    from dsv4.ops.grouped_linear import grouped_linear
+
+    calls = []
+    real = direct.fp4_grouped_gemm_direct
+    monkeypatch.setattr(direct, "fp4_grouped_gemm_direct", lambda *a, **k: calls.append(k) or real(*a, **k))
+    dev, gen = "cuda", torch.Generator("cuda").manual_seed(63)
+    pairs = [quant_fp4(torch.randn(512, 1024, generator=gen, device=dev) / 32) for _ in range(16)]
+    w, s = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+    eid = torch.randint(0, 16, (3072,), generator=gen, device=dev).sort().values
+    x = fake_quant_fp8(torch.randn(3072, 1024, generator=gen, device=dev), 128).bfloat16()
+    with torch.no_grad():
+        monkeypatch.setenv("DSV4_FP4_DIRECT", "1")
+        got = grouped_linear(x, eid, w, s, "fp4")
+        assert len(calls) == 1, calls
+        monkeypatch.setenv("DSV4_FP4_DIRECT", "0")
+        other = grouped_linear(x, eid, w, s, "fp4")
+        assert len(calls) == 1
+        twin = grouped_linear.twin(x, eid, w, s, "fp4")
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    assert rel(got, other) <= 1e-6
+    assert rel(got, twin) <= 1e-5
