@@ -116,7 +116,7 @@ def test_direct_names_bad_inputs():
     with pytest.raises(ValueError, match="asm=True takes bf16 x on CUDA"):
         gemm(x, eid, w, s)
     for kw in ({"block_n": 48}, {"block_m": 512}, {"block_m": 8}):
-        with pytest.raises(ValueError, match="powers of|block_m=8 >= 16"):
+        with pytest.raises(ValueError, match=r"powers of|block_m=8 >= 16"):
             gemm(x, eid, w, s, asm=False, **kw)
     with pytest.raises(ValueError, match="int32/int64"):
         gemm(x, eid.float(), w, s, asm=False)
@@ -179,9 +179,9 @@ def test_direct_on_cuda_at_flash_dims():
     gamma = n * 2.0**-23 / (1 - n * 2.0**-23)
     for tokens, tiles in ((2048, [(256, 128, 8, 2), (128, 128, 8, 3)]), (256, [(32, 64, 4, 3), (64, 64, 4, 3)])):
         x, eid, w, s, want, mag = _flash_case(dev, gen, tokens, 64)
-        bm, bn, nw, st = direct_tiles(tokens * 6 * 4, 256)                   # the dispatch at 256 experts
+        dispatched = direct_tiles(tokens * 6 * 4, 256)                       # the dispatch at 256 experts
         twin = direct.fp4_grouped_gemm_direct(x, eid, w, s, asm=False, block_m=64, block_n=64, num_warps=4)
-        for bm, bn, nw, st in [(bm, bn, nw, st)] + tiles:
+        for bm, bn, nw, st in [dispatched, *tiles]:
             got = direct.fp4_grouped_gemm_direct(x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st)
             assert ((got.double() - want).abs() <= gamma * mag).all(), (tokens, bm, bn)
             assert ((got.double() - twin.double()).abs() <= 2 * gamma * mag).all(), (tokens, bm, bn)
