@@ -12,6 +12,8 @@ the bf16 decode's range, both ends included) and on the per-element fallback (by
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from kernel_helpers import run_in_interpreter
@@ -55,9 +57,9 @@ w, s = torch.stack([a for a, _ in ws]), torch.stack([b for _, b in ws])
 eid = torch.tensor([1] * 3 + [3] + [4] * 70 + [6] * 9)
 x = fake_quant_fp8(torch.randn(83, K, generator=gen) * torch.logspace(-6, 6, K)[None], 128)
 errs = [check(fp4_grouped_gemm_direct(x, eid, w, s, asm=False, **kw), x, eid, w, s)
-        for kw in ({}, {'block_m': 32, 'block_n': 32}, {'block_m': 16, 'block_n': 128})]
+        for kw in ({}, {'block_m': 32, 'block_n': 32}, {'block_m': 16, 'block_n': 128, 'xperm': True})]
 xb = fake_quant_fp8(torch.randn(83, K, generator=gen), 128).bfloat16()           # bf16 x (the MoE's) + int32 ids
-errs.append(check(fp4_grouped_gemm_direct(xb, eid.int(), w, s, asm=False), xb, eid, w, s))
+errs += [check(fp4_grouped_gemm_direct(xb, eid.int(), w, s, asm=False, xperm=xp), xb, eid, w, s) for xp in (0, 1)]
 # random bytes (every code) under scales in the fast range, and with expert 4's scales partly outside it (bytes 10
 # and 140: its programs take the per-element fallback, fp32 x: IEEE dots)
 wr = torch.randint(-128, 128, w.shape, dtype=torch.int8, generator=gen)
@@ -65,8 +67,8 @@ inside = torch.randint(110, 129, s.shape, dtype=torch.uint8, generator=gen)
 outside = inside.clone()
 outside[4, :, 1::4], outside[4, 3, 0] = 10, 140
 for sb in (inside, outside):
-    errs.append(check(fp4_grouped_gemm_direct(x, eid, wr, sb.view(s.dtype), asm=False, block_m=32), x, eid, wr,
-                      sb.view(s.dtype)))
+    errs.append(check(fp4_grouped_gemm_direct(x, eid, wr, sb.view(s.dtype), asm=False, block_m=32, xperm=True), x,
+                      eid, wr, sb.view(s.dtype)))
 # decoding, exactly: one-hot rows read back every code in both nibbles (code (k + row) % 16 at column k)
 codes = (torch.arange(256)[None, :] + torch.arange(16)[:, None]) % 16
 wq = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8).view(1, 16, 128)
@@ -87,7 +89,8 @@ print(exact_codes, max(r for r, _ in errs), max(b for _, b in errs))
 
 
 def test_direct_kernel_in_the_interpreter(tmp_path):
-    """asm=False (the fp32 twin) through TRITON_INTERPRET=1: fp32 and bf16 x on the FP8 grid, three tiles, empty
+    """asm=False (the fp32 twin) through TRITON_INTERPRET=1, x K-ordered by a copy and in the kernel (`xperm`): fp32
+    and bf16 x on the FP8 grid, three tiles, empty
     experts, partial row and column tiles, random codes, the fast path and the per-element fallback (scale bytes
     outside 16 .. 128): within 1e-5 and gamma_K sum |p| of float64; every code decoded exactly on both paths; a NaN
     scale gives NaN exactly where float64 does."""
@@ -127,8 +130,9 @@ def test_direct_names_bad_inputs():
 
 def test_direct_compiles_for_hopper_with_the_weight_in_registers():
     """Compiled offline for sm_90 at Flash's shape (K 4096) with the 8k tile (256 tokens x 128 weight rows, 8 warps)
-    and the 1k one (32 x 64, 4 warps): the fast path's dot is a bf16 wgmma whose A operand, the decoded weight, comes
-    from registers, the decode is the inline `mul.rn.bf16x2`, and nothing spills inside the K loops."""
+    and the 1k one (32 x 64, 4 warps, x permuted in the kernel): the fast path's dot is a bf16 wgmma whose A
+    operand, the decoded weight, comes from registers, the decode is the inline `mul.rn.bf16x2`, and nothing spills
+    inside the K loops (256 x 128 with x permuted in the kernel does: that mutant fails here)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -138,9 +142,9 @@ def test_direct_compiles_for_hopper_with_the_weight_in_registers():
     sig = {"x_ptr": "*bf16", "xk_ptr": "*bf16", "offs_ptr": "*i32", "w_ptr": "*i8", "s_ptr": "*u8",
            "out_ptr": "*fp32", "N": "i32", "K": "i32"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}           # what a real launch passes
-    for bm, bn, warps, stages in ((256, 128, 8, 2), (32, 64, 4, 3)):
+    for bm, bn, warps, stages, xperm in ((256, 128, 8, 3, False), (32, 64, 4, 3, True)):
         consts = {"HALF": 2048, "N_SCALES": 128, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": False, "ASM": True,
-                  "LO": direct.FAST_SCALES[0], "HI": direct.FAST_SCALES[1]}
+                  "LO": direct.FAST_SCALES[0], "HI": direct.FAST_SCALES[1], "XPERM": xperm}
         src = ASTSource(direct._fp4_grouped_direct, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                                  "num_stages": stages})
@@ -148,6 +152,28 @@ def test_direct_compiles_for_hopper_with_the_weight_in_registers():
                    if "ttng.warp_group_dot " in line]
         assert a_types and all("dot_op<{opIdx = 0" in t and "xbf16" in t for t in a_types), a_types
         assert "mul.rn.bf16x2" in kernel.asm["ptx"]
+        loops = _mma_loops(kernel.asm["cubin"])
+        assert loops and not any(re.search(r"\s(LDL|STL)[\s.]", line) for body in loops for line in body)
+
+
+def _mma_loops(cubin: bytes) -> list[list[str]]:
+    """The SASS (nvdisasm) lines of each innermost loop that runs a wgmma."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.cubin").write_bytes(cubin)
+        lines = subprocess.run([str(nvdisasm), "-c", str(Path(tmp) / "k.cubin")], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\.(L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    return [lines[a:b + 1] for a, b in loops
+            if not any(a < s < b for s, _ in loops) and any("HGMMA" in x for x in lines[a:b + 1])]
 
 
 def _flash_case(dev, gen, tokens: int, experts: int):
@@ -171,18 +197,21 @@ def test_direct_on_cuda_at_flash_dims():
     256 tokens), at the tiles `direct_tiles` picks and others: the inline-PTX bf16 decode within 1e-5 and
     gamma_K sum |p| (u = 2^-23) of float64, and within 2 gamma_K sum |p| of the fp32 twin on the same GPU (the same
     exact products, summed in another order). One-hot rows read every code back exactly under scale bytes 16 .. 128
-    (the bf16 decode: the code 0.5 passes through a subnormal bf16 before its scale) and, on the fallback, 0 .. 160."""
+    (the bf16 decode: the code 0.5 passes through a subnormal bf16 before its scale) and, on the fallback, 0 .. 160.
+    x K-ordered by a copy and in the kernel (`xperm`) alike."""
     from dsv4.ops.grouped_linear import direct_tiles
 
     dev, gen = "cuda", torch.Generator("cuda").manual_seed(62)
     n = 4096
     gamma = n * 2.0**-23 / (1 - n * 2.0**-23)
-    for tokens, tiles in ((2048, [(256, 128, 8, 2), (128, 128, 8, 3)]), (256, [(32, 64, 4, 3), (64, 64, 4, 3)])):
+    for tokens, tiles in ((2048, [(256, 128, 8, 2, False), (128, 128, 8, 3, True)]),
+                          (256, [(32, 64, 4, 3, False), (64, 64, 4, 3, True)])):
         x, eid, w, s, want, mag = _flash_case(dev, gen, tokens, 64)
         dispatched = direct_tiles(tokens * 6 * 4, 256)                       # the dispatch at 256 experts
         twin = direct.fp4_grouped_gemm_direct(x, eid, w, s, asm=False, block_m=64, block_n=64, num_warps=4)
-        for bm, bn, nw, st in [dispatched, *tiles]:
-            got = direct.fp4_grouped_gemm_direct(x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st)
+        for bm, bn, nw, st, xp in [dispatched, *tiles]:
+            got = direct.fp4_grouped_gemm_direct(x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st,
+                                                 xperm=xp)
             assert ((got.double() - want).abs() <= gamma * mag).all(), (tokens, bm, bn)
             assert ((got.double() - twin.double()).abs() <= 2 * gamma * mag).all(), (tokens, bm, bn)
             assert ((got.double() - want).norm() / want.norm()).item() <= 1e-5, (tokens, bm, bn)
@@ -192,17 +221,18 @@ def test_direct_on_cuda_at_flash_dims():
     for pattern in ([16, 128, 120, 17, 127], [0, 1, 100, 127, 140, 160]):
         sq = torch.tensor(pattern, dtype=torch.uint8, device=dev)[torch.arange(128, device=dev).view(1, 16, 8)
                                                                    % len(pattern)].view(torch.float8_e8m0fnu)
-        got = direct.fp4_grouped_gemm_direct(eye, torch.zeros(256, dtype=torch.long, device=dev), wq, sq,
-                                             block_m=64, block_n=64, num_warps=4)
-        assert torch.equal(got, dequant_fp4(wq[0], sq[0]).T), pattern
+        for xp in (False, True):
+            got = direct.fp4_grouped_gemm_direct(eye, torch.zeros(256, dtype=torch.long, device=dev), wq, sq,
+                                                 block_m=64, block_n=64, num_warps=4, xperm=xp)
+            assert torch.equal(got, dequant_fp4(wq[0], sq[0]).T), (pattern, xp)
 
 
 def test_direct_tiles_regimes():
     """The token tile follows the rows per expert (wgmma's N up to 256); None below the dispatch threshold."""
     from dsv4.ops.grouped_linear import direct_tiles
 
-    assert direct_tiles(49152, 256)[0] == 256                # 8k prefill: ~192 rows per expert, one tile
-    assert direct_tiles(6144, 256)[0] == 32                  # 1k prefill: ~24
+    assert direct_tiles(49152, 256) == (256, 128, 8, 3, False)      # 8k prefill: ~192 rows per expert, one tile
+    assert direct_tiles(6144, 256) == (32, 64, 4, 3, True)          # 1k prefill: ~24
     assert direct_tiles(384, 256) is None                    # decode batch 64: the swapped kernel's regime
 
 
@@ -237,14 +267,15 @@ def test_direct_dispatch(monkeypatch):
                                                  torch.zeros(rows, dtype=torch.long), w, s, False)
         assert seen[-1][0] == want, (rows, dtype, env, seen[-1])
         if want == "direct":
-            bm, bn, nw, st = grouped_linear.direct_tiles(rows, 1)
-            assert seen[-1][1] == dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st)
+            bm, bn, nw, st, xp = grouped_linear.direct_tiles(rows, 1)
+            assert seen[-1][1] == dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, xperm=xp)
 
 
 @pytest.mark.gpu
 def test_direct_dispatch_on_cuda(monkeypatch):
-    """Through `grouped_linear` with DSV4_FP4_DIRECT=1 at the 8k regime (~190 rows per expert): the bf16-decode
-    kernel runs and agrees with the expert-major kernel (switch off) within 1e-6 and with the twin within 1e-5."""
+    """Through `grouped_linear` with DSV4_FP4_DIRECT=1 (the default) at the 8k regime (~190 rows per expert): the
+    bf16-decode kernel runs and agrees with the expert-major kernel (switch off) within 1e-6 and with the twin within
+    1e-5."""
     from dsv4.ops.grouped_linear import grouped_linear
 
     calls = []

@@ -84,7 +84,7 @@ def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.
         from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
 
         return fp4_grouped_gemm_direct(x, eid, weight, scale, block_m=tiles[0], block_n=tiles[1],
-                                       num_warps=tiles[2], num_stages=tiles[3])
+                                       num_warps=tiles[2], num_stages=tiles[3], xperm=tiles[4])
     tiles = swapped_tiles(x.shape[0], weight.shape[0])
     if tiles is not None and env_switch("DSV4_FP4_SWAPPED", default=True):
         from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
@@ -123,23 +123,25 @@ def swapped_tiles(rows: int, experts: int) -> tuple[int, int, int] | None:
     return (16, 64, 4) if rows < 16 * experts else (32, 64, 4)
 
 
-DIRECT_DEFAULT = False            # DSV4_FP4_DIRECT's default (read at each call): off until measured on a GPU
+DIRECT_DEFAULT = True             # DSV4_FP4_DIRECT's default (read at each call)
 
 
-def direct_tiles(rows: int, experts: int) -> tuple[int, int, int, int] | None:
-    """(block_m, block_n, num_warps, num_stages) of the bf16-decode kernel (`ops/triton/fp4_grouped_direct.py`), or
-    None below 16 rows per expert (decode batches: the swapped kernel's regime). The token tile (wgmma's N) is the
-    power of two that holds ~1.25x the mean rows per expert, so most experts take one tile and each weight tile is
-    decoded about once: 32 at 1k prefill (24 rows per expert at Flash), 256 at 8k (192); weight rows 64 per
-    warpgroup, two warpgroups and two stages for 256 tokens (offline for sm_90: 255 registers, no spill inside the
-    K loop, 136 KiB of shared memory)."""
+def direct_tiles(rows: int, experts: int) -> tuple[int, int, int, int, bool] | None:
+    """(block_m, block_n, num_warps, num_stages, xperm) of the bf16-decode kernel (`ops/triton/fp4_grouped_direct.py`),
+    or None below 16 rows per expert (decode batches: the swapped kernel's regime, 581 against 620 us at batch 64).
+    The token tile (wgmma's N) is the power of two that holds ~1.25x the mean rows per expert, so most experts take
+    one tile and each weight tile is decoded about once: 32 at 1k prefill (24 rows per expert at Flash), 256 at 8k
+    (192). Measured on an H100 (bench/results/h100_s27/call_a, graph replays, K 4096 -> N 2048, 256 experts): 1k
+    1363 -> 971 us (32 x 64, 4 warps; 1283-2542 for the other tiles), 8k 5135 -> 3123 us (256 x 128, 8 warps, 3
+    stages; 2 stages 3703, 128 x 128 3507), both including x's K-ordered copy (79 / 612 us alone). Narrow tiles
+    permute x in the kernel instead (`xperm`: offline the same instructions per weight at 32 x 64)."""
     mean = rows / experts
     if mean < 16:
         return None
     block_m = min(256, 1 << max(4, int(1.25 * mean - 1).bit_length()))
     if block_m == 256:
-        return 256, 128, 8, 2
-    return (block_m, 128, 8, 3) if block_m == 128 else (block_m, 64, 4, 3)
+        return 256, 128, 8, 3, False
+    return (block_m, 128, 8, 3, False) if block_m == 128 else (block_m, 64, 4, 3, True)
 
 
 def fp8mma_applies(fp8_grid: bool) -> bool:

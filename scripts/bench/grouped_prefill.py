@@ -64,11 +64,12 @@ SWAPPED_CONFIGS = [(16, 64, 4, False), (16, 128, 4, False), (16, 128, 8, False),
                    (32, 128, 8, False), (64, 64, 4, False), (64, 128, 8, False), (16, 64, 4, True), (16, 128, 4, True),
                    (32, 64, 4, True), (32, 128, 8, True)]
 # The bf16-decode kernel (`--only direct`): block_m (tokens, wgmma's N), block_n (weight rows), num_warps,
-# num_stages. Offline for sm_90 (Triton 3.9): fast K loop 6.4 / 5.4 / 6.5 / 5.6 / 5.0 / 4.6 instructions per
-# weight (per 128-K normalisation) at 256x128/8, 128x128/8, 128x64/4, 64x64/4, 32x64/4, 16x64/4; 256 x 64 with 4
-# warps spills inside the loop (left out).
-DIRECT_CONFIGS = [(256, 128, 8, 2), (256, 128, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 8, 3),
-                  (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)]
+# num_stages, xperm (x K-ordered inside the kernel, not by a copy). Offline for sm_90 (Triton 3.9): fast K loop 6.6 /
+# 5.4 (xperm 6.0) / 5.6 / 5.0 (xperm 5.0) instructions per weight (per 128-K normalisation) at 256x128/8,
+# 128x128/8, 64x64/4, 32x64/4; 256 x 64 with 4 warps and 256 x 128 with xperm spill inside the loop (left out).
+DIRECT_CONFIGS = [(256, 128, 8, 3, False), (256, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 128, 8, 3, True),
+                  (64, 64, 4, 3, False), (64, 64, 4, 3, True), (32, 64, 4, 3, False), (32, 64, 4, 3, True),
+                  (16, 64, 4, 3, True)]
 FP4_TOL = 1e-5
 FP8MMA_TOL = 4e-3           # a flag, not a bound: the FP8 MMA's class is elementwise (tests/test_fp4_prefill_fp8mma.py)
 
@@ -158,8 +159,8 @@ def swapped_results(tokens: int, w, s, gen, repeats: int) -> dict:
 
 
 def direct_results(tokens: int, w, s, wb, gen, repeats: int) -> dict:
-    """The dispatched path (`ops.grouped_linear`, DSV4_FP4_DIRECT as set) against DIRECT_CONFIGS, cuBLAS's grouped
-    GEMM over bf16 copies and the K-ordered copy of x alone."""
+    """The dispatched path (`ops.grouped_linear`, DSV4_FP4_DIRECT as set: on by default) against DIRECT_CONFIGS,
+    cuBLAS's grouped GEMM over bf16 copies and the K-ordered copy of x alone."""
     eid, x = routed_rows(tokens, gen)
     m = eid.numel()
     used = eid.unique().numel()
@@ -176,9 +177,11 @@ def direct_results(tokens: int, w, s, wb, gen, repeats: int) -> dict:
                             lambda: torch._grouped_mm(x, wb.transpose(1, 2), offs=ends), ref, weight_bytes, repeats))
     rows.append(timed_bytes("bf16_korder copy of x alone", lambda: bf16_korder(x), x, weight_bytes, repeats))
     rows[-1].pop("rel_err_vs_dispatched", None)
-    for bm, bn, nw, st in DIRECT_CONFIGS:
-        fn = partial(fp4_grouped_gemm_direct, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st)
-        rows.append(timed_bytes(f"DIRECT bm={bm} bn={bn} warps={nw} stages={st}", fn, ref, weight_bytes, repeats))
+    for bm, bn, nw, st, xp in DIRECT_CONFIGS:
+        fn = partial(fp4_grouped_gemm_direct, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st,
+                     xperm=xp)
+        name = f"DIRECT bm={bm} bn={bn} warps={nw} stages={st}{' xperm' if xp else ''}"
+        rows.append(timed_bytes(name, fn, ref, weight_bytes, repeats))
     bad = [r["name"] for r in rows if "DIRECT" in r["name"] and r.get("rel_err_vs_dispatched", 1.0) > FP4_TOL]
     print(f"  {'MISMATCH: ' + ', '.join(bad) if bad else 'all agree with the dispatched path (1e-5)'}", flush=True)
     return {"tokens": tokens, "pairs": m, "experts_used": used, "weight_bytes": weight_bytes,

@@ -21,7 +21,8 @@ _swapped_default_block`, on x in element order).
 Layout: the swapped kernel's `korder` (`fp4_grouped_swapped.K_ORDER`, its docstring): out^T = W x^T, the decoded
 weight tile wgmma's register A operand (64 rows per warpgroup), tokens its N; within each 128-K block the dot runs
 over K permuted so that a thread's A registers are 16 contiguous bytes of one row (one 128-bit load), and x's
-bf16 copy is written in the same order (`bf16_korder`, one permuting copy per call). The stored weight is untouched.
+bf16 copy is written in the same order (`bf16_korder`, one permuting copy per call; or, `xperm`, the kernel permutes
+each loaded x tile itself). The stored weight is untouched.
 
 `asm=False` (the twin, for Triton's CPU interpreter): the same tile in fp32 (`_e2m1` x `_e8m0`, exact), x's copy in
 fp32 and IEEE fp32 dots: the same products and the same fp32 sums as the GPU path up to order (the interpreter
@@ -82,7 +83,7 @@ def _scales_in_range(s_ptr, rows, n_ok, N_SCALES: tl.constexpr, LO: tl.constexpr
 @triton.jit
 def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HALF: tl.constexpr,
                         N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                        ASM: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
+                        ASM: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, XPERM: tl.constexpr):
     e = tl.program_id(1)                        # grid (N blocks, E), N blocks fastest: an expert's x stays in L2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -101,6 +102,9 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HA
                              mask=n_ok[:, None], other=127).to(tl.int32)             # [BLOCK_N, 4]
                 w = _bf16_tile(w_ptr, rows, n_ok, sb, b0, HALF, BLOCK_N, ASM)
                 xk = tl.load(xk_row + 2 * b0 + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)
+                if XPERM:   # x in element order, K_ORDER'd here: [m, c, i, t, a, b] -> [m, i, a, b, c, t]
+                    xk = tl.reshape(tl.permute(tl.reshape(xk, [BLOCK_M, 4, 4, 2, 2, 2]), (0, 2, 4, 5, 1, 3)),
+                                    [BLOCK_M, 128])
                 if ASM:
                     acc = tl.dot(w, tl.trans(xk), acc)
                 else:
@@ -127,13 +131,15 @@ def bf16_korder(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.T
 
 def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                             block_m: int = 256, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
-                            asm: bool = True) -> torch.Tensor:
+                            asm: bool = True, xperm: bool = False) -> torch.Tensor:
     """x [M, K] sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2] (4-byte aligned),
     scale e8m0 [E, N, K/32] -> fp32 [M, N], K a multiple of 128. block_m: tokens per tile (wgmma's N, a power of
     two 16 .. 256), block_n: weight rows (64 per warpgroup: block_n = 16 x num_warps keeps one A tile per
     warpgroup). asm=True (CUDA only): bf16 x, the bf16 decode in inline PTX; asm=False: the fp32 twin (module
     docstring), any of bf16/fp16/fp32 x. Exact products either way; fp32 x on the GPU path would be rounded to bf16,
-    so it is refused there."""
+    so it is refused there. `xperm`: x's K order is permuted inside the kernel (the loaded tile reshaped, through
+    shared memory) instead of by a copy before it: offline for sm_90 the same K loop count at 32 x 64 (5.0 per
+    weight), +0.5 at 128 x 128 and spills at 256 x 128, so it pays where the tile is narrow."""
     M, K, N, E, half = check_grouped("fp4_grouped_gemm_direct", x, eid, weight, scale, block_m, 128)
     if asm and (x.device.type != "cuda" or x.dtype != torch.bfloat16):
         raise ValueError(f"fp4_grouped_gemm_direct: asm=True takes bf16 x on CUDA (got {x.dtype} on "
@@ -152,9 +158,12 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
         return out
     offs = expert_offsets(eid.contiguous(), E)
     x = x.contiguous()
-    xk = bf16_korder(x, torch.bfloat16 if asm else torch.float32)
+    if xperm:
+        xk = x if asm else x.float()
+    else:
+        xk = bf16_korder(x, torch.bfloat16 if asm else torch.float32)
     _fp4_grouped_direct[(triton.cdiv(N, block_n), E)](
         x, xk, offs, weight, scale.contiguous().view(torch.uint8), out, N, K, half, K // 32, BLOCK_M=block_m,
         BLOCK_N=block_n, IEEE=x.dtype == torch.float32, ASM=asm, LO=FAST_SCALES[0], HI=FAST_SCALES[1],
-        num_warps=num_warps, num_stages=num_stages)
+        XPERM=xperm, num_warps=num_warps, num_stages=num_stages)
     return out
