@@ -322,7 +322,8 @@ def test_swapped_dispatch_on_by_default(monkeypatch):
 @pytest.mark.parametrize("rows", [384, 6144])
 def test_swapped_dispatch_switch_on_cuda(rows, monkeypatch):
     """By default (DSV4_FP4_SWAPPED unset) `grouped_linear` below 96 rows per expert (decode batch 64: 384 pairs;
-    1k prefill: 6144) runs the swapped kernel at `swapped_tiles`, K-ordered; DSV4_FP4_SWAPPED=0 the expert-major
+    1k prefill: 6144) runs the swapped kernel at `swapped_tiles`, K-ordered, where the bf16-decode kernel does not
+    take the call (DSV4_FP4_DIRECT=0 here: by default it takes 1k prefill); DSV4_FP4_SWAPPED=0 the expert-major
     kernel. Within 1e-5 of the twin (FP4 products exact, fp32 sums) and within 1e-6 of the expert-major kernel
     (same products, another order of fp32 sums)."""
     from dsv4.ops.grouped_linear import grouped_linear
@@ -337,6 +338,7 @@ def test_swapped_dispatch_switch_on_cuda(rows, monkeypatch):
     eid = torch.randint(0, 64, (rows,), generator=gen, device=dev).sort().values
     x = fake_quant_fp8(torch.randn(rows, 1024, generator=gen, device=dev), 128).bfloat16()
     monkeypatch.delenv("DSV4_FP4_SWAPPED", raising=False)
+    monkeypatch.setenv("DSV4_FP4_DIRECT", "0")          # from 16 rows per expert bf16 x takes fp4_grouped_direct
     with torch.no_grad():
         got = grouped_linear(x, eid, w, s, "fp4")
         assert len(calls) == 1 and calls[0]["korder"], calls
