@@ -6,8 +6,11 @@ run over fixed-size row chunks so its gathered weights stay bounded; the Triton 
 (`ops/triton/fp4_grouped.py`) reads each expert's FP4 weights about once per row block it appears in instead of
 once per row; from one row per expert on average (decode at batch >= 43 with top-6 of 256, prefill), the
 expert-major kernel (`ops/triton/fp4_grouped_prefill.py`) decodes each weight tile once per 64-128 rows of its
-expert instead (below 96 rows per expert with its operands swapped: `ops/triton/fp4_grouped_swapped.py`).
-Both kernels are bound by the FP4 decode arithmetic, not by bytes, so the one that decodes fewer tiles wins.
+expert instead (below 96 rows per expert with its operands swapped: `ops/triton/fp4_grouped_swapped.py`), and from
+16 rows per expert with bf16 x (prefill) the bf16-decode kernel (`ops/triton/fp4_grouped_direct.py`) takes the
+call: weights decoded with their scale, one accumulator, token tiles up to 256, so each weight tile is decoded about
+once per expert (H100, K 4096 -> N 2048, 256 experts: 1k 1363 -> 938 us, 8k 5135 -> 3175 us a call; `direct_tiles`).
+All are bound by the FP4 decode arithmetic, not by bytes, so the one that decodes fewer tiles wins.
 Measured on an H200 at the bench model's shapes (`scripts/bench/grouped_prefill.py`,
 bench/results/h200_grouped_prefill.log; K 4096 -> N 2048, 256 experts): 6144 rows (1k-token prefill) 4.66 -> 2.09
 ms, 49152 rows (8k) 27.6 -> 5.40 ms; at 384 rows (decode batch 64) see h200_grouped_decode.log.
@@ -134,7 +137,9 @@ def direct_tiles(rows: int, experts: int) -> tuple[int, int, int, int, bool] | N
     (192). Measured on an H100 (bench/results/h100_s27/call_a, graph replays, K 4096 -> N 2048, 256 experts): 1k
     1363 -> 971 us (32 x 64, 4 warps; 1283-2542 for the other tiles), 8k 5135 -> 3123 us (256 x 128, 8 warps, 3
     stages; 2 stages 3703, 128 x 128 3507), both including x's K-ordered copy (79 / 612 us alone). Narrow tiles
-    permute x in the kernel instead (`xperm`: offline the same instructions per weight at 32 x 64)."""
+    permute x in the kernel instead (`xperm`: offline the same instructions per weight at 32 x 64; call_b on another
+    H100: 938 against 986 us with the copy at 1k; at 128 x 128 it costs more than the copy, 3907 against 3442 at
+    8k)."""
     mean = rows / experts
     if mean < 16:
         return None
