@@ -15,10 +15,11 @@ ROOT = str(Path(__file__).resolve().parents[1])
 
 def run_in_interpreter(script: str, where: Path, timeout: int = 600) -> str:
     """Run `script` in a fresh Python with TRITON_INTERPRET=1 (read when triton is imported, hence a subprocess),
-    importing this checkout's dsv4 first; asserts a zero exit and returns its stdout."""
+    importing this checkout's dsv4 first (and this folder's modules: `from kernel_helpers import ...`); asserts a
+    zero exit and returns its stdout."""
     path = where / "check.py"
     path.write_text(script)
-    imports = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+    imports = os.pathsep.join([ROOT, str(Path(ROOT) / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": imports}
     out = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -40,3 +41,19 @@ def in_interpreter_at_once(scripts: dict[str, str], where: Path, timeout: int = 
             (where / name).mkdir()
             futures[name] = pool.submit(run_in_interpreter, script, where / name, timeout)
         yield futures
+
+
+def exact_grouped(x, eid, w, s):
+    """The FP4 grouped GEMMs' reference: float64 x @ dequant_fp4(W[eid])^T and sum |x| |W|^T (the magnitude the
+    order-of-summation bounds scale with), per expert, on x's device."""
+    import torch
+
+    from dsv4.quant import dequant_fp4
+
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64, device=x.device)
+    mag = torch.zeros_like(out)
+    for e in eid.unique().tolist():
+        rows = (eid == e).nonzero().flatten()
+        wd = dequant_fp4(w[e], s[e], torch.float64)
+        out[rows], mag[rows] = x[rows].double() @ wd.T, x[rows].double().abs() @ wd.abs().T
+    return out, mag

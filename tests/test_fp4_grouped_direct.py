@@ -16,7 +16,7 @@ import re
 
 import pytest
 import torch
-from kernel_helpers import run_in_interpreter
+from kernel_helpers import exact_grouped, run_in_interpreter
 
 from dsv4.quant import dequant_fp4, fake_quant_fp8, quant_fp4
 
@@ -26,17 +26,7 @@ _CHECK = """
 import torch
 from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
 from dsv4.quant import dequant_fp4, fake_quant_fp8, quant_fp4
-
-
-def exact(x, eid, w, s):
-    '''float64 x @ dequant(W[eid])^T and sum |x| |W|, per expert.'''
-    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64)
-    mag = torch.zeros_like(out)
-    for e in eid.unique().tolist():
-        r = eid == e
-        wd = dequant_fp4(w[e], s[e], torch.float64)
-        out[r], mag[r] = x[r].double() @ wd.T, x[r].double().abs() @ wd.abs().T
-    return out, mag
+from kernel_helpers import exact_grouped as exact
 
 
 def check(got, x, eid, w, s):
@@ -183,11 +173,7 @@ def _flash_case(dev, gen, tokens: int, experts: int):
     w, s = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
     eid = torch.rand(tokens, experts, generator=gen, device=dev).topk(6, dim=-1).indices.flatten().sort().values
     x = fake_quant_fp8(torch.randn(tokens * 6, 4096, generator=gen, device=dev), 128).bfloat16()
-    want, mag = (torch.zeros(x.shape[0], 2048, dtype=torch.float64, device=dev) for _ in range(2))
-    for e in eid.unique().tolist():
-        rows = (eid == e).nonzero().flatten()
-        wd = dequant_fp4(w[e], s[e], torch.float64)
-        want[rows], mag[rows] = x[rows].double() @ wd.T, x[rows].double().abs() @ wd.abs().T
+    want, mag = exact_grouped(x, eid, w, s)
     return x, eid, w, s, want, mag
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import in_interpreter_at_once
+from kernel_helpers import exact_grouped, in_interpreter_at_once
 
-from dsv4.quant import dequant_fp4, fake_quant_fp8, quant_fp4
+from dsv4.quant import fake_quant_fp8, quant_fp4
 
 swapped = pytest.importorskip("dsv4.ops.triton.fp4_grouped_swapped", reason="needs triton")
 
@@ -32,17 +32,7 @@ import torch
 from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
 from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 from dsv4.quant import dequant_fp4, fake_quant_fp8, quant_fp4
-
-
-def exact(x, eid, w, s):
-    '''float64 x @ dequant(W[eid])^T and sum |x| |W|, per expert.'''
-    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64)
-    mag = torch.zeros_like(out)
-    for e in eid.unique().tolist():
-        r = eid == e
-        wd = dequant_fp4(w[e], s[e], torch.float64)
-        out[r], mag[r] = x[r].double() @ wd.T, x[r].double().abs() @ wd.abs().T
-    return out, mag
+from kernel_helpers import exact_grouped as exact
 
 
 def rel(got, want):
@@ -256,11 +246,7 @@ def test_swapped_on_cuda_at_flash_decode_dims():
     eid = torch.rand(64, 256, generator=gen, device=dev).topk(6, dim=-1).indices.flatten().sort().values
     x = fake_quant_fp8(torch.randn(384, 4096, generator=gen, device=dev), 128).bfloat16()
     base = fp4_grouped_gemm_prefill(x, eid, w, s, block_m=16, block_n=64, num_warps=4, packed=True)
-    want, mag = (torch.zeros(384, 2048, dtype=torch.float64, device=dev) for _ in range(2))
-    for e in eid.unique().tolist():
-        rows = (eid == e).nonzero().flatten()
-        wd = dequant_fp4(w[e], s[e], torch.float64)
-        want[rows], mag[rows] = x[rows].double() @ wd.T, x[rows].double().abs() @ wd.abs().T
+    want, mag = exact_grouped(x, eid, w, s)
 
     def rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm()).item()
