@@ -57,3 +57,16 @@ def exact_grouped(x, eid, w, s):
         wd = dequant_fp4(w[e], s[e], torch.float64)
         out[rows], mag[rows] = x[rows].double() @ wd.T, x[rows].double().abs() @ wd.abs().T
     return out, mag
+
+
+def kernel_spies(monkeypatch, **kernels) -> list:
+    """Replace each `name=(module, attribute)` kernel entry point by a spy that records (name, keyword arguments)
+    and returns zeros of the grouped GEMM's output shape [x rows, weight N]: dispatch tests on the CPU. Returns the
+    record."""
+    import torch
+
+    seen = []
+    for name, (module, attr) in kernels.items():
+        monkeypatch.setattr(module, attr, lambda *args, _name=name, **kw: seen.append((_name, kw))
+                            or torch.zeros(args[0].shape[0], args[2].shape[1]))
+    return seen

@@ -16,7 +16,7 @@ import re
 
 import pytest
 import torch
-from kernel_helpers import exact_grouped, run_in_interpreter
+from kernel_helpers import exact_grouped, kernel_spies, run_in_interpreter
 
 from dsv4.quant import dequant_fp4, fake_quant_fp8, quant_fp4
 
@@ -231,14 +231,9 @@ def test_direct_dispatch(monkeypatch):
     grouped_linear = importlib.import_module("dsv4.ops.grouped_linear")
     swapped = importlib.import_module("dsv4.ops.triton.fp4_grouped_swapped")
     prefill = importlib.import_module("dsv4.ops.triton.fp4_grouped_prefill")
-    seen = []
-
-    def spy(name):
-        return lambda *args, **kw: seen.append((name, kw)) or torch.zeros(args[0].shape[0], args[2].shape[1])
-
-    monkeypatch.setattr(direct, "fp4_grouped_gemm_direct", spy("direct"))
-    monkeypatch.setattr(swapped, "fp4_grouped_gemm_swapped", spy("swapped"))
-    monkeypatch.setattr(prefill, "fp4_grouped_gemm_prefill", spy("expert_major"))
+    seen = kernel_spies(monkeypatch, direct=(direct, "fp4_grouped_gemm_direct"),
+                        swapped=(swapped, "fp4_grouped_gemm_swapped"),
+                        expert_major=(prefill, "fp4_grouped_gemm_prefill"))
     w, s = torch.zeros(1, 8, 64, dtype=torch.int8), torch.zeros(1, 8, 4, dtype=torch.uint8)
     default = "direct" if grouped_linear.DIRECT_DEFAULT else "swapped"
     for rows, dtype, env, want in ((15, torch.bfloat16, "1", "swapped"), (16, torch.bfloat16, "1", "direct"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import exact_grouped, in_interpreter_at_once
+from kernel_helpers import exact_grouped, in_interpreter_at_once, kernel_spies
 
 from dsv4.quant import fake_quant_fp8, quant_fp4
 
@@ -279,13 +279,8 @@ def test_swapped_dispatch_on_by_default(monkeypatch):
 
     grouped_linear = importlib.import_module("dsv4.ops.grouped_linear")
     prefill = importlib.import_module("dsv4.ops.triton.fp4_grouped_prefill")
-    seen = []
-
-    def spy(name):
-        return lambda *args, **kw: seen.append((name, kw)) or torch.zeros(args[0].shape[0], args[2].shape[1])
-
-    monkeypatch.setattr(swapped, "fp4_grouped_gemm_swapped", spy("swapped"))
-    monkeypatch.setattr(prefill, "fp4_grouped_gemm_prefill", spy("expert_major"))
+    seen = kernel_spies(monkeypatch, swapped=(swapped, "fp4_grouped_gemm_swapped"),
+                        expert_major=(prefill, "fp4_grouped_gemm_prefill"))
     w, s = torch.zeros(1, 8, 64, dtype=torch.int8), torch.zeros(1, 8, 4, dtype=torch.uint8)
     for rows, env, want in ((15, None, "swapped"), (95, None, "swapped"), (96, None, "expert_major"),
                             (15, "1", "swapped"), (15, "0", "expert_major"), (95, "0", "expert_major")):
