@@ -74,6 +74,33 @@ sn = s.clone().view(torch.uint8)
 sn[3, 7, 2] = 255
 nan = fp4_grouped_gemm_direct(x, eid, w, sn.view(s.dtype), asm=False).isnan()
 exact_codes &= torch.equal(nan, exact(x, eid, w, sn.view(s.dtype))[0].isnan()) and nan.sum().item() == 1
+# The MoE's layouts (ops/korder.py), N = 128: x already K-ordered reads the same values (fast path: bit for bit;
+# the fallback runs its own loop over K-ordered blocks: against float64); K-ordered output columns are weight rows
+# K_ORDER[p] (against float64 permuted); the bf16 store is the fp32 result rounded; out_index scatters the rows
+# (row m to row perm[m]).
+from dsv4.ops.korder import to_korder
+ws = [quant_fp4(torch.randn(128, K, generator=gen) / 16) for _ in range(E)]
+wl, sl = torch.stack([a for a, _ in ws]), torch.stack([b for _, b in ws])
+wide = sl.clone().view(torch.uint8)
+wide[4, :, 1::4] = 10                                              # expert 4's programs: the fallback
+perm = torch.randperm(83, generator=gen)
+for xx, sb, kw in ((x, sl, {}), (xb, sl, {'block_m': 32, 'xperm': True}), (x, wide.view(sl.dtype), {'block_m': 32})):
+    plain = fp4_grouped_gemm_direct(xx, eid, wl, sb, asm=False, **kw)
+    xkord = fp4_grouped_gemm_direct(to_korder(xx), eid, wl, sb, asm=False, x_korder=True, **kw)
+    errs.append(check(xkord, xx, eid, wl, sb))
+    fast = eid != 4 if sb is not sl else torch.ones_like(eid, dtype=torch.bool)
+    exact_codes &= torch.equal(xkord[fast], plain[fast]) and (sb is sl or not torch.equal(xkord, plain))
+    got = fp4_grouped_gemm_direct(to_korder(xx), eid, wl, sb, asm=False, x_korder=True, out_korder=True,
+                                  out_dtype=torch.bfloat16, out_index=perm, **kw)
+    full = fp4_grouped_gemm_direct(xx, eid, wl, sb, asm=False, out_korder=True, **kw)
+    # (Triton 3.6's interpreter truncates fp32 -> bf16 whatever the rounding asked; the GPU test checks RNE)
+    trunc = (full.view(torch.int32) & -65536).view(torch.float32).bfloat16()
+    exact_codes &= got.dtype == torch.bfloat16 and (torch.equal(got[perm], full.bfloat16())
+                                                    or torch.equal(got[perm], trunc))
+    want, mag = exact(xx, eid, wl, sb)
+    gamma = K * 2.0**-24 / (1 - K * 2.0**-24)
+    errs.append((((full.double() - to_korder(want)).norm() / want.norm()).item(),
+                 ((full.double() - to_korder(want)).abs() / (gamma * to_korder(mag)).clamp_min(1e-300)).max().item()))
 print(exact_codes, max(r for r, _ in errs), max(b for _, b in errs))
 """
 
@@ -120,7 +147,8 @@ def test_direct_names_bad_inputs():
 
 def test_direct_compiles_for_hopper_with_the_weight_in_registers():
     """Compiled offline for sm_90 at Flash's shape (K 4096) with the 8k tile (256 tokens x 128 weight rows, 8 warps)
-    and the 1k one (32 x 64, 4 warps, x permuted in the kernel): the fast path's dot is a bf16 wgmma whose A
+    and the 1k one (32 x 64, 4 warps, x permuted in the kernel), each also with the MoE's layouts (K-ordered x and
+    output columns, bf16 rows scattered by an index): the fast path's dot is a bf16 wgmma whose A
     operand, the decoded weight, comes from registers, the decode is the inline `mul.rn.bf16x2`, and nothing spills
     inside the K loops (256 x 128 with x permuted in the kernel does: that mutant fails here)."""
     import triton
@@ -129,12 +157,15 @@ def test_direct_compiles_for_hopper_with_the_weight_in_registers():
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton has no NVIDIA backend")
-    sig = {"x_ptr": "*bf16", "xk_ptr": "*bf16", "offs_ptr": "*i32", "w_ptr": "*i8", "s_ptr": "*u8",
-           "out_ptr": "*fp32", "N": "i32", "K": "i32"}
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}           # what a real launch passes
-    for bm, bn, warps, stages, xperm in ((256, 128, 8, 3, False), (32, 64, 4, 3, True)):
+    for bm, bn, warps, stages, xperm, moe in ((256, 128, 8, 3, False, False), (32, 64, 4, 3, True, False),
+                                              (256, 128, 8, 3, False, True), (32, 64, 4, 3, False, True)):
+        # moe: the MoE's layouts (K-ordered x and output columns, bf16 rows scattered by an index)
+        sig = {"x_ptr": "*bf16", "xk_ptr": "*bf16", "offs_ptr": "*i32", "w_ptr": "*i8", "s_ptr": "*u8",
+               "out_ptr": "*bf16" if moe else "*fp32", "index_ptr": "*i64", "N": "i32", "K": "i32"}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}       # what a real launch passes
         consts = {"HALF": 2048, "N_SCALES": 128, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": False, "ASM": True,
-                  "LO": direct.FAST_SCALES[0], "HI": direct.FAST_SCALES[1], "XPERM": xperm}
+                  "LO": direct.FAST_SCALES[0], "HI": direct.FAST_SCALES[1], "XPERM": xperm, "X_KORDER": moe,
+                  "OUT_KORDER": moe, "INDEX": moe}
         src = ASTSource(direct._fp4_grouped_direct, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                                  "num_stages": stages})
@@ -249,7 +280,8 @@ def test_direct_dispatch(monkeypatch):
         assert seen[-1][0] == want, (rows, dtype, env, seen[-1])
         if want == "direct":
             bm, bn, nw, st, xp = grouped_linear.direct_tiles(rows, 1)
-            assert seen[-1][1] == dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, xperm=xp)
+            assert seen[-1][1] == dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, xperm=xp,
+                                       x_korder=False, out_korder=False, out_dtype=torch.float32, out_index=None)
 
 
 @pytest.mark.gpu
@@ -278,3 +310,52 @@ def test_direct_dispatch_on_cuda(monkeypatch):
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
     assert rel(got, other) <= 1e-6
     assert rel(got, twin) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_direct_layouts_on_cuda_at_flash_dims():
+    """The MoE's layouts (`dsv4.ops.korder`) at Flash's w1/w3 shape in the 8k and 1k regimes, at the dispatched
+    tiles: x given K-ordered, K-ordered output columns, the bf16 store and the row scatter together equal the plain
+    call's fp32 result permuted and rounded to nearest even, bit for bit (the same tile data in the same order; only
+    where it is stored differs). With some scale bytes outside 16 .. 128 (their programs take the fallback, which
+    has its own loop for K-ordered x) within gamma_K sum |p| (u = 2^-23) of float64."""
+    from dsv4.ops.grouped_linear import direct_tiles
+    from dsv4.ops.korder import to_korder
+
+    dev, gen = "cuda", torch.Generator("cuda").manual_seed(64)
+    gamma = 4096 * 2.0**-23 / (1 - 4096 * 2.0**-23)
+    for tokens in (2048, 256):
+        x, eid, w, s, want, mag = _flash_case(dev, gen, tokens, 64)
+        bm, bn, nw, st, xp = direct_tiles(tokens * 6 * 4, 256)
+        kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, xperm=xp)
+        plain = direct.fp4_grouped_gemm_direct(x, eid, w, s, **kw)
+        perm = torch.randperm(x.shape[0], generator=gen, device=dev)
+        got = direct.fp4_grouped_gemm_direct(to_korder(x), eid, w, s, x_korder=True, out_korder=True,
+                                             out_dtype=torch.bfloat16, out_index=perm, **kw)
+        assert got.dtype == torch.bfloat16 and torch.equal(got[perm], to_korder(plain).bfloat16()), tokens
+        wide = s.clone().view(torch.uint8)
+        wide[3, :, 1::4] = 10
+        got = direct.fp4_grouped_gemm_direct(to_korder(x), eid, w, wide.view(s.dtype), x_korder=True, **kw)
+        want, mag = exact_grouped(x, eid, w, wide.view(s.dtype))
+        assert ((got.double() - want).abs() <= gamma * mag).all(), tokens
+
+
+@pytest.mark.gpu
+def test_moe_takes_korder_on_cuda_with_the_same_bits(tiny_ckpt, monkeypatch):
+    """The MoE's sorted path at prefill size on the GPU (512 pairs over 8 experts: the direct kernel's regime) asks
+    for K order (`korder_pays`), and its output equals the same path in element order bit for bit."""
+    import dsv4
+    import dsv4.model.moe as moe_module
+
+    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True, progress=False)
+    moe = model.layers[2].ffn
+    x = torch.randn(256, model.cfg.dim, generator=torch.Generator().manual_seed(26)).bfloat16().cuda()
+    real, asked = moe_module.korder_pays, []
+    with torch.inference_mode():
+        weights, ids = moe.gate(x, torch.zeros(256, dtype=torch.long, device="cuda"))
+        monkeypatch.setattr(moe_module, "korder_pays", lambda *a: asked.append(real(*a)) or asked[-1])
+        got = moe.routed_sorted(x, weights, ids)
+        monkeypatch.setattr(moe_module, "korder_pays", lambda *a: False)
+        plain = moe.routed_sorted(x, weights, ids)
+    assert asked == [True]
+    assert torch.equal(got, plain)

@@ -15,6 +15,8 @@ from torch import nn
 from dsv4 import ops
 from dsv4.dist import SINGLE
 from dsv4.model.primitives import Linear
+from dsv4.ops.grouped_linear import korder_pays
+from dsv4.ops.korder import to_korder
 from dsv4.ops.ref import widen
 from dsv4.ops.registry import env_switch
 from dsv4.parity.taps import tap
@@ -244,15 +246,25 @@ class MoE(nn.Module):
         eid, tok = ids.flatten()[order], order // k
         stacks = self.stacked_experts()
         ex = self.experts[0]
+        grid = self._fp8_grid(ex.w1)                       # the FP8 grid per 128: the kernels may take FP8 x FP8
+        # K order end to end where the kernel reads and writes it for free (`ops.korder`): x permuted once per
+        # token, w1 / w3 write K-ordered columns, SwiGLU and the per-128 act quant keep it, w2 reads it. The same
+        # products and roundings as element order.
+        korder = korder_pays(ids.numel(), x, stacks["w1"][0], ex.w1.fmt, grid)
         # Quantised per token, then gathered per pair: the same values (per row and 128 block) for 1/k of the work
         # (8k prefill: 8 x 0.72 ms of MoE fake-quant on the H200 when it ran on the k-times gathered rows).
-        xs = self._quantised_input(ex.w1, x)[tok]
-        grid = self._fp8_grid(ex.w1)                       # the FP8 grid per 128: the kernels may take FP8 x FP8
-        gate = ops.grouped_linear(xs, eid, *stacks["w1"], ex.w1.fmt, fp8_grid=grid).to(x.dtype).float()
-        up = ops.grouped_linear(xs, eid, *stacks["w3"], ex.w3.fmt, fp8_grid=grid).to(x.dtype).float()
-        h = self._quantised_input(ex.w2, ex.hidden(gate, up, weights.flatten()[order, None]).to(x.dtype))
-        out = ops.grouped_linear(h, eid, *stacks["w2"], ex.w2.fmt, fp8_grid=self._fp8_grid(ex.w2)).to(x.dtype).float()
-        return torch.empty_like(out).index_copy_(0, order, out).view(n, k, -1).sum(dim=1)
+        xq = self._quantised_input(ex.w1, x)
+        xs = (to_korder(xq) if korder else xq)[tok]
+        # each expert output rounded to the compute dtype (by the kernel's store) before the fp32 sums
+        layout = {"x_korder": korder, "out_dtype": x.dtype}
+        gate = ops.grouped_linear(xs, eid, *stacks["w1"], ex.w1.fmt, fp8_grid=grid, out_korder=korder, **layout)
+        up = ops.grouped_linear(xs, eid, *stacks["w3"], ex.w3.fmt, fp8_grid=grid, out_korder=korder, **layout)
+        h = ex.hidden(gate.float(), up.float(), weights.flatten()[order, None]).to(x.dtype)
+        h = self._quantised_input(ex.w2, h)
+        # rows written back in token-pair order by the kernel (the un-sort fused into its store)
+        out = ops.grouped_linear(h, eid, *stacks["w2"], ex.w2.fmt, fp8_grid=self._fp8_grid(ex.w2), out_index=order,
+                                 **layout)
+        return out.float().view(n, k, -1).sum(dim=1)
 
     def routed_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same sum for large steps (prefill) without the FP4 kernel (FP8 / bf16 experts, or `grouped_linear`

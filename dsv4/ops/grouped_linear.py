@@ -14,6 +14,10 @@ All are bound by the FP4 decode arithmetic, not by bytes, so the one that decode
 Measured on an H200 at the bench model's shapes (`scripts/bench/grouped_prefill.py`,
 bench/results/h200_grouped_prefill.log; K 4096 -> N 2048, 256 experts): 6144 rows (1k-token prefill) 4.66 -> 2.09
 ms, 49152 rows (8k) 27.6 -> 5.40 ms; at 384 rows (decode batch 64) see h200_grouped_decode.log.
+Layouts (`x_korder`, `out_korder`, `out_dtype`, `out_index`; `dsv4.ops.korder`): the MoE's sorted path carries its
+activations in the kernels' K order and has w2 write bf16 rows straight to token-pair order where the direct kernel
+runs (`korder_pays`), which does all of it in its loads and stores; every other implementation (the twin included)
+applies them around the plain product, so every path gives the same result for the same layouts.
 `fp8_grid=True` is the caller's word that x is on the FP8 grid per 128-K block (the MoE's act-quant emulation):
 the product is the same, but then the expert-major kernel may run the reference's own FP8 x FP8 arithmetic on
 the tensor cores (`ops/triton/fp4_prefill_fp8mma.py`), opt-in with DSV4_FP4_FP8MMA=1 until measured.
@@ -23,26 +27,39 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.korder import check_layout, from_korder, to_korder
 from dsv4.ops.moe_pairs import _pair_linear_twin
-from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, fast_enabled, register_triton
 
 _TWIN_CHUNK = 32                 # rows per gather: 32 dequantised [N, K] matrices at a time
 
 
 def _grouped_linear_twin(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-                         fmt: str, fp8_grid: bool = False) -> torch.Tensor:
-    """x [M, K], eid [M] -> fp32 [M, N] (float64 accumulation for fp32 inputs, like `pair_linear`); `fp8_grid`
-    changes nothing here (see the module docstring)."""
+                         fmt: str, fp8_grid: bool = False, x_korder: bool = False, out_korder: bool = False,
+                         out_dtype: torch.dtype = torch.float32, out_index: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K], eid [M] -> [M, N] (float64 accumulation for fp32 inputs, like `pair_linear`; fp32 result unless
+    `out_dtype`); `fp8_grid` changes nothing here (see the module docstring). The layouts (`x_korder`, `out_korder`,
+    `out_index`: see `fp4_grouped_gemm_direct`) are applied around the plain product: x back to element order, the
+    result permuted and scattered after."""
+    check_layout("grouped_linear", x.shape[0], weight.shape[1], out_korder, out_dtype, out_index)
     if x.shape[0] == 0:
-        return x.new_zeros(0, weight.shape[1], dtype=torch.float32)
-    return torch.cat([_pair_linear_twin(x[i:i + _TWIN_CHUNK], eid[i:i + _TWIN_CHUNK], weight, scale, fmt)
-                      for i in range(0, x.shape[0], _TWIN_CHUNK)])
+        return x.new_zeros(0, weight.shape[1], dtype=out_dtype)
+    x = from_korder(x) if x_korder else x
+    y = torch.cat([_pair_linear_twin(x[i:i + _TWIN_CHUNK], eid[i:i + _TWIN_CHUNK], weight, scale, fmt)
+                   for i in range(0, x.shape[0], _TWIN_CHUNK)])
+    return with_layout(y, out_korder, out_dtype, out_index)
+
+
+def with_layout(y: torch.Tensor, out_korder: bool, out_dtype: torch.dtype, out_index: torch.Tensor | None):
+    """y [M, N] in element order and sorted rows -> the output layout asked (what the direct kernel writes)."""
+    y = (to_korder(y) if out_korder else y).to(out_dtype)
+    return y if out_index is None else torch.empty_like(y).index_copy_(0, out_index.long(), y)
 
 
 grouped_linear = dispatch("grouped_linear", _grouped_linear_twin)
 
 
-def _fp4_applies(x, eid, weight, scale, fmt, fp8_grid=False) -> bool:
+def _fp4_applies(x, eid, weight, scale, fmt, fp8_grid=False, **layout) -> bool:
     return (fmt == "fp4" and x.is_cuda and x.shape[1] % 128 == 0 and not torch.is_grad_enabled()
             and x.dtype in (torch.bfloat16, torch.float32))
 
@@ -55,10 +72,14 @@ _EXPERT_MAJOR_FROM = 1           # mean rows per expert from which the expert-ma
 _PACKED_BELOW = 16
 
 
-def _fp4_kernel(x, eid, weight, scale, fmt, fp8_grid=False):
+def _fp4_kernel(x, eid, weight, scale, fmt, fp8_grid=False, x_korder=False, out_korder=False,
+                out_dtype=torch.float32, out_index=None):
+    check_layout("grouped_linear", x.shape[0], weight.shape[1], out_korder, out_dtype, out_index)
     if x.shape[0] >= _EXPERT_MAJOR_FROM * weight.shape[0]:
-        return _fp4_grouped_gemm_prefill(x.contiguous(), eid, weight, scale, fp8_grid)
-    return _fp4_grouped_gemm(x.contiguous(), eid, weight, scale)
+        return _fp4_grouped_gemm_prefill(x.contiguous(), eid, weight, scale, fp8_grid, x_korder, out_korder,
+                                         out_dtype, out_index)
+    y = _fp4_grouped_gemm(from_korder(x) if x_korder else x.contiguous(), eid, weight, scale)
+    return with_layout(y, out_korder, out_dtype, out_index)
 
 
 @custom_op("fp4_grouped_gemm", lambda x, eid, weight, scale: x.new_empty(x.shape[0], weight.shape[1],
@@ -69,35 +90,70 @@ def _fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     return fp4_grouped_gemm(x, eid, weight, scale)
 
 
-@custom_op("fp4_grouped_gemm_prefill", lambda x, eid, weight, scale, fp8_grid: x.new_empty(x.shape[0], weight.shape[1],
-                                                                                           dtype=torch.float32))
+def _prefill_fake(x, eid, weight, scale, fp8_grid, x_korder=False, out_korder=False, out_dtype=torch.float32,
+                  out_index=None):
+    return x.new_empty(x.shape[0], weight.shape[1], dtype=out_dtype)
+
+
+@custom_op("fp4_grouped_gemm_prefill", _prefill_fake)
 def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                              fp8_grid: bool) -> torch.Tensor:
+                              fp8_grid: bool, x_korder: bool = False, out_korder: bool = False,
+                              out_dtype: torch.dtype = torch.float32,
+                              out_index: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernels from one row per expert. The direct kernel writes the layouts itself; the others compute in
+    element order and sorted rows, and the layouts are applied around them (correct, not fast: the MoE asks for
+    K order only where the direct kernel runs, `korder_pays`)."""
     from dsv4.ops.triton.fp4_decode import packed_from_env
     from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
 
-    if fp8mma_applies(fp8_grid):
-        block_m, block_n, warps, maxnreg = fp8mma_tiles(x.shape[0], weight.shape[0])
-        return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
-                                        fp8mma=True, maxnreg=maxnreg)
-
-    tiles = direct_tiles(x.shape[0], weight.shape[0])
-    if (tiles is not None and x.dtype == torch.bfloat16 and weight.data_ptr() % 4 == 0
-            and env_switch("DSV4_FP4_DIRECT", default=DIRECT_DEFAULT)):
+    tiles = direct_tiles(x.shape[0], weight.shape[0]) if _direct_enabled(x.dtype, fp8_grid) else None
+    if tiles is not None and weight.data_ptr() % 4 == 0:
         from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
 
         return fp4_grouped_gemm_direct(x, eid, weight, scale, block_m=tiles[0], block_n=tiles[1],
-                                       num_warps=tiles[2], num_stages=tiles[3], xperm=tiles[4])
+                                       num_warps=tiles[2], num_stages=tiles[3], xperm=tiles[4], x_korder=x_korder,
+                                       out_korder=out_korder, out_dtype=out_dtype, out_index=out_index)
+    x = from_korder(x) if x_korder else x
+    if fp8mma_applies(fp8_grid):
+        block_m, block_n, warps, maxnreg = fp8mma_tiles(x.shape[0], weight.shape[0])
+        y = fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
+                                     fp8mma=True, maxnreg=maxnreg)
+        return with_layout(y, out_korder, out_dtype, out_index)
     tiles = swapped_tiles(x.shape[0], weight.shape[0])
     if tiles is not None and env_switch("DSV4_FP4_SWAPPED", default=True):
         from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 
-        return fp4_grouped_gemm_swapped(x, eid, weight, scale, block_m=tiles[0], block_n=tiles[1],
-                                        num_warps=tiles[2], korder=weight.data_ptr() % 4 == 0)  # int32 reads
+        y = fp4_grouped_gemm_swapped(x, eid, weight, scale, block_m=tiles[0], block_n=tiles[1],
+                                     num_warps=tiles[2], korder=weight.data_ptr() % 4 == 0)  # int32 reads
+        return with_layout(y, out_korder, out_dtype, out_index)
     packed = packed_from_env() or x.shape[0] < _PACKED_BELOW * weight.shape[0]
     block_m, block_n, warps = expert_major_tiles(x.shape[0], weight.shape[0], packed)
-    return fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
-                                    packed=packed)
+    y = fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
+                                 packed=packed)
+    return with_layout(y, out_korder, out_dtype, out_index)
+
+
+def _direct_enabled(dtype: torch.dtype, fp8_grid: bool) -> bool:
+    """May the direct kernel take an FP4 call from `DIRECT_FROM` rows per expert (bf16 x, DSV4_FP4_DIRECT on, not
+    the opt-in FP8-MMA variant)?"""
+    return (dtype == torch.bfloat16 and not fp8mma_applies(fp8_grid)
+            and env_switch("DSV4_FP4_DIRECT", default=DIRECT_DEFAULT))
+
+
+def korder_pays(rows: int, x: torch.Tensor, weight: torch.Tensor, fmt: str, fp8_grid: bool) -> bool:
+    """Should the MoE carry its activations in K order (`dsv4.ops.korder`) through `grouped_linear` calls of `rows`
+    rows with these operands (x: the un-gathered input; weight [E, N, K/2] the first matrix's stack)? Yes where the
+    direct kernel takes them: it reads and writes K order for free, and every K-ordered copy it saves is an
+    [rows, K] pass (8k prefill at Flash: ~0.6 ms a w1 / w3 call, ~7 ms a step). Elsewhere the layouts would cost
+    copies, so no. DSV4_MOE_KORDER=0 turns it off (the A/B switch). (The weight's alignment is not checked: a data
+    pointer cannot be read under tracing, and a misaligned stack only makes the call take the other kernels, still
+    exact.)"""
+    n = weight.shape[1]
+    # the row count last: under compile with dynamic shapes it is the one guard this adds
+    return (fmt == "fp4" and x.is_cuda and not torch.is_grad_enabled() and x.shape[-1] % 128 == 0 and n % 128 == 0
+            and fast_enabled("grouped_linear") and _direct_enabled(x.dtype, fp8_grid)
+            and env_switch("DSV4_MOE_KORDER", default=True)
+            and rows >= DIRECT_FROM * weight.shape[0])
 
 
 def expert_major_tiles(rows: int, experts: int, packed: bool) -> tuple[int, int, int]:
@@ -127,6 +183,7 @@ def swapped_tiles(rows: int, experts: int) -> tuple[int, int, int] | None:
 
 
 DIRECT_DEFAULT = True             # DSV4_FP4_DIRECT's default (read at each call)
+DIRECT_FROM = 16                  # rows per expert from which the direct kernel runs (`direct_tiles`)
 
 
 def direct_tiles(rows: int, experts: int) -> tuple[int, int, int, int, bool] | None:
@@ -140,9 +197,9 @@ def direct_tiles(rows: int, experts: int) -> tuple[int, int, int, int, bool] | N
     permute x in the kernel instead (`xperm`: offline the same instructions per weight at 32 x 64; call_b on another
     H100: 938 against 986 us with the copy at 1k; at 128 x 128 it costs more than the copy, 3907 against 3442 at
     8k)."""
-    mean = rows / experts
-    if mean < 16:
+    if rows < DIRECT_FROM * experts:
         return None
+    mean = rows / experts
     block_m = min(256, 1 << max(4, int(1.25 * mean - 1).bit_length()))
     if block_m == 256:
         return 256, 128, 8, 3, False

@@ -20,8 +20,8 @@ captured-graph replays with a cold L2), each output's rel. error against the exp
 (tokens 1024 2048 4096 8192 unless given): the dispatched FP4 path against the MoE's opt-in transient bf16 stacks
 (`transient_results`). `--only direct` (tokens 64 256 1024 4096 8192 unless given): the dispatched path against the
 bf16-decode kernel (`ops/triton/fp4_grouped_direct.py`) in DIRECT_CONFIGS and at `direct_tiles`, torch._grouped_mm
-over bf16 copies (the bound a decode-free kernel would reach) and x's K-ordered copy alone, graph-timed as
-`--only swapped`.
+over bf16 copies (the bound a decode-free kernel would reach), x's K-ordered copy alone and the dispatched call with
+the MoE's layouts (x K-ordered by the caller, bf16 K-ordered output rows scattered), graph-timed as `--only swapped`.
 """
 
 import argparse
@@ -32,7 +32,7 @@ import torch
 
 from dsv4 import ops
 from dsv4.bench.timing import cold_graph_time, cuda_time, summary
-from dsv4.ops.grouped_linear import _PACKED_BELOW, direct_tiles, expert_major_tiles
+from dsv4.ops.grouped_linear import _PACKED_BELOW, direct_tiles, expert_major_tiles, with_layout
 from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
 from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
 from dsv4.ops.triton.fp4_grouped_direct import bf16_korder, fp4_grouped_gemm_direct
@@ -177,6 +177,13 @@ def direct_results(tokens: int, w, s, wb, gen, repeats: int) -> dict:
                             lambda: torch._grouped_mm(x, wb.transpose(1, 2), offs=ends), ref, weight_bytes, repeats))
     rows.append(timed_bytes("bf16_korder copy of x alone", lambda: bf16_korder(x), x, weight_bytes, repeats))
     rows[-1].pop("rel_err_vs_dispatched", None)
+    # what the MoE asks for since the twenty-eighth session: x K-ordered by the caller, K-ordered bf16 output rows
+    # scattered to token-pair order (`dsv4.ops.korder`); compared with the dispatched result in that layout
+    xk, perm = bf16_korder(x), torch.randperm(m, device=DEVICE)
+    layouts = dict(x_korder=True, out_korder=True, out_dtype=torch.bfloat16, out_index=perm)
+    rows.append(timed_bytes("dispatched, the MoE's layouts (no copy, bf16 out, scattered)",
+                            lambda: ops.grouped_linear(xk, eid, w, s, "fp4", fp8_grid=True, **layouts),
+                            with_layout(ref, True, torch.bfloat16, perm), weight_bytes, repeats))
     for bm, bn, nw, st, xp in DIRECT_CONFIGS:
         fn = partial(fp4_grouped_gemm_direct, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st,
                      xperm=xp)

@@ -22,7 +22,12 @@ Layout: the swapped kernel's `korder` (`fp4_grouped_swapped.K_ORDER`, its docstr
 weight tile wgmma's register A operand (64 rows per warpgroup), tokens its N; within each 128-K block the dot runs
 over K permuted so that a thread's A registers are 16 contiguous bytes of one row (one 128-bit load), and x's
 bf16 copy is written in the same order (`bf16_korder`, one permuting copy per call; or, `xperm`, the kernel permutes
-each loaded x tile itself). The stored weight is untouched.
+each loaded x tile itself). The stored weight is untouched. The MoE carries its activations in K order end to end
+instead (`dsv4.ops.korder`; `x_korder`: x arrives K-ordered, no copy; `out_korder`: weight row n is stored to output
+column `_korder_column(n)`, so the w1 / w3 outputs, SwiGLU and the act quant stay K-ordered for w2), stores bf16
+and scatters w2's rows back to token-pair order (`out_index`): at 8k prefill the three per-call copies of x
+(~0.6 ms a w1 / w3 call) and the fp32 round trips of the outputs go. With K-ordered x the fallback runs its own
+loop: the fast path's K-ordered tile, decoded exactly in fp32 (`_bf16_tile(ASM=False)`) and cast to x's dtype.
 
 `asm=False` (the twin, for Triton's CPU interpreter): the same tile in fp32 (`_e2m1` x `_e8m0`, exact), x's copy in
 fp32 and IEEE fp32 dots: the same products and the same fp32 sums as the GPU path up to order (the interpreter
@@ -35,8 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.korder import check_layout, to_korder
 from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, check_grouped
-from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets
+from dsv4.ops.triton.fp4_grouped_prefill import _dot, expert_offsets
 from dsv4.ops.triton.fp4_grouped_swapped import _swapped_default_block
 
 FAST_SCALES = (16, 128)          # scale bytes the bf16 decode takes exactly (the module docstring)
@@ -81,13 +87,24 @@ def _scales_in_range(s_ptr, rows, n_ok, N_SCALES: tl.constexpr, LO: tl.constexpr
 
 
 @triton.jit
-def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HALF: tl.constexpr,
+def _korder_column(k):
+    """The inverse: the K-ordered column that holds element k."""
+    q = k % 128
+    return k - q + 32 * ((q // 8) % 4) + 16 * ((q // 2) % 2) + 8 * (q % 2) + 2 * (q // 32) + (q // 4) % 2
+
+
+@triton.jit
+def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_ptr, N, K, HALF: tl.constexpr,
                         N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                        ASM: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, XPERM: tl.constexpr):
+                        ASM: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, XPERM: tl.constexpr,
+                        X_KORDER: tl.constexpr, OUT_KORDER: tl.constexpr, INDEX: tl.constexpr):
     e = tl.program_id(1)                        # grid (N blocks, E), N blocks fastest: an expert's x stays in L2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     rows = e.to(tl.int64) * N + offs_n                                # [BLOCK_N] rows of the stacked weight
+    # OUT_KORDER: weight row n goes to output column _korder_column(n), so column p holds row K_ORDER[p]. (Reading
+    # the rows permuted instead spills in the K loop at 256 x 128: non-affine rows need a pointer per row.)
+    cols = _korder_column(offs_n) if OUT_KORDER else offs_n
     start, end = tl.load(offs_ptr + e), tl.load(offs_ptr + e + 1)
     fast = _scales_in_range(s_ptr, rows, n_ok, N_SCALES, LO, HI)
     m0 = start
@@ -111,35 +128,51 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HA
                     acc = tl.dot(w, tl.trans(xk), acc, input_precision="ieee")
         else:
             x_row = x_ptr + offs_m[:, None].to(tl.int64) * K
-            for b0 in range(0, HALF, 16):
-                acc = _swapped_default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, x_ptr.dtype.element_ty,
-                                             HALF, N_SCALES, IEEE)
+            if X_KORDER:    # x K-ordered: the fast path's tile and loads, the decode exact for every byte (fp32)
+                for b0 in range(0, HALF, 64):
+                    sb = tl.load(s_ptr + rows[:, None] * N_SCALES + (b0 // 16 + tl.arange(0, 4))[None, :],
+                                 mask=n_ok[:, None], other=127).to(tl.int32)
+                    w = _bf16_tile(w_ptr, rows, n_ok, sb, b0, HALF, BLOCK_N, False).to(x_ptr.dtype.element_ty)
+                    xk = tl.load(x_row + 2 * b0 + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)
+                    acc = _dot(w, tl.trans(xk), acc, IEEE)
+            else:
+                for b0 in range(0, HALF, 16):
+                    acc = _swapped_default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0,
+                                                 x_ptr.dtype.element_ty, HALF, N_SCALES, IEEE)
+        if INDEX:                   # row m of the result goes to out row index[m] (the caller's scatter, fused)
+            dest = tl.load(index_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+        else:
+            dest = offs_m.to(tl.int64)
         # Masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored.
-        tl.store(out_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc,
+        tl.store(out_ptr + dest[None, :] * N + cols[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=m_ok[None, :] & n_ok[:, None])
         m0 += BLOCK_M
 
 
 def bf16_korder(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """x [M, K] as `dtype` with each 128-K block's columns in `fp4_grouped_swapped.K_ORDER` (column
-    32i + 16a + 8b + 2c + t holds element 32c + 8i + 4t + 2a + b), in one permuting copy (no index tensor)."""
-    M, K = x.shape
-    out = torch.empty(M, K, dtype=dtype, device=x.device)
-    out.view(M, K // 128, 4, 2, 2, 4, 2).copy_(x.view(M, K // 128, 4, 4, 2, 2, 2).permute(0, 1, 3, 5, 6, 2, 4))
-    return out
+    """x [M, K] as `dtype` with each 128-K block's columns in `korder.K_ORDER` (column 32i + 16a + 8b + 2c + t
+    holds element 32c + 8i + 4t + 2a + b), in one permuting copy (no index tensor)."""
+    return to_korder(x, dtype)
 
 
 def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                             block_m: int = 256, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
-                            asm: bool = True, xperm: bool = False) -> torch.Tensor:
+                            asm: bool = True, xperm: bool = False, x_korder: bool = False, out_korder: bool = False,
+                            out_dtype: torch.dtype = torch.float32, out_index: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """x [M, K] sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2] (4-byte aligned),
-    scale e8m0 [E, N, K/32] -> fp32 [M, N], K a multiple of 128. block_m: tokens per tile (wgmma's N, a power of
-    two 16 .. 256), block_n: weight rows (64 per warpgroup: block_n = 16 x num_warps keeps one A tile per
-    warpgroup). asm=True (CUDA only): bf16 x, the bf16 decode in inline PTX; asm=False: the fp32 twin (module
-    docstring), any of bf16/fp16/fp32 x. Exact products either way; fp32 x on the GPU path would be rounded to bf16,
-    so it is refused there. `xperm`: x's K order is permuted inside the kernel (the loaded tile reshaped, through
-    shared memory) instead of by a copy before it: offline for sm_90 the same K loop count at 32 x 64 (5.0 per
-    weight), +0.5 at 128 x 128 and spills at 256 x 128, so it pays where the tile is narrow."""
+    scale e8m0 [E, N, K/32] -> [M, N] (`out_dtype`: fp32, or bf16 / fp16 rounded to nearest from the fp32 sums), K
+    a multiple of 128. block_m: tokens per tile (wgmma's N, a power of two 16 .. 256), block_n: weight rows (64 per
+    warpgroup: block_n = 16 x num_warps keeps one A tile per warpgroup). asm=True (CUDA only): bf16 x, the bf16
+    decode in inline PTX; asm=False: the fp32 twin (module docstring), any of bf16/fp16/fp32 x. Exact products
+    either way; fp32 x on the GPU path would be rounded to bf16, so it is refused there. `xperm`: x's K order is
+    permuted inside the kernel (the loaded tile reshaped, through shared memory) instead of by a copy before it:
+    offline for sm_90 the same K loop count at 32 x 64 (5.0 per weight), +0.5 at 128 x 128 and spills at 256 x 128,
+    so it pays where the tile is narrow.
+    Layouts the MoE carries end to end (`dsv4.ops.korder`): `x_korder`: x's columns are already in K order per
+    128 block (no copy, no in-kernel permutation); `out_korder`: the output's columns are written in K order (N a
+    multiple of 128); `out_index` [M] (a permutation of 0 .. M - 1, int32/int64): row m of the result is written to
+    row out_index[m] (the MoE's un-sort, fused into the store)."""
     M, K, N, E, half = check_grouped("fp4_grouped_gemm_direct", x, eid, weight, scale, block_m, 128)
     if asm and (x.device.type != "cuda" or x.dtype != torch.bfloat16):
         raise ValueError(f"fp4_grouped_gemm_direct: asm=True takes bf16 x on CUDA (got {x.dtype} on "
@@ -149,21 +182,25 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
                          f"two >= 16, block_m <= 256")
     if eid.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fp4_grouped_gemm_direct: eid must be int32/int64, got {eid.dtype}")
+    check_layout("fp4_grouped_gemm_direct", M, N, out_korder, out_dtype, out_index)
     weight = weight.contiguous()
     if weight.data_ptr() % 4:
         raise ValueError("fp4_grouped_gemm_direct: the weight is read as int32 words: its data pointer must be "
                          "4-byte aligned")
-    out = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    out = torch.empty(M, N, dtype=out_dtype, device=x.device)
     if M == 0:
         return out
     offs = expert_offsets(eid.contiguous(), E)
     x = x.contiguous()
-    if xperm:
+    if xperm or x_korder:
         xk = x if asm else x.float()
     else:
         xk = bf16_korder(x, torch.bfloat16 if asm else torch.float32)
+    index = out_index.contiguous() if out_index is not None else offs       # (offs: any pointer, never read)
     _fp4_grouped_direct[(triton.cdiv(N, block_n), E)](
-        x, xk, offs, weight, scale.contiguous().view(torch.uint8), out, N, K, half, K // 32, BLOCK_M=block_m,
+        x, xk, offs, weight, scale.contiguous().view(torch.uint8), out, index, N, K, half, K // 32, BLOCK_M=block_m,
         BLOCK_N=block_n, IEEE=x.dtype == torch.float32, ASM=asm, LO=FAST_SCALES[0], HI=FAST_SCALES[1],
-        XPERM=xperm, num_warps=num_warps, num_stages=num_stages)
+        XPERM=xperm and not x_korder, X_KORDER=x_korder, OUT_KORDER=out_korder, INDEX=out_index is not None,
+        num_warps=num_warps, num_stages=num_stages)
     return out
+

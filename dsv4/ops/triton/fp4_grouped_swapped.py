@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.korder import K_ORDER  # noqa: F401  (element of a 128-K block at each dot column with `korder`)
 from dsv4.ops.triton.fp4_decode import e2m1_pair_f16_mul
 from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, check_grouped
 from dsv4.ops.triton.fp4_grouped_prefill import _dot, _scales_too_wide, expert_offsets, fp16_blocks, scaled_blocks
@@ -161,9 +162,6 @@ def _fp4_grouped_swapped(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
         m0 += BLOCK_M
 
 
-# Element of a 128-K block at each dot column with `korder` (`_korder_tile`): column 32i + 16a + 8b + 2c + t.
-K_ORDER = torch.tensor([32 * c + 8 * i + 4 * t + 2 * a + b for i in range(4) for a in range(2) for b in range(2)
-                        for c in range(4) for t in range(2)])
 
 
 def fp16_blocks_korder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
