@@ -87,6 +87,28 @@ def _scales_in_range(s_ptr, rows, n_ok, N_SCALES: tl.constexpr, LO: tl.constexpr
 
 
 @triton.jit
+def _korder_fallback_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, k0, dtype: tl.constexpr, HALF: tl.constexpr,
+                           N_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """`fp4_grouped_swapped._swapped_default_block` for K-ordered x: acc plus its 32 columns k0 .. k0 + 31 (one
+    contiguous load), i.e. for i = (k0 / 32) % 4 the block's columns 32i + 16a + 8b + 2c + t = element
+    32c + 8i + 4t + 2a + b: nibble J = 2a + b (t = 0) or J + 4 (t = 1) of int32 word 4c + i of each weight row, the
+    4 words at a stride of 4 (affine: no pointer per element), each group c with its own scale; decoded exactly per
+    element into x's dtype. One 32-column step keeps the tiles small (this loop's registers and shared memory count
+    for the whole kernel: a 128-column step doubled the kernel's shared memory)."""
+    b0 = (k0 // 128) * 64                                               # the block's first packed byte
+    i = (k0 // 32) % 4
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (HALF // 4)
+                    + (b0 // 4 + i + 4 * tl.arange(0, 4))[None, :], mask=n_ok[:, None], other=0)    # [n, c]
+    sc = _e8m0(tl.load(s_ptr + rows[:, None] * N_SCALES + (b0 // 16 + tl.arange(0, 4))[None, :],
+                       mask=n_ok[:, None], other=127))                                            # [n, c]
+    w4 = words[:, :, None] >> (4 * tl.arange(0, 4)[None, None, :])                                # [n, c, J]
+    w = tl.join(_e2m1(w4 & 0xF) * sc[:, :, None], _e2m1((w4 >> 16) & 0xF) * sc[:, :, None])       # [n, c, J, t]
+    w = tl.permute(tl.reshape(w, [BLOCK_N, 4, 2, 2, 2]), (0, 2, 3, 1, 4))                         # [n, a, b, c, t]
+    xk = tl.load(x_row + k0 + tl.arange(0, 32)[None, :], mask=m_ok[:, None], other=0.0)          # [BLOCK_M, 32]
+    return _dot(tl.reshape(w, [BLOCK_N, 32]).to(dtype), tl.trans(xk), acc, IEEE)
+
+
+@triton.jit
 def _korder_column(k):
     """The inverse: the K-ordered column that holds element k."""
     q = k % 128
@@ -102,9 +124,17 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     rows = e.to(tl.int64) * N + offs_n                                # [BLOCK_N] rows of the stacked weight
-    # OUT_KORDER: weight row n goes to output column _korder_column(n), so column p holds row K_ORDER[p]. (Reading
-    # the rows permuted instead spills in the K loop at 256 x 128: non-affine rows need a pointer per row.)
-    cols = _korder_column(offs_n) if OUT_KORDER else offs_n
+    cols = offs_n                                                     # the output columns of the tile's rows
+    if OUT_KORDER:
+        # weight row n goes to output column `_korder_column(n)` (column p holds row K_ORDER[p]): the tile's rows
+        # n0 + 32c' + 8i + 4t + 2a + b (c' < R, n0 % 128 = 32 c0) are put in the order [i, a, b, c', t] before the
+        # store, where row r lands in column 8 (r // 2R) + 2 c0 + r % 2R of the block: runs of 2R contiguous
+        # columns. (Storing to `_korder_column(offs_n)` directly made every store scalar: 4x the STG; reading the
+        # weight rows permuted spilled in the K loop at 256 x 128: a pointer per row.)
+        R: tl.constexpr = BLOCK_N // 32
+        n0 = tl.program_id(0) * BLOCK_N
+        r = tl.arange(0, BLOCK_N)
+        cols = n0 - n0 % 128 + 8 * (r // (2 * R)) + 2 * ((n0 % 128) // 32) + r % (2 * R)
     start, end = tl.load(offs_ptr + e), tl.load(offs_ptr + e + 1)
     fast = _scales_in_range(s_ptr, rows, n_ok, N_SCALES, LO, HI)
     m0 = start
@@ -128,13 +158,10 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
                     acc = tl.dot(w, tl.trans(xk), acc, input_precision="ieee")
         else:
             x_row = x_ptr + offs_m[:, None].to(tl.int64) * K
-            if X_KORDER:    # x K-ordered: the fast path's tile and loads, the decode exact for every byte (fp32)
-                for b0 in range(0, HALF, 64):
-                    sb = tl.load(s_ptr + rows[:, None] * N_SCALES + (b0 // 16 + tl.arange(0, 4))[None, :],
-                                 mask=n_ok[:, None], other=127).to(tl.int32)
-                    w = _bf16_tile(w_ptr, rows, n_ok, sb, b0, HALF, BLOCK_N, False).to(x_ptr.dtype.element_ty)
-                    xk = tl.load(x_row + 2 * b0 + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)
-                    acc = _dot(w, tl.trans(xk), acc, IEEE)
+            if X_KORDER:    # x K-ordered: 32 of its columns per step, the weights of those columns gathered
+                for k0 in range(0, 2 * HALF, 32):
+                    acc = _korder_fallback_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, k0,
+                                                 x_ptr.dtype.element_ty, HALF, N_SCALES, BLOCK_N, IEEE)
             else:
                 for b0 in range(0, HALF, 16):
                     acc = _swapped_default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0,
@@ -144,8 +171,11 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
         else:
             dest = offs_m.to(tl.int64)
         # Masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored.
-        tl.store(out_ptr + dest[None, :] * N + cols[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[None, :] & n_ok[:, None])
+        out = acc.to(out_ptr.dtype.element_ty)
+        if OUT_KORDER:
+            out = tl.reshape(tl.permute(tl.reshape(out, [BLOCK_N // 32, 4, 2, 2, 2, BLOCK_M]), (1, 3, 4, 0, 2, 5)),
+                             [BLOCK_N, BLOCK_M])
+        tl.store(out_ptr + dest[None, :] * N + cols[:, None], out, mask=m_ok[None, :] & n_ok[:, None])
         m0 += BLOCK_M
 
 
@@ -183,6 +213,9 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
     if eid.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fp4_grouped_gemm_direct: eid must be int32/int64, got {eid.dtype}")
     check_layout("fp4_grouped_gemm_direct", M, N, out_korder, out_dtype, out_index)
+    if out_korder and not 32 <= block_n <= 128:
+        raise ValueError(f"fp4_grouped_gemm_direct: out_korder permutes rows within one 128-row block per tile: "
+                         f"block_n must be 32 .. 128, got {block_n}")
     weight = weight.contiguous()
     if weight.data_ptr() % 4:
         raise ValueError("fp4_grouped_gemm_direct: the weight is read as int32 words: its data pointer must be "
