@@ -84,7 +84,8 @@ wl, sl = torch.stack([a for a, _ in ws]), torch.stack([b for _, b in ws])
 wide = sl.clone().view(torch.uint8)
 wide[4, :, 1::4] = 10                                              # expert 4's programs: the fallback
 perm = torch.randperm(83, generator=gen)
-for xx, sb, kw in ((x, sl, {}), (xb, sl, {'block_m': 32, 'xperm': True}), (x, wide.view(sl.dtype), {'block_m': 32, 'block_n': 128})):
+for xx, sb, kw in ((x, sl, {}), (xb, sl, {'block_m': 32, 'xperm': True}),
+                   (x, wide.view(sl.dtype), {'block_m': 32, 'block_n': 128})):
     plain = fp4_grouped_gemm_direct(xx, eid, wl, sb, asm=False, **kw)
     xkord = fp4_grouped_gemm_direct(to_korder(xx), eid, wl, sb, asm=False, x_korder=True, **kw)
     errs.append(check(xkord, xx, eid, wl, sb))
