@@ -50,25 +50,32 @@ HELP = {
 
 
 @pytest.mark.parametrize("command", list(HELP), ids=lambda c: " ".join(c) or "dsv4")
-def test_help(tmp_path, command):
-    done = dsv4_cli(*command, "--help", cwd=tmp_path)
-    assert done.returncode == 0 and done.stderr == ""
-    assert done.stdout.startswith(f"usage: {' '.join(('dsv4', *command))} ")
-    text = " ".join(done.stdout.split())  # argparse wraps lines
+def test_help(capsys, command):
+    # In process (argparse's exit 0 is a SystemExit): the interpreter start is test_entry_point's, ~1.5 s a case.
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    out, err = capsys.readouterr()
+    assert done.value.code == 0 and err == ""
+    assert out.startswith(f"usage: {' '.join(('dsv4', *command))} ")
+    text = " ".join(out.split())  # argparse wraps lines
     assert all(word in text for word in HELP[command]), text
 
 
 @pytest.mark.skipif(shutil.which("dsv4") is None, reason="the dsv4 entry point is not installed")
 def test_entry_point(tmp_path):
+    """The installed script as a user starts it: help on stdout and nothing on stderr (no warning at import),
+    and an argparse rejection exits 2."""
     done = dsv4_cli("--help", cwd=tmp_path, entry_point=True)
-    assert done.returncode == 0 and done.stdout.startswith("usage: dsv4 ")
+    assert done.returncode == 0 and done.stdout.startswith("usage: dsv4 ") and done.stderr == ""
     done = dsv4_cli("synth", "--config", "flash", "--out", "out", "--layers", "0", cwd=tmp_path, entry_point=True)
     assert done.returncode == 2 and "dsv4 synth: error: argument --layers: must be > 0" in done.stderr
 
 
-def test_no_command_is_a_usage_error(tmp_path):
-    done = dsv4_cli(cwd=tmp_path)
-    assert done.returncode == 2 and "required: command" in done.stderr and "Traceback" not in done.stderr
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as done:
+        main([])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "required: command" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------- synth + check
@@ -168,15 +175,17 @@ def test_compile_prefill_follows_compile_decode():
 
 # ---------------------------------------------------------------------------------------------- bad arguments
 def test_missing_model_dir(tmp_path):
+    """A process of its own: main's 2 must become the exit status (the other usage errors run in process)."""
     done = dsv4_cli("generate", "hello", "--model", "no-such-dir", cwd=tmp_path)
     assert done.returncode == 2 and done.stdout == ""
     assert "no checkpoint at no-such-dir" in _one_error_line(done.stderr, "generate")
 
 
-def test_nonexistent_config(tmp_path):
-    done = dsv4_cli("synth", "--config", "no-such.json", "--out", "out", cwd=tmp_path)
-    assert done.returncode == 2 and done.stdout == ""
-    assert "no config file at no-such.json" in _one_error_line(done.stderr, "synth")
+def test_nonexistent_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["synth", "--config", "no-such.json", "--out", "out"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "no config file at no-such.json" in _one_error_line(err, "synth")
     assert not (tmp_path / "out").exists()
 
 
