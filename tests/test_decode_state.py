@@ -78,10 +78,13 @@ def test_prefill_then_decode_equals_full_forward_over_400_tokens(model):
 
 @pytest.mark.parametrize("size", [1, 3, 4, 127, 128, 129, 300])
 def test_chunked_prefill_equals_one_shot(model, size):
-    """Chunks of 1, 3 and 4 tokens over 260 tokens: from an empty state across the ratio-128 block and page ends at
-    128 and 256 and 65 ratio-4 blocks (chunks of 3 straddle them); each chunk is a model step (CI time). The larger
-    chunks over 400 tokens (300: one chunk crossing two ratio-128 blocks)."""
-    ids = tokens(400, 1)[:260 if size <= 4 else 400]
+    """Chunks of 3 and 4 tokens over 260 tokens: from an empty state across the ratio-128 block and page ends at
+    128 and 256 and 65 ratio-4 blocks (chunks of 3 straddle them); each chunk is a model step (CI time). Chunks of
+    1 (decode steps from an empty state) over 140: the first window, 35 ratio-4 blocks, and the ratio-128 block and
+    page end at 128, every entry written by single steps; single steps across a later block and page end (256, 384)
+    are test_prefill_then_decode_equals_full_forward_over_400_tokens's. The larger chunks over 400 tokens (300:
+    one chunk crossing two ratio-128 blocks)."""
+    ids = tokens(400, 1)[:140 if size == 1 else 260 if size <= 4 else 400]
     got = run_schedule(model, [ids], chunks_of(len(ids), size))[0]
     assert_same(got, full(model, ids))
 
