@@ -117,14 +117,14 @@ def test_direct_kernel_in_the_interpreter(tmp_path):
     assert float(rel) <= 1e-5 and float(bound) <= 1.0, (rel, bound)
 
 
-def test_bf16_korder_is_the_swapped_k_order():
-    """`bf16_korder` writes each 128-K block's columns in `fp4_grouped_swapped.K_ORDER` (the order `_bf16_tile`
-    decodes in), bit for bit, in the dtype asked."""
-    from dsv4.ops.triton.fp4_grouped_swapped import K_ORDER
+def test_korder_copy_is_the_swapped_k_order():
+    """`korder.to_korder` (the direct kernel's copy of x) writes each 128-K block's columns in `K_ORDER` (the
+    order `_bf16_tile` decodes in), bit for bit, in the dtype asked."""
+    from dsv4.ops.korder import K_ORDER, to_korder
 
     x = torch.randn(5, 384, dtype=torch.bfloat16)
     for dtype in (torch.bfloat16, torch.float32):
-        got = direct.bf16_korder(x, dtype)
+        got = to_korder(x, dtype)
         assert got.dtype == dtype and torch.equal(got.view(5, 3, 128), x.to(dtype).view(5, 3, 128)[:, :, K_ORDER])
 
 

@@ -135,9 +135,9 @@ def test_korder_x_copy_is_fp16_blocks_permuted():
     """`fp16_blocks_korder` = `fp16_blocks` with each 128-K block's columns in `K_ORDER` (a permutation) and the
     same scales, bit for bit; and K_ORDER is what `_korder_tile` assumes: dot column p = 32i + 16a + 8b + 2c + t
     holds nibble 2a + b + 4t of int32 word 4c + i (element 8 word + nibble) in the packed bytes."""
+    from dsv4.ops.korder import K_ORDER as order
     from dsv4.ops.triton.fp4_grouped_prefill import fp16_blocks
 
-    order = swapped.K_ORDER
     assert sorted(order.tolist()) == list(range(128))
     for p in range(128):
         i, a, b, c, t = p // 32, p // 16 % 2, p // 8 % 2, p // 2 % 4, p % 2

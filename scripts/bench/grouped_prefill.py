@@ -33,9 +33,10 @@ import torch
 from dsv4 import ops
 from dsv4.bench.timing import cold_graph_time, cuda_time, summary
 from dsv4.ops.grouped_linear import _PACKED_BELOW, direct_tiles, expert_major_tiles, with_layout
+from dsv4.ops.korder import to_korder
 from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
 from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
-from dsv4.ops.triton.fp4_grouped_direct import bf16_korder, fp4_grouped_gemm_direct
+from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
 from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets, fp4_grouped_gemm_prefill
 from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 from dsv4.quant import fake_quant_fp8
@@ -175,11 +176,11 @@ def direct_results(tokens: int, w, s, wb, gen, repeats: int) -> dict:
     ends = expert_offsets(eid, E)[1:].clone()
     rows.append(timed_bytes("torch._grouped_mm bf16 copies (no decode)",
                             lambda: torch._grouped_mm(x, wb.transpose(1, 2), offs=ends), ref, weight_bytes, repeats))
-    rows.append(timed_bytes("bf16_korder copy of x alone", lambda: bf16_korder(x), x, weight_bytes, repeats))
+    rows.append(timed_bytes("bf16_korder copy of x alone", lambda: to_korder(x), x, weight_bytes, repeats))
     rows[-1].pop("rel_err_vs_dispatched", None)
     # what the MoE asks for since the twenty-eighth session: x K-ordered by the caller, K-ordered bf16 output rows
     # scattered to token-pair order (`dsv4.ops.korder`); compared with the dispatched result in that layout
-    xk, perm = bf16_korder(x), torch.randperm(m, device=DEVICE)
+    xk, perm = to_korder(x), torch.randperm(m, device=DEVICE)
     layouts = dict(x_korder=True, out_korder=True, out_dtype=torch.bfloat16, out_index=perm)
     rows.append(timed_bytes("dispatched, the MoE's layouts (no copy, bf16 out, scattered)",
                             lambda: ops.grouped_linear(xk, eid, w, s, "fp4", fp8_grid=True, **layouts),

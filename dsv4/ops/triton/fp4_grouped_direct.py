@@ -18,16 +18,17 @@ program whose rows hold any scale byte outside 16 .. 128 (never in a real checkp
 weights of 12; byte 255 is NaN) runs the exact per-element decode instead (`fp4_grouped_swapped.
 _swapped_default_block`, on x in element order).
 
-Layout: the swapped kernel's `korder` (`fp4_grouped_swapped.K_ORDER`, its docstring): out^T = W x^T, the decoded
+Layout: the swapped kernel's `korder` (`korder.K_ORDER`; `fp4_grouped_swapped`'s docstring): out^T = W x^T, the decoded
 weight tile wgmma's register A operand (64 rows per warpgroup), tokens its N; within each 128-K block the dot runs
 over K permuted so that a thread's A registers are 16 contiguous bytes of one row (one 128-bit load), and x's
-bf16 copy is written in the same order (`bf16_korder`, one permuting copy per call; or, `xperm`, the kernel permutes
-each loaded x tile itself). The stored weight is untouched. The MoE carries its activations in K order end to end
-instead (`dsv4.ops.korder`; `x_korder`: x arrives K-ordered, no copy; `out_korder`: weight row n is stored to output
-column `_korder_column(n)`, so the w1 / w3 outputs, SwiGLU and the act quant stay K-ordered for w2), stores bf16
-and scatters w2's rows back to token-pair order (`out_index`): at 8k prefill the three per-call copies of x
-(~0.6 ms a w1 / w3 call) and the fp32 round trips of the outputs go. With K-ordered x the fallback runs its own
-loop: the fast path's K-ordered tile, decoded exactly in fp32 (`_bf16_tile(ASM=False)`) and cast to x's dtype.
+bf16 copy is written in the same order (`korder.to_korder`, one permuting copy per call; or, `xperm`, the kernel
+permutes each loaded x tile itself). The stored weight is untouched.
+The MoE carries its activations in K order end to end instead (`dsv4.ops.korder`; `x_korder`: x arrives K-ordered,
+no copy; `out_korder`: weight row n is stored to output column K_ORDER^-1(n), so the w1 / w3 outputs, SwiGLU and the
+act quant stay K-ordered for w2), stores bf16 and scatters w2's rows back to token-pair order (`out_index`): at 8k
+prefill the three per-call copies of x (~0.6 ms a w1 / w3 call) and the fp32 round trips of the outputs go. With
+K-ordered x the fallback runs its own loop (`_korder_fallback_block`): 32 K-ordered columns a step, their weights
+decoded exactly per element into x's dtype.
 
 `asm=False` (the twin, for Triton's CPU interpreter): the same tile in fp32 (`_e2m1` x `_e8m0`, exact), x's copy in
 fp32 and IEEE fp32 dots: the same products and the same fp32 sums as the GPU path up to order (the interpreter
@@ -109,13 +110,6 @@ def _korder_fallback_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, k0, dtype
 
 
 @triton.jit
-def _korder_column(k):
-    """The inverse: the K-ordered column that holds element k."""
-    q = k % 128
-    return k - q + 32 * ((q // 8) % 4) + 16 * ((q // 2) % 2) + 8 * (q % 2) + 2 * (q // 32) + (q // 4) % 2
-
-
-@triton.jit
 def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_ptr, N, K, HALF: tl.constexpr,
                         N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
                         ASM: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, XPERM: tl.constexpr,
@@ -126,11 +120,11 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
     rows = e.to(tl.int64) * N + offs_n                                # [BLOCK_N] rows of the stacked weight
     cols = offs_n                                                     # the output columns of the tile's rows
     if OUT_KORDER:
-        # weight row n goes to output column `_korder_column(n)` (column p holds row K_ORDER[p]): the tile's rows
+        # weight row n goes to the output column that K order gives it (column p holds row K_ORDER[p]): the rows
         # n0 + 32c' + 8i + 4t + 2a + b (c' < R, n0 % 128 = 32 c0) are put in the order [i, a, b, c', t] before the
         # store, where row r lands in column 8 (r // 2R) + 2 c0 + r % 2R of the block: runs of 2R contiguous
-        # columns. (Storing to `_korder_column(offs_n)` directly made every store scalar: 4x the STG; reading the
-        # weight rows permuted spilled in the K loop at 256 x 128: a pointer per row.)
+        # columns. (Storing each row to its permuted column index directly made every store scalar: 4x the STG;
+        # reading the weight rows permuted spilled in the K loop at 256 x 128: a pointer per row.)
         R: tl.constexpr = BLOCK_N // 32
         n0 = tl.program_id(0) * BLOCK_N
         r = tl.arange(0, BLOCK_N)
@@ -179,12 +173,6 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
         m0 += BLOCK_M
 
 
-def bf16_korder(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """x [M, K] as `dtype` with each 128-K block's columns in `korder.K_ORDER` (column 32i + 16a + 8b + 2c + t
-    holds element 32c + 8i + 4t + 2a + b), in one permuting copy (no index tensor)."""
-    return to_korder(x, dtype)
-
-
 def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                             block_m: int = 256, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
                             asm: bool = True, xperm: bool = False, x_korder: bool = False, out_korder: bool = False,
@@ -228,7 +216,7 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
     if xperm or x_korder:
         xk = x if asm else x.float()
     else:
-        xk = bf16_korder(x, torch.bfloat16 if asm else torch.float32)
+        xk = to_korder(x, torch.bfloat16 if asm else torch.float32)
     index = out_index.contiguous() if out_index is not None else offs       # (offs: any pointer, never read)
     _fp4_grouped_direct[(triton.cdiv(N, block_n), E)](
         x, xk, offs, weight, scale.contiguous().view(torch.uint8), out, index, N, K, half, K // 32, BLOCK_M=block_m,
@@ -236,4 +224,3 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
         XPERM=xperm and not x_korder, X_KORDER=x_korder, OUT_KORDER=out_korder, INDEX=out_index is not None,
         num_warps=num_warps, num_stages=num_stages)
     return out
-

@@ -25,10 +25,11 @@ the packed path's up to the order of the fp32 sums (tests/test_fp4_grouped_swapp
 rows span more than 24 binades of scale within a 128-K block (`_scales_too_wide`) decodes per element instead,
 exactly, into x's dtype (`_swapped_default_block`), with an IEEE fp32 dot for fp32 x.
 
-`korder` (`_korder_tile`, `K_ORDER`, `fp16_blocks_korder`): the fast path's dot runs over K in another order per
-128-K block; the stored weight is untouched (other kernels read it), x's fp16 copy is written in the same order, so
-the sum over K is the same up to fp32 summation order (the same products, the same scalings). wgmma's A fragment
-(m64nNk16, fp16 from registers, PTX ISA) gives lane l of each warp rows g, g + 8 (g = l / 4) and, per k16 step,
+`korder` (`_korder_tile`, `dsv4.ops.korder.K_ORDER`, `fp16_blocks_korder`): the fast path's dot runs over K in
+another order per 128-K block; the stored weight is untouched (other kernels read it), x's fp16 copy is written in
+the same order, so the sum over K is the same up to fp32 summation order (the same products, the same scalings).
+wgmma's A fragment (m64nNk16,
+fp16 from registers, PTX ISA) gives lane l of each warp rows g, g + 8 (g = l / 4) and, per k16 step,
 the k pairs 2c, 2c + 1 and 8 + 2c, 8 + 2c + 1 (c = l % 4): over a 128-K block 16 fp16x2 registers per row, the dot
 columns 16s + 8h + 2c + t. Dot column 32i + 16a + 8b + 2c + t (s = 2i + a, h = b) holds element
 32c + 8i + 4t + 2a + b: nibble J = 2a + b (t = 0) or J + 4 (t = 1) of int32 word 4c + i of the row, so a thread's
@@ -60,7 +61,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.korder import K_ORDER  # noqa: F401  (element of a 128-K block at each dot column with `korder`)
 from dsv4.ops.triton.fp4_decode import e2m1_pair_f16_mul
 from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, check_grouped
 from dsv4.ops.triton.fp4_grouped_prefill import _dot, _scales_too_wide, expert_offsets, fp16_blocks, scaled_blocks
@@ -160,8 +160,6 @@ def _fp4_grouped_swapped(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
         tl.store(out_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc,
                  mask=m_ok[None, :] & n_ok[:, None])
         m0 += BLOCK_M
-
-
 
 
 def fp16_blocks_korder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
