@@ -32,16 +32,24 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="me
     return model.set_quant_emulation(quant_emulation)
 
 
-def _convert(name: str, tensor: torch.Tensor, param: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+def _convert(name: str, tensor: torch.Tensor, param: torch.Tensor, scale: torch.Tensor | None,
+             hold_bf16: bool) -> torch.Tensor:
     if scale is not None:                       # a quantised tensor the module holds dequantised (wo_a)
         return dequant_fp8(tensor, scale, torch.float32).to(param.dtype)
-    if tensor.dtype == param.dtype:
+    if tensor.dtype == param.dtype or _held_bf16(tensor, param, hold_bf16):
         return tensor
     if tensor.is_floating_point() and param.is_floating_point() and tensor.element_size() >= 2:
         return tensor.to(param.dtype)
     if not tensor.is_floating_point() and not param.is_floating_point():
         return tensor.to(param.dtype)           # tid2eid: I64 on disk
     raise CheckpointError(f"{name}: cannot load a {tensor.dtype} tensor into a {param.dtype} parameter")
+
+
+def _held_bf16(tensor: torch.Tensor, param: torch.Tensor, hold_bf16: bool) -> bool:
+    """A bf16-stored matrix that the module computes with in fp32 (the compressors' wkv / wgate, the router's gate):
+    a 16-bit model holds it as stored, half the bytes of the fp32 copy and the same values (its products upcast
+    it, or take it to the tensor cores as it is: `ops.widened_dense`). Training widens it back (`prepare_full`)."""
+    return hold_bf16 and tensor.dtype == torch.bfloat16 and param.dtype == torch.float32 and tensor.dim() == 2
 
 
 def _plan(reader: CheckpointReader, params: dict[str, torch.Tensor]) -> dict[str, tuple[str, str | None]]:
@@ -146,10 +154,13 @@ def _load(cfg: ModelConfig, reader, device, dtype: torch.dtype, quant_emulation:
     params = dict(model.named_parameters())
     state = {}
     plan = _plan(reader, params)
+    hold_bf16 = dtype in (torch.bfloat16, torch.float16)
     for name, (src, scale) in tqdm(plan.items(), desc="loading", unit="tensor", disable=not progress):
         scale_t = reader.get(scale) if scale else None
-        state[name] = _convert(src, reader.get(src), params[name], scale_t).to(device)
+        state[name] = _convert(src, reader.get(src), params[name], scale_t, hold_bf16).to(device)
     model.load_state_dict(state, strict=True, assign=True)
+    model.held_bf16 = tuple(n for n, p in params.items() if p.dtype != state[n].dtype and p.is_floating_point()
+                            and state[n].dtype == torch.bfloat16)
     # NOTE: strict loading covers parameters and persistent buffers only; anything else built on the meta
     # device would fail much later, far from its cause.
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]

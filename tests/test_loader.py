@@ -4,6 +4,7 @@ load produces (every parameter equal to the checkpoint, on the requested device 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -152,6 +153,10 @@ def _expected(name: str, param: torch.Tensor, tensors: dict[str, torch.Tensor]) 
     return t.to(param.dtype)
 
 
+# bf16 on disk, computed in fp32 (spec §3.5, §3.7): a 16-bit model holds them as stored, an fp32 model widened
+HELD_BF16 = re.compile(r".*(compressor\.wkv|compressor\.wgate|ffn\.gate)\.weight")
+
+
 def _check_loaded(model, tensors, dtype, device="cpu"):
     params = dict(model.named_parameters())
     folded = {n[: -len("weight")] + "scale" for n in params if n.endswith("wo_a.weight")}
@@ -162,6 +167,9 @@ def _check_loaded(model, tensors, dtype, device="cpu"):
         assert p.dtype in QUANTISED | {torch.float32, dtype}, name
         want = _expected(name, p, tensors)
         assert p.dtype == want.dtype and torch.equal(p.cpu().view(torch.uint8), want.view(torch.uint8)), name
+    held = sorted(n for n in params if HELD_BF16.fullmatch(n))
+    assert held and sorted(model.held_bf16) == (held if dtype != torch.float32 else [])
+    assert all(params[n].dtype == (torch.bfloat16 if dtype != torch.float32 else torch.float32) for n in held)
     assert model.dtype == dtype and params["embed.weight"].dtype == dtype
     assert all(p.dtype == dtype for n, p in params.items() if n.endswith("wo_a.weight"))
     assert not model.training

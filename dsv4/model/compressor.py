@@ -36,9 +36,13 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, cfg.norm_eps)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token fp32 (kv, gate score without ape), each [b, s, coff*head_dim]."""
-        xf = widen(x)                                    # fp32 projections even in a bf16 model
-        return ops.dense(xf, self.wkv.weight, x.dtype), ops.dense(xf, self.wgate.weight, x.dtype)
+        """Per-token fp32 (kv, gate score without ape), each [b, s, coff*head_dim]: fp32 projections even in a bf16
+        model (`ops.widened_dense`: on bf16 tensor cores at inference on CUDA)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            # training: one upcast feeds both products, so its gradient sums theirs in fp32 and rounds once
+            xf = widen(x)
+            return ops.dense(xf, self.wkv.weight, x.dtype), ops.dense(xf, self.wgate.weight, x.dtype)
+        return ops.widened_dense(x, self.wkv.weight), ops.widened_dense(x, self.wgate.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Entries of every complete block of fresh sequences (position 0): [b, s // ratio, head_dim]."""

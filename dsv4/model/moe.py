@@ -35,7 +35,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], input_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
-        scores = ops.dense(widen(x), self.weight, x.dtype)
+        scores = ops.widened_dense(x, self.weight)
         if self.score_func == "softmax":
             scores = scores.softmax(dim=-1)
         elif self.score_func == "sigmoid":

@@ -22,8 +22,9 @@ from dsv4.ops.head import logits  # noqa: E402
 from dsv4.ops.indexer_scores import indexer_scores  # noqa: E402
 from dsv4.ops.moe_pairs import pair_linear  # noqa: E402
 from dsv4.ops.topk import stable_topk  # noqa: E402
+from dsv4.ops.widened_dense import widened_dense  # noqa: E402
 
 __all__ = ["acc_dtype", "dense", "dequant_fp4_bf16", "dequant_weight", "fake_quant_fp8", "fake_quant_kv",
            "fast_ops_status", "grouped_linear", "hc_head_mix", "hc_post", "hc_pre_mix", "hc_split_sinkhorn",
            "indexer_scores", "linear", "logits", "pair_linear", "reference_only", "register", "sparse_attention",
-           "sparse_attention_dense_tail", "stable_topk"]
+           "sparse_attention_dense_tail", "stable_topk", "widened_dense"]

@@ -22,6 +22,7 @@ import torch
 from dsv4.ops.hc import hc_split_sinkhorn
 from dsv4.ops.ref import dense, mean_square, widen
 from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
+from dsv4.ops.widened_dense import widened_dense
 
 MAX_TOKENS = 64          # decode's largest batch: the pre / head kernel at or below it, hc_post's above
 
@@ -30,7 +31,9 @@ def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Te
     """(fp32 flattened streams [b, s, hc*D], mixes [b, s, n] = (X @ fn^T) * rsqrt(mean(X^2) + eps))."""
     x = widen(h.flatten(2))
     rsqrt = torch.rsqrt(mean_square(x) + norm_eps)
-    return x, dense(x, fn, h.dtype) * rsqrt
+    if torch.is_grad_enabled() and h.requires_grad:     # training: x's three uses share one upcast (its gradient)
+        return x, dense(x, fn, h.dtype) * rsqrt
+    return x, widened_dense(h.flatten(2), fn) * rsqrt
 
 
 def _pre_mix_twin(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,

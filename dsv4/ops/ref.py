@@ -131,6 +131,13 @@ def dense(x: torch.Tensor, weight: torch.Tensor, model_dtype: torch.dtype,
     return F.linear(x, weight.to(x.dtype)).to(out)
 
 
+def widened_dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`dense(widen(x), weight, x.dtype)`: the fp32 product where the reference upcasts a 16-bit activation (mHC's
+    mixes, the router, the compressors' projections), float64-accumulated for an fp32 or float64 x. Result fp32 (or
+    float64). `ops.widened_dense` is the dispatched op (a bf16 tensor-core GEMM on CUDA)."""
+    return dense(widen(x), weight, x.dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
            act_quant_on: bool, dequantized: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W^T` for a plain, FP8-block or FP4 weight; output in x's dtype.

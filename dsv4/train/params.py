@@ -129,12 +129,25 @@ def _frozen_by_design(name: str) -> bool:
 
 
 def prepare_full(model: nn.Module, qat: bool = False) -> nn.Module:
-    """Full fine-tuning: dequantise FP8/FP4 linears to trainable weights; train everything but the indexer."""
+    """Full fine-tuning: dequantise FP8/FP4 linears to trainable weights, widen the weights the loader held in bf16
+    to the fp32 their modules train in; train everything but the indexer."""
+    widen_held_bf16(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, Linear) and m.fmt != "plain" and not isinstance(m, TrainLinear):
             _replace(model, name, TrainLinear(m, model.dtype, qat))
     for name, p in model.named_parameters():
         p.requires_grad_(p.is_floating_point() and not _frozen_by_design(name))
+    return model
+
+
+def widen_held_bf16(model: nn.Module) -> nn.Module:
+    """fp32 parameters again for the bf16-stored matrices a 16-bit model's loader held as stored (`loader`'s
+    `_held_bf16`): the same values, updated in fp32 by training."""
+    for name in getattr(model, "held_bf16", ()):
+        parent, _, leaf = name.rpartition(".")
+        module = model.get_submodule(parent)
+        setattr(module, leaf, nn.Parameter(getattr(module, leaf).detach().float()))
+    model.held_bf16 = ()
     return model
 
 

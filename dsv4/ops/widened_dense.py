@@ -1,0 +1,69 @@
+"""The fp32 products of upcast 16-bit activations as a dispatched op (mHC's mixes, the router, the compressors).
+
+The reference computes `x.float() @ W^T` in fp32 for these (x a bf16 activation, W the compressors' and router's
+bf16-stored weights or mHC's fp32 `fn`); on CUDA without TF32 that is cuBLAS's fp32 GEMM on the CUDA cores
+(H100: ~60 TFLOP/s, 8.9 ms of an 8k Flash-width prefill, bench/results/h100_s28/call_c/profile.log). The same
+product runs on the bf16 tensor cores with nothing rounded but the fp32 sums:
+* a bf16 weight (the loader holds these in their checkpoint format): one bf16 GEMM with an fp32 output; each
+  product of two bf16 values (8-bit significands) is exact in fp32, the sums are fp32 as before (another order);
+* an fp32 weight (mHC's fn, F32 on disk): split once per call into three bf16 parts, hi + mid + lo == W exactly
+  (`bf16_split`), stacked along N: one GEMM of three times the columns, whose three slices are summed in fp32. Only
+  from SPLIT_MIN_ROWS rows: below it the split's launches cost more than the GEMM saves (and decode's few rows keep
+  the fp32 GEMV, which reads 4 bytes a weight against the split's 6).
+Precision class: an fp32 GEMM's (every product exact, fp32 accumulation; tests/test_widened_dense.py bounds the
+error against float64 by the fp32 summation bound). Not bit-equal to the fp32 GEMM (another summation order).
+Off with DSV4_WIDENED_DENSE=0. Inference only: under autograd the twin runs (the training step's upcast is shared
+between products, see `model/compressor.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.ops import ref
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register
+
+widened_dense = dispatch("widened_dense", ref.widened_dense)
+
+# fp32 weights take the split from this many rows (prefill). mHC's fn at Flash width is [24, 16384]: at 2k rows
+# the fp32 GEMM reads 134 MB of fp32 activations (~40 us) and the split's ~8 launches cost ~25 us.
+SPLIT_MIN_ROWS = 2048
+
+
+@torch._dynamo.assume_constant_result
+def enabled() -> bool:
+    """DSV4_WIDENED_DENSE=0 turns the tensor-core path off (read once per traced graph under torch.compile)."""
+    return env_switch("DSV4_WIDENED_DENSE", default=True)
+
+
+def bf16_split(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] -> bf16 [3N, K], the parts hi, mid, lo stacked: hi = bf16(W), mid = bf16(W - hi),
+    lo = W - hi - mid. Exact (hi + mid + lo == W) for |W| >= 2^-102 or 0: W's 24-bit significand is 8 bits in hi,
+    <= 16 left after it, <= 8 after mid; below 2^-102 lo can fall among bf16's subnormals and lose bits."""
+    hi = weight.bfloat16()
+    rest = weight - hi.float()
+    mid = rest.bfloat16()
+    return torch.cat([hi, mid, (rest - mid.float()).bfloat16()])
+
+
+def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not (enabled() and x.is_cuda and x.dtype == torch.bfloat16 and weight.dim() == 2
+            and x.shape[-1] == weight.shape[1] and not torch.is_grad_enabled()):
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    return weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and rows >= SPLIT_MIN_ROWS)
+
+
+@custom_op("widened_dense", lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32))
+def _tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if weight.dtype == torch.bfloat16:
+        y = torch.mm(x2, weight.t(), out_dtype=torch.float32)
+    else:
+        n = weight.shape[0]
+        parts = torch.mm(x2, bf16_split(weight).t(), out_dtype=torch.float32)
+        y = (parts[:, :n] + parts[:, n:2 * n]) + parts[:, 2 * n:]
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+register("widened_dense", "tensor_core_widened_dense", _fits, _tensor_cores)
