@@ -236,16 +236,20 @@ def test_fp4_pair_gemv_on_cuda_at_flash_dims():
 _FUSED_CHECK = """
 import torch
 from dsv4 import ops, quant
-from dsv4.ops.triton.quant import fake_quant_fp8
+from dsv4.ops.triton.quant import act_quant_fp8, fake_quant_fp8
 from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn
 gen = torch.Generator().manual_seed(13)
-x = torch.randn(48, 512, generator=gen) * torch.logspace(-6, 3, 48).unsqueeze(1)
+x = torch.randn(53, 512, generator=gen) * torch.logspace(-6, 3, 53).unsqueeze(1)    # 53: a partial tile of rows
 x[0, :128] = 0
 x[2, :128] = torch.linspace(-1, 1, 128) * 448 * 2**-3          # amax exactly 448 * 2^k
 x[3, :4] = torch.tensor([-1e-7, 2.0**-9 * 1.5, -2.0**-9 * 2.5, 447.9])
 bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 exact = all(torch.equal(fake_quant_fp8(x.to(dt), b).view(bits[dt]), quant.fake_quant_fp8(x.to(dt), b).view(bits[dt]))
-            for dt in bits for b in (64, 128))
+            for dt in bits for b in (32, 64, 128))
+q, s = act_quant_fp8(x)
+qw, sw = quant.act_quant(x, 128)
+exact = (exact and torch.equal(q.view(torch.uint8), qw.view(torch.uint8)) and torch.equal(s, sw)
+         and s.stride() == (1, 53))
 m = torch.randn(70, 24, generator=gen) * 3
 scale, base = torch.tensor([0.1, 0.2, 0.3]), torch.randn(24, generator=gen) * 0.5
 rel = max(((a - b).abs() / a.abs().clamp_min(1e-6)).max().item() for a, b in
@@ -257,7 +261,9 @@ print(exact, rel)
 @pytest.mark.skipif(not HAVE_TRITON, reason="needs triton (its CPU interpreter runs the kernels here)")
 def test_fused_kernels_in_the_interpreter(interpreted):
     """fake-quant FP8: bit-identical to the definition (exact integer/fp32 arithmetic, +-0 included), bf16 and
-    fp32, blocks 64 and 128. Sinkhorn: fp32 class, relative error <= 1e-5 (exp/division ulps differ)."""
+    fp32, blocks 32, 64 and 128, and the act quant's codes and column-major scales (fp32 x), over 53 rows (tiles of
+    2048 elements: a partial last tile of rows). Sinkhorn: fp32 class, relative error <= 1e-5 (exp/division ulps
+    differ)."""
     out = interpreted["fused"].result()
     exact, rel = out.split()[-2:]
     assert exact == "True" and float(rel) <= 1e-5, out
