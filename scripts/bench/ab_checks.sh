@@ -5,7 +5,8 @@
 #   the compile time) for every variant of PREFILL_VARIANTS;
 # * decode at batch 1 / 8 / 64 with the compiled step for every variant of DECODE_VARIANTS.
 # A variant is "base" (the defaults) or comma-separated NAME=VALUE settings, e.g. "DSV4_INDEXER_KERNEL=1".
-# Defaults: the twenty-ninth session's call (ops.widened_dense, the indexer kernel, mHC's prefill kernel).
+# Defaults: the twenty-ninth session's call (ops.widened_dense and the tiled FP8 quant kernels: their tests and
+# micro-benchmarks; the indexer kernel and mHC's prefill kernel as prefill variants).
 # Usage (repository root, on the GPU machine): [TESTS=..] [MICRO=..] [PREFILL_VARIANTS=..] [DECODE_VARIANTS=..]
 #        bash scripts/bench/ab_checks.sh OUT
 set -u
@@ -27,9 +28,10 @@ run_variant() {   # KIND VARIANT ARGS...: the bench under VARIANT's settings, it
 nvidia-smi --query-gpu=name,uuid --format=csv,noheader
 at "GPU tests"
 # shellcheck disable=SC2086
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE ${TESTS:-tests/test_widened_dense.py} 2>&1 | tail -8
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE ${TESTS:-tests/test_widened_dense.py tests/test_fp8_linear.py tests/test_fast_ops.py} 2>&1 | tail -8
 at "micro-benchmark"
 timeout 120 ${MICRO:-python3 scripts/bench/widened_dense.py --json $out/micro.json} 2>&1 | grep -v Warning
+[ -z "${MICRO:-}" ] && timeout 60 python3 scripts/bench/quant_kernels.py --json "$out/quant.json" 2>&1 | grep -v Warning
 for v in ${PREFILL_VARIANTS:-base DSV4_WIDENED_DENSE=0 DSV4_INDEXER_KERNEL=1 DSV4_HC_MIX_PREFILL=1}; do
     run_variant prefill "$v" --decode-batches 1 --decode-steps 4 --no-compile --prefill 1024,8192
 done
