@@ -4,7 +4,8 @@
 # * prefill 1k / 8k eagerly (--no-compile: prefill through uncompiled graph segments; the change's effect without
 #   the compile time) for every variant of PREFILL_VARIANTS;
 # * decode at batch 1 / 8 / 64 with the compiled step for every variant of DECODE_VARIANTS.
-# A variant is "base" (the defaults) or comma-separated NAME=VALUE settings, e.g. "DSV4_INDEXER_KERNEL=1".
+# A variant is "base" (the defaults) or comma-separated NAME=VALUE settings, e.g. "DSV4_INDEXER_KERNEL=1"; an
+# empty list (DECODE_VARIANTS= ) skips that part.
 # Defaults: the twenty-ninth session's call (ops.widened_dense and the tiled FP8 quant kernels: their tests and
 # micro-benchmarks; the indexer kernel and mHC's prefill kernel as prefill variants).
 # Usage (repository root, on the GPU machine): [TESTS=..] [MICRO=..] [PREFILL_VARIANTS=..] [DECODE_VARIANTS=..]
@@ -32,10 +33,10 @@ timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE ${TESTS:-tests/
 at "micro-benchmark"
 timeout 120 ${MICRO:-python3 scripts/bench/widened_dense.py --json $out/micro.json} 2>&1 | grep -v Warning
 [ -z "${MICRO:-}" ] && timeout 60 python3 scripts/bench/quant_kernels.py --json "$out/quant.json" 2>&1 | grep -v Warning
-for v in ${PREFILL_VARIANTS:-base DSV4_WIDENED_DENSE=0 DSV4_INDEXER_KERNEL=1 DSV4_HC_MIX_PREFILL=1}; do
+for v in ${PREFILL_VARIANTS-base DSV4_WIDENED_DENSE=0 DSV4_INDEXER_KERNEL=1 DSV4_HC_MIX_PREFILL=1}; do
     run_variant prefill "$v" --decode-batches 1 --decode-steps 4 --no-compile --prefill 1024,8192
 done
-for v in ${DECODE_VARIANTS:-base DSV4_WIDENED_DENSE=0}; do
+for v in ${DECODE_VARIANTS-base DSV4_WIDENED_DENSE=0}; do
     run_variant decode "$v" --decode-batches 1,8,64 --decode-steps 12 --prefill 1024 --no-compile-prefill
 done
 at done
