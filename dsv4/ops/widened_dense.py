@@ -25,9 +25,11 @@ from dsv4.ops.registry import custom_op, dispatch, env_switch, register
 
 widened_dense = dispatch("widened_dense", ref.widened_dense)
 
-# fp32 weights take the split from this many rows (prefill). mHC's fn at Flash width is [24, 16384]: at 2k rows
-# the fp32 GEMM reads 134 MB of fp32 activations (~40 us) and the split's ~8 launches cost ~25 us.
-SPLIT_MIN_ROWS = 2048
+# fp32 weights take the split from this many rows (prefill: the 1k graph bucket and up). mHC's fn at Flash width is
+# [24, 16384]: at 1k rows the fp32 GEMM needs the activations widened, 67 MB written and read again (~40 us at
+# 3.35 TB/s), where the split's ~8 small launches (~2-3 us each in a captured segment) and the bf16 read (34 MB)
+# take ~30 us; at the 1k bucket the twin's fp32 GEMMs were 0.43 ms (8 calls, bench/results/h100_s28/call_c).
+SPLIT_MIN_ROWS = 1024
 
 
 @torch._dynamo.assume_constant_result

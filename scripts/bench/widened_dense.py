@@ -5,7 +5,7 @@ tensor-core path, at Flash's shapes and the bench's row counts, each a CUDA-grap
 Floors per line: bytes (x in bf16, the weight as held, the fp32 output) / 3.35 TB/s (H100 copy bandwidth) and
 FLOPs / 989 TFLOP/s (bf16 dense peak; the fp32 split path counts its three GEMMs). Each line also gives the fast
 path's largest error against float64 over the largest output (fp32 class: ~1e-7; a bf16 rounding ~4e-3).
-Usage: python3 scripts/bench/widened_dense.py [--rows 1 64 1024 8192] [--json OUT]
+Usage: python3 scripts/bench/widened_dense.py [--rows 1 64 512 1024 8192] [--json OUT]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def line(name: str, rows: int, n: int, k: int, dtype: torch.dtype, flush: torch.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 1024, 8192])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 512, 1024, 8192])
     ap.add_argument("--json", help="write the lines here")
     args = ap.parse_args()
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
