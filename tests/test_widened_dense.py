@@ -65,7 +65,9 @@ def test_dispatch_rules():
     assert which("widened_dense", big, w32) == "tensor_core_widened_dense"
     assert which("widened_dense", big.half(), w16) == "twin"
     with torch.enable_grad():
+        assert which("widened_dense", big, w16) == "tensor_core_widened_dense"     # grad on, nothing to train
         assert which("widened_dense", big.requires_grad_(), w16) == "twin"
+        assert which("widened_dense", big.detach(), w16.requires_grad_()) == "twin"
 
 
 def test_bf16_model_holds_the_bf16_matrices_and_computes_the_same_bits(tiny_ckpt):

@@ -5,10 +5,10 @@ and makes several broadcasting passes over them (at 32k training tokens, 16 head
 8.6 GB of bf16 per CSA layer). Its visibility mask (-inf for entries not yet complete at a query) is part of the
 op so that the kernel can skip the key blocks no query of a block sees (half the work of causal prefill/training).
 On CUDA, for bf16 / fp16 calls without autograd, `ops/triton/indexer_scores.py` computes the same roundings tile
-by tile in registers; opt-in (DSV4_INDEXER_KERNEL=1). Measured on the H200: ~9x faster than the twin per
-prefill-sized call (scores bit-equal to the twin's but ~1 in 10^7, the same top-k picks), but the 1k-prefill
-bench was 7 ms slower with it (unexplained, bench/NOTES.md "Sixth session"), so it stays opt-in until that is
-understood; decode calls keep the twin.
+by tile in registers (DSV4_INDEXER_KERNEL=0 off). Measured on the H200: ~9x faster than the twin per
+prefill-sized call (scores bit-equal to the twin's but ~1 in 10^7, the same top-k picks). The sixth session's
+1k-prefill bench was 7 ms slower with it (never explained); the twenty-ninth's A/B on an H100 was not (1k -0.3 ms,
+8k -5.9 ms), so it is on by default since. Decode calls keep the twin.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ indexer_scores = dispatch("indexer_scores", ref.indexer_scores)
 
 @torch._dynamo.assume_constant_result
 def enabled() -> bool:
-    """DSV4_INDEXER_KERNEL=1 turns the kernel on (read once per traced graph under torch.compile, like the
-    registry's switch)."""
-    return env_switch("DSV4_INDEXER_KERNEL")
+    """DSV4_INDEXER_KERNEL=0 turns the kernel off (read once per traced graph under torch.compile, like the
+    registry's switch). On by default since the twenty-ninth session's A/B (H100, eager prefill,
+    bench/results/h100_s29/call_a): 8k 113.0 -> 107.1 ms, 1k 23.5 -> 23.2 ms."""
+    return env_switch("DSV4_INDEXER_KERNEL", default=True)
 
 
 # Decode (a few queries per sequence) stays on the twin: at Flash bs64 the kernel took 0.237 ms against the twin's

@@ -49,8 +49,9 @@ def bf16_split(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if not (enabled() and x.is_cuda and x.dtype == torch.bfloat16 and weight.dim() == 2
-            and x.shape[-1] == weight.shape[1] and not torch.is_grad_enabled()):
+            and x.shape[-1] == weight.shape[1] and not training):
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     return weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and rows >= SPLIT_MIN_ROWS)
