@@ -80,3 +80,18 @@ def test_no_copy_kept_while_recording_or_compiling_and_copies_die_with_their_wei
     del v
     gc.collect()
     assert len(ref._FLOAT64_COPIES) == n
+
+
+def test_a_copy_kept_in_inference_mode_serves_a_recorded_input():
+    """The engine steps in inference mode; a frozen weight's copy kept there may later meet an input that
+    autograd records (fine-tuning earlier layers), which saves the copy for backward: it must be a normal tensor."""
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(8, 16, generator=gen), torch.randn(2, 16, generator=gen, requires_grad=True)
+    with torch.inference_mode():
+        ref.dense(x.detach(), w, torch.float32)
+    assert w in ref._FLOAT64_COPIES
+    x2 = x.detach().clone().requires_grad_()
+    y, want = ref.dense(x, w, torch.float32), F.linear(x2.double(), w.double()).float()
+    y.square().sum().backward()
+    want.square().sum().backward()
+    assert torch.equal(y, want) and torch.equal(x.grad, x2.grad)

@@ -140,7 +140,8 @@ def float64_weight(weight: torch.Tensor) -> torch.Tensor:
     would not be seen, as with `Linear`'s dequantised cache; torch's own optimizers and loaders do not write so.
     Not cached: while autograd records the weight (training: `double()` must stay in the graph), under
     torch.compile (the graph converts; no Python state), inference tensors (no version counter), other dtypes
-    and devices (accelerator memory is not spent on it)."""
+    and devices (accelerator memory is not spent on it). The copy is made outside inference mode, so one kept by
+    an engine step can later be saved for backward (a frozen weight under a recorded input)."""
     if (torch.compiler.is_compiling() or weight.dtype != torch.float32 or weight.device.type != "cpu"
             or weight.is_inference() or (torch.is_grad_enabled() and weight.requires_grad)):
         return weight.double()
@@ -148,7 +149,8 @@ def float64_weight(weight: torch.Tensor) -> torch.Tensor:
     hit = _FLOAT64_COPIES.get(weight)
     if hit is not None and hit[0] == key:
         return hit[1]
-    wide = weight.double()
+    with torch.inference_mode(False), torch.no_grad():     # a normal tensor: autograd may save it (frozen weight)
+        wide = weight.double()
     _FLOAT64_COPIES[weight] = (key, wide)
     return wide
 
