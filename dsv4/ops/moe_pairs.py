@@ -22,8 +22,11 @@ def _pair_linear_twin(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, 
 
 
 def _dequant_gathered(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> torch.Tensor:
-    # A Python loop over a static count (the pairs): no host synchronisation, so still capturable.
-    return torch.stack([dequant_weight(w[i], None if s is None else s[i], fmt) for i in range(w.shape[0])])
+    """Gathered weights [P, N, ...] (+ scales [P, ...]) -> fp32 [P, N, K]: one batched dequantisation (elementwise,
+    so bit for bit the per-pair `dequant_weight` of each; tests/test_moe_pairs_dequant.py). No host sync, fixed
+    shapes (capturable). NOTE: a Python loop over the pairs, as before, traced into ~10k graph nodes under
+    torch.compile; the batched form's temporaries are a few [P, N, K] tensors, beside the fp32 result's own."""
+    return dequant_weight(w, s, fmt)
 
 
 pair_linear = dispatch("pair_linear", _pair_linear_twin)

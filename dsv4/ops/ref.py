@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from dsv4.quant import act_quant, dequant_fp4, dequant_fp8
 from dsv4.quant.act import dequantize_blocks, straight_through
@@ -120,6 +121,40 @@ class _UpcastPair(torch.autograd.Function):
         return grad_b.to(ctx.dtype) + grad_a.to(ctx.dtype), None
 
 
+# fp32 CPU weight -> ((version, data_ptr, shape, stride), its float64 copy); entries die with their weight
+_FLOAT64_COPIES = WeakIdKeyDictionary()
+
+
+def float64_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight.double()` (the float64 operand of `dense` in an fp32 model), kept between calls for an fp32 CPU
+    weight when autograd does not record it: converting each call was ~40 % of an fp32 built-in model's serve step
+    (the 129k x 256 head alone ~94 ms a call on a 2-core CPU, most of it the fresh 265 MB allocation), and the
+    copy is the same bits, so the product is too.
+
+    MEMORY: a float64 copy (twice the fp32 bytes) of every fp32 CPU weight multiplied here outside autograd, i.e.
+    an fp32 CPU model's dense weights (its head 265 MB for the 129k vocabulary) are held three times over (fp32 +
+    float64) while they live; the copy is freed with its weight (weak keys) or replaced when the weight changes.
+    Staleness: the key is the weight's `_version` (every in-place write through the tensor or a view of it: an
+    optimizer step, `load_state_dict`, `copy_` under no_grad), its data pointer (`.data = ...` assignment),
+    shape and strides. NOTE: a write through `weight.data` (`p.data.add_(...)`) bypasses the version counter and
+    would not be seen, as with `Linear`'s dequantised cache; torch's own optimizers and loaders do not write so.
+    Not cached: while autograd records the weight (training: `double()` must stay in the graph), under
+    torch.compile (the graph converts; no Python state), inference tensors (no version counter), other dtypes
+    and devices (accelerator memory is not spent on it). The copy is made outside inference mode, so one kept by
+    an engine step can later be saved for backward (a frozen weight under a recorded input)."""
+    if (torch.compiler.is_compiling() or weight.dtype != torch.float32 or weight.device.type != "cpu"
+            or weight.is_inference() or (torch.is_grad_enabled() and weight.requires_grad)):
+        return weight.double()
+    key = (weight._version, weight.data_ptr(), weight.shape, weight.stride())
+    hit = _FLOAT64_COPIES.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():     # a normal tensor: autograd may save it (frozen weight)
+        wide = weight.double()
+    _FLOAT64_COPIES[weight] = (key, wide)
+    return wide
+
+
 def dense(x: torch.Tensor, weight: torch.Tensor, model_dtype: torch.dtype,
           out: torch.dtype | None = None) -> torch.Tensor:
     """x @ weight^T inside a model computing in `model_dtype`. In a 16-bit model the product runs in x's dtype
@@ -127,7 +162,7 @@ def dense(x: torch.Tensor, weight: torch.Tensor, model_dtype: torch.dtype,
     fp32 model it accumulates in float64 (batch-invariant, see `acc_dtype`). Result in `out` (default x's)."""
     out = out or x.dtype
     if acc_dtype(model_dtype) == torch.float64:
-        return F.linear(x.double(), weight.double()).to(out)
+        return F.linear(x.double(), float64_weight(weight)).to(out)
     return F.linear(x, weight.to(x.dtype)).to(out)
 
 
