@@ -50,7 +50,8 @@ def fp8_block_quant(x, amax):
 # Elements per program (4 warps): a tile of TILE // block rows x one block. One block per program (the first
 # version) gave 128 threads one element each: an 8k Flash-width prefill spent 4.4 ms in 29 act quants and 2.7 ms in
 # 14 fake quants (bench/results/h100_s28/call_c/profile.log), ~5x their bytes' time; 16 rows x 128 gives each thread
-# 16 contiguous elements (vector loads) and the scales of a tile one coalesced store.
+# 16 contiguous elements (vector loads) and the scales of a tile one coalesced store. Measured (H100,
+# scripts/bench/quant_kernels.py): act quant 8192 x 4096 42 us, fake quant 52 us, 72-80 % of their bytes' time.
 TILE = 2048
 
 
