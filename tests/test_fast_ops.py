@@ -236,7 +236,8 @@ def test_fp4_pair_gemv_on_cuda_at_flash_dims():
 _FUSED_CHECK = """
 import torch
 from dsv4 import ops, quant
-from dsv4.ops.triton.quant import act_quant_fp8, fake_quant_fp8
+from dsv4.ops.triton.quant import act_quant_fp8, e8m0_to_float, fake_quant_fp8
+from dsv4.quant.e8m0 import e8m0_to_float as e8m0_twin
 from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn
 gen = torch.Generator().manual_seed(13)
 x = torch.randn(53, 512, generator=gen) * torch.logspace(-6, 3, 53).unsqueeze(1)    # 53: a partial tile of rows
@@ -250,6 +251,8 @@ q, s = act_quant_fp8(x)
 qw, sw = quant.act_quant(x, 128)
 exact = (exact and torch.equal(q.view(torch.uint8), qw.view(torch.uint8)) and torch.equal(s, sw)
          and s.stride() == (1, 53))
+every_byte = torch.arange(256, dtype=torch.uint8).view(torch.float8_e8m0fnu)[torch.randperm(256)].view(8, 32)
+exact = exact and torch.equal(e8m0_to_float(every_byte).view(torch.int32), e8m0_twin(every_byte).view(torch.int32))
 m = torch.randn(70, 24, generator=gen) * 3
 scale, base = torch.tensor([0.1, 0.2, 0.3]), torch.randn(24, generator=gen) * 0.5
 rel = max(((a - b).abs() / a.abs().clamp_min(1e-6)).max().item() for a, b in
@@ -262,8 +265,8 @@ print(exact, rel)
 def test_fused_kernels_in_the_interpreter(interpreted):
     """fake-quant FP8: bit-identical to the definition (exact integer/fp32 arithmetic, +-0 included), bf16 and
     fp32, blocks 32, 64 and 128, and the act quant's codes and column-major scales (fp32 x), over 53 rows (tiles of
-    2048 elements: a partial last tile of rows). Sinkhorn: fp32 class, relative error <= 1e-5 (exp/division ulps
-    differ)."""
+    2048 elements: a partial last tile of rows); the e8m0 decode of all 256 bytes (NaN bits included). Sinkhorn:
+    fp32 class, relative error <= 1e-5 (exp/division ulps differ)."""
     out = interpreted["fused"].result()
     exact, rel = out.split()[-2:]
     assert exact == "True" and float(rel) <= 1e-5, out

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from dsv4.ops.ref import dequant_weight
 from dsv4.ops.registry import custom_op, register_triton
-from dsv4.quant.e8m0 import e8m0_to_float
 
 # At most this many rows take the Triton kernel (batch-invariant up to here: `kernel_plan`). NOTE: above it cuBLAS
 # computes the rows, other bits than the kernel's: a row's result changes when its call crosses 64 rows.
@@ -33,7 +32,7 @@ def _rows(x: torch.Tensor) -> int:
 
 def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """act_quant(x) @ W^T by cuBLAS's blockwise FP8 GEMM; x [..., K] bf16, out bf16."""
-    from dsv4.ops.triton.quant import act_quant_fp8
+    from dsv4.ops.triton.quant import act_quant_fp8, e8m0_to_float
 
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]

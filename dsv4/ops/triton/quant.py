@@ -109,3 +109,24 @@ def act_quant_fp8(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torc
         rows = _rows_per_program(block)
         _act_quant_fp8[(triton.cdiv(M, rows), K // block)](x, q, s, M, K, BLOCK=block, ROWS=rows)
     return q, s.t()
+
+
+@triton.jit
+def _e8m0_to_float(s_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    b = tl.load(s_ptr + offs, mask=mask, other=127).to(tl.int32)
+    bits = (b << 23) | (((b == 0) | (b == 255)).to(tl.int32) << 22)
+    tl.store(out_ptr + offs, bits.to(tl.float32, bitcast=True), mask=mask)
+
+
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """`dsv4.quant.e8m0.e8m0_to_float` in one launch (its bit placement: 2^(b - 127), byte 0 the subnormal 2^-127,
+    255 NaN), bit for bit. The FP8 prefill linear converts its weight's scales at every call; torch's ~8
+    elementwise kernels for it were ~1.3 us each inside the opaque linear op, 29 calls a step (~0.3 ms of the 1k
+    prefill, bench/results/h100_s28/call_c/profile.log)."""
+    src = scale.contiguous().view(torch.uint8)
+    out = torch.empty(scale.shape, dtype=torch.float32, device=scale.device)
+    if src.numel():
+        _e8m0_to_float[(triton.cdiv(src.numel(), 1024),)](src, out, src.numel(), BLOCK=1024)
+    return out
