@@ -30,6 +30,8 @@ widened_dense = dispatch("widened_dense", ref.widened_dense)
 # [24, 16384]: at 1k rows the fp32 GEMM needs the activations widened, 67 MB written and read again (~40 us at
 # 3.35 TB/s), where the split's ~8 small launches (~2-3 us each in a captured segment) and the bf16 read (34 MB)
 # take ~30 us; at the 1k bucket the twin's fp32 GEMMs were 0.43 ms (8 calls, bench/results/h100_s28/call_c).
+# NOTE: in an eager (uncaptured) step those launches are host time: the 1k eager step measured 31.0 ms with this path
+# on, 27.5 off (bench/NOTES.md, "A regression found ..."); the engine's default captures steps of <= 2048 tokens.
 SPLIT_MIN_ROWS = 1024
 
 
