@@ -32,11 +32,10 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="me
     return model.set_quant_emulation(quant_emulation)
 
 
-def _convert(name: str, tensor: torch.Tensor, param: torch.Tensor, scale: torch.Tensor | None,
-             hold_bf16: bool) -> torch.Tensor:
+def _convert(name: str, tensor: torch.Tensor, param: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     if scale is not None:                       # a quantised tensor the module holds dequantised (wo_a)
         return dequant_fp8(tensor, scale, torch.float32).to(param.dtype)
-    if tensor.dtype == param.dtype or _held_bf16(tensor, param, hold_bf16):
+    if tensor.dtype == param.dtype:
         return tensor
     if tensor.is_floating_point() and param.is_floating_point() and tensor.element_size() >= 2:
         return tensor.to(param.dtype)
@@ -154,13 +153,16 @@ def _load(cfg: ModelConfig, reader, device, dtype: torch.dtype, quant_emulation:
     params = dict(model.named_parameters())
     state = {}
     plan = _plan(reader, params)
-    hold_bf16 = dtype in (torch.bfloat16, torch.float16)
+    hold_bf16, held = dtype in (torch.bfloat16, torch.float16), []
     for name, (src, scale) in tqdm(plan.items(), desc="loading", unit="tensor", disable=not progress):
-        scale_t = reader.get(scale) if scale else None
-        state[name] = _convert(src, reader.get(src), params[name], scale_t, hold_bf16).to(device)
+        tensor = reader.get(src)
+        if _held_bf16(tensor, params[name], hold_bf16):
+            held.append(name)
+        else:
+            tensor = _convert(src, tensor, params[name], reader.get(scale) if scale else None)
+        state[name] = tensor.to(device)
     model.load_state_dict(state, strict=True, assign=True)
-    model.held_bf16 = tuple(n for n, p in params.items() if p.dtype != state[n].dtype and p.is_floating_point()
-                            and state[n].dtype == torch.bfloat16)
+    model.held_bf16 = tuple(held)
     # NOTE: strict loading covers parameters and persistent buffers only; anything else built on the meta
     # device would fail much later, far from its cause.
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
