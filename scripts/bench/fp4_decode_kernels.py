@@ -1,0 +1,143 @@
+"""Micro-benchmark of every FP4 routed-expert kernel at the decode batches (and the 1k prefill), K 4096 -> N 2048,
+256 experts (the bench model's w1 / w3), so that one GPU call shows which kernel each regime should run.
+
+Per batch of tokens (top-6 of 256, uniform random scores, FP8-quantised bf16 rows sorted by expert, as the MoE's
+sorted path feeds them; the pair GEMV takes the same rows, it does not care about the order):
+* the path the MoE dispatches today (`ops.grouped_linear` from one row per expert, the pair GEMV below);
+* the pair GEMV (`fp4_gemv.fp4_pair_gemv`), the swapped-operand kernel (`fp4_grouped_swapped`), the FP8-MMA kernel
+  (`fp4_prefill_fp8mma`, the reference's FP8 x FP8 arithmetic: per-32 and folded, a few tiles and pipeline depths).
+Each row: us per call and TB/s of the weight bytes the call must read (the FP4 bytes and scales of the experts with
+rows, once), and its relative error against the dispatched result. Timing: `calls` back-to-back calls captured in
+one CUDA graph, each after an L2 flush (a zeroed 256 MB buffer), minus a graph of the flushes alone, divided by
+`calls`: a call's cold-cache time as a captured decode step runs it, without the graph launch's own latency (a
+single-kernel replay adds ~4-5 us, which is half of a batch-1 call's byte time).
+The FP8-MMA kernel's accumulation is below fp32 within a 32-K sub-block (the reference's own; flagged above 4e-3).
+Usage: python3 scripts/bench/fp4_decode_kernels.py [--tokens 1 8 64 1024] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from functools import partial
+
+import torch
+
+from dsv4 import ops
+from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
+from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
+from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
+from dsv4.quant import fake_quant_fp8
+
+E, N, K, TOP_K = 256, 2048, 4096, 6
+DEVICE = "cuda"
+FP4_TOL, FP8MMA_TOL = 1e-5, 4e-3
+# FP8-MMA: (block_m tokens, block_n weight rows, warps, stages, fold)
+FP8MMA_CONFIGS = [(16, 128, 4, 3, False), (16, 64, 4, 3, False), (16, 64, 4, 4, False), (16, 128, 4, 4, False),
+                  (16, 128, 8, 3, False), (16, 64, 4, 3, True), (16, 128, 4, 3, True), (32, 128, 4, 3, False)]
+SWAPPED_CONFIGS = [(16, 64, 4), (16, 128, 4), (32, 64, 4)]
+
+
+def graph_time(fn, flush: torch.Tensor, calls: int = 20, reps: int = 15) -> float:
+    """Seconds per call: `calls` x (flush, fn) in one graph minus `calls` flushes, medians over `reps` replays."""
+    def capture(body):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            body()
+        return g
+
+    def both():
+        for _ in range(calls):
+            flush.zero_()
+            fn()
+
+    def flushes():
+        for _ in range(calls):
+            flush.zero_()
+
+    def median(g):
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return statistics.median(times)
+    return max(median(capture(both)) - median(capture(flushes)), 0.0) / calls
+
+
+def rows_for(tokens: int, gen):
+    eid = torch.rand(tokens, E, device=DEVICE, generator=gen).topk(TOP_K, dim=-1).indices.flatten().sort().values
+    x = fake_quant_fp8(torch.randn(tokens * TOP_K, K, device=DEVICE, generator=gen), 128).bfloat16()
+    return eid, x
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def shape(tokens: int, w, s, gen, flush) -> dict:
+    eid, x = rows_for(tokens, gen)
+    m, used = eid.numel(), eid.unique().numel()
+    weight_bytes = used * N * (K // 2 + K // 32)
+    print(f"{tokens} tokens: {m} pairs over {used} experts ({weight_bytes / 1e6:.1f} MB of weights; "
+          f"floor {weight_bytes / 3.35e12 * 1e6:.1f} us at 3.35 TB/s)", flush=True)
+
+    def dispatched():
+        if m < E:                                   # the MoE's pair path (`routed_pairs`) below one row per expert
+            return fp4_pair_gemv(x, eid, w, s)
+        return ops.grouped_linear(x, eid, w, s, "fp4", fp8_grid=True)
+    ref = dispatched()
+    cands = [("dispatched", dispatched), ("pair GEMV", partial(fp4_pair_gemv, x, eid, w, s))]
+    cands += [(f"swapped korder {bm}x{bn}/{nw}", partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm,
+                                                         block_n=bn, num_warps=nw, korder=True))
+              for bm, bn, nw in SWAPPED_CONFIGS]
+    cands += [(f"fp8mma{' fold' if fold else ''} {bm}x{bn}/{nw} st{st}",
+               partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st,
+                       fp8mma="fold" if fold else True)) for bm, bn, nw, st, fold in FP8MMA_CONFIGS]
+    rows = []
+    for name, fn in cands:
+        try:
+            out = fn()
+            t = graph_time(fn, flush)
+        except Exception as e:                      # a config that does not compile / fit: say so, go on
+            print(f"  {name:<34} {type(e).__name__}: {str(e)[:150]}", flush=True)
+            rows.append({"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+        err = rel(out, ref)
+        tol = FP8MMA_TOL if "fp8mma" in name else FP4_TOL
+        flag = "" if err <= tol else "  MISMATCH"
+        print(f"  {name:<34} {t * 1e6:8.1f} us {weight_bytes / t / 1e12 if t else 0:6.2f} TB/s  rel err "
+              f"{err:.1e}{flag}", flush=True)
+        rows.append({"name": name, "us": t * 1e6, "weight_tbps": weight_bytes / t / 1e12 if t else None,
+                     "rel_err": err, "mismatch": bool(flag)})
+    return {"tokens": tokens, "pairs": m, "experts_used": used, "weight_bytes": weight_bytes, "kernels": rows}
+
+
+@torch.inference_mode()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)
+    s = torch.randint(118, 125, (E, N, K // 32), dtype=torch.uint8, device=DEVICE, generator=gen)
+    s = s.view(torch.float8_e8m0fnu)
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE)
+    shapes = [shape(t, w, s, gen, flush) for t in args.tokens]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "E": E, "N": N, "K": K, "shapes": shapes}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
