@@ -25,8 +25,9 @@ from functools import partial
 import torch
 
 from dsv4 import ops
+from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
 from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
-from dsv4.ops.triton.fp4_grouped_prefill import fp4_grouped_gemm_prefill
+from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets, fp4_grouped_gemm_prefill
 from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 from dsv4.quant import fake_quant_fp8
 
@@ -37,6 +38,10 @@ FP4_TOL, FP8MMA_TOL = 1e-5, 4e-3
 FP8MMA_CONFIGS = [(16, 128, 4, 3, False), (16, 64, 4, 3, False), (16, 64, 4, 4, False), (16, 128, 4, 4, False),
                   (16, 128, 8, 3, False), (16, 64, 4, 3, True), (16, 128, 4, 3, True), (32, 128, 4, 3, False)]
 SWAPPED_CONFIGS = [(16, 64, 4), (16, 128, 4), (32, 64, 4)]
+# The split-K decode kernel (`fp4_decode_fp8mma`): (mapping, split, block_n, warps); its partials summed in the call
+DECODE_CONFIGS = [("pairs", 1, 128, 4), ("pairs", 2, 128, 4), ("pairs", 4, 128, 4), ("pairs", 8, 128, 4),
+                  ("pairs", 4, 64, 4), ("pairs", 8, 64, 4), ("sorted", 1, 128, 4), ("sorted", 2, 128, 4),
+                  ("sorted", 4, 128, 4), ("sorted", 2, 64, 4), ("sorted", 1, 256, 8)]
 
 
 def graph_time(fn, flush: torch.Tensor, calls: int = 20, reps: int = 15) -> float:
@@ -103,6 +108,13 @@ def shape(tokens: int, w, s, gen, flush) -> dict:
     cands += [(f"fp8mma{' fold' if fold else ''} {bm}x{bn}/{nw} st{st}",
                partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st,
                        fp8mma="fold" if fold else True)) for bm, bn, nw, st, fold in FP8MMA_CONFIGS]
+    offs = expert_offsets(eid, E)
+
+    def decode(mapping, split, bn, nw):
+        return fp4_decode_fp8mma(x, eid, w, s, offs=offs if mapping == "sorted" else None, split=split,
+                                 block_n=bn, num_warps=nw).sum(0)
+    cands += [(f"decode_fp8mma {mp} split{sp} {bn}/{nw}", partial(decode, mp, sp, bn, nw))
+              for mp, sp, bn, nw in DECODE_CONFIGS if mp == "sorted" or m <= 8 * E]
     rows = []
     for name, fn in cands:
         try:
@@ -113,7 +125,7 @@ def shape(tokens: int, w, s, gen, flush) -> dict:
             rows.append({"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
         err = rel(out, ref)
-        tol = FP8MMA_TOL if "fp8mma" in name else FP4_TOL
+        tol = FP8MMA_TOL if "fp8mma" in name else FP4_TOL     # the decode_fp8mma rows too
         flag = "" if err <= tol else "  MISMATCH"
         print(f"  {name:<34} {t * 1e6:8.1f} us {weight_bytes / t / 1e12 if t else 0:6.2f} TB/s  rel err "
               f"{err:.1e}{flag}", flush=True)

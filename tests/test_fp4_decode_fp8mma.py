@@ -1,0 +1,128 @@
+"""The split-K FP8-MMA decode kernel (`ops/triton/fp4_decode_fp8mma.py`) against float64 and the twin.
+
+Precision class (as tests/test_fp4_prefill_fp8mma.py derives it): x on the FP8 grid per 128 block and e2m1 weights
+give exact products and power-of-two scalings, so only the order of fp32 additions is left: a 32-term dot per
+sub-block, 4 sub-block partials per block, K / 128 / split block sums per split, `split` partials summed by the
+caller: n <= 32 + 4 + K / 128 + split additions per output, |got - exact| <= n * 2^-24 * sum |x w| in the CPU
+interpreter (fp32 dots). On the GPU the FP8 MMA's own accumulation (below fp32, the reference kernel's) bounds a
+sub-block's partial by 2^-8 of its sum |x w|: that is the GPU test's class.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_helpers import exact_grouped, interpreted_json
+
+pytest.importorskip("dsv4.ops.triton.fp4_decode_fp8mma", reason="needs triton")
+
+K = 512
+N_BOUND = 32 + 4 + K // 128 + 4 + 1          # the fp32 class at K = 512 with up to 4 splits, units of 2^-24 sum |x w|
+
+_CHECK = """
+import json
+import torch
+from kernel_helpers import exact_grouped
+from dsv4 import ops
+from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
+from dsv4.ops.triton.fp4_prefill_fp8mma import X_ORDER
+from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets
+from dsv4.quant import fake_quant_fp8, quant_fp4
+gen = torch.Generator().manual_seed(5)
+K = 512
+ws = [quant_fp4(torch.randn(80, K, generator=gen) / 16) for _ in range(9)]
+w, s = torch.stack([a for a, _ in ws]), torch.stack([b for _, b in ws])
+s[2, 3, 5] = torch.tensor(0, dtype=torch.uint8).view(s.dtype)       # 2^-127: the exact e8m0 decode
+s[6, 70, 9] = torch.tensor(1, dtype=torch.uint8).view(s.dtype)
+
+
+def ulps(got, x, eid):
+    ref, mag = exact_grouped(x, eid, w, s)
+    return ((got.double() - ref).abs() / mag * 2**24).max().item()
+
+
+res = {}
+x = torch.randn(23, K, generator=gen) * 3
+x[4, :128] *= 2.0**-20                                   # blocks of one row far apart in scale
+x = fake_quant_fp8(x, 128)
+# pairs, any order (experts repeat, 2 and 6 among them)
+pid = torch.tensor([6, 2, 2, 0, 8, 6, 1, 2, 3, 4, 5, 7, 6, 0, 2, 8, 1, 1, 3, 6, 2, 7, 4])
+res['pairs'] = [ulps(fp4_decode_fp8mma(x, pid, w, s, split=sp).sum(0), x, pid) for sp in (1, 2, 4)]
+# sorted: experts 0, 5 have no rows, expert 2 has 17 (two 16-row tiles), the others 1-2
+eid = torch.tensor([1] + [2] * 17 + [3, 4, 4, 6, 8])
+offs = expert_offsets(eid, 9)
+res['sorted'] = [ulps(fp4_decode_fp8mma(x, eid, w, s, offs=offs, split=sp).sum(0), x, eid) for sp in (1, 4)]
+twin = ops.grouped_linear.twin(x, eid, w, s, 'fp4')
+res['twin'] = ulps(twin, x, eid)
+# block_n 128 over N = 80 (one partial tile), 32-row tiles
+res['wide'] = ulps(fp4_decode_fp8mma(x, eid, w, s, offs=offs, split=2, block_n=128, block_m=32).sum(0), x, eid)
+# the partials are per split: each split alone is that K range's product
+p = fp4_decode_fp8mma(x, pid, w, s, split=4)
+xk = x.clone()
+xk[:, 128:] = 0
+res['split0'] = ulps(p[0], xk, pid)
+res['empty'] = list(fp4_decode_fp8mma(x[:0], eid[:0], w, s, offs=expert_offsets(eid[:0], 9)).shape)
+# a NaN scale (byte 255) reaches exactly the twin's outputs
+s[3, 7, 2] = torch.tensor(255, dtype=torch.uint8).view(s.dtype)
+nan = fp4_decode_fp8mma(x, eid, w, s, offs=offs, split=2).sum(0).isnan()
+res['nan'] = [torch.equal(nan, ops.grouped_linear.twin(x, eid, w, s, 'fp4').isnan()), nan.sum().item()]
+print(json.dumps(res))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    return interpreted_json(_CHECK, tmp_path_factory.mktemp("decode_fp8mma"))
+
+
+def test_decode_fp8mma_is_the_fp32_class_in_every_mapping(interpreted):
+    """Pairs in any order (experts repeated), sorted rows with empty experts and a two-tile expert, 1-4 splits,
+    64- and 128-row weight tiles over N = 80, scale bytes 0 and 1: within n + 1 units of 2^-24 sum |x w| of the
+    exact product (the twin is within 1)."""
+    r = interpreted
+    assert max(r["pairs"]) <= N_BOUND and max(r["sorted"]) <= N_BOUND and r["wide"] <= N_BOUND, r
+    assert r["twin"] <= 1, r
+    assert r["split0"] <= N_BOUND, r
+    assert r["empty"] == [1, 0, 80], r
+
+
+def test_decode_fp8mma_nan_scale_reaches_the_twins_outputs(interpreted):
+    """Scale byte 255 of expert 3's weight row 7: output column 7 of its one row is NaN, as the twin's, and no other."""
+    assert interpreted["nan"] == [True, 1], interpreted
+
+
+def test_decode_fp8mma_checks_its_options():
+    from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
+
+    w, s = torch.zeros(3, 64, 128, dtype=torch.int8), torch.zeros(3, 64, 8, dtype=torch.uint8)
+    x, eid = torch.zeros(5, 256), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(ValueError, match="split"):
+        fp4_decode_fp8mma(x, eid, w, s.view(torch.float8_e8m0fnu), split=3)
+    with pytest.raises(ValueError, match="do not fit"):
+        fp4_decode_fp8mma(x[:, :128], eid, w, s.view(torch.float8_e8m0fnu))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+def test_decode_fp8mma_on_cuda_at_flash_dims(tokens):
+    """Flash's expert shapes (K 4096 -> N 2048, 256 experts), the decode batches' pair and sorted mappings: within
+    the FP8 MMA's class (2^-8 of each sub-block's sum |x w|, so 2^-8 of sum |x w| elementwise) of float64, and the
+    sorted mapping equal to the pair mapping up to the fp32 summation order (the same products and partials)."""
+    from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
+    from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets
+    from dsv4.quant import fake_quant_fp8
+
+    gen = torch.Generator("cuda").manual_seed(tokens)
+    E, N, Kf = 256, 2048, 4096
+    w = torch.randint(-128, 128, (E, N, Kf // 2), dtype=torch.int8, device="cuda", generator=gen)
+    s = torch.randint(118, 125, (E, N, Kf // 32), dtype=torch.uint8, device="cuda", generator=gen)
+    s = s.view(torch.float8_e8m0fnu)
+    eid = torch.rand(tokens, E, device="cuda", generator=gen).topk(6, dim=-1).indices.flatten().sort().values
+    x = fake_quant_fp8(torch.randn(eid.numel(), Kf, device="cuda", generator=gen), 128).bfloat16()
+    ref, mag = exact_grouped(x, eid, w, s)
+    with torch.inference_mode():
+        pairs = fp4_decode_fp8mma(x, eid, w, s, split=4).sum(0)
+        grouped = fp4_decode_fp8mma(x, eid, w, s, offs=expert_offsets(eid, E), split=4).sum(0)
+    assert ((pairs.double() - ref).abs() / mag).max().item() <= 2**-8
+    assert ((grouped.double() - pairs.double()).abs() / mag).max().item() <= 2**-20
