@@ -38,10 +38,14 @@ FP4_TOL, FP8MMA_TOL = 1e-5, 4e-3
 FP8MMA_CONFIGS = [(16, 128, 4, 3, False), (16, 64, 4, 3, False), (16, 64, 4, 4, False), (16, 128, 4, 4, False),
                   (16, 128, 8, 3, False), (16, 64, 4, 3, True), (16, 128, 4, 3, True), (32, 128, 4, 3, False)]
 SWAPPED_CONFIGS = [(16, 64, 4), (16, 128, 4), (32, 64, 4)]
-# The split-K decode kernel (`fp4_decode_fp8mma`): (mapping, split, block_n, warps); its partials summed in the call
-DECODE_CONFIGS = [("pairs", 1, 128, 4), ("pairs", 2, 128, 4), ("pairs", 4, 128, 4), ("pairs", 8, 128, 4),
-                  ("pairs", 4, 64, 4), ("pairs", 8, 64, 4), ("sorted", 1, 128, 4), ("sorted", 2, 128, 4),
-                  ("sorted", 4, 128, 4), ("sorted", 2, 64, 4), ("sorted", 1, 256, 8)]
+# The split-K decode kernel (`fp4_decode_fp8mma`): (mapping, split, block_m, block_n, warps); its partials summed
+# in the call. Offline (sm_90, Triton 3.9) K loop instructions per weight: 16 x 64 / 4 warps 4.6, 16 x 128 / 4 3.3,
+# 8 x 128 / 4 ~2.8, 8 x 256 / 4 ~2.4 (the wgmma's N 8: half the FFMAs of the per-32 scaling)
+DECODE_CONFIGS = [("pairs", 1, 16, 128, 4), ("pairs", 2, 16, 128, 4), ("pairs", 4, 16, 128, 4),
+                  ("pairs", 8, 16, 128, 4), ("pairs", 4, 16, 64, 4), ("pairs", 4, 8, 128, 4), ("pairs", 8, 8, 128, 4),
+                  ("pairs", 4, 8, 256, 4), ("sorted", 1, 16, 128, 4), ("sorted", 2, 16, 128, 4),
+                  ("sorted", 4, 16, 128, 4), ("sorted", 2, 8, 128, 4), ("sorted", 2, 8, 256, 4),
+                  ("sorted", 1, 16, 256, 8)]
 
 
 def graph_time(fn, flush: torch.Tensor, calls: int = 20, reps: int = 15) -> float:
@@ -110,11 +114,11 @@ def shape(tokens: int, w, s, gen, flush) -> dict:
                        fp8mma="fold" if fold else True)) for bm, bn, nw, st, fold in FP8MMA_CONFIGS]
     offs = expert_offsets(eid, E)
 
-    def decode(mapping, split, bn, nw):
+    def decode(mapping, split, bm, bn, nw):
         return fp4_decode_fp8mma(x, eid, w, s, offs=offs if mapping == "sorted" else None, split=split,
-                                 block_n=bn, num_warps=nw).sum(0)
-    cands += [(f"decode_fp8mma {mp} split{sp} {bn}/{nw}", partial(decode, mp, sp, bn, nw))
-              for mp, sp, bn, nw in DECODE_CONFIGS if mp == "sorted" or m <= 8 * E]
+                                 block_m=bm, block_n=bn, num_warps=nw).sum(0)
+    cands += [(f"decode_fp8mma {mp} split{sp} {bm}x{bn}/{nw}", partial(decode, mp, sp, bm, bn, nw))
+              for mp, sp, bm, bn, nw in DECODE_CONFIGS if mp == "sorted" or m <= 8 * E]
     rows = []
     for name, fn in cands:
         try:

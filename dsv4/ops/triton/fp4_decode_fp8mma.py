@@ -88,7 +88,7 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     [split, M, N] (their sum over dim 0 is x[m] @ W[eid[m]]^T). `offs` None: the rows are pairs, any order, one
     program per row; else rows sorted by expert with `offs` int32 [E + 1] their offsets (`expert_offsets`), one
     program per expert with rows. `split` must divide K / 128. block_n: weight rows per program (the wgmma's M, a
-    multiple of 64); block_m: tokens per tile (its N, a power of two >= 16)."""
+    multiple of 64); block_m: tokens per tile (its N, a power of two >= 8)."""
     M, K = x.shape
     E, N, half = weight.shape
     if (half * 2 != K or K % 128 or tuple(scale.shape) != (E, N, K // 32) or eid.shape != (M,)
@@ -97,9 +97,9 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
                          f"{tuple(weight.shape)}, scale {tuple(scale.shape)}"
                          f"{'' if offs is None else f', offs {tuple(offs.shape)}'} do not fit [M, K], [M], "
                          f"[E, N, K/2], [E, N, K/32], [E + 1] with K a multiple of 128")
-    if split < 1 or (K // 128) % split or block_n % 64 or block_m < 16 or block_m & (block_m - 1):
+    if split < 1 or (K // 128) % split or block_n % 64 or block_m < 8 or block_m & (block_m - 1):
         raise ValueError(f"fp4_decode_fp8mma: split ({split}) must divide K / 128 ({K // 128}), block_n "
-                         f"({block_n}) be a multiple of 64 and block_m ({block_m}) a power of two >= 16")
+                         f"({block_n}) be a multiple of 64 and block_m ({block_m}) a power of two >= 8")
     out = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
