@@ -16,7 +16,9 @@ on their loads one 128-K block at a time. Here:
 * programs map to work directly: `pairs=True`, one per row (the MoE's pair rows, any order: row r's expert is
   eid[r]); else one per expert WITH rows (rows sorted by expert; program i finds the i-th such expert from the
   offsets), not one per expert of the 256, most of which exit at once at decode batches;
-* the e8m0 scales decode exactly (bytes 0 and 255 too) in the loop: no per-program pass over the scales first.
+* the e8m0 scales: one load of the program's scale words first finds whether a byte 0 or 255 (2^-127, NaN) is
+  among them (`_special_scales`); then the K loop decodes the bytes exactly, else by placing them in the fp32
+  exponent (offline 3.3 -> 2.9 instructions per weight at 16 x 128).
 Exactness: x on the FP8 grid per 128-K block (the MoE's act-quant emulation) becomes e4m3 codes and power-of-two
 scales (`x_operand`, exact); every product of an e4m3 code and an e2m1 value is exact; scalings are powers of two.
 On the GPU the FP8 MMA sums a sub-block's 32 products in its own accumulator, below fp32 (the reference kernel's
@@ -54,6 +56,19 @@ def _slot_rows(slot, eid_ptr, offs_ptr, E: tl.constexpr, E_POW2: tl.constexpr, P
 
 
 @triton.jit
+def _special_scales(s_ptr, rows, n_ok, kb0, BLOCKS: tl.constexpr, N_SCALES: tl.constexpr):
+    """Does a scale byte 0 or 255 (the exact e8m0 decode's cases) sit in the rows' K range (128-K blocks kb0 ..
+    kb0 + BLOCKS)? One load of the range's int32 words (a block's four bytes each); per word, a byte b is 0 or 255
+    iff its bits 1-7 each equal the bit below, i.e. iff its byte of (w ^ (w << 1)) & 0xFEFEFEFE is zero, which the
+    classic zero-byte test finds exactly."""
+    words = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (N_SCALES // 4) + kb0
+                    + tl.arange(0, BLOCKS)[None, :], mask=n_ok[:, None], other=0x7F7F7F7F)
+    v = (words ^ (words << 1)) & -16843010                               # 0xFEFEFEFE
+    zero_byte = (v - 0x01010101) & ~v & -2139062144                      # 0x80808080
+    return tl.max(tl.max((zero_byte != 0).to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
 def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr,
                        HALF: tl.constexpr, N_SCALES: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
                        E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -64,16 +79,23 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
     rows = e * N + offs_n                                             # [BLOCK_N] rows of the stacked weight
     split = tl.program_id(2)
     kb0 = split * BLOCKS_PER_SPLIT
+    special = _special_scales(s_ptr, rows, n_ok, kb0, BLOCKS_PER_SPLIT, N_SCALES)   # (no rows: expert 0, unused)
     m0 = start
     while m0 < end:                 # (a while: no rows, no iteration)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < end
         xq_row = xq_ptr + offs_m[:, None].to(tl.int64) * K
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)          # out^T tile
-        for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
-            xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
-            acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF, N_SCALES, K, True, False,
-                               HW, ASM)
+        if special:                 # the exact e8m0 decode in the loop (~0.4 instructions per weight more)
+            for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
+                xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
+                acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF, N_SCALES, K, True,
+                                   False, HW, ASM)
+        else:                       # bytes 1 .. 254: placed in the fp32 exponent
+            for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
+                xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
+                acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF, N_SCALES, K, False,
+                                   False, HW, ASM)
         # masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored
         at = out_ptr + (split * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
         tl.store(at, acc * 64.0, mask=m_ok[None, :] & n_ok[:, None])      # 64: the codes' bias 2^-6
