@@ -127,3 +127,56 @@ def test_decode_fp8mma_on_cuda_at_flash_dims(tokens):
         grouped = fp4_decode_fp8mma(x, eid, w, s, offs=expert_offsets(eid, E), split=4).sum(0)
     assert ((pairs.double() - ref).abs() / mag).max().item() <= 2**-8
     assert ((grouped.double() - pairs.double()).abs() / mag).max().item() <= 2**-20
+
+
+def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
+    """The plan: None off the FP8 grid or with the switch off; K split (dividing K / 128, at most 8) until ~528
+    programs run: 6 pairs x 16 weight-row blocks -> 8, 48 pairs -> 1 (768 programs already)."""
+    from dsv4.ops.moe_pairs import decode_fp8mma_plan
+
+    x, w = torch.zeros(6, 4096, dtype=torch.bfloat16), torch.zeros(256, 2048, 2048, dtype=torch.int8)
+    monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
+    assert decode_fp8mma_plan(x, w, True, slots=6) == (8, 8, 128, 4)
+    assert decode_fp8mma_plan(x, w, True, slots=48) == (1, 8, 128, 4)
+    assert decode_fp8mma_plan(x[:, :384], w, True, slots=6) == (1, 8, 128, 4)        # 3 blocks: no split divides
+    assert decode_fp8mma_plan(x, w, False, slots=6) is None
+    monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "0")
+    assert decode_fp8mma_plan(x, w, True, slots=6) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+def test_decode_kernel_is_dispatched_from_both_ops(monkeypatch, tokens):
+    """With DSV4_FP4_DECODE_MMA=1, `pair_linear` (pairs in token order) and `grouped_linear` (sorted rows, the MoE's
+    bf16 output scattered to pair order) run the kernel for FP8-grid x and stay within its class of float64."""
+    from dsv4 import ops
+    from dsv4.ops import grouped_linear, moe_pairs
+    from dsv4.quant import fake_quant_fp8
+
+    monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
+    calls = []
+
+    def counted(*args):
+        calls.append(args[4] is None)
+        return kernel(*args)
+    kernel = moe_pairs._fp4_decode_fp8mma
+    monkeypatch.setattr(moe_pairs, "_fp4_decode_fp8mma", counted)
+    monkeypatch.setattr(grouped_linear, "_fp4_decode_fp8mma", counted)
+    gen = torch.Generator("cuda").manual_seed(tokens + 100)
+    E, N, Kf = 256, 2048, 4096
+    w = torch.randint(-128, 128, (E, N, Kf // 2), dtype=torch.int8, device="cuda", generator=gen)
+    s = torch.randint(118, 125, (E, N, Kf // 32), dtype=torch.uint8, device="cuda", generator=gen)
+    s = s.view(torch.float8_e8m0fnu)
+    ids = torch.rand(tokens, E, device="cuda", generator=gen).topk(6, dim=-1).indices.flatten()
+    x = fake_quant_fp8(torch.randn(ids.numel(), Kf, device="cuda", generator=gen), 128).bfloat16()
+    ref, mag = exact_grouped(x, ids, w, s)
+    with torch.inference_mode():
+        pairs = ops.pair_linear(x, ids, w, s, "fp4", fp8_grid=True)
+        order = ids.argsort(stable=True)
+        grouped = ops.grouped_linear(x[order], ids[order], w, s, "fp4", fp8_grid=True, out_dtype=torch.bfloat16,
+                                     out_index=order)
+    assert calls == [True, False], calls          # pairs, then sorted rows: the kernel ran both times
+    assert ((pairs.double() - ref).abs() / mag).max().item() <= 2**-8
+    # bf16 output: one more rounding, 2^-9 of |y| <= 2^-9 of sum |x w|
+    assert ((grouped.double() - ref).abs() / mag).max().item() <= 2**-8 + 2**-9

@@ -230,8 +230,9 @@ class MoE(nn.Module):
         e = ids.flatten()
         # [n*k, D], pair p = token p // k; quantised once per token for w1 and w3 (as in `routed_sorted`)
         xp = self._quantised_input(ex.w1, x).repeat_interleave(k, dim=0)
-        gate = ops.pair_linear(xp, e, *stacks["w1"], ex.w1.fmt).to(x.dtype).float()
-        up = ops.pair_linear(xp, e, *stacks["w3"], ex.w3.fmt).to(x.dtype).float()
+        grid = self._fp8_grid(ex.w1)                       # the FP8 grid per 128: the kernels may take FP8 x FP8
+        gate = ops.pair_linear(xp, e, *stacks["w1"], ex.w1.fmt, fp8_grid=grid).to(x.dtype).float()
+        up = ops.pair_linear(xp, e, *stacks["w3"], ex.w3.fmt, fp8_grid=grid).to(x.dtype).float()
         h = ex.hidden(gate, up, weights.reshape(-1, 1)).to(x.dtype)
         out = self._pair_linear(ex.w2, h, e, stacks["w2"]).to(x.dtype).float()
         return out.view(n, k, -1).sum(dim=1)
@@ -310,7 +311,8 @@ class MoE(nn.Module):
 
     @staticmethod
     def _pair_linear(linear: Linear, x: torch.Tensor, e: torch.Tensor, stack) -> torch.Tensor:
-        return ops.pair_linear(MoE._quantised_input(linear, x), e, stack[0], stack[1], linear.fmt)
+        return ops.pair_linear(MoE._quantised_input(linear, x), e, stack[0], stack[1], linear.fmt,
+                               fp8_grid=MoE._fp8_grid(linear))
 
     def stacked_experts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """{"w1" | "w2" | "w3": (weight [E, ...], scale [E, ...] or None)} as stored. Built once; every expert's

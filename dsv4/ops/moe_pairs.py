@@ -3,6 +3,9 @@
 `pair_linear(x, ids, weight, scale, fmt)` = x[p] @ W[ids[p]]^T for stacked expert weights [E, N, ...] as stored
 (FP4 packed + e8m0, or FP8 + 128x128 e8m0). The plain twin gathers and dequantises the named experts; the Triton
 kernel (`ops/triton/fp4_gemv.py`) decodes FP4 in-kernel and reads only those experts. Both accumulate in fp32.
+`fp8_grid=True` is the caller's word that x is on the FP8 grid per 128-K block (the MoE's act-quant emulation):
+the product is the same, and then the split-K FP8-MMA decode kernel may take the call (`decode_fp8mma_plan`,
+`ops/triton/fp4_decode_fp8mma.py`: the reference's FP8 x FP8 arithmetic; DSV4_FP4_DECODE_MMA).
 """
 
 from __future__ import annotations
@@ -10,12 +13,13 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops.ref import dequant_weight
-from dsv4.ops.registry import custom_op, dispatch, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
 
 
 def _pair_linear_twin(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                      fmt: str) -> torch.Tensor:
-    """x [P, K], ids [P] -> fp32 [P, N] (float64 accumulation for fp32 inputs, like `ops.dense`)."""
+                      fmt: str, fp8_grid: bool = False) -> torch.Tensor:
+    """x [P, K], ids [P] -> fp32 [P, N] (float64 accumulation for fp32 inputs, like `ops.dense`); `fp8_grid`
+    changes nothing here (the module docstring)."""
     acc = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
     w = _dequant_gathered(weight[ids], None if scale is None else scale[ids], fmt)
     return torch.einsum("pk,pnk->pn", x.to(acc), w.to(acc)).float()
@@ -32,12 +36,52 @@ def _dequant_gathered(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> torc
 pair_linear = dispatch("pair_linear", _pair_linear_twin)
 
 
-def _fp4_applies(x, ids, weight, scale, fmt) -> bool:
+def _fp4_applies(x, ids, weight, scale, fmt, fp8_grid=False) -> bool:
     return fmt == "fp4" and x.is_cuda and x.shape[1] % 128 == 0 and not torch.is_grad_enabled()
 
 
-def _fp4_kernel(x, ids, weight, scale, fmt):
+def _fp4_kernel(x, ids, weight, scale, fmt, fp8_grid=False):
+    plan = decode_fp8mma_plan(x, weight, fp8_grid, slots=x.shape[0])
+    if plan is not None:
+        # the partials' sum is traced with the caller: under compile it fuses into the consumer (SwiGLU, the sum)
+        return _fp4_decode_fp8mma(x.contiguous(), ids, weight, scale, None, *plan).sum(0)
     return _fp4_pair_gemv(x.contiguous(), ids, weight, scale)
+
+
+DECODE_MMA_DEFAULT = False        # DSV4_FP4_DECODE_MMA's default (read at each call)
+_WAVE_PROGRAMS = 4 * 132          # programs that keep an H100's 132 SMs busy with their loads in flight
+
+
+def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool,
+                       slots: int) -> tuple[int, int, int, int] | None:
+    """(split, block_m, block_n, num_warps) of the split-K FP8-MMA decode kernel for a call of `slots` programs
+    per weight-row block (pairs: one per row; sorted rows: one per expert with rows), or None where it does not
+    run: x off the FP8 grid (its FP8 x FP8 products would not be exact), K not a multiple of 128, or
+    DSV4_FP4_DECODE_MMA off. 8 tokens x 128 weight rows per tile (the wgmma's N 8: offline 2.4 SASS instructions
+    per weight, against 2.9 at 16), K split so that the call runs about `_WAVE_PROGRAMS` programs."""
+    if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] % 128 == 0
+            and env_switch("DSV4_FP4_DECODE_MMA", default=DECODE_MMA_DEFAULT)):
+        return None
+    blocks, tiles = x.shape[1] // 128, max(1, slots * -(-weight.shape[1] // 128))
+    split = 1
+    while split * tiles < _WAVE_PROGRAMS and blocks % (2 * split) == 0 and split < 8:
+        split *= 2
+    return split, 8, 128, 4
+
+
+def _decode_fake(x, eid, weight, scale, offs, split, block_m, block_n, num_warps):
+    return x.new_empty(split, x.shape[0], weight.shape[1], dtype=torch.float32)
+
+
+@custom_op("fp4_decode_fp8mma", _decode_fake)
+def _fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       offs: torch.Tensor | None, split: int, block_m: int, block_n: int,
+                       num_warps: int) -> torch.Tensor:
+    """fp32 partials [split, M, N] (`fp4_decode_fp8mma`); `offs` None: pair rows, else sorted rows' offsets."""
+    from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
+
+    return fp4_decode_fp8mma(x, eid, weight, scale, offs=offs, split=split, block_m=block_m, block_n=block_n,
+                             num_warps=num_warps)
 
 
 @custom_op("fp4_pair_gemv", lambda x, ids, weight, scale: x.new_empty(x.shape[0], weight.shape[1],
