@@ -38,14 +38,15 @@ FP4_TOL, FP8MMA_TOL = 1e-5, 4e-3
 FP8MMA_CONFIGS = [(16, 128, 4, 3, False), (16, 64, 4, 3, False), (16, 64, 4, 4, False), (16, 128, 4, 4, False),
                   (16, 128, 8, 3, False), (16, 64, 4, 3, True), (16, 128, 4, 3, True), (32, 128, 4, 3, False)]
 SWAPPED_CONFIGS = [(16, 64, 4), (16, 128, 4), (32, 64, 4)]
-# The split-K decode kernel (`fp4_decode_fp8mma`): (mapping, split, block_m, block_n, warps); its partials summed
-# in the call. Offline (sm_90, Triton 3.9) K loop instructions per weight: 16 x 64 / 4 warps 4.6, 16 x 128 / 4 3.3,
-# 8 x 128 / 4 ~2.8, 8 x 256 / 4 ~2.4 (the wgmma's N 8: half the FFMAs of the per-32 scaling)
-DECODE_CONFIGS = [("pairs", 1, 16, 128, 4), ("pairs", 2, 16, 128, 4), ("pairs", 4, 16, 128, 4),
-                  ("pairs", 8, 16, 128, 4), ("pairs", 4, 16, 64, 4), ("pairs", 4, 8, 128, 4), ("pairs", 8, 8, 128, 4),
-                  ("pairs", 4, 8, 256, 4), ("sorted", 1, 16, 128, 4), ("sorted", 2, 16, 128, 4),
-                  ("sorted", 4, 16, 128, 4), ("sorted", 2, 8, 128, 4), ("sorted", 2, 8, 256, 4),
-                  ("sorted", 1, 16, 256, 8)]
+# The split-K decode kernel (`fp4_decode_fp8mma`): (mapping, split, block_m, block_n, warps, stages); its partials
+# summed in the call. Offline (sm_90, Triton 3.9) K loop instructions per weight: 16 x 128 / 4 warps 2.9, 8 x 128 /
+# 4 2.4 (1 stage: 2.2, no weight tile through shared memory), 8 x 256 / 4 2.0 (the wgmma's N 8: half the FFMAs).
+DECODE_CONFIGS = [("pairs", 1, 16, 128, 4, 3), ("pairs", 4, 16, 128, 4, 3), ("pairs", 8, 16, 128, 4, 3),
+                  ("pairs", 4, 8, 128, 4, 3), ("pairs", 8, 8, 128, 4, 3), ("pairs", 8, 8, 128, 4, 1),
+                  ("pairs", 8, 8, 128, 4, 2), ("pairs", 4, 8, 256, 4, 3), ("pairs", 8, 8, 256, 4, 1),
+                  ("sorted", 1, 16, 128, 4, 3), ("sorted", 2, 16, 128, 4, 3), ("sorted", 1, 8, 128, 4, 3),
+                  ("sorted", 2, 8, 128, 4, 3), ("sorted", 2, 8, 128, 4, 1), ("sorted", 4, 8, 128, 4, 1),
+                  ("sorted", 2, 8, 256, 4, 3), ("sorted", 1, 16, 256, 8, 3)]
 
 
 def graph_time(fn, flush: torch.Tensor, calls: int = 20, reps: int = 15) -> float:
@@ -114,11 +115,11 @@ def shape(tokens: int, w, s, gen, flush) -> dict:
                        fp8mma="fold" if fold else True)) for bm, bn, nw, st, fold in FP8MMA_CONFIGS]
     offs = expert_offsets(eid, E)
 
-    def decode(mapping, split, bm, bn, nw):
+    def decode(mapping, split, bm, bn, nw, st):
         return fp4_decode_fp8mma(x, eid, w, s, offs=offs if mapping == "sorted" else None, split=split,
-                                 block_m=bm, block_n=bn, num_warps=nw).sum(0)
-    cands += [(f"decode_fp8mma {mp} split{sp} {bm}x{bn}/{nw}", partial(decode, mp, sp, bm, bn, nw))
-              for mp, sp, bm, bn, nw in DECODE_CONFIGS if mp == "sorted" or m <= 8 * E]
+                                 block_m=bm, block_n=bn, num_warps=nw, num_stages=st).sum(0)
+    cands += [(f"decode_fp8mma {mp} split{sp} {bm}x{bn}/{nw} st{st}", partial(decode, mp, sp, bm, bn, nw, st))
+              for mp, sp, bm, bn, nw, st in DECODE_CONFIGS if mp == "sorted" or m <= 8 * E]
     rows = []
     for name, fn in cands:
         try:
