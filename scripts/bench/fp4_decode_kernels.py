@@ -25,7 +25,7 @@ from functools import partial
 import torch
 
 from dsv4 import ops
-from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
+from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma, tile_major
 from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
 from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets, fp4_grouped_gemm_prefill
 from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
@@ -94,7 +94,14 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def shape(tokens: int, w, s, gen, flush) -> dict:
+# --only tiled: the decode kernel over the tile-major layout (`tile_major`: each program's 128-K block one
+# contiguous 8 KB run instead of 128 rows 2 KB apart) against the same kernel over the stored layout
+TILED_CONFIGS = [("pairs", 4, 16, 128, 4, 3), ("pairs", 8, 16, 128, 4, 3), ("pairs", 4, 16, 64, 4, 3),
+                 ("sorted", 1, 16, 128, 4, 3), ("sorted", 2, 16, 128, 4, 3), ("sorted", 1, 16, 64, 4, 3),
+                 ("sorted", 1, 16, 128, 4, 4)]
+
+
+def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     eid, x = rows_for(tokens, gen)
     m, used = eid.numel(), eid.unique().numel()
     weight_bytes = used * N * (K // 2 + K // 32)
@@ -107,19 +114,39 @@ def shape(tokens: int, w, s, gen, flush) -> dict:
         return ops.grouped_linear(x, eid, w, s, "fp4", fp8_grid=True)
     ref = dispatched()
     cands = [("dispatched", dispatched), ("pair GEMV", partial(fp4_pair_gemv, x, eid, w, s))]
+    offs = expert_offsets(eid, E)
+    if only == "tiled":
+        return _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands[:1])
     cands += [(f"swapped korder {bm}x{bn}/{nw}", partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm,
                                                          block_n=bn, num_warps=nw, korder=True))
               for bm, bn, nw in SWAPPED_CONFIGS]
     cands += [(f"fp8mma{' fold' if fold else ''} {bm}x{bn}/{nw} st{st}",
                partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st,
                        fp8mma="fold" if fold else True)) for bm, bn, nw, st, fold in FP8MMA_CONFIGS]
-    offs = expert_offsets(eid, E)
 
     def decode(mapping, split, bm, bn, nw, st):
         return fp4_decode_fp8mma(x, eid, w, s, offs=offs if mapping == "sorted" else None, split=split,
                                  block_m=bm, block_n=bn, num_warps=nw, num_stages=st).sum(0)
     cands += [(f"decode_fp8mma {mp} split{sp} {bm}x{bn}/{nw} st{st}", partial(decode, mp, sp, bm, bn, nw, st))
               for mp, sp, bm, bn, nw, st in DECODE_CONFIGS if mp == "sorted" or m <= 8 * E]
+    return _timed_rows(tokens, m, used, weight_bytes, cands, ref, flush)
+
+
+_TILED: dict[int, torch.Tensor] = {}
+
+
+def _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands) -> dict:
+    for mp, sp, bm, bn, nw, st in TILED_CONFIGS:
+        wt = _TILED.setdefault(bn, tile_major(w, bn))
+        for name, weight, tiled in (("stored", w, False), ("TILED", wt, True)):
+            cands.append((f"decode {name} {mp} split{sp} {bm}x{bn}/{nw} st{st}", partial(
+                lambda *a, **k: fp4_decode_fp8mma(*a, **k).sum(0), x, eid, weight, s,
+                offs=offs if mp == "sorted" else None, split=sp, block_m=bm, block_n=bn, num_warps=nw,
+                num_stages=st, tiled=tiled)))
+    return _timed_rows(tokens, eid.numel(), eid.unique().numel(), weight_bytes, cands, ref, flush)
+
+
+def _timed_rows(tokens, m, used, weight_bytes, cands, ref, flush) -> dict:
     rows = []
     for name, fn in cands:
         try:
@@ -130,7 +157,7 @@ def shape(tokens: int, w, s, gen, flush) -> dict:
             rows.append({"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
         err = rel(out, ref)
-        tol = FP8MMA_TOL if "fp8mma" in name else FP4_TOL     # the decode_fp8mma rows too
+        tol = FP8MMA_TOL if "fp8mma" in name or "decode" in name else FP4_TOL
         flag = "" if err <= tol else "  MISMATCH"
         print(f"  {name:<34} {t * 1e6:8.1f} us {weight_bytes / t / 1e12 if t else 0:6.2f} TB/s  rel err "
               f"{err:.1e}{flag}", flush=True)
@@ -144,13 +171,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--only", choices=["all", "tiled"], default="all")
     args = p.parse_args()
     gen = torch.Generator(DEVICE).manual_seed(0)
     w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)
     s = torch.randint(118, 125, (E, N, K // 32), dtype=torch.uint8, device=DEVICE, generator=gen)
     s = s.view(torch.float8_e8m0fnu)
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE)
-    shapes = [shape(t, w, s, gen, flush) for t in args.tokens]
+    shapes = [shape(t, w, s, gen, flush, args.only) for t in args.tokens]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "E": E, "N": N, "K": K, "shapes": shapes}, f, indent=1)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.triton.fp4_prefill_fp8mma import _per32_block, x_operand
+from dsv4.ops.triton.fp4_prefill_fp8mma import _dot8, _per32_block, _placed_codes, _sub_block_scale, x_operand
 
 
 @triton.jit
@@ -56,6 +56,28 @@ def _slot_rows(slot, eid_ptr, offs_ptr, E: tl.constexpr, E_POW2: tl.constexpr, P
 
 
 @triton.jit
+def _per32_block_tiled(acc, xq_row, xs, m_ok, w_tile, s_ptr, rows, r, n_ok, kb, N_SCALES: tl.constexpr,
+                       EXACT: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
+    """`_per32_block` over a tile-major weight (`tile_major`): the 128-K block's [BLOCK_N, 64] bytes contiguous at
+    w_tile, row r at r * 64 (an experiment: does one contiguous 8 KB run per block reach more bandwidth?)."""
+    sw = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rows * (N_SCALES // 4) + kb, mask=n_ok, other=0x7F7F7F7F)
+    blk = tl.zeros(acc.shape, dtype=tl.float32)
+    for g in tl.static_range(4):
+        w = _placed_codes(w_tile, r, n_ok, g * 16, 64, ASM)
+        xq = tl.load(xq_row + kb * 128 + g * 32 + tl.arange(0, 32)[None, :], mask=m_ok[:, None], other=0.0)
+        blk += _dot8(w, xq, HW) * _sub_block_scale(sw, g, EXACT)[:, None]
+    return acc + blk * xs[None, :]
+
+
+def tile_major(weight: torch.Tensor, block_n: int) -> torch.Tensor:
+    """int8 [E, N, K/2] -> the same bytes laid out as [E, N / block_n, K / 128, block_n, 64] (viewed as [E, N, K/2]):
+    each program's 128-K block one contiguous run (the layout `tiled=True` reads)."""
+    E, N, half = weight.shape
+    tiles = weight.view(E, N // block_n, block_n, half // 64, 64).permute(0, 1, 3, 2, 4)
+    return tiles.contiguous().view(E, N, half)
+
+
+@triton.jit
 def _special_scales(s_ptr, rows, n_ok, kb0, BLOCKS: tl.constexpr, N_SCALES: tl.constexpr):
     """Does a scale byte 0 or 255 (the exact e8m0 decode's cases) sit in the rows' K range (128-K blocks kb0 ..
     kb0 + BLOCKS)? One load of the range's int32 words (a block's four bytes each); per word, a byte b is 0 or 255
@@ -72,7 +94,7 @@ def _special_scales(s_ptr, rows, n_ok, kb0, BLOCKS: tl.constexpr, N_SCALES: tl.c
 def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr,
                        HALF: tl.constexpr, N_SCALES: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
                        E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PAIRS: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
+                       PAIRS: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr = False):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     e, start, end = _slot_rows(tl.program_id(1), eid_ptr, offs_ptr, E, E_POW2, PAIRS)
@@ -86,7 +108,20 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
         m_ok = offs_m < end
         xq_row = xq_ptr + offs_m[:, None].to(tl.int64) * K
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)          # out^T tile
-        if special:                 # the exact e8m0 decode in the loop (~0.4 instructions per weight more)
+        if TILED:
+            r = tl.arange(0, BLOCK_N)
+            tiles = (e * tl.cdiv(N, BLOCK_N) + tl.program_id(0)) * (K // 128)
+            if special:
+                for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
+                    xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
+                    acc = _per32_block_tiled(acc, xq_row, xs, m_ok, w_ptr + (tiles + kb) * (BLOCK_N * 64), s_ptr,
+                                             rows, r, n_ok, kb, N_SCALES, True, HW, ASM)
+            else:
+                for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
+                    xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
+                    acc = _per32_block_tiled(acc, xq_row, xs, m_ok, w_ptr + (tiles + kb) * (BLOCK_N * 64), s_ptr,
+                                             rows, r, n_ok, kb, N_SCALES, False, HW, ASM)
+        elif special:               # the exact e8m0 decode in the loop (~0.4 instructions per weight more)
             for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
                 xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
                 acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF, N_SCALES, K, True,
@@ -104,13 +139,15 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
 
 def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       offs: torch.Tensor | None = None, split: int = 1, block_m: int = 16, block_n: int = 64,
-                      num_warps: int = 4, num_stages: int = 3, asm: bool = True) -> torch.Tensor:
+                      num_warps: int = 4, num_stages: int = 3, asm: bool = True,
+                      tiled: bool = False) -> torch.Tensor:
     """x [M, K] (on the FP8 grid per 128-K block for exact products; other x is act-quantised, as the reference's
     FP4 GEMM input), eid [M] expert per row, weight int8 [E, N, K/2], scale e8m0 [E, N, K/32] -> fp32 partial sums
     [split, M, N] (their sum over dim 0 is x[m] @ W[eid[m]]^T). `offs` None: the rows are pairs, any order, one
     program per row; else rows sorted by expert with `offs` int32 [E + 1] their offsets (`expert_offsets`), one
     program per expert with rows. `split` must divide K / 128. block_n: weight rows per program (the wgmma's M, a
-    multiple of 64); block_m: tokens per tile (its N, a power of two >= 8)."""
+    multiple of 64); block_m: tokens per tile (its N, a power of two >= 8). `tiled`: the weight is `tile_major(w,
+    block_n)` (an experiment: one contiguous run per program and block; N must be a multiple of block_n)."""
     M, K = x.shape
     E, N, half = weight.shape
     if (half * 2 != K or K % 128 or tuple(scale.shape) != (E, N, K // 32) or eid.shape != (M,)
@@ -132,5 +169,5 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
         xq if hw else xq.view(torch.uint8), xs, eid.contiguous(), eid if offs is None else offs.contiguous(),
         weight.contiguous(), scale.contiguous().view(torch.uint8), out, M, N, K, half, K // 32, K // 128 // split,
         E, triton.next_power_of_2(E), BLOCK_M=block_m, BLOCK_N=block_n, PAIRS=offs is None, HW=hw,
-        ASM=hw and asm, num_warps=num_warps, num_stages=num_stages)
+        ASM=hw and asm, TILED=tiled, num_warps=num_warps, num_stages=num_stages)
     return out
