@@ -130,15 +130,15 @@ def test_decode_fp8mma_on_cuda_at_flash_dims(tokens):
 
 
 def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
-    """The plan: None off the FP8 grid or with the switch off; K split (dividing K / 128, at most 8) until ~528
-    programs run: 6 pairs x 16 weight-row blocks -> 8, 48 pairs -> 1 (768 programs already)."""
+    """The plan: None off the FP8 grid or with the switch off; K split (dividing K / 128, at most 8) until 264
+    programs run: 6 pairs x 16 weight-row blocks -> 4, 48 pairs -> 1 (768 programs already)."""
     from dsv4.ops.moe_pairs import decode_fp8mma_plan
 
     x, w = torch.zeros(6, 4096, dtype=torch.bfloat16), torch.zeros(256, 2048, 2048, dtype=torch.int8)
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
-    assert decode_fp8mma_plan(x, w, True, slots=6) == (8, 8, 128, 4)
-    assert decode_fp8mma_plan(x, w, True, slots=48) == (1, 8, 128, 4)
-    assert decode_fp8mma_plan(x[:, :384], w, True, slots=6) == (1, 8, 128, 4)        # 3 blocks: no split divides
+    assert decode_fp8mma_plan(x, w, True, slots=6) == (4, 16, 128, 4)
+    assert decode_fp8mma_plan(x, w, True, slots=48) == (1, 16, 128, 4)
+    assert decode_fp8mma_plan(x[:, :384], w, True, slots=6) == (1, 16, 128, 4)        # 3 blocks: no split divides
     assert decode_fp8mma_plan(x, w, False, slots=6) is None
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "0")
     assert decode_fp8mma_plan(x, w, True, slots=6) is None
@@ -150,9 +150,14 @@ def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
 def test_decode_kernel_is_dispatched_from_both_ops(monkeypatch, tokens):
     """With DSV4_FP4_DECODE_MMA=1, `pair_linear` (pairs in token order) and `grouped_linear` (sorted rows, the MoE's
     bf16 output scattered to pair order) run the kernel for FP8-grid x and stay within its class of float64."""
+    import importlib
+
     from dsv4 import ops
-    from dsv4.ops import grouped_linear, moe_pairs
     from dsv4.quant import fake_quant_fp8
+
+    # the modules (`from dsv4.ops import grouped_linear` is the op: dsv4.ops re-exports it under the module's name)
+    grouped_linear = importlib.import_module("dsv4.ops.grouped_linear")
+    moe_pairs = importlib.import_module("dsv4.ops.moe_pairs")
 
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
     calls = []

@@ -49,7 +49,7 @@ def _fp4_kernel(x, ids, weight, scale, fmt, fp8_grid=False):
 
 
 DECODE_MMA_DEFAULT = False        # DSV4_FP4_DECODE_MMA's default (read at each call)
-_WAVE_PROGRAMS = 4 * 132          # programs that keep an H100's 132 SMs busy with their loads in flight
+_WAVE_PROGRAMS = 2 * 132          # programs per call from which splitting K stopped paying (h100_s30 call A)
 
 
 def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool,
@@ -57,8 +57,10 @@ def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool,
     """(split, block_m, block_n, num_warps) of the split-K FP8-MMA decode kernel for a call of `slots` programs
     per weight-row block (pairs: one per row; sorted rows: one per expert with rows), or None where it does not
     run: x off the FP8 grid (its FP8 x FP8 products would not be exact), K not a multiple of 128, or
-    DSV4_FP4_DECODE_MMA off. 8 tokens x 128 weight rows per tile (the wgmma's N 8: offline 2.4 SASS instructions
-    per weight, against 2.9 at 16), K split so that the call runs about `_WAVE_PROGRAMS` programs."""
+    DSV4_FP4_DECODE_MMA off. 16 tokens x 128 weight rows per tile (8-token tiles, fewer instructions offline, ran
+    2x slower on the H100 with Triton 3.6: bench/results/h100_s30), K split until the call runs `_WAVE_PROGRAMS`
+    programs. Measured there: not faster than the kernels dispatched today (bs1 29.4 against 22.8 us a call, bs64
+    565 against 572), so off by default."""
     if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] % 128 == 0
             and env_switch("DSV4_FP4_DECODE_MMA", default=DECODE_MMA_DEFAULT)):
         return None
@@ -66,7 +68,7 @@ def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool,
     split = 1
     while split * tiles < _WAVE_PROGRAMS and blocks % (2 * split) == 0 and split < 8:
         split *= 2
-    return split, 8, 128, 4
+    return split, 16, 128, 4
 
 
 def _decode_fake(x, eid, weight, scale, offs, split, block_m, block_n, num_warps):
