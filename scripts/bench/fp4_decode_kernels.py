@@ -99,6 +99,10 @@ def rel(a, b) -> float:
 TILED_CONFIGS = [("pairs", 4, 16, 128, 4, 3), ("pairs", 8, 16, 128, 4, 3), ("pairs", 4, 16, 64, 4, 3),
                  ("sorted", 1, 16, 128, 4, 3), ("sorted", 2, 16, 128, 4, 3), ("sorted", 1, 16, 64, 4, 3),
                  ("sorted", 1, 16, 128, 4, 4)]
+# call C (after call B: 64-row tiles won with the tile-major layout): around 16 x 64
+TILED_SWEEP = [("pairs", 2, 16, 64, 4, 3), ("pairs", 8, 16, 64, 4, 3), ("pairs", 4, 16, 64, 4, 2),
+               ("pairs", 4, 16, 64, 4, 4), ("sorted", 2, 16, 64, 4, 3), ("sorted", 4, 16, 64, 4, 3),
+               ("sorted", 1, 16, 64, 4, 2), ("sorted", 1, 16, 64, 4, 4), ("sorted", 1, 32, 64, 4, 3)]
 
 
 def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
@@ -115,8 +119,8 @@ def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     ref = dispatched()
     cands = [("dispatched", dispatched), ("pair GEMV", partial(fp4_pair_gemv, x, eid, w, s))]
     offs = expert_offsets(eid, E)
-    if only == "tiled":
-        return _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands[:1])
+    if only in ("tiled", "sweep"):
+        return _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands[:1], only == "sweep")
     cands += [(f"swapped korder {bm}x{bn}/{nw}", partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm,
                                                          block_n=bn, num_warps=nw, korder=True))
               for bm, bn, nw in SWAPPED_CONFIGS]
@@ -135,10 +139,10 @@ def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
 _TILED: dict[int, torch.Tensor] = {}
 
 
-def _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands) -> dict:
-    for mp, sp, bm, bn, nw, st in TILED_CONFIGS:
+def _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands, sweep: bool = False) -> dict:
+    for mp, sp, bm, bn, nw, st in TILED_SWEEP if sweep else TILED_CONFIGS:
         wt = _TILED.setdefault(bn, tile_major(w, bn))
-        for name, weight, tiled in (("stored", w, False), ("TILED", wt, True)):
+        for name, weight, tiled in ((("TILED", wt, True),) if sweep else (("stored", w, False), ("TILED", wt, True))):
             cands.append((f"decode {name} {mp} split{sp} {bm}x{bn}/{nw} st{st}", partial(
                 lambda *a, **k: fp4_decode_fp8mma(*a, **k).sum(0), x, eid, weight, s,
                 offs=offs if mp == "sorted" else None, split=sp, block_m=bm, block_n=bn, num_warps=nw,
@@ -171,7 +175,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--only", choices=["all", "tiled"], default="all")
+    p.add_argument("--only", choices=["all", "tiled", "sweep"], default="all")
     args = p.parse_args()
     gen = torch.Generator(DEVICE).manual_seed(0)
     w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)
