@@ -25,8 +25,10 @@ from functools import partial
 import torch
 
 from dsv4 import ops
+from dsv4.ops.grouped_linear import direct_tiles
 from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma, tile_major
 from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
+from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
 from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets, fp4_grouped_gemm_prefill
 from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 from dsv4.quant import fake_quant_fp8
@@ -105,6 +107,31 @@ TILED_SWEEP = [("pairs", 2, 16, 64, 4, 3), ("pairs", 8, 16, 64, 4, 3), ("pairs",
                ("sorted", 1, 16, 64, 4, 2), ("sorted", 1, 16, 64, 4, 4), ("sorted", 1, 32, 64, 4, 3)]
 
 
+def _unroll(x, eid, offs, w, s, tokens, cands) -> list:
+    """--only unroll: UNROLL 128-K blocks per loop step (each row's next 64 * UNROLL bytes requested together) in the
+    swapped kernel (dispatched at bs64 and nowhere else) and the decode kernel over the stored layout, against the
+    tile-major layout (call B's best)."""
+    bm = 16 if tokens <= 64 else 32
+    tiles = direct_tiles(eid.numel(), E)
+    if tiles is not None:           # prefill: the direct kernel (dispatched from 16 rows per expert)
+        for u in (1, 2, 4):
+            cands.append((f"direct {tiles[0]}x{tiles[1]}/{tiles[2]} unroll{u}", partial(
+                fp4_grouped_gemm_direct, x, eid, w, s, block_m=tiles[0], block_n=tiles[1], num_warps=tiles[2],
+                num_stages=tiles[3], xperm=tiles[4], unroll=u)))
+        return cands
+    for u in (1, 2, 4):
+        cands.append((f"swapped korder {bm}x64/4 unroll{u}", partial(
+            fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm, block_n=64, num_warps=4, korder=True, unroll=u)))
+    for u in (1, 2, 4):
+        cands.append((f"decode stored sorted split1 16x64/4 unroll{u}", partial(
+            lambda *a, **k: fp4_decode_fp8mma(*a, **k).sum(0), x, eid, w, s, offs=offs, block_m=16, block_n=64,
+            unroll=u)))
+    cands.append(("decode TILED sorted split1 16x64/4", partial(
+        lambda *a, **k: fp4_decode_fp8mma(*a, **k).sum(0), x, eid, _TILED.setdefault(64, tile_major(w, 64)), s,
+        offs=offs, block_m=16, block_n=64, tiled=True)))
+    return cands
+
+
 def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     eid, x = rows_for(tokens, gen)
     m, used = eid.numel(), eid.unique().numel()
@@ -119,6 +146,8 @@ def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     ref = dispatched()
     cands = [("dispatched", dispatched), ("pair GEMV", partial(fp4_pair_gemv, x, eid, w, s))]
     offs = expert_offsets(eid, E)
+    if only == "unroll":
+        return _timed_rows(tokens, m, used, weight_bytes, _unroll(x, eid, offs, w, s, tokens, cands[:1]), ref, flush)
     if only in ("tiled", "sweep"):
         return _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands[:1], only == "sweep")
     cands += [(f"swapped korder {bm}x{bn}/{nw}", partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm,
@@ -175,7 +204,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--only", choices=["all", "tiled", "sweep"], default="all")
+    p.add_argument("--only", choices=["all", "tiled", "sweep", "unroll"], default="all")
     args = p.parse_args()
     gen = torch.Generator(DEVICE).manual_seed(0)
     w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)

@@ -94,7 +94,8 @@ def _special_scales(s_ptr, rows, n_ok, kb0, BLOCKS: tl.constexpr, N_SCALES: tl.c
 def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr,
                        HALF: tl.constexpr, N_SCALES: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
                        E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PAIRS: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr = False):
+                       PAIRS: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr = False,
+                       UNROLL: tl.constexpr = 1):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     e, start, end = _slot_rows(tl.program_id(1), eid_ptr, offs_ptr, E, E_POW2, PAIRS)
@@ -126,11 +127,12 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
                 xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
                 acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF, N_SCALES, K, True,
                                    False, HW, ASM)
-        else:                       # bytes 1 .. 254: placed in the fp32 exponent
-            for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
-                xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
-                acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF, N_SCALES, K, False,
-                                   False, HW, ASM)
+        else:                       # bytes 1 .. 254: placed in the fp32 exponent; UNROLL blocks a step
+            for k0 in range(kb0, kb0 + BLOCKS_PER_SPLIT, UNROLL):
+                for j in tl.static_range(UNROLL):
+                    xs = tl.load(xs_ptr + (k0 + j) * M + offs_m, mask=m_ok, other=0.0)
+                    acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, k0 + j, HALF, N_SCALES, K,
+                                       False, False, HW, ASM)
         # masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored
         at = out_ptr + (split * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
         tl.store(at, acc * 64.0, mask=m_ok[None, :] & n_ok[:, None])      # 64: the codes' bias 2^-6
@@ -140,7 +142,7 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
 def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       offs: torch.Tensor | None = None, split: int = 1, block_m: int = 16, block_n: int = 64,
                       num_warps: int = 4, num_stages: int = 3, asm: bool = True,
-                      tiled: bool = False) -> torch.Tensor:
+                      tiled: bool = False, unroll: int = 1) -> torch.Tensor:
     """x [M, K] (on the FP8 grid per 128-K block for exact products; other x is act-quantised, as the reference's
     FP4 GEMM input), eid [M] expert per row, weight int8 [E, N, K/2], scale e8m0 [E, N, K/32] -> fp32 partial sums
     [split, M, N] (their sum over dim 0 is x[m] @ W[eid[m]]^T). `offs` None: the rows are pairs, any order, one
@@ -159,6 +161,8 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     if split < 1 or (K // 128) % split or block_n % 64 or block_m < 8 or block_m & (block_m - 1):
         raise ValueError(f"fp4_decode_fp8mma: split ({split}) must divide K / 128 ({K // 128}), block_n "
                          f"({block_n}) be a multiple of 64 and block_m ({block_m}) a power of two >= 8")
+    if unroll < 1 or (K // 128 // split) % unroll:
+        raise ValueError(f"fp4_decode_fp8mma: unroll ({unroll}) must divide the blocks per split ({K // 128 // split})")
     out = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
@@ -169,5 +173,5 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
         xq if hw else xq.view(torch.uint8), xs, eid.contiguous(), eid if offs is None else offs.contiguous(),
         weight.contiguous(), scale.contiguous().view(torch.uint8), out, M, N, K, half, K // 32, K // 128 // split,
         E, triton.next_power_of_2(E), BLOCK_M=block_m, BLOCK_N=block_n, PAIRS=offs is None, HW=hw,
-        ASM=hw and asm, TILED=tiled, num_warps=num_warps, num_stages=num_stages)
+        ASM=hw and asm, TILED=tiled, UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -113,7 +113,8 @@ def _korder_fallback_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, k0, dtype
 def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_ptr, N, K, HALF: tl.constexpr,
                         N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
                         ASM: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, XPERM: tl.constexpr,
-                        X_KORDER: tl.constexpr, OUT_KORDER: tl.constexpr, INDEX: tl.constexpr):
+                        X_KORDER: tl.constexpr, OUT_KORDER: tl.constexpr, INDEX: tl.constexpr,
+                        UNROLL: tl.constexpr = 1):
     e = tl.program_id(1)                        # grid (N blocks, E), N blocks fastest: an expert's x stays in L2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -138,18 +139,20 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)          # out^T tile
         if fast:
             xk_row = xk_ptr + offs_m[:, None].to(tl.int64) * K
-            for b0 in range(0, HALF, 64):
-                sb = tl.load(s_ptr + rows[:, None] * N_SCALES + (b0 // 16 + tl.arange(0, 4))[None, :],
-                             mask=n_ok[:, None], other=127).to(tl.int32)             # [BLOCK_N, 4]
-                w = _bf16_tile(w_ptr, rows, n_ok, sb, b0, HALF, BLOCK_N, ASM)
-                xk = tl.load(xk_row + 2 * b0 + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)
-                if XPERM:   # x in element order, K_ORDER'd here: [m, c, i, t, a, b] -> [m, i, a, b, c, t]
-                    xk = tl.reshape(tl.permute(tl.reshape(xk, [BLOCK_M, 4, 4, 2, 2, 2]), (0, 2, 4, 5, 1, 3)),
-                                    [BLOCK_M, 128])
-                if ASM:
-                    acc = tl.dot(w, tl.trans(xk), acc)
-                else:
-                    acc = tl.dot(w, tl.trans(xk), acc, input_precision="ieee")
+            # UNROLL 128-K blocks per step: each row's next 64 * UNROLL bytes requested together
+            for b0 in range(0, HALF, 64 * UNROLL):
+                for j in tl.static_range(UNROLL):
+                    sb = tl.load(s_ptr + rows[:, None] * N_SCALES + ((b0 + 64 * j) // 16 + tl.arange(0, 4))[None, :],
+                                 mask=n_ok[:, None], other=127).to(tl.int32)             # [BLOCK_N, 4]
+                    w = _bf16_tile(w_ptr, rows, n_ok, sb, b0 + 64 * j, HALF, BLOCK_N, ASM)
+                    xk = tl.load(xk_row + 2 * (b0 + 64 * j) + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)
+                    if XPERM:   # x in element order, K_ORDER'd here: [m, c, i, t, a, b] -> [m, i, a, b, c, t]
+                        xk = tl.reshape(tl.permute(tl.reshape(xk, [BLOCK_M, 4, 4, 2, 2, 2]), (0, 2, 4, 5, 1, 3)),
+                                        [BLOCK_M, 128])
+                    if ASM:
+                        acc = tl.dot(w, tl.trans(xk), acc)
+                    else:
+                        acc = tl.dot(w, tl.trans(xk), acc, input_precision="ieee")
         else:
             x_row = x_ptr + offs_m[:, None].to(tl.int64) * K
             if X_KORDER:    # x K-ordered: 32 of its columns per step, the weights of those columns gathered
@@ -176,8 +179,8 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
 def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                             block_m: int = 256, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
                             asm: bool = True, xperm: bool = False, x_korder: bool = False, out_korder: bool = False,
-                            out_dtype: torch.dtype = torch.float32, out_index: torch.Tensor | None = None
-                            ) -> torch.Tensor:
+                            out_dtype: torch.dtype = torch.float32, out_index: torch.Tensor | None = None,
+                            unroll: int = 1) -> torch.Tensor:
     """x [M, K] sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2] (4-byte aligned),
     scale e8m0 [E, N, K/32] -> [M, N] (`out_dtype`: fp32, or bf16 / fp16 rounded to nearest from the fp32 sums), K
     a multiple of 128. block_m: tokens per tile (wgmma's N, a power of two 16 .. 256), block_n: weight rows (64 per
@@ -195,6 +198,8 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
     if asm and (x.device.type != "cuda" or x.dtype != torch.bfloat16):
         raise ValueError(f"fp4_grouped_gemm_direct: asm=True takes bf16 x on CUDA (got {x.dtype} on "
                          f"{x.device.type}); asm=False is the twin")
+    if unroll < 1 or (x.shape[1] // 128) % unroll:
+        raise ValueError(f"fp4_grouped_gemm_direct: unroll ({unroll}) must divide K / 128 ({x.shape[1] // 128})")
     if block_m > 256 or any(b < 16 or b & (b - 1) for b in (block_m, block_n)):
         raise ValueError(f"fp4_grouped_gemm_direct: block_m ({block_m}) and block_n ({block_n}) must be powers of "
                          f"two >= 16, block_m <= 256")
@@ -222,5 +227,5 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
         x, xk, offs, weight, scale.contiguous().view(torch.uint8), out, index, N, K, half, K // 32, BLOCK_M=block_m,
         BLOCK_N=block_n, IEEE=x.dtype == torch.float32, ASM=asm, LO=FAST_SCALES[0], HI=FAST_SCALES[1],
         XPERM=xperm and not x_korder, X_KORDER=x_korder, OUT_KORDER=out_korder, INDEX=out_index is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
     return out

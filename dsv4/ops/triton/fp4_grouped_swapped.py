@@ -133,7 +133,7 @@ def _swapped_default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, dtype
 @triton.jit
 def _fp4_grouped_swapped(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HALF: tl.constexpr,
                          N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                         ASM: tl.constexpr, KORDER: tl.constexpr):
+                         ASM: tl.constexpr, KORDER: tl.constexpr, UNROLL: tl.constexpr = 1):
     e = tl.program_id(1)                        # grid (N blocks, E) as in `_fp4_grouped_prefill`
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -153,9 +153,11 @@ def _fp4_grouped_swapped(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
         else:
             xh_row = xh_ptr + offs_m[:, None].to(tl.int64) * K
             xs_row = xs_ptr + offs_m.to(tl.int64) * (K // 128)
-            for b0 in range(0, HALF, 64):
-                acc += _swapped_packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HALF, N_SCALES,
-                                             BLOCK_N, ASM, KORDER)
+            # UNROLL 128-K blocks per step: each row's next 64 * UNROLL bytes requested together (one DRAM page)
+            for b0 in range(0, HALF, 64 * UNROLL):
+                for j in tl.static_range(UNROLL):
+                    acc += _swapped_packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0 + 64 * j, HALF,
+                                                 N_SCALES, BLOCK_N, ASM, KORDER)
         # Masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored.
         tl.store(out_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc,
                  mask=m_ok[None, :] & n_ok[:, None])
@@ -175,7 +177,7 @@ def fp16_blocks_korder(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp4_grouped_gemm_swapped(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                              block_m: int = 16, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
-                             packed: bool | str = True, korder: bool = False) -> torch.Tensor:
+                             packed: bool | str = True, korder: bool = False, unroll: int = 1) -> torch.Tensor:
     """`fp4_grouped_prefill.fp4_grouped_gemm_prefill(..., packed=packed)` with swapped operands: x [M, K]
     (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2], scale e8m0
     [E, N, K/32] -> fp32 [M, N]; K / 128 a power of two. block_m: tokens per tile (the MMA's N), block_n: weight
@@ -191,6 +193,8 @@ def fp4_grouped_gemm_swapped(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
     if any(b < 16 or b & (b - 1) for b in (block_m, block_n)):
         raise ValueError(f"fp4_grouped_gemm_swapped: block_m ({block_m}) and block_n ({block_n}) must be powers of "
                          f"two >= 16")
+    if unroll < 1 or blocks % unroll:
+        raise ValueError(f"fp4_grouped_gemm_swapped: unroll ({unroll}) must divide K / 128 ({blocks})")
     if eid.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"fp4_grouped_gemm_swapped: eid must be int32/int64, got {eid.dtype}")
     weight = weight.contiguous()
@@ -206,5 +210,5 @@ def fp4_grouped_gemm_swapped(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
     _fp4_grouped_swapped[(triton.cdiv(N, block_n), E)](
         x, xh, xs, offs, weight, scale.contiguous().view(torch.uint8), out, N, K, half, K // 32,
         BLOCK_M=block_m, BLOCK_N=block_n, IEEE=x.dtype == torch.float32, ASM=packed is True, KORDER=korder,
-        num_warps=num_warps, num_stages=num_stages)
+        UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
     return out
