@@ -63,10 +63,13 @@ xk = x.clone()
 xk[:, 128:] = 0
 res['split0'] = ulps(p[0], xk, pid)
 # two blocks a step (`unroll`): the same additions in the same order, bit for bit; the swapped fp16 kernel too
+from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
 from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 res['unroll'] = [torch.equal(fp4_decode_fp8mma(x, pid, w, s, unroll=2), fp4_decode_fp8mma(x, pid, w, s)),
                  torch.equal(fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin", unroll=2),
-                             fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin"))]
+                             fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin")),
+                 torch.equal(fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False, unroll=2),
+                             fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False))]
 res['empty'] = list(fp4_decode_fp8mma(x[:0], eid[:0], w, s, offs=expert_offsets(eid[:0], 9)).shape)
 # a NaN scale (byte 255) reaches exactly the twin's outputs
 s[6, 7, 2] = torch.tensor(255, dtype=torch.uint8).view(s.dtype)
@@ -90,7 +93,7 @@ def test_decode_fp8mma_is_the_fp32_class_in_every_mapping(interpreted):
     assert r["twin"] <= 1, r
     assert r["split0"] <= N_BOUND, r
     assert r["empty"] == [1, 0, 80], r
-    assert r["unroll"] == [True, True], r
+    assert r["unroll"] == [True, True, True], r
 
 
 def test_decode_fp8mma_nan_scale_reaches_the_twins_outputs(interpreted):

@@ -24,6 +24,15 @@ scales (`x_operand`, exact); every product of an e4m3 code and an e2m1 value is 
 On the GPU the FP8 MMA sums a sub-block's 32 products in its own accumulator, below fp32 (the reference kernel's
 class, see `fp4_prefill_fp8mma`); in the CPU interpreter the dot is fp32 (IEEE). The fp32 sums over sub-blocks,
 blocks and splits run in a fixed order: the result does not depend on the batch or on the other rows.
+Measured (H100, bench/results/h100_s30, per call with x's operand and the sum): NOT the win predicted. bs1 29.4 us
+against the pair GEMV's 22.8, bs8 146 against 139, bs64 565 against the swapped kernel's 572; 8-token tiles ran 2x
+slower than 16 with Triton 3.6. Every tensor-core FP4 kernel lands at ~1.6 TB/s at bs64 whatever its instruction
+count: the fetch pattern (BLOCK_N rows 2 KB apart, 64 bytes of each per step) is the limit. Over a tile-major copy
+of the weights (`tile_major`, `tiled=True`: each program's 128-K block one contiguous run) the same kernel at 16 x
+64 took bs8 to 111.5 us (-20 %) and bs64 to 439 us (-24 %, 2.08 TB/s). So the kernel stays opt-in
+(DSV4_FP4_DECODE_MMA=1) as the base of that layout change; `unroll` (UNROLL blocks per loop step over the stored
+layout: each row's next 64 x UNROLL bytes requested together) is the cheaper variant to measure first
+(GPU-unmeasured).
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ def _slot_rows(slot, eid_ptr, offs_ptr, E: tl.constexpr, E_POW2: tl.constexpr, P
 def _per32_block_tiled(acc, xq_row, xs, m_ok, w_tile, s_ptr, rows, r, n_ok, kb, N_SCALES: tl.constexpr,
                        EXACT: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
     """`_per32_block` over a tile-major weight (`tile_major`): the 128-K block's [BLOCK_N, 64] bytes contiguous at
-    w_tile, row r at r * 64 (an experiment: does one contiguous 8 KB run per block reach more bandwidth?)."""
+    w_tile, row r at r * 64 (the layout experiment: 64-row tiles gained 20-24 % at bs8 / bs64, module docstring)."""
     sw = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rows * (N_SCALES // 4) + kb, mask=n_ok, other=0x7F7F7F7F)
     blk = tl.zeros(acc.shape, dtype=tl.float32)
     for g in tl.static_range(4):
@@ -149,7 +158,8 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     program per row; else rows sorted by expert with `offs` int32 [E + 1] their offsets (`expert_offsets`), one
     program per expert with rows. `split` must divide K / 128. block_n: weight rows per program (the wgmma's M, a
     multiple of 64); block_m: tokens per tile (its N, a power of two >= 8). `tiled`: the weight is `tile_major(w,
-    block_n)` (an experiment: one contiguous run per program and block; N must be a multiple of block_n)."""
+    block_n)` (the layout experiment: one contiguous run per program and block; N a multiple of block_n).
+    `unroll`: 128-K blocks per loop step (dividing the blocks per split), the same sums in the same order."""
     M, K = x.shape
     E, N, half = weight.shape
     if (half * 2 != K or K % 128 or tuple(scale.shape) != (E, N, K // 32) or eid.shape != (M,)

@@ -193,7 +193,9 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
     Layouts the MoE carries end to end (`dsv4.ops.korder`): `x_korder`: x's columns are already in K order per
     128 block (no copy, no in-kernel permutation); `out_korder`: the output's columns are written in K order (N a
     multiple of 128); `out_index` [M] (a permutation of 0 .. M - 1, int32/int64): row m of the result is written to
-    row out_index[m] (the MoE's un-sort, fused into the store)."""
+    row out_index[m] (the MoE's un-sort, fused into the store). `unroll`: 128-K blocks per step of the fast loop
+    (dividing K / 128), so each row's next 64 x unroll bytes are requested together; the same sums in the same order
+    (GPU-unmeasured: bench/NOTES.md, thirtieth session)."""
     M, K, N, E, half = check_grouped("fp4_grouped_gemm_direct", x, eid, weight, scale, block_m, 128)
     if asm and (x.device.type != "cuda" or x.dtype != torch.bfloat16):
         raise ValueError(f"fp4_grouped_gemm_direct: asm=True takes bf16 x on CUDA (got {x.dtype} on "

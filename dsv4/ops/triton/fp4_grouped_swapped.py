@@ -184,7 +184,9 @@ def fp4_grouped_gemm_swapped(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
     rows (its M, 64 per warpgroup), both powers of two >= 16. `packed`: True decodes in inline PTX (CUDA only),
     "twin" in plain Triton (the CPU interpreter). Exact for x on the FP8 grid per 128 block (see `fp16_blocks`).
     `korder`: the fast path's dots over K permuted within each 128-K block (`K_ORDER`; the module docstring), the
-    weight read as int32 words (its data pointer 4-byte aligned); same products, fp32 sums in another order."""
+    weight read as int32 words (its data pointer 4-byte aligned); same products, fp32 sums in another order.
+    `unroll`: 128-K blocks per loop step (dividing K / 128), so each row's next 64 x unroll bytes are requested
+    together; the same sums in the same order (GPU-unmeasured: bench/NOTES.md, thirtieth session)."""
     M, K, N, E, half = check_grouped("fp4_grouped_gemm_swapped", x, eid, weight, scale, block_m, 128)
     blocks = K // 128
     if packed not in (True, "twin") or (packed is True and x.device.type != "cuda") or blocks & (blocks - 1):
