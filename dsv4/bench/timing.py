@@ -28,9 +28,8 @@ def cuda_time(fn: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
-def cold_graph_time(fn, flush: torch.Tensor, reps: int = 40) -> float:
-    """Median seconds of one CUDA-graph replay of fn with the L2 flushed (`flush`: a large buffer zeroed) before
-    each replay: the cold-cache time of a kernel as a captured decode step runs it."""
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph, after one warm-up call on a side stream (compiles and allocations outside it)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -39,9 +38,21 @@ def cold_graph_time(fn, flush: torch.Tensor, reps: int = 40) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph
+
+
+def cold_graph_time(fn, flush: torch.Tensor, reps: int = 40) -> float:
+    """Median seconds of one CUDA-graph replay of fn with the L2 flushed (`flush`: a large buffer zeroed) before
+    each replay: the cold-cache time of a kernel as a captured decode step runs it."""
+    return replay_median(capture_graph(fn), reps, before=flush.zero_)
+
+
+def replay_median(graph: torch.cuda.CUDAGraph, reps: int, before=None) -> float:
+    """Median seconds of `reps` replays of a captured graph (CUDA events around each), `before()` ahead of each."""
     times = []
     for _ in range(reps):
-        flush.zero_()
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()

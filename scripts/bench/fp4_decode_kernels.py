@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from functools import partial
 
 import torch
 
 from dsv4 import ops
+from dsv4.bench.timing import capture_graph, replay_median
 from dsv4.ops.grouped_linear import direct_tiles
 from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma, tile_major
 from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
@@ -53,17 +53,6 @@ DECODE_CONFIGS = [("pairs", 1, 16, 128, 4, 3), ("pairs", 4, 16, 128, 4, 3), ("pa
 
 def graph_time(fn, flush: torch.Tensor, calls: int = 20, reps: int = 15) -> float:
     """Seconds per call: `calls` x (flush, fn) in one graph minus `calls` flushes, medians over `reps` replays."""
-    def capture(body):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            body()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            body()
-        return g
-
     def both():
         for _ in range(calls):
             flush.zero_()
@@ -73,17 +62,8 @@ def graph_time(fn, flush: torch.Tensor, calls: int = 20, reps: int = 15) -> floa
         for _ in range(calls):
             flush.zero_()
 
-    def median(g):
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        return statistics.median(times)
-    return max(median(capture(both)) - median(capture(flushes)), 0.0) / calls
+    both_s = replay_median(capture_graph(both), reps)
+    return max(both_s - replay_median(capture_graph(flushes), reps), 0.0) / calls
 
 
 def rows_for(tokens: int, gen):
