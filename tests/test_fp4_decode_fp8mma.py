@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import exact_grouped, interpreted_json
+from kernel_helpers import exact_grouped, in_interpreter_at_once
 
 pytest.importorskip("dsv4.ops.triton.fp4_decode_fp8mma", reason="needs triton")
 
@@ -20,6 +20,7 @@ K = 256
 N_BOUND = 32 + 4 + K // 128 + 2 + 1          # the fp32 class at K = 256 with up to 2 splits, units of 2^-24 sum |x w|
 
 _CHECK = """
+PART = {part!r}
 import json
 import torch
 from kernel_helpers import exact_grouped
@@ -41,17 +42,29 @@ def ulps(got, x, eid):
     return ((got.double() - ref).abs() / mag * 2**24).max().item()
 
 
-res = {}
+res = {{}}
 x = torch.randn(19, K, generator=gen) * 3
 x[4, :128] *= 2.0**-20                                   # blocks of one row far apart in scale
 x = fake_quant_fp8(x, 128)
 # pairs, any order (experts repeat, 2 and 6 among them)
 pid = torch.tensor([6, 2, 2, 0, 8, 6, 1, 2, 3, 4, 5, 7, 6, 0, 2, 8, 1, 3, 4])
-res['pairs'] = [ulps(fp4_decode_fp8mma(x, pid, w, s, split=sp, block_m=bm).sum(0), x, pid)
-              for sp, bm in ((1, 16), (2, 8))]
 # sorted: experts 0, 3-5, 7, 8 have no rows, expert 2 has 17 (two 16-row tiles)
 eid = torch.tensor([1] + [2] * 17 + [6])
 offs = expert_offsets(eid, 9)
+if PART == 'unroll':
+    # two blocks a step (`unroll`): the same additions in the same order, bit for bit; the swapped and direct
+    # fp16 / bf16 kernels too
+    from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
+    from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
+    res['unroll'] = [torch.equal(fp4_decode_fp8mma(x, pid, w, s, unroll=2), fp4_decode_fp8mma(x, pid, w, s)),
+                     torch.equal(fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin", unroll=2),
+                                 fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin")),
+                     torch.equal(fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False, unroll=2),
+                                 fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False))]
+    print(json.dumps(res))
+    raise SystemExit
+res['pairs'] = [ulps(fp4_decode_fp8mma(x, pid, w, s, split=sp, block_m=bm).sum(0), x, pid)
+              for sp, bm in ((1, 16), (2, 8))]
 res['sorted'] = [ulps(fp4_decode_fp8mma(x, eid, w, s, offs=offs, split=2).sum(0), x, eid)]
 twin = ops.grouped_linear.twin(x, eid, w, s, 'fp4')
 res['twin'] = ulps(twin, x, eid)
@@ -62,14 +75,6 @@ p = fp4_decode_fp8mma(x, pid, w, s, split=2)
 xk = x.clone()
 xk[:, 128:] = 0
 res['split0'] = ulps(p[0], xk, pid)
-# two blocks a step (`unroll`): the same additions in the same order, bit for bit; the swapped fp16 kernel too
-from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
-from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
-res['unroll'] = [torch.equal(fp4_decode_fp8mma(x, pid, w, s, unroll=2), fp4_decode_fp8mma(x, pid, w, s)),
-                 torch.equal(fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin", unroll=2),
-                             fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin")),
-                 torch.equal(fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False, unroll=2),
-                             fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False))]
 res['empty'] = list(fp4_decode_fp8mma(x[:0], eid[:0], w, s, offs=expert_offsets(eid[:0], 9)).shape)
 # a NaN scale (byte 255) reaches exactly the twin's outputs
 s[6, 7, 2] = torch.tensor(255, dtype=torch.uint8).view(s.dtype)
@@ -81,7 +86,15 @@ print(json.dumps(res))
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    return interpreted_json(_CHECK, tmp_path_factory.mktemp("decode_fp8mma"))
+    """The checks in two interpreter processes at once (the unroll comparisons apart): CI's 2 cores."""
+    import json
+
+    scripts = {part: _CHECK.format(part=part) for part in ("core", "unroll")}
+    with in_interpreter_at_once(scripts, tmp_path_factory.mktemp("decode_fp8mma"), timeout=600) as futures:
+        out = {}
+        for f in futures.values():
+            out.update(json.loads(f.result().strip().splitlines()[-1]))
+        return out
 
 
 def test_decode_fp8mma_is_the_fp32_class_in_every_mapping(interpreted):
