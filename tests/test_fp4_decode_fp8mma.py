@@ -207,3 +207,17 @@ def test_decode_kernel_is_dispatched_from_both_ops(monkeypatch, tokens):
     assert ((pairs.double() - ref).abs() / mag).max().item() <= 2**-8
     # bf16 output: one more rounding, 2^-9 of |y| <= 2^-9 of sum |x w|
     assert ((grouped.double() - ref).abs() / mag).max().item() <= 2**-8 + 2**-9
+
+
+def test_unroll_switch_is_checked_and_capped(monkeypatch):
+    """DSV4_FP4_UNROLL (the direct / swapped kernels' blocks per step, for the bench's A/B): 1 unset, capped by what
+    divides K / 128, anything else an error (a typo must not measure the wrong path)."""
+    from dsv4.ops.grouped_linear import unroll_from_env
+
+    monkeypatch.delenv("DSV4_FP4_UNROLL", raising=False)
+    assert unroll_from_env(4096) == 1
+    monkeypatch.setenv("DSV4_FP4_UNROLL", "4")
+    assert (unroll_from_env(4096), unroll_from_env(256), unroll_from_env(128)) == (4, 2, 1)
+    monkeypatch.setenv("DSV4_FP4_UNROLL", "3")
+    with pytest.raises(ValueError, match="DSV4_FP4_UNROLL"):
+        unroll_from_env(4096)

@@ -25,6 +25,9 @@ the tensor cores (`ops/triton/fp4_prefill_fp8mma.py`), opt-in with DSV4_FP4_FP8M
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 from dsv4.ops.korder import check_layout, from_korder, to_korder
@@ -122,7 +125,8 @@ def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.
 
         return fp4_grouped_gemm_direct(x, eid, weight, scale, block_m=tiles[0], block_n=tiles[1],
                                        num_warps=tiles[2], num_stages=tiles[3], xperm=tiles[4], x_korder=x_korder,
-                                       out_korder=out_korder, out_dtype=out_dtype, out_index=out_index)
+                                       out_korder=out_korder, out_dtype=out_dtype, out_index=out_index,
+                                       unroll=unroll_from_env(x.shape[1]))
     x = from_korder(x) if x_korder else x
     if fp8mma_applies(fp8_grid):
         block_m, block_n, warps, maxnreg = fp8mma_tiles(x.shape[0], weight.shape[0])
@@ -134,13 +138,24 @@ def _fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.
         from dsv4.ops.triton.fp4_grouped_swapped import fp4_grouped_gemm_swapped
 
         y = fp4_grouped_gemm_swapped(x, eid, weight, scale, block_m=tiles[0], block_n=tiles[1],
-                                     num_warps=tiles[2], korder=weight.data_ptr() % 4 == 0)  # int32 reads
+                                     num_warps=tiles[2], korder=weight.data_ptr() % 4 == 0,  # int32 reads
+                                     unroll=unroll_from_env(x.shape[1]))
         return with_layout(y, out_korder, out_dtype, out_index)
     packed = packed_from_env() or x.shape[0] < _PACKED_BELOW * weight.shape[0]
     block_m, block_n, warps = expert_major_tiles(x.shape[0], weight.shape[0], packed)
     y = fp4_grouped_gemm_prefill(x, eid, weight, scale, block_m=block_m, block_n=block_n, num_warps=warps,
                                  packed=packed)
     return with_layout(y, out_korder, out_dtype, out_index)
+
+
+def unroll_from_env(k: int) -> int:
+    """128-K blocks per loop step of the direct and swapped kernels (their `unroll`): DSV4_FP4_UNROLL (1, 2, 4 or
+    8; unset: 1, the measured default), capped by what divides K / 128 (tiny models). The same sums in the same
+    order whatever it is; the switch is there to measure it in the bench (bench/NOTES.md, thirtieth session)."""
+    value = os.environ.get("DSV4_FP4_UNROLL", "1")
+    if value not in ("1", "2", "4", "8"):
+        raise ValueError(f"DSV4_FP4_UNROLL must be 1, 2, 4 or 8, got {value!r}")
+    return math.gcd(int(value), max(1, k // 128))
 
 
 def _direct_enabled(dtype: torch.dtype, fp8_grid: bool) -> bool:
