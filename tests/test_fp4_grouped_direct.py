@@ -293,7 +293,8 @@ def test_direct_dispatch(monkeypatch):
         if want == "direct":
             bm, bn, nw, st, xp = grouped_linear.direct_tiles(rows, 1)
             assert seen[-1][1] == dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=st, xperm=xp,
-                                       x_korder=False, out_korder=False, out_dtype=torch.float32, out_index=None)
+                                       x_korder=False, out_korder=False, out_dtype=torch.float32, out_index=None,
+                                       unroll=1)
 
 
 @pytest.mark.gpu

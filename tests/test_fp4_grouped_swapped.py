@@ -293,7 +293,8 @@ def test_swapped_dispatch_on_by_default(monkeypatch):
         assert seen[-1][0] == want, (rows, env, seen[-1])
         if want == "swapped":
             tiles = grouped_linear.swapped_tiles(rows, 1)
-            assert seen[-1][1] == dict(block_m=tiles[0], block_n=tiles[1], num_warps=tiles[2], korder=True)
+            assert seen[-1][1] == dict(block_m=tiles[0], block_n=tiles[1], num_warps=tiles[2], korder=True,
+                                       unroll=1)
     monkeypatch.setenv("DSV4_FP4_SWAPPED", "yes")
     with pytest.raises(ValueError, match="DSV4_FP4_SWAPPED"):
         grouped_linear._fp4_grouped_gemm_prefill(torch.zeros(15, 128), torch.zeros(15, dtype=torch.long), w, s, False)
