@@ -61,6 +61,14 @@ if PART == 'unroll':
                                  fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin")),
                      torch.equal(fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False, unroll=2),
                                  fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False))]
+    # the tile-major layout gives the stored layout's result (64 of the rows: N a multiple of block_n), the
+    # programs with scale bytes 0 / 1 (experts 2, 6: the exact decode) included
+    from dsv4.ops.triton.fp4_decode_fp8mma import tile_major
+    w64, s64 = w[:, :64].contiguous(), s[:, :64].contiguous()
+    res['tiled'] = [torch.equal(fp4_decode_fp8mma(x, pid, tile_major(w64, 64), s64, split=2, tiled=True),
+                                fp4_decode_fp8mma(x, pid, w64, s64, split=2)),
+                    torch.equal(fp4_decode_fp8mma(x, eid, tile_major(w64, 64), s64, offs=offs, tiled=True),
+                                fp4_decode_fp8mma(x, eid, w64, s64, offs=offs))]
     print(json.dumps(res))
     raise SystemExit
 res['pairs'] = [ulps(fp4_decode_fp8mma(x, pid, w, s, split=sp, block_m=bm).sum(0), x, pid)
@@ -107,6 +115,7 @@ def test_decode_fp8mma_is_the_fp32_class_in_every_mapping(interpreted):
     assert r["split0"] <= N_BOUND, r
     assert r["empty"] == [1, 0, 80], r
     assert r["unroll"] == [True, True, True], r
+    assert r["tiled"] == [True, True], r
 
 
 def test_decode_fp8mma_nan_scale_reaches_the_twins_outputs(interpreted):

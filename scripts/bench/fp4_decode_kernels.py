@@ -104,11 +104,9 @@ def _unroll(x, eid, offs, w, s, tokens, cands) -> list:
             fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm, block_n=64, num_warps=4, korder=True, unroll=u)))
     for u in (1, 2, 4):
         cands.append((f"decode stored sorted split1 16x64/4 unroll{u}", partial(
-            lambda *a, **k: fp4_decode_fp8mma(*a, **k).sum(0), x, eid, w, s, offs=offs, block_m=16, block_n=64,
-            unroll=u)))
+            decode_sum, x, eid, w, s, offs=offs, block_m=16, block_n=64, unroll=u)))
     cands.append(("decode TILED sorted split1 16x64/4", partial(
-        lambda *a, **k: fp4_decode_fp8mma(*a, **k).sum(0), x, eid, _TILED.setdefault(64, tile_major(w, 64)), s,
-        offs=offs, block_m=16, block_n=64, tiled=True)))
+        decode_sum, x, eid, tiled_weight(w, 64), s, offs=offs, block_m=16, block_n=64, tiled=True)))
     return cands
 
 
@@ -137,25 +135,35 @@ def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
                partial(fp4_grouped_gemm_prefill, x, eid, w, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st,
                        fp8mma="fold" if fold else True)) for bm, bn, nw, st, fold in FP8MMA_CONFIGS]
 
-    def decode(mapping, split, bm, bn, nw, st):
-        return fp4_decode_fp8mma(x, eid, w, s, offs=offs if mapping == "sorted" else None, split=split,
-                                 block_m=bm, block_n=bn, num_warps=nw, num_stages=st).sum(0)
-    cands += [(f"decode_fp8mma {mp} split{sp} {bm}x{bn}/{nw} st{st}", partial(decode, mp, sp, bm, bn, nw, st))
+    cands += [(f"decode_fp8mma {mp} split{sp} {bm}x{bn}/{nw} st{st}",
+               partial(decode_sum, x, eid, w, s, offs=offs if mp == "sorted" else None, split=sp, block_m=bm,
+                       block_n=bn, num_warps=nw, num_stages=st))
               for mp, sp, bm, bn, nw, st in DECODE_CONFIGS if mp == "sorted" or m <= 8 * E]
     return _timed_rows(tokens, m, used, weight_bytes, cands, ref, flush)
+
+
+def decode_sum(*args, **kwargs) -> torch.Tensor:
+    """`fp4_decode_fp8mma` with its split partials summed, as its callers in `dsv4.ops` do."""
+    return fp4_decode_fp8mma(*args, **kwargs).sum(0)
 
 
 _TILED: dict[int, torch.Tensor] = {}
 
 
+def tiled_weight(w: torch.Tensor, block_n: int) -> torch.Tensor:
+    """`tile_major(w, block_n)`, made once per tile height (a copy as large as the stack: 1 GB here)."""
+    if block_n not in _TILED:
+        _TILED[block_n] = tile_major(w, block_n)
+    return _TILED[block_n]
+
+
 def _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands, sweep: bool = False) -> dict:
     for mp, sp, bm, bn, nw, st in TILED_SWEEP if sweep else TILED_CONFIGS:
-        wt = _TILED.setdefault(bn, tile_major(w, bn))
+        wt = tiled_weight(w, bn)
         for name, weight, tiled in ((("TILED", wt, True),) if sweep else (("stored", w, False), ("TILED", wt, True))):
             cands.append((f"decode {name} {mp} split{sp} {bm}x{bn}/{nw} st{st}", partial(
-                lambda *a, **k: fp4_decode_fp8mma(*a, **k).sum(0), x, eid, weight, s,
-                offs=offs if mp == "sorted" else None, split=sp, block_m=bm, block_n=bn, num_warps=nw,
-                num_stages=st, tiled=tiled)))
+                decode_sum, x, eid, weight, s, offs=offs if mp == "sorted" else None, split=sp, block_m=bm,
+                block_n=bn, num_warps=nw, num_stages=st, tiled=tiled)))
     return _timed_rows(tokens, eid.numel(), eid.unique().numel(), weight_bytes, cands, ref, flush)
 
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.triton.fp4_prefill_fp8mma import _dot8, _per32_block, _placed_codes, _sub_block_scale, x_operand
+from dsv4.ops.triton.fp4_prefill_fp8mma import _per32_block, x_operand
 
 
 @triton.jit
@@ -62,20 +62,6 @@ def _slot_rows(slot, eid_ptr, offs_ptr, E: tl.constexpr, E_POW2: tl.constexpr, P
         start = tl.sum(tl.where(hit, lo, 0), axis=0)
         end = tl.sum(tl.where(hit, hi, 0), axis=0)
     return e, start, end
-
-
-@triton.jit
-def _per32_block_tiled(acc, xq_row, xs, m_ok, w_tile, s_ptr, rows, r, n_ok, kb, N_SCALES: tl.constexpr,
-                       EXACT: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
-    """`_per32_block` over a tile-major weight (`tile_major`): the 128-K block's [BLOCK_N, 64] bytes contiguous at
-    w_tile, row r at r * 64 (the layout experiment: 64-row tiles gained 20-24 % at bs8 / bs64, module docstring)."""
-    sw = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rows * (N_SCALES // 4) + kb, mask=n_ok, other=0x7F7F7F7F)
-    blk = tl.zeros(acc.shape, dtype=tl.float32)
-    for g in tl.static_range(4):
-        w = _placed_codes(w_tile, r, n_ok, g * 16, 64, ASM)
-        xq = tl.load(xq_row + kb * 128 + g * 32 + tl.arange(0, 32)[None, :], mask=m_ok[:, None], other=0.0)
-        blk += _dot8(w, xq, HW) * _sub_block_scale(sw, g, EXACT)[:, None]
-    return acc + blk * xs[None, :]
 
 
 def tile_major(weight: torch.Tensor, block_n: int) -> torch.Tensor:
@@ -100,6 +86,28 @@ def _special_scales(s_ptr, rows, n_ok, kb0, BLOCKS: tl.constexpr, N_SCALES: tl.c
 
 
 @triton.jit
+def _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, row0, offs_n, n_ok, kb0, N, BLOCKS: tl.constexpr,
+             HALF: tl.constexpr, N_SCALES: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
+             TILED: tl.constexpr, UNROLL: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
+    """acc plus the blocks kb0 .. kb0 + BLOCKS of the rows row0 + offs_n (expert row0 // N), UNROLL blocks a step.
+    TILED (`tile_major`): `_per32_block` is given the tile as a [BLOCK_N, 64]-byte matrix whose block kb sits at
+    byte 64 kb (the pointer moved back by that much), and the scales from row row0 + the tile's first row on."""
+    for k0 in range(kb0, kb0 + BLOCKS, UNROLL):
+        for j in tl.static_range(UNROLL):
+            kb = k0 + j
+            xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
+            if TILED:
+                first = tl.program_id(0) * BLOCK_N                    # the tile's first row of the expert
+                tile = w_ptr + (((row0 + first) // BLOCK_N) * (K // 128) + kb) * (BLOCK_N * 64)
+                acc = _per32_block(acc, xq_row, xs, m_ok, tile - kb * 64, s_ptr + (row0 + first) * N_SCALES,
+                                   offs_n - first, n_ok, kb, 64, N_SCALES, K, EXACT, False, HW, ASM)
+            else:
+                acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, row0 + offs_n, n_ok, kb, HALF, N_SCALES, K,
+                                   EXACT, False, HW, ASM)
+    return acc
+
+
+@triton.jit
 def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr,
                        HALF: tl.constexpr, N_SCALES: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
                        E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -118,30 +126,12 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
         m_ok = offs_m < end
         xq_row = xq_ptr + offs_m[:, None].to(tl.int64) * K
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)          # out^T tile
-        if TILED:
-            r = tl.arange(0, BLOCK_N)
-            tiles = (e * tl.cdiv(N, BLOCK_N) + tl.program_id(0)) * (K // 128)
-            if special:
-                for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
-                    xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
-                    acc = _per32_block_tiled(acc, xq_row, xs, m_ok, w_ptr + (tiles + kb) * (BLOCK_N * 64), s_ptr,
-                                             rows, r, n_ok, kb, N_SCALES, True, HW, ASM)
-            else:
-                for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
-                    xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
-                    acc = _per32_block_tiled(acc, xq_row, xs, m_ok, w_ptr + (tiles + kb) * (BLOCK_N * 64), s_ptr,
-                                             rows, r, n_ok, kb, N_SCALES, False, HW, ASM)
-        elif special:               # the exact e8m0 decode in the loop (~0.4 instructions per weight more)
-            for kb in range(kb0, kb0 + BLOCKS_PER_SPLIT):
-                xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
-                acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF, N_SCALES, K, True,
-                                   False, HW, ASM)
-        else:                       # bytes 1 .. 254: placed in the fp32 exponent; UNROLL blocks a step
-            for k0 in range(kb0, kb0 + BLOCKS_PER_SPLIT, UNROLL):
-                for j in tl.static_range(UNROLL):
-                    xs = tl.load(xs_ptr + (k0 + j) * M + offs_m, mask=m_ok, other=0.0)
-                    acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, k0 + j, HALF, N_SCALES, K,
-                                       False, False, HW, ASM)
+        if special:                 # the exact e8m0 decode in the loop (~0.4 instructions per weight more)
+            acc = _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, e * N, offs_n, n_ok, kb0, N,
+                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, BLOCK_N, True, TILED, UNROLL, HW, ASM)
+        else:                       # bytes 1 .. 254: placed in the fp32 exponent
+            acc = _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, e * N, offs_n, n_ok, kb0, N,
+                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, BLOCK_N, False, TILED, UNROLL, HW, ASM)
         # masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored
         at = out_ptr + (split * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
         tl.store(at, acc * 64.0, mask=m_ok[None, :] & n_ok[:, None])      # 64: the codes' bias 2^-6

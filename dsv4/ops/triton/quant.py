@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.triton.fp4_grouped import _e8m0
+
 
 @triton.jit
 def fp8_block_round(x, amax):
@@ -115,9 +117,7 @@ def act_quant_fp8(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torc
 def _e8m0_to_float(s_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    b = tl.load(s_ptr + offs, mask=mask, other=127).to(tl.int32)
-    bits = (b << 23) | (((b == 0) | (b == 255)).to(tl.int32) << 22)
-    tl.store(out_ptr + offs, bits.to(tl.float32, bitcast=True), mask=mask)
+    tl.store(out_ptr + offs, _e8m0(tl.load(s_ptr + offs, mask=mask, other=127)), mask=mask)
 
 
 def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
