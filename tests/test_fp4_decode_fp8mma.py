@@ -61,13 +61,13 @@ if PART == 'unroll':
                                  fp4_grouped_gemm_swapped(x, eid, w, s, packed="twin")),
                      torch.equal(fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False, unroll=2),
                                  fp4_grouped_gemm_direct(x, eid, w, s, block_m=16, block_n=16, asm=False))]
-    # the tile-major layout gives the stored layout's result (64 of the rows: N a multiple of block_n), the
-    # programs with scale bytes 0 / 1 (experts 2, 6: the exact decode) included
-    from dsv4.ops.triton.fp4_decode_fp8mma import tile_major
+    # the tile-major layout gives the stored layout's result (64 of the rows: whole tiles), the programs with
+    # scale bytes 0 / 1 (experts 2, 6: the exact decode) included; every other kernel: tests/test_fp4_tiled.py
+    from dsv4.ops.fp4_layout import to_tiled
     w64, s64 = w[:, :64].contiguous(), s[:, :64].contiguous()
-    res['tiled'] = [torch.equal(fp4_decode_fp8mma(x, pid, tile_major(w64, 64), s64, split=2, tiled=True),
+    res['tiled'] = [torch.equal(fp4_decode_fp8mma(x, pid, to_tiled(w64), s64, split=2),
                                 fp4_decode_fp8mma(x, pid, w64, s64, split=2)),
-                    torch.equal(fp4_decode_fp8mma(x, eid, tile_major(w64, 64), s64, offs=offs, tiled=True),
+                    torch.equal(fp4_decode_fp8mma(x, eid, to_tiled(w64), s64, offs=offs),
                                 fp4_decode_fp8mma(x, eid, w64, s64, offs=offs))]
     print(json.dumps(res))
     raise SystemExit
@@ -162,7 +162,8 @@ def test_decode_fp8mma_on_cuda_at_flash_dims(tokens):
 
 def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
     """The plan: None off the FP8 grid or with the switch off; K split (dividing K / 128, at most 8) until 264
-    programs run: 6 pairs x 16 weight-row blocks -> 4, 48 pairs -> 1 (768 programs already)."""
+    programs run: 6 pairs x 16 weight-row blocks -> 4, 48 pairs -> 1 (768 programs already); 64-row blocks over
+    the tile-major layout."""
     from dsv4.ops.moe_pairs import decode_fp8mma_plan
 
     x, w = torch.zeros(6, 4096, dtype=torch.bfloat16), torch.zeros(256, 2048, 2048, dtype=torch.int8)
@@ -171,6 +172,9 @@ def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
     assert decode_fp8mma_plan(x, w, True, slots=48) == (1, 16, 128, 4)
     assert decode_fp8mma_plan(x[:, :384], w, True, slots=6) == (1, 16, 128, 4)        # 3 blocks: no split divides
     assert decode_fp8mma_plan(x, w, False, slots=6) is None
+    # over the tile-major layout 64-row tiles: 6 pairs x 32 blocks -> split 2
+    tiled = torch.zeros(256, 32, 32, 64, 64, dtype=torch.int8)
+    assert decode_fp8mma_plan(x, tiled, True, slots=6) == (2, 16, 64, 4)
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "0")
     assert decode_fp8mma_plan(x, w, True, slots=6) is None
 

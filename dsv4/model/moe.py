@@ -15,6 +15,7 @@ from torch import nn
 from dsv4 import ops
 from dsv4.dist import SINGLE
 from dsv4.model.primitives import Linear
+from dsv4.ops import fp4_layout
 from dsv4.ops.grouped_linear import korder_pays
 from dsv4.ops.korder import to_korder
 from dsv4.ops.ref import widen
@@ -315,14 +316,16 @@ class MoE(nn.Module):
                                fp8_grid=MoE._fp8_grid(linear))
 
     def stacked_experts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """{"w1" | "w2" | "w3": (weight [E, ...], scale [E, ...] or None)} as stored. Built once; every expert's
-        parameters then become views of the stacks (same names, no extra memory)."""
+        """{"w1" | "w2" | "w3": (weight [E, ...], scale [E, ...] or None)} as stored, FP4 weights tile-major where
+        `fp4_tiled` says so (`ops.fp4_layout`: [E, N/64, K/128, 64, 64]). Built once; every expert's parameters
+        then become views of the stacks (same names, no extra memory; a tile-major expert's weight is 4-D, which
+        every FP4 reader takes)."""
         if getattr(self, "_stacks", None) is None:
             stacks = {}
             with torch.inference_mode(False), torch.no_grad():
                 for name in ("w1", "w2", "w3"):
                     linears = [getattr(ex, name) for ex in self.experts]
-                    w = torch.stack([lin.weight for lin in linears])
+                    w = _stack_weights(linears)
                     s = None if linears[0].scale is None else torch.stack([lin.scale for lin in linears])
                     for i, lin in enumerate(linears):
                         lin.weight = nn.Parameter(w[i], requires_grad=lin.weight.requires_grad)
@@ -331,3 +334,23 @@ class MoE(nn.Module):
                     stacks[name] = (w, s)
             self._stacks = stacks
         return self._stacks
+
+
+def fp4_tiled(linear: Linear) -> bool:
+    """Are this expert matrix's FP4 stacks held tile-major (`ops.fp4_layout`)? When DSV4_FP4_TILED=1 (read when the
+    stacks are built; off by default until measured in the bench) and the matrix is whole 64 x 128 tiles."""
+    return (linear.fmt == "fp4" and env_switch("DSV4_FP4_TILED")
+            and fp4_layout.can_tile(linear.out_features, linear.in_features))
+
+
+def _stack_weights(linears: list[Linear]) -> torch.Tensor:
+    """The experts' weights in one [E, ...] tensor: stacked as stored, or straight into the tile-major layout
+    (each expert copied into its slot: no rows-order stack beside it)."""
+    if not fp4_tiled(linears[0]) or fp4_layout.is_tiled(linears[0].weight):
+        return torch.stack([lin.weight for lin in linears])
+    n, half = linears[0].weight.shape
+    rows, width = fp4_layout.ROWS, fp4_layout.BYTES
+    out = linears[0].weight.new_empty(len(linears), n // rows, half // width, rows, width)
+    for i, lin in enumerate(linears):
+        out[i].copy_(lin.weight.view(n // rows, rows, half // width, width).transpose(1, 2))
+    return out

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.fp4_layout import rows_shape, to_rows
 from dsv4.ops.registry import custom_op, dispatch, register_triton
 from dsv4.quant.fp4 import dequant_fp4
 
 
 def _twin(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[..., N, K/2] packed codes + e8m0 [..., N, K/32] -> bf16 [..., N, K]."""
+    """[..., N, K/2] packed codes (or tile-major: `ops.fp4_layout`) + e8m0 [..., N, K/32] -> bf16 [..., N, K]."""
+    weight = to_rows(weight)
     if weight.dim() == 2:
         return dequant_fp4(weight, scale, torch.float32).to(torch.bfloat16)
     out = torch.empty(*weight.shape[:-1], 2 * weight.shape[-1], dtype=torch.bfloat16, device=weight.device)
@@ -26,7 +28,7 @@ dequant_fp4_bf16 = dispatch("dequant_fp4_bf16", _twin)
 
 
 @custom_op("dequant_fp4_bf16", lambda weight, scale: weight.new_empty(
-    *weight.shape[:-1], 2 * weight.shape[-1], dtype=torch.bfloat16))
+    *rows_shape(weight)[:-1], 2 * rows_shape(weight)[-1], dtype=torch.bfloat16))
 def _kernel(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     from dsv4.ops.triton.fp4_dequant import dequant_fp4_bf16 as launch
 

@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from dsv4.ops.fp4_layout import out_features
 from dsv4.ops.korder import check_layout, from_korder, to_korder
 from dsv4.ops.moe_pairs import _fp4_decode_fp8mma, _pair_linear_twin, decode_fp8mma_plan
 from dsv4.ops.registry import custom_op, dispatch, env_switch, fast_enabled, register_triton
@@ -44,9 +45,9 @@ def _grouped_linear_twin(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tenso
     `out_dtype`); `fp8_grid` changes nothing here (see the module docstring). The layouts (`x_korder`, `out_korder`,
     `out_index`: see `fp4_grouped_gemm_direct`) are applied around the plain product: x back to element order, the
     result permuted and scattered after."""
-    check_layout("grouped_linear", x.shape[0], weight.shape[1], out_korder, out_dtype, out_index)
+    check_layout("grouped_linear", x.shape[0], out_features(weight), out_korder, out_dtype, out_index)
     if x.shape[0] == 0:
-        return x.new_zeros(0, weight.shape[1], dtype=out_dtype)
+        return x.new_zeros(0, out_features(weight), dtype=out_dtype)
     x = from_korder(x) if x_korder else x
     y = torch.cat([_pair_linear_twin(x[i:i + _TWIN_CHUNK], eid[i:i + _TWIN_CHUNK], weight, scale, fmt)
                    for i in range(0, x.shape[0], _TWIN_CHUNK)])
@@ -77,7 +78,7 @@ _PACKED_BELOW = 16
 
 def _fp4_kernel(x, eid, weight, scale, fmt, fp8_grid=False, x_korder=False, out_korder=False,
                 out_dtype=torch.float32, out_index=None):
-    check_layout("grouped_linear", x.shape[0], weight.shape[1], out_korder, out_dtype, out_index)
+    check_layout("grouped_linear", x.shape[0], out_features(weight), out_korder, out_dtype, out_index)
     plan = (decode_fp8mma_plan(x, weight, fp8_grid, slots=min(x.shape[0], weight.shape[0]))
             if x.shape[0] < DIRECT_FROM * weight.shape[0] else None)     # decode batches: a few rows per expert
     if plan is not None:
@@ -95,7 +96,7 @@ def _fp4_kernel(x, eid, weight, scale, fmt, fp8_grid=False, x_korder=False, out_
     return with_layout(y, out_korder, out_dtype, out_index)
 
 
-@custom_op("fp4_grouped_gemm", lambda x, eid, weight, scale: x.new_empty(x.shape[0], weight.shape[1],
+@custom_op("fp4_grouped_gemm", lambda x, eid, weight, scale: x.new_empty(x.shape[0], out_features(weight),
                                                                          dtype=torch.float32))
 def _fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     from dsv4.ops.triton.fp4_grouped import fp4_grouped_gemm
@@ -105,7 +106,7 @@ def _fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
 
 def _prefill_fake(x, eid, weight, scale, fp8_grid, x_korder=False, out_korder=False, out_dtype=torch.float32,
                   out_index=None):
-    return x.new_empty(x.shape[0], weight.shape[1], dtype=out_dtype)
+    return x.new_empty(x.shape[0], out_features(weight), dtype=out_dtype)
 
 
 @custom_op("fp4_grouped_gemm_prefill", _prefill_fake)
@@ -173,7 +174,7 @@ def korder_pays(rows: int, x: torch.Tensor, weight: torch.Tensor, fmt: str, fp8_
     copies, so no. DSV4_MOE_KORDER=0 turns it off (the A/B switch). (The weight's alignment is not checked: a data
     pointer cannot be read under tracing, and a misaligned stack only makes the call take the other kernels, still
     exact.)"""
-    n = weight.shape[1]
+    n = out_features(weight)
     # the row count last: under compile with dynamic shapes it is the one guard this adds
     return (fmt == "fp4" and x.is_cuda and not torch.is_grad_enabled() and x.shape[-1] % 128 == 0 and n % 128 == 0
             and fast_enabled("grouped_linear") and _direct_enabled(x.dtype, fp8_grid)

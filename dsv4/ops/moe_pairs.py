@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.fp4_layout import is_tiled, out_features
 from dsv4.ops.ref import dequant_weight
 from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
 
@@ -64,15 +65,18 @@ def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool,
     if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] % 128 == 0
             and env_switch("DSV4_FP4_DECODE_MMA", default=DECODE_MMA_DEFAULT)):
         return None
-    blocks, tiles = x.shape[1] // 128, max(1, slots * -(-weight.shape[1] // 128))
+    # 64 weight rows per program over the tile-major layout (its tile: one contiguous 4 KB run per 128-K block;
+    # h100_s30 call B: 16 x 64 the fastest there at bs8 and bs64), 128 over the stored one
+    block_n = 64 if is_tiled(weight) else 128
+    blocks, tiles = x.shape[1] // 128, max(1, slots * -(-out_features(weight) // block_n))
     split = 1
     while split * tiles < _WAVE_PROGRAMS and blocks % (2 * split) == 0 and split < 8:
         split *= 2
-    return split, 16, 128, 4
+    return split, 16, block_n, 4
 
 
 def _decode_fake(x, eid, weight, scale, offs, split, block_m, block_n, num_warps):
-    return x.new_empty(split, x.shape[0], weight.shape[1], dtype=torch.float32)
+    return x.new_empty(split, x.shape[0], out_features(weight), dtype=torch.float32)
 
 
 @custom_op("fp4_decode_fp8mma", _decode_fake)
@@ -86,7 +90,7 @@ def _fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor,
                              num_warps=num_warps)
 
 
-@custom_op("fp4_pair_gemv", lambda x, ids, weight, scale: x.new_empty(x.shape[0], weight.shape[1],
+@custom_op("fp4_pair_gemv", lambda x, ids, weight, scale: x.new_empty(x.shape[0], out_features(weight),
                                                                          dtype=torch.float32))
 def _fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     from dsv4.ops.triton.fp4_decode import packed_from_env

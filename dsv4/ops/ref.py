@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from dsv4.ops.fp4_layout import to_rows
 from dsv4.quant import act_quant, dequant_fp4, dequant_fp8
 from dsv4.quant.act import dequantize_blocks, straight_through
 
@@ -20,7 +21,7 @@ def dequant_weight(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str) -
     if fmt == "fp8":
         return dequant_fp8(weight, scale, torch.float32)
     if fmt == "fp4":
-        return dequant_fp4(weight, scale, torch.float32)
+        return dequant_fp4(to_rows(weight), scale, torch.float32)     # either layout (`ops.fp4_layout`)
     return weight.float()
 
 

@@ -12,7 +12,10 @@ one CUDA graph, each after an L2 flush (a zeroed 256 MB buffer), minus a graph o
 `calls`: a call's cold-cache time as a captured decode step runs it, without the graph launch's own latency (a
 single-kernel replay adds ~4-5 us, which is half of a batch-1 call's byte time).
 The FP8-MMA kernel's accumulation is below fp32 within a 32-K sub-block (the reference's own; flagged above 4e-3).
-Usage: python3 scripts/bench/fp4_decode_kernels.py [--tokens 1 8 64 1024] [--json PATH]
+`--only layout`: the kernels the MoE may dispatch over the stored and the tile-major layout (`dsv4.ops.fp4_layout`);
+`--only unroll`: UNROLL 128-K blocks per loop step. (The thirtieth session's `--only tiled | sweep` modes, the decode
+kernel over 64- and 128-row tile layouts, are in git history: bench/results/h100_s30 calls B and C.)
+Usage: python3 scripts/bench/fp4_decode_kernels.py [--tokens 1 8 64 1024] [--only all|layout|unroll] [--json PATH]
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch
 
 from dsv4 import ops
 from dsv4.bench.timing import capture_graph, replay_median
+from dsv4.ops.fp4_layout import to_tiled
 from dsv4.ops.grouped_linear import direct_tiles
-from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma, tile_major
+from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
 from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
 from dsv4.ops.triton.fp4_grouped_direct import fp4_grouped_gemm_direct
 from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets, fp4_grouped_gemm_prefill
@@ -76,15 +80,33 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-# --only tiled: the decode kernel over the tile-major layout (`tile_major`: each program's 128-K block one
-# contiguous 8 KB run instead of 128 rows 2 KB apart) against the same kernel over the stored layout
-TILED_CONFIGS = [("pairs", 4, 16, 128, 4, 3), ("pairs", 8, 16, 128, 4, 3), ("pairs", 4, 16, 64, 4, 3),
-                 ("sorted", 1, 16, 128, 4, 3), ("sorted", 2, 16, 128, 4, 3), ("sorted", 1, 16, 64, 4, 3),
-                 ("sorted", 1, 16, 128, 4, 4)]
-# call C (after call B: 64-row tiles won with the tile-major layout): around 16 x 64
-TILED_SWEEP = [("pairs", 2, 16, 64, 4, 3), ("pairs", 8, 16, 64, 4, 3), ("pairs", 4, 16, 64, 4, 2),
-               ("pairs", 4, 16, 64, 4, 4), ("sorted", 2, 16, 64, 4, 3), ("sorted", 4, 16, 64, 4, 3),
-               ("sorted", 1, 16, 64, 4, 2), ("sorted", 1, 16, 64, 4, 4), ("sorted", 1, 32, 64, 4, 3)]
+# --only layout: each kernel the MoE may dispatch over the stored layout and over the tile-major one
+# (`dsv4.ops.fp4_layout`, which every FP4 kernel reads; the MoE holds it with DSV4_FP4_TILED=1), same configs
+def _layout(x, eid, offs, w, s, tokens, cands) -> list:
+    wt = tiled_weight(w)
+    m = eid.numel()
+    for name, weight in (("stored", w), ("TILED", wt)):
+        if m < E:
+            cands.append((f"pair GEMV {name}", partial(fp4_pair_gemv, x, eid, weight, s)))
+            cands.append((f"decode {name} pairs split4 16x64/4", partial(
+                decode_sum, x, eid, weight, s, split=4, block_m=16, block_n=64)))
+        else:
+            cands.append((f"dispatched {name}", partial(ops.grouped_linear, x, eid, weight, s, "fp4", fp8_grid=True)))
+        tiles = direct_tiles(m, E)
+        if tiles is not None:
+            for u in (1, 2):
+                cands.append((f"direct {name} {tiles[0]}x{tiles[1]}/{tiles[2]} unroll{u}", partial(
+                    fp4_grouped_gemm_direct, x, eid, weight, s, block_m=tiles[0], block_n=tiles[1],
+                    num_warps=tiles[2], num_stages=tiles[3], xperm=tiles[4], unroll=u)))
+            continue
+        for u in (1, 2):
+            cands.append((f"swapped {name} korder 16x64/4 unroll{u}", partial(
+                fp4_grouped_gemm_swapped, x, eid, weight, s, block_m=16, block_n=64, num_warps=4, korder=True,
+                unroll=u)))
+        for sp in (1, 2):
+            cands.append((f"decode {name} sorted split{sp} 16x64/4", partial(
+                decode_sum, x, eid, weight, s, offs=offs, split=sp, block_m=16, block_n=64)))
+    return cands
 
 
 def _unroll(x, eid, offs, w, s, tokens, cands) -> list:
@@ -106,7 +128,7 @@ def _unroll(x, eid, offs, w, s, tokens, cands) -> list:
         cands.append((f"decode stored sorted split1 16x64/4 unroll{u}", partial(
             decode_sum, x, eid, w, s, offs=offs, block_m=16, block_n=64, unroll=u)))
     cands.append(("decode TILED sorted split1 16x64/4", partial(
-        decode_sum, x, eid, tiled_weight(w, 64), s, offs=offs, block_m=16, block_n=64, tiled=True)))
+        decode_sum, x, eid, tiled_weight(w), s, offs=offs, block_m=16, block_n=64)))
     return cands
 
 
@@ -126,8 +148,8 @@ def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     offs = expert_offsets(eid, E)
     if only == "unroll":
         return _timed_rows(tokens, m, used, weight_bytes, _unroll(x, eid, offs, w, s, tokens, cands[:1]), ref, flush)
-    if only in ("tiled", "sweep"):
-        return _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands[:1], only == "sweep")
+    if only == "layout":
+        return _timed_rows(tokens, m, used, weight_bytes, _layout(x, eid, offs, w, s, tokens, cands[:1]), ref, flush)
     cands += [(f"swapped korder {bm}x{bn}/{nw}", partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm,
                                                          block_n=bn, num_warps=nw, korder=True))
               for bm, bn, nw in SWAPPED_CONFIGS]
@@ -147,24 +169,14 @@ def decode_sum(*args, **kwargs) -> torch.Tensor:
     return fp4_decode_fp8mma(*args, **kwargs).sum(0)
 
 
-_TILED: dict[int, torch.Tensor] = {}
+_TILED: list[torch.Tensor] = []
 
 
-def tiled_weight(w: torch.Tensor, block_n: int) -> torch.Tensor:
-    """`tile_major(w, block_n)`, made once per tile height (a copy as large as the stack: 1 GB here)."""
-    if block_n not in _TILED:
-        _TILED[block_n] = tile_major(w, block_n)
-    return _TILED[block_n]
-
-
-def _tiled(tokens, x, eid, offs, w, s, ref, weight_bytes, flush, cands, sweep: bool = False) -> dict:
-    for mp, sp, bm, bn, nw, st in TILED_SWEEP if sweep else TILED_CONFIGS:
-        wt = tiled_weight(w, bn)
-        for name, weight, tiled in ((("TILED", wt, True),) if sweep else (("stored", w, False), ("TILED", wt, True))):
-            cands.append((f"decode {name} {mp} split{sp} {bm}x{bn}/{nw} st{st}", partial(
-                decode_sum, x, eid, weight, s, offs=offs if mp == "sorted" else None, split=sp, block_m=bm,
-                block_n=bn, num_warps=nw, num_stages=st, tiled=tiled)))
-    return _timed_rows(tokens, eid.numel(), eid.unique().numel(), weight_bytes, cands, ref, flush)
+def tiled_weight(w: torch.Tensor) -> torch.Tensor:
+    """`fp4_layout.to_tiled(w)`, made once (a copy as large as the stack: 1 GB here)."""
+    if not _TILED:
+        _TILED.append(to_tiled(w))
+    return _TILED[0]
 
 
 def _timed_rows(tokens, m, used, weight_bytes, cands, ref, flush) -> dict:
@@ -192,7 +204,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--only", choices=["all", "tiled", "sweep", "unroll"], default="all")
+    p.add_argument("--only", choices=["all", "layout", "unroll"], default="all")
     args = p.parse_args()
     gen = torch.Generator(DEVICE).manual_seed(0)
     w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)

@@ -28,11 +28,10 @@ Measured (H100, bench/results/h100_s30, per call with x's operand and the sum): 
 against the pair GEMV's 22.8, bs8 146 against 139, bs64 565 against the swapped kernel's 572; 8-token tiles ran 2x
 slower than 16 with Triton 3.6. Every tensor-core FP4 kernel lands at ~1.6 TB/s at bs64 whatever its instruction
 count: the fetch pattern (BLOCK_N rows 2 KB apart, 64 bytes of each per step) is the limit. Over a tile-major copy
-of the weights (`tile_major`, `tiled=True`: each program's 128-K block one contiguous run) the same kernel at 16 x
-64 took bs8 to 111.5 us (-20 %) and bs64 to 439 us (-24 %, 2.08 TB/s). So the kernel stays opt-in
-(DSV4_FP4_DECODE_MMA=1) as the base of that layout change; `unroll` (UNROLL blocks per loop step over the stored
-layout: each row's next 64 x UNROLL bytes requested together) is the cheaper variant to measure first
-(GPU-unmeasured).
+of the weights (each program's 128-K block one contiguous run; now `dsv4.ops.fp4_layout`, which every FP4 kernel
+reads) the same kernel at 16 x 64 took bs8 to 111.5 us (-20 %) and bs64 to 439 us (-24 %, 2.08 TB/s). So the
+kernel stays opt-in (DSV4_FP4_DECODE_MMA=1) as the base of that layout; `unroll` (UNROLL blocks per loop step:
+each row's next 64 x UNROLL bytes requested together) is the cheaper variant over the stored layout.
 """
 
 from __future__ import annotations
@@ -41,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.fp4_layout import is_tiled
+from dsv4.ops.triton.fp4_grouped import stack_dims
 from dsv4.ops.triton.fp4_prefill_fp8mma import _per32_block, x_operand
 
 
@@ -64,14 +65,6 @@ def _slot_rows(slot, eid_ptr, offs_ptr, E: tl.constexpr, E_POW2: tl.constexpr, P
     return e, start, end
 
 
-def tile_major(weight: torch.Tensor, block_n: int) -> torch.Tensor:
-    """int8 [E, N, K/2] -> the same bytes laid out as [E, N / block_n, K / 128, block_n, 64] (viewed as [E, N, K/2]):
-    each program's 128-K block one contiguous run (the layout `tiled=True` reads)."""
-    E, N, half = weight.shape
-    tiles = weight.view(E, N // block_n, block_n, half // 64, 64).permute(0, 1, 3, 2, 4)
-    return tiles.contiguous().view(E, N, half)
-
-
 @triton.jit
 def _special_scales(s_ptr, rows, n_ok, kb0, BLOCKS: tl.constexpr, N_SCALES: tl.constexpr):
     """Does a scale byte 0 or 255 (the exact e8m0 decode's cases) sit in the rows' K range (128-K blocks kb0 ..
@@ -90,20 +83,13 @@ def _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, row0, offs_n, n
              HALF: tl.constexpr, N_SCALES: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
              TILED: tl.constexpr, UNROLL: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
     """acc plus the blocks kb0 .. kb0 + BLOCKS of the rows row0 + offs_n (expert row0 // N), UNROLL blocks a step.
-    TILED (`tile_major`): `_per32_block` is given the tile as a [BLOCK_N, 64]-byte matrix whose block kb sits at
-    byte 64 kb (the pointer moved back by that much), and the scales from row row0 + the tile's first row on."""
+    TILED: the weight is tile-major (`dsv4.ops.fp4_layout`)."""
     for k0 in range(kb0, kb0 + BLOCKS, UNROLL):
         for j in tl.static_range(UNROLL):
             kb = k0 + j
             xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
-            if TILED:
-                first = tl.program_id(0) * BLOCK_N                    # the tile's first row of the expert
-                tile = w_ptr + (((row0 + first) // BLOCK_N) * (K // 128) + kb) * (BLOCK_N * 64)
-                acc = _per32_block(acc, xq_row, xs, m_ok, tile - kb * 64, s_ptr + (row0 + first) * N_SCALES,
-                                   offs_n - first, n_ok, kb, 64, N_SCALES, K, EXACT, False, HW, ASM)
-            else:
-                acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, row0 + offs_n, n_ok, kb, HALF, N_SCALES, K,
-                                   EXACT, False, HW, ASM)
+            acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, row0 + offs_n, n_ok, kb, HALF, N_SCALES, K,
+                               EXACT, False, HW, ASM, TILED)
     return acc
 
 
@@ -141,17 +127,17 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
 def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       offs: torch.Tensor | None = None, split: int = 1, block_m: int = 16, block_n: int = 64,
                       num_warps: int = 4, num_stages: int = 3, asm: bool = True,
-                      tiled: bool = False, unroll: int = 1) -> torch.Tensor:
+                      unroll: int = 1) -> torch.Tensor:
     """x [M, K] (on the FP8 grid per 128-K block for exact products; other x is act-quantised, as the reference's
-    FP4 GEMM input), eid [M] expert per row, weight int8 [E, N, K/2], scale e8m0 [E, N, K/32] -> fp32 partial sums
+    FP4 GEMM input), eid [M] expert per row, weight int8 [E, N, K/2] or tile-major (`dsv4.ops.fp4_layout`), scale
+    e8m0 [E, N, K/32] -> fp32 partial sums
     [split, M, N] (their sum over dim 0 is x[m] @ W[eid[m]]^T). `offs` None: the rows are pairs, any order, one
     program per row; else rows sorted by expert with `offs` int32 [E + 1] their offsets (`expert_offsets`), one
     program per expert with rows. `split` must divide K / 128. block_n: weight rows per program (the wgmma's M, a
-    multiple of 64); block_m: tokens per tile (its N, a power of two >= 8). `tiled`: the weight is `tile_major(w,
-    block_n)` (the layout experiment: one contiguous run per program and block; N a multiple of block_n).
+    multiple of 64); block_m: tokens per tile (its N, a power of two >= 8).
     `unroll`: 128-K blocks per loop step (dividing the blocks per split), the same sums in the same order."""
     M, K = x.shape
-    E, N, half = weight.shape
+    E, N, half = stack_dims("fp4_decode_fp8mma", weight)
     if (half * 2 != K or K % 128 or tuple(scale.shape) != (E, N, K // 32) or eid.shape != (M,)
             or (offs is not None and offs.shape != (E + 1,))):
         raise ValueError(f"fp4_decode_fp8mma: x {tuple(x.shape)}, eid {tuple(eid.shape)}, weight "
@@ -173,5 +159,5 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
         xq if hw else xq.view(torch.uint8), xs, eid.contiguous(), eid if offs is None else offs.contiguous(),
         weight.contiguous(), scale.contiguous().view(torch.uint8), out, M, N, K, half, K // 32, K // 128 // split,
         E, triton.next_power_of_2(E), BLOCK_M=block_m, BLOCK_N=block_n, PAIRS=offs is None, HW=hw,
-        ASM=hw and asm, TILED=tiled, UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
+        ASM=hw and asm, TILED=is_tiled(weight), UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
     return out

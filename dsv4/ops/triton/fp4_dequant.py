@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.fp4_layout import to_rows
+
 BLOCK_R, BLOCK_B = 16, 256          # rows x packed bytes per program (bytes: 512 elements of each of 16 rows)
 
 
@@ -89,7 +91,9 @@ def _byte_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequant_fp4_bf16(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[..., N, K/2] packed codes (int8/uint8) + e8m0 [..., N, K/32] (float8_e8m0fnu/uint8) -> bf16 [..., N, K]."""
+    """[..., N, K/2] packed codes (int8/uint8; tile-major too, `dsv4.ops.fp4_layout`: put back in rows order first)
+    + e8m0 [..., N, K/32] (float8_e8m0fnu/uint8) -> bf16 [..., N, K]."""
+    weight = to_rows(weight)
     if weight.dtype not in (torch.int8, torch.uint8) or scale.dtype not in (torch.float8_e8m0fnu, torch.uint8):
         raise ValueError(f"dequant_fp4_bf16: weight int8/uint8 and scale e8m0/uint8, got {weight.dtype}, "
                          f"{scale.dtype}")

@@ -32,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.fp4_layout import is_tiled
 from dsv4.ops.triton.fp4_decode import e2m1_word_f32
-from dsv4.ops.triton.fp4_grouped import _e8m0
+from dsv4.ops.triton.fp4_grouped import _e8m0, _row_words, _word_at, stack_dims
 
 _TWO_POW_126 = tl.constexpr(2.0**126)
 _TWO_POW_14 = tl.constexpr(2.0**14)
@@ -78,7 +79,7 @@ def _half2_part(word, at_x, ASM: tl.constexpr):
 @triton.jit
 def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.constexpr, N_SCALES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HALF2: tl.constexpr,
-                   ASM: tl.constexpr):
+                   ASM: tl.constexpr, TILED: tl.constexpr = False):
     p = tl.program_id(0)
     e = tl.load(ids_ptr + p).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,12 +87,13 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
     rows = e * N + offs_n                                             # [BLOCK_N] rows of the stacked weight
     g = tl.arange(0, BLOCK_G)
     j = tl.arange(0, 4)
-    at_w = w_ptr + rows[:, None, None] * WORDS + (g[None, :, None] * 4 + j[None, None, :])   # [N, G, 4] words
+    at_row = w_ptr + _row_words(rows, 4 * WORDS, TILED)[:, None, None]                        # [N, 1, 1]
+    words = g[:, None] * 4 + j[None, :]                                                      # [G, 4] of the row
     at_s = s_ptr + rows[:, None] * N_SCALES + g[None, :]                                     # [N, G] scales
     at_x = x_ptr + p.to(tl.int64) * K + (g[:, None] * 4 + j[None, :]) * 8                   # [G, 4] -> lane 0
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     for g0 in range(0, N_SCALES, BLOCK_G):                            # N_SCALES is a multiple of BLOCK_G
-        word = tl.load(at_w + g0 * 4, mask=n_ok[:, None, None], other=0)
+        word = tl.load(at_row + _word_at(g0 * 4 + words, TILED)[None, :, :], mask=n_ok[:, None, None], other=0)
         sbyte = tl.load(at_s + g0, mask=n_ok[:, None], other=127)
         if HALF2:           # packed decode: the values times 2^-14, restored once per 32 elements with the scale
             part = _half2_part(word, at_x + g0 * 32, ASM)
@@ -108,7 +110,8 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
 def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                   block_n: int = 16, block_g: int = 32, num_warps: int = 4,
                   packed: bool | str = False) -> torch.Tensor:
-    """x [P, K] (bf16/fp16/fp32), ids [P] expert per row, weight int8 [E, N, K/2], scale e8m0 [E, N, K/32]
+    """x [P, K] (bf16/fp16/fp32), ids [P] expert per row, weight int8 [E, N, K/2] or tile-major
+    (`dsv4.ops.fp4_layout`), scale e8m0 [E, N, K/32]
     -> fp32 [P, N]. block_g scale groups (32 elements each) per step, at most the largest power of two dividing
     K/32 (64 and 128 at Flash's shapes). Defaults: the fastest of scripts/bench/fp4_gemv.py's sweep on the H200
     (bench/results/h200_fp4_gemv.log: 25-26 us per call at batch 1, 0.25 of the copy bandwidth; issuing
@@ -117,7 +120,7 @@ def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scal
     only), "twin" runs the same arithmetic in plain Triton (the interpreter's check of it); both equal the default
     decode bit for bit unless a product |x * value| falls below 2^-112."""
     P, K = x.shape
-    E, N, half = weight.shape
+    E, N, half = stack_dims("fp4_pair_gemv", weight)
     if half * 2 != K or K % 32 or tuple(scale.shape) != (E, N, K // 32) or ids.shape != (P,):
         raise ValueError(f"fp4_pair_gemv: x {tuple(x.shape)}, ids {tuple(ids.shape)}, weight {tuple(weight.shape)}"
                          f", scale {tuple(scale.shape)} do not fit [P, K], [P], [E, N, K/2], [E, N, K/32]")
@@ -134,6 +137,6 @@ def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scal
         grid = (P, triton.cdiv(N, block_n))
         _fp4_pair_gemv[grid](x, ids.contiguous(), weight.view(torch.int32), scale.view(torch.uint8), out, N, K,
                              half // 4, K // 32, BLOCK_N=block_n, BLOCK_G=block_g,
-                             HALF2=packed is not False, ASM=packed is True,
+                             HALF2=packed is not False, ASM=packed is True, TILED=is_tiled(weight),
                              num_warps=num_warps)
     return out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.fp4_layout import is_tiled, rows_shape
+
 _NO_EXPERT = tl.constexpr(2**30)            # above every expert id: ends a block's expert walk
 
 
@@ -40,8 +42,47 @@ def _e8m0(byte):
 
 
 @triton.jit
+def _row_at(rows, HALF: tl.constexpr, TILED: tl.constexpr):
+    """Byte offset of each weight row's byte 0 in the stack: rows * K/2, or its place in its 64-row tile of the
+    tile-major layout (`dsv4.ops.fp4_layout`, TILED). A row's packed byte c is at `_row_at + _byte_at(c)`."""
+    if TILED:
+        return (rows // 64) * (64 * HALF) + (rows % 64) * 64
+    else:
+        return rows * HALF
+
+
+@triton.jit
+def _byte_at(byte, TILED: tl.constexpr):
+    """Offset of a row's packed byte `byte` from the row's `_row_at` (the 128-K block's tile is 4 KB further on
+    per block in the tile-major layout)."""
+    if TILED:
+        return (byte // 64) * 4096 + byte % 64
+    else:
+        return byte
+
+
+@triton.jit
+def _row_words(rows, HALF: tl.constexpr, TILED: tl.constexpr):
+    """`_row_at` in int32 words (the kernels that read the weight as words)."""
+    if TILED:
+        return (rows // 64) * (16 * HALF) + (rows % 64) * 16
+    else:
+        return rows * (HALF // 4)
+
+
+@triton.jit
+def _word_at(word, TILED: tl.constexpr):
+    """`_byte_at` in int32 words."""
+    if TILED:
+        return (word // 16) * 1024 + word % 16
+    else:
+        return word
+
+
+@triton.jit
 def _fp4_grouped_gemm(x_ptr, eid_ptr, w_ptr, s_ptr, out_ptr, M, N, K, HALF: tl.constexpr, N_SCALES: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr,
+                      TILED: tl.constexpr = False):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
@@ -54,7 +95,7 @@ def _fp4_grouped_gemm(x_ptr, eid_ptr, w_ptr, s_ptr, out_ptr, M, N, K, HALF: tl.c
         part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for b0 in range(0, HALF, BLOCK_B):
             offs_b = b0 + tl.arange(0, BLOCK_B)                       # packed byte b = elements 2b, 2b + 1
-            w_at = rows[None, :] * HALF + offs_b[:, None]             # [BLOCK_B, BLOCK_N]: W^T tile
+            w_at = _row_at(rows, HALF, TILED)[None, :] + _byte_at(offs_b, TILED)[:, None]   # [BLOCK_B, BLOCK_N]: W^T
             byte = tl.load(w_ptr + w_at, mask=n_ok[None, :], other=0).to(tl.int32) & 0xFF
             sc = tl.load(s_ptr + rows[None, :] * N_SCALES + offs_b[:, None] // 16, mask=n_ok[None, :], other=127)
             scale = _e8m0(sc)
@@ -75,11 +116,20 @@ def _fp4_grouped_gemm(x_ptr, eid_ptr, w_ptr, s_ptr, out_ptr, M, N, K, HALF: tl.c
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
+def stack_dims(name: str, weight: torch.Tensor) -> tuple[int, int, int]:
+    """(E, N, K/2) of a packed FP4 expert stack in either layout; a ValueError naming `name` for other shapes."""
+    if weight.dim() not in (3, 5):
+        raise ValueError(f"{name}: weight {tuple(weight.shape)} is not an expert stack [E, N, K/2] or its tile-major "
+                         f"[E, N/64, K/128, 64, 64]")
+    return rows_shape(weight)
+
+
 def check_grouped(name: str, x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                   block_m: int, block_k: int) -> tuple[int, int, int, int, int]:
-    """(M, K, N, E, K/2) of a grouped FP4 GEMM's operands; a ValueError naming `name` when they do not fit."""
+    """(M, K, N, E, K/2) of a grouped FP4 GEMM's operands (the weight in either layout, `dsv4.ops.fp4_layout`); a
+    ValueError naming `name` when they do not fit."""
     M, K = x.shape
-    E, N, half = weight.shape
+    E, N, half = stack_dims(name, weight)
     if half * 2 != K or scale.shape != (E, N, K // 32) or eid.shape != (M,):
         raise ValueError(f"{name}: x {tuple(x.shape)}, eid {tuple(eid.shape)}, weight "
                          f"{tuple(weight.shape)}, scale {tuple(scale.shape)} do not match")
@@ -92,7 +142,7 @@ def check_grouped(name: str, x: torch.Tensor, eid: torch.Tensor, weight: torch.T
 def fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                      block_m: int = 16, block_n: int = 64, block_k: int = 128) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32; fp16 is exact only while the scaled weights fit fp16), eid [M] expert per row
-    (int32/int64, best sorted), weight int8 [E, N, K/2], scale e8m0 [E, N, K/32] -> fp32 [M, N]."""
+    (int32/int64, best sorted), weight int8 [E, N, K/2] or tile-major, scale e8m0 [E, N, K/32] -> fp32 [M, N]."""
     M, K, N, _, half = check_grouped("fp4_grouped_gemm", x, eid, weight, scale, block_m, block_k)
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0:
@@ -100,5 +150,6 @@ def fp4_grouped_gemm(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, s
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _fp4_grouped_gemm[grid](x.contiguous(), eid.contiguous(), weight.contiguous(),
                             scale.contiguous().view(torch.uint8), out, M, N, K, half, K // 32, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_B=block_k // 2, IEEE=x.dtype == torch.float32)
+                            BLOCK_N=block_n, BLOCK_B=block_k // 2, IEEE=x.dtype == torch.float32,
+                            TILED=is_tiled(weight))
     return out

@@ -41,8 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.fp4_layout import is_tiled
 from dsv4.ops.korder import check_layout, to_korder
-from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, check_grouped
+from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, _row_words, _word_at, check_grouped
 from dsv4.ops.triton.fp4_grouped_prefill import _dot, expert_offsets
 from dsv4.ops.triton.fp4_grouped_swapped import _swapped_default_block
 
@@ -50,12 +51,13 @@ FAST_SCALES = (16, 128)          # scale bytes the bf16 decode takes exactly (th
 
 
 @triton.jit
-def _bf16_tile(w_ptr, rows, n_ok, sb, b0, HALF: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+def _bf16_tile(w_ptr, rows, n_ok, sb, b0, HALF: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
+               TILED: tl.constexpr):
     """The decoded tile [BLOCK_N, 128] of packed bytes b0 .. b0 + 63 in K_ORDER, each weight its true value
     (e2m1 * 2^(t - 127), t = sb [BLOCK_N, 4], one byte per 32-group): bf16 with ASM, else fp32. Dot column
     32i + 16a + 8b + 2c + t holds nibble J = 2a + b (t = 0) or J + 4 (t = 1) of int32 word 4c + i of the row."""
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (HALF // 4)
-                    + (b0 // 4 + tl.arange(0, 16))[None, :], mask=n_ok[:, None], other=0)
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + _row_words(rows, HALF, TILED)[:, None]
+                    + _word_at(b0 // 4 + tl.arange(0, 16), TILED)[None, :], mask=n_ok[:, None], other=0)
     # J as a broadcast dimension (see fp4_grouped_swapped._korder_tile: a join of J would force a layout shuffle)
     J = tl.arange(0, 4)[None, None, None, :]
     w4 = tl.reshape(words, [BLOCK_N, 4, 4])[:, :, :, None] >> (4 * J)                  # [n, c, i, J]
@@ -89,7 +91,7 @@ def _scales_in_range(s_ptr, rows, n_ok, N_SCALES: tl.constexpr, LO: tl.constexpr
 
 @triton.jit
 def _korder_fallback_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, k0, dtype: tl.constexpr, HALF: tl.constexpr,
-                           N_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                           N_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, TILED: tl.constexpr):
     """`fp4_grouped_swapped._swapped_default_block` for K-ordered x: acc plus its 32 columns k0 .. k0 + 31 (one
     contiguous load), i.e. for i = (k0 / 32) % 4 the block's columns 32i + 16a + 8b + 2c + t = element
     32c + 8i + 4t + 2a + b: nibble J = 2a + b (t = 0) or J + 4 (t = 1) of int32 word 4c + i of each weight row, the
@@ -98,8 +100,9 @@ def _korder_fallback_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, k0, dtype
     for the whole kernel: a 128-column step doubled the kernel's shared memory)."""
     b0 = (k0 // 128) * 64                                               # the block's first packed byte
     i = (k0 // 32) % 4
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (HALF // 4)
-                    + (b0 // 4 + i + 4 * tl.arange(0, 4))[None, :], mask=n_ok[:, None], other=0)    # [n, c]
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + _row_words(rows, HALF, TILED)[:, None]
+                    + _word_at(b0 // 4 + i + 4 * tl.arange(0, 4), TILED)[None, :], mask=n_ok[:, None],
+                    other=0)                                                                       # [n, c]
     sc = _e8m0(tl.load(s_ptr + rows[:, None] * N_SCALES + (b0 // 16 + tl.arange(0, 4))[None, :],
                        mask=n_ok[:, None], other=127))                                            # [n, c]
     w4 = words[:, :, None] >> (4 * tl.arange(0, 4)[None, None, :])                                # [n, c, J]
@@ -114,7 +117,7 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
                         N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
                         ASM: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, XPERM: tl.constexpr,
                         X_KORDER: tl.constexpr, OUT_KORDER: tl.constexpr, INDEX: tl.constexpr,
-                        UNROLL: tl.constexpr = 1):
+                        UNROLL: tl.constexpr = 1, TILED: tl.constexpr = False):
     e = tl.program_id(1)                        # grid (N blocks, E), N blocks fastest: an expert's x stays in L2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -144,7 +147,7 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
                 for j in tl.static_range(UNROLL):
                     sb = tl.load(s_ptr + rows[:, None] * N_SCALES + ((b0 + 64 * j) // 16 + tl.arange(0, 4))[None, :],
                                  mask=n_ok[:, None], other=127).to(tl.int32)             # [BLOCK_N, 4]
-                    w = _bf16_tile(w_ptr, rows, n_ok, sb, b0 + 64 * j, HALF, BLOCK_N, ASM)
+                    w = _bf16_tile(w_ptr, rows, n_ok, sb, b0 + 64 * j, HALF, BLOCK_N, ASM, TILED)
                     xk = tl.load(xk_row + 2 * (b0 + 64 * j) + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)
                     if XPERM:   # x in element order, K_ORDER'd here: [m, c, i, t, a, b] -> [m, i, a, b, c, t]
                         xk = tl.reshape(tl.permute(tl.reshape(xk, [BLOCK_M, 4, 4, 2, 2, 2]), (0, 2, 4, 5, 1, 3)),
@@ -158,11 +161,11 @@ def _fp4_grouped_direct(x_ptr, xk_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, index_pt
             if X_KORDER:    # x K-ordered: 32 of its columns per step, the weights of those columns gathered
                 for k0 in range(0, 2 * HALF, 32):
                     acc = _korder_fallback_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, k0,
-                                                 x_ptr.dtype.element_ty, HALF, N_SCALES, BLOCK_N, IEEE)
+                                                 x_ptr.dtype.element_ty, HALF, N_SCALES, BLOCK_N, IEEE, TILED)
             else:
                 for b0 in range(0, HALF, 16):
                     acc = _swapped_default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0,
-                                                 x_ptr.dtype.element_ty, HALF, N_SCALES, IEEE)
+                                                 x_ptr.dtype.element_ty, HALF, N_SCALES, IEEE, TILED)
         if INDEX:                   # row m of the result goes to out row index[m] (the caller's scatter, fused)
             dest = tl.load(index_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
         else:
@@ -181,7 +184,8 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
                             asm: bool = True, xperm: bool = False, x_korder: bool = False, out_korder: bool = False,
                             out_dtype: torch.dtype = torch.float32, out_index: torch.Tensor | None = None,
                             unroll: int = 1) -> torch.Tensor:
-    """x [M, K] sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2] (4-byte aligned),
+    """x [M, K] sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2] or tile-major
+    (`dsv4.ops.fp4_layout`; 4-byte aligned),
     scale e8m0 [E, N, K/32] -> [M, N] (`out_dtype`: fp32, or bf16 / fp16 rounded to nearest from the fp32 sums), K
     a multiple of 128. block_m: tokens per tile (wgmma's N, a power of two 16 .. 256), block_n: weight rows (64 per
     warpgroup: block_n = 16 x num_warps keeps one A tile per warpgroup). asm=True (CUDA only): bf16 x, the bf16
@@ -229,5 +233,5 @@ def fp4_grouped_gemm_direct(x: torch.Tensor, eid: torch.Tensor, weight: torch.Te
         x, xk, offs, weight, scale.contiguous().view(torch.uint8), out, index, N, K, half, K // 32, BLOCK_M=block_m,
         BLOCK_N=block_n, IEEE=x.dtype == torch.float32, ASM=asm, LO=FAST_SCALES[0], HI=FAST_SCALES[1],
         XPERM=xperm and not x_korder, X_KORDER=x_korder, OUT_KORDER=out_korder, INDEX=out_index is not None,
-        UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
+        UNROLL=unroll, TILED=is_tiled(weight), num_warps=num_warps, num_stages=num_stages)
     return out

@@ -46,8 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.fp4_layout import is_tiled
 from dsv4.ops.triton.fp4_decode import e2m1_pair_f16_mul
-from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, check_grouped
+from dsv4.ops.triton.fp4_grouped import _byte_at, _e2m1, _e8m0, _row_at, check_grouped
 
 _MAX_SPREAD = tl.constexpr(24)                         # scale exponents a 128-K block may span on the fast path
 
@@ -61,12 +62,13 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _decoded_halves(w_ptr, s_ptr, rows, n_ok, b0, dtype: tl.constexpr, HALF: tl.constexpr, N_SCALES: tl.constexpr,
-                    BLOCK_B: tl.constexpr, GROUP_SCALES: tl.constexpr):
+                    BLOCK_B: tl.constexpr, GROUP_SCALES: tl.constexpr, TILED: tl.constexpr):
     """W^T tiles [BLOCK_B, BLOCK_N] of the even (low nibble) and odd (high nibble) K elements of packed bytes
     b0 .. b0 + BLOCK_B, decoded exactly into `dtype`. GROUP_SCALES decodes each e8m0 byte once per 32 elements and
     broadcasts it (fewer integer ops per element, perhaps a layout shuffle); else once per element."""
     offs_b = b0 + tl.arange(0, BLOCK_B)                               # packed byte b = elements 2b, 2b + 1
-    byte = tl.load(w_ptr + rows[None, :] * HALF + offs_b[:, None], mask=n_ok[None, :], other=0).to(tl.int32) & 0xFF
+    byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[None, :] + _byte_at(offs_b, TILED)[:, None], mask=n_ok[None, :],
+                   other=0).to(tl.int32) & 0xFF
     if GROUP_SCALES:
         offs_g = b0 // 16 + tl.arange(0, BLOCK_B // 16)
         sc = _e8m0(tl.load(s_ptr + rows[None, :] * N_SCALES + offs_g[:, None], mask=n_ok[None, :], other=127))
@@ -80,9 +82,9 @@ def _decoded_halves(w_ptr, s_ptr, rows, n_ok, b0, dtype: tl.constexpr, HALF: tl.
 @triton.jit
 def _default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, dtype: tl.constexpr, HALF: tl.constexpr,
                    N_SCALES: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr, GROUP_SCALES: tl.constexpr,
-                   JOIN: tl.constexpr):
+                   JOIN: tl.constexpr, TILED: tl.constexpr):
     """acc plus the product over packed bytes b0 .. b0 + BLOCK_B, the weights decoded per element into x's dtype."""
-    w_lo, w_hi = _decoded_halves(w_ptr, s_ptr, rows, n_ok, b0, dtype, HALF, N_SCALES, BLOCK_B, GROUP_SCALES)
+    w_lo, w_hi = _decoded_halves(w_ptr, s_ptr, rows, n_ok, b0, dtype, HALF, N_SCALES, BLOCK_B, GROUP_SCALES, TILED)
     if JOIN:      # interleave the halves back into K order: one dot over a contiguous x tile
         w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), [2 * BLOCK_B, w_lo.shape[1]])
         xk = tl.load(x_row + 2 * b0 + tl.arange(0, 2 * BLOCK_B)[None, :], mask=m_ok[:, None], other=0.0)
@@ -97,10 +99,10 @@ def _default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, dtype: tl.con
 @triton.jit
 def _default_k_loop(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, dtype: tl.constexpr, HALF: tl.constexpr,
                     N_SCALES: tl.constexpr, BLOCK_B: tl.constexpr, IEEE: tl.constexpr, GROUP_SCALES: tl.constexpr,
-                    JOIN: tl.constexpr):
+                    JOIN: tl.constexpr, TILED: tl.constexpr):
     for b0 in range(0, HALF, BLOCK_B):
         acc = _default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, dtype, HALF, N_SCALES, BLOCK_B, IEEE,
-                             GROUP_SCALES, JOIN)
+                             GROUP_SCALES, JOIN, TILED)
     return acc
 
 
@@ -116,7 +118,7 @@ def _scales_too_wide(s_ptr, rows, n_ok, N_SCALES: tl.constexpr):
 
 @triton.jit
 def _packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HALF: tl.constexpr, N_SCALES: tl.constexpr,
-                  BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+                  BLOCK_N: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr):
     """One 128-K block (packed bytes b0 .. b0 + 63) of the product, fp32 [BLOCK_M, BLOCK_N], from fp16 dots.
     Weights: the packed decode (value * 2^-14) times an fp16 factor 2^(15 + t_g - T) per 32-group g, where t_g is
     the group's scale exponent and T the largest of the row's four: value * 2^(1 + t_g - T), exact while the four
@@ -124,7 +126,8 @@ def _packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HALF: tl.c
     fp16 products in fp32; x's power of two per row (`fp16_blocks`) and 2^(T - 1) are applied after it
     (`_scales_too_wide` sends programs whose scales span more to the default decode)."""
     offs_b = b0 + tl.arange(0, 64)
-    byte = tl.load(w_ptr + rows[None, :] * HALF + offs_b[:, None], mask=n_ok[None, :], other=0)   # [64, BLOCK_N]
+    byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[None, :] + _byte_at(offs_b, TILED)[:, None], mask=n_ok[None, :],
+                   other=0)                                                                       # [64, BLOCK_N]
     at_s = s_ptr + rows[None, :] * N_SCALES + (b0 // 16 + tl.arange(0, 4))[:, None]
     sb = tl.load(at_s, mask=n_ok[None, :], other=127).to(tl.int32)                                 # [4, BLOCK_N]
     top = tl.max(sb, axis=0)
@@ -140,7 +143,7 @@ def _packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HALF: tl.c
 def _fp4_grouped_prefill(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HALF: tl.constexpr,
                          N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
                          IEEE: tl.constexpr, GROUP_SCALES: tl.constexpr, JOIN: tl.constexpr, PACKED: tl.constexpr,
-                         ASM: tl.constexpr):
+                         ASM: tl.constexpr, TILED: tl.constexpr = False):
     e = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -162,14 +165,14 @@ def _fp4_grouped_prefill(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
         if PACKED:
             if wide:      # some scales span more than the fp16 path holds exactly: the default decode
                 acc = _default_k_loop(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, x_ptr.dtype.element_ty, HALF,
-                                      N_SCALES, BLOCK_B, IEEE, GROUP_SCALES, JOIN)
+                                      N_SCALES, BLOCK_B, IEEE, GROUP_SCALES, JOIN, TILED)
             else:         # fp16 dots over the packed decode (BLOCK_B = 64: one 128-K block per step)
                 for b0 in range(0, HALF, BLOCK_B):
                     acc += _packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HALF, N_SCALES,
-                                         BLOCK_N, ASM)
+                                         BLOCK_N, ASM, TILED)
         else:
             acc = _default_k_loop(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, x_ptr.dtype.element_ty, HALF, N_SCALES,
-                                  BLOCK_B, IEEE, GROUP_SCALES, JOIN)
+                                  BLOCK_B, IEEE, GROUP_SCALES, JOIN, TILED)
         # Masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored.
         tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         m0 += BLOCK_M
@@ -209,8 +212,9 @@ def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
                              join: bool = True, num_warps: int = 8, num_stages: int = 3,
                              packed: bool | str = False, fp8mma: bool | str = False,
                              maxnreg: int | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2],
-    scale e8m0 [E, N, K/32] -> fp32 [M, N]. Tiles, `group_scales`, `join` and launch options: for benchmarking.
+    """x [M, K] (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2] or
+    tile-major (`dsv4.ops.fp4_layout`), scale e8m0 [E, N, K/32] -> fp32 [M, N]. Tiles, `group_scales`, `join` and
+    launch options: for benchmarking.
     `packed` (off until measured; block_k 128, `group_scales` / `join` do not apply): fp16 dots over the packed
     decode, True in inline PTX (CUDA only), "twin" in plain Triton; exact for x on the FP8 grid per 128 block
     (the MoE's input), see `fp16_blocks` and `_packed_block`. `fp8mma` (off until measured; block_k, `group_scales`,
@@ -245,6 +249,6 @@ def fp4_grouped_gemm_prefill(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
     _fp4_grouped_prefill[grid](x, xh, xs, offs, weight.contiguous(), scale.contiguous().view(torch.uint8), out,
                                N, K, half, K // 32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_k // 2,
                                IEEE=x.dtype == torch.float32, GROUP_SCALES=group_scales, JOIN=join,
-                               PACKED=packed is not False, ASM=packed is True, num_warps=num_warps,
-                               num_stages=num_stages)
+                               PACKED=packed is not False, ASM=packed is True, TILED=is_tiled(weight),
+                               num_warps=num_warps, num_stages=num_stages)
     return out

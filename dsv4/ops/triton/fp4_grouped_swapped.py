@@ -61,20 +61,22 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.fp4_layout import is_tiled
 from dsv4.ops.triton.fp4_decode import e2m1_pair_f16_mul
-from dsv4.ops.triton.fp4_grouped import _e2m1, _e8m0, check_grouped
+from dsv4.ops.triton.fp4_grouped import _byte_at, _e2m1, _e8m0, _row_at, _row_words, _word_at, check_grouped
 from dsv4.ops.triton.fp4_grouped_prefill import _dot, _scales_too_wide, expert_offsets, fp16_blocks, scaled_blocks
 
 
 @triton.jit
-def _korder_tile(w_ptr, rows, n_ok, b0, factor, HALF: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
+def _korder_tile(w_ptr, rows, n_ok, b0, factor, HALF: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr,
+                 TILED: tl.constexpr):
     """The decoded tile [BLOCK_N, 128] of packed bytes b0 .. b0 + 63 in `K_ORDER` (value * 2^-14 * factor, fp16;
     factor [BLOCK_N, 4] per 32-group): dot column 32i + 16a + 8b + 2c + t holds element 32c + 8i + 4t + 2a + b,
     i.e. nibble J = 2a + b (t = 0) or J + 4 (t = 1) of int32 word 4c + i, which is one fp16x2 word of the bit
     placement (`fp4_decode._half2_bits(word, J)`): a thread's A registers (lane % 4 = c) are the 4 words 4c .. 4c + 3
     of each of its rows, one 128-bit load per row, each register one placement and one fp16x2 multiply."""
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (HALF // 4)
-                    + (b0 // 4 + tl.arange(0, 16))[None, :], mask=n_ok[:, None], other=0)
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + _row_words(rows, HALF, TILED)[:, None]
+                    + _word_at(b0 // 4 + tl.arange(0, 16), TILED)[None, :], mask=n_ok[:, None], other=0)
     # J as a broadcast dimension, not as tl.join of the four placements: a join's new dimension is a layout's
     # first register, which the dot operand gives to its K pairs (t), so joined J forced a layout conversion.
     J = tl.arange(0, 4)[None, None, None, :]
@@ -94,7 +96,8 @@ def _korder_tile(w_ptr, rows, n_ok, b0, factor, HALF: tl.constexpr, BLOCK_N: tl.
 
 @triton.jit
 def _swapped_packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HALF: tl.constexpr,
-                          N_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr, KORDER: tl.constexpr):
+                          N_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr, KORDER: tl.constexpr,
+                          TILED: tl.constexpr):
     """One 128-K block (packed bytes b0 .. b0 + 63) of out^T, fp32 [BLOCK_N, BLOCK_M]: `_packed_block`'s
     arithmetic with the operands swapped. KORDER: the weight tile and x's fp16 block (`fp16_blocks_korder`) in
     `K_ORDER`, else in element order."""
@@ -103,10 +106,10 @@ def _swapped_packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HA
     top = tl.max(sb, axis=1)
     factor = ((30 + sb - top[:, None]) << 10).to(tl.int16).to(tl.float16, bitcast=True)  # 2^(15 + t_g - T)
     if KORDER:
-        w = _korder_tile(w_ptr, rows, n_ok, b0, factor, HALF, BLOCK_N, ASM)
+        w = _korder_tile(w_ptr, rows, n_ok, b0, factor, HALF, BLOCK_N, ASM, TILED)
     else:
-        byte = tl.load(w_ptr + rows[:, None] * HALF + (b0 + tl.arange(0, 64))[None, :], mask=n_ok[:, None],
-                       other=0)
+        byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None] + _byte_at(b0 + tl.arange(0, 64), TILED)[None, :],
+                       mask=n_ok[:, None], other=0)
         factor = tl.reshape(tl.broadcast_to(factor[:, :, None], [BLOCK_N, 4, 16]), [BLOCK_N, 64])
         w = tl.reshape(e2m1_pair_f16_mul(byte, factor, ASM), [BLOCK_N, 128])            # column k = 2b + h
     xh = tl.load(xh_row + 2 * b0 + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)   # [BLOCK_M, 128]
@@ -116,12 +119,13 @@ def _swapped_packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, HA
 
 @triton.jit
 def _swapped_default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, dtype: tl.constexpr, HALF: tl.constexpr,
-                           N_SCALES: tl.constexpr, IEEE: tl.constexpr):
+                           N_SCALES: tl.constexpr, IEEE: tl.constexpr, TILED: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] plus the 32-K group at packed bytes b0 .. b0 + 15 (one scale per weight row), the
     weights decoded exactly per element (e2m1 value times 2^(t - 127)) into x's dtype, as
     `fp4_grouped_prefill._decoded_halves` does. One group per step keeps the tiles small: this loop's registers
     count for the whole kernel (ptxas allocates for the worst path)."""
-    byte = tl.load(w_ptr + rows[:, None] * HALF + (b0 + tl.arange(0, 16))[None, :], mask=n_ok[:, None], other=0)
+    byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None] + _byte_at(b0 + tl.arange(0, 16), TILED)[None, :],
+                   mask=n_ok[:, None], other=0)
     byte = byte.to(tl.int32) & 0xFF
     sc = _e8m0(tl.load(s_ptr + rows * N_SCALES + b0 // 16, mask=n_ok, other=127))[:, None]      # [BLOCK_N, 1]
     w = tl.join((_e2m1(byte & 0xF) * sc).to(dtype), (_e2m1(byte >> 4) * sc).to(dtype))
@@ -133,7 +137,8 @@ def _swapped_default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, dtype
 @triton.jit
 def _fp4_grouped_swapped(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, N, K, HALF: tl.constexpr,
                          N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                         ASM: tl.constexpr, KORDER: tl.constexpr, UNROLL: tl.constexpr = 1):
+                         ASM: tl.constexpr, KORDER: tl.constexpr, UNROLL: tl.constexpr = 1,
+                         TILED: tl.constexpr = False):
     e = tl.program_id(1)                        # grid (N blocks, E) as in `_fp4_grouped_prefill`
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -149,7 +154,7 @@ def _fp4_grouped_swapped(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
             x_row = x_ptr + offs_m[:, None].to(tl.int64) * K
             for b0 in range(0, HALF, 16):
                 acc = _swapped_default_block(acc, x_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0, x_ptr.dtype.element_ty,
-                                             HALF, N_SCALES, IEEE)
+                                             HALF, N_SCALES, IEEE, TILED)
         else:
             xh_row = xh_ptr + offs_m[:, None].to(tl.int64) * K
             xs_row = xs_ptr + offs_m.to(tl.int64) * (K // 128)
@@ -157,7 +162,7 @@ def _fp4_grouped_swapped(x_ptr, xh_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
             for b0 in range(0, HALF, 64 * UNROLL):
                 for j in tl.static_range(UNROLL):
                     acc += _swapped_packed_block(xh_row, xs_row, m_ok, w_ptr, s_ptr, rows, n_ok, b0 + 64 * j, HALF,
-                                                 N_SCALES, BLOCK_N, ASM, KORDER)
+                                                 N_SCALES, BLOCK_N, ASM, KORDER, TILED)
         # Masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored.
         tl.store(out_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc,
                  mask=m_ok[None, :] & n_ok[:, None])
@@ -179,7 +184,8 @@ def fp4_grouped_gemm_swapped(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
                              block_m: int = 16, block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
                              packed: bool | str = True, korder: bool = False, unroll: int = 1) -> torch.Tensor:
     """`fp4_grouped_prefill.fp4_grouped_gemm_prefill(..., packed=packed)` with swapped operands: x [M, K]
-    (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2], scale e8m0
+    (bf16/fp16/fp32) sorted by expert, eid [M] non-decreasing (int32/int64), weight int8 [E, N, K/2] (or
+    tile-major: `dsv4.ops.fp4_layout`), scale e8m0
     [E, N, K/32] -> fp32 [M, N]; K / 128 a power of two. block_m: tokens per tile (the MMA's N), block_n: weight
     rows (its M, 64 per warpgroup), both powers of two >= 16. `packed`: True decodes in inline PTX (CUDA only),
     "twin" in plain Triton (the CPU interpreter). Exact for x on the FP8 grid per 128 block (see `fp16_blocks`).
@@ -212,5 +218,5 @@ def fp4_grouped_gemm_swapped(x: torch.Tensor, eid: torch.Tensor, weight: torch.T
     _fp4_grouped_swapped[(triton.cdiv(N, block_n), E)](
         x, xh, xs, offs, weight, scale.contiguous().view(torch.uint8), out, N, K, half, K // 32,
         BLOCK_M=block_m, BLOCK_N=block_n, IEEE=x.dtype == torch.float32, ASM=packed is True, KORDER=korder,
-        UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
+        UNROLL=unroll, TILED=is_tiled(weight), num_warps=num_warps, num_stages=num_stages)
     return out

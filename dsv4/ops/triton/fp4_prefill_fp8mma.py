@@ -42,8 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.fp4_layout import is_tiled, rows_shape
 from dsv4.ops.triton.fp4_decode import e2m1_byte_e4m3
-from dsv4.ops.triton.fp4_grouped import _e8m0
+from dsv4.ops.triton.fp4_grouped import _byte_at, _e8m0, _row_at
 from dsv4.ops.triton.fp8_linear import _e4m3_bytes_to_f32
 from dsv4.ops.triton.quant import fp8_block_quant
 
@@ -60,10 +61,11 @@ def _dot8(w, xq, HW: tl.constexpr):
 
 
 @triton.jit
-def _placed_codes(w_ptr, rows, n_ok, b0, HALF: tl.constexpr, ASM: tl.constexpr):
+def _placed_codes(w_ptr, rows, n_ok, b0, HALF: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr):
     """e4m3 codes (uint8, value * 2^-6) [BN, 32] of the sub-block at packed bytes b0 .. b0 + 15, dot column
     16h + 4c + j = element 8c + 2j + h (the module docstring's order)."""
-    byte = tl.load(w_ptr + rows[:, None] * HALF + b0 + tl.arange(0, 16)[None, :], mask=n_ok[:, None], other=0)
+    byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None] + _byte_at(b0 + tl.arange(0, 16), TILED)[None, :],
+                   mask=n_ok[:, None], other=0)
     lo = e2m1_byte_e4m3(byte, False, ASM).to(tl.uint8, bitcast=True)
     hi = e2m1_byte_e4m3(byte, True, ASM).to(tl.uint8, bitcast=True)
     codes = tl.reshape(tl.join(lo, hi), [byte.shape[0], 4, 4, 2])                 # [n, word c, byte j, nibble h]
@@ -138,19 +140,21 @@ def _sub_block_scale(sw, g: tl.constexpr, EXACT: tl.constexpr):
 
 @triton.jit
 def _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF: tl.constexpr, N_SCALES: tl.constexpr,
-                 K: tl.constexpr, EXACT: tl.constexpr, LUT: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
+                 K: tl.constexpr, EXACT: tl.constexpr, LUT: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr,
+                 TILED: tl.constexpr):
     """acc [BN, BM] plus the 128-K block kb: four K = 32 dots, each scaled by its weight scales, then by x's.
     LUT: the codes by `_lut_codes` with the base table (x in `X_ORDER_LUT`), else by bit placement."""
     sw = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rows * (N_SCALES // 4) + kb, mask=n_ok, other=0x7F7F7F7F)
     blk = tl.zeros(acc.shape, dtype=tl.float32)
     for g in tl.static_range(4):
         if LUT:
-            byte = tl.load(w_ptr + rows[:, None, None] * HALF + kb * 64 + g * 16 + tl.arange(0, 16)[None, None, :],
+            byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None, None]
+                           + _byte_at(kb * 64 + g * 16 + tl.arange(0, 16), TILED)[None, None, :],
                            mask=n_ok[:, None, None], other=0)
             base = tl.zeros([rows.shape[0], 1], dtype=tl.int32)
             w = _lut_codes(byte, base + 0x0C080400, base + 0x1C181410, ASM)     # entries mag << 2 (value * 2^-6)
         else:
-            w = _placed_codes(w_ptr, rows, n_ok, kb * 64 + g * 16, HALF, ASM)
+            w = _placed_codes(w_ptr, rows, n_ok, kb * 64 + g * 16, HALF, ASM, TILED)
         xq = tl.load(xq_row + kb * 128 + g * 32 + tl.arange(0, 32)[None, :], mask=m_ok[:, None], other=0.0)
         blk += _dot8(w, xq, HW) * _sub_block_scale(sw, g, EXACT)[:, None]
     return acc + blk * xs[None, :]
@@ -159,17 +163,17 @@ def _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF: tl.c
 @triton.jit
 def _per32_k_loop(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, rows, n_ok, HALF: tl.constexpr,
                   N_SCALES: tl.constexpr, K: tl.constexpr, EXACT: tl.constexpr, LUT: tl.constexpr, HW: tl.constexpr,
-                  ASM: tl.constexpr):
+                  ASM: tl.constexpr, TILED: tl.constexpr):
     for kb in range(0, K // 128):
         xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
         acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF, N_SCALES, K, EXACT, LUT, HW,
-                           ASM)
+                           ASM, TILED)
     return acc * 64.0                                                 # undo the codes' bias 2^-6
 
 
 @triton.jit
 def _fold_k_loop(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, rows, n_ok, HALF: tl.constexpr,
-                 N_SCALES: tl.constexpr, K: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
+                 N_SCALES: tl.constexpr, K: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr):
     """The folded path: per 128-K block one K = 128 dot over codes carrying the sub-block scales relative to the
     block's largest (`_fold_tables`), scaled once by 2^(T - 127) and by x's scales."""
     for kb in range(0, K // 128):
@@ -177,8 +181,9 @@ def _fold_k_loop(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, rows, n_ok,
         sb = tl.load(s_ptr + rows[:, None] * N_SCALES + kb * 4 + tl.arange(0, 4)[None, :], mask=n_ok[:, None],
                      other=127).to(tl.int32) & 0xFF
         tlo, thi, top = _fold_tables(sb)
-        byte = tl.load(w_ptr + rows[:, None, None] * HALF + kb * 64 + tl.arange(0, 4)[None, :, None] * 16
-                       + tl.arange(0, 16)[None, None, :], mask=n_ok[:, None, None], other=0)
+        at = _byte_at(kb * 64 + tl.arange(0, 4)[:, None] * 16 + tl.arange(0, 16)[None, :], TILED)     # [4, 16]
+        byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None, None] + at[None, :, :], mask=n_ok[:, None, None],
+                       other=0)
         w = _lut_codes(byte, tlo, thi, ASM)
         xq = tl.load(xq_row + kb * 128 + tl.arange(0, 128)[None, :], mask=m_ok[:, None], other=0.0)
         acc += _dot8(w, xq, HW) * (top[:, None] * xs[None, :])
@@ -202,7 +207,7 @@ def _scale_flags(s_ptr, rows, n_ok, N_SCALES: tl.constexpr):
 @triton.jit
 def _fp4_prefill_fp8mma(xq_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, M, N, K: tl.constexpr, HALF: tl.constexpr,
                         N_SCALES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FOLD: tl.constexpr,
-                        HW: tl.constexpr, ASM: tl.constexpr):
+                        HW: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr = False):
     e = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -217,13 +222,13 @@ def _fp4_prefill_fp8mma(xq_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, M, N, K
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)          # out^T tile
         if special:
             acc = _per32_k_loop(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, rows, n_ok, HALF, N_SCALES, K,
-                                True, FOLD, HW, ASM)
+                                True, FOLD, HW, ASM, TILED)
         elif FOLD and not wide:
             acc = _fold_k_loop(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, rows, n_ok, HALF, N_SCALES, K, HW,
-                               ASM)
+                               ASM, TILED)
         else:
             acc = _per32_k_loop(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, rows, n_ok, HALF, N_SCALES, K,
-                                False, FOLD, HW, ASM)
+                                False, FOLD, HW, ASM, TILED)
         # masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored
         tl.store(out_ptr + offs_m[None, :].to(tl.int64) * N + offs_n[:, None], acc,
                  mask=m_ok[None, :] & n_ok[:, None])
@@ -269,14 +274,15 @@ def x_operand(x: torch.Tensor, lut: bool) -> tuple[torch.Tensor, torch.Tensor]:
 def fp4_grouped_gemm_fp8mma(x: torch.Tensor, offs: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                             block_m: int = 32, block_n: int = 128, num_warps: int = 4, num_stages: int = 3,
                             fold: bool = False, asm: bool = True, maxnreg: int | None = None) -> torch.Tensor:
-    """x [M, K] sorted by expert, offs int32 [E + 1] (`expert_offsets`), weight int8 [E, N, K/2], scale e8m0
+    """x [M, K] sorted by expert, offs int32 [E + 1] (`expert_offsets`), weight int8 [E, N, K/2] (or tile-major:
+    `dsv4.ops.fp4_layout`), scale e8m0
     [E, N, K/32] -> fp32 [M, N]; checked by the caller (`fp4_grouped_gemm_prefill`). Exact products for x on the
     FP8 grid per 128 block; other x is act-quantised first (the reference's FP4 GEMM input). `fold`: one K = 128
     dot per block where the block's four scales span <= 11 binades (the per-32 dots elsewhere); `asm` False: the
     plain-Triton decode on the GPU too (for the GPU test). `maxnreg`: ptxas's register cap (168 at 32 x 128 with
     4 warps: three programs per SM instead of two, the spills outside the K loop)."""
     M, K = x.shape
-    E, N, half = weight.shape
+    E, N, half = rows_shape(weight)
     if K % 128 or block_n % 64 or block_m < 8 or block_m & (block_m - 1):
         raise ValueError(f"fp8mma: K ({K}) must be a multiple of 128, block_n ({block_n}) of 64 (the wgmma's M), "
                          f"block_m ({block_m}) a power of two >= 8")
@@ -288,5 +294,5 @@ def fp4_grouped_gemm_fp8mma(x: torch.Tensor, offs: torch.Tensor, weight: torch.T
     _fp4_prefill_fp8mma[(triton.cdiv(N, block_n), E)](
         xq if hw else xq.view(torch.uint8), xs, offs, weight.contiguous(), scale.contiguous().view(torch.uint8),
         out, M, N, K, half, K // 32, BLOCK_M=block_m, BLOCK_N=block_n, FOLD=fold, HW=hw, ASM=hw and asm,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+        TILED=is_tiled(weight), num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
