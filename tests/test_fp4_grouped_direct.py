@@ -166,7 +166,7 @@ def test_direct_compiles_for_hopper_with_the_weight_in_registers():
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}       # what a real launch passes
         consts = {"HALF": 2048, "N_SCALES": 128, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": False, "ASM": True,
                   "LO": direct.FAST_SCALES[0], "HI": direct.FAST_SCALES[1], "XPERM": xperm, "X_KORDER": moe,
-                  "OUT_KORDER": moe, "INDEX": moe, "UNROLL": 1}
+                  "OUT_KORDER": moe, "INDEX": moe, "UNROLL": 1, "TILED": False}
         src = ASTSource(direct._fp4_grouped_direct, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                                  "num_stages": stages})

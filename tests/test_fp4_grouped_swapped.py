@@ -217,7 +217,7 @@ def test_swapped_compiles_for_hopper_with_the_weight_in_registers():
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}           # what a real launch passes
     for (bm, bn, warps), korder in ((c, k) for c in ((16, 64, 4), (32, 128, 8)) for k in (False, True)):
         consts = {"HALF": 2048, "N_SCALES": 128, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": False, "ASM": True,
-                  "KORDER": korder, "UNROLL": 1}
+                  "KORDER": korder, "UNROLL": 1, "TILED": False}
         src = ASTSource(swapped._fp4_grouped_swapped, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                                  "num_stages": 3})

@@ -82,7 +82,7 @@ def fp8mma_kernel(block_m: int, block_n: int, num_warps: int, fold: bool, maxnre
     sig = {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "offs_ptr": "*i32", "w_ptr": "*i8", "s_ptr": "*u8",
            "out_ptr": "*fp32", "M": "i32", "N": "i32"}
     consts = {"K": K, "HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": block_m, "BLOCK_N": block_n, "FOLD": fold,
-              "HW": True, "ASM": True}
+              "HW": True, "ASM": True, "TILED": False}
     return compiled(_fp4_prefill_fp8mma, sig, consts, 8, num_warps, maxnreg)
 
 
@@ -106,19 +106,20 @@ def compiled(fn, signature: dict, constants: dict, hinted: int, num_warps: int, 
 def main() -> None:
     old = {"x_ptr": "*bf16", "eid_ptr": "*i64", "w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32",
            "N": "i32", "K": "i32"}
-    consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_B": 64, "IEEE": False}
+    consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_B": 64, "IEEE": False,
+              "TILED": False}
     print(f"{'fp4_grouped_gemm bm=16 bn=64 warps=4':<50} {usage(compiled(_fp4_grouped_gemm, old, consts, 8, 4))}")
     new = {"x_ptr": "*bf16", "xh_ptr": "*fp16", "xs_ptr": "*fp32", "offs_ptr": "*i32", "w_ptr": "*i8",
            "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32", "K": "i32"}
     for bm, bn, nw, gs, join in CONFIGS:
         consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": 64, "IEEE": False,
-                  "GROUP_SCALES": gs, "JOIN": join, "PACKED": False, "ASM": False}
+                  "GROUP_SCALES": gs, "JOIN": join, "PACKED": False, "ASM": False, "TILED": False}
         name = f"prefill bm={bm} bn={bn} warps={nw}{' group_scales' if gs else ''}{' join' if join else ''}"
         kernel = compiled(_fp4_grouped_prefill, new, consts, 9, nw)
         print(f"{name:<50} {usage(kernel)}, {k_loops(kernel, bn, nw)}", flush=True)
     for bm, bn, nw in PACKED_CONFIGS:
         consts = {"HALF": K // 2, "N_SCALES": K // 32, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_B": 64, "IEEE": False,
-                  "GROUP_SCALES": True, "JOIN": True, "PACKED": True, "ASM": True}
+                  "GROUP_SCALES": True, "JOIN": True, "PACKED": True, "ASM": True, "TILED": False}
         name = f"prefill PACKED bm={bm} bn={bn} warps={nw}"
         kernel = compiled(_fp4_grouped_prefill, new, consts, 9, nw)
         print(f"{name:<50} {usage(kernel)}, {k_loops(kernel, bn, nw)}", flush=True)
