@@ -229,6 +229,17 @@ def test_swapped_compiles_for_hopper_with_the_weight_in_registers():
         if korder:
             ops = _fp16_mma_loop_opcodes(kernel.asm["cubin"])
             assert "LDS.128" in ops and "LDS.U8" not in ops and "PRMT" not in ops, sorted(set(ops))
+    # over the tile-major layout (`dsv4.ops.fp4_layout`) the weight still arrives as 16-byte copies (the address
+    # helpers' // and % keep Triton's contiguity): the same loads as the stored layout's, a K loop no longer
+    loads = {}
+    for tiled in (False, True):
+        consts = {"HALF": 2048, "N_SCALES": 128, "BLOCK_M": 16, "BLOCK_N": 64, "IEEE": False, "ASM": True,
+                  "KORDER": True, "UNROLL": 1, "TILED": tiled}
+        src = ASTSource(swapped._fp4_grouped_swapped, {**sig, **dict.fromkeys(consts, "constexpr")}, consts, attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        loop = _fp16_mma_loop_opcodes(kernel.asm["cubin"])
+        loads[tiled] = (sorted(op for op in loop if op.startswith(("LDG", "LDS"))), len(loop))
+    assert loads[True][0] == loads[False][0] and loads[True][1] <= loads[False][1], loads
 
 
 @pytest.mark.gpu
