@@ -337,10 +337,11 @@ class MoE(nn.Module):
 
 
 def fp4_tiled(linear: Linear) -> bool:
-    """Are this expert matrix's FP4 stacks held tile-major (`ops.fp4_layout`)? When DSV4_FP4_TILED=1 (read when the
-    stacks are built; off by default until measured in the bench) and the matrix is whole 64 x 128 tiles."""
-    return (linear.fmt == "fp4" and env_switch("DSV4_FP4_TILED")
-            and fp4_layout.can_tile(linear.out_features, linear.in_features))
+    """Are this expert matrix's FP4 stacks held tile-major (`ops.fp4_layout`)? For whole 64 x 128 tiles, when
+    DSV4_FP4_TILED says so (read when the stacks are built): unset, on for weights on CUDA, where the kernels read
+    it (bench/NOTES.md, thirty-first session), off on CPU, where the plain twins would put it back per call."""
+    return (linear.fmt == "fp4" and fp4_layout.can_tile(linear.out_features, linear.in_features)
+            and env_switch("DSV4_FP4_TILED", default=linear.weight.is_cuda))
 
 
 def _stack_weights(linears: list[Linear]) -> torch.Tensor:
