@@ -163,7 +163,7 @@ def test_decode_fp8mma_on_cuda_at_flash_dims(tokens):
 def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
     """The plan: None off the FP8 grid or with the switch off; K split (dividing K / 128, at most 8) until 264
     programs run: 6 pairs x 16 weight-row blocks -> 4, 48 pairs -> 1 (768 programs already); 64-row blocks over
-    the tile-major layout."""
+    the tile-major layout, where it is on by default."""
     from dsv4.ops.moe_pairs import decode_fp8mma_plan
 
     x, w = torch.zeros(6, 4096, dtype=torch.bfloat16), torch.zeros(256, 2048, 2048, dtype=torch.int8)
@@ -175,6 +175,10 @@ def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
     # over the tile-major layout 64-row tiles: 6 pairs x 32 blocks -> split 2
     tiled = torch.zeros(256, 32, 32, 64, 64, dtype=torch.int8)
     assert decode_fp8mma_plan(x, tiled, True, slots=6) == (2, 16, 64, 4)
+    # unset: on over the tile-major layout only (where it was measured the fastest)
+    monkeypatch.delenv("DSV4_FP4_DECODE_MMA")
+    assert decode_fp8mma_plan(x, tiled, True, slots=6) == (2, 16, 64, 4)
+    assert decode_fp8mma_plan(x, w, True, slots=6) is None
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "0")
     assert decode_fp8mma_plan(x, w, True, slots=6) is None
 

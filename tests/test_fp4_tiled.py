@@ -182,9 +182,16 @@ def test_the_model_holds_tile_major_stacks_with_the_same_logits(tiny_ckpt, monke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 8, 64, 1024])
 def test_dispatched_fp4_calls_are_equal_over_both_layouts_on_cuda(tokens, monkeypatch):
-    """At Flash's shapes (K 4096 -> N 2048, 256 experts, top-6), the kernels the MoE dispatches (pair GEMV below one
-    row per expert, the grouped kernels above; the decode kernel with DSV4_FP4_DECODE_MMA=1) give bit for bit the
-    same result over the tile-major stack as over the stored one."""
+    """At Flash's shapes (K 4096 -> N 2048, 256 experts, top-6), what the MoE dispatches gives bit for bit the same
+    result over the tile-major stack as over the stored one: with the decode kernel off, the same kernels (pair
+    GEMV, swapped, direct); with it on (the tile-major layout's default at decode batches), the decode kernel over
+    the stored layout with the plan the tile-major call took (its plan differs by layout: 64- against 128-row tiles,
+    so another K split and another fp32 summation order)."""
+    from dsv4.ops.moe_pairs import decode_fp8mma_plan
+    from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
+    from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets
+    from dsv4.quant import fake_quant_fp8
+
     e, n, k = 256, 2048, 4096
     gen = torch.Generator("cuda").manual_seed(tokens)
     w = torch.randint(-128, 128, (e, n, k // 2), dtype=torch.int8, device="cuda", generator=gen)
@@ -192,14 +199,24 @@ def test_dispatched_fp4_calls_are_equal_over_both_layouts_on_cuda(tokens, monkey
     s = s.view(torch.float8_e8m0fnu)
     t = fp4_layout.to_tiled(w)
     eid = torch.rand(tokens, e, device="cuda", generator=gen).topk(6, dim=-1).indices.flatten().sort().values
-    from dsv4.quant import fake_quant_fp8
-
-    x = fake_quant_fp8(torch.randn(eid.numel(), k, device="cuda", generator=gen), 128).bfloat16()
+    m = eid.numel()
+    x = fake_quant_fp8(torch.randn(m, k, device="cuda", generator=gen), 128).bfloat16()
     with torch.inference_mode():
-        for mma in ("0", "1"):
-            monkeypatch.setenv("DSV4_FP4_DECODE_MMA", mma)
-            for op in (ops.pair_linear, ops.grouped_linear):
-                if op is ops.pair_linear and tokens > 64:
-                    continue
-                got, want = (op(x, eid, v, s, "fp4", fp8_grid=True) for v in (t, w))
-                assert torch.isfinite(want).all() and torch.equal(got, want), (op, mma)
+        monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "0")
+        for op in (ops.pair_linear, ops.grouped_linear):
+            if op is ops.pair_linear and tokens > 64:
+                continue
+            got, want = (op(x, eid, v, s, "fp4", fp8_grid=True) for v in (t, w))
+            assert torch.isfinite(want).all() and torch.equal(got, want), op
+        monkeypatch.delenv("DSV4_FP4_DECODE_MMA")
+        if tokens > 64:
+            return
+        plan = decode_fp8mma_plan(x, t, True, slots=m)
+        assert plan is not None and plan[2] == 64 and decode_fp8mma_plan(x, w, True, slots=m) is None
+        want = fp4_decode_fp8mma(x, eid, w, s, split=plan[0], block_m=plan[1], block_n=plan[2],
+                                 num_warps=plan[3]).sum(0)
+        assert torch.equal(ops.pair_linear(x, eid, t, s, "fp4", fp8_grid=True), want)
+        plan = decode_fp8mma_plan(x, t, True, slots=min(m, e))
+        want = fp4_decode_fp8mma(x, eid, w, s, offs=expert_offsets(eid, e), split=plan[0], block_m=plan[1],
+                                 block_n=plan[2], num_warps=plan[3]).sum(0)
+        assert torch.equal(ops.grouped_linear(x, eid, t, s, "fp4", fp8_grid=True), want)

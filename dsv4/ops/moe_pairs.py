@@ -49,7 +49,6 @@ def _fp4_kernel(x, ids, weight, scale, fmt, fp8_grid=False):
     return _fp4_pair_gemv(x.contiguous(), ids, weight, scale)
 
 
-DECODE_MMA_DEFAULT = False        # DSV4_FP4_DECODE_MMA's default (read at each call)
 _WAVE_PROGRAMS = 2 * 132          # programs per call from which splitting K stopped paying (h100_s30 call A)
 
 
@@ -58,12 +57,15 @@ def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool,
     """(split, block_m, block_n, num_warps) of the split-K FP8-MMA decode kernel for a call of `slots` programs
     per weight-row block (pairs: one per row; sorted rows: one per expert with rows), or None where it does not
     run: x off the FP8 grid (its FP8 x FP8 products would not be exact), K not a multiple of 128, or
-    DSV4_FP4_DECODE_MMA off. 16 tokens x 128 weight rows per tile (8-token tiles, fewer instructions offline, ran
-    2x slower on the H100 with Triton 3.6: bench/results/h100_s30), K split until the call runs `_WAVE_PROGRAMS`
-    programs. Measured there: not faster than the kernels dispatched today (bs1 29.4 against 22.8 us a call, bs64
-    565 against 572), so off by default."""
+    DSV4_FP4_DECODE_MMA off (unset: on for tile-major weights, `ops.fp4_layout`, off for the stored layout).
+    16 tokens per tile (8-token tiles, fewer instructions offline, ran 2x slower on the H100 with Triton 3.6:
+    bench/results/h100_s30), K split until the call runs `_WAVE_PROGRAMS` programs. Measured on H100s: over the
+    stored layout not faster than the kernels dispatched there (h100_s30: bs1 29.4 against 22.8 us a call, bs64 565
+    against 572); over the tile-major layout the fastest at every decode batch (h100_s31, the bench's decode step
+    with the tiled stacks: bs1 1.85 -> 1.72 ms, bs8 3.33 -> 3.18, bs64 8.51 -> 7.58 against the pair GEMV and the
+    swapped kernel over the same layout)."""
     if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] % 128 == 0
-            and env_switch("DSV4_FP4_DECODE_MMA", default=DECODE_MMA_DEFAULT)):
+            and env_switch("DSV4_FP4_DECODE_MMA", default=is_tiled(weight))):
         return None
     # 64 weight rows per program over the tile-major layout (its tile: one contiguous 4 KB run per 128-K block;
     # h100_s30 call B: 16 x 64 the fastest there at bs8 and bs64), 128 over the stored one
