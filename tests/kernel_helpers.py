@@ -43,6 +43,17 @@ def in_interpreter_at_once(scripts: dict[str, str], where: Path, timeout: int = 
         yield futures
 
 
+def interpreted_json_at_once(scripts: dict[str, str], where: Path, timeout: int = 600) -> dict:
+    """`in_interpreter_at_once` for scripts that each end by printing one JSON object of named results (a file's
+    checks split over two cores): all their results in one dict. A name reported twice is an error, so no result
+    can hide another."""
+    with in_interpreter_at_once(scripts, where, timeout) as futures:
+        parts = [json.loads(f.result().strip().splitlines()[-1]) for f in futures.values()]
+    merged = {name: result for part in parts for name, result in part.items()}
+    assert len(merged) == sum(len(part) for part in parts), "two scripts reported the same name"
+    return merged
+
+
 def exact_grouped(x, eid, w, s):
     """The FP4 grouped GEMMs' reference: float64 x @ dequant_fp4(W[eid])^T and sum |x| |W|^T (the magnitude the
     order-of-summation bounds scale with), per expert, on x's device."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import interpreted_json
+from kernel_helpers import interpreted_json_at_once
 
 pytest.importorskip("triton", reason="needs triton (its CPU interpreter runs the kernel here)")
 
@@ -57,6 +57,12 @@ def compare(x, w, s, act, split, block_n):
 gen = torch.Generator().manual_seed(41)
 weights = {"all_codes": all_codes_weight(gen), "random": quant.quant_fp8(torch.randn(256, 384, generator=gen) / 16)}
 res = {}
+'''
+# The checks after the shared set-up above, in two parts run at once (one interpreter process each, CI's two cores;
+# the split evens their time). Each part continues `gen` from the weights, so part "a"'s inputs are the one-process
+# script's.
+_PARTS = {"a": ("cases", "fused"), "b": ("invariance", "shape")}
+_SECTIONS = {"cases": r'''
 CASES = [  # weight, M, dtype, act_quant_on, split_k, block_n
     ("all_codes", 1, torch.bfloat16, True, None, 64), ("all_codes", 1, torch.bfloat16, False, 3, 64),
     ("all_codes", 5, torch.float32, True, 3, 32), ("all_codes", 16, torch.bfloat16, True, None, 128),
@@ -66,6 +72,7 @@ CASES = [  # weight, M, dtype, act_quant_on, split_k, block_n
 for name, m, dt, act, split, bn in CASES:
     x = (torch.randn(m, 384, generator=gen) * 3).to(dt)
     res[f"{name}-M{m}-{dt}-act{act}-split{split}-bn{bn}"] = compare(x, *weights[name], act, split, bn)
+''', "fused": r'''
 # The in-kernel split-K sum: bit-identical to the two-kernel sum, and still after earlier calls (re-armed counters).
 fused = []
 for name, m, dt, split in (("random", 5, torch.bfloat16, 3), ("all_codes", 20, torch.float32, 3)):
@@ -74,6 +81,7 @@ for name, m, dt, split in (("random", 5, torch.bfloat16, 3), ("all_codes", 20, t
     fused += [torch.equal(two, fp8_linear_small_m(x, *weights[name], True, split_k=split, fused_sum=True))
               for _ in range(2)]
 res["fused_sum_equal"] = fused
+''', "invariance": r'''
 # Batch invariance: each row's fp32 accumulator is the same bits computed alone or with up to 63 other rows (the
 # split is given: off CUDA `auto_split` is 1; `kernel_plan` keeps the GPU's split independent of M).
 xb = (torch.randn(64, 384, generator=gen) * 3).bfloat16()
@@ -86,15 +94,19 @@ for act in (True, False):
         y = fp8_linear_small_m(xb[:m], *weights["random"], act, out_dtype=torch.float32, split_k=3)
         invariant[f"act{act}-M{m}"] = all(torch.equal(y[i:i + 1], alone[i]) for i in ROWS if i < m)
 res["batch_invariant"] = invariant
+''', "shape": r'''
 x3 = torch.randn(2, 3, 384, generator=gen).bfloat16()
 res["batched_shape"] = list(fp8_linear_small_m(x3, *weights["random"], True).shape)
-print(json.dumps(res))
-'''
+'''}
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    return interpreted_json(_CHECK, tmp_path_factory.mktemp("fp8_linear"))
+    scripts = {part: _CHECK + "".join(_SECTIONS[name] for name in names) + "print(json.dumps(res))\n"
+               for part, names in _PARTS.items()}
+    res = interpreted_json_at_once(scripts, tmp_path_factory.mktemp("fp8_linear"))
+    assert len(res) == 7 + 3, sorted(res)            # every case and check ran
+    return res
 
 
 def test_small_m_kernel_is_the_fp32_class_against_float64_and_the_twin(interpreted):
