@@ -65,7 +65,7 @@ out = {{bm: gemm(x, eid, w, s, block_m=bm, block_n=64, num_warps=4) for bm in (1
 res['random_ulps'] = [ulps(out[bm], x, eid, w, s) for bm in (16, 32)]
 twin = ops.grouped_linear.twin(x, eid, w, s, 'fp4')
 res['twin_ulps'] = ulps(out[16], x, eid, w, s, twin)      # the same output (the interpreter is deterministic)
-# decoding, exactly: one-hot rows read back every code (both nibbles) of 4 experts: scale bytes 0, 1, 100, 127,
+# decoding, exactly: one-hot rows read back every code (both nibbles) of 4 weight tiles: scale bytes 0, 1, 100, 127,
 # 140, 160 (a byte 0: the exact e8m0 decode); 118..121 (a 128-K block spans <= 3 binades: folded when FOLD);
 # 110 / 121 alternating (11 binades: the fold's limit, still folded); 110 / 122 (12: the guard must send it to
 # the per-32 path; folded, a 0.5 would lose its subnormal code).
@@ -74,10 +74,12 @@ wq = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8).view(torch.int
 g = torch.arange(64 * K // 32).view(64, K // 32)
 sq = torch.stack([torch.tensor([0, 1, 100, 127, 140, 160])[g % 6], 118 + (g * 7 % 4), 110 + 11 * (g % 2),
                   110 + 12 * (g % 2)]).to(torch.uint8).view(torch.float8_e8m0fnu)
-eye = torch.eye(K)
-eid4 = torch.arange(4).repeat_interleave(K)
-got = gemm(eye.repeat(4, 1), eid4, wq, sq, block_m=32, block_n=64, num_warps=4)
-res['decode_exact'] = [torch.equal(got[e * K:(e + 1) * K], ops.dequant_weight(wq[e], sq[e], 'fp4').T)
+# The four are the 64-row weight tiles of one expert, each tile a program that picks its path from its own scales:
+# x's operand (one interpreted program per row and 128-K block: most of the check's time) is made for K one-hot
+# rows once, not once per expert.
+got = gemm(torch.eye(K), torch.zeros(K, dtype=torch.long), wq.view(1, 4 * 64, K // 2), sq.view(1, 4 * 64, K // 32),
+           block_m=32, block_n=64, num_warps=4)
+res['decode_exact'] = [torch.equal(got[:, e * 64:(e + 1) * 64], ops.dequant_weight(wq[e], sq[e], 'fp4').T)
                        for e in range(4)]
 # a NaN scale (byte 255) in the one-row expert 3: its tile also covers expert 4's rows (zeroed), never stored
 s[3, 7, 2] = torch.tensor(255, dtype=torch.uint8).view(s.dtype)
