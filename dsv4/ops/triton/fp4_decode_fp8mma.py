@@ -79,9 +79,9 @@ def _special_scales(s_ptr, rows, n_ok, kb0, BLOCKS: tl.constexpr, N_SCALES: tl.c
 
 
 @triton.jit
-def _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, row0, offs_n, n_ok, kb0, N, BLOCKS: tl.constexpr,
-             HALF: tl.constexpr, N_SCALES: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
-             TILED: tl.constexpr, UNROLL: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
+def _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, row0, offs_n, n_ok, kb0, BLOCKS: tl.constexpr,
+             HALF: tl.constexpr, N_SCALES: tl.constexpr, K: tl.constexpr, EXACT: tl.constexpr, TILED: tl.constexpr,
+             UNROLL: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
     """acc plus the blocks kb0 .. kb0 + BLOCKS of the rows row0 + offs_n (expert row0 // N), UNROLL blocks a step.
     TILED: the weight is tile-major (`dsv4.ops.fp4_layout`)."""
     for k0 in range(kb0, kb0 + BLOCKS, UNROLL):
@@ -113,11 +113,11 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
         xq_row = xq_ptr + offs_m[:, None].to(tl.int64) * K
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)          # out^T tile
         if special:                 # the exact e8m0 decode in the loop (~0.4 instructions per weight more)
-            acc = _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, e * N, offs_n, n_ok, kb0, N,
-                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, BLOCK_N, True, TILED, UNROLL, HW, ASM)
+            acc = _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, e * N, offs_n, n_ok, kb0,
+                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, True, TILED, UNROLL, HW, ASM)
         else:                       # bytes 1 .. 254: placed in the fp32 exponent
-            acc = _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, e * N, offs_n, n_ok, kb0, N,
-                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, BLOCK_N, False, TILED, UNROLL, HW, ASM)
+            acc = _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, e * N, offs_n, n_ok, kb0,
+                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, False, TILED, UNROLL, HW, ASM)
         # masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored
         at = out_ptr + (split * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
         tl.store(at, acc * 64.0, mask=m_ok[None, :] & n_ok[:, None])      # 64: the codes' bias 2^-6
