@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import exact_grouped, in_interpreter_at_once
+from kernel_helpers import exact_grouped, interpreted_json_at_once
 
 pytest.importorskip("dsv4.ops.triton.fp4_decode_fp8mma", reason="needs triton")
 
@@ -95,14 +95,8 @@ print(json.dumps(res))
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """The checks in two interpreter processes at once (the unroll comparisons apart): CI's 2 cores."""
-    import json
-
     scripts = {part: _CHECK.format(part=part) for part in ("core", "unroll")}
-    with in_interpreter_at_once(scripts, tmp_path_factory.mktemp("decode_fp8mma"), timeout=600) as futures:
-        out = {}
-        for f in futures.values():
-            out.update(json.loads(f.result().strip().splitlines()[-1]))
-        return out
+    return interpreted_json_at_once(scripts, tmp_path_factory.mktemp("decode_fp8mma"))
 
 
 def test_decode_fp8mma_is_the_fp32_class_in_every_mapping(interpreted):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_helpers import in_interpreter_at_once
+from kernel_helpers import interpreted_json_at_once
 
 from dsv4 import ops
 from dsv4.ops import fp4_layout
@@ -125,15 +125,9 @@ print(json.dumps(res))
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Every FP4 kernel over both layouts, in two interpreter processes at once (CI's 2 cores)."""
-    import json
-
     pytest.importorskip("triton", reason="needs triton (its CPU interpreter runs the kernels here)")
     scripts = {part: _CHECK.format(part=part) for part in ("grouped", "pairs")}
-    with in_interpreter_at_once(scripts, tmp_path_factory.mktemp("fp4_tiled"), timeout=600) as futures:
-        out = {}
-        for f in futures.values():
-            out.update(json.loads(f.result().strip().splitlines()[-1]))
-        return out
+    return interpreted_json_at_once(scripts, tmp_path_factory.mktemp("fp4_tiled"))
 
 
 KERNELS = ["row_blocks", "expert_major", "expert_major_packed", "swapped", "swapped_korder", "direct",

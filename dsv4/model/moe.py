@@ -349,9 +349,8 @@ def _stack_weights(linears: list[Linear]) -> torch.Tensor:
     (each expert copied into its slot: no rows-order stack beside it)."""
     if not fp4_tiled(linears[0]) or fp4_layout.is_tiled(linears[0].weight):
         return torch.stack([lin.weight for lin in linears])
-    n, half = linears[0].weight.shape
-    rows, width = fp4_layout.ROWS, fp4_layout.BYTES
-    out = linears[0].weight.new_empty(len(linears), n // rows, half // width, rows, width)
+    first = fp4_layout.tiled_view(linears[0].weight)
+    out = first.new_empty(len(linears), *first.shape)
     for i, lin in enumerate(linears):
-        out[i].copy_(lin.weight.view(n // rows, rows, half // width, width).transpose(1, 2))
+        out[i].copy_(fp4_layout.tiled_view(lin.weight))
     return out

@@ -46,15 +46,20 @@ def rows_shape(weight: torch.Tensor) -> tuple[int, ...]:
     return (*lead, tiles * ROWS, blocks * BYTES)
 
 
-def to_tiled(weight: torch.Tensor) -> torch.Tensor:
-    """Packed [..., N, K/2] (rows order) -> [..., N/64, K/128, 64, 64], contiguous (a new tensor)."""
+def tiled_view(weight: torch.Tensor) -> torch.Tensor:
+    """Packed [..., N, K/2] (rows order) -> a strided view [..., N/64, K/128, 64, 64] of the same bytes, in the
+    tile-major index order (copying it into a contiguous tensor makes the layout)."""
     if is_tiled(weight):
         raise ValueError(f"to_tiled: the weight {tuple(weight.shape)} is tile-major already")
     *lead, n, half = weight.shape
     if not can_tile(n, 2 * half):
         raise ValueError(f"to_tiled: weight [..., {n}, {half}] is not whole 64-row x 128-K tiles")
-    tiles = weight.reshape(*lead, n // ROWS, ROWS, half // BYTES, BYTES).transpose(-3, -2)
-    return tiles.contiguous()
+    return weight.reshape(*lead, n // ROWS, ROWS, half // BYTES, BYTES).transpose(-3, -2)
+
+
+def to_tiled(weight: torch.Tensor) -> torch.Tensor:
+    """Packed [..., N, K/2] (rows order) -> [..., N/64, K/128, 64, 64], contiguous (a new tensor)."""
+    return tiled_view(weight).contiguous()
 
 
 def to_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ def rel(a, b) -> float:
 
 # --only layout: each kernel the MoE may dispatch over the stored layout and over the tile-major one
 # (`dsv4.ops.fp4_layout`, which every FP4 kernel reads; the MoE holds it with DSV4_FP4_TILED=1), same configs
-def _layout(x, eid, offs, w, s, tokens, cands) -> list:
+def _layout(x, eid, offs, w, s, cands) -> list:
     wt = tiled_weight(w)
     m = eid.numel()
     for name, weight in (("stored", w), ("TILED", wt)):
@@ -149,7 +149,7 @@ def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     if only == "unroll":
         return _timed_rows(tokens, m, used, weight_bytes, _unroll(x, eid, offs, w, s, tokens, cands[:1]), ref, flush)
     if only == "layout":
-        return _timed_rows(tokens, m, used, weight_bytes, _layout(x, eid, offs, w, s, tokens, cands[:1]), ref, flush)
+        return _timed_rows(tokens, m, used, weight_bytes, _layout(x, eid, offs, w, s, cands[:1]), ref, flush)
     cands += [(f"swapped korder {bm}x{bn}/{nw}", partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm,
                                                          block_n=bn, num_warps=nw, korder=True))
               for bm, bn, nw in SWAPPED_CONFIGS]

@@ -90,7 +90,7 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
     at_row = w_ptr + _row_words(rows, 4 * WORDS, TILED)[:, None, None]                        # [N, 1, 1]
     words = g[:, None] * 4 + j[None, :]                                                      # [G, 4] of the row
     at_s = s_ptr + rows[:, None] * N_SCALES + g[None, :]                                     # [N, G] scales
-    at_x = x_ptr + p.to(tl.int64) * K + (g[:, None] * 4 + j[None, :]) * 8                   # [G, 4] -> lane 0
+    at_x = x_ptr + p.to(tl.int64) * K + words * 8                                            # [G, 4] -> lane 0
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     for g0 in range(0, N_SCALES, BLOCK_G):                            # N_SCALES is a multiple of BLOCK_G
         word = tl.load(at_row + _word_at(g0 * 4 + words, TILED)[None, :, :], mask=n_ok[:, None, None], other=0)

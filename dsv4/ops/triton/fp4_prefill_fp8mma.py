@@ -42,9 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.fp4_layout import is_tiled, rows_shape
+from dsv4.ops.fp4_layout import is_tiled
 from dsv4.ops.triton.fp4_decode import e2m1_byte_e4m3
-from dsv4.ops.triton.fp4_grouped import _byte_at, _e8m0, _row_at
+from dsv4.ops.triton.fp4_grouped import _byte_at, _e8m0, _row_at, stack_dims
 from dsv4.ops.triton.fp8_linear import _e4m3_bytes_to_f32
 from dsv4.ops.triton.quant import fp8_block_quant
 
@@ -282,7 +282,7 @@ def fp4_grouped_gemm_fp8mma(x: torch.Tensor, offs: torch.Tensor, weight: torch.T
     plain-Triton decode on the GPU too (for the GPU test). `maxnreg`: ptxas's register cap (168 at 32 x 128 with
     4 warps: three programs per SM instead of two, the spills outside the K loop)."""
     M, K = x.shape
-    E, N, half = rows_shape(weight)
+    E, N, half = stack_dims("fp8mma", weight)
     if K % 128 or block_n % 64 or block_m < 8 or block_m & (block_m - 1):
         raise ValueError(f"fp8mma: K ({K}) must be a multiple of 128, block_n ({block_n}) of 64 (the wgmma's M), "
                          f"block_m ({block_m}) a power of two >= 8")
