@@ -13,9 +13,12 @@ one CUDA graph, each after an L2 flush (a zeroed 256 MB buffer), minus a graph o
 single-kernel replay adds ~4-5 us, which is half of a batch-1 call's byte time).
 The FP8-MMA kernel's accumulation is below fp32 within a 32-K sub-block (the reference's own; flagged above 4e-3).
 `--only layout`: the kernels the MoE may dispatch over the stored and the tile-major layout (`dsv4.ops.fp4_layout`);
-`--only unroll`: UNROLL 128-K blocks per loop step. (The thirtieth session's `--only tiled | sweep` modes, the decode
-kernel over 64- and 128-row tile layouts, are in git history: bench/results/h100_s30 calls B and C.)
-Usage: python3 scripts/bench/fp4_decode_kernels.py [--tokens 1 8 64 1024] [--only all|layout|unroll] [--json PATH]
+`--only unroll`: UNROLL 128-K blocks per loop step; `--only sweep`: the decode kernel over the tile-major layout
+under 64 / 128 weight rows per program (128: two 64-row tiles, one per warpgroup with 8 warps), 4 / 8 warps and
+2-4 stages, and at prefill sizes the direct kernel against the FP8-MMA prefill kernel over the tile-major layout.
+(The thirtieth session's `--only tiled | sweep` modes, the decode kernel over 64- and 128-row tile layouts, are in
+git history: bench/results/h100_s30 calls B and C.)
+Usage: python3 scripts/bench/fp4_decode_kernels.py [--tokens 1 8 64 1024] [--only all|layout|unroll|sweep] [--json PATH]
 """
 
 from __future__ import annotations
@@ -132,6 +135,30 @@ def _unroll(x, eid, offs, w, s, tokens, cands) -> list:
     return cands
 
 
+def _sweep(x, eid, offs, w, s, cands) -> list:
+    """--only sweep: the configurations the thirty-first session left untried over the tile-major layout."""
+    wt = tiled_weight(w)
+    m = eid.numel()
+    tiles = direct_tiles(m, E)
+    if tiles is not None:           # prefill sizes: the dispatched direct kernel against the FP8-MMA prefill kernel
+        cands.append(("direct TILED (dispatched)", partial(ops.grouped_linear, x, eid, wt, s, "fp4", fp8_grid=True)))
+        for bm, bn, nw, st, fold in [(32, 128, 4, 3, False), (64, 128, 8, 3, False), (64, 64, 4, 3, True),
+                                     (64, 128, 8, 3, True), (128, 128, 8, 3, True)]:
+            cands.append((f"fp8mma{' fold' if fold else ''} TILED {bm}x{bn}/{nw} st{st}", partial(
+                fp4_grouped_gemm_prefill, x, eid, wt, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st,
+                fp8mma="fold" if fold else True)))
+        return cands
+    splits = (4, 8) if m < 16 else (1, 2)
+    for sp in splits:
+        for bn, nw in ((64, 4), (64, 8), (128, 4), (128, 8)):
+            for st in (2, 3, 4):
+                mapping = {"offs": None} if m < 16 else {"offs": offs}
+                cands.append((f"decode TILED {'pairs' if m < 16 else 'sorted'} split{sp} 16x{bn}/{nw} st{st}",
+                              partial(decode_sum, x, eid, wt, s, split=sp, block_m=16, block_n=bn, num_warps=nw,
+                                      num_stages=st, **mapping)))
+    return cands
+
+
 def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     eid, x = rows_for(tokens, gen)
     m, used = eid.numel(), eid.unique().numel()
@@ -148,6 +175,8 @@ def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     offs = expert_offsets(eid, E)
     if only == "unroll":
         return _timed_rows(tokens, m, used, weight_bytes, _unroll(x, eid, offs, w, s, tokens, cands[:1]), ref, flush)
+    if only == "sweep":
+        return _timed_rows(tokens, m, used, weight_bytes, _sweep(x, eid, offs, w, s, cands[:1]), ref, flush)
     if only == "layout":
         return _timed_rows(tokens, m, used, weight_bytes, _layout(x, eid, offs, w, s, cands[:1]), ref, flush)
     cands += [(f"swapped korder {bm}x{bn}/{nw}", partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm,
@@ -204,7 +233,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--only", choices=["all", "layout", "unroll"], default="all")
+    p.add_argument("--only", choices=["all", "layout", "unroll", "sweep"], default="all")
     args = p.parse_args()
     gen = torch.Generator(DEVICE).manual_seed(0)
     w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)
