@@ -81,6 +81,17 @@ for name, m, dt, split in (("random", 5, torch.bfloat16, 3), ("all_codes", 20, t
     fused += [torch.equal(two, fp8_linear_small_m(x, *weights[name], True, split_k=split, fused_sum=True))
               for _ in range(2)]
 res["fused_sum_equal"] = fused
+# The unsummed partials (`partials=True`, summed by the traced caller in split order): the two-kernel sum's bits,
+# compared in fp32 (this interpreter truncates fp32 -> bf16 where the GPU and torch round to nearest: the rounding
+# itself is the GPU test's, `test_traced_split_sum_is_bit_identical_under_compile`).
+traced = []
+for name, m, dt in (("random", 5, torch.bfloat16), ("all_codes", 20, torch.float32)):
+    x = (torch.randn(m, 384, generator=gen) * 3).to(dt)
+    parts = fp8_linear_small_m(x, *weights[name], True, split_k=3, partials=True)
+    acc = parts[0] + parts[1] + parts[2]
+    traced.append(list(parts.shape) == [3, m, 256] and torch.equal(
+        acc, fp8_linear_small_m(x, *weights[name], True, split_k=3, out_dtype=torch.float32)))
+res["partials_sum_equal"] = traced
 ''', "invariance": r'''
 # Batch invariance: each row's fp32 accumulator is the same bits computed alone or with up to 63 other rows (the
 # split is given: off CUDA `auto_split` is 1; `kernel_plan` keeps the GPU's split independent of M).
@@ -105,7 +116,7 @@ def interpreted(tmp_path_factory):
     scripts = {part: _CHECK + "".join(_SECTIONS[name] for name in names) + "print(json.dumps(res))\n"
                for part, names in _PARTS.items()}
     res = interpreted_json_at_once(scripts, tmp_path_factory.mktemp("fp8_linear"))
-    assert len(res) == 7 + 3, sorted(res)            # every case and check ran
+    assert len(res) == 7 + 4, sorted(res)            # every case and check ran
     return res
 
 
@@ -117,6 +128,9 @@ def test_small_m_kernel_is_the_fp32_class_against_float64_and_the_twin(interpret
             continue
         if case == "fused_sum_equal":
             assert r == [True] * 4
+            continue
+        if case == "partials_sum_equal":        # the traced sum's partials: shape and bits of the kernel's sum
+            assert r == [True] * 2
             continue
         if case == "batch_invariant":
             assert all(r.values()), r           # a row's bits do not depend on the rows beside it
@@ -257,3 +271,28 @@ def test_in_kernel_split_sum_is_bit_identical_in_graph_replays(m, n, k):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 64])
+@pytest.mark.parametrize("n,k", [(4096, 2048), (32768, 1024)])
+def test_traced_split_sum_is_bit_identical_under_compile(m, n, k, monkeypatch):
+    """DSV4_FP8_SUM_TRACED=1: under torch.compile the dispatched linear returns the kernel's partials and adds them in
+    the graph (fused into the consumer, one launch fewer): the eager call's bits (kernel + `_sum_splits`), at the
+    split counts (2 .. 8) the default plan picks for Flash's shared-expert w2 and its widest linear (wq_b)."""
+    from dsv4 import ops, quant
+    from dsv4.ops.fp8_linear import TRACED_SUM_MAX_SPLIT
+    from dsv4.ops.triton.fp8_linear import kernel_plan
+
+    monkeypatch.setenv("DSV4_FP8_SUM_TRACED", "1")
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(45)
+    w, s = (t.cuda() for t in quant.quant_fp8(torch.randn(n, k, generator=gen) / 64))
+    x = (torch.randn(m, k, generator=gen) * 3).bfloat16().cuda()
+    assert 1 < kernel_plan(m, n, k, x.device)[0] <= TRACED_SUM_MAX_SPLIT      # the traced path applies
+    with torch.no_grad():
+        eager = ops.linear(x, w, s, "fp8", True)
+        fn = torch.compile(lambda x: torch.relu(ops.linear(x, w, s, "fp8", True)), fullgraph=True)
+        got, code = torch._inductor.utils.run_and_get_code(fn, x)
+    assert "fp8_small_m_partials" in "".join(code)
+    assert torch.equal(got, torch.relu(eager))

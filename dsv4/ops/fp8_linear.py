@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.ops.ref import dequant_weight
-from dsv4.ops.registry import custom_op, register_triton
+from dsv4.ops.registry import custom_op, env_switch, register_triton
 
 # At most this many rows take the Triton kernel (batch-invariant up to here: `kernel_plan`). NOTE: above it cuBLAS
 # computes the rows, other bits than the kernel's: a row's result changes when its call crosses 64 rows.
@@ -67,8 +67,44 @@ def _scaled_mm_fits(weight: torch.Tensor) -> bool:
     return weight.shape[0] % 512 == 0 and weight.shape[1] % 512 == 0
 
 
+# The split-K partials' sum traced with the caller (DSV4_FP8_SUM_TRACED), up to this many splits: inductor unrolls a
+# reduction of at most `unroll_reductions_threshold` (8) elements into pointwise adds, which fuse into the consumer
+# (RMSNorm, SwiGLU, the residual); a longer one would be a reduction kernel of its own, no launch saved.
+TRACED_SUM_MAX_SPLIT = 8
+
+
+def _small_m_split(x: torch.Tensor, weight: torch.Tensor) -> int:
+    from dsv4.ops.triton.fp8_linear import kernel_plan
+
+    return kernel_plan(_rows(x), weight.shape[0], x.shape[-1], x.device)[0]
+
+
+@custom_op("fp8_small_m_partials", lambda x, weight, scale, act_quant_on: x.new_empty(
+    _small_m_split(x, weight), _rows(x), weight.shape[0], dtype=torch.float32))
+def _fp8_small_m_partials(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                          act_quant_on: bool) -> torch.Tensor:
+    """The small-M kernel's fp32 split-K partials [split, M, N], unsummed."""
+    from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
+
+    return fp8_linear_small_m(x, weight, scale, act_quant_on, partials=True)
+
+
+def _traced_sum(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Under torch.compile at decode sizes: add the K splits in the traced graph instead of `_sum_splits`'s second
+    launch (one launch fewer per linear in the captured step). The adds run in split order, as `_sum_splits`'s do,
+    and round once: bit for bit the kernel's sum. Only while compiling: eagerly they would be split - 1 launches."""
+    return (torch.compiler.is_compiling() and _rows(x) <= SMALL_M
+            and env_switch("DSV4_FP8_SUM_TRACED") and 1 < _small_m_split(x, weight) <= TRACED_SUM_MAX_SPLIT)
+
+
 def fp8_stored_linear(x, weight, scale, fmt, act_quant_on, dequantized=None) -> torch.Tensor:
     """Same contract as `ops.ref.linear`."""
+    if _traced_sum(x, weight):
+        part = _fp8_small_m_partials(x, weight, scale, act_quant_on)
+        acc = part[0]
+        for k in range(1, part.shape[0]):        # split order, as `_sum_splits` (not torch.sum: another order)
+            acc = acc + part[k]
+        return acc.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     return _fp8_stored_linear(x, weight, scale, act_quant_on)
 
 

@@ -159,7 +159,8 @@ def _wide_tile(M: int) -> int:
 def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
                        out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
                        programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3,
-                       fused_sum: bool | None = None, block_m: int | None = None) -> torch.Tensor:
+                       fused_sum: bool | None = None, block_m: int | None = None,
+                       partials: bool = False) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
     output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
@@ -167,21 +168,26 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     DSV4_FP8_FUSED_SUM, off until measured on the GPU) adds the K splits inside the kernel (`_last_split_sums`)
     instead of in a second kernel: one launch per linear instead of two, bit-identical. `block_m` (None: 16, or
     with DSV4_FP8_WIDE_TILES=1 v10's 16 / 32 / 64 rows by M, one row block) other than 16 gives up batch
-    invariance: the switch is there to price it in the decode bench."""
+    invariance: the switch is there to price it in the decode bench. `partials`: return the fp32 partial sums
+    [split, M, N] unsummed (the caller adds them in split order: `ops.fp8_linear`)."""
     check_fp8_weight(x, weight, scale, block_n)
     K, N = x.shape[-1], weight.shape[0]
     flat = x.reshape(-1, K).contiguous()
     M = flat.shape[0]
     block_m = block_m or (_wide_tile(M) if env_switch("DSV4_FP8_WIDE_TILES") else BLOCK_M)
     split, grid = kernel_plan(M, N, K, x.device, block_n, block_m, split_k, programs_per_sm)
-    out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
-    part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    if partials:
+        out = part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
+        part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M:
-        counters = _tile_counters(x.device, grid[0] * grid[1]) if split > 1 and _fused_sum(fused_sum) else None
+        counters = (_tile_counters(x.device, grid[0] * grid[1]) if split > 1 and not partials
+                    and _fused_sum(fused_sum) else None)
         _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, out,
                                   part if counters is None else counters, M, N, K, K // 128 // split,
                                   ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n, BLOCK_M=block_m,
                                   FUSED_SUM=counters is not None, num_warps=num_warps, num_stages=num_stages)
-        if split > 1 and counters is None:
+        if split > 1 and counters is None and not partials:
             _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024)
-    return out.view(*x.shape[:-1], N)
+    return out if partials else out.view(*x.shape[:-1], N)
