@@ -155,26 +155,58 @@ def test_decode_fp8mma_on_cuda_at_flash_dims(tokens):
 
 
 def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
-    """The plan: None off the FP8 grid or with the switch off; K split (dividing K / 128, at most 8) until 264
-    programs run: 6 pairs x 16 weight-row blocks -> 4, 48 pairs -> 1 (768 programs already); 64-row blocks over
-    the tile-major layout, where it is on by default."""
+    """The plan: None off the FP8 grid or with the switch off (opt-in: unset is off); K split (dividing K / 128, at
+    most 8) until a batch-1 call (8 rows) runs 264 programs: 16 weight-row blocks of 128 -> 4, 32 of 64 over the
+    tile-major layout -> 2, 64 -> 1. The split comes from the weight's shape alone, whatever the call's rows
+    (batch invariance): the old plan took it from the rows, and a token alone and in a batch summed differently."""
     from dsv4.ops.moe_pairs import decode_fp8mma_plan
 
-    x, w = torch.zeros(6, 4096, dtype=torch.bfloat16), torch.zeros(256, 2048, 2048, dtype=torch.int8)
-    monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
-    assert decode_fp8mma_plan(x, w, True, slots=6) == (4, 16, 128, 4)
-    assert decode_fp8mma_plan(x, w, True, slots=48) == (1, 16, 128, 4)
-    assert decode_fp8mma_plan(x[:, :384], w, True, slots=6) == (1, 16, 128, 4)        # 3 blocks: no split divides
-    assert decode_fp8mma_plan(x, w, False, slots=6) is None
-    # over the tile-major layout 64-row tiles: 6 pairs x 32 blocks -> split 2
+    w = torch.zeros(256, 2048, 2048, dtype=torch.int8)
     tiled = torch.zeros(256, 32, 32, 64, 64, dtype=torch.int8)
-    assert decode_fp8mma_plan(x, tiled, True, slots=6) == (2, 16, 64, 4)
-    # unset: on over the tile-major layout only (where it was measured the fastest)
-    monkeypatch.delenv("DSV4_FP4_DECODE_MMA")
-    assert decode_fp8mma_plan(x, tiled, True, slots=6) == (2, 16, 64, 4)
-    assert decode_fp8mma_plan(x, w, True, slots=6) is None
+    wide = torch.zeros(256, 64, 32, 64, 64, dtype=torch.int8)            # N 4096 tile-major
+    monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
+    for rows in (1, 6, 48, 384):
+        x = torch.zeros(rows, 4096, dtype=torch.bfloat16)
+        assert decode_fp8mma_plan(x, w, True) == (4, 16, 128, 4)
+        assert decode_fp8mma_plan(x, tiled, True) == (2, 16, 64, 4)
+        assert decode_fp8mma_plan(x, wide, True) == (1, 16, 64, 4)
+        assert decode_fp8mma_plan(x[:, :384], w, True) == (1, 16, 128, 4)    # 3 blocks: no split divides
+        assert decode_fp8mma_plan(x, w, False) is None
+    monkeypatch.delenv("DSV4_FP4_DECODE_MMA")                                # unset: off over either layout
+    assert decode_fp8mma_plan(x, tiled, True) is None and decode_fp8mma_plan(x, w, True) is None
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "0")
-    assert decode_fp8mma_plan(x, w, True, slots=6) is None
+    assert decode_fp8mma_plan(x, tiled, True) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,k", [(2048, 4096), (4096, 2048)])
+@pytest.mark.parametrize("tiled", [True, False])
+def test_decode_kernel_is_batch_invariant_on_cuda(monkeypatch, n, k, tiled):
+    """DSV4_FP4_DECODE_MMA=1: a token's 6 pair rows give the same bits alone (`pair_linear` at batch 1) as inside a
+    64-token batch, through `pair_linear` (pairs in token order) and `grouped_linear` (sorted rows): the plan's
+    split comes from the weight's shape, not from the call's rows (h100_s32 call A: it did, and test_engine's
+    requests alone and batched decoded differently)."""
+    from dsv4 import ops
+    from dsv4.ops import fp4_layout
+    from dsv4.quant import fake_quant_fp8
+
+    monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
+    e, tokens = 256, 64
+    gen = torch.Generator("cuda").manual_seed(n + tiled)
+    w = torch.randint(-128, 128, (e, n, k // 2), dtype=torch.int8, device="cuda", generator=gen)
+    s = torch.randint(118, 125, (e, n, k // 32), dtype=torch.uint8, device="cuda", generator=gen)
+    s = s.view(torch.float8_e8m0fnu)
+    w = fp4_layout.to_tiled(w) if tiled else w
+    eid = torch.rand(tokens, e, device="cuda", generator=gen).topk(6, dim=-1).indices.flatten()
+    x = fake_quant_fp8(torch.randn(eid.numel(), k, device="cuda", generator=gen), 128).bfloat16()
+    order = eid.argsort(stable=True)
+    with torch.inference_mode():
+        alone = ops.pair_linear(x[:6], eid[:6], w, s, "fp4", fp8_grid=True)
+        batch = ops.pair_linear(x, eid, w, s, "fp4", fp8_grid=True)
+        grouped = ops.grouped_linear(x[order], eid[order], w, s, "fp4", fp8_grid=True)[order.argsort()]
+    assert torch.isfinite(alone).all()
+    assert torch.equal(batch[:6], alone) and torch.equal(grouped[:6], alone)
 
 
 @pytest.mark.gpu

@@ -178,10 +178,11 @@ def test_the_model_holds_tile_major_stacks_with_the_same_logits(tiny_ckpt, monke
 def test_dispatched_fp4_calls_are_equal_over_both_layouts_on_cuda(tokens, monkeypatch):
     """At Flash's shapes (K 4096 -> N 2048, 256 experts, top-6), what the MoE dispatches gives bit for bit the same
     result over the tile-major stack as over the stored one: with the decode kernel off, the same kernels (pair
-    GEMV, swapped, direct); with it on (the tile-major layout's default at decode batches), the decode kernel over
+    GEMV, swapped, direct); with it on (DSV4_FP4_DECODE_MMA=1, opt-in), the decode kernel over
     the stored layout with the plan the tile-major call took (its plan differs by layout: 64- against 128-row tiles,
     so another K split and another fp32 summation order)."""
     from dsv4.ops.moe_pairs import decode_fp8mma_plan
+    from dsv4.ops.split_sum import sum_splits
     from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
     from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets
     from dsv4.quant import fake_quant_fp8
@@ -202,15 +203,14 @@ def test_dispatched_fp4_calls_are_equal_over_both_layouts_on_cuda(tokens, monkey
                 continue
             got, want = (op(x, eid, v, s, "fp4", fp8_grid=True) for v in (t, w))
             assert torch.isfinite(want).all() and torch.equal(got, want), op
-        monkeypatch.delenv("DSV4_FP4_DECODE_MMA")
+        monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
         if tokens > 64:
             return
-        plan = decode_fp8mma_plan(x, t, True, slots=m)
-        assert plan is not None and plan[2] == 64 and decode_fp8mma_plan(x, w, True, slots=m) is None
+        plan = decode_fp8mma_plan(x, t, True)
+        assert plan is not None and plan[2] == 64 and decode_fp8mma_plan(x, w, True)[2] == 128
         want = fp4_decode_fp8mma(x, eid, w, s, split=plan[0], block_m=plan[1], block_n=plan[2],
-                                 num_warps=plan[3]).sum(0)
-        assert torch.equal(ops.pair_linear(x, eid, t, s, "fp4", fp8_grid=True), want)
-        plan = decode_fp8mma_plan(x, t, True, slots=min(m, e))
+                                 num_warps=plan[3])
+        assert torch.equal(ops.pair_linear(x, eid, t, s, "fp4", fp8_grid=True), sum_splits(want))
         want = fp4_decode_fp8mma(x, eid, w, s, offs=expert_offsets(eid, e), split=plan[0], block_m=plan[1],
-                                 block_n=plan[2], num_warps=plan[3]).sum(0)
-        assert torch.equal(ops.grouped_linear(x, eid, t, s, "fp4", fp8_grid=True), want)
+                                 block_n=plan[2], num_warps=plan[3])
+        assert torch.equal(ops.grouped_linear(x, eid, t, s, "fp4", fp8_grid=True), sum_splits(want))

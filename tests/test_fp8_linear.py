@@ -277,14 +277,15 @@ def test_in_kernel_split_sum_is_bit_identical_in_graph_replays(m, n, k):
 @pytest.mark.parametrize("m", [1, 8, 64])
 @pytest.mark.parametrize("n,k", [(4096, 2048), (32768, 1024)])
 def test_traced_split_sum_is_bit_identical_under_compile(m, n, k, monkeypatch):
-    """DSV4_FP8_SUM_TRACED=1: under torch.compile the dispatched linear returns the kernel's partials and adds them in
-    the graph (fused into the consumer, one launch fewer): the eager call's bits (kernel + `_sum_splits`), at the
-    split counts (2 .. 8) the default plan picks for Flash's shared-expert w2 and its widest linear (wq_b)."""
+    """DSV4_FP8_SUM_TRACED (on by default): under torch.compile the dispatched linear returns the kernel's partials
+    and adds them in the graph (fused into the consumer, one launch fewer): the eager call's bits (kernel +
+    `_sum_splits`), at the split counts (2 .. 8) the default plan picks for Flash's shared-expert w2 and its widest
+    linear (wq_b)."""
     from dsv4 import ops, quant
     from dsv4.ops.fp8_linear import TRACED_SUM_MAX_SPLIT
     from dsv4.ops.triton.fp8_linear import kernel_plan
 
-    monkeypatch.setenv("DSV4_FP8_SUM_TRACED", "1")
+    monkeypatch.delenv("DSV4_FP8_SUM_TRACED", raising=False)       # the default
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(45)
     w, s = (t.cuda() for t in quant.quant_fp8(torch.randn(n, k, generator=gen) / 64))

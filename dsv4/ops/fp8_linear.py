@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dsv4.ops.ref import dequant_weight
 from dsv4.ops.registry import custom_op, env_switch, register_triton
+from dsv4.ops.split_sum import sum_splits
 
 # At most this many rows take the Triton kernel (batch-invariant up to here: `kernel_plan`). NOTE: above it cuBLAS
 # computes the rows, other bits than the kernel's: a row's result changes when its call crosses 64 rows.
@@ -67,9 +68,11 @@ def _scaled_mm_fits(weight: torch.Tensor) -> bool:
     return weight.shape[0] % 512 == 0 and weight.shape[1] % 512 == 0
 
 
-# The split-K partials' sum traced with the caller (DSV4_FP8_SUM_TRACED), up to this many splits: inductor unrolls a
-# reduction of at most `unroll_reductions_threshold` (8) elements into pointwise adds, which fuse into the consumer
-# (RMSNorm, SwiGLU, the residual); a longer one would be a reduction kernel of its own, no launch saved.
+# The split-K partials' sum traced with the caller (DSV4_FP8_SUM_TRACED, on unless 0), up to this many splits:
+# inductor unrolls a reduction of at most `unroll_reductions_threshold` (8) elements into pointwise adds, which fuse
+# into the consumer (RMSNorm, SwiGLU, the residual); a longer one would be a reduction kernel of its own, no launch
+# saved. Measured (H100, bench/results/h100_s32 calls A and B, same card): decode bs1 / 8 / 64 1.73 / 3.04 / 7.67 ->
+# 1.71 / 3.01 / 7.56 ms (13 of the step's 29 `_sum_splits` launches fused away); bit for bit the kernel's sum.
 TRACED_SUM_MAX_SPLIT = 8
 
 
@@ -94,17 +97,15 @@ def _traced_sum(x: torch.Tensor, weight: torch.Tensor) -> bool:
     launch (one launch fewer per linear in the captured step). The adds run in split order, as `_sum_splits`'s do,
     and round once: bit for bit the kernel's sum. Only while compiling: eagerly they would be split - 1 launches."""
     return (torch.compiler.is_compiling() and _rows(x) <= SMALL_M
-            and env_switch("DSV4_FP8_SUM_TRACED") and 1 < _small_m_split(x, weight) <= TRACED_SUM_MAX_SPLIT)
+            and env_switch("DSV4_FP8_SUM_TRACED", default=True)
+            and 1 < _small_m_split(x, weight) <= TRACED_SUM_MAX_SPLIT)
 
 
 def fp8_stored_linear(x, weight, scale, fmt, act_quant_on, dequantized=None) -> torch.Tensor:
     """Same contract as `ops.ref.linear`."""
     if _traced_sum(x, weight):
         part = _fp8_small_m_partials(x, weight, scale, act_quant_on)
-        acc = part[0]
-        for k in range(1, part.shape[0]):        # split order, as `_sum_splits` (not torch.sum: another order)
-            acc = acc + part[k]
-        return acc.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        return sum_splits(part).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     return _fp8_stored_linear(x, weight, scale, act_quant_on)
 
 

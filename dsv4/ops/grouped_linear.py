@@ -34,6 +34,7 @@ from dsv4.ops.fp4_layout import out_features
 from dsv4.ops.korder import check_layout, from_korder, to_korder
 from dsv4.ops.moe_pairs import _fp4_decode_fp8mma, _pair_linear_twin, decode_fp8mma_plan
 from dsv4.ops.registry import custom_op, dispatch, env_switch, fast_enabled, register_triton
+from dsv4.ops.split_sum import sum_splits
 
 _TWIN_CHUNK = 32                 # rows per gather: 32 dequantised [N, K] matrices at a time
 
@@ -79,7 +80,7 @@ _PACKED_BELOW = 16
 def _fp4_kernel(x, eid, weight, scale, fmt, fp8_grid=False, x_korder=False, out_korder=False,
                 out_dtype=torch.float32, out_index=None):
     check_layout("grouped_linear", x.shape[0], out_features(weight), out_korder, out_dtype, out_index)
-    plan = (decode_fp8mma_plan(x, weight, fp8_grid, slots=min(x.shape[0], weight.shape[0]))
+    plan = (decode_fp8mma_plan(x, weight, fp8_grid)
             if x.shape[0] < DIRECT_FROM * weight.shape[0] else None)     # decode batches: a few rows per expert
     if plan is not None:
         from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets
@@ -87,8 +88,8 @@ def _fp4_kernel(x, eid, weight, scale, fmt, fp8_grid=False, x_korder=False, out_
         xe = from_korder(x) if x_korder else x.contiguous()
         offs = expert_offsets(eid, weight.shape[0])
         # the partials' sum and the layouts are traced with the caller: under compile they fuse into the consumer
-        return with_layout(_fp4_decode_fp8mma(xe, eid, weight, scale, offs, *plan).sum(0), out_korder, out_dtype,
-                           out_index)
+        part = _fp4_decode_fp8mma(xe, eid, weight, scale, offs, *plan)
+        return with_layout(sum_splits(part), out_korder, out_dtype, out_index)
     if x.shape[0] >= _EXPERT_MAJOR_FROM * weight.shape[0]:
         return _fp4_grouped_gemm_prefill(x.contiguous(), eid, weight, scale, fp8_grid, x_korder, out_korder,
                                          out_dtype, out_index)

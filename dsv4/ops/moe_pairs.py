@@ -15,6 +15,7 @@ import torch
 from dsv4.ops.fp4_layout import is_tiled, out_features
 from dsv4.ops.ref import dequant_weight
 from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
+from dsv4.ops.split_sum import sum_splits
 
 
 def _pair_linear_twin(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -42,35 +43,44 @@ def _fp4_applies(x, ids, weight, scale, fmt, fp8_grid=False) -> bool:
 
 
 def _fp4_kernel(x, ids, weight, scale, fmt, fp8_grid=False):
-    plan = decode_fp8mma_plan(x, weight, fp8_grid, slots=x.shape[0])
+    plan = decode_fp8mma_plan(x, weight, fp8_grid)
     if plan is not None:
         # the partials' sum is traced with the caller: under compile it fuses into the consumer (SwiGLU, the sum)
-        return _fp4_decode_fp8mma(x.contiguous(), ids, weight, scale, None, *plan).sum(0)
+        return sum_splits(_fp4_decode_fp8mma(x.contiguous(), ids, weight, scale, None, *plan))
     return _fp4_pair_gemv(x.contiguous(), ids, weight, scale)
 
 
 _WAVE_PROGRAMS = 2 * 132          # programs per call from which splitting K stopped paying (h100_s30 call A)
+# The plan's K split is the one a batch-1 call (about this many pair rows: top-6 routing) takes, whatever the call's
+# rows: the split sets the fp32 summation order of a row's partials, so a row must get it from the weight's shape,
+# never from its batch (batch invariance: a request's tokens alone and in a batch are the same bits).
+_PLAN_ROWS = 8
 
 
-def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool,
-                       slots: int) -> tuple[int, int, int, int] | None:
-    """(split, block_m, block_n, num_warps) of the split-K FP8-MMA decode kernel for a call of `slots` programs
-    per weight-row block (pairs: one per row; sorted rows: one per expert with rows), or None where it does not
-    run: x off the FP8 grid (its FP8 x FP8 products would not be exact), K not a multiple of 128, or
-    DSV4_FP4_DECODE_MMA off (unset: on for tile-major weights, `ops.fp4_layout`, off for the stored layout).
+def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool) -> tuple[int, int, int, int] | None:
+    """(split, block_m, block_n, num_warps) of the split-K FP8-MMA decode kernel, or None where it does not run:
+    x off the FP8 grid (its FP8 x FP8 products would not be exact), K not a multiple of 128, or
+    DSV4_FP4_DECODE_MMA off (opt-in: unset is off, below).
     16 tokens per tile (8-token tiles, fewer instructions offline, ran 2x slower on the H100 with Triton 3.6:
-    bench/results/h100_s30), K split until the call runs `_WAVE_PROGRAMS` programs. Measured on H100s: over the
-    stored layout not faster than the kernels dispatched there (h100_s30: bs1 29.4 against 22.8 us a call, bs64 565
-    against 572); over the tile-major layout the fastest at every decode batch (h100_s31, the bench's decode step
-    with the tiled stacks: bs1 1.85 -> 1.72 ms, bs8 3.33 -> 3.18, bs64 8.51 -> 7.58 against the pair GEMV and the
-    swapped kernel over the same layout)."""
+    bench/results/h100_s30); K split until a batch-1 call (`_PLAN_ROWS` rows, one program per row and weight-row
+    block) runs `_WAVE_PROGRAMS` programs, the same split at every batch (`_PLAN_ROWS`). Measured on H100s: over
+    the stored layout not faster than the kernels dispatched there (h100_s30: bs1 29.4 against 22.8 us a call,
+    bs64 565 against 572); over the tile-major layout the fastest at every decode batch (h100_s31, the bench's decode
+    step: bs1 1.85 -> 1.72 ms, bs8 3.33 -> 3.18, bs64 8.51 -> 7.58 against the pair GEMV and the swapped kernel over
+    the same layout). NOT the default: its FP8 MMA accumulates each 32-K sub-block below fp32 (the reference
+    fp4_gemm's class), so where another path of the engine computes the same rows with the fp32-accumulating kernels
+    (the general step's direct kernel against a captured prefill segment's decode kernel) the two now differ by
+    more than this engine's bf16 bounds: h100_s32 call A, with it the default, failed test_prefill_graphs' replay
+    and compiled-replay tests (cosine 0.994 and 0.928 against model.step on the tiny random model) and
+    test_engine's batch invariance (its split then came from the call's rows, fixed since)."""
     if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] % 128 == 0
-            and env_switch("DSV4_FP4_DECODE_MMA", default=is_tiled(weight))):
+            and env_switch("DSV4_FP4_DECODE_MMA")):
         return None
     # 64 weight rows per program over the tile-major layout (its tile: one contiguous 4 KB run per 128-K block;
-    # h100_s30 call B: 16 x 64 the fastest there at bs8 and bs64), 128 over the stored one
+    # h100_s30 call B, h100_s32 call C: 16 x 64 with 4 warps and 3 stages the fastest there at bs8 and bs64), 128
+    # over the stored one
     block_n = 64 if is_tiled(weight) else 128
-    blocks, tiles = x.shape[1] // 128, max(1, slots * -(-out_features(weight) // block_n))
+    blocks, tiles = x.shape[1] // 128, _PLAN_ROWS * -(-out_features(weight) // block_n)
     split = 1
     while split * tiles < _WAVE_PROGRAMS and blocks % (2 * split) == 0 and split < 8:
         split *= 2
