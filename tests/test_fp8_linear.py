@@ -92,6 +92,14 @@ for name, m, dt in (("random", 5, torch.bfloat16), ("all_codes", 20, torch.float
     traced.append(list(parts.shape) == [3, m, 256] and torch.equal(
         acc, fp8_linear_small_m(x, *weights[name], True, split_k=3, out_dtype=torch.float32)))
 res["partials_sum_equal"] = traced
+# x quantised once per call (`prequant`): the kernel's own quantisation's codes and scales, so the same bits.
+res["prequant_equal"] = []
+for name, m, dt, split in (("all_codes", 1, torch.bfloat16, 3), ("random", 20, torch.float32, 1),
+                           ("random", 40, torch.bfloat16, 3)):
+    x = (torch.randn(m, 384, generator=gen) * 3).to(dt)
+    res["prequant_equal"].append(torch.equal(
+        fp8_linear_small_m(x, *weights[name], True, split_k=split, out_dtype=torch.float32, prequant=False),
+        fp8_linear_small_m(x, *weights[name], True, split_k=split, out_dtype=torch.float32, prequant=True)))
 ''', "invariance": r'''
 # Batch invariance: each row's fp32 accumulator is the same bits computed alone or with up to 63 other rows (the
 # split is given: off CUDA `auto_split` is 1; `kernel_plan` keeps the GPU's split independent of M).
@@ -116,7 +124,7 @@ def interpreted(tmp_path_factory):
     scripts = {part: _CHECK + "".join(_SECTIONS[name] for name in names) + "print(json.dumps(res))\n"
                for part, names in _PARTS.items()}
     res = interpreted_json_at_once(scripts, tmp_path_factory.mktemp("fp8_linear"))
-    assert len(res) == 7 + 4, sorted(res)            # every case and check ran
+    assert len(res) == 7 + 5, sorted(res)            # every case and check ran
     return res
 
 
@@ -131,6 +139,9 @@ def test_small_m_kernel_is_the_fp32_class_against_float64_and_the_twin(interpret
             continue
         if case == "partials_sum_equal":        # the traced sum's partials: shape and bits of the kernel's sum
             assert r == [True] * 2
+            continue
+        if case == "prequant_equal":            # x quantised once per call: the in-kernel quantisation's bits
+            assert r == [True] * 3
             continue
         if case == "batch_invariant":
             assert all(r.values()), r           # a row's bits do not depend on the rows beside it
@@ -187,11 +198,14 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton has no NVIDIA backend")
     sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*fp32", "sum_ptr": "*bf16", "cnt_ptr": "*i32",
-           "M": "i32", "N": "i32", "K": "i32", "KB_PER_SPLIT": "i32"}
-    for act, block_m, block_n, fused in ((True, 16, 64, False), (False, 16, 64, False), (True, 64, 128, False),
-                                         (True, 16, 64, True)):
-        cs = {"ACT_QUANT": act, "HW_FP8": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "FUSED_SUM": fused}
-        kernel = triton.compile(ASTSource(_fp8_linear_small_m, {**sig, **dict.fromkeys(cs, "constexpr")},
+           "M": "i32", "N": "i32", "K": "i32", "KB_PER_SPLIT": "i32", "xs_ptr": "*fp32"}
+    for act, block_m, block_n, fused, pre in ((True, 16, 64, False, False), (False, 16, 64, False, False),
+                                              (True, 64, 128, False, False), (True, 16, 64, True, False),
+                                              (True, 16, 64, False, True)):
+        cs = {"ACT_QUANT": act, "HW_FP8": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "FUSED_SUM": fused,
+              "PREQUANT": pre}
+        x_sig = {"x_ptr": "*u8" if pre else "*bf16"}          # prequant: x is act_quant_fp8's e4m3 codes
+        kernel = triton.compile(ASTSource(_fp8_linear_small_m, {**sig, **x_sig, **dict.fromkeys(cs, "constexpr")},
                                           constexprs=cs), target=GPUTarget("cuda", 90, 32))
         assert kernel.asm["cubin"], cs
     sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
@@ -297,3 +311,22 @@ def test_traced_split_sum_is_bit_identical_under_compile(m, n, k, monkeypatch):
         got, code = torch._inductor.utils.run_and_get_code(fn, x)
     assert "fp8_small_m_partials" in "".join(code)
     assert torch.equal(got, torch.relu(eager))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 64])
+@pytest.mark.parametrize("n,k", [(1024, 4096), (32768, 1024), (4096, 8192)])
+def test_prequantised_x_is_bit_identical_on_cuda(m, n, k):
+    """`prequant=True` (x quantised once by `act_quant_fp8`, the kernel reading its codes and scales) against the
+    in-kernel quantisation, at Flash's wq_a, wq_b and wo_b shapes with the default plan: the same codes and scales
+    into the same FP8 MMA, so the same bits, in fp32 and in the bf16 output."""
+    from dsv4 import quant
+    from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
+
+    gen = torch.Generator().manual_seed(46)
+    w, s = (t.cuda() for t in quant.quant_fp8(torch.randn(n, k, generator=gen) / 64))
+    x = (torch.randn(m, k, generator=gen) * 3).bfloat16().cuda()
+    for dtype in (torch.float32, None):
+        want = fp8_linear_small_m(x, w, s, True, out_dtype=dtype, prequant=False)
+        assert torch.isfinite(want).all()
+        assert torch.equal(fp8_linear_small_m(x, w, s, True, out_dtype=dtype, prequant=True), want)

@@ -7,12 +7,15 @@ scaled_mm against the bf16 copy. Every call is captured in a CUDA graph and repl
 reads ~2 GB per step, so cold numbers are the relevant ones); medians. "of copy" = the bytes the path must move
 (FP8 weight + scales + x + y) over the time, divided by the measured copy bandwidth. Errors: relative Frobenius
 against the twin (`ops.linear.twin`) and max error against float64 per sum|x_k w_k|.
-Usage: PYTHONPATH=. python3 scripts/bench/fp8_linear.py [--quick] [--out bench/results/h200_fp8_linear.json]
+`--prequant`: decode sizes only, the default kernel against `prequant=True` (x quantised once per call by
+`act_quant_fp8`, not in every program; bit for bit the same result), with the quantisation's launch counted.
+Usage: PYTHONPATH=. python3 scripts/bench/fp8_linear.py [--quick | --prequant] [--out PATH]
 """
 
 import argparse
 import json
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -96,15 +99,46 @@ def line(r: dict) -> str:
     return out
 
 
+def prequant_rows(bw, flush) -> list[dict]:
+    """--prequant: per shape and decode M, us of the default kernel and of prequant=True (its act_quant included)."""
+    rows = []
+    for name, N, K in flash_shapes():
+        for m in DECODE:
+            gen = torch.Generator("cuda").manual_seed(N * 7 + K + m)
+            w, s = quant.quant_fp8(torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K))
+            x = torch.randn(m, K, device="cuda", generator=gen).bfloat16()
+            same = torch.equal(fp8_linear_small_m(x, w, s, True), fp8_linear_small_m(x, w, s, True, prequant=True))
+            r = {"name": name, "N": N, "K": K, "M": m, "floor_us": (N * K + m * K * 2 + m * N * 2) / bw * 1e6,
+                 "same_bits": same}
+            for key, pre in (("default_us", False), ("prequant_us", True)):
+                call = partial(fp8_linear_small_m, x, w, s, True, prequant=pre)
+                r[key] = cold_graph_time(call, flush) * 1e6
+            print(f"{name:>22} {N:>5}x{K:<5} M={m:<3} floor {r['floor_us']:6.2f} | default {r['default_us']:7.2f} | "
+                  f"prequant {r['prequant_us']:7.2f} | same bits {same}", flush=True)
+            rows.append(r)
+    for m in DECODE:
+        mine = [r for r in rows if r["M"] == m]
+        print(f"M={m}: {len(mine)} linears: floor {sum(r['floor_us'] for r in mine):.1f}, default "
+              f"{sum(r['default_us'] for r in mine):.1f}, prequant {sum(r['prequant_us'] for r in mine):.1f} us")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="only the default kernel configuration")
+    p.add_argument("--prequant", action="store_true", help="decode sizes: the default kernel against prequant=True")
     p.add_argument("--out", help="write every measurement as JSON here")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     bw = copy_bandwidth(torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    if args.prequant:
+        rows = prequant_rows(bw, flush)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"gpu": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows}, f, indent=1)
+        return
     rows = []
     for name, N, K in flash_shapes():
         for m in DECODE + PREFILL:

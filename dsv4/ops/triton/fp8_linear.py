@@ -48,9 +48,44 @@ def _e4m3_bytes_to_f32(b):
 
 
 @triton.jit
+def _x_block_dot(acc, x_ptr, wb, w_scale, rows, kb, offs_k, M, K, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """acc plus one 128-K block's product with x read as stored (bf16 / fp32), quantised here (ACT_QUANT: the
+    exact arithmetic of `fp8_block_quant`) or not (a bf16 dot)."""
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
+                mask=rows[:, None] < M, other=0.0).to(tl.float32)                                # [BM, 128]
+    if ACT_QUANT:
+        q, x_scale = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)[:, None])
+        if HW_FP8:
+            part = tl.dot(wb.to(tl.float8e4nv, bitcast=True), tl.trans(q.to(tl.float8e4nv)))
+        else:
+            part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(q), input_precision="ieee")
+        acc += part * w_scale[:, None] * tl.reshape(x_scale, [BLOCK_M])[None, :]
+    else:
+        if HW_FP8:
+            part = tl.dot(wb.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16), tl.trans(x.to(tl.bfloat16)))
+        else:
+            part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(x), input_precision="ieee")
+        acc += part * w_scale[:, None]
+    return acc
+
+
+@triton.jit
+def _x_codes(q_ptr, xs_ptr, rows, kb, offs_k, M, K, HW_FP8: tl.constexpr):
+    """The block's e4m3 codes of x (as the dot takes them) and their scales, from `act_quant_fp8`'s outputs (codes
+    [M, K], scales column-major [K/128, M]): what `fp8_block_quant` computes in the kernel, bit for bit."""
+    code = tl.load(q_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :], mask=rows[:, None] < M,
+                   other=0)
+    scale = tl.load(xs_ptr + kb * M + rows, mask=rows < M, other=0.0)
+    q = code.to(tl.float8e4nv, bitcast=True) if HW_FP8 else _e4m3_bytes_to_f32(code)
+    return q, scale
+
+
+@triton.jit
 def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, sum_ptr, cnt_ptr, M, N, K, KB_PER_SPLIT,
                         ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_M: tl.constexpr, FUSED_SUM: tl.constexpr):
+                        BLOCK_M: tl.constexpr, FUSED_SUM: tl.constexpr, xs_ptr=None,
+                        PREQUANT: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)          # row blocks adjacent: they share W tiles
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
     split = tl.program_id(2)
@@ -60,22 +95,16 @@ def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, sum_ptr, cnt_ptr, M, N, K,
     for i in range(0, KB_PER_SPLIT):
         kb = split * KB_PER_SPLIT + i
         wb = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :])      # uint8 [BN, 128]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
-                    mask=rows[:, None] < M, other=0.0).to(tl.float32)                            # [BM, 128]
         w_scale = _e8m0(tl.load(s_ptr + (offs_n // 128) * n_kb + kb))                             # [BN]
-        if ACT_QUANT:
-            q, x_scale = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)[:, None])
+        if PREQUANT:                # x quantised once per call (`act_quant_fp8`): its codes and scales
+            q, x_scale = _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, HW_FP8)
             if HW_FP8:
-                part = tl.dot(wb.to(tl.float8e4nv, bitcast=True), tl.trans(q.to(tl.float8e4nv)))
+                part = tl.dot(wb.to(tl.float8e4nv, bitcast=True), tl.trans(q))
             else:
                 part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(q), input_precision="ieee")
-            acc += part * w_scale[:, None] * tl.reshape(x_scale, [BLOCK_M])[None, :]
+            acc += part * w_scale[:, None] * x_scale[None, :]
         else:
-            if HW_FP8:
-                part = tl.dot(wb.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16), tl.trans(x.to(tl.bfloat16)))
-            else:
-                part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(x), input_precision="ieee")
-            acc += part * w_scale[:, None]
+            acc = _x_block_dot(acc, x_ptr, wb, w_scale, rows, kb, offs_k, M, K, ACT_QUANT, HW_FP8, BLOCK_M)
     idx = rows[None, :].to(tl.int64) * N + offs_n[:, None]
     tl.store(out_ptr + split.to(tl.int64) * M * N + idx, acc.to(out_ptr.dtype.element_ty), mask=rows[None, :] < M)
     if FUSED_SUM:
@@ -160,7 +189,7 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                        out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
                        programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3,
                        fused_sum: bool | None = None, block_m: int | None = None,
-                       partials: bool = False) -> torch.Tensor:
+                       partials: bool = False, prequant: bool | None = None) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
     output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
@@ -169,7 +198,11 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     instead of in a second kernel: one launch per linear instead of two, bit-identical. `block_m` (None: 16, or
     with DSV4_FP8_WIDE_TILES=1 v10's 16 / 32 / 64 rows by M, one row block) other than 16 gives up batch
     invariance: the switch is there to price it in the decode bench. `partials`: return the fp32 partial sums
-    [split, M, N] unsummed (the caller adds them in split order: `ops.fp8_linear`)."""
+    [split, M, N] unsummed (the caller adds them in split order: `ops.fp8_linear`). `prequant` (None:
+    DSV4_FP8_PREQUANT, off until measured; act quant on only): x quantised once by `act_quant_fp8` (one launch), the
+    kernel reading its codes and scales, where otherwise every program of the grid (N / block_n x split of them)
+    quantises its x blocks again, ~25 instructions an element; the same codes and scales (`fp8_block_quant` in both),
+    so bit for bit the same result."""
     check_fp8_weight(x, weight, scale, block_n)
     K, N = x.shape[-1], weight.shape[0]
     flat = x.reshape(-1, K).contiguous()
@@ -184,10 +217,18 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if M:
         counters = (_tile_counters(x.device, grid[0] * grid[1]) if split > 1 and not partials
                     and _fused_sum(fused_sum) else None)
+        pre = act_quant_on and (env_switch("DSV4_FP8_PREQUANT") if prequant is None else prequant)
+        xs = None
+        if pre:
+            from dsv4.ops.triton.quant import act_quant_fp8
+
+            codes, xs = act_quant_fp8(flat)
+            flat, xs = codes.view(torch.uint8), xs.t()          # scales: the [K/128, M] buffer behind the view
         _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, out,
                                   part if counters is None else counters, M, N, K, K // 128 // split,
                                   ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n, BLOCK_M=block_m,
-                                  FUSED_SUM=counters is not None, num_warps=num_warps, num_stages=num_stages)
+                                  FUSED_SUM=counters is not None, xs_ptr=xs, PREQUANT=pre, num_warps=num_warps,
+                                  num_stages=num_stages)
         if split > 1 and counters is None and not partials:
             _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024)
     return out if partials else out.view(*x.shape[:-1], N)
