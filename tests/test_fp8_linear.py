@@ -171,6 +171,15 @@ def test_kernel_plan_takes_split_and_tile_from_n_and_k_only(monkeypatch):
         split = divisor_at_most(k // 128, -(-4 * 132 // (n // 64)))
         assert {p[0] for p in plans.values()} == {split}, (n, k)
         assert all(grid == (triton.cdiv(m, 16), n // 64, split) for m, (_, grid) in plans.items()), (n, k)
+    # DSV4_FP8_MAX_SPLIT caps the split (still from N and K only): every Flash shape within the traced-sum limit
+    monkeypatch.setenv("DSV4_FP8_MAX_SPLIT", "8")
+    for n, k in ((2048, 4096), (512, 4096), (1024, 4096), (4096, 8192)):
+        splits = {kernel.kernel_plan(m, n, k, torch.device("cuda"))[0] for m in (1, 16, 17, SMALL_M)}
+        assert splits == {divisor_at_most(k // 128, min(8, -(-4 * 132 // (n // 64))))}, (n, k, splits)
+        assert max(splits) <= 8
+    monkeypatch.setenv("DSV4_FP8_MAX_SPLIT", "eight")
+    with pytest.raises(ValueError, match="DSV4_FP8_MAX_SPLIT"):
+        kernel.kernel_plan(1, 2048, 4096, torch.device("cuda"))
 
 
 def test_bad_input_names_the_offender():

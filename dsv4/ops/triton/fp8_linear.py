@@ -26,6 +26,8 @@ dot runs in fp32 (IEEE): the same products, exactly, so the interpreter checks t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -176,8 +178,24 @@ def kernel_plan(M: int, N: int, K: int, device: torch.device, block_n: int = 64,
     run in `block_m`-row blocks, each its own program; the blocks of one weight tile are adjacent in the grid
     (program_id 0), so they run together and read that tile from L2 after the first."""
     n_kb = K // 128
-    split = divisor_at_most(n_kb, split_k or auto_split(N // block_n, device, programs_per_sm))
+    want = split_k or auto_split(N // block_n, device, programs_per_sm)
+    if split_k is None and max_split_from_env():
+        want = min(want, max_split_from_env())
+    split = divisor_at_most(n_kb, want)
     return split, (triton.cdiv(M, block_m), N // block_n, split)
+
+
+def max_split_from_env() -> int:
+    """DSV4_FP8_MAX_SPLIT (unset or 0: no cap; opt-in until measured): the most K splits the plan takes. At 8 or
+    fewer, every FP8 linear of the compiled decode step has its split sum traced and fused into its consumer
+    (`ops.fp8_linear.TRACED_SUM_MAX_SPLIT`): Flash's wq_a / wkv (split 32 uncapped) and the shared expert's w1 / w3
+    (16) keep their `_sum_splits` launch otherwise, 16 of a 4-layer step's 29 (bench/results/h100_s32 call C). The
+    price: fewer programs (down to 64 for wkv's 8 weight tiles), which a latency-bound linear of 1-8 MB may not
+    feel. A function of the shape alone, as the split must be (batch invariance)."""
+    value = os.environ.get("DSV4_FP8_MAX_SPLIT", "0")
+    if not value.isdigit():
+        raise ValueError(f"DSV4_FP8_MAX_SPLIT must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def _wide_tile(M: int) -> int:
