@@ -16,9 +16,13 @@ The FP8-MMA kernel's accumulation is below fp32 within a 32-K sub-block (the ref
 `--only unroll`: UNROLL 128-K blocks per loop step; `--only sweep`: the decode kernel over the tile-major layout
 under 64 / 128 weight rows per program (128: two 64-row tiles, one per warpgroup with 8 warps), 4 / 8 warps and
 2-4 stages, and at prefill sizes the direct kernel against the FP8-MMA prefill kernel over the tile-major layout.
+`--only gemv`: the pair GEMV (the default at batch 1 while the decode kernel is opt-in) over both layouts at 16 /
+32 / 64 rows per program (64: a program streams its rows' whole tile-major run), 16 / 32 scale groups a step,
+4 / 8 warps.
 (The thirtieth session's `--only tiled | sweep` modes, the decode kernel over 64- and 128-row tile layouts, are in
 git history: bench/results/h100_s30 calls B and C.)
-Usage: python3 scripts/bench/fp4_decode_kernels.py [--tokens 1 8 64 1024] [--only all|layout|unroll|sweep] [--json PATH]
+Usage: PYTHONPATH=. python3 scripts/bench/fp4_decode_kernels.py [--tokens 1 8 64 1024]
+       [--only all|layout|unroll|sweep|gemv] [--json PATH]
 """
 
 from __future__ import annotations
@@ -159,6 +163,17 @@ def _sweep(x, eid, offs, w, s, cands) -> list:
     return cands
 
 
+def _gemv(x, eid, w, s, cands) -> list:
+    """--only gemv: the pair GEMV's tile over the stored and the tile-major layout."""
+    for name, weight in (("stored", w), ("TILED", tiled_weight(w))):
+        for bn in (16, 32, 64):
+            for bg in (16, 32):
+                for nw in (4, 8):
+                    cands.append((f"pair GEMV {name} {bn} rows {bg} groups /{nw}", partial(
+                        fp4_pair_gemv, x, eid, weight, s, block_n=bn, block_g=bg, num_warps=nw)))
+    return cands
+
+
 def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     eid, x = rows_for(tokens, gen)
     m, used = eid.numel(), eid.unique().numel()
@@ -175,6 +190,8 @@ def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
     offs = expert_offsets(eid, E)
     if only == "unroll":
         return _timed_rows(tokens, m, used, weight_bytes, _unroll(x, eid, offs, w, s, tokens, cands[:1]), ref, flush)
+    if only == "gemv":
+        return _timed_rows(tokens, m, used, weight_bytes, _gemv(x, eid, w, s, cands[:1]), ref, flush)
     if only == "sweep":
         return _timed_rows(tokens, m, used, weight_bytes, _sweep(x, eid, offs, w, s, cands[:1]), ref, flush)
     if only == "layout":
@@ -233,7 +250,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--only", choices=["all", "layout", "unroll", "sweep"], default="all")
+    p.add_argument("--only", choices=["all", "layout", "unroll", "sweep", "gemv"], default="all")
     args = p.parse_args()
     gen = torch.Generator(DEVICE).manual_seed(0)
     w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)
