@@ -345,3 +345,38 @@ def test_compiled_noise_equals_eager():
     seeds, steps = torch.arange(8, device="cuda") * 977, torch.arange(8, device="cuda")
     eager = race_noise(seeds, steps, 3000)
     assert torch.equal(Sampler(compile=True).noise(seeds, steps, 3000), eager)
+
+
+def _argmax_cases(device: str) -> list[torch.Tensor]:
+    """Rows that argmax's first-maximum rule decides: ties inside a chunk and across chunks, a constant row, NaNs
+    (the largest; the first wins), an all -inf row; V divisible by a chunk (Flash's 129280, the built-in 6144), V
+    short, and V prime (no chunk divides it: the one-pass fallback)."""
+    gen = torch.Generator().manual_seed(7)
+    cases = []
+    for v in (129280, 6144, 1000, 100003):
+        x = torch.randn(6, v, generator=gen)
+        top = x[1].max() + 1
+        x[1, 7], x[1, v - 3] = top, top                # across chunks: the first
+        x[2, 5], x[2, 6] = top, top                    # inside one chunk: the first
+        x[3] = 0.0
+        x[4, v // 2], x[4, v - 1] = float("nan"), float("nan")
+        x[5] = float("-inf")
+        cases.append(x.to(device))
+    return cases
+
+
+def test_argmax_rows_is_argmax():
+    from dsv4.engine.sampling import argmax_rows
+
+    for x in _argmax_cases("cpu"):
+        assert torch.equal(argmax_rows(x), x.argmax(-1)), x.shape
+        assert argmax_rows(x[:1]).shape == (1,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_argmax_rows_is_argmax_on_cuda():
+    from dsv4.engine.sampling import argmax_rows
+
+    for x in _argmax_cases("cuda"):
+        assert torch.equal(argmax_rows(x), x.argmax(-1)), x.shape

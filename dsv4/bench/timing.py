@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dsv4.engine.sampling import argmax_rows
 from dsv4.model.state import ModelState, StepBatch
 
 PAGE = 256
@@ -105,7 +106,7 @@ class Dsv4Decoder:
         if self.graphs is not None:
             rows = [(b, self.pos, self.pages[b]) for b in range(self.batch)]
             with torch.inference_mode():
-                self.tokens = self.graphs.run(self.tokens, rows).argmax(-1).view(1, -1)
+                self.tokens = argmax_rows(self.graphs.run(self.tokens, rows)).view(1, -1)   # the engine's greedy
         else:
             batch = StepBatch.build([(b, self.pos, 1, self.pages[b]) for b in range(self.batch)], self.dev)
             with torch.inference_mode():
