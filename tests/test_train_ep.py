@@ -161,18 +161,31 @@ def _finetune(tiny_ckpt, data, out, steps=4, procs=1, mode=("--full", "--bias-up
     return Path(out)
 
 
+def _resumed(tiny_ckpt, data, out):
+    _finetune(tiny_ckpt, data, out, steps=1, procs=2)
+    return _finetune(tiny_ckpt, data, out, procs=2)          # the same command again
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_ckpt, tmp_path_factory):
-    """The 1-process run goes alongside the 2-process ones: it takes one thread, and the launches leave a core
-    idle much of the time (start-up, rendezvous, collectives); measured 33 s one after another, 28 s so."""
+def launches(tiny_ckpt, tmp_path_factory):
+    """Every fine-tuning run of this file, two at a time; a test takes its own with `.result()`. A launch spends
+    most of its time starting up (imports, rendezvous) and leaves a core idle in its collectives, so two overlap
+    well on 2 cores: measured 50 s for the 2-process runs one after another beside the 1-process one, 40 s two at
+    a time, 52 s all at once (oversubscribed)."""
     tmp = tmp_path_factory.mktemp("ep_runs")
     data = token_data(tmp / "d.jsonl")
-    with ThreadPoolExecutor(1) as pool:
-        one = pool.submit(_finetune, tiny_ckpt, data, tmp / "one")
-        ep = _finetune(tiny_ckpt, data, tmp / "ep", procs=2)
-        _finetune(tiny_ckpt, data, tmp / "resumed", steps=1, procs=2)
-        resumed = _finetune(tiny_ckpt, data, tmp / "resumed", procs=2)     # the same command again
-        return one.result(), ep, resumed
+    with ThreadPoolExecutor(2) as pool:
+        yield {"one": pool.submit(_finetune, tiny_ckpt, data, tmp / "one"),
+               "ep": pool.submit(_finetune, tiny_ckpt, data, tmp / "ep", procs=2),
+               "resumed": pool.submit(_resumed, tiny_ckpt, data, tmp / "resumed"),
+               "lora": pool.submit(_finetune, tiny_ckpt, token_data(tmp / "lora.jsonl"), tmp / "lora", steps=2,
+                                   procs=2, mode=("--lora", "4", "--lora-targets", "attn,experts", "--merge"))}
+
+
+@pytest.fixture(scope="module")
+def runs(launches):
+    """The 1-process run, the 2-process EP run, and the 2-process run resumed after its first step."""
+    return launches["one"].result(), launches["ep"].result(), launches["resumed"].result()
 
 
 @needs_torchrun
@@ -240,15 +253,14 @@ def test_two_process_resume_is_bit_exact(runs):
 
 
 @needs_torchrun
-def test_expert_parallel_lora_saves_every_experts_adapter(tiny_ckpt, tmp_path):
-    """LoRA on the experts under EP (+ FSDP for the rest): the adapter file holds every expert's adapters, and
-    the merged checkpoint written by the 2 processes is byte for byte `merge_lora` of that adapter."""
+def test_expert_parallel_lora_saves_every_experts_adapter(launches, tmp_path):
+    """LoRA on the experts under EP (+ FSDP for the rest), 2 steps: the adapter file holds every expert's adapters,
+    and the merged checkpoint written by the 2 processes is byte for byte `merge_lora` of that adapter."""
     from safetensors.torch import load_file
 
     from dsv4.train.run import merge_lora
 
-    out = _finetune(tiny_ckpt, token_data(tmp_path / "d.jsonl"), tmp_path / "lora", steps=2, procs=2,
-                    mode=("--lora", "4", "--lora-targets", "attn,experts", "--merge"))
+    out = launches["lora"].result()
     adapters = load_file(out / "adapter" / "adapter.safetensors")
     cfg = dsv4.tiny_config()
     names = {f"layers.{i}.ffn.experts.{e}.{w}.lora_{ab}" for i in range(cfg.n_layers)
