@@ -273,7 +273,9 @@ def test_the_captured_probe_on_cuda(tiny_ckpt):
 
 def test_the_cached_greedy_probe_makes_the_full_forwards_tokens(tiny_ckpt, tmp_path):
     """greedy_continue_cached (one prefill into decode state, then a token per sequence a step) == greedy_continue
-    (a full forward per token), past a window (16), compressed blocks of 4 and the first HCA block of 128; and a
+    (a full forward per token): a 96-token prefill (past the window, 16), then 34 decode steps that wrap the
+    window's ring twice and cross 8 compressed blocks of 4 and the first HCA block of 128 (a longer prefill than
+    decode: the full forwards cost the sum of their lengths, ~4x this test's time from an 8-token prefix); and a
     trainer step with probe_cache records what the plain probe records."""
     from dsv4.train.greedy_probe import greedy_continue, greedy_continue_cached
     from dsv4.train.params import refresh_qat
@@ -281,14 +283,14 @@ def test_the_cached_greedy_probe_makes_the_full_forwards_tokens(tiny_ckpt, tmp_p
     m = _trainable(tiny_ckpt)
     refresh_qat(m)                              # as the trainer's step does before its probe (else ~4x slower)
     gen = torch.Generator().manual_seed(7)
-    prefixes = torch.randint(2, m.cfg.vocab_size, (1, 8), generator=gen)
+    prefixes = torch.randint(2, m.cfg.vocab_size, (1, 96), generator=gen)
     prefixes[:, 0] = BOS
     step = TrainStep(m, grad_ckpt=False)
-    cached = greedy_continue_cached(step, prefixes, 122)
-    assert torch.equal(cached, greedy_continue(step, prefixes, 122)) and cached.shape == (1, 130)
+    cached = greedy_continue_cached(step, prefixes, 34)
+    assert torch.equal(cached, greedy_continue(step, prefixes, 34)) and cached.shape == (1, 130)
     # graphs=True: the decode steps through DecodeGraphs (captured on a GPU; here the same step run eagerly), with
     # its scratch slot and page in the state
-    assert torch.equal(greedy_continue_cached(step, prefixes, 122, graphs=True), cached)
+    assert torch.equal(greedy_continue_cached(step, prefixes, 34, graphs=True), cached)
     packs = row_packs(_docs(random.Random(6), 12, 30), 32, 2)
     records = []
     for cache in (False, True):
