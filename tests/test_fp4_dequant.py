@@ -78,11 +78,8 @@ def test_kernel_in_the_interpreter(tmp_path):
     edges in both dimensions (the interpreter stores fp32 -> bf16 by truncation: exact values are unaffected), and
     the table path alone at its range's ends (scale bytes 2 and 252)."""
     pytest.importorskip("triton", reason="needs triton (its CPU interpreter runs the kernel here)")
-    import os
-
-    os.environ.setdefault("PYTHONPATH", "")
-    tests = os.path.dirname(__file__)
-    os.environ["PYTHONPATH"] = os.pathsep.join([tests, os.environ["PYTHONPATH"]])
+    # (the interpreter helper puts tests/ on the script's path itself; this test once rewrote the process's
+    # PYTHONPATH for every test after it)
     result = interpreted_json(_CHECK, tmp_path)
     for name, r in result.items():
         assert r == {"shape": True, "dtype": "torch.bfloat16", "nan_same": True, "bits_same": True}, (name, r)
