@@ -15,6 +15,7 @@ race. Greedy rows (temperature < GREEDY_EPS) take the argmax after penalties; fi
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import secrets
@@ -360,12 +361,21 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     both keep the lowest index among equal values, so the first maximum of the first chunk that has it is the row's
     first maximum."""
     n, v = x.shape
-    chunk = next((d for d in range(ARGMAX_CHUNK, ARGMAX_CHUNK // 8, -1) if v % d == 0), None)
-    if v <= ARGMAX_CHUNK or chunk is None:       # short rows, or no divisor in range (no padding copy): one pass
+    chunk = _argmax_chunk(v)
+    if chunk is None:                            # short rows, or no divisor in range (no padding copy): one pass
         return x.argmax(-1)
     vals, idx = x.reshape(n, v // chunk, chunk).max(-1)
     first = vals.argmax(-1, keepdim=True)
     return (first * chunk + idx.gather(-1, first)).squeeze(-1)
+
+
+@functools.cache
+def _argmax_chunk(v: int) -> int | None:
+    """The largest divisor of the vocabulary size v in (ARGMAX_CHUNK / 8, ARGMAX_CHUNK], once per v (a prime v
+    would otherwise cost ~900 Python steps every sampling step); None where one pass is better or none divides."""
+    if v <= ARGMAX_CHUNK:
+        return None
+    return next((d for d in range(ARGMAX_CHUNK, ARGMAX_CHUNK // 8, -1) if v % d == 0), None)
 
 
 def _race(x: torch.Tensor, st: SamplingTensors, noise) -> torch.Tensor:

@@ -152,14 +152,13 @@ def _sweep(x, eid, offs, w, s, cands) -> list:
                 fp4_grouped_gemm_prefill, x, eid, wt, s, block_m=bm, block_n=bn, num_warps=nw, num_stages=st,
                 fp8mma="fold" if fold else True)))
         return cands
-    splits = (4, 8) if m < 16 else (1, 2)
-    for sp in splits:
+    pairs = m < 16                  # a few rows: one program per row, as `pair_linear` maps them
+    for sp in (4, 8) if pairs else (1, 2):
         for bn, nw in ((64, 4), (64, 8), (128, 4), (128, 8)):
             for st in (2, 3, 4):
-                mapping = {"offs": None} if m < 16 else {"offs": offs}
-                cands.append((f"decode TILED {'pairs' if m < 16 else 'sorted'} split{sp} 16x{bn}/{nw} st{st}",
-                              partial(decode_sum, x, eid, wt, s, split=sp, block_m=16, block_n=bn, num_warps=nw,
-                                      num_stages=st, **mapping)))
+                cands.append((f"decode TILED {'pairs' if pairs else 'sorted'} split{sp} 16x{bn}/{nw} st{st}",
+                              partial(decode_sum, x, eid, wt, s, offs=None if pairs else offs, split=sp, block_m=16,
+                                      block_n=bn, num_warps=nw, num_stages=st)))
     return cands
 
 

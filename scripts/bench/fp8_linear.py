@@ -52,10 +52,15 @@ def errors(y: torch.Tensor, x, w, s) -> dict:
             "max_vs_float64": ((y.double() - xq @ wd.T).abs() / (xq.abs() @ wd.abs().T)).max().item()}
 
 
-def measure(name, N, K, m, bw, flush, quick) -> dict:
+def inputs(N: int, K: int, m: int):
+    """(x, w, s) of a shape: an FP8 weight of unit-variance products and bf16 rows, seeded by the shape."""
     gen = torch.Generator("cuda").manual_seed(N * 7 + K + m)
     w, s = quant.quant_fp8(torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K))
-    x = torch.randn(m, K, device="cuda", generator=gen).bfloat16()
+    return torch.randn(m, K, device="cuda", generator=gen).bfloat16(), w, s
+
+
+def measure(name, N, K, m, bw, flush, quick) -> dict:
+    x, w, s = inputs(N, K, m)
     copy = ops.dequant_weight(w, s, "fp8").bfloat16()
     need = N * K + s.numel() + m * K * 2 + m * N * 2
     row = {"name": name, "N": N, "K": K, "M": m, "floor_us": need / bw * 1e6}
@@ -104,9 +109,7 @@ def prequant_rows(bw, flush) -> list[dict]:
     rows = []
     for name, N, K in flash_shapes():
         for m in DECODE:
-            gen = torch.Generator("cuda").manual_seed(N * 7 + K + m)
-            w, s = quant.quant_fp8(torch.randn(N, K, device="cuda", generator=gen) / math.sqrt(K))
-            x = torch.randn(m, K, device="cuda", generator=gen).bfloat16()
+            x, w, s = inputs(N, K, m)
             same = torch.equal(fp8_linear_small_m(x, w, s, True), fp8_linear_small_m(x, w, s, True, prequant=True))
             r = {"name": name, "N": N, "K": K, "M": m, "floor_us": (N * K + m * K * 2 + m * N * 2) / bw * 1e6,
                  "same_bits": same}

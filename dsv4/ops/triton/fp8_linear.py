@@ -50,36 +50,23 @@ def _e4m3_bytes_to_f32(b):
 
 
 @triton.jit
-def _x_block_dot(acc, x_ptr, wb, w_scale, rows, kb, offs_k, M, K, ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
-    """acc plus one 128-K block's product with x read as stored (bf16 / fp32), quantised here (ACT_QUANT: the
-    exact arithmetic of `fp8_block_quant`) or not (a bf16 dot)."""
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
-                mask=rows[:, None] < M, other=0.0).to(tl.float32)                                # [BM, 128]
-    if ACT_QUANT:
-        q, x_scale = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)[:, None])
-        if HW_FP8:
-            part = tl.dot(wb.to(tl.float8e4nv, bitcast=True), tl.trans(q.to(tl.float8e4nv)))
-        else:
-            part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(q), input_precision="ieee")
-        acc += part * w_scale[:, None] * tl.reshape(x_scale, [BLOCK_M])[None, :]
+def _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT: tl.constexpr, HW_FP8: tl.constexpr,
+             BLOCK_M: tl.constexpr):
+    """One 128-K block of x as the FP8 dot's operand (e4m3 on the GPU, the codes' fp32 values in the interpreter)
+    and its per-row scales [BLOCK_M]: read from `act_quant_fp8`'s outputs (PREQUANT: codes [M, K], scales
+    column-major [K/128, M]) or quantised here from x as stored; `fp8_block_quant` made both, so the same bits."""
+    if PREQUANT:
+        code = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
+                       mask=rows[:, None] < M, other=0)
+        scale = tl.load(xs_ptr + kb * M + rows, mask=rows < M, other=0.0)
+        q = code.to(tl.float8e4nv, bitcast=True) if HW_FP8 else _e4m3_bytes_to_f32(code)
     else:
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
+                    mask=rows[:, None] < M, other=0.0).to(tl.float32)                            # [BM, 128]
+        q, x_scale = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)[:, None])
+        scale = tl.reshape(x_scale, [BLOCK_M])
         if HW_FP8:
-            part = tl.dot(wb.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16), tl.trans(x.to(tl.bfloat16)))
-        else:
-            part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(x), input_precision="ieee")
-        acc += part * w_scale[:, None]
-    return acc
-
-
-@triton.jit
-def _x_codes(q_ptr, xs_ptr, rows, kb, offs_k, M, K, HW_FP8: tl.constexpr):
-    """The block's e4m3 codes of x (as the dot takes them) and their scales, from `act_quant_fp8`'s outputs (codes
-    [M, K], scales column-major [K/128, M]): what `fp8_block_quant` computes in the kernel, bit for bit."""
-    code = tl.load(q_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :], mask=rows[:, None] < M,
-                   other=0)
-    scale = tl.load(xs_ptr + kb * M + rows, mask=rows < M, other=0.0)
-    q = code.to(tl.float8e4nv, bitcast=True) if HW_FP8 else _e4m3_bytes_to_f32(code)
+            q = q.to(tl.float8e4nv)
     return q, scale
 
 
@@ -98,15 +85,21 @@ def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, sum_ptr, cnt_ptr, M, N, K,
         kb = split * KB_PER_SPLIT + i
         wb = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :])      # uint8 [BN, 128]
         w_scale = _e8m0(tl.load(s_ptr + (offs_n // 128) * n_kb + kb))                             # [BN]
-        if PREQUANT:                # x quantised once per call (`act_quant_fp8`): its codes and scales
-            q, x_scale = _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, HW_FP8)
+        if ACT_QUANT:               # FP8 x FP8 (x's codes quantised once per call with PREQUANT, else here)
+            q, x_scale = _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT, HW_FP8, BLOCK_M)
             if HW_FP8:
                 part = tl.dot(wb.to(tl.float8e4nv, bitcast=True), tl.trans(q))
             else:
                 part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(q), input_precision="ieee")
             acc += part * w_scale[:, None] * x_scale[None, :]
-        else:
-            acc = _x_block_dot(acc, x_ptr, wb, w_scale, rows, kb, offs_k, M, K, ACT_QUANT, HW_FP8, BLOCK_M)
+        else:                       # bf16 x, the weight converted to bf16 (exact)
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
+                        mask=rows[:, None] < M, other=0.0).to(tl.float32)                        # [BM, 128]
+            if HW_FP8:
+                part = tl.dot(wb.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16), tl.trans(x.to(tl.bfloat16)))
+            else:
+                part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(x), input_precision="ieee")
+            acc += part * w_scale[:, None]
     idx = rows[None, :].to(tl.int64) * N + offs_n[:, None]
     tl.store(out_ptr + split.to(tl.int64) * M * N + idx, acc.to(out_ptr.dtype.element_ty), mask=rows[None, :] < M)
     if FUSED_SUM:
