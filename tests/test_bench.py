@@ -58,8 +58,10 @@ def test_ratios_and_table_of_a_timing_only_run():
     res = {"dsv4": {"decode": {1: t, 64: {**t, "median_s": 2e-2, "tok_per_s": 3200.0}},
                     "prefill": {1024: {"median_s": 0.04, "floor_s": 0.004}, 8192: {"error": "OOM", "floor_s": 0.03}}},
            "transformers": {"decode": {1: {"median_s": 0.025}}, "prefill": {1024: {"median_s": 0.043}}}}
+    res["dsv4"]["decode"][1]["replay_s"] = 1.5e-3                 # the captured step alone (GPU runs only)
     _ratios(res, BenchOptions(timing_only=True))
     assert res["decode_bs1_floor_ratio"] == 4.0 and res["decode_bs64_over_bs1_throughput"] == 6.4
+    assert res["decode_bs1_replay_ms"] == 1.5 and "decode_bs64_replay_ms" not in res
     assert res["decode_bs64_floor_ratio"] == 40.0 and abs(res["prefill_1k_floor_ratio"] - 10.0) < 1e-12
     assert "prefill_8k_floor_ratio" not in res                     # not measured: no ratio invented
     assert abs(res["prefill_1k_speedup_vs_transformers"] - 1.075) < 1e-12 and "greedy_agreement" not in res

@@ -166,13 +166,16 @@ def test_kernel_plan_takes_split_and_tile_from_n_and_k_only(monkeypatch):
     from dsv4.ops.triton.splitk import divisor_at_most
 
     monkeypatch.setattr(kernel, "auto_split", lambda tiles, device, per_sm: -(-per_sm * 132 // tiles))
+    monkeypatch.setenv("DSV4_FP8_MAX_SPLIT", "0")                  # no cap: the split from the SM count alone
     for n, k in ((2048, 4096), (512, 4096), (32768, 1024), (1024, 4096), (256, 128), (2048, 128)):
         plans = {m: kernel.kernel_plan(m, n, k, torch.device("cuda")) for m in range(1, SMALL_M + 1)}
         split = divisor_at_most(k // 128, -(-4 * 132 // (n // 64)))
         assert {p[0] for p in plans.values()} == {split}, (n, k)
         assert all(grid == (triton.cdiv(m, 16), n // 64, split) for m, (_, grid) in plans.items()), (n, k)
-    # DSV4_FP8_MAX_SPLIT caps the split (still from N and K only): every Flash shape within the traced-sum limit
-    monkeypatch.setenv("DSV4_FP8_MAX_SPLIT", "8")
+    # DSV4_FP8_MAX_SPLIT (default 8) caps the split (still from N and K only): every Flash shape within the
+    # traced-sum limit
+    monkeypatch.delenv("DSV4_FP8_MAX_SPLIT")
+    assert kernel.max_split_from_env() == 8
     for n, k in ((2048, 4096), (512, 4096), (1024, 4096), (4096, 8192)):
         splits = {kernel.kernel_plan(m, n, k, torch.device("cuda"))[0] for m in (1, 16, 17, SMALL_M)}
         assert splits == {divisor_at_most(k // 128, min(8, -(-4 * 132 // (n // 64))))}, (n, k, splits)

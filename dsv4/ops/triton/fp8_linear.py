@@ -179,13 +179,14 @@ def kernel_plan(M: int, N: int, K: int, device: torch.device, block_n: int = 64,
 
 
 def max_split_from_env() -> int:
-    """DSV4_FP8_MAX_SPLIT (unset or 0: no cap; opt-in until measured): the most K splits the plan takes. At 8 or
-    fewer, every FP8 linear of the compiled decode step has its split sum traced and fused into its consumer
-    (`ops.fp8_linear.TRACED_SUM_MAX_SPLIT`): Flash's wq_a / wkv (split 32 uncapped) and the shared expert's w1 / w3
-    (16) keep their `_sum_splits` launch otherwise, 16 of a 4-layer step's 29 (bench/results/h100_s32 call C). The
-    price: fewer programs (down to 64 for wkv's 8 weight tiles), which a latency-bound linear of 1-8 MB may not
-    feel. A function of the shape alone, as the split must be (batch invariance)."""
-    value = os.environ.get("DSV4_FP8_MAX_SPLIT", "0")
+    """DSV4_FP8_MAX_SPLIT (default 8; 0: no cap): the most K splits the plan takes. At 8 or fewer, every FP8 linear
+    of the compiled decode step has its split sum traced and fused into its consumer
+    (`ops.fp8_linear.TRACED_SUM_MAX_SPLIT`): uncapped, Flash's wq_a / wkv (split 32) and the shared expert's w1 / w3
+    (16) keep a `_sum_splits` launch each, 16 of a 4-layer step's 29 (bench/results/h100_s32 call C). The price:
+    fewer programs (down to 64 for wkv's 8 weight tiles), which these latency-bound 1-8 MB linears did not feel.
+    Measured (H100, bench/results/h100_s33 calls A and B, one card): decode bs1 / 8 / 64 1.95 / 3.55 / 8.64 ->
+    1.89 / 3.34 / 8.69 ms. A function of the shape alone, as the split must be (batch invariance)."""
+    value = os.environ.get("DSV4_FP8_MAX_SPLIT", "8")
     if not value.isdigit():
         raise ValueError(f"DSV4_FP8_MAX_SPLIT must be a non-negative integer, got {value!r}")
     return int(value)
