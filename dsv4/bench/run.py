@@ -21,8 +21,7 @@ import torch
 
 from dsv4 import ops
 from dsv4.bench import floor
-from dsv4.bench.timing import (Dsv4Decoder, HFDecoder, cuda_time, dsv4_prefill, hf_prefill, replay_median,
-                               summary)
+from dsv4.bench.timing import Dsv4Decoder, HFDecoder, cuda_time, dsv4_prefill, hf_prefill, replay_median, summary
 from dsv4.config import ModelConfig
 from dsv4.engine.prefill_graphs import MAX_GRAPH_TOKENS, PrefillGraphs
 

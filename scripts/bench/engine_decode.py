@@ -1,0 +1,141 @@
+"""Decode as a user gets it: `Engine.step()` per token (scheduler, fixed-shape step, sampler, stop rules and
+detokenisation), beside the captured step replayed alone, on `dsv4 bench`'s model (Flash width, synthesised
+official-format weights).
+
+Why: `dsv4 bench` times the step through `DecodeGraphs.run` + argmax, not the engine; the engine does more host
+work per token, and each step syncs (the NaN check, the sampled ids' transfer), so host time between steps is
+exposed, not overlapped (bench/NOTES.md, thirty-third session). Per batch size this prints and writes:
+* `step_ms`: the median wall time of `Engine.step()` in steady decode (every sequence generating);
+* its parts by wall time: `run_ms` (`DecodeGraphs.run`: inputs built and copied, replay, the NaN check's wait),
+  `sample_ms` (`ModelRunner._sample`: sampling tensors, the sampler, the ids' transfer) and `other_ms` (scheduler,
+  appending tokens, detokenising, stop rules);
+* `replay_ms`: the captured step replayed back to back (GPU time alone; CUDA only);
+* `host_exposed_ms` = step_ms - replay_ms: what a step costs beyond the GPU's work.
+Only the batch's own bucket is captured (one compilation per batch size, not one per power of two), and
+prefill runs uncaptured: prefill is not what is timed here.
+Usage: PYTHONPATH=. python3 scripts/bench/engine_decode.py [--batches 1 8 64] [--context 512] [--steps 24]
+       [--no-compile] [--out PATH]; --tiny runs the tiny config on the CPU (checks the script, times nothing real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dsv4.bench.timing import bench_model, replay_median
+from dsv4.engine import graphs as graphs_mod
+from dsv4.engine.config import EngineConfig
+from dsv4.engine.engine import Engine
+from dsv4.engine.sampling import SamplingParams
+from dsv4.tokenizer import load_tokenizer
+
+
+class _Timed:
+    """Wraps obj.name so each call's wall time is appended to `times` (the call's own syncs included)."""
+
+    def __init__(self, obj, name: str):
+        self.times: list[float] = []
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.times.append(time.perf_counter() - t0)
+
+        setattr(obj, name, timed)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, tokenizer, batch: int, context: int, steps: int, compile: bool, seed: int = 0) -> dict:
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    max_len = context + steps + 8
+    pages = batch * -(-max_len // 256) + 1
+    econf = EngineConfig(device=str(dev), max_num_seqs=batch, max_model_len=max_len, num_pages=pages,
+                         max_num_batched_tokens=max(context, 256), compile_decode=compile and cuda,
+                         prefill_graphs=False, enable_prefix_caching=False, decode_batch=not cuda)
+    only_this_bucket = graphs_mod.buckets_up_to
+    graphs_mod.buckets_up_to = lambda max_batch: [max_batch]          # this batch's bucket alone
+    try:
+        engine = Engine(model, tokenizer, econf)
+    finally:
+        graphs_mod.buckets_up_to = only_this_bucket
+    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    for b in range(batch):
+        prompt = torch.randint(2, model.cfg.vocab_size, (context,), generator=gen).tolist()
+        engine.add_request(f"r{b}", prompt, params)
+    while any(len(r.seqs[0].output_ids) == 0 for r in engine.requests.values()):    # prefill until all decode
+        engine.step()
+    run = _Timed(engine.runner.graphs, "run")
+    sample = _Timed(engine.runner, "_sample")
+    engine.step()                                                     # one decode step before the clock
+    run.times.clear()
+    sample.times.clear()
+    step_times = []
+    for _ in range(steps):
+        _sync(dev)
+        t0 = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - t0)
+    if len(run.times) != steps:
+        raise RuntimeError(f"{steps} steps timed but {len(run.times)} went through the decode graphs: not all "
+                           "steps were plain decode steps")
+    med = {k: statistics.median(v) * 1e3 for k, v in (("step_ms", step_times), ("run_ms", run.times),
+                                                        ("sample_ms", sample.times))}
+    per_step = [s - r - m for s, r, m in zip(step_times, run.times, sample.times, strict=True)]
+    out = {"batch": batch, **med, "other_ms": statistics.median(per_step) * 1e3,
+           "step_ms_min": min(step_times) * 1e3, "tokens_per_s": batch / statistics.median(step_times)}
+    graph = engine.runner.graphs.graphs[batch].graph
+    if graph is not None:
+        out["replay_ms"] = replay_median(graph, steps) * 1e3
+        out["host_exposed_ms"] = out["step_ms"] - out["replay_ms"]
+    engine.generate_all()                                              # finish the requests (frees the slots)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--context", type=int, default=512, help="prompt tokens per sequence (the bench's context)")
+    ap.add_argument("--steps", type=int, default=24, help="timed decode steps per batch size")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--no-compile", action="store_true", help="capture the eager step (no torch.compile)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny config on the CPU: checks the script only")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        sys.exit("engine_decode.py times the engine on a CUDA device (--tiny checks the script on the CPU)")
+    model = bench_model(args.layers, "cpu" if args.tiny else "cuda", tiny=args.tiny)
+    tokenizer = load_tokenizer()
+    res = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu",
+           "layers": args.layers, "context": args.context, "compile": not (args.no_compile or args.tiny), "runs": []}
+    for b in args.batches:
+        r = measure(model, tokenizer, b, args.context, args.steps, not args.no_compile)
+        res["runs"].append(r)
+        extra = (f"; replay alone {r['replay_ms']:.2f}, host exposed {r['host_exposed_ms']:.2f}"
+                 if "replay_ms" in r else "")
+        print(f"engine decode bs{b}: step {r['step_ms']:.2f} ms (run {r['run_ms']:.2f}, sample {r['sample_ms']:.2f}, "
+              f"other {r['other_ms']:.2f}){extra}", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
