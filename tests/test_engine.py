@@ -192,3 +192,24 @@ def test_an_explicit_context_length_beyond_max_seq_len_is_honoured(tiny_model_fp
     assert make_engine(tiny_model_fp32, tokenizer).max_model_len == cfg.max_seq_len
     out = run(engine, [prompt(cfg.max_seq_len + 8, 5)], SamplingParams(temperature=0.0, max_tokens=2))[0]
     assert out.finished and len(out.token_ids) == 2
+
+
+def test_nan_logits_in_a_decode_step_are_an_error_not_text(tiny_ckpt, tokenizer):
+    """The fixed-shape decode path (`decode_batch=True`: what CUDA graphs replay) reads its NaN/inf check with the
+    sampled ids, after sampling: the error must still come before any token of that step reaches the output."""
+    import dsv4
+
+    model = dsv4.load_model(tiny_ckpt, quant_emulation=False, progress=False)
+    engine = make_engine(model, tokenizer, decode_batch=True)
+    out = engine.add_request("n", prompt(10, 1), SamplingParams(max_tokens=4))
+    engine.step()                                               # the prefill step: its token is sampled
+    assert len(out.outputs[0].token_ids) == 1
+    calls = []
+    run = engine.runner.graphs.run
+    engine.runner.graphs.run = lambda *a, **k: calls.append(k) or run(*a, **k)
+    with torch.no_grad():
+        model.head.weight[7, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        engine.step()
+    assert calls == [{"check": False}]                          # the decode path ran, and left the check to _sample
+    assert out.outputs[0].token_ids == [out.outputs[0].token_ids[0]] and not out.finished

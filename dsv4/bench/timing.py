@@ -11,6 +11,7 @@ import torch
 
 from dsv4.engine.sampling import argmax_rows
 from dsv4.model.state import ModelState, StepBatch
+from dsv4.ops.rowwise import NON_FINITE, all_finite
 
 PAGE = 256
 
@@ -105,8 +106,11 @@ class Dsv4Decoder:
     def step(self) -> torch.Tensor:
         if self.graphs is not None:
             rows = [(b, self.pos, self.pages[b]) for b in range(self.batch)]
-            with torch.inference_mode():
-                self.tokens = argmax_rows(self.graphs.run(self.tokens, rows)).view(1, -1)   # the engine's greedy
+            with torch.inference_mode():            # the engine's greedy step: the NaN check read after sampling
+                logits = self.graphs.run(self.tokens, rows, check=False)
+                self.tokens = argmax_rows(logits).view(1, -1)
+                if not all_finite(logits):
+                    raise FloatingPointError(NON_FINITE)
         else:
             batch = StepBatch.build([(b, self.pos, 1, self.pages[b]) for b in range(self.batch)], self.dev)
             with torch.inference_mode():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.model.state import DecodeBatch, ModelState
-from dsv4.ops.rowwise import all_finite
+from dsv4.ops.rowwise import NON_FINITE, all_finite
 
 COMPILE_SCOPES = ("step", "block")
 
@@ -146,10 +146,14 @@ class DecodeGraphs:
         self.graphs = {b: _Graph(model, state, b, max_pages, self.scratch, pool, forward, tokens_per_seq)
                        for b in order}
 
-    def run(self, tokens: list[int] | torch.Tensor, rows: list[tuple[int, int, list[int]]]):
+    def run(self, tokens: list[int] | torch.Tensor, rows: list[tuple[int, int, list[int]]], check: bool = True):
         """Logits [B*T, V] fp32 for T new tokens per sequence (ids as a list or a device tensor [B*T], sequence by
         sequence): rows are (slot, first position, pages). With `forward=verify_forward`: (h [1, B*T, hc, D],
-        logits); both are the graph's output buffers, overwritten by the next replay."""
+        logits); both are the graph's output buffers, overwritten by the next replay.
+        `check`: raise FloatingPointError on NaN/inf logits, which reads the device (a sync). check=False leaves
+        the check to the caller, who must make it before any result is used (`ModelRunner._decode` reads it with
+        the sampled ids: one sync a step, and the sampler's launches queue behind the replay instead of after
+        the GPU went idle)."""
         n, t = len(rows), self.tokens_per_seq
         size = min(b for b in self.graphs if b >= n)
         g = self.graphs[size]
@@ -164,6 +168,6 @@ class DecodeGraphs:
         out = g.replay()
         h, logits = out if isinstance(out, tuple) else (None, out)
         logits = logits[:n * t]
-        if not all_finite(logits):
-            raise FloatingPointError("non-finite logits (NaN/inf): the weights or inputs are broken")
+        if check and not all_finite(logits):
+            raise FloatingPointError(NON_FINITE)
         return logits if h is None else (h[:, :n * t], logits)

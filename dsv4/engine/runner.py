@@ -14,6 +14,7 @@ import torch
 from dsv4.engine.sampling import Sampler, SamplingTensors, TokenCounts
 from dsv4.engine.sequence import Sequence
 from dsv4.model.state import ModelState, StepBatch
+from dsv4.ops.rowwise import NON_FINITE, finite_flag
 
 
 @dataclass
@@ -62,11 +63,14 @@ class ModelRunner:
             return self._sample(sampling, logits)
 
     def _decode(self, seqs: list[Sequence]) -> dict[int, Sampled]:
-        """A step of one token per sequence through the fixed-shape decode path (a CUDA graph replay on GPUs)."""
+        """A step of one token per sequence through the fixed-shape decode path (a CUDA graph replay on GPUs).
+        The NaN/inf check of the logits is read with the sampled ids (`_sample`), not by `run` before sampling:
+        one device read a step, so the sampler's host work and launches overlap the replay instead of following
+        a sync with the GPU idle (bench/NOTES.md, thirty-third session)."""
         logits = self.graphs.run([s.all_ids[s.num_computed] for s in seqs],
-                                 [(s.slot, s.num_computed, s.pages) for s in seqs])
+                                 [(s.slot, s.num_computed, s.pages) for s in seqs], check=False)
         with torch.inference_mode():
-            return self._sample(seqs, logits)
+            return self._sample(seqs, logits, finite=finite_flag(logits))
 
     def resume(self, seq: Sequence) -> None:
         """Start a sequence from a cached prefix (the engine then loads the prefix's snapshot into its slot)."""
@@ -84,7 +88,10 @@ class ModelRunner:
                 out = torch.tensor(seq.output_ids, device=self.device)
                 self.counts.add(torch.full_like(out, seq.slot), out)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[int, Sampled]:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
+                finite: torch.Tensor | None = None) -> dict[int, Sampled]:
+        """`finite`: the logits' unread NaN/inf flag (`finite_flag`, taken before grammar masks write -inf into
+        them), read with the sampled ids: logits that fail it raise before any token is returned."""
         if self.structured is not None:                  # masks filled on the host while the device computes
             self.structured.apply(logits, [s.seq_id for s in seqs])
         st = SamplingTensors.from_params([s.params for s in seqs], [s.seed for s in seqs],
@@ -92,8 +99,12 @@ class ModelRunner:
         out = self.sampler(logits, st, self.counts if st.do_penalties else None)
         if self.counts is not None and st.do_penalties:
             self.counts.add(st.slots, out.token_ids)
-        # One transfer for the whole batch.
-        tokens, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+        ids = out.token_ids if finite is None else torch.cat([out.token_ids, finite.long().view(1)])
+        # One transfer for the whole batch (with the finite flag after the ids).
+        tokens = ids.tolist()
+        if finite is not None and not tokens.pop():
+            raise FloatingPointError(NON_FINITE)
+        logprobs = out.logprobs.tolist()
         top_ids, top_lp = out.top_ids.tolist(), out.top_logprobs.tolist()
         result = {}
         for i, s in enumerate(seqs):

@@ -15,7 +15,7 @@ from dsv4.model.hyper import hc_head
 from dsv4.model.moe import MoE
 from dsv4.model.primitives import Head, Linear, RMSNorm, weight_formats
 from dsv4.model.state import FreshBatch, ModelState, StepBatch, fresh_state
-from dsv4.ops.rowwise import all_finite
+from dsv4.ops.rowwise import NON_FINITE, all_finite
 from dsv4.parity.taps import tap, tap_scope
 
 
@@ -100,7 +100,7 @@ class Transformer(nn.Module):
         a step instead (`Trainer.train_step`)."""
         out = self.logits(h, self.norm, self.hc_head_fn, self.hc_head_scale, self.hc_head_base)
         if check_finite and not all_finite(out):
-            raise FloatingPointError("non-finite logits (NaN/inf): the weights or inputs are broken")
+            raise FloatingPointError(NON_FINITE)
         return out
 
     def logits(self, h: torch.Tensor, norm: RMSNorm, fn, scale, base) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+NON_FINITE = "non-finite logits (NaN/inf): the weights or inputs are broken"    # the error's one wording
 MIN_CHUNK = 512          # elements per first-stage chunk: below this the second stage costs more than it saves
 MAX_CHUNKS = 128         # chunks per row: enough blocks to fill the GPU at batch 1
 
@@ -27,9 +28,15 @@ def chunks_for(length: int) -> int:
     return c
 
 
-def all_finite(x: torch.Tensor) -> bool:
-    """bool(torch.isfinite(x).all()) (reads the device: a sync), reduced per row chunk first."""
+def finite_flag(x: torch.Tensor) -> torch.Tensor:
+    """torch.isfinite(x).all() as a 0-d bool tensor on x's device, reduced per row chunk first; no device read, so
+    the caller can read it together with other results (the engine's decode step: with the sampled ids)."""
     c = chunks_for(x.shape[-1]) if x.dim() else 1
     if c == 1:
-        return bool(torch.isfinite(x).all())
-    return bool(torch.isfinite(x).reshape(-1, x.shape[-1] // c).all(-1).all())
+        return torch.isfinite(x).all()
+    return torch.isfinite(x).reshape(-1, x.shape[-1] // c).all(-1).all()
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """bool(torch.isfinite(x).all()) (reads the device: a sync), reduced per row chunk first."""
+    return bool(finite_flag(x))
