@@ -7,7 +7,9 @@ chunk results. Measured on an H100 with its device read, eager as the engine cal
 (bench/results/h100_s23/call2/rowwise.json): batch 1 66.1 -> 59.7 us, batch 8 and 64 unchanged.
 The same split for the greedy argmax (first maximum per chunk, then the first chunk holding the row maximum)
 was measured and dropped: its five eager launches cost more than the single-block kernel they replace (54 vs
-35 us at batch 1, the host's launches being exposed after the check's device read).
+35 us at batch 1, the host's launches being exposed after the check's device read). It is back
+(`engine/sampling.argmax_rows`), and the decode step now reads this check with the sampled ids (`finite_flag`),
+so those launches queue behind the replay.
 """
 
 from __future__ import annotations
