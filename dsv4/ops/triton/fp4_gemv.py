@@ -108,14 +108,19 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
 
 
 def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                  block_n: int = 16, block_g: int = 32, num_warps: int = 4,
+                  block_n: int = 32, block_g: int = 32, num_warps: int = 4,
                   packed: bool | str = False) -> torch.Tensor:
     """x [P, K] (bf16/fp16/fp32), ids [P] expert per row, weight int8 [E, N, K/2] or tile-major
     (`dsv4.ops.fp4_layout`), scale e8m0 [E, N, K/32]
     -> fp32 [P, N]. block_g scale groups (32 elements each) per step, at most the largest power of two dividing
     K/32 (64 and 128 at Flash's shapes). Defaults: the fastest of scripts/bench/fp4_gemv.py's sweep on the H200
     (bench/results/h200_fp4_gemv.log: 25-26 us per call at batch 1, 0.25 of the copy bandwidth; issuing
-    the next step's loads early measured no faster, so that option is gone). `packed` (off until measured): True
+    the next step's loads early measured no faster, so that option is gone); block_n 32 weight rows per program
+    (h100_s33 call D, `fp4_decode_kernels.py --only gemv`, over the tile-major layout that CUDA models hold: 126.4
+    against 16 rows' 134.4 us at 8 tokens, 21.6 against 21.3 at 1; over the stored layout 143.9 / 24.6 against
+    141.8 / 22.6). One value for both layouts: the block sets the reduction order of a row's products, and the
+    dispatched ops must give the same bits over either layout (test_fp4_tiled); never a function of P either (a
+    row's bits must not depend on its batch). `packed` (off until measured): True
     decodes eight codes per word through fp16x2 bit placement in inline PTX (`ops/triton/fp4_decode.py`; CUDA
     only), "twin" runs the same arithmetic in plain Triton (the interpreter's check of it); both equal the default
     decode bit for bit unless a product |x * value| falls below 2^-112."""
