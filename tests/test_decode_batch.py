@@ -52,6 +52,28 @@ def test_decode_batch_build_pads_and_checks():
         DecodeBatch.build([(0, 5, [1, 2, 3])], 2, "cpu")
 
 
+def test_decode_graphs_stage_each_steps_inputs_in_one_buffer(tiny_model_fp32):
+    """`DecodeGraphs.run` writes a step's ids and batch into the bucket's one input buffer (one host-to-device copy
+    on CUDA): every field as `DecodeBatch.build` makes it, padded with the scratch slot and page, for ids given as a
+    list and as a device tensor; no field keeps a value of the step before."""
+    from dsv4.engine.graphs import DecodeGraphs
+
+    model = tiny_model_fp32
+    state = ModelState(model.cfg, 4, 9, 128, torch.float32, "cpu")
+    graphs = DecodeGraphs(model, state, 4, 3, capture=False, sizes=[4], tokens_per_seq=2)
+    g, scratch = graphs.graphs[4], [(3, 0, [8])]
+    for tokens, rows in (([5, 6, 7, 8], [(0, 10, [0, 1]), (2, 300, [4, 5, 6])]),
+                         (torch.tensor([9, 10]), [(1, 3, [2])])):
+        with torch.inference_mode():
+            graphs.run(tokens, rows)
+        n = len(rows)
+        want = DecodeBatch.build(rows + scratch * (4 - n), 3, "cpu", tokens_per_seq=2)
+        for name in ("slots", "positions", "page_table"):
+            assert torch.equal(getattr(g.batch, name), getattr(want, name)), name
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+        assert g.tokens.tolist() == [ids + [0] * (8 - len(ids))]
+
+
 def _lists(name, q, kv, sink, idx, *rest):
     """Each query's KV list as the twin reduces it: the rows in list order, padded to `LIST_ALIGN`, NaN where
     masked -> [b * s, k, d]. Equal lists in the two steps: the same terms in the same places and the same row

@@ -98,8 +98,13 @@ class _Graph:
         dev = state.device
         slot, page = scratch
         self.model, self.state, self.forward = model, state, forward
-        self.tokens = torch.zeros(1, size * tokens_per_seq, dtype=torch.long, device=dev)
-        self.batch = DecodeBatch.build([(slot, 0, [page])] * size, max_pages, dev, tokens_per_seq)
+        # The step's inputs in one buffer: ids [B*T], then the batch (`DecodeBatch.values`' layout), so a replay's
+        # new inputs arrive in one host-to-device copy (`DecodeGraphs.run`).
+        n_ids = size * tokens_per_seq
+        self.inputs = torch.zeros(n_ids + size * (1 + tokens_per_seq + max_pages), dtype=torch.long, device=dev)
+        self.inputs[n_ids:] = torch.tensor(DecodeBatch.values([(slot, 0, [page])] * size, max_pages, tokens_per_seq))
+        self.tokens = self.inputs[:n_ids].view(1, n_ids)
+        self.batch = DecodeBatch.view(self.inputs[n_ids:], size, max_pages, tokens_per_seq)
         self.graph = None
         if pool is None:
             return
@@ -158,13 +163,17 @@ class DecodeGraphs:
         size = min(b for b in self.graphs if b >= n)
         g = self.graphs[size]
         pad = size - n
-        batch = DecodeBatch.build(rows + [(self.scratch[0], 0, [self.scratch[1]])] * pad, self.max_pages, "cpu", t)
-        if isinstance(tokens, torch.Tensor):
+        values = DecodeBatch.values(rows + [(self.scratch[0], 0, [self.scratch[1]])] * pad, self.max_pages, t)
+        on_device = isinstance(tokens, torch.Tensor)
+        if not on_device:
+            values = tokens + [0] * pad * t + values
+        # pinned: the copy is a DMA that queues on the stream (from pageable memory the driver may wait for the
+        # stream first); the caching host allocator keeps the block until the copy has run
+        host = torch.tensor(values, dtype=torch.long, pin_memory=g.inputs.is_cuda)
+        g.inputs[-len(values):].copy_(host, non_blocking=True)
+        if on_device:
             g.tokens.zero_()
             g.tokens[0, :n * t].copy_(tokens.view(-1))
-        else:
-            g.tokens.copy_(torch.tensor([tokens + [0] * pad * t]), non_blocking=True)
-        g.batch.copy_(batch)
         out = g.replay()
         h, logits = out if isinstance(out, tuple) else (None, out)
         logits = logits[:n * t]

@@ -256,21 +256,27 @@ class DecodeBatch:
     def build(rows: list[tuple[int, int, list[int]]], max_pages: int, device, tokens_per_seq: int = 1) -> DecodeBatch:
         """From (slot, first new position, pages) per sequence; page lists are padded to `max_pages` with their
         first page."""
-        table = [pages[:max_pages] + [pages[0]] * (max_pages - len(pages)) for _, _, pages in rows]
+        flat = torch.tensor(DecodeBatch.values(rows, max_pages, tokens_per_seq), dtype=torch.long, device=device)
+        return DecodeBatch.view(flat, len(rows), max_pages, tokens_per_seq)
+
+    @staticmethod
+    def values(rows: list[tuple[int, int, list[int]]], max_pages: int, tokens_per_seq: int = 1) -> list[int]:
+        """`build`'s contents as one flat list: slots [B], positions [B*T], page table [B*max_pages] (row-major)."""
         if any(len(pages) > max_pages for _, _, pages in rows):
             raise ValueError(f"a sequence holds more than max_pages={max_pages} pages")
         if tokens_per_seq < 1:
             raise ValueError(f"tokens_per_seq must be >= 1, got {tokens_per_seq}")
-        positions = [r[1] + j for r in rows for j in range(tokens_per_seq)]
-        return DecodeBatch(torch.tensor([r[0] for r in rows], device=device),
-                           torch.tensor(positions, device=device),
-                           torch.tensor(table, dtype=torch.long, device=device))
+        out = [r[0] for r in rows]
+        out += [r[1] + j for r in rows for j in range(tokens_per_seq)]
+        for _, _, pages in rows:
+            out += pages + [pages[0]] * (max_pages - len(pages))
+        return out
 
-    def copy_(self, other: DecodeBatch) -> DecodeBatch:
-        """Fill these (static) tensors with another batch's contents, e.g. before a CUDA graph replay."""
-        for name in ("slots", "positions", "page_table"):
-            getattr(self, name).copy_(getattr(other, name), non_blocking=True)
-        return self
+    @staticmethod
+    def view(flat: torch.Tensor, batch: int, max_pages: int, tokens_per_seq: int = 1) -> DecodeBatch:
+        """A batch whose tensors are views of `flat` (`values`' layout): one copy into `flat` refills all three."""
+        a, b = batch, batch + batch * tokens_per_seq
+        return DecodeBatch(flat[:a], flat[a:b], flat[b:b + batch * max_pages].view(batch, max_pages))
 
 
 def gather_rows(pool: torch.Tensor, page_table: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
