@@ -10,8 +10,9 @@
 # The whole suite takes ~430 s on an H100 (twentieth session: 80 of 85 tests in 429 s), the bench ~110 s (~190 s
 # with its prefill compiled, the default since the twenty-sixth session): more than
 # one call's 600 s. PART splits it into two calls on the same warm machine (each records the GPU's UUID, so the
-# logs show one card ran both): PART=1 the bench and the tests outside the compile-heavy files, PART=2 those files
-# (training compile, compiled decode, training rows/speed/syncs: ~300 s); unset: everything in one call.
+# logs show one card ran both): PART=1 the bench and the tests outside the compile-heavy files up to
+# test_prefill_graphs.py (~300 s), PART=2 those files (training compile, compiled decode, training rows/speed/syncs:
+# ~230 s) and the rest from test_prefill_graphs.py on (~165 s); unset: everything in one call.
 # Usage (repository root, on the GPU machine): [PART=1|2] [SUITE_S=N] bash scripts/bench/gpu_suite_bench.sh OUT_DIR
 set -u
 out=${1:?usage: gpu_suite_bench.sh OUT_DIR}
@@ -30,9 +31,13 @@ git log --oneline -1 2>/dev/null | cut -c1-80
 python3 -c "import torch, triton, xgrammar, dsv4; print('torch', torch.__version__, 'triton', triton.__version__)"
 files=$(grep -l "pytest.mark.gpu\|pytestmark = pytest.mark.gpu" tests/test_*.py | grep -v "test_serve" | tr '\n' ' ')
 heavy="test_train_compile|test_compiled_decode|test_train_rows|test_train_speed|test_train_syncs"
+# PART=2 also takes the files from tests/test_prefill_graphs.py on (by name): in the thirty-third session PART=1's
+# bench took 234 s and its tests ran past SUITE_S=310 in test_prefill_graphs.py (those files: ~165 s more)
+late() { awk -F/ '$2 >= "test_prefill_graphs.py"'; }
 case "${PART:-}" in
-1) files=$(echo "$files" | tr ' ' '\n' | grep -vE "$heavy" | tr '\n' ' ');;
-2) files=$(echo "$files" | tr ' ' '\n' | grep -E "$heavy" | tr '\n' ' ');;
+1) files=$(echo "$files" | tr ' ' '\n' | grep -vE "$heavy" | awk -F/ '$2 < "test_prefill_graphs.py"' | tr '\n' ' ');;
+2) files=$( (echo "$files" | tr ' ' '\n' | grep -E "$heavy"; echo "$files" | tr ' ' '\n' | grep -vE "$heavy" | late) \
+           | sort | tr '\n' ' ');;
 esac
 if [ "${PART:-}" != 2 ]; then
     at "bench (default)"
