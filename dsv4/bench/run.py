@@ -174,8 +174,9 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
 
 def _replay_alone(dec: Dsv4Decoder, b: int, reps: int) -> float | None:
     """Median seconds of the captured step replayed back to back (same inputs: it rewrites the same cache rows),
-    without the host's work between steps. A decode step (`dec.step`, as the engine runs one) checks its logits
-    for NaN/inf, a sync: the host then builds the next step's inputs and launches the replay while the GPU waits.
+    without the host's work between steps. A decode step (`dec.step`, as the engine runs one) reads its NaN/inf
+    check after sampling, a sync: the host then builds the next step's inputs and launches the replay while the
+    GPU waits.
     The difference between the two figures is that exposed host time. None without a captured graph (CPU)."""
     graph = dec.graphs.graphs[b].graph if dec.graphs is not None else None
     if graph is None:

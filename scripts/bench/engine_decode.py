@@ -3,11 +3,12 @@ detokenisation), beside the captured step replayed alone, on `dsv4 bench`'s mode
 official-format weights).
 
 Why: `dsv4 bench` times the step through `DecodeGraphs.run` + argmax, not the engine; the engine does more host
-work per token, and each step syncs (the NaN check, the sampled ids' transfer), so host time between steps is
-exposed, not overlapped (bench/NOTES.md, thirty-third session). Per batch size this prints and writes:
+work per token, and each step reads the device once (the sampled ids with the NaN check's flag) before the host
+appends the tokens and schedules the next step, so host time between steps is exposed, not overlapped
+(bench/NOTES.md, thirty-third session). Per batch size this prints and writes:
 * `step_ms`: the median wall time of `Engine.step()` in steady decode (every sequence generating);
-* its parts by wall time: `run_ms` (`DecodeGraphs.run`: inputs built and copied, replay, the NaN check's wait),
-  `sample_ms` (`ModelRunner._sample`: sampling tensors, the sampler, the ids' transfer) and `other_ms` (scheduler,
+* its parts by wall time: `run_ms` (`DecodeGraphs.run`: inputs built and copied, the replay launched),
+  `sample_ms` (`ModelRunner._sample`: sampling tensors, the sampler, the wait for the ids) and `other_ms` (scheduler,
   appending tokens, detokenising, stop rules);
 * `replay_ms`: the captured step replayed back to back (GPU time alone; CUDA only);
 * `host_exposed_ms` = step_ms - replay_ms: what a step costs beyond the GPU's work.
@@ -66,12 +67,12 @@ def measure(model, tokenizer, batch: int, context: int, steps: int, compile: boo
     econf = EngineConfig(device=str(dev), max_num_seqs=batch, max_model_len=max_len, num_pages=pages,
                          max_num_batched_tokens=max(context, 256), compile_decode=compile and cuda,
                          prefill_graphs=False, enable_prefix_caching=False, decode_batch=not cuda)
-    only_this_bucket = graphs_mod.buckets_up_to
+    all_buckets = graphs_mod.buckets_up_to
     graphs_mod.buckets_up_to = lambda max_batch: [max_batch]          # this batch's bucket alone
     try:
         engine = Engine(model, tokenizer, econf)
     finally:
-        graphs_mod.buckets_up_to = only_this_bucket
+        graphs_mod.buckets_up_to = all_buckets
     gen = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
     for b in range(batch):
