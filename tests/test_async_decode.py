@@ -1,8 +1,10 @@
 """Async decode (engine/engine.py; bench/NOTES.md, thirty-fourth session) against the serial engine on the tiny
 model (fp32), forced on with the CPU's fixed-shape decode path: the same request mix run both ways gives identical
-outputs (tokens, text, finish and stop reasons, logprobs) through stops of every kind, arrivals, aborts, batch
-growth and shrink, page-boundary crossings, the prefix cache and preemption; a stopped sequence's extra token is
-never shown and its pages come back; NaN logits still raise before their step's tokens are returned."""
+tokens, text, finish and stop reasons, and logprobs (to the bit where the two engines' steps have the same shapes,
+to rounding where not: the CPU's step is not batch-invariant), through stops of every kind, arrivals, aborts,
+batch growth and shrink, page-boundary crossings, the prefix cache, preemption and a grammar; a stopped
+sequence's extra token is never shown and its pages come back; NaN logits still raise before their step's tokens
+are returned."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dsv4.engine.engine import Engine
 from dsv4.engine.sampling import SamplingParams
 
 
-def make_engine(model, tokenizer, async_decode: bool, **options):
+def make_engine(model, tokenizer, async_decode: bool | None, **options):
     options = {"max_num_seqs": 8, "page_size": 128, "num_pages": 32, "max_num_batched_tokens": 256,
                "decode_batch": True, "async_decode": async_decode} | options
     return Engine(model, tokenizer, EngineConfig(**options))
@@ -211,6 +213,30 @@ def test_a_stopped_sequences_extra_token_is_never_shown_and_its_pages_come_back(
     both_ways(tiny_model_fp32, tokenizer, start)
 
 
+def test_a_grammar_in_the_batch_keeps_steps_serial_and_outputs_equal(monkeypatch):
+    """A constrained request's masks need its tokens on the host: while it runs every step is serial; once it
+    finished, its companions run ahead. The built-in model and tokenizer (`dsv4.LLM`), one engine run both ways
+    (one bucket: the steps' shapes equal, see `exact`)."""
+    import dsv4
+    from dsv4.engine import graphs
+    from dsv4.engine.structured import StructuredOutputsParams
+
+    monkeypatch.setattr(graphs, "buckets_up_to", lambda max_batch: [max_batch])
+    llm = dsv4.LLM(dtype=torch.float32, max_num_seqs=4, decode_batch=True, async_decode=True,
+                   enable_prefix_caching=False)
+    ahead = Ahead(llm.engine)
+    so = StructuredOutputsParams(choice=["alpha", "beta"])
+    prompts = ["import os", "def f():", "x = 1"]
+    params = [SamplingParams(max_tokens=8, seed=1), SamplingParams(max_tokens=8, seed=3, structured_outputs=so),
+              SamplingParams(max_tokens=12, seed=2, logprobs=1)]
+    runs = []
+    for on in (False, True):
+        llm.engine.async_decode = on
+        runs.append([outcome(o) for o in llm.generate(prompts, params, use_tqdm=False)])
+    assert runs[1] == runs[0] and runs[0][1][2][0][1] in ("alpha", "beta")
+    assert ahead.from_device > 0
+
+
 def test_nan_logits_in_an_async_step_raise_before_its_tokens_are_returned(tiny_ckpt, tokenizer):
     """The step launched with NaN logits is read one call later: that call raises, and no token of it (nor of the
     step launched behind it) reached the output."""
@@ -230,12 +256,33 @@ def test_nan_logits_in_an_async_step_raise_before_its_tokens_are_returned(tiny_c
     assert out.outputs[0].token_ids == first and not out.finished
 
 
-def test_the_switch_follows_the_fixed_shape_path(tiny_model_fp32, tokenizer):
-    """None (the default): on where decode steps are captured (CUDA), so off on a CPU; True needs the fixed-shape
-    path and no speculation, and says so."""
+def test_the_switch_is_off_by_default_and_follows_the_fixed_shape_path(tiny_model_fp32, tokenizer):
+    """Off by default (bench/NOTES.md, thirty-fourth session: exact only where the decode step is batch-invariant);
+    None: on where decode steps are captured (CUDA), so off on a CPU; True needs the fixed-shape path and no
+    speculation, and says so."""
+    assert EngineConfig().async_decode is False
+    assert not Engine(tiny_model_fp32, tokenizer, EngineConfig(decode_batch=True, num_pages=8)).async_decode
     assert not make_engine(tiny_model_fp32, tokenizer, None).async_decode
     assert make_engine(tiny_model_fp32, tokenizer, True).async_decode
     with pytest.raises(ValueError, match="fixed-shape decode path"):
         make_engine(tiny_model_fp32, tokenizer, True, decode_batch=False)
     with pytest.raises(ValueError, match="speculative"):
         make_engine(tiny_model_fp32, tokenizer, True, num_speculative_tokens=1)
+
+
+@pytest.mark.gpu
+def test_cuda_async_decode_equals_serial_with_the_engines_buckets(tiny_ckpt, tokenizer):
+    """The question that keeps `async_decode` off by default: on CUDA (captured steps, power-of-two buckets, bf16
+    with the QAT emulation, the production path) is the async engine bit-identical to the serial one? An async
+    step's bucket can be larger (the rows of sequences that stopped at the step before), so this holds only if
+    the captured step is batch-invariant across buckets. (Written without a GPU.)"""
+    import dsv4
+
+    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True, progress=False)
+    shared = tokens(130, 4)
+    start = [("long", shared, greedy(16, logprobs=1)), ("hit", shared[:128] + tokens(20, 7), greedy(6)),
+             ("stop_id", tokens(126, 1), greedy(12, stop_token_ids=[300])), ("b", tokens(30, 2), greedy(7)),
+             ("c", tokens(70, 3), greedy(5)), ("sampled", tokens(40, 5), seeded(10, 7, logprobs=2)),
+             ("n2", tokens(60, 6), seeded(8, 11, n=2, repetition_penalty=1.2))]
+    both_ways(model, tokenizer, start, [(("sampled", 4), ("abort", "n2"))], device="cuda",
+              max_num_batched_tokens=128)

@@ -131,6 +131,7 @@ class ModelRunner:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
                 finite: torch.Tensor | None = None) -> dict[int, Sampled]:
+        """Sample and read at once (serial steps)."""
         return self.read(self._queue_sample(seqs, logits, finite))
 
     def _queue_sample(self, seqs: list[Sequence], logits: torch.Tensor,
