@@ -1,5 +1,5 @@
 """scripts/bench/engine_decode.py (a GPU measurement of `Engine.step()` in steady decode) on the CPU: its steps go
-through the fixed-shape decode path, and the parts it reports add up to the step."""
+through the fixed-shape decode path, serially and with async decode, and the parts it reports add up to the step."""
 
 from __future__ import annotations
 
@@ -20,17 +20,19 @@ def script():
     return mod
 
 
-def test_steady_decode_parts_add_up(script, tmp_path):
+@pytest.mark.parametrize("mode", ["both", "on"])
+def test_steady_decode_parts_add_up(script, tmp_path, mode):
     out = tmp_path / "engine_decode.json"
     res = script.main(["--tiny", "--layers", "1", "--batches", "2", "--context", "16", "--steps", "2",
-                       "--out", str(out)])
+                       "--async-decode", mode, "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
-    (run,) = res["runs"]
-    assert run["batch"] == 2 and res["compile"] is False
-    # medians of the parts need not add up exactly; with 2 steps each median is the mean of two
-    parts = run["run_ms"] + run["sample_ms"] + run["other_ms"]
-    assert run["run_ms"] > 0 and run["sample_ms"] > 0 and parts == pytest.approx(run["step_ms"], rel=0.05)
-    assert "replay_ms" not in run                      # nothing captured on the CPU: no GPU time invented
+    assert [r["async_decode"] for r in res["runs"]] == script.MODES[mode] and res["compile"] is False
+    for run in res["runs"]:
+        assert run["batch"] == 2
+        # medians of the parts need not add up exactly; with 2 steps each median is the mean of two
+        parts = run["run_ms"] + run["sample_ms"] + run["wait_ms"] + run["other_ms"]
+        assert run["run_ms"] > 0 and run["sample_ms"] > 0 and parts == pytest.approx(run["step_ms"], rel=0.05)
+        assert "replay_ms" not in run                      # nothing captured on the CPU: no GPU time invented
 
 
 def test_help_explains(script, capsys):

@@ -3,6 +3,10 @@
 `Engine.step()` asks the scheduler which sequences run and how many tokens each feeds, lets the runner execute
 them in one model call, then appends the sampled tokens, streams their text and applies the stop rules.
 Finished and aborted sequences give their slot and pages back in the same step.
+Async decode (`EngineConfig.async_decode`; bench/NOTES.md, thirty-fourth session): a steady decode step is
+launched before the tokens of the step before it are read, so the host's scheduling, launches and appends overlap
+the GPU's step, and `step()` returns each step's tokens one call later. Every other step runs serially, after the
+step in flight (if any) is drained.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from dsv4.engine.detokenizer import TextStream
 from dsv4.engine.outputs import CompletionOutput, RequestOutput
 from dsv4.engine.pages import CacheManager
 from dsv4.engine.prefix_cache import PrefixCache, SlotStates
-from dsv4.engine.runner import ModelRunner, Sampled
+from dsv4.engine.runner import ModelRunner, PendingSample, Sampled
 from dsv4.engine.sampling import SamplingParams, request_seeds
-from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.scheduler import ScheduledStep, Scheduler
 from dsv4.engine.sequence import Sequence
 from dsv4.engine.structured import StructuredDecoding, StructuredOutputError
 from dsv4.model.state import ModelState
@@ -34,6 +38,14 @@ class _Request:
     output: RequestOutput
     seqs: list[Sequence]
     streams: list[TextStream]
+
+
+@dataclass
+class _Inflight:
+    """An async decode step: launched, its progress not yet accounted and its tokens not yet read."""
+
+    scheduled: ScheduledStep
+    sample: PendingSample
 
 
 class Engine:
@@ -87,6 +99,8 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self.num_preemptions = 0
         self._by_seq: dict[int, tuple[_Request, int]] = {}
+        self.async_decode = _async_decode(econf, capture, graphs is not None and not spec)
+        self._inflight: _Inflight | None = None
 
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -142,21 +156,89 @@ class Engine:
             self._by_seq.pop(seq.seq_id, None)
             self.structured.remove(seq.seq_id)
         req.output.finished = True
+        self._drop_if_idle()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
     # ------------------------------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the requests that progressed (finished ones for the last time)."""
+        """One engine step; returns the requests that progressed (finished ones for the last time). With async
+        decode these are the requests of the step before, read while this one runs."""
+        touched: dict[str, _Request] = {}
+        if self._inflight is not None:
+            self._account(self._inflight.scheduled)
+        if self._can_run_ahead():
+            self._step_ahead(touched)
+        elif self._inflight is not None:
+            # Drain, and nothing more: the serial step needs every token on the host, and so a caller that adds or
+            # aborts requests between steps sees every state the serial engine shows, in the same order.
+            self._collect(touched)
+        else:
+            self._step_serial(touched)
+        outputs = self._progressed(touched)
+        self._drop_if_idle()
+        return outputs
+
+    def _step_serial(self, touched: dict[str, _Request]) -> None:
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
         self._started(scheduled.newly_started)
         sampled = self.runner.run(scheduled.entries)
+        self._account(scheduled)
+        self._append_all(sampled, touched)
+
+    def _step_ahead(self, touched: dict[str, _Request]) -> None:
+        """Launch a decode step of every running sequence, then read the step in flight while it runs."""
+        scheduled = self.scheduler.schedule()       # `_can_run_ahead`: nobody admitted or preempted
+        seqs, prev = [seq for seq, _ in scheduled.entries], self._inflight
+        sample = self.runner.decode_ahead(seqs, prev.sample if prev is not None else None)
+        for seq in seqs:
+            seq.num_inflight += 1
+        if prev is not None:
+            self._collect(touched)
+        self._inflight = _Inflight(scheduled, sample)
+
+    def _drop_if_idle(self) -> None:
+        """With no request left, the step in flight holds only the discarded tokens of finished sequences: never
+        read (its work is queued; whatever reuses its pages and slots queues behind it)."""
+        if self._inflight is not None and not self.requests:
+            for seq in self._inflight.sample.seqs:
+                seq.num_inflight -= 1
+            self._inflight = None
+
+    def _can_run_ahead(self) -> bool:
+        """May the next step be launched before the tokens of the one in flight are read? Only where it is the step
+        the serial scheduler would make, give or take the sequences that just stopped: nobody waiting, every running
+        sequence decoding one token within the budget, no grammar whose masks need the tokens, and the pages it
+        grows free without evicting a cached block or preempting."""
+        running = self.scheduler.running
+        if not self.async_decode or not running or self.scheduler.waiting:
+            return False
+        if len(running) > self.scheduler.max_num_batched_tokens:
+            return False
+        if any(s.num_pending != 1 or not s.num_computed or s.seq_id in self.structured for s in running):
+            return False
+        return sum(self.cache.pages_needed(s, s.num_computed + 1) for s in running) <= self.cache.pages.num_clean
+
+    def _account(self, scheduled: ScheduledStep) -> None:
+        """The step has run (or is queued ahead of anything launched later): advance the sequences' computed
+        tokens, cache the blocks they completed (snapshots queue behind the step)."""
         self.scheduler.update_after_step(scheduled)
         self.cache.after_step([seq for seq, _ in scheduled.entries])
-        touched = {}
+
+    def _collect(self, touched: dict[str, _Request]) -> None:
+        """Read the step in flight and append its tokens."""
+        inflight, self._inflight = self._inflight, None
+        sampled = self.runner.read(inflight.sample)
+        for seq in inflight.sample.seqs:
+            seq.num_inflight -= 1
+        self._append_all(sampled, touched)
+
+    def _append_all(self, sampled: dict[int, Sampled | list[Sampled]], touched: dict[str, _Request]) -> None:
         for seq_id, s in sampled.items():
+            if seq_id not in self._by_seq:      # async decode: its request finished or was aborted since the launch
+                continue
             req, i = self._by_seq[seq_id]
             for token in s if isinstance(s, list) else [s]:     # speculation: several tokens per step
                 if not req.seqs[i].is_finished:                  # tokens past a stop or max_tokens are dropped
@@ -166,6 +248,8 @@ class Engine:
 
                 req.output.metrics = metrics_of(req.seqs)
             touched[req.output.request_id] = req
+
+    def _progressed(self, touched: dict[str, _Request]) -> list[RequestOutput]:
         for req in touched.values():
             if all(seq.is_finished for seq in req.seqs):
                 req.output.finished = True
@@ -218,3 +302,12 @@ class Engine:
             for out in self.step():
                 if progress is not None and out.finished:
                     progress(out)
+
+
+def _async_decode(econf: EngineConfig, captured: bool, possible: bool) -> bool:
+    """`async_decode` resolved: None follows CUDA-graph capture; True needs the fixed-shape decode path (the one
+    that takes device ids) without speculation (whose drafts need the host's tokens)."""
+    if econf.async_decode and not possible:
+        raise ValueError("async_decode needs the fixed-shape decode path (CUDA graphs, or decode_batch on a CPU), "
+                         "tensor_parallel_size 1 and no speculative decoding")
+    return (captured if econf.async_decode is None else econf.async_decode) and possible

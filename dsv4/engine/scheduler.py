@@ -53,7 +53,7 @@ class ScheduledStep:
 
     def append(self, seq: Sequence, n: int, new: bool) -> None:
         self.entries.append((seq, n))
-        self.samples.append(seq.num_computed + n == seq.num_tokens)
+        self.samples.append(n == seq.num_pending)
         if new:
             self.newly_started.append(seq)
 

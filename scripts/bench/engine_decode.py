@@ -1,21 +1,26 @@
 """Decode as a user gets it: `Engine.step()` per token (scheduler, fixed-shape step, sampler, stop rules and
 detokenisation), beside the captured step replayed alone, on `dsv4 bench`'s model (Flash width, synthesised
-official-format weights).
+official-format weights), with async decode on and off.
 
 Why: `dsv4 bench` times the step through `DecodeGraphs.run` + argmax, not the engine; the engine does more host
-work per token, and each step reads the device once (the sampled ids with the NaN check's flag) before the host
-appends the tokens and schedules the next step, so host time between steps is exposed, not overlapped
-(bench/NOTES.md, thirty-third session). Per batch size this prints and writes:
+work per token. Serially (`--async-decode off`) each step reads the device once (the sampled ids with the NaN
+check's flag) before the host appends the tokens and schedules the next step, so host time between steps is
+exposed (bench/NOTES.md, thirty-third session); async (`on`), step n + 1 is launched before step n's tokens are read
+and appended, so that host work overlaps the GPU (thirty-fourth session). Per batch size and mode this prints and
+writes:
 * `step_ms`: the median wall time of `Engine.step()` in steady decode (every sequence generating);
 * its parts by wall time: `run_ms` (`DecodeGraphs.run`: inputs built and copied, the replay launched),
-  `sample_ms` (`ModelRunner._sample`: sampling tensors, the sampler, the wait for the ids) and `other_ms` (scheduler,
-  appending tokens, detokenising, stop rules);
+  `sample_ms` (`ModelRunner._queue_sample`: sampling tensors, the sampler's launches, the copies of its results
+  queued), `wait_ms` (`ModelRunner.read`: the wait for a step's ids, serially this step's, async the step
+  before's) and `other_ms` (scheduler, appending tokens, detokenising, stop rules);
 * `replay_ms`: the captured step replayed back to back (GPU time alone; CUDA only);
 * `host_exposed_ms` = step_ms - replay_ms: what a step costs beyond the GPU's work.
-Only the batch's own bucket is captured (one compilation per batch size, not one per power of two), and
-prefill runs uncaptured: prefill is not what is timed here.
+Both modes run on one engine (one compilation): the switch drains the step in flight, and two untimed steps
+precede each mode's clock. Only the batch's own bucket is captured (one compilation per batch size, not one per
+power of two), and prefill runs uncaptured: prefill is not what is timed here.
 Usage: PYTHONPATH=. python3 scripts/bench/engine_decode.py [--batches 1 8 64] [--context 512] [--steps 24]
-       [--no-compile] [--out PATH]; --tiny runs the tiny config on the CPU (checks the script, times nothing real).
+       [--async-decode on|off|both] [--no-compile] [--out PATH]; --tiny runs the tiny config on the CPU (checks
+       the script, times nothing real).
 """
 
 from __future__ import annotations
@@ -59,14 +64,21 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, tokenizer, batch: int, context: int, steps: int, compile: bool, seed: int = 0) -> dict:
+MODES = {"on": [True], "off": [False], "both": [False, True]}
+
+
+def measure(model, tokenizer, batch: int, context: int, steps: int, compile: bool, modes: list[bool],
+            seed: int = 0) -> list[dict]:
+    """One engine, prefilled once, timed in each of `modes` (async decode off / on) in turn."""
     dev = next(model.parameters()).device
     cuda = dev.type == "cuda"
-    max_len = context + steps + 8
+    new_tokens = (steps + 2) * len(modes) + 4
+    max_len = context + new_tokens + 8
     pages = batch * -(-max_len // 256) + 1
     econf = EngineConfig(device=str(dev), max_num_seqs=batch, max_model_len=max_len, num_pages=pages,
                          max_num_batched_tokens=max(context, 256), compile_decode=compile and cuda,
-                         prefill_graphs=False, enable_prefix_caching=False, decode_batch=not cuda)
+                         prefill_graphs=False, enable_prefix_caching=False, decode_batch=not cuda,
+                         async_decode=any(modes))
     all_buckets = graphs_mod.buckets_up_to
     graphs_mod.buckets_up_to = lambda max_batch: [max_batch]          # this batch's bucket alone
     try:
@@ -74,36 +86,46 @@ def measure(model, tokenizer, batch: int, context: int, steps: int, compile: boo
     finally:
         graphs_mod.buckets_up_to = all_buckets
     gen = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for b in range(batch):
         prompt = torch.randint(2, model.cfg.vocab_size, (context,), generator=gen).tolist()
         engine.add_request(f"r{b}", prompt, params)
     while any(len(r.seqs[0].output_ids) == 0 for r in engine.requests.values()):    # prefill until all decode
         engine.step()
-    run = _Timed(engine.runner.graphs, "run")
-    sample = _Timed(engine.runner, "_sample")
-    engine.step()                                                     # one decode step before the clock
-    run.times.clear()
-    sample.times.clear()
+    timers = {name: _Timed(obj, name) for obj, name in ((engine.runner.graphs, "run"),
+                                                         (engine.runner, "_queue_sample"), (engine.runner, "read"))}
+    ahead = _Timed(engine.runner, "decode_ahead")
+    runs = [_timed_steps(engine, timers, ahead, batch, steps, on) for on in modes]
+    engine.generate_all()                                              # finish the requests (frees the slots)
+    return runs
+
+
+def _timed_steps(engine, timers: dict[str, _Timed], ahead: _Timed, batch: int, steps: int, on: bool) -> dict:
+    dev = engine.runner.device
+    engine.async_decode = on
+    for _ in range(2):              # the switch: a drain (off) or a launch with nothing to read (on), then steady
+        engine.step()
+    for t in [*timers.values(), ahead]:
+        t.times.clear()
     step_times = []
     for _ in range(steps):
         _sync(dev)
         t0 = time.perf_counter()
         engine.step()
         step_times.append(time.perf_counter() - t0)
-    if len(run.times) != steps:
-        raise RuntimeError(f"{steps} steps timed but {len(run.times)} went through the decode graphs: not all "
-                           "steps were plain decode steps")
-    med = {k: statistics.median(v) * 1e3 for k, v in (("step_ms", step_times), ("run_ms", run.times),
-                                                        ("sample_ms", sample.times))}
-    per_step = [s - r - m for s, r, m in zip(step_times, run.times, sample.times, strict=True)]
-    out = {"batch": batch, **med, "other_ms": statistics.median(per_step) * 1e3,
+    if any(len(t.times) != steps for t in timers.values()) or len(ahead.times) != (steps if on else 0):
+        raise RuntimeError(f"{steps} steps timed but not all were plain decode steps through the decode graphs "
+                           f"({'async' if on else 'serial'}): {[len(t.times) for t in timers.values()]}")
+    parts = {"run_ms": timers["run"].times, "sample_ms": timers["_queue_sample"].times,
+             "wait_ms": timers["read"].times}
+    med = {k: statistics.median(v) * 1e3 for k, v in (("step_ms", step_times), *parts.items())}
+    other = [s - sum(p) for s, *p in zip(step_times, *parts.values(), strict=True)]
+    out = {"batch": batch, "async_decode": on, **med, "other_ms": statistics.median(other) * 1e3,
            "step_ms_min": min(step_times) * 1e3, "tokens_per_s": batch / statistics.median(step_times)}
     graph = engine.runner.graphs.graphs[batch].graph
     if graph is not None:
         out["replay_ms"] = replay_median(graph, steps) * 1e3
         out["host_exposed_ms"] = out["step_ms"] - out["replay_ms"]
-    engine.generate_all()                                              # finish the requests (frees the slots)
     return out
 
 
@@ -113,6 +135,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=512, help="prompt tokens per sequence (the bench's context)")
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps per batch size")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--async-decode", choices=sorted(MODES), default="both",
+                    help="time Engine.step() with async decode off, on, or both on one engine (default both)")
     ap.add_argument("--no-compile", action="store_true", help="capture the eager step (no torch.compile)")
     ap.add_argument("--tiny", action="store_true", help="the tiny config on the CPU: checks the script only")
     ap.add_argument("--out", type=Path)
@@ -124,12 +148,13 @@ def main(argv=None) -> dict:
     res = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu",
            "layers": args.layers, "context": args.context, "compile": not (args.no_compile or args.tiny), "runs": []}
     for b in args.batches:
-        r = measure(model, tokenizer, b, args.context, args.steps, not args.no_compile)
-        res["runs"].append(r)
-        extra = (f"; replay alone {r['replay_ms']:.2f}, host exposed {r['host_exposed_ms']:.2f}"
-                 if "replay_ms" in r else "")
-        print(f"engine decode bs{b}: step {r['step_ms']:.2f} ms (run {r['run_ms']:.2f}, sample {r['sample_ms']:.2f}, "
-              f"other {r['other_ms']:.2f}){extra}", flush=True)
+        for r in measure(model, tokenizer, b, args.context, args.steps, not args.no_compile, MODES[args.async_decode]):
+            res["runs"].append(r)
+            extra = (f"; replay alone {r['replay_ms']:.2f}, host exposed {r['host_exposed_ms']:.2f}"
+                     if "replay_ms" in r else "")
+            print(f"engine decode bs{b} async {'on' if r['async_decode'] else 'off'}: step {r['step_ms']:.2f} ms "
+                  f"(run {r['run_ms']:.2f}, sample {r['sample_ms']:.2f}, wait {r['wait_ms']:.2f}, "
+                  f"other {r['other_ms']:.2f}){extra}", flush=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if args.out:
