@@ -52,6 +52,32 @@ def test_twin_is_the_per_group_product(groups, rank, k):
     assert torch.equal(ops.block_diag_linear.twin(xb, w, s, "fp8"), want)
 
 
+def test_bf16_decode_is_the_twins_values_bit_for_bit():
+    """The prefill path's transient decode (`decode_bf16`) against the twin's (fp32 decode, cast to bf16): every
+    finite e4m3 code, subnormals and -0 included, under scales from 2^-127 (byte 0) to 2^126, as uint8."""
+    from dsv4.ops.block_diag_linear import decode_bf16
+
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    w = codes.repeat(-(-256 * 512 // len(codes)))[: 256 * 512].view(256, 512).view(torch.float8_e4m3fn)
+    s = torch.tensor([[0, 1, 100, 127], [130, 160, 200, 253]], dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    got = decode_bf16(w, s)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.uint16), ops.dequant_weight(w, s, "fp8").bfloat16().view(torch.uint16))
+
+
+def test_prefill_sizes_take_the_twins_arithmetic():
+    """Above SMALL_M rows the fast path decodes the weight to bf16 for the call and runs the twin's einsum: the
+    twin's bits (run here on CPU: no kernel is involved)."""
+    from dsv4.ops.block_diag_linear import fp8_block_diag_linear
+
+    gen = torch.Generator().manual_seed(55)
+    w, s = _weight(4, 128, 256, gen)
+    x = torch.randn(1, 65, 4, 256, generator=gen).bfloat16()
+    with torch.no_grad():
+        got = fp8_block_diag_linear(x, w, s, "fp8")
+    assert torch.equal(got, ops.block_diag_linear.twin(x, w, s, "fp8"))
+
+
 def test_module_never_quantises_its_input():
     """wo_a has no act quant in the reference: the module's output is the twin's whatever `quant_emulation` says,
     and differs from what an act-quantised input would give."""
