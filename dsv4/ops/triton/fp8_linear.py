@@ -20,6 +20,10 @@ Precision class: bf16 output (the twin's output is bf16 too); the FP8 MMA's inte
 block is the hardware's (below fp32 on Hopper), as in cuBLAS's blockwise FP8 GEMM, so the test bound is the bf16
 output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class.
 
+With `groups` (act quant off: attention's wo_a, `ops.block_diag_linear`) the weight's rows come in G groups of R (a
+multiple of BLOCK_N) and x is [M, G*K]: each weight tile reads its group's K columns of x (row stride G*K, offset
+g*K); tiles, split and sums are the one-group kernel's, so the same batch invariance.
+
 In Triton's CPU interpreter (which has no FP8 dot) the weight bytes are decoded by bit placement instead and the
 dot runs in fp32 (IEEE): the same products, exactly, so the interpreter checks the indexing and scaling.
 """
