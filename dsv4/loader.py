@@ -1,10 +1,12 @@
 """Build a model and load an official-format checkpoint into it, strictly.
 
 The model is built on the meta device, every checkpoint tensor is streamed from the memory-mapped
-safetensors files to its parameter (converted only where the reference converts: bf16 -> fp32 for norms,
-gate and head, FP8 `wo_a` -> dequantised), and the state dict is assigned with `strict=True`. The checkpoint's
-inventory is checked against its config first, so a wrong file fails before anything is loaded, with one
-error that names every offender (missing, unexpected, mis-shaped and mis-typed tensors together).
+safetensors files to its parameter of the same name (converted only where the reference converts: bf16 -> fp32 for
+norms, gate and head), and the state dict is assigned with `strict=True`. Quantised weights stay as stored, scales
+beside them: FP8 / FP4 linears and FP8 `attn.wo_a` too, which the reference dequantises at conversion (the model's
+`BlockDiagLinear` decodes it per call: the same values, half the bytes). The checkpoint's inventory is checked
+against its config first, so a wrong file fails before anything is loaded, with one error that names every offender
+(missing, unexpected, mis-shaped and mis-typed tensors together).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from dsv4.dist import SINGLE, ParallelContext
 from dsv4.dist.sharding import ShardedReader, check_tp, owns
 from dsv4.model.parallel import shard_model
 from dsv4.model.transformer import Transformer
-from dsv4.quant import dequant_fp8
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="meta",
@@ -32,9 +33,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="me
     return model.set_quant_emulation(quant_emulation)
 
 
-def _convert(name: str, tensor: torch.Tensor, param: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    if scale is not None:                       # a quantised tensor the module holds dequantised (wo_a)
-        return dequant_fp8(tensor, scale, torch.float32).to(param.dtype)
+def _convert(name: str, tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if tensor.dtype == param.dtype:
         return tensor
     if tensor.is_floating_point() and param.is_floating_point() and tensor.element_size() >= 2:
@@ -51,23 +50,14 @@ def _held_bf16(tensor: torch.Tensor, param: torch.Tensor, hold_bf16: bool) -> bo
     return hold_bf16 and tensor.dtype == torch.bfloat16 and param.dtype == torch.float32 and tensor.dim() == 2
 
 
-def _plan(reader: CheckpointReader, params: dict[str, torch.Tensor]) -> dict[str, tuple[str, str | None]]:
-    """parameter name -> (checkpoint tensor name, name of its scale if the module holds it dequantised)."""
-    plan, problems = {}, []
-    for name in params:
-        if name in reader:
-            scale = name[: -len("weight")] + "scale"
-            folded = name.endswith(".weight") and scale in reader and scale not in params
-            plan[name] = (name, scale if folded else None)
-        else:
-            problems.append(name)
-    if problems:
-        raise CheckpointError(f"{len(problems)} model parameters have no checkpoint tensor: {problems[:50]}")
-    used = {n for pair in plan.values() for n in pair if n}
-    unused = sorted(set(reader.keys()) - used)
+def _check_names(reader: CheckpointReader, params: dict[str, torch.Tensor]) -> None:
+    """Every parameter has its checkpoint tensor (same name) and every checkpoint tensor is a parameter."""
+    missing = [name for name in params if name not in reader]
+    if missing:
+        raise CheckpointError(f"{len(missing)} model parameters have no checkpoint tensor: {missing[:50]}")
+    unused = sorted(set(reader.keys()) - set(params))
     if unused:
         raise CheckpointError(f"{len(unused)} checkpoint tensors are not used by the model: {unused[:50]}")
-    return plan
 
 
 def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype | str = torch.float32,
@@ -152,14 +142,14 @@ def _load(cfg: ModelConfig, reader, device, dtype: torch.dtype, quant_emulation:
         reader = ShardedReader(reader, cfg.n_routed_experts, parallel)
     params = dict(model.named_parameters())
     state = {}
-    plan = _plan(reader, params)
+    _check_names(reader, params)
     hold_bf16, held = dtype in (torch.bfloat16, torch.float16), []
-    for name, (src, scale) in tqdm(plan.items(), desc="loading", unit="tensor", disable=not progress):
-        tensor = reader.get(src)
+    for name in tqdm(params, desc="loading", unit="tensor", disable=not progress):
+        tensor = reader.get(name)
         if _held_bf16(tensor, params[name], hold_bf16):
             held.append(name)
         else:
-            tensor = _convert(src, tensor, params[name], reader.get(scale) if scale else None)
+            tensor = _convert(name, tensor, params[name])
         state[name] = tensor.to(device)
     model.load_state_dict(state, strict=True, assign=True)
     model.held_bf16 = tuple(held)

@@ -210,12 +210,14 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton has no NVIDIA backend")
     sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*fp32", "sum_ptr": "*bf16", "cnt_ptr": "*i32",
-           "M": "i32", "N": "i32", "K": "i32", "KB_PER_SPLIT": "i32", "xs_ptr": "*fp32"}
-    for act, block_m, block_n, fused, pre in ((True, 16, 64, False, False), (False, 16, 64, False, False),
-                                              (True, 64, 128, False, False), (True, 16, 64, True, False),
-                                              (True, 16, 64, False, True)):
+           "M": "i32", "N": "i32", "K": "i32", "KB_PER_SPLIT": "i32", "xs_ptr": "*fp32", "X_STRIDE": "i32",
+           "GROUP_N": "i32"}
+    for act, block_m, block_n, fused, pre, grouped in (
+            (True, 16, 64, False, False, False), (False, 16, 64, False, False, False),
+            (True, 64, 128, False, False, False), (True, 16, 64, True, False, False),
+            (True, 16, 64, False, True, False), (False, 16, 64, False, False, True)):   # grouped: ops.block_diag_linear
         cs = {"ACT_QUANT": act, "HW_FP8": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "FUSED_SUM": fused,
-              "PREQUANT": pre}
+              "PREQUANT": pre, "GROUPED": grouped}
         x_sig = {"x_ptr": "*u8" if pre else "*bf16"}          # prequant: x is act_quant_fp8's e4m3 codes
         kernel = triton.compile(ASTSource(_fp8_linear_small_m, {**sig, **x_sig, **dict.fromkeys(cs, "constexpr")},
                                           constexprs=cs), target=GPUTarget("cuda", 90, 32))

@@ -146,11 +146,9 @@ def test_dtype_must_be_a_float_torch_dtype(tiny_ckpt, dtype):
 
 # ---------------------------------------------------------------------------------------------- a good load
 def _expected(name: str, param: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The parameter the reference makes of a checkpoint tensor (spec §5.3)."""
-    t = tensors[name]
-    if name.endswith("wo_a.weight"):  # FP8 on disk, held dequantised
-        return dequant_fp8(t, tensors[name[: -len("weight")] + "scale"], torch.float32).to(param.dtype)
-    return t.to(param.dtype)
+    """The parameter the reference makes of a checkpoint tensor (spec §5.3); quantised tensors (wo_a's FP8 included)
+    are held as stored."""
+    return tensors[name].to(param.dtype)
 
 
 # bf16 on disk, computed in fp32 (spec §3.5, §3.7): a 16-bit model holds them as stored, an fp32 model widened
@@ -159,8 +157,7 @@ HELD_BF16 = re.compile(r".*(compressor\.wkv|compressor\.wgate|ffn\.gate)\.weight
 
 def _check_loaded(model, tensors, dtype, device="cpu"):
     params = dict(model.named_parameters())
-    folded = {n[: -len("weight")] + "scale" for n in params if n.endswith("wo_a.weight")}
-    assert set(params) | folded == set(tensors)
+    assert set(params) == set(tensors)
     for name, p in (*params.items(), *model.named_buffers()):
         assert not p.is_meta and p.device.type == device and not p.requires_grad, name
     for name, p in params.items():
@@ -171,7 +168,9 @@ def _check_loaded(model, tensors, dtype, device="cpu"):
     assert held and sorted(model.held_bf16) == (held if dtype != torch.float32 else [])
     assert all(params[n].dtype == (torch.bfloat16 if dtype != torch.float32 else torch.float32) for n in held)
     assert model.dtype == dtype and params["embed.weight"].dtype == dtype
-    assert all(p.dtype == dtype for n, p in params.items() if n.endswith("wo_a.weight"))
+    wo_a = {n: p.dtype for n, p in params.items() if ".wo_a." in n}
+    assert len(wo_a) == 2 * len(model.layers + model.mtp)                # a weight and its scale per block
+    assert all(t == (torch.float8_e4m3fn if n.endswith("weight") else torch.float8_e8m0fnu) for n, t in wo_a.items())
     assert not model.training
 
 
@@ -190,6 +189,36 @@ def test_good_checkpoint_bf16_defaults(tiny_ckpt, tensors):
     _check_loaded(model, tensors, torch.bfloat16)
     assert _quant_emulation(model) == {True}
     assert _load(tiny_ckpt).dtype == torch.float32  # the public default
+
+
+@pytest.mark.parametrize("dtype, quant_emulation", [(torch.float32, False), (torch.bfloat16, True)])
+def test_wo_a_held_fp8_computes_the_logits_of_its_dequantised_copy(tiny_ckpt, tensors, dtype, quant_emulation):
+    """wo_a is held as stored (FP8 + e8m0 scales) where the reference holds it dequantised (convert.py): the model's
+    logits are bit for bit those of the dequantised copy in the compute dtype (the layout before: a plain weight),
+    on the reference path, full forward and MTP."""
+    from dsv4.model.primitives import BlockDiagLinear
+
+    model = _load(tiny_ckpt, dtype=dtype, quant_emulation=quant_emulation)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(8))
+
+    def logits():
+        with torch.no_grad(), dsv4.ops.reference_only():
+            h = model.hidden(ids)
+            return model.main_logits(h), model.mtp_forward(h[:, :-1], ids[:, 1:])
+
+    held = logits()
+    blocks = [*model.layers, *model.mtp]
+    for i, block in enumerate(blocks):
+        old = block.attn.wo_a
+        assert isinstance(old, BlockDiagLinear) and old.fmt == "fp8" and old.groups == model.cfg.o_groups
+        prefix = f"layers.{i}" if i < len(model.layers) else f"mtp.{i - len(model.layers)}"
+        copy = BlockDiagLinear(old.in_features, old.out_features, "plain", dtype, old.groups)
+        copy.weight.data = dequant_fp8(tensors[f"{prefix}.attn.wo_a.weight"], tensors[f"{prefix}.attn.wo_a.scale"],
+                                       torch.float32).to(dtype)
+        block.attn.wo_a = copy
+    dequantised = logits()
+    assert all(torch.equal(a, b) for a, b in zip(held, dequantised, strict=True))
+    assert not torch.equal(held[0], torch.zeros_like(held[0]))
 
 
 @pytest.mark.gpu

@@ -107,6 +107,8 @@ def _rank(rank: int, world: int, init: str, path: str, out: str) -> None:
         with torch.inference_mode():
             res[qe] = model(IDS)
     res["experts"] = {i: [e for e, m in enumerate(b.ffn.experts) if m is not None] for i, b in enumerate(model.layers)}
+    wo_a = model.layers[1].attn.wo_a
+    res["wo_a"] = (wo_a.weight.detach().clone(), wo_a.scale.detach().clone(), wo_a.groups)
     torch.save(res, f"{out}/rank{rank}.pt")
 
 
@@ -131,6 +133,19 @@ def test_experts_are_placed_per_spec(two_ranks, tiny_cfg):
     for rank, res in enumerate(two_ranks):
         for layer, experts in res["experts"].items():
             assert experts == list(range(rank * n // 2, (rank + 1) * n // 2)), (rank, layer)
+
+
+def test_each_rank_holds_its_wo_a_groups_as_stored(two_ranks, tp_ckpt):
+    """wo_a is held FP8: a rank's groups are rows of the weight and of its 128-row scale blocks (o_lora_rank 128)."""
+    from dsv4.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(tp_ckpt)
+    weight, scale = reader.get("layers.1.attn.wo_a.weight"), reader.get("layers.1.attn.wo_a.scale")
+    for rank, res in enumerate(two_ranks):
+        w, s, groups = res["wo_a"]
+        assert groups == 1 and w.dtype == torch.float8_e4m3fn and s.dtype == torch.float8_e8m0fnu
+        assert torch.equal(w.view(torch.uint8), weight[rank * 128:(rank + 1) * 128].view(torch.uint8))
+        assert torch.equal(s.view(torch.uint8), scale[rank:rank + 1].view(torch.uint8))
 
 
 def test_each_rank_reads_only_its_slices(two_ranks):

@@ -1,11 +1,11 @@
 """Round trip: fine-tune briefly, save (official FP8/FP4 + e8m0, bf16, LoRA adapters, merged), load strictly.
 
 Exact checks only: a saved model differs from the in-memory trained one by storage rounding alone (bf16 for
-embeddings and norms, FP8 for `wo_a`, which trains unquantised as the reference computes it; QAT linears already
-computed with their FP8/FP4 values). So every saved value must equal the rounded trained value, and the trained
-model with its parameters rounded the same way must give the loaded model's logits (fp32 `assert_close`
-defaults). NOTE: logits are not compared without that rounding: on a random tiny model a bf16 rounding flips
-MoE routing and indexer choices, which moves logits by O(1).
+embeddings and norms; QAT linears already computed with their FP8/FP4 values, `wo_a` among them: a trainable
+dequantised weight rounded to FP8 under QAT, its input never act-quantised, as the reference computes it). So every
+saved value must equal the rounded trained value, and the trained model with its parameters rounded the same way
+must give the loaded model's logits (fp32 `assert_close` defaults). NOTE: logits are not compared without that
+rounding: on a random tiny model a bf16 rounding flips MoE routing and indexer choices, which moves logits by O(1).
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import pytest
 import torch
 
 import dsv4
+from dsv4 import ops
 from dsv4.checkpoint import CheckpointReader
 from dsv4.checkpoint.inventory import inventory
-from dsv4.quant import dequant_fp4, dequant_fp8
+from dsv4.quant import dequant_fp4, dequant_fp8, fake_quant_fp8, quant_fp8
 from dsv4.train.data import Document, PackStream, pack
 from dsv4.train.loop import TrainConfig, Trainer
 from dsv4.train.params import (
     LoRALinear,
+    TrainBlockDiagLinear,
     TrainLinear,
     forget_qat,
     prepare_full,
@@ -96,6 +98,40 @@ def test_full_finetune_saves_official_format_that_loads_strictly(full_run, tiny_
     assert len(changed) == 3, "training did not change the stored weights"
 
 
+def test_full_finetune_trains_wo_a_and_saves_it_fp8(full_run, tiny_ckpt):
+    """wo_a (held FP8 for inference) trains as a dequantised weight and is saved re-quantised: the saved bytes are
+    the trained weight's FP8 encoding."""
+    m, out = full_run
+    before, after = CheckpointReader(tiny_ckpt), CheckpointReader(out / "model")
+    for i, block in enumerate(m.layers):
+        wo_a, name = block.attn.wo_a, f"layers.{i}.attn.wo_a."
+        assert isinstance(wo_a, TrainBlockDiagLinear) and wo_a.qat and wo_a.groups == m.cfg.o_groups
+        w, s = after.get(name + "weight"), after.get(name + "scale")
+        assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float8_e8m0fnu
+        qw, qs = quant_fp8(wo_a.weight.detach())
+        assert torch.equal(w.view(torch.uint8), qw.view(torch.uint8)) and torch.equal(s.view(torch.uint8),
+                                                                                      qs.view(torch.uint8))
+        assert not torch.equal(w.view(torch.uint8), before.get(name + "weight").view(torch.uint8)), name
+
+
+def test_wo_a_trains_without_act_quant_on_its_fp8_values(tiny_ckpt):
+    """prepare_full: wo_a's forward is the plain grouped product of its weight rounded to FP8 (QAT, as the other FP8
+    weights), never of an act-quantised input (the reference has none on wo_a), and its weight gets a gradient."""
+    m = prepare_full(dsv4.load_model(tiny_ckpt, dtype=torch.float32, progress=False), qat=True)
+    wo_a = m.layers[1].attn.wo_a
+    assert isinstance(wo_a, TrainBlockDiagLinear) and wo_a.weight.requires_grad and m.quant_emulation
+    with torch.no_grad():
+        wo_a.weight.add_(torch.randn(wo_a.weight.shape, generator=torch.Generator().manual_seed(3)) * 1e-3)
+    x = torch.randn(2, 5, wo_a.groups, wo_a.in_features, generator=torch.Generator().manual_seed(4))
+    y = wo_a(x.requires_grad_())
+    rounded = storage_roundtrip(wo_a.weight, "fp8")
+    assert not torch.equal(rounded, wo_a.weight)                      # the rounding is visible ...
+    assert torch.equal(y, ops.block_diag_linear.twin(x.detach(), rounded, None, "plain"))   # ... and applied
+    assert not torch.equal(y, ops.block_diag_linear.twin(fake_quant_fp8(x.detach(), 128), rounded, None, "plain"))
+    y.square().sum().backward()
+    assert wo_a.weight.grad is not None and wo_a.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
 def test_reexport_of_a_saved_checkpoint_is_exact(full_run, tmp_path):
     _, out = full_run
     m = prepare_full(dsv4.load_model(out / "model", dtype=torch.float32, progress=False), qat=True)
@@ -136,6 +172,9 @@ def test_lora_adapters_save_merge_and_load(tiny_ckpt, tmp_path):
                 assert not torch.equal(merged[name], value), f"{name}: the adapter changed nothing"
         else:
             assert torch.equal(merged[name], value), name
+    raw, base_raw = CheckpointReader(tmp_path / "merged"), CheckpointReader(tiny_ckpt)
+    for name in (n for n in base_raw.keys() if ".wo_a." in n):          # frozen and held FP8: its bytes copied
+        assert torch.equal(raw.get(name).view(torch.uint8), base_raw.get(name).view(torch.uint8)), name
     for path in ("merged", "merged-bf16"):
         dsv4.load_model(tmp_path / path, dtype=torch.float32, progress=False)     # strict
 

@@ -413,6 +413,10 @@ def _op_errors(dev) -> dict:
     w8, s8 = quant_fp8(torch.randn(2048, 4096, generator=gen, device=dev) / 64)
     exact = x.double() @ ops.dequant_weight(w8, s8, "fp8").double().T
     _fast_error(out, "linear fp8", exact, x, w8, s8, "fp8", False)
+    wa, sa = quant_fp8(torch.randn(8 * 1024, 4096, generator=gen, device=dev) / 64)       # Flash's wo_a, 8 groups
+    xa = torch.randn(8, 8, 4096, generator=gen, device=dev).bfloat16()
+    exact = torch.einsum("mgk,grk->mgr", xa.double(), ops.dequant_weight(wa, sa, "fp8").double().view(8, 1024, 4096))
+    _fast_error(out, "block_diag_linear fp8 (wo_a)", exact, xa, wa, sa, "fp8")
     ws = [quant_fp4(torch.randn(2048, 4096, generator=gen, device=dev) / 64) for _ in range(4)]
     w4, s4 = torch.stack([w for w, _ in ws]), torch.stack([s for _, s in ws])
     ids = torch.randint(0, 4, (64,), generator=gen, device=dev)

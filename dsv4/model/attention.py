@@ -15,7 +15,7 @@ from torch import nn
 from dsv4 import ops
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
-from dsv4.model.primitives import Linear, RMSNorm
+from dsv4.model.primitives import BlockDiagLinear, Linear, RMSNorm
 from dsv4.model.rope import Rotary
 from dsv4.model.state import DecodeBatch, FreshBatch, LayerState, SeqChunk, StepBatch, gather_rows, page_ids, write_rows
 from dsv4.ops.ref import mean_square
@@ -69,8 +69,9 @@ class Attention(nn.Module):
         self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, dense_fmt, dtype)
         self.wkv = Linear(cfg.dim, cfg.head_dim, dense_fmt, dtype)
         self.kv_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        # wo_a is FP8 on disk; the reference dequantises it to bf16 at conversion and runs a bf16 einsum.
-        self.wo_a = Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, "plain", dtype)
+        # grouped: each group of heads to its own o_lora_rank slice; held as stored (FP8), never act-quantised
+        self.wo_a = BlockDiagLinear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank,
+                                    dense_fmt, dtype, groups=cfg.o_groups)
         self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, dense_fmt, dtype)
         if self.ratio:
             self.compressor = Compressor(cfg, self.ratio, cfg.head_dim, rotate=False, rotary=self.rotary)
@@ -280,10 +281,7 @@ class Attention(nn.Module):
         tap("attn.out_pre_inverse_rope", o)
         o = self.rotary(o, cis, inverse=True, owned=True)    # the attention op's fresh output: ours
         tap("attn.out", o)
-        o = o.view(b, s, self.groups, -1)
-        wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1]).to(o.dtype)
-        acc = ops.acc_dtype(o.dtype) if o.dtype == torch.float32 else o.dtype     # bf16 like the reference
-        o = torch.einsum("bsgd,grd->bsgr", o.to(acc), wo_a.to(acc)).to(o.dtype)
+        o = self.wo_a(o.view(b, s, self.groups, -1))        # [b, s, G, o_lora_rank]
         out = self.wo_b(o.flatten(2))
         tap("attn.wo", out)
         return out

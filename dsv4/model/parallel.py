@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.dist.context import ParallelContext
-from dsv4.model.primitives import Head, Linear
+from dsv4.model.primitives import BlockDiagLinear, Head, Linear
 
 
 class RowParallelLinear(Linear):
@@ -89,7 +89,9 @@ def _shard_attention(attn: nn.Module, cfg, dtype: torch.dtype, tp: ParallelConte
     attn.n_heads, attn.groups = cfg.n_heads // tp.world, cfg.o_groups // tp.world
     attn.attn_sink = nn.Parameter(torch.empty(attn.n_heads, dtype=torch.float32))
     attn.wq_b = _narrow(attn.wq_b, cfg.q_lora_rank, attn.n_heads * cfg.head_dim, dtype)
-    attn.wo_a = _narrow(attn.wo_a, attn.wo_a.in_features, attn.groups * cfg.o_lora_rank, dtype)
+    # this rank's groups: rows of the weight and, FP8, of its 128-row scale blocks (`dist/sharding.py`)
+    attn.wo_a = _narrow(attn.wo_a, attn.wo_a.in_features, attn.groups * cfg.o_lora_rank, dtype, BlockDiagLinear,
+                        groups=attn.groups)
     attn.wo_b = _narrow(attn.wo_b, attn.groups * cfg.o_lora_rank, cfg.dim, dtype, RowParallelLinear, tp=tp)
     if hasattr(attn, "indexer"):
         ix = attn.indexer

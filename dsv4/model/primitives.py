@@ -88,6 +88,27 @@ class Linear(nn.Module):
         return f"{self.in_features}->{self.out_features}, {self.fmt}"
 
 
+class BlockDiagLinear(Linear):
+    """`groups` linears of in_features -> out_features / groups in one weight [out_features, in_features], held as
+    stored like `Linear`'s: x [..., G, K] -> [..., G, R], group g times weight rows g*R..(g+1)*R (a block-diagonal
+    linear). Attention's `wo_a` (spec §3.4): FP8 on disk with 128x128 scales whose row blocks run across the
+    groups as stored; held so, once (inference holds each weight in its checkpoint format), where the reference
+    holds a dequantised bf16 copy: the values are the same (an e4m3 value times a power-of-two scale is exact in
+    bf16). NOTE: never act-quantised, whatever `quant_emulation` says: the reference runs wo_a as a bf16 einsum."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, dtype: torch.dtype, groups: int):
+        if out_features % groups:
+            raise ValueError(f"{out_features} output features do not split into {groups} groups")
+        super().__init__(in_features, out_features, fmt, dtype)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.block_diag_linear(x, self.weight, self.scale, self.fmt, self._cached_dequantized())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.groups} groups"
+
+
 class Head(Linear):
     """The LM head: stored bf16; logits are an fp32 product (spec §3.1). A bf16 model holds it as stored (bf16,
     once: the twin upcasts per call, the fast path multiplies the bf16 weight directly); fp32 / float64 models

@@ -15,6 +15,7 @@ linear = dispatch("linear", ref.linear)
 
 from dsv4.ops import fp8_linear  # noqa: E402, F401  (registers its fast path)
 from dsv4.ops.attention import sparse_attention, sparse_attention_dense_tail  # noqa: E402
+from dsv4.ops.block_diag_linear import block_diag_linear  # noqa: E402
 from dsv4.ops.dequant import dequant_fp4_bf16  # noqa: E402
 from dsv4.ops.grouped_linear import grouped_linear  # noqa: E402
 from dsv4.ops.hc_mix import hc_head_mix, hc_post, hc_pre_mix  # noqa: E402
@@ -24,7 +25,7 @@ from dsv4.ops.moe_pairs import pair_linear  # noqa: E402
 from dsv4.ops.topk import stable_topk  # noqa: E402
 from dsv4.ops.widened_dense import widened_dense  # noqa: E402
 
-__all__ = ["acc_dtype", "dense", "dequant_fp4_bf16", "dequant_weight", "fake_quant_fp8", "fake_quant_kv",
-           "fast_ops_status", "grouped_linear", "hc_head_mix", "hc_post", "hc_pre_mix", "hc_split_sinkhorn",
-           "indexer_scores", "linear", "logits", "pair_linear", "reference_only", "register", "sparse_attention",
-           "sparse_attention_dense_tail", "stable_topk", "widened_dense"]
+__all__ = ["acc_dtype", "block_diag_linear", "dense", "dequant_fp4_bf16", "dequant_weight", "fake_quant_fp8",
+           "fake_quant_kv", "fast_ops_status", "grouped_linear", "hc_head_mix", "hc_post", "hc_pre_mix",
+           "hc_split_sinkhorn", "indexer_scores", "linear", "logits", "pair_linear", "reference_only", "register",
+           "sparse_attention", "sparse_attention_dense_tail", "stable_topk", "widened_dense"]

@@ -76,36 +76,44 @@ def _scaled_mm_fits(weight: torch.Tensor) -> bool:
 TRACED_SUM_MAX_SPLIT = 8
 
 
-def _small_m_split(x: torch.Tensor, weight: torch.Tensor) -> int:
+def _small_m_split(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> int:
     from dsv4.ops.triton.fp8_linear import kernel_plan
 
-    return kernel_plan(_rows(x), weight.shape[0], x.shape[-1], x.device)[0]
+    return kernel_plan(_rows(x), weight.shape[0], x.shape[-1] // groups, x.device)[0]
 
 
-@custom_op("fp8_small_m_partials", lambda x, weight, scale, act_quant_on: x.new_empty(
-    _small_m_split(x, weight), _rows(x), weight.shape[0], dtype=torch.float32))
+@custom_op("fp8_small_m_partials", lambda x, weight, scale, act_quant_on, groups=1: x.new_empty(
+    _small_m_split(x, weight, groups), _rows(x), weight.shape[0], dtype=torch.float32))
 def _fp8_small_m_partials(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                          act_quant_on: bool) -> torch.Tensor:
-    """The small-M kernel's fp32 split-K partials [split, M, N], unsummed."""
+                          act_quant_on: bool, groups: int = 1) -> torch.Tensor:
+    """The small-M kernel's fp32 split-K partials [split, M, N], unsummed (x [..., groups * K])."""
     from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
 
-    return fp8_linear_small_m(x, weight, scale, act_quant_on, partials=True)
+    return fp8_linear_small_m(x, weight, scale, act_quant_on, partials=True, groups=groups)
 
 
-def _traced_sum(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _traced_sum(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> bool:
     """Under torch.compile at decode sizes: add the K splits in the traced graph instead of `_sum_splits`'s second
     launch (one launch fewer per linear in the captured step). The adds run in split order, as `_sum_splits`'s do,
-    and round once: bit for bit the kernel's sum. Only while compiling: eagerly they would be split - 1 launches."""
+    and round once: bit for bit the kernel's sum. Only while compiling: eagerly they would be split - 1 launches.
+    x [..., groups * K] (`ops.block_diag_linear` passes its groups; the plain linear one)."""
     return (torch.compiler.is_compiling() and _rows(x) <= SMALL_M
             and env_switch("DSV4_FP8_SUM_TRACED", default=True)
-            and 1 < _small_m_split(x, weight) <= TRACED_SUM_MAX_SPLIT)
+            and 1 < _small_m_split(x, weight, groups) <= TRACED_SUM_MAX_SPLIT)
+
+
+def small_m_traced(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
+                   groups: int = 1) -> torch.Tensor:
+    """The small-M kernel's result [..., N] for x [..., groups * K] with its K splits added in the traced graph
+    (where `_traced_sum` says so)."""
+    part = _fp8_small_m_partials(x, weight, scale, act_quant_on, groups)
+    return sum_splits(part).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 def fp8_stored_linear(x, weight, scale, fmt, act_quant_on, dequantized=None) -> torch.Tensor:
     """Same contract as `ops.ref.linear`."""
     if _traced_sum(x, weight):
-        part = _fp8_small_m_partials(x, weight, scale, act_quant_on)
-        return sum_splits(part).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+        return small_m_traced(x, weight, scale, act_quant_on)
     return _fp8_stored_linear(x, weight, scale, act_quant_on)
 
 

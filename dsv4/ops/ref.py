@@ -197,6 +197,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fm
     return dense(x, w, x.dtype)
 
 
+def block_diag_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, fmt: str,
+                      dequantized: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., G, K] -> [..., G, R]: group g's inputs times block g of W [G*R, K] (a block-diagonal linear:
+    attention's `wo_a`, spec §3.4), output in x's dtype. Never act-quantised (the reference runs wo_a as a bf16
+    einsum on the dequantised weight). The weight is decoded (FP8: exact in bf16, a power-of-two scale times an
+    e4m3 value), cast to x's dtype and multiplied in x's dtype (16-bit models, like the reference) or accumulated in
+    float64 (fp32 models: batch-invariant, see `acc_dtype`). `dequantized`: the decoded weight, if the caller has
+    it (a CPU cache, a trainable weight)."""
+    if dequantized is not None:
+        w = dequantized
+    else:
+        w = weight if fmt == "plain" else dequant_weight(weight, scale, fmt)     # plain: float64 stays float64
+    w = w.view(x.shape[-2], -1, x.shape[-1]).to(x.dtype)
+    acc = acc_dtype(x.dtype) if x.dtype == torch.float32 else x.dtype
+    return torch.einsum("...gd,grd->...gr", x.to(acc), w.to(acc)).to(x.dtype)
+
+
 # NOTE: index lists are padded with masked entries to a multiple of this. Two lists with the same entries in the
 # same places but different numbers of masked ones at the end (the fixed-shape decode step sizes its lists by the
 # page table, the general step by the sequence) add the same terms, but a GPU reduction picks its thread layout

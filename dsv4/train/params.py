@@ -4,6 +4,9 @@
   the model's compute dtype. It keeps `fmt`, so `Linear.forward` still quantises activations per 128 when the QAT
   emulation is on, and the saver knows to re-quantise it; with `qat=True` the forward also sees the weight
   rounded to its storage format (straight-through gradient), i.e. exactly what the saved checkpoint computes.
+  Attention's FP8 `wo_a` (`BlockDiagLinear`) likewise becomes a `TrainBlockDiagLinear`: its forward never quantises
+  activations (the reference has no act quant on wo_a), and with `qat=True` its weight is rounded to FP8 like the
+  other FP8 weights (it is saved FP8, and inference decodes exactly those values).
 * lora: the base stays frozen as stored; chosen linears get `LoRALinear` adapters y += (x A^T B^T) * alpha/r,
   B zero-initialised so training starts at the base model.
 Never trained: the indexer (its top-k selection has no gradient; DeepSeek trains it with a separate KL loss),
@@ -18,7 +21,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from dsv4.model.primitives import Linear
+from dsv4.model.primitives import BlockDiagLinear, Linear
 from dsv4.quant import dequant_fp8, fp4_roundtrip, quant_fp8
 from dsv4.quant.act import straight_through
 
@@ -71,6 +74,18 @@ class TrainLinear(Linear):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}->{self.out_features}, trainable (stored {self.fmt}), qat={self.qat}"
+
+
+class TrainBlockDiagLinear(TrainLinear, BlockDiagLinear):
+    """A quantised-format `BlockDiagLinear` (wo_a) with a trainable dequantised weight: `BlockDiagLinear.forward`
+    (no act quant) on `TrainLinear`'s weight (rounded to FP8 under QAT)."""
+
+    def __init__(self, src: BlockDiagLinear, dtype: torch.dtype, qat: bool):
+        super().__init__(src, dtype, qat)
+        self.groups = src.groups
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.groups} groups"
 
 
 def refresh_qat(model: nn.Module) -> int:
@@ -134,7 +149,8 @@ def prepare_full(model: nn.Module, qat: bool = False) -> nn.Module:
     widen_held_bf16(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, Linear) and m.fmt != "plain" and not isinstance(m, TrainLinear):
-            _replace(model, name, TrainLinear(m, model.dtype, qat))
+            cls = TrainBlockDiagLinear if isinstance(m, BlockDiagLinear) else TrainLinear
+            _replace(model, name, cls(m, model.dtype, qat))
     for name, p in model.named_parameters():
         p.requires_grad_(p.is_floating_point() and not _frozen_by_design(name))
     return model

@@ -3,8 +3,8 @@
 Every tensor is produced for the inventory of the output config, strictly (a model value without a checkpoint
 tensor, or the reverse, is an error). Frozen linears still holding their stored FP8/FP4 bytes are copied as they
 are; trained ones are re-quantised with the same quantisers as `synth` (FP8 128x128 / FP4 per 32, e8m0 scales).
-`attn.wo_a`, held dequantised by the model, is stored FP8 again. FSDP-sharded parameters are gathered first
-(every rank must call `export_state`; only the caller's choice of rank writes).
+`attn.wo_a` is one of them (held FP8 as stored; trained, dequantised, then re-quantised). FSDP-sharded parameters
+are gathered first (every rank must call `export_state`; only the caller's choice of rank writes).
 """
 
 from __future__ import annotations

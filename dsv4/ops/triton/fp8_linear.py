@@ -20,6 +20,10 @@ Precision class: bf16 output (the twin's output is bf16 too); the FP8 MMA's inte
 block is the hardware's (below fp32 on Hopper), as in cuBLAS's blockwise FP8 GEMM, so the test bound is the bf16
 output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class.
 
+With `groups` (act quant off: attention's wo_a, `ops.block_diag_linear`) the weight's rows come in G groups of R (a
+multiple of BLOCK_N) and x is [M, G*K]: each weight tile reads its group's K columns of x (row stride G*K, offset
+g*K); tiles, split and sums are the one-group kernel's, so the same batch invariance.
+
 In Triton's CPU interpreter (which has no FP8 dot) the weight bytes are decoded by bit placement instead and the
 dot runs in fp32 (IEEE): the same products, exactly, so the interpreter checks the indexing and scaling.
 """
@@ -74,13 +78,18 @@ def _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT: tl.constexpr, HW_F
 def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, sum_ptr, cnt_ptr, M, N, K, KB_PER_SPLIT,
                         ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_M: tl.constexpr, FUSED_SUM: tl.constexpr, xs_ptr=None,
-                        PREQUANT: tl.constexpr = False):
+                        PREQUANT: tl.constexpr = False, GROUPED: tl.constexpr = False, X_STRIDE=0, GROUP_N=1):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)          # row blocks adjacent: they share W tiles
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
     split = tl.program_id(2)
     offs_k = tl.arange(0, 128)
     n_kb = K // 128
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)               # transposed output tile
+    if GROUPED:                     # groups of GROUP_N weight rows: group g reads x[:, g*K:(g+1)*K] of [M, G*K]
+        group = tl.program_id(1) * BLOCK_N // GROUP_N
+        x_row = x_ptr + rows[:, None].to(tl.int64) * X_STRIDE + group * K                         # [BM, 1]
+    else:                           # one group: x [M, K]
+        x_row = x_ptr + rows[:, None].to(tl.int64) * K
     for i in range(0, KB_PER_SPLIT):
         kb = split * KB_PER_SPLIT + i
         wb = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :])      # uint8 [BN, 128]
@@ -93,8 +102,7 @@ def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, sum_ptr, cnt_ptr, M, N, K,
                 part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(q), input_precision="ieee")
             acc += part * w_scale[:, None] * x_scale[None, :]
         else:                       # bf16 x, the weight converted to bf16 (exact)
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
-                        mask=rows[:, None] < M, other=0.0).to(tl.float32)                        # [BM, 128]
+            x = tl.load(x_row + kb * 128 + offs_k[None, :], mask=rows[:, None] < M, other=0.0).to(tl.float32)
             if HW_FP8:
                 part = tl.dot(wb.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16), tl.trans(x.to(tl.bfloat16)))
             else:
@@ -146,8 +154,12 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     return buf if tiles <= MAX_TILES else None
 
 
-def check_fp8_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int = 64) -> None:
-    K, N = x.shape[-1], weight.shape[0]
+def check_fp8_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int = 64,
+                     groups: int = 1) -> None:
+    K, N = x.shape[-1] // groups, weight.shape[0]
+    if groups > 1 and (x.shape[-1] % groups or N % groups or N // groups % block_n):
+        raise ValueError(f"fp8 linear: {groups} groups need x [..., {groups} * K] and weight rows in groups of a "
+                         f"multiple of block_n={block_n}; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if weight.dtype != torch.float8_e4m3fn or weight.shape != (N, K):
         raise ValueError(f"fp8 linear: weight must be float8_e4m3fn [N, {K}], got {weight.dtype} "
                          f"{tuple(weight.shape)}")
@@ -201,7 +213,7 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                        out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
                        programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3,
                        fused_sum: bool | None = None, block_m: int | None = None,
-                       partials: bool = False, prequant: bool | None = None) -> torch.Tensor:
+                       partials: bool = False, prequant: bool | None = None, groups: int = 1) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
     output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
@@ -214,10 +226,14 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     DSV4_FP8_PREQUANT, off until measured; act quant on only): x quantised once by `act_quant_fp8` (one launch), the
     kernel reading its codes and scales, where otherwise every program of the grid (N / block_n x split of them)
     quantises its x blocks again, ~25 instructions an element; the same codes and scales (`fp8_block_quant` in both),
-    so bit for bit the same result."""
-    check_fp8_weight(x, weight, scale, block_n)
-    K, N = x.shape[-1], weight.shape[0]
-    flat = x.reshape(-1, K).contiguous()
+    so bit for bit the same result. `groups` > 1 (act quant off): the block-diagonal product
+    (`ops.block_diag_linear`): x [..., G * K], weight [G * R, K] in G blocks of R rows (R a multiple of `block_n`),
+    out [..., G * R], group g's rows multiplying x[..., g*K:(g+1)*K]; the same tiles, split and sums as one group."""
+    check_fp8_weight(x, weight, scale, block_n, groups)
+    if groups > 1 and act_quant_on:
+        raise ValueError("fp8 linear: groups > 1 takes bf16 x (act quant off)")
+    K, N = x.shape[-1] // groups, weight.shape[0]
+    flat = x.reshape(-1, K * groups).contiguous()
     M = flat.shape[0]
     block_m = block_m or (_wide_tile(M) if env_switch("DSV4_FP8_WIDE_TILES") else BLOCK_M)
     split, grid = kernel_plan(M, N, K, x.device, block_n, block_m, split_k, programs_per_sm)
@@ -239,7 +255,8 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, out,
                                   part if counters is None else counters, M, N, K, K // 128 // split,
                                   ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n, BLOCK_M=block_m,
-                                  FUSED_SUM=counters is not None, xs_ptr=xs, PREQUANT=pre, num_warps=num_warps,
+                                  FUSED_SUM=counters is not None, xs_ptr=xs, PREQUANT=pre, GROUPED=groups > 1,
+                                  X_STRIDE=K * groups, GROUP_N=N // groups, num_warps=num_warps,
                                   num_stages=num_stages)
         if split > 1 and counters is None and not partials:
             _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024)
