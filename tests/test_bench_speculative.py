@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from bench_scripts import load
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "speculative.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_speculative", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("speculative", "bench_speculative")
 
 
 def test_projection_counts_tokens_and_costs(bench):

@@ -3,21 +3,18 @@ through the fixed-shape decode path, serially and with async decode, and the par
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from bench_scripts import load
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "engine_decode.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("bench_engine_decode", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("engine_decode", "bench_engine_decode")
 
 
 @pytest.mark.parametrize("mode", ["both", "on"])

@@ -3,21 +3,16 @@ difference is labelled (the script itself needs a GPU to find anything: on a CPU
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
+from bench_scripts import load
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
-    spec = importlib.util.spec_from_file_location("graph_divergence", ROOT / "scripts/bench/graph_divergence.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("graph_divergence")
 
 
 def test_recorder_keeps_module_outputs_ops_and_taps_and_labels_them(tiny_model_fp32):

@@ -208,13 +208,9 @@ def test_caching_off_and_options(tiny_model_fp32, tokenizer):
 
 def test_ttft_bench_conversation_runs(tiny_model_fp32, tokenizer):
     """scripts/bench/prefix_cache.py (TTFT of turns 2 and 5, bench/results/prefix_cache_*.json) at tiny size."""
-    import importlib.util
-    from pathlib import Path
+    from bench_scripts import load
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "prefix_cache.py"
-    spec = importlib.util.spec_from_file_location("prefix_cache_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load("prefix_cache", "prefix_cache_bench")
     turns = bench.conversation(make_engine(tiny_model_fp32, tokenizer), tokens(140, 3), [[], tokens(20, 4)], 3)
     assert [t["cached_tokens"] for t in turns] == [0, 128] and all(t["ttft_s"] > 0 for t in turns)
     assert bench.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None

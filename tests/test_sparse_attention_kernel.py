@@ -293,12 +293,9 @@ def test_kernel_tiles_depend_on_the_sequence_not_on_the_batch():
 
 def test_bench_script_counts_the_bytes_a_fused_kernel_must_move():
     """scripts/bench/sparse_attention.py's GB/s: q and out once, the index list, each visible row once per query."""
-    import importlib.util
+    from bench_scripts import load
 
-    path = Path(dsv4.__file__).parents[1] / "scripts" / "bench" / "sparse_attention.py"
-    spec = importlib.util.spec_from_file_location("sparse_attention_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load("sparse_attention", "sparse_attention_bench")
     q = torch.zeros(2, 3, bench.H, bench.D, dtype=torch.bfloat16)
     idx = torch.tensor([[[0, -1, 4], [1, 1, -1], [-1, -1, -1]]] * 2, dtype=torch.int32)
     assert bench.min_bytes(q, idx) == 2 * q.numel() * 2 + idx.numel() * 4 + 8 * bench.D * 2

@@ -10,13 +10,12 @@ concatenates each pack into one document). Nothing per gate, page list or loss.
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load
 
 import dsv4
 from dsv4.model.moe import MoE
@@ -24,10 +23,7 @@ from dsv4.train.data import Document, PackStream
 from dsv4.train.loop import TrainConfig, Trainer
 from dsv4.train.params import prepare_full
 
-_spec = importlib.util.spec_from_file_location(
-    "train_step_ops", Path(__file__).resolve().parent.parent / "scripts" / "bench" / "train_step_ops.py")
-train_step_ops = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_step_ops)
+train_step_ops = load("train_step_ops")
 SyncCounter = train_step_ops.SyncCounter
 
 PACKS_PER_STEP = 2
