@@ -41,6 +41,11 @@ class PendingSample:
     ready: torch.cuda.Event | None        # CUDA: recorded after the copies
 
 
+def _fed_ids(seqs: list[Sequence]) -> list[int]:
+    """Each sequence's next token to feed, from the host's copy of its ids."""
+    return [s.all_ids[s.num_computed] for s in seqs]
+
+
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     # non_blocking from CUDA: a pinned copy queued on the stream (a CPU tensor is returned as it is)
     return t.to("cpu", non_blocking=True)
@@ -87,13 +92,13 @@ class ModelRunner:
         The NaN/inf check of the logits is read with the sampled ids (`read`), not by `run` before sampling:
         one device read a step, so the sampler's host work and launches overlap the replay instead of following
         a sync with the GPU idle (bench/NOTES.md, thirty-third session)."""
-        return self.read(self._queue_decode(seqs, [s.all_ids[s.num_computed] for s in seqs]))
+        return self.read(self._queue_decode(seqs, _fed_ids(seqs)))
 
     def decode_ahead(self, seqs: list[Sequence], after: PendingSample | None) -> PendingSample:
         """Queue a decode step to be read later (async decode, engine.py). Its input ids are the sampled ids of
         `after`, the step still in flight, taken on the device; with none in flight, the host's."""
         if after is None:
-            return self._queue_decode(seqs, [s.all_ids[s.num_computed] for s in seqs])
+            return self._queue_decode(seqs, _fed_ids(seqs))
         with torch.inference_mode():
             ids = self._ids_after(after, seqs)
         return self._queue_decode(seqs, ids)
