@@ -43,13 +43,14 @@ class EngineConfig:
                                         # elementwise work: 1k / 8k prefill 30.8 / 163.8 -> 25.9 / 122.6 ms on
                                         # the Flash-width bench, H100; compiling at start). None: as
                                         # compile_decode; True / False: on / off
-    async_decode: bool | None = False   # steady decode steps launched before the host reads the step before
+    async_decode: bool | None = None    # steady decode steps launched before the host reads the step before
                                         # (its tokens fed on the device), so scheduling, appending and detokenising
                                         # overlap the GPU's step; the caller gets each step's tokens a call later
-                                        # (engine/engine.py). Exact where the decode step is batch-invariant: off
-                                        # by default until a GPU run shows it is (bench/NOTES.md, thirty-fourth
-                                        # session). None: on where decode steps are captured (CUDA, cuda_graphs);
-                                        # True: wherever the fixed-shape path runs (also a CPU with decode_batch)
+                                        # (engine/engine.py). Exact where the decode step is batch-invariant, as
+                                        # the captured CUDA step is (the GPU test, thirty-fifth session: the same
+                                        # tokens both ways). None: on where decode steps are captured (CUDA,
+                                        # cuda_graphs); True: wherever the fixed-shape path runs (also a CPU with
+                                        # decode_batch: there a row's bits depend on the padded bucket); False: off
     tensor_parallel_size: int = 1       # ranks the model is sharded over (docs/parallel.md); the engine runs on rank 0
     num_speculative_tokens: int = 0     # drafts per decode step from the MTP block (engine/speculative.py); 0 = off
     enable_prefix_caching: bool = True  # requests start from a cached prefix (engine/prefix_cache.py; TP = 1 only)

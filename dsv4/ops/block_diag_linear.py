@@ -33,8 +33,18 @@ BLOCK_N = 64            # the kernel's weight tile: a group's rows must come in 
 def decode_bf16(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """FP8 [N, K] with e8m0 scales [N/128, K/128] -> bf16 [N, K], the values of `dequant_weight(...).bfloat16()`
     bit for bit (e4m3 -> bf16 is exact, and so is the product by a power of two: bf16 arithmetic computes it in
-    fp32 and rounds once), from one bf16 buffer scaled in place: ~7 bytes moved per weight where the twin's fp32
-    decode (an fp32 copy and an expanded fp32 scale grid, then the cast) moves ~19."""
+    fp32 and rounds once). On CUDA one Triton launch building the bits (`ops/triton/fp8_dequant.py`: 3 bytes moved
+    per weight); the twin below is torch's form (one bf16 buffer scaled in place, ~7 bytes a weight: measured
+    ~240 us for Flash's wo_a on the H100, 7x its bytes' time)."""
+    if weight.is_cuda:
+        from dsv4.ops.triton.fp8_dequant import dequant_fp8_bf16
+
+        return dequant_fp8_bf16(weight, scale)
+    return decode_bf16_twin(weight, scale)
+
+
+def decode_bf16_twin(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`decode_bf16` in torch ops."""
     n, k = weight.shape
     w = weight.to(torch.bfloat16)
     s = e8m0_to_float(scale).to(torch.bfloat16)                 # powers of two: exact
