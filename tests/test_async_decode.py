@@ -256,11 +256,11 @@ def test_nan_logits_in_an_async_step_raise_before_its_tokens_are_returned(tiny_c
     assert out.outputs[0].token_ids == first and not out.finished
 
 
-def test_the_switch_is_off_by_default_and_follows_the_fixed_shape_path(tiny_model_fp32, tokenizer):
-    """Off by default (bench/NOTES.md, thirty-fourth session: exact only where the decode step is batch-invariant);
-    None: on where decode steps are captured (CUDA), so off on a CPU; True needs the fixed-shape path and no
-    speculation, and says so."""
-    assert EngineConfig().async_decode is False
+def test_the_switch_follows_capture_by_default_and_needs_the_fixed_shape_path(tiny_model_fp32, tokenizer):
+    """None by default: on where decode steps are captured (CUDA: batch-invariant there, the GPU test below, run in
+    the thirty-fifth session), so off on a CPU (a row's bits depend on the padded bucket there); True needs the
+    fixed-shape path and no speculation, and says so."""
+    assert EngineConfig().async_decode is None
     assert not Engine(tiny_model_fp32, tokenizer, EngineConfig(decode_batch=True, num_pages=8)).async_decode
     assert not make_engine(tiny_model_fp32, tokenizer, None).async_decode
     assert make_engine(tiny_model_fp32, tokenizer, True).async_decode
@@ -272,7 +272,7 @@ def test_the_switch_is_off_by_default_and_follows_the_fixed_shape_path(tiny_mode
 
 @pytest.mark.gpu
 def test_cuda_async_decode_equals_serial_with_the_engines_buckets(tiny_ckpt, tokenizer):
-    """The question that keeps `async_decode` off by default: on CUDA (captured steps, power-of-two buckets, bf16
+    """The question that kept `async_decode` off by default until it passed (thirty-fifth session): on CUDA (captured steps, power-of-two buckets, bf16
     with the QAT emulation, the production path) is the async engine bit-identical to the serial one? An async
     step's bucket can be larger (the rows of sequences that stopped at the step before), so this holds only if
     the captured step is batch-invariant across buckets. (Written without a GPU.)"""

@@ -59,9 +59,12 @@ def test_ratios_and_table_of_a_timing_only_run():
                     "prefill": {1024: {"median_s": 0.04, "floor_s": 0.004}, 8192: {"error": "OOM", "floor_s": 0.03}}},
            "transformers": {"decode": {1: {"median_s": 0.025}}, "prefill": {1024: {"median_s": 0.043}}}}
     res["dsv4"]["decode"][1]["replay_s"] = 1.5e-3                 # the captured step alone (GPU runs only)
+    res["dsv4"]["decode"][1]["serial"] = {"median_s": 2.5e-3}      # the serial step beside the pipelined one
     _ratios(res, BenchOptions(timing_only=True))
     assert res["decode_bs1_floor_ratio"] == 4.0 and res["decode_bs64_over_bs1_throughput"] == 6.4
     assert res["decode_bs1_replay_ms"] == 1.5 and "decode_bs64_replay_ms" not in res
+    assert res["decode_bs1_serial_ms"] == 2.5 and res["decode_bs1_serial_floor_ratio"] == 5.0
+    assert "decode_bs64_serial_ms" not in res
     assert res["decode_bs64_floor_ratio"] == 40.0 and abs(res["prefill_1k_floor_ratio"] - 10.0) < 1e-12
     assert "prefill_8k_floor_ratio" not in res                     # not measured: no ratio invented
     assert abs(res["prefill_1k_speedup_vs_transformers"] - 1.075) < 1e-12 and "greedy_agreement" not in res
@@ -119,3 +122,23 @@ def test_deep_figures_time_the_head_on_hc_streams(tiny_cfg, monkeypatch):
     # the longest context is the smaller of what memory holds and the model's YaRN-stretched limit
     assert res["deep_model_max_context"] == tiny_cfg.original_seq_len * tiny_cfg.rope_factor
     assert res["deep_longest_context"] == min(res["deep_context_capacity_tokens"], res["deep_model_max_context"])
+
+
+@pytest.mark.gpu
+def test_pipelined_decode_gives_the_serial_tokens_and_still_checks(tiny_ckpt):
+    """The bench's pipelined decode (`step(defer_check=True)`, each step's NaN/inf check read a step later) runs
+    the same captured steps as the serial one: the same greedy tokens. A failed check still raises, a step later
+    at the latest (at `finish()` for the last)."""
+    import dsv4
+    from dsv4.bench.timing import Dsv4Decoder, pipelined_time
+
+    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True)
+    serial, piped = (Dsv4Decoder(model, 2, 40, 24, seed=3, graphs=True) for _ in range(2))
+    want = [serial.step().clone() for _ in range(6)]
+    got = [piped.step(defer_check=True).clone() for _ in range(6)]
+    piped.finish()
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert pipelined_time(piped, 4) > 0
+    piped._queue_check(torch.tensor(False, device="cuda"))          # a step whose logits were not all finite
+    with pytest.raises(FloatingPointError):
+        piped.finish()

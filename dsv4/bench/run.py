@@ -21,7 +21,16 @@ import torch
 
 from dsv4 import ops
 from dsv4.bench import floor
-from dsv4.bench.timing import Dsv4Decoder, HFDecoder, cuda_time, dsv4_prefill, hf_prefill, replay_median, summary
+from dsv4.bench.timing import (
+    Dsv4Decoder,
+    HFDecoder,
+    cuda_time,
+    dsv4_prefill,
+    hf_prefill,
+    pipelined_time,
+    replay_median,
+    summary,
+)
 from dsv4.config import ModelConfig
 from dsv4.engine.prefill_graphs import MAX_GRAPH_TOKENS, PrefillGraphs
 
@@ -132,19 +141,18 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
     _free()
     for b in opts.decode_batches:
         t0 = time.time()
-        dec = Dsv4Decoder(model, b, opts.context, opts.decode_steps + 2, seed=opts.seed, graphs=True,
+        dec = Dsv4Decoder(model, b, opts.context, 2 * opts.decode_steps + 4, seed=opts.seed, graphs=True,
                           compile=opts.compile, compile_scope=opts.compile_scope)
         _say(opts, f"dsv4 decode bs{b}: prefill + capture{' + compile' if opts.compile else ''} "
                    f"{time.time() - t0:.0f} s")
-        t = summary(cuda_time(dec.step, opts.decode_steps))
+        t = _decode_times(dec, b, opts.decode_steps)
         fl = floor.decode_floor(cfg, b, opts.context, bw)
         t.update(floor_s=fl["floor_s"], floor_bytes=fl["bytes"], tok_per_s=b / t["median_s"])
-        replay = _replay_alone(dec, b, opts.decode_steps)
-        if replay is not None:
-            t["replay_s"] = replay
         out["decode"][b] = t
-        _say(opts, f"dsv4 decode bs{b}: {t['median_s'] * 1e3:.2f} ms/step (floor {fl['floor_s'] * 1e3:.3f} ms)"
-             + (f"; the captured step alone {replay * 1e3:.2f} ms" if replay is not None else ""))
+        _say(opts, f"dsv4 decode bs{b}: {t['median_s'] * 1e3:.2f} ms/step {t['mode']} (floor "
+                   f"{fl['floor_s'] * 1e3:.3f} ms)" + (f"; serially {t['serial']['median_s'] * 1e3:.2f} ms, the "
+                                                      f"captured step alone {t['replay_s'] * 1e3:.2f} ms"
+                                                      if "replay_s" in t else ""))
         del dec
         _free()
     for n in opts.prefill:
@@ -170,6 +178,18 @@ def _dsv4_runs(model, cfg, opts: BenchOptions, bw: float) -> dict:
                        f"weights {fl['read_s'] * 1e3:.2f})")
         out["prefill"][n] = t
     return out
+
+
+def _decode_times(dec: Dsv4Decoder, b: int, steps: int) -> dict:
+    """The decode step as the engine runs it by default: with captured steps (CUDA), pipelined (`pipelined_time`:
+    async decode's overlap of the host's work with the GPU's step; `median_s`), beside the serial step (`serial`:
+    each step's check read before the next is launched, the engine with async decode off) and the captured step
+    replayed alone (`replay_s`); without them (CPU), the serial step alone."""
+    serial = summary(cuda_time(dec.step, steps))
+    replay = _replay_alone(dec, b, steps)
+    if replay is None:
+        return {**serial, "mode": "serial"}
+    return {"median_s": pipelined_time(dec, steps), "mode": "pipelined", "serial": serial, "replay_s": replay}
 
 
 def _replay_alone(dec: Dsv4Decoder, b: int, reps: int) -> float | None:
@@ -500,6 +520,9 @@ def _ratios(res: dict, opts: BenchOptions) -> None:
             res["decode_bs64_over_bs1_throughput"] = d["decode"][64]["tok_per_s"] / one["tok_per_s"]
     for b, t in d["decode"].items():
         res[f"decode_bs{b}_floor_ratio"] = t["median_s"] / t["floor_s"]
+        if "serial" in t:                    # the engine with async decode off: the host's work between steps
+            res[f"decode_bs{b}_serial_ms"] = t["serial"]["median_s"] * 1e3
+            res[f"decode_bs{b}_serial_floor_ratio"] = t["serial"]["median_s"] / t["floor_s"]
         if "replay_s" in t:                  # the step without the host's exposed work (`_replay_alone`)
             res[f"decode_bs{b}_replay_ms"] = t["replay_s"] * 1e3
     for n, t in d["prefill"].items():

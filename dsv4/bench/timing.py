@@ -11,7 +11,7 @@ import torch
 
 from dsv4.engine.sampling import argmax_rows
 from dsv4.model.state import ModelState, StepBatch
-from dsv4.ops.rowwise import NON_FINITE, all_finite
+from dsv4.ops.rowwise import NON_FINITE, all_finite, finite_flag
 
 PAGE = 256
 
@@ -28,6 +28,22 @@ def cuda_time(fn: Callable[[], object], repeats: int) -> list[float]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return times
+
+
+def pipelined_time(dec: Dsv4Decoder, steps: int) -> float:
+    """Seconds per step of `steps` captured decode steps launched back to back, each one's NaN/inf check read a
+    step later (`Dsv4Decoder.step(defer_check=True)`: what the engine's async decode does). The clock starts
+    behind one step already in flight, so it measures the steady rate: the GPU's step plus whatever host time is
+    not hidden behind it."""
+    dec.step(defer_check=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        dec.step(defer_check=True)
+    end.record()
+    dec.finish()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
 
 
 def capture_graph(fn) -> torch.cuda.CUDAGraph:
@@ -103,13 +119,20 @@ class Dsv4Decoder:
                                        capture=capture, compile_scope=compile_scope)
         del h
 
-    def step(self) -> torch.Tensor:
+    def step(self, defer_check: bool = False) -> torch.Tensor:
+        """One greedy step. Serially (the engine with async decode off) the NaN/inf check is read after sampling:
+        a sync, so the host builds the next step's inputs while the GPU idles. `defer_check` (captured steps only:
+        the engine's async decode, its default where steps are captured) queues the check's flag into pinned
+        memory and reads the step before's instead: the next step is launched while this one runs. `finish()`
+        reads the last one."""
         if self.graphs is not None:
             rows = [(b, self.pos, self.pages[b]) for b in range(self.batch)]
-            with torch.inference_mode():            # the engine's greedy step: the NaN check read after sampling
+            with torch.inference_mode():
                 logits = self.graphs.run(self.tokens, rows, check=False)
                 self.tokens = argmax_rows(logits).view(1, -1)
-                if not all_finite(logits):
+                if defer_check:
+                    self._queue_check(finite_flag(logits))
+                elif not all_finite(logits):
                     raise FloatingPointError(NON_FINITE)
         else:
             batch = StepBatch.build([(b, self.pos, 1, self.pages[b]) for b in range(self.batch)], self.dev)
@@ -119,6 +142,26 @@ class Dsv4Decoder:
         self.pos += 1
         self.history.append(self.tokens)
         return self.tokens
+
+    def _queue_check(self, flag: torch.Tensor) -> None:
+        """Copy this step's finite flag to pinned memory (two buffers, alternating), then read the step before's."""
+        if not hasattr(self, "_flags"):
+            self._flags = [torch.ones((), dtype=torch.bool, pin_memory=True) for _ in range(2)]
+            self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        host = self._flags[self.pos % 2]
+        host.copy_(flag, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self.finish()
+        self._pending = (host, done)
+
+    def finish(self) -> None:
+        """Read the deferred check of the last step run with `defer_check` (if any): waits for that step."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None:
+            pending[1].synchronize()
+            if not bool(pending[0]):
+                raise FloatingPointError(NON_FINITE)
 
 
 def bench_model(layers: int = 4, device: str | torch.device = "cuda", tiny: bool = False):
