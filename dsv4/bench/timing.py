@@ -149,7 +149,8 @@ class Dsv4Decoder:
             self._flags = [torch.ones((), dtype=torch.bool, pin_memory=True) for _ in range(2)]
             self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
         host = self._flags[self.pos % 2]
-        host.copy_(flag, non_blocking=True)
+        with torch.inference_mode():        # the buffers are inference tensors when made in a step's context
+            host.copy_(flag, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
         self.finish()
