@@ -21,6 +21,7 @@ from dsv4.checkpoint.errors import problem_report
 from dsv4.config import ModelConfig
 from dsv4.dist import SINGLE, ParallelContext
 from dsv4.dist.sharding import ShardedReader, check_tp, owns
+from dsv4.model.pairs import pack_pairs
 from dsv4.model.parallel import shard_model
 from dsv4.model.transformer import Transformer
 
@@ -159,4 +160,7 @@ def _load(cfg: ModelConfig, reader, device, dtype: torch.dtype, quant_emulation:
     if left:
         raise CheckpointError(f"{len(left)} model tensors are still on the meta device after loading: {left[:50]}")
     model.requires_grad_(False)                   # an inference model; training turns on what it trains
+    del state
+    if torch.device(device).type == "cuda":
+        pack_pairs(model)                         # one FP8 call per pair of linears reading one input
     return model.eval()

@@ -15,6 +15,7 @@ from torch import nn
 from dsv4 import ops
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
+from dsv4.model.pairs import paired
 from dsv4.model.primitives import BlockDiagLinear, Linear, RMSNorm
 from dsv4.model.rope import Rotary
 from dsv4.model.state import DecodeBatch, FreshBatch, LayerState, SeqChunk, StepBatch, gather_rows, page_ids, write_rows
@@ -55,6 +56,8 @@ def scatter_pages(pool: torch.Tensor, pages: list[int], first: int, rows: torch.
 
 
 class Attention(nn.Module):
+    PAIRS = (("wq_a", "wkv"),)          # linears of one input, packed into one buffer on CUDA (`model/pairs.py`)
+
     def __init__(self, cfg, layer_id: int, dense_fmt: str, dtype: torch.dtype):
         super().__init__()
         self.n_heads, self.head_dim, self.groups = cfg.n_heads, cfg.head_dim, cfg.o_groups
@@ -78,16 +81,24 @@ class Attention(nn.Module):
         if self.ratio == 4:
             self.indexer = Indexer(cfg, self.rotary, dense_fmt, dtype)
 
-    def queries(self, x: torch.Tensor, cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q [b, s, H, d] rotated, q LoRA latent qr [b, s, q_lora] for the indexer)."""
-        qr = self.q_norm(self.wq_a(x))
+    def queries_and_kv(self, x: torch.Tensor, cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, qr, kv): `queries` and `window_kv` of one x, their first linears (wq_a, wkv: same input) in one FP8
+        call where the loader packed them (`model/pairs.py`)."""
+        qa, kva = paired(self.wq_a, self.wkv, x)
+        return *self.queries(x, cis, qa), self.window_kv(x, cis, kva)
+
+    def queries(self, x: torch.Tensor, cis: torch.Tensor, qa: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [b, s, H, d] rotated, q LoRA latent qr [b, s, q_lora] for the indexer). `qa`: wq_a(x) if computed."""
+        qr = self.q_norm(self.wq_a(x) if qa is None else qa)
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         q = q * torch.rsqrt(mean_square(q) + self.eps)
         return self.rotary(q, cis, owned=True), qr
 
-    def window_kv(self, x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
-        """[b, s, d] per-token KV: kv_norm, RoPE, FP8 fake-quant of the nope dims (emulation)."""
-        kv = self.rotary(self.kv_norm(self.wkv(x)), cis)
+    def window_kv(self, x: torch.Tensor, cis: torch.Tensor, kva: torch.Tensor | None = None) -> torch.Tensor:
+        """[b, s, d] per-token KV: kv_norm, RoPE, FP8 fake-quant of the nope dims (emulation). `kva`: wkv(x) if
+        computed."""
+        kv = self.rotary(self.kv_norm(self.wkv(x) if kva is None else kva), cis)
         return ops.fake_quant_kv(kv, self.rope_dim) if self.quant_emulation else kv
 
     def forward(self, x: torch.Tensor, cis: torch.Tensor, batch: StepBatch, state: LayerState) -> torch.Tensor:
@@ -102,9 +113,8 @@ class Attention(nn.Module):
         """The general step's per-token work before attention, x [1, T, D] -> (q, kv, comp, index): queries,
         window KV, the compressor's and the indexer's projections. Rows are independent (a prefill step may run
         this on padded rows: `engine/prefill_graphs.py`); `core` reads the first T rows."""
-        q, qr = self.queries(x, cis)
+        q, qr, kv = self.queries_and_kv(x, cis)
         tap("attn.q", q)
-        kv = self.window_kv(x, cis)
         tap("attn.window_kv", kv)
         comp = self.compressor.project(x) if self.ratio else None
         index = None
@@ -158,8 +168,7 @@ class Attention(nn.Module):
         whatever b, no decode state. Each sequence's KV rows and index lists are `_attend`'s from an empty state
         (the ring's W rows are zeros no query reads: the same row numbers)."""
         b, s, window, dtype = batch.b, batch.s, self.window, x.dtype
-        q, qr = self.queries(x, cis)
-        kv = self.window_kv(x, cis)
+        q, qr, kv = self.queries_and_kv(x, cis)
         qb, kvb = q.view(b, s, *q.shape[2:]), kv.view(b, s, -1)
         rows = [kvb.new_zeros(b, window, kvb.shape[-1]), kvb]
         idx = window_indices(0, s, window, x.device).expand(b, s, window)
@@ -198,8 +207,8 @@ class Attention(nn.Module):
         if t > self.window:
             raise ValueError(f"a decode step of {t} tokens per sequence exceeds the window ({self.window})")
         pos, table = batch.positions.view(b, t), batch.page_table
-        q, qr = self.queries(x, cis)
-        kv = self.window_kv(x, cis)[0].view(b, t, -1)                          # [B, T, d]
+        q, qr, kv = self.queries_and_kv(x, cis)
+        kv = kv[0].view(b, t, -1)                                               # [B, T, d]
         ring, idx = self._decode_window(kv, pos, batch.slots, state, x.dtype)
         rows, idx = [ring], [idx]
         if self.ratio:

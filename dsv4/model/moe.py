@@ -14,6 +14,7 @@ from torch import nn
 
 from dsv4 import ops
 from dsv4.dist import SINGLE
+from dsv4.model.pairs import paired
 from dsv4.model.primitives import Linear
 from dsv4.ops import fp4_layout
 from dsv4.ops.grouped_linear import korder_pays
@@ -64,7 +65,8 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        return self.w2(self.hidden(widen(self.w1(x)), widen(self.w3(x)), weights).to(x.dtype))
+        gate, up = paired(self.w1, self.w3, x)
+        return self.w2(self.hidden(widen(gate), widen(up), weights).to(x.dtype))
 
     def hidden(self, gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """Clamped SwiGLU in fp32, times the routing weight (before w2)."""
@@ -93,6 +95,9 @@ class MoE(nn.Module):
     # synchronisation, so decode steps can be captured in CUDA graphs. Larger steps (prefill) take the sorted path
     # (FP4 experts), else the grouped GEMM over bf16 copies, else loop over the used experts.
     PAIR_PATH_MAX_PAIRS = 1024
+    # The shared expert's w1 / w3 read one input: packed into one buffer on CUDA where FP8 (`model/pairs.py`). Not
+    # the routed experts': their stacks (`stacked_experts`) hold them.
+    PAIRS = (("shared_experts.w1", "shared_experts.w3"),)
     # From this many pairs, FP4 experts take the sorted path (grouped GEMM: each touched expert read about once per
     # 16-row block) instead of one GEMV per pair (each expert read once per pair); below it the GEMV wins.
     SORTED_PATH_MIN_PAIRS = 64

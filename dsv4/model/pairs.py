@@ -1,0 +1,79 @@
+"""Two FP8 linears that read the same input, run as one call: attention's wq_a / wkv and the shared expert's w1 / w3.
+
+Why: at batch 1 an FP8 small-M call costs ~5 us beyond its bytes' time (launch, ramp, tail: the thirty-second
+session's profile, 29 calls a 4-layer step, 261 us for ~90 us of bytes). These two pairs read the same x, so one call
+over both weights saves a launch and an act quant of x per pair and layer: ~8 calls a 4-layer step, predicted
+-40..-60 us at batch 1 (bench/NOTES.md, thirty-fifth session).
+How: `pack_pairs(model)` (the loader, for a model on CUDA) copies each pair's weights into one buffer, first's rows
+then second's, and their scales likewise, and makes the two parameters views of it: the same names and values, one
+copy (issue 16: nothing held twice). Needs first's rows in whole 128-row scale blocks, so that the two scale grids
+stack. `paired(first, second, x)` then runs `ops.linear` once over the buffer and splits its output; anywhere else
+(autograd, other formats, a pair never packed or since re-homed; the loader packs on CUDA only) it calls the two
+linears.
+Arithmetic: the same act-quant codes of x (one quantisation, per row and 128 block, as each linear's own) and the
+same FP8 x FP8 products with fp32 sums per output; only the kernel's split plan sees the wider N, so the bits are
+those of the FP8 linear's class (bf16 output, tests/test_fp8_linear.py), not the two calls' bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4 import ops
+from dsv4.model.primitives import Linear
+
+
+def can_pair(first: nn.Module, second: nn.Module) -> bool:
+    """Two plain `Linear`s, FP8, one input width, first's rows in whole 128-row scale blocks."""
+    return (type(first) is Linear and type(second) is Linear and first.fmt == second.fmt == "fp8"
+            and first.in_features == second.in_features and first.out_features % 128 == 0
+            and first.weight.device == second.weight.device and not first.weight.is_meta)
+
+
+def pack(first: Linear, second: Linear) -> bool:
+    """Re-home the pair's weights and scales into one buffer each (the parameters become views of it)."""
+    if not can_pair(first, second):
+        return False
+    with torch.no_grad():
+        w = torch.cat([first.weight, second.weight])
+        s = torch.cat([first.scale, second.scale])
+    n, blocks = first.out_features, first.out_features // 128
+    for lin, wv, sv in ((first, w[:n], s[:blocks]), (second, w[n:], s[blocks:])):
+        lin.weight = nn.Parameter(wv, requires_grad=False)
+        lin.scale = nn.Parameter(sv, requires_grad=False)
+    first._pair = (second, w, s)
+    return True
+
+
+def pack_pairs(model: nn.Module) -> int:
+    """Pack every pair a module names in `PAIRS` (submodule paths). Returns how many were packed."""
+    packed = 0
+    for module in model.modules():
+        for a, b in getattr(module, "PAIRS", ()):
+            packed += pack(module.get_submodule(a), module.get_submodule(b))
+    return packed
+
+
+def _packed(first: Linear, second: Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    pair = getattr(first, "_pair", None)
+    if pair is None or pair[0] is not second or first.quant_emulation != second.quant_emulation:
+        return None
+    _, w, s = pair
+    # still views of the buffer (a weight re-assigned since, e.g. by `.to()` or training, leaves it stale); not
+    # checkable in a torch.compile trace (data pointers), where the trace follows the eager step's layout
+    if not torch.compiler.is_compiling() and not (
+            first.weight.data_ptr() == w.data_ptr() and first.scale.data_ptr() == s.data_ptr()
+            and second.weight.data_ptr() == w.data_ptr() + first.weight.numel()          # 1-byte elements
+            and second.scale.data_ptr() == s.data_ptr() + first.scale.numel()):
+        return None
+    return w, s
+
+
+def paired(first: Linear, second: Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first(x), second(x)): one FP8 call over a packed pair without autograd, else the two calls."""
+    pair = None if torch.is_grad_enabled() else _packed(first, second)
+    if pair is None:
+        return first(x), second(x)
+    y = ops.linear(x, *pair, "fp8", first.quant_emulation, None)
+    return tuple(y.split([first.out_features, second.out_features], dim=-1))
