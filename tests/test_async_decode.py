@@ -272,10 +272,10 @@ def test_the_switch_follows_capture_by_default_and_needs_the_fixed_shape_path(ti
 
 @pytest.mark.gpu
 def test_cuda_async_decode_equals_serial_with_the_engines_buckets(tiny_ckpt, tokenizer):
-    """The question that kept `async_decode` off by default until it passed (thirty-fifth session): on CUDA (captured steps, power-of-two buckets, bf16
-    with the QAT emulation, the production path) is the async engine bit-identical to the serial one? An async
-    step's bucket can be larger (the rows of sequences that stopped at the step before), so this holds only if
-    the captured step is batch-invariant across buckets. (Written without a GPU.)"""
+    """The question that kept `async_decode` off by default until it passed (thirty-fifth session): on CUDA
+    (captured steps, power-of-two buckets, bf16 with the QAT emulation, the production path) is the async engine
+    bit-identical to the serial one? An async step's bucket can be larger (the rows of sequences that stopped at
+    the step before), so this holds only if the captured step is batch-invariant across buckets."""
     import dsv4
 
     model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True, progress=False)

@@ -6,14 +6,14 @@ grid) took ~240 us for Flash's wo_a (8192 x 4096) on the H100, where its bytes (
 take ~33 us: the thirty-fifth session's micro-benchmark (bench/results/h100_s35/), which made the 1k prefill
 1.0 ms slower than the old bf16 copy.
 Exact: an e4m3 value (at most 4 significant bits) times a power of two is a bf16 number wherever it stays in
-bf16's normal range, so the result is built as integer bit patterns, never by a multiply that could flush a
+bf16's normal range; outside it the result is built as integer bit patterns, never by a multiply that could flush a
 subnormal: bit for bit `dequant_weight(w, s, "fp8").bfloat16()` (fp32 product, one rounding to bf16), NaN where
 the code is NaN (0x7F / 0xFF) or the scale byte is 255, inf where the value overflows.
-* Fast path, a tile whose scale byte b lies in [10, 246]: every nonzero result is a normal bf16. A normal code
-  (exponent field E >= 1) is 1.m x 2^(E - 7): bits ((c & 0x7F) << 4) + ((b - 7) << 7). A subnormal code m x 2^-9
-  (m = 1..7) is normalised: 1.f x 2^(p - 9), p the position of m's top bit.
-* Any other tile (the checkpoint's scales never go there; tests do): the general construction with bf16
-  subnormals rounded to nearest even, as the twin's cast rounds them.
+* Fast path, a tile whose scale byte b lies in [10, 246]: every nonzero result is a normal bf16, so the hardware's
+  e4m3 conversion times the power of two is exact (no flush can occur).
+* Any other tile (the checkpoint's scales never go there; tests do): the bits built from integers (a subnormal
+  code m x 2^-9 normalised to 1.f x 2^(p - 9), p the position of m's top bit), bf16 subnormals rounded to
+  nearest even as the twin's cast rounds them.
 """
 
 from __future__ import annotations
@@ -40,20 +40,31 @@ def _normalised(c):
 @triton.jit
 def _bf16_bits(c, b):
     """int32 e4m3 codes (0..255) and one e8m0 byte b -> int32 holding the bf16 bits of code x 2^(b - 127)."""
-    q, f = _normalised(c)
     if (b >= 10) & (b <= 246):
-        mag = ((q + b) << 7) | f                                    # (q + b - 127) + 127: the exponent field
+        # Every nonzero product is a normal number: the hardware's e4m3 -> fp32 conversion (exact: e4m3 values,
+        # its subnormals included, are f16 normals) times the power of two, rounded to bf16 (exact: 4 significant
+        # bits). ~6 instructions an element where the integer construction below takes ~30 (at ~30 an H100 is
+        # ALU-bound on this kernel's 3 bytes an element: 70-87 us for Flash's wo_a, h100_s35 call C). NaN codes
+        # set apart (Triton's interpreter converts them as 480).
+        scale = (b << 23).to(tl.float32, bitcast=True)
+        value = c.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale
+        value = tl.where((c & 0x7F) == 0x7F, float("nan"), value)
+        bits = value.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32)
     else:
+        # The general construction, from integers: bf16 subnormals rounded to nearest even (the twin's cast),
+        # overflow to inf, NaN under byte 255 (times 0 too).
+        q, f = _normalised(c)
         qs = q + b - 127
         shift = tl.minimum(-126 - qs, 10)                            # below 2^-126: a subnormal, 2^-133 units
-        v = 128 + f
+        sig = 128 + f                                                # 1.f in units of 2^-7
         half = (1 << tl.maximum(shift - 1, 0)) - 1
-        sub = (v + half + ((v >> tl.maximum(shift, 0)) & 1)) >> tl.maximum(shift, 0)
+        sub = (sig + half + ((sig >> tl.maximum(shift, 0)) & 1)) >> tl.maximum(shift, 0)
         mag = tl.where(qs >= -126, ((qs + 127) << 7) | f, sub)
         mag = tl.where(qs >= 128, 0x7F80, mag)
-    mag = tl.where((c & 0x7F) == 0, 0, mag)
-    mag = tl.where(((c & 0x7F) == 0x7F) | (b == 255), 0x7FC0, mag)       # NaN code, or a NaN scale (x 0 too)
-    return mag | ((c & 0x80) << 8)
+        mag = tl.where((c & 0x7F) == 0, 0, mag)
+        mag = tl.where(((c & 0x7F) == 0x7F) | (b == 255), 0x7FC0, mag)
+        bits = mag | ((c & 0x80) << 8)
+    return bits
 
 
 @triton.jit
