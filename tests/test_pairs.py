@@ -1,4 +1,5 @@
-"""Linears of one input run as one FP8 call (`model/pairs.py`: attention's wq_a / wkv, the shared expert's w1 / w3).
+"""Linears of one input run as one call (`model/pairs.py`: attention's wq_a / wkv and the shared expert's w1 / w3 as
+one FP8 linear, the compressors' wkv / wgate as one fp32-product GEMM).
 
 Packing re-homes the two weights (and scales) into one buffer: the parameters keep their names and values and
 become views of it (nothing held twice). The paired call quantises x once and multiplies both weights: on CPU the
@@ -13,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4 import quant
-from dsv4.model.pairs import can_pair, pack, pack_pairs, paired
+from dsv4 import ops, quant
+from dsv4.model.pairs import can_pair, pack, pack_pairs, paired, paired_widened, unpack_pairs
 from dsv4.model.primitives import Linear
 
 
@@ -58,8 +59,6 @@ def test_paired_call_is_each_linear(emulation, monkeypatch):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     # not a pass-through: one call over the buffer (a spy on the op)
-    from dsv4 import ops
-
     calls, real = [], ops.linear
     monkeypatch.setattr(ops, "linear", lambda *args, **kw: calls.append(tuple(args[1].shape)) or real(*args, **kw))
     with torch.no_grad():
@@ -96,16 +95,42 @@ def test_what_can_pair():
     assert not can_pair(*_pair(gen, n1=192))                        # first's rows not whole 128-row blocks
     assert not can_pair(a, _fp8_linear(128, 128, gen))              # another input width
     assert not can_pair(Linear(256, 256, "plain", torch.float32), b)
+    assert can_pair(Linear(256, 100, "plain", torch.float32), Linear(256, 60, "plain", torch.float32))
+    assert not can_pair(Linear(256, 100, "plain", torch.float32), Linear(256, 60, "plain", torch.bfloat16))
     assert not can_pair(Linear(256, 256, "fp4", torch.float32), Linear(256, 128, "fp4", torch.float32))
     with torch.device("meta"):
         m1, m2 = Linear(256, 256, "fp8", torch.float32), Linear(256, 128, "fp8", torch.float32)
     assert not can_pair(m1, m2) and not pack(m1, m2)
 
 
+def test_plain_pair_is_each_product_and_can_be_forgotten(monkeypatch):
+    """The compressors' pair (plain weights, fp32 products through `widened_dense`): each output the product of
+    its own weight (fp32 summation order), one call over the buffer; `unpack_pairs` (training) forgets the pair:
+    the two calls again, the parameters still the same values."""
+    gen = torch.Generator().manual_seed(6)
+    a, b = Linear(256, 100, "plain", torch.float32), Linear(256, 60, "plain", torch.float32)
+    a.weight.data, b.weight.data = torch.randn(100, 256, generator=gen), torch.randn(60, 256, generator=gen)
+    x = torch.randn(2, 7, 256, generator=gen)
+    with torch.no_grad():
+        want = ops.widened_dense(x, a.weight), ops.widened_dense(x, b.weight)
+        assert pack(a, b) and a.weight.untyped_storage().data_ptr() == b.weight.untyped_storage().data_ptr()
+        got = paired_widened(a, b, x)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+        calls, real = [], ops.widened_dense
+        monkeypatch.setattr(ops, "widened_dense", lambda x, w: calls.append(tuple(w.shape)) or real(x, w))
+        paired_widened(a, b, x)
+        assert calls == [(160, 256)]
+        unpack_pairs(torch.nn.ModuleList([a, b]))
+        calls.clear()
+        paired_widened(a, b, x)
+        assert calls == [(100, 256), (60, 256)]
+
+
 def test_pack_pairs_on_a_model_keeps_its_logits(tiny_model_fp32):
     """The loader packs a CUDA model's pairs; packed on CPU here, the tiny model (its wq_a / wkv and shared w1 / w3
-    in whole 128-row blocks) gives the unpacked model's logits within fp32 summation order, and its state dict
-    has the same names and values."""
+    in whole 128-row blocks, every compressor's wkv / wgate) gives the unpacked model's logits within fp32
+    summation order, and its state dict has the same names and values."""
     import copy
 
     model = copy.deepcopy(tiny_model_fp32)
@@ -114,7 +139,9 @@ def test_pack_pairs_on_a_model_keeps_its_logits(tiny_model_fp32):
         want = model(ids)
     state = {n: t.clone() for n, t in model.state_dict().items()}
     n_blocks = len(model.layers) + len(getattr(model, "mtp", []))
-    assert pack_pairs(model) == 2 * n_blocks
+    n_compressors = sum(type(m).__name__ == "Compressor" for m in model.modules())
+    assert n_compressors > 0
+    assert pack_pairs(model) == 2 * n_blocks + n_compressors
     assert set(model.state_dict()) == set(state)
     bits = lambda t: t.view(torch.uint8) if t.element_size() == 1 else t         # noqa: E731 (FP8 / e8m0 bytes)
     assert all(torch.equal(bits(t), bits(state[n])) for n, t in model.state_dict().items())
@@ -126,7 +153,8 @@ def test_pack_pairs_on_a_model_keeps_its_logits(tiny_model_fp32):
 @pytest.mark.gpu
 def test_loader_packs_on_cuda_and_the_step_keeps_the_fp8_class(tiny_ckpt):
     """Loaded on CUDA the pairs are packed; the paired call against its two linears run one by one on the same
-    packed weights: the FP8 linear's bf16 output class (relative 1e-2), at decode and prefill row counts."""
+    packed weights: the FP8 linear's bf16 output class (relative 1e-2), at decode and prefill row counts; the
+    compressors' pair the fp32 class (relative 1e-5)."""
     import dsv4
 
     model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True, progress=False)
@@ -141,3 +169,14 @@ def test_loader_packs_on_cuda_and_the_step_keeps_the_fp8_class(tiny_ckpt):
         for g, w in zip(got, want, strict=True):
             rel = ((g.double() - w.double()).norm() / w.double().norm()).item()
             assert rel <= 1e-2, (rows, rel)
+    # a compressor's pair: fp32 products on the bf16 tensor cores either way, fp32 sums in another order
+    comp = next(m for m in model.modules() if type(m).__name__ == "Compressor")
+    assert comp.wkv.__dict__.get("_pair") is not None
+    for rows in (1, 64, 300):
+        x = torch.randn(1, rows, model.cfg.dim, generator=gen).bfloat16().cuda()
+        with torch.inference_mode():
+            got = paired_widened(comp.wkv, comp.wgate, x)
+            want = ops.widened_dense(x, comp.wkv.weight), ops.widened_dense(x, comp.wgate.weight)
+        for g, w in zip(got, want, strict=True):
+            rel = ((g.double() - w.double()).norm() / w.double().norm()).item()
+            assert g.dtype == torch.float32 and rel <= 1e-5, (rows, rel)

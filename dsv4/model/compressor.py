@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
+from dsv4.model.pairs import paired_widened
 from dsv4.model.primitives import Linear, RMSNorm
 from dsv4.model.rope import Rotary
 from dsv4.model.state import CompressorState
@@ -22,6 +23,8 @@ from dsv4.quant import fake_quant_fp4, hadamard
 
 
 class Compressor(nn.Module):
+    PAIRS = (("wkv", "wgate"),)         # one input: packed into one buffer on CUDA (`model/pairs.py`)
+
     def __init__(self, cfg, ratio: int, head_dim: int, rotate: bool, rotary: Rotary):
         super().__init__()
         self.ratio, self.head_dim, self.rotate = ratio, head_dim, rotate
@@ -42,7 +45,7 @@ class Compressor(nn.Module):
             # training: one upcast feeds both products, so its gradient sums theirs in fp32 and rounds once
             xf = widen(x)
             return ops.dense(xf, self.wkv.weight, x.dtype), ops.dense(xf, self.wgate.weight, x.dtype)
-        return ops.widened_dense(x, self.wkv.weight), ops.widened_dense(x, self.wgate.weight)
+        return paired_widened(self.wkv, self.wgate, x)         # one call where the loader packed them (CUDA)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Entries of every complete block of fresh sequences (position 0): [b, s // ratio, head_dim]."""

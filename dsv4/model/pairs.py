@@ -25,23 +25,28 @@ from dsv4.model.primitives import Linear
 
 
 def can_pair(first: nn.Module, second: nn.Module) -> bool:
-    """Two plain `Linear`s, FP8, one input width, first's rows in whole 128-row scale blocks."""
-    return (type(first) is Linear and type(second) is Linear and first.fmt == second.fmt == "fp8"
-            and first.in_features == second.in_features and first.out_features % 128 == 0
-            and first.weight.device == second.weight.device and not first.weight.is_meta)
+    """Two plain `Linear`s of one input width, one format and dtype, on one device: FP8 with first's rows in whole
+    128-row scale blocks, or "plain" (the compressors' wkv / wgate, held in bf16 by a 16-bit model's loader)."""
+    return (type(first) is Linear and type(second) is Linear and first.fmt == second.fmt in ("fp8", "plain")
+            and first.in_features == second.in_features
+            and (first.fmt == "plain" or first.out_features % 128 == 0)
+            and first.weight.dtype == second.weight.dtype and first.weight.device == second.weight.device
+            and not first.weight.is_meta)
 
 
 def pack(first: Linear, second: Linear) -> bool:
-    """Re-home the pair's weights and scales into one buffer each (the parameters become views of it)."""
+    """Re-home the pair's weights (and scales) into one buffer each (the parameters become views of it)."""
     if not can_pair(first, second):
         return False
+    n = first.out_features
     with torch.no_grad():
         w = torch.cat([first.weight, second.weight])
-        s = torch.cat([first.scale, second.scale])
-    n, blocks = first.out_features, first.out_features // 128
-    for lin, wv, sv in ((first, w[:n], s[:blocks]), (second, w[n:], s[blocks:])):
-        lin.weight = nn.Parameter(wv, requires_grad=False)
-        lin.scale = nn.Parameter(sv, requires_grad=False)
+        s = None if first.scale is None else torch.cat([first.scale, second.scale])
+    first.weight = nn.Parameter(w[:n], requires_grad=first.weight.requires_grad)
+    second.weight = nn.Parameter(w[n:], requires_grad=second.weight.requires_grad)
+    if s is not None:
+        first.scale = nn.Parameter(s[: n // 128], requires_grad=False)
+        second.scale = nn.Parameter(s[n // 128:], requires_grad=False)
     first._pair = (second, w, s)
     return True
 
@@ -55,25 +60,49 @@ def pack_pairs(model: nn.Module) -> int:
     return packed
 
 
-def _packed(first: Linear, second: Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+def unpack_pairs(model: nn.Module) -> None:
+    """Forget every packed pair (training re-homes weights: the buffers would be held beside the new ones). The
+    parameters stay views of the buffers until replaced, so nothing is copied here."""
+    for module in model.modules():
+        module.__dict__.pop("_pair", None)
+
+
+def _packed(first: nn.Module, second: nn.Module, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, scale) of the packed pair of format `fmt`, or None where it is not packed (e.g. a LoRA wrapper) or
+    no longer holds their weights."""
     pair = getattr(first, "_pair", None)
-    if pair is None or pair[0] is not second or first.quant_emulation != second.quant_emulation:
+    if (pair is None or pair[0] is not second or first.fmt != fmt
+            or first.quant_emulation != second.quant_emulation):
         return None
     _, w, s = pair
     # still views of the buffer (a weight re-assigned since, e.g. by `.to()` or training, leaves it stale); not
     # checkable in a torch.compile trace (data pointers), where the trace follows the eager step's layout
-    if not torch.compiler.is_compiling() and not (
-            first.weight.data_ptr() == w.data_ptr() and first.scale.data_ptr() == s.data_ptr()
-            and second.weight.data_ptr() == w.data_ptr() + first.weight.numel()          # 1-byte elements
-            and second.scale.data_ptr() == s.data_ptr() + first.scale.numel()):
-        return None
-    return w, s
+    if torch.compiler.is_compiling():
+        return w, s
+    views = (first.weight.data_ptr() == w.data_ptr()
+             and second.weight.data_ptr() == w.data_ptr() + first.weight.numel() * w.element_size())
+    if s is not None:
+        views = views and (first.scale.data_ptr() == s.data_ptr()
+                           and second.scale.data_ptr() == s.data_ptr() + first.scale.numel())     # 1-byte e8m0
+    return (w, s) if views else None
 
 
-def paired(first: Linear, second: Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(y: torch.Tensor, first: Linear, second: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(y.split([first.out_features, second.out_features], dim=-1))
+
+
+def paired(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(first(x), second(x)): one FP8 call over a packed pair without autograd, else the two calls."""
-    pair = None if torch.is_grad_enabled() else _packed(first, second)
+    pair = None if torch.is_grad_enabled() else _packed(first, second, "fp8")
     if pair is None:
         return first(x), second(x)
-    y = ops.linear(x, *pair, "fp8", first.quant_emulation, None)
-    return tuple(y.split([first.out_features, second.out_features], dim=-1))
+    return _split(ops.linear(x, *pair, "fp8", first.quant_emulation, None), first, second)
+
+
+def paired_widened(first: Linear, second: Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(widened_dense(x, first.weight), widened_dense(x, second.weight)), the fp32 products of the compressors'
+    projections: one call over a packed plain pair without autograd, else the two calls."""
+    pair = None if torch.is_grad_enabled() else _packed(first, second, "plain")
+    if pair is None:
+        return ops.widened_dense(x, first.weight), ops.widened_dense(x, second.weight)
+    return _split(ops.widened_dense(x, pair[0]), first, second)

@@ -21,6 +21,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from dsv4.model.pairs import unpack_pairs
 from dsv4.model.primitives import BlockDiagLinear, Linear
 from dsv4.quant import dequant_fp8, fp4_roundtrip, quant_fp8
 from dsv4.quant.act import straight_through
@@ -146,6 +147,7 @@ def _frozen_by_design(name: str) -> bool:
 def prepare_full(model: nn.Module, qat: bool = False) -> nn.Module:
     """Full fine-tuning: dequantise FP8/FP4 linears to trainable weights, widen the weights the loader held in bf16
     to the fp32 their modules train in; train everything but the indexer."""
+    unpack_pairs(model)                   # its weights are re-homed below: the packed buffers would stay beside
     widen_held_bf16(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, Linear) and m.fmt != "plain" and not isinstance(m, TrainLinear):
