@@ -180,3 +180,27 @@ def test_loader_packs_on_cuda_and_the_step_keeps_the_fp8_class(tiny_ckpt):
         for g, w in zip(got, want, strict=True):
             rel = ((g.double() - w.double()).norm() / w.double().norm()).item()
             assert g.dtype == torch.float32 and rel <= 1e-5, (rows, rel)
+
+
+def test_packed_model_compiles_to_the_same_graphs_with_the_same_bits(tmp_path):
+    """Traced with the pairs packed (as on CUDA), the decode step is still one graph (compile_scope="step") and a
+    graph per block kind ("block": the packed buffers are graph inputs like the weights, so the HCA layers still
+    share one), bit-identical to the uncompiled packed step (aot_eager on CPU)."""
+    from compile_helpers import five_layer_model, graph_counter
+    from test_compiled_decode import _decode
+
+    model = five_layer_model(tmp_path)
+    assert pack_pairs(model) > 0
+    want = _decode(model, "cpu", False, steps=3)
+    for scope, n_graphs in (("block", 4), ("step", 1)):
+        torch._dynamo.reset()
+        counting, graphs = graph_counter()
+        got = _decode(model, "cpu", counting, steps=3, scope=scope)
+        assert torch.equal(got, want), scope
+        assert len(graphs) == n_graphs, (scope, len(graphs))
+    # the traced step reads the packed buffers: each layer's two FP8 pairs' scale grids [2, 2] (two 128-row
+    # blocks of 256 columns), where unpacked there are none
+    scales = [n.meta.get("example_value") for n in graphs[0].graph.nodes if n.op == "placeholder"]
+    packed = [v for v in scales if isinstance(v, torch.Tensor) and v.dtype == torch.float8_e8m0fnu
+              and tuple(v.shape) == (2, 2)]
+    assert len(packed) == 2 * len(model.layers)
