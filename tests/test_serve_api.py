@@ -168,6 +168,8 @@ def test_serve_help_explains_the_api_and_binds_loopback():
     assert SERVE_ENGINE_DEFAULTS == {k: getattr(d, k) for k in SERVE_ENGINE_DEFAULTS}
     assert build_parser().parse_args(["serve"]).prefill_graphs is d.prefill_graphs is None    # CUDA's default
     assert build_parser().parse_args(["serve", "--no-prefill-graphs"]).prefill_graphs is False
+    assert build_parser().parse_args(["serve"]).async_decode is d.async_decode is None         # on where captured
+    assert build_parser().parse_args(["serve", "--no-async-decode"]).async_decode is False
 
 
 def test_dsv4_serve_command_serves_and_stops(builtin_ckpt, tmp_path):
