@@ -43,8 +43,8 @@ def pack(first: Linear, second: Linear) -> bool:
         return False
     n = first.out_features
     with torch.no_grad():
-        w = torch.cat([first.weight, second.weight])
-        s = None if first.scale is None else torch.cat([first.scale, second.scale])
+        w = _cat(first.weight, second.weight)
+        s = None if first.scale is None else _cat(first.scale, second.scale)
     first.weight = nn.Parameter(w[:n], requires_grad=first.weight.requires_grad)
     second.weight = nn.Parameter(w[n:], requires_grad=second.weight.requires_grad)
     if s is not None:
@@ -52,6 +52,14 @@ def pack(first: Linear, second: Linear) -> bool:
         second.scale = nn.Parameter(s[n // 128:], requires_grad=False)
     first._pair = (second, w, s)
     return True
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.cat([a, b]); 1-byte formats (e4m3, e8m0) through uint8 views: the bytes are what is copied, and no
+    device needs a cat kernel for the float8 types."""
+    if a.element_size() == 1:
+        return torch.cat([a.view(torch.uint8), b.view(torch.uint8)]).view(a.dtype)
+    return torch.cat([a, b])
 
 
 def pack_pairs(model: nn.Module) -> int:
