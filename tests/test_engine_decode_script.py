@@ -36,3 +36,12 @@ def test_help_explains(script, capsys):
     with pytest.raises(SystemExit):
         script.main(["--help"])
     assert "host_exposed_ms" in capsys.readouterr().out
+
+
+def test_profile_reports_per_step(script):
+    """--profile: per step the wall time and the GPU's busy / idle time (none on the CPU: zero, not invented)."""
+    res = script.main(["--tiny", "--layers", "1", "--batches", "1", "--context", "16", "--steps", "2",
+                       "--async-decode", "off", "--profile", "2"])
+    pr = res["runs"][-1]["profile"]
+    assert pr["steps"] == 2 and pr["wall_ms"] > 0
+    assert pr["gpu_busy_ms"] == pr["gpu_idle_ms"] == 0 and pr["top"] == []

@@ -20,8 +20,8 @@ Both modes run on one engine (one compilation): the switch drains the step in fl
 precede each mode's clock. Only the batch's own bucket is captured (one compilation per batch size, not one per
 power of two), and prefill runs uncaptured: prefill is not what is timed here.
 Usage: PYTHONPATH=. python3 scripts/bench/engine_decode.py [--batches 1 8 64] [--context 512] [--steps 24]
-       [--async-decode on|off|both] [--no-compile] [--out PATH]; --tiny runs the tiny config on the CPU (checks
-       the script, times nothing real).
+       [--async-decode on|off|both] [--profile STEPS] [--no-compile] [--out PATH]; --tiny runs the tiny config
+       on the CPU (checks the script, times nothing real).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ MODES = {"on": [True], "off": [False], "both": [False, True]}
 
 
 def measure(model, tokenizer, batch: int, context: int, steps: int, compile: bool, modes: list[bool],
-            seed: int = 0) -> list[dict]:
+            seed: int = 0, profile_steps: int = 0) -> list[dict]:
     """One engine, prefilled once, timed in each of `modes` (async decode off / on) in turn."""
     dev = next(model.parameters()).device
     cuda = dev.type == "cuda"
@@ -102,8 +102,46 @@ def measure(model, tokenizer, batch: int, context: int, steps: int, compile: boo
         replay_ms = replay_median(graph, steps) * 1e3
         for r in runs:
             r.update(replay_ms=replay_ms, host_exposed_ms=r["step_ms"] - replay_ms)
+    if profile_steps:                                                  # the last mode's steps, profiled
+        runs[-1]["profile"] = _profiled(engine, profile_steps)
     engine.generate_all()                                              # finish the requests (frees the slots)
     return runs
+
+
+def _profiled(engine, steps: int) -> dict:
+    """`steps` more `Engine.step()` calls under torch.profiler: per step, the wall time, the GPU's busy time (the
+    union of its kernels' and copies' intervals) and the rest, where the GPU waited (idle), with the kernels that
+    took the most time. What separates a step from the captured step replayed alone, kernel by kernel."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = engine.runner.device
+    cuda = dev.type == "cuda"
+    _sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        _sync(dev)
+        wall = time.perf_counter() - start
+    spans, per_name = [], {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            spans.append((e.time_range.start, e.time_range.end))
+            n, us = per_name.get(e.name, (0, 0.0))
+            per_name[e.name] = (n + 1, us + e.time_range.elapsed_us())
+    busy, window, end = 0.0, 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    if spans:
+        window = max(b for _, b in spans) - min(a for a, _ in spans)
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:15]
+    return {"steps": steps, "wall_ms": wall / steps * 1e3, "gpu_busy_ms": busy / steps / 1e3,
+            "gpu_idle_ms": (window - busy) / steps / 1e3,
+            "top": [{"name": k[:120], "per_step": n / steps, "us_per_step": us / steps} for k, (n, us) in top]}
 
 
 def _timed_steps(engine, timers: dict[str, _Timed], ahead: _Timed, batch: int, steps: int, on: bool) -> dict:
@@ -148,6 +186,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--async-decode", choices=sorted(MODES), default="both",
                     help="time Engine.step() with async decode off, on, or both on one engine (default both)")
     ap.add_argument("--no-compile", action="store_true", help="capture the eager step (no torch.compile)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="then profile STEPS more steps of the last mode: per step the GPU's busy and idle time and "
+                         "the kernels that took the most (`profile` in the run's JSON)")
     ap.add_argument("--tiny", action="store_true", help="the tiny config on the CPU: checks the script only")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -158,13 +199,20 @@ def main(argv=None) -> dict:
     res = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu",
            "layers": args.layers, "context": args.context, "compile": not (args.no_compile or args.tiny), "runs": []}
     for b in args.batches:
-        for r in measure(model, tokenizer, b, args.context, args.steps, not args.no_compile, MODES[args.async_decode]):
+        for r in measure(model, tokenizer, b, args.context, args.steps, not args.no_compile, MODES[args.async_decode],
+                         profile_steps=args.profile):
             res["runs"].append(r)
             extra = (f"; replay alone {r['replay_ms']:.2f}, host exposed {r['host_exposed_ms']:.2f}"
                      if "replay_ms" in r else "")
             print(f"engine decode bs{b} async {'on' if r['async_decode'] else 'off'}: step {r['step_ms']:.2f} ms "
                   f"(run {r['run_ms']:.2f}, sample {r['sample_ms']:.2f}, wait {r['wait_ms']:.2f}, "
                   f"other {r['other_ms']:.2f}){extra}", flush=True)
+            if "profile" in r:
+                pr = r["profile"]
+                print(f"  profiled {pr['steps']} steps: wall {pr['wall_ms']:.3f} ms a step, GPU busy "
+                      f"{pr['gpu_busy_ms']:.3f}, idle {pr['gpu_idle_ms']:.3f}")
+                for k in pr["top"]:
+                    print(f"  {k['us_per_step']:9.1f} us  x{k['per_step']:.1f}  {k['name'][:90]}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if args.out:
