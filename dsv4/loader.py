@@ -24,6 +24,7 @@ from dsv4.dist.sharding import ShardedReader, check_tp, owns
 from dsv4.model.pairs import pack_pairs
 from dsv4.model.parallel import shard_model
 from dsv4.model.transformer import Transformer
+from dsv4.ops.registry import env_switch
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device="meta",
@@ -161,6 +162,6 @@ def _load(cfg: ModelConfig, reader, device, dtype: torch.dtype, quant_emulation:
         raise CheckpointError(f"{len(left)} model tensors are still on the meta device after loading: {left[:50]}")
     model.requires_grad_(False)                   # an inference model; training turns on what it trains
     del state
-    if torch.device(device).type == "cuda":
-        pack_pairs(model)                         # one FP8 call per pair of linears reading one input
+    if torch.device(device).type == "cuda" and env_switch("DSV4_PAIRS", default=True):
+        pack_pairs(model)                         # one call per pair of linears reading one input (DSV4_PAIRS=0: off)
     return model.eval()

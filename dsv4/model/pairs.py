@@ -6,12 +6,13 @@ session's profile, 29 calls a 4-layer step, 261 us for ~90 us of bytes), and the
 calls of a few us each plus their split-K reduces. Each pair reads the same x, so one call over both weights saves
 a launch (and, for FP8, an act quant of x) per pair and layer: 8 FP8 calls and 3 GEMMs fewer in a 4-layer step,
 predicted -50..-80 us at batch 1 (bench/NOTES.md, thirty-fifth session).
-How: `pack_pairs(model)` (the loader, for a model on CUDA) copies each pair's weights into one buffer, first's rows
-then second's, and their scales likewise, and makes the two parameters views of it: the same names and values, one
-copy (issue 16: nothing held twice). FP8 needs first's rows in whole 128-row scale blocks, so that the two scale
-grids stack. `paired` / `paired_widened` then run the op once over the buffer and split its output; anywhere else
-(autograd, a pair never packed or since re-homed, a LoRA wrapper; the loader packs on CUDA only) the two linears
-run as before. Training forgets the pairs before it re-homes weights (`unpack_pairs`).
+How: `pack_pairs(model)` (the loader, for a model on CUDA; DSV4_PAIRS=0 turns it off) copies each pair's weights
+into one buffer, first's rows then second's, and their scales likewise, and makes the two parameters views of it:
+the same names and values, one copy (issue 16: nothing held twice). FP8 needs first's rows in whole 128-row scale
+blocks, so that the two scale grids stack. `paired` / `paired_widened` then run the op once over the buffer and
+split its output; anywhere else (autograd, a pair never packed or since re-homed, a LoRA wrapper; the loader packs
+on CUDA only) the two linears run as before. Training forgets the pairs before it re-homes weights
+(`unpack_pairs`).
 Arithmetic: FP8, the same act-quant codes of x (one quantisation per row and 128 block, as each linear's own) and the
 same FP8 x FP8 products with fp32 sums per output; only the kernel's split plan sees the wider N, so the bits are
 those of the FP8 linear's class (bf16 output, tests/test_fp8_linear.py), not the two calls' bits. Plain: the
