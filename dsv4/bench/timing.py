@@ -111,6 +111,7 @@ class Dsv4Decoder:
             with torch.inference_mode():
                 self.tokens = model.main_logits(h[:, -1:]).argmax(-1).view(1, batch)
         self.history: list[torch.Tensor] = []
+        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None   # a deferred check (`defer_check`)
         self.graphs = None
         if graphs:
             from dsv4.engine.graphs import DecodeGraphs
@@ -145,9 +146,8 @@ class Dsv4Decoder:
 
     def _queue_check(self, flag: torch.Tensor) -> None:
         """Copy this step's finite flag to pinned memory (two buffers, alternating), then read the step before's."""
-        if not hasattr(self, "_flags"):
+        if not hasattr(self, "_flags"):     # pinned: made on the first deferred check (CUDA only)
             self._flags = [torch.ones((), dtype=torch.bool, pin_memory=True) for _ in range(2)]
-            self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
         host = self._flags[self.pos % 2]
         with torch.inference_mode():        # the buffers are inference tensors when made in a step's context
             host.copy_(flag, non_blocking=True)
@@ -158,7 +158,7 @@ class Dsv4Decoder:
 
     def finish(self) -> None:
         """Read the deferred check of the last step run with `defer_check` (if any): waits for that step."""
-        pending, self._pending = getattr(self, "_pending", None), None
+        pending, self._pending = self._pending, None
         if pending is not None:
             pending[1].synchronize()
             if not bool(pending[0]):

@@ -87,16 +87,17 @@ def _packed(first: nn.Module, second: nn.Module, fmt: str) -> tuple[torch.Tensor
             or first.quant_emulation != second.quant_emulation):
         return None
     _, w, s = pair
-    # still views of the buffer (a weight re-assigned since, e.g. by `.to()` or training, leaves it stale); not
+    # still views of the buffers (a weight re-assigned since, e.g. by `.to()` or training, leaves them stale); not
     # checkable in a torch.compile trace (data pointers), where the trace follows the eager step's layout
     if torch.compiler.is_compiling():
         return w, s
-    views = (first.weight.data_ptr() == w.data_ptr()
-             and second.weight.data_ptr() == w.data_ptr() + first.weight.numel() * w.element_size())
-    if s is not None:
-        views = views and (first.scale.data_ptr() == s.data_ptr()
-                           and second.scale.data_ptr() == s.data_ptr() + first.scale.numel())     # 1-byte e8m0
+    views = _views_of(w, first.weight, second.weight) and (s is None or _views_of(s, first.scale, second.scale))
     return (w, s) if views else None
+
+
+def _views_of(buffer: torch.Tensor, *params: torch.Tensor) -> bool:
+    storage = buffer.untyped_storage().data_ptr()
+    return all(p.untyped_storage().data_ptr() == storage for p in params)
 
 
 def _split(y: torch.Tensor, first: Linear, second: Linear) -> tuple[torch.Tensor, torch.Tensor]:
