@@ -155,10 +155,11 @@ def test_decode_fp8mma_on_cuda_at_flash_dims(tokens):
 
 
 def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
-    """The plan: None off the FP8 grid or with the switch off (opt-in: unset is off); K split (dividing K / 128, at
-    most 8) until a batch-1 call (8 rows) runs 264 programs: 16 weight-row blocks of 128 -> 4, 32 of 64 over the
-    tile-major layout -> 2, 64 -> 1. The split comes from the weight's shape alone, whatever the call's rows
-    (batch invariance): the old plan took it from the rows, and a token alone and in a batch summed differently."""
+    """The plan: None off the FP8 grid or with the switch off (DSV4_FP4_DECODE_MMA=0; unset is on); K split
+    (dividing K / 128, at most 8) until a batch-1 call (8 rows) runs 264 programs: 16 weight-row blocks of 128 ->
+    4, 32 of 64 over the tile-major layout -> 2, 64 -> 1. The split comes from the weight's shape alone, whatever
+    the call's rows (batch invariance): the old plan took it from the rows, and a token alone and in a batch summed
+    differently."""
     from dsv4.ops.moe_pairs import decode_fp8mma_plan
 
     w = torch.zeros(256, 2048, 2048, dtype=torch.int8)
@@ -172,10 +173,10 @@ def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
         assert decode_fp8mma_plan(x, wide, True) == (1, 16, 64, 4)
         assert decode_fp8mma_plan(x[:, :384], w, True) == (1, 16, 128, 4)    # 3 blocks: no split divides
         assert decode_fp8mma_plan(x, w, False) is None
-    monkeypatch.delenv("DSV4_FP4_DECODE_MMA")                                # unset: off over either layout
-    assert decode_fp8mma_plan(x, tiled, True) is None and decode_fp8mma_plan(x, w, True) is None
+    monkeypatch.delenv("DSV4_FP4_DECODE_MMA")                                # unset: on over either layout
+    assert decode_fp8mma_plan(x, tiled, True) == (2, 16, 64, 4) and decode_fp8mma_plan(x, w, True) == (4, 16, 128, 4)
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "0")
-    assert decode_fp8mma_plan(x, tiled, True) is None
+    assert decode_fp8mma_plan(x, tiled, True) is None and decode_fp8mma_plan(x, w, True) is None
 
 
 @pytest.mark.gpu
@@ -202,9 +203,10 @@ def test_decode_kernel_is_batch_invariant_on_cuda(monkeypatch, n, k, tiled):
     x = fake_quant_fp8(torch.randn(eid.numel(), k, device="cuda", generator=gen), 128).bfloat16()
     order = eid.argsort(stable=True)
     with torch.inference_mode():
-        alone = ops.pair_linear(x[:6], eid[:6], w, s, "fp4", fp8_grid=True)
-        batch = ops.pair_linear(x, eid, w, s, "fp4", fp8_grid=True)
-        grouped = ops.grouped_linear(x[order], eid[order], w, s, "fp4", fp8_grid=True)[order.argsort()]
+        alone = ops.pair_linear(x[:6], eid[:6], w, s, "fp4", fp8_grid=True, decode_sized=True)
+        batch = ops.pair_linear(x, eid, w, s, "fp4", fp8_grid=True, decode_sized=True)
+        grouped = ops.grouped_linear(x[order], eid[order], w, s, "fp4", fp8_grid=True,
+                                     decode_sized=True)[order.argsort()]
     assert torch.isfinite(alone).all()
     assert torch.equal(batch[:6], alone) and torch.equal(grouped[:6], alone)
 
@@ -214,7 +216,8 @@ def test_decode_kernel_is_batch_invariant_on_cuda(monkeypatch, n, k, tiled):
 @pytest.mark.parametrize("tokens", [1, 8, 64])
 def test_decode_kernel_is_dispatched_from_both_ops(monkeypatch, tokens):
     """With DSV4_FP4_DECODE_MMA=1, `pair_linear` (pairs in token order) and `grouped_linear` (sorted rows, the MoE's
-    bf16 output scattered to pair order) run the kernel for FP8-grid x and stay within its class of float64."""
+    bf16 output scattered to pair order) run the kernel for FP8-grid x of decode-sized steps (`decode_sized`, the
+    MoE's word) and stay within its class of float64; without `decode_sized` neither runs it."""
     import importlib
 
     from dsv4 import ops
@@ -242,11 +245,14 @@ def test_decode_kernel_is_dispatched_from_both_ops(monkeypatch, tokens):
     x = fake_quant_fp8(torch.randn(ids.numel(), Kf, device="cuda", generator=gen), 128).bfloat16()
     ref, mag = exact_grouped(x, ids, w, s)
     with torch.inference_mode():
-        pairs = ops.pair_linear(x, ids, w, s, "fp4", fp8_grid=True)
+        pairs = ops.pair_linear(x, ids, w, s, "fp4", fp8_grid=True, decode_sized=True)
         order = ids.argsort(stable=True)
         grouped = ops.grouped_linear(x[order], ids[order], w, s, "fp4", fp8_grid=True, out_dtype=torch.bfloat16,
-                                     out_index=order)
-    assert calls == [True, False], calls          # pairs, then sorted rows: the kernel ran both times
+                                     out_index=order, decode_sized=True)
+        # not decode-sized (the caller's step has more than DECODE_KERNEL_MAX_TOKENS tokens): the other kernels
+        ops.pair_linear(x, ids, w, s, "fp4", fp8_grid=True)
+        ops.grouped_linear(x[order], ids[order], w, s, "fp4", fp8_grid=True)
+    assert calls == [True, False], calls          # pairs, then sorted rows: the kernel ran both times, and only them
     assert ((pairs.double() - ref).abs() / mag).max().item() <= 2**-8
     # bf16 output: one more rounding, 2^-9 of |y| <= 2^-9 of sum |x w|
     assert ((grouped.double() - ref).abs() / mag).max().item() <= 2**-8 + 2**-9

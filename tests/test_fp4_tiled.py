@@ -178,7 +178,7 @@ def test_the_model_holds_tile_major_stacks_with_the_same_logits(tiny_ckpt, monke
 def test_dispatched_fp4_calls_are_equal_over_both_layouts_on_cuda(tokens, monkeypatch):
     """At Flash's shapes (K 4096 -> N 2048, 256 experts, top-6), what the MoE dispatches gives bit for bit the same
     result over the tile-major stack as over the stored one: with the decode kernel off, the same kernels (pair
-    GEMV, swapped, direct); with it on (DSV4_FP4_DECODE_MMA=1, opt-in), the decode kernel over
+    GEMV, swapped, direct); with it on (DSV4_FP4_DECODE_MMA=1, the default, and `decode_sized`), the decode kernel over
     the stored layout with the plan the tile-major call took (its plan differs by layout: 64- against 128-row tiles,
     so another K split and another fp32 summation order)."""
     from dsv4.ops.moe_pairs import decode_fp8mma_plan
@@ -210,7 +210,8 @@ def test_dispatched_fp4_calls_are_equal_over_both_layouts_on_cuda(tokens, monkey
         assert plan is not None and plan[2] == 64 and decode_fp8mma_plan(x, w, True)[2] == 128
         want = fp4_decode_fp8mma(x, eid, w, s, split=plan[0], block_m=plan[1], block_n=plan[2],
                                  num_warps=plan[3])
-        assert torch.equal(ops.pair_linear(x, eid, t, s, "fp4", fp8_grid=True), sum_splits(want))
+        assert torch.equal(ops.pair_linear(x, eid, t, s, "fp4", fp8_grid=True, decode_sized=True), sum_splits(want))
         want = fp4_decode_fp8mma(x, eid, w, s, offs=expert_offsets(eid, e), split=plan[0], block_m=plan[1],
                                  block_n=plan[2], num_warps=plan[3])
-        assert torch.equal(ops.grouped_linear(x, eid, t, s, "fp4", fp8_grid=True), sum_splits(want))
+        assert torch.equal(ops.grouped_linear(x, eid, t, s, "fp4", fp8_grid=True, decode_sized=True),
+                           sum_splits(want))

@@ -128,6 +128,45 @@ def test_fixed_shape_steps_pick_sorted_from_the_threshold(tiny_ckpt, monkeypatch
     assert calls == ["routed_loop", "routed_loop", "routed_sorted", "routed_pairs"]
 
 
+def test_fp4_calls_are_decode_sized_by_the_steps_tokens(tiny_ckpt, monkeypatch):
+    """The MoE tells its FP4 calls whether the FP8-MMA decode kernel may take them by the step's tokens (at most
+    `DECODE_KERNEL_MAX_TOKENS`), the same answer for every call of the step, whatever each call's rows: a step and
+    the prefill bucket it is padded to then take the same kernel class (ops/moe_pairs.py)."""
+    import dsv4
+    from dsv4.ops import moe_pairs
+
+    model = dsv4.load_model(tiny_ckpt, dtype=torch.bfloat16, quant_emulation=True, progress=False)
+    moe = model.layers[2].ffn
+    seen = []
+    for op in ("pair_linear", "grouped_linear"):
+        real = getattr(ops, op)
+        monkeypatch.setattr(ops, op, lambda *a, _f=real, **kw: seen.append(kw["decode_sized"]) or _f(*a, **kw))
+    assert moe_pairs.DECODE_KERNEL_MAX_TOKENS == 256 and moe.decode_sized(256) and not moe.decode_sized(257)
+    monkeypatch.setattr(moe_pairs, "DECODE_KERNEL_MAX_TOKENS", 6)      # the tiny model's steps, same rule
+    monkeypatch.setattr("dsv4.model.moe.DECODE_KERNEL_MAX_TOKENS", 6)
+    gen = torch.Generator().manual_seed(26)
+    with torch.no_grad():
+        for n in (6, 7):
+            x = torch.randn(n, model.cfg.dim, generator=gen).bfloat16()
+            weights, ids = moe.gate(x, torch.zeros(n, dtype=torch.long))
+            for path in (moe.routed_pairs, moe.routed_sorted):
+                seen.clear()
+                path(x, weights, ids)
+                assert seen == [n <= 6] * 3, (n, path.__name__, seen)
+
+
+def test_prefill_buckets_must_not_straddle_the_decode_kernel_edge():
+    """Buckets on both sides of DECODE_KERNEL_MAX_TOKENS must include it (else a step padded across it would change
+    kernel class); the engine's buckets (powers of two from 256) always do."""
+    from dsv4.engine.prefill_graphs import DEFAULT_BUCKETS, buckets_up_to, check_bucket_edges
+
+    for sizes in (DEFAULT_BUCKETS, (64, 128), (256,), (512, 1024), (128, 256, 512), buckets_up_to(300),
+                  buckets_up_to(200)):
+        check_bucket_edges(sizes)
+    with pytest.raises(ValueError, match="straddle 256 tokens"):
+        check_bucket_edges((128, 512))
+
+
 @pytest.mark.gpu
 @torch.inference_mode()                             # the fast paths apply without autograd only
 def test_fp4_grouped_gemm_on_cuda_at_flash_dims():

@@ -30,11 +30,13 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from dsv4.engine.graphs import BLOCKS_DYNAMO_CONFIG, capture, compiled
 from dsv4.model.state import ModelState, StepBatch
+from dsv4.ops.moe_pairs import DECODE_KERNEL_MAX_TOKENS
 from dsv4.parity.taps import recording
 
 
-def buckets_up_to(max_tokens: int, smallest: int = 256) -> list[int]:
-    """Token buckets for steps of up to `max_tokens` tokens: powers of two from `smallest`, then `max_tokens`."""
+def buckets_up_to(max_tokens: int, smallest: int = DECODE_KERNEL_MAX_TOKENS) -> list[int]:
+    """Token buckets for steps of up to `max_tokens` tokens: powers of two from `smallest`, then `max_tokens`.
+    The default smallest is the MoE's decode-kernel edge (`check_bucket_edges`)."""
     sizes, n = [], smallest
     while n < max_tokens:
         sizes.append(n)
@@ -47,6 +49,17 @@ def buckets_up_to(max_tokens: int, smallest: int = 256) -> list[int]:
 # 2k 56.7 -> 55.9, 8k 164.1 -> 167.4). Longer steps run `model.step` itself (with compile=: `_long_step`).
 MAX_GRAPH_TOKENS = 2048
 DEFAULT_BUCKETS = tuple(buckets_up_to(MAX_GRAPH_TOKENS))   # 256, 512, 1024, 2048: the engine's default step budget
+
+
+def check_bucket_edges(sizes) -> None:
+    """The MoE chooses its FP4 kernel class by the step's tokens (`ops.moe_pairs.DECODE_KERNEL_MAX_TOKENS`: at most
+    that many, the FP8-MMA decode kernel). A step padded to its bucket must stay on its side of that edge, or the
+    replay and the same step run unpadded would compute its rows in two precision classes (the thirty-second
+    session's prefill-graph failures): buckets on both sides of the edge must include the edge itself."""
+    edge = DECODE_KERNEL_MAX_TOKENS
+    if any(n < edge for n in sizes) and any(n > edge for n in sizes) and edge not in sizes:
+        raise ValueError(f"prefill buckets {sorted(sizes)} straddle {edge} tokens, where the MoE changes its FP4 "
+                         f"kernel class (ops.moe_pairs.DECODE_KERNEL_MAX_TOKENS); include {edge} among them")
 
 
 def output_side(block, h: torch.Tensor, o: torch.Tensor, cis, post, comb, ids: torch.Tensor) -> torch.Tensor:
@@ -177,6 +190,7 @@ class PrefillGraphs:
         segments' block sides, compiled per block kind and bucket (static shapes), before their capture: inductor
         fuses the per-token elementwise work (mHC, norms, RoPE, quantisation emulation, routing) that eager runs
         op by op."""
+        check_bucket_edges(sizes)
         dev = next(model.parameters()).device
         self.model = model
         sides = SIDES if compile is None else tuple(compiled(f, compile) for f in SIDES)

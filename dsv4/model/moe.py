@@ -19,6 +19,7 @@ from dsv4.model.primitives import Linear
 from dsv4.ops import fp4_layout
 from dsv4.ops.grouped_linear import korder_pays
 from dsv4.ops.korder import to_korder
+from dsv4.ops.moe_pairs import DECODE_KERNEL_MAX_TOKENS
 from dsv4.ops.ref import widen
 from dsv4.ops.registry import env_switch
 from dsv4.parity.taps import tap
@@ -237,10 +238,12 @@ class MoE(nn.Module):
         # [n*k, D], pair p = token p // k; quantised once per token for w1 and w3 (as in `routed_sorted`)
         xp = self._quantised_input(ex.w1, x).repeat_interleave(k, dim=0)
         grid = self._fp8_grid(ex.w1)                       # the FP8 grid per 128: the kernels may take FP8 x FP8
-        gate = ops.pair_linear(xp, e, *stacks["w1"], ex.w1.fmt, fp8_grid=grid).to(x.dtype).float()
-        up = ops.pair_linear(xp, e, *stacks["w3"], ex.w3.fmt, fp8_grid=grid).to(x.dtype).float()
+        small = self.decode_sized(n)
+        kernel = {"fp8_grid": grid, "decode_sized": small}
+        gate = ops.pair_linear(xp, e, *stacks["w1"], ex.w1.fmt, **kernel).to(x.dtype).float()
+        up = ops.pair_linear(xp, e, *stacks["w3"], ex.w3.fmt, **kernel).to(x.dtype).float()
         h = ex.hidden(gate, up, weights.reshape(-1, 1)).to(x.dtype)
-        out = self._pair_linear(ex.w2, h, e, stacks["w2"]).to(x.dtype).float()
+        out = self._pair_linear(ex.w2, h, e, stacks["w2"], small).to(x.dtype).float()
         return out.view(n, k, -1).sum(dim=1)
 
     def routed_sorted(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -257,13 +260,14 @@ class MoE(nn.Module):
         # K order end to end where the kernel reads and writes it for free (`ops.korder`): x permuted once per
         # token, w1 / w3 write K-ordered columns, SwiGLU and the per-128 act quant keep it, w2 reads it. The same
         # products and roundings as element order.
-        korder = korder_pays(ids.numel(), x, stacks["w1"][0], ex.w1.fmt, grid)
+        small = self.decode_sized(n)
+        korder = not small and korder_pays(ids.numel(), x, stacks["w1"][0], ex.w1.fmt, grid)
         # Quantised per token, then gathered per pair: the same values (per row and 128 block) for 1/k of the work
         # (8k prefill: 8 x 0.72 ms of MoE fake-quant on the H200 when it ran on the k-times gathered rows).
         xq = self._quantised_input(ex.w1, x)
         xs = (to_korder(xq) if korder else xq)[tok]
         # each expert output rounded to the compute dtype (by the kernel's store) before the fp32 sums
-        layout = {"x_korder": korder, "out_dtype": x.dtype}
+        layout = {"x_korder": korder, "out_dtype": x.dtype, "decode_sized": small}
         gate = ops.grouped_linear(xs, eid, *stacks["w1"], ex.w1.fmt, fp8_grid=grid, out_korder=korder, **layout)
         up = ops.grouped_linear(xs, eid, *stacks["w3"], ex.w3.fmt, fp8_grid=grid, out_korder=korder, **layout)
         h = ex.hidden(gate.float(), up.float(), weights.flatten()[order, None]).to(x.dtype)
@@ -316,9 +320,16 @@ class MoE(nn.Module):
         return ops.fake_quant_fp8(x, 128) if MoE._fp8_grid(linear) else x
 
     @staticmethod
-    def _pair_linear(linear: Linear, x: torch.Tensor, e: torch.Tensor, stack) -> torch.Tensor:
+    def _pair_linear(linear: Linear, x: torch.Tensor, e: torch.Tensor, stack, decode_sized: bool) -> torch.Tensor:
         return ops.pair_linear(MoE._quantised_input(linear, x), e, stack[0], stack[1], linear.fmt,
-                               fp8_grid=MoE._fp8_grid(linear))
+                               fp8_grid=MoE._fp8_grid(linear), decode_sized=decode_sized)
+
+    @staticmethod
+    def decode_sized(tokens: int) -> bool:
+        """May this step's FP4 calls take the FP8-MMA decode kernel? By the step's tokens (padding included), never
+        by a call's rows (`ops.moe_pairs.DECODE_KERNEL_MAX_TOKENS`: a step and its padded prefill bucket take the
+        same kernel class)."""
+        return tokens <= DECODE_KERNEL_MAX_TOKENS
 
     def stacked_experts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """{"w1" | "w2" | "w3": (weight [E, ...], scale [E, ...] or None)} as stored, FP4 weights tile-major where

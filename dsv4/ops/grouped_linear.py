@@ -20,7 +20,9 @@ runs (`korder_pays`), which does all of it in its loads and stores; every other 
 applies them around the plain product, so every path gives the same result for the same layouts.
 `fp8_grid=True` is the caller's word that x is on the FP8 grid per 128-K block (the MoE's act-quant emulation):
 the product is the same, but then the expert-major kernel may run the reference's own FP8 x FP8 arithmetic on
-the tensor cores (`ops/triton/fp4_prefill_fp8mma.py`), opt-in with DSV4_FP4_FP8MMA=1 until measured.
+the tensor cores (`ops/triton/fp4_prefill_fp8mma.py`), opt-in with DSV4_FP4_FP8MMA=1 until measured; with
+`decode_sized=True` as well (the step has at most `moe_pairs.DECODE_KERNEL_MAX_TOKENS` tokens) the split-K FP8-MMA
+decode kernel takes the call (`moe_pairs.decode_fp8mma_plan`, DSV4_FP4_DECODE_MMA).
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ _TWIN_CHUNK = 32                 # rows per gather: 32 dequantised [N, K] matric
 
 def _grouped_linear_twin(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
                          fmt: str, fp8_grid: bool = False, x_korder: bool = False, out_korder: bool = False,
-                         out_dtype: torch.dtype = torch.float32, out_index: torch.Tensor | None = None) -> torch.Tensor:
+                         out_dtype: torch.dtype = torch.float32, out_index: torch.Tensor | None = None,
+                         decode_sized: bool = False) -> torch.Tensor:
     """x [M, K], eid [M] -> [M, N] (float64 accumulation for fp32 inputs, like `pair_linear`; fp32 result unless
-    `out_dtype`); `fp8_grid` changes nothing here (see the module docstring). The layouts (`x_korder`, `out_korder`,
-    `out_index`: see `fp4_grouped_gemm_direct`) are applied around the plain product: x back to element order, the
-    result permuted and scattered after."""
+    `out_dtype`); `fp8_grid` and `decode_sized` change nothing here (see the module docstring). The layouts
+    (`x_korder`, `out_korder`, `out_index`: see `fp4_grouped_gemm_direct`) are applied around the plain product: x
+    back to element order, the result permuted and scattered after."""
     check_layout("grouped_linear", x.shape[0], out_features(weight), out_korder, out_dtype, out_index)
     if x.shape[0] == 0:
         return x.new_zeros(0, out_features(weight), dtype=out_dtype)
@@ -64,7 +67,7 @@ def with_layout(y: torch.Tensor, out_korder: bool, out_dtype: torch.dtype, out_i
 grouped_linear = dispatch("grouped_linear", _grouped_linear_twin)
 
 
-def _fp4_applies(x, eid, weight, scale, fmt, fp8_grid=False, **layout) -> bool:
+def _fp4_applies(x, eid, weight, scale, fmt, fp8_grid=False, decode_sized=False, **layout) -> bool:
     return (fmt == "fp4" and x.is_cuda and x.shape[1] % 128 == 0 and not torch.is_grad_enabled()
             and x.dtype in (torch.bfloat16, torch.float32))
 
@@ -78,10 +81,11 @@ _PACKED_BELOW = 16
 
 
 def _fp4_kernel(x, eid, weight, scale, fmt, fp8_grid=False, x_korder=False, out_korder=False,
-                out_dtype=torch.float32, out_index=None):
+                out_dtype=torch.float32, out_index=None, decode_sized=False):
     check_layout("grouped_linear", x.shape[0], out_features(weight), out_korder, out_dtype, out_index)
-    plan = (decode_fp8mma_plan(x, weight, fp8_grid)
-            if x.shape[0] < DIRECT_FROM * weight.shape[0] else None)     # decode batches: a few rows per expert
+    # decode batches and short prefill steps, by the step's tokens (`moe_pairs.DECODE_KERNEL_MAX_TOKENS`), never by
+    # this call's rows: a step and its padded bucket must take the same kernel class
+    plan = decode_fp8mma_plan(x, weight, fp8_grid) if decode_sized else None
     if plan is not None:
         from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets
 

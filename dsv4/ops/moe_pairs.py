@@ -5,7 +5,8 @@
 kernel (`ops/triton/fp4_gemv.py`) decodes FP4 in-kernel and reads only those experts. Both accumulate in fp32.
 `fp8_grid=True` is the caller's word that x is on the FP8 grid per 128-K block (the MoE's act-quant emulation):
 the product is the same, and then the split-K FP8-MMA decode kernel may take the call (`decode_fp8mma_plan`,
-`ops/triton/fp4_decode_fp8mma.py`: the reference's FP8 x FP8 arithmetic; DSV4_FP4_DECODE_MMA).
+`ops/triton/fp4_decode_fp8mma.py`: the reference's FP8 x FP8 arithmetic; DSV4_FP4_DECODE_MMA) where the caller
+also says `decode_sized=True`: its step has at most `DECODE_KERNEL_MAX_TOKENS` tokens (the MoE decides; below).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from dsv4.ops.split_sum import sum_splits
 
 
 def _pair_linear_twin(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                      fmt: str, fp8_grid: bool = False) -> torch.Tensor:
-    """x [P, K], ids [P] -> fp32 [P, N] (float64 accumulation for fp32 inputs, like `ops.dense`); `fp8_grid`
-    changes nothing here (the module docstring)."""
+                      fmt: str, fp8_grid: bool = False, decode_sized: bool = False) -> torch.Tensor:
+    """x [P, K], ids [P] -> fp32 [P, N] (float64 accumulation for fp32 inputs, like `ops.dense`); `fp8_grid` and
+    `decode_sized` change nothing here (the module docstring)."""
     acc = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
     w = _dequant_gathered(weight[ids], None if scale is None else scale[ids], fmt)
     return torch.einsum("pk,pnk->pn", x.to(acc), w.to(acc)).float()
@@ -38,12 +39,12 @@ def _dequant_gathered(w: torch.Tensor, s: torch.Tensor | None, fmt: str) -> torc
 pair_linear = dispatch("pair_linear", _pair_linear_twin)
 
 
-def _fp4_applies(x, ids, weight, scale, fmt, fp8_grid=False) -> bool:
+def _fp4_applies(x, ids, weight, scale, fmt, fp8_grid=False, decode_sized=False) -> bool:
     return fmt == "fp4" and x.is_cuda and x.shape[1] % 128 == 0 and not torch.is_grad_enabled()
 
 
-def _fp4_kernel(x, ids, weight, scale, fmt, fp8_grid=False):
-    plan = decode_fp8mma_plan(x, weight, fp8_grid)
+def _fp4_kernel(x, ids, weight, scale, fmt, fp8_grid=False, decode_sized=False):
+    plan = decode_fp8mma_plan(x, weight, fp8_grid) if decode_sized else None
     if plan is not None:
         # the partials' sum is traced with the caller: under compile it fuses into the consumer (SwiGLU, the sum)
         return sum_splits(_fp4_decode_fp8mma(x.contiguous(), ids, weight, scale, None, *plan))
@@ -55,26 +56,34 @@ _WAVE_PROGRAMS = 2 * 132          # programs per call from which splitting K sto
 # rows: the split sets the fp32 summation order of a row's partials, so a row must get it from the weight's shape,
 # never from its batch (batch invariance: a request's tokens alone and in a batch are the same bits).
 _PLAN_ROWS = 8
+# The MoE steps (tokens, padding included) whose FP4 calls may take the FP8-MMA decode kernel: every decode batch
+# up to this size, and prefill steps this short. The token count, not the call's rows, chooses the kernel, and this
+# is the smallest prefill bucket (`engine.prefill_graphs.buckets_up_to`, which checks it), so a step and the bucket
+# it is padded to take the same kernel class (see `decode_fp8mma_plan`). Decode batches above it (max_num_seqs >
+# 256) would take the fp32-class kernels: a token's bits then differ between batches below and above it.
+DECODE_KERNEL_MAX_TOKENS = 256
 
 
 def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool) -> tuple[int, int, int, int] | None:
     """(split, block_m, block_n, num_warps) of the split-K FP8-MMA decode kernel, or None where it does not run:
     x off the FP8 grid (its FP8 x FP8 products would not be exact), K not a multiple of 128, or
-    DSV4_FP4_DECODE_MMA off (opt-in: unset is off, below).
+    DSV4_FP4_DECODE_MMA=0 (on by default since the thirty-sixth session; the callers also gate it by the step's
+    tokens, `DECODE_KERNEL_MAX_TOKENS`).
     16 tokens per tile (8-token tiles, fewer instructions offline, ran 2x slower on the H100 with Triton 3.6:
     bench/results/h100_s30); K split until a batch-1 call (`_PLAN_ROWS` rows, one program per row and weight-row
     block) runs `_WAVE_PROGRAMS` programs, the same split at every batch (`_PLAN_ROWS`). Measured on H100s: over
     the stored layout not faster than the kernels dispatched there (h100_s30: bs1 29.4 against 22.8 us a call,
     bs64 565 against 572); over the tile-major layout the fastest at every decode batch (h100_s31, the bench's decode
     step: bs1 1.85 -> 1.72 ms, bs8 3.33 -> 3.18, bs64 8.51 -> 7.58 against the pair GEMV and the swapped kernel over
-    the same layout). NOT the default: its FP8 MMA accumulates each 32-K sub-block below fp32 (the reference
-    fp4_gemm's class), so where another path of the engine computes the same rows with the fp32-accumulating kernels
-    (the general step's direct kernel against a captured prefill segment's decode kernel) the two now differ by
-    more than this engine's bf16 bounds: h100_s32 call A, with it the default, failed test_prefill_graphs' replay
-    and compiled-replay tests (cosine 0.994 and 0.928 against model.step on the tiny random model) and
-    test_engine's batch invariance (its split then came from the call's rows, fixed since)."""
+    the same layout).
+    Precision class: its FP8 MMA accumulates each 32-K sub-block below fp32 (the reference fp4_gemm's class). From
+    the thirty-second to the thirty-fifth session it was opt-in because the row count chose it: where padding moved
+    a step across that threshold, the general step and its captured prefill segment computed the same rows in two
+    classes (h100_s32 call A: test_prefill_graphs' replay tests, cosine 0.994 and 0.928 on the tiny random model).
+    Now the step's token count chooses it, and `DECODE_KERNEL_MAX_TOKENS` is a prefill bucket edge, so a step and
+    its padded bucket always take the same class."""
     if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] % 128 == 0
-            and env_switch("DSV4_FP4_DECODE_MMA")):
+            and env_switch("DSV4_FP4_DECODE_MMA", default=True)):
         return None
     # 64 weight rows per program over the tile-major layout (its tile: one contiguous 4 KB run per 128-K block;
     # h100_s30 call B, h100_s32 call C: 16 x 64 with 4 warps and 3 stages the fastest there at bs8 and bs64), 128

@@ -30,8 +30,9 @@ slower than 16 with Triton 3.6. Every tensor-core FP4 kernel lands at ~1.6 TB/s 
 count: the fetch pattern (BLOCK_N rows 2 KB apart, 64 bytes of each per step) is the limit. Over a tile-major copy
 of the weights (each program's 128-K block one contiguous run; now `dsv4.ops.fp4_layout`, which every FP4 kernel
 reads) the same kernel at 16 x 64 took bs8 to 111.5 us (-20 %) and bs64 to 439 us (-24 %, 2.08 TB/s). So the
-kernel stays opt-in (DSV4_FP4_DECODE_MMA=1) as the base of that layout; `unroll` (UNROLL blocks per loop step:
-each row's next 64 x UNROLL bytes requested together) is the cheaper variant over the stored layout.
+kernel became the base of that layout; `unroll` (UNROLL blocks per loop step: each row's next 64 x UNROLL bytes
+requested together) is the cheaper variant over the stored layout. Dispatch: the MoE's steps of at most
+`ops.moe_pairs.DECODE_KERNEL_MAX_TOKENS` tokens (DSV4_FP4_DECODE_MMA, on by default; see `decode_fp8mma_plan`).
 """
 
 from __future__ import annotations
