@@ -155,7 +155,7 @@ def test_decode_fp8mma_on_cuda_at_flash_dims(tokens):
 
 
 def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
-    """The plan: None off the FP8 grid or with the switch off (DSV4_FP4_DECODE_MMA=0; unset is on); K split
+    """The plan: None off the FP8 grid or with the switch off (DSV4_FP4_DECODE_MMA=0; unset: off); K split
     (dividing K / 128, at most 8) until a batch-1 call (8 rows) runs 264 programs: 16 weight-row blocks of 128 ->
     4, 32 of 64 over the tile-major layout -> 2, 64 -> 1. The split comes from the weight's shape alone, whatever
     the call's rows (batch invariance): the old plan took it from the rows, and a token alone and in a batch summed
@@ -173,8 +173,8 @@ def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
         assert decode_fp8mma_plan(x, wide, True) == (1, 16, 64, 4)
         assert decode_fp8mma_plan(x[:, :384], w, True) == (1, 16, 128, 4)    # 3 blocks: no split divides
         assert decode_fp8mma_plan(x, w, False) is None
-    monkeypatch.delenv("DSV4_FP4_DECODE_MMA")                                # unset: on over either layout
-    assert decode_fp8mma_plan(x, tiled, True) == (2, 16, 64, 4) and decode_fp8mma_plan(x, w, True) == (4, 16, 128, 4)
+    monkeypatch.delenv("DSV4_FP4_DECODE_MMA")                                # unset: off over either layout
+    assert decode_fp8mma_plan(x, tiled, True) is None and decode_fp8mma_plan(x, w, True) is None
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "0")
     assert decode_fp8mma_plan(x, tiled, True) is None and decode_fp8mma_plan(x, w, True) is None
 

@@ -178,7 +178,7 @@ def test_the_model_holds_tile_major_stacks_with_the_same_logits(tiny_ckpt, monke
 def test_dispatched_fp4_calls_are_equal_over_both_layouts_on_cuda(tokens, monkeypatch):
     """At Flash's shapes (K 4096 -> N 2048, 256 experts, top-6), what the MoE dispatches gives bit for bit the same
     result over the tile-major stack as over the stored one: with the decode kernel off, the same kernels (pair
-    GEMV, swapped, direct); with it on (DSV4_FP4_DECODE_MMA=1, the default, and `decode_sized`), the decode kernel over
+    GEMV, swapped, direct); with it on (DSV4_FP4_DECODE_MMA=1, opt-in, and `decode_sized`), the decode kernel over
     the stored layout with the plan the tile-major call took (its plan differs by layout: 64- against 128-row tiles,
     so another K split and another fp32 summation order)."""
     from dsv4.ops.moe_pairs import decode_fp8mma_plan

@@ -62,13 +62,15 @@ _PLAN_ROWS = 8
 # it is padded to take the same kernel class (see `decode_fp8mma_plan`). Decode batches above it (max_num_seqs >
 # 256) would take the fp32-class kernels: a token's bits then differ between batches below and above it.
 DECODE_KERNEL_MAX_TOKENS = 256
+# DSV4_FP4_DECODE_MMA's default: off, so a request's tokens do not depend on the steps it shares (`decode_fp8mma_plan`).
+DECODE_MMA_DEFAULT = False
 
 
 def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool) -> tuple[int, int, int, int] | None:
     """(split, block_m, block_n, num_warps) of the split-K FP8-MMA decode kernel, or None where it does not run:
     x off the FP8 grid (its FP8 x FP8 products would not be exact), K not a multiple of 128, or
-    DSV4_FP4_DECODE_MMA=0 (on by default since the thirty-sixth session; the callers also gate it by the step's
-    tokens, `DECODE_KERNEL_MAX_TOKENS`).
+    DSV4_FP4_DECODE_MMA off (opt-in, `DECODE_MMA_DEFAULT`; the callers also gate it by the step's tokens,
+    `DECODE_KERNEL_MAX_TOKENS`).
     16 tokens per tile (8-token tiles, fewer instructions offline, ran 2x slower on the H100 with Triton 3.6:
     bench/results/h100_s30); K split until a batch-1 call (`_PLAN_ROWS` rows, one program per row and weight-row
     block) runs `_WAVE_PROGRAMS` programs, the same split at every batch (`_PLAN_ROWS`). Measured on H100s: over
@@ -76,14 +78,18 @@ def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool) ->
     bs64 565 against 572); over the tile-major layout the fastest at every decode batch (h100_s31, the bench's decode
     step: bs1 1.85 -> 1.72 ms, bs8 3.33 -> 3.18, bs64 8.51 -> 7.58 against the pair GEMV and the swapped kernel over
     the same layout).
-    Precision class: its FP8 MMA accumulates each 32-K sub-block below fp32 (the reference fp4_gemm's class). From
-    the thirty-second to the thirty-fifth session it was opt-in because the row count chose it: where padding moved
-    a step across that threshold, the general step and its captured prefill segment computed the same rows in two
-    classes (h100_s32 call A: test_prefill_graphs' replay tests, cosine 0.994 and 0.928 on the tiny random model).
-    Now the step's token count chooses it, and `DECODE_KERNEL_MAX_TOKENS` is a prefill bucket edge, so a step and
-    its padded bucket always take the same class."""
+    Precision class: its FP8 MMA accumulates each 32-K sub-block below fp32 (the reference fp4_gemm's class), the
+    other FP4 kernels in fp32. Up to the thirty-fifth session the call's row count chose it, so a general step and
+    its padded prefill bucket could compute the same rows in two classes (h100_s32 call A: test_prefill_graphs'
+    replay tests, cosine 0.994 and 0.928 on the tiny random model). Now the step's token count chooses it, and
+    `DECODE_KERNEL_MAX_TOKENS` is a prefill bucket edge: those tests pass with it on (h100_s36 call B). It stays
+    opt-in for the engine's mixed steps: a request's decode tokens computed in a step of more than 256 tokens
+    (prefill chunks beside them) take the fp32 class, alone the FP8-MMA one, and on the tiny random model the
+    difference flips greedy tokens (h100_s36 call A: test_engine::test_cuda_defaults_give_the_same_tokens, the
+    only failure with it on). Measured (h100_s36, one H100): decode bs1 / bs8 1.46 / 2.78 ms against 1.47 /
+    2.93 without; bs64 7.63 ms (8.31 on the thirty-fifth session's card without)."""
     if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] % 128 == 0
-            and env_switch("DSV4_FP4_DECODE_MMA", default=True)):
+            and env_switch("DSV4_FP4_DECODE_MMA", default=DECODE_MMA_DEFAULT)):
         return None
     # 64 weight rows per program over the tile-major layout (its tile: one contiguous 4 KB run per 128-K block;
     # h100_s30 call B, h100_s32 call C: 16 x 64 with 4 warps and 3 stages the fastest there at bs8 and bs64), 128

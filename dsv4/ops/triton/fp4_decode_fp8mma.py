@@ -32,7 +32,7 @@ of the weights (each program's 128-K block one contiguous run; now `dsv4.ops.fp4
 reads) the same kernel at 16 x 64 took bs8 to 111.5 us (-20 %) and bs64 to 439 us (-24 %, 2.08 TB/s). So the
 kernel became the base of that layout; `unroll` (UNROLL blocks per loop step: each row's next 64 x UNROLL bytes
 requested together) is the cheaper variant over the stored layout. Dispatch: the MoE's steps of at most
-`ops.moe_pairs.DECODE_KERNEL_MAX_TOKENS` tokens (DSV4_FP4_DECODE_MMA, on by default; see `decode_fp8mma_plan`).
+`ops.moe_pairs.DECODE_KERNEL_MAX_TOKENS` tokens with DSV4_FP4_DECODE_MMA=1 (opt-in: `decode_fp8mma_plan`).
 """
 
 from __future__ import annotations
