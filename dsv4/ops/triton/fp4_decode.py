@@ -58,6 +58,11 @@ _BYTES_TO_F16_MUL_LO, _BYTES_TO_F16_MUL_HI = (
 _PAIRS_TO_F16_MUL = tl.constexpr(
     "{ .reg .b32 m, s, a, b; " + _half2_ptx("a", "$2", 0) + " " + _half2_ptx("b", "$2", 3)
     + " prmt.b32 m, a, b, 0x5410; prmt.b32 s, a, b, 0x7632; mul.rn.f16x2 $0, m, $3; mul.rn.f16x2 $1, s, $4; }")
+# One word (pack=4: its four bytes) -> fp16x2 of its nibbles (j, j + 4) for j = 2h, 2h + 1 (h = 0: `_WORD_F16_LO`,
+# 1: `_HI`), two outputs: the word formula (5 ops a register, no regrouping), for the fp16 decode kernel's dot order.
+_WORD_F16_LO, _WORD_F16_HI = (
+    tl.constexpr("{ .reg .b32 m, s; " + _half2_ptx("$0", "$2", 2 * h) + " " + _half2_ptx("$1", "$2", 2 * h + 1)
+                 + " }") for h in (0, 1))
 # Four bytes -> e4m3 (value * 2^-6) of their low / high nibbles, one register in, one out.
 _BYTES_TO_E4M3_LO = tl.constexpr("{ .reg .b32 m, s; shl.b32 m, $1, 2; shl.b32 s, $1, 4; "
                                  "and.b32 m, m, 0x1C1C1C1C; and.b32 s, s, 0x80808080; or.b32 $0, m, s; }")
@@ -123,6 +128,21 @@ def e2m1_pair_f16_mul(byte, factor, PACKED: tl.constexpr):
         return tl.inline_asm_elementwise(_PAIRS_TO_F16_MUL, "=r,=r,r,r,r", [tl.join(byte, byte),
                                          tl.join(factor, factor)], dtype=tl.float16, is_pure=True, pack=4)
     return tl.join(e2m1_byte_f16(byte, False, False) * factor, e2m1_byte_f16(byte, True, False) * factor)
+
+
+@triton.jit
+def e2m1_word_f16_half(byte, H: tl.constexpr, PACKED: tl.constexpr):
+    """uint8 bytes [BN, C, 4] (each row of 4 one little-endian word, its elements 0-7 the nibbles) -> fp16
+    [BN, C, 4]: elements (2H, 2H + 4, 2H + 1, 2H + 5) of each word, value * 2^-14 (the fp16x2 registers of its
+    nibbles (j, j + 4), j = 2H, 2H + 1)."""
+    if PACKED:
+        asm: tl.constexpr = _WORD_F16_HI if H else _WORD_F16_LO
+        return tl.inline_asm_elementwise(asm, "=r,=r,r", [byte], dtype=tl.float16, is_pure=True, pack=4)
+    t0, t1 = tl.split(tl.reshape(byte, [byte.shape[0], byte.shape[1], 2, 2]))      # byte 2g + t: [BN, C, g]
+    sel = (t1 if H else t0).to(tl.int32)                              # bytes H and H + 2
+    lo, hi = sel & 0xF, (sel >> 4) & 0xF
+    code = tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), byte.shape)         # (lo, lo, hi, hi)
+    return (((code & 7) << 9) | ((code & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit

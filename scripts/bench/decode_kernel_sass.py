@@ -1,0 +1,39 @@
+"""The split-K FP4 decode kernel (`ops/triton/fp4_decode_fp8mma.py`) compiled offline for sm_90 (H100/H200) with
+Triton's bundled ptxas, FP8-MMA against fp16-MMA variant (`f16`): registers, spills, the MMA instruction and the
+SASS instructions per weight element of the K loops (`grouped_prefill_regs.py`'s counting), at the bench's decode
+configuration (16 tokens x 64 weight rows, 4 warps, tile-major weights, K 4096 split 2). No GPU needed: it screens
+the variant before a GPU session measures it.
+Usage: python3 scripts/bench/decode_kernel_sass.py
+"""
+
+from grouped_prefill_regs import _loop_counts, _ptxas_usage, compiled  # this directory is on sys.path as a script
+
+from dsv4.ops.triton.fp4_decode_fp8mma import _fp4_decode_fp8mma
+
+K, SPLIT, E = 4096, 2, 256
+
+
+def report(f16: bool, pairs: bool, block_m: int = 16, block_n: int = 64, num_warps: int = 4) -> dict:
+    sig = {"xq_ptr": "*fp16" if f16 else "*fp8e4nv", "xs_ptr": "*fp32", "eid_ptr": "*i64", "offs_ptr": "*i32",
+           "w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32"}
+    consts = {"K": K, "HALF": K // 2, "N_SCALES": K // 32, "BLOCKS_PER_SPLIT": K // 128 // SPLIT, "E": E,
+              "E_POW2": E, "BLOCK_M": block_m, "BLOCK_N": block_n, "PAIRS": pairs, "HW": True, "ASM": True,
+              "TILED": True, "UNROLL": 1, "F16": f16}
+    kernel = compiled(_fp4_decode_fp8mma, sig, consts, 7, num_warps)
+    regs, spill_st, spill_ld = _ptxas_usage(kernel)
+    counts, mma, local = _loop_counts(kernel, block_n, num_warps)
+    return {"regs": regs, "spill_bytes": spill_st + spill_ld, "mma": mma, "loops": counts, "k_loop_spills": local}
+
+
+def main() -> None:
+    for pairs in (True, False):
+        for f16 in (False, True):
+            r = report(f16, pairs)
+            loops = " / ".join(f"{c:.2f}" for c in r["loops"])
+            print(f"{'pairs' if pairs else 'sorted':<7}{'fp16 MMA' if f16 else 'FP8 MMA':<9} {r['regs']:>3} regs, "
+                  f"spills {r['spill_bytes']} B, {r['mma']}, K loops {loops} instr/weight"
+                  f"{' (spills in them)' if r['k_loop_spills'] else ''}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
