@@ -21,8 +21,8 @@ applies them around the plain product, so every path gives the same result for t
 `fp8_grid=True` is the caller's word that x is on the FP8 grid per 128-K block (the MoE's act-quant emulation):
 the product is the same, but then the expert-major kernel may run the reference's own FP8 x FP8 arithmetic on
 the tensor cores (`ops/triton/fp4_prefill_fp8mma.py`), opt-in with DSV4_FP4_FP8MMA=1 until measured; with
-`decode_sized=True` as well (the step has at most `moe_pairs.DECODE_KERNEL_MAX_TOKENS` tokens) the split-K FP8-MMA
-decode kernel takes the call (`moe_pairs.decode_fp8mma_plan`, DSV4_FP4_DECODE_MMA).
+`decode_sized=True` as well (the step has at most `moe_pairs.DECODE_KERNEL_MAX_TOKENS` tokens) the split-K decode
+kernel takes the call where switched on (`moe_pairs.decode_fp8mma_plan`: DSV4_FP4_DECODE_MMA / _F16).
 """
 
 from __future__ import annotations
