@@ -296,3 +296,57 @@ def test_unroll_switch_is_checked_and_capped(monkeypatch):
     monkeypatch.setenv("DSV4_FP4_UNROLL", "3")
     with pytest.raises(ValueError, match="DSV4_FP4_UNROLL"):
         unroll_from_env(4096)
+
+
+def test_f16_prefill_plan_is_opt_in_and_sized_by_rows_per_expert(monkeypatch):
+    """DSV4_FP4_F16_PREFILL=1: the fp16 variant may take prefill calls (not decode-sized) of up to 64 rows per expert
+    on the FP8 grid, one K split, a token tile of ~1.25x the mean rows per expert (16 / 32 / 64); unset: never.
+    Where it would run, the MoE does not ask for K order (only the direct kernel reads it for free)."""
+    from dsv4.ops.grouped_linear import f16_prefill_plan, korder_pays
+
+    w = torch.empty(256, 2048, 2048, dtype=torch.int8, device="meta")
+    tiled = torch.empty(256, 32, 32, 64, 64, dtype=torch.int8, device="meta")
+    x = torch.empty(1, 4096, dtype=torch.bfloat16)
+    monkeypatch.delenv("DSV4_FP4_F16_PREFILL", raising=False)
+    assert f16_prefill_plan(6144, x, w, True) is None
+    monkeypatch.setenv("DSV4_FP4_F16_PREFILL", "1")
+    assert f16_prefill_plan(6144, x, w, True) == (1, 32, 128, 4, True)           # 1k at Flash: 24 rows per expert
+    assert f16_prefill_plan(6144, x, tiled, True) == (1, 32, 64, 4, True)
+    assert f16_prefill_plan(12288, x, w, True) == (1, 64, 128, 4, True)          # 2k
+    assert f16_prefill_plan(2048, x, w, True) == (1, 16, 128, 4, True)
+    assert f16_prefill_plan(49152, x, w, True) is None                           # 8k: the direct kernel's
+    assert f16_prefill_plan(6144, x, w, False) is None                           # off the FP8 grid
+    assert not korder_pays(6144, x, w, "fp4", True)                              # (on the CPU never anyway)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_f16_prefill_takes_a_1k_call_in_the_direct_kernels_class_on_cuda(monkeypatch):
+    """DSV4_FP4_F16_PREFILL=1 at a 1k-token step's shape (6144 sorted rows over 256 experts, K 4096 -> N 2048, the
+    tile-major stack): `grouped_linear` runs the fp16 variant (32-token tiles) and agrees with float64 within the
+    fp32 class bound of the flash-dims test (2^-16 of sum |x w|), as the direct kernel it stands in for does."""
+    import importlib
+
+    from dsv4 import ops
+    from dsv4.ops import fp4_layout
+    from dsv4.quant import fake_quant_fp8
+
+    grouped_linear = importlib.import_module("dsv4.ops.grouped_linear")
+    calls = []
+    kernel = grouped_linear._fp4_decode_fp8mma
+    monkeypatch.setattr(grouped_linear, "_fp4_decode_fp8mma", lambda *a: calls.append(a[5:]) or kernel(*a))
+    gen = torch.Generator("cuda").manual_seed(41)
+    E, N, Kf = 256, 2048, 4096
+    w = torch.randint(-128, 128, (E, N, Kf // 2), dtype=torch.int8, device="cuda", generator=gen)
+    s = torch.randint(118, 125, (E, N, Kf // 32), dtype=torch.uint8, device="cuda", generator=gen)
+    s = s.view(torch.float8_e8m0fnu)
+    eid = torch.rand(1024, E, device="cuda", generator=gen).topk(6, dim=-1).indices.flatten().sort().values
+    x = fake_quant_fp8(torch.randn(eid.numel(), Kf, device="cuda", generator=gen), 128).bfloat16()
+    ref, mag = exact_grouped(x, eid, w, s)
+    with torch.inference_mode():
+        direct = ops.grouped_linear(x, eid, fp4_layout.to_tiled(w), s, "fp4", fp8_grid=True)
+        monkeypatch.setenv("DSV4_FP4_F16_PREFILL", "1")
+        got = ops.grouped_linear(x, eid, fp4_layout.to_tiled(w), s, "fp4", fp8_grid=True)
+    assert calls == [(1, 32, 64, 4, True)], calls
+    assert ((got.double() - ref).abs() / mag).max().item() <= 2**-16
+    assert ((direct.double() - ref).abs() / mag).max().item() <= 2**-16
