@@ -344,3 +344,20 @@ def test_prequantised_x_is_bit_identical_on_cuda(m, n, k):
         want = fp8_linear_small_m(x, w, s, True, out_dtype=dtype, prequant=False)
         assert torch.isfinite(want).all()
         assert torch.equal(fp8_linear_small_m(x, w, s, True, out_dtype=dtype, prequant=True), want)
+
+
+def test_prequant_switches(monkeypatch):
+    """DSV4_FP8_PREQUANT=1: every M; DSV4_FP8_PREQUANT_MAX_M=R: M <= R; neither: never; a bad value: an error."""
+    from dsv4.ops.triton.fp8_linear import prequant_from_env
+
+    monkeypatch.delenv("DSV4_FP8_PREQUANT", raising=False)
+    monkeypatch.delenv("DSV4_FP8_PREQUANT_MAX_M", raising=False)
+    assert not any(prequant_from_env(m) for m in (1, 8, 64))
+    monkeypatch.setenv("DSV4_FP8_PREQUANT_MAX_M", "16")
+    assert [prequant_from_env(m) for m in (1, 8, 16, 17, 64)] == [True, True, True, False, False]
+    monkeypatch.setenv("DSV4_FP8_PREQUANT", "1")
+    assert prequant_from_env(64)
+    monkeypatch.setenv("DSV4_FP8_PREQUANT", "0")
+    monkeypatch.setenv("DSV4_FP8_PREQUANT_MAX_M", "sixteen")
+    with pytest.raises(ValueError, match="DSV4_FP8_PREQUANT_MAX_M"):
+        prequant_from_env(1)

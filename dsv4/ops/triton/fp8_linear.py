@@ -190,6 +190,20 @@ def kernel_plan(M: int, N: int, K: int, device: torch.device, block_n: int = 64,
     return split, (triton.cdiv(M, block_m), N // block_n, split)
 
 
+def prequant_from_env(m: int) -> bool:
+    """Quantise x once per call (`fp8_linear_small_m`'s `prequant`) for this call's M rows? DSV4_FP8_PREQUANT=1: at
+    every M; else DSV4_FP8_PREQUANT_MAX_M=R: at M <= R (0 or unset: never). Measured once (H100, h100_s33 call B,
+    with the host time then in the figure): decode bs1 / 8 / 64 -0.06 / -0.09 / +0.13 ms at every M, so the
+    per-M switch prices bs1 and bs8 alone. The bits are the same either way (`fp8_block_quant` makes both), so a
+    row's result does not depend on which M took it."""
+    if env_switch("DSV4_FP8_PREQUANT"):
+        return True
+    value = os.environ.get("DSV4_FP8_PREQUANT_MAX_M", "0")
+    if not value.isdigit():
+        raise ValueError(f"DSV4_FP8_PREQUANT_MAX_M must be a row count (0: off), got {value!r}")
+    return m <= int(value)
+
+
 def max_split_from_env() -> int:
     """DSV4_FP8_MAX_SPLIT (default 8; 0: no cap): the most K splits the plan takes. At 8 or fewer, every FP8 linear
     of the compiled decode step has its split sum traced and fused into its consumer
@@ -223,12 +237,13 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     with DSV4_FP8_WIDE_TILES=1 v10's 16 / 32 / 64 rows by M, one row block) other than 16 gives up batch
     invariance: the switch is there to price it in the decode bench. `partials`: return the fp32 partial sums
     [split, M, N] unsummed (the caller adds them in split order: `ops.fp8_linear`). `prequant` (None:
-    DSV4_FP8_PREQUANT, off until measured; act quant on only): x quantised once by `act_quant_fp8` (one launch), the
-    kernel reading its codes and scales, where otherwise every program of the grid (N / block_n x split of them)
-    quantises its x blocks again, ~25 instructions an element; the same codes and scales (`fp8_block_quant` in both),
-    so bit for bit the same result. `groups` > 1 (act quant off): the block-diagonal product
-    (`ops.block_diag_linear`): x [..., G * K], weight [G * R, K] in G blocks of R rows (R a multiple of `block_n`),
-    out [..., G * R], group g's rows multiplying x[..., g*K:(g+1)*K]; the same tiles, split and sums as one group."""
+    `prequant_from_env(M)`, off until measured; act quant on only): x quantised once by `act_quant_fp8` (one
+    launch), the kernel reading its codes and scales, where otherwise every program of the grid (N / block_n x split
+    of them) quantises its x blocks again, ~25 instructions an element; the same codes and scales
+    (`fp8_block_quant` in both), so bit for bit the same result. `groups` > 1 (act quant off): the block-diagonal
+    product (`ops.block_diag_linear`): x [..., G * K], weight [G * R, K] in G blocks of R rows (R a multiple of
+    `block_n`), out [..., G * R], group g's rows multiplying x[..., g*K:(g+1)*K]; the same tiles, split and sums as
+    one group."""
     check_fp8_weight(x, weight, scale, block_n, groups)
     if groups > 1 and act_quant_on:
         raise ValueError("fp8 linear: groups > 1 takes bf16 x (act quant off)")
@@ -245,7 +260,7 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if M:
         counters = (_tile_counters(x.device, grid[0] * grid[1]) if split > 1 and not partials
                     and _fused_sum(fused_sum) else None)
-        pre = act_quant_on and (env_switch("DSV4_FP8_PREQUANT") if prequant is None else prequant)
+        pre = act_quant_on and (prequant_from_env(M) if prequant is None else prequant)
         xs = None
         if pre:
             from dsv4.ops.triton.quant import act_quant_fp8
