@@ -1,11 +1,18 @@
-# Shared by the one-call GPU scripts (switch_checks.sh, transient_checks.sh): `source` it after setting `out`.
-# It makes OUT, puts the repository on PYTHONPATH, and defines
+# Shared by the one-call GPU scripts (switch_checks.sh, transient_checks.sh, call_s37*.sh): `source` it after
+# setting `out`. It makes OUT, installs the carried wheels (.whl, if any) into /tmp/site, puts the repository and
+# then /tmp/site on PYTHONPATH, prints the GPU's name and UUID (which card ran the call), and defines
 #   at LABEL                              seconds since the script started, after each stage
 #   bench NAME "BENCH ARGS" [VAR=VALUE ...]  `dsv4 bench --timing-only --no-transformers BENCH ARGS` with those
 #       variables, into OUT/bench_NAME.json / .log, echoing its timing lines. 200 s: ~35 s of compile + capture
 #       per decode bucket (the eighteenth session lost a bench at 120).
 mkdir -p "$out"
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,uuid --format=csv,noheader
 t0=$(date +%s)
 at() { echo "== $1 at $(( $(date +%s) - t0 )) s"; }
 bench() {

@@ -6,16 +6,11 @@
 # Usage (repository root, on the GPU machine): bash scripts/bench/call_s37a.sh OUT_DIR
 set -u
 out=${1:?usage: call_s37a.sh OUT_DIR}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,uuid --format=csv,noheader
+source scripts/bench/call_lib.sh
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_fp4_decode_fp8mma.py \
     "tests/test_engine.py::test_cuda_defaults_give_the_same_tokens" > "$out/tests.log" 2>&1
 echo "tests rc $?"; grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | tail -12
-for v in 0 1; do
-    DSV4_FP4_DECODE_F16=$v timeout 190 python3 -m dsv4 bench --timing-only --no-transformers --decode-steps 12 \
-        --prefill 128 --no-prefill-graphs --no-compile-prefill --out "$out/decode_f16_$v.json" \
-        > "$out/decode_f16_$v.log" 2>&1
-    echo "DSV4_FP4_DECODE_F16=$v rc $?"; grep -E "ms/step \(|floor_ratio" "$out/decode_f16_$v.log" | cut -c1-170
-done
+decode_only="--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill"
+bench default "$decode_only"
+bench f16 "$decode_only" DSV4_FP4_DECODE_F16=1
+at done

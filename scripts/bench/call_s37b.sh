@@ -6,13 +6,8 @@
 # Usage (repository root, on the GPU machine): bash scripts/bench/call_s37b.sh OUT_DIR
 set -u
 out=${1:?usage: call_s37b.sh OUT_DIR}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,uuid --format=csv,noheader
-DSV4_FP8_PREQUANT_MAX_M=16 timeout 190 python3 -m dsv4 bench --timing-only --no-transformers --decode-steps 12 \
-    --prefill 128 --no-prefill-graphs --no-compile-prefill --out "$out/decode_prequant16.json" \
-    > "$out/decode_prequant16.log" 2>&1
-echo "decode_prequant16 rc $?"; grep -E "ms/step \(|floor_ratio" "$out/decode_prequant16.log" | cut -c1-170
+source scripts/bench/call_lib.sh
+bench prequant16 "--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill" DSV4_FP8_PREQUANT_MAX_M=16
 timeout 150 python3 scripts/bench/fp4_decode_kernels.py --only f16 --tokens 1 8 64 1024 --json "$out/f16_kernels.json" \
     > "$out/f16_kernels.log" 2>&1; echo "kernels rc $?"; grep -vE "^\s*$" "$out/f16_kernels.log" | cut -c1-120 | tail -32
+at done

@@ -141,7 +141,7 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     program per expert with rows. `split` must divide K / 128. block_n: weight rows per program (the wgmma's M, a
     multiple of 64); block_m: tokens per tile (its N, a power of two >= 8).
     `unroll`: 128-K blocks per loop step (dividing the blocks per split), the same sums in the same order.
-    `f16`: the weights decoded to fp16 (value * 2^-14) and x's codes converted to fp16 for the fp16 MMA, whose
+    `f16`: the weights decoded to fp16 (value * 2^-14) and x's codes stored as fp16 for the fp16 MMA, whose
     accumulation is fp32: the fp32 summation class of the other FP4 kernels, where the FP8 MMA's is below it (the
     same products, scalings and orders otherwise)."""
     M, K = x.shape

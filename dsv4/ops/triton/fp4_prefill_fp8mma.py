@@ -77,20 +77,13 @@ def _placed_f16(w_ptr, rows, n_ok, b0, HALF: tl.constexpr, ASM: tl.constexpr, TI
     """fp16 (value * 2^-14, exact) [BN, 32] of the sub-block at packed bytes b0 .. b0 + 15, dot column
     16h + 8q + 2c + p = element 8c + 2h + q + 4p (`X_ORDER_F16`): a thread of the fp16 MMA holds columns 2c, 2c + 1
     (+ 8, 16, 24) of its rows, i.e. the four fp16x2 registers (nibbles j, j + 4) of packed word c, decoded in place
-    by the word formula (`e2m1_word_f16_half`; x is read in the same order, `_x_f16`)."""
+    by the word formula (`e2m1_word_f16_half`; `x_operand(f16=True)` stores x's codes in the same order)."""
     byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None] + _byte_at(b0 + tl.arange(0, 16), TILED)[None, :],
                    mask=n_ok[:, None], other=0)
     words = tl.reshape(byte, [byte.shape[0], 4, 4])                   # [n, word c, byte]
     h0 = tl.reshape(e2m1_word_f16_half(words, 0, ASM), [byte.shape[0], 4, 2, 2])    # [n, c, q, p], h = 0
     h1 = tl.reshape(e2m1_word_f16_half(words, 1, ASM), [byte.shape[0], 4, 2, 2])    # h = 1
     return tl.reshape(tl.permute(tl.join(h0, h1), (0, 4, 2, 1, 3)), [byte.shape[0], 32])
-
-
-@triton.jit
-def _x_f16(xq_row, m_ok, k0):
-    """x's fp16 codes [BM, 32] of the sub-block at K offset k0, stored by `x_operand(f16=True)` in `_placed_f16`'s
-    dot order: one contiguous run (the async copies take it to shared memory as it is)."""
-    return tl.load(xq_row + k0 + tl.arange(0, 32)[None, :], mask=m_ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -180,9 +173,10 @@ def _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF: tl.c
     sw = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rows * (N_SCALES // 4) + kb, mask=n_ok, other=0x7F7F7F7F)
     blk = tl.zeros(acc.shape, dtype=tl.float32)
     for g in tl.static_range(4):
-        if F16:
+        x_at = xq_row + kb * 128 + g * 32 + tl.arange(0, 32)[None, :]
+        if F16:                     # x's fp16 codes stored in `_placed_f16`'s order (`x_operand(f16=True)`)
             w16 = _placed_f16(w_ptr, rows, n_ok, kb * 64 + g * 16, HALF, ASM, TILED)
-            part = _dot16(w16, _x_f16(xq_row, m_ok, kb * 128 + g * 32), HW)
+            part = _dot16(w16, tl.load(x_at, mask=m_ok[:, None], other=0.0), HW)
         else:
             if LUT:
                 byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None, None]
@@ -192,8 +186,7 @@ def _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF: tl.c
                 w = _lut_codes(byte, base + 0x0C080400, base + 0x1C181410, ASM)  # entries mag << 2 (value * 2^-6)
             else:
                 w = _placed_codes(w_ptr, rows, n_ok, kb * 64 + g * 16, HALF, ASM, TILED)
-            xq = tl.load(xq_row + kb * 128 + g * 32 + tl.arange(0, 32)[None, :], mask=m_ok[:, None], other=0.0)
-            part = _dot8(w, xq, HW)
+            part = _dot8(w, tl.load(x_at, mask=m_ok[:, None], other=0.0), HW)
         blk += part * _sub_block_scale(sw, g, EXACT)[:, None]
     return acc + blk * xs[None, :]
 
