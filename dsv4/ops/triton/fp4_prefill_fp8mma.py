@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from dsv4.ops.fp4_layout import is_tiled
-from dsv4.ops.triton.fp4_decode import e2m1_byte_e4m3, e2m1_word_f16_half
-from dsv4.ops.triton.fp4_grouped import _byte_at, _e8m0, _row_at, stack_dims
+from dsv4.ops.triton.fp4_decode import e2m1_byte_e4m3, e2m1_word_f16
+from dsv4.ops.triton.fp4_grouped import _byte_at, _e8m0, _row_at, _row_words, stack_dims
 from dsv4.ops.triton.fp8_linear import _e4m3_bytes_to_f32
 from dsv4.ops.triton.quant import fp8_block_quant
 
@@ -76,14 +76,16 @@ def _placed_codes(w_ptr, rows, n_ok, b0, HALF: tl.constexpr, ASM: tl.constexpr, 
 def _placed_f16(w_ptr, rows, n_ok, b0, HALF: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr):
     """fp16 (value * 2^-14, exact) [BN, 32] of the sub-block at packed bytes b0 .. b0 + 15, dot column
     16h + 8q + 2c + p = element 8c + 2h + q + 4p (`X_ORDER_F16`): a thread of the fp16 MMA holds columns 2c, 2c + 1
-    (+ 8, 16, 24) of its rows, i.e. the four fp16x2 registers (nibbles j, j + 4) of packed word c, decoded in place
-    by the word formula (`e2m1_word_f16_half`; `x_operand(f16=True)` stores x's codes in the same order)."""
-    byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None] + _byte_at(b0 + tl.arange(0, 16), TILED)[None, :],
-                   mask=n_ok[:, None], other=0)
-    words = tl.reshape(byte, [byte.shape[0], 4, 4])                   # [n, word c, byte]
-    h0 = tl.reshape(e2m1_word_f16_half(words, 0, ASM), [byte.shape[0], 4, 2, 2])    # [n, c, q, p], h = 0
-    h1 = tl.reshape(e2m1_word_f16_half(words, 1, ASM), [byte.shape[0], 4, 2, 2])    # h = 1
-    return tl.reshape(tl.permute(tl.join(h0, h1), (0, 4, 2, 1, 3)), [byte.shape[0], 32])
+    (+ 8, 16, 24) of its rows, i.e. the four fp16x2 registers (nibbles j, j + 4) of packed word c, the word formula's
+    registers (`e2m1_word_f16`; `x_operand(f16=True)` stores x's codes in the same order). Each word is one element
+    here, so the order is Triton's semantics, not a layout assumption (h100_s37: the earlier form decoded bytes four
+    to an asm instance and assumed a word's four bytes shared one register; they did not on the GPU)."""
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + _row_words(rows, HALF, TILED)[:, None]
+                    + (_byte_at(b0 + 4 * tl.arange(0, 4), TILED) // 4)[None, :], mask=n_ok[:, None], other=0)
+    e0, e1, e2, e3, e4, e5, e6, e7 = e2m1_word_f16(words, ASM)      # nibble m of word c: [BN, c] each
+    p0 = tl.join(tl.join(e0, e1), tl.join(e2, e3))                   # [BN, c, q, h], p = 0 (m = 2h + q)
+    p1 = tl.join(tl.join(e4, e5), tl.join(e6, e7))                   # p = 1 (m = 4 + 2h + q)
+    return tl.reshape(tl.permute(tl.join(p0, p1), (0, 3, 2, 1, 4)), [words.shape[0], 32])
 
 
 @triton.jit
