@@ -64,7 +64,10 @@ _PLAN_ROWS = 8
 DECODE_KERNEL_MAX_TOKENS = 256
 # DSV4_FP4_DECODE_MMA's default: off, so a request's tokens do not depend on the steps it shares (`decode_fp8mma_plan`).
 DECODE_MMA_DEFAULT = False
-# DSV4_FP4_DECODE_F16's default: the fp16-MMA variant, opt-in until measured on a GPU (thirty-sixth session).
+# DSV4_FP4_DECODE_F16's default: the fp16-MMA variant, opt-in. h100_s37: correct on the GPU after its asm fix (the
+# engine's same-tokens test passes with it on), but that form copied its weights 4 bytes at a time under Triton
+# 3.6 and ran 1.58 / 3.89 / 12.24 ms at bs1 / 8 / 64 against 1.47 / 2.93 / 8.19; the 8-byte copies since are
+# GPU-unrun (the wrong first form, with their copies, replayed 1.42 / 2.88 / 7.97 against 1.41 / 2.90 / 8.17).
 DECODE_F16_DEFAULT = False
 
 
@@ -74,7 +77,7 @@ def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor,
     the FP8 grid (its products would not be exact), K not a multiple of 128, or neither variant switched on:
     DSV4_FP4_DECODE_MMA=1, the FP8 MMA (the reference's class; opt-in, `DECODE_MMA_DEFAULT`), else
     DSV4_FP4_DECODE_F16=1, the same kernel on the fp16 MMA (`f16`: fp32 accumulation, the class of the other FP4
-    kernels; opt-in until measured). The callers also gate both by the step's tokens (`DECODE_KERNEL_MAX_TOKENS`).
+    kernels; opt-in, `DECODE_F16_DEFAULT`). The callers also gate both by the step's tokens (`DECODE_KERNEL_MAX_TOKENS`).
     16 tokens per tile (8-token tiles, fewer instructions offline, ran 2x slower on the H100 with Triton 3.6:
     bench/results/h100_s30); K split until a batch-1 call (`_PLAN_ROWS` rows, one program per row and weight-row
     block) runs `_WAVE_PROGRAMS` programs, the same split at every batch (`_PLAN_ROWS`). Measured on H100s: over

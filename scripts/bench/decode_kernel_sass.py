@@ -1,12 +1,23 @@
 """The split-K FP4 decode kernel (`ops/triton/fp4_decode_fp8mma.py`) compiled offline for sm_90 (H100/H200) with
 Triton's bundled ptxas, FP8-MMA against fp16-MMA variant (`f16`): registers, spills, the MMA instruction and the
 SASS instructions per weight element of the K loops (`grouped_prefill_regs.py`'s counting), at the bench's decode
-configuration (16 tokens x 64 weight rows, 4 warps, tile-major weights, K 4096 split 2). No GPU needed: it screens
-the variant before a GPU session measures it.
+configuration (16 tokens x 64 weight rows, 4 warps, tile-major weights, K 4096 split 2), and the widths of its
+global -> shared async copies (LDGSTS.E = 4 bytes: the fp16 variant's weights came out so under Triton 3.6 and its
+decode step ran 1.5x slower at bs64, h100_s37 call D, while Triton 3.9 gave 8-byte copies). No GPU needed: it
+screens the variant before a GPU session measures it. Screen with the device's Triton (3.6), which may lay the
+kernel out differently from a newer local one: `pip install --no-deps --target /tmp/tri36 triton==3.6.0`, then
+`PYTHONPATH=/tmp/tri36 python3 scripts/bench/decode_kernel_sass.py`.
 Usage: python3 scripts/bench/decode_kernel_sass.py
 """
 
-from grouped_prefill_regs import _loop_counts, _ptxas_usage, compiled  # this directory is on sys.path as a script
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from grouped_prefill_regs import PTXAS, _loop_counts, _ptxas_usage, compiled  # this directory is on sys.path
 
 from dsv4.ops.triton.fp4_decode_fp8mma import _fp4_decode_fp8mma
 
@@ -22,17 +33,29 @@ def report(f16: bool, pairs: bool, block_m: int = 16, block_n: int = 64, num_war
     kernel = compiled(_fp4_decode_fp8mma, sig, consts, 7, num_warps)
     regs, spill_st, spill_ld = _ptxas_usage(kernel)
     counts, mma, local = _loop_counts(kernel, block_n, num_warps)
-    return {"regs": regs, "spill_bytes": spill_st + spill_ld, "mma": mma, "loops": counts, "k_loop_spills": local}
+    return {"regs": regs, "spill_bytes": spill_st + spill_ld, "mma": mma, "loops": counts, "k_loop_spills": local,
+            "async_copies": _async_copies(kernel)}
+
+
+def _async_copies(kernel) -> dict[str, int]:
+    """LDGSTS instructions of the whole kernel by width (E = 4 bytes, E.64, E.128)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(PTXAS.parent / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    return dict(Counter(re.findall(r"\sLDGSTS\.(E(?:\.\d+)?)", sass)))
 
 
 def main() -> None:
+    print(f"Triton {triton.__version__}")
     for pairs in (True, False):
         for f16 in (False, True):
             r = report(f16, pairs)
             loops = " / ".join(f"{c:.2f}" for c in r["loops"])
             print(f"{'pairs' if pairs else 'sorted':<7}{'fp16 MMA' if f16 else 'FP8 MMA':<9} {r['regs']:>3} regs, "
                   f"spills {r['spill_bytes']} B, {r['mma']}, K loops {loops} instr/weight"
-                  f"{' (spills in them)' if r['k_loop_spills'] else ''}", flush=True)
+                  f"{' (spills in them)' if r['k_loop_spills'] else ''}; async copies {r['async_copies']}", flush=True)
 
 
 if __name__ == "__main__":

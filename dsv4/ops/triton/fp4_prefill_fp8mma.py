@@ -80,8 +80,12 @@ def _placed_f16(w_ptr, rows, n_ok, b0, HALF: tl.constexpr, ASM: tl.constexpr, TI
     registers (`e2m1_word_f16`; `x_operand(f16=True)` stores x's codes in the same order). Each word is one element
     here, so the order is Triton's semantics, not a layout assumption (h100_s37: the earlier form decoded bytes four
     to an asm instance and assumed a word's four bytes shared one register; they did not on the GPU)."""
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + _row_words(rows, HALF, TILED)[:, None]
-                    + (_byte_at(b0 + 4 * tl.arange(0, 4), TILED) // 4)[None, :], mask=n_ok[:, None], other=0)
+    # b0 is a multiple of 16 and K of 128, so each row's sub-block is 16 aligned bytes in either layout: written as
+    # an aligned start (`multiple_of`: Triton cannot see through the // 4) + arange, the load is one 16-byte copy
+    # per row (`_byte_at` of each word gave 4-byte copies, h100_s37 call D: the step 1.5x slower at bs64)
+    at = tl.multiple_of(_row_words(rows, HALF, TILED) + _byte_at(b0, TILED) // 4, 4)
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + at[:, None] + tl.arange(0, 4)[None, :],
+                    mask=n_ok[:, None], other=0)
     e0, e1, e2, e3, e4, e5, e6, e7 = e2m1_word_f16(words, ASM)      # nibble m of word c: [BN, c] each
     p0 = tl.join(tl.join(e0, e1), tl.join(e2, e3))                   # [BN, c, q, h], p = 0 (m = 2h + q)
     p1 = tl.join(tl.join(e4, e5), tl.join(e6, e7))                   # p = 1 (m = 4 + 2h + q)
