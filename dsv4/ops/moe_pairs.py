@@ -77,7 +77,8 @@ def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor,
     the FP8 grid (its products would not be exact), K not a multiple of 128, or neither variant switched on:
     DSV4_FP4_DECODE_MMA=1, the FP8 MMA (the reference's class; opt-in, `DECODE_MMA_DEFAULT`), else
     DSV4_FP4_DECODE_F16=1, the same kernel on the fp16 MMA (`f16`: fp32 accumulation, the class of the other FP4
-    kernels; opt-in, `DECODE_F16_DEFAULT`). The callers also gate both by the step's tokens (`DECODE_KERNEL_MAX_TOKENS`).
+    kernels; opt-in, `DECODE_F16_DEFAULT`). The callers also gate both by the step's tokens
+    (`DECODE_KERNEL_MAX_TOKENS`).
     16 tokens per tile (8-token tiles, fewer instructions offline, ran 2x slower on the H100 with Triton 3.6:
     bench/results/h100_s30); K split until a batch-1 call (`_PLAN_ROWS` rows, one program per row and weight-row
     block) runs `_WAVE_PROGRAMS` programs, the same split at every batch (`_PLAN_ROWS`). Measured on H100s: over

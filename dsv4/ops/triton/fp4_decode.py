@@ -78,13 +78,6 @@ def _f16_pair(h):
 
 
 @triton.jit
-def _f16_halves(h):
-    """int32 holding two fp16 bit patterns -> (low, high) as fp32."""
-    lo, hi = _f16_pair(h)
-    return lo.to(tl.float32), hi.to(tl.float32)
-
-
-@triton.jit
 def _half2_bits(word, j: tl.constexpr):
     if j < 3:
         return ((word << (9 - 4 * j)) & 0x0E000E00) | ((word << (12 - 4 * j)) & -2147450880)   # 0x80008000
@@ -97,11 +90,9 @@ def e2m1_word_f32(word, PACKED: tl.constexpr):
     if PACKED:
         return tl.inline_asm_elementwise(_WORD_TO_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
                                          dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    e0, e4 = _f16_halves(_half2_bits(word, 0))
-    e1, e5 = _f16_halves(_half2_bits(word, 1))
-    e2, e6 = _f16_halves(_half2_bits(word, 2))
-    e3, e7 = _f16_halves(_half2_bits(word, 3))
-    return e0, e1, e2, e3, e4, e5, e6, e7
+    e0, e1, e2, e3, e4, e5, e6, e7 = e2m1_word_f16(word, False)                  # exact in fp16, so in fp32
+    return (e0.to(tl.float32), e1.to(tl.float32), e2.to(tl.float32), e3.to(tl.float32), e4.to(tl.float32),
+            e5.to(tl.float32), e6.to(tl.float32), e7.to(tl.float32))
 
 
 @triton.jit
@@ -160,6 +151,13 @@ def e2m1_byte_e4m3(byte, HIGH: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _store_elements(at, elements):
+    """A word's eight decoded elements (a tuple of tensors) to at + 0 .. at + 7."""
+    for j in tl.static_range(8):
+        tl.store(at + j, elements[j])
+
+
+@triton.jit
 def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, pair_ptr, e4m3_ptr, f16word_ptr, N_WORDS: tl.constexpr,
                   PACKED: tl.constexpr):
     """Every helper over N_WORDS int32 words: f32, pair and f16word [N_WORDS, 8] (element order), f16, f16mul and e4m3
@@ -167,26 +165,8 @@ def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, pair_ptr, e4m3_ptr, f16wo
     5, 7); f16mul is f16 times 2^((i + c % 4) % 16 - 8) for word i, column c, pair the same factors per byte."""
     i = tl.arange(0, N_WORDS)
     word = tl.load(w_ptr + i)
-    e0, e1, e2, e3, e4, e5, e6, e7 = e2m1_word_f32(word, PACKED)
-    at = f32_ptr + i * 8
-    tl.store(at, e0)
-    tl.store(at + 1, e1)
-    tl.store(at + 2, e2)
-    tl.store(at + 3, e3)
-    tl.store(at + 4, e4)
-    tl.store(at + 5, e5)
-    tl.store(at + 6, e6)
-    tl.store(at + 7, e7)
-    h0, h1, h2, h3, h4, h5, h6, h7 = e2m1_word_f16(word, PACKED)
-    at16 = f16word_ptr + i * 8
-    tl.store(at16, h0)
-    tl.store(at16 + 1, h1)
-    tl.store(at16 + 2, h2)
-    tl.store(at16 + 3, h3)
-    tl.store(at16 + 4, h4)
-    tl.store(at16 + 5, h5)
-    tl.store(at16 + 6, h6)
-    tl.store(at16 + 7, h7)
+    _store_elements(f32_ptr + i * 8, e2m1_word_f32(word, PACKED))
+    _store_elements(f16word_ptr + i * 8, e2m1_word_f16(word, PACKED))
     b = tl.arange(0, 4)
     byte = tl.load(w_ptr.to(tl.pointer_type(tl.uint8)) + i[:, None] * 4 + b[None, :])     # [N_WORDS, 4]
     factor = (((i[:, None] + b[None, :]) % 16 + 7) << 10).to(tl.int16).to(tl.float16, bitcast=True)
