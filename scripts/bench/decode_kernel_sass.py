@@ -11,13 +11,10 @@ Usage: python3 scripts/bench/decode_kernel_sass.py
 """
 
 import re
-import subprocess
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 import triton
-from grouped_prefill_regs import PTXAS, _loop_counts, _ptxas_usage, compiled  # this directory is on sys.path
+from grouped_prefill_regs import _loop_counts, _ptxas_usage, compiled, sass  # this directory is on sys.path
 
 from dsv4.ops.triton.fp4_decode_fp8mma import _fp4_decode_fp8mma
 
@@ -39,12 +36,7 @@ def report(f16: bool, pairs: bool, block_m: int = 16, block_n: int = 64, num_war
 
 def _async_copies(kernel) -> dict[str, int]:
     """LDGSTS instructions of the whole kernel by width (E = 4 bytes, E.64, E.128)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([str(PTXAS.parent / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-    return dict(Counter(re.findall(r"\sLDGSTS\.(E(?:\.\d+)?)", sass)))
+    return dict(Counter(m.group(1) for line in sass(kernel) if (m := re.search(r"\sLDGSTS\.(E(?:\.\d+)?)", line))))
 
 
 def main() -> None:

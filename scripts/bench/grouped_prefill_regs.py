@@ -54,14 +54,19 @@ def k_loops(kernel, block_n: int, num_warps: int) -> str:
     return "K loop " + " / ".join(f"{c:.2f}" for c in counts) + f" instr/weight{' (spills in it)' if local else ''}"
 
 
-def _loop_counts(kernel, block_n: int, num_warps: int) -> tuple[list[float], str, bool]:
-    """(instructions per weight element of each innermost MMA loop, the first MMA instruction's name, whether any
-    of those loops touches local memory: spills inside the K loop)."""
+def sass(kernel) -> list[str]:
+    """The compiled kernel's SASS lines (Triton's bundled nvdisasm)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        lines = subprocess.run([str(PTXAS.parent / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
-                               check=True).stdout.splitlines()
+        return subprocess.run([str(PTXAS.parent / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+
+
+def _loop_counts(kernel, block_n: int, num_warps: int) -> tuple[list[float], str, bool]:
+    """(instructions per weight element of each innermost MMA loop, the first MMA instruction's name, whether any
+    of those loops touches local memory: spills inside the K loop)."""
+    lines = sass(kernel)
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\.(L_x_\d+):", line))}
     loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
              if (m := re.search(r"BRA `\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
