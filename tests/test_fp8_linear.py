@@ -61,7 +61,7 @@ res = {}
 # The checks after the shared set-up above, in two parts run at once (one interpreter process each, CI's two cores;
 # the split evens their time). Each part continues `gen` from the weights, so part "a"'s inputs are the one-process
 # script's.
-_PARTS = {"a": ("cases", "fused"), "b": ("invariance", "shape")}
+_PARTS = {"a": ("cases", "sums"), "b": ("invariance", "shape")}
 _SECTIONS = {"cases": r'''
 CASES = [  # weight, M, dtype, act_quant_on, split_k, block_n
     ("all_codes", 1, torch.bfloat16, True, None, 64), ("all_codes", 1, torch.bfloat16, False, 3, 64),
@@ -72,15 +72,7 @@ CASES = [  # weight, M, dtype, act_quant_on, split_k, block_n
 for name, m, dt, act, split, bn in CASES:
     x = (torch.randn(m, 384, generator=gen) * 3).to(dt)
     res[f"{name}-M{m}-{dt}-act{act}-split{split}-bn{bn}"] = compare(x, *weights[name], act, split, bn)
-''', "fused": r'''
-# The in-kernel split-K sum: bit-identical to the two-kernel sum, and still after earlier calls (re-armed counters).
-fused = []
-for name, m, dt, split in (("random", 5, torch.bfloat16, 3), ("all_codes", 20, torch.float32, 3)):
-    x = (torch.randn(m, 384, generator=gen) * 3).to(dt)
-    two = fp8_linear_small_m(x, *weights[name], True, split_k=split, fused_sum=False)
-    fused += [torch.equal(two, fp8_linear_small_m(x, *weights[name], True, split_k=split, fused_sum=True))
-              for _ in range(2)]
-res["fused_sum_equal"] = fused
+''', "sums": r'''
 # The unsummed partials (`partials=True`, summed by the traced caller in split order): the two-kernel sum's bits,
 # compared in fp32 (this interpreter truncates fp32 -> bf16 where the GPU and torch round to nearest: the rounding
 # itself is the GPU test's, `test_traced_split_sum_is_bit_identical_under_compile`).
@@ -124,7 +116,7 @@ def interpreted(tmp_path_factory):
     scripts = {part: _CHECK + "".join(_SECTIONS[name] for name in names) + "print(json.dumps(res))\n"
                for part, names in _PARTS.items()}
     res = interpreted_json_at_once(scripts, tmp_path_factory.mktemp("fp8_linear"))
-    assert len(res) == 7 + 5, sorted(res)            # every case and check ran
+    assert len(res) == 7 + 4, sorted(res)            # every case and check ran
     return res
 
 
@@ -133,9 +125,6 @@ def test_small_m_kernel_is_the_fp32_class_against_float64_and_the_twin(interpret
     for case, r in interpreted.items():
         if case == "batched_shape":
             assert r == [2, 3, 256]
-            continue
-        if case == "fused_sum_equal":
-            assert r == [True] * 4
             continue
         if case == "partials_sum_equal":        # the traced sum's partials: shape and bits of the kernel's sum
             assert r == [True] * 2
@@ -209,15 +198,13 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton has no NVIDIA backend")
-    sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*fp32", "sum_ptr": "*bf16", "cnt_ptr": "*i32",
-           "M": "i32", "N": "i32", "K": "i32", "KB_PER_SPLIT": "i32", "xs_ptr": "*fp32", "X_STRIDE": "i32",
-           "GROUP_N": "i32"}
-    for act, block_m, block_n, fused, pre, grouped in (
-            (True, 16, 64, False, False, False), (False, 16, 64, False, False, False),
-            (True, 64, 128, False, False, False), (True, 16, 64, True, False, False),
-            (True, 16, 64, False, True, False), (False, 16, 64, False, False, True)):   # grouped: ops.block_diag_linear
-        cs = {"ACT_QUANT": act, "HW_FP8": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "FUSED_SUM": fused,
-              "PREQUANT": pre, "GROUPED": grouped}
+    sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "KB_PER_SPLIT": "i32", "xs_ptr": "*fp32", "X_STRIDE": "i32", "GROUP_N": "i32"}
+    for act, block_m, block_n, pre, grouped in (
+            (True, 16, 64, False, False), (False, 16, 64, False, False), (True, 64, 128, False, False),
+            (True, 16, 64, True, False), (False, 16, 64, False, True)):                 # grouped: ops.block_diag_linear
+        cs = {"ACT_QUANT": act, "HW_FP8": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "PREQUANT": pre,
+              "GROUPED": grouped}
         x_sig = {"x_ptr": "*u8" if pre else "*bf16"}          # prequant: x is act_quant_fp8's e4m3 codes
         kernel = triton.compile(ASTSource(_fp8_linear_small_m, {**sig, **x_sig, **dict.fromkeys(cs, "constexpr")},
                                           constexprs=cs), target=GPUTarget("cuda", 90, 32))
@@ -274,31 +261,6 @@ def test_act_quant_kernel_is_bit_identical_to_the_definition():
     qw, sw = quant.act_quant(x.bfloat16(), 128)
     assert torch.equal(q.cpu().view(torch.uint8), qw.view(torch.uint8))
     assert torch.equal(s.cpu(), sw) and s.stride() == (1, 33)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 8, 64])
-@pytest.mark.parametrize("n,k", [(512, 4096), (32768, 1024)])
-def test_in_kernel_split_sum_is_bit_identical_in_graph_replays(m, n, k):
-    """`fused_sum=True` (the K splits added by the last program of each tile) against the two-kernel sum, eagerly
-    and over repeated CUDA-graph replays (the arrival counters must re-arm: a stale count would skip or repeat
-    the sum), at the split counts the default configuration picks for Flash's smallest and widest linears."""
-    from dsv4 import quant
-    from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
-
-    gen = torch.Generator().manual_seed(44)
-    w, s = (t.cuda() for t in quant.quant_fp8(torch.randn(n, k, generator=gen) / 64))
-    x = (torch.randn(m, k, generator=gen) * 3).bfloat16().cuda()
-    want = fp8_linear_small_m(x, w, s, True, fused_sum=False)
-    for _ in range(3):
-        assert torch.equal(fp8_linear_small_m(x, w, s, True, fused_sum=True), want)
-    graph, out = torch.cuda.CUDAGraph(), None
-    with torch.cuda.graph(graph):
-        out = fp8_linear_small_m(x, w, s, True, fused_sum=True)
-    for _ in range(5):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, want)
 
 
 @pytest.mark.gpu

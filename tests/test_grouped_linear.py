@@ -251,34 +251,6 @@ def test_cuda_steps_pick_the_sorted_path(tiny_ckpt, monkeypatch):
     assert calls == ["routed_pairs", "routed_sorted", "routed_sorted", "routed_grouped"]
 
 
-@pytest.mark.gpu
-def test_transient_stacks_take_large_fp4_steps_on_cuda(tiny_ckpt, monkeypatch):
-    """DSV4_MOE_TRANSIENT=1: FP4 steps from GROUPED_MIN_PAIRS pairs take `routed_grouped` (the stack decoded by the
-    Triton kernel, cuBLAS's grouped GEMM), below it `routed_sorted`; unset, `routed_sorted`. The grouped path is
-    within the `routed_grouped` class of the loop (rel. error <= 2**-7, see above)."""
-    import dsv4
-
-    model = dsv4.load_model(tiny_ckpt, device="cuda", dtype=torch.bfloat16, quant_emulation=True, progress=False)
-    moe = model.layers[2].ffn
-    k = model.cfg.n_activated_experts
-    monkeypatch.setattr(moe, "GROUPED_MIN_PAIRS", (moe.PAIR_PATH_MAX_PAIRS // k + 8) * k)
-    big, small = moe.GROUPED_MIN_PAIRS // k, moe.PAIR_PATH_MAX_PAIRS // k + 1
-    gen = torch.Generator().manual_seed(27)
-    with torch.inference_mode():
-        xs = {n: torch.randn(n, model.cfg.dim, generator=gen).bfloat16().cuda() for n in (big, small)}
-        routes = {n: moe.gate(x, torch.zeros(n, dtype=torch.long, device="cuda")) for n, x in xs.items()}
-        monkeypatch.delenv("DSV4_MOE_TRANSIENT", raising=False)
-        assert moe._routed_path(xs[big], routes[big][1]) == moe.routed_sorted
-        monkeypatch.setenv("DSV4_MOE_TRANSIENT", "1")
-        assert moe._routed_path(xs[big], routes[big][1]) == moe.routed_grouped
-        assert moe._routed_path(xs[small], routes[small][1]) == moe.routed_sorted
-        assert ops.registry.which("dequant_fp4_bf16", *moe.stacked_experts()["w1"]) == "triton_dequant_fp4"
-        loop = moe.routed_loop(xs[big], *routes[big])
-        got = moe.routed_grouped(xs[big], *routes[big])
-    rel = ((got - loop).abs() / loop.abs().clamp_min(1e-2)).max().item()
-    assert rel <= 2**-7, rel
-
-
 def test_bf16_expert_stacks_are_per_call(tiny_ckpt):
     """The bf16 grouped path decodes the experts for the call and keeps nothing (no resident copies), and the
     decoded stack equals each expert's dequantised weight."""

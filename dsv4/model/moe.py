@@ -85,12 +85,6 @@ def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-@torch._dynamo.assume_constant_result
-def transient_stacks_enabled() -> bool:
-    """DSV4_MOE_TRANSIENT=1: large FP4 prefill steps on per-call bf16 expert stacks (`MoE.GROUPED_MIN_PAIRS`)."""
-    return env_switch("DSV4_MOE_TRANSIENT")
-
-
 class MoE(nn.Module):
     # Steps with at most this many (token, expert) pairs take the pair path on CUDA: fixed shapes and no host
     # synchronisation, so decode steps can be captured in CUDA graphs. Larger steps (prefill) take the sorted path
@@ -106,14 +100,6 @@ class MoE(nn.Module):
     # kept for the backward, and pads each group to the largest. Cheap for a few small experts (the built-in
     # model's 6: 5 MB a layer); for hundreds (Flash: 256) a copy of the layer's experts, so they loop.
     BATCHED_MAX_EXPERTS = 16
-    # With DSV4_MOE_TRANSIENT=1, FP4 steps from this many pairs take `routed_grouped`: each matrix's experts decoded
-    # to a bf16 stack for the call (one launch, ~1.3 ms for a Flash matrix, predicted) and cuBLAS's grouped GEMM
-    # (1.50 ms at 49,152 pairs against the FP4 kernel's 5.40: bench/results/h200_grouped_prefill.log). The
-    # stack's decode is a fixed cost, so small steps keep the FP4 kernel: the two cross near ~14k pairs (from
-    # those figures; ~2.3k tokens at Flash's top-6). Opt-in: measured slower in three 8k prefills on H100s (164.5 ->
-    # 180.0 ms with the table-path decode kernel at 4.86 ms a Flash stack, bench/results/h100_s20/s20b); even at
-    # the decode's bandwidth floor (~1.8 ms) the call would be ~3.5 ms against the FP4 kernel's ~5.5.
-    GROUPED_MIN_PAIRS = 16384
     # `routed_batched` pads every group to all rows without reading the counts (always so under CUDA-graph capture;
     # the tests set it to compare the two widths on a CPU)
     PAD_GROUPS_TO_ALL_ROWS = False
@@ -160,8 +146,6 @@ class MoE(nn.Module):
         grouped_ok = inference and x.dtype == torch.bfloat16 and ops.registry.fast_enabled("moe_grouped")
         sorted_ok = (inference and sorted_fp4 and x.dtype in (torch.bfloat16, torch.float32)
                      and ops.registry.fast_enabled("grouped_linear"))
-        if grouped_ok and sorted_fp4 and ids.numel() >= self.GROUPED_MIN_PAIRS and transient_stacks_enabled():
-            return self.routed_grouped
         if sorted_ok:
             return self.routed_sorted
         if grouped_ok:

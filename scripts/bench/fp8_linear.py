@@ -40,9 +40,9 @@ def flash_shapes() -> list[tuple[str, int, int]]:
 
 def configs(quick: bool) -> list[dict]:
     if quick:
-        return [{}, {"fused_sum": True}, {"block_m": 64}]      # block_m 64: v10's tile at 33-64 rows (not invariant)
-    return [{"block_n": bn, "programs_per_sm": p, "fused_sum": f} for bn in (64, 128) for p in (2, 4, 8)
-            for f in (False, True)] + [{"split_k": 1}, {"block_m": 64}]
+        return [{}, {"block_m": 64}]                            # block_m 64: v10's tile at 33-64 rows (not invariant)
+    return [{"block_n": bn, "programs_per_sm": p} for bn in (64, 128) for p in (2, 4, 8)] + [{"split_k": 1},
+                                                                                               {"block_m": 64}]
 
 
 def errors(y: torch.Tensor, x, w, s) -> dict:
@@ -83,10 +83,7 @@ def measure(name, N, K, m, bw, flush, quick) -> dict:
         cfg = {k: v for k, v in best.items() if k != "us"}
         row.update(kernel_us=best["us"], kernel_best=cfg, kernel_frac_of_copy=row["floor_us"] / best["us"],
                    kernel_default_us=next((r["us"] for r in sweep if not ({"block_n", "programs_per_sm"} - r.keys())
-                                           and r["block_n"] == 64 and r["programs_per_sm"] == 4
-                                           and not r.get("fused_sum")), None),
-                   kernel_default_fused_us=next((r["us"] for r in sweep if r.get("fused_sum") and r.get("block_n", 64)
-                                                 == 64 and r.get("programs_per_sm", 4) == 4), None),
+                                           and r["block_n"] == 64 and r["programs_per_sm"] == 4), None),
                    kernel_err=errors(fp8_linear_small_m(x, w, s, True, **cfg), x, w, s), sweep=sweep)
     return row
 
@@ -98,8 +95,7 @@ def line(r: dict) -> str:
         out += f" | scaled_mm {r['scaled_mm_us']:7.2f} (err {r['scaled_mm_err']['rel_vs_twin']:.1e})"
     if "kernel_us" in r:
         out += (f" | triton {r['kernel_us']:7.2f} ({r['kernel_frac_of_copy']:.2f} of copy; default "
-                f"{r['kernel_default_us'] or float('nan'):.2f}, fused sum "
-                f"{r['kernel_default_fused_us'] or float('nan'):.2f}; err {r['kernel_err']['rel_vs_twin']:.1e}, "
+                f"{r['kernel_default_us'] or float('nan'):.2f}; err {r['kernel_err']['rel_vs_twin']:.1e}, "
                 f"{r['kernel_err']['max_vs_float64']:.1e} vs f64) {r['kernel_best']}")
     return out
 

@@ -17,7 +17,7 @@ kernel switched off) against the swapped-operand kernel (`ops/triton/fp4_grouped
 us per call and TB/s of weight bytes (the FP4 bytes and scales of the experts with rows, counted once;
 captured-graph replays with a cold L2), each output's rel. error against the expert-major one (labelled
 "dispatched": the default before the sixteenth session); no bf16 copies, no 16-row-block kernel. `--only transient`
-(tokens 1024 2048 4096 8192 unless given): the dispatched FP4 path against the MoE's opt-in transient bf16 stacks
+(tokens 1024 2048 4096 8192 unless given): the dispatched FP4 path against per-call transient bf16 stacks
 (`transient_results`). `--only direct` (tokens 64 256 1024 4096 8192 unless given): the dispatched path against the
 bf16-decode kernel (`ops/triton/fp4_grouped_direct.py`) in DIRECT_CONFIGS and at `direct_tiles`, torch._grouped_mm
 over bf16 copies (the bound a decode-free kernel would reach), x's K-ordered copy alone and the dispatched call with
@@ -240,10 +240,11 @@ def shape_results(tokens: int, w, s, wb, gen, repeats: int, only: str = "all") -
 
 
 def transient_results(tokens: int, w, s, gen, repeats: int) -> dict:
-    """The MoE's opt-in transient path (DSV4_MOE_TRANSIENT=1, `MoE.routed_grouped`): the stack decoded to bf16 for
-    the call (`ops.dequant_fp4_bf16`, one launch) + cuBLAS's grouped GEMM, against the dispatched FP4 kernel
+    """Per-call bf16 stacks (`MoE.routed_grouped` over FP4 experts): the stack decoded to bf16 for the call
+    (`ops.dequant_fp4_bf16`, one launch) + cuBLAS's grouped GEMM, against the dispatched FP4 kernel
     (`ops.grouped_linear`); the decode alone too, and the stack's bytes per second (FP4 + scales read, bf16
-    written). The crossover in tokens sets `MoE.GROUPED_MIN_PAIRS`."""
+    written). The MoE's switch to this path for large FP4 steps (DSV4_MOE_TRANSIENT) was removed after three 8k
+    prefills measured it slower (bench/NOTES.md, twentieth session)."""
     eid, x = routed_rows(tokens, gen)
     m = eid.numel()
     ref = ops.grouped_linear(x, eid, w, s, "fp4", fp8_grid=True)

@@ -14,8 +14,8 @@ in registers: the reference's blockwise FP8 GEMM (and DeepSeek's promotion of pa
 off, x stays bf16 and the weight is converted to bf16 (exact) for a bf16 dot. Split-K spreads the few output
 tiles of a decode GEMV over the GPU; the partials are added in split order by a second kernel (deterministic).
 Batch invariant (`kernel_plan`): every M takes 16-row tiles and a K split chosen from N and K, so a row's bits do
-not depend on how many rows share the call (up to v10 the tile grew to 32 / 64 rows with M; `DSV4_FP8_WIDE_TILES=1`
-brings that back, to price the invariance at 17-64 rows: bench/NOTES.md, "Fixed vs general decode step").
+not depend on how many rows share the call (up to v10 the tile grew to 32 / 64 rows with M; pricing that showed
+~0 at 17-64 rows: bench/NOTES.md, "Fixed vs general decode step").
 Precision class: bf16 output (the twin's output is bf16 too); the FP8 MMA's internal accumulation over one 128
 block is the hardware's (below fp32 on Hopper), as in cuBLAS's blockwise FP8 GEMM, so the test bound is the bf16
 output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class.
@@ -75,9 +75,9 @@ def _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT: tl.constexpr, HW_F
 
 
 @triton.jit
-def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, sum_ptr, cnt_ptr, M, N, K, KB_PER_SPLIT,
+def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
                         ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_M: tl.constexpr, FUSED_SUM: tl.constexpr, xs_ptr=None,
+                        BLOCK_M: tl.constexpr, xs_ptr=None,
                         PREQUANT: tl.constexpr = False, GROUPED: tl.constexpr = False, X_STRIDE=0, GROUP_N=1):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)          # row blocks adjacent: they share W tiles
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
@@ -110,48 +110,6 @@ def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, sum_ptr, cnt_ptr, M, N, K,
             acc += part * w_scale[:, None]
     idx = rows[None, :].to(tl.int64) * N + offs_n[:, None]
     tl.store(out_ptr + split.to(tl.int64) * M * N + idx, acc.to(out_ptr.dtype.element_ty), mask=rows[None, :] < M)
-    if FUSED_SUM:
-        _last_split_sums(out_ptr, sum_ptr, cnt_ptr, idx, rows, M, N)
-
-
-@triton.jit
-def _last_split_sums(part_ptr, sum_ptr, cnt_ptr, idx, rows, M, N):
-    """The split-K sum inside the GEMM kernel (no second launch): every program of an output tile counts itself in
-    after storing its fp32 partial, and the last to arrive adds the tile's partials in split order (the same order
-    and rounding as `_sum_splits`: bit-identical) and re-arms the counter for the next call. The barrier orders
-    every thread's partial store before the release of the counter increment; `.cg` loads read L2, where the other
-    programs' partials are."""
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    n_split = tl.num_programs(2)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == n_split - 1:
-        total = tl.load(part_ptr + idx, mask=rows[None, :] < M, other=0.0, cache_modifier=".cg")
-        for k in range(1, n_split):
-            total += tl.load(part_ptr + k * M * N + idx, mask=rows[None, :] < M, other=0.0, cache_modifier=".cg")
-        tl.store(sum_ptr + idx, total.to(sum_ptr.dtype.element_ty), mask=rows[None, :] < M)
-        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-MAX_TILES = 1 << 16
-
-
-def _fused_sum(flag: bool | None) -> bool:
-    return env_switch("DSV4_FP8_FUSED_SUM") if flag is None else flag
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """The zeroed int32 arrival counters of `_last_split_sums`, one buffer per device for every call (each call's
-    last programs re-arm theirs, so calls on one stream never see another's counts). None (the two-kernel sum)
-    when there are too many tiles, or when the buffer would have to be created inside a CUDA-graph capture: its
-    memory would then belong to that graph's pool."""
-    buf = _COUNTERS.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _COUNTERS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
-    return buf if tiles <= MAX_TILES else None
 
 
 def check_fp8_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int = 64,
@@ -218,24 +176,17 @@ def max_split_from_env() -> int:
     return int(value)
 
 
-def _wide_tile(M: int) -> int:
-    """v10's tile height: the narrowest of 16 / 32 / 64 rows that holds all M rows (one row block per tile)."""
-    return 16 if M <= 16 else 32 if M <= 32 else 64
-
-
 def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
                        out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
-                       programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3,
-                       fused_sum: bool | None = None, block_m: int | None = None,
+                       programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3, block_m: int = BLOCK_M,
                        partials: bool = False, prequant: bool | None = None, groups: int = 1) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
     output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
-    SM per 16-row block (the weight bytes in flight that HBM needs), see `kernel_plan`. `fused_sum` (None:
-    DSV4_FP8_FUSED_SUM, off until measured on the GPU) adds the K splits inside the kernel (`_last_split_sums`)
-    instead of in a second kernel: one launch per linear instead of two, bit-identical. `block_m` (None: 16, or
-    with DSV4_FP8_WIDE_TILES=1 v10's 16 / 32 / 64 rows by M, one row block) other than 16 gives up batch
-    invariance: the switch is there to price it in the decode bench. `partials`: return the fp32 partial sums
+    SM per 16-row block (the weight bytes in flight that HBM needs), see `kernel_plan`; the K splits are added in
+    split order by a second kernel (`_sum_splits`; adding them inside the GEMM kernel instead, one launch fewer,
+    measured nothing twice: bench/NOTES.md, sixth and thirtieth sessions). `block_m` other than 16 gives up batch
+    invariance (the micro-benchmark's sweep prices it). `partials`: return the fp32 partial sums
     [split, M, N] unsummed (the caller adds them in split order: `ops.fp8_linear`). `prequant` (None:
     `prequant_from_env(M)`, off until measured; act quant on only): x quantised once by `act_quant_fp8` (one
     launch), the kernel reading its codes and scales, where otherwise every program of the grid (N / block_n x split
@@ -250,7 +201,6 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     K, N = x.shape[-1] // groups, weight.shape[0]
     flat = x.reshape(-1, K * groups).contiguous()
     M = flat.shape[0]
-    block_m = block_m or (_wide_tile(M) if env_switch("DSV4_FP8_WIDE_TILES") else BLOCK_M)
     split, grid = kernel_plan(M, N, K, x.device, block_n, block_m, split_k, programs_per_sm)
     if partials:
         out = part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
@@ -258,8 +208,6 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
         part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M:
-        counters = (_tile_counters(x.device, grid[0] * grid[1]) if split > 1 and not partials
-                    and _fused_sum(fused_sum) else None)
         pre = act_quant_on and (prequant_from_env(M) if prequant is None else prequant)
         xs = None
         if pre:
@@ -267,12 +215,11 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
             codes, xs = act_quant_fp8(flat)
             flat, xs = codes.view(torch.uint8), xs.t()          # scales: the [K/128, M] buffer behind the view
-        _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, out,
-                                  part if counters is None else counters, M, N, K, K // 128 // split,
-                                  ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n, BLOCK_M=block_m,
-                                  FUSED_SUM=counters is not None, xs_ptr=xs, PREQUANT=pre, GROUPED=groups > 1,
+        _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, M, N, K,
+                                  K // 128 // split, ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n,
+                                  BLOCK_M=block_m, xs_ptr=xs, PREQUANT=pre, GROUPED=groups > 1,
                                   X_STRIDE=K * groups, GROUP_N=N // groups, num_warps=num_warps,
                                   num_stages=num_stages)
-        if split > 1 and counters is None and not partials:
+        if split > 1 and not partials:
             _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024)
     return out if partials else out.view(*x.shape[:-1], N)
