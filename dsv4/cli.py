@@ -394,6 +394,9 @@ def _llm(args, **engine_options):
         raise UsageError(str(e)) from None
 
 
+CHAT_EXAMPLE = "Implement `reverse(s)` in Python: return the string *s* reversed."
+
+
 def chat_temperature(args) -> float:
     """The temperature: --temperature (every command but `chat` has a default), else, for `dsv4 chat`, greedy for
     the built-in model (what its card's figures were measured with; on its 20 held-out chat requests, greedy: 19
@@ -449,6 +452,11 @@ def cmd_chat(args) -> int:
     if sys.stdin is None or sys.stdin.closed:   # e.g. `dsv4 chat <&-`: input() would fail only after the load
         raise UsageError("standard input is closed: nothing to read the conversation from")
     llm = _llm(args)
+    if args.model is None and os.environ.get("RANK", "0") == "0":
+        # Free-form requests ("write a function that reverses a string") get Python-like noise from a model this
+        # small; the phrasing of its chat training data gets a function that ends (docs/builtin_model.md).
+        print(f"note: the built-in model answers requests phrased as its training chats were, e.g. {CHAT_EXAMPLE}",
+              file=sys.stderr)
     from dsv4 import interactive
 
     interactive.chat_loop(llm, params, "thinking" if args.thinking else "chat", args.system,

@@ -109,3 +109,15 @@ def test_chat_reply_ends_its_turn(llm, expected):
     assert "def " in out.message["content"]
     assert "parse_error" not in out.message, out.message    # the EOS the engine left out of .text is the reply's end
     assert out.token_ids == chat["token_ids"]
+
+
+def test_the_chat_hint_example_gets_a_function_that_ends(llm, expected):
+    """`dsv4 chat` on the built-in model tells the user how to phrase a request (`cli.CHAT_EXAMPLE`): its example must
+    itself get the named function and EOS, greedily, as the CLI runs it, or the hint misleads."""
+    from dsv4.cli import CHAT_EXAMPLE
+
+    if expected.get("chat") is None:
+        pytest.skip("the installed model was not trained on chats")
+    out = llm.chat([{"role": "user", "content": CHAT_EXAMPLE}], dsv4.SamplingParams(temperature=0, max_tokens=256))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == llm.model.cfg.eos_token_id, out.message
+    assert "def reverse(s):" in out.message["content"], out.message
