@@ -83,6 +83,21 @@ def _triple_grad(ctx, g):
 _triple.register_autograd(_triple_grad, setup_context=lambda ctx, inputs, output: None)
 
 
+def test_a_removed_switch_in_the_environment_is_named_not_ignored(monkeypatch):
+    """An A/B script that still sets a removed switch would compare the default with itself: each one set is named
+    in a warning (at `import dsv4.ops`), the others are not."""
+    for name in ops.registry.REMOVED_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DSV4_HC_MIX", "1")
+    monkeypatch.setenv("DSV4_MOE_TRANSIENT", "0")
+    with pytest.warns(UserWarning, match="DSV4_HC_MIX is set but has no effect") as record:
+        assert ops.registry.warn_removed_switches() == ["DSV4_HC_MIX", "DSV4_MOE_TRANSIENT"]
+    assert len(record) == 2 and "thirty-eighth session" in str(record[0].message)
+    monkeypatch.delenv("DSV4_HC_MIX")
+    monkeypatch.delenv("DSV4_MOE_TRANSIENT")
+    assert ops.registry.warn_removed_switches() == []
+
+
 def test_custom_op_is_bypassed_in_eager_inference_only():
     """A fast op's decorated name runs the function itself in eager inference (the custom op's dispatch is host
     time: ~35 us a call on a GPU machine, and the 1k prefill is host-bound), and the torch custom op with

@@ -9,7 +9,7 @@ from dsv4.ops import ref
 from dsv4.ops.fake_quant import fake_quant_fp8, fake_quant_kv
 from dsv4.ops.hc import hc_split_sinkhorn
 from dsv4.ops.ref import acc_dtype, dense, dequant_weight
-from dsv4.ops.registry import dispatch, fast_ops_status, reference_only, register
+from dsv4.ops.registry import dispatch, fast_ops_status, reference_only, register, warn_removed_switches
 
 linear = dispatch("linear", ref.linear)
 
@@ -24,6 +24,8 @@ from dsv4.ops.indexer_scores import indexer_scores  # noqa: E402
 from dsv4.ops.moe_pairs import pair_linear  # noqa: E402
 from dsv4.ops.topk import stable_topk  # noqa: E402
 from dsv4.ops.widened_dense import widened_dense  # noqa: E402
+
+warn_removed_switches()
 
 __all__ = ["acc_dtype", "block_diag_linear", "dense", "dequant_fp4_bf16", "dequant_weight", "fake_quant_fp8",
            "fake_quant_kv", "fast_ops_status", "grouped_linear", "hc_head_mix", "hc_post", "hc_pre_mix",

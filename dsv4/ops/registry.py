@@ -117,6 +117,26 @@ def reference_only(*ops: str):
         _reference_only.reset(token)
 
 
+# Switches of fast paths removed after they measured no faster (bench/NOTES.md names each measurement): set, they would
+# do nothing, so an A/B that still sets one would compare the default with itself. `warn_removed_switches` says so.
+REMOVED_SWITCHES = {
+    "DSV4_FP8_FUSED_SUM": "thirty-eighth session", "DSV4_FP8_WIDE_TILES": "thirty-eighth session",
+    "DSV4_MOE_TRANSIENT": "thirty-eighth session", "DSV4_HC_MIX": "thirty-eighth session",
+    "DSV4_HC_MIX_PREFILL": "thirty-eighth session",
+}
+
+
+def warn_removed_switches() -> list[str]:
+    """Warn once per removed switch set in the environment (`dsv4.ops` calls this at import); returns their names."""
+    import warnings
+
+    found = sorted(name for name in REMOVED_SWITCHES if name in os.environ)
+    for name in found:
+        warnings.warn(f"{name} is set but has no effect: that fast path was removed after it measured no faster "
+                      f"(bench/NOTES.md, {REMOVED_SWITCHES[name]})", UserWarning, stacklevel=2)
+    return found
+
+
 def env_switch(name: str, default: bool = False) -> bool:
     """An environment switch of a fast path: "1" on, "0" off, unset `default` (opt-in switches: off; opt-out ones:
     on), else an error (a typo must not silently measure the wrong path)."""
