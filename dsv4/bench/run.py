@@ -34,6 +34,8 @@ from dsv4.bench.timing import (
 from dsv4.config import ModelConfig
 from dsv4.engine.prefill_graphs import MAX_GRAPH_TOKENS, PrefillGraphs
 
+RECORDED_ENV = ("DSV4_", "TORCHINDUCTOR_", "TRITON_")
+
 
 @dataclass
 class BenchOptions:
@@ -81,8 +83,9 @@ def run(opts: BenchOptions) -> dict:
                  "compress_ratios": list(cfg.compress_ratios[: cfg.n_layers]), "context": opts.context,
                  "fast_ops": ops.fast_ops_status(), "compile": opts.compile, "compile_scope": opts.compile_scope,
                  "prefill_graphs": opts.prefill_graphs, "compile_prefill": opts.compile_prefill,
-                 # the switches set (a figure measured with one on is not the default path's)
-                 "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSV4_")}}
+                 # the switches set (a figure measured with one on is not the default path's): ours, and the
+                 # compiler's own (e.g. TORCHINDUCTOR_ENABLE_PDL), which change the compiled step as much
+                 "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_ENV)}}
     bw = floor.copy_bandwidth(dev)
     res["copy_bandwidth_TBps"] = bw / 1e12
     _say(opts, f"{res['gpu']}: copy bandwidth {bw / 1e12:.2f} TB/s")
