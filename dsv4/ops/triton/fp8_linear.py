@@ -14,8 +14,8 @@ in registers: the reference's blockwise FP8 GEMM (and DeepSeek's promotion of pa
 off, x stays bf16 and the weight is converted to bf16 (exact) for a bf16 dot. Split-K spreads the few output
 tiles of a decode GEMV over the GPU; the partials are added in split order by a second kernel (deterministic).
 Batch invariant (`kernel_plan`): every M takes 16-row tiles and a K split chosen from N and K, so a row's bits do
-not depend on how many rows share the call (up to v10 the tile grew to 32 / 64 rows with M; pricing that showed
-~0 at 17-64 rows: bench/NOTES.md, "Fixed vs general decode step").
+not depend on how many rows share the call (up to v10 the tile grew to 32 / 64 rows with M; measured against it
+at bs64 in one call, 10.32 ms invariant vs 10.68 wide: bench/NOTES.md, seventh session).
 Precision class: bf16 output (the twin's output is bf16 too); the FP8 MMA's internal accumulation over one 128
 block is the hardware's (below fp32 on Hopper), as in cuBLAS's blockwise FP8 GEMM, so the test bound is the bf16
 output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class.
