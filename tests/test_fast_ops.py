@@ -88,12 +88,12 @@ def test_a_removed_switch_in_the_environment_is_named_not_ignored(monkeypatch):
     in a warning (at `import dsv4.ops`), the others are not."""
     for name in ops.registry.REMOVED_SWITCHES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DSV4_HC_MIX", "1")
+    monkeypatch.setenv("DSV4_FP8_FUSED_SUM", "1")
     monkeypatch.setenv("DSV4_MOE_TRANSIENT", "0")
-    with pytest.warns(UserWarning, match="DSV4_HC_MIX is set but has no effect") as record:
-        assert ops.registry.warn_removed_switches() == ["DSV4_HC_MIX", "DSV4_MOE_TRANSIENT"]
+    with pytest.warns(UserWarning, match="DSV4_FP8_FUSED_SUM is set but has no effect") as record:
+        assert ops.registry.warn_removed_switches() == ["DSV4_FP8_FUSED_SUM", "DSV4_MOE_TRANSIENT"]
     assert len(record) == 2 and "thirty-eighth session" in str(record[0].message)
-    monkeypatch.delenv("DSV4_HC_MIX")
+    monkeypatch.delenv("DSV4_FP8_FUSED_SUM")
     monkeypatch.delenv("DSV4_MOE_TRANSIENT")
     assert ops.registry.warn_removed_switches() == []
 

@@ -1,10 +1,11 @@
 """mHC pre, post and head mixing as dispatched ops (`model/hyper.py`'s hc_pre / hc_post / hc_head).
 
-The pre and head mixes are their plain paths everywhere: the fp32 RMS over the concatenated streams, the fp32
-product with fn (`widened_dense`), then the split + Sinkhorn (the dispatched `hc_split_sinkhorn`, so its Triton forward
-and training backward still apply) or the head's sigmoid, and the weighted sum of the streams; the compiled decode
-step fuses them. (A fused two-launch Triton kernel for them, DSV4_HC_MIX / DSV4_HC_MIX_PREFILL, measured no faster in
-four A/Bs from the sixth to the thirty-sixth session and was removed: bench/NOTES.md, thirty-eighth session.)
+The twins are the plain path: the fp32 RMS over the concatenated streams, the fp32 product with fn (`dense`), then
+the split + Sinkhorn (the dispatched `hc_split_sinkhorn`, so its Triton forward and training backward still apply)
+or the head's sigmoid, and the weighted sum of the streams. On CUDA, at inference, for at most MAX_TOKENS tokens
+(decode), `ops/triton/hc_mix.py` does a call in two launches; opt-in (DSV4_HC_MIX=1: measured no faster than the
+compiled decode step's fused twin). Above it (prefill chunks, not compiled) the same launches with
+DSV4_HC_MIX_PREFILL=1 (opt-in: not yet measured alone).
 hc_post's twin materialises the [b, s, hc, hc, D] fp32 products; on CUDA, at inference, above MAX_TOKENS tokens
 (prefill), `ops/triton/hc_post.py` does it in one pass (default; DSV4_HC_POST=0 off). In eager training on CUDA with
 DSV4_HC_POST_TRAIN=1 (opt-in until a training step is timed with it), the one-pass kernel and its one-pass backward
@@ -23,7 +24,7 @@ from dsv4.ops.ref import dense, mean_square, widen
 from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
 from dsv4.ops.widened_dense import widened_dense
 
-MAX_TOKENS = 64          # decode's largest batch: hc_post's kernel above it (the compiled decode step fuses the twin)
+MAX_TOKENS = 64          # decode's largest batch: the pre / head kernel at or below it, hc_post's above
 
 
 def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +72,61 @@ def _post_training(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, 
 hc_pre_mix = dispatch("hc_pre_mix", _pre_mix_twin)
 hc_head_mix = dispatch("hc_head_mix", _head_mix_twin)
 hc_post = dispatch("hc_post", _post_twin)
+
+
+@torch._dynamo.assume_constant_result
+def enabled() -> bool:
+    """DSV4_HC_MIX=1 turns the fused kernel on: opt-in until its H200 timing is measured (read once per traced
+    graph under torch.compile, like the registry's switch)."""
+    return env_switch("DSV4_HC_MIX")
+
+
+@torch._dynamo.assume_constant_result
+def prefill_enabled() -> bool:
+    """DSV4_HC_MIX_PREFILL=1: the same two launches above MAX_TOKENS tokens (prefill chunks), where the plain path is
+    not compiled: at an 8k Flash chunk its upcast copy, products, fp32 GEMM and reductions are ~1.7 ms a call
+    (bench/results/h200_s18/prefill_stacks_hc_post.log; ~13 ms of the 8 calls' 151 ms). Predicted 0.3-0.6 ms a
+    call (h read twice, 134 MB of split partials written and read). Opt-in: measured alone once (H100,
+    bench/results/h100_s20/s20_transient): 1k / 8k prefill 63.0 / 164.8 -> 61.1 / 162.8 ms, -2 ms, within the
+    default's run-to-run spread at 8k (163.6-164.8 in three runs that day); a second A/B on one machine decides."""
+    return env_switch("DSV4_HC_MIX_PREFILL")
+
+
+def _fits(h: torch.Tensor, *params: torch.Tensor) -> bool:
+    hc = h.shape[-2]
+    tokens = h.numel() // (hc * h.shape[-1])
+    return ((enabled() if tokens <= MAX_TOKENS else prefill_enabled())
+            and h.is_cuda and h.dtype in (torch.bfloat16, torch.float16) and hc & (hc - 1) == 0
+            and all(p.dtype == torch.float32 for p in params) and not torch.is_grad_enabled())
+
+
+def _pre_shapes(h, fn, scale, base, hc, iters, norm_eps, hc_eps):
+    lead = h.shape[:-2]
+    f32 = dict(dtype=torch.float32)
+    return (h.new_empty(*lead, h.shape[-1]), h.new_empty(*lead, hc, **f32), h.new_empty(*lead, hc, **f32),
+            h.new_empty(*lead, hc, hc, **f32))
+
+
+@custom_op("hc_pre_mix", _pre_shapes)
+def _pre_kernel(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+                norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from dsv4.ops.triton.hc_mix import hc_mix
+
+    return hc_mix(h, fn, scale, base, hc, iters, norm_eps, hc_eps)
+
+
+@custom_op("hc_head_mix", lambda h, fn, scale, base, norm_eps, hc_eps: h.new_empty(*h.shape[:-2], h.shape[-1]))
+def _head_kernel(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+                 hc_eps: float) -> torch.Tensor:
+    from dsv4.ops.triton.hc_mix import hc_mix
+
+    return hc_mix(h, fn, scale, base, h.shape[-2], 0, norm_eps, hc_eps, head=True)
+
+
+register_triton("hc_pre_mix", "triton_hc_pre", lambda h, fn, scale, base, *rest: _fits(h, fn, scale, base),
+                _pre_kernel)
+register_triton("hc_head_mix", "triton_hc_head", lambda h, fn, scale, base, *rest: _fits(h, fn, scale, base),
+                _head_kernel)
 
 
 @torch._dynamo.assume_constant_result

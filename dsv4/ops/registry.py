@@ -121,8 +121,7 @@ def reference_only(*ops: str):
 # do nothing, so an A/B that still sets one would compare the default with itself. `warn_removed_switches` says so.
 REMOVED_SWITCHES = {
     "DSV4_FP8_FUSED_SUM": "thirty-eighth session", "DSV4_FP8_WIDE_TILES": "thirty-eighth session",
-    "DSV4_MOE_TRANSIENT": "thirty-eighth session", "DSV4_HC_MIX": "thirty-eighth session",
-    "DSV4_HC_MIX_PREFILL": "thirty-eighth session",
+    "DSV4_MOE_TRANSIENT": "thirty-eighth session",
 }
 
 

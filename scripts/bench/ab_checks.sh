@@ -45,7 +45,7 @@ if [ "${MICRO:-}" != - ]; then
     timeout 120 ${MICRO:-python3 scripts/bench/widened_dense.py --json $out/micro.json} 2>&1 | grep -v Warning
     [ -z "${MICRO:-}" ] && timeout 60 python3 scripts/bench/quant_kernels.py --json "$out/quant.json" 2>&1 | grep -v Warning
 fi
-for v in ${PREFILL_VARIANTS-base DSV4_WIDENED_DENSE=0 DSV4_INDEXER_KERNEL=1}; do
+for v in ${PREFILL_VARIANTS-base DSV4_WIDENED_DENSE=0 DSV4_INDEXER_KERNEL=1 DSV4_HC_MIX_PREFILL=1}; do
     run_variant prefill "$v" --decode-batches 1 --decode-steps 4 --no-compile --prefill 1024,8192
 done
 for v in ${DECODE_VARIANTS-base DSV4_WIDENED_DENSE=0}; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Thirty-eighth session's plan, call B (~5 min, carry .whl; chain it on call s37d's warm card): x quantised once per
+# Thirty-eighth session's plan, call B (~4 min, carry .whl; chain it on call s37d's warm card): x quantised once per
 # FP8 linear call (`DSV4_FP8_PREQUANT=1`, the same bits) at decode batch 64, where it was only ever measured with the
 # host time in the figure (h100_s33 call B: +0.13 ms), then the per-call micro-benchmark at M = 1 / 8 / 64 with the
 # quantisation's own launch counted (`fp8_linear.py --prequant`, never run on a GPU). Why it may pay at bs64: offline

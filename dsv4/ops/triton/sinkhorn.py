@@ -14,7 +14,7 @@ import triton.language as tl
 @triton.jit
 def split_sinkhorn(pre, post, c, scale_ptr, base_ptr, eps, ITERS: tl.constexpr, HC: tl.constexpr):
     """The math of `_sinkhorn` on mixes already in registers: pre [BLOCK_T, HC], post [BLOCK_T, HC], comb
-    c [BLOCK_T, HC(src), HC(dst)] -> (pre, post, comb)."""
+    c [BLOCK_T, HC(src), HC(dst)] -> (pre, post, comb) (also used by the fused mHC pre in `hc_mix.py`)."""
     j = tl.arange(0, HC)
     s0, s1, s2 = tl.load(scale_ptr), tl.load(scale_ptr + 1), tl.load(scale_ptr + 2)
     pre = tl.sigmoid(pre * s0 + tl.load(base_ptr + j)[None, :]) + eps
