@@ -55,30 +55,36 @@ def _e4m3_bytes_to_f32(b):
 
 @triton.jit
 def _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT: tl.constexpr, HW_FP8: tl.constexpr,
-             BLOCK_M: tl.constexpr):
-    """One 128-K block of x as the FP8 dot's operand (e4m3 on the GPU, the codes' fp32 values in the interpreter)
-    and its per-row scales [BLOCK_M]: read from `act_quant_fp8`'s outputs (PREQUANT: codes [M, K], scales
-    column-major [K/128, M]) or quantised here from x as stored; `fp8_block_quant` made both, so the same bits."""
+             BLOCK_M: tl.constexpr, F16_MMA: tl.constexpr = False):
+    """One 128-K block of x as the dot's operand (on the GPU e4m3, or with F16_MMA the codes' values as fp16; the
+    codes' fp32 values in the interpreter) and its per-row scales [BLOCK_M]: read from `act_quant_fp8`'s outputs
+    (PREQUANT: codes [M, K], scales column-major [K/128, M]) or quantised here from x as stored; `fp8_block_quant`
+    made both, so the same bits. Every e4m3 value is exact in fp16 (|q| <= 448, the smallest subnormal 2^-9)."""
     if PREQUANT:
         code = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
                        mask=rows[:, None] < M, other=0)
         scale = tl.load(xs_ptr + kb * M + rows, mask=rows < M, other=0.0)
-        q = code.to(tl.float8e4nv, bitcast=True) if HW_FP8 else _e4m3_bytes_to_f32(code)
+        if HW_FP8:
+            q = code.to(tl.float8e4nv, bitcast=True)
+            if F16_MMA:
+                q = q.to(tl.float16)
+        else:
+            q = _e4m3_bytes_to_f32(code)
     else:
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
                     mask=rows[:, None] < M, other=0.0).to(tl.float32)                            # [BM, 128]
         q, x_scale = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)[:, None])
         scale = tl.reshape(x_scale, [BLOCK_M])
         if HW_FP8:
-            q = q.to(tl.float8e4nv)
+            q = q.to(tl.float16) if F16_MMA else q.to(tl.float8e4nv)     # q is on the e4m3 grid: exact either way
     return q, scale
 
 
 @triton.jit
 def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
                         ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_M: tl.constexpr, xs_ptr=None,
-                        PREQUANT: tl.constexpr = False, GROUPED: tl.constexpr = False, X_STRIDE=0, GROUP_N=1):
+                        BLOCK_M: tl.constexpr, xs_ptr=None, PREQUANT: tl.constexpr = False,
+                        GROUPED: tl.constexpr = False, X_STRIDE=0, GROUP_N=1, F16_MMA: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)          # row blocks adjacent: they share W tiles
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
     split = tl.program_id(2)
@@ -95,8 +101,10 @@ def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
         wb = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :])      # uint8 [BN, 128]
         w_scale = _e8m0(tl.load(s_ptr + (offs_n // 128) * n_kb + kb))                             # [BN]
         if ACT_QUANT:               # FP8 x FP8 (x's codes quantised once per call with PREQUANT, else here)
-            q, x_scale = _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT, HW_FP8, BLOCK_M)
-            if HW_FP8:
+            q, x_scale = _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT, HW_FP8, BLOCK_M, F16_MMA)
+            if HW_FP8 and F16_MMA:  # the same codes' values in fp16: exact products, fp32 sums (the fp32 class)
+                part = tl.dot(wb.to(tl.float8e4nv, bitcast=True).to(tl.float16), tl.trans(q))
+            elif HW_FP8:
                 part = tl.dot(wb.to(tl.float8e4nv, bitcast=True), tl.trans(q))
             else:
                 part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(q), input_precision="ieee")
@@ -162,6 +170,19 @@ def prequant_from_env(m: int) -> bool:
     return m <= int(value)
 
 
+def f16_mma_from_env() -> bool:
+    """DSV4_FP8_F16_MMA=1: the act-quant path multiplies on fp16 tensor cores. Why: Hopper's FP8 MMA sums a 128-K
+    block's exact products in an accumulator narrower than fp32 (DeepSeek-V3's report: ~14 bits; the reference
+    kernel and cuBLAS share it), so this kernel is the bf16 output class against the twin's fp32 sums, and on the
+    trained built-in model the fast path's greedy tokens part from the reference's 17 times in 256 where a second
+    exact path parts 6 times (bench/NOTES.md, thirty-fourth session). In fp16 the products stay exact (e4m3 values
+    are fp16 values) and the sums are fp32: the twin's class. Cost: the weight tile goes through registers (e4m3 ->
+    fp16, one conversion per two bytes) instead of feeding the FP8 MMA from shared memory. With prequantised x
+    (DSV4_FP8_PREQUANT) the offline SASS has fewer K-loop instructions than today's default (bench/NOTES.md,
+    thirty-eighth session). Off until measured on a GPU; the bits are batch invariant either way (the same tiles)."""
+    return env_switch("DSV4_FP8_F16_MMA")
+
+
 def max_split_from_env() -> int:
     """DSV4_FP8_MAX_SPLIT (default 8; 0: no cap): the most K splits the plan takes. At 8 or fewer, every FP8 linear
     of the compiled decode step has its split sum traced and fused into its consumer
@@ -179,7 +200,8 @@ def max_split_from_env() -> int:
 def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
                        out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
                        programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3, block_m: int = BLOCK_M,
-                       partials: bool = False, prequant: bool | None = None, groups: int = 1) -> torch.Tensor:
+                       partials: bool = False, prequant: bool | None = None, groups: int = 1,
+                       f16_mma: bool | None = None) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
     output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
@@ -194,7 +216,9 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     (`fp8_block_quant` in both), so bit for bit the same result. `groups` > 1 (act quant off): the block-diagonal
     product (`ops.block_diag_linear`): x [..., G * K], weight [G * R, K] in G blocks of R rows (R a multiple of
     `block_n`), out [..., G * R], group g's rows multiplying x[..., g*K:(g+1)*K]; the same tiles, split and sums as
-    one group."""
+    one group. `f16_mma` (None: DSV4_FP8_F16_MMA, off until measured; act quant on, GPU only): the same e4m3 codes
+    of weight and x as fp16 (exact) into an fp16 MMA with fp32 accumulation, instead of the FP8 MMA whose
+    accumulation inside a 128-K block is below fp32 (`f16_mma_from_env`)."""
     check_fp8_weight(x, weight, scale, block_n, groups)
     if groups > 1 and act_quant_on:
         raise ValueError("fp8 linear: groups > 1 takes bf16 x (act quant off)")
@@ -209,6 +233,7 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M:
         pre = act_quant_on and (prequant_from_env(M) if prequant is None else prequant)
+        f16 = act_quant_on and x.is_cuda and (f16_mma_from_env() if f16_mma is None else f16_mma)
         xs = None
         if pre:
             from dsv4.ops.triton.quant import act_quant_fp8
@@ -218,7 +243,7 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, M, N, K,
                                   K // 128 // split, ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n,
                                   BLOCK_M=block_m, xs_ptr=xs, PREQUANT=pre, GROUPED=groups > 1,
-                                  X_STRIDE=K * groups, GROUP_N=N // groups, num_warps=num_warps,
+                                  X_STRIDE=K * groups, GROUP_N=N // groups, F16_MMA=f16, num_warps=num_warps,
                                   num_stages=num_stages)
         if split > 1 and not partials:
             _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024)
