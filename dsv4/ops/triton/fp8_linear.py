@@ -18,7 +18,8 @@ not depend on how many rows share the call (up to v10 the tile grew to 32 / 64 r
 at bs64 in one call, 10.32 ms invariant vs 10.68 wide: bench/NOTES.md, seventh session).
 Precision class: bf16 output (the twin's output is bf16 too); the FP8 MMA's internal accumulation over one 128
 block is the hardware's (below fp32 on Hopper), as in cuBLAS's blockwise FP8 GEMM, so the test bound is the bf16
-output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class.
+output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class. `f16_mma` (opt-in) multiplies the
+same codes on fp16 tensor cores with fp32 sums instead: the fp32 class (`f16_mma_from_env`).
 
 With `groups` (act quant off: attention's wo_a, `ops.block_diag_linear`) the weight's rows come in G groups of R (a
 multiple of BLOCK_N) and x is [M, G*K]: each weight tile reads its group's K columns of x (row stride G*K, offset
