@@ -9,14 +9,19 @@
 # Offline for sm_90 with the divisibility a launch passes (Triton 3.6; 3.9 alike), K-loop SASS instructions per
 # weight byte: default 6.8, prequant 1.8, fp16 MMA + prequant 3.2, fp16 MMA alone 8.1; at bs64 every one of a call's
 # four 16-row blocks runs the loop (~4 x 70 us of issue for a step's ~300 MB at the default's 6.8).
-# Order: the FP8 linear's GPU tests (the fp16 MMA's fp32-class and same-bits test among them), the decode bench with
-# prequant, then with both, then the per-call micro of all four variants with their errors against float64.
+# Order: the FP8 linear's GPU tests (the fp16 MMA's fp32-class and same-bits test among them), the engine's
+# same-tokens test with both switches on, the decode bench with prequant, then with both, then the per-call micro
+# of all four variants with their errors against float64.
 # Usage (repository root, on the GPU machine): bash scripts/bench/call_s38b.sh OUT_DIR
 set -u
 out=${1:?usage: call_s38b.sh OUT_DIR}
 source scripts/bench/call_lib.sh
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_fp8_linear.py > "$out/tests.log" 2>&1
 echo "tests rc $?"; grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | tail -8
+# a request's tokens alone and among others, with both switches on (the class edge at 64 rows: cuBLAS above)
+DSV4_FP8_PREQUANT=1 DSV4_FP8_F16_MMA=1 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs \
+    "tests/test_engine.py::test_cuda_defaults_give_the_same_tokens" > "$out/engine_tests.log" 2>&1
+echo "engine test rc $?"; grep -E "FAILED|ERROR|passed|failed" "$out/engine_tests.log" | tail -4
 at tests
 decode_only="--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill"
 bench prequant "$decode_only" DSV4_FP8_PREQUANT=1
