@@ -186,27 +186,16 @@ def test_direct_compiles_for_hopper_with_the_weight_in_registers():
 
 def _sass(cubin: bytes) -> str:
     """The kernel's SASS (nvdisasm)."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
+    from dsv4.bench.sass import disassemble
 
-    import triton
-
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "k.cubin").write_bytes(cubin)
-        return subprocess.run([str(nvdisasm), "-c", str(Path(tmp) / "k.cubin")], capture_output=True, text=True,
-                              check=True).stdout
+    return "\n".join(disassemble(cubin))
 
 
 def _mma_loops(cubin: bytes) -> list[list[str]]:
     """The SASS lines of each innermost loop that runs a wgmma."""
-    lines = _sass(cubin).splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\.(L_x_\d+):", line))}
-    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-             if (m := re.search(r"BRA `\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
-    return [lines[a:b + 1] for a, b in loops
-            if not any(a < s < b for s, _ in loops) and any("HGMMA" in x for x in lines[a:b + 1])]
+    from dsv4.bench.sass import disassemble, innermost_loops
+
+    return [body for body in innermost_loops(disassemble(cubin)) if any("HGMMA" in x for x in body)]
 
 
 def _flash_case(dev, gen, tokens: int, experts: int):

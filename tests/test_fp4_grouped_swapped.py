@@ -174,28 +174,10 @@ def test_swapped_names_bad_inputs():
 def _fp16_mma_loop_opcodes(cubin: bytes) -> list[str]:
     """Opcodes of the innermost loop(s) of the SASS (nvdisasm) that run an fp16 wgmma (HGMMA without .BF16: the
     fast path's K loop; the fallback's wgmmas are bf16 in these compiles)."""
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
+    from dsv4.bench.sass import disassemble, innermost_loops, opcodes
 
-    import triton
-
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "k.cubin").write_bytes(cubin)
-        lines = subprocess.run([str(nvdisasm), "-c", str(Path(tmp) / "k.cubin")], capture_output=True, text=True,
-                               check=True).stdout.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\.(L_x_\d+):", line))}
-    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-             if (m := re.search(r"BRA `\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
-    opcode = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)")        # (after a predicate)
-    ops = []
-    for start, end in loops:
-        body = lines[start:end + 1]
-        if not any(start < s < end for s, _ in loops) and any("HGMMA" in x and ".BF16" not in x for x in body):
-            ops += [m.group(1) for x in body if (m := opcode.match(x))]
-    return ops
+    return [op for body in innermost_loops(disassemble(cubin))
+            if any("HGMMA" in x and ".BF16" not in x for x in body) for op in opcodes(body)]
 
 
 def test_swapped_compiles_for_hopper_with_the_weight_in_registers():

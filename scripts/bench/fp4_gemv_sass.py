@@ -9,17 +9,14 @@ Usage: python3 scripts/bench/fp4_gemv_sass.py
 
 import collections
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from dsv4.bench.sass import OPCODE, disassemble, ptxas_usage
 from dsv4.ops.triton.fp4_gemv import _fp4_pair_gemv
 
-BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SIG = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32",
        "K": "i32"}
 K = 4096                                     # w1/w3 at Flash's shape (w2: K 2048, the same loop)
@@ -32,17 +29,8 @@ def sass(block_n: int, block_g: int, num_warps: int, packed: bool) -> tuple[str,
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}         # what a real launch tells the compiler
     kernel = triton.compile(ASTSource(_fp4_pair_gemv, {**SIG, **dict.fromkeys(cs, "constexpr")}, cs, attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin, ptx = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
-        cubin.write_bytes(kernel.asm["cubin"])
-        ptx.write_text(kernel.asm["ptx"])
-        text = subprocess.run([str(BIN / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-        log = subprocess.run([str(BIN / "ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(cubin)],
-                             capture_output=True, text=True, check=True).stderr
-    regs = re.search(r"Used (\d+) registers", log).group(1)
-    spill = re.search(r"(\d+) bytes spill stores", log).group(1)
-    return text, f"{regs} regs, {spill} B spilled"
+    regs, spill, _ = ptxas_usage(kernel.asm["ptx"])
+    return "\n".join(disassemble(kernel.asm["cubin"])), f"{regs} regs, {spill} B spilled"
 
 
 def loop_opcodes(text: str) -> collections.Counter:
@@ -54,9 +42,8 @@ def loop_opcodes(text: str) -> collections.Counter:
     start = next(i for i, line in enumerate(lines) if line.startswith(f".{label}:"))
     ops = collections.Counter()
     for line in lines[start:back + 1]:
-        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
-        if m:
-            ops[m.group(1)] += 1
+        if m := OPCODE.match(line):
+            ops[m.group(1).split(".")[0]] += 1            # the opcode without its modifiers
     return ops
 
 

@@ -11,23 +11,18 @@ Usage: python3 scripts/bench/grouped_prefill_regs.py
 """
 
 import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 import triton
 from grouped_prefill import CONFIGS, FP8MMA_CONFIGS, PACKED_CONFIGS, K  # this directory is on sys.path as a script
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from dsv4.bench.sass import INSTRUCTION, disassemble, innermost_loops, ptxas_usage
 from dsv4.ops.triton.fp4_grouped import _fp4_grouped_gemm
 from dsv4.ops.triton.fp4_grouped_prefill import _fp4_grouped_prefill
 from dsv4.ops.triton.fp4_prefill_fp8mma import _fp4_prefill_fp8mma
 
 TARGET = GPUTarget("cuda", 90, 32)
-# NOTE: the ptxas Triton itself runs for sm_90: Triton 3.9 emits PTX 9.4, which the legacy `ptxas` (12.9) rejects.
-_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-PTXAS = next(p for p in (_BIN / "ptxas-blackwell", _BIN / "ptxas") if p.exists())
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*fp32"}
 
 
@@ -38,14 +33,7 @@ def usage(kernel) -> str:
 
 
 def _ptxas_usage(kernel) -> tuple[int, int, int]:
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "k.ptx"
-        ptx.write_text(kernel.asm["ptx"])
-        log = subprocess.run([str(PTXAS), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-    regs = re.search(r"Used (\d+) registers", log).group(1)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return int(regs), int(spill.group(1)), int(spill.group(2))
+    return ptxas_usage(kernel.asm["ptx"])
 
 
 def k_loops(kernel, block_n: int, num_warps: int) -> str:
@@ -56,27 +44,17 @@ def k_loops(kernel, block_n: int, num_warps: int) -> str:
 
 def sass(kernel) -> list[str]:
     """The compiled kernel's SASS lines (Triton's bundled nvdisasm)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "k.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        return subprocess.run([str(PTXAS.parent / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout.splitlines()
+    return disassemble(kernel.asm["cubin"])
 
 
 def _loop_counts(kernel, block_n: int, num_warps: int) -> tuple[list[float], str, bool]:
     """(instructions per weight element of each innermost MMA loop, the first MMA instruction's name, whether any
     of those loops touches local memory: spills inside the K loop)."""
-    lines = sass(kernel)
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\.(L_x_\d+):", line))}
-    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-             if (m := re.search(r"BRA `\(\.(L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
     per_thread = 128 * block_n / (num_warps * 32)
     counts, mma, local = [], "", False
-    for start, end in loops:
-        body = lines[start:end + 1]
-        innermost = not any(start < s0 < end for s0, _ in loops)
-        if innermost and any("MMA" in line for line in body):
-            counts.append(sum(bool(re.match(r"\s+/\*[0-9a-f]+\*/\s", line)) for line in body) / per_thread)
+    for body in innermost_loops(sass(kernel)):
+        if any("MMA" in line for line in body):
+            counts.append(sum(bool(INSTRUCTION.match(line)) for line in body) / per_thread)
             mma = mma or next(m.group(1) for line in body if (m := re.search(r"\s(\w*MMA[\w.]*)", line)))
             local = local or any(re.search(r"\s(LDL|STL)[\s.]", line) for line in body)
     return counts, mma, local
