@@ -371,6 +371,11 @@ def _device(args) -> str:
     return args.device
 
 
+def _builtin_on_main_rank(args) -> bool:
+    """No --model (the built-in model), and this process prints (not a torchrun rank other than 0)."""
+    return args.model is None and os.environ.get("RANK", "0") == "0"
+
+
 def _llm(args, **engine_options):
     """The LLM for --model (a path that does not exist and is not a Hub id is an error before slow imports)."""
     if args.model is not None and not os.path.exists(args.model) and args.model.count("/") != 1:
@@ -379,7 +384,7 @@ def _llm(args, **engine_options):
     from dsv4.dist.context import torchrun_world
 
     tp = args.tp or torchrun_world()
-    if args.model is None and os.environ.get("RANK", "0") == "0":
+    if _builtin_on_main_rank(args):
         print("note: no --model given; using the built-in tiny model (39 MB, trained on Python source only: "
               "it writes Python-like text; docs/builtin_model.md).", file=sys.stderr)
     from dsv4.llm import LLM
@@ -452,7 +457,7 @@ def cmd_chat(args) -> int:
     if sys.stdin is None or sys.stdin.closed:   # e.g. `dsv4 chat <&-`: input() would fail only after the load
         raise UsageError("standard input is closed: nothing to read the conversation from")
     llm = _llm(args)
-    if args.model is None and os.environ.get("RANK", "0") == "0":
+    if _builtin_on_main_rank(args):
         # Free-form requests ("write a function that reverses a string") get Python-like noise from a model this
         # small; the phrasing of its chat training data gets a function that ends (docs/builtin_model.md).
         print(f"note: the built-in model answers requests phrased as its training chats were, e.g. {CHAT_EXAMPLE}",

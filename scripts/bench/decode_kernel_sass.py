@@ -10,12 +10,12 @@ kernel out differently from a newer local one: `pip install --no-deps --target /
 Usage: python3 scripts/bench/decode_kernel_sass.py
 """
 
-import re
 from collections import Counter
 
 import triton
 from grouped_prefill_regs import _loop_counts, _ptxas_usage, compiled, sass  # this directory is on sys.path
 
+from dsv4.bench.sass import opcodes
 from dsv4.ops.triton.fp4_decode_fp8mma import _fp4_decode_fp8mma
 
 K, SPLIT, E = 4096, 2, 256
@@ -35,8 +35,8 @@ def report(f16: bool, pairs: bool, block_m: int = 16, block_n: int = 64, num_war
 
 
 def _async_copies(kernel) -> dict[str, int]:
-    """LDGSTS instructions of the whole kernel by width (E = 4 bytes, E.64, E.128)."""
-    return dict(Counter(m.group(1) for line in sass(kernel) if (m := re.search(r"\sLDGSTS\.(E(?:\.\d+)?)", line))))
+    """LDGSTS instructions of the whole kernel by their modifiers (E = 4 bytes, E.64, E.128, E.BYPASS.128)."""
+    return dict(Counter(op.removeprefix("LDGSTS.") for op in opcodes(sass(kernel)) if op.startswith("LDGSTS.")))
 
 
 def main() -> None:
