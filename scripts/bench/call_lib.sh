@@ -2,6 +2,8 @@
 # setting `out`. It makes OUT, installs the carried wheels (.whl, if any) into /tmp/site, puts the repository and
 # then /tmp/site on PYTHONPATH, prints the GPU's name and UUID (which card ran the call), and defines
 #   at LABEL                              seconds since the script started, after each stage
+#   $decode_only                          the bench arguments of a decode-only A/B (12 timed steps a batch size,
+#       no prefill graphs or compiled prefill: their capture is not what it measures)
 #   bench NAME "BENCH ARGS" [VAR=VALUE ...]  `dsv4 bench --timing-only --no-transformers BENCH ARGS` with those
 #       variables, into OUT/bench_NAME.json / .log, echoing its timing lines. 200 s: ~35 s of compile + capture
 #       per decode bucket (the eighteenth session lost a bench at 120).
@@ -14,6 +16,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,uuid --format=csv,noheader
 t0=$(date +%s)
+decode_only="--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill"
 at() { echo "== $1 at $(( $(date +%s) - t0 )) s"; }
 bench() {
     local name=$1 args=$2; shift 2

@@ -10,7 +10,6 @@ source scripts/bench/call_lib.sh
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_fp4_decode_fp8mma.py \
     "tests/test_engine.py::test_cuda_defaults_give_the_same_tokens" > "$out/tests.log" 2>&1
 echo "tests rc $?"; grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | tail -12
-decode_only="--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill"
 bench default "$decode_only"
 bench f16 "$decode_only" DSV4_FP4_DECODE_F16=1
 at done

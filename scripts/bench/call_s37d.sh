@@ -13,8 +13,7 @@ timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_fp4
 rc=$?; echo "tests rc $rc"; grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | tail -12
 at tests
 if [ $rc -eq 0 ]; then
-    decode_only="--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill"
-    bench f16 "$decode_only" DSV4_FP4_DECODE_F16=1      # first: a budget cut leaves the new figures
+        bench f16 "$decode_only" DSV4_FP4_DECODE_F16=1      # first: a budget cut leaves the new figures
     bench default "$decode_only"
 fi
 at done

@@ -23,7 +23,6 @@ DSV4_FP8_PREQUANT=1 DSV4_FP8_F16_MMA=1 timeout 90 python3 -m pytest -q -m gpu -p
     "tests/test_engine.py::test_cuda_defaults_give_the_same_tokens" > "$out/engine_tests.log" 2>&1
 echo "engine test rc $?"; grep -E "FAILED|ERROR|passed|failed" "$out/engine_tests.log" | tail -4
 at tests
-decode_only="--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill"
 bench prequant "$decode_only" DSV4_FP8_PREQUANT=1
 bench f16_prequant "$decode_only" DSV4_FP8_PREQUANT=1 DSV4_FP8_F16_MMA=1
 timeout 150 python3 scripts/bench/fp8_linear.py --prequant --out "$out/fp8_variants.json" > "$out/fp8_variants.log" 2>&1

@@ -13,7 +13,6 @@
 set -u
 out=${1:?usage: call_s38c.sh OUT_DIR}
 source scripts/bench/call_lib.sh
-decode_only="--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill"
 bench pdl "$decode_only" TORCHINDUCTOR_ENABLE_PDL=1
 bench coordinate_descent "$decode_only" TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1
 at done

@@ -9,7 +9,6 @@ set -u
 out=${1:?usage: call_s39a.sh OUT_DIR}
 bash scripts/bench/call_s37d.sh "$out"
 source scripts/bench/call_lib.sh
-decode_only="--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill"
 [ -f "$out/bench_default.json" ] || bench default "$decode_only"       # call_s37d.sh's tests failed
 bench pdl "$decode_only" TORCHINDUCTOR_ENABLE_PDL=1
 at done

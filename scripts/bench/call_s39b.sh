@@ -7,7 +7,6 @@
 set -u
 out=${1:?usage: call_s39b.sh OUT_DIR}
 source scripts/bench/call_lib.sh
-decode_only="--decode-steps 12 --prefill 128 --no-prefill-graphs --no-compile-prefill"
 bench default "$decode_only"
 bench pdl "$decode_only --decode-batches 1,8" TORCHINDUCTOR_ENABLE_PDL=1
 bench f16 "$decode_only --decode-batches 64" DSV4_FP4_DECODE_F16=1
