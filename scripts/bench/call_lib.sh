@@ -1,4 +1,4 @@
-# Shared by the one-call GPU scripts (switch_checks.sh, transient_checks.sh, call_s37*.sh): `source` it after
+# Shared by the one-call GPU scripts (call_s*.sh): `source` it after
 # setting `out`. It makes OUT, installs the carried wheels (.whl, if any) into /tmp/site, puts the repository and
 # then /tmp/site on PYTHONPATH, prints the GPU's name and UUID (which card ran the call), and defines
 #   at LABEL                              seconds since the script started, after each stage
