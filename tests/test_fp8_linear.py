@@ -208,7 +208,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             (False, 16, 64, False, True, False),                                        # grouped: ops.block_diag_linear
             (True, 16, 64, False, False, True), (True, 16, 64, True, False, True)):      # f16: DSV4_FP8_F16_MMA
         cs = {"ACT_QUANT": act, "HW_FP8": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "PREQUANT": pre,
-              "GROUPED": grouped, "F16_MMA": f16}
+              "GROUPED": grouped, "F16_MMA": f16, "PDL": False}
         x_sig = {"x_ptr": "*u8" if pre else "*bf16"}          # prequant: x is act_quant_fp8's e4m3 codes
         kernel = triton.compile(ASTSource(_fp8_linear_small_m, {**sig, **x_sig, **dict.fromkeys(cs, "constexpr")},
                                           constexprs=cs), target=GPUTarget("cuda", 90, 32))

@@ -6,15 +6,19 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.triton.pdl import pdl_release, pdl_wait
+
 
 @triton.jit
-def _sum_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out = sum over the K splits of the fp32 partials, in split order (deterministic), rounded once."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
+    pdl_wait(PDL)
     acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
     for k in tl.static_range(1, SPLIT):
         acc += tl.load(part_ptr + k * MN + offs, mask=ok, other=0.0)
+    pdl_release(PDL)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
