@@ -137,7 +137,7 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_replayed_graph(monkeypatch):
         want = [chain(x) for x in xs]
         assert all(torch.isfinite(w).all() for w in want)
         monkeypatch.setenv("DSV4_PDL", "1")
-        for x, w in zip(xs, want):
+        for x, w in zip(xs, want, strict=True):
             assert torch.equal(chain(x), w)
         static = xs[0].clone()
         chain(static)
@@ -145,7 +145,7 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_replayed_graph(monkeypatch):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = chain(static)
-        for x, w in zip(xs, want):
+        for x, w in zip(xs, want, strict=True):
             static.copy_(x)
             graph.replay()
             assert torch.equal(out, w)
