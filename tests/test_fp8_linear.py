@@ -218,7 +218,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         assert re.search(rf"wgmma\.mma_async[.\w]*\.{mma}", kernel.asm["ptx"]), cs
     sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}           # what a real launch passes
-    cs = {"BLOCK": 128, "ROWS": 16}
+    cs = {"BLOCK": 128, "ROWS": 16, "PDL": False}
     ptx = triton.compile(ASTSource(_act_quant_fp8, {**sig, **dict.fromkeys(cs, "constexpr")}, cs, attrs),
                          target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     # 16-byte loads of x and stores of the codes (one element a thread, the first version, was 5x its bytes' time)

@@ -61,6 +61,8 @@ def _pdl_kernels():
     from dsv4.ops.triton.fp4_decode_fp8mma import _fp4_decode_fp8mma
     from dsv4.ops.triton.fp4_prefill_fp8mma import _x_operand
     from dsv4.ops.triton.fp8_linear import _fp8_linear_small_m
+    from dsv4.ops.triton.quant import _act_quant_fp8, _fake_quant_fp8
+    from dsv4.ops.triton.sinkhorn import _sinkhorn
     from dsv4.ops.triton.splitk import _sum_splits
 
     fp8 = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
@@ -70,6 +72,7 @@ def _pdl_kernels():
               "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32"}
     decode_consts = {"K": 4096, "HALF": 2048, "N_SCALES": 128, "BLOCKS_PER_SPLIT": 16, "E": 256, "E_POW2": 256,
                      "BLOCK_M": 16, "BLOCK_N": 64, "HW": True, "ASM": True, "TILED": True, "UNROLL": 1, "F16": False}
+    quant = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
     return [
         ("fp8 act quant", True, _fp8_linear_small_m, fp8, {**fp8_consts, "ACT_QUANT": True, "PREQUANT": False}),
         ("fp8 prequant", True, _fp8_linear_small_m, {**fp8, "x_ptr": "*u8"},
@@ -81,10 +84,16 @@ def _pdl_kernels():
                                           "n_cols": "i32"}, {"LUT": False, "F16": False}),
         ("fp4 decode pairs", False, _fp4_decode_fp8mma, decode, {**decode_consts, "PAIRS": True}),
         ("fp4 decode sorted", False, _fp4_decode_fp8mma, decode, {**decode_consts, "PAIRS": False}),
+        ("act quant", False, _act_quant_fp8, quant, {"BLOCK": 128, "ROWS": 16}),
+        ("fake quant", False, _fake_quant_fp8, {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_rows": "i32", "n_cols": "i32"},
+         {"BLOCK": 64, "ROWS": 32}),
+        ("sinkhorn", False, _sinkhorn, {"m_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "pre_ptr": "*fp32",
+                                        "post_ptr": "*fp32", "comb_ptr": "*fp32", "T": "i32", "eps": "fp32"},
+         {"ITERS": 20, "HC": 4, "BLOCK_T": 64}),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(10))
 def test_pdl_kernels_wait_before_their_loads_and_release_after_them(case):
     """sm_90 PTX of each PDL kernel, in program order: (the FP8 linear's weight-slice prefetch,) the wait, every
     global load, the release; the launch flag set. Without PDL none of the three instructions is there."""
@@ -111,12 +120,15 @@ def test_pdl_kernels_wait_before_their_loads_and_release_after_them(case):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a Hopper GPU")
 def test_pdl_gives_the_same_bits_eagerly_and_in_a_replayed_graph(monkeypatch):
-    """A chain of PDL kernels feeding each other (FP8 wq_a-like linear with its split sum -> FP8 wq_b-like linear ->
-    the FP4 decode kernel on its output, with its x operand) at Flash's shapes, with DSV4_PDL=1 against 0: the
+    """A chain of PDL kernels feeding each other (FP8 wq_a-like linear with its split sum -> fake quant -> FP8
+    wq_b-like linear -> the FP4 decode kernel with its x operand, the act quant and mHC's Sinkhorn on its output)
+    at Flash's shapes, with DSV4_PDL=1 against 0: the
     same bits eagerly, and in a CUDA graph replayed 20 times on fresh inputs."""
     from dsv4 import quant
     from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
     from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
+    from dsv4.ops.triton.quant import act_quant_fp8, fake_quant_fp8
+    from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn
 
     gen = torch.Generator().manual_seed(61)
     w1, s1 = (t.cuda() for t in quant.quant_fp8(torch.randn(1024, 4096, generator=gen) / 64))
@@ -125,20 +137,23 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_replayed_graph(monkeypatch):
     w4 = torch.randint(-128, 128, (E, N, 2048), dtype=torch.int8, generator=gen).cuda()
     s4 = torch.randint(118, 125, (E, N, 128), dtype=torch.uint8, generator=gen).cuda().view(torch.float8_e8m0fnu)
     eid = torch.randint(0, E, (8,), generator=gen).cuda()
+    hc_scale, hc_base = torch.rand(3, generator=gen).cuda(), torch.randn(24, generator=gen).cuda()
 
     def chain(x):
         h = fp8_linear_small_m(x, w1, s1, True)                     # split > 1: `_sum_splits` follows
-        y = fp8_linear_small_m(h, w2, s2, True)
-        return fp4_decode_fp8mma(y.float(), eid, w4, s4, split=4)
+        y = fp8_linear_small_m(fake_quant_fp8(h, 64), w2, s2, True)
+        mixes = y[:, :24].float() / 64
+        return (fp4_decode_fp8mma(y.float(), eid, w4, s4, split=4), act_quant_fp8(y)[0].view(torch.uint8),
+                *hc_split_sinkhorn(mixes, hc_scale, hc_base, 4, 20, 1e-6))
 
     xs = [(torch.randn(8, 4096, generator=gen) * 2).bfloat16().cuda() for _ in range(20)]
     with torch.inference_mode():
         monkeypatch.setenv("DSV4_PDL", "0")
         want = [chain(x) for x in xs]
-        assert all(torch.isfinite(w).all() for w in want)
+        assert all(torch.isfinite(w[0]).all() and torch.isfinite(w[2]).all() for w in want)
         monkeypatch.setenv("DSV4_PDL", "1")
         for x, w in zip(xs, want, strict=True):
-            assert torch.equal(chain(x), w)
+            assert all(map(torch.equal, chain(x), w))
         static = xs[0].clone()
         chain(static)
         torch.cuda.synchronize()
@@ -148,4 +163,4 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_replayed_graph(monkeypatch):
         for x, w in zip(xs, want, strict=True):
             static.copy_(x)
             graph.replay()
-            assert torch.equal(out, w)
+            assert all(map(torch.equal, out, w))
