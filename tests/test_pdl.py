@@ -58,6 +58,7 @@ def _compile(kernel, sig, consts, pdl):
 
 
 def _pdl_kernels():
+    from dsv4.ops.triton.bf16_small_m import _bf16_small_m
     from dsv4.ops.triton.fp4_decode_fp8mma import _fp4_decode_fp8mma
     from dsv4.ops.triton.fp4_prefill_fp8mma import _x_operand
     from dsv4.ops.triton.fp8_linear import _fp8_linear_small_m
@@ -90,10 +91,13 @@ def _pdl_kernels():
         ("sinkhorn", False, _sinkhorn, {"m_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "pre_ptr": "*fp32",
                                         "post_ptr": "*fp32", "comb_ptr": "*fp32", "T": "i32", "eps": "fp32"},
          {"ITERS": 20, "HC": 4, "BLOCK_T": 64}),
+        ("bf16 small m", True, _bf16_small_m, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32",
+                                               "N": "i32", "K": "i32", "KB_PER_SPLIT": "i32"},
+         {"HW": True, "BLOCK_N": 64, "BLOCK_M": 16}),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(11))
 def test_pdl_kernels_wait_before_their_loads_and_release_after_them(case):
     """sm_90 PTX of each PDL kernel, in program order: (the FP8 linear's weight-slice prefetch,) the wait, every
     global load, the release; the launch flag set. Without PDL none of the three instructions is there."""

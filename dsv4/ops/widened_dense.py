@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops import ref
-from dsv4.ops.registry import custom_op, dispatch, env_switch, register
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register, register_triton
+from dsv4.ops.split_sum import sum_splits
 
 widened_dense = dispatch("widened_dense", ref.widened_dense)
 
@@ -72,4 +73,47 @@ def _tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+# Decode's few rows of a bf16 weight (the router, the compressors' pairs) on a Triton split-K kernel instead of
+# cuBLAS's split-K GEMM + reduce (`ops/triton/bf16_small_m.py`): DSV4_BF16_SMALL_M=1, opt-in until measured.
+SMALL_M = 64
+
+
+def _fits_small_m(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_fits(x, weight) and weight.dtype == torch.bfloat16 and env_switch("DSV4_BF16_SMALL_M")
+            and x.numel() // max(x.shape[-1], 1) <= SMALL_M and weight.shape[0] % 64 == 0
+            and weight.shape[1] % 128 == 0)
+
+
+def _split(x: torch.Tensor, weight: torch.Tensor) -> int:
+    from dsv4.ops.triton.bf16_small_m import split_of
+
+    return split_of(x, weight)
+
+
+@custom_op("bf16_small_m_partials", lambda x, weight: x.new_empty(
+    _split(x, weight), x.numel() // x.shape[-1], weight.shape[0], dtype=torch.float32))
+def _small_m_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from dsv4.ops.triton.bf16_small_m import bf16_small_m
+
+    return bf16_small_m(x, weight, partials=True)
+
+
+@custom_op("bf16_small_m", lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32))
+def _small_m_summed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from dsv4.ops.triton.bf16_small_m import bf16_small_m
+
+    return bf16_small_m(x, weight)
+
+
+def _small_m(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Compiled with 2-8 K splits: the partials, added in split order in the traced graph (fused into the consumer,
+    `ops.fp8_linear.TRACED_SUM_MAX_SPLIT`); else the kernel with its split sum."""
+    from dsv4.ops.fp8_linear import TRACED_SUM_MAX_SPLIT
+
+    if torch.compiler.is_compiling() and 1 < _split(x, weight) <= TRACED_SUM_MAX_SPLIT:
+        return sum_splits(_small_m_partials(x, weight)).view(*x.shape[:-1], weight.shape[0])
+    return _small_m_summed(x, weight)
+
+
+register_triton("widened_dense", "bf16_small_m_widened_dense", _fits_small_m, _small_m)
 register("widened_dense", "tensor_core_widened_dense", _fits, _tensor_cores)
