@@ -64,6 +64,7 @@ def _pdl_kernels():
     from dsv4.ops.triton.fp8_linear import _fp8_linear_small_m
     from dsv4.ops.triton.quant import _act_quant_fp8, _fake_quant_fp8
     from dsv4.ops.triton.sinkhorn import _sinkhorn
+    from dsv4.ops.triton.sparse_attention import _combine, _sparse_attention
     from dsv4.ops.triton.splitk import _sum_splits
 
     fp8 = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
@@ -73,6 +74,10 @@ def _pdl_kernels():
               "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32"}
     decode_consts = {"K": 4096, "HALF": 2048, "N_SCALES": 128, "BLOCKS_PER_SPLIT": 16, "E": 256, "E_POW2": 256,
                      "BLOCK_M": 16, "BLOCK_N": 64, "HW": True, "ASM": True, "TILED": True, "UNROLL": 1, "F16": False}
+    attn = {"q_ptr": "*bf16", "kv_ptr": "*bf16", "sink_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*fp32",
+            "m_ptr": "*fp32", "l_ptr": "*fp32", "S": "i32", "N": "i32", "K": "i32", "TILES": "i32", "scale": "fp32"}
+    attn_consts = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512, "BLOCK_K": 64, "IEEE": False,
+                   "PIPELINED": True, "LSE": False}
     quant = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
     return [
         ("fp8 act quant", True, _fp8_linear_small_m, fp8, {**fp8_consts, "ACT_QUANT": True, "PREQUANT": False}),
@@ -94,10 +99,16 @@ def _pdl_kernels():
         ("bf16 small m", True, _bf16_small_m, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32",
                                                "N": "i32", "K": "i32", "KB_PER_SPLIT": "i32"},
          {"HW": True, "BLOCK_N": 64, "BLOCK_M": 16}),
+        ("sparse attention", False, _sparse_attention, attn, {**attn_consts, "PARTIAL": True}),
+        ("sparse attention unsplit", False, _sparse_attention, {**attn, "out_ptr": "*bf16"},
+         {**attn_consts, "PARTIAL": False}),
+        ("combine", False, _combine, {"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "sink_ptr": "*fp32",
+                                      "out_ptr": "*bf16", "SPLITS": "i32"},
+         {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512}),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(14))
 def test_pdl_kernels_wait_before_their_loads_and_release_after_them(case):
     """sm_90 PTX of each PDL kernel, in program order: (the FP8 linear's weight-slice prefetch,) the wait, every
     global load, the release; the launch flag set. Without PDL none of the three instructions is there."""
@@ -125,14 +136,15 @@ def test_pdl_kernels_wait_before_their_loads_and_release_after_them(case):
                     reason="needs a Hopper GPU")
 def test_pdl_gives_the_same_bits_eagerly_and_in_a_replayed_graph(monkeypatch):
     """A chain of PDL kernels feeding each other (FP8 wq_a-like linear with its split sum -> fake quant -> FP8
-    wq_b-like linear -> the FP4 decode kernel with its x operand, the act quant and mHC's Sinkhorn on its output)
-    at Flash's shapes, with DSV4_PDL=1 against 0: the
+    wq_b-like linear -> the FP4 decode kernel with its x operand, the act quant, mHC's Sinkhorn and the split
+    sparse attention with its merge on its output) at Flash's shapes, with DSV4_PDL=1 against 0: the
     same bits eagerly, and in a CUDA graph replayed 20 times on fresh inputs."""
     from dsv4 import quant
     from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
     from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
     from dsv4.ops.triton.quant import act_quant_fp8, fake_quant_fp8
     from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn
+    from dsv4.ops.triton.sparse_attention import sparse_attention
 
     gen = torch.Generator().manual_seed(61)
     w1, s1 = (t.cuda() for t in quant.quant_fp8(torch.randn(1024, 4096, generator=gen) / 64))
@@ -142,13 +154,15 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_replayed_graph(monkeypatch):
     s4 = torch.randint(118, 125, (E, N, 128), dtype=torch.uint8, generator=gen).cuda().view(torch.float8_e8m0fnu)
     eid = torch.randint(0, E, (8,), generator=gen).cuda()
     hc_scale, hc_base = torch.rand(3, generator=gen).cuda(), torch.randn(24, generator=gen).cuda()
+    sink, idx = torch.randn(8, generator=gen).cuda(), torch.randint(0, 16, (1, 8, 128), generator=gen).cuda()
 
     def chain(x):
         h = fp8_linear_small_m(x, w1, s1, True)                     # split > 1: `_sum_splits` follows
         y = fp8_linear_small_m(fake_quant_fp8(h, 64), w2, s2, True)
         mixes = y[:, :24].float() / 64
+        attn = sparse_attention(y.view(1, 8, 8, 512), h.view(1, 16, 512), sink, idx, 0.04, splits=2, check=False)
         return (fp4_decode_fp8mma(y.float(), eid, w4, s4, split=4), act_quant_fp8(y)[0].view(torch.uint8),
-                *hc_split_sinkhorn(mixes, hc_scale, hc_base, 4, 20, 1e-6))
+                *hc_split_sinkhorn(mixes, hc_scale, hc_base, 4, 20, 1e-6), attn)
 
     xs = [(torch.randn(8, 4096, generator=gen) * 2).bfloat16().cuda() for _ in range(20)]
     with torch.inference_mode():

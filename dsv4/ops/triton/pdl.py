@@ -10,8 +10,9 @@ what no kernel of the step writes: the FP8 linear's weight and scales, whose sli
 called it (or exited); the kernels here call it after their last load of anything a later kernel may write, as
 inductor's own PDL kernels do (`TORCHINDUCTOR_ENABLE_PDL`), so a dependent that does not wait cannot overwrite what
 they still read.
-Kernels with PDL: the FP8 small-M linear and its split sum, the FP4 decode kernel and its x operand, the act and fake
-quants, mHC's Sinkhorn (the Triton kernels of a decode step's profile, bench/results/h100_s32 call C).
+Kernels with PDL: the FP8 and bf16 small-M linears (both prefetch) and their split sum, the FP4 decode kernel and its
+x operand, the act and fake quants, mHC's Sinkhorn, the sparse attention and its merge (the Triton kernels of a
+decode step's profile, bench/results/h100_s32 call C).
 The chain stays correct kernel by kernel: every PDL kernel waits before it reads any output of the step and before
 it releases, so when a kernel launches, everything before its predecessor has completed. Kernels launched without
 PDL (cuBLAS, torch's own) keep full stream order before and after them.
