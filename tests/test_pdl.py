@@ -60,6 +60,7 @@ def _compile(kernel, sig, consts, pdl):
 def _pdl_kernels():
     from dsv4.ops.triton.bf16_small_m import _bf16_small_m
     from dsv4.ops.triton.fp4_decode_fp8mma import _fp4_decode_fp8mma
+    from dsv4.ops.triton.fp4_gemv import _fp4_pair_gemv
     from dsv4.ops.triton.fp4_prefill_fp8mma import _x_operand
     from dsv4.ops.triton.fp8_linear import _fp8_linear_small_m
     from dsv4.ops.triton.quant import _act_quant_fp8, _fake_quant_fp8
@@ -102,13 +103,16 @@ def _pdl_kernels():
         ("sparse attention", False, _sparse_attention, attn, {**attn_consts, "PARTIAL": True}),
         ("sparse attention unsplit", False, _sparse_attention, {**attn, "out_ptr": "*bf16"},
          {**attn_consts, "PARTIAL": False}),
+        ("fp4 pair gemv", False, _fp4_pair_gemv, {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*u8",
+                                                   "out_ptr": "*fp32", "N": "i32", "K": "i32"},
+         {"WORDS": 512, "N_SCALES": 128, "BLOCK_N": 32, "BLOCK_G": 32, "HALF2": False, "ASM": False, "TILED": True}),
         ("combine", False, _combine, {"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "sink_ptr": "*fp32",
                                       "out_ptr": "*bf16", "SPLITS": "i32"},
          {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512}),
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(15))
 def test_pdl_kernels_wait_before_their_loads_and_release_after_them(case):
     """sm_90 PTX of each PDL kernel, in program order: (the FP8 linear's weight-slice prefetch,) the wait, every
     global load, the release; the launch flag set. Without PDL none of the three instructions is there."""
@@ -135,12 +139,13 @@ def test_pdl_kernels_wait_before_their_loads_and_release_after_them(case):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a Hopper GPU")
 def test_pdl_gives_the_same_bits_eagerly_and_in_a_replayed_graph(monkeypatch):
-    """A chain of PDL kernels feeding each other (FP8 wq_a-like linear with its split sum -> fake quant -> FP8
-    wq_b-like linear -> the FP4 decode kernel with its x operand, the act quant, mHC's Sinkhorn and the split
-    sparse attention with its merge on its output) at Flash's shapes, with DSV4_PDL=1 against 0: the
-    same bits eagerly, and in a CUDA graph replayed 20 times on fresh inputs."""
+    """A chain of PDL kernels feeding each other at Flash's shapes: FP8 wq_a-like linear with its split sum -> fake
+    quant -> FP8 wq_b-like linear -> on its output the FP4 decode kernels (split-K with its x operand; the pair
+    GEMV), the act quant, mHC's Sinkhorn and the split sparse attention with its merge. With DSV4_PDL=1 against 0:
+    the same bits eagerly, and in a CUDA graph replayed 20 times on fresh inputs."""
     from dsv4 import quant
     from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
+    from dsv4.ops.triton.fp4_gemv import fp4_pair_gemv
     from dsv4.ops.triton.fp8_linear import fp8_linear_small_m
     from dsv4.ops.triton.quant import act_quant_fp8, fake_quant_fp8
     from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn
@@ -161,14 +166,15 @@ def test_pdl_gives_the_same_bits_eagerly_and_in_a_replayed_graph(monkeypatch):
         y = fp8_linear_small_m(fake_quant_fp8(h, 64), w2, s2, True)
         mixes = y[:, :24].float() / 64
         attn = sparse_attention(y.view(1, 8, 8, 512), h.view(1, 16, 512), sink, idx, 0.04, splits=2, check=False)
-        return (fp4_decode_fp8mma(y.float(), eid, w4, s4, split=4), act_quant_fp8(y)[0].view(torch.uint8),
+        return (fp4_decode_fp8mma(y.float(), eid, w4, s4, split=4), fp4_pair_gemv(y, eid, w4, s4),
+                act_quant_fp8(y)[0].view(torch.uint8),
                 *hc_split_sinkhorn(mixes, hc_scale, hc_base, 4, 20, 1e-6), attn)
 
     xs = [(torch.randn(8, 4096, generator=gen) * 2).bfloat16().cuda() for _ in range(20)]
     with torch.inference_mode():
         monkeypatch.setenv("DSV4_PDL", "0")
         want = [chain(x) for x in xs]
-        assert all(torch.isfinite(w[0]).all() and torch.isfinite(w[2]).all() for w in want)
+        assert all(torch.isfinite(w[0]).all() and torch.isfinite(w[1]).all() for w in want)
         monkeypatch.setenv("DSV4_PDL", "1")
         for x, w in zip(xs, want, strict=True):
             assert all(map(torch.equal, chain(x), w))
