@@ -80,7 +80,7 @@ def bf16_small_m(x: torch.Tensor, weight: torch.Tensor, partials: bool = False, 
         out = torch.empty(M, N, dtype=torch.float32, device=x.device)
         part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     if M:
-        pdl = pdl_on(x.device)
+        pdl = pdl_on(x.device) and weight.data_ptr() % 16 == 0      # (the bulk prefetch: 16-byte aligned rows)
         _bf16_small_m[grid](flat, weight.contiguous(), part, M, N, K, K // 128 // split, HW=x.is_cuda,
                             BLOCK_N=block_n, BLOCK_M=BLOCK_M, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
                             num_stages=num_stages)

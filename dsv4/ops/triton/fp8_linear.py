@@ -242,7 +242,7 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         pre = act_quant_on and (prequant_from_env(M) if prequant is None else prequant)
         f16 = act_quant_on and x.is_cuda and (f16_mma_from_env() if f16_mma is None else f16_mma)
         xs = None
-        pdl = pdl_on(x.device)
+        pdl = pdl_on(x.device) and weight.data_ptr() % 16 == 0      # (the bulk prefetch: 16-byte aligned rows)
         if pre:
             from dsv4.ops.triton.quant import act_quant_fp8
 
