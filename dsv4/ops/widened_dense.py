@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops import ref
+from dsv4.ops.fp8_linear import TRACED_SUM_MAX_SPLIT, _small_m_split  # (the same split plan)
 from dsv4.ops.registry import custom_op, dispatch, env_switch, register, register_triton
 from dsv4.ops.split_sum import sum_splits
 
@@ -84,14 +85,8 @@ def _fits_small_m(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.shape[1] % 128 == 0)
 
 
-def _split(x: torch.Tensor, weight: torch.Tensor) -> int:
-    from dsv4.ops.triton.bf16_small_m import split_of
-
-    return split_of(x, weight)
-
-
 @custom_op("bf16_small_m_partials", lambda x, weight: x.new_empty(
-    _split(x, weight), x.numel() // x.shape[-1], weight.shape[0], dtype=torch.float32))
+    _small_m_split(x, weight), x.numel() // x.shape[-1], weight.shape[0], dtype=torch.float32))
 def _small_m_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from dsv4.ops.triton.bf16_small_m import bf16_small_m
 
@@ -108,9 +103,7 @@ def _small_m_summed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _small_m(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Compiled with 2-8 K splits: the partials, added in split order in the traced graph (fused into the consumer,
     `ops.fp8_linear.TRACED_SUM_MAX_SPLIT`); else the kernel with its split sum."""
-    from dsv4.ops.fp8_linear import TRACED_SUM_MAX_SPLIT
-
-    if torch.compiler.is_compiling() and 1 < _split(x, weight) <= TRACED_SUM_MAX_SPLIT:
+    if torch.compiler.is_compiling() and 1 < _small_m_split(x, weight) <= TRACED_SUM_MAX_SPLIT:
         return sum_splits(_small_m_partials(x, weight)).view(*x.shape[:-1], weight.shape[0])
     return _small_m_summed(x, weight)
 

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from dsv4.ops.triton.fp8_linear import BLOCK_M, kernel_plan
 from dsv4.ops.triton.pdl import pdl_on, pdl_release, pdl_wait, prefetch_rows
-from dsv4.ops.triton.splitk import _sum_splits
+from dsv4.ops.triton.splitk import add_splits, split_outputs
 
 
 @triton.jit
@@ -59,11 +59,6 @@ def check_bf16_small_m(x: torch.Tensor, weight: torch.Tensor, block_n: int = 64)
                          f"{block_n}; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
 
 
-def split_of(x: torch.Tensor, weight: torch.Tensor) -> int:
-    """The K splits of a call (`fp8_linear.kernel_plan`: from N and K only)."""
-    return kernel_plan(x.numel() // x.shape[-1], weight.shape[0], weight.shape[1], x.device)[0]
-
-
 def bf16_small_m(x: torch.Tensor, weight: torch.Tensor, partials: bool = False, block_n: int = 64,
                  split_k: int | None = None, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """x [..., K] bf16 @ weight [N, K] bf16 ^T -> fp32 [..., N] (every product exact, fp32 sums), for a few rows
@@ -74,17 +69,11 @@ def bf16_small_m(x: torch.Tensor, weight: torch.Tensor, partials: bool = False, 
     flat = x.reshape(-1, K).contiguous()
     M = flat.shape[0]
     split, grid = kernel_plan(M, N, K, x.device, block_n, split_k=split_k)
-    if partials:
-        out = part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(M, N, dtype=torch.float32, device=x.device)
-        part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    out, part = split_outputs(split, M, N, torch.float32, x.device, partials)
     if M:
         pdl = pdl_on(x.device) and weight.data_ptr() % 16 == 0      # (the bulk prefetch: 16-byte aligned rows)
         _bf16_small_m[grid](flat, weight.contiguous(), part, M, N, K, K // 128 // split, HW=x.is_cuda,
                             BLOCK_N=block_n, BLOCK_M=BLOCK_M, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
                             num_stages=num_stages)
-        if split > 1 and not partials:
-            _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024, PDL=pdl,
-                                                     launch_pdl=pdl)
+        add_splits(part, out, pdl)
     return out if partials else out.view(*x.shape[:-1], N)

@@ -41,7 +41,7 @@ from dsv4.ops.registry import env_switch
 from dsv4.ops.triton.fp4_grouped import _e8m0
 from dsv4.ops.triton.pdl import pdl_on, pdl_release, pdl_wait, prefetch_rows
 from dsv4.ops.triton.quant import fp8_block_quant
-from dsv4.ops.triton.splitk import _sum_splits, auto_split, divisor_at_most
+from dsv4.ops.triton.splitk import add_splits, auto_split, divisor_at_most, split_outputs
 
 _TWO_POW_120 = tl.constexpr(2.0**120)
 
@@ -233,11 +233,7 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     flat = x.reshape(-1, K * groups).contiguous()
     M = flat.shape[0]
     split, grid = kernel_plan(M, N, K, x.device, block_n, block_m, split_k, programs_per_sm)
-    if partials:
-        out = part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
-        part = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    out, part = split_outputs(split, M, N, out_dtype or x.dtype, x.device, partials)
     if M:
         pre = act_quant_on and (prequant_from_env(M) if prequant is None else prequant)
         f16 = act_quant_on and x.is_cuda and (f16_mma_from_env() if f16_mma is None else f16_mma)
@@ -253,7 +249,5 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
                                   BLOCK_M=block_m, xs_ptr=xs, PREQUANT=pre, GROUPED=groups > 1,
                                   X_STRIDE=K * groups, GROUP_N=N // groups, F16_MMA=f16, PDL=pdl, launch_pdl=pdl,
                                   num_warps=num_warps, num_stages=num_stages)
-        if split > 1 and not partials:
-            _sum_splits[(triton.cdiv(M * N, 1024),)](part, out, M * N, SPLIT=split, BLOCK=1024, PDL=pdl,
-                                                     launch_pdl=pdl)
+        add_splits(part, out, pdl)
     return out if partials else out.view(*x.shape[:-1], N)

@@ -34,3 +34,21 @@ def auto_split(n_tiles: int, device: torch.device, programs_per_sm: int) -> int:
 def divisor_at_most(n: int, want: int) -> int:
     """The largest divisor of n that is <= want (equal splits: every program runs the same K loop)."""
     return max(d for d in range(1, min(n, max(want, 1)) + 1) if n % d == 0)
+
+
+def split_outputs(split: int, M: int, N: int, dtype: torch.dtype, device: torch.device,
+                  partials: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, part) of a small-M split-K call: `part` [split, M, N] fp32 the kernel writes (out itself when the call
+    returns the partials or has one split), `out` [M, N] in `dtype` what the call returns (`add_splits` fills it)."""
+    if partials:
+        out = torch.empty(split, M, N, dtype=torch.float32, device=device)
+        return out, out
+    out = torch.empty(M, N, dtype=dtype, device=device)
+    return out, out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=device)
+
+
+def add_splits(part: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> None:
+    """out = the sum of part's splits in split order (`_sum_splits`), unless part is out (nothing to add)."""
+    if part is not out:
+        n = out.numel()
+        _sum_splits[(triton.cdiv(n, 1024),)](part, out, n, SPLIT=part.shape[0], BLOCK=1024, PDL=pdl, launch_pdl=pdl)
