@@ -1,5 +1,5 @@
 """The bf16 small-M split-K kernel (`ops/triton/bf16_small_m.py`, `widened_dense`'s decode path with
-DSV4_BF16_SMALL_M=1) against float64, alone and in a batch, eagerly and traced.
+on by default) against float64, alone and in a batch, eagerly and traced.
 
 Precision class: the fp32 GEMM's. Every bf16 x bf16 product is exact in fp32; what is left is the order of fp32
 additions: a 128-term dot per block, K / 128 / split block sums per split, `split` partials: n <= 128 + K / 128 +
@@ -73,8 +73,9 @@ def test_bad_input_names_the_offender():
             bf16_small_m(x, weight)
 
 
-def test_dispatch_is_opt_in_and_for_decode_rows(monkeypatch):
-    """`widened_dense` takes the kernel only with DSV4_BF16_SMALL_M=1, on CUDA, for bf16 weights and <= 64 rows."""
+def test_dispatch_is_on_by_default_and_for_decode_rows(monkeypatch):
+    """`widened_dense` takes the kernel by default (DSV4_BF16_SMALL_M=0 turns it off), on CUDA, for bf16 weights and
+    <= 64 rows."""
     wd = importlib.import_module("dsv4.ops.widened_dense")        # (`dsv4.ops.widened_dense` is the op)
 
     class Cuda(torch.Tensor):                  # the predicate's view of a CUDA tensor, without a GPU
@@ -84,10 +85,10 @@ def test_dispatch_is_opt_in_and_for_decode_rows(monkeypatch):
 
     w = torch.zeros(256, 4096, dtype=torch.bfloat16).as_subclass(Cuda)
     x = torch.zeros(8, 4096, dtype=torch.bfloat16).as_subclass(Cuda)
-    monkeypatch.delenv("DSV4_BF16_SMALL_M", raising=False)
+    monkeypatch.setenv("DSV4_BF16_SMALL_M", "0")
     with torch.no_grad():
         assert not wd._fits_small_m(x, w)
-        monkeypatch.setenv("DSV4_BF16_SMALL_M", "1")
+        monkeypatch.delenv("DSV4_BF16_SMALL_M")
         assert wd._fits_small_m(x, w)
         assert not wd._fits_small_m(torch.zeros(65, 4096, dtype=torch.bfloat16).as_subclass(Cuda), w)
         assert not wd._fits_small_m(x, w.float())                     # mHC's fp32 fn keeps cuBLAS's GEMV
