@@ -81,8 +81,7 @@ def test_packed_pair_gemv_compiles_for_hopper_without_a_gpu():
     PTX; only a GPU can run it (test below)."""
     sig = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*u8", "out_ptr": "*fp32", "N": "i32",
            "K": "i32"}
-    consts = {"WORDS": 512, "N_SCALES": 128, "BLOCK_N": 16, "BLOCK_G": 32, "HALF2": True, "ASM": True, "TILED": False,
-              "PDL": False}
+    consts = {"WORDS": 512, "N_SCALES": 128, "BLOCK_N": 16, "BLOCK_G": 32, "HALF2": True, "ASM": True, "TILED": False}
     kernel = _compile_for_hopper(gemv._fp4_pair_gemv, sig, consts, 4)
     assert kernel.asm["cubin"] and "0x0E000E00" in kernel.asm["ptx"]
 

@@ -173,7 +173,7 @@ def test_fp8mma_compiles_for_hopper_without_a_gpu():
     for lut, f16 in ((False, False), (True, False), (False, True)):
         sig = {"x_ptr": "*bf16", "q_ptr": "*fp16" if f16 else "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32",
                "n_cols": "i32"}
-        assert "cubin" in compiled(_x_operand, sig, {"LUT": lut, "F16": f16, "PDL": False}, 5, 4).asm
+        assert "cubin" in compiled(_x_operand, sig, {"LUT": lut, "F16": f16}, 5, 4).asm
     # the split-K decode kernel, FP8- and fp16-MMA variants (scripts/bench/decode_kernel_sass.py): the MMA each
     # runs, nothing spilled in the K loops
     from decode_kernel_sass import report as decode_report

@@ -208,7 +208,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             (False, 16, 64, False, True, False),                                        # grouped: ops.block_diag_linear
             (True, 16, 64, False, False, True), (True, 16, 64, True, False, True)):      # f16: DSV4_FP8_F16_MMA
         cs = {"ACT_QUANT": act, "HW_FP8": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "PREQUANT": pre,
-              "GROUPED": grouped, "F16_MMA": f16, "PDL": False}
+              "GROUPED": grouped, "F16_MMA": f16}
         x_sig = {"x_ptr": "*u8" if pre else "*bf16"}          # prequant: x is act_quant_fp8's e4m3 codes
         kernel = triton.compile(ASTSource(_fp8_linear_small_m, {**sig, **x_sig, **dict.fromkeys(cs, "constexpr")},
                                           constexprs=cs), target=GPUTarget("cuda", 90, 32))
@@ -218,7 +218,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         assert re.search(rf"wgmma\.mma_async[.\w]*\.{mma}", kernel.asm["ptx"]), cs
     sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}           # what a real launch passes
-    cs = {"BLOCK": 128, "ROWS": 16, "PDL": False}
+    cs = {"BLOCK": 128, "ROWS": 16}
     ptx = triton.compile(ASTSource(_act_quant_fp8, {**sig, **dict.fromkeys(cs, "constexpr")}, cs, attrs),
                          target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     # 16-byte loads of x and stores of the codes (one element a thread, the first version, was 5x its bytes' time)

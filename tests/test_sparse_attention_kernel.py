@@ -174,14 +174,14 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
            "m_ptr": "*fp32", "l_ptr": "*fp32", "S": "i32", "N": "i32", "K": "i32", "TILES": "i32", "scale": "fp32"}
     for partial, pipelined in ((False, True), (True, True), (False, False)):
         cs = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512, "BLOCK_K": 64, "IEEE": False, "PARTIAL": partial,
-              "PIPELINED": pipelined, "LSE": False, "PDL": False}
+              "PIPELINED": pipelined, "LSE": False}
         kernel = triton.compile(ASTSource(_sparse_attention, {**sig, **dict.fromkeys(cs, "constexpr"),
                                                               **({"out_ptr": "*fp32"} if partial else {})},
                                           constexprs=cs), target=GPUTarget("cuda", 90, 32))
         assert kernel.asm["cubin"], cs
     sig = {"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "sink_ptr": "*fp32", "out_ptr": "*bf16",
            "SPLITS": "i32"}
-    cs = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512, "PDL": False}
+    cs = {"H": 64, "D": 512, "BLOCK_H": 16, "BLOCK_D": 512}
     kernel = triton.compile(ASTSource(_combine, {**sig, **dict.fromkeys(cs, "constexpr")}, constexprs=cs),
                             target=GPUTarget("cuda", 90, 32))
     assert kernel.asm["cubin"]

@@ -124,7 +124,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     backward = {**common, "lse_ptr": "*fp32", "do_ptr": "*bf16", "dq_ptr": "*bf16", "dkv_ptr": "*fp32",
                 "dsink_ptr": "*fp32", **tail, "scale": "fp32"}
     for h, d, block_h in ((8, 128, 16), (64, 512, 64)):
-        for kernel, sig, extra in ((_sparse_attention, forward, {"PARTIAL": False, "LSE": True, "PDL": False}),
+        for kernel, sig, extra in ((_sparse_attention, forward, {"PARTIAL": False, "LSE": True}),
                                    (_backward, backward, {})):
             cs = {"H": h, "D": d, "BLOCK_H": block_h, "BLOCK_D": d, "BLOCK_K": 32, "IEEE": False, "PIPELINED": True,
                   **extra}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from dsv4.model.state import DecodeBatch, ModelState
-from dsv4.ops.registry import env_switch
 from dsv4.ops.rowwise import NON_FINITE, all_finite
 
 COMPILE_SCOPES = ("step", "block")
@@ -74,14 +73,8 @@ def compiled(fn, backend: str = "inductor", dynamic: bool = False):
     compilation for every token count), the whole step one graph, and bf16 roundings kept where eager rounds
     (inductor would otherwise keep some fused intermediates in fp32).
     `backend="aot_eager"` traces and functionalises the same graph but runs it eagerly: the CPU tests' check of
-    the tracing (inductor's CPU code generator fails on this graph in torch 2.13; GPUs generate Triton).
-    DSV4_PDL=1 (opt-in): inductor's kernels launched with programmatic dependent launch, as ours are then
-    (`ops/triton/pdl.py`)."""
-    options = None
-    if backend == "inductor":                                                           # inductor-only options
-        options = {"emulate_precision_casts": True}
-        if env_switch("DSV4_PDL"):              # (unset, TORCHINDUCTOR_ENABLE_PDL=1 still turns inductor's on alone)
-            options["triton.enable_pdl"] = True
+    the tracing (inductor's CPU code generator fails on this graph in torch 2.13; GPUs generate Triton)."""
+    options = {"emulate_precision_casts": True} if backend == "inductor" else None     # inductor-only options
     return torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=backend, options=options)
 
 

@@ -26,7 +26,7 @@ def report(f16: bool, pairs: bool, block_m: int = 16, block_n: int = 64, num_war
            "w_ptr": "*i8", "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32"}
     consts = {"K": K, "HALF": K // 2, "N_SCALES": K // 32, "BLOCKS_PER_SPLIT": K // 128 // SPLIT, "E": E,
               "E_POW2": E, "BLOCK_M": block_m, "BLOCK_N": block_n, "PAIRS": pairs, "HW": True, "ASM": asm,
-              "TILED": True, "UNROLL": 1, "F16": f16, "PDL": False}
+              "TILED": True, "UNROLL": 1, "F16": f16}
     kernel = compiled(_fp4_decode_fp8mma, sig, consts, 7, num_warps)
     regs, spill_st, spill_ld = _ptxas_usage(kernel)
     counts, mma, local = _loop_counts(kernel, block_n, num_warps)

@@ -25,7 +25,7 @@ K = 4096                                     # w1/w3 at Flash's shape (w2: K 204
 def sass(block_n: int, block_g: int, num_warps: int, packed: bool) -> tuple[str, str]:
     """(SASS text, ptxas -v summary) of the kernel for this config."""
     cs = {"WORDS": K // 8, "N_SCALES": K // 32, "BLOCK_N": block_n, "BLOCK_G": block_g,
-          "HALF2": packed, "ASM": packed, "TILED": False, "PDL": False}
+          "HALF2": packed, "ASM": packed, "TILED": False}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}         # what a real launch tells the compiler
     kernel = triton.compile(ASTSource(_fp4_pair_gemv, {**SIG, **dict.fromkeys(cs, "constexpr")}, cs, attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})

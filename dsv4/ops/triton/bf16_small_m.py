@@ -20,20 +20,17 @@ import triton
 import triton.language as tl
 
 from dsv4.ops.triton.fp8_linear import BLOCK_M, kernel_plan
-from dsv4.ops.triton.pdl import pdl_on, pdl_release, pdl_wait, prefetch_rows
 from dsv4.ops.triton.splitk import add_splits, split_outputs
 
 
 @triton.jit
 def _bf16_small_m(x_ptr, w_ptr, out_ptr, M, N, K, KB_PER_SPLIT, HW: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_M: tl.constexpr, PDL: tl.constexpr = False):
+                  BLOCK_M: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
     split = tl.program_id(2)
     offs_k = tl.arange(0, 128)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K                  # [BN, 1]
-    prefetch_rows(w_ptr + offs_n.to(tl.int64) * K + split * KB_PER_SPLIT * 128, KB_PER_SPLIT * 256, PDL)
-    pdl_wait(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)               # transposed output tile
     for i in range(0, KB_PER_SPLIT):
         k0 = (split * KB_PER_SPLIT + i) * 128
@@ -44,7 +41,6 @@ def _bf16_small_m(x_ptr, w_ptr, out_ptr, M, N, K, KB_PER_SPLIT, HW: tl.constexpr
             acc += tl.dot(w, tl.trans(x))
         else:
             acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
-    pdl_release(PDL)
     idx = rows[None, :].to(tl.int64) * N + offs_n[:, None]
     tl.store(out_ptr + split.to(tl.int64) * M * N + idx, acc, mask=rows[None, :] < M)
 
@@ -71,9 +67,7 @@ def bf16_small_m(x: torch.Tensor, weight: torch.Tensor, partials: bool = False, 
     split, grid = kernel_plan(M, N, K, x.device, block_n, split_k=split_k)
     out, part = split_outputs(split, M, N, torch.float32, x.device, partials)
     if M:
-        pdl = pdl_on(x.device) and weight.data_ptr() % 16 == 0      # (the bulk prefetch: 16-byte aligned rows)
         _bf16_small_m[grid](flat, weight.contiguous(), part, M, N, K, K // 128 // split, HW=x.is_cuda,
-                            BLOCK_N=block_n, BLOCK_M=BLOCK_M, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
-                            num_stages=num_stages)
-        add_splits(part, out, pdl)
+                            BLOCK_N=block_n, BLOCK_M=BLOCK_M, num_warps=num_warps, num_stages=num_stages)
+        add_splits(part, out)
     return out if partials else out.view(*x.shape[:-1], N)

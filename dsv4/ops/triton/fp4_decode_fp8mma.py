@@ -44,7 +44,6 @@ import triton.language as tl
 from dsv4.ops.fp4_layout import is_tiled
 from dsv4.ops.triton.fp4_grouped import stack_dims
 from dsv4.ops.triton.fp4_prefill_fp8mma import _per32_block, x_operand
-from dsv4.ops.triton.pdl import pdl_on, pdl_release, pdl_wait
 
 
 @triton.jit
@@ -100,10 +99,9 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
                        HALF: tl.constexpr, N_SCALES: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
                        E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        PAIRS: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr = False,
-                       UNROLL: tl.constexpr = 1, F16: tl.constexpr = False, PDL: tl.constexpr = False):
+                       UNROLL: tl.constexpr = 1, F16: tl.constexpr = False):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    pdl_wait(PDL)                   # (the expert ids come from this step's routing: nothing to fetch before)
     e, start, end = _slot_rows(tl.program_id(1), eid_ptr, offs_ptr, E, E_POW2, PAIRS)
     rows = e * N + offs_n                                             # [BLOCK_N] rows of the stacked weight
     split = tl.program_id(2)
@@ -129,7 +127,6 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
             acc = acc * 64.0                                          # the e4m3 codes' bias 2^-6
         tl.store(at, acc, mask=m_ok[None, :] & n_ok[:, None])
         m0 += BLOCK_M
-    pdl_release(PDL)
 
 
 def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -164,13 +161,11 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     if M == 0:
         return out
     hw = x.device.type == "cuda"
-    pdl = pdl_on(x.device)
-    xq, xs = x_operand(x, False, f16=f16, pdl=pdl)
+    xq, xs = x_operand(x, False, f16=f16)
     slots = M if offs is None else min(M, E)
     _fp4_decode_fp8mma[(triton.cdiv(N, block_n), slots, split)](
         xq if hw or f16 else xq.view(torch.uint8), xs, eid.contiguous(), eid if offs is None else offs.contiguous(),
         weight.contiguous(), scale.contiguous().view(torch.uint8), out, M, N, K, half, K // 32, K // 128 // split,
         E, triton.next_power_of_2(E), BLOCK_M=block_m, BLOCK_N=block_n, PAIRS=offs is None, HW=hw,
-        ASM=hw and asm, TILED=is_tiled(weight), UNROLL=unroll, F16=f16, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
-        num_stages=num_stages)
+        ASM=hw and asm, TILED=is_tiled(weight), UNROLL=unroll, F16=f16, num_warps=num_warps, num_stages=num_stages)
     return out

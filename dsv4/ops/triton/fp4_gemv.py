@@ -35,7 +35,6 @@ import triton.language as tl
 from dsv4.ops.fp4_layout import is_tiled
 from dsv4.ops.triton.fp4_decode import e2m1_word_f32
 from dsv4.ops.triton.fp4_grouped import _e8m0, _row_words, _word_at, stack_dims
-from dsv4.ops.triton.pdl import pdl_on, pdl_release, pdl_wait
 
 _TWO_POW_126 = tl.constexpr(2.0**126)
 _TWO_POW_14 = tl.constexpr(2.0**14)
@@ -80,9 +79,8 @@ def _half2_part(word, at_x, ASM: tl.constexpr):
 @triton.jit
 def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.constexpr, N_SCALES: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HALF2: tl.constexpr,
-                   ASM: tl.constexpr, TILED: tl.constexpr = False, PDL: tl.constexpr = False):
+                   ASM: tl.constexpr, TILED: tl.constexpr = False):
     p = tl.program_id(0)
-    pdl_wait(PDL)                   # (the expert ids come from this step's routing: nothing to fetch before)
     e = tl.load(ids_ptr + p).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -106,7 +104,6 @@ def _fp4_pair_gemv(x_ptr, ids_ptr, w_ptr, s_ptr, out_ptr, N, K, WORDS: tl.conste
                 xj = tl.load(at_x + g0 * 32 + J).to(tl.float32)
                 part += _e2m1_lane(word, J) * xj[None, :, :]
             acc += tl.sum(part, axis=2) * _e8m0(sbyte)
-    pdl_release(PDL)
     tl.store(out_ptr + p.to(tl.int64) * N + offs_n, tl.sum(acc, axis=1), mask=n_ok)
 
 
@@ -142,9 +139,9 @@ def fp4_pair_gemv(x: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, scal
         raise ValueError("fp4_pair_gemv: x, weight and scale must be contiguous (the weight is read as int32 words)")
     out = torch.empty(P, N, dtype=torch.float32, device=x.device)
     if P:
-        grid, pdl = (P, triton.cdiv(N, block_n)), pdl_on(x.device)
+        grid = (P, triton.cdiv(N, block_n))
         _fp4_pair_gemv[grid](x, ids.contiguous(), weight.view(torch.int32), scale.view(torch.uint8), out, N, K,
                              half // 4, K // 32, BLOCK_N=block_n, BLOCK_G=block_g,
-                             HALF2=packed is not False, ASM=packed is True, TILED=is_tiled(weight), PDL=pdl,
-                             launch_pdl=pdl, num_warps=num_warps)
+                             HALF2=packed is not False, ASM=packed is True, TILED=is_tiled(weight),
+                             num_warps=num_warps)
     return out

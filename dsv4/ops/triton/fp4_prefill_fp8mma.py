@@ -46,7 +46,6 @@ from dsv4.ops.fp4_layout import is_tiled
 from dsv4.ops.triton.fp4_decode import e2m1_byte_e4m3, e2m1_word_f16
 from dsv4.ops.triton.fp4_grouped import _byte_at, _e8m0, _row_at, _row_words, stack_dims
 from dsv4.ops.triton.fp8_linear import _e4m3_bytes_to_f32
-from dsv4.ops.triton.pdl import pdl_release, pdl_wait
 from dsv4.ops.triton.quant import fp8_block_quant
 
 
@@ -282,17 +281,14 @@ X_ORDER_F16 = torch.tensor([8 * c + 2 * h + q + 4 * p for h in range(2) for q in
 
 
 @triton.jit
-def _x_operand(x_ptr, q_ptr, s_ptr, n_rows, n_cols, LUT: tl.constexpr, F16: tl.constexpr = False,
-               PDL: tl.constexpr = False):
+def _x_operand(x_ptr, q_ptr, s_ptr, n_rows, n_cols, LUT: tl.constexpr, F16: tl.constexpr = False):
     """act_quant of one row's 128-K block (`fp8_block_quant`, as `act_quant_fp8`), each code stored at its dot
     column (the inverse of X_ORDER / X_ORDER_LUT / X_ORDER_F16, in integers: no table to copy, nothing to sync or
     capture); F16: the codes' values as fp16 (exact), for the fp16-MMA decode kernel."""
     row = tl.program_id(0).to(tl.int64)
     kb = tl.program_id(1)
     e = tl.arange(0, 128)
-    pdl_wait(PDL)
     x = tl.load(x_ptr + row * n_cols + kb * 128 + e).to(tl.float32)
-    pdl_release(PDL)
     q, s = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4))
     w = e % 32                                                        # element of its 32-K sub-block
     if F16:                                                           # w = 8c + 2h + q + 4p -> 16h + 8q + 2c + p
@@ -305,17 +301,16 @@ def _x_operand(x_ptr, q_ptr, s_ptr, n_rows, n_cols, LUT: tl.constexpr, F16: tl.c
     tl.store(s_ptr + kb * n_rows + row, s)
 
 
-def x_operand(x: torch.Tensor, lut: bool, f16: bool = False, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def x_operand(x: torch.Tensor, lut: bool, f16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 codes [M, K], each 32-K sub-block in `X_ORDER` or, `lut`, `X_ORDER_LUT`, or with `f16`
     the codes' values as fp16 in `X_ORDER_F16`; scales fp32 [K / 128, M]) in one launch: act_quant per 128
     (bit-identical to `dsv4.quant.act_quant`), which gives back x exactly when x is on the FP8 grid per 128 block
-    (e4m3 values times a power of two, the block's amax from act_quant's own rounding). `pdl`: launched with
-    programmatic dependent launch (`ops/triton/pdl`)."""
+    (e4m3 values times a power of two, the block's amax from act_quant's own rounding)."""
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.float16 if f16 else torch.float8_e4m3fn, device=x.device)
     s = torch.empty(K // 128, M, dtype=torch.float32, device=x.device)
     if M:
-        _x_operand[(M, K // 128)](x.contiguous(), q, s, M, K, LUT=lut, F16=f16, PDL=pdl, launch_pdl=pdl)
+        _x_operand[(M, K // 128)](x.contiguous(), q, s, M, K, LUT=lut, F16=f16)
     return q, s
 
 

@@ -39,7 +39,6 @@ import triton.language as tl
 
 from dsv4.ops.registry import env_switch
 from dsv4.ops.triton.fp4_grouped import _e8m0
-from dsv4.ops.triton.pdl import pdl_on, pdl_release, pdl_wait, prefetch_rows
 from dsv4.ops.triton.quant import fp8_block_quant
 from dsv4.ops.triton.splitk import add_splits, auto_split, divisor_at_most, split_outputs
 
@@ -86,14 +85,10 @@ def _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT: tl.constexpr, HW_F
 def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
                         ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_M: tl.constexpr, xs_ptr=None, PREQUANT: tl.constexpr = False,
-                        GROUPED: tl.constexpr = False, X_STRIDE=0, GROUP_N=1, F16_MMA: tl.constexpr = False,
-                        PDL: tl.constexpr = False):
+                        GROUPED: tl.constexpr = False, X_STRIDE=0, GROUP_N=1, F16_MMA: tl.constexpr = False):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)          # row blocks adjacent: they share W tiles
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
     split = tl.program_id(2)
-    # PDL: the weight slice is constant, so the L2 fetches it while the kernel before still runs (`ops/triton/pdl`)
-    prefetch_rows(w_ptr + offs_n.to(tl.int64) * K + split * KB_PER_SPLIT * 128, KB_PER_SPLIT * 128, PDL)
-    pdl_wait(PDL)
     offs_k = tl.arange(0, 128)
     n_kb = K // 128
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)               # transposed output tile
@@ -122,7 +117,6 @@ def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
             else:
                 part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(x), input_precision="ieee")
             acc += part * w_scale[:, None]
-    pdl_release(PDL)
     idx = rows[None, :].to(tl.int64) * N + offs_n[:, None]
     tl.store(out_ptr + split.to(tl.int64) * M * N + idx, acc.to(out_ptr.dtype.element_ty), mask=rows[None, :] < M)
 
@@ -238,7 +232,6 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         pre = act_quant_on and (prequant_from_env(M) if prequant is None else prequant)
         f16 = act_quant_on and x.is_cuda and (f16_mma_from_env() if f16_mma is None else f16_mma)
         xs = None
-        pdl = pdl_on(x.device) and weight.data_ptr() % 16 == 0      # (the bulk prefetch: 16-byte aligned rows)
         if pre:
             from dsv4.ops.triton.quant import act_quant_fp8
 
@@ -247,7 +240,7 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, M, N, K,
                                   K // 128 // split, ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n,
                                   BLOCK_M=block_m, xs_ptr=xs, PREQUANT=pre, GROUPED=groups > 1,
-                                  X_STRIDE=K * groups, GROUP_N=N // groups, F16_MMA=f16, PDL=pdl, launch_pdl=pdl,
-                                  num_warps=num_warps, num_stages=num_stages)
-        add_splits(part, out, pdl)
+                                  X_STRIDE=K * groups, GROUP_N=N // groups, F16_MMA=f16, num_warps=num_warps,
+                                  num_stages=num_stages)
+        add_splits(part, out)
     return out if partials else out.view(*x.shape[:-1], N)

@@ -11,7 +11,6 @@ import triton
 import triton.language as tl
 
 from dsv4.ops.triton.fp4_grouped import _e8m0
-from dsv4.ops.triton.pdl import pdl_on, pdl_release, pdl_wait
 
 
 @triton.jit
@@ -63,15 +62,12 @@ def _rows_per_program(block: int) -> int:
 
 
 @triton.jit
-def _fake_quant_fp8(x_ptr, y_ptr, n_rows, n_cols, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                    PDL: tl.constexpr = False):
+def _fake_quant_fp8(x_ptr, y_ptr, n_rows, n_cols, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     mask = rows[:, None] < n_rows
-    pdl_wait(PDL)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pdl_release(PDL)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1, keep_dims=True), 1e-4)
     tl.store(y_ptr + offs, fp8_block_round(x, amax).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -83,23 +79,20 @@ def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(flat)
     if flat.numel():
-        rows, pdl = _rows_per_program(block), pdl_on(x.device)
+        rows = _rows_per_program(block)
         _fake_quant_fp8[(triton.cdiv(flat.shape[0], rows), flat.shape[1] // block)](
-            flat, out, flat.shape[0], flat.shape[1], BLOCK=block, ROWS=rows, PDL=pdl, launch_pdl=pdl)
+            flat, out, flat.shape[0], flat.shape[1], BLOCK=block, ROWS=rows)
     return out.view(x.shape)
 
 
 @triton.jit
-def _act_quant_fp8(x_ptr, q_ptr, s_ptr, n_rows, n_cols, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                   PDL: tl.constexpr = False):
+def _act_quant_fp8(x_ptr, q_ptr, s_ptr, n_rows, n_cols, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     kb = tl.program_id(1)
     cols = kb * BLOCK + tl.arange(0, BLOCK)
     offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     mask = rows[:, None] < n_rows
-    pdl_wait(PDL)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pdl_release(PDL)
     q, s = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=1, keep_dims=True), 1e-4))
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
     # column-major [rows, blocks]: what scaled_mm takes
@@ -115,9 +108,8 @@ def act_quant_fp8(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torc
     q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(K // block, M, dtype=torch.float32, device=x.device)
     if M:
-        rows, pdl = _rows_per_program(block), pdl_on(x.device)
-        _act_quant_fp8[(triton.cdiv(M, rows), K // block)](x, q, s, M, K, BLOCK=block, ROWS=rows, PDL=pdl,
-                                                            launch_pdl=pdl)
+        rows = _rows_per_program(block)
+        _act_quant_fp8[(triton.cdiv(M, rows), K // block)](x, q, s, M, K, BLOCK=block, ROWS=rows)
     return q, s.t()
 
 

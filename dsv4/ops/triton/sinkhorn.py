@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.triton.pdl import pdl_on, pdl_release, pdl_wait
-
 
 @triton.jit
 def split_sinkhorn(pre, post, c, scale_ptr, base_ptr, eps, ITERS: tl.constexpr, HC: tl.constexpr):
@@ -37,19 +35,17 @@ def split_sinkhorn(pre, post, c, scale_ptr, base_ptr, eps, ITERS: tl.constexpr, 
 # kernels again mid-run (~250 ms of host time in one step of the issue 17 profile). T only bounds the masks.
 @triton.jit(do_not_specialize=["T"])
 def _sinkhorn(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, eps, ITERS: tl.constexpr,
-              HC: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr = False):
+              HC: tl.constexpr, BLOCK_T: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = rows < T
     width = (2 + HC) * HC
     j = tl.arange(0, HC)
     jk = j[:, None] * HC + j[None, :]
     vec, mat = rows[:, None] * width + j[None, :], rows[:, None, None] * width + 2 * HC + jk[None, :, :]
-    pdl_wait(PDL)
     pre, post, c = split_sinkhorn(tl.load(m_ptr + vec, mask=ok[:, None], other=0.0),
                                   tl.load(m_ptr + vec + HC, mask=ok[:, None], other=0.0),
                                   tl.load(m_ptr + mat, mask=ok[:, None, None], other=0.0),
                                   scale_ptr, base_ptr, eps, ITERS, HC)
-    pdl_release(PDL)
     tl.store(pre_ptr + rows[:, None] * HC + j[None, :], pre, mask=ok[:, None])
     tl.store(post_ptr + rows[:, None] * HC + j[None, :], post, mask=ok[:, None])
     tl.store(comb_ptr + rows[:, None, None] * HC * HC + jk[None, :, :], c, mask=ok[:, None, None])
@@ -65,10 +61,9 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
     pre = torch.empty(t, hc, dtype=torch.float32, device=m.device)
     post, comb = torch.empty_like(pre), torch.empty(t, hc, hc, dtype=torch.float32, device=m.device)
     if t:
-        block, pdl = 64, pdl_on(m.device)
+        block = 64
         _sinkhorn[(triton.cdiv(t, block),)](m, scale.float().contiguous(), base.float().contiguous(), pre, post,
-                                            comb, t, eps, ITERS=iters, HC=hc, BLOCK_T=block, PDL=pdl,
-                                            launch_pdl=pdl)
+                                            comb, t, eps, ITERS=iters, HC=hc, BLOCK_T=block)
     return pre.view(*lead, hc), post.view(*lead, hc), comb.view(*lead, hc, hc)
 
 

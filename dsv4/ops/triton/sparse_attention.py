@@ -33,8 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.triton.pdl import pdl_on, pdl_release, pdl_wait
-
 _FP32_MIN = tl.constexpr(-3.4028234663852886e38)
 
 
@@ -62,12 +60,11 @@ def _tile(q, kv_base, idx_row, k0, k_end, offs_d, d_ok, m, l_i, acc, scale, D: t
 def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, m_ptr, l_ptr, S, N, K, TILES, scale,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PARTIAL: tl.constexpr,
-                      PIPELINED: tl.constexpr, LSE: tl.constexpr, PDL: tl.constexpr = False):
+                      PIPELINED: tl.constexpr, LSE: tl.constexpr):
     """Split program_id(2) covers tiles [split * TILES, (split + 1) * TILES) of the list. PARTIAL: store the
     un-normalised (m, l_i, acc) of this split in fp32 for `_combine` (out_ptr is then [b*s, splits, h, d] fp32).
     LSE (unsplit only): also store each row's log-sum-exp, sink included, at m_ptr [b*s, h] fp32 (training's
-    forward, `sparse_attention_train.py`). PDL: `ops/triton/pdl.py` (it waits first, releases at its end)."""
-    pdl_wait(PDL)
+    forward, `sparse_attention_train.py`)."""
     bs = tl.program_id(0).to(tl.int64)                     # flat (batch, query)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -99,7 +96,6 @@ def _sparse_attention(q_ptr, kv_ptr, sink_ptr, idx_ptr, out_ptr, m_ptr, l_ptr, S
         tl.store(out_ptr + row[:, None] * D + offs_d[None, :], acc, mask=h_ok[:, None] & d_ok[None, :])
     else:
         _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H, D, m_ptr, LSE)
-    pdl_release(PDL)
 
 
 @triton.jit
@@ -121,9 +117,8 @@ def _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H: tl.constexpr, 
 
 @triton.jit
 def _combine(part_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, SPLITS, H: tl.constexpr, D: tl.constexpr,
-             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the splits' (m_j, l_j, acc_j) of one (query, head block): rescale each to the largest m_j (fp32)."""
-    pdl_wait(PDL)
     bs = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -145,7 +140,6 @@ def _combine(part_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, SPLITS, H: tl.constexpr,
         acc += w[:, None] * part
         j += 1
     _finish(acc, l_i, m, sink_ptr, out_ptr, bs, heads, offs_d, H, D, m_ptr, False)
-    pdl_release(PDL)
 
 
 def _check(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor) -> None:
@@ -214,8 +208,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     splits = splits or default_splits(s * heads, tiles, q.device)          # per sequence: batch-invariant
     per_split = triton.cdiv(tiles, splits)
     shape = {"H": h, "D": d, "BLOCK_H": block_h, "BLOCK_D": max(16, triton.next_power_of_2(d))}
-    pdl = pdl_on(q.device)
-    run = {"num_warps": num_warps, "num_stages": num_stages, "PDL": pdl, "launch_pdl": pdl}
+    run = {"num_warps": num_warps, "num_stages": num_stages}
     pipelined = q.is_cuda if pipelined is None else pipelined
     if splits == 1:
         _sparse_attention[(b * s, heads, 1)](q, kv, sink, idx, out, sink, sink, s, kv.shape[1], k, per_split,
@@ -229,5 +222,5 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
                                               float(scale), **shape, BLOCK_K=block_k,
                                               IEEE=q.dtype == torch.float32, PARTIAL=True, PIPELINED=pipelined,
                                               LSE=False, **run)
-    _combine[(b * s, heads)](part, m, l_i, sink, out, splits, **shape, num_warps=num_warps, PDL=pdl, launch_pdl=pdl)
+    _combine[(b * s, heads)](part, m, l_i, sink, out, splits, **shape, num_warps=num_warps)
     return out

@@ -6,19 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.triton.pdl import pdl_release, pdl_wait
-
 
 @triton.jit
-def _sum_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _sum_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     """out = sum over the K splits of the fp32 partials, in split order (deterministic), rounded once."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
-    pdl_wait(PDL)
     acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
     for k in tl.static_range(1, SPLIT):
         acc += tl.load(part_ptr + k * MN + offs, mask=ok, other=0.0)
-    pdl_release(PDL)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -47,8 +43,8 @@ def split_outputs(split: int, M: int, N: int, dtype: torch.dtype, device: torch.
     return out, out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=device)
 
 
-def add_splits(part: torch.Tensor, out: torch.Tensor, pdl: bool = False) -> None:
+def add_splits(part: torch.Tensor, out: torch.Tensor) -> None:
     """out = the sum of part's splits in split order (`_sum_splits`), unless part is out (nothing to add)."""
     if part is not out:
         n = out.numel()
-        _sum_splits[(triton.cdiv(n, 1024),)](part, out, n, SPLIT=part.shape[0], BLOCK=1024, PDL=pdl, launch_pdl=pdl)
+        _sum_splits[(triton.cdiv(n, 1024),)](part, out, n, SPLIT=part.shape[0], BLOCK=1024)
