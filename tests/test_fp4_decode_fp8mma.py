@@ -74,12 +74,6 @@ if PART == 'unroll':
 res['pairs'] = [ulps(fp4_decode_fp8mma(x, pid, w, s, split=sp, block_m=bm).sum(0), x, pid)
               for sp, bm in ((1, 16), (2, 8))]
 res['sorted'] = [ulps(fp4_decode_fp8mma(x, eid, w, s, offs=offs, split=2).sum(0), x, eid)]
-# the fp16-MMA variant: element-order operands, the same fp32 class here; over the tile-major layout too
-from dsv4.ops.fp4_layout import to_tiled
-res['f16'] = [ulps(fp4_decode_fp8mma(x, pid, w, s, split=2, f16=True).sum(0), x, pid),
-              ulps(fp4_decode_fp8mma(x, eid, w, s, offs=offs, split=2, f16=True).sum(0), x, eid),
-              torch.equal(fp4_decode_fp8mma(x, pid, to_tiled(w[:, :64].contiguous()), s[:, :64].contiguous(), f16=True),
-                          fp4_decode_fp8mma(x, pid, w[:, :64].contiguous(), s[:, :64].contiguous(), f16=True))]
 twin = ops.grouped_linear.twin(x, eid, w, s, 'fp4')
 res['twin'] = ulps(twin, x, eid)
 # block_n 128 over N = 80 (one partial tile), 32-row tiles
@@ -93,9 +87,7 @@ res['empty'] = list(fp4_decode_fp8mma(x[:0], eid[:0], w, s, offs=expert_offsets(
 # a NaN scale (byte 255) reaches exactly the twin's outputs
 s[6, 7, 2] = torch.tensor(255, dtype=torch.uint8).view(s.dtype)
 nan = fp4_decode_fp8mma(x, eid, w, s, offs=offs, split=2).sum(0).isnan()
-nan16 = fp4_decode_fp8mma(x, eid, w, s, offs=offs, split=2, f16=True).sum(0).isnan()
-res['nan'] = [torch.equal(nan, ops.grouped_linear.twin(x, eid, w, s, 'fp4').isnan()), nan.sum().item(),
-              torch.equal(nan16, nan)]
+res['nan'] = [torch.equal(nan, ops.grouped_linear.twin(x, eid, w, s, 'fp4').isnan()), nan.sum().item()]
 print(json.dumps(res))
 """
 
@@ -120,18 +112,9 @@ def test_decode_fp8mma_is_the_fp32_class_in_every_mapping(interpreted):
     assert r["tiled"] == [True, True], r
 
 
-def test_decode_f16_variant_is_the_fp32_class(interpreted):
-    """`f16=True` (fp16 weights and x in element order, the fp16 MMA on the GPU): pairs and sorted rows within the
-    same n units of 2^-24 sum |x w| of the exact product (a wrong operand order would be off by O(1)), and the
-    tile-major layout gives the stored layout's bits."""
-    r = interpreted
-    assert max(r["f16"][:2]) <= N_BOUND and r["f16"][2] is True, r
-
-
 def test_decode_fp8mma_nan_scale_reaches_the_twins_outputs(interpreted):
-    """Scale byte 255 of expert 6's weight row 7: output column 7 of its one row is NaN, as the twin's, and no other
-    (the f16 variant: the same outputs)."""
-    assert interpreted["nan"] == [True, 1, True], interpreted
+    """Scale byte 255 of expert 6's weight row 7: output column 7 of its one row is NaN, as the twin's, and no other."""
+    assert interpreted["nan"] == [True, 1], interpreted
 
 
 def test_decode_fp8mma_checks_its_options():
@@ -148,14 +131,10 @@ def test_decode_fp8mma_checks_its_options():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 8, 64])
-@pytest.mark.parametrize("f16", [False, True])
-def test_decode_fp8mma_on_cuda_at_flash_dims(tokens, f16):
+def test_decode_fp8mma_on_cuda_at_flash_dims(tokens):
     """Flash's expert shapes (K 4096 -> N 2048, 256 experts), the decode batches' pair and sorted mappings: within
     the FP8 MMA's class (2^-8 of each sub-block's sum |x w|, so 2^-8 of sum |x w| elementwise) of float64, and the
-    sorted mapping equal to the pair mapping up to the fp32 summation order (the same products and partials).
-    The f16 variant (fp16 MMA, fp32 accumulation): the fp32 class, n = 32 + 4 + 32 / 4 + 4 ~ 48 additions of
-    2^-24 sum |x w| each, bounded here by 2^-16 (x 2.7 for an accumulator that truncates instead of rounding; the
-    FP8 MMA's class is ~2^-10 typical, far above)."""
+    sorted mapping equal to the pair mapping up to the fp32 summation order (the same products and partials)."""
     from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
     from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets
     from dsv4.quant import fake_quant_fp8
@@ -169,9 +148,9 @@ def test_decode_fp8mma_on_cuda_at_flash_dims(tokens, f16):
     x = fake_quant_fp8(torch.randn(eid.numel(), Kf, device="cuda", generator=gen), 128).bfloat16()
     ref, mag = exact_grouped(x, eid, w, s)
     with torch.inference_mode():
-        pairs = fp4_decode_fp8mma(x, eid, w, s, split=4, f16=f16).sum(0)
-        grouped = fp4_decode_fp8mma(x, eid, w, s, offs=expert_offsets(eid, E), split=4, f16=f16).sum(0)
-    assert ((pairs.double() - ref).abs() / mag).max().item() <= (2**-16 if f16 else 2**-8)
+        pairs = fp4_decode_fp8mma(x, eid, w, s, split=4).sum(0)
+        grouped = fp4_decode_fp8mma(x, eid, w, s, offs=expert_offsets(eid, E), split=4).sum(0)
+    assert ((pairs.double() - ref).abs() / mag).max().item() <= 2**-8
     assert ((grouped.double() - pairs.double()).abs() / mag).max().item() <= 2**-20
 
 
@@ -189,36 +168,31 @@ def test_decode_plan_splits_to_a_wave_and_only_on_the_fp8_grid(monkeypatch):
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
     for rows in (1, 6, 48, 384):
         x = torch.zeros(rows, 4096, dtype=torch.bfloat16)
-        assert decode_fp8mma_plan(x, w, True) == (4, 16, 128, 4, False)
-        assert decode_fp8mma_plan(x, tiled, True) == (2, 16, 64, 4, False)
-        assert decode_fp8mma_plan(x, wide, True) == (1, 16, 64, 4, False)
-        assert decode_fp8mma_plan(x[:, :384], w, True) == (1, 16, 128, 4, False)    # 3 blocks: no split divides
+        assert decode_fp8mma_plan(x, w, True) == (4, 16, 128, 4)
+        assert decode_fp8mma_plan(x, tiled, True) == (2, 16, 64, 4)
+        assert decode_fp8mma_plan(x, wide, True) == (1, 16, 64, 4)
+        assert decode_fp8mma_plan(x[:, :384], w, True) == (1, 16, 128, 4)    # 3 blocks: no split divides
         assert decode_fp8mma_plan(x, w, False) is None
     monkeypatch.delenv("DSV4_FP4_DECODE_MMA")                                # unset: off over either layout
     assert decode_fp8mma_plan(x, tiled, True) is None and decode_fp8mma_plan(x, w, True) is None
     monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "0")
     assert decode_fp8mma_plan(x, tiled, True) is None and decode_fp8mma_plan(x, w, True) is None
-    monkeypatch.setenv("DSV4_FP4_DECODE_F16", "1")                          # the fp16-MMA variant: same plan
-    assert decode_fp8mma_plan(x, tiled, True) == (2, 16, 64, 4, True) and decode_fp8mma_plan(x, w, False) is None
-    monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")                          # both: the FP8 one
-    assert decode_fp8mma_plan(x, tiled, True) == (2, 16, 64, 4, False)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n,k", [(2048, 4096), (4096, 2048)])
 @pytest.mark.parametrize("tiled", [True, False])
-@pytest.mark.parametrize("switch", ["DSV4_FP4_DECODE_MMA", "DSV4_FP4_DECODE_F16"])
-def test_decode_kernel_is_batch_invariant_on_cuda(monkeypatch, n, k, tiled, switch):
-    """DSV4_FP4_DECODE_MMA=1 (or DSV4_FP4_DECODE_F16=1): a token's 6 pair rows give the same bits alone
-    (`pair_linear` at batch 1) as inside a 64-token batch, through `pair_linear` (pairs in token order) and
-    `grouped_linear` (sorted rows): the plan's split comes from the weight's shape, not from the call's rows
-    (h100_s32 call A: it did, and test_engine's requests alone and batched decoded differently)."""
+def test_decode_kernel_is_batch_invariant_on_cuda(monkeypatch, n, k, tiled):
+    """DSV4_FP4_DECODE_MMA=1: a token's 6 pair rows give the same bits alone (`pair_linear` at batch 1) as inside a
+    64-token batch, through `pair_linear` (pairs in token order) and `grouped_linear` (sorted rows): the plan's
+    split comes from the weight's shape, not from the call's rows (h100_s32 call A: it did, and test_engine's
+    requests alone and batched decoded differently)."""
     from dsv4 import ops
     from dsv4.ops import fp4_layout
     from dsv4.quant import fake_quant_fp8
 
-    monkeypatch.setenv(switch, "1")
+    monkeypatch.setenv("DSV4_FP4_DECODE_MMA", "1")
     e, tokens = 256, 64
     gen = torch.Generator("cuda").manual_seed(n + tiled)
     w = torch.randint(-128, 128, (e, n, k // 2), dtype=torch.int8, device="cuda", generator=gen)
@@ -296,57 +270,3 @@ def test_unroll_switch_is_checked_and_capped(monkeypatch):
     monkeypatch.setenv("DSV4_FP4_UNROLL", "3")
     with pytest.raises(ValueError, match="DSV4_FP4_UNROLL"):
         unroll_from_env(4096)
-
-
-def test_f16_prefill_plan_is_opt_in_and_sized_by_rows_per_expert(monkeypatch):
-    """DSV4_FP4_F16_PREFILL=1: the fp16 variant may take prefill calls (not decode-sized) of up to 64 rows per expert
-    on the FP8 grid, one K split, a token tile of ~1.25x the mean rows per expert (16 / 32 / 64); unset: never.
-    Where it would run, the MoE does not ask for K order (only the direct kernel reads it for free)."""
-    from dsv4.ops.grouped_linear import f16_prefill_plan, korder_pays
-
-    w = torch.empty(256, 2048, 2048, dtype=torch.int8, device="meta")
-    tiled = torch.empty(256, 32, 32, 64, 64, dtype=torch.int8, device="meta")
-    x = torch.empty(1, 4096, dtype=torch.bfloat16)
-    monkeypatch.delenv("DSV4_FP4_F16_PREFILL", raising=False)
-    assert f16_prefill_plan(6144, x, w, True) is None
-    monkeypatch.setenv("DSV4_FP4_F16_PREFILL", "1")
-    assert f16_prefill_plan(6144, x, w, True) == (1, 32, 128, 4, True)           # 1k at Flash: 24 rows per expert
-    assert f16_prefill_plan(6144, x, tiled, True) == (1, 32, 64, 4, True)
-    assert f16_prefill_plan(12288, x, w, True) == (1, 64, 128, 4, True)          # 2k
-    assert f16_prefill_plan(2048, x, w, True) == (1, 16, 128, 4, True)
-    assert f16_prefill_plan(49152, x, w, True) is None                           # 8k: the direct kernel's
-    assert f16_prefill_plan(6144, x, w, False) is None                           # off the FP8 grid
-    assert not korder_pays(6144, x, w, "fp4", True)                              # (on the CPU never anyway)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_f16_prefill_takes_a_1k_call_in_the_direct_kernels_class_on_cuda(monkeypatch):
-    """DSV4_FP4_F16_PREFILL=1 at a 1k-token step's shape (6144 sorted rows over 256 experts, K 4096 -> N 2048, the
-    tile-major stack): `grouped_linear` runs the fp16 variant (32-token tiles) and agrees with float64 within the
-    fp32 class bound of the flash-dims test (2^-16 of sum |x w|), as the direct kernel it stands in for does."""
-    import importlib
-
-    from dsv4 import ops
-    from dsv4.ops import fp4_layout
-    from dsv4.quant import fake_quant_fp8
-
-    grouped_linear = importlib.import_module("dsv4.ops.grouped_linear")
-    calls = []
-    kernel = grouped_linear._fp4_decode_fp8mma
-    monkeypatch.setattr(grouped_linear, "_fp4_decode_fp8mma", lambda *a: calls.append(a[5:]) or kernel(*a))
-    gen = torch.Generator("cuda").manual_seed(41)
-    E, N, Kf = 256, 2048, 4096
-    w = torch.randint(-128, 128, (E, N, Kf // 2), dtype=torch.int8, device="cuda", generator=gen)
-    s = torch.randint(118, 125, (E, N, Kf // 32), dtype=torch.uint8, device="cuda", generator=gen)
-    s = s.view(torch.float8_e8m0fnu)
-    eid = torch.rand(1024, E, device="cuda", generator=gen).topk(6, dim=-1).indices.flatten().sort().values
-    x = fake_quant_fp8(torch.randn(eid.numel(), Kf, device="cuda", generator=gen), 128).bfloat16()
-    ref, mag = exact_grouped(x, eid, w, s)
-    with torch.inference_mode():
-        direct = ops.grouped_linear(x, eid, fp4_layout.to_tiled(w), s, "fp4", fp8_grid=True)
-        monkeypatch.setenv("DSV4_FP4_F16_PREFILL", "1")
-        got = ops.grouped_linear(x, eid, fp4_layout.to_tiled(w), s, "fp4", fp8_grid=True)
-    assert calls == [(1, 32, 64, 4, True)], calls
-    assert ((got.double() - ref).abs() / mag).max().item() <= 2**-16
-    assert ((direct.double() - ref).abs() / mag).max().item() <= 2**-16

@@ -149,8 +149,7 @@ def test_fp8mma_options_are_checked():
 def test_fp8mma_compiles_for_hopper_without_a_gpu():
     """The hardware path (FP8 wgmma with the decoded weight in registers, inline-PTX decode) compiles for sm_90:
     per-32 at the dispatched config (32 x 128, 4 warps, 168 registers) with nothing spilled inside its K loops,
-    folded at 32 x 64 with no spills at all; `x_operand` in its three orders; the split-K decode kernel's FP8- and
-    fp16-MMA variants."""
+    folded at 32 x 64 with no spills at all; `x_operand` in its two orders; the split-K decode kernel."""
     import sys
     from pathlib import Path
 
@@ -170,17 +169,14 @@ def test_fp8mma_compiles_for_hopper_without_a_gpu():
 
     from dsv4.ops.triton.fp4_prefill_fp8mma import _x_operand
 
-    for lut, f16 in ((False, False), (True, False), (False, True)):
-        sig = {"x_ptr": "*bf16", "q_ptr": "*fp16" if f16 else "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32",
-               "n_cols": "i32"}
-        assert "cubin" in compiled(_x_operand, sig, {"LUT": lut, "F16": f16}, 5, 4).asm
-    # the split-K decode kernel, FP8- and fp16-MMA variants (scripts/bench/decode_kernel_sass.py): the MMA each
-    # runs, nothing spilled in the K loops
+    for lut in (False, True):
+        sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
+        assert "cubin" in compiled(_x_operand, sig, {"LUT": lut}, 5, 4).asm
+    # the split-K decode kernel (scripts/bench/decode_kernel_sass.py): the FP8 MMA, nothing spilled in the K loops
     from decode_kernel_sass import report as decode_report
 
-    for f16 in (False, True):
-        r = decode_report(f16, pairs=True)
-        assert ("HGMMA" if f16 else "QGMMA") in r["mma"] and not r["k_loop_spills"] and r["spill_bytes"] == 0, r
+    r = decode_report(pairs=True)
+    assert "QGMMA" in r["mma"] and not r["k_loop_spills"] and r["spill_bytes"] == 0, r
 
 
 def test_fp8mma_dispatch_needs_the_fp8_grid_and_the_switch(monkeypatch):

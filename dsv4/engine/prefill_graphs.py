@@ -53,10 +53,10 @@ DEFAULT_BUCKETS = tuple(buckets_up_to(MAX_GRAPH_TOKENS))   # 256, 512, 1024, 204
 
 def check_bucket_edges(sizes) -> None:
     """The MoE chooses its FP4 kernel class by the step's tokens (`ops.moe_pairs.DECODE_KERNEL_MAX_TOKENS`: at most
-    that many, the split-K decode kernel when switched on, whose FP8-MMA variant accumulates below fp32). A step
-    padded to its bucket must stay on its side of that edge, or the replay and the same step run unpadded would
-    compute its rows in two precision classes (the thirty-second session's prefill-graph failures): buckets on
-    both sides of the edge must include the edge itself."""
+    that many, the FP8-MMA decode kernel when switched on, which accumulates below fp32). A step padded to its
+    bucket must stay on its side of that edge, or the replay and the same step run unpadded would compute its rows
+    in two precision classes (the thirty-second session's prefill-graph failures): buckets on both sides of the
+    edge must include the edge itself."""
     edge = DECODE_KERNEL_MAX_TOKENS
     if any(n < edge for n in sizes) and any(n > edge for n in sizes) and edge not in sizes:
         raise ValueError(f"prefill buckets {sorted(sizes)} straddle {edge} tokens, where the MoE changes its FP4 "

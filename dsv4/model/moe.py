@@ -312,9 +312,9 @@ class MoE(nn.Module):
 
     @staticmethod
     def decode_sized(tokens: int) -> bool:
-        """May this step's FP4 calls take the split-K decode kernel (FP8- or fp16-MMA, where switched on)? By the
-        step's tokens (padding included), never by a call's rows (`ops.moe_pairs.DECODE_KERNEL_MAX_TOKENS`: a step
-        and its padded prefill bucket take the same kernel class)."""
+        """May this step's FP4 calls take the FP8-MMA decode kernel (where switched on)? By the step's tokens
+        (padding included), never by a call's rows (`ops.moe_pairs.DECODE_KERNEL_MAX_TOKENS`: a step and its padded
+        prefill bucket take the same kernel class)."""
         return tokens <= DECODE_KERNEL_MAX_TOKENS
 
     def stacked_experts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

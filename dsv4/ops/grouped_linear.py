@@ -21,8 +21,8 @@ applies them around the plain product, so every path gives the same result for t
 `fp8_grid=True` is the caller's word that x is on the FP8 grid per 128-K block (the MoE's act-quant emulation):
 the product is the same, but then the expert-major kernel may run the reference's own FP8 x FP8 arithmetic on
 the tensor cores (`ops/triton/fp4_prefill_fp8mma.py`), opt-in with DSV4_FP4_FP8MMA=1 until measured; with
-`decode_sized=True` as well (the step has at most `moe_pairs.DECODE_KERNEL_MAX_TOKENS` tokens) the split-K decode
-kernel takes the call where switched on (`moe_pairs.decode_fp8mma_plan`: DSV4_FP4_DECODE_MMA / _F16).
+`decode_sized=True` as well (the step has at most `moe_pairs.DECODE_KERNEL_MAX_TOKENS` tokens) the split-K FP8-MMA
+decode kernel takes the call (`moe_pairs.decode_fp8mma_plan`, DSV4_FP4_DECODE_MMA).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from dsv4.ops.fp4_layout import is_tiled, out_features
+from dsv4.ops.fp4_layout import out_features
 from dsv4.ops.korder import check_layout, from_korder, to_korder
 from dsv4.ops.moe_pairs import _fp4_decode_fp8mma, _pair_linear_twin, decode_fp8mma_plan
 from dsv4.ops.registry import custom_op, dispatch, env_switch, fast_enabled, register_triton
@@ -85,8 +85,7 @@ def _fp4_kernel(x, eid, weight, scale, fmt, fp8_grid=False, x_korder=False, out_
     check_layout("grouped_linear", x.shape[0], out_features(weight), out_korder, out_dtype, out_index)
     # decode batches and short prefill steps, by the step's tokens (`moe_pairs.DECODE_KERNEL_MAX_TOKENS`), never by
     # this call's rows: a step and its padded bucket must take the same kernel class
-    plan = (decode_fp8mma_plan(x, weight, fp8_grid) if decode_sized
-            else f16_prefill_plan(x.shape[0], x, weight, fp8_grid))
+    plan = decode_fp8mma_plan(x, weight, fp8_grid) if decode_sized else None
     if plan is not None:
         from dsv4.ops.triton.fp4_grouped_prefill import expert_offsets
 
@@ -172,29 +171,6 @@ def _direct_enabled(dtype: torch.dtype, fp8_grid: bool) -> bool:
             and env_switch("DSV4_FP4_DIRECT", default=DIRECT_DEFAULT))
 
 
-# Mean rows per expert up to which DSV4_FP4_F16_PREFILL=1 lets the decode kernel's fp16 variant take a prefill call
-# (1k and 2k steps at Flash: 24 and 48); above, the direct kernel's 128- and 256-token tiles decode less.
-F16_PREFILL_MAX_MEAN = 64
-
-
-def f16_prefill_plan(rows: int, x: torch.Tensor, weight: torch.Tensor,
-                     fp8_grid: bool) -> tuple[int, int, int, int, bool] | None:
-    """(split, block_m, block_n, num_warps, f16=True) of the split-K decode kernel's fp16-MMA variant for a call that
-    is not decode-sized, or None: opt-in (DSV4_FP4_F16_PREFILL=1, until a GPU measures it against the direct kernel:
-    `scripts/bench/fp4_decode_kernels.py --only f16`), x on the FP8 grid, at most `F16_PREFILL_MAX_MEAN` rows per
-    expert. Its class is the direct kernel's (fp32 accumulation), so it may take any such call. One K split (a 1k
-    step already runs 256 experts x N / block_n programs); a token tile of the power of two holding ~1.25x the mean
-    rows per expert (as `direct_tiles`), so each weight tile is decoded about once."""
-    if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[-1] % 128 == 0
-            and env_switch("DSV4_FP4_F16_PREFILL")):
-        return None
-    mean = rows / weight.shape[0]
-    if mean > F16_PREFILL_MAX_MEAN:
-        return None
-    block_m = min(64, 1 << max(4, int(1.25 * mean - 1).bit_length()))
-    return 1, block_m, 64 if is_tiled(weight) else 128, 4, True
-
-
 def korder_pays(rows: int, x: torch.Tensor, weight: torch.Tensor, fmt: str, fp8_grid: bool) -> bool:
     """Should the MoE carry its activations in K order (`dsv4.ops.korder`) through `grouped_linear` calls of `rows`
     rows with these operands (x: the un-gathered input; weight [E, N, K/2] the first matrix's stack)? Yes where the
@@ -207,7 +183,7 @@ def korder_pays(rows: int, x: torch.Tensor, weight: torch.Tensor, fmt: str, fp8_
     # the row count last: under compile with dynamic shapes it is the one guard this adds
     return (fmt == "fp4" and x.is_cuda and not torch.is_grad_enabled() and x.shape[-1] % 128 == 0 and n % 128 == 0
             and fast_enabled("grouped_linear") and _direct_enabled(x.dtype, fp8_grid)
-            and env_switch("DSV4_MOE_KORDER", default=True) and f16_prefill_plan(rows, x, weight, fp8_grid) is None
+            and env_switch("DSV4_MOE_KORDER", default=True)
             and rows >= DIRECT_FROM * weight.shape[0])
 
 

@@ -64,21 +64,13 @@ _PLAN_ROWS = 8
 DECODE_KERNEL_MAX_TOKENS = 256
 # DSV4_FP4_DECODE_MMA's default: off, so a request's tokens do not depend on the steps it shares (`decode_fp8mma_plan`).
 DECODE_MMA_DEFAULT = False
-# DSV4_FP4_DECODE_F16's default: the fp16-MMA variant, opt-in. h100_s37: correct on the GPU after its asm fix (the
-# engine's same-tokens test passes with it on), but that form copied its weights 4 bytes at a time under Triton
-# 3.6 and ran 1.58 / 3.89 / 12.24 ms at bs1 / 8 / 64 against 1.47 / 2.93 / 8.19; the 8-byte copies since are
-# GPU-unrun (the wrong first form, with their copies, replayed 1.42 / 2.88 / 7.97 against 1.41 / 2.90 / 8.17).
-DECODE_F16_DEFAULT = False
 
 
-def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor,
-                       fp8_grid: bool) -> tuple[int, int, int, int, bool] | None:
-    """(split, block_m, block_n, num_warps, f16) of the split-K decode kernel, or None where it does not run: x off
-    the FP8 grid (its products would not be exact), K not a multiple of 128, or neither variant switched on:
-    DSV4_FP4_DECODE_MMA=1, the FP8 MMA (the reference's class; opt-in, `DECODE_MMA_DEFAULT`), else
-    DSV4_FP4_DECODE_F16=1, the same kernel on the fp16 MMA (`f16`: fp32 accumulation, the class of the other FP4
-    kernels; opt-in, `DECODE_F16_DEFAULT`). The callers also gate both by the step's tokens
-    (`DECODE_KERNEL_MAX_TOKENS`).
+def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor, fp8_grid: bool) -> tuple[int, int, int, int] | None:
+    """(split, block_m, block_n, num_warps) of the split-K FP8-MMA decode kernel, or None where it does not run:
+    x off the FP8 grid (its FP8 x FP8 products would not be exact), K not a multiple of 128, or
+    DSV4_FP4_DECODE_MMA off (opt-in, `DECODE_MMA_DEFAULT`; the callers also gate it by the step's tokens,
+    `DECODE_KERNEL_MAX_TOKENS`).
     16 tokens per tile (8-token tiles, fewer instructions offline, ran 2x slower on the H100 with Triton 3.6:
     bench/results/h100_s30); K split until a batch-1 call (`_PLAN_ROWS` rows, one program per row and weight-row
     block) runs `_WAVE_PROGRAMS` programs, the same split at every batch (`_PLAN_ROWS`). Measured on H100s: over
@@ -96,10 +88,8 @@ def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor,
     difference flips greedy tokens (h100_s36 call A: test_engine::test_cuda_defaults_give_the_same_tokens, the
     only failure with it on). Measured (h100_s36, one H100): decode bs1 / bs8 1.46 / 2.78 ms against 1.47 /
     2.93 without; bs64 7.63 ms (8.31 on the thirty-fifth session's card without)."""
-    if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] % 128 == 0):
-        return None
-    fp8 = env_switch("DSV4_FP4_DECODE_MMA", default=DECODE_MMA_DEFAULT)
-    if not (fp8 or env_switch("DSV4_FP4_DECODE_F16", default=DECODE_F16_DEFAULT)):
+    if not (fp8_grid and x.dtype in (torch.bfloat16, torch.float32) and x.shape[1] % 128 == 0
+            and env_switch("DSV4_FP4_DECODE_MMA", default=DECODE_MMA_DEFAULT)):
         return None
     # 64 weight rows per program over the tile-major layout (its tile: one contiguous 4 KB run per 128-K block;
     # h100_s30 call B, h100_s32 call C: 16 x 64 with 4 warps and 3 stages the fastest there at bs8 and bs64), 128
@@ -109,22 +99,22 @@ def decode_fp8mma_plan(x: torch.Tensor, weight: torch.Tensor,
     split = 1
     while split * tiles < _WAVE_PROGRAMS and blocks % (2 * split) == 0 and split < 8:
         split *= 2
-    return split, 16, block_n, 4, not fp8
+    return split, 16, block_n, 4
 
 
-def _decode_fake(x, eid, weight, scale, offs, split, block_m, block_n, num_warps, f16):
+def _decode_fake(x, eid, weight, scale, offs, split, block_m, block_n, num_warps):
     return x.new_empty(split, x.shape[0], out_features(weight), dtype=torch.float32)
 
 
 @custom_op("fp4_decode_fp8mma", _decode_fake)
 def _fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        offs: torch.Tensor | None, split: int, block_m: int, block_n: int,
-                       num_warps: int, f16: bool) -> torch.Tensor:
+                       num_warps: int) -> torch.Tensor:
     """fp32 partials [split, M, N] (`fp4_decode_fp8mma`); `offs` None: pair rows, else sorted rows' offsets."""
     from dsv4.ops.triton.fp4_decode_fp8mma import fp4_decode_fp8mma
 
     return fp4_decode_fp8mma(x, eid, weight, scale, offs=offs, split=split, block_m=block_m, block_n=block_n,
-                             num_warps=num_warps, f16=f16)
+                             num_warps=num_warps)
 
 
 @custom_op("fp4_pair_gemv", lambda x, ids, weight, scale: x.new_empty(x.shape[0], out_features(weight),

@@ -123,6 +123,8 @@ REMOVED_SWITCHES = {
     "DSV4_FP8_FUSED_SUM": "thirty-eighth session", "DSV4_FP8_WIDE_TILES": "thirty-eighth session",
     "DSV4_MOE_TRANSIENT": "thirty-eighth session",
     "DSV4_PDL": "forty-first session, h100_s41: slower at every decode batch",
+    "DSV4_FP4_DECODE_F16": "forty-first session, h100_s41: no gain at any decode batch",
+    "DSV4_FP4_F16_PREFILL": "forty-first session: rode on DSV4_FP4_DECODE_F16's kernel",
 }
 
 

@@ -16,15 +16,13 @@ The FP8-MMA kernel's accumulation is below fp32 within a 32-K sub-block (the ref
 `--only unroll`: UNROLL 128-K blocks per loop step; `--only sweep`: the decode kernel over the tile-major layout
 under 64 / 128 weight rows per program (128: two 64-row tiles, one per warpgroup with 8 warps), 4 / 8 warps and
 2-4 stages, and at prefill sizes the direct kernel against the FP8-MMA prefill kernel over the tile-major layout.
-`--only f16`: the decode kernel's fp16-MMA variant (fp32 class) against its FP8-MMA one and today's kernels, over
-the tile-major layout, and at prefill sizes with 32- and 64-token tiles against the direct kernel.
 `--only gemv`: the pair GEMV (the default at batch 1 while the decode kernel is opt-in) over both layouts at 16 /
 32 / 64 rows per program (64: a program streams its rows' whole tile-major run), 16 / 32 scale groups a step,
 4 / 8 warps.
 (The thirtieth session's `--only tiled | sweep` modes, the decode kernel over 64- and 128-row tile layouts, are in
 git history: bench/results/h100_s30 calls B and C.)
 Usage: PYTHONPATH=. python3 scripts/bench/fp4_decode_kernels.py [--tokens 1 8 64 1024]
-       [--only all|layout|unroll|sweep|gemv|f16] [--json PATH]
+       [--only all|layout|unroll|sweep|gemv] [--json PATH]
 """
 
 from __future__ import annotations
@@ -164,26 +162,6 @@ def _sweep(x, eid, offs, w, s, cands) -> list:
     return cands
 
 
-def _f16(x, eid, offs, w, s, cands) -> list:
-    """--only f16: the split-K decode kernel's fp16-MMA variant (fp32 class: `f16=True`) against its FP8-MMA one
-    and the kernels dispatched today, over the tile-major layout; at prefill sizes against the direct kernel, with
-    16- and 32-token tiles (one tile per expert at 1k's 24 rows per expert)."""
-    wt = tiled_weight(w)
-    m = eid.numel()
-    pairs = m < 16
-    for f16 in (False, True):
-        for sp in ((2, 4) if pairs else (1, 2)):
-            cands.append((f"decode {'f16' if f16 else 'fp8mma'} TILED {'pairs' if pairs else 'sorted'} split{sp}",
-                          partial(decode_sum, x, eid, wt, s, offs=None if pairs else offs, split=sp, block_m=16,
-                                  block_n=64, num_warps=4, f16=f16)))
-    if direct_tiles(m, E) is not None:
-        cands.append(("direct TILED (dispatched)", partial(ops.grouped_linear, x, eid, wt, s, "fp4", fp8_grid=True)))
-        for bm, bn, nw in ((32, 64, 4), (32, 128, 8), (64, 64, 4)):
-            cands.append((f"decode f16 TILED sorted split1 {bm}x{bn}/{nw}", partial(
-                decode_sum, x, eid, wt, s, offs=offs, split=1, block_m=bm, block_n=bn, num_warps=nw, f16=True)))
-    return cands
-
-
 def _gemv(x, eid, w, s, cands) -> list:
     """--only gemv: the pair GEMV's tile over the stored and the tile-major layout."""
     for name, weight in (("stored", w), ("TILED", tiled_weight(w))):
@@ -217,8 +195,6 @@ def shape(tokens: int, w, s, gen, flush, only: str = "all") -> dict:
         return _timed_rows(tokens, m, used, weight_bytes, _sweep(x, eid, offs, w, s, cands[:1]), ref, flush)
     if only == "layout":
         return _timed_rows(tokens, m, used, weight_bytes, _layout(x, eid, offs, w, s, cands[:1]), ref, flush)
-    if only == "f16":
-        return _timed_rows(tokens, m, used, weight_bytes, _f16(x, eid, offs, w, s, cands[:1]), ref, flush)
     cands += [(f"swapped korder {bm}x{bn}/{nw}", partial(fp4_grouped_gemm_swapped, x, eid, w, s, block_m=bm,
                                                          block_n=bn, num_warps=nw, korder=True))
               for bm, bn, nw in SWAPPED_CONFIGS]
@@ -259,7 +235,7 @@ def _timed_rows(tokens, m, used, weight_bytes, cands, ref, flush) -> dict:
             rows.append({"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             continue
         err = rel(out, ref)
-        tol = FP8MMA_TOL if ("fp8mma" in name or "decode" in name) and "f16" not in name else FP4_TOL
+        tol = FP8MMA_TOL if "fp8mma" in name or "decode" in name else FP4_TOL
         flag = "" if err <= tol else "  MISMATCH"
         print(f"  {name:<34} {t * 1e6:8.1f} us {weight_bytes / t / 1e12 if t else 0:6.2f} TB/s  rel err "
               f"{err:.1e}{flag}", flush=True)
@@ -273,7 +249,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 1024])
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--only", choices=["all", "layout", "unroll", "sweep", "gemv", "f16"], default="all")
+    p.add_argument("--only", choices=["all", "layout", "unroll", "sweep", "gemv"], default="all")
     args = p.parse_args()
     gen = torch.Generator(DEVICE).manual_seed(0)
     w = torch.randint(-128, 128, (E, N, K // 2), dtype=torch.int8, device=DEVICE, generator=gen)

@@ -58,12 +58,6 @@ _BYTES_TO_F16_MUL_LO, _BYTES_TO_F16_MUL_HI = (
 _PAIRS_TO_F16_MUL = tl.constexpr(
     "{ .reg .b32 m, s, a, b; " + _half2_ptx("a", "$2", 0) + " " + _half2_ptx("b", "$2", 3)
     + " prmt.b32 m, a, b, 0x5410; prmt.b32 s, a, b, 0x7632; mul.rn.f16x2 $0, m, $3; mul.rn.f16x2 $1, s, $4; }")
-# One int32 word -> its 8 elements as fp16 (value * 2^-14): the word formula's four fp16x2 registers, each split
-# into its halves (nibbles j, j + 4). One word per element (pack=1), so it holds in any layout Triton picks; the
-# halves are re-paired for the fp16 MMA by the caller's join (`fp4_prefill_fp8mma._placed_f16`).
-_WORD_TO_F16 = tl.constexpr(
-    "{ .reg .b32 m, s, h; " + " ".join(_half2_ptx("h", "$8", j) + f" mov.b32 {{${j}, ${j + 4}}}, h;"
-                                       for j in range(4)) + " }")
 # Four bytes -> e4m3 (value * 2^-6) of their low / high nibbles, one register in, one out.
 _BYTES_TO_E4M3_LO = tl.constexpr("{ .reg .b32 m, s; shl.b32 m, $1, 2; shl.b32 s, $1, 4; "
                                  "and.b32 m, m, 0x1C1C1C1C; and.b32 s, s, 0x80808080; or.b32 $0, m, s; }")
@@ -72,9 +66,11 @@ _BYTES_TO_E4M3_HI = tl.constexpr("{ .reg .b32 m; shr.b32 m, $1, 2; and.b32 m, m,
 
 
 @triton.jit
-def _f16_pair(h):
-    """int32 holding two fp16 bit patterns -> (low, high) as fp16."""
-    return (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True), (h >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+def _f16_halves(h):
+    """int32 holding two fp16 bit patterns -> (low, high) as fp32."""
+    lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
@@ -90,9 +86,11 @@ def e2m1_word_f32(word, PACKED: tl.constexpr):
     if PACKED:
         return tl.inline_asm_elementwise(_WORD_TO_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [word],
                                          dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-    e0, e1, e2, e3, e4, e5, e6, e7 = e2m1_word_f16(word, False)                  # exact in fp16, so in fp32
-    return (e0.to(tl.float32), e1.to(tl.float32), e2.to(tl.float32), e3.to(tl.float32), e4.to(tl.float32),
-            e5.to(tl.float32), e6.to(tl.float32), e7.to(tl.float32))
+    e0, e4 = _f16_halves(_half2_bits(word, 0))
+    e1, e5 = _f16_halves(_half2_bits(word, 1))
+    e2, e6 = _f16_halves(_half2_bits(word, 2))
+    e3, e7 = _f16_halves(_half2_bits(word, 3))
+    return e0, e1, e2, e3, e4, e5, e6, e7
 
 
 @triton.jit
@@ -128,19 +126,6 @@ def e2m1_pair_f16_mul(byte, factor, PACKED: tl.constexpr):
 
 
 @triton.jit
-def e2m1_word_f16(word, PACKED: tl.constexpr):
-    """int32 words of 8 codes (element 8i + J in nibble J) -> 8 fp16 tensors (J = 0..7), each value * 2^-14."""
-    if PACKED:
-        return tl.inline_asm_elementwise(_WORD_TO_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [word],
-                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-    e0, e4 = _f16_pair(_half2_bits(word, 0))
-    e1, e5 = _f16_pair(_half2_bits(word, 1))
-    e2, e6 = _f16_pair(_half2_bits(word, 2))
-    e3, e7 = _f16_pair(_half2_bits(word, 3))
-    return e0, e1, e2, e3, e4, e5, e6, e7
-
-
-@triton.jit
 def e2m1_byte_e4m3(byte, HIGH: tl.constexpr, PACKED: tl.constexpr):
     """int8/uint8 packed bytes -> float8e4nv of the low or high nibble, value * 2^-6, same shape (4 per op)."""
     if PACKED:
@@ -158,15 +143,14 @@ def _store_elements(at, elements):
 
 
 @triton.jit
-def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, pair_ptr, e4m3_ptr, f16word_ptr, N_WORDS: tl.constexpr,
+def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, pair_ptr, e4m3_ptr, N_WORDS: tl.constexpr,
                   PACKED: tl.constexpr):
-    """Every helper over N_WORDS int32 words: f32, pair and f16word [N_WORDS, 8] (element order), f16, f16mul and e4m3
+    """Every helper over N_WORDS int32 words: f32 and pair [N_WORDS, 8] (element order), f16, f16mul and e4m3
     [N_WORDS, 8] (the word's bytes' low nibbles in columns 0-3 and high nibbles in 4-7: elements 0, 2, 4, 6, 1, 3,
     5, 7); f16mul is f16 times 2^((i + c % 4) % 16 - 8) for word i, column c, pair the same factors per byte."""
     i = tl.arange(0, N_WORDS)
     word = tl.load(w_ptr + i)
     _store_elements(f32_ptr + i * 8, e2m1_word_f32(word, PACKED))
-    _store_elements(f16word_ptr + i * 8, e2m1_word_f16(word, PACKED))
     b = tl.arange(0, 4)
     byte = tl.load(w_ptr.to(tl.pointer_type(tl.uint8)) + i[:, None] * 4 + b[None, :])     # [N_WORDS, 4]
     factor = (((i[:, None] + b[None, :]) % 16 + 7) << 10).to(tl.int16).to(tl.float16, bitcast=True)
@@ -179,16 +163,16 @@ def _decode_probe(w_ptr, f32_ptr, f16_ptr, f16mul_ptr, pair_ptr, e4m3_ptr, f16wo
 
 
 def decode_probe(words: torch.Tensor, packed: bool) -> tuple[torch.Tensor, ...]:
-    """int32 words [n] (n a power of two) -> `_decode_probe`'s (f32, f16, f16mul, pair, e4m3, f16word) [n, 8]."""
+    """int32 words [n] (n a power of two) -> `_decode_probe`'s (f32, f16, f16mul, pair, e4m3) [n, 8]."""
     n = words.numel()
     if words.dtype != torch.int32 or n & (n - 1):
         raise ValueError(f"decode_probe: want a power-of-two count of int32 words, got {words.dtype} [{n}]")
     f32 = torch.empty(n, 8, dtype=torch.float32, device=words.device)
     f16 = torch.empty(n, 8, dtype=torch.float16, device=words.device)
-    f16mul, pair, f16word = torch.empty_like(f16), torch.empty_like(f16), torch.empty_like(f16)
+    f16mul, pair = torch.empty_like(f16), torch.empty_like(f16)
     e4m3 = torch.empty(n, 8, dtype=torch.float8_e4m3fn, device=words.device)
-    _decode_probe[(1,)](words.contiguous(), f32, f16, f16mul, pair, e4m3, f16word, N_WORDS=n, PACKED=packed)
-    return f32, f16, f16mul, pair, e4m3, f16word
+    _decode_probe[(1,)](words.contiguous(), f32, f16, f16mul, pair, e4m3, N_WORDS=n, PACKED=packed)
+    return f32, f16, f16mul, pair, e4m3
 
 
 def packed_from_env() -> bool:

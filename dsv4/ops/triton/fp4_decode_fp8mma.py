@@ -82,7 +82,7 @@ def _special_scales(s_ptr, rows, n_ok, kb0, BLOCKS: tl.constexpr, N_SCALES: tl.c
 @triton.jit
 def _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, row0, offs_n, n_ok, kb0, BLOCKS: tl.constexpr,
              HALF: tl.constexpr, N_SCALES: tl.constexpr, K: tl.constexpr, EXACT: tl.constexpr, TILED: tl.constexpr,
-             UNROLL: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr, F16: tl.constexpr):
+             UNROLL: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr):
     """acc plus the blocks kb0 .. kb0 + BLOCKS of the rows row0 + offs_n (expert row0 // N), UNROLL blocks a step.
     TILED: the weight is tile-major (`dsv4.ops.fp4_layout`)."""
     for k0 in range(kb0, kb0 + BLOCKS, UNROLL):
@@ -90,7 +90,7 @@ def _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, row0, offs_n, n
             kb = k0 + j
             xs = tl.load(xs_ptr + kb * M + offs_m, mask=m_ok, other=0.0)
             acc = _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, row0 + offs_n, n_ok, kb, HALF, N_SCALES, K,
-                               EXACT, False, HW, ASM, TILED, F16)
+                               EXACT, False, HW, ASM, TILED)
     return acc
 
 
@@ -99,7 +99,7 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
                        HALF: tl.constexpr, N_SCALES: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
                        E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        PAIRS: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr = False,
-                       UNROLL: tl.constexpr = 1, F16: tl.constexpr = False):
+                       UNROLL: tl.constexpr = 1):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     e, start, end = _slot_rows(tl.program_id(1), eid_ptr, offs_ptr, E, E_POW2, PAIRS)
@@ -115,24 +115,20 @@ def _fp4_decode_fp8mma(xq_ptr, xs_ptr, eid_ptr, offs_ptr, w_ptr, s_ptr, out_ptr,
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)          # out^T tile
         if special:                 # the exact e8m0 decode in the loop (~0.4 instructions per weight more)
             acc = _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, e * N, offs_n, n_ok, kb0,
-                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, True, TILED, UNROLL, HW, ASM, F16)
+                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, True, TILED, UNROLL, HW, ASM)
         else:                       # bytes 1 .. 254: placed in the fp32 exponent
             acc = _k_range(acc, xq_row, xs_ptr, offs_m, m_ok, M, w_ptr, s_ptr, e * N, offs_n, n_ok, kb0,
-                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, False, TILED, UNROLL, HW, ASM, F16)
+                           BLOCKS_PER_SPLIT, HALF, N_SCALES, K, False, TILED, UNROLL, HW, ASM)
         # masked rows (x = 0) times inf/NaN weights are NaN, but they are not stored
         at = out_ptr + (split * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None]
-        if F16:
-            acc = acc * 16384.0                                       # the fp16 weights' bias 2^-14
-        else:
-            acc = acc * 64.0                                          # the e4m3 codes' bias 2^-6
-        tl.store(at, acc, mask=m_ok[None, :] & n_ok[:, None])
+        tl.store(at, acc * 64.0, mask=m_ok[None, :] & n_ok[:, None])      # 64: the codes' bias 2^-6
         m0 += BLOCK_M
 
 
 def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       offs: torch.Tensor | None = None, split: int = 1, block_m: int = 16, block_n: int = 64,
                       num_warps: int = 4, num_stages: int = 3, asm: bool = True,
-                      unroll: int = 1, f16: bool = False) -> torch.Tensor:
+                      unroll: int = 1) -> torch.Tensor:
     """x [M, K] (on the FP8 grid per 128-K block for exact products; other x is act-quantised, as the reference's
     FP4 GEMM input), eid [M] expert per row, weight int8 [E, N, K/2] or tile-major (`dsv4.ops.fp4_layout`), scale
     e8m0 [E, N, K/32] -> fp32 partial sums
@@ -140,10 +136,7 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     program per row; else rows sorted by expert with `offs` int32 [E + 1] their offsets (`expert_offsets`), one
     program per expert with rows. `split` must divide K / 128. block_n: weight rows per program (the wgmma's M, a
     multiple of 64); block_m: tokens per tile (its N, a power of two >= 8).
-    `unroll`: 128-K blocks per loop step (dividing the blocks per split), the same sums in the same order.
-    `f16`: the weights decoded to fp16 (value * 2^-14) and x's codes stored as fp16 for the fp16 MMA, whose
-    accumulation is fp32: the fp32 summation class of the other FP4 kernels, where the FP8 MMA's is below it (the
-    same products, scalings and orders otherwise)."""
+    `unroll`: 128-K blocks per loop step (dividing the blocks per split), the same sums in the same order."""
     M, K = x.shape
     E, N, half = stack_dims("fp4_decode_fp8mma", weight)
     if (half * 2 != K or K % 128 or tuple(scale.shape) != (E, N, K // 32) or eid.shape != (M,)
@@ -161,11 +154,11 @@ def fp4_decode_fp8mma(x: torch.Tensor, eid: torch.Tensor, weight: torch.Tensor, 
     if M == 0:
         return out
     hw = x.device.type == "cuda"
-    xq, xs = x_operand(x, False, f16=f16)
+    xq, xs = x_operand(x, False)
     slots = M if offs is None else min(M, E)
     _fp4_decode_fp8mma[(triton.cdiv(N, block_n), slots, split)](
-        xq if hw or f16 else xq.view(torch.uint8), xs, eid.contiguous(), eid if offs is None else offs.contiguous(),
+        xq if hw else xq.view(torch.uint8), xs, eid.contiguous(), eid if offs is None else offs.contiguous(),
         weight.contiguous(), scale.contiguous().view(torch.uint8), out, M, N, K, half, K // 32, K // 128 // split,
         E, triton.next_power_of_2(E), BLOCK_M=block_m, BLOCK_N=block_n, PAIRS=offs is None, HW=hw,
-        ASM=hw and asm, TILED=is_tiled(weight), UNROLL=unroll, F16=f16, num_warps=num_warps, num_stages=num_stages)
+        ASM=hw and asm, TILED=is_tiled(weight), UNROLL=unroll, num_warps=num_warps, num_stages=num_stages)
     return out

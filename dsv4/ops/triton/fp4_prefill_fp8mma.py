@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from dsv4.ops.fp4_layout import is_tiled
-from dsv4.ops.triton.fp4_decode import e2m1_byte_e4m3, e2m1_word_f16
-from dsv4.ops.triton.fp4_grouped import _byte_at, _e8m0, _row_at, _row_words, stack_dims
+from dsv4.ops.triton.fp4_decode import e2m1_byte_e4m3
+from dsv4.ops.triton.fp4_grouped import _byte_at, _e8m0, _row_at, stack_dims
 from dsv4.ops.triton.fp8_linear import _e4m3_bytes_to_f32
 from dsv4.ops.triton.quant import fp8_block_quant
 
@@ -70,37 +70,6 @@ def _placed_codes(w_ptr, rows, n_ok, b0, HALF: tl.constexpr, ASM: tl.constexpr, 
     hi = e2m1_byte_e4m3(byte, True, ASM).to(tl.uint8, bitcast=True)
     codes = tl.reshape(tl.join(lo, hi), [byte.shape[0], 4, 4, 2])                 # [n, word c, byte j, nibble h]
     return tl.reshape(tl.permute(codes, (0, 3, 1, 2)), [byte.shape[0], 32])
-
-
-@triton.jit
-def _placed_f16(w_ptr, rows, n_ok, b0, HALF: tl.constexpr, ASM: tl.constexpr, TILED: tl.constexpr):
-    """fp16 (value * 2^-14, exact) [BN, 32] of the sub-block at packed bytes b0 .. b0 + 15, dot column
-    16h + 8q + 2c + p = element 8c + 2h + q + 4p (`X_ORDER_F16`): a thread of the fp16 MMA holds columns 2c, 2c + 1
-    (+ 8, 16, 24) of its rows, i.e. the four fp16x2 registers (nibbles j, j + 4) of packed word c, the word formula's
-    registers (`e2m1_word_f16`; `x_operand(f16=True)` stores x's codes in the same order). Each word is one element
-    here, so the order is Triton's semantics, not a layout assumption (h100_s37: the earlier form decoded bytes four
-    to an asm instance and assumed a word's four bytes shared one register; they did not on the GPU)."""
-    # b0 is a multiple of 16 and K of 128, so each row's sub-block is 16 aligned bytes in either layout: written as
-    # an aligned start (`multiple_of`: Triton cannot see through the // 4) + arange, the load is one 16-byte copy
-    # per row (`_byte_at` of each word gave 4-byte copies, h100_s37 call D: the step 1.5x slower at bs64)
-    at = tl.multiple_of(_row_words(rows, HALF, TILED) + _byte_at(b0, TILED) // 4, 4)
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + at[:, None] + tl.arange(0, 4)[None, :],
-                    mask=n_ok[:, None], other=0)
-    e0, e1, e2, e3, e4, e5, e6, e7 = e2m1_word_f16(words, ASM)      # nibble m of word c: [BN, c] each
-    p0 = tl.join(tl.join(e0, e1), tl.join(e2, e3))                   # [BN, c, q, h], p = 0 (m = 2h + q)
-    p1 = tl.join(tl.join(e4, e5), tl.join(e6, e7))                   # p = 1 (m = 4 + 2h + q)
-    return tl.reshape(tl.permute(tl.join(p0, p1), (0, 3, 2, 1, 4)), [words.shape[0], 32])
-
-
-@triton.jit
-def _dot16(w, xq, HW: tl.constexpr):
-    """w fp16 [BN, K], xq fp16 [BM, K] -> fp32 [BN, BM] = w xq^T from a zero accumulator: on the GPU the fp16 MMA
-    (exact products, fp32 accumulation: the fp32 summation class), in the interpreter an fp32 (IEEE) dot."""
-    if HW:
-        out = tl.dot(w, tl.trans(xq))
-    else:
-        out = tl.dot(w.to(tl.float32), tl.trans(xq.to(tl.float32)), input_precision="ieee")
-    return out
 
 
 # One packed word (pack=4: bytes 4c .. 4c + 3 of a sub-block, eight codes) -> the e4m3 codes of its low half
@@ -172,28 +141,22 @@ def _sub_block_scale(sw, g: tl.constexpr, EXACT: tl.constexpr):
 @triton.jit
 def _per32_block(acc, xq_row, xs, m_ok, w_ptr, s_ptr, rows, n_ok, kb, HALF: tl.constexpr, N_SCALES: tl.constexpr,
                  K: tl.constexpr, EXACT: tl.constexpr, LUT: tl.constexpr, HW: tl.constexpr, ASM: tl.constexpr,
-                 TILED: tl.constexpr, F16: tl.constexpr = False):
+                 TILED: tl.constexpr):
     """acc [BN, BM] plus the 128-K block kb: four K = 32 dots, each scaled by its weight scales, then by x's.
-    LUT: the codes by `_lut_codes` with the base table (x in `X_ORDER_LUT`), else by bit placement. F16: fp16
-    weights (value * 2^-14) and x on the fp16 MMA (fp32 accumulation) instead of e4m3 codes on the FP8 MMA."""
+    LUT: the codes by `_lut_codes` with the base table (x in `X_ORDER_LUT`), else by bit placement."""
     sw = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rows * (N_SCALES // 4) + kb, mask=n_ok, other=0x7F7F7F7F)
     blk = tl.zeros(acc.shape, dtype=tl.float32)
     for g in tl.static_range(4):
-        x_at = xq_row + kb * 128 + g * 32 + tl.arange(0, 32)[None, :]
-        if F16:                     # x's fp16 codes stored in `_placed_f16`'s order (`x_operand(f16=True)`)
-            w16 = _placed_f16(w_ptr, rows, n_ok, kb * 64 + g * 16, HALF, ASM, TILED)
-            part = _dot16(w16, tl.load(x_at, mask=m_ok[:, None], other=0.0), HW)
+        if LUT:
+            byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None, None]
+                           + _byte_at(kb * 64 + g * 16 + tl.arange(0, 16), TILED)[None, None, :],
+                           mask=n_ok[:, None, None], other=0)
+            base = tl.zeros([rows.shape[0], 1], dtype=tl.int32)
+            w = _lut_codes(byte, base + 0x0C080400, base + 0x1C181410, ASM)     # entries mag << 2 (value * 2^-6)
         else:
-            if LUT:
-                byte = tl.load(w_ptr + _row_at(rows, HALF, TILED)[:, None, None]
-                               + _byte_at(kb * 64 + g * 16 + tl.arange(0, 16), TILED)[None, None, :],
-                               mask=n_ok[:, None, None], other=0)
-                base = tl.zeros([rows.shape[0], 1], dtype=tl.int32)
-                w = _lut_codes(byte, base + 0x0C080400, base + 0x1C181410, ASM)  # entries mag << 2 (value * 2^-6)
-            else:
-                w = _placed_codes(w_ptr, rows, n_ok, kb * 64 + g * 16, HALF, ASM, TILED)
-            part = _dot8(w, tl.load(x_at, mask=m_ok[:, None], other=0.0), HW)
-        blk += part * _sub_block_scale(sw, g, EXACT)[:, None]
+            w = _placed_codes(w_ptr, rows, n_ok, kb * 64 + g * 16, HALF, ASM, TILED)
+        xq = tl.load(xq_row + kb * 128 + g * 32 + tl.arange(0, 32)[None, :], mask=m_ok[:, None], other=0.0)
+        blk += _dot8(w, xq, HW) * _sub_block_scale(sw, g, EXACT)[:, None]
     return acc + blk * xs[None, :]
 
 
@@ -275,25 +238,19 @@ def _fp4_prefill_fp8mma(xq_ptr, xs_ptr, offs_ptr, w_ptr, s_ptr, out_ptr, M, N, K
 # Element of a 32-K sub-block at each dot column: bit placement (16h + 4c + j), the table decode (16h + 4c + i).
 X_ORDER = torch.tensor([8 * c + 2 * j + h for h in range(2) for c in range(4) for j in range(4)])
 X_ORDER_LUT = torch.tensor([8 * c + 4 * h + i for h in range(2) for c in range(4) for i in range(4)])
-# ... and the fp16 decode's (16h + 8q + 2c + p: `_placed_f16`)
-X_ORDER_F16 = torch.tensor([8 * c + 2 * h + q + 4 * p for h in range(2) for q in range(2) for c in range(4)
-                            for p in range(2)])
 
 
 @triton.jit
-def _x_operand(x_ptr, q_ptr, s_ptr, n_rows, n_cols, LUT: tl.constexpr, F16: tl.constexpr = False):
+def _x_operand(x_ptr, q_ptr, s_ptr, n_rows, n_cols, LUT: tl.constexpr):
     """act_quant of one row's 128-K block (`fp8_block_quant`, as `act_quant_fp8`), each code stored at its dot
-    column (the inverse of X_ORDER / X_ORDER_LUT / X_ORDER_F16, in integers: no table to copy, nothing to sync or
-    capture); F16: the codes' values as fp16 (exact), for the fp16-MMA decode kernel."""
+    column (the inverse of X_ORDER / X_ORDER_LUT, in integers: no table to copy, nothing to sync or capture)."""
     row = tl.program_id(0).to(tl.int64)
     kb = tl.program_id(1)
     e = tl.arange(0, 128)
     x = tl.load(x_ptr + row * n_cols + kb * 128 + e).to(tl.float32)
     q, s = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4))
     w = e % 32                                                        # element of its 32-K sub-block
-    if F16:                                                           # w = 8c + 2h + q + 4p -> 16h + 8q + 2c + p
-        col = 16 * ((w % 4) // 2) + 8 * (w % 2) + 2 * (w // 8) + (w % 8) // 4
-    elif LUT:
+    if LUT:
         col = 16 * ((w % 8) // 4) + 4 * (w // 8) + w % 4
     else:
         col = 16 * (w % 2) + 4 * (w // 8) + (w % 8) // 2
@@ -301,16 +258,16 @@ def _x_operand(x_ptr, q_ptr, s_ptr, n_rows, n_cols, LUT: tl.constexpr, F16: tl.c
     tl.store(s_ptr + kb * n_rows + row, s)
 
 
-def x_operand(x: torch.Tensor, lut: bool, f16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 codes [M, K], each 32-K sub-block in `X_ORDER` or, `lut`, `X_ORDER_LUT`, or with `f16`
-    the codes' values as fp16 in `X_ORDER_F16`; scales fp32 [K / 128, M]) in one launch: act_quant per 128
-    (bit-identical to `dsv4.quant.act_quant`), which gives back x exactly when x is on the FP8 grid per 128 block
-    (e4m3 values times a power of two, the block's amax from act_quant's own rounding)."""
+def x_operand(x: torch.Tensor, lut: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 codes [M, K], each 32-K sub-block in `X_ORDER` or, `lut`, `X_ORDER_LUT`; scales fp32
+    [K / 128, M]) in one launch: act_quant per 128 (bit-identical to `dsv4.quant.act_quant`), which gives back x
+    exactly when x is on the FP8 grid per 128 block (e4m3 values times a power of two, the block's amax from
+    act_quant's own rounding)."""
     M, K = x.shape
-    q = torch.empty(M, K, dtype=torch.float16 if f16 else torch.float8_e4m3fn, device=x.device)
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(K // 128, M, dtype=torch.float32, device=x.device)
     if M:
-        _x_operand[(M, K // 128)](x.contiguous(), q, s, M, K, LUT=lut, F16=f16)
+        _x_operand[(M, K // 128)](x.contiguous(), q, s, M, K, LUT=lut)
     return q, s
 
 
