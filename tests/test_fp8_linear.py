@@ -202,19 +202,17 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         pytest.skip("this triton has no NVIDIA backend")
     sig = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "KB_PER_SPLIT": "i32", "xs_ptr": "*fp32", "X_STRIDE": "i32", "GROUP_N": "i32"}
-    for act, block_m, block_n, pre, grouped, f16 in (
-            (True, 16, 64, False, False, False), (False, 16, 64, False, False, False),
-            (True, 64, 128, False, False, False), (True, 16, 64, True, False, False),
-            (False, 16, 64, False, True, False),                                        # grouped: ops.block_diag_linear
-            (True, 16, 64, False, False, True), (True, 16, 64, True, False, True)):      # f16: DSV4_FP8_F16_MMA
+    for act, block_m, block_n, pre, grouped in (
+            (True, 16, 64, False, False), (False, 16, 64, False, False), (True, 64, 128, False, False),
+            (True, 16, 64, True, False), (False, 16, 64, False, True)):                 # grouped: ops.block_diag_linear
         cs = {"ACT_QUANT": act, "HW_FP8": True, "BLOCK_N": block_n, "BLOCK_M": block_m, "PREQUANT": pre,
-              "GROUPED": grouped, "F16_MMA": f16}
+              "GROUPED": grouped}
         x_sig = {"x_ptr": "*u8" if pre else "*bf16"}          # prequant: x is act_quant_fp8's e4m3 codes
         kernel = triton.compile(ASTSource(_fp8_linear_small_m, {**sig, **x_sig, **dict.fromkeys(cs, "constexpr")},
                                           constexprs=cs), target=GPUTarget("cuda", 90, 32))
         assert kernel.asm["cubin"], cs
-        # the MMA the variant promises: FP8 x FP8 with act quant (the reference kernel's), else 16-bit operands
-        mma = "e4m3.e4m3" if act and not f16 else "f16.f16" if f16 else "bf16.bf16"
+        # the MMA the variant promises: FP8 x FP8 with act quant (the reference kernel's), else bf16 operands
+        mma = "e4m3.e4m3" if act else "bf16.bf16"
         assert re.search(rf"wgmma\.mma_async[.\w]*\.{mma}", kernel.asm["ptx"]), cs
     sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(sig))}           # what a real launch passes
@@ -315,47 +313,18 @@ def test_prequantised_x_is_bit_identical_on_cuda(m, n, k):
         assert torch.equal(fp8_linear_small_m(x, w, s, True, out_dtype=dtype, prequant=True), want)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 8, 64])
-@pytest.mark.parametrize("n,k", [(1024, 4096), (32768, 1024), (4096, 8192)])
-def test_f16_mma_is_the_fp32_class_on_cuda(m, n, k):
-    """`f16_mma=True` (DSV4_FP8_F16_MMA): the same e4m3 codes as fp16 into an fp16 MMA with fp32 sums. Against
-    float64 of the same operands, the fp32-accumulation class: 2 (128 + blocks + splits + 1) 2^-24 of sum|x_k w_k|
-    (the doubling for a tensor core that may truncate where IEEE rounds), where the FP8 MMA is held to 2e-3 (its
-    narrower accumulation inside a 128 block). x quantised in the kernel or once per call (prequant): the same
-    bits; a row alone or with the other 63: the same bits (batch invariance)."""
-    from dsv4 import ops, quant
-    from dsv4.ops.triton.fp8_linear import fp8_linear_small_m, kernel_plan
-
-    gen = torch.Generator().manual_seed(47)
-    w, s = quant.quant_fp8(torch.randn(n, k, generator=gen) / 64)
-    x = (torch.randn(64, k, generator=gen) * 3).bfloat16()
-    xq, wd = quant.fake_quant_fp8(x[:m], 128).double(), ops.dequant_weight(w, s, "fp8").double()
-    exact, abs_sum = xq @ wd.T, xq.abs() @ wd.abs().T
-    w, s, xc = w.cuda(), s.cuda(), x.cuda()
-    split = kernel_plan(m, n, k, xc.device)[0]
-    bound = 2 * (128 + k // 128 + split + 1) * 2.0**-24
-    got = {pre: fp8_linear_small_m(xc[:m], w, s, True, out_dtype=torch.float32, prequant=pre, f16_mma=True)
-           for pre in (False, True)}
-    assert torch.equal(got[False], got[True])
-    err = ((got[True].cpu().double() - exact).abs() / abs_sum).max().item()
-    assert err <= bound, (err, bound)
-    full = fp8_linear_small_m(xc, w, s, True, out_dtype=torch.float32, f16_mma=True)
-    assert torch.equal(full[:m], got[False])
-
-
 def test_prequant_switches(monkeypatch):
-    """DSV4_FP8_PREQUANT=1: every M; DSV4_FP8_PREQUANT_MAX_M=R: M <= R; neither: never; a bad value: an error."""
-    from dsv4.ops.triton.fp8_linear import prequant_from_env
+    """By default x is quantised once per call from `PREQUANT_FROM_M` rows (33: bs64's four 16-row blocks, not bs1 /
+    bs8's one); DSV4_FP8_PREQUANT=1: every M; =0: never; a bad value: an error."""
+    from dsv4.ops.triton.fp8_linear import PREQUANT_FROM_M, prequant_from_env
 
     monkeypatch.delenv("DSV4_FP8_PREQUANT", raising=False)
-    monkeypatch.delenv("DSV4_FP8_PREQUANT_MAX_M", raising=False)
-    assert not any(prequant_from_env(m) for m in (1, 8, 64))
-    monkeypatch.setenv("DSV4_FP8_PREQUANT_MAX_M", "16")
-    assert [prequant_from_env(m) for m in (1, 8, 16, 17, 64)] == [True, True, True, False, False]
+    assert PREQUANT_FROM_M == 33
+    assert [prequant_from_env(m) for m in (1, 8, 32, 33, 64)] == [False, False, False, True, True]
     monkeypatch.setenv("DSV4_FP8_PREQUANT", "1")
-    assert prequant_from_env(64)
+    assert all(prequant_from_env(m) for m in (1, 8, 64))
     monkeypatch.setenv("DSV4_FP8_PREQUANT", "0")
-    monkeypatch.setenv("DSV4_FP8_PREQUANT_MAX_M", "sixteen")
-    with pytest.raises(ValueError, match="DSV4_FP8_PREQUANT_MAX_M"):
+    assert not any(prequant_from_env(m) for m in (1, 8, 64))
+    monkeypatch.setenv("DSV4_FP8_PREQUANT", "yes")
+    with pytest.raises(ValueError, match="DSV4_FP8_PREQUANT"):
         prequant_from_env(1)

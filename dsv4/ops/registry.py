@@ -120,11 +120,14 @@ def reference_only(*ops: str):
 # Switches of fast paths removed after they measured no faster (bench/NOTES.md names each measurement): set, they would
 # do nothing, so an A/B that still sets one would compare the default with itself. `warn_removed_switches` says so.
 REMOVED_SWITCHES = {
-    "DSV4_FP8_FUSED_SUM": "thirty-eighth session", "DSV4_FP8_WIDE_TILES": "thirty-eighth session",
-    "DSV4_MOE_TRANSIENT": "thirty-eighth session",
+    "DSV4_FP8_FUSED_SUM": "thirty-eighth session: no faster", "DSV4_FP8_WIDE_TILES": "thirty-eighth session: no faster",
+    "DSV4_MOE_TRANSIENT": "thirty-eighth session: slower",
     "DSV4_PDL": "forty-first session, h100_s41: slower at every decode batch",
     "DSV4_FP4_DECODE_F16": "forty-first session, h100_s41: no gain at any decode batch",
     "DSV4_FP4_F16_PREFILL": "forty-first session: rode on DSV4_FP4_DECODE_F16's kernel",
+    "DSV4_FP8_F16_MMA": "forty-first session, h100_s41: slower than prequant alone at bs64, no agreement gain shown",
+    "DSV4_FP8_PREQUANT_MAX_M": "forty-first session: prequant is the default from 33 rows; DSV4_FP8_PREQUANT=0 / 1 "
+                               "forces it off / on",
 }
 
 
@@ -134,8 +137,8 @@ def warn_removed_switches() -> list[str]:
 
     found = sorted(name for name in REMOVED_SWITCHES if name in os.environ)
     for name in found:
-        warnings.warn(f"{name} is set but has no effect: that fast path was removed after it measured no faster "
-                      f"(bench/NOTES.md, {REMOVED_SWITCHES[name]})", UserWarning, stacklevel=2)
+        warnings.warn(f"{name} is set but has no effect: that switch was removed (bench/NOTES.md, "
+                      f"{REMOVED_SWITCHES[name]})", UserWarning, stacklevel=2)
     return found
 
 

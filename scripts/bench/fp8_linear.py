@@ -7,9 +7,9 @@ scaled_mm against the bf16 copy. Every call is captured in a CUDA graph and repl
 reads ~2 GB per step, so cold numbers are the relevant ones); medians. "of copy" = the bytes the path must move
 (FP8 weight + scales + x + y) over the time, divided by the measured copy bandwidth. Errors: relative Frobenius
 against the twin (`ops.linear.twin`) and max error against float64 per sum|x_k w_k|.
-`--prequant`: decode sizes only, the default kernel against `prequant=True` (x quantised once per call by
-`act_quant_fp8`, not in every program; bit for bit the same result), with the quantisation's launch counted, and
-against the fp16 MMA (`f16_mma=True`, DSV4_FP8_F16_MMA) with and without it; each with its error against float64.
+`--prequant`: decode sizes only, the kernel quantising x itself (`prequant=False`, the default below 33 rows) against
+`prequant=True` (x quantised once per call by `act_quant_fp8`, not in every program; bit for bit the same result;
+the default from 33 rows), with the quantisation's launch counted; each with its error against float64.
 Usage: PYTHONPATH=. python3 scripts/bench/fp8_linear.py [--quick | --prequant] [--out PATH]
 """
 
@@ -101,26 +101,25 @@ def line(r: dict) -> str:
     return out
 
 
-VARIANTS = {"default": {}, "prequant": {"prequant": True}, "f16_prequant": {"prequant": True, "f16_mma": True},
-            "f16": {"f16_mma": True}}
+VARIANTS = {"in_kernel": {"prequant": False}, "prequant": {"prequant": True}}
 
 
 def prequant_rows(bw, flush) -> list[dict]:
-    """--prequant: per shape and decode M, us of the default kernel and of its variants (x quantised once per call,
-    its act_quant launch included; the fp16 MMA, DSV4_FP8_F16_MMA), whether prequant gives the same bits, and each
-    variant's worst error against float64 of the same operands over sum|x_k w_k| (FP8 MMA ~1e-4..1e-3, fp16 MMA
-    the fp32 class ~1e-7)."""
+    """--prequant: per shape and decode M, us of the kernel quantising x itself and with x quantised once per call
+    (its act_quant launch included), whether they give the same bits, and each one's worst error against float64 of
+    the same operands over sum|x_k w_k| (the FP8 MMA: ~1e-4..1e-3)."""
     rows = []
     for name, N, K in flash_shapes():
         for m in DECODE:
             x, w, s = inputs(N, K, m)
-            same = torch.equal(fp8_linear_small_m(x, w, s, True), fp8_linear_small_m(x, w, s, True, prequant=True))
+            same = torch.equal(fp8_linear_small_m(x, w, s, True, prequant=False),
+                               fp8_linear_small_m(x, w, s, True, prequant=True))
             r = {"name": name, "N": N, "K": K, "M": m, "floor_us": (N * K + m * K * 2 + m * N * 2) / bw * 1e6,
                  "same_bits": same}
             for key, kw in VARIANTS.items():
-                call = partial(fp8_linear_small_m, x, w, s, True, **{"f16_mma": False, **kw})   # not the env's
+                call = partial(fp8_linear_small_m, x, w, s, True, **kw)
                 r[f"{key}_us"] = cold_graph_time(call, flush) * 1e6
-                # the fp32 accumulator: a bf16 output's rounding would hide the MMAs' difference
+                # the fp32 accumulator: a bf16 output's rounding would hide their difference
                 r[f"{key}_err"] = errors(call(out_dtype=torch.float32), x, w, s)["max_vs_float64"]
             print(f"{name:>22} {N:>5}x{K:<5} M={m:<3} floor {r['floor_us']:6.2f} | " + " | ".join(
                 f"{key} {r[f'{key}_us']:7.2f} ({r[f'{key}_err']:.1e})" for key in VARIANTS) + f" | same bits {same}",
@@ -137,7 +136,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="only the default kernel configuration")
     p.add_argument("--prequant", action="store_true",
-                   help="decode sizes: the default kernel against prequant=True, the fp16 MMA and both")
+                   help="decode sizes: x quantised in the kernel against once per call (prequant)")
     p.add_argument("--out", help="write every measurement as JSON here")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False

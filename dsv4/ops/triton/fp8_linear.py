@@ -18,8 +18,8 @@ not depend on how many rows share the call (up to v10 the tile grew to 32 / 64 r
 at bs64 in one call, 10.32 ms invariant vs 10.68 wide: bench/NOTES.md, seventh session).
 Precision class: bf16 output (the twin's output is bf16 too); the FP8 MMA's internal accumulation over one 128
 block is the hardware's (below fp32 on Hopper), as in cuBLAS's blockwise FP8 GEMM, so the test bound is the bf16
-output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class. `f16_mma` (opt-in) multiplies the
-same codes on fp16 tensor cores with fp32 sums instead: the fp32 class (`f16_mma_from_env`).
+output class (relative 1e-2 of the row norm, measured ~2e-3), not the fp32 class. (An fp16-MMA variant, the same
+codes with fp32 sums, ran slower than this one at bs64 and was removed: bench/NOTES.md, forty-first session.)
 
 With `groups` (act quant off: attention's wo_a, `ops.block_diag_linear`) the weight's rows come in G groups of R (a
 multiple of BLOCK_N) and x is [M, G*K]: each weight tile reads its group's K columns of x (row stride G*K, offset
@@ -56,19 +56,16 @@ def _e4m3_bytes_to_f32(b):
 
 @triton.jit
 def _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT: tl.constexpr, HW_FP8: tl.constexpr,
-             BLOCK_M: tl.constexpr, F16_MMA: tl.constexpr = False):
-    """One 128-K block of x as the dot's operand (on the GPU e4m3, or with F16_MMA the codes' values as fp16; the
-    codes' fp32 values in the interpreter) and its per-row scales [BLOCK_M]: read from `act_quant_fp8`'s outputs
-    (PREQUANT: codes [M, K], scales column-major [K/128, M]) or quantised here from x as stored; `fp8_block_quant`
-    made both, so the same bits. Every e4m3 value is exact in fp16 (|q| <= 448, the smallest subnormal 2^-9)."""
+             BLOCK_M: tl.constexpr):
+    """One 128-K block of x as the dot's operand (on the GPU e4m3; the codes' fp32 values in the interpreter) and its
+    per-row scales [BLOCK_M]: read from `act_quant_fp8`'s outputs (PREQUANT: codes [M, K], scales column-major
+    [K/128, M]) or quantised here from x as stored; `fp8_block_quant` made both, so the same bits."""
     if PREQUANT:
         code = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :],
                        mask=rows[:, None] < M, other=0)
         scale = tl.load(xs_ptr + kb * M + rows, mask=rows < M, other=0.0)
         if HW_FP8:
             q = code.to(tl.float8e4nv, bitcast=True)
-            if F16_MMA:
-                q = q.to(tl.float16)
         else:
             q = _e4m3_bytes_to_f32(code)
     else:
@@ -77,7 +74,7 @@ def _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT: tl.constexpr, HW_F
         q, x_scale = fp8_block_quant(x, tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)[:, None])
         scale = tl.reshape(x_scale, [BLOCK_M])
         if HW_FP8:
-            q = q.to(tl.float16) if F16_MMA else q.to(tl.float8e4nv)     # q is on the e4m3 grid: exact either way
+            q = q.to(tl.float8e4nv)                                      # q is on the e4m3 grid: exact
     return q, scale
 
 
@@ -85,7 +82,7 @@ def _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT: tl.constexpr, HW_F
 def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
                         ACT_QUANT: tl.constexpr, HW_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_M: tl.constexpr, xs_ptr=None, PREQUANT: tl.constexpr = False,
-                        GROUPED: tl.constexpr = False, X_STRIDE=0, GROUP_N=1, F16_MMA: tl.constexpr = False):
+                        GROUPED: tl.constexpr = False, X_STRIDE=0, GROUP_N=1):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)          # row blocks adjacent: they share W tiles
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)        # N is a multiple of BLOCK_N: no mask
     split = tl.program_id(2)
@@ -102,10 +99,8 @@ def _fp8_linear_small_m(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB_PER_SPLIT,
         wb = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + kb * 128 + offs_k[None, :])      # uint8 [BN, 128]
         w_scale = _e8m0(tl.load(s_ptr + (offs_n // 128) * n_kb + kb))                             # [BN]
         if ACT_QUANT:               # FP8 x FP8 (x's codes quantised once per call with PREQUANT, else here)
-            q, x_scale = _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT, HW_FP8, BLOCK_M, F16_MMA)
-            if HW_FP8 and F16_MMA:  # the same codes' values in fp16: exact products, fp32 sums (the fp32 class)
-                part = tl.dot(wb.to(tl.float8e4nv, bitcast=True).to(tl.float16), tl.trans(q))
-            elif HW_FP8:
+            q, x_scale = _x_codes(x_ptr, xs_ptr, rows, kb, offs_k, M, K, PREQUANT, HW_FP8, BLOCK_M)
+            if HW_FP8:
                 part = tl.dot(wb.to(tl.float8e4nv, bitcast=True), tl.trans(q))
             else:
                 part = tl.dot(_e4m3_bytes_to_f32(wb), tl.trans(q), input_precision="ieee")
@@ -157,31 +152,20 @@ def kernel_plan(M: int, N: int, K: int, device: torch.device, block_n: int = 64,
     return split, (triton.cdiv(M, block_m), N // block_n, split)
 
 
+# From this many rows a call quantises x once (`prequant`) by default. Measured (H100, bench/results/h100_s41/prequant,
+# one card, one call): decode bs64 8.27 -> 8.02 ms (replay 8.20 -> 7.83): each of a 64-row call's four 16-row blocks
+# quantised its x again in every program (the K loop 6.8 SASS instructions a weight byte with it, 1.8 without:
+# thirty-eighth session). At bs1 / bs8 (one block) it measured as noise (h100_s37) and costs a launch, so not there.
+PREQUANT_FROM_M = 33
+
+
 def prequant_from_env(m: int) -> bool:
-    """Quantise x once per call (`fp8_linear_small_m`'s `prequant`) for this call's M rows? DSV4_FP8_PREQUANT=1: at
-    every M; else DSV4_FP8_PREQUANT_MAX_M=R: at M <= R (0 or unset: never). Measured once (H100, h100_s33 call B,
-    with the host time then in the figure): decode bs1 / 8 / 64 -0.06 / -0.09 / +0.13 ms at every M, so the
-    per-M switch prices bs1 and bs8 alone. The bits are the same either way (`fp8_block_quant` makes both), so a
-    row's result does not depend on which M took it."""
-    if env_switch("DSV4_FP8_PREQUANT"):
-        return True
-    value = os.environ.get("DSV4_FP8_PREQUANT_MAX_M", "0")
-    if not value.isdigit():
-        raise ValueError(f"DSV4_FP8_PREQUANT_MAX_M must be a row count (0: off), got {value!r}")
-    return m <= int(value)
-
-
-def f16_mma_from_env() -> bool:
-    """DSV4_FP8_F16_MMA=1: the act-quant path multiplies on fp16 tensor cores. Why: Hopper's FP8 MMA sums a 128-K
-    block's exact products in an accumulator narrower than fp32 (DeepSeek-V3's report: ~14 bits; the reference
-    kernel and cuBLAS share it), so this kernel is the bf16 output class against the twin's fp32 sums, and on the
-    trained built-in model the fast path's greedy tokens part from the reference's 17 times in 256 where a second
-    exact path parts 6 times (bench/NOTES.md, thirty-fourth session). In fp16 the products stay exact (e4m3 values
-    are fp16 values) and the sums are fp32: the twin's class. Cost: the weight tile goes through registers (e4m3 ->
-    fp16, one conversion per two bytes) instead of feeding the FP8 MMA from shared memory. With prequantised x
-    (DSV4_FP8_PREQUANT) the offline SASS has fewer K-loop instructions than today's default (bench/NOTES.md,
-    thirty-eighth session). Off until measured on a GPU; the bits are batch invariant either way (the same tiles)."""
-    return env_switch("DSV4_FP8_F16_MMA")
+    """Quantise x once per call (`fp8_linear_small_m`'s `prequant`) for this call's M rows? By default from
+    `PREQUANT_FROM_M` rows; DSV4_FP8_PREQUANT=1 at every M, =0 never. The bits are the same either way
+    (`fp8_block_quant` makes both), so a row's result does not depend on which M took it."""
+    if "DSV4_FP8_PREQUANT" in os.environ:
+        return env_switch("DSV4_FP8_PREQUANT")
+    return m >= PREQUANT_FROM_M
 
 
 def max_split_from_env() -> int:
@@ -201,8 +185,7 @@ def max_split_from_env() -> int:
 def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant_on: bool,
                        out_dtype: torch.dtype | None = None, block_n: int = 64, split_k: int | None = None,
                        programs_per_sm: int = 4, num_warps: int = 4, num_stages: int = 3, block_m: int = BLOCK_M,
-                       partials: bool = False, prequant: bool | None = None, groups: int = 1,
-                       f16_mma: bool | None = None) -> torch.Tensor:
+                       partials: bool = False, prequant: bool | None = None, groups: int = 1) -> torch.Tensor:
     """`ops.ref.linear(x, weight, scale, "fp8", act_quant_on)` for x [..., K] (bf16 / fp32), weight float8_e4m3fn
     [N, K], scale e8m0 [N/128, K/128]. Output in `out_dtype` (default x's); fp32 gives the accumulator before the
     output rounding. Meant for M <= 64 (one to four 16-row blocks); split_k=None runs `programs_per_sm` programs per
@@ -211,15 +194,13 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     measured nothing twice: bench/NOTES.md, sixth and thirtieth sessions). `block_m` other than 16 gives up batch
     invariance (the micro-benchmark's sweep prices it). `partials`: return the fp32 partial sums
     [split, M, N] unsummed (the caller adds them in split order: `ops.fp8_linear`). `prequant` (None:
-    `prequant_from_env(M)`, off until measured; act quant on only): x quantised once by `act_quant_fp8` (one
+    `prequant_from_env(M)`: from 33 rows; act quant on only): x quantised once by `act_quant_fp8` (one
     launch), the kernel reading its codes and scales, where otherwise every program of the grid (N / block_n x split
     of them) quantises its x blocks again, ~25 instructions an element; the same codes and scales
     (`fp8_block_quant` in both), so bit for bit the same result. `groups` > 1 (act quant off): the block-diagonal
     product (`ops.block_diag_linear`): x [..., G * K], weight [G * R, K] in G blocks of R rows (R a multiple of
     `block_n`), out [..., G * R], group g's rows multiplying x[..., g*K:(g+1)*K]; the same tiles, split and sums as
-    one group. `f16_mma` (None: DSV4_FP8_F16_MMA, off until measured; act quant on, GPU only): the same e4m3 codes
-    of weight and x as fp16 (exact) into an fp16 MMA with fp32 accumulation, instead of the FP8 MMA whose
-    accumulation inside a 128-K block is below fp32 (`f16_mma_from_env`)."""
+    one group."""
     check_fp8_weight(x, weight, scale, block_n, groups)
     if groups > 1 and act_quant_on:
         raise ValueError("fp8 linear: groups > 1 takes bf16 x (act quant off)")
@@ -230,7 +211,6 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     out, part = split_outputs(split, M, N, out_dtype or x.dtype, x.device, partials)
     if M:
         pre = act_quant_on and (prequant_from_env(M) if prequant is None else prequant)
-        f16 = act_quant_on and x.is_cuda and (f16_mma_from_env() if f16_mma is None else f16_mma)
         xs = None
         if pre:
             from dsv4.ops.triton.quant import act_quant_fp8
@@ -240,7 +220,6 @@ def fp8_linear_small_m(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         _fp8_linear_small_m[grid](flat, weight.view(torch.uint8), scale.view(torch.uint8), part, M, N, K,
                                   K // 128 // split, ACT_QUANT=act_quant_on, HW_FP8=x.is_cuda, BLOCK_N=block_n,
                                   BLOCK_M=block_m, xs_ptr=xs, PREQUANT=pre, GROUPED=groups > 1,
-                                  X_STRIDE=K * groups, GROUP_N=N // groups, F16_MMA=f16, num_warps=num_warps,
-                                  num_stages=num_stages)
+                                  X_STRIDE=K * groups, GROUP_N=N // groups, num_warps=num_warps, num_stages=num_stages)
         add_splits(part, out)
     return out if partials else out.view(*x.shape[:-1], N)
