@@ -106,6 +106,7 @@ def _rank(rank: int, world: int, init: str, path: str, out: str) -> None:
         model = load_model(path, dtype=torch.float32, quant_emulation=qe, progress=False, parallel=tp)
         with torch.inference_mode():
             res[qe] = model(IDS)
+    res["dynamo"] = "torch._dynamo" in sys.modules          # loading and running a model never imports it
     res["experts"] = {i: [e for e, m in enumerate(b.ffn.experts) if m is not None] for i, b in enumerate(model.layers)}
     wo_a = model.layers[1].attn.wo_a
     res["wo_a"] = (wo_a.weight.detach().clone(), wo_a.scale.detach().clone(), wo_a.groups)
@@ -126,6 +127,12 @@ def test_tp2_logits_equal_tp1(tp_ckpt, two_ranks, quant_emulation):
         want = model(IDS)
     for res in two_ranks:                                   # every rank ends with the full logits
         torch.testing.assert_close(res[quant_emulation], want, **TOL)
+
+
+def test_ranks_never_import_dynamo(two_ranks):
+    """A process that loads and runs a model (a TP rank, the server, the CLI) does not import Dynamo: ~1.3 s of
+    start-up (`ops.registry.trace_constant`; the embeddings' meta-device init would import it through torch._refs)."""
+    assert [res["dynamo"] for res in two_ranks] == [False, False]
 
 
 def test_experts_are_placed_per_spec(two_ranks, tiny_cfg):

@@ -40,7 +40,8 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, tp: ParallelContext):
         self.lo, hi = tp.split(vocab_size, "vocab_size")
-        super().__init__(hi - self.lo, dim, dtype=dtype)
+        # no init (Transformer's NOTE: on the meta device it would import Dynamo)
+        super().__init__(hi - self.lo, dim, _weight=torch.empty(hi - self.lo, dim, dtype=dtype))
         self.tp = tp
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         dense_fmt, expert_fmt = weight_formats(cfg)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, dtype=dtype)
+        # NOTE: an empty weight, not nn.Embedding's normal_ init: on the meta device that init goes through
+        # torch._refs, which imports Dynamo (~1.3 s of every start-up); the loader assigns the weight anyway.
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim, dtype=dtype))
         self.layers = nn.ModuleList(Block(cfg, i, dense_fmt, expert_fmt, dtype) for i in range(cfg.n_layers))
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + i, dense_fmt, expert_fmt, dtype)
                                  for i in range(cfg.n_mtp_layers))

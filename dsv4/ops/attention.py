@@ -28,7 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dsv4.ops import ref
-from dsv4.ops.registry import custom_op, dispatch, env_switch, fast_enabled, register, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, fast_enabled, register, register_triton, trace_constant
 
 sparse_attention = dispatch("sparse_attention", ref.sparse_attention)
 
@@ -48,7 +48,7 @@ def _recompute(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False)
 
 
-@torch._dynamo.assume_constant_result
+@trace_constant
 def train_kernel_enabled() -> bool:
     """Training's sparse attention on the fused op below, on by default on CUDA (DSV4_SPARSE_ATTN_TRAIN=0: the
     twin, recomputed). Measured on the H200 (eighteenth session, bench/results/h200_s18/): a layer's forward +

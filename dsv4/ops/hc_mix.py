@@ -21,7 +21,7 @@ import torch
 
 from dsv4.ops.hc import hc_split_sinkhorn
 from dsv4.ops.ref import dense, mean_square, widen
-from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton, trace_constant
 from dsv4.ops.widened_dense import widened_dense
 
 MAX_TOKENS = 64          # decode's largest batch: the pre / head kernel at or below it, hc_post's above
@@ -74,14 +74,14 @@ hc_head_mix = dispatch("hc_head_mix", _head_mix_twin)
 hc_post = dispatch("hc_post", _post_twin)
 
 
-@torch._dynamo.assume_constant_result
+@trace_constant
 def enabled() -> bool:
     """DSV4_HC_MIX=1 turns the fused kernel on: opt-in until its H200 timing is measured (read once per traced
     graph under torch.compile, like the registry's switch)."""
     return env_switch("DSV4_HC_MIX")
 
 
-@torch._dynamo.assume_constant_result
+@trace_constant
 def prefill_enabled() -> bool:
     """DSV4_HC_MIX_PREFILL=1: the same two launches above MAX_TOKENS tokens (prefill chunks), where the plain path is
     not compiled: at an 8k Flash chunk its upcast copy, products, fp32 GEMM and reductions are ~1.7 ms a call
@@ -129,7 +129,7 @@ register_triton("hc_head_mix", "triton_hc_head", lambda h, fn, scale, base, *res
                 _head_kernel)
 
 
-@torch._dynamo.assume_constant_result
+@trace_constant
 def post_enabled() -> bool:
     """The one-pass hc_post kernel at inference (prefill), on by default; DSV4_HC_POST=0 turns it off. Measured on
     the H200 (eighteenth session, bench/results/h200_s18/): 4-layer Flash 8k prefill 204 -> 151 ms of kernel time,
@@ -137,7 +137,7 @@ def post_enabled() -> bool:
     return env_switch("DSV4_HC_POST", default=True)
 
 
-@torch._dynamo.assume_constant_result
+@trace_constant
 def post_train_enabled() -> bool:
     """DSV4_HC_POST_TRAIN=1: eager training's kernel pair below. Opt-in: its GPU test passes (bf16 within 2^-8 of
     float64, eighteenth session) but a training step with it has not been timed."""

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 
 from dsv4.ops import ref
-from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register_triton, trace_constant
 
 indexer_scores = dispatch("indexer_scores", ref.indexer_scores)
 
 
-@torch._dynamo.assume_constant_result
+@trace_constant
 def enabled() -> bool:
     """DSV4_INDEXER_KERNEL=0 turns the kernel off (read once per traced graph under torch.compile, like the
     registry's switch). On by default since the twenty-ninth session's A/B (H100, eager prefill,

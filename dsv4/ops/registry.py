@@ -23,6 +23,14 @@ _FAST: dict[str, list[tuple[str, Callable[..., bool], Callable]]] = {}
 _reference_only: ContextVar[bool | frozenset] = ContextVar("dsv4_reference_only", default=False)
 
 
+def trace_constant(fn: Callable) -> Callable:
+    """`torch._dynamo.assume_constant_result` without importing Dynamo at import time (~1.3 s of start-up for every
+    process that never compiles: the server, the CLI, TP ranks). Torch's decorator only sets this mark, which Dynamo
+    reads when it traces a call; tests/test_fast_ops.py checks the two mark alike."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def fast_enabled(op: str | None = None) -> bool:
     """May `op` (None: any op) take a fast path here?"""
     if torch.compiler.is_compiling():
@@ -37,7 +45,7 @@ def _fast_enabled_now(op: str | None) -> bool:
     return not (off and op in off)
 
 
-@torch._dynamo.assume_constant_result
+@trace_constant
 def _fast_enabled_at_trace(op: str | None) -> bool:
     return _fast_enabled_now(op)
 

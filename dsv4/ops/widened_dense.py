@@ -23,7 +23,7 @@ import torch
 
 from dsv4.ops import ref
 from dsv4.ops.fp8_linear import TRACED_SUM_MAX_SPLIT, _small_m_split  # (the same split plan)
-from dsv4.ops.registry import custom_op, dispatch, env_switch, register, register_triton
+from dsv4.ops.registry import custom_op, dispatch, env_switch, register, register_triton, trace_constant
 from dsv4.ops.split_sum import sum_splits
 
 widened_dense = dispatch("widened_dense", ref.widened_dense)
@@ -37,7 +37,7 @@ widened_dense = dispatch("widened_dense", ref.widened_dense)
 SPLIT_MIN_ROWS = 1024
 
 
-@torch._dynamo.assume_constant_result
+@trace_constant
 def enabled() -> bool:
     """DSV4_WIDENED_DENSE=0 turns the tensor-core path off (read once per traced graph under torch.compile)."""
     return env_switch("DSV4_WIDENED_DENSE", default=True)
