@@ -137,7 +137,6 @@ def test_custom_op_backward_stays_opaque_when_compiled():
         assert torch.equal(_triple_backward(torch.ones(2)), torch.full((2,), 3.0))
 
 
-
 def test_trace_constant_is_dynamos_assume_constant_result():
     """The registry's import-free mark is the one torch's decorator sets, and Dynamo honours it: the switch is read
     once, when the graph is traced, never at the graph's later calls."""
@@ -160,6 +159,7 @@ def test_trace_constant_is_dynamos_assume_constant_result():
     torch._dynamo.reset()
     f = torch.compile(lambda t: t * 2 if switch() else t, backend="eager", fullgraph=True)
     assert [f(torch.ones(2)).sum().item() for _ in range(3)] == [4.0] * 3 and reads == [1]
+
 
 # ------------------------------------------------------------------------------------------------ routed pairs
 def _expert_stack(fmt, e, out_f, in_f, gen):
