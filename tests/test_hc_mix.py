@@ -1,7 +1,8 @@
 """The fused mHC pre / head kernel (`ops/triton/hc_mix.py`, dispatched by `ops.hc_pre_mix` / `ops.hc_head_mix`)
 against float64 and for batch invariance; the checks and their tolerance are in tests/hc_mix_checks.py.
 
-On CPU the kernel runs in Triton's interpreter (no `tl.dot` in it: plain fp32 arithmetic, as on the GPU). The
+On CPU the kernel runs in Triton's interpreter (fp32 arithmetic; stage 1's fp32 `tl.dot` is NumPy's there and IEEE
+FMAs on the GPU, which the sm_90 compile check below holds it to). The
 cases use hc_eps = 1e-3 and 3 Sinkhorn iterations (the checkpoint: 1e-6 and 20) so that a dropped eps or a
 swapped Sinkhorn order shows above the fp32 tolerance (after 20 iterations both orders have converged).
 """
@@ -88,6 +89,26 @@ def test_dispatch_takes_the_plain_path_off_cuda(monkeypatch):
             h = torch.randn(1, tokens, 4, 64).bfloat16()
             assert which("hc_pre_mix", h, fn, scale, base, 4, 20, 1e-6, 1e-6) == "twin"
             assert which("hc_head_mix", h, fn[:4], scale[:1], base[:4], 1e-6, 1e-6) == "twin"
+
+
+def test_split_k_stage_is_an_ieee_fp32_dot_for_sm90():
+    """Stage 1's dot compiled for sm_90 as a launch specialises it (hc_pre's 24 rows padded to 32, the head's 4 to
+    16): FMAs only, no tensor-core instruction. A default-precision fp32 `tl.dot` would run on TF32 MMAs, outside the
+    fp32 class, and Triton's interpreter (the CPU tests above) cannot tell the two apart."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dsv4.ops.triton.hc_mix import BLOCK_K, BLOCK_T, _partials
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    sig = {"h_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "T": "i32", "K": "i32"}
+    for n, padded, width in ((24, 32, 32), (4, 16, 8)):
+        cs = {"N": n, "NP": padded, "PW": width, "BLOCK_T": BLOCK_T, "BLOCK_K": BLOCK_K}
+        ptx = triton.compile(ASTSource(_partials, {**sig, **dict.fromkeys(cs, "constexpr")}, cs),
+                             target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert "fma.rn.f32" in ptx and "mma" not in ptx, cs
 
 
 @pytest.mark.gpu

@@ -2,13 +2,17 @@
 fp32 GEMV, the norm's reduction, the Sinkhorn kernel and the weighted sum (bench/NOTES.md, "Fused mHC pre").
 
 Stage 1 (`_partials`, split-K): program (split, token block) reads one 128-wide chunk of the widened streams
-x [T, hc*D] and of fn [N, hc*D] and writes the chunk's N dot products and its sum of squares as fp32 partials.
+x [T, hc*D] and of fn [N, hc*D] and writes the chunk's N dot products (one fp32 `tl.dot` of the token block with
+the chunk's N fn rows, padded to a power of two >= 16) and its sum of squares as fp32 partials.
 Stage 2 (`_mix`, program (token, D chunk)): sums the token's partials over the splits (one fixed-shape `tl.sum`),
 scales by rsqrt(mean(x^2) + eps), runs the split + Sinkhorn of `sinkhorn.split_sinkhorn` (the head: sigmoid + eps)
 in registers and writes its D chunk of y = sum_k pre_k x_k, re-reading h. Every D chunk of a token recomputes the
 same weights from the same partials with the same code (bit-identical); chunk 0 stores them. Stage 2 runs one
 warp: the Sinkhorn's ~40 dependent reductions of a 4x4 tile then stay within it (shuffles, no barriers).
-No `tl.dot`: fp32 multiply + sum (the fp32 GEMV's precision; the MMA has nothing to gain at N = 24).
+Stage 1's dot is IEEE fp32 (`input_precision="ieee"`: FMAs on the GPU, never TF32): the fp32 GEMV's class. Up to
+the forty-first session it was N sequential in-register sums (a cross-warp reduction each: 24 a program for
+hc_pre); the kernel in that form measured no faster at decode than the five launches it replaces (bench/NOTES.md,
+thirty-sixth session). The dot form is GPU-unmeasured.
 NOTE batch invariance: every tile shape and the split count depend on hc*D only, never on the token count, and no
 reduction crosses tokens, so a token's outputs are bit-identical alone or in any batch.
 Precision: fp32 class against the plain path (split-K partials summed in another order than cuBLAS's GEMV;
@@ -27,19 +31,20 @@ BLOCK_T, BLOCK_K, BLOCK_D = 16, 128, 512
 
 
 @triton.jit
-def _partials(h_ptr, fn_ptr, part_ptr, T, K, N: tl.constexpr, PW: tl.constexpr, BLOCK_T: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+def _partials(h_ptr, fn_ptr, part_ptr, T, K, N: tl.constexpr, NP: tl.constexpr, PW: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[split, t, :N] = x[t, chunk] @ fn[:, chunk]^T, part[split, t, N] = sum(x[t, chunk]^2)."""
     split = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = split * BLOCK_K + tl.arange(0, BLOCK_K)
-    ok, ok_k = rows < T, cols < K
+    n = tl.arange(0, NP)
+    ok, ok_k, ok_n = rows < T, cols < K, n < N
     x = tl.load(h_ptr + rows[:, None] * K + cols[None, :], mask=ok[:, None] & ok_k[None, :], other=0.0)
     x = x.to(tl.float32)                                                             # [BLOCK_T, BLOCK_K]
+    w = tl.load(fn_ptr + n[:, None] * K + cols[None, :], mask=ok_n[:, None] & ok_k[None, :], other=0.0)
+    d = tl.dot(x, tl.trans(w), input_precision="ieee")                             # [BLOCK_T, NP]
     out = part_ptr + (split * T + rows) * PW
-    for n in tl.static_range(N):
-        w = tl.load(fn_ptr + n * K + cols, mask=ok_k, other=0.0)
-        tl.store(out + n, tl.sum(x * w[None, :], axis=1), mask=ok)
+    tl.store(out[:, None] + n[None, :], d, mask=ok[:, None] & ok_n[None, :])
     tl.store(out + N, tl.sum(x * x, axis=1), mask=ok)
 
 
@@ -99,7 +104,8 @@ def hc_mix(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     comb = torch.empty(T, hc, hc, dtype=torch.float32, device=h.device)
     if T:
         part = torch.empty(n_split, T, pw, dtype=torch.float32, device=h.device)
-        _partials[(n_split, triton.cdiv(T, BLOCK_T))](x, fn.contiguous(), part, T, hc * D, N=n, PW=pw,
+        _partials[(n_split, triton.cdiv(T, BLOCK_T))](x, fn.contiguous(), part, T, hc * D, N=n,
+                                                     NP=max(16, triton.next_power_of_2(n)), PW=pw,
                                                      BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
         block_d = min(BLOCK_D, triton.next_power_of_2(D))
         _mix[(T, triton.cdiv(D, block_d))](x, part, scale.contiguous(), base.contiguous(), y, pre, post, comb, T, D,
