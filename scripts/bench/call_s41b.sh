@@ -10,7 +10,7 @@ out=${1:?usage: call_s41b.sh OUT_DIR}
 source scripts/bench/call_lib.sh
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_hc_mix.py > "$out/tests.log" 2>&1
 echo "tests rc $?"; grep -E "FAILED|ERROR|passed|failed" "$out/tests.log" | tail -6
-DSV4_HC_MIX=1 timeout 130 python3 scripts/bench/profile_step.py --batches 1 --out "$out/profile.json" \
+DSV4_HC_MIX=1 timeout 130 python3 scripts/bench/profile_step.py --batches 1 --prefill --out "$out/profile.json" \
     > "$out/profile.log" 2>&1
 echo "profile rc $?"; grep -E "=== decode|_partials|_mix|_sinkhorn|dot_kernel|reduce_1Block" "$out/profile.log" \
     | cut -c1-120
