@@ -125,8 +125,8 @@ def reference_only(*ops: str):
         _reference_only.reset(token)
 
 
-# Switches of fast paths removed after they measured no faster (bench/NOTES.md names each measurement): set, they would
-# do nothing, so an A/B that still sets one would compare the default with itself. `warn_removed_switches` says so.
+# Switches removed after their measurement (bench/NOTES.md names each; a few were replaced by a default): set, they
+# would do nothing, so an A/B that still sets one would compare the default with itself (`warn_removed_switches`).
 REMOVED_SWITCHES = {
     "DSV4_FP8_FUSED_SUM": "thirty-eighth session: no faster", "DSV4_FP8_WIDE_TILES": "thirty-eighth session: no faster",
     "DSV4_MOE_TRANSIENT": "thirty-eighth session: slower",

@@ -82,8 +82,14 @@ def _tensor_cores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 SMALL_M = 64
 
 
+@trace_constant
+def small_m_enabled() -> bool:
+    """DSV4_BF16_SMALL_M=0 turns the small-M kernel off (read once per traced graph under torch.compile)."""
+    return env_switch("DSV4_BF16_SMALL_M", default=True)
+
+
 def _fits_small_m(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (_fits(x, weight) and weight.dtype == torch.bfloat16 and env_switch("DSV4_BF16_SMALL_M", default=True)
+    return (_fits(x, weight) and weight.dtype == torch.bfloat16 and small_m_enabled()
             and x.numel() // max(x.shape[-1], 1) <= SMALL_M and weight.shape[0] % 64 == 0
             and weight.shape[1] % 128 == 0)
 
